@@ -1,0 +1,322 @@
+//! The one catalogue of metric names and help strings.
+//!
+//! Conventions (checked by the tests below): names carry a role prefix
+//! (`natrix_`, `cluster_`, `relay_`, `cdx_`, `lookup_`, `loadtest_`), base
+//! units (`_seconds`, `_bytes`), `_total` on counters and only on counters;
+//! label sets are closed (every value listed here), and no label ever holds a
+//! client address, user, session, port or channel.
+
+/// Metric type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Monotonic counter.
+    Counter,
+    /// Gauge.
+    Gauge,
+    /// Histogram (buckets in [`MetricDef::buckets`]).
+    Histogram,
+}
+
+/// A label and its closed set of values.
+#[derive(Clone, Copy, Debug)]
+pub struct Label {
+    /// Label name.
+    pub name: &'static str,
+    /// Every value the label takes. Empty only for `natrix_build_info`'s
+    /// `version`, which has exactly one value per process.
+    pub values: &'static [&'static str],
+}
+
+/// One metric.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricDef {
+    /// Full metric name.
+    pub name: &'static str,
+    /// Help text, one sentence.
+    pub help: &'static str,
+    /// Type.
+    pub kind: Kind,
+    /// Labels, in order.
+    pub labels: &'static [Label],
+    /// Histogram buckets (upper bounds, base units).
+    pub buckets: &'static [f64],
+}
+
+const fn metric(
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    labels: &'static [Label],
+) -> MetricDef {
+    MetricDef {
+        name,
+        help,
+        kind,
+        labels,
+        buckets: &[],
+    }
+}
+
+/// Client transports of the STUN/TURN listeners.
+pub const TRANSPORT: Label = Label {
+    name: "transport",
+    values: &["udp", "tcp"],
+};
+
+/// Why a CDX listener dropped a packet without answering.
+pub const CDX_DROP_REASON: Label = Label {
+    name: "reason",
+    values: &[
+        // Not STUN at all (first bits, or a ChannelData frame on a STUN-only port).
+        "not_stun",
+        // STUN-shaped but structurally invalid (lengths, attribute overruns).
+        "malformed",
+        // FINGERPRINT present and wrong.
+        "bad_fingerprint",
+        // A response or an indication: nothing to answer.
+        "unexpected_class",
+        // Over the per-source or global budget for unauthenticated answers.
+        "rate_limited",
+        // A TCP frame larger than the listener accepts.
+        "oversized",
+    ],
+};
+
+/// `natrix_build_info`: constant 1, labelled with the version.
+pub const BUILD_INFO: MetricDef = metric(
+    "natrix_build_info",
+    "Build information of the running natrix binary; the value is always 1.",
+    Kind::Gauge,
+    &[Label {
+        name: "version",
+        values: &[],
+    }],
+);
+
+/// Binding requests received by CDX.
+pub const CDX_BINDING_REQUESTS_TOTAL: MetricDef = metric(
+    "cdx_binding_requests_total",
+    "STUN Binding requests received by the CDX role.",
+    Kind::Counter,
+    &[TRANSPORT],
+);
+
+/// Binding responses sent by CDX.
+pub const CDX_BINDING_RESPONSES_TOTAL: MetricDef = metric(
+    "cdx_binding_responses_total",
+    "STUN Binding responses sent by the CDX role, by result.",
+    Kind::Counter,
+    &[
+        TRANSPORT,
+        Label {
+            name: "result",
+            values: &["success", "error"],
+        },
+    ],
+);
+
+/// Requests answered for RFC 3489 clients.
+pub const CDX_LEGACY_REQUESTS_TOTAL: MetricDef = metric(
+    "cdx_legacy_requests_total",
+    "Binding requests from RFC 3489 clients (no magic cookie), answered with MAPPED-ADDRESS.",
+    Kind::Counter,
+    &[TRANSPORT],
+);
+
+/// Packets dropped by CDX.
+pub const CDX_PACKETS_DROPPED_TOTAL: MetricDef = metric(
+    "cdx_packets_dropped_total",
+    "Packets the CDX role dropped without an answer, by reason.",
+    Kind::Counter,
+    &[TRANSPORT, CDX_DROP_REASON],
+);
+
+/// Bytes received by the CDX listeners.
+pub const CDX_RECEIVED_BYTES_TOTAL: MetricDef = metric(
+    "cdx_received_bytes_total",
+    "Bytes received by the CDX listeners (STUN payload, without IP/UDP/TCP headers).",
+    Kind::Counter,
+    &[TRANSPORT],
+);
+
+/// Bytes sent by the CDX listeners.
+pub const CDX_SENT_BYTES_TOTAL: MetricDef = metric(
+    "cdx_sent_bytes_total",
+    "Bytes sent by the CDX listeners (STUN payload, without IP/UDP/TCP headers).",
+    Kind::Counter,
+    &[TRANSPORT],
+);
+
+/// Open TCP connections.
+pub const CDX_TCP_CONNECTIONS: MetricDef = metric(
+    "cdx_tcp_connections",
+    "TCP connections currently open on the CDX listeners.",
+    Kind::Gauge,
+    &[],
+);
+
+/// TCP connections accepted or refused.
+pub const CDX_TCP_CONNECTIONS_TOTAL: MetricDef = metric(
+    "cdx_tcp_connections_total",
+    "TCP connections to the CDX listeners, accepted or rejected at the connection limit.",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["accepted", "rejected"],
+    }],
+);
+
+/// Every metric natrix exports.
+pub const ALL: &[&MetricDef] = &[
+    &BUILD_INFO,
+    &CDX_BINDING_REQUESTS_TOTAL,
+    &CDX_BINDING_RESPONSES_TOTAL,
+    &CDX_LEGACY_REQUESTS_TOTAL,
+    &CDX_PACKETS_DROPPED_TOTAL,
+    &CDX_RECEIVED_BYTES_TOTAL,
+    &CDX_SENT_BYTES_TOTAL,
+    &CDX_TCP_CONNECTIONS,
+    &CDX_TCP_CONNECTIONS_TOTAL,
+];
+
+/// Looks a metric up by name.
+pub fn find(name: &str) -> Option<&'static MetricDef> {
+    ALL.iter().copied().find(|m| m.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    const PREFIXES: &[&str] = &[
+        "natrix_",
+        "cluster_",
+        "relay_",
+        "cdx_",
+        "lookup_",
+        "loadtest_",
+    ];
+    /// Label names that would make series unbounded (one per client).
+    const FORBIDDEN_LABELS: &[&str] = &[
+        "ip",
+        "addr",
+        "address",
+        "client",
+        "peer",
+        "user",
+        "username",
+        "session",
+        "port",
+        "channel",
+        "tid",
+        "transaction",
+        "realm",
+        "nonce",
+    ];
+    /// Non-base units that must be converted.
+    const FORBIDDEN_UNITS: &[&str] = &[
+        "_ms",
+        "_milliseconds",
+        "_microseconds",
+        "_us",
+        "_ns",
+        "_minutes",
+        "_hours",
+        "_kb",
+        "_kilobytes",
+        "_mb",
+        "_megabytes",
+        "_bits",
+        "_percent",
+    ];
+
+    fn valid_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        matches!(chars.next(), Some('a'..='z'))
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let mut seen = HashSet::new();
+        for m in ALL {
+            assert!(seen.insert(m.name), "{} listed twice", m.name);
+            assert!(valid_name(m.name), "{}: not snake_case", m.name);
+            assert!(
+                PREFIXES.iter().any(|p| m.name.starts_with(p)),
+                "{}: missing role prefix",
+                m.name
+            );
+            let is_total = m.name.ends_with("_total");
+            assert_eq!(
+                is_total,
+                m.kind == Kind::Counter,
+                "{}: `_total` is for counters and every counter",
+                m.name
+            );
+            for unit in FORBIDDEN_UNITS {
+                assert!(
+                    !m.name.trim_end_matches("_total").ends_with(unit),
+                    "{}: use base units",
+                    m.name
+                );
+            }
+            if m.kind == Kind::Histogram {
+                assert!(
+                    m.name.ends_with("_seconds") || m.name.ends_with("_bytes"),
+                    "{}: histograms carry a base unit",
+                    m.name
+                );
+                assert!(!m.buckets.is_empty(), "{}: histogram needs buckets", m.name);
+                assert!(m.buckets.windows(2).all(|w| w[0] < w[1]));
+            }
+            assert!(
+                m.help.len() > 10 && m.help.ends_with('.'),
+                "{}: help should be a sentence",
+                m.name
+            );
+        }
+    }
+
+    #[test]
+    fn label_sets_are_closed_and_bounded() {
+        for m in ALL {
+            let mut names = HashSet::new();
+            for label in m.labels {
+                assert!(names.insert(label.name), "{}: label twice", m.name);
+                assert!(valid_name(label.name), "{}: label {}", m.name, label.name);
+                assert!(
+                    !FORBIDDEN_LABELS.contains(&label.name),
+                    "{}: label {} would be unbounded",
+                    m.name,
+                    label.name
+                );
+                let open_ok = m.name == BUILD_INFO.name && label.name == "version";
+                assert!(
+                    !label.values.is_empty() || open_ok,
+                    "{}: label {} needs its closed value set",
+                    m.name,
+                    label.name
+                );
+                let distinct: HashSet<_> = label.values.iter().collect();
+                assert_eq!(
+                    distinct.len(),
+                    label.values.len(),
+                    "{}: duplicate values",
+                    m.name
+                );
+            }
+            let series: usize = m.labels.iter().map(|l| l.values.len().max(1)).product();
+            assert!(series <= 64, "{}: {series} series is too many", m.name);
+        }
+    }
+
+    #[test]
+    fn find_resolves_every_metric() {
+        for m in ALL {
+            assert_eq!(find(m.name).map(|d| d.name), Some(m.name));
+        }
+        assert!(find("no_such_metric").is_none());
+    }
+}
