@@ -75,8 +75,6 @@ pub const CDX_DROP_REASON: Label = Label {
         "bad_fingerprint",
         // A response or an indication: nothing to answer.
         "unexpected_class",
-        // Over the per-source or global budget for unauthenticated answers.
-        "rate_limited",
         // A TCP frame larger than the listener accepts.
         "oversized",
     ],
@@ -96,7 +94,7 @@ pub const BUILD_INFO: MetricDef = metric(
 /// Binding requests received by CDX.
 pub const CDX_BINDING_REQUESTS_TOTAL: MetricDef = metric(
     "cdx_binding_requests_total",
-    "STUN Binding requests received by the CDX role.",
+    "STUN requests received by the CDX role and answered (requests of other methods are refused with 400 and counted too).",
     Kind::Counter,
     &[TRANSPORT],
 );
@@ -123,6 +121,14 @@ pub const CDX_LEGACY_REQUESTS_TOTAL: MetricDef = metric(
     &[TRANSPORT],
 );
 
+/// Binding indications (keepalives) received by CDX.
+pub const CDX_BINDING_INDICATIONS_TOTAL: MetricDef = metric(
+    "cdx_binding_indications_total",
+    "STUN Binding indications (keepalives) received by the CDX role; they get no answer.",
+    Kind::Counter,
+    &[TRANSPORT],
+);
+
 /// Packets dropped by CDX.
 pub const CDX_PACKETS_DROPPED_TOTAL: MetricDef = metric(
     "cdx_packets_dropped_total",
@@ -135,6 +141,14 @@ pub const CDX_PACKETS_DROPPED_TOTAL: MetricDef = metric(
 pub const CDX_RECEIVED_BYTES_TOTAL: MetricDef = metric(
     "cdx_received_bytes_total",
     "Bytes received by the CDX listeners (STUN payload, without IP/UDP/TCP headers).",
+    Kind::Counter,
+    &[TRANSPORT],
+);
+
+/// Answers that could not be sent.
+pub const CDX_SEND_ERRORS_TOTAL: MetricDef = metric(
+    "cdx_send_errors_total",
+    "Answers the CDX listeners failed to send (socket errors other than a full buffer).",
     Kind::Counter,
     &[TRANSPORT],
 );
@@ -172,9 +186,11 @@ pub const ALL: &[&MetricDef] = &[
     &CDX_BINDING_REQUESTS_TOTAL,
     &CDX_BINDING_RESPONSES_TOTAL,
     &CDX_LEGACY_REQUESTS_TOTAL,
+    &CDX_BINDING_INDICATIONS_TOTAL,
     &CDX_PACKETS_DROPPED_TOTAL,
     &CDX_RECEIVED_BYTES_TOTAL,
     &CDX_SENT_BYTES_TOTAL,
+    &CDX_SEND_ERRORS_TOTAL,
     &CDX_TCP_CONNECTIONS,
     &CDX_TCP_CONNECTIONS_TOTAL,
 ];

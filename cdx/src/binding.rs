@@ -1,0 +1,501 @@
+//! Sans-IO Binding responder (RFC 8489 §6.3, RFC 3489 compatibility).
+
+use std::net::SocketAddr;
+
+use natrix_wire::{
+    Attribute, AttributeType, Class, Encoder, ErrorCode, Frame, Message, MessageType, Method,
+    UnknownAttributes, demux,
+};
+
+/// The client transport a packet arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP (RFC 8489 §6.2.2 framing).
+    Tcp,
+}
+
+impl Transport {
+    /// Metric label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// Why a packet got no answer. Every variant is a value of the `reason` label
+/// of `cdx_packets_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not STUN at all: another protocol, noise, or ChannelData on a port
+    /// without the relay role.
+    NotStun,
+    /// STUN-shaped but invalid: bad lengths, overrunning or malformed
+    /// attributes.
+    Malformed,
+    /// FINGERPRINT present and wrong (RFC 8489 §7.3: discard).
+    BadFingerprint,
+    /// A response or error response: a server has nothing to answer.
+    UnexpectedClass,
+    /// A stream frame larger than the listener accepts.
+    Oversized,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 5] = [
+        DropReason::NotStun,
+        DropReason::Malformed,
+        DropReason::BadFingerprint,
+        DropReason::UnexpectedClass,
+        DropReason::Oversized,
+    ];
+
+    /// Metric label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            DropReason::NotStun => "not_stun",
+            DropReason::Malformed => "malformed",
+            DropReason::BadFingerprint => "bad_fingerprint",
+            DropReason::UnexpectedClass => "unexpected_class",
+            DropReason::Oversized => "oversized",
+        }
+    }
+}
+
+/// What kind of answer was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Binding success with XOR-MAPPED-ADDRESS.
+    Success,
+    /// Binding success with MAPPED-ADDRESS for an RFC 3489 client.
+    LegacySuccess,
+    /// An error response with this code (400, 420).
+    Error(u16),
+}
+
+/// The result of handling one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send the first `len` bytes of the output buffer back to the sender.
+    Reply {
+        /// Bytes written.
+        len: usize,
+        /// What was written.
+        kind: Reply,
+    },
+    /// A Binding indication (a keepalive): nothing to send.
+    Indication,
+    /// Drop the packet and count it.
+    Drop(DropReason),
+}
+
+/// Most unknown attribute types listed in one 420 response; caps the answer
+/// size whatever the request carries.
+const MAX_UNKNOWN_LISTED: usize = 8;
+
+/// Turns Binding requests into responses. Holds configuration only: no
+/// state, no clock, no I/O, so one instance serves every loop.
+#[derive(Clone, Debug)]
+pub struct BindingResponder {
+    software: Option<String>,
+}
+
+impl BindingResponder {
+    /// A responder that names itself with `software` in SOFTWARE (RFC 8489
+    /// §14.14), or sends no SOFTWARE when `None` or empty.
+    pub fn new(software: Option<String>) -> BindingResponder {
+        BindingResponder {
+            software: software.filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// True for attributes this responder understands in a Binding request.
+    /// CHANGE-REQUEST and RESPONSE-PORT are RFC 5780 features: this responder
+    /// has no alternate address, so a request that needs them gets 420, as
+    /// RFC 5780 §6.1 prescribes for servers without that support.
+    fn understands(ty: AttributeType) -> bool {
+        ty.is_known() && ty != AttributeType::RESPONSE_PORT && ty != AttributeType::CHANGE_REQUEST
+    }
+
+    /// Handles one packet from `from`; writes any answer into `out` (1280
+    /// bytes always suffice) and says what to do.
+    pub fn handle(&self, packet: &[u8], from: SocketAddr, out: &mut [u8]) -> Outcome {
+        if demux(packet) != Frame::Stun {
+            return Outcome::Drop(DropReason::NotStun);
+        }
+        let msg = match Message::parse(packet) {
+            Ok(msg) => msg,
+            Err(_) => return Outcome::Drop(DropReason::Malformed),
+        };
+        if msg.has_fingerprint() && msg.verify_fingerprint().is_err() {
+            return Outcome::Drop(DropReason::BadFingerprint);
+        }
+        match msg.class() {
+            Class::Request => {}
+            Class::Indication if msg.method() == Method::BINDING => return Outcome::Indication,
+            _ => return Outcome::Drop(DropReason::UnexpectedClass),
+        }
+        if msg.is_rfc3489() {
+            return self.legacy_success(&msg, from, out);
+        }
+        if msg.method() != Method::BINDING {
+            return self.error(&msg, ErrorCode::BAD_REQUEST, None, out);
+        }
+        let mut unknown = [AttributeType(0); MAX_UNKNOWN_LISTED];
+        let mut n_unknown = 0;
+        for ty in msg.unknown_required(Self::understands) {
+            if ty == AttributeType::CHANGE_REQUEST && !change_requested(&msg) {
+                // CHANGE-REQUEST with no flag set asks for nothing we lack.
+                continue;
+            }
+            if n_unknown < MAX_UNKNOWN_LISTED && !unknown[..n_unknown].contains(&ty) {
+                unknown[n_unknown] = ty;
+                n_unknown += 1;
+            }
+        }
+        if n_unknown > 0 {
+            return self.error(
+                &msg,
+                ErrorCode::UNKNOWN_ATTRIBUTE,
+                Some(&unknown[..n_unknown]),
+                out,
+            );
+        }
+        self.success(&msg, from, out)
+    }
+
+    fn success(&self, msg: &Message<'_>, from: SocketAddr, out: &mut [u8]) -> Outcome {
+        let ty = MessageType::new(Method::BINDING, Class::Success);
+        let written = (|| {
+            let mut enc = Encoder::new(out, ty, &msg.transaction_id())?;
+            enc.xor_mapped_address(from)?;
+            if let Some(name) = &self.software {
+                enc.software(name)?;
+            }
+            enc.fingerprint()?;
+            Ok::<_, natrix_wire::EncodeError>(enc.finish())
+        })();
+        finish(written, Reply::Success)
+    }
+
+    fn legacy_success(&self, msg: &Message<'_>, from: SocketAddr, out: &mut [u8]) -> Outcome {
+        if msg.method() != Method::BINDING {
+            // RFC 3489 defines Binding and Shared Secret only; the latter is
+            // obsolete and never answered.
+            return Outcome::Drop(DropReason::UnexpectedClass);
+        }
+        let ty = MessageType::new(Method::BINDING, Class::Success);
+        let written = (|| {
+            let mut enc = Encoder::new_rfc3489(out, ty, &msg.legacy_transaction_id())?;
+            enc.mapped_address(from)?;
+            if let Some(name) = &self.software {
+                enc.software(name)?;
+            }
+            Ok::<_, natrix_wire::EncodeError>(enc.finish())
+        })();
+        finish(written, Reply::LegacySuccess)
+    }
+
+    fn error(
+        &self,
+        msg: &Message<'_>,
+        code: ErrorCode<'static>,
+        unknown: Option<&[AttributeType]>,
+        out: &mut [u8],
+    ) -> Outcome {
+        let ty = MessageType::new(msg.method(), Class::Error);
+        let written = (|| {
+            let mut enc = Encoder::new(out, ty, &msg.transaction_id())?;
+            enc.error_code(code)?;
+            if let Some(types) = unknown {
+                let mut scratch = [0u8; 2 * MAX_UNKNOWN_LISTED];
+                let list = UnknownAttributes::from_types(types.iter().copied(), &mut scratch);
+                enc.attribute(&Attribute::UnknownAttributes(list))?;
+            }
+            if let Some(name) = &self.software {
+                enc.software(name)?;
+            }
+            enc.fingerprint()?;
+            Ok::<_, natrix_wire::EncodeError>(enc.finish())
+        })();
+        finish(written, Reply::Error(code.code))
+    }
+}
+
+fn change_requested(msg: &Message<'_>) -> bool {
+    match msg.decode(AttributeType::CHANGE_REQUEST) {
+        Some(Ok(Attribute::ChangeRequest(c))) => c.change_ip || c.change_port,
+        // Malformed CHANGE-REQUEST: treat as a request we cannot honour.
+        _ => true,
+    }
+}
+
+fn finish(written: Result<usize, natrix_wire::EncodeError>, kind: Reply) -> Outcome {
+    match written {
+        Ok(len) => Outcome::Reply { len, kind },
+        // Only an output buffer smaller than the documented minimum gets
+        // here; answering nothing is the safe fallback.
+        Err(_) => Outcome::Drop(DropReason::Malformed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natrix_wire::{ChangeRequest, TransactionId};
+
+    const FROM: &str = "203.0.113.7:40000";
+
+    fn responder() -> BindingResponder {
+        BindingResponder::new(Some("natrix test".into()))
+    }
+
+    fn request(attrs: &[Attribute<'_>], fingerprint: bool) -> Vec<u8> {
+        let mut buf = vec![0u8; 512];
+        let mut enc = Encoder::new(
+            &mut buf,
+            MessageType::new(Method::BINDING, Class::Request),
+            &TransactionId([3; 12]),
+        )
+        .unwrap();
+        for a in attrs {
+            enc.attribute(a).unwrap();
+        }
+        if fingerprint {
+            enc.fingerprint().unwrap();
+        }
+        let n = enc.finish();
+        buf.truncate(n);
+        buf
+    }
+
+    fn answer(packet: &[u8]) -> (Outcome, Vec<u8>) {
+        let mut out = [0u8; 1280];
+        let outcome = responder().handle(packet, FROM.parse().unwrap(), &mut out);
+        let len = match outcome {
+            Outcome::Reply { len, .. } => len,
+            _ => 0,
+        };
+        (outcome, out[..len].to_vec())
+    }
+
+    #[test]
+    fn binding_request_gets_xor_mapped_address_software_and_fingerprint() {
+        let (outcome, bytes) = answer(&request(&[], false));
+        assert!(matches!(
+            outcome,
+            Outcome::Reply {
+                kind: Reply::Success,
+                ..
+            }
+        ));
+        let msg = Message::parse(&bytes).unwrap();
+        assert_eq!(msg.class(), Class::Success);
+        assert_eq!(msg.transaction_id(), TransactionId([3; 12]));
+        let types: Vec<_> = msg.attributes().map(|a| a.ty).collect();
+        assert_eq!(
+            types,
+            [
+                AttributeType::XOR_MAPPED_ADDRESS,
+                AttributeType::SOFTWARE,
+                AttributeType::FINGERPRINT
+            ]
+        );
+        assert_eq!(
+            msg.decode(AttributeType::XOR_MAPPED_ADDRESS)
+                .unwrap()
+                .unwrap(),
+            Attribute::XorMappedAddress(FROM.parse().unwrap())
+        );
+        msg.verify_fingerprint().unwrap();
+    }
+
+    #[test]
+    fn ipv6_clients_get_their_ipv6_address() {
+        let mut out = [0u8; 1280];
+        let from: SocketAddr = "[2001:db8::42]:5000".parse().unwrap();
+        let Outcome::Reply { len, .. } = responder().handle(&request(&[], true), from, &mut out)
+        else {
+            panic!("no reply");
+        };
+        let msg = Message::parse(&out[..len]).unwrap();
+        assert_eq!(
+            msg.decode(AttributeType::XOR_MAPPED_ADDRESS)
+                .unwrap()
+                .unwrap(),
+            Attribute::XorMappedAddress(from)
+        );
+    }
+
+    #[test]
+    fn rfc3489_request_gets_mapped_address_and_its_128_bit_id_back() {
+        let mut req = request(&[], false);
+        req[4..8].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]); // no magic cookie
+        let (outcome, bytes) = answer(&req);
+        assert!(matches!(
+            outcome,
+            Outcome::Reply {
+                kind: Reply::LegacySuccess,
+                ..
+            }
+        ));
+        assert_eq!(&bytes[4..20], &req[4..20]);
+        let msg = Message::parse(&bytes).unwrap();
+        assert!(msg.is_rfc3489());
+        assert!(msg.get(AttributeType::XOR_MAPPED_ADDRESS).is_none());
+        assert!(!msg.has_fingerprint());
+        assert_eq!(
+            msg.decode(AttributeType::MAPPED_ADDRESS).unwrap().unwrap(),
+            Attribute::MappedAddress(FROM.parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn unknown_comprehension_required_attribute_gets_420_listing_it() {
+        let req = request(&[Attribute::Other(AttributeType(0x7777), b"x")], true);
+        let (outcome, bytes) = answer(&req);
+        assert_eq!(
+            outcome,
+            Outcome::Reply {
+                len: bytes.len(),
+                kind: Reply::Error(420)
+            }
+        );
+        let msg = Message::parse(&bytes).unwrap();
+        let Some(Ok(Attribute::UnknownAttributes(list))) =
+            msg.decode(AttributeType::UNKNOWN_ATTRIBUTES)
+        else {
+            panic!("no UNKNOWN-ATTRIBUTES");
+        };
+        assert_eq!(list.iter().collect::<Vec<_>>(), [AttributeType(0x7777)]);
+        msg.verify_fingerprint().unwrap();
+    }
+
+    #[test]
+    fn unknown_optional_attributes_are_ignored() {
+        let req = request(&[Attribute::Other(AttributeType(0xC001), b"opt")], true);
+        assert!(matches!(
+            answer(&req).0,
+            Outcome::Reply {
+                kind: Reply::Success,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn change_request_without_an_alternate_address_gets_420_unless_empty() {
+        let change = |ip, port| {
+            request(
+                &[Attribute::ChangeRequest(ChangeRequest {
+                    change_ip: ip,
+                    change_port: port,
+                })],
+                true,
+            )
+        };
+        assert_eq!(
+            answer(&change(true, false)).0,
+            Outcome::Reply {
+                len: answer(&change(true, false)).1.len(),
+                kind: Reply::Error(420)
+            }
+        );
+        assert!(matches!(
+            answer(&change(false, false)).0,
+            Outcome::Reply {
+                kind: Reply::Success,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn garbage_and_responses_are_dropped_with_a_reason() {
+        assert_eq!(answer(b"").0, Outcome::Drop(DropReason::NotStun));
+        assert_eq!(
+            answer(&[0x16, 0xfe, 0xfd, 0, 0]).0,
+            Outcome::Drop(DropReason::NotStun)
+        );
+        assert_eq!(
+            answer(&[0x40, 0x00, 0x00, 0x01, 9]).0,
+            Outcome::Drop(DropReason::NotStun)
+        );
+        let mut truncated = request(&[Attribute::Software("abc")], true);
+        truncated.truncate(truncated.len() - 3);
+        assert_eq!(answer(&truncated).0, Outcome::Drop(DropReason::Malformed));
+        let mut bad_fp = request(&[], true);
+        let last = bad_fp.len() - 1;
+        bad_fp[last] ^= 0xff;
+        assert_eq!(answer(&bad_fp).0, Outcome::Drop(DropReason::BadFingerprint));
+        let mut response = request(&[], true);
+        response[0..2].copy_from_slice(&0x0101u16.to_be_bytes());
+        // Re-seal the fingerprint so only the class is wrong.
+        let msg_len = response.len();
+        let reparsed = {
+            let mut buf = vec![0u8; msg_len];
+            let mut enc = Encoder::new(
+                &mut buf,
+                MessageType::new(Method::BINDING, Class::Success),
+                &TransactionId([3; 12]),
+            )
+            .unwrap();
+            enc.fingerprint().unwrap();
+            let n = enc.finish();
+            buf.truncate(n);
+            buf
+        };
+        assert_eq!(
+            answer(&reparsed).0,
+            Outcome::Drop(DropReason::UnexpectedClass)
+        );
+    }
+
+    #[test]
+    fn binding_indication_is_a_keepalive() {
+        let mut buf = [0u8; 64];
+        let enc = Encoder::new(
+            &mut buf,
+            MessageType::new(Method::BINDING, Class::Indication),
+            &TransactionId([1; 12]),
+        )
+        .unwrap();
+        let n = enc.finish();
+        assert_eq!(answer(&buf[..n]).0, Outcome::Indication);
+    }
+
+    #[test]
+    fn other_methods_get_400() {
+        let mut buf = [0u8; 64];
+        let mut enc = Encoder::new(
+            &mut buf,
+            MessageType::new(Method::ALLOCATE, Class::Request),
+            &TransactionId([1; 12]),
+        )
+        .unwrap();
+        enc.fingerprint().unwrap();
+        let n = enc.finish();
+        let (outcome, bytes) = answer(&buf[..n]);
+        assert!(matches!(
+            outcome,
+            Outcome::Reply {
+                kind: Reply::Error(400),
+                ..
+            }
+        ));
+        let msg = Message::parse(&bytes).unwrap();
+        assert_eq!(msg.method(), Method::ALLOCATE);
+        assert_eq!(msg.class(), Class::Error);
+    }
+
+    #[test]
+    fn drop_reasons_match_the_metric_catalogue() {
+        let declared = natrix_telemetry::catalogue::CDX_DROP_REASON.values;
+        let ours: Vec<_> = DropReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(ours, declared);
+    }
+}

@@ -1,0 +1,51 @@
+//! Configuration of the CDX role.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// CDX (STUN) listener settings. Every flag also reads an environment
+/// variable; the Helm values map one to one onto them.
+#[derive(Args, Clone, Debug)]
+pub struct CdxConfig {
+    /// Addresses the STUN listeners bind, on UDP and TCP (comma separated).
+    /// An IPv6 wildcard that the host cannot bind is skipped with a warning.
+    #[arg(
+        long = "stun-listen",
+        env = "NATRIX_STUN_LISTEN",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:3478,[::]:3478"
+    )]
+    pub listen: Vec<SocketAddr>,
+
+    /// Serve STUN over TCP as well as UDP.
+    #[arg(
+        long = "stun-tcp",
+        env = "NATRIX_STUN_TCP",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub tcp: bool,
+
+    /// SOFTWARE attribute sent in responses; empty to send none.
+    #[arg(long = "software", env = "NATRIX_SOFTWARE", default_value = concat!("natrix ", env!("CARGO_PKG_VERSION")))]
+    pub software: String,
+
+    /// Most simultaneous STUN/TCP connections; further ones are closed at once.
+    #[arg(
+        long = "stun-tcp-max-connections",
+        env = "NATRIX_STUN_TCP_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub tcp_max_connections: usize,
+
+    /// A STUN/TCP connection that sends nothing for this long is closed.
+    #[arg(
+        long = "stun-tcp-idle-timeout",
+        env = "NATRIX_STUN_TCP_IDLE_TIMEOUT",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    pub tcp_idle_timeout: Duration,
+}

@@ -1,0 +1,159 @@
+//! CDX metric handles, resolved once at start-up, and the per-loop counters
+//! the packet path increments.
+
+use natrix_telemetry::catalogue as cat;
+use natrix_telemetry::{LocalCounter, Telemetry};
+use prometheus::{IntCounter, IntGauge};
+
+use crate::binding::{DropReason, Outcome, Reply, Transport};
+
+/// Shared handles for one transport.
+#[derive(Clone, Debug)]
+struct TransportHandles {
+    requests: IntCounter,
+    success: IntCounter,
+    errors: IntCounter,
+    legacy: IntCounter,
+    indications: IntCounter,
+    drops: [IntCounter; DropReason::ALL.len()],
+    received_bytes: IntCounter,
+    sent_bytes: IntCounter,
+    send_errors: IntCounter,
+}
+
+/// Every CDX metric handle, resolved from the catalogue.
+#[derive(Clone, Debug)]
+pub struct CdxMetrics {
+    udp: TransportHandles,
+    tcp: TransportHandles,
+    /// Open TCP connections.
+    pub(crate) tcp_connections: IntGauge,
+    /// Accepted TCP connections.
+    pub(crate) tcp_accepted: IntCounter,
+    /// TCP connections refused at the limit.
+    pub(crate) tcp_rejected: IntCounter,
+}
+
+impl CdxMetrics {
+    /// Resolves (and so creates) every CDX series in `telemetry`.
+    pub fn new(telemetry: &Telemetry) -> CdxMetrics {
+        let per = |t: Transport| {
+            let l = t.label();
+            let counter = |def| telemetry.counter_family(def).with_label_values(&[l]);
+            let responses = telemetry.counter_family(&cat::CDX_BINDING_RESPONSES_TOTAL);
+            let drops = telemetry.counter_family(&cat::CDX_PACKETS_DROPPED_TOTAL);
+            TransportHandles {
+                requests: counter(&cat::CDX_BINDING_REQUESTS_TOTAL),
+                success: responses.with_label_values(&[l, "success"]),
+                errors: responses.with_label_values(&[l, "error"]),
+                legacy: counter(&cat::CDX_LEGACY_REQUESTS_TOTAL),
+                indications: counter(&cat::CDX_BINDING_INDICATIONS_TOTAL),
+                drops: DropReason::ALL.map(|r| drops.with_label_values(&[l, r.label()])),
+                received_bytes: counter(&cat::CDX_RECEIVED_BYTES_TOTAL),
+                sent_bytes: counter(&cat::CDX_SENT_BYTES_TOTAL),
+                send_errors: counter(&cat::CDX_SEND_ERRORS_TOTAL),
+            }
+        };
+        let tcp_total = telemetry.counter_family(&cat::CDX_TCP_CONNECTIONS_TOTAL);
+        CdxMetrics {
+            udp: per(Transport::Udp),
+            tcp: per(Transport::Tcp),
+            tcp_connections: telemetry.gauge(&cat::CDX_TCP_CONNECTIONS),
+            tcp_accepted: tcp_total.with_label_values(&["accepted"]),
+            tcp_rejected: tcp_total.with_label_values(&["rejected"]),
+        }
+    }
+
+    /// Counters owned by one loop or connection.
+    pub(crate) fn local(&self, transport: Transport) -> LoopCounters {
+        let h = match transport {
+            Transport::Udp => &self.udp,
+            Transport::Tcp => &self.tcp,
+        };
+        LoopCounters {
+            requests: LocalCounter::new(h.requests.clone()),
+            success: LocalCounter::new(h.success.clone()),
+            errors: LocalCounter::new(h.errors.clone()),
+            legacy: LocalCounter::new(h.legacy.clone()),
+            indications: LocalCounter::new(h.indications.clone()),
+            drops: h.drops.clone().map(LocalCounter::new),
+            received_bytes: LocalCounter::new(h.received_bytes.clone()),
+            sent_bytes: LocalCounter::new(h.sent_bytes.clone()),
+            send_errors: LocalCounter::new(h.send_errors.clone()),
+        }
+    }
+}
+
+/// Plain counters a loop increments per packet and publishes with
+/// [`LoopCounters::flush`].
+#[derive(Debug)]
+pub(crate) struct LoopCounters {
+    requests: LocalCounter,
+    success: LocalCounter,
+    errors: LocalCounter,
+    legacy: LocalCounter,
+    indications: LocalCounter,
+    drops: [LocalCounter; DropReason::ALL.len()],
+    received_bytes: LocalCounter,
+    sent_bytes: LocalCounter,
+    send_errors: LocalCounter,
+}
+
+impl LoopCounters {
+    /// Counts one received packet of `len` bytes and what became of it.
+    #[inline]
+    pub(crate) fn record(&mut self, len: usize, outcome: &Outcome) {
+        self.received_bytes.add(len as u64);
+        match outcome {
+            Outcome::Reply { kind, .. } => {
+                self.requests.inc();
+                match kind {
+                    Reply::Success => self.success.inc(),
+                    Reply::LegacySuccess => {
+                        self.legacy.inc();
+                        self.success.inc();
+                    }
+                    Reply::Error(_) => self.errors.inc(),
+                }
+            }
+            Outcome::Indication => self.indications.inc(),
+            Outcome::Drop(reason) => self.dropped(*reason),
+        }
+    }
+
+    /// Counts a drop decided outside the responder (e.g. framing).
+    #[inline]
+    pub(crate) fn dropped(&mut self, reason: DropReason) {
+        // `ALL` lists every variant, so the position always exists.
+        if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
+            self.drops[i].inc();
+        }
+    }
+
+    /// Counts bytes sent.
+    #[inline]
+    pub(crate) fn sent(&mut self, len: usize) {
+        self.sent_bytes.add(len as u64);
+    }
+
+    /// Counts a failed send.
+    #[inline]
+    pub(crate) fn send_failed(&mut self) {
+        self.send_errors.inc();
+    }
+
+    /// Publishes everything counted since the last flush.
+    pub(crate) fn flush(&mut self) {
+        self.requests.flush();
+        self.success.flush();
+        self.errors.flush();
+        self.legacy.flush();
+        self.indications.flush();
+        for d in &mut self.drops {
+            d.flush();
+        }
+        self.received_bytes.flush();
+        self.sent_bytes.flush();
+        self.send_errors.flush();
+    }
+}

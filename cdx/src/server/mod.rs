@@ -1,0 +1,157 @@
+//! The I/O shells that drive [`BindingResponder`] on real sockets.
+
+mod tcp;
+mod udp;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use natrix_net::{UdpIo, UdpOptions, bind_tcp, bind_udp};
+use natrix_telemetry::Telemetry;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{BindingResponder, CdxConfig, CdxMetrics};
+
+/// How often loops publish their counters.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A running CDX server: its listeners and their tasks.
+#[derive(Debug)]
+pub struct CdxServer {
+    udp_addrs: Vec<SocketAddr>,
+    tcp_addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// True for errors that mean "this host has no IPv6": such a default
+/// listener is skipped rather than fatal.
+fn ipv6_unavailable(addr: &SocketAddr, err: &io::Error) -> bool {
+    addr.is_ipv6()
+        && addr.ip().is_unspecified()
+        && matches!(
+            err.raw_os_error(),
+            Some(
+                libc_errno::EAFNOSUPPORT | libc_errno::EADDRNOTAVAIL | libc_errno::EPROTONOSUPPORT
+            )
+        )
+}
+
+/// The few errno values the bind fallback looks at.
+mod libc_errno {
+    pub(super) const EAFNOSUPPORT: i32 = 97;
+    pub(super) const EADDRNOTAVAIL: i32 = 99;
+    pub(super) const EPROTONOSUPPORT: i32 = 93;
+}
+
+impl CdxServer {
+    /// Binds every listener of `config` and starts `workers` UDP loops per
+    /// address (SO_REUSEPORT) plus one TCP acceptor per address, on
+    /// `runtime`. Fails if any address cannot be bound (except an IPv6
+    /// wildcard on a host without IPv6).
+    pub fn start(
+        runtime: &Handle,
+        config: &CdxConfig,
+        workers: usize,
+        telemetry: &Telemetry,
+    ) -> anyhow::Result<CdxServer> {
+        let _guard = runtime.enter();
+        let responder = Arc::new(BindingResponder::new(Some(config.software.clone())));
+        let metrics = CdxMetrics::new(telemetry);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut server = CdxServer {
+            udp_addrs: Vec::new(),
+            tcp_addrs: Vec::new(),
+            shutdown,
+            tasks: Vec::new(),
+        };
+        let opts = UdpOptions::default();
+        for &requested in &config.listen {
+            let first = match bind_udp(requested, &opts) {
+                Ok(s) => s,
+                Err(e) if ipv6_unavailable(&requested, &e) => {
+                    warn!(%requested, error = %e, "IPv6 unavailable; skipping this listener");
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("binding STUN UDP on {requested}"));
+                }
+            };
+            // Port 0 picks a port once; the other loops join that port.
+            let addr = first
+                .local_addr()
+                .with_context(|| format!("reading the address bound for {requested}"))?;
+            let mut sockets = vec![first];
+            for _ in 1..workers.max(1) {
+                sockets.push(
+                    bind_udp(addr, &opts)
+                        .with_context(|| format!("binding another STUN UDP socket on {addr}"))?,
+                );
+            }
+            for socket in sockets {
+                let io = UdpIo::new(socket)
+                    .with_context(|| format!("registering STUN UDP socket {addr}"))?;
+                server.tasks.push(runtime.spawn(udp::run(
+                    io,
+                    responder.clone(),
+                    metrics.clone(),
+                    shutdown_rx.clone(),
+                )));
+            }
+            server.udp_addrs.push(addr);
+
+            if config.tcp {
+                // Same port as UDP, as STUN clients expect.
+                let listener =
+                    bind_tcp(addr, 1024).with_context(|| format!("binding STUN TCP on {addr}"))?;
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .with_context(|| format!("registering STUN TCP listener {addr}"))?;
+                server.tcp_addrs.push(addr);
+                server.tasks.push(runtime.spawn(tcp::accept_loop(
+                    listener,
+                    tcp::Limits {
+                        max_connections: config.tcp_max_connections,
+                        idle_timeout: config.tcp_idle_timeout,
+                    },
+                    responder.clone(),
+                    metrics.clone(),
+                    shutdown_rx.clone(),
+                )));
+            }
+            info!(%addr, udp_loops = workers.max(1), tcp = config.tcp, "STUN listener up");
+        }
+        if server.udp_addrs.is_empty() {
+            anyhow::bail!("no STUN listener could be bound (--stun-listen)");
+        }
+        Ok(server)
+    }
+
+    /// Addresses the UDP listeners are bound to.
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp_addrs
+    }
+
+    /// Addresses the TCP listeners are bound to.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
+    }
+
+    /// Stops every loop and connection and waits for them to publish their
+    /// last counters.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            if let Err(e) = task.await
+                && e.is_panic()
+            {
+                warn!("a CDX task panicked: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Batched UDP and TCP socket plumbing shared by the data planes.
+//!
+//! - [`bind_udp`] / [`bind_tcp`]: sockets configured once (SO_REUSEPORT so
+//!   several loops can share a port, IPV6_V6ONLY so IPv4 and IPv6 listeners
+//!   coexist, large kernel buffers).
+//! - [`UdpIo`]: a tokio-registered UDP socket that receives in batches
+//!   (recvmmsg, and GRO where the kernel offers it, through `quinn-udp`) and
+//!   sends with the source address the datagram arrived on (IP_PKTINFO), so a
+//!   server bound to a wildcard address always answers from the address the
+//!   client used.
+//! - [`RecvBatch`]: receive buffers owned by one loop, reused for every
+//!   batch; no allocation per packet.
+//!
+//! # Panics and errors
+//!
+//! Nothing here panics. Socket errors are returned as `io::Error`; the loops
+//! decide what is fatal.
+
+mod udp;
+
+pub use udp::{Datagram, RecvBatch, UdpIo, UdpOptions, bind_tcp, bind_udp};

@@ -1,0 +1,227 @@
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+
+/// Socket options for a UDP listener.
+#[derive(Clone, Copy, Debug)]
+pub struct UdpOptions {
+    /// Let several sockets bind the same address (one per event loop); the
+    /// kernel spreads datagrams across them by flow hash.
+    pub reuse_port: bool,
+    /// Kernel receive buffer, bytes (the kernel may cap it at rmem_max).
+    pub recv_buffer: usize,
+    /// Kernel send buffer, bytes.
+    pub send_buffer: usize,
+}
+
+impl Default for UdpOptions {
+    fn default() -> UdpOptions {
+        UdpOptions {
+            reuse_port: true,
+            recv_buffer: 4 << 20,
+            send_buffer: 4 << 20,
+        }
+    }
+}
+
+fn domain(addr: &SocketAddr) -> Domain {
+    if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    }
+}
+
+/// Binds a non-blocking UDP socket.
+pub fn bind_udp(addr: SocketAddr, opts: &UdpOptions) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(domain(&addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    // Buffer sizes are best effort: the kernel clamps them to its limits.
+    let _ = socket.set_recv_buffer_size(opts.recv_buffer);
+    let _ = socket.set_send_buffer_size(opts.send_buffer);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Binds a non-blocking TCP listener with SO_REUSEADDR (fast restarts).
+pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// One received datagram.
+#[derive(Clone, Copy, Debug)]
+pub struct Datagram<'a> {
+    /// Sender.
+    pub from: SocketAddr,
+    /// The local address it was sent to, when the kernel reported it.
+    pub to_ip: Option<IpAddr>,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+/// Receive buffers for one loop, reused across batches.
+pub struct RecvBatch {
+    bufs: Vec<Box<[u8]>>,
+    meta: Vec<RecvMeta>,
+    filled: usize,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("slots", &self.bufs.len())
+            .field("filled", &self.filled)
+            .finish()
+    }
+}
+
+impl RecvBatch {
+    /// Buffers for `quinn_udp::BATCH_SIZE` receives of up to `segment_len`
+    /// bytes, each `gro_segments` times that so a GRO-coalesced train fits.
+    pub fn new(segment_len: usize, gro_segments: usize) -> RecvBatch {
+        let slot = segment_len * gro_segments.max(1);
+        RecvBatch {
+            bufs: (0..quinn_udp::BATCH_SIZE)
+                .map(|_| vec![0u8; slot].into_boxed_slice())
+                .collect(),
+            meta: vec![RecvMeta::default(); quinn_udp::BATCH_SIZE],
+            filled: 0,
+        }
+    }
+
+    /// Buffers sized for `io`'s GRO capability.
+    pub fn for_socket(io: &UdpIo, segment_len: usize) -> RecvBatch {
+        RecvBatch::new(segment_len, io.state.gro_segments())
+    }
+
+    /// The datagrams of the last receive, GRO trains split at their stride.
+    pub fn datagrams(&self) -> impl Iterator<Item = Datagram<'_>> + '_ {
+        self.meta[..self.filled]
+            .iter()
+            .zip(&self.bufs)
+            .flat_map(|(meta, buf)| {
+                let len = meta.len.min(buf.len());
+                let stride = if meta.stride == 0 {
+                    len.max(1)
+                } else {
+                    meta.stride
+                };
+                buf[..len].chunks(stride).map(move |payload| Datagram {
+                    from: meta.addr,
+                    to_ip: meta.dst_ip,
+                    payload,
+                })
+            })
+    }
+}
+
+/// A UDP socket registered with the current tokio runtime, with batched
+/// receive.
+#[derive(Debug)]
+pub struct UdpIo {
+    socket: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    local: SocketAddr,
+    wildcard: bool,
+}
+
+impl UdpIo {
+    /// Wraps a bound socket. Must be called inside a tokio runtime.
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<UdpIo> {
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        let local = socket.local_addr()?;
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        Ok(UdpIo {
+            socket,
+            state,
+            wildcard: local.ip().is_unspecified(),
+            local,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// One non-blocking recvmmsg into `batch`.
+    fn recv_into(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        let slots = batch.bufs.len();
+        let mut slices: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+        for (slot, buf) in slices.iter_mut().zip(batch.bufs.iter_mut()) {
+            *slot = IoSliceMut::new(buf);
+        }
+        self.state.recv(
+            UdpSockRef::from(&self.socket),
+            &mut slices[..slots],
+            &mut batch.meta,
+        )
+    }
+
+    /// Waits for datagrams and fills `batch` with as many as one recvmmsg
+    /// returns; returns how many buffers were filled (a GRO buffer may hold
+    /// several datagrams, see [`RecvBatch::datagrams`]).
+    pub async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.filled = 0;
+        let n = self
+            .socket
+            .async_io(Interest::READABLE, || self.recv_into(batch))
+            .await?;
+        batch.filled = n;
+        Ok(n)
+    }
+
+    /// Like [`UdpIo::recv_batch`] but returns `WouldBlock` instead of waiting;
+    /// lets a loop drain a socket within its budget before yielding.
+    pub fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.filled = 0;
+        let n = self
+            .socket
+            .try_io(Interest::READABLE, || self.recv_into(batch))?;
+        batch.filled = n;
+        Ok(n)
+    }
+
+    /// Sends one datagram to `to`, from `from_ip` when the socket is bound to
+    /// a wildcard address (the address the request arrived on). Waits while
+    /// the kernel buffer is full; other errors (e.g. an ICMP error reported
+    /// for an earlier datagram) are returned for the caller to count.
+    pub async fn send_to(
+        &self,
+        payload: &[u8],
+        to: SocketAddr,
+        from_ip: Option<IpAddr>,
+    ) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents: payload,
+            segment_size: None,
+            src_ip: if self.wildcard { from_ip } else { None },
+        };
+        self.socket
+            .async_io(Interest::WRITABLE, || {
+                self.state
+                    .try_send(UdpSockRef::from(&self.socket), &transmit)
+            })
+            .await
+    }
+}
