@@ -483,7 +483,7 @@ impl<'a> Attribute<'a> {
             }
             AttributeType::ERROR_CODE => Attribute::ErrorCode(decode_error_code(value, ty)?),
             AttributeType::UNKNOWN_ATTRIBUTES => {
-                if value.len() % 2 != 0 {
+                if !value.len().is_multiple_of(2) {
                     return Err(bad);
                 }
                 Attribute::UnknownAttributes(UnknownAttributes(value))
@@ -491,7 +491,7 @@ impl<'a> Attribute<'a> {
             AttributeType::REALM => Attribute::Realm(utf8(value, ty)?),
             AttributeType::NONCE => Attribute::Nonce(utf8(value, ty)?),
             AttributeType::MESSAGE_INTEGRITY_SHA256 => {
-                if !(16..=32).contains(&value.len()) || value.len() % 4 != 0 {
+                if !(16..=32).contains(&value.len()) || !value.len().is_multiple_of(4) {
                     return Err(bad);
                 }
                 Attribute::MessageIntegritySha256(value)
@@ -682,10 +682,10 @@ impl<'a> Attribute<'a> {
     pub(crate) fn check(&self) -> Result<(), EncodeError> {
         let ty = self.attribute_type().0;
         match self {
-            Attribute::ErrorCode(e) | Attribute::AddressErrorCode(_, e) => {
-                if !(300..=699).contains(&e.code) || e.reason.len() > 763 {
-                    return Err(EncodeError::OutOfRange(ty));
-                }
+            Attribute::ErrorCode(e) | Attribute::AddressErrorCode(_, e)
+                if (!(300..=699).contains(&e.code) || e.reason.len() > 763) =>
+            {
+                return Err(EncodeError::OutOfRange(ty));
             }
             Attribute::MessageIntegrity(b) if b.len() != 20 => {
                 return Err(EncodeError::OutOfRange(ty));

@@ -43,6 +43,8 @@ mod integrity;
 mod message;
 mod types;
 
+pub mod samples;
+
 pub use attribute::{
     Attribute, AttributeType, ChangeRequest, ErrorCode, EvenPort, Icmp, PasswordAlgorithm,
     UnknownAttributes, decode_address, decode_xor_address,
