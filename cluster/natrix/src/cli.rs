@@ -1,0 +1,90 @@
+//! Command line. Every flag also reads an environment variable (`NATRIX_*`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use natrix_cdx::CdxConfig;
+use natrix_telemetry::logging::LogFormat;
+
+/// natrix: STUN/TURN relay and connectivity cluster.
+#[derive(Parser, Debug)]
+#[command(name = "natrix", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: Global,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Options shared by every command.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct Global {
+    /// Log filter, `RUST_LOG` syntax (e.g. `info,natrix_cdx=debug`).
+    #[arg(long, env = "NATRIX_LOG", default_value = "info", global = true)]
+    pub(crate) log: String,
+
+    /// Log format: auto (human on a terminal, JSON otherwise), human or json.
+    #[arg(long, env = "NATRIX_LOG_FORMAT", default_value = "auto", global = true)]
+    pub(crate) log_format: LogFormat,
+
+    /// Address of the metrics and health endpoint (/metrics, /healthz, /readyz).
+    #[arg(
+        long,
+        env = "NATRIX_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090",
+        global = true
+    )]
+    pub(crate) metrics_listen: SocketAddr,
+
+    /// Data-plane threads; 0 means one per CPU core.
+    #[arg(long, env = "NATRIX_WORKERS", default_value_t = 0, global = true)]
+    pub(crate) workers: usize,
+
+    /// Longest a shutdown waits for listeners to finish before exiting.
+    #[arg(
+        long,
+        env = "NATRIX_SHUTDOWN_TIMEOUT",
+        default_value = "10s",
+        value_parser = humantime::parse_duration,
+        global = true
+    )]
+    pub(crate) shutdown_timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Run every role in one process with in-memory coordination (today: the
+    /// CDX STUN service on 3478 UDP+TCP and the metrics endpoint on 9090).
+    Up(UpArgs),
+    /// Run the CDX role: STUN Binding service.
+    Cdx(UpArgs),
+    /// Ask a STUN server for this host's public (mapped) address.
+    Probe(ProbeArgs),
+}
+
+/// Options of the serving commands.
+#[derive(Args, Debug)]
+pub(crate) struct UpArgs {
+    #[command(flatten)]
+    pub(crate) cdx: CdxConfig,
+}
+
+/// Options of `natrix probe`.
+#[derive(Args, Debug)]
+pub(crate) struct ProbeArgs {
+    /// STUN server, `host:port` or `host` (port 3478).
+    pub(crate) server: String,
+
+    /// Use TCP instead of UDP.
+    #[arg(long)]
+    pub(crate) tcp: bool,
+
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Duration,
+
+    /// Print JSON instead of a human summary.
+    #[arg(long)]
+    pub(crate) json: bool,
+}

@@ -1,0 +1,214 @@
+//! Shared harness of the `natrix` integration tests: start the real binary on
+//! free loopback ports, wait until it is ready, talk to it, stop it by PID.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `natrix` process started by a test; killed (by PID) when dropped.
+pub struct Natrix {
+    child: Option<Child>,
+    pub stun: SocketAddr,
+    pub metrics: SocketAddr,
+    stderr_path: std::path::PathBuf,
+}
+
+/// A loopback port free on both UDP and TCP right now.
+pub fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("binding a probe UDP socket");
+        let port = udp.local_addr().expect("local addr").port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Natrix {
+    /// `natrix up` on free loopback ports, ready to answer.
+    pub fn up(extra: &[&str]) -> Natrix {
+        // Free ports can be taken between the probe and the bind: retry.
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Natrix::try_start(&["up"], extra) {
+                Ok(n) => return n,
+                Err(e) => last = e,
+            }
+        }
+        panic!("natrix did not start: {last}");
+    }
+
+    fn try_start(cmd: &[&str], extra: &[&str]) -> Result<Natrix, String> {
+        let stun = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let stderr_path = std::env::temp_dir().join(format!(
+            "natrix-test-{}-{}.log",
+            std::process::id(),
+            stun.port()
+        ));
+        let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+        let child = Command::new(env!("CARGO_BIN_EXE_natrix"))
+            .args(cmd)
+            .args(["--stun-listen", &stun.to_string()])
+            .args(["--metrics-listen", &metrics.to_string()])
+            .args(["--log-format", "json", "--workers", "2"])
+            .args(extra)
+            .env_remove("NATRIX_LOG")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("spawning natrix: {e}"))?;
+        let mut n = Natrix {
+            child: Some(child),
+            stun,
+            metrics,
+            stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = n.child_mut().try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("natrix exited with {status}: {}", n.log()));
+            }
+            if let Ok((200, _)) = http_get(metrics, "/readyz") {
+                return Ok(n);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("natrix not ready within 20 s: {}", n.log()))
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child present until drop")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// What the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child_mut().try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` and waits (bounded) for the exit.
+    pub fn signal_and_wait(&mut self, signal: i32, within: Duration) -> ExitStatus {
+        // SAFETY: kill(2) on the PID of a child this harness spawned and has not reaped.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill failed");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child_mut().try_wait().expect("waiting for natrix") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "natrix did not exit within {within:?} of signal {signal}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        let (status, body) = http_get(self.metrics, "/metrics").expect("scraping /metrics");
+        assert_eq!(status, 200, "/metrics answered {status}");
+        body
+    }
+
+    /// Value of one series (`name{labels}` exactly as rendered), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics_text(), series)
+    }
+
+    /// Polls `series` until `pred` holds (counters are published periodically).
+    pub fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+        self.wait_metric_with(|| self.metric(series), pred)
+    }
+}
+
+impl Drop for Natrix {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Finds `series value` in a Prometheus text exposition.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {raw:?}")))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Path of an external tool the test needs; fails loudly when missing
+/// (`.ci/install-deps` installs them).
+pub fn tool(name: &str) -> String {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = std::path::Path::new(dir).join(name);
+        if p.is_file() {
+            return p.display().to_string();
+        }
+    }
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let p = std::path::Path::new(dir).join(name);
+        if p.is_file() {
+            return p.display().to_string();
+        }
+    }
+    panic!(
+        "`{name}` is not installed; run .ci/install-deps (Debian packages coturn, prometheus, redis-server, nftables)"
+    );
+}
+
+impl Natrix {
+    /// Polls `read` until `pred` holds or 10 s pass; returns the last value.
+    pub fn wait_metric_with(&self, read: impl Fn() -> f64, pred: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = read();
+            if pred(v) || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

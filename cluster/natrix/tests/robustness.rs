@@ -1,0 +1,282 @@
+//! What `natrix up` does with hostile input and with its lifecycle: garbage
+//! floods are dropped and counted without harming anyone else, signals stop
+//! it cleanly, a taken port is a clear error.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Natrix, free_port};
+use natrix_wire::{Class, Encoder, Message, MessageType, Method, TransactionId};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn binding_request(tid: [u8; 12]) -> Vec<u8> {
+    let mut buf = vec![0u8; 128];
+    let mut enc = Encoder::new(
+        &mut buf,
+        MessageType::new(Method::BINDING, Class::Request),
+        &TransactionId(tid),
+    )
+    .expect("encoder");
+    enc.software("robustness test").expect("software");
+    enc.fingerprint().expect("fingerprint");
+    let n = enc.finish();
+    buf.truncate(n);
+    buf
+}
+
+/// Sum of `cdx_packets_dropped_total` over every reason, for one transport.
+fn dropped(natrix: &Natrix, transport: &str) -> f64 {
+    let needle = format!("transport=\"{transport}\"");
+    natrix
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("cdx_packets_dropped_total{") && l.contains(&needle))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The garbage: random datagrams, every truncation of a valid request, a
+/// corrupted FINGERPRINT, and responses (which a server never answers).
+fn garbage(rng: &mut StdRng) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for _ in 0..4000 {
+        let len = rng.random_range(1..600);
+        let mut d = vec![0u8; len];
+        rng.fill(&mut d[..]);
+        out.push(d);
+    }
+    // Random bytes that look like STUN up to the cookie: exercises the
+    // attribute walker, not just the first-byte check.
+    for _ in 0..2000 {
+        let len = 20 + 4 * rng.random_range(1..60);
+        let mut d = vec![0u8; len];
+        rng.fill(&mut d[..]);
+        d[0] = 0x00;
+        d[1] = 0x01;
+        d[2..4].copy_from_slice(&((len - 20) as u16).to_be_bytes());
+        d[4..8].copy_from_slice(&0x2112_a442u32.to_be_bytes());
+        // Make the first attribute overrun the message.
+        d[20..22].copy_from_slice(&0x0006u16.to_be_bytes());
+        d[22..24].copy_from_slice(&0xfff0u16.to_be_bytes());
+        out.push(d);
+    }
+    let valid = binding_request(rng.random());
+    for cut in 1..valid.len() {
+        out.push(valid[..cut].to_vec());
+    }
+    let mut bad_fp = valid.clone();
+    let last = bad_fp.len() - 1;
+    bad_fp[last] ^= 0x01;
+    out.push(bad_fp);
+    let mut response = valid.clone();
+    response[1] = 0x01;
+    response[0] = 0x01; // Binding success response
+    out.push(response);
+    out
+}
+
+#[test]
+fn garbage_flood_gets_no_answer_and_every_datagram_is_counted() {
+    let natrix = Natrix::up(&[]);
+    let mut rng = StdRng::seed_from_u64(0x5eed_2026);
+    let datagrams = garbage(&mut rng);
+    let sent = datagrams.len();
+
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let before = dropped(&natrix, "udp");
+    for (i, d) in datagrams.iter().enumerate() {
+        socket.send_to(d, natrix.stun).expect("send");
+        if i % 200 == 199 {
+            // Paced so the kernel never drops: every datagram must be counted.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let after = natrix.wait_metric_with(|| dropped(&natrix, "udp"), |v| v - before >= sent as f64);
+    assert_eq!(
+        after - before,
+        sent as f64,
+        "every garbage datagram is a counted drop"
+    );
+
+    // Not one answer went back for garbage.
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut buf = [0u8; 1500];
+    if let Ok((n, _)) = socket.recv_from(&mut buf) {
+        panic!(
+            "natrix answered garbage with {n} bytes: {:02x?}",
+            &buf[..n.min(40)]
+        );
+    }
+
+    // Still serving: a valid request on the same socket gets its answer.
+    let tid: [u8; 12] = rng.random();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    socket
+        .send_to(&binding_request(tid), natrix.stun)
+        .expect("send");
+    let (n, _) = socket
+        .recv_from(&mut buf)
+        .expect("an answer to a valid request");
+    let msg = Message::parse(&buf[..n]).expect("STUN");
+    assert_eq!(msg.class(), Class::Success);
+    assert_eq!(msg.transaction_id(), TransactionId(tid));
+    let mut natrix = natrix;
+    assert!(natrix.alive(), "natrix died: {}", natrix.log());
+}
+
+#[test]
+fn tcp_garbage_closes_only_that_connection() {
+    let natrix = Natrix::up(&[]);
+    // A healthy client, connected before the attacker.
+    let mut good = TcpStream::connect(natrix.stun).expect("connect");
+    good.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+
+    let mut bad = TcpStream::connect(natrix.stun).expect("connect");
+    bad.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: natrix\r\n\r\n")
+        .expect("write");
+    let mut buf = [0u8; 512];
+    match bad.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the garbage connection closed, got {other:?}"),
+    }
+
+    // An oversized frame header is refused the same way.
+    let mut big = TcpStream::connect(natrix.stun).expect("connect");
+    big.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut header = binding_request([7; 12]);
+    header[2..4].copy_from_slice(&0xfff0u16.to_be_bytes());
+    big.write_all(&header[..20]).expect("write");
+    assert!(matches!(big.read(&mut buf), Ok(0) | Err(_)));
+
+    good.write_all(&binding_request([9; 12])).expect("write");
+    let n = good.read(&mut buf).expect("the healthy client is answered");
+    let msg = Message::parse(&buf[..n]).expect("STUN");
+    assert_eq!(msg.transaction_id(), TransactionId([9; 12]));
+    let drops = natrix.wait_metric_with(|| dropped(&natrix, "tcp"), |v| v >= 2.0);
+    assert_eq!(drops, 2.0, "each refused connection counted once");
+}
+
+#[test]
+fn sigterm_and_sigint_stop_cleanly_with_status_zero() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut natrix = Natrix::up(&[]);
+        let status = natrix.signal_and_wait(signal, Duration::from_secs(15));
+        assert!(
+            status.success(),
+            "exit status {status} after signal {signal}: {}",
+            natrix.log()
+        );
+        let log = natrix.log();
+        assert!(log.contains("shutting down"), "{log}");
+        assert!(log.contains("\"stopped\""), "{log}");
+    }
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let squatter = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let listen = squatter.local_addr().expect("local").to_string();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .args(["up", "--stun-listen", &listen, "--metrics-listen", &metrics])
+        .args(["--log-format", "human"])
+        .output()
+        .expect("running natrix");
+    drop(squatter);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&listen) && stderr.contains("in use"),
+        "the error names the address and the cause: {stderr}"
+    );
+}
+
+#[test]
+fn every_flag_reads_an_environment_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .args(["up", "--help"])
+        .output()
+        .expect("natrix up --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, env) in [
+        ("--stun-listen", "NATRIX_STUN_LISTEN"),
+        ("--stun-tcp", "NATRIX_STUN_TCP"),
+        (
+            "--stun-tcp-max-connections",
+            "NATRIX_STUN_TCP_MAX_CONNECTIONS",
+        ),
+        ("--stun-tcp-idle-timeout", "NATRIX_STUN_TCP_IDLE_TIMEOUT"),
+        ("--software", "NATRIX_SOFTWARE"),
+        ("--metrics-listen", "NATRIX_METRICS_LISTEN"),
+        ("--workers", "NATRIX_WORKERS"),
+        ("--log", "NATRIX_LOG"),
+        ("--log-format", "NATRIX_LOG_FORMAT"),
+        ("--shutdown-timeout", "NATRIX_SHUTDOWN_TIMEOUT"),
+    ] {
+        assert!(
+            help.contains(&format!("{flag} <")),
+            "{flag} missing:\n{help}"
+        );
+        assert!(
+            help.contains(&format!("[env: {env}=")),
+            "{env} missing:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn environment_variables_configure_the_listeners() {
+    let stun = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .arg("up")
+        .env("NATRIX_STUN_LISTEN", stun.to_string())
+        .env("NATRIX_METRICS_LISTEN", metrics.to_string())
+        .env("NATRIX_STUN_TCP", "false")
+        .env("NATRIX_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok((200, _)) = common::http_get(metrics, "/readyz") {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tcp_refused = TcpStream::connect_timeout(&stun, Duration::from_secs(1)).is_err();
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    socket
+        .send_to(&binding_request([3; 12]), stun)
+        .expect("send");
+    let answered = socket.recv_from(&mut [0u8; 512]).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        ready,
+        "natrix never became ready on the metrics address from the environment"
+    );
+    assert!(
+        answered,
+        "no STUN answer on the address from the environment"
+    );
+    assert!(tcp_refused, "NATRIX_STUN_TCP=false still listens on TCP");
+}

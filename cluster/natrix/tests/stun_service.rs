@@ -1,0 +1,226 @@
+//! `natrix up` as a STUN server, seen from outside: coturn's client, raw
+//! RFC 5769 / RFC 3489 requests over UDP and TCP, and the metrics endpoint
+//! checked by Prometheus' own `promtool`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Natrix, tool};
+use natrix_wire::{Attribute, AttributeType, Class, Message, Method, frame_len};
+
+/// RFC 5769 §2.1 sample request: what an ICE agent sends.
+fn rfc5769_request() -> Vec<u8> {
+    natrix_wire::samples::RFC5769_REQUEST.to_vec()
+}
+
+/// An RFC 3489 Binding request: no magic cookie, a 16-byte transaction id.
+fn rfc3489_request() -> Vec<u8> {
+    let mut req = vec![0x00, 0x01, 0x00, 0x00];
+    req.extend_from_slice(&[
+        0x0b, 0xad, 0xca, 0xfe, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ]);
+    req
+}
+
+fn udp_exchange(server: SocketAddr, from: &str, req: &[u8]) -> (Vec<u8>, SocketAddr) {
+    let socket = UdpSocket::bind(from).expect("binding the client socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 1500];
+    for _ in 0..6 {
+        socket.send_to(req, server).expect("sending");
+        if let Ok((n, _)) = socket.recv_from(&mut buf) {
+            return (buf[..n].to_vec(), socket.local_addr().expect("local"));
+        }
+    }
+    panic!("no answer from {server}");
+}
+
+fn mapped_address(msg: &Message<'_>, ty: AttributeType) -> SocketAddr {
+    match msg.decode(ty) {
+        Some(Ok(Attribute::XorMappedAddress(a) | Attribute::MappedAddress(a))) => a,
+        other => panic!("no {ty:?} in the response: {other:?}"),
+    }
+}
+
+#[test]
+fn coturn_stunclient_sees_its_own_address() {
+    let natrix = Natrix::up(&[]);
+    let stunclient = tool("turnutils_stunclient");
+    // Bind the client to different loopback addresses: the answer must
+    // reflect where each request really came from.
+    for local in ["127.0.0.2", "127.0.0.3"] {
+        let out = Command::new(&stunclient)
+            .args([
+                "-p",
+                &natrix.stun.port().to_string(),
+                "-L",
+                local,
+                "127.0.0.1",
+            ])
+            .output()
+            .expect("running turnutils_stunclient");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "stunclient failed: {stdout}");
+        let reflexive = stdout
+            .lines()
+            .find_map(|l| l.split("UDP reflexive addr: ").nth(1))
+            .unwrap_or_else(|| panic!("no reflexive address in: {stdout}"));
+        let addr: SocketAddr = reflexive.trim().parse().expect("a socket address");
+        assert_eq!(addr.ip().to_string(), local, "{stdout}");
+        assert_ne!(addr.port(), 0);
+        assert_ne!(addr.port(), natrix.stun.port());
+    }
+    let answered = natrix.wait_metric(
+        "cdx_binding_responses_total{result=\"success\",transport=\"udp\"}",
+        |v| v >= 2.0,
+    );
+    assert!(answered >= 2.0, "successes counted: {answered}");
+}
+
+#[test]
+fn rfc5769_request_over_udp_gets_exact_mapped_address() {
+    let natrix = Natrix::up(&[]);
+    let (resp, local) = udp_exchange(natrix.stun, "127.0.0.1:0", &rfc5769_request());
+    let msg = Message::parse(&resp).expect("a STUN response");
+    assert_eq!(msg.method(), Method::BINDING);
+    assert_eq!(msg.class(), Class::Success);
+    assert_eq!(
+        &resp[8..20],
+        &rfc5769_request()[8..20],
+        "transaction id echoed"
+    );
+    assert_eq!(
+        mapped_address(&msg, AttributeType::XOR_MAPPED_ADDRESS),
+        local
+    );
+    msg.verify_fingerprint().expect("a valid FINGERPRINT");
+    let software = msg.get(AttributeType::SOFTWARE).expect("SOFTWARE");
+    assert!(
+        std::str::from_utf8(software)
+            .expect("utf-8")
+            .starts_with("natrix ")
+    );
+}
+
+#[test]
+fn binding_over_tcp_answers_each_framed_request() {
+    let natrix = Natrix::up(&[]);
+    let mut stream = TcpStream::connect(natrix.stun).expect("connecting over TCP");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let local = stream.local_addr().expect("local");
+    // Two requests in one write, the second split across writes: framing
+    // must follow the STUN length, not the segments.
+    let req = rfc5769_request();
+    let mut first = req.clone();
+    first.extend_from_slice(&req[..10]);
+    stream.write_all(&first).expect("writing");
+    std::thread::sleep(Duration::from_millis(50));
+    stream.write_all(&req[10..]).expect("writing");
+
+    let mut buf = vec![0u8; 4096];
+    let mut filled = 0;
+    let mut answers = 0;
+    while answers < 2 {
+        let n = stream.read(&mut buf[filled..]).expect("reading");
+        assert!(
+            n > 0,
+            "natrix closed the connection after {answers} answers"
+        );
+        filled += n;
+        while let Ok(Some(len)) = frame_len(&buf[..filled]) {
+            if len > filled {
+                break;
+            }
+            let msg = Message::parse(&buf[..len]).expect("a STUN response");
+            assert_eq!(msg.class(), Class::Success);
+            assert_eq!(
+                mapped_address(&msg, AttributeType::XOR_MAPPED_ADDRESS),
+                local
+            );
+            msg.verify_fingerprint().expect("FINGERPRINT");
+            answers += 1;
+            buf.copy_within(len..filled, 0);
+            filled -= len;
+        }
+    }
+    let tcp = natrix.wait_metric(
+        "cdx_binding_responses_total{result=\"success\",transport=\"tcp\"}",
+        |v| v >= 2.0,
+    );
+    assert_eq!(tcp, 2.0);
+}
+
+#[test]
+fn rfc3489_client_gets_mapped_address_and_its_16_byte_id_back() {
+    let natrix = Natrix::up(&[]);
+    let req = rfc3489_request();
+    let (resp, local) = udp_exchange(natrix.stun, "127.0.0.1:0", &req);
+    assert_eq!(&resp[0..2], &[0x01, 0x01], "a Binding success response");
+    assert_eq!(
+        &resp[4..20],
+        &req[4..20],
+        "the 16-byte transaction id echoed"
+    );
+    let msg = Message::parse(&resp).expect("parseable");
+    assert!(msg.is_rfc3489());
+    assert_eq!(mapped_address(&msg, AttributeType::MAPPED_ADDRESS), local);
+    assert!(
+        msg.get(AttributeType::XOR_MAPPED_ADDRESS).is_none(),
+        "RFC 3489 clients do not understand XOR-MAPPED-ADDRESS"
+    );
+    let legacy = natrix.wait_metric("cdx_legacy_requests_total{transport=\"udp\"}", |v| v >= 1.0);
+    assert_eq!(legacy, 1.0);
+}
+
+#[test]
+fn promtool_accepts_the_metrics_endpoint() {
+    let natrix = Natrix::up(&[]);
+    // Some traffic first, so counters carry values.
+    udp_exchange(natrix.stun, "127.0.0.1:0", &rfc5769_request());
+    natrix.wait_metric("cdx_binding_requests_total{transport=\"udp\"}", |v| {
+        v >= 1.0
+    });
+    let text = natrix.metrics_text();
+    for name in [
+        "natrix_build_info",
+        "cdx_binding_requests_total",
+        "cdx_binding_responses_total",
+        "cdx_packets_dropped_total",
+        "cdx_tcp_connections",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{text}"
+        );
+    }
+    let mut promtool = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feeding promtool");
+    let out = promtool.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics rejected /metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, body) = common::http_get(natrix.metrics, "/healthz").expect("healthz");
+    assert_eq!((status, body.trim()), (200, "ok"));
+}
