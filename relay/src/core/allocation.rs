@@ -1,0 +1,165 @@
+//! One allocation: its relayed address, lifetime, permissions and channels
+//! (RFC 8656 §2.2, §9, §12).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use natrix_wire::{IntegrityKey, TransactionId};
+
+use super::types::ClientSocket;
+
+/// Lifetime of a permission (RFC 8656 §9: 300 seconds, not configurable).
+pub(crate) const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// Lifetime of a channel binding (RFC 8656 §12: 10 minutes).
+pub(crate) const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// After a binding expires, neither its number nor its peer may be bound to
+/// anything else for 5 minutes (RFC 8656 §12).
+pub(crate) const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// Most permissions one allocation holds; bounds memory per allocation.
+pub(crate) const MAX_PERMISSIONS: usize = 256;
+/// Most channels one allocation holds.
+pub(crate) const MAX_CHANNELS: usize = 256;
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Permission {
+    pub(crate) ip: IpAddr,
+    pub(crate) expires: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Channel {
+    pub(crate) number: u16,
+    pub(crate) peer: SocketAddr,
+    /// Data flows until then; the pair stays reserved for
+    /// [`CHANNEL_COOLDOWN`] after.
+    pub(crate) expires: Instant,
+}
+
+/// Why a ChannelBind cannot be honoured (both are 400, RFC 8656 §12.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BindConflict {
+    /// The number is bound (or cooling down) to another peer.
+    NumberInUse,
+    /// The peer is bound (or cooling down) to another number.
+    PeerInUse,
+    /// Too many channels.
+    Full,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bandwidth {
+    pub(crate) tokens: f64,
+    pub(crate) updated: Instant,
+}
+
+#[derive(Debug)]
+pub(crate) struct Allocation {
+    pub(crate) client: ClientSocket,
+    /// The relayed transport address given to the client.
+    pub(crate) relayed: SocketAddr,
+    pub(crate) username: Box<str>,
+    pub(crate) key: IntegrityKey,
+    /// The Allocate that created it, to recognise retransmissions.
+    pub(crate) created_by: TransactionId,
+    pub(crate) expires: Instant,
+    pub(crate) permissions: Vec<Permission>,
+    pub(crate) channels: Vec<Channel>,
+    pub(crate) bandwidth: Option<Bandwidth>,
+}
+
+impl Allocation {
+    /// True when a live permission covers `ip` (permissions match the IP
+    /// address only, RFC 8656 §9).
+    #[inline]
+    pub(crate) fn permits(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions
+            .iter()
+            .any(|p| p.ip == ip && p.expires > now)
+    }
+
+    pub(crate) fn install_permission(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let expires = now + PERMISSION_LIFETIME;
+        if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == ip) {
+            p.expires = expires;
+            return true;
+        }
+        if self.permissions.len() >= MAX_PERMISSIONS {
+            return false;
+        }
+        self.permissions.push(Permission { ip, expires });
+        true
+    }
+
+    /// The live channel with `number`.
+    #[inline]
+    pub(crate) fn channel(&self, number: u16, now: Instant) -> Option<&Channel> {
+        self.channels
+            .iter()
+            .find(|c| c.number == number && c.expires > now)
+    }
+
+    /// The live channel bound to `peer`.
+    #[inline]
+    pub(crate) fn channel_to(&self, peer: SocketAddr, now: Instant) -> Option<&Channel> {
+        self.channels
+            .iter()
+            .find(|c| c.peer == peer && c.expires > now)
+    }
+
+    /// Binds or refreshes `number` ↔ `peer`.
+    pub(crate) fn bind_channel(
+        &mut self,
+        number: u16,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<(), BindConflict> {
+        let expires = now + CHANNEL_LIFETIME;
+        // Entries stay (cooling down) until sweep removes them; a rebind of
+        // the same pair revives the entry.
+        self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
+        for c in &mut self.channels {
+            match (c.number == number, c.peer == peer) {
+                (true, true) => {
+                    c.expires = expires;
+                    return Ok(());
+                }
+                (true, false) => return Err(BindConflict::NumberInUse),
+                (false, true) => return Err(BindConflict::PeerInUse),
+                (false, false) => {}
+            }
+        }
+        if self.channels.len() >= MAX_CHANNELS {
+            return Err(BindConflict::Full);
+        }
+        self.channels.push(Channel {
+            number,
+            peer,
+            expires,
+        });
+        Ok(())
+    }
+
+    /// Drops expired permissions and channels past their cool-down.
+    pub(crate) fn sweep(&mut self, now: Instant) {
+        self.permissions.retain(|p| p.expires > now);
+        self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
+    }
+
+    /// Takes `bytes` from the bandwidth budget; false when over the cap.
+    #[inline]
+    pub(crate) fn spend(&mut self, bytes: usize, rate: f64, now: Instant) -> bool {
+        let Some(b) = &mut self.bandwidth else {
+            return true;
+        };
+        let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(rate);
+        b.updated = now;
+        if b.tokens >= bytes as f64 {
+            b.tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,1247 @@
+//! The TURN server state machine.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use foldhash::fast::RandomState;
+use natrix_wire::{
+    Attribute, AttributeType, ChannelData, Class, EncodeError, Encoder, ErrorCode, EvenPort, Frame,
+    IntegrityKey, Message, MessageType, Method, TransactionId, UnknownAttributes, demux, transport,
+};
+
+use super::allocation::{Allocation, Bandwidth, BindConflict};
+use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
+use super::limiter::{UnauthLimiter, UnauthLimits};
+use super::policy::PeerPolicy;
+use super::ports::{PortPool, PortRange};
+use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
+use super::types::{AllocationId, ClientSocket};
+
+/// Bytes [`Server::handle_peer_input`] needs free before the payload: a
+/// Data indication's header (20), XOR-PEER-ADDRESS for IPv6 (24) and the
+/// DATA attribute header (4).
+pub const PEER_HEADROOM: usize = 48;
+/// Bytes needed free after the payload: padding to a multiple of four.
+pub const PEER_TAILROOM: usize = 3;
+
+/// How long an EVEN-PORT reservation holds the next port (RFC 8656 §7.2
+/// suggests about 30 seconds).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// How often expired state is swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Attempts to find a bindable relay port before answering 508.
+const BIND_ATTEMPTS: usize = 4;
+/// Most unknown attributes listed in a 420.
+const MAX_UNKNOWN_LISTED: usize = 8;
+
+/// Where relayed transport addresses live for one address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayAddress {
+    /// Address relay sockets bind.
+    pub bind: IpAddr,
+    /// Address advertised in XOR-RELAYED-ADDRESS (differs from `bind`
+    /// behind a 1:1 NAT, e.g. a cloud public IP).
+    pub public: IpAddr,
+}
+
+/// Configuration of one core (one data-plane loop).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// SOFTWARE sent in successful responses; `None` sends none.
+    pub software: Option<String>,
+    /// IPv4 relayed addresses, if the relay offers IPv4.
+    pub relay_v4: Option<RelayAddress>,
+    /// IPv6 relayed addresses, if the relay offers IPv6.
+    pub relay_v6: Option<RelayAddress>,
+    /// Relay port range (shared by all loops).
+    pub ports: PortRange,
+    /// This loop's index; it owns ports with `port % shards == shard`.
+    pub shard: usize,
+    /// Number of loops.
+    pub shards: usize,
+    /// Lifetime granted when the client asks for less or nothing (600 s).
+    pub default_lifetime: Duration,
+    /// Longest lifetime granted (3600 s).
+    pub max_lifetime: Duration,
+    /// How long a NONCE stays valid.
+    pub nonce_lifetime: Duration,
+    /// Most allocations this loop holds (508 past it).
+    pub max_allocations: usize,
+    /// Most allocations per username in this loop (486 past it).
+    pub user_quota: usize,
+    /// Bytes per second each allocation may relay, both directions
+    /// together; `None` for no cap.
+    pub bandwidth_per_allocation: Option<u64>,
+    /// Caps on unauthenticated answers.
+    pub unauth: UnauthLimits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            software: Some(concat!("natrix ", env!("CARGO_PKG_VERSION")).to_string()),
+            relay_v4: None,
+            relay_v6: None,
+            ports: PortRange::default(),
+            shard: 0,
+            shards: 1,
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            nonce_lifetime: Duration::from_secs(600),
+            max_allocations: 100_000,
+            user_quota: 100,
+            bandwidth_per_allocation: None,
+            unauth: UnauthLimits::default(),
+        }
+    }
+}
+
+/// What the shell must do with a client packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientAction {
+    /// Send the first `len` bytes of the output buffer back to the client.
+    Reply(usize),
+    /// Send `packet[payload]` from the allocation's relay socket to `peer`.
+    ToPeer {
+        /// The allocation (its relay socket).
+        allocation: AllocationId,
+        /// Destination.
+        peer: SocketAddr,
+        /// The application data inside the input packet.
+        payload: Range<usize>,
+    },
+    /// Handled, nothing to send (a keepalive indication).
+    Consumed,
+    /// Dropped and counted.
+    Drop(DropReason),
+}
+
+/// Where a peer packet goes once framed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAction {
+    /// The allocation's client.
+    pub client: ClientSocket,
+    /// The framed message (ChannelData or Data indication) inside the buffer.
+    pub frame: Range<usize>,
+}
+
+/// Work for the shell that does not answer a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// The allocation ended: close its relay socket.
+    CloseRelay {
+        /// The allocation.
+        allocation: AllocationId,
+        /// Its relayed address, for logs.
+        relayed: SocketAddr,
+    },
+}
+
+/// The shell's side of relay sockets, called while an Allocate is handled.
+pub trait RelaySockets {
+    /// Binds a UDP socket on `addr` for `allocation` (setting the DF bit
+    /// when `dont_fragment`), and starts delivering what it receives to
+    /// [`Server::handle_peer_input`].
+    fn open(
+        &mut self,
+        allocation: AllocationId,
+        addr: SocketAddr,
+        dont_fragment: bool,
+    ) -> std::io::Result<()>;
+}
+
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    allocation: Option<Allocation>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Reservation {
+    port: u16,
+    family_v6: bool,
+    expires: Instant,
+}
+
+/// How a request was authenticated: the key its response is signed with.
+struct Auth {
+    key: IntegrityKey,
+    sha256: bool,
+}
+
+/// The outcome of request processing before encoding.
+type Answer = Result<usize, EncodeError>;
+
+/// The TURN server of one data-plane loop. See the module docs of
+/// [`crate::core`] for the run-loop contract.
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    credentials: Credentials,
+    nonces: Nonces,
+    policy: PeerPolicy,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    allocation_by_client: HashMap<ClientSocket, u32, RandomState>,
+    allocations_by_user: HashMap<Box<str>, usize, RandomState>,
+    reservations: HashMap<[u8; 8], Reservation, RandomState>,
+    ports: PortPool,
+    limiter: UnauthLimiter,
+    commands: VecDeque<Command>,
+    stats: Stats,
+    epoch: Instant,
+    epoch_unix: u64,
+    rng: u64,
+    next_sweep: Instant,
+}
+
+impl Server {
+    /// A core. `now` and `unix_now` (seconds since 1970) anchor its clock;
+    /// `seed` feeds its randomness (ports, nonces, transaction ids) and must
+    /// be random in production.
+    pub fn new(
+        config: ServerConfig,
+        credentials: Credentials,
+        policy: PeerPolicy,
+        now: Instant,
+        unix_now: u64,
+        seed: [u8; 32],
+    ) -> Server {
+        let nonces = Nonces::new(&seed, config.nonce_lifetime.as_secs().max(1));
+        let ports = PortPool::new(config.ports, config.shard, config.shards);
+        let limiter = UnauthLimiter::new(config.unauth, now);
+        let mut rng = u64::from_le_bytes(seed[..8].try_into().unwrap_or([7; 8]));
+        rng ^= 0x9E37_79B9_7F4A_7C15;
+        Server {
+            config,
+            credentials,
+            nonces,
+            policy,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            allocation_by_client: HashMap::default(),
+            allocations_by_user: HashMap::default(),
+            reservations: HashMap::default(),
+            ports,
+            limiter,
+            commands: VecDeque::new(),
+            stats: Stats::default(),
+            epoch: now,
+            epoch_unix: unix_now,
+            rng,
+            next_sweep: now + SWEEP_INTERVAL,
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Relay ports this loop can still hand out.
+    pub fn available_ports(&self) -> usize {
+        self.ports.available()
+    }
+
+    /// Live allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.allocation_by_client.len()
+    }
+
+    /// The next command for the shell.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_sweep
+    }
+
+    /// The relayed address of an allocation, if it is alive.
+    pub fn relayed_address(&self, id: AllocationId) -> Option<SocketAddr> {
+        self.allocation(id).map(|a| a.relayed)
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // splitmix64: fast, and good enough for port choice and ids; the
+        // seed is random per process.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn secs(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    fn allocation(&self, id: AllocationId) -> Option<&Allocation> {
+        let slot = self.slots.get(id.index())?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.allocation.as_ref()
+    }
+
+    fn id_of(&self, index: u32) -> AllocationId {
+        AllocationId {
+            index,
+            generation: self.slots[index as usize].generation,
+        }
+    }
+
+    // ----------------------------------------------------------------- input
+
+    /// Handles one message from a client (a datagram, or one frame of a
+    /// stream). Answers go into `out` (1500 bytes suffice).
+    pub fn handle_client_input(
+        &mut self,
+        packet: &[u8],
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+        sockets: &mut dyn RelaySockets,
+    ) -> ClientAction {
+        match demux(packet) {
+            Frame::ChannelData => self.client_channel_data(packet, from, now),
+            Frame::Stun => self.client_stun(packet, from, now, out, sockets),
+            Frame::Other => self.dropped(DropReason::NotTurn),
+        }
+    }
+
+    fn dropped(&mut self, reason: DropReason) -> ClientAction {
+        self.stats.drop(reason);
+        ClientAction::Drop(reason)
+    }
+
+    fn client_channel_data(
+        &mut self,
+        packet: &[u8],
+        from: ClientSocket,
+        now: Instant,
+    ) -> ClientAction {
+        let Ok(data) = ChannelData::parse(packet) else {
+            return self.dropped(DropReason::Malformed);
+        };
+        let Some(&index) = self.allocation_by_client.get(&from) else {
+            return self.dropped(DropReason::NoAllocation);
+        };
+        let rate = self.config.bandwidth_per_allocation.unwrap_or(0) as f64;
+        let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
+            return self.dropped(DropReason::NoAllocation);
+        };
+        let Some(channel) = alloc.channel(data.channel, now) else {
+            return self.dropped(DropReason::UnboundChannel);
+        };
+        let peer = channel.peer;
+        if !alloc.permits(peer.ip(), now) {
+            return self.dropped(DropReason::NoPermission);
+        }
+        if !alloc.spend(data.payload.len(), rate, now) {
+            return self.dropped(DropReason::BandwidthExceeded);
+        }
+        self.stats
+            .forwarded(Direction::ClientToPeer, data.payload.len());
+        ClientAction::ToPeer {
+            allocation: self.id_of(index),
+            peer,
+            payload: 4..4 + data.payload.len(),
+        }
+    }
+
+    fn client_stun(
+        &mut self,
+        packet: &[u8],
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+        sockets: &mut dyn RelaySockets,
+    ) -> ClientAction {
+        let Ok(msg) = Message::parse(packet) else {
+            return self.dropped(DropReason::Malformed);
+        };
+        if msg.has_fingerprint() && msg.verify_fingerprint().is_err() {
+            return self.dropped(DropReason::BadFingerprint);
+        }
+        if msg.is_rfc3489() {
+            return self.dropped(DropReason::Malformed);
+        }
+        match msg.class() {
+            Class::Request => {}
+            Class::Indication if msg.method() == Method::SEND => {
+                return self.send_indication(&msg, packet, from, now);
+            }
+            Class::Indication if msg.method() == Method::BINDING => {
+                return ClientAction::Consumed;
+            }
+            _ => return self.dropped(DropReason::UnexpectedClass),
+        }
+        let method = match msg.method() {
+            Method::BINDING => RequestMethod::Binding,
+            Method::ALLOCATE => RequestMethod::Allocate,
+            Method::REFRESH => RequestMethod::Refresh,
+            Method::CREATE_PERMISSION => RequestMethod::CreatePermission,
+            Method::CHANNEL_BIND => RequestMethod::ChannelBind,
+            _ => RequestMethod::Other,
+        };
+        let (answer, result) = self.request(&msg, method, from, now, out, sockets);
+        match answer {
+            Some(Ok(len)) => {
+                self.stats.request(method, RequestResult(result));
+                ClientAction::Reply(len)
+            }
+            // Only a too-small output buffer gets here: a caller bug, but
+            // never worth a panic on the data path.
+            Some(Err(_)) => self.dropped(DropReason::Malformed),
+            None => self.dropped(DropReason::RateLimited),
+        }
+    }
+
+    /// Handles a request; returns the answer (None when rate-limited) and
+    /// the result code for metrics (0 for success).
+    fn request(
+        &mut self,
+        msg: &Message<'_>,
+        method: RequestMethod,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+        sockets: &mut dyn RelaySockets,
+    ) -> (Option<Answer>, u16) {
+        if method == RequestMethod::Other {
+            return self.unauthenticated_error(msg, ErrorCode::BAD_REQUEST, from, now, out);
+        }
+        if method == RequestMethod::Binding {
+            if !self.limiter.allow(from.client.ip(), now) {
+                return (None, 0);
+            }
+            return (Some(self.binding_success(msg, from, out)), 0);
+        }
+        let mut unknown = [AttributeType(0); MAX_UNKNOWN_LISTED];
+        let mut n_unknown = 0;
+        for ty in msg.unknown_required(understood) {
+            if n_unknown < MAX_UNKNOWN_LISTED && !unknown[..n_unknown].contains(&ty) {
+                unknown[n_unknown] = ty;
+                n_unknown += 1;
+            }
+        }
+        if n_unknown > 0 {
+            if !self.limiter.allow(from.client.ip(), now) {
+                return (None, 0);
+            }
+            let answer = self.error(msg, ErrorCode::UNKNOWN_ATTRIBUTE, None, out, |enc| {
+                let mut scratch = [0u8; 2 * MAX_UNKNOWN_LISTED];
+                let list = UnknownAttributes::from_types(
+                    unknown[..n_unknown].iter().copied(),
+                    &mut scratch,
+                );
+                enc.attribute(&Attribute::UnknownAttributes(list))
+            });
+            return (Some(answer), 420);
+        }
+        let auth = match self.authenticate(msg, from, now, out) {
+            Ok(auth) => auth,
+            Err(answer) => return answer,
+        };
+        let result = match method {
+            RequestMethod::Allocate => self.allocate(msg, &auth, from, now, out, sockets),
+            RequestMethod::Refresh => self.refresh(msg, &auth, from, now, out),
+            RequestMethod::CreatePermission => self.create_permission(msg, &auth, from, now, out),
+            RequestMethod::ChannelBind => self.channel_bind(msg, &auth, from, now, out),
+            RequestMethod::Binding | RequestMethod::Other => unreachable_answer(),
+        };
+        match result {
+            Ok(len) => (Some(Ok(len)), 0),
+            Err(code) => {
+                let answer = self.error(msg, code, Some(&auth), out, |_| Ok(()));
+                (Some(answer), code.code)
+            }
+        }
+    }
+
+    // -------------------------------------------------------- authentication
+
+    /// The long-term credential check (RFC 8489 §9.2.4). On failure returns
+    /// the (rate-limited) answer to send.
+    fn authenticate(
+        &mut self,
+        msg: &Message<'_>,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<Auth, (Option<Answer>, u16)> {
+        if !msg.has_integrity() {
+            return Err(self.challenge(msg, ErrorCode::UNAUTHENTICATED, from, now, out));
+        }
+        let text = |ty| match msg.decode(ty) {
+            Some(Ok(Attribute::Username(s) | Attribute::Realm(s) | Attribute::Nonce(s))) => Some(s),
+            _ => None,
+        };
+        let (Some(username), Some(realm), Some(nonce)) = (
+            text(AttributeType::USERNAME),
+            text(AttributeType::REALM),
+            text(AttributeType::NONCE),
+        ) else {
+            return Err(self.unauthenticated_error(msg, ErrorCode::BAD_REQUEST, from, now, out));
+        };
+        match self.nonces.verify(nonce, self.secs(now), from.client.ip()) {
+            Ok(()) => {}
+            Err(e) => {
+                if e == NonceError::Invalid {
+                    self.stats.auth_failure(AuthFailureReason::BadNonce);
+                }
+                return Err(self.challenge(msg, ErrorCode::STALE_NONCE, from, now, out));
+            }
+        }
+        if realm != self.credentials.realm() {
+            return Err(self.challenge(msg, ErrorCode::UNAUTHENTICATED, from, now, out));
+        }
+        let sha256 = msg.get(AttributeType::MESSAGE_INTEGRITY_SHA256).is_some();
+        let existing = self
+            .allocation_by_client
+            .get(&from)
+            .and_then(|&i| self.slots[i as usize].allocation.as_ref());
+        if let Some(alloc) = existing
+            && &*alloc.username == username
+        {
+            if msg.verify_any_integrity(&alloc.key).is_ok() {
+                return Ok(Auth {
+                    key: alloc.key.clone(),
+                    sha256,
+                });
+            }
+            self.stats.auth_failure(AuthFailureReason::BadIntegrity);
+            return Err(self.challenge(msg, ErrorCode::UNAUTHENTICATED, from, now, out));
+        }
+        let unix = self.epoch_unix + self.secs(now);
+        match self.credentials.authenticate(msg, username, unix) {
+            Ok(key) if existing.is_some() => {
+                // Valid credentials, but not the ones that own the
+                // allocation on this 5-tuple (RFC 8656 §6.2).
+                self.stats.auth_failure(AuthFailureReason::WrongCredentials);
+                let auth = Auth { key, sha256 };
+                let answer =
+                    self.error(msg, ErrorCode::WRONG_CREDENTIALS, Some(&auth), out, |_| {
+                        Ok(())
+                    });
+                Err((Some(answer), 441))
+            }
+            Ok(key) => Ok(Auth { key, sha256 }),
+            Err(failure) => {
+                self.stats.auth_failure(match failure {
+                    AuthFailure::UnknownUser => AuthFailureReason::UnknownUser,
+                    AuthFailure::Expired => AuthFailureReason::Expired,
+                    AuthFailure::WrongRelay => AuthFailureReason::WrongRelay,
+                    AuthFailure::BadIntegrity => AuthFailureReason::BadIntegrity,
+                });
+                Err(self.challenge(msg, ErrorCode::UNAUTHENTICATED, from, now, out))
+            }
+        }
+    }
+
+    /// 401 or 438 with REALM and a fresh NONCE, rate-limited.
+    fn challenge(
+        &mut self,
+        msg: &Message<'_>,
+        code: ErrorCode<'static>,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+    ) -> (Option<Answer>, u16) {
+        if !self.limiter.allow(from.client.ip(), now) {
+            return (None, 0);
+        }
+        let nonce = self.nonces.mint(self.secs(now), from.client.ip());
+        let realm = self.credentials.realm().to_string();
+        let answer = self.error(msg, code, None, out, |enc| {
+            enc.attribute(&Attribute::Realm(&realm))?;
+            // The nonce is ASCII hex by construction.
+            enc.raw(AttributeType::NONCE, &nonce)
+        });
+        (Some(answer), code.code)
+    }
+
+    /// An error answered before authentication, rate-limited.
+    fn unauthenticated_error(
+        &mut self,
+        msg: &Message<'_>,
+        code: ErrorCode<'static>,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+    ) -> (Option<Answer>, u16) {
+        if !self.limiter.allow(from.client.ip(), now) {
+            return (None, 0);
+        }
+        (
+            Some(self.error(msg, code, None, out, |_| Ok(()))),
+            code.code,
+        )
+    }
+
+    // -------------------------------------------------------------- encoding
+
+    fn binding_success(&self, msg: &Message<'_>, from: ClientSocket, out: &mut [u8]) -> Answer {
+        let ty = MessageType::new(Method::BINDING, Class::Success);
+        let mut enc = Encoder::new(out, ty, &msg.transaction_id())?;
+        enc.xor_mapped_address(from.client)?;
+        if let Some(s) = &self.config.software {
+            enc.software(s)?;
+        }
+        enc.fingerprint()?;
+        Ok(enc.finish())
+    }
+
+    /// An error response: ERROR-CODE, `extra` attributes, MESSAGE-INTEGRITY
+    /// when authenticated, FINGERPRINT when the request had one.
+    fn error(
+        &self,
+        msg: &Message<'_>,
+        code: ErrorCode<'static>,
+        auth: Option<&Auth>,
+        out: &mut [u8],
+        extra: impl FnOnce(&mut Encoder<'_>) -> Result<(), EncodeError>,
+    ) -> Answer {
+        let ty = MessageType::new(msg.method(), Class::Error);
+        let mut enc = Encoder::new(out, ty, &msg.transaction_id())?;
+        enc.error_code(code)?;
+        extra(&mut enc)?;
+        self.seal(&mut enc, auth, msg.has_fingerprint())?;
+        Ok(enc.finish())
+    }
+
+    fn seal(
+        &self,
+        enc: &mut Encoder<'_>,
+        auth: Option<&Auth>,
+        fingerprint: bool,
+    ) -> Result<(), EncodeError> {
+        if let Some(auth) = auth {
+            if auth.sha256 {
+                enc.integrity_sha256(&auth.key)?;
+            } else {
+                enc.integrity(&auth.key)?;
+            }
+        }
+        if fingerprint {
+            enc.fingerprint()?;
+        }
+        Ok(())
+    }
+
+    /// A success response signed with the request's key.
+    fn success(
+        &self,
+        msg: &Message<'_>,
+        auth: &Auth,
+        out: &mut [u8],
+        body: impl FnOnce(&mut Encoder<'_>) -> Result<(), EncodeError>,
+    ) -> Result<usize, ErrorCode<'static>> {
+        let write = || {
+            let ty = MessageType::new(msg.method(), Class::Success);
+            let mut enc = Encoder::new(out, ty, &msg.transaction_id())?;
+            body(&mut enc)?;
+            if let Some(s) = &self.config.software {
+                enc.software(s)?;
+            }
+            self.seal(&mut enc, Some(auth), msg.has_fingerprint())?;
+            Ok::<_, EncodeError>(enc.finish())
+        };
+        write().map_err(|_| ErrorCode::SERVER_ERROR)
+    }
+
+    // --------------------------------------------------------------- methods
+
+    fn granted_lifetime(&self, msg: &Message<'_>) -> Duration {
+        let requested = match msg.decode(AttributeType::LIFETIME) {
+            Some(Ok(Attribute::Lifetime(secs))) => Some(Duration::from_secs(u64::from(secs))),
+            _ => None,
+        };
+        match requested {
+            Some(d) if d.is_zero() => Duration::ZERO,
+            Some(d) => d
+                .max(self.config.default_lifetime)
+                .min(self.config.max_lifetime),
+            None => self.config.default_lifetime,
+        }
+    }
+
+    /// Allocate (RFC 8656 §7.2).
+    fn allocate(
+        &mut self,
+        msg: &Message<'_>,
+        auth: &Auth,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+        sockets: &mut dyn RelaySockets,
+    ) -> Result<usize, ErrorCode<'static>> {
+        if let Some(&index) = self.allocation_by_client.get(&from) {
+            let alloc = self.slots[index as usize]
+                .allocation
+                .as_ref()
+                .ok_or(ErrorCode::SERVER_ERROR)?;
+            if alloc.created_by != msg.transaction_id() {
+                return Err(ErrorCode::ALLOCATION_MISMATCH);
+            }
+            // A retransmission of the Allocate that created it: the same
+            // answer again.
+            let relayed = alloc.relayed;
+            let left = alloc.expires.saturating_duration_since(now).as_secs() as u32;
+            return self.success(msg, auth, out, |enc| {
+                enc.attribute(&Attribute::XorRelayedAddress(relayed))?;
+                enc.attribute(&Attribute::Lifetime(left))?;
+                enc.xor_mapped_address(from.client)
+            });
+        }
+        match msg.decode(AttributeType::REQUESTED_TRANSPORT) {
+            Some(Ok(Attribute::RequestedTransport(transport::UDP))) => {}
+            Some(Ok(Attribute::RequestedTransport(_))) => {
+                return Err(ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL);
+            }
+            _ => return Err(ErrorCode::BAD_REQUEST),
+        }
+        let dont_fragment = msg.get(AttributeType::DONT_FRAGMENT).is_some();
+        let token = match msg.decode(AttributeType::RESERVATION_TOKEN) {
+            Some(Ok(Attribute::ReservationToken(t))) => Some(t),
+            Some(_) => return Err(ErrorCode::BAD_REQUEST),
+            None => None,
+        };
+        let even_port = match msg.decode(AttributeType::EVEN_PORT) {
+            Some(Ok(Attribute::EvenPort(e))) => Some(e),
+            Some(_) => return Err(ErrorCode::BAD_REQUEST),
+            None => None,
+        };
+        let family = match msg.decode(AttributeType::REQUESTED_ADDRESS_FAMILY) {
+            Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
+            Some(_) => return Err(ErrorCode::BAD_REQUEST),
+            None => None,
+        };
+        if token.is_some() && (even_port.is_some() || family.is_some()) {
+            return Err(ErrorCode::BAD_REQUEST);
+        }
+        let v6 = match family {
+            None | Some(0x01) => false,
+            Some(0x02) => true,
+            Some(_) => return Err(ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED),
+        };
+        let username = msg
+            .decode(AttributeType::USERNAME)
+            .and_then(Result::ok)
+            .and_then(|a| match a {
+                Attribute::Username(u) => Some(u),
+                _ => None,
+            })
+            .ok_or(ErrorCode::BAD_REQUEST)?;
+        if self
+            .allocations_by_user
+            .get(username)
+            .is_some_and(|n| *n >= self.config.user_quota)
+        {
+            return Err(ErrorCode::ALLOCATION_QUOTA_REACHED);
+        }
+        if self.allocation_by_client.len() >= self.config.max_allocations {
+            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+        }
+
+        // The port: from a reservation, an even port (maybe reserving the
+        // next), or any.
+        let mut reserved_token = None;
+        let (port, v6) = if let Some(t) = token {
+            let r = self
+                .reservations
+                .remove(&t)
+                .filter(|r| r.expires > now)
+                .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?;
+            (r.port, r.family_v6)
+        } else {
+            let random = self.next_random();
+            let port = match even_port {
+                Some(EvenPort { reserve_next }) => {
+                    let port = self
+                        .ports
+                        .take_even(random, reserve_next)
+                        .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?;
+                    if reserve_next {
+                        let t = self.next_random().to_be_bytes();
+                        self.reservations.insert(
+                            t,
+                            Reservation {
+                                port: port + 1,
+                                family_v6: v6,
+                                expires: now + RESERVATION_LIFETIME,
+                            },
+                        );
+                        reserved_token = Some(t);
+                    }
+                    port
+                }
+                None => self
+                    .ports
+                    .take_random(random)
+                    .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?,
+            };
+            (port, v6)
+        };
+        let relay = if v6 {
+            self.config.relay_v6
+        } else {
+            self.config.relay_v4
+        }
+        .ok_or(ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED);
+        let relay = match relay {
+            Ok(r) => r,
+            Err(e) => {
+                self.ports.put(port);
+                return Err(e);
+            }
+        };
+
+        // A slot, then the socket. A port another process holds is left
+        // out of the pool and another is tried.
+        let index = self.free_slots.pop().unwrap_or_else(|| {
+            self.slots.push(Slot {
+                generation: 0,
+                allocation: None,
+            });
+            (self.slots.len() - 1) as u32
+        });
+        let id = self.id_of(index);
+        let mut port = port;
+        let mut bound = false;
+        for attempt in 0..BIND_ATTEMPTS {
+            if sockets
+                .open(id, SocketAddr::new(relay.bind, port), dont_fragment)
+                .is_ok()
+            {
+                bound = true;
+                break;
+            }
+            if token.is_some() || even_port.is_some() || attempt + 1 == BIND_ATTEMPTS {
+                break;
+            }
+            let random = self.next_random();
+            match self.ports.take_random(random) {
+                Some(p) => port = p,
+                None => break,
+            }
+        }
+        if !bound {
+            self.free_slots.push(index);
+            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+        }
+
+        let lifetime = match self.granted_lifetime(msg) {
+            d if d.is_zero() => self.config.default_lifetime,
+            d => d,
+        };
+        let relayed = SocketAddr::new(relay.public, port);
+        let bandwidth = self.config.bandwidth_per_allocation.map(|rate| Bandwidth {
+            tokens: rate as f64,
+            updated: now,
+        });
+        self.slots[index as usize].allocation = Some(Allocation {
+            client: from,
+            relayed,
+            username: username.into(),
+            key: auth.key.clone(),
+            created_by: msg.transaction_id(),
+            expires: now + lifetime,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            bandwidth,
+        });
+        self.allocation_by_client.insert(from, index);
+        *self.allocations_by_user.entry(username.into()).or_insert(0) += 1;
+        self.stats.allocations_created += 1;
+        self.stats.allocations = self.allocation_by_client.len() as u64;
+
+        self.success(msg, auth, out, |enc| {
+            enc.attribute(&Attribute::XorRelayedAddress(relayed))?;
+            enc.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32))?;
+            if let Some(t) = reserved_token {
+                enc.attribute(&Attribute::ReservationToken(t))?;
+            }
+            enc.xor_mapped_address(from.client)
+        })
+    }
+
+    /// Refresh (RFC 8656 §7.3).
+    fn refresh(
+        &mut self,
+        msg: &Message<'_>,
+        auth: &Auth,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<usize, ErrorCode<'static>> {
+        let &index = self
+            .allocation_by_client
+            .get(&from)
+            .ok_or(ErrorCode::ALLOCATION_MISMATCH)?;
+        let lifetime = self.granted_lifetime(msg);
+        let alloc = self.slots[index as usize]
+            .allocation
+            .as_mut()
+            .ok_or(ErrorCode::SERVER_ERROR)?;
+        if let Some(Ok(Attribute::RequestedAddressFamily(f))) =
+            msg.decode(AttributeType::REQUESTED_ADDRESS_FAMILY)
+        {
+            let v6 = alloc.relayed.is_ipv6();
+            if (f == 0x02) != v6 {
+                return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+            }
+        }
+        if lifetime.is_zero() {
+            self.free(index, false);
+        } else {
+            alloc.expires = now + lifetime;
+        }
+        self.success(msg, auth, out, |enc| {
+            enc.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32))
+        })
+    }
+
+    /// The XOR-PEER-ADDRESS values of a request, checked against the
+    /// allocation's family and the policy.
+    fn check_peer(&self, peer: SocketAddr, relayed: SocketAddr) -> Result<(), ErrorCode<'static>> {
+        if peer.is_ipv6() != relayed.is_ipv6() {
+            return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+        }
+        if !self.policy.permits(peer.ip()) {
+            return Err(ErrorCode::FORBIDDEN);
+        }
+        Ok(())
+    }
+
+    /// CreatePermission (RFC 8656 §9).
+    fn create_permission(
+        &mut self,
+        msg: &Message<'_>,
+        auth: &Auth,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<usize, ErrorCode<'static>> {
+        let &index = self
+            .allocation_by_client
+            .get(&from)
+            .ok_or(ErrorCode::ALLOCATION_MISMATCH)?;
+        let relayed = self.slots[index as usize]
+            .allocation
+            .as_ref()
+            .ok_or(ErrorCode::SERVER_ERROR)?
+            .relayed;
+        let mut count = 0;
+        for raw in msg.attributes() {
+            if raw.ty != AttributeType::XOR_PEER_ADDRESS {
+                continue;
+            }
+            let Ok(Attribute::XorPeerAddress(peer)) =
+                Attribute::decode(raw.ty, raw.value, &msg.transaction_id())
+            else {
+                return Err(ErrorCode::BAD_REQUEST);
+            };
+            self.check_peer(peer, relayed)?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(ErrorCode::BAD_REQUEST);
+        }
+        let alloc = self.slots[index as usize]
+            .allocation
+            .as_mut()
+            .ok_or(ErrorCode::SERVER_ERROR)?;
+        for raw in msg.attributes() {
+            if let Ok(Attribute::XorPeerAddress(peer)) =
+                Attribute::decode(raw.ty, raw.value, &msg.transaction_id())
+                && !alloc.install_permission(peer.ip(), now)
+            {
+                return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+            }
+        }
+        self.success(msg, auth, out, |_| Ok(()))
+    }
+
+    /// ChannelBind (RFC 8656 §12.2).
+    fn channel_bind(
+        &mut self,
+        msg: &Message<'_>,
+        auth: &Auth,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<usize, ErrorCode<'static>> {
+        let &index = self
+            .allocation_by_client
+            .get(&from)
+            .ok_or(ErrorCode::ALLOCATION_MISMATCH)?;
+        let number = match msg.decode(AttributeType::CHANNEL_NUMBER) {
+            // RFC 8656 narrows the range to 0x4000-0x4FFF; RFC 5766 clients
+            // may use up to 0x7FFE, which ChannelData framing still carries.
+            Some(Ok(Attribute::ChannelNumber(n))) if (0x4000..=0x7FFE).contains(&n) => n,
+            _ => return Err(ErrorCode::BAD_REQUEST),
+        };
+        let peer = match msg.decode(AttributeType::XOR_PEER_ADDRESS) {
+            Some(Ok(Attribute::XorPeerAddress(p))) => p,
+            _ => return Err(ErrorCode::BAD_REQUEST),
+        };
+        let relayed = self.slots[index as usize]
+            .allocation
+            .as_ref()
+            .ok_or(ErrorCode::SERVER_ERROR)?
+            .relayed;
+        self.check_peer(peer, relayed)?;
+        let alloc = self.slots[index as usize]
+            .allocation
+            .as_mut()
+            .ok_or(ErrorCode::SERVER_ERROR)?;
+        match alloc.bind_channel(number, peer, now) {
+            Ok(()) => {}
+            Err(BindConflict::Full) => return Err(ErrorCode::INSUFFICIENT_CAPACITY),
+            Err(BindConflict::NumberInUse | BindConflict::PeerInUse) => {
+                return Err(ErrorCode::BAD_REQUEST);
+            }
+        }
+        if !alloc.install_permission(peer.ip(), now) {
+            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+        }
+        self.success(msg, auth, out, |_| Ok(()))
+    }
+
+    /// Send indication (RFC 8656 §11.2): relayed when a permission exists,
+    /// silently dropped otherwise.
+    fn send_indication(
+        &mut self,
+        msg: &Message<'_>,
+        packet: &[u8],
+        from: ClientSocket,
+        now: Instant,
+    ) -> ClientAction {
+        let Some(&index) = self.allocation_by_client.get(&from) else {
+            return self.dropped(DropReason::NoAllocation);
+        };
+        let (Some(Ok(Attribute::XorPeerAddress(peer))), Some(data)) = (
+            msg.decode(AttributeType::XOR_PEER_ADDRESS),
+            msg.get(AttributeType::DATA),
+        ) else {
+            return self.dropped(DropReason::Malformed);
+        };
+        let rate = self.config.bandwidth_per_allocation.unwrap_or(0) as f64;
+        let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
+            return self.dropped(DropReason::NoAllocation);
+        };
+        if !alloc.permits(peer.ip(), now) {
+            return self.dropped(DropReason::NoPermission);
+        }
+        if !alloc.spend(data.len(), rate, now) {
+            return self.dropped(DropReason::BandwidthExceeded);
+        }
+        // DATA's value is a sub-slice of `packet`.
+        let start = data.as_ptr() as usize - packet.as_ptr() as usize;
+        self.stats.forwarded(Direction::ClientToPeer, data.len());
+        ClientAction::ToPeer {
+            allocation: self.id_of(index),
+            peer,
+            payload: start..start + data.len(),
+        }
+    }
+
+    /// Handles a datagram a relay socket received from `peer`. The payload
+    /// is `buf[payload]`, with [`PEER_HEADROOM`] bytes free before it and
+    /// [`PEER_TAILROOM`] after; the framed message is built in place.
+    pub fn handle_peer_input(
+        &mut self,
+        allocation: AllocationId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        payload: Range<usize>,
+        now: Instant,
+    ) -> Result<PeerAction, DropReason> {
+        let result = self.peer_input(allocation, peer, buf, payload, now);
+        if let Err(reason) = result {
+            self.stats.drop(reason);
+        }
+        result
+    }
+
+    fn peer_input(
+        &mut self,
+        id: AllocationId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        payload: Range<usize>,
+        now: Instant,
+    ) -> Result<PeerAction, DropReason> {
+        if payload.start < PEER_HEADROOM || payload.end + PEER_TAILROOM > buf.len() {
+            return Err(DropReason::Malformed);
+        }
+        let rate = self.config.bandwidth_per_allocation.unwrap_or(0) as f64;
+        let slot = self
+            .slots
+            .get_mut(id.index())
+            .filter(|s| s.generation == id.generation)
+            .ok_or(DropReason::StaleAllocation)?;
+        let alloc = slot
+            .allocation
+            .as_mut()
+            .ok_or(DropReason::StaleAllocation)?;
+        // Peers reach the client only through an IPv4-mapped-normalised
+        // permission: a dual-stack socket reports v4 peers as ::ffff:a.b.c.d.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        if !alloc.permits(peer.ip(), now) {
+            return Err(DropReason::NoPermission);
+        }
+        let len = payload.len();
+        if !alloc.spend(len, rate, now) {
+            return Err(DropReason::BandwidthExceeded);
+        }
+        let client = alloc.client;
+        let stream = client.transport.is_stream();
+        let channel = alloc.channel_to(peer, now).map(|c| c.number);
+        let frame = match channel {
+            Some(number) => {
+                let start = payload.start - 4;
+                buf[start..start + 2].copy_from_slice(&number.to_be_bytes());
+                buf[start + 2..start + 4].copy_from_slice(&(len as u16).to_be_bytes());
+                let mut end = payload.end;
+                if stream {
+                    let padded = (len + 3) & !3;
+                    buf[end..payload.start + padded].fill(0);
+                    end = payload.start + padded;
+                }
+                start..end
+            }
+            None => {
+                let tid = TransactionId(self.random_tid());
+                let mut head = [0u8; PEER_HEADROOM];
+                let ty = MessageType::new(Method::DATA, Class::Indication);
+                let head_len = (|| {
+                    let mut enc = Encoder::new(&mut head, ty, &tid)?;
+                    enc.attribute(&Attribute::XorPeerAddress(peer))?;
+                    Ok::<_, EncodeError>(enc.finish())
+                })()
+                .map_err(|_| DropReason::Malformed)?;
+                let padded = (len + 3) & !3;
+                let total = head_len + 4 + padded;
+                let body = (total - 20) as u16;
+                head[2..4].copy_from_slice(&body.to_be_bytes());
+                let start = payload.start - head_len - 4;
+                buf[start..start + head_len].copy_from_slice(&head[..head_len]);
+                let at = start + head_len;
+                buf[at..at + 2].copy_from_slice(&AttributeType::DATA.0.to_be_bytes());
+                buf[at + 2..at + 4].copy_from_slice(&(len as u16).to_be_bytes());
+                buf[payload.end..payload.start + padded].fill(0);
+                start..payload.start + padded
+            }
+        };
+        self.stats.forwarded(Direction::PeerToClient, len);
+        Ok(PeerAction { client, frame })
+    }
+
+    fn random_tid(&mut self) -> [u8; 12] {
+        let a = self.next_random().to_le_bytes();
+        let b = self.next_random().to_le_bytes();
+        let mut t = [0u8; 12];
+        t[..8].copy_from_slice(&a);
+        t[8..].copy_from_slice(&b[..4]);
+        t
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    /// Expires allocations, permissions, channels and reservations.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + SWEEP_INTERVAL;
+        for index in 0..self.slots.len() {
+            let Some(alloc) = self.slots[index].allocation.as_mut() else {
+                continue;
+            };
+            if alloc.expires <= now {
+                self.free(index as u32, true);
+            } else {
+                alloc.sweep(now);
+            }
+        }
+        let mut freed = Vec::new();
+        self.reservations.retain(|_, r| {
+            let keep = r.expires > now;
+            if !keep {
+                freed.push(r.port);
+            }
+            keep
+        });
+        for port in freed {
+            self.ports.put(port);
+        }
+        self.limiter.sweep(now);
+    }
+
+    /// Ends the allocation in slot `index`.
+    fn free(&mut self, index: u32, expired: bool) {
+        let slot = &mut self.slots[index as usize];
+        let Some(alloc) = slot.allocation.take() else {
+            return;
+        };
+        let id = AllocationId {
+            index,
+            generation: slot.generation,
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free_slots.push(index);
+        self.allocation_by_client.remove(&alloc.client);
+        if let Some(n) = self.allocations_by_user.get_mut(&alloc.username) {
+            *n -= 1;
+            if *n == 0 {
+                self.allocations_by_user.remove(&alloc.username);
+            }
+        }
+        self.ports.put(alloc.relayed.port());
+        self.commands.push_back(Command::CloseRelay {
+            allocation: id,
+            relayed: alloc.relayed,
+        });
+        if expired {
+            self.stats.allocations_expired += 1;
+        } else {
+            self.stats.allocations_deleted += 1;
+        }
+        self.stats.allocations = self.allocation_by_client.len() as u64;
+    }
+}
+
+/// Attributes a TURN request may carry that this relay understands (any
+/// comprehension-required type outside this set gets 420).
+fn understood(ty: AttributeType) -> bool {
+    matches!(
+        ty,
+        AttributeType::USERNAME
+            | AttributeType::MESSAGE_INTEGRITY
+            | AttributeType::MESSAGE_INTEGRITY_SHA256
+            | AttributeType::REALM
+            | AttributeType::NONCE
+            | AttributeType::LIFETIME
+            | AttributeType::REQUESTED_TRANSPORT
+            | AttributeType::DONT_FRAGMENT
+            | AttributeType::RESERVATION_TOKEN
+            | AttributeType::EVEN_PORT
+            | AttributeType::REQUESTED_ADDRESS_FAMILY
+            | AttributeType::XOR_PEER_ADDRESS
+            | AttributeType::CHANNEL_NUMBER
+            | AttributeType::DATA
+            | AttributeType::PRIORITY
+            | AttributeType::USE_CANDIDATE
+    )
+}
+
+fn unreachable_answer() -> Result<usize, ErrorCode<'static>> {
+    // Binding and unknown methods are answered before authentication.
+    Err(ErrorCode::SERVER_ERROR)
+}

@@ -1,0 +1,977 @@
+//! Sans-IO scenarios: inputs at explicit instants, the exact answers and
+//! commands asserted. Names read as sentences.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use natrix_relay::core::{
+    AllocationId, ClientAction, ClientSocket, Command, Credentials, DropReason, IpNet,
+    PEER_HEADROOM, PeerPolicy, PortRange, RelayAddress, RelaySockets, Secret, Server, ServerConfig,
+    Transport, UnauthLimits,
+};
+use natrix_wire::{
+    Attribute, AttributeType, ChannelData, Class, Encoder, EvenPort, IntegrityKey, Message,
+    MessageType, Method, TransactionId, long_term_key_md5,
+};
+
+const REALM: &str = "natrix.test";
+const UNIX_T0: u64 = 1_800_000_000;
+const SECRET: &[u8] = b"rest-secret";
+
+/// Records the sockets the core asks for; can be told to fail.
+#[derive(Default)]
+struct Sockets {
+    opened: Vec<(AllocationId, SocketAddr, bool)>,
+    refuse: usize,
+}
+
+impl RelaySockets for Sockets {
+    fn open(&mut self, id: AllocationId, addr: SocketAddr, df: bool) -> std::io::Result<()> {
+        if self.refuse > 0 {
+            self.refuse -= 1;
+            return Err(std::io::Error::from(std::io::ErrorKind::AddrInUse));
+        }
+        self.opened.push((id, addr, df));
+        Ok(())
+    }
+}
+
+struct Harness {
+    server: Server,
+    sockets: Sockets,
+    t0: Instant,
+    out: Vec<u8>,
+}
+
+fn client(port: u16) -> ClientSocket {
+    ClientSocket {
+        transport: Transport::Udp,
+        client: SocketAddr::from(([198, 51, 100, 7], port)),
+        server: SocketAddr::from(([192, 0, 2, 1], 3478)),
+    }
+}
+
+fn peer(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::from(([203, 0, 113, last], port))
+}
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        relay_v4: Some(RelayAddress {
+            bind: "10.0.0.5".parse().unwrap(),
+            public: "192.0.2.1".parse().unwrap(),
+        }),
+        ports: PortRange {
+            min: 50000,
+            max: 50099,
+        },
+        ..ServerConfig::default()
+    }
+}
+
+/// Test peers live in documentation ranges, denied by default: allow them.
+fn policy() -> PeerPolicy {
+    PeerPolicy::new(&[], &["203.0.113.0/24".parse::<IpNet>().unwrap()])
+}
+
+fn credentials() -> Credentials {
+    let mut users = HashMap::new();
+    users.insert("alice".to_string(), "wonderland".to_string());
+    users.insert("bob".to_string(), "builder".to_string());
+    Credentials::new(
+        REALM,
+        vec![
+            Secret {
+                key_id: "new".into(),
+                secret: b"newer-secret".to_vec(),
+            },
+            Secret {
+                key_id: "old".into(),
+                secret: SECRET.to_vec(),
+            },
+        ],
+        users,
+        Some("relay-1".into()),
+    )
+}
+
+impl Harness {
+    fn new(config: ServerConfig) -> Harness {
+        let t0 = Instant::now();
+        Harness {
+            server: Server::new(config, credentials(), policy(), t0, UNIX_T0, [42; 32]),
+            sockets: Sockets::default(),
+            t0,
+            out: vec![0; 1500],
+        }
+    }
+
+    fn at(&self, secs: u64) -> Instant {
+        self.t0 + Duration::from_secs(secs)
+    }
+
+    fn input(&mut self, packet: &[u8], from: ClientSocket, now: Instant) -> ClientAction {
+        self.server
+            .handle_client_input(packet, from, now, &mut self.out, &mut self.sockets)
+    }
+
+    /// Sends a request; returns the raw answer.
+    fn request(&mut self, packet: &[u8], from: ClientSocket, now: Instant) -> Vec<u8> {
+        match self.input(packet, from, now) {
+            ClientAction::Reply(len) => self.out[..len].to_vec(),
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    /// Gets a nonce with an unauthenticated request.
+    fn nonce(&mut self, from: ClientSocket, now: Instant) -> String {
+        let req = Req::new(Method::ALLOCATE).transport(17).build_unsigned();
+        let resp = self.request(&req, from, now);
+        let msg = Message::parse(&resp).unwrap();
+        assert_eq!(error_code(&msg), Some(401));
+        text(&msg, AttributeType::NONCE)
+    }
+
+    /// Allocates as `user` and returns the relayed address and allocation.
+    fn allocate(&mut self, from: ClientSocket, user: &User, now: Instant) -> SocketAddr {
+        let nonce = self.nonce(from, now);
+        let req = Req::new(Method::ALLOCATE).transport(17).sign(user, &nonce);
+        let resp = self.request(&req, from, now);
+        let msg = Message::parse(&resp).unwrap();
+        assert_eq!(msg.class(), Class::Success, "allocate failed: {msg:?}");
+        msg.verify_integrity(&user.key()).expect("a signed success");
+        match msg.decode(AttributeType::XOR_RELAYED_ADDRESS) {
+            Some(Ok(Attribute::XorRelayedAddress(a))) => a,
+            other => panic!("no relayed address: {other:?}"),
+        }
+    }
+
+    fn last_allocation(&self) -> AllocationId {
+        self.sockets.opened.last().expect("a socket was opened").0
+    }
+}
+
+struct User {
+    name: String,
+    password: String,
+}
+
+impl User {
+    fn stat(name: &str, password: &str) -> User {
+        User {
+            name: name.into(),
+            password: password.into(),
+        }
+    }
+
+    fn rest(username: &str, secret: &[u8]) -> User {
+        User {
+            name: username.into(),
+            password: Credentials::rest_password(secret, username),
+        }
+    }
+
+    fn key(&self) -> IntegrityKey {
+        IntegrityKey::new(&long_term_key_md5(&self.name, REALM, &self.password))
+    }
+}
+
+/// A request builder.
+struct Req {
+    method: Method,
+    tid: TransactionId,
+    attrs: Vec<(AttributeType, Vec<u8>)>,
+    peers: Vec<SocketAddr>,
+    channel: Option<u16>,
+    lifetime: Option<u32>,
+    even_port: Option<EvenPort>,
+}
+
+impl Req {
+    fn new(method: Method) -> Req {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut tid = [0u8; 12];
+        tid[..8].copy_from_slice(&n.to_be_bytes());
+        Req {
+            method,
+            tid: TransactionId(tid),
+            attrs: Vec::new(),
+            peers: Vec::new(),
+            channel: None,
+            lifetime: None,
+            even_port: None,
+        }
+    }
+
+    fn tid(mut self, tid: TransactionId) -> Req {
+        self.tid = tid;
+        self
+    }
+
+    fn transport(mut self, proto: u8) -> Req {
+        self.attrs
+            .push((AttributeType::REQUESTED_TRANSPORT, vec![proto, 0, 0, 0]));
+        self
+    }
+
+    fn raw(mut self, ty: AttributeType, value: &[u8]) -> Req {
+        self.attrs.push((ty, value.to_vec()));
+        self
+    }
+
+    fn peer(mut self, p: SocketAddr) -> Req {
+        self.peers.push(p);
+        self
+    }
+
+    fn channel(mut self, n: u16) -> Req {
+        self.channel = Some(n);
+        self
+    }
+
+    fn lifetime(mut self, secs: u32) -> Req {
+        self.lifetime = Some(secs);
+        self
+    }
+
+    fn even_port(mut self, reserve_next: bool) -> Req {
+        self.even_port = Some(EvenPort { reserve_next });
+        self
+    }
+
+    fn body(&self, enc: &mut Encoder<'_>) {
+        for (ty, v) in &self.attrs {
+            enc.raw(*ty, v).unwrap();
+        }
+        for p in &self.peers {
+            enc.attribute(&Attribute::XorPeerAddress(*p)).unwrap();
+        }
+        if let Some(n) = self.channel {
+            enc.attribute(&Attribute::ChannelNumber(n)).unwrap();
+        }
+        if let Some(l) = self.lifetime {
+            enc.attribute(&Attribute::Lifetime(l)).unwrap();
+        }
+        if let Some(e) = self.even_port {
+            enc.attribute(&Attribute::EvenPort(e)).unwrap();
+        }
+    }
+
+    fn build_unsigned(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; 1024];
+        let mut enc = Encoder::new(
+            &mut buf,
+            MessageType::new(self.method, Class::Request),
+            &self.tid,
+        )
+        .unwrap();
+        self.body(&mut enc);
+        enc.fingerprint().unwrap();
+        let n = enc.finish();
+        buf.truncate(n);
+        buf
+    }
+
+    fn sign(&self, user: &User, nonce: &str) -> Vec<u8> {
+        let mut buf = vec![0u8; 1024];
+        let mut enc = Encoder::new(
+            &mut buf,
+            MessageType::new(self.method, Class::Request),
+            &self.tid,
+        )
+        .unwrap();
+        self.body(&mut enc);
+        enc.attribute(&Attribute::Username(&user.name)).unwrap();
+        enc.attribute(&Attribute::Realm(REALM)).unwrap();
+        enc.attribute(&Attribute::Nonce(nonce)).unwrap();
+        enc.integrity(&user.key()).unwrap();
+        enc.fingerprint().unwrap();
+        let n = enc.finish();
+        buf.truncate(n);
+        buf
+    }
+}
+
+fn error_code(msg: &Message<'_>) -> Option<u16> {
+    match msg.decode(AttributeType::ERROR_CODE) {
+        Some(Ok(Attribute::ErrorCode(e))) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn text(msg: &Message<'_>, ty: AttributeType) -> String {
+    std::str::from_utf8(msg.get(ty).expect("attribute present"))
+        .unwrap()
+        .to_string()
+}
+
+fn code_of(answer: &[u8]) -> Option<u16> {
+    error_code(&Message::parse(answer).unwrap())
+}
+
+fn send_indication(p: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 1500];
+    let mut enc = Encoder::new(
+        &mut buf,
+        MessageType::new(Method::SEND, Class::Indication),
+        &TransactionId([9; 12]),
+    )
+    .unwrap();
+    enc.attribute(&Attribute::XorPeerAddress(p)).unwrap();
+    enc.attribute(&Attribute::Data(data)).unwrap();
+    let n = enc.finish();
+    buf.truncate(n);
+    buf
+}
+
+/// A peer datagram placed in a buffer with the headroom the core needs.
+fn peer_buffer(payload: &[u8]) -> (Vec<u8>, std::ops::Range<usize>) {
+    let mut buf = vec![0xAA; PEER_HEADROOM + payload.len() + 8];
+    buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
+    (buf, PEER_HEADROOM..PEER_HEADROOM + payload.len())
+}
+
+#[test]
+fn unauthenticated_allocate_is_challenged_with_realm_and_nonce() {
+    let mut h = Harness::new(config());
+    let req = Req::new(Method::ALLOCATE).transport(17).build_unsigned();
+    let resp = h.request(&req, client(40000), h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(msg.class(), Class::Error);
+    assert_eq!(error_code(&msg), Some(401));
+    assert_eq!(text(&msg, AttributeType::REALM), REALM);
+    assert_eq!(text(&msg, AttributeType::NONCE).len(), 32);
+    assert!(msg.get(AttributeType::MESSAGE_INTEGRITY).is_none());
+    assert!(h.sockets.opened.is_empty());
+}
+
+#[test]
+fn allocate_with_static_credentials_opens_a_relay_socket_and_signs_the_answer() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let relayed = h.allocate(client(40000), &alice, h.t0);
+    assert_eq!(relayed.ip(), "192.0.2.1".parse::<IpAddr>().unwrap());
+    assert!((50000..=50099).contains(&relayed.port()));
+    let (_, bound, df) = h.sockets.opened[0];
+    assert_eq!(
+        bound,
+        SocketAddr::new("10.0.0.5".parse().unwrap(), relayed.port())
+    );
+    assert!(!df);
+    assert_eq!(h.server.stats().allocations, 1);
+    assert_eq!(h.server.stats().allocations_created, 1);
+}
+
+#[test]
+fn rest_credentials_work_with_every_configured_secret_until_they_expire() {
+    let mut h = Harness::new(config());
+    let user = User::rest(&format!("{}:alice", UNIX_T0 + 3600), SECRET);
+    h.allocate(client(40001), &user, h.t0);
+    let newer = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"newer-secret");
+    h.allocate(client(40002), &newer, h.t0);
+
+    let expired = User::rest(&format!("{}:carol", UNIX_T0 - 1), SECRET);
+    let nonce = h.nonce(client(40003), h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&expired, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(40003), h.t0)), Some(401));
+
+    let forged = User::rest(&format!("{}:mallory", UNIX_T0 + 3600), b"guessed");
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&forged, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(40003), h.t0)), Some(401));
+    let failures = h.server.stats().auth_failures;
+    assert_eq!(failures[1], 1, "one expired");
+    assert_eq!(failures[3], 1, "one bad integrity");
+}
+
+#[test]
+fn session_tokens_are_accepted_only_by_the_relay_they_name() {
+    let mut h = Harness::new(config());
+    let mine = User::rest(&format!("{}:session-9:relay-1", UNIX_T0 + 60), SECRET);
+    h.allocate(client(40010), &mine, h.t0);
+    let theirs = User::rest(&format!("{}:session-9:relay-2", UNIX_T0 + 60), SECRET);
+    let nonce = h.nonce(client(40011), h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&theirs, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(40011), h.t0)), Some(401));
+    assert_eq!(
+        h.server.stats().auth_failures[2],
+        1,
+        "counted as wrong_relay"
+    );
+}
+
+#[test]
+fn a_stale_nonce_gets_438_with_a_fresh_one() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let nonce = h.nonce(client(40000), h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&alice, &nonce);
+    let resp = h.request(&req, client(40000), h.at(601));
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(error_code(&msg), Some(438));
+    let fresh = text(&msg, AttributeType::NONCE);
+    assert_ne!(fresh, nonce);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&alice, &fresh);
+    let resp = h.request(&req, client(40000), h.at(601));
+    assert_eq!(Message::parse(&resp).unwrap().class(), Class::Success);
+}
+
+#[test]
+fn a_nonce_issued_to_another_address_is_refused() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let nonce = h.nonce(client(40000), h.t0);
+    let elsewhere = ClientSocket {
+        client: SocketAddr::from(([198, 51, 100, 8], 40000)),
+        ..client(40000)
+    };
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, elsewhere, h.t0)), Some(438));
+}
+
+#[test]
+fn allocate_errors_carry_the_right_codes() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(40000);
+    let nonce = h.nonce(c, h.t0);
+    let cases: Vec<(Req, u16)> = vec![
+        (Req::new(Method::ALLOCATE), 400), // no REQUESTED-TRANSPORT
+        (Req::new(Method::ALLOCATE).transport(6), 442), // TCP relaying
+        (
+            Req::new(Method::ALLOCATE)
+                .transport(17)
+                .raw(AttributeType::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]),
+            440, // no IPv6 relay address configured
+        ),
+        (
+            Req::new(Method::ALLOCATE)
+                .transport(17)
+                .raw(AttributeType::RESERVATION_TOKEN, &[1; 8])
+                .even_port(false),
+            400,
+        ),
+        (
+            Req::new(Method::ALLOCATE)
+                .transport(17)
+                .raw(AttributeType::RESERVATION_TOKEN, &[1; 8]),
+            508, // unknown token
+        ),
+    ];
+    for (req, code) in cases {
+        let resp = h.request(&req.sign(&alice, &nonce), c, h.t0);
+        let msg = Message::parse(&resp).unwrap();
+        assert_eq!(error_code(&msg), Some(code));
+        msg.verify_integrity(&alice.key())
+            .expect("errors after authentication are signed");
+    }
+    // Unknown comprehension-required attribute: 420 listing it.
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType(0x7ff0), &[0; 4])
+        .sign(&alice, &nonce);
+    let resp = h.request(&req, c, h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(error_code(&msg), Some(420));
+    assert_eq!(
+        msg.get(AttributeType::UNKNOWN_ATTRIBUTES),
+        Some(&[0x7f, 0xf0][..])
+    );
+    assert!(h.sockets.opened.is_empty());
+}
+
+#[test]
+fn allocate_retransmission_gets_the_same_answer_and_a_new_allocate_gets_437() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(40000);
+    let nonce = h.nonce(c, h.t0);
+    let tid = TransactionId([5; 12]);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .tid(tid)
+        .sign(&alice, &nonce);
+    let first = h.request(&req, c, h.t0);
+    let again = h.request(&req, c, h.t0);
+    let addr = |b: &[u8]| -> Option<SocketAddr> {
+        match Message::parse(b)
+            .ok()?
+            .decode(AttributeType::XOR_RELAYED_ADDRESS)
+        {
+            Some(Ok(Attribute::XorRelayedAddress(a))) => Some(a),
+            _ => None,
+        }
+    };
+    assert!(addr(&first).is_some());
+    assert_eq!(addr(&first), addr(&again));
+    assert_eq!(h.sockets.opened.len(), 1);
+    let other = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&other, c, h.t0)), Some(437));
+}
+
+#[test]
+fn another_users_credentials_on_an_allocation_get_441() {
+    let mut h = Harness::new(config());
+    let c = client(40000);
+    h.allocate(c, &User::stat("alice", "wonderland"), h.t0);
+    let bob = User::stat("bob", "builder");
+    let nonce = h.nonce(client(40001), h.t0);
+    let req = Req::new(Method::REFRESH).sign(&bob, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(441));
+}
+
+#[test]
+fn quota_per_user_and_capacity_are_enforced() {
+    let mut h = Harness::new(ServerConfig {
+        user_quota: 2,
+        max_allocations: 3,
+        ..config()
+    });
+    let alice = User::stat("alice", "wonderland");
+    h.allocate(client(1), &alice, h.t0);
+    h.allocate(client(2), &alice, h.t0);
+    let nonce = h.nonce(client(3), h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(3), h.t0)), Some(486));
+    let bob = User::stat("bob", "builder");
+    h.allocate(client(4), &bob, h.t0);
+    let req = Req::new(Method::ALLOCATE).transport(17).sign(&bob, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(5), h.t0)), Some(508));
+}
+
+#[test]
+fn a_port_held_by_another_process_is_skipped() {
+    let mut h = Harness::new(config());
+    h.sockets.refuse = 2;
+    h.allocate(client(1), &User::stat("alice", "wonderland"), h.t0);
+    assert_eq!(h.sockets.opened.len(), 1);
+}
+
+#[test]
+fn even_port_with_reservation_gives_the_next_port_to_the_token_holder() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .even_port(true)
+        .sign(&alice, &nonce);
+    let resp = h.request(&req, c, h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    let Some(Ok(Attribute::XorRelayedAddress(first))) =
+        msg.decode(AttributeType::XOR_RELAYED_ADDRESS)
+    else {
+        panic!("no relayed address");
+    };
+    assert_eq!(first.port() % 2, 0);
+    let token = msg.get(AttributeType::RESERVATION_TOKEN).unwrap().to_vec();
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::RESERVATION_TOKEN, &token)
+        .sign(&alice, &nonce);
+    let resp = h.request(&req, client(2), h.t0);
+    let Some(Ok(Attribute::XorRelayedAddress(second))) = Message::parse(&resp)
+        .unwrap()
+        .decode(AttributeType::XOR_RELAYED_ADDRESS)
+    else {
+        panic!("no relayed address");
+    };
+    assert_eq!(second.port(), first.port() + 1);
+}
+
+#[test]
+fn permissions_gate_traffic_both_ways_and_denied_peers_get_403() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    h.allocate(c, &alice, h.t0);
+    let id = h.last_allocation();
+    let nonce = h.nonce(c, h.t0);
+
+    // Before any permission: both directions dropped.
+    let send = send_indication(peer(9, 5000), b"hello");
+    assert_eq!(
+        h.input(&send, c, h.t0),
+        ClientAction::Drop(DropReason::NoPermission)
+    );
+    let (mut buf, range) = peer_buffer(b"reply");
+    assert_eq!(
+        h.server
+            .handle_peer_input(id, peer(9, 5000), &mut buf, range, h.t0),
+        Err(DropReason::NoPermission)
+    );
+
+    // A denied address (loopback, metadata) gets 403 and installs nothing.
+    for denied in ["127.0.0.1:80", "169.254.169.254:80", "10.1.1.1:53"] {
+        let req = Req::new(Method::CREATE_PERMISSION)
+            .peer(denied.parse().unwrap())
+            .sign(&alice, &nonce);
+        assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(403), "{denied}");
+    }
+
+    let req = Req::new(Method::CREATE_PERMISSION)
+        .peer(peer(9, 1))
+        .sign(&alice, &nonce);
+    let resp = h.request(&req, c, h.t0);
+    assert_eq!(Message::parse(&resp).unwrap().class(), Class::Success);
+
+    // Permissions are per IP: any port of that peer now passes.
+    let packet = send_indication(peer(9, 5000), b"hello");
+    match h.input(&packet, c, h.at(1)) {
+        ClientAction::ToPeer {
+            allocation,
+            peer: to,
+            payload,
+        } => {
+            assert_eq!(allocation, id);
+            assert_eq!(to, peer(9, 5000));
+            assert_eq!(&packet[payload], b"hello");
+        }
+        other => panic!("expected forwarding, got {other:?}"),
+    }
+
+    // Peer → client without a channel: a Data indication built in place.
+    let (mut buf, range) = peer_buffer(b"reply!");
+    let action = h
+        .server
+        .handle_peer_input(id, peer(9, 5000), &mut buf, range, h.at(1))
+        .unwrap();
+    assert_eq!(action.client, c);
+    let msg = Message::parse(&buf[action.frame.clone()]).unwrap();
+    assert_eq!(msg.method(), Method::DATA);
+    assert_eq!(msg.class(), Class::Indication);
+    assert_eq!(
+        msg.decode(AttributeType::XOR_PEER_ADDRESS)
+            .unwrap()
+            .unwrap(),
+        Attribute::XorPeerAddress(peer(9, 5000))
+    );
+    assert_eq!(msg.get(AttributeType::DATA), Some(&b"reply!"[..]));
+    assert_eq!(action.frame.len() % 4, 0);
+
+    // The permission lapses after 300 s without refresh.
+    h.server.handle_timeout(h.at(301));
+    assert_eq!(
+        h.input(&packet, c, h.at(301)),
+        ClientAction::Drop(DropReason::NoPermission)
+    );
+}
+
+#[test]
+fn channels_carry_data_with_a_four_byte_header_and_pad_on_streams() {
+    for transport in [Transport::Udp, Transport::Tcp] {
+        let mut h = Harness::new(config());
+        let alice = User::stat("alice", "wonderland");
+        let c = ClientSocket {
+            transport,
+            ..client(1)
+        };
+        h.allocate(c, &alice, h.t0);
+        let id = h.last_allocation();
+        let nonce = h.nonce(c, h.t0);
+        let p = peer(9, 7000);
+        let req = Req::new(Method::CHANNEL_BIND)
+            .channel(0x4001)
+            .peer(p)
+            .sign(&alice, &nonce);
+        let resp = h.request(&req, c, h.t0);
+        assert_eq!(Message::parse(&resp).unwrap().class(), Class::Success);
+
+        let mut frame = vec![0u8; 12];
+        let n = ChannelData::encode(
+            &mut frame,
+            natrix_wire::ChannelNumber::new(0x4001).unwrap(),
+            b"abcde",
+            transport != Transport::Udp,
+        )
+        .unwrap();
+        match h.input(&frame[..n], c, h.t0) {
+            ClientAction::ToPeer {
+                peer: to, payload, ..
+            } => {
+                assert_eq!(to, p);
+                assert_eq!(&frame[payload], b"abcde");
+            }
+            other => panic!("{other:?}"),
+        }
+        let (mut buf, range) = peer_buffer(b"xyz");
+        let action = h
+            .server
+            .handle_peer_input(id, p, &mut buf, range, h.t0)
+            .unwrap();
+        let framed = &buf[action.frame];
+        assert_eq!(&framed[..4], &[0x40, 0x01, 0x00, 0x03]);
+        assert_eq!(&framed[4..7], b"xyz");
+        if transport == Transport::Udp {
+            assert_eq!(framed.len(), 7);
+        } else {
+            assert_eq!(framed, &[0x40, 0x01, 0, 3, b'x', b'y', b'z', 0]);
+        }
+
+        // An unbound channel number is a counted drop.
+        let mut other = frame.clone();
+        other[1] = 0x02;
+        assert_eq!(
+            h.input(&other[..n], c, h.t0),
+            ClientAction::Drop(DropReason::UnboundChannel)
+        );
+    }
+}
+
+#[test]
+fn channel_bindings_expire_after_ten_minutes_and_cool_down_for_five() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    h.allocate(c, &alice, h.t0);
+    let t0 = h.t0;
+    let at = |secs| t0 + Duration::from_secs(secs);
+    let bind = |h: &mut Harness, n: u16, p: SocketAddr, now: Instant| -> Option<u16> {
+        let nonce = h.nonce(c, now);
+        let req = Req::new(Method::CHANNEL_BIND)
+            .channel(n)
+            .peer(p)
+            .sign(&alice, &nonce);
+        let resp = h.request(&req, c, now);
+        code_of(&resp)
+    };
+    assert_eq!(bind(&mut h, 0x4000, peer(1, 1), t0), None);
+    // Conflicts while bound: the number to another peer, the peer to
+    // another number.
+    assert_eq!(bind(&mut h, 0x4000, peer(2, 1), t0), Some(400));
+    assert_eq!(bind(&mut h, 0x4001, peer(1, 1), t0), Some(400));
+    // Out of range.
+    assert_eq!(bind(&mut h, 0x3fff, peer(3, 1), t0), Some(400));
+    // Keep the allocation alive past the binding's lifetime.
+    let nonce = h.nonce(c, at(500));
+    let refresh = Req::new(Method::REFRESH)
+        .lifetime(3600)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&refresh, c, at(500))), None);
+    // Permissions last 300 s; refresh it without touching the channel.
+    let perm = Req::new(Method::CREATE_PERMISSION)
+        .peer(peer(1, 1))
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&perm, c, at(500))), None);
+
+    let data = [0x40, 0x00, 0x00, 0x01, 0x55];
+    assert!(matches!(
+        h.input(&data, c, at(599)),
+        ClientAction::ToPeer { .. }
+    ));
+    h.server.handle_timeout(at(601));
+    assert_eq!(
+        h.input(&data, c, at(601)),
+        ClientAction::Drop(DropReason::UnboundChannel)
+    );
+    // Cooling down: still reserved for the same pair, refused for others.
+    assert_eq!(bind(&mut h, 0x4000, peer(2, 1), at(700)), Some(400));
+    h.server.handle_timeout(at(901));
+    assert_eq!(bind(&mut h, 0x4000, peer(2, 1), at(901)), None);
+}
+
+#[test]
+fn refresh_with_lifetime_zero_deletes_and_expiry_closes_the_socket() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let relayed = h.allocate(c, &alice, h.t0);
+    let id = h.last_allocation();
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    let resp = h.request(&req, c, h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(msg.class(), Class::Success);
+    assert_eq!(
+        msg.decode(AttributeType::LIFETIME).unwrap().unwrap(),
+        Attribute::Lifetime(0)
+    );
+    assert_eq!(
+        h.server.poll_command(),
+        Some(Command::CloseRelay {
+            allocation: id,
+            relayed
+        })
+    );
+    let req = Req::new(Method::REFRESH).sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(437));
+    let (mut buf, range) = peer_buffer(b"late");
+    assert_eq!(
+        h.server
+            .handle_peer_input(id, peer(1, 1), &mut buf, range, h.t0),
+        Err(DropReason::StaleAllocation)
+    );
+
+    // An allocation that is not refreshed expires on its own.
+    let c2 = client(2);
+    h.allocate(c2, &alice, h.t0);
+    h.server.handle_timeout(h.at(599));
+    assert_eq!(h.server.poll_command(), None);
+    h.server.handle_timeout(h.at(601));
+    assert!(matches!(
+        h.server.poll_command(),
+        Some(Command::CloseRelay { .. })
+    ));
+    let s = h.server.stats();
+    assert_eq!(
+        (s.allocations, s.allocations_deleted, s.allocations_expired),
+        (0, 1, 1)
+    );
+}
+
+#[test]
+fn requested_lifetimes_are_clamped() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    h.allocate(c, &alice, h.t0);
+    let nonce = h.nonce(c, h.t0);
+    for (asked, granted) in [(30, 600), (1200, 1200), (86_400, 3600)] {
+        let req = Req::new(Method::REFRESH)
+            .lifetime(asked)
+            .sign(&alice, &nonce);
+        let resp = h.request(&req, c, h.t0);
+        assert_eq!(
+            Message::parse(&resp)
+                .unwrap()
+                .decode(AttributeType::LIFETIME)
+                .unwrap()
+                .unwrap(),
+            Attribute::Lifetime(granted)
+        );
+    }
+}
+
+#[test]
+fn requests_without_an_allocation_get_437_and_data_is_dropped() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let nonce = h.nonce(c, h.t0);
+    for req in [
+        Req::new(Method::REFRESH),
+        Req::new(Method::CREATE_PERMISSION).peer(peer(1, 1)),
+        Req::new(Method::CHANNEL_BIND)
+            .channel(0x4000)
+            .peer(peer(1, 1)),
+    ] {
+        assert_eq!(
+            code_of(&h.request(&req.sign(&alice, &nonce), c, h.t0)),
+            Some(437)
+        );
+    }
+    assert_eq!(
+        h.input(&send_indication(peer(1, 1), b"x"), c, h.t0),
+        ClientAction::Drop(DropReason::NoAllocation)
+    );
+    assert_eq!(
+        h.input(&[0x40, 0, 0, 1, 7], c, h.t0),
+        ClientAction::Drop(DropReason::NoAllocation)
+    );
+}
+
+#[test]
+fn unauthenticated_answers_are_capped_per_prefix() {
+    let mut h = Harness::new(ServerConfig {
+        unauth: UnauthLimits {
+            per_prefix_rate: 1.0,
+            per_prefix_burst: 10.0,
+            total_rate: 1000.0,
+            total_burst: 1000.0,
+        },
+        ..config()
+    });
+    let req = Req::new(Method::ALLOCATE).transport(17).build_unsigned();
+    let mut answered = 0;
+    let mut limited = 0;
+    for port in 0..100 {
+        match h.input(&req, client(port), h.t0) {
+            ClientAction::Reply(len) => {
+                answered += 1;
+                // Worst case response/request ratio stays small.
+                assert!(len <= 4 * req.len(), "{len} bytes for {}", req.len());
+            }
+            ClientAction::Drop(DropReason::RateLimited) => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((answered, limited), (10, 90));
+    assert_eq!(
+        h.server.stats().dropped[DropReason::RateLimited as usize],
+        90
+    );
+}
+
+#[test]
+fn bandwidth_cap_drops_the_excess() {
+    let mut h = Harness::new(ServerConfig {
+        bandwidth_per_allocation: Some(1000),
+        ..config()
+    });
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    h.allocate(c, &alice, h.t0);
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::CREATE_PERMISSION)
+        .peer(peer(1, 1))
+        .sign(&alice, &nonce);
+    h.request(&req, c, h.t0);
+    let packet = send_indication(peer(1, 1), &[0u8; 400]);
+    let forwarded = (0..5)
+        .filter(|_| matches!(h.input(&packet, c, h.t0), ClientAction::ToPeer { .. }))
+        .count();
+    assert_eq!(
+        forwarded, 2,
+        "1000 bytes/s allows two 400-byte packets at once"
+    );
+    assert!(matches!(
+        h.input(&packet, c, h.at(1)),
+        ClientAction::ToPeer { .. }
+    ));
+}
+
+#[test]
+fn garbage_never_panics_and_is_counted() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    h.allocate(c, &alice, h.t0);
+    let mut seed = 0x1234_5678_u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..20_000 {
+        let len = (next() % 300) as usize;
+        let mut p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if let Some(first) = p.first_mut() {
+            // Aim at both parsers.
+            *first = [0x00, 0x01, 0x40, 0x7f][(next() % 4) as usize];
+        }
+        let _ = h.input(&p, c, h.t0);
+        let _ = h.input(&p, client(2), h.t0);
+    }
+    assert_eq!(h.server.stats().allocations, 1);
+}
