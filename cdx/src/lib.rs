@@ -32,4 +32,4 @@ pub mod server;
 
 pub use binding::{BindingResponder, DropReason, Outcome, Reply, Transport};
 pub use config::CdxConfig;
-pub use metrics::CdxMetrics;
+pub use metrics::{CdxMetrics, LoopCounters};

@@ -65,7 +65,7 @@ impl CdxMetrics {
     }
 
     /// Counters owned by one loop or connection.
-    pub(crate) fn local(&self, transport: Transport) -> LoopCounters {
+    pub fn local(&self, transport: Transport) -> LoopCounters {
         let h = match transport {
             Transport::Udp => &self.udp,
             Transport::Tcp => &self.tcp,
@@ -87,7 +87,7 @@ impl CdxMetrics {
 /// Plain counters a loop increments per packet and publishes with
 /// [`LoopCounters::flush`].
 #[derive(Debug)]
-pub(crate) struct LoopCounters {
+pub struct LoopCounters {
     requests: LocalCounter,
     success: LocalCounter,
     errors: LocalCounter,
@@ -102,7 +102,7 @@ pub(crate) struct LoopCounters {
 impl LoopCounters {
     /// Counts one received packet of `len` bytes and what became of it.
     #[inline]
-    pub(crate) fn record(&mut self, len: usize, outcome: &Outcome) {
+    pub fn record(&mut self, len: usize, outcome: &Outcome) {
         self.received_bytes.add(len as u64);
         match outcome {
             Outcome::Reply { kind, .. } => {
@@ -123,7 +123,7 @@ impl LoopCounters {
 
     /// Counts a drop decided outside the responder (e.g. framing).
     #[inline]
-    pub(crate) fn dropped(&mut self, reason: DropReason) {
+    pub fn dropped(&mut self, reason: DropReason) {
         // `ALL` lists every variant, so the position always exists.
         if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
             self.drops[i].inc();
@@ -132,18 +132,18 @@ impl LoopCounters {
 
     /// Counts bytes sent.
     #[inline]
-    pub(crate) fn sent(&mut self, len: usize) {
+    pub fn sent(&mut self, len: usize) {
         self.sent_bytes.add(len as u64);
     }
 
     /// Counts a failed send.
     #[inline]
-    pub(crate) fn send_failed(&mut self) {
+    pub fn send_failed(&mut self) {
         self.send_errors.inc();
     }
 
     /// Publishes everything counted since the last flush.
-    pub(crate) fn flush(&mut self) {
+    pub fn flush(&mut self) {
         self.requests.flush();
         self.success.flush();
         self.errors.flush();

@@ -4,7 +4,14 @@
 //! socket, reads no clock and spawns nothing. Its inputs are a packet, where
 //! it came from and `now`; its outputs are the bytes to answer, a forwarding
 //! decision that points into the input buffer (no copy, no allocation), and
-//! commands for the shell (close a relay socket).
-//! The I/O shell that drives it on real sockets lands next (issue 3).
+//! commands for the shell (close a relay socket). [`shell`] drives it on
+//! real sockets: one `mio` loop per core, batched receives, nothing shared
+//! between loops on the packet path. [`config`] is the role's command line.
 
+pub mod config;
 pub mod core;
+pub mod metrics;
+pub mod shell;
+
+pub use config::RelayConfig;
+pub use shell::{BindingDelegate, DelegateFactory, RelayHost};

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use natrix_relay::core::{
     AllocationId, ClientAction, ClientSocket, Command, Credentials, DropReason, IpNet,
     PEER_HEADROOM, PeerPolicy, PortRange, RelayAddress, RelaySockets, Secret, Server, ServerConfig,
-    Transport, UnauthLimits,
+    SharedPorts, Transport, UnauthLimits,
 };
 use natrix_wire::{
     Attribute, AttributeType, ChannelData, Class, Encoder, EvenPort, IntegrityKey, Message,
@@ -64,10 +64,6 @@ fn config() -> ServerConfig {
             bind: "10.0.0.5".parse().unwrap(),
             public: "192.0.2.1".parse().unwrap(),
         }),
-        ports: PortRange {
-            min: 50000,
-            max: 50099,
-        },
         ..ServerConfig::default()
     }
 }
@@ -102,7 +98,18 @@ impl Harness {
     fn new(config: ServerConfig) -> Harness {
         let t0 = Instant::now();
         Harness {
-            server: Server::new(config, credentials(), policy(), t0, UNIX_T0, [42; 32]),
+            server: Server::new(
+                config,
+                credentials(),
+                policy(),
+                SharedPorts::new(PortRange {
+                    min: 50000,
+                    max: 50099,
+                }),
+                t0,
+                UNIX_T0,
+                [42; 32],
+            ),
             sockets: Sockets::default(),
             t0,
             out: vec![0; 1500],

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use natrix_cdx::CdxConfig;
+use natrix_relay::RelayConfig;
 use natrix_telemetry::logging::LogFormat;
 
 /// natrix: STUN/TURN relay and connectivity cluster.
@@ -54,20 +55,30 @@ pub(crate) struct Global {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
-    /// Run every role in one process with in-memory coordination (today: the
-    /// CDX STUN service on 3478 UDP+TCP and the metrics endpoint on 9090).
-    Up(UpArgs),
-    /// Run the CDX role: STUN Binding service.
-    Cdx(UpArgs),
+    /// Run every role in one process with in-memory coordination: one
+    /// listener on 3478 (UDP+TCP) where TURN goes to the relay role and
+    /// STUN Binding to the CDX role, and the metrics endpoint on 9090.
+    Up(RelayArgs),
+    /// Run the CDX role alone: the STUN Binding service.
+    Cdx(CdxArgs),
+    /// Run the relay role alone: TURN over UDP and TCP.
+    Relay(RelayArgs),
     /// Ask a STUN server for this host's public (mapped) address.
     Probe(ProbeArgs),
 }
 
-/// Options of the serving commands.
+/// Options of `natrix cdx`.
 #[derive(Args, Debug)]
-pub(crate) struct UpArgs {
+pub(crate) struct CdxArgs {
     #[command(flatten)]
     pub(crate) cdx: CdxConfig,
+}
+
+/// Options of `natrix relay` and `natrix up`.
+#[derive(Args, Debug)]
+pub(crate) struct RelayArgs {
+    #[command(flatten)]
+    pub(crate) relay: RelayConfig,
 }
 
 /// Options of `natrix probe`.

@@ -1,7 +1,8 @@
 //! `natrix`: the relay and connectivity cluster in one binary.
 //!
 //! `natrix up` runs every role in one process with in-memory coordination;
-//! `natrix cdx` (and, as they land, `relay` and `lookup`) run one role each;
+//! `natrix cdx` and `natrix relay` (and, as it lands, `lookup`) run one role
+//! each;
 //! `natrix probe` asks a STUN server where the caller is.
 
 mod cli;
@@ -21,8 +22,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match &cli.command {
-        Command::Up(args) => serve::run(&cli.global, serve::Roles::all(), &args.cdx),
-        Command::Cdx(args) => serve::run(&cli.global, serve::Roles::cdx_only(), &args.cdx),
+        Command::Up(args) => serve::run(&cli.global, serve::Plan::Up(args.relay.clone())),
+        Command::Cdx(args) => serve::run(&cli.global, serve::Plan::Cdx(args.cdx.clone())),
+        Command::Relay(args) => serve::run(&cli.global, serve::Plan::Relay(args.relay.clone())),
         Command::Probe(args) => probe::run(args),
     };
     match result {

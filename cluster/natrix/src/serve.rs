@@ -1,31 +1,31 @@
 //! The serving commands: start the roles, the metrics endpoint, wait for a
 //! signal, shut down in order.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use natrix_cdx::{CdxConfig, server::CdxServer};
+use natrix_cdx::{
+    BindingResponder, CdxConfig, CdxMetrics, LoopCounters, Outcome, server::CdxServer,
+};
+use natrix_relay::config::Redacted;
+use natrix_relay::core::Transport;
+use natrix_relay::{BindingDelegate, DelegateFactory, RelayConfig, RelayHost};
 use natrix_telemetry::{Telemetry, http};
 use tracing::{info, warn};
 
 use crate::cli::Global;
 
-/// Which roles a process runs.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Roles {
-    pub(crate) cdx: bool,
-}
-
-impl Roles {
-    /// Every role (`natrix up`).
-    pub(crate) fn all() -> Roles {
-        Roles { cdx: true }
-    }
-
+/// What a serving command runs.
+#[derive(Debug)]
+pub(crate) enum Plan {
+    /// Every role; CDX answers Binding on the relay's listener.
+    Up(RelayConfig),
     /// The CDX role alone.
-    pub(crate) fn cdx_only() -> Roles {
-        Roles { cdx: true }
-    }
+    Cdx(CdxConfig),
+    /// The relay role alone.
+    Relay(RelayConfig),
 }
 
 fn worker_count(requested: usize) -> usize {
@@ -47,39 +47,138 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
-/// Runs `roles` until SIGINT/SIGTERM.
-pub(crate) fn run(global: &Global, roles: Roles, cdx: &CdxConfig) -> anyhow::Result<()> {
+/// The CDX Binding responder plugged into the relay's listener.
+struct CdxOnRelay {
+    responder: Arc<BindingResponder>,
+    udp: LoopCounters,
+    tcp: LoopCounters,
+}
+
+impl BindingDelegate for CdxOnRelay {
+    fn handle(
+        &mut self,
+        packet: &[u8],
+        from: SocketAddr,
+        transport: Transport,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        let outcome = self.responder.handle(packet, from, out);
+        let counters = match transport {
+            Transport::Udp => &mut self.udp,
+            Transport::Tcp | Transport::Tls => &mut self.tcp,
+        };
+        counters.record(packet.len(), &outcome);
+        match outcome {
+            Outcome::Reply { len, .. } => {
+                counters.sent(len);
+                Some(len)
+            }
+            Outcome::Indication | Outcome::Drop(_) => None,
+        }
+    }
+
+    fn flush(&mut self) {
+        self.udp.flush();
+        self.tcp.flush();
+    }
+}
+
+fn cdx_delegate(software: &str, telemetry: &Telemetry) -> DelegateFactory {
+    let responder = Arc::new(BindingResponder::new(Some(software.to_string())));
+    let metrics = CdxMetrics::new(telemetry);
+    Arc::new(move || {
+        Box::new(CdxOnRelay {
+            responder: responder.clone(),
+            udp: metrics.local(natrix_cdx::Transport::Udp),
+            tcp: metrics.local(natrix_cdx::Transport::Tcp),
+        }) as Box<dyn BindingDelegate>
+    })
+}
+
+/// `natrix up` without credentials gets a generated development user, shown
+/// once, so that a first run works and never with a guessable password.
+fn with_dev_credentials(mut relay: RelayConfig) -> RelayConfig {
+    if relay.auth_secrets.is_empty() && relay.users.is_empty() {
+        let password: String = (0..16)
+            .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rand::random_range(0..32)]))
+            .collect();
+        warn!(
+            user = "natrix",
+            "no TURN credentials configured (--user or --auth-secret): generated a development user"
+        );
+        eprintln!(
+            "natrix: development TURN user  natrix:{password}  (set --user or --auth-secret)"
+        );
+        relay.users.push(Redacted(format!("natrix:{password}")));
+    }
+    relay
+}
+
+/// Running roles, stopped in reverse order of start.
+struct Running {
+    cdx: Option<CdxServer>,
+    relay: Option<RelayHost>,
+}
+
+/// Runs `plan` until SIGINT/SIGTERM.
+pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
     let workers = worker_count(global.workers);
+    let plan = match plan {
+        Plan::Up(relay) => Plan::Up(with_dev_credentials(relay)),
+        other => other,
+    };
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        ?roles,
         workers,
         global = ?global,
-        cdx = ?cdx,
+        plan = ?plan,
         "effective configuration"
     );
     let telemetry = Telemetry::new(env!("CARGO_PKG_VERSION"));
 
+    // The CDX server runs on tokio; the relay has its own loops.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(if matches!(plan, Plan::Cdx(_)) {
+            workers
+        } else {
+            1
+        })
         .thread_name("natrix-io")
         .enable_all()
         .build()
         .context("starting the data-plane runtime")?;
 
-    let cdx_server = if roles.cdx {
-        let server = CdxServer::start(runtime.handle(), cdx, workers, &telemetry)?;
-        info!(
-            udp = ?server.udp_addrs(),
-            tcp = ?server.tcp_addrs(),
-            "CDX role serving STUN"
-        );
-        Some(server)
-    } else {
-        None
+    let mut running = Running {
+        cdx: None,
+        relay: None,
     };
-    let cdx_gate = telemetry.health().gate("cdx");
-    cdx_gate.open();
+    let mut gates = Vec::new();
+    match &plan {
+        Plan::Cdx(cdx) => {
+            let server = CdxServer::start(runtime.handle(), cdx, workers, &telemetry)?;
+            info!(udp = ?server.udp_addrs(), tcp = ?server.tcp_addrs(), "CDX role serving STUN");
+            running.cdx = Some(server);
+            gates.push(telemetry.health().gate("cdx"));
+        }
+        Plan::Relay(relay) => {
+            running.relay = Some(RelayHost::start(relay, workers, &telemetry, None)?);
+            gates.push(telemetry.health().gate("relay"));
+        }
+        Plan::Up(relay) => {
+            let delegate = cdx_delegate(&relay.software, &telemetry);
+            running.relay = Some(RelayHost::start(
+                relay,
+                workers,
+                &telemetry,
+                Some(delegate),
+            )?);
+            gates.push(telemetry.health().gate("relay"));
+            gates.push(telemetry.health().gate("cdx"));
+        }
+    }
+    for gate in &gates {
+        gate.open();
+    }
 
     // The control plane (actix) runs on this thread: the metrics endpoint
     // today, registry and drain actors as they land.
@@ -96,7 +195,10 @@ pub(crate) fn run(global: &Global, roles: Roles, cdx: &CdxConfig) -> anyhow::Res
         anyhow::Ok(signal)
     })?;
 
-    if let Some(server) = cdx_server {
+    if let Some(relay) = running.relay.take() {
+        relay.shutdown();
+    }
+    if let Some(server) = running.cdx.take() {
         // The timer must be created inside the runtime, hence the async block.
         let timeout = global.shutdown_timeout;
         let done =

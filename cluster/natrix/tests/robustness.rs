@@ -28,13 +28,17 @@ fn binding_request(tid: [u8; 12]) -> Vec<u8> {
     buf
 }
 
-/// Sum of `cdx_packets_dropped_total` over every reason, for one transport.
+/// Packets dropped on the shared listener: what the CDX role dropped on
+/// `transport` plus what the relay role dropped (any transport).
 fn dropped(natrix: &Natrix, transport: &str) -> f64 {
     let needle = format!("transport=\"{transport}\"");
     natrix
         .metrics_text()
         .lines()
-        .filter(|l| l.starts_with("cdx_packets_dropped_total{") && l.contains(&needle))
+        .filter(|l| {
+            (l.starts_with("cdx_packets_dropped_total{") && l.contains(&needle))
+                || l.starts_with("relay_packets_dropped_total{")
+        })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
 }
@@ -143,8 +147,11 @@ fn tcp_garbage_closes_only_that_connection() {
     let mut bad = TcpStream::connect(natrix.stun).expect("connect");
     bad.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    bad.write_all(b"GET / HTTP/1.1\r\nHost: natrix\r\n\r\n")
-        .expect("write");
+    // A TLS ClientHello on the plain TCP port: neither STUN nor ChannelData.
+    bad.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+    ])
+    .expect("write");
     let mut buf = [0u8; 512];
     match bad.read(&mut buf) {
         Ok(0) => {}
@@ -191,7 +198,7 @@ fn a_taken_port_is_a_clear_error() {
     let listen = squatter.local_addr().expect("local").to_string();
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
-        .args(["up", "--stun-listen", &listen, "--metrics-listen", &metrics])
+        .args(["up", "--turn-listen", &listen, "--metrics-listen", &metrics])
         .args(["--log-format", "human"])
         .output()
         .expect("running natrix");
@@ -206,34 +213,35 @@ fn a_taken_port_is_a_clear_error() {
 
 #[test]
 fn every_flag_reads_an_environment_variable() {
-    let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
-        .args(["up", "--help"])
-        .output()
-        .expect("natrix up --help");
-    let help = String::from_utf8_lossy(&out.stdout);
-    for (flag, env) in [
-        ("--stun-listen", "NATRIX_STUN_LISTEN"),
-        ("--stun-tcp", "NATRIX_STUN_TCP"),
-        (
-            "--stun-tcp-max-connections",
-            "NATRIX_STUN_TCP_MAX_CONNECTIONS",
-        ),
-        ("--stun-tcp-idle-timeout", "NATRIX_STUN_TCP_IDLE_TIMEOUT"),
-        ("--software", "NATRIX_SOFTWARE"),
-        ("--metrics-listen", "NATRIX_METRICS_LISTEN"),
-        ("--workers", "NATRIX_WORKERS"),
-        ("--log", "NATRIX_LOG"),
-        ("--log-format", "NATRIX_LOG_FORMAT"),
-        ("--shutdown-timeout", "NATRIX_SHUTDOWN_TIMEOUT"),
-    ] {
-        assert!(
-            help.contains(&format!("{flag} <")),
-            "{flag} missing:\n{help}"
-        );
-        assert!(
-            help.contains(&format!("[env: {env}=")),
-            "{env} missing:\n{help}"
-        );
+    for cmd in ["up", "relay", "cdx"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
+            .args([cmd, "--help"])
+            .output()
+            .expect("natrix --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        // Split the help into one block per option.
+        let mut blocks: Vec<String> = Vec::new();
+        for line in help.lines() {
+            let t = line.trim_start();
+            if t.starts_with("--") || (t.starts_with('-') && t.get(2..4) == Some(", ")) {
+                blocks.push(String::new());
+            }
+            if let Some(b) = blocks.last_mut() {
+                b.push_str(line);
+                b.push('\n');
+            }
+        }
+        let flags: Vec<&String> = blocks
+            .iter()
+            .filter(|b| !b.contains("--help") && !b.contains("--version"))
+            .collect();
+        assert!(flags.len() >= 5, "too few options parsed from:\n{help}");
+        for block in flags {
+            assert!(
+                block.contains("[env: NATRIX_"),
+                "`natrix {cmd}`: option without an environment variable:\n{block}"
+            );
+        }
     }
 }
 
@@ -243,9 +251,10 @@ fn environment_variables_configure_the_listeners() {
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_natrix"))
         .arg("up")
-        .env("NATRIX_STUN_LISTEN", stun.to_string())
+        .env("NATRIX_TURN_LISTEN", stun.to_string())
         .env("NATRIX_METRICS_LISTEN", metrics.to_string())
-        .env("NATRIX_STUN_TCP", "false")
+        .env("NATRIX_TURN_TCP", "false")
+        .env("NATRIX_USERS", "a:b")
         .env("NATRIX_LOG_FORMAT", "json")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -278,5 +287,5 @@ fn environment_variables_configure_the_listeners() {
         answered,
         "no STUN answer on the address from the environment"
     );
-    assert!(tcp_refused, "NATRIX_STUN_TCP=false still listens on TCP");
+    assert!(tcp_refused, "NATRIX_TURN_TCP=false still listens on TCP");
 }

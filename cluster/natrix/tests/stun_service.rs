@@ -50,7 +50,13 @@ fn mapped_address(msg: &Message<'_>, ty: AttributeType) -> SocketAddr {
 
 #[test]
 fn coturn_stunclient_sees_its_own_address() {
-    let natrix = Natrix::up(&[]);
+    // `natrix up` (Binding on the relay's listener) and `natrix cdx` alone.
+    for natrix in [Natrix::up(&[]), Natrix::cdx(&[])] {
+        stunclient_sees_its_own_address(&natrix);
+    }
+}
+
+fn stunclient_sees_its_own_address(natrix: &Natrix) {
     let stunclient = tool("turnutils_stunclient");
     // Bind the client to different loopback addresses: the answer must
     // reflect where each request really came from.

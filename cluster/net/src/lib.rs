@@ -16,6 +16,9 @@
 //! Nothing here panics. Socket errors are returned as `io::Error`; the loops
 //! decide what is fatal.
 
+mod mmsg;
 mod udp;
 
-pub use udp::{Datagram, RecvBatch, UdpIo, UdpOptions, bind_tcp, bind_udp};
+pub use mmsg::HeadroomBatch;
+
+pub use udp::{Datagram, RecvBatch, SyncUdp, UdpIo, UdpOptions, bind_tcp, bind_udp};

@@ -225,3 +225,79 @@ impl UdpIo {
             .await
     }
 }
+
+/// A non-blocking UDP socket with batched receive for loops that poll
+/// readiness themselves (mio, epoll) instead of through tokio.
+#[derive(Debug)]
+pub struct SyncUdp {
+    socket: std::net::UdpSocket,
+    state: UdpSocketState,
+    local: SocketAddr,
+    wildcard: bool,
+}
+
+impl SyncUdp {
+    /// Wraps a bound non-blocking socket (see [`bind_udp`]).
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<SyncUdp> {
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        let local = socket.local_addr()?;
+        Ok(SyncUdp {
+            socket,
+            state,
+            wildcard: local.ip().is_unspecified(),
+            local,
+        })
+    }
+
+    /// The socket, e.g. to register its descriptor with a poller.
+    pub fn socket(&self) -> &std::net::UdpSocket {
+        &self.socket
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Receive buffers sized for this socket's GRO capability.
+    pub fn batch(&self, segment_len: usize) -> RecvBatch {
+        RecvBatch::new(segment_len, self.state.gro_segments())
+    }
+
+    /// One non-blocking recvmmsg into `batch` (`WouldBlock` when empty).
+    pub fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.filled = 0;
+        let slots = batch.bufs.len();
+        let mut slices: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+        for (slot, buf) in slices.iter_mut().zip(batch.bufs.iter_mut()) {
+            *slot = IoSliceMut::new(buf);
+        }
+        let n = self.state.recv(
+            UdpSockRef::from(&self.socket),
+            &mut slices[..slots],
+            &mut batch.meta,
+        )?;
+        batch.filled = n;
+        Ok(n)
+    }
+
+    /// Sends one datagram without waiting, from `from_ip` when the socket
+    /// is bound to a wildcard address. A full kernel buffer is `WouldBlock`.
+    pub fn try_send_to(
+        &self,
+        payload: &[u8],
+        to: SocketAddr,
+        from_ip: Option<IpAddr>,
+    ) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents: payload,
+            segment_size: None,
+            src_ip: if self.wildcard { from_ip } else { None },
+        };
+        self.state
+            .try_send(UdpSockRef::from(&self.socket), &transmit)
+    }
+}

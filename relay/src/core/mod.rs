@@ -43,7 +43,7 @@ mod types;
 pub use auth::{AuthFailure, Credentials, NonceError, Nonces, Secret};
 pub use limiter::UnauthLimits;
 pub use policy::{IpNet, PeerPolicy};
-pub use ports::PortRange;
+pub use ports::{PortRange, SharedPorts};
 pub use server::{
     ClientAction, Command, PEER_HEADROOM, PEER_TAILROOM, PeerAction, RelayAddress, RelaySockets,
     Server, ServerConfig,

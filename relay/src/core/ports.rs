@@ -1,8 +1,11 @@
 //! Relay ports: a range, split between data-plane loops, handed out at
 //! random (RFC 8656 §7.2 recommends unpredictable relayed ports).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// An inclusive port range, `min-max` (default 49152-65535, RFC 8656 §7.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,18 +66,10 @@ pub(crate) struct PortPool {
 }
 
 impl PortPool {
-    /// The ports of `range` that belong to loop `shard` of `shards`
-    /// (`port % shards == shard`).
-    pub(crate) fn new(range: PortRange, shard: usize, shards: usize) -> PortPool {
-        let shards = shards.max(1);
-        let mut position = vec![TAKEN; usize::from(range.max - range.min) + 1];
-        let mut free = Vec::new();
-        for port in range.min..=range.max {
-            if usize::from(port) % shards == shard % shards {
-                position[usize::from(port - range.min)] = free.len() as u32;
-                free.push(port);
-            }
-        }
+    /// Every port of `range`, free.
+    pub(crate) fn new(range: PortRange) -> PortPool {
+        let free: Vec<u16> = (range.min..=range.max).collect();
+        let position = (0..free.len() as u32).collect();
         PortPool {
             free,
             position,
@@ -156,20 +151,117 @@ impl PortPool {
     }
 }
 
+/// A port held for the holder of a RESERVATION-TOKEN (RFC 8656 §7.2).
+#[derive(Clone, Copy, Debug)]
+struct Reservation {
+    port: u16,
+    family_v6: bool,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct PortState {
+    pool: PortPool,
+    reservations: HashMap<[u8; 8], Reservation, foldhash::fast::RandomState>,
+}
+
+/// The relay ports of a host and their reservations, shared by its loops.
+/// Locked only when an allocation starts or ends, never per packet; a
+/// client's retry may reach another loop (flow hash), and its
+/// RESERVATION-TOKEN must still work there.
+#[derive(Clone, Debug)]
+pub struct SharedPorts(Arc<Mutex<PortState>>);
+
+impl SharedPorts {
+    /// Every port of `range`, free.
+    pub fn new(range: PortRange) -> SharedPorts {
+        SharedPorts(Arc::new(Mutex::new(PortState {
+            pool: PortPool::new(range),
+            reservations: HashMap::default(),
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PortState> {
+        // A loop that panicked mid-update leaves port bookkeeping at worst
+        // one port off; serving on is better than failing every allocation.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Free ports left.
+    pub fn available(&self) -> usize {
+        self.lock().pool.available()
+    }
+
+    /// Takes a random free port.
+    pub(crate) fn take_random(&self, random: u64) -> Option<u16> {
+        self.lock().pool.take_random(random)
+    }
+
+    /// Takes a random even port; with `reservation`, also the next port,
+    /// held for the token until `expires`.
+    pub(crate) fn take_even(
+        &self,
+        random: u64,
+        reservation: Option<([u8; 8], bool, Instant)>,
+    ) -> Option<u16> {
+        let mut state = self.lock();
+        let port = state.pool.take_even(random, reservation.is_some())?;
+        if let Some((token, family_v6, expires)) = reservation {
+            state.reservations.insert(
+                token,
+                Reservation {
+                    port: port + 1,
+                    family_v6,
+                    expires,
+                },
+            );
+        }
+        Some(port)
+    }
+
+    /// Redeems a RESERVATION-TOKEN: the held port and whether it is IPv6.
+    pub(crate) fn redeem(&self, token: &[u8; 8], now: Instant) -> Option<(u16, bool)> {
+        let mut state = self.lock();
+        let r = state.reservations.remove(token)?;
+        if r.expires <= now {
+            state.pool.put(r.port);
+            return None;
+        }
+        Some((r.port, r.family_v6))
+    }
+
+    /// Returns a port.
+    pub(crate) fn put(&self, port: u16) {
+        self.lock().pool.put(port);
+    }
+
+    /// Releases reservations nobody redeemed in time.
+    pub(crate) fn sweep(&self, now: Instant) {
+        let mut state = self.lock();
+        let mut expired = Vec::new();
+        state.reservations.retain(|_, r| {
+            let keep = r.expires > now;
+            if !keep {
+                expired.push(r.port);
+            }
+            keep
+        });
+        for port in expired {
+            state.pool.put(port);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn pool_hands_out_each_port_once_and_takes_it_back() {
-        let mut p = PortPool::new(
-            PortRange {
-                min: 50000,
-                max: 50009,
-            },
-            0,
-            1,
-        );
+        let mut p = PortPool::new(PortRange {
+            min: 50000,
+            max: 50009,
+        });
         let mut seen = std::collections::HashSet::new();
         for r in 0..10u64 {
             let port = p
@@ -186,28 +278,11 @@ mod tests {
     }
 
     #[test]
-    fn shards_split_the_range() {
-        let range = PortRange {
-            min: 50000,
-            max: 50099,
-        };
-        let a = PortPool::new(range, 0, 2);
-        let b = PortPool::new(range, 1, 2);
-        assert_eq!(a.available() + b.available(), 100);
-        assert!(a.is_free(50000) && !a.is_free(50001));
-        assert!(b.is_free(50001) && !b.is_free(50000));
-    }
-
-    #[test]
     fn even_port_with_reservation_takes_a_pair() {
-        let mut p = PortPool::new(
-            PortRange {
-                min: 50000,
-                max: 50003,
-            },
-            0,
-            1,
-        );
+        let mut p = PortPool::new(PortRange {
+            min: 50000,
+            max: 50003,
+        });
         assert!(p.take(50000));
         let port = p.take_even(0, true).unwrap();
         assert_eq!(port, 50002);

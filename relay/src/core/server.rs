@@ -15,7 +15,7 @@ use super::allocation::{Allocation, Bandwidth, BindConflict};
 use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
 use super::limiter::{UnauthLimiter, UnauthLimits};
 use super::policy::PeerPolicy;
-use super::ports::{PortPool, PortRange};
+use super::ports::SharedPorts;
 use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 use super::types::{AllocationId, ClientSocket};
 
@@ -55,12 +55,6 @@ pub struct ServerConfig {
     pub relay_v4: Option<RelayAddress>,
     /// IPv6 relayed addresses, if the relay offers IPv6.
     pub relay_v6: Option<RelayAddress>,
-    /// Relay port range (shared by all loops).
-    pub ports: PortRange,
-    /// This loop's index; it owns ports with `port % shards == shard`.
-    pub shard: usize,
-    /// Number of loops.
-    pub shards: usize,
     /// Lifetime granted when the client asks for less or nothing (600 s).
     pub default_lifetime: Duration,
     /// Longest lifetime granted (3600 s).
@@ -84,9 +78,6 @@ impl Default for ServerConfig {
             software: Some(concat!("natrix ", env!("CARGO_PKG_VERSION")).to_string()),
             relay_v4: None,
             relay_v6: None,
-            ports: PortRange::default(),
-            shard: 0,
-            shards: 1,
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
             nonce_lifetime: Duration::from_secs(600),
@@ -158,11 +149,12 @@ struct Slot {
     allocation: Option<Allocation>,
 }
 
+/// Why an allocation ended.
 #[derive(Clone, Copy, Debug)]
-struct Reservation {
-    port: u16,
-    family_v6: bool,
-    expires: Instant,
+enum End {
+    Expired,
+    Deleted,
+    Disconnected,
 }
 
 /// How a request was authenticated: the key its response is signed with.
@@ -186,8 +178,7 @@ pub struct Server {
     free_slots: Vec<u32>,
     allocation_by_client: HashMap<ClientSocket, u32, RandomState>,
     allocations_by_user: HashMap<Box<str>, usize, RandomState>,
-    reservations: HashMap<[u8; 8], Reservation, RandomState>,
-    ports: PortPool,
+    ports: SharedPorts,
     limiter: UnauthLimiter,
     commands: VecDeque<Command>,
     stats: Stats,
@@ -200,17 +191,17 @@ pub struct Server {
 impl Server {
     /// A core. `now` and `unix_now` (seconds since 1970) anchor its clock;
     /// `seed` feeds its randomness (ports, nonces, transaction ids) and must
-    /// be random in production.
+    /// be random in production. `ports` is shared by every loop of a host.
     pub fn new(
         config: ServerConfig,
         credentials: Credentials,
         policy: PeerPolicy,
+        ports: SharedPorts,
         now: Instant,
         unix_now: u64,
         seed: [u8; 32],
     ) -> Server {
         let nonces = Nonces::new(&seed, config.nonce_lifetime.as_secs().max(1));
-        let ports = PortPool::new(config.ports, config.shard, config.shards);
         let limiter = UnauthLimiter::new(config.unauth, now);
         let mut rng = u64::from_le_bytes(seed[..8].try_into().unwrap_or([7; 8]));
         rng ^= 0x9E37_79B9_7F4A_7C15;
@@ -223,7 +214,6 @@ impl Server {
             free_slots: Vec::new(),
             allocation_by_client: HashMap::default(),
             allocations_by_user: HashMap::default(),
-            reservations: HashMap::default(),
             ports,
             limiter,
             commands: VecDeque::new(),
@@ -233,6 +223,11 @@ impl Server {
             rng,
             next_sweep: now + SWEEP_INTERVAL,
         }
+    }
+
+    /// Counts a drop the shell decided (stream framing).
+    pub fn record_drop(&mut self, reason: DropReason) {
+        self.stats.drop(reason);
     }
 
     /// The counters so far.
@@ -752,33 +747,21 @@ impl Server {
         // next), or any.
         let mut reserved_token = None;
         let (port, v6) = if let Some(t) = token {
-            let r = self
-                .reservations
-                .remove(&t)
-                .filter(|r| r.expires > now)
-                .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?;
-            (r.port, r.family_v6)
+            self.ports
+                .redeem(&t, now)
+                .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?
         } else {
             let random = self.next_random();
             let port = match even_port {
                 Some(EvenPort { reserve_next }) => {
-                    let port = self
-                        .ports
-                        .take_even(random, reserve_next)
-                        .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?;
-                    if reserve_next {
+                    let reservation = reserve_next.then(|| {
                         let t = self.next_random().to_be_bytes();
-                        self.reservations.insert(
-                            t,
-                            Reservation {
-                                port: port + 1,
-                                family_v6: v6,
-                                expires: now + RESERVATION_LIFETIME,
-                            },
-                        );
                         reserved_token = Some(t);
-                    }
-                    port
+                        (t, v6, now + RESERVATION_LIFETIME)
+                    });
+                    self.ports
+                        .take_even(random, reservation)
+                        .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?
                 }
                 None => self
                     .ports
@@ -897,7 +880,7 @@ impl Server {
             }
         }
         if lifetime.is_zero() {
-            self.free(index, false);
+            self.free(index, End::Deleted);
         } else {
             alloc.expires = now + lifetime;
         }
@@ -1165,27 +1148,25 @@ impl Server {
                 continue;
             };
             if alloc.expires <= now {
-                self.free(index as u32, true);
+                self.free(index as u32, End::Expired);
             } else {
                 alloc.sweep(now);
             }
         }
-        let mut freed = Vec::new();
-        self.reservations.retain(|_, r| {
-            let keep = r.expires > now;
-            if !keep {
-                freed.push(r.port);
-            }
-            keep
-        });
-        for port in freed {
-            self.ports.put(port);
-        }
+        self.ports.sweep(now);
         self.limiter.sweep(now);
     }
 
+    /// A TCP or TLS client's connection closed: its allocation ends with it
+    /// (RFC 8656 §3.1, the allocation lives as long as its 5-tuple).
+    pub fn handle_client_disconnected(&mut self, client: ClientSocket) {
+        if let Some(&index) = self.allocation_by_client.get(&client) {
+            self.free(index, End::Disconnected);
+        }
+    }
+
     /// Ends the allocation in slot `index`.
-    fn free(&mut self, index: u32, expired: bool) {
+    fn free(&mut self, index: u32, end: End) {
         let slot = &mut self.slots[index as usize];
         let Some(alloc) = slot.allocation.take() else {
             return;
@@ -1208,10 +1189,10 @@ impl Server {
             allocation: id,
             relayed: alloc.relayed,
         });
-        if expired {
-            self.stats.allocations_expired += 1;
-        } else {
-            self.stats.allocations_deleted += 1;
+        match end {
+            End::Expired => self.stats.allocations_expired += 1,
+            End::Deleted => self.stats.allocations_deleted += 1,
+            End::Disconnected => self.stats.allocations_disconnected += 1,
         }
         self.stats.allocations = self.allocation_by_client.len() as u64;
     }

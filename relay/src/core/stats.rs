@@ -195,6 +195,8 @@ pub struct Stats {
     pub allocations_expired: u64,
     /// Allocations deleted by their client (Refresh with lifetime 0).
     pub allocations_deleted: u64,
+    /// Allocations whose TCP/TLS client connection closed.
+    pub allocations_disconnected: u64,
     /// Packets forwarded, by [`Direction`] index.
     pub forwarded_packets: [u64; 2],
     /// Payload bytes forwarded, by [`Direction`] index.

@@ -7,6 +7,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// The TURN user the harness configures.
+pub const USER: &str = "tester";
+/// Its password.
+pub const PASSWORD: &str = "test-password";
+/// The realm the harness configures.
+pub const REALM: &str = "natrix.test";
+
 /// A `natrix` process started by a test; killed (by PID) when dropped.
 pub struct Natrix {
     child: Option<Child>,
@@ -27,12 +34,27 @@ pub fn free_port() -> u16 {
 }
 
 impl Natrix {
-    /// `natrix up` on free loopback ports, ready to answer.
+    /// `natrix up` on free loopback ports, ready to answer, with the test
+    /// user [`USER`]:[`PASSWORD`].
     pub fn up(extra: &[&str]) -> Natrix {
+        Natrix::start("up", extra)
+    }
+
+    /// `natrix relay` on free loopback ports, with the test user.
+    pub fn relay(extra: &[&str]) -> Natrix {
+        Natrix::start("relay", extra)
+    }
+
+    /// `natrix cdx` on free loopback ports.
+    pub fn cdx(extra: &[&str]) -> Natrix {
+        Natrix::start("cdx", extra)
+    }
+
+    fn start(cmd: &str, extra: &[&str]) -> Natrix {
         // Free ports can be taken between the probe and the bind: retry.
         let mut last = String::new();
         for _ in 0..5 {
-            match Natrix::try_start(&["up"], extra) {
+            match Natrix::try_start(cmd, extra) {
                 Ok(n) => return n,
                 Err(e) => last = e,
             }
@@ -40,7 +62,7 @@ impl Natrix {
         panic!("natrix did not start: {last}");
     }
 
-    fn try_start(cmd: &[&str], extra: &[&str]) -> Result<Natrix, String> {
+    fn try_start(cmd: &str, extra: &[&str]) -> Result<Natrix, String> {
         let stun = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let stderr_path = std::env::temp_dir().join(format!(
@@ -50,8 +72,19 @@ impl Natrix {
         ));
         let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
         let child = Command::new(env!("CARGO_BIN_EXE_natrix"))
-            .args(cmd)
-            .args(["--stun-listen", &stun.to_string()])
+            .arg(cmd)
+            .args(if cmd == "cdx" {
+                vec!["--stun-listen".to_string(), stun.to_string()]
+            } else {
+                vec![
+                    "--turn-listen".to_string(),
+                    stun.to_string(),
+                    "--user".to_string(),
+                    format!("{USER}:{PASSWORD}"),
+                    "--realm".to_string(),
+                    REALM.to_string(),
+                ]
+            })
             .args(["--metrics-listen", &metrics.to_string()])
             .args(["--log-format", "json", "--workers", "2"])
             .args(extra)
@@ -211,4 +244,76 @@ impl Natrix {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A helper process (e.g. `turnutils_peer`) killed by PID when dropped.
+pub struct Spawned(pub Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts coturn's `turnutils_peer` (a UDP echo peer) on a free loopback port.
+pub fn udp_echo_peer() -> (Spawned, u16) {
+    let port = free_port();
+    let child = Command::new(tool("turnutils_peer"))
+        .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting turnutils_peer");
+    // It binds at once; give it a moment to be scheduled.
+    std::thread::sleep(Duration::from_millis(200));
+    (Spawned(child), port)
+}
+
+/// What `turnutils_uclient` reported at the end of a run.
+#[derive(Debug, Default)]
+pub struct UclientReport {
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub send_dropped: u64,
+    pub output: String,
+}
+
+/// Runs `turnutils_uclient` with `args` and parses its totals.
+pub fn uclient(args: &[&str]) -> UclientReport {
+    let out = Command::new(tool("turnutils_uclient"))
+        .args(args)
+        .output()
+        .expect("running turnutils_uclient");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut r = UclientReport {
+        output: text.clone(),
+        ..UclientReport::default()
+    };
+    let number_after = |line: &str, key: &str| -> Option<u64> {
+        let rest = line.split(key).nth(1)?;
+        rest.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    for line in text.lines() {
+        if line.contains("start_mclient: tot_send_msgs=") {
+            r.sent = number_after(line, "tot_send_msgs=").unwrap_or(0);
+            r.received = number_after(line, "tot_recv_msgs=").unwrap_or(0);
+        }
+        if line.contains("Total lost packets") {
+            r.lost = number_after(line, "Total lost packets").unwrap_or(u64::MAX);
+            r.send_dropped = number_after(line, "total send dropped").unwrap_or(u64::MAX);
+        }
+    }
+    r
 }

@@ -1,0 +1,256 @@
+//! Configuration of the relay role. Every flag also reads an environment
+//! variable; the Helm values map one to one onto them.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::core::{
+    Credentials, IpNet, PeerPolicy, PortRange, RelayAddress, Secret, ServerConfig, UnauthLimits,
+};
+
+/// A string that never appears in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl FromStr for Redacted {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Redacted, String> {
+        Ok(Redacted(s.to_string()))
+    }
+}
+
+/// TURN relay settings.
+#[derive(Args, Clone, Debug)]
+pub struct RelayConfig {
+    /// Addresses the TURN listeners bind, on UDP and TCP (comma separated).
+    #[arg(
+        long = "turn-listen",
+        env = "NATRIX_TURN_LISTEN",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:3478"
+    )]
+    pub listen: Vec<SocketAddr>,
+
+    /// Serve TURN over TCP as well as UDP.
+    #[arg(long = "turn-tcp", env = "NATRIX_TURN_TCP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcp: bool,
+
+    /// Realm of the long-term credentials (RFC 8489 §9.2).
+    #[arg(long, env = "NATRIX_REALM", default_value = "natrix")]
+    pub realm: String,
+
+    /// This relay's id; session tokens (`<expiry>:<session>:<relay-id>`)
+    /// naming another relay are refused.
+    #[arg(long = "relay-id", env = "NATRIX_RELAY_ID")]
+    pub relay_id: Option<String>,
+
+    /// TURN REST shared secrets, `key-id=secret` or just `secret`, newest
+    /// first (comma separated; several at once during a rotation).
+    #[arg(
+        long = "auth-secret",
+        env = "NATRIX_AUTH_SECRETS",
+        value_delimiter = ','
+    )]
+    pub auth_secrets: Vec<Redacted>,
+
+    /// Static users `name:password` (development; comma separated).
+    #[arg(long = "user", env = "NATRIX_USERS", value_delimiter = ',')]
+    pub users: Vec<Redacted>,
+
+    /// IPv4 address relay sockets bind.
+    #[arg(long = "relay-ip", env = "NATRIX_RELAY_IP", default_value = "0.0.0.0")]
+    pub relay_ip: IpAddr,
+
+    /// IPv4 address advertised as the relayed address; default: the
+    /// listener's address if specific, else this host's primary address.
+    #[arg(long = "external-ip", env = "NATRIX_EXTERNAL_IP")]
+    pub external_ip: Option<IpAddr>,
+
+    /// IPv6 address relay sockets bind; IPv6 relaying is off without it.
+    #[arg(long = "relay-ipv6", env = "NATRIX_RELAY_IPV6")]
+    pub relay_ipv6: Option<IpAddr>,
+
+    /// IPv6 address advertised as the relayed address (default: the bind
+    /// address).
+    #[arg(long = "external-ipv6", env = "NATRIX_EXTERNAL_IPV6")]
+    pub external_ipv6: Option<IpAddr>,
+
+    /// Relay port range, MIN-MAX.
+    #[arg(
+        long = "relay-ports",
+        env = "NATRIX_RELAY_PORTS",
+        default_value = "49152-65535"
+    )]
+    pub ports: PortRange,
+
+    /// Lifetime granted when a client asks for less or nothing.
+    #[arg(long = "default-lifetime", env = "NATRIX_DEFAULT_LIFETIME", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub default_lifetime: Duration,
+
+    /// Longest allocation lifetime granted.
+    #[arg(long = "max-lifetime", env = "NATRIX_MAX_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub max_lifetime: Duration,
+
+    /// How long a NONCE stays valid before a 438 renews it.
+    #[arg(long = "nonce-lifetime", env = "NATRIX_NONCE_LIFETIME", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub nonce_lifetime: Duration,
+
+    /// Most allocations on this relay (508 past it).
+    #[arg(
+        long = "max-allocations",
+        env = "NATRIX_MAX_ALLOCATIONS",
+        default_value_t = 100_000
+    )]
+    pub max_allocations: usize,
+
+    /// Most allocations per username (486 past it).
+    #[arg(long = "user-quota", env = "NATRIX_USER_QUOTA", default_value_t = 100)]
+    pub user_quota: usize,
+
+    /// Bytes per second one allocation may relay (both directions); 0 for
+    /// no cap.
+    #[arg(
+        long = "bandwidth-per-allocation",
+        env = "NATRIX_BANDWIDTH_PER_ALLOCATION",
+        default_value_t = 0
+    )]
+    pub bandwidth_per_allocation: u64,
+
+    /// Peer networks allowed even though denied by default (e.g.
+    /// 127.0.0.0/8 for labs); comma separated.
+    #[arg(long = "peer-allow", env = "NATRIX_PEER_ALLOW", value_delimiter = ',')]
+    pub peer_allow: Vec<IpNet>,
+
+    /// Peer networks denied on top of the default deny-list.
+    #[arg(long = "peer-deny", env = "NATRIX_PEER_DENY", value_delimiter = ',')]
+    pub peer_deny: Vec<IpNet>,
+
+    /// Unauthenticated answers per second to one /24 (IPv4) or /48 (IPv6).
+    #[arg(
+        long = "unauth-rate-per-prefix",
+        env = "NATRIX_UNAUTH_RATE_PER_PREFIX",
+        default_value_t = 50.0
+    )]
+    pub unauth_rate_per_prefix: f64,
+
+    /// Unauthenticated answers per second in total, per data-plane loop.
+    #[arg(
+        long = "unauth-rate-total",
+        env = "NATRIX_UNAUTH_RATE_TOTAL",
+        default_value_t = 20_000.0
+    )]
+    pub unauth_rate_total: f64,
+
+    /// SOFTWARE attribute in responses; empty for none.
+    #[arg(long = "turn-software", env = "NATRIX_TURN_SOFTWARE", default_value = concat!("natrix ", env!("CARGO_PKG_VERSION")))]
+    pub software: String,
+}
+
+impl RelayConfig {
+    /// The credential store.
+    pub fn credentials(&self) -> Result<Credentials, String> {
+        let secrets = self
+            .auth_secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s.0.split_once('=') {
+                Some((kid, secret)) if !kid.is_empty() => Secret {
+                    key_id: kid.to_string(),
+                    secret: secret.as_bytes().to_vec(),
+                },
+                _ => Secret {
+                    key_id: format!("secret-{i}"),
+                    secret: s.0.as_bytes().to_vec(),
+                },
+            })
+            .collect();
+        let mut users = HashMap::new();
+        for u in &self.users {
+            let (name, password) = u.0.split_once(':').ok_or("--user takes name:password")?;
+            users.insert(name.to_string(), password.to_string());
+        }
+        if self.auth_secrets.is_empty() && users.is_empty() {
+            return Err(
+                "no credentials: give --auth-secret (TURN REST) or --user name:password".into(),
+            );
+        }
+        Ok(Credentials::new(
+            self.realm.clone(),
+            secrets,
+            users,
+            self.relay_id.clone(),
+        ))
+    }
+
+    /// The peer policy.
+    pub fn policy(&self) -> PeerPolicy {
+        PeerPolicy::new(&self.peer_deny, &self.peer_allow)
+    }
+
+    /// The advertised IPv4 address.
+    pub fn external_v4(&self) -> IpAddr {
+        if let Some(ip) = self.external_ip {
+            return ip;
+        }
+        if !self.relay_ip.is_unspecified() {
+            return self.relay_ip;
+        }
+        if let Some(l) = self
+            .listen
+            .iter()
+            .find(|l| l.is_ipv4() && !l.ip().is_unspecified())
+        {
+            return l.ip();
+        }
+        primary_ipv4().unwrap_or(IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// The core configuration for loop `shard` of `shards`.
+    pub fn server_config(&self, shards: usize) -> ServerConfig {
+        let per_loop = |n: usize| n.div_ceil(shards.max(1)).max(1);
+        ServerConfig {
+            software: Some(self.software.clone()).filter(|s| !s.is_empty()),
+            relay_v4: Some(RelayAddress {
+                bind: self.relay_ip,
+                public: self.external_v4(),
+            }),
+            relay_v6: self.relay_ipv6.map(|bind| RelayAddress {
+                bind,
+                public: self.external_ipv6.unwrap_or(bind),
+            }),
+            default_lifetime: self.default_lifetime,
+            max_lifetime: self.max_lifetime.max(self.default_lifetime),
+            nonce_lifetime: self.nonce_lifetime,
+            max_allocations: per_loop(self.max_allocations),
+            // Quotas are per loop: a client's allocations spread over loops
+            // by flow hash, so this is an upper bound, not exact.
+            user_quota: self.user_quota,
+            bandwidth_per_allocation: Some(self.bandwidth_per_allocation).filter(|b| *b > 0),
+            unauth: UnauthLimits {
+                per_prefix_rate: self.unauth_rate_per_prefix,
+                per_prefix_burst: (self.unauth_rate_per_prefix * 2.0).max(1.0),
+                total_rate: self.unauth_rate_total,
+                total_burst: self.unauth_rate_total.max(1.0),
+            },
+        }
+    }
+}
+
+/// The address this host would use to reach the Internet (a routing
+/// lookup; nothing is sent).
+fn primary_ipv4() -> Option<IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}

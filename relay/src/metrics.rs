@@ -1,0 +1,145 @@
+//! Relay metric handles, resolved once, and the publisher that turns a
+//! loop's [`Stats`] into Prometheus series by delta (the packet path only
+//! increments plain fields).
+
+use natrix_telemetry::Telemetry;
+use natrix_telemetry::catalogue as cat;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::core::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
+
+/// Every relay metric handle.
+#[derive(Clone, Debug)]
+pub struct RelayMetrics {
+    allocations: IntGauge,
+    created: IntCounter,
+    expired: IntCounter,
+    deleted: IntCounter,
+    disconnected: IntCounter,
+    packets: [IntCounter; 2],
+    bytes: [IntCounter; 2],
+    dropped: [IntCounter; DropReason::ALL.len()],
+    requests: Vec<[IntCounter; RequestResult::CODES.len()]>,
+    auth_failures: [IntCounter; AuthFailureReason::ALL.len()],
+    /// Failed sends.
+    pub send_errors: IntCounter,
+    /// Open TCP connections.
+    pub tcp_connections: IntGauge,
+    /// Open TLS connections.
+    pub tls_connections: IntGauge,
+}
+
+impl RelayMetrics {
+    /// Resolves (and so creates) every relay series.
+    pub fn new(t: &Telemetry) -> RelayMetrics {
+        let ended = t.counter_family(&cat::RELAY_ALLOCATIONS_ENDED_TOTAL);
+        let packets = t.counter_family(&cat::RELAY_FORWARDED_PACKETS_TOTAL);
+        let bytes = t.counter_family(&cat::RELAY_FORWARDED_BYTES_TOTAL);
+        let dropped = t.counter_family(&cat::RELAY_PACKETS_DROPPED_TOTAL);
+        let requests = t.counter_family(&cat::RELAY_REQUESTS_TOTAL);
+        let auth = t.counter_family(&cat::RELAY_AUTH_FAILURES_TOTAL);
+        let conns = t.gauge_family(&cat::RELAY_CONNECTIONS);
+        // Pre-create the UDP series too, so dashboards show zeros.
+        let _ = conns.with_label_values(&["udp"]);
+        RelayMetrics {
+            allocations: t.gauge(&cat::RELAY_ALLOCATIONS),
+            created: t.counter(&cat::RELAY_ALLOCATIONS_CREATED_TOTAL),
+            expired: ended.with_label_values(&["expired"]),
+            deleted: ended.with_label_values(&["deleted"]),
+            disconnected: ended.with_label_values(&["disconnected"]),
+            packets: Direction::ALL.map(|d| packets.with_label_values(&[d.label()])),
+            bytes: Direction::ALL.map(|d| bytes.with_label_values(&[d.label()])),
+            dropped: DropReason::ALL.map(|r| dropped.with_label_values(&[r.label()])),
+            requests: RequestMethod::ALL
+                .iter()
+                .map(|m| RequestResult::LABELS.map(|r| requests.with_label_values(&[m.label(), r])))
+                .collect(),
+            auth_failures: AuthFailureReason::ALL.map(|r| auth.with_label_values(&[r.label()])),
+            send_errors: t.counter(&cat::RELAY_SEND_ERRORS_TOTAL),
+            tcp_connections: conns.with_label_values(&["tcp"]),
+            tls_connections: conns.with_label_values(&["tls"]),
+        }
+    }
+
+    /// Adds what changed between `last` and `now` (one loop's stats).
+    pub fn publish(&self, last: &Stats, now: &Stats) {
+        let inc = |c: &IntCounter, a: u64, b: u64| {
+            if b > a {
+                c.inc_by(b - a);
+            }
+        };
+        self.allocations
+            .add(now.allocations as i64 - last.allocations as i64);
+        inc(
+            &self.created,
+            last.allocations_created,
+            now.allocations_created,
+        );
+        inc(
+            &self.expired,
+            last.allocations_expired,
+            now.allocations_expired,
+        );
+        inc(
+            &self.deleted,
+            last.allocations_deleted,
+            now.allocations_deleted,
+        );
+        inc(
+            &self.disconnected,
+            last.allocations_disconnected,
+            now.allocations_disconnected,
+        );
+        for i in 0..2 {
+            inc(
+                &self.packets[i],
+                last.forwarded_packets[i],
+                now.forwarded_packets[i],
+            );
+            inc(
+                &self.bytes[i],
+                last.forwarded_bytes[i],
+                now.forwarded_bytes[i],
+            );
+        }
+        for (i, c) in self.dropped.iter().enumerate() {
+            inc(c, last.dropped[i], now.dropped[i]);
+        }
+        for (m, row) in self.requests.iter().enumerate() {
+            for (r, c) in row.iter().enumerate() {
+                inc(c, last.requests[m][r], now.requests[m][r]);
+            }
+        }
+        for (i, c) in self.auth_failures.iter().enumerate() {
+            inc(c, last.auth_failures[i], now.auth_failures[i]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The catalogue's closed label sets must match the core's enums.
+    #[test]
+    fn catalogue_labels_match_the_core() {
+        let labels = |l: &cat::Label| l.values.to_vec();
+        assert_eq!(
+            labels(&cat::RELAY_DROP_REASON),
+            DropReason::ALL.map(|r| r.label()).to_vec()
+        );
+        assert_eq!(
+            labels(&cat::RELAY_METHOD),
+            RequestMethod::ALL.map(|m| m.label()).to_vec()
+        );
+        assert_eq!(labels(&cat::RELAY_RESULT), RequestResult::LABELS.to_vec());
+        assert_eq!(
+            labels(&cat::RELAY_AUTH_FAILURE_REASON),
+            AuthFailureReason::ALL.map(|r| r.label()).to_vec()
+        );
+        assert_eq!(
+            labels(&cat::RELAY_DIRECTION),
+            Direction::ALL.map(|d| d.label()).to_vec()
+        );
+    }
+}

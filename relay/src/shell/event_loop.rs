@@ -1,0 +1,542 @@
+//! One data-plane loop.
+//!
+//! Priorities per wake-up, in order: the stop flag; the ready sockets, each
+//! drained for at most [`BATCHES_PER_WAKE`] batches (a socket with more
+//! waiting is revisited next turn without sleeping, so one busy socket cannot
+//! starve the rest); then timers (expiry sweep) and the commands the core
+//! queued (relay sockets to close); then, every [`PUBLISH_INTERVAL`], the
+//! counters go to Prometheus.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use natrix_net::{HeadroomBatch, RecvBatch, SyncUdp};
+use tracing::{debug, trace};
+
+use super::stream::{ReadOutcome, Stream};
+use super::{BindingDelegate, is_binding};
+use crate::core::{
+    AllocationId, ClientAction, ClientSocket, Command, PEER_HEADROOM, PEER_TAILROOM, RelaySockets,
+    Server, Stats, Transport,
+};
+use crate::metrics::RelayMetrics;
+
+const WAKER: Token = Token(0);
+const UDP_BASE: usize = 1;
+const TCP_BASE: usize = 1 << 10;
+const STREAM_BASE: usize = 1 << 24;
+const RELAY_BASE: usize = 1 << 40;
+
+/// Batches drained from one socket per wake-up.
+const BATCHES_PER_WAKE: usize = 8;
+/// How often counters are published.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(200);
+/// Largest datagram relayed.
+const MAX_DATAGRAM: usize = 65_535;
+/// Largest client datagram read (bigger ones are truncated and then fail to
+/// parse: TURN over UDP carries at most an MTU).
+const MAX_CLIENT_DATAGRAM: usize = 4096;
+
+/// The relay sockets of one loop, indexed by allocation slot.
+struct Relays {
+    registry: Registry,
+    sockets: Vec<Option<(AllocationId, UdpSocket)>>,
+    send_errors: u64,
+}
+
+fn set_dont_fragment(socket: &UdpSocket, v6: bool, on: bool) {
+    let (level, name, value) = if v6 {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            if on {
+                libc::IPV6_PMTUDISC_DO
+            } else {
+                libc::IPV6_PMTUDISC_DONT
+            },
+        )
+    } else {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            if on {
+                libc::IP_PMTUDISC_DO
+            } else {
+                libc::IP_PMTUDISC_DONT
+            },
+        )
+    };
+    // SAFETY: setsockopt on an open socket with a pointer to a local int.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+impl RelaySockets for Relays {
+    fn open(&mut self, id: AllocationId, addr: SocketAddr, dont_fragment: bool) -> io::Result<()> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let domain = if addr.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        let socket: UdpSocket = s.into();
+        // Without DONT-FRAGMENT the relay lets the network fragment
+        // (RFC 8656 §14); with it, DF is set.
+        set_dont_fragment(&socket, addr.is_ipv6(), dont_fragment);
+        self.registry.register(
+            &mut SourceFd(&socket.as_raw_fd()),
+            Token(RELAY_BASE + id.index()),
+            Interest::READABLE,
+        )?;
+        if self.sockets.len() <= id.index() {
+            self.sockets.resize_with(id.index() + 1, || None);
+        }
+        self.sockets[id.index()] = Some((id, socket));
+        Ok(())
+    }
+}
+
+impl Relays {
+    #[inline]
+    fn send(&mut self, id: AllocationId, payload: &[u8], peer: SocketAddr) {
+        match self.sockets.get(id.index()) {
+            Some(Some((owner, socket))) if *owner == id => {
+                if let Err(e) = socket.send_to(payload, peer) {
+                    self.send_errors += 1;
+                    trace!(error = %e, %peer, "relay send failed");
+                }
+            }
+            _ => self.send_errors += 1,
+        }
+    }
+
+    fn close(&mut self, id: AllocationId) {
+        if let Some(slot) = self.sockets.get_mut(id.index())
+            && matches!(slot, Some((owner, _)) if *owner == id)
+            && let Some((_, socket)) = slot.take()
+        {
+            let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
+        }
+    }
+}
+
+/// The client-facing sockets of one loop.
+struct Clients {
+    udp: Vec<SyncUdp>,
+    streams: Vec<Option<Stream>>,
+    free_streams: Vec<usize>,
+    stream_by_client: HashMap<ClientSocket, usize, foldhash::fast::RandomState>,
+    send_errors: u64,
+}
+
+impl Clients {
+    /// Sends a framed message to a client over whatever transport it uses.
+    #[inline]
+    fn deliver(&mut self, registry: &Registry, client: &ClientSocket, bytes: &[u8]) {
+        match client.transport {
+            Transport::Udp => {
+                let listener = self.udp.iter().find(|l| {
+                    let local = l.local_addr();
+                    local.port() == client.server.port()
+                        && (local.ip() == client.server.ip()
+                            || (local.ip().is_unspecified()
+                                && local.is_ipv4() == client.server.is_ipv4()))
+                });
+                match listener {
+                    Some(l) => {
+                        if l.try_send_to(bytes, client.client, Some(client.server.ip()))
+                            .is_err()
+                        {
+                            self.send_errors += 1;
+                        }
+                    }
+                    None => self.send_errors += 1,
+                }
+            }
+            Transport::Tcp | Transport::Tls => {
+                let Some(&j) = self.stream_by_client.get(client) else {
+                    self.send_errors += 1;
+                    return;
+                };
+                if let Some(stream) = self.streams[j].as_mut() {
+                    if !stream.send(bytes) {
+                        self.send_errors += 1;
+                    }
+                    want_write(registry, stream, j);
+                }
+            }
+        }
+    }
+}
+
+/// Registers WRITABLE interest when a stream has bytes waiting.
+fn want_write(registry: &Registry, stream: &mut Stream, j: usize) {
+    let pending = stream.has_pending();
+    if pending != stream.want_write {
+        let interest = if pending {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if registry
+            .reregister(&mut stream.socket, Token(STREAM_BASE + j), interest)
+            .is_ok()
+        {
+            stream.want_write = pending;
+        }
+    }
+}
+
+/// One data-plane loop.
+pub(super) struct EventLoop {
+    poll: Poll,
+    registry: Registry,
+    core: Server,
+    clients: Clients,
+    tcp: Vec<mio::net::TcpListener>,
+    relays: Relays,
+    client_batch: RecvBatch,
+    peer_batch: HeadroomBatch,
+    out: Vec<u8>,
+    metrics: RelayMetrics,
+    published: Stats,
+    published_send_errors: u64,
+    stop: Arc<AtomicBool>,
+    delegate: Option<Box<dyn BindingDelegate>>,
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        core: Server,
+        udp: Vec<SyncUdp>,
+        tcp: Vec<std::net::TcpListener>,
+        metrics: RelayMetrics,
+        stop: Arc<AtomicBool>,
+        delegate: Option<Box<dyn BindingDelegate>>,
+    ) -> io::Result<(EventLoop, Arc<mio::Waker>)> {
+        let poll = Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+        for (i, s) in udp.iter().enumerate() {
+            registry.register(
+                &mut SourceFd(&s.socket().as_raw_fd()),
+                Token(UDP_BASE + i),
+                Interest::READABLE,
+            )?;
+        }
+        let mut listeners = Vec::new();
+        for (i, l) in tcp.into_iter().enumerate() {
+            let mut l = mio::net::TcpListener::from_std(l);
+            registry.register(&mut l, Token(TCP_BASE + i), Interest::READABLE)?;
+            listeners.push(l);
+        }
+        let client_batch = match udp.first() {
+            Some(s) => s.batch(MAX_CLIENT_DATAGRAM),
+            None => RecvBatch::new(MAX_CLIENT_DATAGRAM, 1),
+        };
+        let relays = Relays {
+            registry: registry.try_clone()?,
+            sockets: Vec::new(),
+            send_errors: 0,
+        };
+        Ok((
+            EventLoop {
+                poll,
+                registry,
+                core,
+                clients: Clients {
+                    udp,
+                    streams: Vec::new(),
+                    free_streams: Vec::new(),
+                    stream_by_client: HashMap::default(),
+                    send_errors: 0,
+                },
+                tcp: listeners,
+                relays,
+                client_batch,
+                peer_batch: HeadroomBatch::new(32, PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
+                out: vec![0; 1500],
+                metrics,
+                published: Stats::default(),
+                published_send_errors: 0,
+                stop,
+                delegate,
+            },
+            waker,
+        ))
+    }
+
+    pub(super) fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut pending: Vec<Token> = Vec::new();
+        let mut again: Vec<Token> = Vec::new();
+        let mut next_publish = Instant::now() + PUBLISH_INTERVAL;
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let timeout = if pending.is_empty() {
+                self.core
+                    .poll_timeout()
+                    .min(next_publish)
+                    .saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    debug!(error = %e, "relay poll failed");
+                }
+                continue;
+            }
+            again.clear();
+            for token in events.iter().map(|e| e.token()).chain(pending.drain(..)) {
+                if !self.dispatch(token) {
+                    again.push(token);
+                }
+            }
+            std::mem::swap(&mut pending, &mut again);
+            pending.sort_unstable();
+            pending.dedup();
+
+            let now = Instant::now();
+            self.core.handle_timeout(now);
+            while let Some(command) = self.core.poll_command() {
+                match command {
+                    Command::CloseRelay {
+                        allocation,
+                        relayed,
+                    } => {
+                        trace!(%relayed, "closing relay socket");
+                        self.relays.close(allocation);
+                    }
+                }
+            }
+            if now >= next_publish {
+                self.publish();
+                next_publish = now + PUBLISH_INTERVAL;
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        if let Some(d) = self.delegate.as_mut() {
+            d.flush();
+        }
+        let stats = self.core.stats().clone();
+        self.metrics.publish(&self.published, &stats);
+        self.published = stats;
+        let errors = self.relays.send_errors + self.clients.send_errors;
+        self.metrics
+            .send_errors
+            .inc_by(errors - self.published_send_errors);
+        self.published_send_errors = errors;
+    }
+
+    /// Handles one ready token; false when it has more to read (budget spent).
+    fn dispatch(&mut self, token: Token) -> bool {
+        match token.0 {
+            0 => true,
+            t if t >= RELAY_BASE => self.peer_ready(t - RELAY_BASE),
+            t if t >= STREAM_BASE => {
+                self.stream_ready(t - STREAM_BASE);
+                true
+            }
+            t if t >= TCP_BASE => {
+                self.accept(t - TCP_BASE);
+                true
+            }
+            t => self.client_udp_ready(t - UDP_BASE),
+        }
+    }
+
+    fn client_udp_ready(&mut self, i: usize) -> bool {
+        for _ in 0..BATCHES_PER_WAKE {
+            let Some(socket) = self.clients.udp.get(i) else {
+                return true;
+            };
+            match socket.try_recv_batch(&mut self.client_batch) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                // ICMP errors for earlier sends surface here: they concern one
+                // destination, not the socket.
+                Err(_) => continue,
+            }
+            let now = Instant::now();
+            let local = socket.local_addr();
+            for d in self.client_batch.datagrams() {
+                if let Some(delegate) = self.delegate.as_mut().filter(|_| is_binding(d.payload)) {
+                    if let Some(len) =
+                        delegate.handle(d.payload, d.from, Transport::Udp, &mut self.out)
+                        && socket
+                            .try_send_to(&self.out[..len], d.from, d.to_ip)
+                            .is_err()
+                    {
+                        self.clients.send_errors += 1;
+                    }
+                    continue;
+                }
+                let from = ClientSocket {
+                    transport: Transport::Udp,
+                    client: d.from,
+                    server: SocketAddr::new(d.to_ip.unwrap_or(local.ip()), local.port()),
+                };
+                match self.core.handle_client_input(
+                    d.payload,
+                    from,
+                    now,
+                    &mut self.out,
+                    &mut self.relays,
+                ) {
+                    ClientAction::Reply(len) => {
+                        if socket
+                            .try_send_to(&self.out[..len], d.from, d.to_ip)
+                            .is_err()
+                        {
+                            self.clients.send_errors += 1;
+                        }
+                    }
+                    ClientAction::ToPeer {
+                        allocation,
+                        peer,
+                        payload,
+                    } => self.relays.send(allocation, &d.payload[payload], peer),
+                    ClientAction::Consumed | ClientAction::Drop(_) => {}
+                }
+            }
+        }
+        false
+    }
+
+    fn peer_ready(&mut self, index: usize) -> bool {
+        for _ in 0..BATCHES_PER_WAKE {
+            let Some(Some((id, socket))) = self.relays.sockets.get(index) else {
+                return true;
+            };
+            let id = *id;
+            match self.peer_batch.recv(socket.as_fd()) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => continue,
+            }
+            let now = Instant::now();
+            for j in 0..self.peer_batch.len() {
+                let (buf, payload, from) = self.peer_batch.get_mut(j);
+                if let Ok(action) = self.core.handle_peer_input(id, from, buf, payload, now) {
+                    self.clients
+                        .deliver(&self.registry, &action.client, &buf[action.frame]);
+                }
+            }
+        }
+        false
+    }
+
+    fn accept(&mut self, i: usize) {
+        loop {
+            let Some(listener) = self.tcp.get(i) else {
+                return;
+            };
+            let (mut socket, client) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!(error = %e, "TURN TCP accept failed");
+                    return;
+                }
+            };
+            let Ok(server) = socket.local_addr() else {
+                continue;
+            };
+            let _ = socket.set_nodelay(true);
+            let j = self.clients.free_streams.pop().unwrap_or_else(|| {
+                self.clients.streams.push(None);
+                self.clients.streams.len() - 1
+            });
+            if self
+                .registry
+                .register(&mut socket, Token(STREAM_BASE + j), Interest::READABLE)
+                .is_err()
+            {
+                self.clients.free_streams.push(j);
+                continue;
+            }
+            let stream = Stream::new(socket, client, server);
+            self.clients.stream_by_client.insert(stream.client, j);
+            self.clients.streams[j] = Some(stream);
+            self.metrics.tcp_connections.inc();
+        }
+    }
+
+    fn stream_ready(&mut self, j: usize) {
+        let Some(mut stream) = self.clients.streams.get_mut(j).and_then(Option::take) else {
+            return;
+        };
+        if stream.has_pending() && stream.flush().is_err() {
+            self.close_stream(j, stream);
+            return;
+        }
+        let now = Instant::now();
+        let core = &mut self.core;
+        let out = &mut self.out;
+        let relays = &mut self.relays;
+        let delegate = &mut self.delegate;
+        let outcome = stream.read_frames(|frame, stream| {
+            let client = stream.client;
+            if let Some(d) = delegate.as_mut().filter(|_| is_binding(frame)) {
+                if let Some(len) = d.handle(frame, client.client, client.transport, out) {
+                    stream.send(&out[..len]);
+                }
+                return;
+            }
+            match core.handle_client_input(frame, client, now, out, relays) {
+                ClientAction::Reply(len) => {
+                    stream.send(&out[..len]);
+                }
+                ClientAction::ToPeer {
+                    allocation,
+                    peer,
+                    payload,
+                } => relays.send(allocation, &frame[payload], peer),
+                ClientAction::Consumed | ClientAction::Drop(_) => {}
+            }
+        });
+        match outcome {
+            ReadOutcome::Close => self.close_stream(j, stream),
+            ReadOutcome::Garbage(reason) => {
+                self.core.record_drop(reason);
+                self.close_stream(j, stream);
+            }
+            ReadOutcome::Open => {
+                want_write(&self.registry, &mut stream, j);
+                self.clients.streams[j] = Some(stream);
+            }
+        }
+    }
+
+    fn close_stream(&mut self, j: usize, mut stream: Stream) {
+        let _ = self.registry.deregister(&mut stream.socket);
+        self.clients.stream_by_client.remove(&stream.client);
+        self.clients.free_streams.push(j);
+        self.core.handle_client_disconnected(stream.client);
+        self.metrics.tcp_connections.dec();
+    }
+}

@@ -1,0 +1,230 @@
+//! The relay host: data-plane loops that drive the sans-IO core on real
+//! sockets.
+//!
+//! One loop per core, each a plain thread with its own `mio` poller, its own
+//! [`Server`] and its own sockets: the TURN listeners are bound once per loop
+//! with SO_REUSEPORT (the kernel spreads clients by flow hash, so a client
+//! always reaches the same loop). Nothing on the packet path is shared
+//! between loops: no lock, no channel, no allocation. The relay port pool is
+//! shared, behind a lock taken only when an allocation starts or ends.
+//! Control reaches a loop through its waker and an atomic flag, checked
+//! between batches.
+
+mod event_loop;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use natrix_net::{SyncUdp, UdpOptions, bind_udp};
+use natrix_telemetry::Telemetry;
+use tracing::{info, warn};
+
+use crate::config::RelayConfig;
+use crate::core::{Server, SharedPorts, Transport};
+use crate::metrics::RelayMetrics;
+
+/// Answers the STUN messages a relay leaves to another role: Binding
+/// requests and indications, and RFC 3489 messages. In `natrix up` the CDX
+/// role plugs in here, so one listener on 3478 serves both roles.
+pub trait BindingDelegate: Send {
+    /// Handles `packet` from `from`; returns the length of an answer written
+    /// into `out`, or `None` to send nothing.
+    fn handle(
+        &mut self,
+        packet: &[u8],
+        from: SocketAddr,
+        transport: Transport,
+        out: &mut [u8],
+    ) -> Option<usize>;
+
+    /// Publishes counters; called when the loop publishes its own.
+    fn flush(&mut self) {}
+}
+
+/// Makes one delegate per loop.
+pub type DelegateFactory = Arc<dyn Fn() -> Box<dyn BindingDelegate> + Send + Sync>;
+
+/// True for messages a [`BindingDelegate`] takes: STUN Binding (any class)
+/// and anything without the RFC 5389 magic cookie.
+#[inline]
+pub(crate) fn is_binding(packet: &[u8]) -> bool {
+    if packet.len() < 20 || packet[0] > 3 {
+        return false;
+    }
+    let t = u16::from_be_bytes([packet[0], packet[1]]);
+    let method = (t & 0x000F) | ((t & 0x00E0) >> 1) | ((t & 0x3E00) >> 2);
+    method == 0x001 || packet[4..8] != natrix_wire::MAGIC_COOKIE.to_be_bytes()
+}
+
+/// A running relay: its loops and how to stop them.
+#[derive(Debug)]
+pub struct RelayHost {
+    loops: Vec<(JoinHandle<()>, Arc<mio::Waker>)>,
+    stop: Arc<AtomicBool>,
+    udp: Vec<SocketAddr>,
+    tcp: Vec<SocketAddr>,
+}
+
+/// Binds a TCP listener that several loops share (SO_REUSEPORT).
+fn bind_shared_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Raises the open-file limit to its hard maximum: every allocation holds a
+/// socket.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                warn!("could not raise the open-file limit; allocations may fail early");
+            }
+        }
+    }
+}
+
+impl RelayHost {
+    /// Binds every listener of `loops` loops and starts them.
+    pub fn start(
+        config: &RelayConfig,
+        loops: usize,
+        telemetry: &Telemetry,
+        delegate: Option<DelegateFactory>,
+    ) -> anyhow::Result<RelayHost> {
+        let loops = loops.max(1);
+        let credentials = config.credentials().map_err(anyhow::Error::msg)?;
+        let policy = config.policy();
+        let metrics = RelayMetrics::new(telemetry);
+        raise_fd_limit();
+
+        // Bind everything first so that a taken port fails the start.
+        let mut bound = Vec::new();
+        let mut udp_addrs = Vec::new();
+        let mut tcp_addrs = Vec::new();
+        for shard in 0..loops {
+            let mut udp = Vec::new();
+            let mut tcp = Vec::new();
+            for (i, requested) in config.listen.iter().enumerate() {
+                // Port 0: the first loop picks, the others join it.
+                let addr = if shard == 0 { *requested } else { udp_addrs[i] };
+                let socket = bind_udp(addr, &UdpOptions::default())
+                    .with_context(|| format!("binding TURN UDP on {addr}"))?;
+                let socket = SyncUdp::new(socket)
+                    .with_context(|| format!("configuring TURN UDP on {addr}"))?;
+                if shard == 0 {
+                    udp_addrs.push(socket.local_addr());
+                }
+                udp.push(socket);
+                if config.tcp {
+                    let addr = if shard == 0 {
+                        SocketAddr::new(requested.ip(), udp_addrs[i].port())
+                    } else {
+                        tcp_addrs[i]
+                    };
+                    let listener = bind_shared_tcp(addr)
+                        .with_context(|| format!("binding TURN TCP on {addr}"))?;
+                    if shard == 0 {
+                        tcp_addrs.push(listener.local_addr()?);
+                    }
+                    tcp.push(listener);
+                }
+            }
+            bound.push((udp, tcp));
+        }
+
+        let ports = SharedPorts::new(config.ports);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for (shard, (udp, tcp)) in bound.into_iter().enumerate() {
+            let seed: [u8; 32] = rand::random();
+            let core = Server::new(
+                config.server_config(loops),
+                credentials.clone(),
+                policy.clone(),
+                ports.clone(),
+                Instant::now(),
+                unix_now,
+                seed,
+            );
+            let (event_loop, waker) = event_loop::EventLoop::new(
+                core,
+                udp,
+                tcp,
+                metrics.clone(),
+                stop.clone(),
+                delegate.as_ref().map(|make| make()),
+            )
+            .context("setting up a relay loop")?;
+            let handle = std::thread::Builder::new()
+                .name(format!("natrix-relay-{shard}"))
+                .spawn(move || event_loop.run())
+                .context("spawning a relay loop")?;
+            handles.push((handle, waker));
+        }
+        info!(
+            udp = ?udp_addrs,
+            tcp = ?tcp_addrs,
+            loops,
+            external_ip = %config.external_v4(),
+            ports = %config.ports,
+            "TURN relay serving"
+        );
+        Ok(RelayHost {
+            loops: handles,
+            stop,
+            udp: udp_addrs,
+            tcp: tcp_addrs,
+        })
+    }
+
+    /// The bound UDP listener addresses.
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp
+    }
+
+    /// The bound TCP listener addresses.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp
+    }
+
+    /// Stops every loop and waits for them.
+    pub fn shutdown(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for (_, waker) in &self.loops {
+            let _ = waker.wake();
+        }
+        for (handle, _) in self.loops {
+            if handle.join().is_err() {
+                warn!("a relay loop panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! A client's TCP connection: framing in, buffered writes out.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use natrix_wire::frame_len;
+
+use crate::core::{ClientSocket, DropReason};
+
+/// Largest frame a client may send (a STUN message or ChannelData with a
+/// full UDP payload, padded).
+pub(super) const MAX_FRAME: usize = 4 + 65535 + 3;
+/// Largest STUN message accepted on a stream: TURN requests are a few
+/// hundred bytes; a bigger header is garbage or an attack on memory.
+const MAX_STUN_FRAME: usize = 4096;
+/// Most bytes queued for one slow client before relayed data is dropped.
+const MAX_PENDING_WRITE: usize = 1 << 20;
+
+/// One client connection.
+pub(super) struct Stream {
+    pub(super) socket: mio::net::TcpStream,
+    pub(super) client: ClientSocket,
+    read: Vec<u8>,
+    filled: usize,
+    write: Vec<u8>,
+    /// Registered for WRITABLE (a write is pending).
+    pub(super) want_write: bool,
+}
+
+/// What reading produced.
+pub(super) enum ReadOutcome {
+    /// Keep the connection.
+    Open,
+    /// The peer closed, or the socket failed: close it.
+    Close,
+    /// The peer sent something that cannot be framed: close and count it.
+    Garbage(DropReason),
+}
+
+impl Stream {
+    pub(super) fn new(
+        socket: mio::net::TcpStream,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Stream {
+        Stream {
+            socket,
+            client: ClientSocket {
+                transport: crate::core::Transport::Tcp,
+                client,
+                server,
+            },
+            read: vec![0; MAX_FRAME + 4096],
+            filled: 0,
+            write: Vec::new(),
+            want_write: false,
+        }
+    }
+
+    /// Reads what is available and hands each complete frame to `frame`.
+    /// Stops at `WouldBlock`, EOF, an error or a frame that cannot be
+    /// framed (not STUN, not ChannelData).
+    pub(super) fn read_frames(&mut self, mut frame: impl FnMut(&[u8], &mut Stream)) -> ReadOutcome {
+        loop {
+            if self.filled == self.read.len() {
+                return ReadOutcome::Garbage(DropReason::Malformed);
+            }
+            match self.socket.read(&mut self.read[self.filled..]) {
+                Ok(0) => return ReadOutcome::Close,
+                Ok(n) => self.filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Open,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return ReadOutcome::Close,
+            }
+            let mut at = 0;
+            loop {
+                let len = match frame_len(&self.read[at..self.filled]) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => break,
+                    Err(_) => return ReadOutcome::Garbage(DropReason::NotTurn),
+                };
+                let stun = self.read[at] < 0x40;
+                if len > MAX_FRAME || (stun && len > MAX_STUN_FRAME) {
+                    return ReadOutcome::Garbage(DropReason::Malformed);
+                }
+                if at + len > self.filled {
+                    break;
+                }
+                // The frame is copied out of the read buffer so `frame` may
+                // queue writes on this stream; frames are small.
+                let mut scratch = [0u8; 2048];
+                if len <= scratch.len() {
+                    scratch[..len].copy_from_slice(&self.read[at..at + len]);
+                    frame(&scratch[..len], self);
+                } else {
+                    let big = self.read[at..at + len].to_vec();
+                    frame(&big, self);
+                }
+                at += len;
+            }
+            self.read.copy_within(at..self.filled, 0);
+            self.filled -= at;
+        }
+    }
+
+    /// Queues `bytes` and writes what the socket takes now. Returns false
+    /// when the client is too slow and the bytes were dropped.
+    pub(super) fn send(&mut self, bytes: &[u8]) -> bool {
+        if self.write.is_empty() {
+            match self.socket.write(bytes) {
+                Ok(n) if n == bytes.len() => return true,
+                Ok(n) => self.write.extend_from_slice(&bytes[n..]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write.extend_from_slice(bytes);
+                }
+                Err(_) => return false,
+            }
+            return true;
+        }
+        if self.write.len() + bytes.len() > MAX_PENDING_WRITE {
+            return false;
+        }
+        self.write.extend_from_slice(bytes);
+        true
+    }
+
+    /// Writes pending bytes; true when everything went out.
+    pub(super) fn flush(&mut self) -> io::Result<bool> {
+        while !self.write.is_empty() {
+            match self.socket.write(&self.write) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.write.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// True when bytes wait for the socket.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.write.is_empty()
+    }
+}
