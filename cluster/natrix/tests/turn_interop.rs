@@ -257,3 +257,142 @@ fn loopback_peers_are_refused_by_default() {
         "403s: {forbidden} {forbidden_perm}"
     );
 }
+
+/// A flood from many (loopback-emulated) sources: garbage, truncated and
+/// unauthenticated requests. The established session must not lose a packet,
+/// unauthenticated answers must stay under the per-prefix cap, and every
+/// flood packet must be accounted for.
+#[test]
+fn a_flood_from_many_sources_does_not_disturb_established_allocations() {
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+
+    let natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--unauth-rate-per-prefix",
+        "20",
+    ]);
+    let (_peer, peer_port) = udp_echo_peer();
+    let target = natrix.stun;
+
+    let flood = std::thread::spawn(move || {
+        // An unauthenticated Allocate (answered 401 until rate-limited).
+        let mut allocate = vec![0x00, 0x03, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+        allocate.extend_from_slice(&[7; 12]);
+        allocate.extend_from_slice(&[0x00, 0x19, 0x00, 0x04, 17, 0, 0, 0]);
+        let mut garbage = Vec::new();
+        let mut x = 0x9e37_79b9_u32;
+        for len in [1usize, 4, 19, 20, 36, 100, 548] {
+            let mut d = vec![0u8; len];
+            for b in &mut d {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            garbage.push(d);
+        }
+        garbage.push(vec![0x40, 0x00, 0x00, 0x10, 1, 2]); // truncated ChannelData
+        garbage.push(vec![0x40, 0x01, 0x00, 0x01, 9]); // ChannelData, no allocation
+        // 16 source addresses in 127.0.1.0/24 and 16 in other /24s.
+        let sources: Vec<UdpSocket> = (0..32u8)
+            .map(|i| {
+                let ip = if i < 16 {
+                    format!("127.0.1.{}", i + 1)
+                } else {
+                    format!("127.{}.2.1", i)
+                };
+                let s = UdpSocket::bind(format!("{ip}:0")).expect("flood source");
+                s.set_nonblocking(true).expect("nonblocking");
+                s
+            })
+            .collect();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        // Bounded in count and time.
+        'outer: for round in 0..2_000u64 {
+            for (i, s) in sources.iter().enumerate() {
+                let d: &[u8] = if (round as usize + i) % 3 == 0 {
+                    &allocate
+                } else {
+                    &garbage[(round as usize + i) % garbage.len()]
+                };
+                if s.send_to(d, target).is_ok() {
+                    sent += 1;
+                }
+            }
+            if round % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                break 'outer;
+            }
+        }
+        // Count the answers the sources received.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 1500];
+        for s in &sources {
+            let mut n = 0u64;
+            while s.recv_from(&mut buf).is_ok() {
+                n += 1;
+            }
+            answers.push(n);
+        }
+        (sent, answers)
+    });
+
+    let p = port(&natrix);
+    let pp = peer_port.to_string();
+    let report = uclient(&[
+        "-p",
+        &p,
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        "200",
+        "-m",
+        "2",
+        "-l",
+        "160",
+        "127.0.0.1",
+    ]);
+    let (sent, answers) = flood.join().expect("flood thread");
+    assert_clean(&report, 400);
+    assert!(sent > 10_000, "the flood was too small: {sent}");
+    // 16 sources share 127.0.1.0/24: together they got at most the prefix
+    // burst (2 x 20) plus the refill over the run; each other prefix alone
+    // got at most its own.
+    let shared: u64 = answers[..16].iter().sum();
+    assert!(shared <= 40 + 20 * 20, "127.0.1.0/24 got {shared} answers");
+    assert!(
+        shared > 0,
+        "the flood's own legitimate-looking requests got no answer"
+    );
+    let limited = natrix.wait_metric(
+        "relay_packets_dropped_total{reason=\"rate_limited\"}",
+        |v| v > 0.0,
+    );
+    assert!(limited > 0.0);
+    // Every flood datagram is either answered (401) or a counted drop.
+    let text = natrix.metrics_text();
+    let sum = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let accounted = sum("relay_packets_dropped_total{")
+        + sum("relay_requests_total{method=\"allocate\",result=\"401\"}");
+    assert!(
+        accounted >= sent as f64,
+        "{sent} flood datagrams, {accounted} answered or counted"
+    );
+}
