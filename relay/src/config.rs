@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -44,6 +45,25 @@ pub struct RelayConfig {
     /// Serve TURN over TCP as well as UDP.
     #[arg(long = "turn-tcp", env = "NATRIX_TURN_TCP", default_value_t = true, action = clap::ArgAction::Set)]
     pub tcp: bool,
+
+    /// Addresses the TURN-over-TLS listeners bind (comma separated); used
+    /// when --tls-cert and --tls-key are given.
+    #[arg(
+        long = "tls-listen",
+        env = "NATRIX_TLS_LISTEN",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:5349"
+    )]
+    pub tls_listen: Vec<SocketAddr>,
+
+    /// TLS certificate chain (PEM). Reloaded when the file changes or on
+    /// SIGHUP, without dropping sessions.
+    #[arg(long = "tls-cert", env = "NATRIX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM), reloaded with the certificate.
+    #[arg(long = "tls-key", env = "NATRIX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// Realm of the long-term credentials (RFC 8489 §9.2).
     #[arg(long, env = "NATRIX_REALM", default_value = "natrix")]

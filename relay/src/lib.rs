@@ -14,4 +14,4 @@ pub mod metrics;
 pub mod shell;
 
 pub use config::RelayConfig;
-pub use shell::{BindingDelegate, DelegateFactory, RelayHost};
+pub use shell::{BindingDelegate, DelegateFactory, RelayHost, TlsReloader};

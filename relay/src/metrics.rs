@@ -39,8 +39,6 @@ impl RelayMetrics {
         let requests = t.counter_family(&cat::RELAY_REQUESTS_TOTAL);
         let auth = t.counter_family(&cat::RELAY_AUTH_FAILURES_TOTAL);
         let conns = t.gauge_family(&cat::RELAY_CONNECTIONS);
-        // Pre-create the UDP series too, so dashboards show zeros.
-        let _ = conns.with_label_values(&["udp"]);
         RelayMetrics {
             allocations: t.gauge(&cat::RELAY_ALLOCATIONS),
             created: t.counter(&cat::RELAY_ALLOCATIONS_CREATED_TOTAL),

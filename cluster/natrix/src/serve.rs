@@ -36,15 +36,27 @@ fn worker_count(requested: usize) -> usize {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
+/// Waits for SIGINT or SIGTERM; on SIGHUP reloads the relay's TLS
+/// certificate and keeps waiting.
+async fn shutdown_signal(relay: Option<&RelayHost>) -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok("SIGTERM"),
+            _ = int.recv() => return Ok("SIGINT"),
+            _ = hup.recv() => {
+                if let Some(relay) = relay {
+                    match relay.reload_tls() {
+                        Ok(()) => info!("SIGHUP: TLS certificate reloaded"),
+                        Err(e) => warn!("SIGHUP: TLS certificate not reloaded, keeping the previous one: {e:#}"),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The CDX Binding responder plugged into the relay's listener.
@@ -161,7 +173,9 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
             gates.push(telemetry.health().gate("cdx"));
         }
         Plan::Relay(relay) => {
-            running.relay = Some(RelayHost::start(relay, workers, &telemetry, None)?);
+            let host = RelayHost::start(relay, workers, &telemetry, None)?;
+            info!(udp = ?host.udp_addrs(), tcp = ?host.tcp_addrs(), tls = ?host.tls_addrs(), "relay role serving TURN");
+            running.relay = Some(host);
             gates.push(telemetry.health().gate("relay"));
         }
         Plan::Up(relay) => {
@@ -188,7 +202,7 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
         let handle = server.handle();
         actix_rt::spawn(server);
         info!(%addr, "metrics and health endpoint up");
-        let signal = shutdown_signal().await?;
+        let signal = shutdown_signal(running.relay.as_ref()).await?;
         info!(signal, "shutting down");
         telemetry.health().start_draining();
         handle.stop(true).await;

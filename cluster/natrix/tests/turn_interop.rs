@@ -313,7 +313,7 @@ fn a_flood_from_many_sources_does_not_disturb_established_allocations() {
         // Bounded in count and time.
         'outer: for round in 0..2_000u64 {
             for (i, s) in sources.iter().enumerate() {
-                let d: &[u8] = if (round as usize + i) % 3 == 0 {
+                let d: &[u8] = if (round as usize + i).is_multiple_of(3) {
                     &allocate
                 } else {
                     &garbage[(round as usize + i) % garbage.len()]

@@ -180,10 +180,10 @@ pub const CDX_TCP_CONNECTIONS_TOTAL: MetricDef = metric(
     }],
 );
 
-/// Client transports of the TURN listeners.
-pub const TURN_TRANSPORT: Label = Label {
+/// Stream transports of the TURN listeners.
+pub const TURN_STREAM_TRANSPORT: Label = Label {
     name: "transport",
-    values: &["udp", "tcp", "tls"],
+    values: &["tcp", "tls"],
 };
 
 /// Direction of relayed traffic.
@@ -324,7 +324,7 @@ pub const RELAY_CONNECTIONS: MetricDef = metric(
     "relay_connections",
     "TCP and TLS client connections currently open on the relay.",
     Kind::Gauge,
-    &[TURN_TRANSPORT],
+    &[TURN_STREAM_TRANSPORT],
 );
 
 /// Every metric natrix exports.

@@ -31,6 +31,7 @@ use crate::metrics::RelayMetrics;
 const WAKER: Token = Token(0);
 const UDP_BASE: usize = 1;
 const TCP_BASE: usize = 1 << 10;
+const TLS_BASE: usize = TCP_BASE + 512;
 const STREAM_BASE: usize = 1 << 24;
 const RELAY_BASE: usize = 1 << 40;
 
@@ -207,6 +208,13 @@ fn want_write(registry: &Registry, stream: &mut Stream, j: usize) {
     }
 }
 
+/// The client-facing sockets a loop serves.
+pub(super) struct Listeners {
+    pub(super) udp: Vec<SyncUdp>,
+    pub(super) tcp: Vec<std::net::TcpListener>,
+    pub(super) tls: Vec<std::net::TcpListener>,
+}
+
 /// One data-plane loop.
 pub(super) struct EventLoop {
     poll: Poll,
@@ -214,6 +222,8 @@ pub(super) struct EventLoop {
     core: Server,
     clients: Clients,
     tcp: Vec<mio::net::TcpListener>,
+    tls: Vec<mio::net::TcpListener>,
+    tls_config: Option<Arc<super::TlsReloader>>,
     relays: Relays,
     client_batch: RecvBatch,
     peer_batch: HeadroomBatch,
@@ -228,12 +238,13 @@ pub(super) struct EventLoop {
 impl EventLoop {
     pub(super) fn new(
         core: Server,
-        udp: Vec<SyncUdp>,
-        tcp: Vec<std::net::TcpListener>,
+        listeners: Listeners,
+        tls_config: Option<Arc<super::TlsReloader>>,
         metrics: RelayMetrics,
         stop: Arc<AtomicBool>,
         delegate: Option<Box<dyn BindingDelegate>>,
     ) -> io::Result<(EventLoop, Arc<mio::Waker>)> {
+        let Listeners { udp, tcp, tls } = listeners;
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
@@ -249,6 +260,12 @@ impl EventLoop {
             let mut l = mio::net::TcpListener::from_std(l);
             registry.register(&mut l, Token(TCP_BASE + i), Interest::READABLE)?;
             listeners.push(l);
+        }
+        let mut tls_listeners = Vec::new();
+        for (i, l) in tls.into_iter().enumerate() {
+            let mut l = mio::net::TcpListener::from_std(l);
+            registry.register(&mut l, Token(TLS_BASE + i), Interest::READABLE)?;
+            tls_listeners.push(l);
         }
         let client_batch = match udp.first() {
             Some(s) => s.batch(MAX_CLIENT_DATAGRAM),
@@ -272,6 +289,8 @@ impl EventLoop {
                     send_errors: 0,
                 },
                 tcp: listeners,
+                tls: tls_listeners,
+                tls_config,
                 relays,
                 client_batch,
                 peer_batch: HeadroomBatch::new(32, PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
@@ -361,8 +380,12 @@ impl EventLoop {
                 self.stream_ready(t - STREAM_BASE);
                 true
             }
+            t if t >= TLS_BASE => {
+                self.accept(t - TLS_BASE, true);
+                true
+            }
             t if t >= TCP_BASE => {
-                self.accept(t - TCP_BASE);
+                self.accept(t - TCP_BASE, false);
                 true
             }
             t => self.client_udp_ready(t - UDP_BASE),
@@ -450,9 +473,14 @@ impl EventLoop {
         false
     }
 
-    fn accept(&mut self, i: usize) {
+    fn accept(&mut self, i: usize, tls: bool) {
         loop {
-            let Some(listener) = self.tcp.get(i) else {
+            let listener = if tls {
+                self.tls.get(i)
+            } else {
+                self.tcp.get(i)
+            };
+            let Some(listener) = listener else {
                 return;
             };
             let (mut socket, client) = match listener.accept() {
@@ -479,10 +507,28 @@ impl EventLoop {
                 self.clients.free_streams.push(j);
                 continue;
             }
-            let stream = Stream::new(socket, client, server);
+            let config = if tls {
+                self.tls_config.as_ref().map(|t| t.config())
+            } else {
+                None
+            };
+            let mut stream = match Stream::new(socket, client, server, config) {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "could not set up a TLS session");
+                    self.clients.free_streams.push(j);
+                    continue;
+                }
+            };
+            if tls {
+                self.metrics.tls_connections.inc();
+            } else {
+                self.metrics.tcp_connections.inc();
+            }
+            // A TLS client speaks first; nothing to flush yet.
+            want_write(&self.registry, &mut stream, j);
             self.clients.stream_by_client.insert(stream.client, j);
             self.clients.streams[j] = Some(stream);
-            self.metrics.tcp_connections.inc();
         }
     }
 
@@ -537,6 +583,10 @@ impl EventLoop {
         self.clients.stream_by_client.remove(&stream.client);
         self.clients.free_streams.push(j);
         self.core.handle_client_disconnected(stream.client);
-        self.metrics.tcp_connections.dec();
+        if stream.client.transport == Transport::Tls {
+            self.metrics.tls_connections.dec();
+        } else {
+            self.metrics.tcp_connections.dec();
+        }
     }
 }

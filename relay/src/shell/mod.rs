@@ -12,6 +12,9 @@
 
 mod event_loop;
 mod stream;
+mod tls;
+
+pub use tls::TlsReloader;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +71,9 @@ pub struct RelayHost {
     stop: Arc<AtomicBool>,
     udp: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
+    tls: Vec<SocketAddr>,
+    tls_config: Option<Arc<TlsReloader>>,
+    watcher: Option<JoinHandle<()>>,
 }
 
 /// Binds a TCP listener that several loops share (SO_REUSEPORT).
@@ -122,13 +128,31 @@ impl RelayHost {
         let metrics = RelayMetrics::new(telemetry);
         raise_fd_limit();
 
+        let tls_config = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
+            _ => None,
+        };
+
         // Bind everything first so that a taken port fails the start.
         let mut bound = Vec::new();
         let mut udp_addrs = Vec::new();
         let mut tcp_addrs = Vec::new();
+        let mut tls_addrs: Vec<SocketAddr> = Vec::new();
         for shard in 0..loops {
             let mut udp = Vec::new();
             let mut tcp = Vec::new();
+            let mut tls = Vec::new();
+            if tls_config.is_some() {
+                for (i, requested) in config.tls_listen.iter().enumerate() {
+                    let addr = if shard == 0 { *requested } else { tls_addrs[i] };
+                    let listener = bind_shared_tcp(addr)
+                        .with_context(|| format!("binding TURN TLS on {addr}"))?;
+                    if shard == 0 {
+                        tls_addrs.push(listener.local_addr()?);
+                    }
+                    tls.push(listener);
+                }
+            }
             for (i, requested) in config.listen.iter().enumerate() {
                 // Port 0: the first loop picks, the others join it.
                 let addr = if shard == 0 { *requested } else { udp_addrs[i] };
@@ -154,7 +178,7 @@ impl RelayHost {
                     tcp.push(listener);
                 }
             }
-            bound.push((udp, tcp));
+            bound.push((udp, tcp, tls));
         }
 
         let ports = SharedPorts::new(config.ports);
@@ -163,7 +187,7 @@ impl RelayHost {
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        for (shard, (udp, tcp)) in bound.into_iter().enumerate() {
+        for (shard, (udp, tcp, tls)) in bound.into_iter().enumerate() {
             let seed: [u8; 32] = rand::random();
             let core = Server::new(
                 config.server_config(loops),
@@ -176,8 +200,8 @@ impl RelayHost {
             );
             let (event_loop, waker) = event_loop::EventLoop::new(
                 core,
-                udp,
-                tcp,
+                event_loop::Listeners { udp, tcp, tls },
+                tls_config.clone(),
                 metrics.clone(),
                 stop.clone(),
                 delegate.as_ref().map(|make| make()),
@@ -189,9 +213,35 @@ impl RelayHost {
                 .context("spawning a relay loop")?;
             handles.push((handle, waker));
         }
+        // Control plane: reload the certificate when its files change.
+        let watcher = match &tls_config {
+            Some(reloader) => {
+                let reloader = reloader.clone();
+                let stop = stop.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("natrix-tls-watch".into())
+                        .spawn(move || {
+                            while !stop.load(Ordering::Relaxed) {
+                                std::thread::sleep(std::time::Duration::from_millis(500));
+                                match reloader.reload_if_changed() {
+                                    Ok(true) => info!("TLS certificate reloaded (files changed)"),
+                                    Ok(false) => {}
+                                    Err(e) => warn!(
+                                        "TLS certificate files changed but could not be loaded; keeping the previous one: {e:#}"
+                                    ),
+                                }
+                            }
+                        })
+                        .context("spawning the TLS watcher")?,
+                )
+            }
+            None => None,
+        };
         info!(
             udp = ?udp_addrs,
             tcp = ?tcp_addrs,
+            tls = ?tls_addrs,
             loops,
             external_ip = %config.external_v4(),
             ports = %config.ports,
@@ -202,6 +252,9 @@ impl RelayHost {
             stop,
             udp: udp_addrs,
             tcp: tcp_addrs,
+            tls: tls_addrs,
+            tls_config,
+            watcher,
         })
     }
 
@@ -215,6 +268,20 @@ impl RelayHost {
         &self.tcp
     }
 
+    /// The bound TLS listener addresses.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls
+    }
+
+    /// Reloads the TLS certificate and key (SIGHUP). New connections use
+    /// them; established ones keep theirs.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        match &self.tls_config {
+            Some(t) => t.reload(),
+            None => Ok(()),
+        }
+    }
+
     /// Stops every loop and waits for them.
     pub fn shutdown(self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -225,6 +292,9 @@ impl RelayHost {
             if handle.join().is_err() {
                 warn!("a relay loop panicked");
             }
+        }
+        if let Some(w) = self.watcher {
+            let _ = w.join();
         }
     }
 }

@@ -1,11 +1,12 @@
-//! A client's TCP connection: framing in, buffered writes out.
+//! A client's TCP or TLS connection: framing in, buffered writes out.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use natrix_wire::frame_len;
 
-use crate::core::{ClientSocket, DropReason};
+use crate::core::{ClientSocket, DropReason, Transport};
 
 /// Largest frame a client may send (a STUN message or ChannelData with a
 /// full UDP payload, padded).
@@ -20,9 +21,12 @@ const MAX_PENDING_WRITE: usize = 1 << 20;
 pub(super) struct Stream {
     pub(super) socket: mio::net::TcpStream,
     pub(super) client: ClientSocket,
+    tls: Option<rustls::ServerConnection>,
     read: Vec<u8>,
     filled: usize,
     write: Vec<u8>,
+    /// Plaintext handed to TLS since its output buffer was last empty.
+    tls_queued: usize,
     /// Registered for WRITABLE (a write is pending).
     pub(super) want_write: bool,
 }
@@ -42,19 +46,84 @@ impl Stream {
         socket: mio::net::TcpStream,
         client: SocketAddr,
         server: SocketAddr,
-    ) -> Stream {
-        Stream {
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<Stream> {
+        let tls = tls
+            .map(rustls::ServerConnection::new)
+            .transpose()
+            .map_err(io::Error::other)?;
+        Ok(Stream {
             socket,
             client: ClientSocket {
-                transport: crate::core::Transport::Tcp,
+                transport: if tls.is_some() {
+                    Transport::Tls
+                } else {
+                    Transport::Tcp
+                },
                 client,
                 server,
             },
+            tls,
             read: vec![0; MAX_FRAME + 4096],
             filled: 0,
             write: Vec::new(),
+            tls_queued: 0,
             want_write: false,
+        })
+    }
+
+    /// Reads available bytes (decrypting TLS) into the read buffer.
+    /// `Ok(true)` when something arrived, `Ok(false)` on `WouldBlock`.
+    fn fill(&mut self) -> Result<bool, ReadOutcome> {
+        if self.filled == self.read.len() {
+            return Err(ReadOutcome::Garbage(DropReason::Malformed));
         }
+        let Some(tls) = self.tls.as_mut() else {
+            return match self.socket.read(&mut self.read[self.filled..]) {
+                Ok(0) => Err(ReadOutcome::Close),
+                Ok(n) => {
+                    self.filled += n;
+                    Ok(true)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+                Err(_) => Err(ReadOutcome::Close),
+            };
+        };
+        let mut progress = false;
+        match tls.read_tls(&mut self.socket) {
+            Ok(0) => return Err(ReadOutcome::Close),
+            Ok(_) => {
+                progress = true;
+                if tls.process_new_packets().is_err() {
+                    // Let the alert go out, then close.
+                    let _ = tls.write_tls(&mut self.socket);
+                    return Err(ReadOutcome::Garbage(DropReason::Malformed));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+            Err(_) => return Err(ReadOutcome::Close),
+        }
+        loop {
+            if self.filled == self.read.len() {
+                break;
+            }
+            match tls.reader().read(&mut self.read[self.filled..]) {
+                Ok(0) => return Err(ReadOutcome::Close),
+                Ok(n) => {
+                    self.filled += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(ReadOutcome::Close),
+            }
+        }
+        // Handshake messages the server owes the client.
+        if tls.wants_write() {
+            let _ = self.flush();
+        }
+        Ok(progress)
     }
 
     /// Reads what is available and hands each complete frame to `frame`.
@@ -62,15 +131,10 @@ impl Stream {
     /// framed (not STUN, not ChannelData).
     pub(super) fn read_frames(&mut self, mut frame: impl FnMut(&[u8], &mut Stream)) -> ReadOutcome {
         loop {
-            if self.filled == self.read.len() {
-                return ReadOutcome::Garbage(DropReason::Malformed);
-            }
-            match self.socket.read(&mut self.read[self.filled..]) {
-                Ok(0) => return ReadOutcome::Close,
-                Ok(n) => self.filled += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Open,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return ReadOutcome::Close,
+            match self.fill() {
+                Ok(true) => {}
+                Ok(false) => return ReadOutcome::Open,
+                Err(outcome) => return outcome,
             }
             let mut at = 0;
             loop {
@@ -103,9 +167,23 @@ impl Stream {
         }
     }
 
-    /// Queues `bytes` and writes what the socket takes now. Returns false
-    /// when the client is too slow and the bytes were dropped.
+    /// Queues `bytes` (one whole frame) and writes what the socket takes
+    /// now. Returns false when the client is too slow and the frame was
+    /// dropped whole (never half a frame: that would break the framing).
     pub(super) fn send(&mut self, bytes: &[u8]) -> bool {
+        if let Some(tls) = self.tls.as_mut() {
+            if !tls.wants_write() {
+                self.tls_queued = 0;
+            }
+            if self.tls_queued + bytes.len() > MAX_PENDING_WRITE {
+                return false;
+            }
+            if tls.writer().write_all(bytes).is_err() {
+                return false;
+            }
+            self.tls_queued += bytes.len();
+            return self.flush().is_ok();
+        }
         if self.write.is_empty() {
             match self.socket.write(bytes) {
                 Ok(n) if n == bytes.len() => return true,
@@ -126,6 +204,19 @@ impl Stream {
 
     /// Writes pending bytes; true when everything went out.
     pub(super) fn flush(&mut self) -> io::Result<bool> {
+        if let Some(tls) = self.tls.as_mut() {
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.socket) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.tls_queued = 0;
+            return Ok(true);
+        }
         while !self.write.is_empty() {
             match self.socket.write(&self.write) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -142,6 +233,9 @@ impl Stream {
 
     /// True when bytes wait for the socket.
     pub(super) fn has_pending(&self) -> bool {
-        !self.write.is_empty()
+        match &self.tls {
+            Some(tls) => tls.wants_write(),
+            None => !self.write.is_empty(),
+        }
     }
 }
