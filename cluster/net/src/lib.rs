@@ -19,6 +19,6 @@
 mod mmsg;
 mod udp;
 
-pub use mmsg::HeadroomBatch;
+pub use mmsg::{HeadroomBatch, SendBatch};
 
 pub use udp::{Datagram, RecvBatch, SyncUdp, UdpIo, UdpOptions, bind_tcp, bind_udp};

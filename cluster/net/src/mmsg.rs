@@ -159,10 +159,278 @@ fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// `SOL_UDP` and `UDP_SEGMENT` (linux/udp.h): UDP generic segmentation
+/// offload, several same-sized datagrams to one destination in one send.
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+/// Most segments and payload bytes in one GSO send (kernel limits: 64
+/// segments in older kernels, 64 KiB per IP packet).
+const MAX_GSO_SEGMENTS: usize = 64;
+const MAX_GSO_BYTES: usize = 60_000;
+
+/// One message of a `sendmmsg`: a run of queued datagrams to one
+/// destination, all of `segment` bytes (one datagram when `count == 1`).
+#[derive(Clone, Debug)]
+struct Run {
+    first: usize,
+    count: usize,
+    segment: usize,
+    bytes: Range<usize>,
+}
+
+/// Control-message space for one UDP_SEGMENT cmsg, 8-byte aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; 32]);
+
+/// Datagrams queued for one socket and sent with one `sendmmsg(2)`; runs of
+/// same-sized datagrams to one destination leave as one GSO send (the kernel
+/// segments them late, so a run costs about as much as one datagram). The
+/// payloads are copied into an arena reused across flushes.
+pub struct SendBatch {
+    arena: Vec<u8>,
+    entries: Vec<(socket2::SockAddr, Range<usize>)>,
+    capacity: usize,
+    gso: bool,
+    runs: Vec<Run>,
+    controls: Vec<Control>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers in `iovs` and `hdrs` are rebuilt from owned data
+// at every flush (which takes `&mut self`) and never dereferenced otherwise.
+unsafe impl Send for SendBatch {}
+
+impl std::fmt::Debug for SendBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendBatch")
+            .field("queued", &self.entries.len())
+            .field("gso", &self.gso)
+            .finish()
+    }
+}
+
+impl SendBatch {
+    /// A batch of up to `capacity` datagrams, using GSO where the kernel
+    /// supports it.
+    pub fn new(capacity: usize) -> SendBatch {
+        let capacity = capacity.max(1);
+        SendBatch {
+            arena: Vec::with_capacity(capacity * 1500),
+            entries: Vec::with_capacity(capacity),
+            capacity,
+            gso: true,
+            runs: Vec::with_capacity(capacity),
+            controls: vec![Control([0; 32]); capacity],
+            iovs: Vec::with_capacity(capacity),
+            hdrs: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Turns GSO off (one datagram per message).
+    pub fn without_gso(mut self) -> SendBatch {
+        self.gso = false;
+        self
+    }
+
+    /// Queued datagrams.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True when the next push needs a flush first.
+    pub fn is_full(&self) -> bool {
+        self.entries.len() >= self.capacity
+    }
+
+    /// Drops everything queued.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.arena.clear();
+    }
+
+    /// Queues `payload` for `to`.
+    pub fn push(&mut self, to: SocketAddr, payload: &[u8]) {
+        let start = self.arena.len();
+        self.arena.extend_from_slice(payload);
+        self.entries
+            .push((socket2::SockAddr::from(to), start..self.arena.len()));
+    }
+
+    /// Groups the queued datagrams (from `from` on) into messages.
+    fn plan(&mut self, from: usize) {
+        self.runs.clear();
+        for i in from..self.entries.len() {
+            let (addr, range) = &self.entries[i];
+            let len = range.len();
+            if self.gso
+                && let Some(run) = self.runs.last_mut()
+            {
+                let same_dest = self.entries[run.first].0 == *addr;
+                if same_dest
+                    && len == run.segment
+                    && run.count < MAX_GSO_SEGMENTS
+                    && run.bytes.len() + len <= MAX_GSO_BYTES
+                {
+                    run.count += 1;
+                    run.bytes.end = range.end;
+                    continue;
+                }
+            }
+            self.runs.push(Run {
+                first: i,
+                count: 1,
+                segment: len,
+                bytes: range.clone(),
+            });
+        }
+    }
+
+    /// Sends everything queued on `fd` and empties the batch. Returns how
+    /// many datagrams the kernel did not take (a full buffer or an error:
+    /// UDP's answer to overload is a drop, which the caller counts).
+    pub fn flush(&mut self, fd: BorrowedFd<'_>) -> usize {
+        let mut failed = 0;
+        let mut next = 0; // first entry not yet handled
+        while next < self.entries.len() {
+            self.plan(next);
+            self.iovs.clear();
+            self.hdrs.clear();
+            for run in &self.runs {
+                self.iovs.push(libc::iovec {
+                    // SAFETY: the range lies inside the arena, which is not
+                    // touched until the call returns.
+                    iov_base: unsafe { self.arena.as_ptr().add(run.bytes.start) }
+                        as *mut libc::c_void,
+                    iov_len: run.bytes.len(),
+                });
+                // SAFETY: a zeroed mmsghdr is a valid empty header.
+                self.hdrs.push(unsafe { std::mem::zeroed() });
+            }
+            for (k, run) in self.runs.iter().enumerate() {
+                let addr = &self.entries[run.first].0;
+                let h = &mut self.hdrs[k].msg_hdr;
+                h.msg_name = addr.as_ptr() as *mut libc::c_void;
+                h.msg_namelen = addr.len();
+                h.msg_iov = &mut self.iovs[k];
+                h.msg_iovlen = 1;
+                if run.count > 1 {
+                    let control = &mut self.controls[k];
+                    control.0 = [0; 32];
+                    h.msg_control = control.0.as_mut_ptr().cast();
+                    // SAFETY: CMSG_SPACE is a pure size computation.
+                    h.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+                    // SAFETY: the header points at `control`, large and aligned
+                    // enough for one cmsghdr with two bytes of data.
+                    unsafe {
+                        let cmsg = libc::CMSG_FIRSTHDR(h);
+                        (*cmsg).cmsg_level = SOL_UDP;
+                        (*cmsg).cmsg_type = UDP_SEGMENT;
+                        (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(cmsg).cast::<u16>(),
+                            run.segment as u16,
+                        );
+                    }
+                }
+            }
+            // SAFETY: headers point at live iovecs, addresses, control
+            // buffers and arena bytes owned by `self` for the whole call.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd.as_raw_fd(),
+                    self.hdrs.as_mut_ptr(),
+                    self.hdrs.len() as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                let sent_runs = n as usize;
+                next = self.runs[sent_runs - 1].first + self.runs[sent_runs - 1].count;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            let first = self.runs[0].clone();
+            if first.count > 1
+                && matches!(
+                    err.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+                )
+            {
+                // No GSO here (device or kernel): send one by one from now on.
+                self.gso = false;
+                continue;
+            }
+            // The first message failed (full buffer, or an ICMP error
+            // reported for an earlier send): drop it and go on.
+            failed += first.count;
+            next = first.first + first.count;
+        }
+        self.entries.clear();
+        self.arena.clear();
+        failed
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn gso_runs_arrive_as_separate_datagrams() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        other
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut batch = SendBatch::new(32);
+        // A run of 10 equal datagrams, one of another size, one elsewhere.
+        for i in 0..10u8 {
+            batch.push(rx.local_addr().unwrap(), &[i; 100]);
+        }
+        batch.push(rx.local_addr().unwrap(), &[99; 7]);
+        batch.push(other.local_addr().unwrap(), &[42; 100]);
+        assert_eq!(batch.flush(tx.as_fd()), 0);
+        let mut buf = [0u8; 2048];
+        for i in 0..10u8 {
+            let (n, _) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[i; 100][..], "segment {i}");
+        }
+        let (n, _) = rx.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[99; 7]);
+        let (n, _) = other.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[42; 100][..]);
+    }
+
+    #[test]
+    fn send_batch_delivers_every_datagram_in_order() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut batch = SendBatch::new(4);
+        for i in 0..4u8 {
+            batch.push(rx.local_addr().unwrap(), &[i; 3]);
+        }
+        assert!(batch.is_full());
+        assert_eq!(batch.flush(tx.as_fd()), 0);
+        assert!(batch.is_empty());
+        let mut buf = [0u8; 16];
+        for i in 0..4u8 {
+            let (n, from) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[i; 3]);
+            assert_eq!(from, tx.local_addr().unwrap());
+        }
+    }
 
     #[test]
     fn receives_a_batch_at_the_headroom_offset() {

@@ -106,6 +106,16 @@ impl RecvBatch {
         }
     }
 
+    /// Receive slots (datagram buffers) per call.
+    pub fn capacity(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// Buffers filled by the last receive.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
     /// Buffers sized for `io`'s GRO capability.
     pub fn for_socket(io: &UdpIo, segment_len: usize) -> RecvBatch {
         RecvBatch::new(segment_len, io.state.gro_segments())

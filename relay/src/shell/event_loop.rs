@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
-use natrix_net::{HeadroomBatch, RecvBatch, SyncUdp};
+use natrix_net::{HeadroomBatch, RecvBatch, SendBatch, SyncUdp};
 use tracing::{debug, trace};
 
 use super::stream::{ReadOutcome, Stream};
@@ -45,11 +45,19 @@ const MAX_DATAGRAM: usize = 65_535;
 /// parse: TURN over UDP carries at most an MTU).
 const MAX_CLIENT_DATAGRAM: usize = 4096;
 
+/// Datagrams sent per `sendmmsg`.
+const SEND_BATCH: usize = 32;
+/// Peer datagrams received per `recvmmsg`.
+const PEER_BATCH: usize = 32;
+
 /// The relay sockets of one loop, indexed by allocation slot.
 struct Relays {
     registry: Registry,
     sockets: Vec<Option<(AllocationId, UdpSocket)>>,
     send_errors: u64,
+    /// Datagrams for peers, all from the relay socket of `out_from`.
+    out: SendBatch,
+    out_from: Option<AllocationId>,
 }
 
 fn set_dont_fragment(socket: &UdpSocket, v6: bool, on: bool) {
@@ -118,16 +126,38 @@ impl RelaySockets for Relays {
 }
 
 impl Relays {
+    /// Queues a datagram for `peer` from `id`'s relay socket; consecutive
+    /// datagrams of one allocation leave in one `sendmmsg`.
     #[inline]
     fn send(&mut self, id: AllocationId, payload: &[u8], peer: SocketAddr) {
+        if self.out_from != Some(id) || self.out.is_full() {
+            self.flush();
+        }
+        self.out_from = Some(id);
+        self.out.push(peer, payload);
+    }
+
+    /// Sends what is queued.
+    fn flush(&mut self) {
+        let Some(id) = self.out_from.take() else {
+            return;
+        };
+        if self.out.is_empty() {
+            return;
+        }
         match self.sockets.get(id.index()) {
             Some(Some((owner, socket))) if *owner == id => {
-                if let Err(e) = socket.send_to(payload, peer) {
-                    self.send_errors += 1;
-                    trace!(error = %e, %peer, "relay send failed");
+                let failed = self.out.flush(socket.as_fd());
+                if failed > 0 {
+                    self.send_errors += failed as u64;
+                    trace!(failed, "relay sends failed");
                 }
             }
-            _ => self.send_errors += 1,
+            _ => {
+                // The allocation ended meanwhile: nothing to send from.
+                self.send_errors += self.out.len() as u64;
+                self.out.clear();
+            }
         }
     }
 
@@ -144,6 +174,10 @@ impl Relays {
 /// The client-facing sockets of one loop.
 struct Clients {
     udp: Vec<SyncUdp>,
+    /// Per UDP listener bound to a specific address: datagrams queued for
+    /// one `sendmmsg` (wildcard listeners send one by one, with the source
+    /// address chosen per datagram).
+    udp_out: Vec<SendBatch>,
     streams: Vec<Option<Stream>>,
     free_streams: Vec<usize>,
     stream_by_client: HashMap<ClientSocket, usize, foldhash::fast::RandomState>,
@@ -156,23 +190,30 @@ impl Clients {
     fn deliver(&mut self, registry: &Registry, client: &ClientSocket, bytes: &[u8]) {
         match client.transport {
             Transport::Udp => {
-                let listener = self.udp.iter().find(|l| {
+                let listener = self.udp.iter().position(|l| {
                     let local = l.local_addr();
                     local.port() == client.server.port()
                         && (local.ip() == client.server.ip()
                             || (local.ip().is_unspecified()
                                 && local.is_ipv4() == client.server.is_ipv4()))
                 });
-                match listener {
-                    Some(l) => {
-                        if l.try_send_to(bytes, client.client, Some(client.server.ip()))
-                            .is_err()
-                        {
-                            self.send_errors += 1;
-                        }
+                let Some(i) = listener else {
+                    self.send_errors += 1;
+                    return;
+                };
+                let l = &self.udp[i];
+                if l.local_addr().ip().is_unspecified() {
+                    if l.try_send_to(bytes, client.client, Some(client.server.ip()))
+                        .is_err()
+                    {
+                        self.send_errors += 1;
                     }
-                    None => self.send_errors += 1,
+                    return;
                 }
+                if self.udp_out[i].is_full() {
+                    self.send_errors += self.udp_out[i].flush(l.socket().as_fd()) as u64;
+                }
+                self.udp_out[i].push(client.client, bytes);
             }
             Transport::Tcp | Transport::Tls => {
                 let Some(&j) = self.stream_by_client.get(client) else {
@@ -185,6 +226,17 @@ impl Clients {
                     }
                     want_write(registry, stream, j);
                 }
+            }
+        }
+    }
+}
+
+impl Clients {
+    /// Sends every queued UDP datagram.
+    fn flush_udp(&mut self) {
+        for (l, batch) in self.udp.iter().zip(self.udp_out.iter_mut()) {
+            if !batch.is_empty() {
+                self.send_errors += batch.flush(l.socket().as_fd()) as u64;
             }
         }
     }
@@ -275,6 +327,8 @@ impl EventLoop {
             registry: registry.try_clone()?,
             sockets: Vec::new(),
             send_errors: 0,
+            out: SendBatch::new(SEND_BATCH),
+            out_from: None,
         };
         Ok((
             EventLoop {
@@ -282,6 +336,7 @@ impl EventLoop {
                 registry,
                 core,
                 clients: Clients {
+                    udp_out: (0..udp.len()).map(|_| SendBatch::new(SEND_BATCH)).collect(),
                     udp,
                     streams: Vec::new(),
                     free_streams: Vec::new(),
@@ -293,7 +348,12 @@ impl EventLoop {
                 tls_config,
                 relays,
                 client_batch,
-                peer_batch: HeadroomBatch::new(32, PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
+                peer_batch: HeadroomBatch::new(
+                    PEER_BATCH,
+                    PEER_HEADROOM,
+                    MAX_DATAGRAM,
+                    PEER_TAILROOM,
+                ),
                 out: vec![0; 1500],
                 metrics,
                 published: Stats::default(),
@@ -446,6 +506,12 @@ impl EventLoop {
                     ClientAction::Consumed | ClientAction::Drop(_) => {}
                 }
             }
+            self.relays.flush();
+            // A batch that was not full drained the socket: the next
+            // datagram raises a new readiness edge.
+            if self.client_batch.filled() < self.client_batch.capacity() {
+                return true;
+            }
         }
         false
     }
@@ -462,12 +528,17 @@ impl EventLoop {
                 Err(_) => continue,
             }
             let now = Instant::now();
-            for j in 0..self.peer_batch.len() {
+            let received = self.peer_batch.len();
+            for j in 0..received {
                 let (buf, payload, from) = self.peer_batch.get_mut(j);
                 if let Ok(action) = self.core.handle_peer_input(id, from, buf, payload, now) {
                     self.clients
                         .deliver(&self.registry, &action.client, &buf[action.frame]);
                 }
+            }
+            self.clients.flush_udp();
+            if received < PEER_BATCH {
+                return true;
             }
         }
         false
@@ -546,6 +617,7 @@ impl EventLoop {
         let relays = &mut self.relays;
         let delegate = &mut self.delegate;
         let outcome = stream.read_frames(|frame, stream| {
+            // Flushed right after: frames of one read go out together.
             let client = stream.client;
             if let Some(d) = delegate.as_mut().filter(|_| is_binding(frame)) {
                 if let Some(len) = d.handle(frame, client.client, client.transport, out) {
@@ -565,6 +637,7 @@ impl EventLoop {
                 ClientAction::Consumed | ClientAction::Drop(_) => {}
             }
         });
+        self.relays.flush();
         match outcome {
             ReadOutcome::Close => self.close_stream(j, stream),
             ReadOutcome::Garbage(reason) => {

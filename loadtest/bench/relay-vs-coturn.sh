@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Relay benchmark: natrix against coturn (Debian's turnserver), the same load
+# generator (natrix-loadtest) against both in one run, on this machine.
+# Prints a Markdown table for BENCHMARKING.md. Bounded: about 2 minutes.
+#
+#   cargo build --release -p natrix -p natrix-loadtest
+#   loadtest/bench/relay-vs-coturn.sh [seconds-per-run]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+secs="${1:-5}"
+bin=target/release
+command -v turnserver >/dev/null || { echo "turnserver (Debian package coturn) is needed" >&2; exit 1; }
+[ -x "$bin/natrix" ] && [ -x "$bin/natrix-loadtest" ] || {
+  echo "build first: cargo build --release -p natrix -p natrix-loadtest" >&2; exit 1; }
+ulimit -n 65536 2>/dev/null || true
+
+NATRIX_PORT=34781; COTURN_PORT=34782; METRICS_PORT=39091
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+"$bin/natrix" relay --turn-listen 127.0.0.1:$NATRIX_PORT --metrics-listen 127.0.0.1:$METRICS_PORT \
+  --user bench:bench --realm bench --peer-allow 127.0.0.0/8 --user-quota 1000000 \
+  --max-allocations 1000000 --unauth-rate-per-prefix 1000000 --unauth-rate-total 1000000 \
+  --relay-ports 20000-60000 --log warn --log-format json >"$work/natrix.log" 2>&1 &
+natrix_pid=$!; pids+=("$natrix_pid")
+turnserver -n --no-cli --listening-ip 127.0.0.1 --listening-port $COTURN_PORT --relay-ip 127.0.0.1 \
+  --realm bench --user bench:bench --lt-cred-mech --allow-loopback-peers --no-tls --no-dtls \
+  --user-quota 0 --total-quota 0 --min-port 20000 --max-port 60000 \
+  --log-file "$work/coturn.log" --pidfile "$work/coturn.pid" >/dev/null 2>&1 &
+pids+=("$!")
+sleep 2
+coturn_pid="$(cat "$work/coturn.pid" 2>/dev/null || echo "${pids[1]}")"
+pids+=("$coturn_pid")
+
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+hz=$(getconf CLK_TCK)
+
+echo "| path | payload | server | relayed pkt/s | loss | server CPU s | pkt per server CPU s |"
+echo "|---|---|---|---|---|---|---|"
+declare -A rate eff
+for payload in 160 1200; do
+  for path in peer client; do
+    for server in natrix coturn; do
+      if [ $server = natrix ]; then port=$NATRIX_PORT; pid=$natrix_pid; else port=$COTURN_PORT; pid=$coturn_pid; fi
+      before=$(cpu_ticks "$pid")
+      out=$("$bin/natrix-loadtest" relay --server 127.0.0.1:$port --user bench --password bench \
+        --path $path --clients 4 --payload $payload --duration "${secs}s")
+      after=$(cpu_ticks "$pid")
+      pps=$(field "$out" relayed_packets_per_second); loss=$(field "$out" loss_ratio)
+      cpu=$(python3 -c "print(($after-$before)/$hz)")
+      per=$(python3 -c "print(int($pps*$(field "$out" seconds)/max($cpu,0.01)))")
+      rate[$path-$payload-$server]=$pps; eff[$path-$payload-$server]=$per
+      printf '| %s | %s | %s | %.0f | %.4f | %.2f | %s |\n' $path $payload $server "$pps" "$loss" "$cpu" "$per"
+    done
+  done
+done
+echo
+echo "| path | payload | natrix/coturn pkt/s | natrix/coturn pkt per CPU s |"
+echo "|---|---|---|---|"
+for payload in 160 1200; do
+  for path in peer client; do
+    python3 -c "print('| $path | $payload | %.2f | %.2f |' % (${rate[$path-$payload-natrix]}/${rate[$path-$payload-coturn]}, ${eff[$path-$payload-natrix]}/${eff[$path-$payload-coturn]}))"
+  done
+done
+
+echo
+echo "| server | allocations/s | RSS per allocation at 10 000 (bytes) |"
+echo "|---|---|---|"
+declare -A arate amem
+for server in natrix coturn; do
+  if [ $server = natrix ]; then port=$NATRIX_PORT; pid=$natrix_pid; else port=$COTURN_PORT; pid=$coturn_pid; fi
+  base=$(rss_kb "$pid")
+  "$bin/natrix-loadtest" allocations --server 127.0.0.1:$port --user bench --password bench \
+    --count 10000 --threads 8 --hold 6s >"$work/alloc-$server.json" &
+  lt=$!
+  # Wait for the result line (printed before the hold), then read RSS.
+  for _ in $(seq 1 120); do [ -s "$work/alloc-$server.json" ] && break; sleep 0.25; done
+  sleep 1
+  held=$(rss_kb "$pid")
+  wait $lt
+  out=$(cat "$work/alloc-$server.json")
+  per=$(( (held - base) * 1024 / 10000 ))
+  arate[$server]=$(field "$out" allocations_per_second); amem[$server]=$per
+  printf '| %s | %.0f | %s |\n' $server "${arate[$server]}" "$per"
+done
+python3 -c "print('\nnatrix/coturn: allocation rate %.2fx, memory per allocation %.2fx' % (${arate[natrix]}/${arate[coturn]}, ${amem[natrix]}/max(${amem[coturn]},1)))"

@@ -1,0 +1,432 @@
+//! `natrix-loadtest`: drives a TURN server (natrix or any other) with
+//! relayed traffic and reports rates, loss and round-trip times.
+//!
+//! `natrix-loadtest relay` measures relaying capacity on one of two paths:
+//! `peer` (client → relay → UDP peer that echoes → relay → client) or
+//! `client` (client A → relay → relay → client B, which echoes back the same
+//! way). Each client keeps a window of packets in flight, so the run finds
+//! the rate the server sustains instead of overrunning it. Every run is
+//! bounded in time.
+
+mod turn;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use natrix_net::{HeadroomBatch, SendBatch};
+use natrix_wire::{ChannelData, ChannelNumber};
+
+use crate::turn::{Credentials, TurnClient, channel_data};
+
+#[derive(Parser, Debug)]
+#[command(name = "natrix-loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Measure relayed packets per second through a TURN server.
+    Relay(RelayArgs),
+    /// Create many allocations and hold them: allocation rate, and (with
+    /// --hold) time to read the server's memory while they live.
+    Allocations(AllocationArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct AllocationArgs {
+    /// TURN server (UDP).
+    #[arg(long, default_value = "127.0.0.1:3478")]
+    server: SocketAddr,
+    /// Username.
+    #[arg(long)]
+    user: String,
+    /// Password.
+    #[arg(long)]
+    password: String,
+    /// Allocations to create.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Concurrent allocating threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Keep the allocations this long after creating them (the caller
+    /// reads the server's memory meanwhile), then delete them.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    hold: Duration,
+    /// Local address for client sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    local: std::net::IpAddr,
+}
+
+/// Raises the open-file limit: every allocation holds a client socket.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn allocations(args: &AllocationArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let creds = Credentials {
+        user: args.user.clone(),
+        password: args.password.clone(),
+    };
+    let local = SocketAddr::new(args.local, 0);
+    let threads = args.threads.max(1);
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Vec<TurnClient>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let creds = &creds;
+                s.spawn(move || {
+                    let share = args.count / threads + usize::from(t < args.count % threads);
+                    // A fresh socket may reuse the port of an allocation
+                    // that outlived its client (437): retry with another.
+                    (0..share)
+                        .map(|_| {
+                            let mut last = None;
+                            for _ in 0..3 {
+                                match TurnClient::allocate(args.server, local, creds) {
+                                    Ok(c) => return Ok(c),
+                                    Err(e) => last = Some(e),
+                                }
+                            }
+                            Err(last.unwrap_or_else(|| anyhow::anyhow!("allocation failed")))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a thread panicked")))
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut clients = Vec::new();
+    for r in results {
+        clients.extend(r?);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "allocations": clients.len(),
+            "seconds": elapsed,
+            "allocations_per_second": clients.len() as f64 / elapsed,
+        })
+    );
+    // Flushed before holding, so a caller can read the result and measure.
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(args.hold);
+    for c in &mut clients {
+        let _ = c.release();
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Path {
+    /// client → relay → peer → relay → client.
+    Peer,
+    /// client A → relay → relay → client B → relay → relay → client A.
+    Client,
+}
+
+#[derive(clap::Args, Debug)]
+struct RelayArgs {
+    /// TURN server (UDP).
+    #[arg(long, default_value = "127.0.0.1:3478")]
+    server: SocketAddr,
+    /// Username.
+    #[arg(long)]
+    user: String,
+    /// Password.
+    #[arg(long)]
+    password: String,
+    /// Which path to load.
+    #[arg(long, value_enum, default_value = "peer")]
+    path: Path,
+    /// Sending clients (each with its own allocation; the client path adds
+    /// one echoing client per sender).
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Application payload bytes per packet.
+    #[arg(long, default_value_t = 160)]
+    payload: usize,
+    /// Packets each client keeps in flight.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// How long to send.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Local address for client and peer sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    local: std::net::IpAddr,
+}
+
+const CHANNEL: u16 = 0x4000;
+
+/// What one sending client saw.
+#[derive(Debug, Default, Clone)]
+struct ClientResult {
+    sent: u64,
+    received: u64,
+    rtts_us: Vec<u32>,
+}
+
+/// Waits up to `ms` for `fd` to become readable.
+fn wait_readable(fd: BorrowedFd<'_>, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd owned by this frame.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+/// Sends with a window and counts echoes until `duration` has passed.
+/// Sends and receives are batched (sendmmsg/recvmmsg) so that the generator
+/// costs less CPU than the server it measures.
+fn drive(client: &TurnClient, args: &RelayArgs, started: Instant) -> anyhow::Result<ClientResult> {
+    let channel = ChannelNumber::new(CHANNEL).context("channel number")?;
+    let fd = client.socket.as_fd();
+    let server = args.server;
+    let payload_len = args.payload.max(16);
+    let mut payload = vec![0u8; payload_len];
+    let mut frame = vec![0u8; payload_len + 8];
+    let mut out = SendBatch::new(args.window.max(1));
+    let mut rx = HeadroomBatch::new(64, 0, 2048, 0);
+    let mut r = ClientResult::default();
+    let mut inflight = 0usize;
+    let deadline = started + args.duration;
+    while Instant::now() < deadline {
+        let room = args.window.saturating_sub(inflight);
+        for i in 0..room {
+            let t = started.elapsed().as_nanos() as u64;
+            payload[..8].copy_from_slice(&t.to_be_bytes());
+            payload[8..16].copy_from_slice(&(r.sent + i as u64).to_be_bytes());
+            let n = channel_data(&mut frame, channel, &payload);
+            out.push(server, &frame[..n]);
+        }
+        if room > 0 {
+            let failed = out.flush(fd);
+            r.sent += (room - failed) as u64;
+            inflight += room - failed;
+        }
+        // Nothing for 50 ms: whatever was in flight is lost.
+        if !wait_readable(fd, 50) {
+            inflight = 0;
+            continue;
+        }
+        let Ok(n) = rx.recv(fd) else { continue };
+        for j in 0..n {
+            let (buf, range, _) = rx.get_mut(j);
+            let Ok(cd) = ChannelData::parse(&buf[range]) else {
+                continue;
+            };
+            if cd.payload.len() != payload_len {
+                continue;
+            }
+            r.received += 1;
+            inflight = inflight.saturating_sub(1);
+            if r.received % 16 == 0 {
+                let sent_at = u64::from_be_bytes(cd.payload[..8].try_into().unwrap_or_default());
+                let now = started.elapsed().as_nanos() as u64;
+                r.rtts_us.push((now.saturating_sub(sent_at) / 1000) as u32);
+            }
+        }
+    }
+    // Late echoes still count.
+    while wait_readable(fd, 100) {
+        let Ok(n) = rx.recv(fd) else { break };
+        for j in 0..n {
+            let (buf, range, _) = rx.get_mut(j);
+            if ChannelData::parse(&buf[range]).is_ok_and(|cd| cd.payload.len() == payload_len) {
+                r.received += 1;
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Receives in batches and sends every datagram `reply` accepts back in one
+/// batch, until `stop`.
+fn echo(
+    socket: &UdpSocket,
+    stop: &AtomicBool,
+    reply_to: impl Fn(SocketAddr) -> SocketAddr,
+    accept: impl Fn(&[u8]) -> bool,
+) {
+    let fd = socket.as_fd();
+    let mut rx = HeadroomBatch::new(64, 0, 65535, 0);
+    let mut out = SendBatch::new(64);
+    while !stop.load(Ordering::Relaxed) {
+        if !wait_readable(fd, 100) {
+            continue;
+        }
+        let Ok(n) = rx.recv(fd) else { continue };
+        for j in 0..n {
+            let (buf, range, from) = rx.get_mut(j);
+            if accept(&buf[range.clone()]) {
+                out.push(reply_to(from), &buf[range]);
+            }
+        }
+        out.flush(fd);
+    }
+}
+
+/// Echoes every ChannelData frame back on the same channel until `stop`.
+fn echo_client(client: &TurnClient, server: SocketAddr, stop: &AtomicBool) {
+    echo(
+        &client.socket,
+        stop,
+        |_| server,
+        |d| ChannelData::parse(d).is_ok(),
+    );
+}
+
+/// A plain UDP echo peer.
+fn echo_peer(socket: &UdpSocket, stop: &AtomicBool) {
+    echo(socket, stop, |from| from, |_| true);
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+fn relay(args: &RelayArgs) -> anyhow::Result<()> {
+    let creds = Credentials {
+        user: args.user.clone(),
+        password: args.password.clone(),
+    };
+    let local = SocketAddr::new(args.local, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut helpers = Vec::new();
+    let mut senders = Vec::new();
+    let mut echoers = Vec::new();
+    match args.path {
+        Path::Peer => {
+            let peer = Arc::new(UdpSocket::bind(local).context("binding the echo peer")?);
+            let peer_addr = peer.local_addr()?;
+            {
+                let stop = stop.clone();
+                helpers.push(std::thread::spawn(move || echo_peer(&peer, &stop)));
+            }
+            for _ in 0..args.clients {
+                let mut c = TurnClient::allocate(args.server, local, &creds)?;
+                c.bind_channel(CHANNEL, peer_addr)?;
+                senders.push(c);
+            }
+        }
+        Path::Client => {
+            for _ in 0..args.clients {
+                let mut a = TurnClient::allocate(args.server, local, &creds)?;
+                let mut b = TurnClient::allocate(args.server, local, &creds)?;
+                a.bind_channel(CHANNEL, b.relayed)?;
+                b.bind_channel(CHANNEL, a.relayed)?;
+                senders.push(a);
+                echoers.push(b);
+            }
+        }
+    }
+    let server = args.server;
+    for b in echoers {
+        let stop = stop.clone();
+        helpers.push(std::thread::spawn(move || {
+            echo_client(&b, server, &stop);
+            let mut b = b;
+            let _ = b.release();
+        }));
+    }
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<ClientResult>> = std::thread::scope(|s| {
+        let handles: Vec<_> = senders
+            .iter()
+            .map(|c| s.spawn(move || drive(c, args, started)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a client panicked")))
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for h in helpers {
+        let _ = h.join();
+    }
+    for c in &mut senders {
+        let _ = c.release();
+    }
+    let mut total = ClientResult::default();
+    for r in results {
+        let r = r?;
+        total.sent += r.sent;
+        total.received += r.received;
+        total.rtts_us.extend(r.rtts_us);
+    }
+    total.rtts_us.sort_unstable();
+    // Each echoed packet crossed the relay twice (peer path: client→peer and
+    // peer→client) or four times (client path: two allocations each way).
+    let hops = match args.path {
+        Path::Peer => 2.0,
+        Path::Client => 4.0,
+    };
+    let out = serde_json::json!({
+        "path": format!("{:?}", args.path).to_lowercase(),
+        "clients": args.clients,
+        "payload_bytes": args.payload,
+        "window": args.window,
+        "seconds": elapsed,
+        "sent": total.sent,
+        "echoed": total.received,
+        "loss_ratio": if total.sent > 0 { 1.0 - total.received as f64 / total.sent as f64 } else { 0.0 },
+        "echoes_per_second": total.received as f64 / elapsed,
+        "relayed_packets_per_second": hops * total.received as f64 / elapsed,
+        "rtt_ms_p50": percentile(&total.rtts_us, 0.50),
+        "rtt_ms_p99": percentile(&total.rtts_us, 0.99),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Relay(args) => relay(args),
+        Command::Allocations(args) => allocations(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("natrix-loadtest: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
