@@ -396,3 +396,37 @@ fn a_flood_from_many_sources_does_not_disturb_established_allocations() {
         "{sent} flood datagrams, {accounted} answered or counted"
     );
 }
+
+/// On a wildcard listener every answer and relayed datagram must leave from
+/// the address the client used (IP_PKTINFO), or a connected client drops it.
+#[test]
+fn a_wildcard_listener_answers_from_the_address_the_client_used() {
+    let port = common::free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let natrix = Natrix::relay(&["--peer-allow", "127.0.0.0/8", "--turn-listen", &listen]);
+    let (_peer, peer_port) = udp_echo_peer();
+    let p = port.to_string();
+    let pp = peer_port.to_string();
+    // The server is reached at 127.0.0.2; replies must come from 127.0.0.2.
+    let report = uclient(&[
+        "-p",
+        &p,
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        "100",
+        "-m",
+        "2",
+        "-l",
+        "200",
+        "127.0.0.2",
+    ]);
+    assert_clean(&report, 200);
+    assert!(natrix.metric("relay_allocations_created_total") >= 2.0);
+}

@@ -3,7 +3,7 @@
 //! Data indication) is written in front of the payload instead of copying it.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -178,10 +178,11 @@ struct Run {
     bytes: Range<usize>,
 }
 
-/// Control-message space for one UDP_SEGMENT cmsg, 8-byte aligned.
+/// Control-message space for a UDP_SEGMENT and a PKTINFO cmsg, 8-byte
+/// aligned.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
-struct Control([u8; 32]);
+struct Control([u8; 96]);
 
 /// Datagrams queued for one socket and sent with one `sendmmsg(2)`; runs of
 /// same-sized datagrams to one destination leave as one GSO send (the kernel
@@ -189,7 +190,7 @@ struct Control([u8; 32]);
 /// payloads are copied into an arena reused across flushes.
 pub struct SendBatch {
     arena: Vec<u8>,
-    entries: Vec<(socket2::SockAddr, Range<usize>)>,
+    entries: Vec<(socket2::SockAddr, Range<usize>, Option<IpAddr>)>,
     capacity: usize,
     gso: bool,
     runs: Vec<Run>,
@@ -222,7 +223,7 @@ impl SendBatch {
             capacity,
             gso: true,
             runs: Vec::with_capacity(capacity),
-            controls: vec![Control([0; 32]); capacity],
+            controls: vec![Control([0; 96]); capacity],
             iovs: Vec::with_capacity(capacity),
             hdrs: Vec::with_capacity(capacity),
         }
@@ -257,22 +258,30 @@ impl SendBatch {
 
     /// Queues `payload` for `to`.
     pub fn push(&mut self, to: SocketAddr, payload: &[u8]) {
+        self.push_from(to, None, payload);
+    }
+
+    /// Queues `payload` for `to`, sent from source address `from` (a
+    /// socket bound to a wildcard address answers from the address the
+    /// client used, IP_PKTINFO / IPV6_PKTINFO).
+    pub fn push_from(&mut self, to: SocketAddr, from: Option<IpAddr>, payload: &[u8]) {
         let start = self.arena.len();
         self.arena.extend_from_slice(payload);
         self.entries
-            .push((socket2::SockAddr::from(to), start..self.arena.len()));
+            .push((socket2::SockAddr::from(to), start..self.arena.len(), from));
     }
 
     /// Groups the queued datagrams (from `from` on) into messages.
     fn plan(&mut self, from: usize) {
         self.runs.clear();
         for i in from..self.entries.len() {
-            let (addr, range) = &self.entries[i];
+            let (addr, range, src) = &self.entries[i];
             let len = range.len();
             if self.gso
                 && let Some(run) = self.runs.last_mut()
             {
-                let same_dest = self.entries[run.first].0 == *addr;
+                let first = &self.entries[run.first];
+                let same_dest = first.0 == *addr && first.2 == *src;
                 if same_dest
                     && len == run.segment
                     && run.count < MAX_GSO_SEGMENTS
@@ -314,29 +323,75 @@ impl SendBatch {
                 self.hdrs.push(unsafe { std::mem::zeroed() });
             }
             for (k, run) in self.runs.iter().enumerate() {
-                let addr = &self.entries[run.first].0;
+                let (addr, _, src) = &self.entries[run.first];
                 let h = &mut self.hdrs[k].msg_hdr;
                 h.msg_name = addr.as_ptr() as *mut libc::c_void;
                 h.msg_namelen = addr.len();
                 h.msg_iov = &mut self.iovs[k];
                 h.msg_iovlen = 1;
-                if run.count > 1 {
+                if run.count > 1 || src.is_some() {
                     let control = &mut self.controls[k];
-                    control.0 = [0; 32];
+                    control.0 = [0; 96];
                     h.msg_control = control.0.as_mut_ptr().cast();
-                    // SAFETY: CMSG_SPACE is a pure size computation.
-                    h.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
-                    // SAFETY: the header points at `control`, large and aligned
-                    // enough for one cmsghdr with two bytes of data.
+                    h.msg_controllen = control.0.len() as _;
+                    // SAFETY: the header points at `control`, 8-byte aligned
+                    // and large enough for a UDP_SEGMENT cmsg (2 bytes) and
+                    // a PKTINFO cmsg (at most 20 bytes); CMSG_NXTHDR walks
+                    // inside msg_controllen, which is trimmed to what was
+                    // written before the call.
                     unsafe {
-                        let cmsg = libc::CMSG_FIRSTHDR(h);
-                        (*cmsg).cmsg_level = SOL_UDP;
-                        (*cmsg).cmsg_type = UDP_SEGMENT;
-                        (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
-                        std::ptr::write_unaligned(
-                            libc::CMSG_DATA(cmsg).cast::<u16>(),
-                            run.segment as u16,
-                        );
+                        let mut used = 0usize;
+                        let mut cmsg = libc::CMSG_FIRSTHDR(h);
+                        if run.count > 1 {
+                            (*cmsg).cmsg_level = SOL_UDP;
+                            (*cmsg).cmsg_type = UDP_SEGMENT;
+                            (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
+                            std::ptr::write_unaligned(
+                                libc::CMSG_DATA(cmsg).cast::<u16>(),
+                                run.segment as u16,
+                            );
+                            used += libc::CMSG_SPACE(2) as usize;
+                            cmsg = libc::CMSG_NXTHDR(h, cmsg);
+                        }
+                        match src {
+                            Some(IpAddr::V4(ip)) => {
+                                let info = libc::in_pktinfo {
+                                    ipi_ifindex: 0,
+                                    ipi_spec_dst: libc::in_addr {
+                                        s_addr: u32::from(*ip).to_be(),
+                                    },
+                                    ipi_addr: libc::in_addr { s_addr: 0 },
+                                };
+                                let n = std::mem::size_of::<libc::in_pktinfo>() as u32;
+                                (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                                (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                                (*cmsg).cmsg_len = libc::CMSG_LEN(n) as _;
+                                std::ptr::write_unaligned(
+                                    libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>(),
+                                    info,
+                                );
+                                used += libc::CMSG_SPACE(n) as usize;
+                            }
+                            Some(IpAddr::V6(ip)) => {
+                                let info = libc::in6_pktinfo {
+                                    ipi6_addr: libc::in6_addr {
+                                        s6_addr: ip.octets(),
+                                    },
+                                    ipi6_ifindex: 0,
+                                };
+                                let n = std::mem::size_of::<libc::in6_pktinfo>() as u32;
+                                (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+                                (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                                (*cmsg).cmsg_len = libc::CMSG_LEN(n) as _;
+                                std::ptr::write_unaligned(
+                                    libc::CMSG_DATA(cmsg).cast::<libc::in6_pktinfo>(),
+                                    info,
+                                );
+                                used += libc::CMSG_SPACE(n) as usize;
+                            }
+                            None => {}
+                        }
+                        h.msg_controllen = used as _;
                     }
                 }
             }
@@ -409,6 +464,29 @@ mod tests {
         assert_eq!(&buf[..n], &[99; 7]);
         let (n, _) = other.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], &[42; 100][..]);
+    }
+
+    #[test]
+    fn a_wildcard_socket_sends_from_the_chosen_address() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let tx = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = tx.local_addr().unwrap().port();
+        let mut batch = SendBatch::new(8);
+        for src in ["127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+            batch.push_from(
+                rx.local_addr().unwrap(),
+                Some(src.parse().unwrap()),
+                &[1; 50],
+            );
+        }
+        assert_eq!(batch.flush(tx.as_fd()), 0);
+        let mut buf = [0u8; 64];
+        for src in ["127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+            let (_, from) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!(from, SocketAddr::new(src.parse().unwrap(), port));
+        }
     }
 
     #[test]

@@ -174,9 +174,8 @@ impl Relays {
 /// The client-facing sockets of one loop.
 struct Clients {
     udp: Vec<SyncUdp>,
-    /// Per UDP listener bound to a specific address: datagrams queued for
-    /// one `sendmmsg` (wildcard listeners send one by one, with the source
-    /// address chosen per datagram).
+    /// Per UDP listener: datagrams queued for one `sendmmsg` (with the
+    /// source address chosen per datagram on wildcard listeners).
     udp_out: Vec<SendBatch>,
     streams: Vec<Option<Stream>>,
     free_streams: Vec<usize>,
@@ -202,18 +201,17 @@ impl Clients {
                     return;
                 };
                 let l = &self.udp[i];
-                if l.local_addr().ip().is_unspecified() {
-                    if l.try_send_to(bytes, client.client, Some(client.server.ip()))
-                        .is_err()
-                    {
-                        self.send_errors += 1;
-                    }
-                    return;
-                }
                 if self.udp_out[i].is_full() {
                     self.send_errors += self.udp_out[i].flush(l.socket().as_fd()) as u64;
                 }
-                self.udp_out[i].push(client.client, bytes);
+                // A wildcard listener answers from the address the client
+                // used.
+                let from = l
+                    .local_addr()
+                    .ip()
+                    .is_unspecified()
+                    .then_some(client.server.ip());
+                self.udp_out[i].push_from(client.client, from, bytes);
             }
             Transport::Tcp | Transport::Tls => {
                 let Some(&j) = self.stream_by_client.get(client) else {

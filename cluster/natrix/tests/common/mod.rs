@@ -63,7 +63,17 @@ impl Natrix {
     }
 
     fn try_start(cmd: &str, extra: &[&str]) -> Result<Natrix, String> {
-        let stun = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // A test may choose the TURN listener itself (e.g. a wildcard
+        // address); the harness then talks to its port on 127.0.0.1.
+        let chosen = extra
+            .iter()
+            .position(|a| *a == "--turn-listen")
+            .and_then(|i| extra.get(i + 1))
+            .and_then(|v| v.parse::<SocketAddr>().ok());
+        let stun = match chosen {
+            Some(addr) => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+            None => SocketAddr::from(([127, 0, 0, 1], free_port())),
+        };
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let stderr_path = std::env::temp_dir().join(format!(
             "natrix-test-{}-{}.log",
@@ -76,14 +86,18 @@ impl Natrix {
             .args(if cmd == "cdx" {
                 vec!["--stun-listen".to_string(), stun.to_string()]
             } else {
-                vec![
-                    "--turn-listen".to_string(),
-                    stun.to_string(),
+                let mut args = Vec::new();
+                if chosen.is_none() {
+                    args.push("--turn-listen".to_string());
+                    args.push(stun.to_string());
+                }
+                args.extend([
                     "--user".to_string(),
                     format!("{USER}:{PASSWORD}"),
                     "--realm".to_string(),
                     REALM.to_string(),
-                ]
+                ]);
+                args
             })
             .args(["--metrics-listen", &metrics.to_string()])
             .args(["--log-format", "json", "--workers", "2"])
