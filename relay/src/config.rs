@@ -83,6 +83,17 @@ pub struct RelayConfig {
     )]
     pub auth_secrets: Vec<Redacted>,
 
+    /// A file of TURN REST secrets, one per line (`key-id=secret`), newest
+    /// first; tried before --auth-secret, and reloaded when it changes or
+    /// on SIGHUP (e.g. a Kubernetes Secret mounted as a file).
+    #[arg(long = "auth-secret-file", env = "NATRIX_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+
+    /// On SIGTERM, how long to keep relaying existing allocations (new ones
+    /// are refused) before exiting; a second signal exits at once.
+    #[arg(long = "drain-timeout", env = "NATRIX_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
     /// Static users `name:password` (development; comma separated).
     #[arg(long = "user", env = "NATRIX_USERS", value_delimiter = ',')]
     pub users: Vec<Redacted>,
@@ -199,17 +210,37 @@ impl RelayConfig {
             let (name, password) = u.0.split_once(':').ok_or("--user takes name:password")?;
             users.insert(name.to_string(), password.to_string());
         }
-        if self.auth_secrets.is_empty() && users.is_empty() {
+        if self.auth_secrets.is_empty() && users.is_empty() && self.auth_secret_file.is_none() {
             return Err(
-                "no credentials: give --auth-secret (TURN REST) or --user name:password".into(),
+                "no credentials: give --auth-secret or --auth-secret-file (TURN REST) or --user name:password"
+                    .into(),
             );
         }
-        Ok(Credentials::new(
-            self.realm.clone(),
-            secrets,
-            users,
-            self.relay_id.clone(),
-        ))
+        let base = Credentials::new(self.realm.clone(), secrets, users, self.relay_id.clone());
+        match &self.auth_secret_file {
+            Some(path) => {
+                let file = crate::control::read_secrets(path).map_err(|e| format!("{e:#}"))?;
+                Ok(base.with_extra_secrets(file))
+            }
+            None => Ok(base),
+        }
+    }
+
+    /// Credentials without the secrets file (the base a reload rebuilds on).
+    pub fn base_credentials(&self) -> Result<Credentials, String> {
+        let without_file = RelayConfig {
+            auth_secret_file: None,
+            ..self.clone()
+        };
+        if self.auth_secrets.is_empty() && self.users.is_empty() {
+            return Ok(Credentials::new(
+                self.realm.clone(),
+                Vec::new(),
+                HashMap::new(),
+                self.relay_id.clone(),
+            ));
+        }
+        without_file.credentials()
     }
 
     /// The peer policy.

@@ -6,9 +6,12 @@
 //! decision that points into the input buffer (no copy, no allocation), and
 //! commands for the shell (close a relay socket). [`shell`] drives it on
 //! real sockets: one `mio` loop per core, batched receives, nothing shared
-//! between loops on the packet path. [`config`] is the role's command line.
+//! between loops on the packet path. [`control`] is the control plane (drain,
+//! credential rotation, certificate reloads; an actix actor). [`config`] is
+//! the role's command line.
 
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod metrics;
 pub mod shell;

@@ -982,3 +982,57 @@ fn garbage_never_panics_and_is_counted() {
     }
     assert_eq!(h.server.stats().allocations, 1);
 }
+
+#[test]
+fn draining_refuses_new_allocations_and_keeps_existing_ones() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    h.allocate(c, &alice, h.t0);
+    let id = h.last_allocation();
+    let nonce = h.nonce(c, h.t0);
+    let perm = Req::new(Method::CREATE_PERMISSION)
+        .peer(peer(1, 1))
+        .sign(&alice, &nonce);
+    h.request(&perm, c, h.t0);
+    h.server.set_draining(true);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(2), h.t0)), Some(508));
+    // The existing allocation still relays and can be refreshed.
+    let (mut buf, range) = peer_buffer(b"still here");
+    assert!(
+        h.server
+            .handle_peer_input(id, peer(1, 1), &mut buf, range, h.t0)
+            .is_ok()
+    );
+    let refresh = Req::new(Method::REFRESH).sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&refresh, c, h.t0)), None);
+}
+
+#[test]
+fn rotated_credentials_apply_to_new_requests_only() {
+    let mut h = Harness::new(config());
+    let user = User::rest(&format!("{}:alice", UNIX_T0 + 3600), SECRET);
+    let c = client(1);
+    h.allocate(c, &user, h.t0);
+    // The old secret is withdrawn: new allocations with it fail, the
+    // existing allocation keeps its key.
+    h.server.set_credentials(Credentials::new(
+        REALM,
+        vec![Secret {
+            key_id: "next".into(),
+            secret: b"next-secret".to_vec(),
+        }],
+        HashMap::new(),
+        None,
+    ));
+    let nonce = h.nonce(client(2), h.t0);
+    let req = Req::new(Method::ALLOCATE).transport(17).sign(&user, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(2), h.t0)), Some(401));
+    let refresh = Req::new(Method::REFRESH).sign(&user, &nonce);
+    assert_eq!(code_of(&h.request(&refresh, c, h.t0)), None);
+    let next = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"next-secret");
+    h.allocate(client(3), &next, h.t0);
+}

@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Actor;
 use anyhow::Context;
 use natrix_cdx::{
     BindingResponder, CdxConfig, CdxMetrics, LoopCounters, Outcome, server::CdxServer,
 };
 use natrix_relay::config::Redacted;
+use natrix_relay::control::{Reload, ReloadActor};
 use natrix_relay::core::Transport;
 use natrix_relay::{BindingDelegate, DelegateFactory, RelayConfig, RelayHost};
 use natrix_telemetry::{Telemetry, http};
@@ -36,25 +38,71 @@ fn worker_count(requested: usize) -> usize {
     }
 }
 
-/// Waits for SIGINT or SIGTERM; on SIGHUP reloads the relay's TLS
-/// certificate and keeps waiting.
-async fn shutdown_signal(relay: Option<&RelayHost>) -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok("SIGTERM"),
-            _ = int.recv() => return Ok("SIGINT"),
-            _ = hup.recv() => {
-                if let Some(relay) = relay {
-                    match relay.reload_tls() {
-                        Ok(()) => info!("SIGHUP: TLS certificate reloaded"),
-                        Err(e) => warn!("SIGHUP: TLS certificate not reloaded, keeping the previous one: {e:#}"),
+/// The signals a serving process reacts to.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM; SIGHUP asks `reload` to reload
+    /// certificates and secrets, and waiting goes on.
+    async fn stop(&mut self, reload: Option<&actix::Addr<ReloadActor>>) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => {
+                    info!("SIGHUP: reloading certificates and secrets");
+                    if let Some(r) = reload {
+                        r.do_send(Reload);
                     }
                 }
             }
+        }
+    }
+}
+
+/// Refuses new allocations and waits until the existing ones are gone, the
+/// timeout passes or a second signal arrives.
+async fn drain(relay: &RelayHost, timeout: Duration, signals: &mut Signals) {
+    let control = relay.control();
+    control.drain();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let left = control.allocations();
+    if left == 0 {
+        return;
+    }
+    info!(
+        allocations = left,
+        ?timeout,
+        "draining: new allocations refused, existing ones relayed until they end"
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                // Loops publish their counts every 200 ms.
+                if control.allocations() == 0 {
+                    info!("drained: no allocation left");
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    warn!(allocations = control.allocations(), "drain timeout: exiting with allocations alive");
+                    return;
+                }
+            }
+            _ = signals.term.recv() => { warn!("second signal: exiting without waiting"); return; }
+            _ = signals.int.recv() => { warn!("second signal: exiting without waiting"); return; }
         }
     }
 }
@@ -197,14 +245,23 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
     // The control plane (actix) runs on this thread: the metrics endpoint
     // today, registry and drain actors as they land.
     let system = actix_rt::System::new();
+    let drain_timeout = match &plan {
+        Plan::Up(r) | Plan::Relay(r) => r.drain_timeout,
+        Plan::Cdx(_) => Duration::ZERO,
+    };
     let signal = system.block_on(async {
+        let mut signals = Signals::install()?;
         let (server, addr) = http::serve(global.metrics_listen, telemetry.clone())?;
         let handle = server.handle();
         actix_rt::spawn(server);
         info!(%addr, "metrics and health endpoint up");
-        let signal = shutdown_signal(running.relay.as_ref()).await?;
+        let reload = running.relay.as_ref().map(|r| r.reload_actor().start());
+        let signal = signals.stop(reload.as_ref()).await;
         info!(signal, "shutting down");
         telemetry.health().start_draining();
+        if let Some(relay) = &running.relay {
+            drain(relay, drain_timeout, &mut signals).await;
+        }
         handle.stop(true).await;
         anyhow::Ok(signal)
     })?;

@@ -430,3 +430,53 @@ fn a_wildcard_listener_answers_from_the_address_the_client_used() {
     assert_clean(&report, 200);
     assert!(natrix.metric("relay_allocations_created_total") >= 2.0);
 }
+
+/// A secrets file (e.g. a Kubernetes Secret) is re-read when it changes:
+/// the new secret works at once, a withdrawn one stops working.
+#[test]
+fn a_rotated_secrets_file_takes_effect_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("natrix-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("secrets");
+    std::fs::write(&file, "# TURN REST secrets, newest first\nk1=old-secret\n").expect("write");
+    let path = file.display().to_string();
+    let natrix = Natrix::relay(&["--peer-allow", "127.0.0.0/8", "--auth-secret-file", &path]);
+    let (_peer, peer_port) = udp_echo_peer();
+    let p = port(&natrix);
+    let pp = peer_port.to_string();
+    let run = |secret: &str| {
+        uclient(&[
+            "-p",
+            &p,
+            "-W",
+            secret,
+            "-u",
+            "alice",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "10",
+            "-m",
+            "1",
+            "-c",
+            "127.0.0.1",
+        ])
+    };
+    assert_clean(&run("old-secret"), 10);
+
+    // Rotate: write a new file and rename it over the old one.
+    let tmp = dir.join("secrets.tmp");
+    std::fs::write(&tmp, "k2=new-secret\n").expect("write");
+    std::fs::rename(&tmp, &file).expect("rename");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_clean(&run("new-secret"), 10);
+    let refused = run("old-secret");
+    assert_eq!(
+        refused.received, 0,
+        "a withdrawn secret still works:\n{}",
+        refused.output
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -72,6 +72,16 @@ impl Credentials {
         }
     }
 
+    /// The same store with `extra` secrets tried first (a rotated secrets
+    /// file in front of the command-line secrets).
+    pub fn with_extra_secrets(&self, extra: Vec<Secret>) -> Credentials {
+        let mut c = self.clone();
+        let mut secrets = extra;
+        secrets.extend(self.secrets.iter().cloned());
+        c.secrets = secrets;
+        c
+    }
+
     /// The realm (RFC 8489 §14.9).
     pub fn realm(&self) -> &str {
         &self.realm

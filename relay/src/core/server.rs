@@ -186,6 +186,7 @@ pub struct Server {
     epoch_unix: u64,
     rng: u64,
     next_sweep: Instant,
+    draining: bool,
 }
 
 impl Server {
@@ -222,7 +223,21 @@ impl Server {
             epoch_unix: unix_now,
             rng,
             next_sweep: now + SWEEP_INTERVAL,
+            draining: false,
         }
+    }
+
+    /// While draining, new allocations are refused with 508 (clients move on
+    /// to their next ICE server) and existing ones keep working until they
+    /// end.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Replaces the credential store (secret rotation). Existing
+    /// allocations keep the key they were created with.
+    pub fn set_credentials(&mut self, credentials: Credentials) {
+        self.credentials = credentials;
     }
 
     /// Counts a drop the shell decided (stream framing).
@@ -692,6 +707,9 @@ impl Server {
                 enc.attribute(&Attribute::Lifetime(left))?;
                 enc.xor_mapped_address(from.client)
             });
+        }
+        if self.draining {
+            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
         }
         match msg.decode(AttributeType::REQUESTED_TRANSPORT) {
             Some(Ok(Attribute::RequestedTransport(transport::UDP))) => {}

@@ -22,6 +22,7 @@ use tracing::{debug, trace};
 
 use super::stream::{ReadOutcome, Stream};
 use super::{BindingDelegate, is_binding};
+use crate::control::Control;
 use crate::core::{
     AllocationId, ClientAction, ClientSocket, Command, PEER_HEADROOM, PEER_TAILROOM, RelaySockets,
     Server, Stats, Transport,
@@ -283,6 +284,10 @@ pub(super) struct EventLoop {
     published_send_errors: u64,
     stop: Arc<AtomicBool>,
     delegate: Option<Box<dyn BindingDelegate>>,
+    control: Arc<Control>,
+    shard: usize,
+    draining: bool,
+    credentials_generation: u64,
 }
 
 impl EventLoop {
@@ -293,6 +298,7 @@ impl EventLoop {
         metrics: RelayMetrics,
         stop: Arc<AtomicBool>,
         delegate: Option<Box<dyn BindingDelegate>>,
+        (control, shard): (Arc<Control>, usize),
     ) -> io::Result<(EventLoop, Arc<mio::Waker>)> {
         let Listeners { udp, tcp, tls } = listeners;
         let poll = Poll::new()?;
@@ -358,6 +364,10 @@ impl EventLoop {
                 published_send_errors: 0,
                 stop,
                 delegate,
+                credentials_generation: control.credentials_generation(),
+                control,
+                shard,
+                draining: false,
             },
             waker,
         ))
@@ -394,6 +404,7 @@ impl EventLoop {
             pending.sort_unstable();
             pending.dedup();
 
+            self.apply_control();
             let now = Instant::now();
             self.core.handle_timeout(now);
             while let Some(command) = self.core.poll_command() {
@@ -415,7 +426,23 @@ impl EventLoop {
         self.publish();
     }
 
+    /// Applies what the control plane changed (between batches).
+    fn apply_control(&mut self) {
+        let draining = self.control.is_draining();
+        if draining != self.draining {
+            self.draining = draining;
+            self.core.set_draining(draining);
+        }
+        let generation = self.control.credentials_generation();
+        if generation != self.credentials_generation {
+            self.credentials_generation = generation;
+            self.core.set_credentials(self.control.credentials());
+        }
+    }
+
     fn publish(&mut self) {
+        self.control
+            .set_allocations(self.shard, self.core.allocation_count() as u64);
         if let Some(d) = self.delegate.as_mut() {
             d.flush();
         }

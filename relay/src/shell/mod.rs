@@ -28,6 +28,7 @@ use natrix_telemetry::Telemetry;
 use tracing::{info, warn};
 
 use crate::config::RelayConfig;
+use crate::control::{Control, ReloadActor, SecretSource};
 use crate::core::{Server, SharedPorts, Transport};
 use crate::metrics::RelayMetrics;
 
@@ -73,7 +74,8 @@ pub struct RelayHost {
     tcp: Vec<SocketAddr>,
     tls: Vec<SocketAddr>,
     tls_config: Option<Arc<TlsReloader>>,
-    watcher: Option<JoinHandle<()>>,
+    control: Arc<Control>,
+    secrets: Option<SecretSource>,
 }
 
 /// Binds a TCP listener that several loops share (SO_REUSEPORT).
@@ -182,6 +184,14 @@ impl RelayHost {
         }
 
         let ports = SharedPorts::new(config.ports);
+        let control = Arc::new(Control::new(credentials.clone(), loops));
+        let secrets = match &config.auth_secret_file {
+            Some(path) => Some(SecretSource {
+                path: path.clone(),
+                base: config.base_credentials().map_err(anyhow::Error::msg)?,
+            }),
+            None => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         let unix_now = SystemTime::now()
@@ -205,39 +215,16 @@ impl RelayHost {
                 metrics.clone(),
                 stop.clone(),
                 delegate.as_ref().map(|make| make()),
+                (control.clone(), shard),
             )
             .context("setting up a relay loop")?;
+            control.add_waker(waker.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("natrix-relay-{shard}"))
                 .spawn(move || event_loop.run())
                 .context("spawning a relay loop")?;
             handles.push((handle, waker));
         }
-        // Control plane: reload the certificate when its files change.
-        let watcher = match &tls_config {
-            Some(reloader) => {
-                let reloader = reloader.clone();
-                let stop = stop.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("natrix-tls-watch".into())
-                        .spawn(move || {
-                            while !stop.load(Ordering::Relaxed) {
-                                std::thread::sleep(std::time::Duration::from_millis(500));
-                                match reloader.reload_if_changed() {
-                                    Ok(true) => info!("TLS certificate reloaded (files changed)"),
-                                    Ok(false) => {}
-                                    Err(e) => warn!(
-                                        "TLS certificate files changed but could not be loaded; keeping the previous one: {e:#}"
-                                    ),
-                                }
-                            }
-                        })
-                        .context("spawning the TLS watcher")?,
-                )
-            }
-            None => None,
-        };
         info!(
             udp = ?udp_addrs,
             tcp = ?tcp_addrs,
@@ -254,7 +241,8 @@ impl RelayHost {
             tcp: tcp_addrs,
             tls: tls_addrs,
             tls_config,
-            watcher,
+            control,
+            secrets,
         })
     }
 
@@ -273,13 +261,19 @@ impl RelayHost {
         &self.tls
     }
 
-    /// Reloads the TLS certificate and key (SIGHUP). New connections use
-    /// them; established ones keep theirs.
-    pub fn reload_tls(&self) -> anyhow::Result<()> {
-        match &self.tls_config {
-            Some(t) => t.reload(),
-            None => Ok(()),
-        }
+    /// The control-plane handle: drain, credentials, live allocations.
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// The actor that reloads certificates and secrets; start it in an
+    /// actix system (send it [`crate::control::Reload`] on SIGHUP).
+    pub fn reload_actor(&self) -> ReloadActor {
+        ReloadActor::new(
+            self.control.clone(),
+            self.tls_config.clone(),
+            self.secrets.clone(),
+        )
     }
 
     /// Stops every loop and waits for them.
@@ -292,9 +286,6 @@ impl RelayHost {
             if handle.join().is_err() {
                 warn!("a relay loop panicked");
             }
-        }
-        if let Some(w) = self.watcher {
-            let _ = w.join();
         }
     }
 }

@@ -144,6 +144,22 @@ impl Natrix {
         matches!(self.child_mut().try_wait(), Ok(None))
     }
 
+    /// Waits (bounded) for the process to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child_mut().try_wait().expect("waiting for natrix") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "natrix still running after {within:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends `signal` and waits (bounded) for the exit.
     pub fn signal_and_wait(&mut self, signal: i32, within: Duration) -> ExitStatus {
         // SAFETY: kill(2) on the PID of a child this harness spawned and has not reaped.

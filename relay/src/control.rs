@@ -1,0 +1,234 @@
+//! The relay's control plane: state the data-plane loops poll between
+//! batches (drain flag, credentials), and an actix actor that keeps it fresh
+//! (TLS certificate and secret files reloaded when they change or on
+//! SIGHUP). Nothing here runs per packet: loops read one atomic per wake-up
+//! and take a lock only when the credentials' generation changed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use actix::{Actor, AsyncContext, Context, Handler, Message};
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use crate::core::{Credentials, Secret};
+use crate::shell::TlsReloader;
+
+/// Shared between the control plane and the loops.
+#[derive(Debug)]
+pub struct Control {
+    draining: AtomicBool,
+    credentials_generation: AtomicU64,
+    credentials: Mutex<Credentials>,
+    allocations: Vec<AtomicU64>,
+    wakers: Mutex<Vec<Arc<mio::Waker>>>,
+}
+
+impl Control {
+    pub(crate) fn new(credentials: Credentials, loops: usize) -> Control {
+        Control {
+            draining: AtomicBool::new(false),
+            credentials_generation: AtomicU64::new(0),
+            credentials: Mutex::new(credentials),
+            allocations: (0..loops).map(|_| AtomicU64::new(0)).collect(),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn add_waker(&self, waker: Arc<mio::Waker>) {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(waker);
+    }
+
+    fn wake_all(&self) {
+        for w in self.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = w.wake();
+        }
+    }
+
+    /// Stops new allocations everywhere; existing ones keep relaying.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// True once [`Control::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Installs new credentials in every loop (secret rotation).
+    pub fn set_credentials(&self, credentials: Credentials) {
+        *self.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials;
+        self.credentials_generation.fetch_add(1, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// The credentials generation (changes on every rotation).
+    pub(crate) fn credentials_generation(&self) -> u64 {
+        self.credentials_generation.load(Ordering::Relaxed)
+    }
+
+    /// The current credentials.
+    pub(crate) fn credentials(&self) -> Credentials {
+        self.credentials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records loop `shard`'s live allocations (published periodically).
+    pub(crate) fn set_allocations(&self, shard: usize, n: u64) {
+        if let Some(a) = self.allocations.get(shard) {
+            a.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Live allocations on the host, as last published by the loops.
+    pub fn allocations(&self) -> u64 {
+        self.allocations
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Reads a secrets file: one secret per line, `key-id=secret` or just
+/// `secret`; blank lines and `#` comments ignored. Newest first.
+pub fn read_secrets(path: &Path) -> anyhow::Result<Vec<Secret>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the secrets file {}", path.display()))?;
+    let secrets: Vec<Secret> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .enumerate()
+        .map(|(i, l)| match l.split_once('=') {
+            Some((kid, secret)) if !kid.is_empty() && !secret.is_empty() => Secret {
+                key_id: kid.trim().to_string(),
+                secret: secret.trim().as_bytes().to_vec(),
+            },
+            _ => Secret {
+                key_id: format!("file-{i}"),
+                secret: l.as_bytes().to_vec(),
+            },
+        })
+        .collect();
+    if secrets.is_empty() {
+        anyhow::bail!("no secret in {}", path.display());
+    }
+    Ok(secrets)
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Where rotated secrets come from.
+#[derive(Debug, Clone)]
+pub struct SecretSource {
+    /// The secrets file.
+    pub path: PathBuf,
+    /// Credentials to rebuild around the file's secrets (realm, static
+    /// users, relay id, secrets given on the command line).
+    pub base: Credentials,
+}
+
+impl SecretSource {
+    fn load(&self) -> anyhow::Result<Credentials> {
+        let file = read_secrets(&self.path)?;
+        Ok(self.base.with_extra_secrets(file))
+    }
+}
+
+/// Reload now (SIGHUP).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Reload;
+
+/// Keeps TLS certificates and secrets fresh: polls file modification times
+/// twice a second and reloads on change or on [`Reload`]. A file that fails
+/// to load leaves the previous configuration in service.
+#[derive(Debug)]
+pub struct ReloadActor {
+    control: Arc<Control>,
+    tls: Option<Arc<TlsReloader>>,
+    secrets: Option<SecretSource>,
+    secrets_stamp: Option<SystemTime>,
+}
+
+impl ReloadActor {
+    /// An actor for `control`; start it inside an actix system.
+    pub fn new(
+        control: Arc<Control>,
+        tls: Option<Arc<TlsReloader>>,
+        secrets: Option<SecretSource>,
+    ) -> ReloadActor {
+        let secrets_stamp = secrets.as_ref().and_then(|s| modified(&s.path));
+        ReloadActor {
+            control,
+            tls,
+            secrets,
+            secrets_stamp,
+        }
+    }
+
+    fn reload_secrets(&mut self) {
+        let Some(source) = &self.secrets else { return };
+        self.secrets_stamp = modified(&source.path);
+        match source.load() {
+            Ok(credentials) => {
+                self.control.set_credentials(credentials);
+                info!(file = %source.path.display(), "TURN secrets reloaded");
+            }
+            Err(e) => warn!("TURN secrets not reloaded, keeping the previous ones: {e:#}"),
+        }
+    }
+
+    fn poll_files(&mut self) {
+        if let Some(tls) = &self.tls {
+            match tls.reload_if_changed() {
+                Ok(true) => info!("TLS certificate reloaded (files changed)"),
+                Ok(false) => {}
+                Err(e) => warn!(
+                    "TLS certificate files changed but could not be loaded; keeping the previous one: {e:#}"
+                ),
+            }
+        }
+        if let Some(source) = &self.secrets
+            && modified(&source.path) != self.secrets_stamp
+        {
+            self.reload_secrets();
+        }
+    }
+}
+
+impl Actor for ReloadActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let span = tracing::info_span!("relay_reload");
+        let _enter = span.enter();
+        ctx.run_interval(Duration::from_millis(500), |actor, _| actor.poll_files());
+    }
+}
+
+impl Handler<Reload> for ReloadActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Reload, _: &mut Context<Self>) {
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => info!("SIGHUP: TLS certificate reloaded"),
+                Err(e) => {
+                    warn!("SIGHUP: TLS certificate not reloaded, keeping the previous one: {e:#}")
+                }
+            }
+        }
+        self.reload_secrets();
+    }
+}
