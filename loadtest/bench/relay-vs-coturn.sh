@@ -69,23 +69,28 @@ for payload in 160 1200; do
 done
 
 echo
-echo "| server | allocations/s | RSS per allocation at 10 000 (bytes) |"
-echo "|---|---|---|"
-declare -A arate amem
+echo "| server | allocations/s | server CPU s | allocations per server CPU s | RSS per allocation at 10 000 (bytes) |"
+echo "|---|---|---|---|---|"
+declare -A arate acpu amem
 for server in natrix coturn; do
   if [ $server = natrix ]; then port=$NATRIX_PORT; pid=$natrix_pid; else port=$COTURN_PORT; pid=$coturn_pid; fi
   base=$(rss_kb "$pid")
+  before=$(cpu_ticks "$pid")
   "$bin/natrix-loadtest" allocations --server 127.0.0.1:$port --user bench --password bench \
-    --count 10000 --threads 8 --hold 6s >"$work/alloc-$server.json" &
+    --count 10000 --threads 16 --hold 6s >"$work/alloc-$server.json" &
   lt=$!
-  # Wait for the result line (printed before the hold), then read RSS.
-  for _ in $(seq 1 120); do [ -s "$work/alloc-$server.json" ] && break; sleep 0.25; done
+  # The result line is printed when all allocations exist (before the hold):
+  # then the server's CPU for the allocation phase and its memory are read.
+  for _ in $(seq 1 240); do [ -s "$work/alloc-$server.json" ] && break; sleep 0.1; done
+  after=$(cpu_ticks "$pid")
   sleep 1
   held=$(rss_kb "$pid")
   wait $lt
   out=$(cat "$work/alloc-$server.json")
   per=$(( (held - base) * 1024 / 10000 ))
+  cpu=$(python3 -c "print(max(($after-$before)/$hz, 0.01))")
   arate[$server]=$(field "$out" allocations_per_second); amem[$server]=$per
-  printf '| %s | %.0f | %s |\n' $server "${arate[$server]}" "$per"
+  acpu[$server]=$(python3 -c "print(10000/$cpu)")
+  printf '| %s | %.0f | %.2f | %.0f | %s |\n' $server "${arate[$server]}" "$cpu" "${acpu[$server]}" "$per"
 done
-python3 -c "print('\nnatrix/coturn: allocation rate %.2fx, memory per allocation %.2fx' % (${arate[natrix]}/${arate[coturn]}, ${amem[natrix]}/max(${amem[coturn]},1)))"
+python3 -c "print('\nnatrix/coturn: allocation rate %.2fx, allocations per server CPU second %.2fx, memory per allocation %.2fx' % (${arate[natrix]}/${arate[coturn]}, ${acpu[natrix]}/${acpu[coturn]}, ${amem[natrix]}/max(${amem[coturn]},1)))"
