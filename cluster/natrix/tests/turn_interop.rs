@@ -480,3 +480,47 @@ fn a_rotated_secrets_file_takes_effect_without_a_restart() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// REQUESTED-ADDRESS-FAMILY IPv6: an IPv4 client gets an IPv6 relayed
+/// address and reaches an IPv6 peer.
+#[test]
+fn ipv6_relayed_addresses_reach_ipv6_peers() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return;
+    }
+    let natrix = Natrix::relay(&["--peer-allow", "127.0.0.0/8,::1", "--relay-ipv6", "::1"]);
+    let peer_port = common::free_port();
+    let _peer = common::Spawned(
+        std::process::Command::new(common::tool("turnutils_peer"))
+            .args(["-p", &peer_port.to_string(), "-L", "::1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("turnutils_peer"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let p = port(&natrix);
+    let pp = peer_port.to_string();
+    // -x: request an IPv6 relayed address.
+    let report = uclient(&[
+        "-x",
+        "-p",
+        &p,
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "::1",
+        "-r",
+        &pp,
+        "-n",
+        "20",
+        "-m",
+        "1",
+        "-c",
+        "127.0.0.1",
+    ]);
+    assert_clean(&report, 20);
+}
