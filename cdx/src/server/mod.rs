@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use natrix_net::{UdpIo, UdpOptions, bind_tcp, bind_udp};
+use natrix_net::{UdpIo, UdpOptions, bind_tcp, bind_udp, ensure_udp_free};
 use natrix_telemetry::Telemetry;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -73,7 +73,7 @@ impl CdxServer {
         };
         let opts = UdpOptions::default();
         for &requested in &config.listen {
-            let first = match bind_udp(requested, &opts) {
+            let first = match ensure_udp_free(requested).and_then(|()| bind_udp(requested, &opts)) {
                 Ok(s) => s,
                 Err(e) if ipv6_unavailable(&requested, &e) => {
                     warn!(%requested, error = %e, "IPv6 unavailable; skipping this listener");

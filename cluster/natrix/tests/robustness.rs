@@ -211,6 +211,41 @@ fn a_taken_port_is_a_clear_error() {
     );
 }
 
+/// Loops of one process share their port (SO_REUSEPORT); a second natrix
+/// on the same port must fail instead of silently taking part of the
+/// traffic.
+#[test]
+fn a_second_natrix_on_the_same_port_is_refused() {
+    let first = Natrix::up(&[]);
+    for cmd in ["up", "relay", "cdx"] {
+        let listen_flag = if cmd == "cdx" {
+            "--stun-listen"
+        } else {
+            "--turn-listen"
+        };
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
+        let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
+            .args([
+                cmd,
+                listen_flag,
+                &first.stun.to_string(),
+                "--metrics-listen",
+                &metrics,
+            ])
+            .args(if cmd == "cdx" {
+                &[][..]
+            } else {
+                &["--user", "a:b"][..]
+            })
+            .args(["--log-format", "human"])
+            .output()
+            .expect("running a second natrix");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "`natrix {cmd}` shared a taken port");
+        assert!(stderr.contains("in use"), "`natrix {cmd}`: {stderr}");
+    }
+}
+
 #[test]
 fn every_flag_reads_an_environment_variable() {
     for cmd in ["up", "relay", "cdx"] {

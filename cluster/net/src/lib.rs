@@ -21,4 +21,7 @@ mod udp;
 
 pub use mmsg::{HeadroomBatch, SendBatch};
 
-pub use udp::{Datagram, RecvBatch, SyncUdp, UdpIo, UdpOptions, bind_tcp, bind_udp};
+pub use udp::{
+    Datagram, RecvBatch, SyncUdp, UdpIo, UdpOptions, bind_tcp, bind_udp, ensure_tcp_free,
+    ensure_udp_free,
+};

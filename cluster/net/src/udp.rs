@@ -35,6 +35,35 @@ fn domain(addr: &SocketAddr) -> Domain {
     }
 }
 
+/// Fails when another socket already holds `addr` (UDP), even one bound
+/// with SO_REUSEPORT: a probe bind without SO_REUSEPORT is refused in that
+/// case. Loops of one process share a port through SO_REUSEPORT; a second
+/// process must not silently join them and take part of the traffic.
+pub fn ensure_udp_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(domain(&addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())
+}
+
+/// The TCP counterpart of [`ensure_udp_free`].
+pub fn ensure_tcp_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // SO_REUSEADDR only lets TIME_WAIT leftovers of a previous run be reused.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}
+
 /// Binds a non-blocking UDP socket.
 pub fn bind_udp(addr: SocketAddr, opts: &UdpOptions) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(domain(&addr), Type::DGRAM, Some(Protocol::UDP))?;

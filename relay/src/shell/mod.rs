@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use natrix_net::{SyncUdp, UdpOptions, bind_udp};
+use natrix_net::{SyncUdp, UdpOptions, bind_udp, ensure_tcp_free, ensure_udp_free};
 use natrix_telemetry::Telemetry;
 use tracing::{info, warn};
 
@@ -146,7 +146,13 @@ impl RelayHost {
             let mut tls = Vec::new();
             if tls_config.is_some() {
                 for (i, requested) in config.tls_listen.iter().enumerate() {
-                    let addr = if shard == 0 { *requested } else { tls_addrs[i] };
+                    let addr = if shard == 0 {
+                        ensure_tcp_free(*requested)
+                            .with_context(|| format!("binding TURN TLS on {requested}"))?;
+                        *requested
+                    } else {
+                        tls_addrs[i]
+                    };
                     let listener = bind_shared_tcp(addr)
                         .with_context(|| format!("binding TURN TLS on {addr}"))?;
                     if shard == 0 {
@@ -157,7 +163,13 @@ impl RelayHost {
             }
             for (i, requested) in config.listen.iter().enumerate() {
                 // Port 0: the first loop picks, the others join it.
-                let addr = if shard == 0 { *requested } else { udp_addrs[i] };
+                let addr = if shard == 0 {
+                    ensure_udp_free(*requested)
+                        .with_context(|| format!("binding TURN UDP on {requested}"))?;
+                    *requested
+                } else {
+                    udp_addrs[i]
+                };
                 let socket = bind_udp(addr, &UdpOptions::default())
                     .with_context(|| format!("binding TURN UDP on {addr}"))?;
                 let socket = SyncUdp::new(socket)
@@ -168,7 +180,10 @@ impl RelayHost {
                 udp.push(socket);
                 if config.tcp {
                     let addr = if shard == 0 {
-                        SocketAddr::new(requested.ip(), udp_addrs[i].port())
+                        let addr = SocketAddr::new(requested.ip(), udp_addrs[i].port());
+                        ensure_tcp_free(addr)
+                            .with_context(|| format!("binding TURN TCP on {addr}"))?;
+                        addr
                     } else {
                         tcp_addrs[i]
                     };
