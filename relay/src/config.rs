@@ -65,6 +65,20 @@ pub struct RelayConfig {
     #[arg(long = "tls-key", env = "NATRIX_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Most TCP and TLS client connections (per host); more are closed at
+    /// once.
+    #[arg(
+        long = "turn-max-connections",
+        env = "NATRIX_TURN_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub max_connections: usize,
+
+    /// A TCP or TLS connection without an allocation that sends nothing for
+    /// this long is closed (slow or idle clients cannot hold connections).
+    #[arg(long = "turn-idle-timeout", env = "NATRIX_TURN_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Realm of the long-term credentials (RFC 8489 §9.2).
     #[arg(long, env = "NATRIX_REALM", default_value = "natrix")]
     pub realm: String,

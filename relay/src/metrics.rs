@@ -27,6 +27,10 @@ pub struct RelayMetrics {
     pub tcp_connections: IntGauge,
     /// Open TLS connections.
     pub tls_connections: IntGauge,
+    /// Connections refused at the limit.
+    pub connections_rejected: IntCounter,
+    /// Connections closed for idling without an allocation.
+    pub connections_idle_closed: IntCounter,
 }
 
 impl RelayMetrics {
@@ -56,6 +60,8 @@ impl RelayMetrics {
             send_errors: t.counter(&cat::RELAY_SEND_ERRORS_TOTAL),
             tcp_connections: conns.with_label_values(&["tcp"]),
             tls_connections: conns.with_label_values(&["tls"]),
+            connections_rejected: t.counter(&cat::RELAY_CONNECTIONS_REJECTED_TOTAL),
+            connections_idle_closed: t.counter(&cat::RELAY_CONNECTIONS_IDLE_CLOSED_TOTAL),
         }
     }
 

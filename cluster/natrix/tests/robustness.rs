@@ -324,3 +324,52 @@ fn environment_variables_configure_the_listeners() {
     );
     assert!(tcp_refused, "NATRIX_TURN_TCP=false still listens on TCP");
 }
+
+/// Connections are bounded: past the limit they are closed at once, and a
+/// connection that holds no allocation and stays silent is closed after the
+/// idle timeout, so slow or idle clients cannot exhaust descriptors.
+#[test]
+fn stream_connections_are_limited_and_idle_ones_closed() {
+    let natrix = Natrix::relay(&[
+        "--workers",
+        "1",
+        "--turn-max-connections",
+        "3",
+        "--turn-idle-timeout",
+        "1s",
+    ]);
+    let open = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                let s = TcpStream::connect(natrix.stun).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                s
+            })
+            .collect()
+    };
+    let mut held = open(3);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = open(1).remove(0);
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(extra.read(&mut buf), Ok(0) | Err(_)),
+        "a fourth connection must be closed at once"
+    );
+    let rejected = natrix.wait_metric("relay_connections_rejected_total", |v| v >= 1.0);
+    assert_eq!(rejected, 1.0);
+    // The three held ones, silent and without allocations, are closed
+    // after about a second.
+    let started = std::time::Instant::now();
+    for s in &mut held {
+        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
+    }
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let idle = natrix.wait_metric("relay_connections_idle_closed_total", |v| v >= 3.0);
+    assert_eq!(idle, 3.0);
+    // Room again: a new connection is served.
+    let mut s = open(1).remove(0);
+    s.write_all(&binding_request([5; 12])).expect("write");
+    let n = s.read(&mut buf).expect("an answer");
+    assert!(n > 0);
+}

@@ -327,6 +327,22 @@ pub const RELAY_CONNECTIONS: MetricDef = metric(
     &[TURN_STREAM_TRANSPORT],
 );
 
+/// Stream connections refused at the limit.
+pub const RELAY_CONNECTIONS_REJECTED_TOTAL: MetricDef = metric(
+    "relay_connections_rejected_total",
+    "TCP and TLS client connections closed at once because the relay was at its connection limit.",
+    Kind::Counter,
+    &[],
+);
+
+/// Stream connections closed for idling without an allocation.
+pub const RELAY_CONNECTIONS_IDLE_CLOSED_TOTAL: MetricDef = metric(
+    "relay_connections_idle_closed_total",
+    "TCP and TLS client connections closed because they held no allocation and sent nothing for the idle timeout.",
+    Kind::Counter,
+    &[],
+);
+
 /// Every metric natrix exports.
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
@@ -350,6 +366,8 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_AUTH_FAILURES_TOTAL,
     &RELAY_SEND_ERRORS_TOTAL,
     &RELAY_CONNECTIONS,
+    &RELAY_CONNECTIONS_REJECTED_TOTAL,
+    &RELAY_CONNECTIONS_IDLE_CLOSED_TOTAL,
 ];
 
 /// Looks a metric up by name.

@@ -255,6 +255,11 @@ impl Server {
         self.ports.available()
     }
 
+    /// True when `client` (a 5-tuple) holds an allocation.
+    pub fn has_allocation(&self, client: &ClientSocket) -> bool {
+        self.allocation_by_client.contains_key(client)
+    }
+
     /// Live allocations.
     pub fn allocation_count(&self) -> usize {
         self.allocation_by_client.len()

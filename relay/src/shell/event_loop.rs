@@ -266,6 +266,16 @@ pub(super) struct Listeners {
     pub(super) tls: Vec<std::net::TcpListener>,
 }
 
+/// Per-loop settings from the host.
+pub(super) struct LoopSettings {
+    pub(super) control: Arc<Control>,
+    pub(super) shard: usize,
+    /// Most TCP/TLS connections this loop holds.
+    pub(super) max_streams: usize,
+    /// Idle limit for connections without an allocation.
+    pub(super) idle_timeout: Duration,
+}
+
 /// One data-plane loop.
 pub(super) struct EventLoop {
     poll: Poll,
@@ -288,6 +298,10 @@ pub(super) struct EventLoop {
     shard: usize,
     draining: bool,
     credentials_generation: u64,
+    max_streams: usize,
+    idle_timeout: Duration,
+    live_streams: usize,
+    next_idle_sweep: Instant,
 }
 
 impl EventLoop {
@@ -298,8 +312,14 @@ impl EventLoop {
         metrics: RelayMetrics,
         stop: Arc<AtomicBool>,
         delegate: Option<Box<dyn BindingDelegate>>,
-        (control, shard): (Arc<Control>, usize),
+        settings: LoopSettings,
     ) -> io::Result<(EventLoop, Arc<mio::Waker>)> {
+        let LoopSettings {
+            control,
+            shard,
+            max_streams,
+            idle_timeout,
+        } = settings;
         let Listeners { udp, tcp, tls } = listeners;
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
@@ -368,6 +388,10 @@ impl EventLoop {
                 control,
                 shard,
                 draining: false,
+                max_streams,
+                idle_timeout,
+                live_streams: 0,
+                next_idle_sweep: Instant::now() + Duration::from_secs(1),
             },
             waker,
         ))
@@ -417,6 +441,10 @@ impl EventLoop {
                         self.relays.close(allocation);
                     }
                 }
+            }
+            if now >= self.next_idle_sweep {
+                self.close_idle_streams(now);
+                self.next_idle_sweep = now + Duration::from_secs(1);
             }
             if now >= next_publish {
                 self.publish();
@@ -587,6 +615,13 @@ impl EventLoop {
                     return;
                 }
             };
+            if self.live_streams >= self.max_streams {
+                // At the limit: close at once (the client tries its next
+                // ICE server) rather than hold a descriptor.
+                self.metrics.connections_rejected.inc();
+                drop(socket);
+                continue;
+            }
             let Ok(server) = socket.local_addr() else {
                 continue;
             };
@@ -625,6 +660,7 @@ impl EventLoop {
             want_write(&self.registry, &mut stream, j);
             self.clients.stream_by_client.insert(stream.client, j);
             self.clients.streams[j] = Some(stream);
+            self.live_streams += 1;
         }
     }
 
@@ -676,7 +712,25 @@ impl EventLoop {
         }
     }
 
+    /// Closes connections that hold no allocation and stayed silent for
+    /// the idle timeout.
+    fn close_idle_streams(&mut self, now: Instant) {
+        for j in 0..self.clients.streams.len() {
+            let idle = self.clients.streams[j].as_ref().is_some_and(|s| {
+                now.saturating_duration_since(s.last_active) >= self.idle_timeout
+                    && !self.core.has_allocation(&s.client)
+            });
+            if idle {
+                if let Some(stream) = self.clients.streams[j].take() {
+                    self.metrics.connections_idle_closed.inc();
+                    self.close_stream(j, stream);
+                }
+            }
+        }
+    }
+
     fn close_stream(&mut self, j: usize, mut stream: Stream) {
+        self.live_streams = self.live_streams.saturating_sub(1);
         let _ = self.registry.deregister(&mut stream.socket);
         self.clients.stream_by_client.remove(&stream.client);
         self.clients.free_streams.push(j);

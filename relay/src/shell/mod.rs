@@ -230,7 +230,12 @@ impl RelayHost {
                 metrics.clone(),
                 stop.clone(),
                 delegate.as_ref().map(|make| make()),
-                (control.clone(), shard),
+                event_loop::LoopSettings {
+                    control: control.clone(),
+                    shard,
+                    max_streams: config.max_connections.div_ceil(loops).max(1),
+                    idle_timeout: config.idle_timeout,
+                },
             )
             .context("setting up a relay loop")?;
             control.add_waker(waker.clone());

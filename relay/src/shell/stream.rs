@@ -29,6 +29,8 @@ pub(super) struct Stream {
     tls_queued: usize,
     /// Registered for WRITABLE (a write is pending).
     pub(super) want_write: bool,
+    /// When the client last sent something.
+    pub(super) last_active: std::time::Instant,
 }
 
 /// What reading produced.
@@ -69,6 +71,7 @@ impl Stream {
             write: Vec::new(),
             tls_queued: 0,
             want_write: false,
+            last_active: std::time::Instant::now(),
         })
     }
 
@@ -132,7 +135,7 @@ impl Stream {
     pub(super) fn read_frames(&mut self, mut frame: impl FnMut(&[u8], &mut Stream)) -> ReadOutcome {
         loop {
             match self.fill() {
-                Ok(true) => {}
+                Ok(true) => self.last_active = std::time::Instant::now(),
                 Ok(false) => return ReadOutcome::Open,
                 Err(outcome) => return outcome,
             }

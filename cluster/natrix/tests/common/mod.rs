@@ -100,7 +100,12 @@ impl Natrix {
                 args
             })
             .args(["--metrics-listen", &metrics.to_string()])
-            .args(["--log-format", "json", "--workers", "2"])
+            .args(["--log-format", "json"])
+            .args(if extra.contains(&"--workers") {
+                &[][..]
+            } else {
+                &["--workers", "2"][..]
+            })
             .args(extra)
             .env_remove("NATRIX_LOG")
             .stdout(Stdio::null())
