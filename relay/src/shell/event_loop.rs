@@ -720,11 +720,9 @@ impl EventLoop {
                 now.saturating_duration_since(s.last_active) >= self.idle_timeout
                     && !self.core.has_allocation(&s.client)
             });
-            if idle {
-                if let Some(stream) = self.clients.streams[j].take() {
-                    self.metrics.connections_idle_closed.inc();
-                    self.close_stream(j, stream);
-                }
+            if idle && let Some(stream) = self.clients.streams[j].take() {
+                self.metrics.connections_idle_closed.inc();
+                self.close_stream(j, stream);
             }
         }
     }
