@@ -24,6 +24,13 @@ fn assert_clean(report: &common::UclientReport, expected: u64) {
     );
 }
 
+/// Runs `turnutils_uclient` on port `port` as the harness's test user.
+fn as_tester(port: &str, args: &[&str]) -> common::UclientReport {
+    let mut all = vec!["-p", port, "-u", USER, "-w", PASSWORD];
+    all.extend_from_slice(args);
+    uclient(&all)
+}
+
 fn port(natrix: &Natrix) -> String {
     natrix.stun.port().to_string()
 }
@@ -34,25 +41,22 @@ fn uclient_over_udp_relays_to_a_peer_through_channels_without_loss() {
     let (_peer, peer_port) = udp_echo_peer();
     let p = port(&natrix);
     let pp = peer_port.to_string();
-    let report = uclient(&[
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "100",
-        "-m",
-        "4",
-        "-l",
-        "160",
-        "127.0.0.1",
-    ]);
+        &[
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "100",
+            "-m",
+            "4",
+            "-l",
+            "160",
+            "127.0.0.1",
+        ],
+    );
     assert_clean(&report, 400);
     let forwarded = natrix.wait_metric(
         "relay_forwarded_packets_total{direction=\"peer_to_client\"}",
@@ -67,26 +71,23 @@ fn uclient_over_tcp_relays_to_a_peer_without_loss() {
     let (_peer, peer_port) = udp_echo_peer();
     let p = port(&natrix);
     let pp = peer_port.to_string();
-    let report = uclient(&[
-        "-t",
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "100",
-        "-m",
-        "4",
-        "-l",
-        "1000",
-        "127.0.0.1",
-    ]);
+        &[
+            "-t",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "100",
+            "-m",
+            "4",
+            "-l",
+            "1000",
+            "127.0.0.1",
+        ],
+    );
     assert_clean(&report, 400);
 }
 
@@ -97,49 +98,43 @@ fn uclient_with_send_indications_and_padding_works() {
     let p = port(&natrix);
     let pp = peer_port.to_string();
     // -s: Send/Data indications instead of channels.
-    let report = uclient(&[
-        "-s",
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "50",
-        "-m",
-        "2",
-        "-l",
-        "333",
-        "127.0.0.1",
-    ]);
+        &[
+            "-s",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "50",
+            "-m",
+            "2",
+            "-l",
+            "333",
+            "127.0.0.1",
+        ],
+    );
     assert_clean(&report, 100);
     // -t -D: TCP with mandatory channel padding (pjnath style).
-    let report = uclient(&[
-        "-t",
-        "-D",
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "50",
-        "-m",
-        "2",
-        "-l",
-        "333",
-        "127.0.0.1",
-    ]);
+        &[
+            "-t",
+            "-D",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "50",
+            "-m",
+            "2",
+            "-l",
+            "333",
+            "127.0.0.1",
+        ],
+    );
     assert_clean(&report, 100);
 }
 
@@ -149,22 +144,10 @@ fn uclient_client_to_client_through_two_allocations() {
     let p = port(&natrix);
     // -y: clients send to each other's relayed addresses; with -m 2 that is
     // four allocations and 4 x 100 messages.
-    let report = uclient(&[
-        "-y",
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-n",
-        "100",
-        "-m",
-        "2",
-        "-l",
-        "1200",
-        "127.0.0.1",
-    ]);
+        &["-y", "-n", "100", "-m", "2", "-l", "1200", "127.0.0.1"],
+    );
     assert_clean(&report, 400);
 }
 
@@ -228,23 +211,20 @@ fn loopback_peers_are_refused_by_default() {
     let (_peer, peer_port) = udp_echo_peer();
     let p = port(&natrix);
     let pp = peer_port.to_string();
-    let report = uclient(&[
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "5",
-        "-m",
-        "1",
-        "127.0.0.1",
-    ]);
+        &[
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "5",
+            "-m",
+            "1",
+            "127.0.0.1",
+        ],
+    );
     assert_eq!(report.received, 0, "{}", report.output);
     let forbidden = natrix.wait_metric(
         "relay_requests_total{method=\"channel_bind\",result=\"403\"}",
@@ -345,25 +325,22 @@ fn a_flood_from_many_sources_does_not_disturb_established_allocations() {
 
     let p = port(&natrix);
     let pp = peer_port.to_string();
-    let report = uclient(&[
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "200",
-        "-m",
-        "2",
-        "-l",
-        "160",
-        "127.0.0.1",
-    ]);
+        &[
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "200",
+            "-m",
+            "2",
+            "-l",
+            "160",
+            "127.0.0.1",
+        ],
+    );
     let (sent, answers) = flood.join().expect("flood thread");
     assert_clean(&report, 400);
     assert!(sent > 10_000, "the flood was too small: {sent}");
@@ -408,25 +385,22 @@ fn a_wildcard_listener_answers_from_the_address_the_client_used() {
     let p = port.to_string();
     let pp = peer_port.to_string();
     // The server is reached at 127.0.0.2; replies must come from 127.0.0.2.
-    let report = uclient(&[
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "100",
-        "-m",
-        "2",
-        "-l",
-        "200",
-        "127.0.0.2",
-    ]);
+        &[
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "100",
+            "-m",
+            "2",
+            "-l",
+            "200",
+            "127.0.0.2",
+        ],
+    );
     assert_clean(&report, 200);
     assert!(natrix.metric("relay_allocations_created_total") >= 2.0);
 }
@@ -503,24 +477,21 @@ fn ipv6_relayed_addresses_reach_ipv6_peers() {
     let p = port(&natrix);
     let pp = peer_port.to_string();
     // -x: request an IPv6 relayed address.
-    let report = uclient(&[
-        "-x",
-        "-p",
+    let report = as_tester(
         &p,
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "::1",
-        "-r",
-        &pp,
-        "-n",
-        "20",
-        "-m",
-        "1",
-        "-c",
-        "127.0.0.1",
-    ]);
+        &[
+            "-x",
+            "-e",
+            "::1",
+            "-r",
+            &pp,
+            "-n",
+            "20",
+            "-m",
+            "1",
+            "-c",
+            "127.0.0.1",
+        ],
+    );
     assert_clean(&report, 20);
 }

@@ -696,10 +696,7 @@ impl Server {
         sockets: &mut dyn RelaySockets,
     ) -> Result<usize, ErrorCode<'static>> {
         if let Some(&index) = self.allocation_by_client.get(&from) {
-            let alloc = self.slots[index as usize]
-                .allocation
-                .as_ref()
-                .ok_or(ErrorCode::SERVER_ERROR)?;
+            let alloc = self.allocation_ref(index)?;
             if alloc.created_by != msg.transaction_id() {
                 return Err(ErrorCode::ALLOCATION_MISMATCH);
             }
@@ -885,15 +882,9 @@ impl Server {
         now: Instant,
         out: &mut [u8],
     ) -> Result<usize, ErrorCode<'static>> {
-        let &index = self
-            .allocation_by_client
-            .get(&from)
-            .ok_or(ErrorCode::ALLOCATION_MISMATCH)?;
+        let index = self.allocation_of(&from)?;
         let lifetime = self.granted_lifetime(msg);
-        let alloc = self.slots[index as usize]
-            .allocation
-            .as_mut()
-            .ok_or(ErrorCode::SERVER_ERROR)?;
+        let alloc = self.allocation_mut(index)?;
         if let Some(Ok(Attribute::RequestedAddressFamily(f))) =
             msg.decode(AttributeType::REQUESTED_ADDRESS_FAMILY)
         {
@@ -910,6 +901,30 @@ impl Server {
         self.success(msg, auth, out, |enc| {
             enc.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32))
         })
+    }
+
+    /// The slot of `from`'s allocation; 437 when it has none.
+    fn allocation_of(&self, from: &ClientSocket) -> Result<u32, ErrorCode<'static>> {
+        self.allocation_by_client
+            .get(from)
+            .copied()
+            .ok_or(ErrorCode::ALLOCATION_MISMATCH)
+    }
+
+    /// The allocation in slot `index` (indexed, so it exists; a broken
+    /// index answers 500 instead of panicking).
+    fn allocation_ref(&self, index: u32) -> Result<&Allocation, ErrorCode<'static>> {
+        self.slots[index as usize]
+            .allocation
+            .as_ref()
+            .ok_or(ErrorCode::SERVER_ERROR)
+    }
+
+    fn allocation_mut(&mut self, index: u32) -> Result<&mut Allocation, ErrorCode<'static>> {
+        self.slots[index as usize]
+            .allocation
+            .as_mut()
+            .ok_or(ErrorCode::SERVER_ERROR)
     }
 
     /// The XOR-PEER-ADDRESS values of a request, checked against the
@@ -933,15 +948,8 @@ impl Server {
         now: Instant,
         out: &mut [u8],
     ) -> Result<usize, ErrorCode<'static>> {
-        let &index = self
-            .allocation_by_client
-            .get(&from)
-            .ok_or(ErrorCode::ALLOCATION_MISMATCH)?;
-        let relayed = self.slots[index as usize]
-            .allocation
-            .as_ref()
-            .ok_or(ErrorCode::SERVER_ERROR)?
-            .relayed;
+        let index = self.allocation_of(&from)?;
+        let relayed = self.allocation_ref(index)?.relayed;
         let mut count = 0;
         for raw in msg.attributes() {
             if raw.ty != AttributeType::XOR_PEER_ADDRESS {
@@ -958,10 +966,7 @@ impl Server {
         if count == 0 {
             return Err(ErrorCode::BAD_REQUEST);
         }
-        let alloc = self.slots[index as usize]
-            .allocation
-            .as_mut()
-            .ok_or(ErrorCode::SERVER_ERROR)?;
+        let alloc = self.allocation_mut(index)?;
         for raw in msg.attributes() {
             if let Ok(Attribute::XorPeerAddress(peer)) =
                 Attribute::decode(raw.ty, raw.value, &msg.transaction_id())
@@ -982,10 +987,7 @@ impl Server {
         now: Instant,
         out: &mut [u8],
     ) -> Result<usize, ErrorCode<'static>> {
-        let &index = self
-            .allocation_by_client
-            .get(&from)
-            .ok_or(ErrorCode::ALLOCATION_MISMATCH)?;
+        let index = self.allocation_of(&from)?;
         let number = match msg.decode(AttributeType::CHANNEL_NUMBER) {
             // RFC 8656 narrows the range to 0x4000-0x4FFF; RFC 5766 clients
             // may use up to 0x7FFE, which ChannelData framing still carries.
@@ -996,16 +998,9 @@ impl Server {
             Some(Ok(Attribute::XorPeerAddress(p))) => p,
             _ => return Err(ErrorCode::BAD_REQUEST),
         };
-        let relayed = self.slots[index as usize]
-            .allocation
-            .as_ref()
-            .ok_or(ErrorCode::SERVER_ERROR)?
-            .relayed;
+        let relayed = self.allocation_ref(index)?.relayed;
         self.check_peer(peer, relayed)?;
-        let alloc = self.slots[index as usize]
-            .allocation
-            .as_mut()
-            .ok_or(ErrorCode::SERVER_ERROR)?;
+        let alloc = self.allocation_mut(index)?;
         match alloc.bind_channel(number, peer, now) {
             Ok(()) => {}
             Err(BindConflict::Full) => return Err(ErrorCode::INSUFFICIENT_CAPACITY),
