@@ -171,6 +171,21 @@ impl RecvBatch {
     }
 }
 
+/// One recvmmsg (with GRO where enabled) into `batch`'s buffers.
+fn fill_batch(
+    state: &UdpSocketState,
+    socket: UdpSockRef<'_>,
+    batch: &mut RecvBatch,
+) -> io::Result<usize> {
+    let slots = batch.bufs.len();
+    let mut slices: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+        std::array::from_fn(|_| IoSliceMut::new(&mut []));
+    for (slot, buf) in slices.iter_mut().zip(batch.bufs.iter_mut()) {
+        *slot = IoSliceMut::new(buf);
+    }
+    state.recv(socket, &mut slices[..slots], &mut batch.meta)
+}
+
 /// A UDP socket registered with the current tokio runtime, with batched
 /// receive.
 #[derive(Debug)]
@@ -202,17 +217,7 @@ impl UdpIo {
 
     /// One non-blocking recvmmsg into `batch`.
     fn recv_into(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        let slots = batch.bufs.len();
-        let mut slices: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
-            std::array::from_fn(|_| IoSliceMut::new(&mut []));
-        for (slot, buf) in slices.iter_mut().zip(batch.bufs.iter_mut()) {
-            *slot = IoSliceMut::new(buf);
-        }
-        self.state.recv(
-            UdpSockRef::from(&self.socket),
-            &mut slices[..slots],
-            &mut batch.meta,
-        )
+        fill_batch(&self.state, UdpSockRef::from(&self.socket), batch)
     }
 
     /// Waits for datagrams and fills `batch` with as many as one recvmmsg
@@ -306,17 +311,7 @@ impl SyncUdp {
     /// One non-blocking recvmmsg into `batch` (`WouldBlock` when empty).
     pub fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         batch.filled = 0;
-        let slots = batch.bufs.len();
-        let mut slices: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
-            std::array::from_fn(|_| IoSliceMut::new(&mut []));
-        for (slot, buf) in slices.iter_mut().zip(batch.bufs.iter_mut()) {
-            *slot = IoSliceMut::new(buf);
-        }
-        let n = self.state.recv(
-            UdpSockRef::from(&self.socket),
-            &mut slices[..slots],
-            &mut batch.meta,
-        )?;
+        let n = fill_batch(&self.state, UdpSockRef::from(&self.socket), batch)?;
         batch.filled = n;
         Ok(n)
     }
