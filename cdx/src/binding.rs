@@ -1,10 +1,10 @@
 //! Sans-IO Binding responder (RFC 8489 §6.3, RFC 3489 compatibility).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use natrix_wire::{
-    Attribute, AttributeType, Class, Encoder, ErrorCode, Frame, Message, MessageType, Method,
-    UnknownAttributes, demux,
+    Attribute, AttributeType, ChangeRequest, Class, Encoder, ErrorCode, Frame, Message,
+    MessageType, Method, UnknownAttributes, demux,
 };
 
 /// The client transport a packet arrived on.
@@ -77,6 +77,72 @@ pub enum Reply {
     Error(u16),
 }
 
+/// One socket of an RFC 5780 server: index into [`Grid`] (0 = primary,
+/// 1 = alternate) for the IP and for the port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Via {
+    /// 0 for the primary IP, 1 for the alternate.
+    pub ip: usize,
+    /// 0 for the primary port, 1 for the alternate.
+    pub port: usize,
+}
+
+/// The addresses of an RFC 5780 server (§4.1): a primary and an alternate
+/// IP, a primary and an alternate port, and a socket for each combination
+/// the server has. Without an alternate IP, change-IP requests get 420.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    /// Primary and alternate IP (equal when there is no alternate).
+    pub ips: [IpAddr; 2],
+    /// Primary and alternate port (equal when there is no alternate).
+    pub ports: [u16; 2],
+    /// The server has an alternate IP.
+    pub alt_ip: bool,
+    /// The server has an alternate port.
+    pub alt_port: bool,
+}
+
+impl Grid {
+    /// The address of socket `via`.
+    pub fn addr(&self, via: Via) -> SocketAddr {
+        SocketAddr::new(self.ips[via.ip & 1], self.ports[via.port & 1])
+    }
+
+    /// True when the server has socket `via`.
+    pub fn has(&self, via: Via) -> bool {
+        (via.ip == 0 || self.alt_ip) && (via.port == 0 || self.alt_port)
+    }
+
+    /// Every socket the server has.
+    pub fn cells(&self) -> impl Iterator<Item = Via> + '_ {
+        [(0, 0), (0, 1), (1, 0), (1, 1)]
+            .into_iter()
+            .map(|(ip, port)| Via { ip, port })
+            .filter(|v| self.has(*v))
+    }
+
+    /// OTHER-ADDRESS as seen from socket `at`: the other IP and the other
+    /// port where the server has them.
+    fn other(&self, at: Via) -> SocketAddr {
+        self.addr(Via {
+            ip: if self.alt_ip { 1 - at.ip } else { at.ip },
+            port: if self.alt_port { 1 - at.port } else { at.port },
+        })
+    }
+}
+
+/// Where a request arrived on an RFC 5780 server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Site {
+    /// The server's sockets.
+    pub grid: Grid,
+    /// The socket the request arrived on.
+    pub arrived: Via,
+}
+
+/// Largest PADDING echoed (RFC 5780 §7.6); keeps answers within 1500 bytes.
+const MAX_PADDING: usize = 1400;
+
 /// The result of handling one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -86,6 +152,9 @@ pub enum Outcome {
         len: usize,
         /// What was written.
         kind: Reply,
+        /// RFC 5780: the socket to answer from and the address to answer
+        /// to, when not the receiving socket and the sender.
+        route: Option<(Via, SocketAddr)>,
     },
     /// A Binding indication (a keepalive): nothing to send.
     Indication,
@@ -124,6 +193,20 @@ impl BindingResponder {
     /// Handles one packet from `from`; writes any answer into `out` (1280
     /// bytes always suffice) and says what to do.
     pub fn handle(&self, packet: &[u8], from: SocketAddr, out: &mut [u8]) -> Outcome {
+        self.handle_at(packet, from, None, out)
+    }
+
+    /// Like [`BindingResponder::handle`] on an RFC 5780 server whose request
+    /// arrived at `site`: CHANGE-REQUEST and RESPONSE-PORT are honoured,
+    /// answers carry RESPONSE-ORIGIN and OTHER-ADDRESS and echo PADDING.
+    /// `out` must hold 1500 bytes.
+    pub fn handle_at(
+        &self,
+        packet: &[u8],
+        from: SocketAddr,
+        site: Option<Site>,
+        out: &mut [u8],
+    ) -> Outcome {
         if demux(packet) != Frame::Stun {
             return Outcome::Drop(DropReason::NotStun);
         }
@@ -145,9 +228,42 @@ impl BindingResponder {
         if msg.method() != Method::BINDING {
             return self.error(&msg, ErrorCode::BAD_REQUEST, None, out);
         }
+        // The socket to answer from, where RFC 5780 asks for another one.
+        let mut route = None;
+        if let Some(site) = site {
+            let change = match msg.decode(AttributeType::CHANGE_REQUEST) {
+                None => ChangeRequest::default(),
+                Some(Ok(Attribute::ChangeRequest(c))) => c,
+                Some(_) => return self.error(&msg, ErrorCode::BAD_REQUEST, None, out),
+            };
+            let via = Via {
+                ip: site.arrived.ip ^ usize::from(change.change_ip),
+                port: site.arrived.port ^ usize::from(change.change_port),
+            };
+            if !site.grid.has(via) {
+                // A change this server cannot make (RFC 5780 §6.1).
+                return self.error(
+                    &msg,
+                    ErrorCode::UNKNOWN_ATTRIBUTE,
+                    Some(&[AttributeType::CHANGE_REQUEST]),
+                    out,
+                );
+            }
+            let to = match msg.decode(AttributeType::RESPONSE_PORT) {
+                None => from,
+                Some(Ok(Attribute::ResponsePort(p))) => SocketAddr::new(from.ip(), p),
+                Some(_) => return self.error(&msg, ErrorCode::BAD_REQUEST, None, out),
+            };
+            route = Some((via, to));
+        }
         let mut unknown = [AttributeType(0); MAX_UNKNOWN_LISTED];
         let mut n_unknown = 0;
         for ty in msg.unknown_required(Self::understands) {
+            if site.is_some()
+                && (ty == AttributeType::CHANGE_REQUEST || ty == AttributeType::RESPONSE_PORT)
+            {
+                continue;
+            }
             if ty == AttributeType::CHANGE_REQUEST && !change_requested(&msg) {
                 // CHANGE-REQUEST with no flag set asks for nothing we lack.
                 continue;
@@ -165,16 +281,48 @@ impl BindingResponder {
                 out,
             );
         }
-        self.success(&msg, from, out)
+        match (site, route) {
+            (Some(site), Some((via, to))) => {
+                let mut outcome = self.success(&msg, from, Some((site, via)), out);
+                if let Outcome::Reply { route: r, .. } = &mut outcome
+                    && (via != site.arrived || to != from)
+                {
+                    *r = Some((via, to));
+                }
+                outcome
+            }
+            _ => self.success(&msg, from, None, out),
+        }
     }
 
-    fn success(&self, msg: &Message<'_>, from: SocketAddr, out: &mut [u8]) -> Outcome {
+    fn success(
+        &self,
+        msg: &Message<'_>,
+        from: SocketAddr,
+        rfc5780: Option<(Site, Via)>,
+        out: &mut [u8],
+    ) -> Outcome {
         let ty = MessageType::new(Method::BINDING, Class::Success);
+        let padding = msg
+            .get(AttributeType::PADDING)
+            .map_or(0, |p| p.len().min(MAX_PADDING));
         let written = (|| {
             let mut enc = Encoder::new(out, ty, &msg.transaction_id())?;
             enc.xor_mapped_address(from)?;
+            if let Some((site, via)) = rfc5780 {
+                enc.attribute(&Attribute::ResponseOrigin(site.grid.addr(via)))?;
+                if site.grid.alt_ip || site.grid.alt_port {
+                    enc.attribute(&Attribute::OtherAddress(site.grid.other(site.arrived)))?;
+                }
+            }
             if let Some(name) = &self.software {
                 enc.software(name)?;
+            }
+            if rfc5780.is_some() && padding > 0 {
+                // Echo the request's padding (RFC 5780 §7.6, MTU tests); it
+                // never makes the answer larger than the request by more
+                // than the fixed attributes.
+                enc.raw(AttributeType::PADDING, &[0u8; MAX_PADDING][..padding])?;
             }
             enc.fingerprint()?;
             Ok::<_, natrix_wire::EncodeError>(enc.finish())
@@ -236,7 +384,11 @@ fn change_requested(msg: &Message<'_>) -> bool {
 
 fn finish(written: Result<usize, natrix_wire::EncodeError>, kind: Reply) -> Outcome {
     match written {
-        Ok(len) => Outcome::Reply { len, kind },
+        Ok(len) => Outcome::Reply {
+            len,
+            kind,
+            route: None,
+        },
         // Only an output buffer smaller than the documented minimum gets
         // here; answering nothing is the safe fallback.
         Err(_) => Outcome::Drop(DropReason::Malformed),
@@ -362,7 +514,8 @@ mod tests {
             outcome,
             Outcome::Reply {
                 len: bytes.len(),
-                kind: Reply::Error(420)
+                kind: Reply::Error(420),
+                route: None,
             }
         );
         let msg = Message::parse(&bytes).unwrap();
@@ -402,7 +555,8 @@ mod tests {
             answer(&change(true, false)).0,
             Outcome::Reply {
                 len: answer(&change(true, false)).1.len(),
-                kind: Reply::Error(420)
+                kind: Reply::Error(420),
+                route: None,
             }
         );
         assert!(matches!(
@@ -497,5 +651,122 @@ mod tests {
         let declared = natrix_telemetry::catalogue::CDX_DROP_REASON.values;
         let ours: Vec<_> = DropReason::ALL.iter().map(|r| r.label()).collect();
         assert_eq!(ours, declared);
+    }
+
+    fn grid(alt_ip: bool) -> Grid {
+        Grid {
+            ips: [
+                "192.0.2.1".parse().unwrap(),
+                if alt_ip { "192.0.2.2" } else { "192.0.2.1" }
+                    .parse()
+                    .unwrap(),
+            ],
+            ports: [3478, 3479],
+            alt_ip,
+            alt_port: true,
+        }
+    }
+
+    fn answer_at(packet: &[u8], site: Site) -> (Outcome, Vec<u8>) {
+        let mut out = [0u8; 1500];
+        let outcome = responder().handle_at(packet, FROM.parse().unwrap(), Some(site), &mut out);
+        let len = match outcome {
+            Outcome::Reply { len, .. } => len,
+            _ => 0,
+        };
+        (outcome, out[..len].to_vec())
+    }
+
+    fn change(ip: bool, port: bool) -> Attribute<'static> {
+        Attribute::ChangeRequest(ChangeRequest {
+            change_ip: ip,
+            change_port: port,
+        })
+    }
+
+    #[test]
+    fn rfc5780_answers_carry_response_origin_and_other_address() {
+        let site = Site {
+            grid: grid(true),
+            arrived: Via { ip: 0, port: 0 },
+        };
+        let (outcome, bytes) = answer_at(&request(&[], true), site);
+        assert!(matches!(outcome, Outcome::Reply { route: None, .. }));
+        let msg = Message::parse(&bytes).unwrap();
+        assert_eq!(
+            msg.decode(AttributeType::RESPONSE_ORIGIN).unwrap().unwrap(),
+            Attribute::ResponseOrigin("192.0.2.1:3478".parse().unwrap())
+        );
+        assert_eq!(
+            msg.decode(AttributeType::OTHER_ADDRESS).unwrap().unwrap(),
+            Attribute::OtherAddress("192.0.2.2:3479".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn change_requests_pick_the_socket_to_answer_from() {
+        let arrived = Via { ip: 0, port: 0 };
+        let site = Site {
+            grid: grid(true),
+            arrived,
+        };
+        for (ip, port, via, origin) in [
+            (false, true, Via { ip: 0, port: 1 }, "192.0.2.1:3479"),
+            (true, false, Via { ip: 1, port: 0 }, "192.0.2.2:3478"),
+            (true, true, Via { ip: 1, port: 1 }, "192.0.2.2:3479"),
+        ] {
+            let (outcome, bytes) = answer_at(&request(&[change(ip, port)], true), site);
+            let Outcome::Reply { route, .. } = outcome else {
+                panic!("no reply");
+            };
+            assert_eq!(route, Some((via, FROM.parse().unwrap())));
+            let msg = Message::parse(&bytes).unwrap();
+            assert_eq!(
+                msg.decode(AttributeType::RESPONSE_ORIGIN).unwrap().unwrap(),
+                Attribute::ResponseOrigin(origin.parse().unwrap())
+            );
+        }
+        // Without an alternate IP, change-IP is refused with 420.
+        let no_ip = Site {
+            grid: grid(false),
+            arrived,
+        };
+        let (outcome, _) = answer_at(&request(&[change(true, false)], true), no_ip);
+        assert!(matches!(
+            outcome,
+            Outcome::Reply {
+                kind: Reply::Error(420),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn response_port_and_padding_are_honoured() {
+        let site = Site {
+            grid: grid(true),
+            arrived: Via { ip: 0, port: 0 },
+        };
+        let req = request(
+            &[
+                Attribute::ResponsePort(50000),
+                Attribute::Padding(&[0; 200]),
+            ],
+            true,
+        );
+        let (outcome, bytes) = answer_at(&req, site);
+        let Outcome::Reply { route, .. } = outcome else {
+            panic!("no reply");
+        };
+        assert_eq!(
+            route,
+            Some((Via { ip: 0, port: 0 }, "203.0.113.7:50000".parse().unwrap()))
+        );
+        let msg = Message::parse(&bytes).unwrap();
+        assert_eq!(msg.get(AttributeType::PADDING).map(<[u8]>::len), Some(200));
+        assert!(
+            bytes.len() <= req.len() + 64,
+            "padding echoes, never amplifies"
+        );
     }
 }

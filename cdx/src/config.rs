@@ -1,6 +1,6 @@
 //! Configuration of the CDX role.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Args;
@@ -18,6 +18,17 @@ pub struct CdxConfig {
         default_value = "0.0.0.0:3478,[::]:3478"
     )]
     pub listen: Vec<SocketAddr>,
+
+    /// RFC 5780: an alternate port on every listener's IP (e.g. 3479);
+    /// enables NAT behaviour discovery (CHANGE-REQUEST, OTHER-ADDRESS,
+    /// RESPONSE-ORIGIN, RESPONSE-PORT). Needs specific listen addresses.
+    #[arg(long = "stun-alternate-port", env = "NATRIX_STUN_ALTERNATE_PORT")]
+    pub alternate_port: Option<u16>,
+
+    /// RFC 5780: a second IP of this host, answering change-IP requests
+    /// (with --stun-alternate-port, all four address/port combinations).
+    #[arg(long = "stun-alternate-ip", env = "NATRIX_STUN_ALTERNATE_IP")]
+    pub alternate_ip: Option<IpAddr>,
 
     /// Serve STUN over TCP as well as UDP.
     #[arg(

@@ -30,6 +30,6 @@ mod config;
 mod metrics;
 pub mod server;
 
-pub use binding::{BindingResponder, DropReason, Outcome, Reply, Transport};
+pub use binding::{BindingResponder, DropReason, Grid, Outcome, Reply, Site, Transport, Via};
 pub use config::CdxConfig;
 pub use metrics::{CdxMetrics, LoopCounters};

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::{BindingResponder, CdxConfig, CdxMetrics};
+use crate::{BindingResponder, CdxConfig, CdxMetrics, Grid, Site, Via};
 
 /// How often loops publish their counters.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -72,7 +72,13 @@ impl CdxServer {
             tasks: Vec::new(),
         };
         let opts = UdpOptions::default();
+        let rfc5780 = config.alternate_port.is_some() || config.alternate_ip.is_some();
         for &requested in &config.listen {
+            if rfc5780 && requested.ip().is_unspecified() {
+                anyhow::bail!(
+                    "--stun-alternate-port/--stun-alternate-ip need specific --stun-listen addresses (got {requested}): RESPONSE-ORIGIN and OTHER-ADDRESS must name real addresses"
+                );
+            }
             let first = match ensure_udp_free(requested).and_then(|()| bind_udp(requested, &opts)) {
                 Ok(s) => s,
                 Err(e) if ipv6_unavailable(&requested, &e) => {
@@ -87,22 +93,68 @@ impl CdxServer {
             let addr = first
                 .local_addr()
                 .with_context(|| format!("reading the address bound for {requested}"))?;
-            let mut sockets = vec![first];
-            for _ in 1..workers.max(1) {
-                sockets.push(
-                    bind_udp(addr, &opts)
-                        .with_context(|| format!("binding another STUN UDP socket on {addr}"))?,
-                );
+            let alt_ip = config
+                .alternate_ip
+                .filter(|ip| ip.is_ipv4() == addr.is_ipv4());
+            let grid = rfc5780.then(|| Grid {
+                ips: [addr.ip(), alt_ip.unwrap_or(addr.ip())],
+                ports: [addr.port(), config.alternate_port.unwrap_or(addr.port())],
+                alt_ip: alt_ip.is_some(),
+                alt_port: config.alternate_port.is_some(),
+            });
+            // Every socket of the grid (just the primary without RFC 5780),
+            // `workers` times each with SO_REUSEPORT; the first of each cell
+            // also sends the answers other cells route to it.
+            let mut cells: Vec<(Via, Vec<std::net::UdpSocket>)> = Vec::new();
+            let mut first = Some(first);
+            for via in grid.map_or_else(|| vec![Via::default()], |g| g.cells().collect()) {
+                let cell_addr = grid.map_or(addr, |g| g.addr(via));
+                let mut sockets = Vec::new();
+                if let Some(f) = first.take() {
+                    sockets.push(f);
+                } else {
+                    sockets.push(
+                        ensure_udp_free(cell_addr)
+                            .and_then(|()| bind_udp(cell_addr, &opts))
+                            .with_context(|| format!("binding STUN UDP on {cell_addr}"))?,
+                    );
+                }
+                for _ in 1..workers.max(1) {
+                    sockets.push(bind_udp(cell_addr, &opts).with_context(|| {
+                        format!("binding another STUN UDP socket on {cell_addr}")
+                    })?);
+                }
+                cells.push((via, sockets));
             }
-            for socket in sockets {
-                let io = UdpIo::new(socket)
-                    .with_context(|| format!("registering STUN UDP socket {addr}"))?;
-                server.tasks.push(runtime.spawn(udp::run(
-                    io,
-                    responder.clone(),
-                    metrics.clone(),
-                    shutdown_rx.clone(),
-                )));
+            let mut ios: Vec<(Via, Vec<Arc<UdpIo>>)> = Vec::new();
+            for (via, sockets) in cells {
+                let mut v = Vec::new();
+                for socket in sockets {
+                    v.push(Arc::new(UdpIo::new(socket).with_context(|| {
+                        format!("registering a STUN UDP socket for {addr}")
+                    })?));
+                }
+                ios.push((via, v));
+            }
+            let mut senders: udp::Senders = Default::default();
+            for (via, v) in &ios {
+                senders[via.ip][via.port] = v.first().cloned();
+            }
+            let senders = Arc::new(senders);
+            for (via, v) in ios {
+                for io in v {
+                    server.tasks.push(runtime.spawn(udp::run(
+                        io,
+                        grid.map(|grid| Site { grid, arrived: via }),
+                        senders.clone(),
+                        responder.clone(),
+                        metrics.clone(),
+                        shutdown_rx.clone(),
+                    )));
+                }
+            }
+            if let Some(g) = grid {
+                info!(cells = ?g.cells().map(|v| g.addr(v)).collect::<Vec<_>>(), "RFC 5780 NAT discovery on");
             }
             server.udp_addrs.push(addr);
 

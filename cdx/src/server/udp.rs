@@ -8,23 +8,30 @@ use tokio::time::{MissedTickBehavior, interval};
 use tracing::debug;
 
 use super::FLUSH_INTERVAL;
-use crate::binding::{BindingResponder, Outcome, Transport};
+use crate::binding::{BindingResponder, Outcome, Site, Transport};
 use crate::metrics::CdxMetrics;
 
 /// Largest datagram read; anything longer is truncated by the kernel and then
 /// fails to parse (STUN requests are far smaller).
 const MAX_DATAGRAM: usize = 2048;
 
+/// The socket of each RFC 5780 cell that sends answers routed to it,
+/// indexed `[ip][port]`.
+pub(super) type Senders = [[Option<Arc<UdpIo>>; 2]; 2];
+
 /// Runs until `shutdown` flips. Priorities per wake-up: shutdown, counter
-/// flush, one batch of datagrams.
+/// flush, one batch of datagrams. With `site` (RFC 5780), answers may leave
+/// from another socket of the grid or go to another port of the client.
 pub(super) async fn run(
-    io: UdpIo,
+    io: Arc<UdpIo>,
+    site: Option<Site>,
+    senders: Arc<Senders>,
     responder: Arc<BindingResponder>,
     metrics: CdxMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut batch = RecvBatch::for_socket(&io, MAX_DATAGRAM);
-    let mut out = [0u8; 1280];
+    let mut out = [0u8; 1500];
     let mut counters = metrics.local(Transport::Udp);
     let mut flush = interval(FLUSH_INTERVAL);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -41,10 +48,15 @@ pub(super) async fn run(
                     continue;
                 }
                 for d in batch.datagrams() {
-                    let outcome = responder.handle(d.payload, d.from, &mut out);
+                    let outcome = responder.handle_at(d.payload, d.from, site, &mut out);
                     counters.record(d.payload.len(), &outcome);
-                    if let Outcome::Reply { len, .. } = outcome {
-                        match io.send_to(&out[..len], d.from, d.to_ip).await {
+                    if let Outcome::Reply { len, route, .. } = outcome {
+                        let (sender, to) = match route {
+                            Some((via, to)) => (senders[via.ip][via.port].as_ref().unwrap_or(&io), to),
+                            None => (&io, d.from),
+                        };
+                        let from_ip = if route.is_some() { None } else { d.to_ip };
+                        match sender.send_to(&out[..len], to, from_ip).await {
                             Ok(()) => counters.sent(len),
                             Err(e) => {
                                 counters.send_failed();

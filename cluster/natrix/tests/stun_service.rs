@@ -230,3 +230,64 @@ fn promtool_accepts_the_metrics_endpoint() {
     let (status, body) = common::http_get(natrix.metrics, "/healthz").expect("healthz");
     assert_eq!((status, body.trim()), (200, "ok"));
 }
+
+/// RFC 5780 on one node with two addresses (127.0.0.1 and 127.0.0.2) and
+/// two ports: coturn's `turnutils_natdiscovery` runs the mapping and
+/// filtering tests against natrix and, on loopback, finds no NAT; the change
+/// requests were answered from the other addresses.
+#[test]
+fn coturn_natdiscovery_runs_the_rfc5780_tests_against_natrix_cdx() {
+    let alt_port = common::free_port();
+    let alt = alt_port.to_string();
+    let natrix = Natrix::cdx(&[
+        "--stun-alternate-ip",
+        "127.0.0.2",
+        "--stun-alternate-port",
+        &alt,
+    ]);
+    let out = Command::new(tool("turnutils_natdiscovery"))
+        .args([
+            "-m",
+            "-f",
+            "-p",
+            &natrix.stun.port().to_string(),
+            "127.0.0.1",
+        ])
+        .output()
+        .expect("running turnutils_natdiscovery");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("NAT with Endpoint Independent Mapping"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("NAT with Endpoint Independent Filtering"),
+        "{stdout}"
+    );
+    // Answers to change-IP/port requests came from the alternate sockets.
+    assert!(
+        stdout.contains(&format!("Response origin: : 127.0.0.2:{alt_port}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("Other addr: : 127.0.0.2:{alt_port}")),
+        "{stdout}"
+    );
+}
+
+/// Without an alternate address, a change request is refused with 420, as
+/// RFC 5780 §6.1 prescribes for servers that cannot honour it.
+#[test]
+fn change_requests_without_an_alternate_address_get_420() {
+    let natrix = Natrix::cdx(&[]);
+    let mut req = vec![0x00, 0x01, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+    req.extend_from_slice(&[4; 12]);
+    req.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0x06]); // change IP and port
+    let (resp, _) = udp_exchange(natrix.stun, "127.0.0.1:0", &req);
+    let msg = Message::parse(&resp).expect("STUN");
+    assert_eq!(msg.class(), Class::Error);
+    match msg.decode(AttributeType::ERROR_CODE) {
+        Some(Ok(Attribute::ErrorCode(e))) => assert_eq!(e.code, 420),
+        other => panic!("{other:?}"),
+    }
+}
