@@ -26,6 +26,7 @@
 //! [RFC 8489]: https://www.rfc-editor.org/rfc/rfc8489
 
 mod binding;
+pub mod client;
 mod config;
 mod metrics;
 pub mod server;

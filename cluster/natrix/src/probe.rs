@@ -1,8 +1,9 @@
-//! `natrix probe`: one Binding request with RFC 8489 §6.2.1 retransmission,
-//! over UDP or TCP, reporting the mapped address.
+//! `natrix probe`: over UDP, RFC 5780 NAT behaviour discovery (mapping,
+//! filtering, hairpinning, class) through the CDX client library; over TCP,
+//! the mapped address.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -12,9 +13,6 @@ use natrix_wire::{
 };
 
 use crate::cli::ProbeArgs;
-
-/// Initial retransmission timeout (RFC 8489 §6.2.1).
-const INITIAL_RTO: Duration = Duration::from_millis(500);
 
 /// The STUN port (RFC 8489 §18.2).
 const DEFAULT_PORT: u16 = 3478;
@@ -85,61 +83,6 @@ fn mapped(bytes: &[u8], tid: &TransactionId) -> Option<anyhow::Result<SocketAddr
     })
 }
 
-fn probe_udp(server: SocketAddr, deadline: Instant) -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let bind: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let socket = UdpSocket::bind(bind).context("binding a local UDP socket")?;
-    socket
-        .connect(server)
-        .with_context(|| format!("no route to {server}"))?;
-    let local = socket.local_addr()?;
-    let tid = TransactionId(rand::random());
-    let req = request(&tid)?;
-    let mut rto = INITIAL_RTO;
-    let mut buf = [0u8; 1500];
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            bail!(
-                "no answer from {server} over UDP (is a STUN server running there, and is UDP open?)"
-            );
-        }
-        socket
-            .send(&req)
-            .with_context(|| format!("sending to {server}"))?;
-        let wait_until = (now + rto).min(deadline);
-        rto *= 2;
-        while let Some(left) = wait_until
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-        {
-            socket.set_read_timeout(Some(left))?;
-            match socket.recv(&mut buf) {
-                Ok(n) => {
-                    if let Some(result) = mapped(&buf[..n], &tid) {
-                        return Ok((result?, local));
-                    }
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    bail!("{server} refused UDP (nothing listens on that port)");
-                }
-                Err(e) => return Err(e).with_context(|| format!("receiving from {server}")),
-            }
-        }
-    }
-}
-
 fn probe_tcp(server: SocketAddr, deadline: Instant) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let left = deadline.saturating_duration_since(Instant::now());
     let mut stream = TcpStream::connect_timeout(&server, left)
@@ -178,18 +121,106 @@ fn probe_tcp(server: SocketAddr, deadline: Instant) -> anyhow::Result<(SocketAdd
     }
 }
 
-/// Runs the probe and prints the result.
+/// Runs the probe and prints the result. Over UDP against an RFC 5780
+/// server (one that sends OTHER-ADDRESS) it runs NAT behaviour discovery.
 pub(crate) fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     let server = resolve(&args.server)?;
     let started = Instant::now();
-    let deadline = started + args.timeout;
-    let (mapped, local) = if args.tcp {
-        probe_tcp(server, deadline)?
+    if args.tcp {
+        let (mapped, local) = probe_tcp(server, started + args.timeout)?;
+        print_simple(args, server, "tcp", mapped, local, started.elapsed());
+        return Ok(());
+    }
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse()?
     } else {
-        probe_udp(server, deadline)?
+        "[::]:0".parse()?
     };
-    let rtt = started.elapsed();
-    let transport = if args.tcp { "tcp" } else { "udp" };
+    let profile = natrix_cdx::client::discover(server, bind).context("running NAT discovery")?;
+    let elapsed = started.elapsed();
+    let Some(mapped) = profile.mapped else {
+        // UDP unanswered: try TCP so the user learns which it is.
+        let tcp = probe_tcp(server, Instant::now() + args.timeout);
+        let verdict = match &tcp {
+            Ok(_) => "UDP is blocked (the server answers over TCP)",
+            Err(_) => "no answer over UDP or TCP (is a STUN server running there?)",
+        };
+        if args.json {
+            let out = serde_json::json!({
+                "server": server.to_string(),
+                "class": "udp-blocked",
+                "udp_blocked": true,
+                "tcp_mapped_address": tcp.as_ref().ok().map(|(m, _)| m.to_string()),
+                "error": verdict,
+            });
+            println!("{out}");
+        } else {
+            println!("server:         {server}");
+            println!("result:         {verdict}");
+            if let Ok((m, _)) = &tcp {
+                println!("mapped (TCP):   {m}");
+            }
+        }
+        if tcp.is_err() {
+            bail!("no answer from {server}");
+        }
+        return Ok(());
+    };
+    let class = profile.class().map(|c| c.name());
+    if args.json {
+        let out = serde_json::json!({
+            "server": server.to_string(),
+            "transport": "udp",
+            "local_address": profile.local.to_string(),
+            "mapped_address": mapped.to_string(),
+            "behind_nat": mapped != profile.local,
+            "mapping": profile.mapping.map(|m| m.name()),
+            "filtering": profile.filtering.map(|f| f.name()),
+            "hairpinning": profile.hairpinning,
+            "class": class,
+            "other_address": profile.other.map(|a| a.to_string()),
+            "udp_blocked": false,
+            "seconds": elapsed.as_secs_f64(),
+        });
+        println!("{out}");
+    } else {
+        println!("server:         {server} (udp)");
+        println!("local address:  {}", profile.local);
+        println!("mapped address: {mapped}");
+        match profile.other {
+            None => println!(
+                "NAT behaviour:  not tested (the server does not support RFC 5780); behind NAT: {}",
+                if mapped == profile.local { "no" } else { "yes" }
+            ),
+            Some(other) => {
+                println!(
+                    "mapping:        {}",
+                    profile.mapping.map_or("unknown", |m| m.name())
+                );
+                println!(
+                    "filtering:      {}",
+                    profile.filtering.map_or("unknown", |f| f.name())
+                );
+                if let Some(h) = profile.hairpinning {
+                    println!("hairpinning:    {}", if h { "yes" } else { "no" });
+                }
+                println!("class:          {}", class.unwrap_or("unknown"));
+                println!("server other:   {other}");
+            }
+        }
+        println!("took:           {:.0} ms", elapsed.as_secs_f64() * 1000.0);
+    }
+    Ok(())
+}
+
+fn print_simple(
+    args: &ProbeArgs,
+    server: SocketAddr,
+    transport: &str,
+    mapped: SocketAddr,
+    local: SocketAddr,
+    rtt: Duration,
+) {
     if args.json {
         let out = serde_json::json!({
             "server": server.to_string(),
@@ -214,5 +245,4 @@ pub(crate) fn run(args: &ProbeArgs) -> anyhow::Result<()> {
         );
         println!("round trip:     {:.1} ms", rtt.as_secs_f64() * 1000.0);
     }
-    Ok(())
 }

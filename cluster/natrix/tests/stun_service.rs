@@ -291,3 +291,57 @@ fn change_requests_without_an_alternate_address_get_420() {
         other => panic!("{other:?}"),
     }
 }
+
+fn probe_json(args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .arg("probe")
+        .args(args)
+        .output()
+        .expect("running natrix probe");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.success(),
+        json,
+        stdout + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `natrix probe` runs RFC 5780 discovery against an RFC 5780 server and
+/// classifies loopback as open (no NAT, endpoint-independent filtering), in
+/// well under two seconds; against a plain STUN server it reports the mapped
+/// address only; against nothing it fails with a clear message.
+#[test]
+fn natrix_probe_classifies_through_rfc5780_and_reports_what_it_could_not_test() {
+    let alt = common::free_port().to_string();
+    let rfc5780 = Natrix::cdx(&[
+        "--stun-alternate-ip",
+        "127.0.0.2",
+        "--stun-alternate-port",
+        &alt,
+    ]);
+    let started = std::time::Instant::now();
+    let (ok, v, text) = probe_json(&["--json", &rfc5780.stun.to_string()]);
+    assert!(ok, "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(v["class"], "open", "{text}");
+    assert_eq!(v["mapping"], "no-nat", "{text}");
+    assert_eq!(v["filtering"], "endpoint-independent", "{text}");
+    assert_eq!(v["other_address"], format!("127.0.0.2:{alt}"), "{text}");
+    assert_eq!(v["mapped_address"], v["local_address"], "{text}");
+
+    let plain = Natrix::cdx(&[]);
+    let (ok, v, text) = probe_json(&["--json", &plain.stun.to_string()]);
+    assert!(ok, "{text}");
+    assert_eq!(v["other_address"], serde_json::Value::Null, "{text}");
+    assert_eq!(v["behind_nat"], false, "{text}");
+
+    let nothing = format!("127.0.0.1:{}", common::free_port());
+    let (ok, _, text) = probe_json(&["--timeout", "1s", &nothing]);
+    assert!(!ok, "probing nothing must fail");
+    assert!(text.contains("no answer"), "{text}");
+}
