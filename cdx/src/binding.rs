@@ -100,6 +100,9 @@ pub struct Grid {
     pub alt_ip: bool,
     /// The server has an alternate port.
     pub alt_port: bool,
+    /// The alternate IP belongs to a sibling node: its sockets are remote,
+    /// and requests for them are handed off (see [`crate::handoff`]).
+    pub sibling: bool,
 }
 
 impl Grid {
@@ -113,12 +116,17 @@ impl Grid {
         (via.ip == 0 || self.alt_ip) && (via.port == 0 || self.alt_port)
     }
 
-    /// Every socket the server has.
+    /// Every socket the server (with its sibling) has.
     pub fn cells(&self) -> impl Iterator<Item = Via> + '_ {
         [(0, 0), (0, 1), (1, 0), (1, 1)]
             .into_iter()
             .map(|(ip, port)| Via { ip, port })
             .filter(|v| self.has(*v))
+    }
+
+    /// True when socket `via` is on this node (not the sibling's).
+    pub fn is_local(&self, via: Via) -> bool {
+        !(self.sibling && via.ip == 1)
     }
 
     /// OTHER-ADDRESS as seen from socket `at`: the other IP and the other
@@ -664,6 +672,7 @@ mod tests {
             ports: [3478, 3479],
             alt_ip,
             alt_port: true,
+            sibling: false,
         }
     }
 

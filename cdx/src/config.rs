@@ -5,6 +5,26 @@ use std::time::Duration;
 
 use clap::Args;
 
+/// A secret that never appears in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterSecret(pub String);
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for ClusterSecret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ClusterSecret, String> {
+        if s.len() < 16 {
+            return Err("the cluster secret needs at least 16 characters".into());
+        }
+        Ok(ClusterSecret(s.to_string()))
+    }
+}
+
 /// CDX (STUN) listener settings. Every flag also reads an environment
 /// variable; the Helm values map one to one onto them.
 #[derive(Args, Clone, Debug)]
@@ -29,6 +49,21 @@ pub struct CdxConfig {
     /// (with --stun-alternate-port, all four address/port combinations).
     #[arg(long = "stun-alternate-ip", env = "NATRIX_STUN_ALTERNATE_IP")]
     pub alternate_ip: Option<IpAddr>,
+
+    /// RFC 5780 across two nodes with one IP each: the sibling CDX node's
+    /// IP (it listens on the same ports). OTHER-ADDRESS names it, and
+    /// change-IP requests are handed to it; needs --cluster-secret, the same
+    /// on both nodes.
+    #[arg(
+        long = "stun-sibling",
+        env = "NATRIX_STUN_SIBLING",
+        conflicts_with = "alternate_ip"
+    )]
+    pub sibling: Option<IpAddr>,
+
+    /// Shared secret authenticating hand-offs between sibling nodes.
+    #[arg(long = "cluster-secret", env = "NATRIX_CLUSTER_SECRET")]
+    pub cluster_secret: Option<ClusterSecret>,
 
     /// Serve STUN over TCP as well as UDP.
     #[arg(

@@ -28,9 +28,10 @@
 mod binding;
 pub mod client;
 mod config;
+pub mod handoff;
 mod metrics;
 pub mod server;
 
 pub use binding::{BindingResponder, DropReason, Grid, Outcome, Reply, Site, Transport, Via};
-pub use config::CdxConfig;
+pub use config::{CdxConfig, ClusterSecret};
 pub use metrics::{CdxMetrics, LoopCounters};

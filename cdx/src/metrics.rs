@@ -32,6 +32,12 @@ pub struct CdxMetrics {
     pub(crate) tcp_accepted: IntCounter,
     /// TCP connections refused at the limit.
     pub(crate) tcp_rejected: IntCounter,
+    /// Change-IP requests handed to the sibling.
+    pub(crate) handoffs_sent: IntCounter,
+    /// Hand-offs from the sibling answered.
+    pub(crate) handoffs_answered: IntCounter,
+    /// Hand-offs refused (bad tag, stale, malformed).
+    pub(crate) handoffs_rejected: IntCounter,
 }
 
 impl CdxMetrics {
@@ -55,12 +61,16 @@ impl CdxMetrics {
             }
         };
         let tcp_total = telemetry.counter_family(&cat::CDX_TCP_CONNECTIONS_TOTAL);
+        let handoffs = telemetry.counter_family(&cat::CDX_SIBLING_HANDOFFS_TOTAL);
         CdxMetrics {
             udp: per(Transport::Udp),
             tcp: per(Transport::Tcp),
             tcp_connections: telemetry.gauge(&cat::CDX_TCP_CONNECTIONS),
             tcp_accepted: tcp_total.with_label_values(&["accepted"]),
             tcp_rejected: tcp_total.with_label_values(&["rejected"]),
+            handoffs_sent: handoffs.with_label_values(&["sent"]),
+            handoffs_answered: handoffs.with_label_values(&["answered"]),
+            handoffs_rejected: handoffs.with_label_values(&["rejected"]),
         }
     }
 

@@ -72,7 +72,16 @@ impl CdxServer {
             tasks: Vec::new(),
         };
         let opts = UdpOptions::default();
-        let rfc5780 = config.alternate_port.is_some() || config.alternate_ip.is_some();
+        let rfc5780 = config.alternate_port.is_some()
+            || config.alternate_ip.is_some()
+            || config.sibling.is_some();
+        let handoff_key = match (&config.sibling, &config.cluster_secret) {
+            (Some(_), Some(secret)) => Some(crate::handoff::key(secret.0.as_bytes())),
+            (Some(_), None) => anyhow::bail!(
+                "--stun-sibling needs --cluster-secret (the same on both nodes): hand-offs must be authenticated"
+            ),
+            (None, _) => None,
+        };
         for &requested in &config.listen {
             if rfc5780 && requested.ip().is_unspecified() {
                 anyhow::bail!(
@@ -93,21 +102,38 @@ impl CdxServer {
             let addr = first
                 .local_addr()
                 .with_context(|| format!("reading the address bound for {requested}"))?;
+            let sibling = config.sibling.filter(|ip| ip.is_ipv4() == addr.is_ipv4());
             let alt_ip = config
                 .alternate_ip
-                .filter(|ip| ip.is_ipv4() == addr.is_ipv4());
+                .filter(|ip| ip.is_ipv4() == addr.is_ipv4())
+                .or(sibling);
             let grid = rfc5780.then(|| Grid {
                 ips: [addr.ip(), alt_ip.unwrap_or(addr.ip())],
                 ports: [addr.port(), config.alternate_port.unwrap_or(addr.port())],
                 alt_ip: alt_ip.is_some(),
                 alt_port: config.alternate_port.is_some(),
+                sibling: sibling.is_some(),
             });
+            let handoff = match (&handoff_key, sibling) {
+                (Some(key), Some(ip)) => Some(Arc::new(udp::HandoffPeer {
+                    key: key.clone(),
+                    sibling: SocketAddr::new(ip, addr.port()),
+                    sent: metrics.handoffs_sent.clone(),
+                    answered: metrics.handoffs_answered.clone(),
+                    rejected: metrics.handoffs_rejected.clone(),
+                })),
+                _ => None,
+            };
             // Every socket of the grid (just the primary without RFC 5780),
             // `workers` times each with SO_REUSEPORT; the first of each cell
             // also sends the answers other cells route to it.
             let mut cells: Vec<(Via, Vec<std::net::UdpSocket>)> = Vec::new();
             let mut first = Some(first);
-            for via in grid.map_or_else(|| vec![Via::default()], |g| g.cells().collect()) {
+            let local_cells: Vec<Via> = grid.map_or_else(
+                || vec![Via::default()],
+                |g| g.cells().filter(|v| g.is_local(*v)).collect(),
+            );
+            for via in local_cells {
                 let cell_addr = grid.map_or(addr, |g| g.addr(via));
                 let mut sockets = Vec::new();
                 if let Some(f) = first.take() {
@@ -147,6 +173,7 @@ impl CdxServer {
                         io,
                         grid.map(|grid| Site { grid, arrived: via }),
                         senders.clone(),
+                        handoff.clone(),
                         responder.clone(),
                         metrics.clone(),
                         shutdown_rx.clone(),

@@ -1,6 +1,8 @@
 //! The UDP loop: one per socket, batched receive, answers in place.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use natrix_net::{RecvBatch, UdpIo};
 use tokio::sync::watch;
@@ -8,7 +10,10 @@ use tokio::time::{MissedTickBehavior, interval};
 use tracing::debug;
 
 use super::FLUSH_INTERVAL;
-use crate::binding::{BindingResponder, Outcome, Site, Transport};
+use prometheus::IntCounter;
+
+use crate::binding::{BindingResponder, Outcome, Site, Transport, Via};
+use crate::handoff;
 use crate::metrics::CdxMetrics;
 
 /// Largest datagram read; anything longer is truncated by the kernel and then
@@ -19,6 +24,23 @@ const MAX_DATAGRAM: usize = 2048;
 /// indexed `[ip][port]`.
 pub(super) type Senders = [[Option<Arc<UdpIo>>; 2]; 2];
 
+/// The sibling node that serves this node's change-IP requests.
+#[derive(Debug)]
+pub(super) struct HandoffPeer {
+    pub(super) key: ring::hmac::Key,
+    /// The sibling's primary STUN address.
+    pub(super) sibling: SocketAddr,
+    pub(super) sent: IntCounter,
+    pub(super) answered: IntCounter,
+    pub(super) rejected: IntCounter,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Runs until `shutdown` flips. Priorities per wake-up: shutdown, counter
 /// flush, one batch of datagrams. With `site` (RFC 5780), answers may leave
 /// from another socket of the grid or go to another port of the client.
@@ -26,12 +48,14 @@ pub(super) async fn run(
     io: Arc<UdpIo>,
     site: Option<Site>,
     senders: Arc<Senders>,
+    handoff: Option<Arc<HandoffPeer>>,
     responder: Arc<BindingResponder>,
     metrics: CdxMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut batch = RecvBatch::for_socket(&io, MAX_DATAGRAM);
     let mut out = [0u8; 1500];
+    let mut sealed = [0u8; 2048];
     let mut counters = metrics.local(Transport::Udp);
     let mut flush = interval(FLUSH_INTERVAL);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -48,8 +72,24 @@ pub(super) async fn run(
                     continue;
                 }
                 for d in batch.datagrams() {
+                    // A sibling handing us a change-IP request it cannot serve.
+                    if let (Some(h), Some(site)) = (&handoff, site)
+                        && handoff::is_handoff(d.payload) {
+                            answer_handoff(h, site, &senders, &io, &responder, d.payload, &mut out).await;
+                            continue;
+                        }
                     let outcome = responder.handle_at(d.payload, d.from, site, &mut out);
                     counters.record(d.payload.len(), &outcome);
+                    // Our change-IP answers come from the sibling's address.
+                    if let (Some(h), Some(site), Outcome::Reply { route: Some((via, _)), .. }) =
+                        (&handoff, site, outcome)
+                        && !site.grid.is_local(via) {
+                            if let Some(n) = handoff::seal(&h.key, unix_ms(), site.arrived.port, d.from, d.payload, &mut sealed)
+                                && io.send_to(&sealed[..n], h.sibling, None).await.is_ok() {
+                                    h.sent.inc();
+                                }
+                            continue;
+                        }
                     if let Outcome::Reply { len, route, .. } = outcome {
                         let (sender, to) = match route {
                             Some((via, to)) => (senders[via.ip][via.port].as_ref().unwrap_or(&io), to),
@@ -69,4 +109,48 @@ pub(super) async fn run(
         }
     }
     counters.flush();
+}
+
+/// Answers a request a sibling handed over: as if it had arrived on the
+/// sibling's socket (our alternate IP), the change brings it to one of ours.
+async fn answer_handoff(
+    h: &HandoffPeer,
+    site: Site,
+    senders: &Senders,
+    io: &Arc<UdpIo>,
+    responder: &BindingResponder,
+    packet: &[u8],
+    out: &mut [u8],
+) {
+    let Ok(handed) = handoff::open(&h.key, unix_ms(), packet) else {
+        h.rejected.inc();
+        return;
+    };
+    let arrived = Via {
+        ip: 1,
+        port: handed.arrived_port,
+    };
+    let outcome = responder.handle_at(
+        handed.request,
+        handed.client,
+        Some(Site {
+            grid: site.grid,
+            arrived,
+        }),
+        out,
+    );
+    let Outcome::Reply { len, route, .. } = outcome else {
+        h.rejected.inc();
+        return;
+    };
+    let (via, to) = route.unwrap_or((arrived, handed.client));
+    if !site.grid.is_local(via) {
+        // Asked to answer from the sibling's own address: not ours to do.
+        h.rejected.inc();
+        return;
+    }
+    let sender = senders[via.ip][via.port].as_ref().unwrap_or(io);
+    if sender.send_to(&out[..len], to, None).await.is_ok() {
+        h.answered.inc();
+    }
 }

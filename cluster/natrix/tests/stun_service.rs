@@ -345,3 +345,89 @@ fn natrix_probe_classifies_through_rfc5780_and_reports_what_it_could_not_test() 
     assert!(!ok, "probing nothing must fail");
     assert!(text.contains("no answer"), "{text}");
 }
+
+/// RFC 5780 across two nodes with one IP each (the Kubernetes case): each
+/// names the other in OTHER-ADDRESS and hands it the change-IP requests,
+/// authenticated with the cluster secret. coturn's natdiscovery completes
+/// its tests, the change-IP answers come from the sibling, and a forged
+/// hand-off is refused without sending anything to its victim.
+#[test]
+fn two_single_ip_siblings_serve_rfc5780_together() {
+    let port = common::free_port();
+    let alt = common::free_port();
+    let (p, q) = (port.to_string(), alt.to_string());
+    let secret = "a-shared-cluster-secret";
+    let node = |ip: &str, sibling: &str| {
+        Natrix::cdx(&[
+            "--stun-listen",
+            &format!("{ip}:{p}"),
+            "--stun-alternate-port",
+            &q,
+            "--stun-sibling",
+            sibling,
+            "--cluster-secret",
+            secret,
+        ])
+    };
+    let a = node("127.0.0.1", "127.0.0.2");
+    let b = node("127.0.0.2", "127.0.0.1");
+    let out = Command::new(tool("turnutils_natdiscovery"))
+        .args(["-m", "-f", "-p", &p, "127.0.0.1"])
+        .output()
+        .expect("running turnutils_natdiscovery");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("NAT with Endpoint Independent Mapping"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("NAT with Endpoint Independent Filtering"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("Response origin: : 127.0.0.2:{alt}")),
+        "{stdout}"
+    );
+    let sent = a.wait_metric("cdx_sibling_handoffs_total{result=\"sent\"}", |v| v >= 1.0);
+    let answered = b.wait_metric("cdx_sibling_handoffs_total{result=\"answered\"}", |v| {
+        v >= 1.0
+    });
+    assert!(
+        sent >= 1.0 && answered >= 1.0,
+        "sent {sent}, answered {answered}"
+    );
+
+    // A forged hand-off (wrong secret) naming a victim: refused, silent.
+    let victim = UdpSocket::bind("127.0.0.1:0").expect("victim");
+    victim
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let key = natrix_cdx::handoff::key(b"guessed-secret-xx");
+    let mut forged = [0u8; 256];
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let mut change = vec![0x00, 0x01, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+    change.extend_from_slice(&[6; 12]);
+    change.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0x06]);
+    let n = natrix_cdx::handoff::seal(
+        &key,
+        now_ms,
+        0,
+        victim.local_addr().expect("addr"),
+        &change,
+        &mut forged,
+    )
+    .expect("seal");
+    let attacker = UdpSocket::bind("127.0.0.1:0").expect("attacker");
+    attacker.send_to(&forged[..n], b.stun).expect("send");
+    assert!(
+        victim.recv_from(&mut [0u8; 512]).is_err(),
+        "a forged hand-off made natrix answer"
+    );
+    let rejected = b.wait_metric("cdx_sibling_handoffs_total{result=\"rejected\"}", |v| {
+        v >= 1.0
+    });
+    assert_eq!(rejected, 1.0);
+}

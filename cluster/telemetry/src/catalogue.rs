@@ -343,6 +343,17 @@ pub const RELAY_CONNECTIONS_IDLE_CLOSED_TOTAL: MetricDef = metric(
     &[],
 );
 
+/// Sibling hand-offs of RFC 5780 change-IP requests.
+pub const CDX_SIBLING_HANDOFFS_TOTAL: MetricDef = metric(
+    "cdx_sibling_handoffs_total",
+    "RFC 5780 change-IP requests handed to the sibling CDX node (sent), handed from it and answered, or refused (bad authentication, stale, malformed).",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["sent", "answered", "rejected"],
+    }],
+);
+
 /// Every metric natrix exports.
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
@@ -356,6 +367,7 @@ pub const ALL: &[&MetricDef] = &[
     &CDX_SEND_ERRORS_TOTAL,
     &CDX_TCP_CONNECTIONS,
     &CDX_TCP_CONNECTIONS_TOTAL,
+    &CDX_SIBLING_HANDOFFS_TOTAL,
     &RELAY_ALLOCATIONS,
     &RELAY_ALLOCATIONS_CREATED_TOTAL,
     &RELAY_ALLOCATIONS_ENDED_TOTAL,

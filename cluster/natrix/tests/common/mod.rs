@@ -67,11 +67,14 @@ impl Natrix {
         // address); the harness then talks to its port on 127.0.0.1.
         let chosen = extra
             .iter()
-            .position(|a| *a == "--turn-listen")
+            .position(|a| *a == "--turn-listen" || *a == "--stun-listen")
             .and_then(|i| extra.get(i + 1))
             .and_then(|v| v.parse::<SocketAddr>().ok());
         let stun = match chosen {
-            Some(addr) => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+            Some(addr) if addr.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            }
+            Some(addr) => addr,
             None => SocketAddr::from(([127, 0, 0, 1], free_port())),
         };
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -84,7 +87,11 @@ impl Natrix {
         let child = Command::new(env!("CARGO_BIN_EXE_natrix"))
             .arg(cmd)
             .args(if cmd == "cdx" {
-                vec!["--stun-listen".to_string(), stun.to_string()]
+                if chosen.is_some() {
+                    vec![]
+                } else {
+                    vec!["--stun-listen".to_string(), stun.to_string()]
+                }
             } else {
                 let mut args = Vec::new();
                 if chosen.is_none() {
