@@ -42,16 +42,19 @@ pub enum DropReason {
     UnexpectedClass,
     /// A stream frame larger than the listener accepts.
     Oversized,
+    /// An answer over the per-prefix or total rate limit (anti-amplification).
+    RateLimited,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::NotStun,
         DropReason::Malformed,
         DropReason::BadFingerprint,
         DropReason::UnexpectedClass,
         DropReason::Oversized,
+        DropReason::RateLimited,
     ];
 
     /// Metric label value.
@@ -62,6 +65,7 @@ impl DropReason {
             DropReason::BadFingerprint => "bad_fingerprint",
             DropReason::UnexpectedClass => "unexpected_class",
             DropReason::Oversized => "oversized",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }

@@ -15,6 +15,18 @@ impl std::fmt::Debug for ClusterSecret {
     }
 }
 
+impl CdxConfig {
+    /// The per-loop answer limits.
+    pub fn limits(&self) -> natrix_net::UnauthLimits {
+        natrix_net::UnauthLimits {
+            per_prefix_rate: self.rate_per_prefix,
+            per_prefix_burst: (self.rate_per_prefix * 2.0).max(1.0),
+            total_rate: self.rate_total,
+            total_burst: self.rate_total.max(1.0),
+        }
+    }
+}
+
 impl std::str::FromStr for ClusterSecret {
     type Err = String;
     fn from_str(s: &str) -> Result<ClusterSecret, String> {
@@ -64,6 +76,23 @@ pub struct CdxConfig {
     /// Shared secret authenticating hand-offs between sibling nodes.
     #[arg(long = "cluster-secret", env = "NATRIX_CLUSTER_SECRET")]
     pub cluster_secret: Option<ClusterSecret>,
+
+    /// UDP answers per second to one /24 (IPv4) or /48 (IPv6), per loop:
+    /// spoofed floods cannot turn the server into an amplifier.
+    #[arg(
+        long = "stun-rate-per-prefix",
+        env = "NATRIX_STUN_RATE_PER_PREFIX",
+        default_value_t = 500.0
+    )]
+    pub rate_per_prefix: f64,
+
+    /// UDP answers per second in total, per loop.
+    #[arg(
+        long = "stun-rate-total",
+        env = "NATRIX_STUN_RATE_TOTAL",
+        default_value_t = 100_000.0
+    )]
+    pub rate_total: f64,
 
     /// Serve STUN over TCP as well as UDP.
     #[arg(

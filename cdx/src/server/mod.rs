@@ -171,9 +171,12 @@ impl CdxServer {
                 for io in v {
                     server.tasks.push(runtime.spawn(udp::run(
                         io,
-                        grid.map(|grid| Site { grid, arrived: via }),
-                        senders.clone(),
-                        handoff.clone(),
+                        udp::LoopSetup {
+                            site: grid.map(|grid| Site { grid, arrived: via }),
+                            senders: senders.clone(),
+                            handoff: handoff.clone(),
+                            limits: config.limits(),
+                        },
                         responder.clone(),
                         metrics.clone(),
                         shutdown_rx.clone(),

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use natrix_net::{RecvBatch, UdpIo};
+use natrix_net::{RecvBatch, UdpIo, UnauthLimiter, UnauthLimits};
 use tokio::sync::watch;
 use tokio::time::{MissedTickBehavior, interval};
 use tracing::debug;
@@ -12,7 +12,7 @@ use tracing::debug;
 use super::FLUSH_INTERVAL;
 use prometheus::IntCounter;
 
-use crate::binding::{BindingResponder, Outcome, Site, Transport, Via};
+use crate::binding::{BindingResponder, DropReason, Outcome, Site, Transport, Via};
 use crate::handoff;
 use crate::metrics::CdxMetrics;
 
@@ -23,6 +23,18 @@ const MAX_DATAGRAM: usize = 2048;
 /// The socket of each RFC 5780 cell that sends answers routed to it,
 /// indexed `[ip][port]`.
 pub(super) type Senders = [[Option<Arc<UdpIo>>; 2]; 2];
+
+/// Where a loop sits and what it may answer.
+pub(super) struct LoopSetup {
+    /// RFC 5780: the grid and this socket's place in it.
+    pub(super) site: Option<Site>,
+    /// The sockets of the other cells, for answers routed to them.
+    pub(super) senders: Arc<Senders>,
+    /// The sibling for change-IP requests, in sibling mode.
+    pub(super) handoff: Option<Arc<HandoffPeer>>,
+    /// Caps on answers per source prefix and in total.
+    pub(super) limits: UnauthLimits,
+}
 
 /// The sibling node that serves this node's change-IP requests.
 #[derive(Debug)]
@@ -46,16 +58,21 @@ fn unix_ms() -> u64 {
 /// from another socket of the grid or go to another port of the client.
 pub(super) async fn run(
     io: Arc<UdpIo>,
-    site: Option<Site>,
-    senders: Arc<Senders>,
-    handoff: Option<Arc<HandoffPeer>>,
+    setup: LoopSetup,
     responder: Arc<BindingResponder>,
     metrics: CdxMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut batch = RecvBatch::for_socket(&io, MAX_DATAGRAM);
     let mut out = [0u8; 1500];
+    let LoopSetup {
+        site,
+        senders,
+        handoff,
+        limits,
+    } = setup;
     let mut sealed = [0u8; 2048];
+    let mut limiter = UnauthLimiter::new(limits, std::time::Instant::now());
     let mut counters = metrics.local(Transport::Udp);
     let mut flush = interval(FLUSH_INTERVAL);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -63,7 +80,10 @@ pub(super) async fn run(
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            _ = flush.tick() => counters.flush(),
+            _ = flush.tick() => {
+                counters.flush();
+                limiter.sweep(std::time::Instant::now());
+            }
             received = io.recv_batch(&mut batch) => {
                 if let Err(e) = received {
                     // ICMP errors for earlier sends surface here on some
@@ -78,7 +98,12 @@ pub(super) async fn run(
                             answer_handoff(h, site, &senders, &io, &responder, d.payload, &mut out).await;
                             continue;
                         }
-                    let outcome = responder.handle_at(d.payload, d.from, site, &mut out);
+                    let mut outcome = responder.handle_at(d.payload, d.from, site, &mut out);
+                    if matches!(outcome, Outcome::Reply { .. })
+                        && !limiter.allow(d.from.ip(), std::time::Instant::now())
+                    {
+                        outcome = Outcome::Drop(DropReason::RateLimited);
+                    }
                     counters.record(d.payload.len(), &outcome);
                     // Our change-IP answers come from the sibling's address.
                     if let (Some(h), Some(site), Outcome::Reply { route: Some((via, _)), .. }) =

@@ -10,6 +10,7 @@ use anyhow::Context;
 use natrix_cdx::{
     BindingResponder, CdxConfig, CdxMetrics, LoopCounters, Outcome, server::CdxServer,
 };
+use natrix_net::UnauthLimiter;
 use natrix_relay::config::Redacted;
 use natrix_relay::control::{Reload, ReloadActor};
 use natrix_relay::core::Transport;
@@ -112,6 +113,9 @@ struct CdxOnRelay {
     responder: Arc<BindingResponder>,
     udp: LoopCounters,
     tcp: LoopCounters,
+    /// The relay's caps on unauthenticated answers apply to Binding too
+    /// (UDP only: TCP sources cannot be spoofed).
+    limiter: UnauthLimiter,
 }
 
 impl BindingDelegate for CdxOnRelay {
@@ -122,7 +126,13 @@ impl BindingDelegate for CdxOnRelay {
         transport: Transport,
         out: &mut [u8],
     ) -> Option<usize> {
-        let outcome = self.responder.handle(packet, from, out);
+        let mut outcome = self.responder.handle(packet, from, out);
+        if transport == Transport::Udp
+            && matches!(outcome, Outcome::Reply { .. })
+            && !self.limiter.allow(from.ip(), std::time::Instant::now())
+        {
+            outcome = Outcome::Drop(natrix_cdx::DropReason::RateLimited);
+        }
         let counters = match transport {
             Transport::Udp => &mut self.udp,
             Transport::Tcp | Transport::Tls => &mut self.tcp,
@@ -140,17 +150,20 @@ impl BindingDelegate for CdxOnRelay {
     fn flush(&mut self) {
         self.udp.flush();
         self.tcp.flush();
+        self.limiter.sweep(std::time::Instant::now());
     }
 }
 
-fn cdx_delegate(software: &str, telemetry: &Telemetry) -> DelegateFactory {
-    let responder = Arc::new(BindingResponder::new(Some(software.to_string())));
+fn cdx_delegate(relay: &RelayConfig, telemetry: &Telemetry) -> DelegateFactory {
+    let responder = Arc::new(BindingResponder::new(Some(relay.software.clone())));
     let metrics = CdxMetrics::new(telemetry);
+    let limits = relay.server_config(1).unauth;
     Arc::new(move || {
         Box::new(CdxOnRelay {
             responder: responder.clone(),
             udp: metrics.local(natrix_cdx::Transport::Udp),
             tcp: metrics.local(natrix_cdx::Transport::Tcp),
+            limiter: UnauthLimiter::new(limits, std::time::Instant::now()),
         }) as Box<dyn BindingDelegate>
     })
 }
@@ -227,7 +240,7 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
             gates.push(telemetry.health().gate("relay"));
         }
         Plan::Up(relay) => {
-            let delegate = cdx_delegate(&relay.software, &telemetry);
+            let delegate = cdx_delegate(relay, &telemetry);
             running.relay = Some(RelayHost::start(
                 relay,
                 workers,

@@ -373,3 +373,31 @@ fn stream_connections_are_limited_and_idle_ones_closed() {
     let n = s.read(&mut buf).expect("an answer");
     assert!(n > 0);
 }
+
+/// Answers to one source prefix are capped (spoofed floods cannot use the
+/// CDX as an amplifier); the excess is a counted drop.
+#[test]
+fn stun_answers_to_one_prefix_are_rate_limited() {
+    let natrix = Natrix::cdx(&["--workers", "1", "--stun-rate-per-prefix", "5"]);
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    for i in 0..50u8 {
+        socket
+            .send_to(&binding_request([i; 12]), natrix.stun)
+            .expect("send");
+    }
+    let mut answers = 0;
+    let mut buf = [0u8; 512];
+    while socket.recv_from(&mut buf).is_ok() {
+        answers += 1;
+    }
+    // Burst of 2 x 5, plus at most a few refilled tokens.
+    assert!((10..=13).contains(&answers), "{answers} answers");
+    let limited = natrix.wait_metric(
+        "cdx_packets_dropped_total{reason=\"rate_limited\",transport=\"udp\"}",
+        |v| v >= 37.0,
+    );
+    assert_eq!(limited + f64::from(answers), 50.0);
+}

@@ -16,9 +16,11 @@
 //! Nothing here panics. Socket errors are returned as `io::Error`; the loops
 //! decide what is fatal.
 
+mod limiter;
 mod mmsg;
 mod udp;
 
+pub use limiter::{UnauthLimiter, UnauthLimits};
 pub use mmsg::{HeadroomBatch, SendBatch};
 
 pub use udp::{

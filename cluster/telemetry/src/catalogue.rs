@@ -77,6 +77,8 @@ pub const CDX_DROP_REASON: Label = Label {
         "unexpected_class",
         // A TCP frame larger than the listener accepts.
         "oversized",
+        // An answer over the per-prefix or total rate limit.
+        "rate_limited",
     ],
 };
 

@@ -33,7 +33,6 @@
 
 mod allocation;
 mod auth;
-mod limiter;
 mod policy;
 mod ports;
 mod server;
@@ -41,7 +40,7 @@ mod stats;
 mod types;
 
 pub use auth::{AuthFailure, Credentials, NonceError, Nonces, Secret};
-pub use limiter::UnauthLimits;
+pub use natrix_net::UnauthLimits;
 pub use policy::{IpNet, PeerPolicy};
 pub use ports::{PortRange, SharedPorts};
 pub use server::{

@@ -13,11 +13,11 @@ use natrix_wire::{
 
 use super::allocation::{Allocation, Bandwidth, BindConflict};
 use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
-use super::limiter::{UnauthLimiter, UnauthLimits};
 use super::policy::PeerPolicy;
 use super::ports::SharedPorts;
 use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 use super::types::{AllocationId, ClientSocket};
+use natrix_net::{UnauthLimiter, UnauthLimits};
 
 /// Bytes [`Server::handle_peer_input`] needs free before the payload: a
 /// Data indication's header (20), XOR-PEER-ADDRESS for IPv6 (24) and the

@@ -1,6 +1,7 @@
-//! Caps on answers to unauthenticated requests, so that the relay cannot be
-//! used as an amplifier by spoofed sources: a token bucket per source prefix
-//! (/24 for IPv4, /48 for IPv6) and one for the whole loop.
+//! Caps on answers to unauthenticated requests, so that a STUN or TURN
+//! server cannot be used as an amplifier by spoofed sources: a token bucket
+//! per source prefix (/24 for IPv4, /48 for IPv6) and one for the whole
+//! loop. Memory is bounded whatever the sources.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -56,7 +57,7 @@ const MAX_PREFIXES: usize = 65_536;
 
 /// The limiter state of one loop.
 #[derive(Debug)]
-pub(crate) struct UnauthLimiter {
+pub struct UnauthLimiter {
     limits: UnauthLimits,
     total: Bucket,
     prefixes: HashMap<u64, Bucket, foldhash::fast::RandomState>,
@@ -70,7 +71,8 @@ fn prefix(ip: IpAddr) -> u64 {
 }
 
 impl UnauthLimiter {
-    pub(crate) fn new(limits: UnauthLimits, now: Instant) -> UnauthLimiter {
+    /// A limiter with full buckets at `now`.
+    pub fn new(limits: UnauthLimits, now: Instant) -> UnauthLimiter {
         UnauthLimiter {
             limits,
             total: Bucket {
@@ -82,7 +84,7 @@ impl UnauthLimiter {
     }
 
     /// True when one more unauthenticated answer to `ip` is allowed now.
-    pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         let l = self.limits;
         if self.prefixes.len() >= MAX_PREFIXES {
             self.prefixes.clear();
@@ -98,7 +100,7 @@ impl UnauthLimiter {
     }
 
     /// Forgets prefixes whose buckets are full again (housekeeping).
-    pub(crate) fn sweep(&mut self, now: Instant) {
+    pub fn sweep(&mut self, now: Instant) {
         let l = self.limits;
         self.prefixes.retain(|_, b| {
             let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
