@@ -16,6 +16,7 @@ command -v turnserver >/dev/null || { echo "turnserver (Debian package coturn) i
 ulimit -n 65536 2>/dev/null || true
 
 NATRIX_PORT=34781; COTURN_PORT=34782; METRICS_PORT=39091
+CDX_PORT=34783; COTURN_STUN_PORT=34784; CDX_METRICS_PORT=39092
 work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -31,7 +32,16 @@ turnserver -n --no-cli --listening-ip 127.0.0.1 --listening-port $COTURN_PORT --
   --user-quota 0 --total-quota 0 --min-port 20000 --max-port 60000 \
   --log-file "$work/coturn.log" --pidfile "$work/coturn.pid" >/dev/null 2>&1 &
 pids+=("$!")
+"$bin/natrix" cdx --stun-listen 127.0.0.1:$CDX_PORT --metrics-listen 127.0.0.1:$CDX_METRICS_PORT \
+  --stun-rate-per-prefix 100000000 --stun-rate-total 100000000 --log warn --log-format json \
+  >"$work/cdx.log" 2>&1 &
+cdx_pid=$!; pids+=("$cdx_pid")
+turnserver -n --no-cli --stun-only --listening-ip 127.0.0.1 --listening-port $COTURN_STUN_PORT \
+  --no-tls --no-dtls --log-file "$work/coturn-stun.log" --pidfile "$work/coturn-stun.pid" >/dev/null 2>&1 &
+pids+=("$!")
 sleep 2
+coturn_stun_pid="$(cat "$work/coturn-stun.pid" 2>/dev/null || echo "${pids[3]}")"
+pids+=("$coturn_stun_pid")
 coturn_pid="$(cat "$work/coturn.pid" 2>/dev/null || echo "${pids[1]}")"
 pids+=("$coturn_pid")
 
@@ -94,3 +104,20 @@ for server in natrix coturn; do
   printf '| %s | %.0f | %.2f | %.0f | %s |\n' $server "${arate[$server]}" "$cpu" "${acpu[$server]}" "$per"
 done
 python3 -c "print('\nnatrix/coturn: allocation rate %.2fx, allocations per server CPU second %.2fx, memory per allocation %.2fx' % (${arate[natrix]}/${arate[coturn]}, ${acpu[natrix]}/${acpu[coturn]}, ${amem[natrix]}/max(${amem[coturn]},1)))"
+
+echo
+echo "| STUN server | Binding answers/s | server CPU s | answers per server CPU s |"
+echo "|---|---|---|---|"
+declare -A srate seff
+for server in natrix coturn; do
+  if [ $server = natrix ]; then port=$CDX_PORT; pid=$cdx_pid; else port=$COTURN_STUN_PORT; pid=$coturn_stun_pid; fi
+  before=$(cpu_ticks "$pid")
+  out=$("$bin/natrix-loadtest" stun --server 127.0.0.1:$port --clients 4 --duration "${secs}s")
+  after=$(cpu_ticks "$pid")
+  aps=$(field "$out" answers_per_second)
+  cpu=$(python3 -c "print(max(($after-$before)/$hz, 0.01))")
+  per=$(python3 -c "print(int($aps*$(field "$out" seconds)/$cpu))")
+  srate[$server]=$aps; seff[$server]=$per
+  printf '| %s | %.0f | %.2f | %s |\n' $server "$aps" "$cpu" "$per"
+done
+python3 -c "print('\nnatrix/coturn STUN: %.2fx answers/s, %.2fx answers per CPU second' % (${srate[natrix]}/${srate[coturn]}, ${seff[natrix]}/${seff[coturn]}))"

@@ -37,6 +37,122 @@ enum Command {
     /// Create many allocations and hold them: allocation rate, and (with
     /// --hold) time to read the server's memory while they live.
     Allocations(AllocationArgs),
+    /// Measure STUN Binding answers per second.
+    Stun(StunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StunArgs {
+    /// STUN server (UDP).
+    #[arg(long, default_value = "127.0.0.1:3478")]
+    server: SocketAddr,
+    /// Client sockets (each its own source port).
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Requests each client keeps in flight.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// How long to send.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Local address for client sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    local: std::net::IpAddr,
+}
+
+/// Binding requests with a window in flight; counts answers.
+fn stun_client(socket: &UdpSocket, args: &StunArgs, started: Instant) -> ClientResult {
+    use natrix_wire::{Class, Encoder, Message, MessageType, Method, TransactionId};
+    let fd = socket.as_fd();
+    let mut out = SendBatch::new(args.window.max(1));
+    let mut rx = HeadroomBatch::new(64, 0, 2048, 0);
+    let mut r = ClientResult::default();
+    let mut inflight = 0usize;
+    let mut req = [0u8; 64];
+    let deadline = started + args.duration;
+    while Instant::now() < deadline {
+        let room = args.window.saturating_sub(inflight);
+        for i in 0..room {
+            let mut tid = [0u8; 12];
+            tid[..8].copy_from_slice(&(started.elapsed().as_nanos() as u64).to_be_bytes());
+            tid[8..].copy_from_slice(&((r.sent + i as u64) as u32).to_be_bytes());
+            let n = Encoder::new(
+                &mut req,
+                MessageType::new(Method::BINDING, Class::Request),
+                &TransactionId(tid),
+            )
+            .map(|e| e.finish())
+            .unwrap_or(0);
+            out.push(args.server, &req[..n]);
+        }
+        if room > 0 {
+            let failed = out.flush(fd);
+            r.sent += (room - failed) as u64;
+            inflight += room - failed;
+        }
+        if !wait_readable(fd, 50) {
+            inflight = 0;
+            continue;
+        }
+        let Ok(n) = rx.recv(fd) else { continue };
+        for j in 0..n {
+            let (buf, range, _) = rx.get_mut(j);
+            let Ok(msg) = Message::parse(&buf[range]) else {
+                continue;
+            };
+            if msg.class() != Class::Success {
+                continue;
+            }
+            r.received += 1;
+            inflight = inflight.saturating_sub(1);
+            if r.received % 16 == 0 {
+                let tid = msg.transaction_id();
+                let sent_at = u64::from_be_bytes(tid.0[..8].try_into().unwrap_or_default());
+                let now = started.elapsed().as_nanos() as u64;
+                r.rtts_us.push((now.saturating_sub(sent_at) / 1000) as u32);
+            }
+        }
+    }
+    r
+}
+
+fn stun(args: &StunArgs) -> anyhow::Result<()> {
+    let sockets: Vec<UdpSocket> = (0..args.clients.max(1))
+        .map(|_| UdpSocket::bind(SocketAddr::new(args.local, 0)))
+        .collect::<Result<_, _>>()
+        .context("binding client sockets")?;
+    let started = Instant::now();
+    let results: Vec<ClientResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = sockets
+            .iter()
+            .map(|sock| s.spawn(move || stun_client(sock, args, started)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut total = ClientResult::default();
+    for r in results {
+        total.sent += r.sent;
+        total.received += r.received;
+        total.rtts_us.extend(r.rtts_us);
+    }
+    total.rtts_us.sort_unstable();
+    println!(
+        "{}",
+        serde_json::json!({
+            "clients": args.clients,
+            "seconds": elapsed,
+            "sent": total.sent,
+            "answered": total.received,
+            "answers_per_second": total.received as f64 / elapsed,
+            "rtt_ms_p50": percentile(&total.rtts_us, 0.50),
+            "rtt_ms_p99": percentile(&total.rtts_us, 0.99),
+        })
+    );
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -421,6 +537,7 @@ fn main() -> std::process::ExitCode {
     let result = match &cli.command {
         Command::Relay(args) => relay(args),
         Command::Allocations(args) => allocations(args),
+        Command::Stun(args) => stun(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use natrix_net::{RecvBatch, UdpIo, UnauthLimiter, UnauthLimits};
+use natrix_net::{RecvBatch, SendBatch, UdpIo, UnauthLimiter, UnauthLimits};
 use tokio::sync::watch;
 use tokio::time::{MissedTickBehavior, interval};
 use tracing::debug;
@@ -72,6 +72,8 @@ pub(super) async fn run(
         limits,
     } = setup;
     let mut sealed = [0u8; 2048];
+    let mut replies = SendBatch::new(quinn_udp::BATCH_SIZE * 4);
+    let wildcard = io.local_addr().ip().is_unspecified();
     let mut limiter = UnauthLimiter::new(limits, std::time::Instant::now());
     let mut counters = metrics.local(Transport::Udp);
     let mut flush = interval(FLUSH_INTERVAL);
@@ -116,19 +118,31 @@ pub(super) async fn run(
                             continue;
                         }
                     if let Outcome::Reply { len, route, .. } = outcome {
-                        let (sender, to) = match route {
-                            Some((via, to)) => (senders[via.ip][via.port].as_ref().unwrap_or(&io), to),
-                            None => (&io, d.from),
+                        let Some((via, to)) = route else {
+                            // The common case: answer the sender from this
+                            // socket, batched (sendmmsg, GSO) after the loop.
+                            let from_ip = if wildcard { d.to_ip } else { None };
+                            if replies.is_full() {
+                                for _ in 0..replies.flush(io.fd()) {
+                                    counters.send_failed();
+                                }
+                            }
+                            replies.push_from(d.from, from_ip, &out[..len]);
+                            counters.sent(len);
+                            continue;
                         };
-                        let from_ip = if route.is_some() { None } else { d.to_ip };
-                        match sender.send_to(&out[..len], to, from_ip).await {
+                        let sender = senders[via.ip][via.port].as_ref().unwrap_or(&io);
+                        match sender.send_to(&out[..len], to, None).await {
                             Ok(()) => counters.sent(len),
                             Err(e) => {
                                 counters.send_failed();
-                                debug!(error = %e, to = %d.from, "UDP send error");
+                                debug!(error = %e, %to, "UDP send error");
                             }
                         }
                     }
+                }
+                for _ in 0..replies.flush(io.fd()) {
+                    counters.send_failed();
                 }
             }
         }

@@ -431,3 +431,21 @@ fn two_single_ip_siblings_serve_rfc5780_together() {
     });
     assert_eq!(rejected, 1.0);
 }
+
+/// On a wildcard listener (the default) answers leave from the address the
+/// client used, also on the batched path.
+#[test]
+fn a_wildcard_cdx_listener_answers_from_the_address_used() {
+    let port = common::free_port();
+    let natrix = Natrix::cdx(&["--stun-listen", &format!("0.0.0.0:{port}")]);
+    let out = Command::new(tool("turnutils_stunclient"))
+        .args(["-p", &port.to_string(), "-L", "127.0.0.2", "127.0.0.3"])
+        .output()
+        .expect("running turnutils_stunclient");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("UDP reflexive addr: 127.0.0.2:"),
+        "{stdout}"
+    );
+    assert!(natrix.metric("cdx_binding_requests_total{transport=\"udp\"}") >= 0.0);
+}

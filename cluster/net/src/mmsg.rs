@@ -309,6 +309,10 @@ impl SendBatch {
         let mut next = 0; // first entry not yet handled
         while next < self.entries.len() {
             self.plan(next);
+            if self.controls.len() < self.runs.len() {
+                // More queued than the capacity promised: grow once.
+                self.controls.resize(self.runs.len(), Control([0; 96]));
+            }
             self.iovs.clear();
             self.hdrs.clear();
             for run in &self.runs {

@@ -215,6 +215,12 @@ impl UdpIo {
         self.local
     }
 
+    /// The descriptor, for batched sends ([`crate::SendBatch`]).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.socket.as_fd()
+    }
+
     /// One non-blocking recvmmsg into `batch`.
     fn recv_into(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         fill_batch(&self.state, UdpSockRef::from(&self.socket), batch)
