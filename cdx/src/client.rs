@@ -271,6 +271,7 @@ fn parse_answer(bytes: &[u8], tid: &TransactionId) -> Option<Answer> {
 /// (port 0 for any). Never fails for network reasons: a silent server
 /// yields a profile with `mapped: None` (UDP blocked, or no server).
 pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, DiscoveryError> {
+    let local_bind_ip = local.ip();
     let socket = UdpSocket::bind(local)?;
     // The address the tests run from, as the routing table picks it.
     let local = {
@@ -282,6 +283,7 @@ pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, Dis
         SocketAddr::new(ip, socket.local_addr()?.port())
     };
     let p = Prober { socket };
+    let first_prober = &p;
     let mut profile = NatProfile {
         local,
         mapped: None,
@@ -320,8 +322,13 @@ pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, Dis
         };
     }
 
-    // Filtering (RFC 5780 §4.4): answers from the other IP and port, then
-    // from the other port only.
+    // Filtering (RFC 5780 §4.4) on a fresh socket: the mapping tests above
+    // contacted the alternate IP, which an address-dependent filter would
+    // then let through. Answers from the other IP and port, then from the
+    // other port only.
+    let p = Prober {
+        socket: UdpSocket::bind(SocketAddr::new(local_bind_ip, 0))?,
+    };
     let both = ChangeRequest {
         change_ip: true,
         change_port: true,
@@ -345,7 +352,7 @@ pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, Dis
 
     // Hairpinning: only meaningful behind a NAT.
     if !no_nat {
-        profile.hairpinning = Some(p.hairpins(first.mapped)?);
+        profile.hairpinning = Some(first_prober.hairpins(first.mapped)?);
     }
     Ok(profile)
 }

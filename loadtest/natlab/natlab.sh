@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The NAT lab: real Linux NATs (nftables) in network namespaces.
+#
+#   natlab.sh up      build it (idempotent: tears down a previous lab first)
+#   natlab.sh down    remove every namespace and interface it made
+#   natlab.sh status  list what exists
+#
+# Topology (documentation address ranges only):
+#   nx-pub     the "internet": CDX addresses 203.0.113.1 and 203.0.113.2 on lo
+#   nx-r-<t>   a NAT router per type: WAN 198.51.100.<4k+2>/30, LAN 10.<k>.0.1/24
+#   nx-c-<t>   a client behind it: 10.<k>.0.2/24
+#   nx-c-open  a client with a public address, no NAT: 198.51.100.254/30
+# Types: full-cone, restricted-cone, port-restricted-cone, symmetric, udp-blocked.
+# Mapping: masquerade keeps the source port when it is free (endpoint-
+# independent); "random" picks a port per connection (symmetric). Filtering:
+# conntrack admits only replies from the exact endpoint contacted (address-
+# and port-dependent); full-cone adds a DNAT of every inbound port to the
+# client (endpoint-independent); restricted-cone admits any port of an
+# address the same internal port contacted (address-dependent, a set keyed
+# by address and port); udp-blocked drops the client's UDP.
+# Needs root, iproute2 and nftables.
+set -euo pipefail
+
+TYPES=(full-cone restricted-cone port-restricted-cone symmetric udp-blocked)
+
+down() {
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^nx-' || true); do
+    ip netns del "$ns" 2>/dev/null || true
+  done
+}
+
+status() {
+  ip netns list 2>/dev/null | awk '{print $1}' | grep '^nx-' || echo "no lab"
+}
+
+nft_nat() { # router-ns type lan-client-ip
+  local ns=$1 type=$2 client=$3
+  local masq="masquerade persistent"
+  [ "$type" = symmetric ] && masq="masquerade random"
+  ip netns exec "$ns" nft -f - <<NFT
+table ip nx {
+  set contacted { type ipv4_addr . inet_service; flags timeout; timeout 120s; }
+  chain nx_post { type nat hook postrouting priority srcnat; oifname "wan" $masq; }
+  chain nx_forward {
+    type filter hook forward priority filter; policy accept;
+    $( [ "$type" = udp-blocked ] && echo 'iifname "lan" meta l4proto udp drop' )
+    $( [ "$type" = restricted-cone ] && echo 'iifname "lan" oifname "wan" meta l4proto udp add @contacted { ip daddr . udp sport }' )
+  }
+  chain nx_pre {
+    type nat hook prerouting priority dstnat;
+    $( [ "$type" = full-cone ] && echo "iifname \"wan\" udp dport 1024-65535 ct state new dnat to $client" )
+    $( [ "$type" = restricted-cone ] && echo "iifname \"wan\" ip saddr . udp dport @contacted ct state new dnat to $client" )
+  }
+}
+NFT
+}
+
+up() {
+  down
+  ip netns add nx-pub
+  ip -n nx-pub link set lo up
+  ip -n nx-pub addr add 203.0.113.1/32 dev lo
+  ip -n nx-pub addr add 203.0.113.2/32 dev lo
+
+  local k=0
+  for type in "${TYPES[@]}"; do
+    k=$((k + 1))
+    local r="nx-r-$type" c="nx-c-$type"
+    local wan_pub="198.51.100.$((4 * k + 1))" wan_r="198.51.100.$((4 * k + 2))"
+    ip netns add "$r"; ip netns add "$c"
+    ip -n "$r" link set lo up; ip -n "$c" link set lo up
+    ip link add "nxw$k" netns nx-pub type veth peer name wan netns "$r"
+    ip -n nx-pub addr add "$wan_pub/30" dev "nxw$k"; ip -n nx-pub link set "nxw$k" up
+    ip -n "$r" addr add "$wan_r/30" dev wan; ip -n "$r" link set wan up
+    ip -n "$r" route add default via "$wan_pub"
+    ip link add lan netns "$r" type veth peer name eth0 netns "$c"
+    ip -n "$r" addr add "10.$k.0.1/24" dev lan; ip -n "$r" link set lan up
+    ip -n "$c" addr add "10.$k.0.2/24" dev eth0; ip -n "$c" link set eth0 up
+    ip -n "$c" route add default via "10.$k.0.1"
+    ip netns exec "$r" sysctl -qw net.ipv4.ip_forward=1
+    nft_nat "$r" "$type" "10.$k.0.2"
+  done
+
+  # A client with a public address and no NAT.
+  ip netns add nx-c-open
+  ip -n nx-c-open link set lo up
+  ip link add nxwo netns nx-pub type veth peer name eth0 netns nx-c-open
+  ip -n nx-pub addr add 198.51.100.253/30 dev nxwo; ip -n nx-pub link set nxwo up
+  ip -n nx-c-open addr add 198.51.100.254/30 dev eth0; ip -n nx-c-open link set eth0 up
+  ip -n nx-c-open route add default via 198.51.100.253
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
