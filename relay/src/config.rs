@@ -280,9 +280,8 @@ impl RelayConfig {
         primary_ipv4().unwrap_or(IpAddr::from([127, 0, 0, 1]))
     }
 
-    /// The core configuration for loop `shard` of `shards`.
-    pub fn server_config(&self, shards: usize) -> ServerConfig {
-        let per_loop = |n: usize| n.div_ceil(shards.max(1)).max(1);
+    /// The core configuration (the same for every loop).
+    pub fn server_config(&self) -> ServerConfig {
         ServerConfig {
             software: Some(self.software.clone()).filter(|s| !s.is_empty()),
             relay_v4: Some(RelayAddress {
@@ -296,9 +295,8 @@ impl RelayConfig {
             default_lifetime: self.default_lifetime,
             max_lifetime: self.max_lifetime.max(self.default_lifetime),
             nonce_lifetime: self.nonce_lifetime,
-            max_allocations: per_loop(self.max_allocations),
-            // Quotas are per loop: a client's allocations spread over loops
-            // by flow hash, so this is an upper bound, not exact.
+            // Both counted host-wide (SharedPorts), whatever loop serves.
+            max_allocations: self.max_allocations,
             user_quota: self.user_quota,
             bandwidth_per_allocation: Some(self.bandwidth_per_allocation).filter(|b| *b > 0),
             unauth: UnauthLimits {

@@ -1036,3 +1036,56 @@ fn rotated_credentials_apply_to_new_requests_only() {
     let next = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"next-secret");
     h.allocate(client(3), &next, h.t0);
 }
+
+#[test]
+fn quota_and_capacity_hold_across_loops_sharing_a_host() {
+    // Two cores (loops) of one host share their SharedPorts.
+    let shared = SharedPorts::new(PortRange {
+        min: 50000,
+        max: 50099,
+    });
+    let t0 = Instant::now();
+    let config = ServerConfig {
+        user_quota: 2,
+        max_allocations: 3,
+        ..config()
+    };
+    let mut loops: Vec<Harness> = (0..2)
+        .map(|i| Harness {
+            server: Server::new(
+                config.clone(),
+                credentials(),
+                policy(),
+                shared.clone(),
+                t0,
+                UNIX_T0,
+                [i; 32],
+            ),
+            sockets: Sockets::default(),
+            t0,
+            out: vec![0; 1500],
+        })
+        .collect();
+    let alice = User::stat("alice", "wonderland");
+    loops[0].allocate(client(1), &alice, t0);
+    loops[1].allocate(client(2), &alice, t0);
+    // Alice's third allocation is refused on either loop.
+    for h in loops.iter_mut() {
+        let nonce = h.nonce(client(3), t0);
+        let req = Req::new(Method::ALLOCATE)
+            .transport(17)
+            .sign(&alice, &nonce);
+        assert_eq!(code_of(&h.request(&req, client(3), t0)), Some(486));
+    }
+    let bob = User::stat("bob", "builder");
+    loops[1].allocate(client(4), &bob, t0);
+    // The host is full (3): Bob's second is refused on the other loop.
+    let nonce = loops[0].nonce(client(5), t0);
+    let req = Req::new(Method::ALLOCATE).transport(17).sign(&bob, &nonce);
+    assert_eq!(code_of(&loops[0].request(&req, client(5), t0)), Some(508));
+    // An allocation ending frees its place for everyone.
+    let nonce = loops[0].nonce(client(1), t0);
+    let delete = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    assert_eq!(code_of(&loops[0].request(&delete, client(1), t0)), None);
+    loops[1].allocate(client(6), &bob, t0);
+}

@@ -157,7 +157,7 @@ impl BindingDelegate for CdxOnRelay {
 fn cdx_delegate(relay: &RelayConfig, telemetry: &Telemetry) -> DelegateFactory {
     let responder = Arc::new(BindingResponder::new(Some(relay.software.clone())));
     let metrics = CdxMetrics::new(telemetry);
-    let limits = relay.server_config(1).unauth;
+    let limits = relay.server_config().unauth;
     Arc::new(move || {
         Box::new(CdxOnRelay {
             responder: responder.clone(),

@@ -163,12 +163,26 @@ struct Reservation {
 struct PortState {
     pool: PortPool,
     reservations: HashMap<[u8; 8], Reservation, foldhash::fast::RandomState>,
+    /// Live allocations per username, host-wide (for the user quota).
+    users: HashMap<Box<str>, usize, foldhash::fast::RandomState>,
+    /// Live allocations, host-wide (for the capacity limit).
+    allocations: usize,
 }
 
-/// The relay ports of a host and their reservations, shared by its loops.
-/// Locked only when an allocation starts or ends, never per packet; a
-/// client's retry may reach another loop (flow hash), and its
-/// RESERVATION-TOKEN must still work there.
+/// Why an allocation may not be counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The user is at the quota (486).
+    Quota,
+    /// The host is at capacity (508).
+    Capacity,
+}
+
+/// The relay ports of a host, their reservations and the host-wide
+/// allocation counts (user quota, capacity), shared by its loops. Locked
+/// only when an allocation starts or ends, never per packet; a client's
+/// retry may reach another loop (flow hash), and its RESERVATION-TOKEN and
+/// its quota must hold there too.
 #[derive(Clone, Debug)]
 pub struct SharedPorts(Arc<Mutex<PortState>>);
 
@@ -178,6 +192,8 @@ impl SharedPorts {
         SharedPorts(Arc::new(Mutex::new(PortState {
             pool: PortPool::new(range),
             reservations: HashMap::default(),
+            users: HashMap::default(),
+            allocations: 0,
         })))
     }
 
@@ -233,6 +249,50 @@ impl SharedPorts {
     /// Returns a port.
     pub(crate) fn put(&self, port: u16) {
         self.lock().pool.put(port);
+    }
+
+    /// Would one more allocation for `user` fit? (A quick check; the count
+    /// is taken by [`SharedPorts::count`].)
+    pub(crate) fn admissible(
+        &self,
+        user: &str,
+        quota: usize,
+        capacity: usize,
+    ) -> Result<(), Refusal> {
+        let state = self.lock();
+        if state.users.get(user).is_some_and(|n| *n >= quota) {
+            return Err(Refusal::Quota);
+        }
+        if state.allocations >= capacity {
+            return Err(Refusal::Capacity);
+        }
+        Ok(())
+    }
+
+    /// Counts a new allocation for `user`, atomically with the checks.
+    pub(crate) fn count(&self, user: &str, quota: usize, capacity: usize) -> Result<(), Refusal> {
+        let mut state = self.lock();
+        if state.users.get(user).is_some_and(|n| *n >= quota) {
+            return Err(Refusal::Quota);
+        }
+        if state.allocations >= capacity {
+            return Err(Refusal::Capacity);
+        }
+        *state.users.entry(user.into()).or_insert(0) += 1;
+        state.allocations += 1;
+        Ok(())
+    }
+
+    /// Uncounts an ended allocation of `user`.
+    pub(crate) fn uncount(&self, user: &str) {
+        let mut state = self.lock();
+        if let Some(n) = state.users.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                state.users.remove(user);
+            }
+        }
+        state.allocations = state.allocations.saturating_sub(1);
     }
 
     /// Releases reservations nobody redeemed in time.

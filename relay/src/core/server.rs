@@ -14,7 +14,7 @@ use natrix_wire::{
 use super::allocation::{Allocation, Bandwidth, BindConflict};
 use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
 use super::policy::PeerPolicy;
-use super::ports::SharedPorts;
+use super::ports::{Refusal, SharedPorts};
 use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 use super::types::{AllocationId, ClientSocket};
 use natrix_net::{UnauthLimiter, UnauthLimits};
@@ -61,9 +61,10 @@ pub struct ServerConfig {
     pub max_lifetime: Duration,
     /// How long a NONCE stays valid.
     pub nonce_lifetime: Duration,
-    /// Most allocations this loop holds (508 past it).
+    /// Most allocations on the host, counted across every loop sharing the
+    /// same [`SharedPorts`] (508 past it).
     pub max_allocations: usize,
-    /// Most allocations per username in this loop (486 past it).
+    /// Most allocations per username on the host (486 past it).
     pub user_quota: usize,
     /// Bytes per second each allocation may relay, both directions
     /// together; `None` for no cap.
@@ -177,7 +178,6 @@ pub struct Server {
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
     allocation_by_client: HashMap<ClientSocket, u32, RandomState>,
-    allocations_by_user: HashMap<Box<str>, usize, RandomState>,
     ports: SharedPorts,
     limiter: UnauthLimiter,
     commands: VecDeque<Command>,
@@ -214,7 +214,6 @@ impl Server {
             slots: Vec::new(),
             free_slots: Vec::new(),
             allocation_by_client: HashMap::default(),
-            allocations_by_user: HashMap::default(),
             ports,
             limiter,
             commands: VecDeque::new(),
@@ -752,16 +751,10 @@ impl Server {
                 _ => None,
             })
             .ok_or(ErrorCode::BAD_REQUEST)?;
-        if self
-            .allocations_by_user
-            .get(username)
-            .is_some_and(|n| *n >= self.config.user_quota)
-        {
-            return Err(ErrorCode::ALLOCATION_QUOTA_REACHED);
-        }
-        if self.allocation_by_client.len() >= self.config.max_allocations {
-            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
-        }
+        let (quota, capacity) = (self.config.user_quota, self.config.max_allocations);
+        self.ports
+            .admissible(username, quota, capacity)
+            .map_err(refusal_code)?;
 
         // The port: from a reservation, an even port (maybe reserving the
         // next), or any.
@@ -842,6 +835,17 @@ impl Server {
             d if d.is_zero() => self.config.default_lifetime,
             d => d,
         };
+        // Count it host-wide, atomically with the checks: another loop may
+        // have taken the last place since the quick check above.
+        if let Err(refusal) = self.ports.count(username, quota, capacity) {
+            self.commands.push_back(Command::CloseRelay {
+                allocation: id,
+                relayed: SocketAddr::new(relay.public, port),
+            });
+            self.ports.put(port);
+            self.free_slots.push(index);
+            return Err(refusal_code(refusal));
+        }
         let relayed = SocketAddr::new(relay.public, port);
         let bandwidth = self.config.bandwidth_per_allocation.map(|rate| Bandwidth {
             tokens: rate as f64,
@@ -859,7 +863,6 @@ impl Server {
             bandwidth,
         });
         self.allocation_by_client.insert(from, index);
-        *self.allocations_by_user.entry(username.into()).or_insert(0) += 1;
         self.stats.allocations_created += 1;
         self.stats.allocations = self.allocation_by_client.len() as u64;
 
@@ -1196,12 +1199,7 @@ impl Server {
         slot.generation = slot.generation.wrapping_add(1);
         self.free_slots.push(index);
         self.allocation_by_client.remove(&alloc.client);
-        if let Some(n) = self.allocations_by_user.get_mut(&alloc.username) {
-            *n -= 1;
-            if *n == 0 {
-                self.allocations_by_user.remove(&alloc.username);
-            }
-        }
+        self.ports.uncount(&alloc.username);
         self.ports.put(alloc.relayed.port());
         self.commands.push_back(Command::CloseRelay {
             allocation: id,
@@ -1238,6 +1236,13 @@ fn understood(ty: AttributeType) -> bool {
             | AttributeType::PRIORITY
             | AttributeType::USE_CANDIDATE
     )
+}
+
+fn refusal_code(r: Refusal) -> ErrorCode<'static> {
+    match r {
+        Refusal::Quota => ErrorCode::ALLOCATION_QUOTA_REACHED,
+        Refusal::Capacity => ErrorCode::INSUFFICIENT_CAPACITY,
+    }
 }
 
 fn unreachable_answer() -> Result<usize, ErrorCode<'static>> {

@@ -215,7 +215,7 @@ impl RelayHost {
         for (shard, (udp, tcp, tls)) in bound.into_iter().enumerate() {
             let seed: [u8; 32] = rand::random();
             let core = Server::new(
-                config.server_config(loops),
+                config.server_config(),
                 credentials.clone(),
                 policy.clone(),
                 ports.clone(),
