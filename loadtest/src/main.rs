@@ -98,57 +98,36 @@ struct StunArgs {
 /// Binding requests with a window in flight; counts answers.
 fn stun_client(socket: &UdpSocket, args: &StunArgs, started: Instant) -> ClientResult {
     use natrix_wire::{Class, Encoder, Message, MessageType, Method, TransactionId};
-    let fd = socket.as_fd();
-    let mut out = SendBatch::new(args.window.max(1));
-    let mut rx = HeadroomBatch::new(64, 0, 2048, 0);
-    let mut r = ClientResult::default();
-    let mut inflight = 0usize;
-    let mut req = [0u8; 64];
-    let deadline = started + args.duration;
-    while Instant::now() < deadline {
-        let room = args.window.saturating_sub(inflight);
-        for i in 0..room {
+    let load = Window {
+        to: args.server,
+        window: args.window,
+        deadline: started + args.duration,
+        linger_ms: None,
+        max_frame: 64,
+    };
+    load.run(
+        socket.as_fd(),
+        started,
+        |seq, t_ns, buf| {
+            // The send time and sequence number ride in the transaction id.
             let mut tid = [0u8; 12];
-            tid[..8].copy_from_slice(&(started.elapsed().as_nanos() as u64).to_be_bytes());
-            tid[8..].copy_from_slice(&((r.sent + i as u64) as u32).to_be_bytes());
-            let n = Encoder::new(
-                &mut req,
+            tid[..8].copy_from_slice(&t_ns.to_be_bytes());
+            tid[8..].copy_from_slice(&(seq as u32).to_be_bytes());
+            Encoder::new(
+                buf,
                 MessageType::new(Method::BINDING, Class::Request),
                 &TransactionId(tid),
             )
             .map(|e| e.finish())
-            .unwrap_or(0);
-            out.push(args.server, &req[..n]);
-        }
-        if room > 0 {
-            let failed = out.flush(fd);
-            r.sent += (room - failed) as u64;
-            inflight += room - failed;
-        }
-        if !wait_readable(fd, 50) {
-            inflight = 0;
-            continue;
-        }
-        let Ok(n) = rx.recv(fd) else { continue };
-        for j in 0..n {
-            let (buf, range, _) = rx.get_mut(j);
-            let Ok(msg) = Message::parse(&buf[range]) else {
-                continue;
-            };
-            if msg.class() != Class::Success {
-                continue;
-            }
-            r.received += 1;
-            inflight = inflight.saturating_sub(1);
-            if r.received % 16 == 0 {
-                let tid = msg.transaction_id();
-                let sent_at = u64::from_be_bytes(tid.0[..8].try_into().unwrap_or_default());
-                let now = started.elapsed().as_nanos() as u64;
-                r.rtts_us.push((now.saturating_sub(sent_at) / 1000) as u32);
-            }
-        }
-    }
-    r
+            .unwrap_or(0)
+        },
+        |bytes| {
+            let msg = Message::parse(bytes).ok()?;
+            (msg.class() == Class::Success).then(|| {
+                u64::from_be_bytes(msg.transaction_id().0[..8].try_into().unwrap_or_default())
+            })
+        },
+    )
 }
 
 fn stun(args: &StunArgs) -> anyhow::Result<()> {
@@ -355,69 +334,110 @@ fn wait_readable(fd: BorrowedFd<'_>, ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
-/// Sends with a window and counts echoes until `duration` has passed.
-/// Sends and receives are batched (sendmmsg/recvmmsg) so that the generator
-/// costs less CPU than the server it measures.
+/// A windowed load: keeps `window` requests in flight towards `to` until
+/// `deadline`. Sends and receives are batched (sendmmsg/recvmmsg) so that the
+/// generator costs less CPU than the server it measures. Nothing answered for
+/// 50 ms counts whatever was in flight as lost.
+struct Window {
+    to: SocketAddr,
+    window: usize,
+    deadline: Instant,
+    /// Answers arriving up to this long after the deadline still count.
+    linger_ms: Option<i32>,
+    /// Largest request `build` writes.
+    max_frame: usize,
+}
+
+impl Window {
+    /// Runs the load on `fd`. `build(seq, t_ns, buf)` writes request number
+    /// `seq`, sent at `t_ns` (ns since `started`), and returns its length;
+    /// `answer(bytes)` recognises an answer and returns the send time it
+    /// carries (for round-trip times, one in 16 sampled).
+    fn run(
+        &self,
+        fd: BorrowedFd<'_>,
+        started: Instant,
+        mut build: impl FnMut(u64, u64, &mut [u8]) -> usize,
+        answer: impl Fn(&[u8]) -> Option<u64>,
+    ) -> ClientResult {
+        let mut frame = vec![0u8; self.max_frame];
+        let mut out = SendBatch::new(self.window.max(1));
+        // Answers are about the size of requests (echoes, Binding answers).
+        let mut rx = HeadroomBatch::new(64, 0, self.max_frame.max(2048), 0);
+        let mut r = ClientResult::default();
+        let mut inflight = 0usize;
+        while Instant::now() < self.deadline {
+            let room = self.window.saturating_sub(inflight);
+            for i in 0..room {
+                let t = started.elapsed().as_nanos() as u64;
+                let n = build(r.sent + i as u64, t, &mut frame);
+                out.push(self.to, &frame[..n]);
+            }
+            if room > 0 {
+                let failed = out.flush(fd);
+                r.sent += (room - failed) as u64;
+                inflight += room - failed;
+            }
+            if !wait_readable(fd, 50) {
+                inflight = 0;
+                continue;
+            }
+            let Ok(n) = rx.recv(fd) else { continue };
+            for j in 0..n {
+                let (buf, range, _) = rx.get_mut(j);
+                let Some(sent_at) = answer(&buf[range]) else {
+                    continue;
+                };
+                r.received += 1;
+                inflight = inflight.saturating_sub(1);
+                if r.received % 16 == 0 {
+                    let now = started.elapsed().as_nanos() as u64;
+                    r.rtts_us.push((now.saturating_sub(sent_at) / 1000) as u32);
+                }
+            }
+        }
+        if let Some(ms) = self.linger_ms {
+            while wait_readable(fd, ms) {
+                let Ok(n) = rx.recv(fd) else { break };
+                for j in 0..n {
+                    let (buf, range, _) = rx.get_mut(j);
+                    if answer(&buf[range]).is_some() {
+                        r.received += 1;
+                    }
+                }
+            }
+        }
+        r
+    }
+}
+
+/// ChannelData echoes through the relay, with a window in flight.
 fn drive(client: &TurnClient, args: &RelayArgs, started: Instant) -> anyhow::Result<ClientResult> {
     let channel = ChannelNumber::new(CHANNEL).context("channel number")?;
-    let fd = client.socket.as_fd();
-    let server = args.server;
     let payload_len = args.payload.max(16);
     let mut payload = vec![0u8; payload_len];
-    let mut frame = vec![0u8; payload_len + 8];
-    let mut out = SendBatch::new(args.window.max(1));
-    let mut rx = HeadroomBatch::new(64, 0, 2048, 0);
-    let mut r = ClientResult::default();
-    let mut inflight = 0usize;
-    let deadline = started + args.duration;
-    while Instant::now() < deadline {
-        let room = args.window.saturating_sub(inflight);
-        for i in 0..room {
-            let t = started.elapsed().as_nanos() as u64;
-            payload[..8].copy_from_slice(&t.to_be_bytes());
-            payload[8..16].copy_from_slice(&(r.sent + i as u64).to_be_bytes());
-            let n = channel_data(&mut frame, channel, &payload);
-            out.push(server, &frame[..n]);
-        }
-        if room > 0 {
-            let failed = out.flush(fd);
-            r.sent += (room - failed) as u64;
-            inflight += room - failed;
-        }
-        // Nothing for 50 ms: whatever was in flight is lost.
-        if !wait_readable(fd, 50) {
-            inflight = 0;
-            continue;
-        }
-        let Ok(n) = rx.recv(fd) else { continue };
-        for j in 0..n {
-            let (buf, range, _) = rx.get_mut(j);
-            let Ok(cd) = ChannelData::parse(&buf[range]) else {
-                continue;
-            };
-            if cd.payload.len() != payload_len {
-                continue;
-            }
-            r.received += 1;
-            inflight = inflight.saturating_sub(1);
-            if r.received % 16 == 0 {
-                let sent_at = u64::from_be_bytes(cd.payload[..8].try_into().unwrap_or_default());
-                let now = started.elapsed().as_nanos() as u64;
-                r.rtts_us.push((now.saturating_sub(sent_at) / 1000) as u32);
-            }
-        }
-    }
-    // Late echoes still count.
-    while wait_readable(fd, 100) {
-        let Ok(n) = rx.recv(fd) else { break };
-        for j in 0..n {
-            let (buf, range, _) = rx.get_mut(j);
-            if ChannelData::parse(&buf[range]).is_ok_and(|cd| cd.payload.len() == payload_len) {
-                r.received += 1;
-            }
-        }
-    }
-    Ok(r)
+    let load = Window {
+        to: args.server,
+        window: args.window,
+        deadline: started + args.duration,
+        // Late echoes still count.
+        linger_ms: Some(100),
+        max_frame: payload_len + 8,
+    };
+    Ok(load.run(
+        client.socket.as_fd(),
+        started,
+        |seq, t_ns, buf| {
+            payload[..8].copy_from_slice(&t_ns.to_be_bytes());
+            payload[8..16].copy_from_slice(&seq.to_be_bytes());
+            channel_data(buf, channel, &payload)
+        },
+        |bytes| {
+            let cd = ChannelData::parse(bytes).ok()?;
+            (cd.payload.len() == payload_len)
+                .then(|| u64::from_be_bytes(cd.payload[..8].try_into().unwrap_or_default()))
+        },
+    ))
 }
 
 /// Receives in batches and sends every datagram `reply` accepts back in one
