@@ -566,17 +566,13 @@ impl Server {
         now: Instant,
         out: &mut [u8],
     ) -> (Option<Answer>, u16) {
-        if !self.limiter.allow(from.client.ip(), now) {
-            return (None, 0);
-        }
-        let nonce = self.nonces.mint(self.secs(now), from.client.ip());
-        let realm = self.credentials.realm().to_string();
-        let answer = self.error(msg, code, None, out, |enc| {
-            enc.attribute(&Attribute::Realm(&realm))?;
+        self.unauthenticated(msg, code, from, now, out, |enc, server| {
+            // Minted only once the answer is allowed: a flood costs no HMACs.
+            let nonce = server.nonces.mint(server.secs(now), from.client.ip());
+            enc.attribute(&Attribute::Realm(server.credentials.realm()))?;
             // The nonce is ASCII hex by construction.
             enc.raw(AttributeType::NONCE, &nonce)
-        });
-        (Some(answer), code.code)
+        })
     }
 
     /// An error answered before authentication, rate-limited.
@@ -588,13 +584,25 @@ impl Server {
         now: Instant,
         out: &mut [u8],
     ) -> (Option<Answer>, u16) {
+        self.unauthenticated(msg, code, from, now, out, |_, _| Ok(()))
+    }
+
+    /// An unsigned error with `extra` attributes, or nothing when the source
+    /// is over its unauthenticated-answer cap.
+    fn unauthenticated(
+        &mut self,
+        msg: &Message<'_>,
+        code: ErrorCode<'static>,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+        extra: impl FnOnce(&mut Encoder<'_>, &Self) -> Result<(), EncodeError>,
+    ) -> (Option<Answer>, u16) {
         if !self.limiter.allow(from.client.ip(), now) {
             return (None, 0);
         }
-        (
-            Some(self.error(msg, code, None, out, |_| Ok(()))),
-            code.code,
-        )
+        let answer = self.error(msg, code, None, out, |enc| extra(enc, self));
+        (Some(answer), code.code)
     }
 
     // -------------------------------------------------------------- encoding
