@@ -245,17 +245,7 @@ fn coturn_natdiscovery_runs_the_rfc5780_tests_against_natrix_cdx() {
         "--stun-alternate-port",
         &alt,
     ]);
-    let out = Command::new(tool("turnutils_natdiscovery"))
-        .args([
-            "-m",
-            "-f",
-            "-p",
-            &natrix.stun.port().to_string(),
-            "127.0.0.1",
-        ])
-        .output()
-        .expect("running turnutils_natdiscovery");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = natdiscovery(natrix.stun.port());
     assert!(
         stdout.contains("NAT with Endpoint Independent Mapping"),
         "{stdout}"
@@ -273,6 +263,15 @@ fn coturn_natdiscovery_runs_the_rfc5780_tests_against_natrix_cdx() {
         stdout.contains(&format!("Other addr: : 127.0.0.2:{alt_port}")),
         "{stdout}"
     );
+}
+
+/// coturn's RFC 5780 mapping and filtering tests against 127.0.0.1:`port`.
+fn natdiscovery(port: u16) -> String {
+    let out = Command::new(tool("turnutils_natdiscovery"))
+        .args(["-m", "-f", "-p", &port.to_string(), "127.0.0.1"])
+        .output()
+        .expect("running turnutils_natdiscovery");
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// Without an alternate address, a change request is refused with 420, as
@@ -371,11 +370,7 @@ fn two_single_ip_siblings_serve_rfc5780_together() {
     };
     let a = node("127.0.0.1", "127.0.0.2");
     let b = node("127.0.0.2", "127.0.0.1");
-    let out = Command::new(tool("turnutils_natdiscovery"))
-        .args(["-m", "-f", "-p", &p, "127.0.0.1"])
-        .output()
-        .expect("running turnutils_natdiscovery");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = natdiscovery(port);
     assert!(
         stdout.contains("NAT with Endpoint Independent Mapping"),
         "{stdout}"
