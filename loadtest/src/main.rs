@@ -195,23 +195,9 @@ struct AllocationArgs {
     local: std::net::IpAddr,
 }
 
-/// Raises the open-file limit: every allocation holds a client socket.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit with a pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn allocations(args: &AllocationArgs) -> anyhow::Result<()> {
-    raise_fd_limit();
+    // Every allocation holds a client socket.
+    natrix_net::raise_fd_limit();
     let creds = Credentials {
         user: args.user.clone(),
         password: args.password.clone(),

@@ -27,3 +27,24 @@ pub use udp::{
     Datagram, RecvBatch, SyncUdp, UdpIo, UdpOptions, bind_tcp, bind_udp, ensure_tcp_free,
     ensure_udp_free,
 };
+
+/// Raises this process's open-file limit to its hard maximum (every relay
+/// allocation and every load-generator client holds a socket). Returns
+/// whether the soft limit now equals the hard one.
+pub fn raise_fd_limit() -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return false;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            return libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0;
+        }
+    }
+    true
+}

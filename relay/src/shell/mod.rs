@@ -98,24 +98,6 @@ fn bind_shared_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-/// Raises the open-file limit to its hard maximum: every allocation holds a
-/// socket.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                warn!("could not raise the open-file limit; allocations may fail early");
-            }
-        }
-    }
-}
-
 impl RelayHost {
     /// Binds every listener of `loops` loops and starts them.
     pub fn start(
@@ -128,7 +110,9 @@ impl RelayHost {
         let credentials = config.credentials().map_err(anyhow::Error::msg)?;
         let policy = config.policy();
         let metrics = RelayMetrics::new(telemetry);
-        raise_fd_limit();
+        if !natrix_net::raise_fd_limit() {
+            warn!("could not raise the open-file limit; allocations may fail early");
+        }
 
         let tls_config = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
