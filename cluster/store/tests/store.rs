@@ -1,0 +1,185 @@
+//! The same contract, checked against both implementations: memory, and a
+//! real `redis-server` started on a free port.
+
+use std::time::{Duration, Instant};
+
+use natrix_store::testing::RedisServer;
+use natrix_store::{PutField, RedisOptions, Store};
+
+async fn redis(server: &RedisServer) -> Store {
+    Store::redis(&server.url(), RedisOptions::default())
+        .await
+        .expect("connecting to the test redis-server")
+}
+
+async fn bounded_hashes(store: &Store) {
+    let ttl = Duration::from_secs(2);
+    for (i, f) in ["a", "b", "c"].iter().enumerate() {
+        let r = store.put_field("h", f, &[i as u8], ttl, 3).await.unwrap();
+        assert_eq!(r, PutField::Inserted, "{}", store.kind());
+    }
+    assert_eq!(
+        store.put_field("h", "d", b"x", ttl, 3).await.unwrap(),
+        PutField::Full,
+        "a fourth field must not fit ({})",
+        store.kind()
+    );
+    assert_eq!(
+        store.put_field("h", "b", b"new", ttl, 3).await.unwrap(),
+        PutField::Updated
+    );
+    let mut fields = store.fields("h").await.unwrap();
+    fields.sort();
+    assert_eq!(
+        fields,
+        vec![
+            ("a".to_owned(), vec![0]),
+            ("b".to_owned(), b"new".to_vec()),
+            ("c".to_owned(), vec![2])
+        ]
+    );
+    assert!(store.fields("missing").await.unwrap().is_empty());
+}
+
+async fn everything_expires(store: &Store) {
+    let short = Duration::from_millis(300);
+    store.put_field("eh", "f", b"1", short, 4).await.unwrap();
+    // A later, shorter TTL never shortens the key's life.
+    store
+        .put_field("long", "f", b"1", Duration::from_secs(2), 4)
+        .await
+        .unwrap();
+    store.put_field("long", "g", b"2", short, 4).await.unwrap();
+    store.put("v", b"value", short).await.unwrap();
+    assert_eq!(store.incr("n", short).await.unwrap(), 1);
+    assert_eq!(store.incr("n", short).await.unwrap(), 2);
+    assert_eq!(
+        store.get("v").await.unwrap().as_deref(),
+        Some(&b"value"[..])
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        store.fields("eh").await.unwrap().is_empty(),
+        "{}",
+        store.kind()
+    );
+    assert_eq!(store.fields("long").await.unwrap().len(), 2);
+    assert_eq!(store.get("v").await.unwrap(), None);
+    assert_eq!(
+        store.incr("n", short).await.unwrap(),
+        1,
+        "counter restarts after its TTL"
+    );
+    store.put("w", b"x", Duration::from_secs(5)).await.unwrap();
+    store.delete("w").await.unwrap();
+    assert_eq!(store.get("w").await.unwrap(), None);
+}
+
+async fn broadcast(store: &Store) {
+    let mut a = store.subscribe("chan").await;
+    let mut b = store.subscribe("chan").await;
+    for i in 0..50u8 {
+        store.publish("chan", &[i]).await.unwrap();
+    }
+    store.publish("other", b"not for us").await.unwrap();
+    for sub in [&mut a, &mut b] {
+        for i in 0..50u8 {
+            let got = tokio::time::timeout(Duration::from_secs(2), sub.next())
+                .await
+                .expect("a published message arrives")
+                .expect("subscription open");
+            assert_eq!(got, vec![i], "in order ({})", store.kind());
+        }
+    }
+    drop(a);
+    // A dropped subscriber does not break publishing to the others.
+    store.publish("chan", b"after").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(2), b.next())
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"after"[..]));
+}
+
+#[tokio::test]
+async fn memory_store_keeps_the_contract() {
+    let store = Store::memory();
+    bounded_hashes(&store).await;
+    everything_expires(&store).await;
+    broadcast(&store).await;
+    let Store::Memory(m) = &store else {
+        unreachable!()
+    };
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(m.is_empty(), "every key expired, nothing left behind");
+}
+
+#[tokio::test]
+async fn redis_store_keeps_the_contract() {
+    let server = RedisServer::start();
+    let store = redis(&server).await;
+    bounded_hashes(&store).await;
+    everything_expires(&store).await;
+    broadcast(&store).await;
+}
+
+#[tokio::test]
+async fn redis_outage_is_a_prompt_error_and_heals_by_itself() {
+    let mut server = RedisServer::start();
+    let store = redis(&server).await;
+    let mut sub = store.subscribe("events").await;
+    store.put("k", b"1", Duration::from_secs(30)).await.unwrap();
+
+    server.stop();
+    let started = Instant::now();
+    let err = store.get("k").await;
+    assert!(err.is_err(), "a call while Redis is down fails");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "and fails promptly, not after minutes: {:?}",
+        started.elapsed()
+    );
+
+    server.restart();
+    // The connection manager reconnects on its own; the data is gone (a
+    // crash without persistence) but the store works again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.put("k", b"2", Duration::from_secs(30)).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "store did not heal: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert_eq!(store.get("k").await.unwrap().as_deref(), Some(&b"2"[..]));
+    // The subscription re-subscribes by itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        store.publish("events", b"back").await.unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            assert_eq!(m, b"back");
+            break;
+        }
+        assert!(Instant::now() < deadline, "subscription did not resume");
+    }
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_a_clear_error_at_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let err = Store::redis(
+        &format!("redis://127.0.0.1:{port}"),
+        RedisOptions::default(),
+    )
+    .await
+    .expect_err("nothing listens there");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let text = err.to_string();
+    assert!(text.starts_with("redis: "), "{text}");
+}
