@@ -27,6 +27,16 @@ impl CdxConfig {
     }
 }
 
+impl CdxConfig {
+    /// The exchange's caps on node state.
+    pub fn exchange_limits(&self) -> crate::exchange::Limits {
+        crate::exchange::Limits {
+            per_source: self.exchange_per_source,
+            max_sessions: self.exchange_max_sessions,
+        }
+    }
+}
+
 impl std::str::FromStr for ClusterSecret {
     type Err = String;
     fn from_str(s: &str) -> Result<ClusterSecret, String> {
@@ -73,7 +83,9 @@ pub struct CdxConfig {
     )]
     pub sibling: Option<IpAddr>,
 
-    /// Shared secret authenticating hand-offs between sibling nodes.
+    /// Shared secret of the cluster (at least 16 characters): authenticates
+    /// hand-offs between sibling nodes and verifies exchange tickets (the
+    /// exchange is off without it).
     #[arg(long = "cluster-secret", env = "NATRIX_CLUSTER_SECRET")]
     pub cluster_secret: Option<ClusterSecret>,
 
@@ -114,6 +126,23 @@ pub struct CdxConfig {
         default_value_t = 10_000
     )]
     pub tcp_max_connections: usize,
+
+    /// Connection-data exchange: live participants (sessions) per source IP
+    /// on this node.
+    #[arg(
+        long = "exchange-sessions-per-source",
+        env = "NATRIX_EXCHANGE_SESSIONS_PER_SOURCE",
+        default_value_t = 64
+    )]
+    pub exchange_per_source: u32,
+
+    /// Connection-data exchange: live sessions on this node.
+    #[arg(
+        long = "exchange-max-sessions",
+        env = "NATRIX_EXCHANGE_MAX_SESSIONS",
+        default_value_t = 100_000
+    )]
+    pub exchange_max_sessions: usize,
 
     /// A STUN/TCP connection that sends nothing for this long is closed.
     #[arg(

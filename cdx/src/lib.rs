@@ -27,6 +27,7 @@
 
 mod binding;
 pub mod client;
+pub mod exchange;
 mod config;
 pub mod handoff;
 mod metrics;
@@ -34,4 +35,4 @@ pub mod server;
 
 pub use binding::{BindingResponder, DropReason, Grid, Outcome, Reply, Site, Transport, Via};
 pub use config::{CdxConfig, ClusterSecret};
-pub use metrics::{CdxMetrics, LoopCounters};
+pub use metrics::{CdxMetrics, ExchangeMetrics, LoopCounters};

@@ -131,6 +131,12 @@ impl LoopCounters {
         }
     }
 
+    /// Counts the bytes of an exchange message (handed to the actor).
+    #[inline]
+    pub fn record_exchange(&mut self, len: usize) {
+        self.received_bytes.add(len as u64);
+    }
+
     /// Counts a drop decided outside the responder (e.g. framing).
     #[inline]
     pub fn dropped(&mut self, reason: DropReason) {
@@ -165,5 +171,76 @@ impl LoopCounters {
         self.received_bytes.flush();
         self.sent_bytes.flush();
         self.send_errors.flush();
+    }
+}
+
+/// Handles of the connection-data exchange, resolved once.
+#[derive(Clone, Debug)]
+pub struct ExchangeMetrics {
+    posts: Vec<(&'static str, IntCounter)>,
+    profiles: Vec<IntCounter>,
+    pub(crate) acked: IntCounter,
+    pub(crate) expired: IntCounter,
+    pub(crate) retransmits: IntCounter,
+    pub(crate) stray_acks: IntCounter,
+    pub(crate) sessions: IntGauge,
+    pub(crate) events: IntCounter,
+    pub(crate) events_malformed: IntCounter,
+    pub(crate) send_errors: IntCounter,
+}
+
+impl ExchangeMetrics {
+    /// Resolves (and so creates) every exchange series in `telemetry`.
+    pub fn new(telemetry: &Telemetry) -> ExchangeMetrics {
+        let posts = telemetry.counter_family(&cat::CDX_EXCHANGE_POSTS_TOTAL);
+        let deliveries = telemetry.counter_family(&cat::CDX_EXCHANGE_DELIVERIES_TOTAL);
+        let events = telemetry.counter_family(&cat::CDX_EXCHANGE_EVENTS_TOTAL);
+        let profiles = telemetry.counter_family(&cat::CDX_NAT_PROFILES_TOTAL);
+        let [mapping, filtering] = cat::CDX_NAT_PROFILES_TOTAL.labels else {
+            unreachable!("two labels in the catalogue")
+        };
+        ExchangeMetrics {
+            posts: cat::CDX_EXCHANGE_POSTS_TOTAL.labels[0]
+                .values
+                .iter()
+                .map(|v| (*v, posts.with_label_values(&[v])))
+                .collect(),
+            profiles: mapping
+                .values
+                .iter()
+                .flat_map(|m| filtering.values.iter().map(move |f| (m, f)))
+                .map(|(m, f)| profiles.with_label_values(&[m, f]))
+                .collect(),
+            acked: deliveries.with_label_values(&["acked"]),
+            expired: deliveries.with_label_values(&["expired"]),
+            retransmits: telemetry
+                .counter_family(&cat::CDX_EXCHANGE_RETRANSMITS_TOTAL)
+                .with_label_values(&[] as &[&str]),
+            stray_acks: telemetry
+                .counter_family(&cat::CDX_EXCHANGE_STRAY_ACKS_TOTAL)
+                .with_label_values(&[] as &[&str]),
+            sessions: telemetry.gauge(&cat::CDX_EXCHANGE_SESSIONS),
+            events: events.with_label_values(&["applied"]),
+            events_malformed: events.with_label_values(&["malformed"]),
+            send_errors: telemetry
+                .counter_family(&cat::CDX_SEND_ERRORS_TOTAL)
+                .with_label_values(&["udp"]),
+        }
+    }
+
+    /// The posts counter for `result` (a value of the catalogue's label).
+    pub fn post(&self, result: &str) -> &IntCounter {
+        self.posts
+            .iter()
+            .find(|(v, _)| *v == result)
+            .map_or(&self.posts[0].1, |(_, c)| c)
+    }
+
+    /// The NAT-profile counter for PROFILE codes `mapping`, `filtering`
+    /// (out-of-range codes count as unknown).
+    pub(crate) fn profile(&self, mapping: u8, filtering: u8) -> &IntCounter {
+        let m = if mapping > 4 { 0 } else { usize::from(mapping) };
+        let f = if filtering > 3 { 0 } else { usize::from(filtering) };
+        &self.profiles[m * 4 + f]
     }
 }

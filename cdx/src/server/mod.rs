@@ -16,7 +16,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::{BindingResponder, CdxConfig, CdxMetrics, Grid, Site, Via};
+use crate::exchange::{ExchangeInbox, inbox};
+use crate::{BindingResponder, CdxConfig, CdxMetrics, ExchangeMetrics, Grid, Site, Via};
 
 /// How often loops publish their counters.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -28,6 +29,7 @@ pub struct CdxServer {
     tcp_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    exchange: Option<ExchangeInbox>,
 }
 
 /// True for errors that mean "this host has no IPv6": such a default
@@ -65,11 +67,14 @@ impl CdxServer {
         let responder = Arc::new(BindingResponder::new(Some(config.software.clone())));
         let metrics = CdxMetrics::new(telemetry);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (exchange_tx, mut exchange_rx) = inbox();
+        let overloaded = ExchangeMetrics::new(telemetry).post("overloaded").clone();
         let mut server = CdxServer {
             udp_addrs: Vec::new(),
             tcp_addrs: Vec::new(),
             shutdown,
             tasks: Vec::new(),
+            exchange: None,
         };
         let opts = UdpOptions::default();
         let rfc5780 = config.alternate_port.is_some()
@@ -154,6 +159,15 @@ impl CdxServer {
             }
             let mut ios: Vec<(Via, Vec<Arc<UdpIo>>)> = Vec::new();
             for (via, sockets) in cells {
+                // Exchange answers and deliveries leave from the socket the
+                // participant used (a clone: same address and port).
+                if let Some(first) = sockets.first() {
+                    let clone = first
+                        .try_clone()
+                        .and_then(|c| Ok((c.local_addr()?, c)))
+                        .with_context(|| format!("cloning a STUN UDP socket of {addr}"))?;
+                    exchange_rx.add_socket(clone.0, clone.1);
+                }
                 let mut v = Vec::new();
                 for socket in sockets {
                     v.push(Arc::new(UdpIo::new(socket).with_context(|| {
@@ -176,6 +190,7 @@ impl CdxServer {
                             senders: senders.clone(),
                             handoff: handoff.clone(),
                             limits: config.limits(),
+                            exchange: Some((exchange_tx.clone(), overloaded.clone())),
                         },
                         responder.clone(),
                         metrics.clone(),
@@ -211,7 +226,15 @@ impl CdxServer {
         if server.udp_addrs.is_empty() {
             anyhow::bail!("no STUN listener could be bound (--stun-listen)");
         }
+        server.exchange = Some(exchange_rx);
         Ok(server)
+    }
+
+    /// The exchange inbox and sockets, for the [`crate::exchange::ExchangeActor`]
+    /// (taken once; until an actor runs, exchange messages are dropped and
+    /// counted as `overloaded`).
+    pub fn take_exchange(&mut self) -> Option<ExchangeInbox> {
+        self.exchange.take()
     }
 
     /// Addresses the UDP listeners are bound to.

@@ -13,6 +13,7 @@ use super::FLUSH_INTERVAL;
 use prometheus::IntCounter;
 
 use crate::binding::{BindingResponder, DropReason, Outcome, Site, Transport, Via};
+use crate::exchange::{self, ExchangeSender, Local};
 use crate::handoff;
 use crate::metrics::CdxMetrics;
 
@@ -34,6 +35,9 @@ pub(super) struct LoopSetup {
     pub(super) handoff: Option<Arc<HandoffPeer>>,
     /// Caps on answers per source prefix and in total.
     pub(super) limits: UnauthLimits,
+    /// Where exchange messages go, and the counter of those dropped
+    /// because the exchange actor is behind.
+    pub(super) exchange: Option<(ExchangeSender, IntCounter)>,
 }
 
 /// The sibling node that serves this node's change-IP requests.
@@ -70,6 +74,7 @@ pub(super) async fn run(
         senders,
         handoff,
         limits,
+        exchange,
     } = setup;
     let mut sealed = [0u8; 2048];
     let mut replies = SendBatch::new(quinn_udp::BATCH_SIZE * 4);
@@ -100,6 +105,25 @@ pub(super) async fn run(
                             answer_handoff(h, site, &senders, &io, &responder, d.payload, &mut out).await;
                             continue;
                         }
+                    // Exchange posts and acknowledgements go to the actor;
+                    // the loop never waits for it.
+                    if let Some((sender, overloaded)) = &exchange
+                        && exchange::is_exchange(d.payload)
+                    {
+                        counters.record_exchange(d.payload.len());
+                        if !limiter.allow(d.from.ip(), std::time::Instant::now()) {
+                            counters.dropped(DropReason::RateLimited);
+                        } else {
+                            let local = Local {
+                                bound: io.local_addr(),
+                                dst_ip: if wildcard { d.to_ip } else { None },
+                            };
+                            if !sender.offer(d.payload, d.from, local) {
+                                overloaded.inc();
+                            }
+                        }
+                        continue;
+                    }
                     let mut outcome = responder.handle_at(d.payload, d.from, site, &mut out);
                     if matches!(outcome, Outcome::Reply { .. })
                         && !limiter.allow(d.from.ip(), std::time::Instant::now())

@@ -356,6 +356,103 @@ pub const CDX_SIBLING_HANDOFFS_TOTAL: MetricDef = metric(
     }],
 );
 
+/// Exchange posts by outcome.
+pub const CDX_EXCHANGE_POSTS_TOTAL: MetricDef = metric(
+    "cdx_exchange_posts_total",
+    "Connection-data exchange posts: accepted, or refused by reason (forged tickets, replays and overload are dropped without an answer).",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &[
+            "accepted",
+            "malformed",
+            "forged",
+            "expired",
+            "replayed",
+            "too_large",
+            "source_limit",
+            "session_full",
+            "store_error",
+            "overloaded",
+            "disabled",
+        ],
+    }],
+);
+
+/// Exchange deliveries by outcome.
+pub const CDX_EXCHANGE_DELIVERIES_TOTAL: MetricDef = metric(
+    "cdx_exchange_deliveries_total",
+    "Deliveries of another participant's entry: acknowledged by the client, or still unacknowledged when the session ended.",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["acked", "expired"],
+    }],
+);
+
+/// Exchange delivery retransmissions.
+pub const CDX_EXCHANGE_RETRANSMITS_TOTAL: MetricDef = metric(
+    "cdx_exchange_retransmits_total",
+    "Deliveries sent again because the client had not acknowledged them yet.",
+    Kind::Counter,
+    &[],
+);
+
+/// Acknowledgements that match no pending delivery.
+pub const CDX_EXCHANGE_STRAY_ACKS_TOTAL: MetricDef = metric(
+    "cdx_exchange_stray_acks_total",
+    "Delivery acknowledgements matching no pending delivery (duplicates, late, or from another address).",
+    Kind::Counter,
+    &[],
+);
+
+/// Live exchange sessions on this node.
+pub const CDX_EXCHANGE_SESSIONS: MetricDef = metric(
+    "cdx_exchange_sessions",
+    "Exchange sessions with at least one participant on this node.",
+    Kind::Gauge,
+    &[],
+);
+
+/// Entries learnt from other nodes.
+pub const CDX_EXCHANGE_EVENTS_TOTAL: MetricDef = metric(
+    "cdx_exchange_events_total",
+    "Entries other CDX nodes announced through the coordination store: applied, or malformed.",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["applied", "malformed"],
+    }],
+);
+
+/// NAT behaviours clients reported.
+pub const CDX_NAT_PROFILES_TOTAL: MetricDef = metric(
+    "cdx_nat_profiles_total",
+    "NAT behaviours of exchange participants, as their discovery reported them (one count per participant and session).",
+    Kind::Counter,
+    &[
+        Label {
+            name: "mapping",
+            values: &[
+                "unknown",
+                "no_nat",
+                "endpoint_independent",
+                "address_dependent",
+                "address_and_port_dependent",
+            ],
+        },
+        Label {
+            name: "filtering",
+            values: &[
+                "unknown",
+                "endpoint_independent",
+                "address_dependent",
+                "address_and_port_dependent",
+            ],
+        },
+    ],
+);
+
 /// Every metric natrix exports.
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
@@ -370,6 +467,13 @@ pub const ALL: &[&MetricDef] = &[
     &CDX_TCP_CONNECTIONS,
     &CDX_TCP_CONNECTIONS_TOTAL,
     &CDX_SIBLING_HANDOFFS_TOTAL,
+    &CDX_EXCHANGE_POSTS_TOTAL,
+    &CDX_EXCHANGE_DELIVERIES_TOTAL,
+    &CDX_EXCHANGE_RETRANSMITS_TOTAL,
+    &CDX_EXCHANGE_STRAY_ACKS_TOTAL,
+    &CDX_EXCHANGE_SESSIONS,
+    &CDX_EXCHANGE_EVENTS_TOTAL,
+    &CDX_NAT_PROFILES_TOTAL,
     &RELAY_ALLOCATIONS,
     &RELAY_ALLOCATIONS_CREATED_TOTAL,
     &RELAY_ALLOCATIONS_ENDED_TOTAL,

@@ -1,0 +1,430 @@
+//! The exchange-session actor: the control-plane owner of the node's
+//! [`Registry`] and of all store traffic for exchanges.
+//!
+//! The UDP loops never wait for it: they hand exchange datagrams over a
+//! bounded channel ([`ExchangeSender::offer`], counted as `overloaded` when
+//! full) and go on with the next packet. The actor verifies tickets, writes
+//! entries to the coordination store, broadcasts them to the other nodes,
+//! answers posts and sends (and re-sends) deliveries from the socket each
+//! participant used, so its NAT lets them in.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use natrix_net::SendBatch;
+use natrix_store::{PutField, Store};
+use natrix_wire::{Class, Message, TransactionId};
+use ring::hmac;
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn};
+
+use super::registry::{Local, Registry, Stats, Transmit};
+use super::{
+    ClientMessage, Entry, MAX_SEALED, POST, Reject, SessionId, Ticket, TicketError,
+    encode_post_error, encode_post_success, parse_client,
+};
+use crate::metrics::ExchangeMetrics;
+
+/// The broadcast channel entries travel on between nodes.
+const EVENTS: &str = "natrix:cdx:exchange";
+/// How often the actor sends due deliveries and sweeps expired sessions.
+const TICK: Duration = Duration::from_millis(20);
+/// Exchange datagrams waiting for the actor before loops drop new ones.
+const INBOX: usize = 4096;
+
+/// One exchange datagram, as a loop received it.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The datagram.
+    pub payload: Vec<u8>,
+    /// Its source.
+    pub from: SocketAddr,
+    /// The socket (and destination IP) it arrived on.
+    pub local: Local,
+}
+
+/// The loops' side of the inbox.
+#[derive(Clone, Debug)]
+pub struct ExchangeSender {
+    tx: mpsc::Sender<Inbound>,
+}
+
+impl ExchangeSender {
+    /// Hands a datagram to the actor; false (and nothing queued) when the
+    /// inbox is full or the actor is gone.
+    pub fn offer(&self, payload: &[u8], from: SocketAddr, local: Local) -> bool {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(Inbound {
+                    payload: payload.to_vec(),
+                    from,
+                    local,
+                });
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// The actor's side of the inbox, with the sockets deliveries leave from.
+#[derive(Debug)]
+pub struct ExchangeInbox {
+    rx: mpsc::Receiver<Inbound>,
+    sockets: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
+}
+
+impl ExchangeInbox {
+    /// Registers the socket bound to `bound` for sending answers and
+    /// deliveries (a clone of a listener socket: same address and port).
+    pub fn add_socket(&mut self, bound: SocketAddr, socket: std::net::UdpSocket) {
+        self.sockets.entry(bound).or_insert_with(|| Arc::new(socket));
+    }
+}
+
+/// A new inbox: the loops get the sender, the actor the receiver.
+pub fn inbox() -> (ExchangeSender, ExchangeInbox) {
+    let (tx, rx) = mpsc::channel(INBOX);
+    (
+        ExchangeSender { tx },
+        ExchangeInbox {
+            rx,
+            sockets: HashMap::new(),
+        },
+    )
+}
+
+/// A broadcast from the store: another node stored an entry.
+#[derive(Debug)]
+struct Event(Vec<u8>);
+
+/// Owns the registry, the store traffic, and the sending of answers and
+/// deliveries.
+pub struct ExchangeActor {
+    registry: Registry,
+    store: Store,
+    key: Option<hmac::Key>,
+    sockets: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
+    inbox: Option<mpsc::Receiver<Inbound>>,
+    metrics: ExchangeMetrics,
+    published: Stats,
+    node: [u8; 8],
+    batch: SendBatch,
+    span: tracing::Span,
+}
+
+impl std::fmt::Debug for ExchangeActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeActor")
+            .field("registry", &self.registry)
+            .field("store", &self.store.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn store_key(session: &SessionId) -> String {
+    format!("natrix:cdx:xs:{{{}}}", session.hex())
+}
+
+impl ExchangeActor {
+    /// An actor for `inbox`; without `cluster_secret` every post is
+    /// refused (`disabled`), as tickets cannot be verified.
+    pub fn new(
+        inbox: ExchangeInbox,
+        store: Store,
+        cluster_secret: Option<&[u8]>,
+        limits: super::Limits,
+        metrics: ExchangeMetrics,
+    ) -> ExchangeActor {
+        ExchangeActor {
+            registry: Registry::new(limits, Box::new(rand::random)),
+            store,
+            key: cluster_secret.map(super::ticket_key),
+            sockets: inbox.sockets,
+            inbox: Some(inbox.rx),
+            metrics,
+            published: Stats::default(),
+            node: rand::random(),
+            batch: SendBatch::new(64).without_gso(),
+            span: info_span!("exchange"),
+        }
+    }
+
+    fn send(&mut self, t: Transmit) {
+        let Some(socket) = self.sockets.get(&t.via.bound) else {
+            debug!(bound = %t.via.bound, "no socket to send an exchange message from");
+            return;
+        };
+        self.batch.push_from(t.to, t.via.dst_ip, &t.payload);
+        for _ in 0..self.batch.flush(socket.as_fd()) {
+            self.metrics.send_errors.inc();
+        }
+    }
+
+    fn answer_error(&mut self, inbound: &Inbound, tid: &TransactionId, reject: Reject) {
+        let Some((code, reason)) = reject.answer() else {
+            return;
+        };
+        let mut out = [0u8; 128];
+        if let Ok(n) = encode_post_error(&mut out, tid, code, reason) {
+            self.send(Transmit {
+                to: inbound.from,
+                via: inbound.local,
+                payload: out[..n].to_vec(),
+            });
+        }
+    }
+
+    fn reject(&mut self, inbound: &Inbound, tid: Option<TransactionId>, reject: Reject) {
+        self.metrics.post(reject.label()).inc();
+        if let Some(tid) = tid {
+            self.answer_error(inbound, &tid, reject);
+        }
+    }
+
+    fn handle_inbound(&mut self, inbound: Inbound, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
+        let post = match parse_client(&inbound.payload) {
+            Ok(ClientMessage::Ack(tid)) => {
+                if !self.registry.ack(inbound.from, &tid) {
+                    self.metrics.stray_acks.inc();
+                }
+                return;
+            }
+            Ok(ClientMessage::Post(p)) => p,
+            Err(r) => {
+                // Answer malformed Post requests we can still address.
+                let tid = Message::parse(&inbound.payload)
+                    .ok()
+                    .filter(|m| m.method() == POST && m.class() == Class::Request)
+                    .map(|m| m.transaction_id());
+                self.reject(&inbound, tid, r);
+                return;
+            }
+        };
+        let tid = post.tid;
+        let Some(key) = &self.key else {
+            self.reject(&inbound, Some(tid), Reject::Disabled);
+            return;
+        };
+        let unix = unix_now();
+        let ticket = match Ticket::verify(post.ticket, key, unix) {
+            Ok(t) => t,
+            Err(e) => {
+                let r = match e {
+                    TicketError::Malformed => Reject::Malformed,
+                    TicketError::Forged => Reject::Forged,
+                    TicketError::Expired => Reject::Expired,
+                };
+                self.reject(&inbound, Some(tid), r);
+                return;
+            }
+        };
+        if post.entry.participant != ticket.participant {
+            self.reject(&inbound, Some(tid), Reject::Malformed);
+            return;
+        }
+        if post.entry.sealed.len() > MAX_SEALED {
+            self.reject(&inbound, Some(tid), Reject::TooLarge);
+            return;
+        }
+        let now = Instant::now();
+        let admitted = match self.registry.admit(
+            &ticket,
+            post.entry.seq,
+            inbound.from,
+            inbound.local,
+            now,
+            unix,
+        ) {
+            Ok(a) => a,
+            Err(r) => {
+                self.reject(&inbound, Some(tid), r);
+                return;
+            }
+        };
+        if admitted == super::registry::Admitted::New
+            && let Some([m, f]) = post.profile
+        {
+            self.metrics.profile(m, f).inc();
+        }
+        let value = {
+            let mut v = post.entry.seq.to_be_bytes().to_vec();
+            v.extend_from_slice(post.entry.sealed);
+            v
+        };
+        let mut event = self.node.to_vec();
+        event.extend_from_slice(&ticket.session.0);
+        event.extend_from_slice(&post.entry.to_bytes());
+        let announce = admitted != super::registry::Admitted::Repeat;
+        let store = self.store.clone();
+        let key = store_key(&ticket.session);
+        let field = ticket.participant.to_string();
+        let ttl = Duration::from_secs(ticket.expires.saturating_sub(unix)).min(super::MAX_SESSION_TTL);
+        let participants = ticket.participants;
+        let work = async move {
+            let put = store
+                .put_field(&key, &field, &value, ttl, usize::from(participants))
+                .await?;
+            if put == PutField::Full {
+                return Ok(None);
+            }
+            if announce {
+                store.publish(EVENTS, &event).await?;
+            }
+            store.fields(&key).await.map(Some)
+        };
+        let entry_bytes = post.entry.to_bytes();
+        ctx.spawn(work.into_actor(self).map(move |result, act, _ctx| {
+            let _span = act.span.clone().entered();
+            let fields = match result {
+                Ok(Some(f)) => f,
+                Ok(None) => return act.reject(&inbound, Some(tid), Reject::SessionFull),
+                Err(e) => {
+                    debug!(error = %e, "exchange post: store call failed");
+                    return act.reject(&inbound, Some(tid), Reject::StoreError);
+                }
+            };
+            let now = Instant::now();
+            if let Some(own) = Entry::parse(&entry_bytes) {
+                act.registry.offer(&ticket.session, &own, now);
+            }
+            let mut posted = 0u8;
+            for (field, value) in &fields {
+                let (Ok(p), true) = (field.parse::<u8>(), value.len() >= 4) else {
+                    continue;
+                };
+                posted += 1;
+                let seq = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
+                act.registry.offer(
+                    &ticket.session,
+                    &Entry {
+                        participant: p,
+                        seq,
+                        sealed: &value[4..],
+                    },
+                    now,
+                );
+            }
+            let mut out = [0u8; 128];
+            let left = ticket.expires.saturating_sub(unix_now());
+            if let Ok(n) = encode_post_success(
+                &mut out,
+                &tid,
+                inbound.from,
+                posted,
+                ticket.participants,
+                u32::try_from(left).unwrap_or(u32::MAX),
+            ) {
+                act.metrics.post("accepted").inc();
+                act.send(Transmit {
+                    to: inbound.from,
+                    via: inbound.local,
+                    payload: out[..n].to_vec(),
+                });
+            }
+            act.flush_due(now);
+        }));
+    }
+
+    /// A broadcast: `node 8 | session 16 | ENTRY value`.
+    fn handle_event(&mut self, event: &[u8]) {
+        if event.len() < 24 || event[..8] == self.node {
+            return;
+        }
+        let Ok(session) = <[u8; 16]>::try_from(&event[8..24]) else {
+            return;
+        };
+        let Some(entry) = Entry::parse(&event[24..]) else {
+            self.metrics.events_malformed.inc();
+            return;
+        };
+        self.metrics.events.inc();
+        self.registry
+            .offer(&SessionId(session), &entry, Instant::now());
+        self.flush_due(Instant::now());
+    }
+
+    fn flush_due(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        self.registry.poll_transmit(now, &mut due);
+        for t in due {
+            self.send(t);
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        self.flush_due(now);
+        self.registry.sweep(now);
+        let stats = self.registry.stats();
+        self.metrics.acked.inc_by(stats.acked - self.published.acked);
+        self.metrics.expired.inc_by(stats.expired - self.published.expired);
+        self.metrics
+            .retransmits
+            .inc_by(stats.retransmits - self.published.retransmits);
+        self.published = stats;
+        self.metrics
+            .sessions
+            .set(i64::try_from(self.registry.sessions()).unwrap_or(i64::MAX));
+    }
+}
+
+fn receiver_stream<T: 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
+
+impl Actor for ExchangeActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        info!(parent: &self.span, store = self.store.kind(), enabled = self.key.is_some(), "exchange sessions on");
+        if let Some(rx) = self.inbox.take() {
+            ctx.add_stream(receiver_stream(rx));
+        }
+        let store = self.store.clone();
+        ctx.spawn(
+            async move { store.subscribe(EVENTS).await }
+                .into_actor(self)
+                .map(|sub, _act, ctx| {
+                    ctx.add_stream(receiver_stream(sub.into_receiver()).map(Event));
+                }),
+        );
+        ctx.run_interval(TICK, |act, _ctx| act.tick());
+    }
+}
+
+impl StreamHandler<Inbound> for ExchangeActor {
+    fn handle(&mut self, item: Inbound, ctx: &mut Context<Self>) {
+        self.handle_inbound(item, ctx);
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        // The loops stopped; deliveries in flight still finish.
+        debug!(parent: &self.span, "exchange inbox closed");
+    }
+}
+
+impl StreamHandler<Event> for ExchangeActor {
+    fn handle(&mut self, item: Event, _ctx: &mut Context<Self>) {
+        self.handle_event(&item.0);
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        warn!(parent: &self.span, "store broadcast ended; entries from other nodes arrive only through re-posts");
+    }
+}
+
+use futures_util::StreamExt as _;

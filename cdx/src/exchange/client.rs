@@ -1,0 +1,1 @@
+//! Exchange client (see below).
