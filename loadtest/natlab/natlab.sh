@@ -9,7 +9,10 @@
 #   nx-pub     the "internet": CDX addresses 203.0.113.1 and 203.0.113.2 on lo
 #   nx-r-<t>   a NAT router per type: WAN 198.51.100.<4k+2>/30, LAN 10.<k>.0.1/24
 #   nx-c-<t>   a client behind it: 10.<k>.0.2/24
-#   nx-c-open  a client with a public address, no NAT: 198.51.100.254/30
+#   nx-r-<t>-2, nx-c-<t>-2  a second router and client of each type, so that
+#              two clients of the same type sit behind separate NATs
+#   nx-c-open, nx-c-open-2  clients with public addresses, no NAT:
+#              198.51.100.254/30 and 198.51.100.250/30
 # Types: full-cone, restricted-cone, port-restricted-cone, symmetric, udp-blocked.
 # Mapping: masquerade keeps the source port when it is free (endpoint-
 # independent); "random" picks a port per connection (symmetric). Filtering:
@@ -63,9 +66,10 @@ up() {
   ip -n nx-pub addr add 203.0.113.2/32 dev lo
 
   local k=0
+  for suffix in "" "-2"; do
   for type in "${TYPES[@]}"; do
     k=$((k + 1))
-    local r="nx-r-$type" c="nx-c-$type"
+    local r="nx-r-$type$suffix" c="nx-c-$type$suffix"
     local wan_pub="198.51.100.$((4 * k + 1))" wan_r="198.51.100.$((4 * k + 2))"
     ip netns add "$r"; ip netns add "$c"
     ip -n "$r" link set lo up; ip -n "$c" link set lo up
@@ -80,14 +84,21 @@ up() {
     ip netns exec "$r" sysctl -qw net.ipv4.ip_forward=1
     nft_nat "$r" "$type" "10.$k.0.2"
   done
+  done
 
-  # A client with a public address and no NAT.
-  ip netns add nx-c-open
-  ip -n nx-c-open link set lo up
-  ip link add nxwo netns nx-pub type veth peer name eth0 netns nx-c-open
-  ip -n nx-pub addr add 198.51.100.253/30 dev nxwo; ip -n nx-pub link set nxwo up
-  ip -n nx-c-open addr add 198.51.100.254/30 dev eth0; ip -n nx-c-open link set eth0 up
-  ip -n nx-c-open route add default via 198.51.100.253
+  # Clients with a public address and no NAT.
+  open_client nx-c-open nxwo 253
+  open_client nx-c-open-2 nxwo2 249
+}
+
+open_client() { # namespace veth-name last-octet-of-the-pub-side
+  local c=$1 veth=$2 p=$3
+  ip netns add "$c"
+  ip -n "$c" link set lo up
+  ip link add "$veth" netns nx-pub type veth peer name eth0 netns "$c"
+  ip -n nx-pub addr add "198.51.100.$p/30" dev "$veth"; ip -n nx-pub link set "$veth" up
+  ip -n "$c" addr add "198.51.100.$((p + 1))/30" dev eth0; ip -n "$c" link set eth0 up
+  ip -n "$c" route add default via "198.51.100.$p"
 }
 
 case "${1:-}" in

@@ -1,1 +1,554 @@
-//! Exchange client (see below).
+//! The participant's side: post connection data, receive the others', and
+//! punch a direct UDP path with them. Blocking, on one UDP socket the caller
+//! owns — the same socket for the Binding, the exchange and the punch, so
+//! the NAT mapping CDX saw is the one the peer is told about.
+//!
+//! # Connection data (the plaintext inside a sealed entry)
+//!
+//! ```text
+//! version 1 B (=1) | NAT class 1 B | candidates 1 B | per candidate:
+//!   kind 1 B (1 host, 2 server-reflexive, 3 relayed) | family 1 B (4, 6) |
+//!   port 2 B BE | address 4 or 16 B
+//! ```
+//!
+//! NAT class codes: 0 unknown, 1 open, 2 full-cone, 3 restricted-cone,
+//! 4 port-restricted-cone, 5 symmetric, 6 udp-blocked.
+//!
+//! # Punching
+//!
+//! Both sides send probes to every candidate of the other every
+//! [`PROBE_INTERVAL`], and answer each probe with an acknowledgement **to the
+//! address the probe came from** (behind an address-dependent NAT that is
+//! not the address the peer advertised), adding that address to the targets.
+//! A side is connected when an acknowledgement comes back: its datagrams
+//! reach the peer and the peer's reach it. It keeps answering probes for
+//! [`LINGER`] so the peer can finish too. Probes and acknowledgements carry
+//! an HMAC under a key derived from the session key, so nobody outside the
+//! session can fake a path.
+//!
+//! ```text
+//! "NXP1" | kind 1 B (1 probe, 2 ack) | participant 1 B | 0 0 | nonce 8 B |
+//!   tag 16 B (HMAC-SHA-256 of the first 16 bytes)        = 32 B
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use natrix_wire::{Attribute, AttributeType, Class, Encoder, Message, MessageType, Method, TransactionId};
+use ring::hmac;
+
+use super::{DELIVER, ENTRY, Entry, Invitation, POST, PROFILE, TICKET, open, seal};
+use crate::client::NatClass;
+
+/// How often probes go out while punching.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// How long a connected side keeps answering the peer's probes.
+pub const LINGER: Duration = Duration::from_millis(1000);
+/// First retransmission timeout of a Post (RFC 8489 §6.2.1 timing, short).
+const INITIAL_RTO: Duration = Duration::from_millis(100);
+/// Longest gap between Post retransmissions, and the re-post interval while
+/// entries of other participants are still missing.
+const MAX_RTO: Duration = Duration::from_millis(1000);
+
+/// What a candidate address is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CandidateKind {
+    /// The socket's local address.
+    Host,
+    /// The address the NAT gave the socket, as CDX saw it.
+    ServerReflexive,
+    /// A TURN relayed address.
+    Relayed,
+}
+
+/// One address the peer may reach this participant at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its kind.
+    pub kind: CandidateKind,
+    /// The address.
+    pub addr: SocketAddr,
+}
+
+/// What a participant tells the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionData {
+    /// The participant's NAT class, if it ran discovery.
+    pub class: Option<NatClass>,
+    /// Where it may be reached.
+    pub candidates: Vec<Candidate>,
+}
+
+const CLASSES: [NatClass; 6] = [
+    NatClass::Open,
+    NatClass::FullCone,
+    NatClass::RestrictedCone,
+    NatClass::PortRestrictedCone,
+    NatClass::Symmetric,
+    NatClass::UdpBlocked,
+];
+
+impl ConnectionData {
+    /// The plaintext format above.
+    pub fn encode(&self) -> Vec<u8> {
+        let class = self
+            .class
+            .and_then(|c| CLASSES.iter().position(|k| *k == c))
+            .map_or(0, |i| i as u8 + 1);
+        let n = self.candidates.len().min(16);
+        let mut out = vec![1, class, n as u8];
+        for c in &self.candidates[..n] {
+            out.push(match c.kind {
+                CandidateKind::Host => 1,
+                CandidateKind::ServerReflexive => 2,
+                CandidateKind::Relayed => 3,
+            });
+            match c.addr.ip() {
+                IpAddr::V4(ip) => {
+                    out.push(4);
+                    out.extend_from_slice(&c.addr.port().to_be_bytes());
+                    out.extend_from_slice(&ip.octets());
+                }
+                IpAddr::V6(ip) => {
+                    out.push(6);
+                    out.extend_from_slice(&c.addr.port().to_be_bytes());
+                    out.extend_from_slice(&ip.octets());
+                }
+            }
+        }
+        out
+    }
+
+    /// Parses the plaintext format; `None` for anything malformed.
+    pub fn decode(b: &[u8]) -> Option<ConnectionData> {
+        if b.len() < 3 || b[0] != 1 {
+            return None;
+        }
+        let class = match b[1] {
+            0 => None,
+            k => Some(*CLASSES.get(usize::from(k) - 1)?),
+        };
+        let mut rest = &b[3..];
+        let mut candidates = Vec::new();
+        for _ in 0..b[2] {
+            let (&kind, r) = rest.split_first()?;
+            let (&family, r) = r.split_first()?;
+            let kind = match kind {
+                1 => CandidateKind::Host,
+                2 => CandidateKind::ServerReflexive,
+                3 => CandidateKind::Relayed,
+                _ => return None,
+            };
+            let port = u16::from_be_bytes([*r.first()?, *r.get(1)?]);
+            let r = &r[2..];
+            let (ip, r): (IpAddr, &[u8]) = match family {
+                4 => (<[u8; 4]>::try_from(r.get(..4)?).ok()?.into(), &r[4..]),
+                6 => (<[u8; 16]>::try_from(r.get(..16)?).ok()?.into(), &r[16..]),
+                _ => return None,
+            };
+            candidates.push(Candidate {
+                kind,
+                addr: SocketAddr::new(ip, port),
+            });
+            rest = r;
+        }
+        rest.is_empty().then_some(ConnectionData { class, candidates })
+    }
+}
+
+/// Why an exchange or punch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The socket failed.
+    #[error("socket: {0}")]
+    Socket(#[from] std::io::Error),
+    /// CDX refused the post.
+    #[error("CDX refused the post: {code} {reason}")]
+    Rejected {
+        /// The STUN error code.
+        code: u16,
+        /// Its reason phrase.
+        reason: String,
+    },
+    /// No answer from CDX, or not every participant's entry, in time.
+    #[error("exchange timed out: {}, {received} of {expected} entries received",
+        if *.posted { "post acknowledged" } else { "no answer to the post" })]
+    Timeout {
+        /// Whether CDX answered the post.
+        posted: bool,
+        /// Entries received.
+        received: usize,
+        /// Entries expected (participants − 1).
+        expected: usize,
+    },
+    /// No direct path within the time allowed.
+    #[error("no direct path to the peer after {0:?}")]
+    NoPath(Duration),
+}
+
+/// The result of [`exchange`].
+#[derive(Clone, Debug)]
+pub struct Exchanged {
+    /// This socket's address as CDX saw it.
+    pub mapped: SocketAddr,
+    /// The other participants' connection data, by index.
+    pub peers: BTreeMap<u8, ConnectionData>,
+    /// Entries CDX delivered that did not open with the session key (not
+    /// from a participant; dropped).
+    pub rejected_entries: usize,
+    /// How long the exchange took.
+    pub elapsed: Duration,
+}
+
+/// Asks `server` for this socket's mapped address (one Binding transaction
+/// with retransmissions); `None` if no answer came within `timeout`.
+pub fn mapped_address(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<Option<SocketAddr>> {
+    let tid = TransactionId(rand::random());
+    let mut req = [0u8; 64];
+    let n = (|| {
+        let mut enc = Encoder::new(&mut req, MessageType::new(Method::BINDING, Class::Request), &tid)?;
+        enc.fingerprint()?;
+        Ok::<_, natrix_wire::EncodeError>(enc.finish())
+    })()
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let deadline = Instant::now() + timeout;
+    let mut rto = INITIAL_RTO;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        socket.send_to(&req[..n], server)?;
+        let until = (Instant::now() + rto).min(deadline);
+        rto = (rto * 2).min(MAX_RTO);
+        while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            socket.set_read_timeout(Some(left))?;
+            let Ok((len, _)) = socket.recv_from(&mut buf) else { break };
+            let Ok(msg) = Message::parse(&buf[..len]) else { continue };
+            if msg.transaction_id() == tid
+                && msg.class() == Class::Success
+                && let Some(Ok(Attribute::XorMappedAddress(a))) = msg.decode(AttributeType::XOR_MAPPED_ADDRESS)
+            {
+                return Ok(Some(a));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Answers a Deliver request from CDX (the acknowledgement) and returns
+/// its entry; `None` for anything else.
+fn take_delivery<'a>(socket: &UdpSocket, packet: &'a [u8], from: SocketAddr) -> Option<Entry<'a>> {
+    let msg = Message::parse(packet).ok()?;
+    if msg.method() != DELIVER || msg.class() != Class::Request || msg.verify_fingerprint().is_err() {
+        return None;
+    }
+    let entry = Entry::parse(msg.get(ENTRY)?)?;
+    let mut ack = [0u8; 64];
+    let tid = msg.transaction_id();
+    if let Ok(n) = (|| {
+        let mut enc = Encoder::new(&mut ack, MessageType::new(DELIVER, Class::Success), &tid)?;
+        enc.fingerprint()?;
+        Ok::<_, natrix_wire::EncodeError>(enc.finish())
+    })() {
+        // A lost acknowledgement only means CDX sends the entry again.
+        let _ = socket.send_to(&ack[..n], from);
+    }
+    Some(entry)
+}
+
+/// Posts `data` to CDX at `server` from `socket` and collects every other
+/// participant's data. `profile` (PROFILE codes, see
+/// [`super::profile_codes`]) lets CDX count NAT behaviours. `seq` versions
+/// the data: post a higher one when it changes.
+pub fn exchange(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    invitation: &Invitation,
+    data: &ConnectionData,
+    profile: Option<[u8; 4]>,
+    seq: u32,
+    timeout: Duration,
+) -> Result<Exchanged, ExchangeError> {
+    let started = Instant::now();
+    let session = invitation.session();
+    let me = invitation.participant();
+    let expected = usize::from(invitation.participants()).saturating_sub(1);
+    let sealed = seal(&invitation.key, &session, me, seq, rand::random(), &data.encode());
+    let tid = TransactionId(rand::random());
+    let mut req = vec![0u8; 20 + 48 + 12 + sealed.len() + 16 + 8];
+    let n = (|| {
+        let mut enc = Encoder::new(&mut req, MessageType::new(POST, Class::Request), &tid)?;
+        enc.raw(TICKET, &invitation.ticket)?;
+        enc.raw(
+            ENTRY,
+            &Entry {
+                participant: me,
+                seq,
+                sealed: &sealed,
+            }
+            .to_bytes(),
+        )?;
+        if let Some(p) = profile {
+            enc.raw(PROFILE, &p)?;
+        }
+        enc.fingerprint()?;
+        Ok::<_, natrix_wire::EncodeError>(enc.finish())
+    })()
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    req.truncate(n);
+
+    let deadline = started + timeout;
+    let mut mapped = None;
+    let mut peers: BTreeMap<u8, (u32, ConnectionData)> = BTreeMap::new();
+    let mut rejected_entries = 0;
+    let mut rto = INITIAL_RTO;
+    let mut next_send = Instant::now();
+    let mut buf = [0u8; 2048];
+    loop {
+        let now = Instant::now();
+        if mapped.is_some() && peers.len() >= expected {
+            return Ok(Exchanged {
+                mapped: mapped.unwrap_or(server),
+                peers: peers.into_iter().map(|(k, (_, d))| (k, d)).collect(),
+                rejected_entries,
+                elapsed: started.elapsed(),
+            });
+        }
+        if now >= deadline {
+            return Err(ExchangeError::Timeout {
+                posted: mapped.is_some(),
+                received: peers.len(),
+                expected,
+            });
+        }
+        if now >= next_send {
+            // Until answered: retransmissions. Then, while entries are
+            // missing: a re-post now and then, which makes CDX look again.
+            socket.send_to(&req, server)?;
+            next_send = now + rto;
+            rto = (rto * 2).min(MAX_RTO);
+        }
+        let wait = next_send.min(deadline).saturating_duration_since(Instant::now());
+        socket.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let packet = &buf[..len];
+        if let Some(entry) = take_delivery(socket, packet, from) {
+            let opened = open(&invitation.key, &session, entry.participant, entry.seq, entry.sealed)
+                .and_then(|p| ConnectionData::decode(&p));
+            match opened {
+                Some(d) if entry.participant != me => {
+                    let newer = peers.get(&entry.participant).is_none_or(|(s, _)| *s < entry.seq);
+                    if newer {
+                        peers.insert(entry.participant, (entry.seq, d));
+                    }
+                }
+                _ => rejected_entries += 1,
+            }
+            continue;
+        }
+        let Ok(msg) = Message::parse(packet) else { continue };
+        if msg.transaction_id() != tid || msg.method() != POST {
+            continue;
+        }
+        match msg.class() {
+            Class::Success => {
+                if let Some(Ok(Attribute::XorMappedAddress(a))) = msg.decode(AttributeType::XOR_MAPPED_ADDRESS) {
+                    if mapped.is_none() {
+                        next_send = Instant::now() + MAX_RTO;
+                        rto = MAX_RTO;
+                    }
+                    mapped = Some(a);
+                }
+            }
+            Class::Error => {
+                let (code, reason) = match msg.decode(AttributeType::ERROR_CODE) {
+                    Some(Ok(Attribute::ErrorCode(e))) => (e.code, e.reason.to_owned()),
+                    _ => (0, String::new()),
+                };
+                return Err(ExchangeError::Rejected { code, reason });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A direct path found by [`punch`].
+#[derive(Clone, Copy, Debug)]
+pub struct Punched {
+    /// The peer's address as this side receives it (where to send).
+    pub peer: SocketAddr,
+    /// Time from the start of punching to the first acknowledgement.
+    pub elapsed: Duration,
+    /// Round trip of the acknowledged probe.
+    pub rtt: Duration,
+}
+
+const PROBE_MAGIC: &[u8; 4] = b"NXP1";
+const PROBE_LEN: usize = 32;
+
+fn punch_key(invitation: &Invitation) -> hmac::Key {
+    let derive = hmac::Key::new(hmac::HMAC_SHA256, &invitation.key.0);
+    let k = hmac::sign(&derive, b"natrix punch v1");
+    hmac::Key::new(hmac::HMAC_SHA256, k.as_ref())
+}
+
+fn probe(key: &hmac::Key, kind: u8, participant: u8, nonce: [u8; 8]) -> [u8; PROBE_LEN] {
+    let mut p = [0u8; PROBE_LEN];
+    p[..4].copy_from_slice(PROBE_MAGIC);
+    p[4] = kind;
+    p[5] = participant;
+    p[8..16].copy_from_slice(&nonce);
+    let tag = hmac::sign(key, &p[..16]);
+    p[16..].copy_from_slice(&tag.as_ref()[..16]);
+    p
+}
+
+fn parse_probe(key: &hmac::Key, b: &[u8]) -> Option<(u8, u8, [u8; 8])> {
+    if b.len() != PROBE_LEN || &b[..4] != PROBE_MAGIC {
+        return None;
+    }
+    let tag = hmac::sign(key, &b[..16]);
+    let diff = tag.as_ref()[..16]
+        .iter()
+        .zip(&b[16..])
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    (diff == 0).then(|| (b[4], b[5], b[8..16].try_into().unwrap_or([0; 8])))
+}
+
+/// Punches a direct UDP path from `socket` to participant `peer_index`
+/// whose data is `peer`, within `timeout`. Deliveries CDX still sends are
+/// acknowledged on the way.
+pub fn punch(
+    socket: &UdpSocket,
+    invitation: &Invitation,
+    peer_index: u8,
+    peer: &ConnectionData,
+    timeout: Duration,
+) -> Result<Punched, ExchangeError> {
+    let key = punch_key(invitation);
+    let me = invitation.participant();
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut targets: Vec<SocketAddr> = peer
+        .candidates
+        .iter()
+        .filter(|c| c.kind != CandidateKind::Relayed)
+        .map(|c| c.addr)
+        .collect();
+    let mut sent: Vec<([u8; 8], Instant)> = Vec::new();
+    let mut connected: Option<Punched> = None;
+    let mut next_probe = started;
+    let mut buf = [0u8; 2048];
+    loop {
+        let now = Instant::now();
+        if let Some(p) = connected
+            && now >= started + p.elapsed + LINGER
+        {
+            return Ok(p);
+        }
+        if now >= deadline {
+            return connected.ok_or(ExchangeError::NoPath(timeout));
+        }
+        if connected.is_none() && now >= next_probe {
+            let nonce: [u8; 8] = rand::random();
+            let p = probe(&key, 1, me, nonce);
+            for t in &targets {
+                // Unreachable candidates (e.g. a private host address) fail.
+                let _ = socket.send_to(&p, *t);
+            }
+            sent.push((nonce, now));
+            if sent.len() > 256 {
+                sent.remove(0);
+            }
+            next_probe = now + PROBE_INTERVAL;
+        }
+        let until = match connected {
+            Some(p) => (started + p.elapsed + LINGER).min(deadline),
+            None => next_probe.min(deadline),
+        };
+        let wait = until.saturating_duration_since(Instant::now());
+        socket.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let packet = &buf[..len];
+        if let Some((kind, who, nonce)) = parse_probe(&key, packet) {
+            if who != peer_index {
+                continue;
+            }
+            match kind {
+                1 => {
+                    // Answer where it came from, and probe there too.
+                    let _ = socket.send_to(&probe(&key, 2, me, nonce), from);
+                    if !targets.contains(&from) {
+                        targets.push(from);
+                    }
+                }
+                2 if connected.is_none() => {
+                    if let Some((_, at)) = sent.iter().find(|(n, _)| *n == nonce) {
+                        connected = Some(Punched {
+                            peer: from,
+                            elapsed: started.elapsed(),
+                            rtt: at.elapsed(),
+                        });
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        // Late deliveries from CDX: acknowledge so it stops sending.
+        let _ = take_delivery(socket, packet, from);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_data_round_trips_and_rejects_garbage() {
+        let d = ConnectionData {
+            class: Some(NatClass::Symmetric),
+            candidates: vec![
+                Candidate {
+                    kind: CandidateKind::Host,
+                    addr: "10.0.0.2:4000".parse().unwrap(),
+                },
+                Candidate {
+                    kind: CandidateKind::ServerReflexive,
+                    addr: "[2001:db8::1]:5000".parse().unwrap(),
+                },
+            ],
+        };
+        let bytes = d.encode();
+        assert_eq!(ConnectionData::decode(&bytes), Some(d));
+        for cut in 0..bytes.len() {
+            assert_eq!(ConnectionData::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert_eq!(ConnectionData::decode(&extra), None);
+        assert_eq!(ConnectionData::decode(&[1, 99, 0]), None);
+    }
+
+    #[test]
+    fn probes_verify_only_under_the_session_key() {
+        let inv = |k: u8| Invitation {
+            ticket: [0; 44],
+            key: super::super::SessionKey([k; 32]),
+        };
+        let key = punch_key(&inv(1));
+        let p = probe(&key, 1, 0, [7; 8]);
+        assert_eq!(parse_probe(&key, &p), Some((1, 0, [7; 8])));
+        assert_eq!(parse_probe(&punch_key(&inv(2)), &p), None);
+        let mut forged = p;
+        forged[5] = 1;
+        assert_eq!(parse_probe(&key, &forged), None);
+    }
+}

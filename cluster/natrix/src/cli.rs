@@ -51,6 +51,39 @@ pub(crate) struct Global {
         global = true
     )]
     pub(crate) shutdown_timeout: Duration,
+
+    /// Redis shared by the cluster (`redis://[user:password@]host:port[/db]`);
+    /// without it, coordination state stays in this process (right for
+    /// `natrix up` and a single node). Unreachable at start is an error.
+    #[arg(long, env = "NATRIX_REDIS_URL", global = true)]
+    pub(crate) redis_url: Option<RedisUrl>,
+}
+
+/// A Redis URL whose password never reaches the logs.
+#[derive(Clone)]
+pub(crate) struct RedisUrl(pub(crate) String);
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keep the scheme and host, hide any credentials.
+        match self.0.split_once('@') {
+            Some((scheme_and_auth, host)) => {
+                let scheme = scheme_and_auth.split("//").next().unwrap_or("redis:");
+                write!(f, "{scheme}//<redacted>@{host}")
+            }
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl std::str::FromStr for RedisUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RedisUrl, String> {
+        if !(s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("redis+unix://")) {
+            return Err("a Redis URL starts with redis://, rediss:// or redis+unix://".into());
+        }
+        Ok(RedisUrl(s.to_owned()))
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -269,6 +269,25 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
         actix_rt::spawn(server);
         info!(%addr, "metrics and health endpoint up");
         let reload = running.relay.as_ref().map(|r| r.reload_actor().start());
+        let store = match &global.redis_url {
+            Some(url) => natrix_store::Store::redis(&url.0, natrix_store::RedisOptions::default())
+                .await
+                .with_context(|| format!("connecting to Redis at {url:?}"))?,
+            None => natrix_store::Store::memory(),
+        };
+        let _exchange = match (&plan, running.cdx.as_mut().and_then(CdxServer::take_exchange)) {
+            (Plan::Cdx(cdx), Some(inbox)) => Some(
+                natrix_cdx::exchange::ExchangeActor::new(
+                    inbox,
+                    store.clone(),
+                    cdx.cluster_secret.as_ref().map(|s| s.0.as_bytes()),
+                    cdx.exchange_limits(),
+                    natrix_cdx::ExchangeMetrics::new(&telemetry),
+                )
+                .start(),
+            ),
+            _ => None,
+        };
         let signal = signals.stop(reload.as_ref()).await;
         info!(signal, "shutting down");
         telemetry.health().start_draining();
