@@ -27,8 +27,8 @@
 
 mod binding;
 pub mod client;
-pub mod exchange;
 mod config;
+pub mod exchange;
 pub mod handoff;
 mod metrics;
 pub mod server;

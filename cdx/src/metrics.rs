@@ -240,7 +240,11 @@ impl ExchangeMetrics {
     /// (out-of-range codes count as unknown).
     pub(crate) fn profile(&self, mapping: u8, filtering: u8) -> &IntCounter {
         let m = if mapping > 4 { 0 } else { usize::from(mapping) };
-        let f = if filtering > 3 { 0 } else { usize::from(filtering) };
+        let f = if filtering > 3 {
+            0
+        } else {
+            usize::from(filtering)
+        };
         &self.profiles[m * 4 + f]
     }
 }

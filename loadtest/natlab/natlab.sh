@@ -49,6 +49,14 @@ table ip nx {
     $( [ "$type" = udp-blocked ] && echo 'iifname "lan" meta l4proto udp drop' )
     $( [ "$type" = restricted-cone ] && echo 'iifname "lan" oifname "wan" meta l4proto udp add @contacted { ip daddr . udp sport }' )
   }
+  # The router itself accepts nothing unsolicited from the WAN, as home
+  # routers do. Dropping here also keeps such a packet's conntrack entry
+  # unconfirmed: otherwise an early punch packet would occupy the tuple and
+  # make the router map the client's next outbound flow to another port.
+  chain nx_input {
+    type filter hook input priority filter; policy accept;
+    iifname "wan" ct state new drop
+  }
   chain nx_pre {
     type nat hook prerouting priority dstnat;
     $( [ "$type" = full-cone ] && echo "iifname \"wan\" udp dport 1024-65535 ct state new dnat to $client" )
@@ -64,6 +72,8 @@ up() {
   ip -n nx-pub link set lo up
   ip -n nx-pub addr add 203.0.113.1/32 dev lo
   ip -n nx-pub addr add 203.0.113.2/32 dev lo
+  # The "internet" routes between the routers' WAN links and open clients.
+  ip netns exec nx-pub sysctl -qw net.ipv4.ip_forward=1
 
   local k=0
   for suffix in "" "-2"; do

@@ -8,6 +8,8 @@
 //! the rate the server sustains instead of overrunning it. Every run is
 //! bounded in time.
 
+mod natlab;
+mod peer;
 mod turn;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -39,41 +41,13 @@ enum Command {
     Allocations(AllocationArgs),
     /// Measure STUN Binding answers per second.
     Stun(StunArgs),
-    /// The NAT lab: real Linux NATs (nftables) in network namespaces, one
-    /// client behind each NAT type. Needs root.
-    Natlab {
-        /// up (build, replacing any previous lab), down (remove), status.
-        #[arg(value_parser = ["up", "down", "status"])]
-        action: String,
-    },
-}
-
-/// The lab script, shipped inside the binary so the tool works anywhere.
-const NATLAB: &str = include_str!("../natlab/natlab.sh");
-
-fn natlab(action: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("bash")
-        .args(["-s", "--", action])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .context("running bash for the NAT lab")?;
-    child
-        .stdin
-        .take()
-        .context("bash stdin")?
-        .write_all(NATLAB.as_bytes())
-        .context("feeding the NAT lab script")?;
-    let status = child.wait()?;
-    if !status.success() {
-        anyhow::bail!("natlab {action} failed ({status}); it needs root, iproute2 and nftables");
-    }
-    if action == "up" {
-        println!(
-            "NAT lab up: CDX addresses 203.0.113.1 and 203.0.113.2 in namespace nx-pub; clients in nx-c-<type> for open, full-cone, restricted-cone, port-restricted-cone, symmetric, udp-blocked"
-        );
-    }
-    Ok(())
+    /// The NAT lab: real Linux NATs (nftables) in network namespaces, two
+    /// clients behind each NAT type; `matrix` punches direct paths across
+    /// every pair of types. Needs root.
+    Natlab(natlab::NatlabArgs),
+    /// One session participant end to end: mapped address, exchange through
+    /// CDX, direct punch. Prints a JSON report (the lab matrix runs these).
+    Peer(peer::PeerArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -579,7 +553,20 @@ fn main() -> std::process::ExitCode {
         Command::Relay(args) => relay(args),
         Command::Allocations(args) => allocations(args),
         Command::Stun(args) => stun(args),
-        Command::Natlab { action } => natlab(action),
+        Command::Natlab(args) => natlab::run(args),
+        Command::Peer(args) => {
+            let report = peer::run(args);
+            println!("{report}");
+            if report["direct"] == true {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "no direct path ({}: {})",
+                    report["stage"].as_str().unwrap_or("?"),
+                    report["error"].as_str().unwrap_or("?")
+                ))
+            }
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

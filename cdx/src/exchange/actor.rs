@@ -82,7 +82,9 @@ impl ExchangeInbox {
     /// Registers the socket bound to `bound` for sending answers and
     /// deliveries (a clone of a listener socket: same address and port).
     pub fn add_socket(&mut self, bound: SocketAddr, socket: std::net::UdpSocket) {
-        self.sockets.entry(bound).or_insert_with(|| Arc::new(socket));
+        self.sockets
+            .entry(bound)
+            .or_insert_with(|| Arc::new(socket));
     }
 }
 
@@ -270,7 +272,8 @@ impl ExchangeActor {
         let store = self.store.clone();
         let key = store_key(&ticket.session);
         let field = ticket.participant.to_string();
-        let ttl = Duration::from_secs(ticket.expires.saturating_sub(unix)).min(super::MAX_SESSION_TTL);
+        let ttl =
+            Duration::from_secs(ticket.expires.saturating_sub(unix)).min(super::MAX_SESSION_TTL);
         let participants = ticket.participants;
         let work = async move {
             let put = store
@@ -368,8 +371,12 @@ impl ExchangeActor {
         self.flush_due(now);
         self.registry.sweep(now);
         let stats = self.registry.stats();
-        self.metrics.acked.inc_by(stats.acked - self.published.acked);
-        self.metrics.expired.inc_by(stats.expired - self.published.expired);
+        self.metrics
+            .acked
+            .inc_by(stats.acked - self.published.acked);
+        self.metrics
+            .expired
+            .inc_by(stats.expired - self.published.expired);
         self.metrics
             .retransmits
             .inc_by(stats.retransmits - self.published.retransmits);

@@ -35,7 +35,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use natrix_wire::{Attribute, AttributeType, Class, Encoder, Message, MessageType, Method, TransactionId};
+use natrix_wire::{
+    Attribute, AttributeType, Class, Encoder, Message, MessageType, Method, TransactionId,
+};
 use ring::hmac;
 
 use super::{DELIVER, ENTRY, Entry, Invitation, POST, PROFILE, TICKET, open, seal};
@@ -153,7 +155,8 @@ impl ConnectionData {
             });
             rest = r;
         }
-        rest.is_empty().then_some(ConnectionData { class, candidates })
+        rest.is_empty()
+            .then_some(ConnectionData { class, candidates })
     }
 }
 
@@ -211,7 +214,11 @@ pub fn mapped_address(
     let tid = TransactionId(rand::random());
     let mut req = [0u8; 64];
     let n = (|| {
-        let mut enc = Encoder::new(&mut req, MessageType::new(Method::BINDING, Class::Request), &tid)?;
+        let mut enc = Encoder::new(
+            &mut req,
+            MessageType::new(Method::BINDING, Class::Request),
+            &tid,
+        )?;
         enc.fingerprint()?;
         Ok::<_, natrix_wire::EncodeError>(enc.finish())
     })()
@@ -223,13 +230,21 @@ pub fn mapped_address(
         socket.send_to(&req[..n], server)?;
         let until = (Instant::now() + rto).min(deadline);
         rto = (rto * 2).min(MAX_RTO);
-        while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        while let Some(left) = until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
             socket.set_read_timeout(Some(left))?;
-            let Ok((len, _)) = socket.recv_from(&mut buf) else { break };
-            let Ok(msg) = Message::parse(&buf[..len]) else { continue };
+            let Ok((len, _)) = socket.recv_from(&mut buf) else {
+                break;
+            };
+            let Ok(msg) = Message::parse(&buf[..len]) else {
+                continue;
+            };
             if msg.transaction_id() == tid
                 && msg.class() == Class::Success
-                && let Some(Ok(Attribute::XorMappedAddress(a))) = msg.decode(AttributeType::XOR_MAPPED_ADDRESS)
+                && let Some(Ok(Attribute::XorMappedAddress(a))) =
+                    msg.decode(AttributeType::XOR_MAPPED_ADDRESS)
             {
                 return Ok(Some(a));
             }
@@ -242,7 +257,8 @@ pub fn mapped_address(
 /// its entry; `None` for anything else.
 fn take_delivery<'a>(socket: &UdpSocket, packet: &'a [u8], from: SocketAddr) -> Option<Entry<'a>> {
     let msg = Message::parse(packet).ok()?;
-    if msg.method() != DELIVER || msg.class() != Class::Request || msg.verify_fingerprint().is_err() {
+    if msg.method() != DELIVER || msg.class() != Class::Request || msg.verify_fingerprint().is_err()
+    {
         return None;
     }
     let entry = Entry::parse(msg.get(ENTRY)?)?;
@@ -276,7 +292,14 @@ pub fn exchange(
     let session = invitation.session();
     let me = invitation.participant();
     let expected = usize::from(invitation.participants()).saturating_sub(1);
-    let sealed = seal(&invitation.key, &session, me, seq, rand::random(), &data.encode());
+    let sealed = seal(
+        &invitation.key,
+        &session,
+        me,
+        seq,
+        rand::random(),
+        &data.encode(),
+    );
     let tid = TransactionId(rand::random());
     let mut req = vec![0u8; 20 + 48 + 12 + sealed.len() + 16 + 8];
     let n = (|| {
@@ -331,18 +354,28 @@ pub fn exchange(
             next_send = now + rto;
             rto = (rto * 2).min(MAX_RTO);
         }
-        let wait = next_send.min(deadline).saturating_duration_since(Instant::now());
+        let wait = next_send
+            .min(deadline)
+            .saturating_duration_since(Instant::now());
         socket.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
         let Ok((len, from)) = socket.recv_from(&mut buf) else {
             continue;
         };
         let packet = &buf[..len];
         if let Some(entry) = take_delivery(socket, packet, from) {
-            let opened = open(&invitation.key, &session, entry.participant, entry.seq, entry.sealed)
-                .and_then(|p| ConnectionData::decode(&p));
+            let opened = open(
+                &invitation.key,
+                &session,
+                entry.participant,
+                entry.seq,
+                entry.sealed,
+            )
+            .and_then(|p| ConnectionData::decode(&p));
             match opened {
                 Some(d) if entry.participant != me => {
-                    let newer = peers.get(&entry.participant).is_none_or(|(s, _)| *s < entry.seq);
+                    let newer = peers
+                        .get(&entry.participant)
+                        .is_none_or(|(s, _)| *s < entry.seq);
                     if newer {
                         peers.insert(entry.participant, (entry.seq, d));
                     }
@@ -351,13 +384,17 @@ pub fn exchange(
             }
             continue;
         }
-        let Ok(msg) = Message::parse(packet) else { continue };
+        let Ok(msg) = Message::parse(packet) else {
+            continue;
+        };
         if msg.transaction_id() != tid || msg.method() != POST {
             continue;
         }
         match msg.class() {
             Class::Success => {
-                if let Some(Ok(Attribute::XorMappedAddress(a))) = msg.decode(AttributeType::XOR_MAPPED_ADDRESS) {
+                if let Some(Ok(Attribute::XorMappedAddress(a))) =
+                    msg.decode(AttributeType::XOR_MAPPED_ADDRESS)
+                {
                     if mapped.is_none() {
                         next_send = Instant::now() + MAX_RTO;
                         rto = MAX_RTO;

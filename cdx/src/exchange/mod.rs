@@ -192,7 +192,11 @@ impl Ticket {
             session: SessionId(session),
             participant: bytes[16],
             participants: bytes[17],
-            expires: u64::from_be_bytes(bytes[20..28].try_into().map_err(|_| TicketError::Malformed)?),
+            expires: u64::from_be_bytes(
+                bytes[20..28]
+                    .try_into()
+                    .map_err(|_| TicketError::Malformed)?,
+            ),
         };
         if ticket.participants < 2
             || usize::from(ticket.participants) > MAX_PARTICIPANTS
@@ -322,9 +326,8 @@ pub fn seal(
     out.extend_from_slice(&nonce);
     let mut body = plaintext.to_vec();
     let sealing = aead::LessSafeKey::new(
-        aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &key.0).unwrap_or_else(|_| {
-            unreachable!("a 32-byte key is valid for ChaCha20-Poly1305")
-        }),
+        aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &key.0)
+            .unwrap_or_else(|_| unreachable!("a 32-byte key is valid for ChaCha20-Poly1305")),
     );
     let tag = sealing
         .seal_in_place_separate_tag(
@@ -422,7 +425,9 @@ pub fn profile_codes(profile: &crate::client::NatProfile) -> [u8; 4] {
 
 /// True when `packet` is an exchange message (checked before Binding).
 pub fn is_exchange(packet: &[u8]) -> bool {
-    if packet.len() < natrix_wire::HEADER_LEN || packet[4..8] != natrix_wire::MAGIC_COOKIE.to_be_bytes() {
+    if packet.len() < natrix_wire::HEADER_LEN
+        || packet[4..8] != natrix_wire::MAGIC_COOKIE.to_be_bytes()
+    {
         return false;
     }
     let ty = u16::from_be_bytes([packet[0], packet[1]]);
@@ -540,7 +545,9 @@ pub fn parse_client(packet: &[u8]) -> Result<ClientMessage<'_>, Reject> {
                 .get(ENTRY)
                 .and_then(Entry::parse)
                 .ok_or(Reject::Malformed)?;
-            let profile = msg.get(PROFILE).and_then(|p| Some([*p.first()?, *p.get(1)?]));
+            let profile = msg
+                .get(PROFILE)
+                .and_then(|p| Some([*p.first()?, *p.get(1)?]));
             Ok(ClientMessage::Post(Post {
                 tid: msg.transaction_id(),
                 ticket,
@@ -579,10 +586,7 @@ pub fn encode_post_error(
     reason: &str,
 ) -> Result<usize, natrix_wire::EncodeError> {
     let mut enc = Encoder::new(out, MessageType::new(POST, Class::Error), tid)?;
-    enc.error_code(natrix_wire::ErrorCode {
-        code,
-        reason,
-    })?;
+    enc.error_code(natrix_wire::ErrorCode { code, reason })?;
     enc.fingerprint()?;
     Ok(enc.finish())
 }
@@ -623,9 +627,15 @@ mod tests {
     fn tickets_verify_only_with_the_cluster_key_and_before_expiry() {
         let bytes = ticket(1000).mint(&key());
         assert_eq!(Ticket::verify(&bytes, &key(), 999), Ok(ticket(1000)));
-        assert_eq!(Ticket::verify(&bytes, &key(), 1000), Err(TicketError::Expired));
+        assert_eq!(
+            Ticket::verify(&bytes, &key(), 1000),
+            Err(TicketError::Expired)
+        );
         let other = ticket_key(b"another secret, also long enough");
-        assert_eq!(Ticket::verify(&bytes, &other, 999), Err(TicketError::Forged));
+        assert_eq!(
+            Ticket::verify(&bytes, &other, 999),
+            Err(TicketError::Forged)
+        );
         for i in 0..TICKET_LEN {
             let mut forged = bytes;
             forged[i] ^= 1;
@@ -652,9 +662,20 @@ mod tests {
         let k = SessionKey([9; 32]);
         let s = SessionId([1; 16]);
         let sealed = seal(&k, &s, 0, 5, [3; 12], b"candidates");
-        assert_eq!(open(&k, &s, 0, 5, &sealed).as_deref(), Some(&b"candidates"[..]));
-        assert_eq!(open(&k, &s, 1, 5, &sealed), None, "moved to another participant");
-        assert_eq!(open(&k, &s, 0, 6, &sealed), None, "replayed as another version");
+        assert_eq!(
+            open(&k, &s, 0, 5, &sealed).as_deref(),
+            Some(&b"candidates"[..])
+        );
+        assert_eq!(
+            open(&k, &s, 1, 5, &sealed),
+            None,
+            "moved to another participant"
+        );
+        assert_eq!(
+            open(&k, &s, 0, 6, &sealed),
+            None,
+            "replayed as another version"
+        );
         assert_eq!(open(&k, &SessionId([2; 16]), 0, 5, &sealed), None);
         assert_eq!(open(&SessionKey([8; 32]), &s, 0, 5, &sealed), None);
         let mut tampered = sealed.clone();

@@ -170,7 +170,8 @@ impl Registry {
             if self.sessions.len() >= self.limits.max_sessions {
                 return Err(Reject::SourceLimit);
             }
-            let left = Duration::from_secs(ticket.expires.saturating_sub(unix)).min(MAX_SESSION_TTL);
+            let left =
+                Duration::from_secs(ticket.expires.saturating_sub(unix)).min(MAX_SESSION_TTL);
             self.sessions.insert(
                 ticket.session,
                 Session {
@@ -206,13 +207,22 @@ impl Registry {
                             s.acked = false;
                             s.next = now;
                             s.rto = INITIAL_RTO;
-                            self.timers.push(Reverse((now, ticket.session, ticket.participant, i as u8)));
+                            self.timers.push(Reverse((
+                                now,
+                                ticket.session,
+                                ticket.participant,
+                                i as u8,
+                            )));
                         }
                     }
                 }
                 let newer = seq > m.seq;
                 m.seq = seq;
-                Ok(if newer { Admitted::Newer } else { Admitted::Repeat })
+                Ok(if newer {
+                    Admitted::Newer
+                } else {
+                    Admitted::Repeat
+                })
             }
             slot @ None => {
                 let count = self.per_source.entry(from.ip()).or_default();
@@ -251,14 +261,19 @@ impl Registry {
             if i == from {
                 continue;
             }
-            if m.slots[from].as_ref().is_some_and(|old| old.seq >= entry.seq) {
+            if m.slots[from]
+                .as_ref()
+                .is_some_and(|old| old.seq >= entry.seq)
+            {
                 continue;
             }
             if let Some(old) = m.slots[from].take() {
                 self.acks.remove(&old.tid.0);
             }
             let tid = TransactionId((self.random_tid)());
-            let bytes = sealed.get_or_insert_with(|| Arc::from(entry.sealed)).clone();
+            let bytes = sealed
+                .get_or_insert_with(|| Arc::from(entry.sealed))
+                .clone();
             m.slots[from] = Some(Slot {
                 seq: entry.seq,
                 sealed: bytes,
@@ -268,7 +283,8 @@ impl Registry {
                 rto: INITIAL_RTO,
             });
             self.acks.insert(tid.0, (*session, i as u8, from as u8));
-            self.timers.push(Reverse((now, *session, i as u8, from as u8)));
+            self.timers
+                .push(Reverse((now, *session, i as u8, from as u8)));
         }
     }
 
@@ -464,13 +480,19 @@ mod tests {
         let t0 = Instant::now();
         let mut r = registry(Limits::default());
         let (a, b) = (A.parse().unwrap(), B.parse().unwrap());
-        assert_eq!(r.admit(&ticket(0), 1, a, local(), t0, 1_000), Ok(Admitted::New));
+        assert_eq!(
+            r.admit(&ticket(0), 1, a, local(), t0, 1_000),
+            Ok(Admitted::New)
+        );
         r.offer(&SessionId([5; 16]), &entry(0, 1), t0);
         let mut out = Vec::new();
         r.poll_transmit(t0, &mut out);
         assert!(out.is_empty(), "nobody else is here yet");
 
-        assert_eq!(r.admit(&ticket(1), 1, b, local(), t0, 1_000), Ok(Admitted::New));
+        assert_eq!(
+            r.admit(&ticket(1), 1, b, local(), t0, 1_000),
+            Ok(Admitted::New)
+        );
         r.offer(&SessionId([5; 16]), &entry(1, 1), t0);
         // B also needs A's entry, which the node read back from the store.
         r.offer(&SessionId([5; 16]), &entry(0, 1), t0);
@@ -513,9 +535,18 @@ mod tests {
         let t0 = Instant::now();
         let mut r = registry(Limits::default());
         let a = A.parse().unwrap();
-        assert_eq!(r.admit(&ticket(0), 5, a, local(), t0, 1_000), Ok(Admitted::New));
-        assert_eq!(r.admit(&ticket(0), 5, a, local(), t0, 1_000), Ok(Admitted::Repeat));
-        assert_eq!(r.admit(&ticket(0), 6, a, local(), t0, 1_000), Ok(Admitted::Newer));
+        assert_eq!(
+            r.admit(&ticket(0), 5, a, local(), t0, 1_000),
+            Ok(Admitted::New)
+        );
+        assert_eq!(
+            r.admit(&ticket(0), 5, a, local(), t0, 1_000),
+            Ok(Admitted::Repeat)
+        );
+        assert_eq!(
+            r.admit(&ticket(0), 6, a, local(), t0, 1_000),
+            Ok(Admitted::Newer)
+        );
         assert_eq!(
             r.admit(&ticket(0), 5, a, local(), t0, 1_000),
             Err(Reject::Replayed)
@@ -534,7 +565,10 @@ mod tests {
         r.poll_transmit(t0, &mut out);
         assert!(r.ack(a, &delivered(&out[0]).0));
         let a2: SocketAddr = "198.51.100.1:4001".parse().unwrap();
-        assert_eq!(r.admit(&ticket(0), 1, a2, local(), t0, 1_000), Ok(Admitted::Repeat));
+        assert_eq!(
+            r.admit(&ticket(0), 1, a2, local(), t0, 1_000),
+            Ok(Admitted::Repeat)
+        );
         let mut out = Vec::new();
         r.poll_transmit(t0 + Duration::from_millis(1), &mut out);
         assert_eq!(out.len(), 1);

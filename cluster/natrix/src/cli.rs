@@ -79,7 +79,10 @@ impl std::fmt::Debug for RedisUrl {
 impl std::str::FromStr for RedisUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<RedisUrl, String> {
-        if !(s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("redis+unix://")) {
+        if !(s.starts_with("redis://")
+            || s.starts_with("rediss://")
+            || s.starts_with("redis+unix://"))
+        {
             return Err("a Redis URL starts with redis://, rediss:// or redis+unix://".into());
         }
         Ok(RedisUrl(s.to_owned()))

@@ -275,7 +275,10 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to Redis at {url:?}"))?,
             None => natrix_store::Store::memory(),
         };
-        let _exchange = match (&plan, running.cdx.as_mut().and_then(CdxServer::take_exchange)) {
+        let _exchange = match (
+            &plan,
+            running.cdx.as_mut().and_then(CdxServer::take_exchange),
+        ) {
             (Plan::Cdx(cdx), Some(inbox)) => Some(
                 natrix_cdx::exchange::ExchangeActor::new(
                     inbox,

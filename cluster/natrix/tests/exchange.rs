@@ -1,6 +1,8 @@
 //! The connection-data exchange against real `natrix cdx` processes: one
 //! node, two nodes sharing a real Redis, and bad input.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -100,8 +102,12 @@ fn two_participants_swap_sealed_data_and_punch_through_one_node() {
     assert_eq!(pa.peer, b_data.candidates[0].addr);
     assert_eq!(pb.peer, a_data.candidates[0].addr);
 
-    cdx.wait_metric("cdx_exchange_posts_total{result=\"accepted\"}", |v| v >= 2.0);
-    cdx.wait_metric("cdx_exchange_deliveries_total{result=\"acked\"}", |v| v >= 2.0);
+    cdx.wait_metric("cdx_exchange_posts_total{result=\"accepted\"}", |v| {
+        v >= 2.0
+    });
+    cdx.wait_metric("cdx_exchange_deliveries_total{result=\"acked\"}", |v| {
+        v >= 2.0
+    });
     cdx.wait_metric("cdx_exchange_sessions", |v| v == 1.0);
     cdx.wait_metric(
         "cdx_nat_profiles_total{filtering=\"endpoint_independent\",mapping=\"no_nat\"}",
@@ -111,7 +117,13 @@ fn two_participants_swap_sealed_data_and_punch_through_one_node() {
 
 fn store_keys(redis: &RedisServer) -> String {
     let out = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "--scan", "--pattern", "natrix:*"])
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "--scan",
+            "--pattern",
+            "natrix:*",
+        ])
         .output()
         .expect("redis-cli (installed with redis-server)");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -142,7 +154,9 @@ fn participants_on_two_nodes_meet_through_redis_and_expired_sessions_leave_nothi
     assert_eq!(b_got.peers.get(&0), Some(&a_data));
     assert_eq!(c_got.peers.get(&0), Some(&a_data));
     assert_eq!(c_got.peers.get(&1), Some(&b_data));
-    n1.wait_metric("cdx_exchange_events_total{result=\"applied\"}", |v| v >= 2.0);
+    n1.wait_metric("cdx_exchange_events_total{result=\"applied\"}", |v| {
+        v >= 2.0
+    });
     assert!(store_keys(&redis).contains("natrix:cdx:xs:"));
 
     // The tickets expire 4 s after minting: node state and store keys go.
@@ -150,7 +164,11 @@ fn participants_on_two_nodes_meet_through_redis_and_expired_sessions_leave_nothi
     n2.wait_metric("cdx_exchange_sessions", |v| v == 0.0);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !store_keys(&redis).trim().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "keys left: {}", store_keys(&redis));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keys left: {}",
+            store_keys(&redis)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -241,7 +259,11 @@ fn bad_exchange_input_is_counted_and_never_disturbs_a_session() {
     }
     .mint(&ticket_key(b"another cluster's secret!"));
     assert_eq!(
-        answer_code(&attacker, server, &post_bytes(&alien, &entry(1, 1, &SEALED), true).1),
+        answer_code(
+            &attacker,
+            server,
+            &post_bytes(&alien, &entry(1, 1, &SEALED), true).1
+        ),
         None
     );
     // Expired ticket: a clear 401.
@@ -253,19 +275,28 @@ fn bad_exchange_input_is_counted_and_never_disturbs_a_session() {
     }
     .mint(&ticket_key(SECRET.as_bytes()));
     assert_eq!(
-        answer_code(&attacker, server, &post_bytes(&expired, &entry(1, 1, &SEALED), true).1),
+        answer_code(
+            &attacker,
+            server,
+            &post_bytes(&expired, &entry(1, 1, &SEALED), true).1
+        ),
         Some(401)
     );
     // Oversized entry: 400.
     assert_eq!(
-        answer_code(&attacker, server, &post_bytes(&invs[1].ticket, &entry(1, 1, &HUGE), true).1),
+        answer_code(
+            &attacker,
+            server,
+            &post_bytes(&invs[1].ticket, &entry(1, 1, &HUGE), true).1
+        ),
         Some(400)
     );
     // Acknowledgements nobody asked for.
     for _ in 0..5 {
         let tid = TransactionId(rand::random());
         let mut buf = [0u8; 64];
-        let mut enc = Encoder::new(&mut buf, MessageType::new(DELIVER, Class::Success), &tid).unwrap();
+        let mut enc =
+            Encoder::new(&mut buf, MessageType::new(DELIVER, Class::Success), &tid).unwrap();
         enc.fingerprint().unwrap();
         let n = enc.finish();
         assert_eq!(answer_code(&attacker, server, &buf[..n]), None);
@@ -310,5 +341,7 @@ fn a_node_without_a_cluster_secret_refuses_exchanges_clearly() {
     )
     .expect_err("no secret, no exchange");
     assert!(err.to_string().contains("403"), "{err}");
-    cdx.wait_metric("cdx_exchange_posts_total{result=\"disabled\"}", |v| v == 1.0);
+    cdx.wait_metric("cdx_exchange_posts_total{result=\"disabled\"}", |v| {
+        v == 1.0
+    });
 }

@@ -1,8 +1,12 @@
 //! The NAT lab end to end: real Linux NATs (nftables in network namespaces,
 //! `loadtest/natlab/natlab.sh`), two CDX nodes with one IP each in sibling
 //! mode, and `natrix probe` in a client behind every NAT type. coturn's
-//! `turnutils_natdiscovery`, run in the same lab, must agree. Needs root
-//! (CI has it).
+//! `turnutils_natdiscovery`, run in the same lab, must agree. Then every
+//! pair of NAT types exchanges connection data through the two nodes
+//! (sharing a Redis) and punches direct paths where the behaviours allow.
+//! Needs root (CI has it).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 
@@ -16,11 +20,15 @@ const SCRIPT: &str = concat!(
     "/../../loadtest/natlab/natlab.sh"
 );
 
-/// The lab, torn down when dropped (also after a failed assertion).
-struct Lab;
+/// The lab, torn down when dropped (also after a failed assertion). One at
+/// a time: tests in this file hold the guard while they use it.
+struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Lab {
     fn up() -> Lab {
+        let guard = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
         tool("nft");
         tool("ip");
         let out = Command::new("bash")
@@ -32,7 +40,7 @@ impl Lab {
             "natlab.sh up failed (root, iproute2 and nftables are needed): {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Lab
+        Lab(guard)
     }
 }
 
@@ -48,31 +56,35 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) -> Command {
     c
 }
 
+const SECRET: &str = "natlab-cluster-secret";
+
 fn cdx_node(ip: &str, sibling: &str) -> Spawned {
+    cdx_node_with(ip, sibling, &[])
+}
+
+fn cdx_node_with(ip: &str, sibling: &str, extra: &[&str]) -> Spawned {
+    let mut args = vec!["cdx", "--stun-listen"];
+    let listen = format!("{ip}:3478");
+    args.push(&listen);
+    args.extend_from_slice(&[
+        "--stun-alternate-port",
+        "3479",
+        "--stun-sibling",
+        sibling,
+        "--cluster-secret",
+        SECRET,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]);
+    args.extend_from_slice(extra);
     Spawned(
-        in_ns(
-            "nx-pub",
-            env!("CARGO_BIN_EXE_natrix"),
-            &[
-                "cdx",
-                "--stun-listen",
-                &format!("{ip}:3478"),
-                "--stun-alternate-port",
-                "3479",
-                "--stun-sibling",
-                sibling,
-                "--cluster-secret",
-                "natlab-cluster-secret",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting a CDX node in the lab"),
+        in_ns("nx-pub", env!("CARGO_BIN_EXE_natrix"), &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a CDX node in the lab"),
     )
 }
 
@@ -192,4 +204,105 @@ fn probe_classifies_every_nat_type_like_coturn_does() {
     assert_eq!(v["class"], "udp-blocked", "{v}");
     assert_eq!(v["udp_blocked"], true, "{v}");
     assert!(v["tcp_mapped_address"].is_string(), "{v}");
+}
+
+/// Where `natrix-loadtest` is: next to `natrix`, built by `.ci/test`'s
+/// `cargo build --workspace --bins` step (a test cannot build it: cargo
+/// holds the build lock while tests run).
+fn loadtest_bin() -> std::path::PathBuf {
+    let natrix = std::path::Path::new(env!("CARGO_BIN_EXE_natrix"));
+    let bin = natrix.with_file_name("natrix-loadtest");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (.ci/test does)",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
+    let loadtest = loadtest_bin();
+    let _lab = Lab::up();
+    // The two CDX nodes share a Redis in the lab, so participants of one
+    // session meet across nodes (the first uses node 1, the second node 2).
+    let _redis = Spawned(
+        in_ns(
+            "nx-pub",
+            &tool("redis-server"),
+            &[
+                "--port",
+                "6390",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting redis-server in the lab"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let redis = ["--redis-url", "redis://127.0.0.1:6390"];
+    let _a = cdx_node_with("203.0.113.1", "203.0.113.2", &redis);
+    let _b = cdx_node_with("203.0.113.2", "203.0.113.1", &redis);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while probe("nx-c-open")["class"] != "open" {
+        assert!(
+            Instant::now() < deadline,
+            "the lab's CDX nodes never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let report = std::env::temp_dir().join(format!("natlab-matrix-{}.json", std::process::id()));
+    let out = Command::new(&loadtest)
+        .args([
+            "natlab",
+            "matrix",
+            "--cdx",
+            "203.0.113.1:3478,203.0.113.2:3478",
+        ])
+        .args([
+            "--cluster-secret",
+            SECRET,
+            "--discover",
+            "--check",
+            "--json",
+        ])
+        .arg(&report)
+        .output()
+        .expect("running natrix-loadtest natlab matrix");
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}");
+    assert!(
+        out.status.success(),
+        "the matrix differs from what the behaviours allow:\n{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
+    let _ = std::fs::remove_file(&report);
+    let pairs = doc["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 21, "every unordered pair of six types");
+    let direct = pairs.iter().filter(|p| p["outcome"] == "direct").count();
+    assert_eq!(direct, 13, "{table}");
+    for p in pairs {
+        assert_eq!(p["outcome"], p["expected"], "{p}");
+        for peer in p["peers"].as_array().unwrap() {
+            // Every client that can send UDP classified itself correctly
+            // with the same CDX nodes, and exchanged through them.
+            if p["a"] != "udp-blocked" && p["b"] != "udp-blocked" {
+                assert!(peer["exchange_ms"].as_f64().is_some(), "{p}");
+            }
+        }
+        if p["outcome"] == "direct" {
+            assert_eq!(p["peers"][0]["class"], p["a"], "{p}");
+            assert_eq!(p["peers"][1]["class"], p["b"], "{p}");
+        }
+    }
 }

@@ -72,8 +72,9 @@ pub enum PutField {
 pub enum Store {
     /// This process only.
     Memory(MemoryStore),
-    /// A Redis server shared by the cluster.
-    Redis(RedisStore),
+    /// A Redis server shared by the cluster (boxed: the connection
+    /// manager is large, and stores are cloned into tasks).
+    Redis(Box<RedisStore>),
 }
 
 impl Store {
@@ -86,7 +87,9 @@ impl Store {
     /// Fails if the first connection does not succeed within the timeout;
     /// later outages are per-call errors and heal by themselves.
     pub async fn redis(url: &str, options: RedisOptions) -> Result<Store, StoreError> {
-        Ok(Store::Redis(RedisStore::connect(url, options).await?))
+        Ok(Store::Redis(Box::new(
+            RedisStore::connect(url, options).await?,
+        )))
     }
 
     /// Short name for logs and metrics: `memory` or `redis`.

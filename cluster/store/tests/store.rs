@@ -1,6 +1,8 @@
 //! The same contract, checked against both implementations: memory, and a
 //! real `redis-server` started on a free port.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::{Duration, Instant};
 
 use natrix_store::testing::RedisServer;

@@ -1,0 +1,256 @@
+//! `natrix-loadtest natlab`: the NAT lab (real Linux NATs in network
+//! namespaces) and the matrix of direct connectivity across every pair of
+//! NAT types.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use natrix_cdx::exchange::Invitation;
+
+/// The lab script, shipped inside the binary so the tool works anywhere.
+const SCRIPT: &str = include_str!("../natlab/natlab.sh");
+
+/// The lab's client types, in matrix order.
+pub(crate) const TYPES: [&str; 6] = [
+    "open",
+    "full-cone",
+    "restricted-cone",
+    "port-restricted-cone",
+    "symmetric",
+    "udp-blocked",
+];
+
+/// Options of `natlab`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct NatlabArgs {
+    /// up (build, replacing any previous lab), down (remove), status, or
+    /// matrix (run a session between a client of each type and a client of
+    /// every type, through CDX nodes already running in the lab).
+    #[arg(value_parser = ["up", "down", "status", "matrix"])]
+    pub(crate) action: String,
+    /// matrix: CDX nodes in the lab (comma separated); the first
+    /// participant of each pair uses the first, the second the next.
+    #[arg(long, value_delimiter = ',', default_value = "203.0.113.1:3478")]
+    pub(crate) cdx: Vec<SocketAddr>,
+    /// matrix: the CDX nodes' cluster secret, to mint session tickets.
+    #[arg(long, env = "NATRIX_CLUSTER_SECRET")]
+    pub(crate) cluster_secret: Option<String>,
+    /// matrix: run NAT discovery in each participant first.
+    #[arg(long)]
+    pub(crate) discover: bool,
+    /// matrix: write every figure as JSON to this file.
+    #[arg(long)]
+    pub(crate) json: Option<std::path::PathBuf>,
+    /// matrix: exit non-zero unless every pair's outcome is what the NAT
+    /// behaviours predict (direct where feasible, no direct path elsewhere).
+    #[arg(long)]
+    pub(crate) check: bool,
+}
+
+fn script(action: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("bash")
+        .args(["-s", "--", action])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("running bash for the NAT lab")?;
+    child
+        .stdin
+        .take()
+        .context("bash stdin")?
+        .write_all(SCRIPT.as_bytes())
+        .context("feeding the NAT lab script")?;
+    let status = child.wait()?;
+    if !status.success() {
+        anyhow::bail!("natlab {action} failed ({status}); it needs root, iproute2 and nftables");
+    }
+    Ok(())
+}
+
+/// Whether a direct UDP path is feasible between two lab types, derived
+/// from their behaviours (ARCHITECTURE.md, "NAT model"): not if either side
+/// is UDP-blocked, not if both map address-dependently, not if one maps
+/// address-dependently and the other filters address-and-port-dependently.
+pub(crate) fn feasible(a: &str, b: &str) -> bool {
+    let dependent_mapping = |t: &str| t == "symmetric";
+    let apd_filtering = |t: &str| t == "port-restricted-cone" || t == "symmetric";
+    if a == "udp-blocked" || b == "udp-blocked" {
+        return false;
+    }
+    if dependent_mapping(a) && dependent_mapping(b) {
+        return false;
+    }
+    !((dependent_mapping(a) && apd_filtering(b)) || (dependent_mapping(b) && apd_filtering(a)))
+}
+
+fn peer_in(
+    ns: &str,
+    cdx: SocketAddr,
+    invitation: &Invitation,
+    discover: bool,
+) -> anyhow::Result<std::process::Child> {
+    let exe = std::env::current_exe().context("locating natrix-loadtest")?;
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(exe)
+        .args(["peer", "--cdx", &cdx.to_string()])
+        .env("NATRIX_INVITATION", invitation.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if discover {
+        c.arg("--discover");
+    }
+    c.spawn()
+        .with_context(|| format!("starting a peer in {ns}"))
+}
+
+fn matrix(args: &NatlabArgs) -> anyhow::Result<()> {
+    let secret = args.cluster_secret.as_deref().context(
+        "natlab matrix needs --cluster-secret (the CDX nodes' secret) to mint session tickets",
+    )?;
+    let first = *args.cdx.first().context("--cdx is empty")?;
+    let second = *args.cdx.get(1).unwrap_or(&first);
+    let expires = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 120;
+    let mut pairs = Vec::new();
+    for (i, a) in TYPES.iter().enumerate() {
+        for b in &TYPES[i..] {
+            pairs.push((*a, *b));
+        }
+    }
+    // All pairs at once: each pair has its own sockets, so NAT state of
+    // one cannot help another (probes go only to the pair's own mappings).
+    let mut running = Vec::new();
+    for (a, b) in &pairs {
+        let invs =
+            Invitation::mint_session(secret.as_bytes(), 2, expires, &mut |buf| rand::fill(buf));
+        let pa = peer_in(&format!("nx-c-{a}"), first, &invs[0], args.discover)?;
+        let pb = peer_in(&format!("nx-c-{b}-2"), second, &invs[1], args.discover)?;
+        running.push((*a, *b, pa, pb));
+    }
+    let mut results = Vec::new();
+    let mut mismatches = Vec::new();
+    for (a, b, pa, pb) in running {
+        let read = |c: std::process::Child| -> serde_json::Value {
+            c.wait_with_output()
+                .ok()
+                .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+                .unwrap_or_else(
+                    || serde_json::json!({"direct": false, "error": "peer printed no report"}),
+                )
+        };
+        let (ra, rb) = (read(pa), read(pb));
+        let direct = ra["direct"] == true && rb["direct"] == true;
+        let expected = feasible(a, b);
+        if direct != expected {
+            mismatches.push(format!(
+                "{a} / {b}: measured {}, expected {}",
+                outcome(direct),
+                outcome(expected)
+            ));
+        }
+        // The pair is connected when the slower side is.
+        let setup = match (
+            ra["time_to_direct_ms"].as_f64(),
+            rb["time_to_direct_ms"].as_f64(),
+        ) {
+            (Some(x), Some(y)) => Some(x.max(y)),
+            _ => None,
+        };
+        results.push(serde_json::json!({
+            "a": a, "b": b,
+            "outcome": outcome(direct),
+            "expected": outcome(expected),
+            "time_to_direct_ms": setup,
+            "peers": [ra, rb],
+        }));
+    }
+    print_matrix(&results);
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({ "types": TYPES, "pairs": results });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.check && !mismatches.is_empty() {
+        anyhow::bail!(
+            "the measured matrix differs from the prediction:\n  {}",
+            mismatches.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+fn outcome(direct: bool) -> &'static str {
+    if direct { "direct" } else { "no-direct" }
+}
+
+fn print_matrix(results: &[serde_json::Value]) {
+    let short = |t: &str| match t {
+        "open" => "open",
+        "full-cone" => "full",
+        "restricted-cone" => "restr",
+        "port-restricted-cone" => "p-restr",
+        "symmetric" => "symm",
+        _ => "udp-blk",
+    };
+    println!("direct UDP through the CDX exchange (ms to a confirmed path; - = none):");
+    print!("{:>9}", "");
+    for t in TYPES {
+        print!("{:>9}", short(t));
+    }
+    println!();
+    for a in TYPES {
+        print!("{:>9}", short(a));
+        for b in TYPES {
+            let r = results
+                .iter()
+                .find(|r| (r["a"] == a && r["b"] == b) || (r["a"] == b && r["b"] == a));
+            let cell = match r {
+                Some(r) if r["outcome"] == "direct" => r["time_to_direct_ms"]
+                    .as_f64()
+                    .map_or("direct".to_string(), |ms| format!("{ms:.0}")),
+                _ => "-".to_string(),
+            };
+            print!("{cell:>9}");
+        }
+        println!();
+    }
+}
+
+/// `natlab <action>`.
+pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<()> {
+    match args.action.as_str() {
+        "matrix" => matrix(args),
+        action => {
+            script(action)?;
+            if action == "up" {
+                println!(
+                    "NAT lab up: CDX addresses 203.0.113.1 and 203.0.113.2 in namespace nx-pub; two clients per type in nx-c-<type> and nx-c-<type>-2 for open, full-cone, restricted-cone, port-restricted-cone, symmetric, udp-blocked"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feasibility_follows_the_behaviours() {
+        let direct: Vec<_> = TYPES
+            .iter()
+            .flat_map(|a| TYPES.iter().map(move |b| (*a, *b)))
+            .filter(|(a, b)| feasible(a, b))
+            .collect();
+        // 5 types that can send UDP → 25 ordered pairs, minus symmetric with
+        // symmetric (1) and symmetric with port-restricted (2 orders).
+        assert_eq!(direct.len(), 22);
+        assert!(feasible("symmetric", "restricted-cone"));
+        assert!(feasible("symmetric", "open"));
+        assert!(!feasible("port-restricted-cone", "symmetric"));
+        assert!(!feasible("open", "udp-blocked"));
+    }
+}

@@ -1,0 +1,125 @@
+//! `natrix-loadtest peer`: one participant of a session, end to end —
+//! mapped address, (optionally) NAT discovery, connection-data exchange
+//! through CDX, and a direct UDP punch to the other participant. Prints one
+//! JSON line; the NAT lab's matrix runs two of these per pair of NATs.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use natrix_cdx::exchange::client::{
+    Candidate, CandidateKind, ConnectionData, exchange, mapped_address, punch,
+};
+use natrix_cdx::exchange::{Invitation, profile_codes};
+
+/// Options of `peer`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct PeerArgs {
+    /// CDX node to exchange through (`host:port`).
+    #[arg(long)]
+    pub(crate) cdx: SocketAddr,
+    /// This participant's invitation (`<ticket hex>.<key hex>`, as lookup
+    /// hands it out), or `-` to read it from the NATRIX_INVITATION variable.
+    #[arg(long, env = "NATRIX_INVITATION")]
+    pub(crate) invitation: Invitation,
+    /// Run RFC 5780 discovery first and share the NAT class (adds about a
+    /// second).
+    #[arg(long)]
+    pub(crate) discover: bool,
+    /// Longest wait for the other participant's data.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) exchange_timeout: Duration,
+    /// Longest punch attempt.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub(crate) punch_timeout: Duration,
+}
+
+/// Runs one participant and returns its JSON report (never fails: errors
+/// are part of the report).
+pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
+    let started = Instant::now();
+    let mut report = serde_json::json!({
+        "participant": args.invitation.participant(),
+        "direct": false,
+    });
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let fail = |mut r: serde_json::Value, stage: &str, e: String| {
+        r["stage"] = stage.into();
+        r["error"] = e.into();
+        r
+    };
+    let socket = match UdpSocket::bind("0.0.0.0:0") {
+        Ok(s) => s,
+        Err(e) => return fail(report, "socket", e.to_string()),
+    };
+    let mut class = None;
+    let mut codes = None;
+    if args.discover {
+        match natrix_cdx::client::discover(args.cdx, "0.0.0.0:0".parse().unwrap_or(args.cdx)) {
+            Ok(p) => {
+                class = p.class();
+                codes = Some(profile_codes(&p));
+                report["class"] = class.map(|c| c.name()).into();
+            }
+            Err(e) => return fail(report, "discover", e.to_string()),
+        }
+    }
+    let mapped = match mapped_address(&socket, args.cdx, Duration::from_secs(1)) {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return fail(
+                report,
+                "binding",
+                "no UDP answer from CDX: UDP blocked or CDX unreachable".into(),
+            );
+        }
+        Err(e) => return fail(report, "binding", e.to_string()),
+    };
+    report["mapped"] = mapped.to_string().into();
+    let local = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut candidates = vec![Candidate {
+        kind: CandidateKind::ServerReflexive,
+        addr: mapped,
+    }];
+    // The host candidate: the address the route to CDX leaves from.
+    if let Ok(probe) = UdpSocket::bind("0.0.0.0:0")
+        && probe.connect(args.cdx).is_ok()
+        && let Ok(a) = probe.local_addr()
+        && a.ip() != mapped.ip()
+    {
+        candidates.push(Candidate {
+            kind: CandidateKind::Host,
+            addr: SocketAddr::new(a.ip(), local),
+        });
+    }
+    let data = ConnectionData { class, candidates };
+    let t = Instant::now();
+    let got = match exchange(
+        &socket,
+        args.cdx,
+        &args.invitation,
+        &data,
+        codes,
+        1,
+        args.exchange_timeout,
+    ) {
+        Ok(g) => g,
+        Err(e) => return fail(report, "exchange", e.to_string()),
+    };
+    report["exchange_ms"] = ms(t.elapsed()).into();
+    let Some((&other, peer)) = got.peers.iter().next() else {
+        return fail(report, "exchange", "no other participant".into());
+    };
+    report["peer_class"] = peer.class.map(|c| c.name()).into();
+    let t = Instant::now();
+    match punch(&socket, &args.invitation, other, peer, args.punch_timeout) {
+        Ok(p) => {
+            report["direct"] = true.into();
+            report["peer_addr"] = p.peer.to_string().into();
+            report["punch_ms"] = ms(p.elapsed).into();
+            report["rtt_ms"] = ms(p.rtt).into();
+            report["time_to_direct_ms"] = ms(started.elapsed() - (t.elapsed() - p.elapsed)).into();
+            report
+        }
+        Err(e) => fail(report, "punch", e.to_string()),
+    }
+}
