@@ -70,16 +70,10 @@ pub use actor::{ExchangeActor, ExchangeInbox, ExchangeSender, Inbound, inbox};
 pub use registry::{Limits, Local, Registry, Transmit};
 
 /// Post: a participant's entry, client → CDX (request) and its answer.
-pub const POST: Method = match Method::new(0xE01) {
-    Some(m) => m,
-    None => panic!("12-bit method"),
-};
+pub const POST: Method = Method::EXCHANGE_POST;
 /// Deliver: another participant's entry, CDX → client, acknowledged by a
 /// success response.
-pub const DELIVER: Method = match Method::new(0xE02) {
-    Some(m) => m,
-    None => panic!("12-bit method"),
-};
+pub const DELIVER: Method = Method::EXCHANGE_DELIVER;
 
 /// TICKET attribute.
 pub const TICKET: AttributeType = AttributeType(0x7E01);

@@ -94,7 +94,7 @@ pub(crate) enum Command {
     /// Run every role in one process with in-memory coordination: one
     /// listener on 3478 (UDP+TCP) where TURN goes to the relay role and
     /// STUN Binding to the CDX role, and the metrics endpoint on 9090.
-    Up(RelayArgs),
+    Up(UpArgs),
     /// Run the CDX role alone: the STUN Binding service.
     Cdx(CdxArgs),
     /// Run the relay role alone: TURN over UDP and TCP.
@@ -110,7 +110,20 @@ pub(crate) struct CdxArgs {
     pub(crate) cdx: CdxConfig,
 }
 
-/// Options of `natrix relay` and `natrix up`.
+/// Options of `natrix up`: the relay's, plus what the CDX role on the same
+/// listener needs.
+#[derive(Args, Debug)]
+pub(crate) struct UpArgs {
+    #[command(flatten)]
+    pub(crate) relay: RelayConfig,
+
+    /// Shared secret of the cluster (at least 16 characters): verifies
+    /// connection-data exchange tickets (the exchange is off without it).
+    #[arg(long = "cluster-secret", env = "NATRIX_CLUSTER_SECRET")]
+    pub(crate) cluster_secret: Option<natrix_cdx::ClusterSecret>,
+}
+
+/// Options of `natrix relay`.
 #[derive(Args, Debug)]
 pub(crate) struct RelayArgs {
     #[command(flatten)]

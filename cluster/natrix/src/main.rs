@@ -22,7 +22,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match &cli.command {
-        Command::Up(args) => serve::run(&cli.global, serve::Plan::Up(args.relay.clone())),
+        Command::Up(args) => serve::run(
+            &cli.global,
+            serve::Plan::Up(args.relay.clone(), args.cluster_secret.clone()),
+        ),
         Command::Cdx(args) => serve::run(&cli.global, serve::Plan::Cdx(args.cdx.clone())),
         Command::Relay(args) => serve::run(&cli.global, serve::Plan::Relay(args.relay.clone())),
         Command::Probe(args) => probe::run(args),

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use actix::Actor;
 use anyhow::Context;
+use natrix_cdx::exchange::{ExchangeActor, ExchangeInbox, ExchangeSender, Local, is_exchange};
 use natrix_cdx::{
-    BindingResponder, CdxConfig, CdxMetrics, LoopCounters, Outcome, server::CdxServer,
+    BindingResponder, CdxConfig, CdxMetrics, ClusterSecret, ExchangeMetrics, LoopCounters, Outcome,
+    server::CdxServer,
 };
 use natrix_net::UnauthLimiter;
 use natrix_relay::config::Redacted;
@@ -23,8 +25,9 @@ use crate::cli::Global;
 /// What a serving command runs.
 #[derive(Debug)]
 pub(crate) enum Plan {
-    /// Every role; CDX answers Binding on the relay's listener.
-    Up(RelayConfig),
+    /// Every role; CDX answers Binding and the exchange on the relay's
+    /// listener.
+    Up(RelayConfig, Option<ClusterSecret>),
     /// The CDX role alone.
     Cdx(CdxConfig),
     /// The relay role alone.
@@ -116,6 +119,9 @@ struct CdxOnRelay {
     /// The relay's caps on unauthenticated answers apply to Binding too
     /// (UDP only: TCP sources cannot be spoofed).
     limiter: UnauthLimiter,
+    /// Exchange messages go to the actor; the counter of those dropped
+    /// because it is behind.
+    exchange: (ExchangeSender, prometheus::IntCounter),
 }
 
 impl BindingDelegate for CdxOnRelay {
@@ -123,9 +129,38 @@ impl BindingDelegate for CdxOnRelay {
         &mut self,
         packet: &[u8],
         from: SocketAddr,
+        local: (SocketAddr, Option<std::net::IpAddr>),
         transport: Transport,
         out: &mut [u8],
     ) -> Option<usize> {
+        if is_exchange(packet) {
+            // UDP only: the exchange exists to learn and open UDP mappings.
+            let counters = if transport == Transport::Udp {
+                &mut self.udp
+            } else {
+                &mut self.tcp
+            };
+            counters.record_exchange(packet.len());
+            if transport != Transport::Udp {
+                counters.dropped(natrix_cdx::DropReason::UnexpectedClass);
+            } else if !self.limiter.allow(from.ip(), std::time::Instant::now()) {
+                counters.dropped(natrix_cdx::DropReason::RateLimited);
+            } else {
+                let (bound, dst_ip) = local;
+                let local = Local {
+                    bound,
+                    dst_ip: if bound.ip().is_unspecified() {
+                        dst_ip
+                    } else {
+                        None
+                    },
+                };
+                if !self.exchange.0.offer(packet, from, local) {
+                    self.exchange.1.inc();
+                }
+            }
+            return None;
+        }
         let mut outcome = self.responder.handle(packet, from, out);
         if transport == Transport::Udp
             && matches!(outcome, Outcome::Reply { .. })
@@ -154,9 +189,14 @@ impl BindingDelegate for CdxOnRelay {
     }
 }
 
-fn cdx_delegate(relay: &RelayConfig, telemetry: &Telemetry) -> DelegateFactory {
+fn cdx_delegate(
+    relay: &RelayConfig,
+    telemetry: &Telemetry,
+    exchange: ExchangeSender,
+) -> DelegateFactory {
     let responder = Arc::new(BindingResponder::new(Some(relay.software.clone())));
     let metrics = CdxMetrics::new(telemetry);
+    let overloaded = ExchangeMetrics::new(telemetry).post("overloaded").clone();
     let limits = relay.server_config().unauth;
     Arc::new(move || {
         Box::new(CdxOnRelay {
@@ -164,6 +204,7 @@ fn cdx_delegate(relay: &RelayConfig, telemetry: &Telemetry) -> DelegateFactory {
             udp: metrics.local(natrix_cdx::Transport::Udp),
             tcp: metrics.local(natrix_cdx::Transport::Tcp),
             limiter: UnauthLimiter::new(limits, std::time::Instant::now()),
+            exchange: (exchange.clone(), overloaded.clone()),
         }) as Box<dyn BindingDelegate>
     })
 }
@@ -197,7 +238,7 @@ struct Running {
 pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
     let workers = worker_count(global.workers);
     let plan = match plan {
-        Plan::Up(relay) => Plan::Up(with_dev_credentials(relay)),
+        Plan::Up(relay, secret) => Plan::Up(with_dev_credentials(relay), secret),
         other => other,
     };
     info!(
@@ -225,10 +266,19 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
         cdx: None,
         relay: None,
     };
+    // The exchange inbox and the secret its actor verifies tickets with.
+    let mut exchange: Option<(
+        ExchangeInbox,
+        Option<ClusterSecret>,
+        natrix_cdx::exchange::Limits,
+    )> = None;
     let mut gates = Vec::new();
     match &plan {
         Plan::Cdx(cdx) => {
-            let server = CdxServer::start(runtime.handle(), cdx, workers, &telemetry)?;
+            let mut server = CdxServer::start(runtime.handle(), cdx, workers, &telemetry)?;
+            exchange = server
+                .take_exchange()
+                .map(|inbox| (inbox, cdx.cluster_secret.clone(), cdx.exchange_limits()));
             info!(udp = ?server.udp_addrs(), tcp = ?server.tcp_addrs(), "CDX role serving STUN");
             running.cdx = Some(server);
             gates.push(telemetry.health().gate("cdx"));
@@ -239,14 +289,18 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
             running.relay = Some(host);
             gates.push(telemetry.health().gate("relay"));
         }
-        Plan::Up(relay) => {
-            let delegate = cdx_delegate(relay, &telemetry);
-            running.relay = Some(RelayHost::start(
-                relay,
-                workers,
-                &telemetry,
-                Some(delegate),
-            )?);
+        Plan::Up(relay, secret) => {
+            let (sender, mut inbox) = natrix_cdx::exchange::inbox();
+            let delegate = cdx_delegate(relay, &telemetry, sender);
+            let host = RelayHost::start(relay, workers, &telemetry, Some(delegate))?;
+            for (bound, socket) in host
+                .udp_socket_clones()
+                .context("cloning the listener sockets for the exchange")?
+            {
+                inbox.add_socket(bound, socket);
+            }
+            exchange = Some((inbox, secret.clone(), Default::default()));
+            running.relay = Some(host);
             gates.push(telemetry.health().gate("relay"));
             gates.push(telemetry.health().gate("cdx"));
         }
@@ -259,7 +313,7 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
     // today, registry and drain actors as they land.
     let system = actix_rt::System::new();
     let drain_timeout = match &plan {
-        Plan::Up(r) | Plan::Relay(r) => r.drain_timeout,
+        Plan::Up(r, _) | Plan::Relay(r) => r.drain_timeout,
         Plan::Cdx(_) => Duration::ZERO,
     };
     let signal = system.block_on(async {
@@ -275,22 +329,16 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to Redis at {url:?}"))?,
             None => natrix_store::Store::memory(),
         };
-        let _exchange = match (
-            &plan,
-            running.cdx.as_mut().and_then(CdxServer::take_exchange),
-        ) {
-            (Plan::Cdx(cdx), Some(inbox)) => Some(
-                natrix_cdx::exchange::ExchangeActor::new(
-                    inbox,
-                    store.clone(),
-                    cdx.cluster_secret.as_ref().map(|s| s.0.as_bytes()),
-                    cdx.exchange_limits(),
-                    natrix_cdx::ExchangeMetrics::new(&telemetry),
-                )
-                .start(),
-            ),
-            _ => None,
-        };
+        let _exchange = exchange.take().map(|(inbox, secret, limits)| {
+            ExchangeActor::new(
+                inbox,
+                store.clone(),
+                secret.as_ref().map(|s| s.0.as_bytes()),
+                limits,
+                ExchangeMetrics::new(&telemetry),
+            )
+            .start()
+        });
         let signal = signals.stop(reload.as_ref()).await;
         info!(signal, "shutting down");
         telemetry.health().start_draining();

@@ -345,3 +345,19 @@ fn a_node_without_a_cluster_secret_refuses_exchanges_clearly() {
         v == 1.0
     });
 }
+
+#[test]
+fn natrix_up_serves_the_exchange_on_its_single_listener() {
+    let up = Natrix::up(&["--cluster-secret", SECRET]);
+    let invs = invitations(2, 60);
+    let server = up.stun;
+    let a_inv = invs[0].clone();
+    let a = std::thread::spawn(move || participant("127.0.0.2", server, &a_inv));
+    let (_b_sock, b_data, b_got) = participant("127.0.0.3", server, &invs[1]);
+    let (_a_sock, a_data, a_got) = a.join().unwrap();
+    assert_eq!(a_got.peers.get(&1), Some(&b_data));
+    assert_eq!(b_got.peers.get(&0), Some(&a_data));
+    up.wait_metric("cdx_exchange_deliveries_total{result=\"acked\"}", |v| {
+        v >= 2.0
+    });
+}

@@ -35,6 +35,12 @@ impl Method {
     pub const CREATE_PERMISSION: Method = Method(0x008);
     /// ChannelBind (RFC 8656 §17).
     pub const CHANNEL_BIND: Method = Method(0x009);
+    /// natrix's connection-data exchange: a participant posts its sealed
+    /// entry to CDX (see `natrix_cdx::exchange`).
+    pub const EXCHANGE_POST: Method = Method(0xE01);
+    /// natrix's connection-data exchange: CDX delivers another
+    /// participant's entry; the client acknowledges with a success response.
+    pub const EXCHANGE_DELIVER: Method = Method(0xE02);
 
     /// A method from its 12-bit number; `None` when it does not fit in 12 bits.
     pub const fn new(value: u16) -> Option<Method> {
@@ -61,6 +67,8 @@ impl Method {
             0x007 => "data",
             0x008 => "create_permission",
             0x009 => "channel_bind",
+            0xE01 => "exchange_post",
+            0xE02 => "exchange_deliver",
             _ => "other",
         }
     }

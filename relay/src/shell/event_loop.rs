@@ -521,11 +521,15 @@ impl EventLoop {
             let local = socket.local_addr();
             for d in self.client_batch.datagrams() {
                 if let Some(delegate) = self.delegate.as_mut().filter(|_| is_binding(d.payload)) {
-                    if let Some(len) =
-                        delegate.handle(d.payload, d.from, Transport::Udp, &mut self.out)
-                        && socket
-                            .try_send_to(&self.out[..len], d.from, d.to_ip)
-                            .is_err()
+                    if let Some(len) = delegate.handle(
+                        d.payload,
+                        d.from,
+                        (local, d.to_ip),
+                        Transport::Udp,
+                        &mut self.out,
+                    ) && socket
+                        .try_send_to(&self.out[..len], d.from, d.to_ip)
+                        .is_err()
                     {
                         self.clients.send_errors += 1;
                     }
@@ -681,7 +685,13 @@ impl EventLoop {
             // Flushed right after: frames of one read go out together.
             let client = stream.client;
             if let Some(d) = delegate.as_mut().filter(|_| is_binding(frame)) {
-                if let Some(len) = d.handle(frame, client.client, client.transport, out) {
+                if let Some(len) = d.handle(
+                    frame,
+                    client.client,
+                    (client.server, None),
+                    client.transport,
+                    out,
+                ) {
                     stream.send(&out[..len]);
                 }
                 return;

@@ -33,15 +33,18 @@ use crate::core::{Server, SharedPorts, Transport};
 use crate::metrics::RelayMetrics;
 
 /// Answers the STUN messages a relay leaves to another role: Binding
-/// requests and indications, and RFC 3489 messages. In `natrix up` the CDX
-/// role plugs in here, so one listener on 3478 serves both roles.
+/// requests and indications, RFC 3489 messages, and the connection-data
+/// exchange. In `natrix up` the CDX role plugs in here, so one listener on
+/// 3478 serves both roles.
 pub trait BindingDelegate: Send {
-    /// Handles `packet` from `from`; returns the length of an answer written
-    /// into `out`, or `None` to send nothing.
+    /// Handles `packet` from `from`, received on the socket bound to `local`
+    /// (with destination IP `to_ip` on wildcard UDP sockets); returns the
+    /// length of an answer written into `out`, or `None` to send nothing.
     fn handle(
         &mut self,
         packet: &[u8],
         from: SocketAddr,
+        local: (SocketAddr, Option<std::net::IpAddr>),
         transport: Transport,
         out: &mut [u8],
     ) -> Option<usize>;
@@ -53,16 +56,22 @@ pub trait BindingDelegate: Send {
 /// Makes one delegate per loop.
 pub type DelegateFactory = Arc<dyn Fn() -> Box<dyn BindingDelegate> + Send + Sync>;
 
-/// True for messages a [`BindingDelegate`] takes: STUN Binding (any class)
-/// and anything without the RFC 5389 magic cookie.
+/// True for messages a [`BindingDelegate`] takes: STUN Binding and the
+/// exchange methods (any class), and anything without the RFC 5389 magic
+/// cookie.
 #[inline]
 pub(crate) fn is_binding(packet: &[u8]) -> bool {
-    if packet.len() < 20 || packet[0] > 3 {
+    use natrix_wire::Method;
+    // STUN's first two bits are zero (ChannelData starts 0b01).
+    if packet.len() < 20 || packet[0] & 0xC0 != 0 {
         return false;
     }
     let t = u16::from_be_bytes([packet[0], packet[1]]);
     let method = (t & 0x000F) | ((t & 0x00E0) >> 1) | ((t & 0x3E00) >> 2);
-    method == 0x001 || packet[4..8] != natrix_wire::MAGIC_COOKIE.to_be_bytes()
+    method == Method::BINDING.value()
+        || method == Method::EXCHANGE_POST.value()
+        || method == Method::EXCHANGE_DELIVER.value()
+        || packet[4..8] != natrix_wire::MAGIC_COOKIE.to_be_bytes()
 }
 
 /// A running relay: its loops and how to stop them.
@@ -76,6 +85,9 @@ pub struct RelayHost {
     tls_config: Option<Arc<TlsReloader>>,
     control: Arc<Control>,
     secrets: Option<SecretSource>,
+    /// A clone of the first loop's socket per UDP listener, for senders
+    /// outside the loops (the exchange actor in `natrix up`).
+    udp_clones: Vec<std::net::UdpSocket>,
 }
 
 /// Binds a TCP listener that several loops share (SO_REUSEPORT).
@@ -124,6 +136,7 @@ impl RelayHost {
         let mut udp_addrs = Vec::new();
         let mut tcp_addrs = Vec::new();
         let mut tls_addrs: Vec<SocketAddr> = Vec::new();
+        let mut udp_clones = Vec::new();
         for shard in 0..loops {
             let mut udp = Vec::new();
             let mut tcp = Vec::new();
@@ -160,6 +173,12 @@ impl RelayHost {
                     .with_context(|| format!("configuring TURN UDP on {addr}"))?;
                 if shard == 0 {
                     udp_addrs.push(socket.local_addr());
+                    udp_clones.push(
+                        socket
+                            .socket()
+                            .try_clone()
+                            .with_context(|| format!("cloning TURN UDP socket {addr}"))?,
+                    );
                 }
                 udp.push(socket);
                 if config.tcp {
@@ -247,7 +266,18 @@ impl RelayHost {
             tls_config,
             control,
             secrets,
+            udp_clones,
         })
+    }
+
+    /// Clones of the UDP listener sockets (same address and port), with
+    /// their bound addresses: for a sender outside the loops, such as the
+    /// exchange actor answering on the relay's listener in `natrix up`.
+    pub fn udp_socket_clones(&self) -> std::io::Result<Vec<(SocketAddr, std::net::UdpSocket)>> {
+        self.udp_clones
+            .iter()
+            .map(|s| Ok((s.local_addr()?, s.try_clone()?)))
+            .collect()
     }
 
     /// The bound UDP listener addresses.
@@ -291,5 +321,47 @@ impl RelayHost {
                 warn!("a relay loop panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_binding;
+    use natrix_wire::{Class, Encoder, MessageType, Method, TransactionId};
+
+    fn message(method: Method, class: Class) -> Vec<u8> {
+        let mut buf = vec![0u8; 64];
+        let enc = Encoder::new(
+            &mut buf,
+            MessageType::new(method, class),
+            &TransactionId([1; 12]),
+        )
+        .expect("a header fits");
+        let n = enc.finish();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn the_delegate_gets_binding_and_exchange_messages_and_nothing_of_turn() {
+        for (m, c) in [
+            (Method::BINDING, Class::Request),
+            (Method::BINDING, Class::Indication),
+            (Method::EXCHANGE_POST, Class::Request),
+            (Method::EXCHANGE_DELIVER, Class::Success),
+        ] {
+            assert!(is_binding(&message(m, c)), "{m:?} {c:?}");
+        }
+        for m in [
+            Method::ALLOCATE,
+            Method::REFRESH,
+            Method::SEND,
+            Method::CHANNEL_BIND,
+        ] {
+            assert!(!is_binding(&message(m, Class::Request)), "{m:?}");
+        }
+        let mut channel_data = vec![0x40, 0x00, 0x00, 0x10];
+        channel_data.extend_from_slice(&[0; 16]);
+        assert!(!is_binding(&channel_data));
     }
 }
