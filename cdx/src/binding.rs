@@ -100,6 +100,10 @@ pub struct Grid {
     pub ips: [IpAddr; 2],
     /// Primary and alternate port (equal when there is no alternate).
     pub ports: [u16; 2],
+    /// The public IPs clients see for `ips` (equal to them unless the host
+    /// sits behind a 1:1 NAT, as cloud VMs and Kubernetes nodes do):
+    /// RESPONSE-ORIGIN and OTHER-ADDRESS name these.
+    pub advertised: [IpAddr; 2],
     /// The server has an alternate IP.
     pub alt_ip: bool,
     /// The server has an alternate port.
@@ -133,10 +137,15 @@ impl Grid {
         !(self.sibling && via.ip == 1)
     }
 
+    /// The address clients know socket `via` by.
+    pub fn public(&self, via: Via) -> SocketAddr {
+        SocketAddr::new(self.advertised[via.ip & 1], self.ports[via.port & 1])
+    }
+
     /// OTHER-ADDRESS as seen from socket `at`: the other IP and the other
-    /// port where the server has them.
+    /// port where the server has them, as clients know them.
     fn other(&self, at: Via) -> SocketAddr {
-        self.addr(Via {
+        self.public(Via {
             ip: if self.alt_ip { 1 - at.ip } else { at.ip },
             port: if self.alt_port { 1 - at.port } else { at.port },
         })
@@ -322,7 +331,7 @@ impl BindingResponder {
             let mut enc = Encoder::new(out, ty, &msg.transaction_id())?;
             enc.xor_mapped_address(from)?;
             if let Some((site, via)) = rfc5780 {
-                enc.attribute(&Attribute::ResponseOrigin(site.grid.addr(via)))?;
+                enc.attribute(&Attribute::ResponseOrigin(site.grid.public(via)))?;
                 if site.grid.alt_ip || site.grid.alt_port {
                     enc.attribute(&Attribute::OtherAddress(site.grid.other(site.arrived)))?;
                 }
@@ -666,14 +675,16 @@ mod tests {
     }
 
     fn grid(alt_ip: bool) -> Grid {
+        let ips = [
+            "192.0.2.1".parse().unwrap(),
+            if alt_ip { "192.0.2.2" } else { "192.0.2.1" }
+                .parse()
+                .unwrap(),
+        ];
         Grid {
-            ips: [
-                "192.0.2.1".parse().unwrap(),
-                if alt_ip { "192.0.2.2" } else { "192.0.2.1" }
-                    .parse()
-                    .unwrap(),
-            ],
+            ips,
             ports: [3478, 3479],
+            advertised: ips,
             alt_ip,
             alt_port: true,
             sibling: false,
@@ -713,6 +724,34 @@ mod tests {
         assert_eq!(
             msg.decode(AttributeType::OTHER_ADDRESS).unwrap().unwrap(),
             Attribute::OtherAddress("192.0.2.2:3479".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn behind_a_one_to_one_nat_answers_name_the_public_addresses() {
+        let mut g = grid(true);
+        g.advertised = [
+            "203.0.113.10".parse().unwrap(),
+            "203.0.113.11".parse().unwrap(),
+        ];
+        let site = Site {
+            grid: g,
+            arrived: Via { ip: 0, port: 1 },
+        };
+        let (_, bytes) = answer_at(&request(&[], true), site);
+        let msg = Message::parse(&bytes).unwrap();
+        assert_eq!(
+            msg.decode(AttributeType::RESPONSE_ORIGIN).unwrap().unwrap(),
+            Attribute::ResponseOrigin("203.0.113.10:3479".parse().unwrap())
+        );
+        assert_eq!(
+            msg.decode(AttributeType::OTHER_ADDRESS).unwrap().unwrap(),
+            Attribute::OtherAddress("203.0.113.11:3478".parse().unwrap())
+        );
+        // The sockets themselves stay on the private addresses.
+        assert_eq!(
+            g.addr(Via { ip: 1, port: 0 }),
+            "192.0.2.2:3478".parse().unwrap()
         );
     }
 

@@ -83,6 +83,20 @@ pub struct CdxConfig {
     )]
     pub sibling: Option<IpAddr>,
 
+    /// RFC 5780 behind a 1:1 NAT (cloud VMs, Kubernetes nodes): the public
+    /// IP clients reach this node's listen address at. RESPONSE-ORIGIN and
+    /// OTHER-ADDRESS name public addresses; sockets stay on the private ones.
+    #[arg(long = "stun-advertise-ip", env = "NATRIX_STUN_ADVERTISE_IP")]
+    pub advertise_ip: Option<IpAddr>,
+
+    /// RFC 5780 behind a 1:1 NAT: the public IP of the alternate IP (or of
+    /// the sibling node), named in OTHER-ADDRESS.
+    #[arg(
+        long = "stun-alternate-advertise-ip",
+        env = "NATRIX_STUN_ALTERNATE_ADVERTISE_IP"
+    )]
+    pub alternate_advertise_ip: Option<IpAddr>,
+
     /// Shared secret of the cluster (at least 16 characters): authenticates
     /// hand-offs between sibling nodes and verifies exchange tickets (the
     /// exchange is off without it).

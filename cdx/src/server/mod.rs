@@ -4,7 +4,7 @@ mod tcp;
 mod udp;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,8 +112,19 @@ impl CdxServer {
                 .alternate_ip
                 .filter(|ip| ip.is_ipv4() == addr.is_ipv4())
                 .or(sibling);
+            let ips = [addr.ip(), alt_ip.unwrap_or(addr.ip())];
+            let same_family = |ip: Option<IpAddr>| ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4());
+            let own_public = same_family(config.advertise_ip).unwrap_or(ips[0]);
+            let advertised = [
+                own_public,
+                match alt_ip {
+                    Some(_) => same_family(config.alternate_advertise_ip).unwrap_or(ips[1]),
+                    None => own_public,
+                },
+            ];
             let grid = rfc5780.then(|| Grid {
-                ips: [addr.ip(), alt_ip.unwrap_or(addr.ip())],
+                ips,
+                advertised,
                 ports: [addr.port(), config.alternate_port.unwrap_or(addr.port())],
                 alt_ip: alt_ip.is_some(),
                 alt_port: config.alternate_port.is_some(),

@@ -444,3 +444,41 @@ fn a_wildcard_cdx_listener_answers_from_the_address_used() {
     );
     assert!(natrix.metric("cdx_binding_requests_total{transport=\"udp\"}") >= 0.0);
 }
+
+/// Behind a 1:1 NAT the sockets sit on private addresses but answers must
+/// name the public ones: RESPONSE-ORIGIN and OTHER-ADDRESS follow
+/// --stun-advertise-ip and --stun-alternate-advertise-ip.
+#[test]
+fn advertised_addresses_replace_the_bound_ones_in_rfc5780_answers() {
+    let alt = common::free_port();
+    let cdx = Natrix::cdx(&[
+        "--stun-alternate-ip",
+        "127.0.0.2",
+        "--stun-alternate-port",
+        &alt.to_string(),
+        "--stun-advertise-ip",
+        "203.0.113.10",
+        "--stun-alternate-advertise-ip",
+        "203.0.113.11",
+    ]);
+    let (bytes, local) = udp_exchange(cdx.stun, "127.0.0.5:0", &rfc5769_request());
+    let msg = Message::parse(&bytes).expect("a STUN answer");
+    assert_eq!(
+        mapped_address(&msg, AttributeType::XOR_MAPPED_ADDRESS),
+        local
+    );
+    assert_eq!(
+        msg.decode(AttributeType::RESPONSE_ORIGIN),
+        Some(Ok(Attribute::ResponseOrigin(SocketAddr::new(
+            "203.0.113.10".parse().expect("ip"),
+            cdx.stun.port()
+        ))))
+    );
+    assert_eq!(
+        msg.decode(AttributeType::OTHER_ADDRESS),
+        Some(Ok(Attribute::OtherAddress(SocketAddr::new(
+            "203.0.113.11".parse().expect("ip"),
+            alt
+        ))))
+    );
+}
