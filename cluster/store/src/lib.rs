@@ -117,6 +117,17 @@ impl Store {
         }
     }
 
+    /// Removes `field` from hash `key` (nothing if absent).
+    pub async fn delete_field(&self, key: &str, field: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.delete_field(key, field);
+                Ok(())
+            }
+            Store::Redis(r) => r.delete_field(key, field).await,
+        }
+    }
+
     /// Every field of hash `key` (empty when the key does not exist).
     pub async fn fields(&self, key: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match self {

@@ -147,6 +147,21 @@ impl MemoryStore {
         }
     }
 
+    pub(crate) fn delete_field(&self, key: &str, field: &str) {
+        let now = Instant::now();
+        let mut inner = self.lock(now);
+        if let Some(Entry {
+            value: Value::Hash(fields),
+            ..
+        }) = Self::live(&mut inner, key, now)
+        {
+            fields.retain(|(f, _)| f != field);
+            if fields.is_empty() {
+                inner.keys.remove(key);
+            }
+        }
+    }
+
     pub(crate) fn incr(&self, key: &str, ttl: Duration) -> u64 {
         let now = Instant::now();
         let mut inner = self.lock(now);

@@ -131,6 +131,12 @@ impl RedisStore {
         Ok(map)
     }
 
+    pub(crate) async fn delete_field(&self, key: &str, field: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: u64 = conn.hdel(key, field).await?;
+        Ok(())
+    }
+
     pub(crate) async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
         let n: u64 = self

@@ -41,6 +41,13 @@ async fn bounded_hashes(store: &Store) {
         ]
     );
     assert!(store.fields("missing").await.unwrap().is_empty());
+    store.delete_field("h", "a").await.unwrap();
+    assert_eq!(store.fields("h").await.unwrap().len(), 2);
+    assert_eq!(
+        store.put_field("h", "d", b"x", ttl, 3).await.unwrap(),
+        PutField::Inserted,
+        "a deleted field frees its place"
+    );
 }
 
 async fn everything_expires(store: &Store) {

@@ -453,6 +453,92 @@ pub const CDX_NAT_PROFILES_TOTAL: MetricDef = metric(
     ],
 );
 
+/// Plans made, by mode.
+pub const LOOKUP_PLANS_TOTAL: MetricDef = metric(
+    "lookup_plans_total",
+    "Plans returned by lookup, by mode.",
+    Kind::Counter,
+    &[Label {
+        name: "mode",
+        values: &["direct", "relay_one", "relay_both"],
+    }],
+);
+
+/// Plan requests refused, by reason.
+pub const LOOKUP_PLAN_ERRORS_TOTAL: MetricDef = metric(
+    "lookup_plan_errors_total",
+    "Plan requests refused: malformed or unknown fields (bad_request), impossible profiles (unprocessable), no CDX node or no relay with capacity (no_cdx, no_relay), or a server fault.",
+    Kind::Counter,
+    &[Label {
+        name: "reason",
+        values: &[
+            "bad_request",
+            "unprocessable",
+            "no_cdx",
+            "no_relay",
+            "internal",
+        ],
+    }],
+);
+
+/// Plan latency.
+pub const LOOKUP_PLAN_DURATION_SECONDS: MetricDef = MetricDef {
+    name: "lookup_plan_duration_seconds",
+    help: "Time to compute a plan, from parsed request to response document.",
+    kind: Kind::Histogram,
+    labels: &[],
+    buckets: &[
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.05,
+    ],
+};
+
+/// Hosts in lookup's registry snapshot.
+pub const LOOKUP_REGISTRY_HOSTS: MetricDef = metric(
+    "lookup_registry_hosts",
+    "Live hosts in lookup's registry snapshot, by role and state.",
+    Kind::Gauge,
+    &[
+        Label {
+            name: "role",
+            values: &["relay", "cdx"],
+        },
+        Label {
+            name: "state",
+            values: &["active", "draining"],
+        },
+    ],
+);
+
+/// Age of lookup's registry snapshot.
+pub const LOOKUP_REGISTRY_SNAPSHOT_AGE_SECONDS: MetricDef = metric(
+    "lookup_registry_snapshot_age_seconds",
+    "Whole seconds since lookup last read the registry from the coordination store (grows while the store is unreachable).",
+    Kind::Gauge,
+    &[],
+);
+
+/// Registry heartbeats written by this host.
+pub const CLUSTER_REGISTRY_HEARTBEATS_TOTAL: MetricDef = metric(
+    "cluster_registry_heartbeats_total",
+    "Registry heartbeats this host wrote to the coordination store, by result.",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["ok", "error"],
+    }],
+);
+
+/// Registry reads by this host.
+pub const CLUSTER_REGISTRY_REFRESHES_TOTAL: MetricDef = metric(
+    "cluster_registry_refreshes_total",
+    "Registry snapshot refreshes from the coordination store, by result.",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["ok", "error"],
+    }],
+);
+
 /// Every metric natrix exports.
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
@@ -474,6 +560,13 @@ pub const ALL: &[&MetricDef] = &[
     &CDX_EXCHANGE_SESSIONS,
     &CDX_EXCHANGE_EVENTS_TOTAL,
     &CDX_NAT_PROFILES_TOTAL,
+    &LOOKUP_PLANS_TOTAL,
+    &LOOKUP_PLAN_ERRORS_TOTAL,
+    &LOOKUP_PLAN_DURATION_SECONDS,
+    &LOOKUP_REGISTRY_HOSTS,
+    &LOOKUP_REGISTRY_SNAPSHOT_AGE_SECONDS,
+    &CLUSTER_REGISTRY_HEARTBEATS_TOTAL,
+    &CLUSTER_REGISTRY_REFRESHES_TOTAL,
     &RELAY_ALLOCATIONS,
     &RELAY_ALLOCATIONS_CREATED_TOTAL,
     &RELAY_ALLOCATIONS_ENDED_TOTAL,
