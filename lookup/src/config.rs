@@ -15,7 +15,7 @@ pub struct LookupConfig {
         env = "NATRIX_LOOKUP_LISTEN",
         default_value = "0.0.0.0:8080"
     )]
-    pub listen: SocketAddr,
+    pub lookup_listen: SocketAddr,
 
     /// Lifetime of relay tokens and exchange sessions in a plan.
     #[arg(

@@ -57,6 +57,36 @@ pub(crate) struct Global {
     /// `natrix up` and a single node). Unreachable at start is an error.
     #[arg(long, env = "NATRIX_REDIS_URL", global = true)]
     pub(crate) redis_url: Option<RedisUrl>,
+
+    /// Region of this host in the registry (relay selection prefers the
+    /// client's region).
+    #[arg(long, env = "NATRIX_REGION", default_value = "", global = true)]
+    pub(crate) region: String,
+
+    /// Zone of this host in the registry.
+    #[arg(long, env = "NATRIX_ZONE", default_value = "", global = true)]
+    pub(crate) zone: String,
+
+    /// How often this host refreshes its registry record.
+    #[arg(
+        long,
+        env = "NATRIX_HEARTBEAT",
+        default_value = "1s",
+        value_parser = humantime::parse_duration,
+        global = true
+    )]
+    pub(crate) heartbeat: Duration,
+
+    /// How long a registry record outlives its last heartbeat: a host that
+    /// stops (crash, partition) leaves selection after this.
+    #[arg(
+        long,
+        env = "NATRIX_REGISTRY_TTL",
+        default_value = "3s",
+        value_parser = humantime::parse_duration,
+        global = true
+    )]
+    pub(crate) registry_ttl: Duration,
 }
 
 /// A Redis URL whose password never reaches the logs.
@@ -99,6 +129,9 @@ pub(crate) enum Command {
     Cdx(CdxArgs),
     /// Run the relay role alone: TURN over UDP and TCP.
     Relay(RelayArgs),
+    /// Run the lookup role alone: the plan API (direct or relay, which
+    /// relay, tokens) over the cluster registry.
+    Lookup(LookupArgs),
     /// Ask a STUN server for this host's public (mapped) address.
     Probe(ProbeArgs),
 }
@@ -121,6 +154,35 @@ pub(crate) struct UpArgs {
     /// connection-data exchange tickets (the exchange is off without it).
     #[arg(long = "cluster-secret", env = "NATRIX_CLUSTER_SECRET")]
     pub(crate) cluster_secret: Option<natrix_cdx::ClusterSecret>,
+
+    #[command(flatten)]
+    pub(crate) lookup: natrix_lookup::LookupConfig,
+}
+
+/// Options of `natrix lookup`.
+#[derive(Args, Debug)]
+pub(crate) struct LookupArgs {
+    #[command(flatten)]
+    pub(crate) lookup: natrix_lookup::LookupConfig,
+
+    /// TURN REST shared secrets the relays hold, `key-id=secret`, newest
+    /// first (comma separated); tokens are minted with the first.
+    #[arg(
+        long = "auth-secret",
+        env = "NATRIX_AUTH_SECRETS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub(crate) auth_secrets: Vec<natrix_lookup::token::TurnSecret>,
+
+    /// Shared secret of the cluster (the CDX nodes' `--cluster-secret`):
+    /// exchange tickets are minted with it.
+    #[arg(
+        long = "cluster-secret",
+        env = "NATRIX_CLUSTER_SECRET",
+        required = true
+    )]
+    pub(crate) cluster_secret: natrix_cdx::ClusterSecret,
 }
 
 /// Options of `natrix relay`.

@@ -6,6 +6,7 @@
 //! `natrix probe` asks a STUN server where the caller is.
 
 mod cli;
+mod cluster;
 mod probe;
 mod serve;
 
@@ -22,12 +23,34 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match &cli.command {
-        Command::Up(args) => serve::run(
+        Command::Up(args) => serve::Plan::up(
+            args.relay.clone(),
+            args.cluster_secret.clone(),
+            args.lookup.clone(),
+        )
+        .and_then(|plan| serve::run(&cli.global, plan)),
+        Command::Cdx(args) => serve::run(
             &cli.global,
-            serve::Plan::Up(args.relay.clone(), args.cluster_secret.clone()),
+            serve::Plan {
+                cdx: Some(args.cdx.clone()),
+                ..Default::default()
+            },
         ),
-        Command::Cdx(args) => serve::run(&cli.global, serve::Plan::Cdx(args.cdx.clone())),
-        Command::Relay(args) => serve::run(&cli.global, serve::Plan::Relay(args.relay.clone())),
+        Command::Relay(args) => serve::run(
+            &cli.global,
+            serve::Plan {
+                relay: Some(args.relay.clone()),
+                ..Default::default()
+            },
+        ),
+        Command::Lookup(args) => serve::run(
+            &cli.global,
+            serve::Plan {
+                lookup: Some((args.lookup.clone(), args.auth_secrets.clone())),
+                cluster_secret: Some(args.cluster_secret.clone()),
+                ..Default::default()
+            },
+        ),
         Command::Probe(args) => probe::run(args),
     };
     match result {

@@ -12,7 +12,10 @@ use natrix_cdx::{
     BindingResponder, CdxConfig, CdxMetrics, ClusterSecret, ExchangeMetrics, LoopCounters, Outcome,
     server::CdxServer,
 };
+use natrix_lookup::LookupConfig;
+use natrix_lookup::token::TurnSecret;
 use natrix_net::UnauthLimiter;
+use natrix_registry::{Deregister, Role, SetState};
 use natrix_relay::config::Redacted;
 use natrix_relay::control::{Reload, ReloadActor};
 use natrix_relay::core::Transport;
@@ -21,17 +24,67 @@ use natrix_telemetry::{Telemetry, http};
 use tracing::{info, warn};
 
 use crate::cli::Global;
+use crate::cluster;
 
 /// What a serving command runs.
-#[derive(Debug)]
-pub(crate) enum Plan {
-    /// Every role; CDX answers Binding and the exchange on the relay's
-    /// listener.
-    Up(RelayConfig, Option<ClusterSecret>),
-    /// The CDX role alone.
-    Cdx(CdxConfig),
-    /// The relay role alone.
-    Relay(RelayConfig),
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// The relay role.
+    pub(crate) relay: Option<RelayConfig>,
+    /// CDX on the relay's listener (`natrix up`): Binding and the exchange.
+    pub(crate) cdx_on_relay: bool,
+    /// The CDX role on its own listeners.
+    pub(crate) cdx: Option<CdxConfig>,
+    /// The lookup role, with the TURN secrets it mints tokens with.
+    pub(crate) lookup: Option<(LookupConfig, Vec<TurnSecret>)>,
+    /// The cluster secret: exchange tickets (CDX verifies, lookup mints).
+    pub(crate) cluster_secret: Option<ClusterSecret>,
+}
+
+impl Plan {
+    /// `natrix up`: every role in one process. Without credentials it
+    /// generates a development user, a TURN REST secret for lookup's tokens
+    /// and a cluster secret for the exchange, so a first run works.
+    pub(crate) fn up(
+        relay: RelayConfig,
+        cluster_secret: Option<ClusterSecret>,
+        lookup: LookupConfig,
+    ) -> anyhow::Result<Plan> {
+        let mut relay = with_dev_credentials(relay);
+        if relay.auth_secrets.is_empty() {
+            relay
+                .auth_secrets
+                .push(Redacted(format!("generated={}", random_token(32))));
+        }
+        let secrets = relay
+            .auth_secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let text = if s.0.contains('=') {
+                    s.0.clone()
+                } else {
+                    format!("secret-{i}={}", s.0)
+                };
+                text.parse::<TurnSecret>()
+                    .map_err(|e| anyhow::anyhow!("--auth-secret for lookup's tokens: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Plan {
+            relay: Some(relay),
+            cdx_on_relay: true,
+            cdx: None,
+            lookup: Some((lookup, secrets)),
+            cluster_secret: Some(cluster_secret.unwrap_or_else(|| ClusterSecret(random_token(32)))),
+        })
+    }
+}
+
+/// A random token of `n` characters from an unambiguous alphabet.
+fn random_token(n: usize) -> String {
+    (0..n)
+        .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rand::random_range(0..32)]))
+        .collect()
 }
 
 fn worker_count(requested: usize) -> usize {
@@ -213,9 +266,7 @@ fn cdx_delegate(
 /// once, so that a first run works and never with a guessable password.
 fn with_dev_credentials(mut relay: RelayConfig) -> RelayConfig {
     if relay.auth_secrets.is_empty() && relay.users.is_empty() {
-        let password: String = (0..16)
-            .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rand::random_range(0..32)]))
-            .collect();
+        let password = random_token(16);
         warn!(
             user = "natrix",
             "no TURN credentials configured (--user or --auth-secret): generated a development user"
@@ -234,13 +285,23 @@ struct Running {
     relay: Option<RelayHost>,
 }
 
+/// A generated id for this host's `role` when none is configured:
+/// `<role>-<hostname>-<port>` (unique per host and listener).
+fn generated_id(role: &str, port: u16) -> String {
+    format!("{role}-{}-{port}", cluster::hostname())
+}
+
 /// Runs `plan` until SIGINT/SIGTERM.
-pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
+pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
     let workers = worker_count(global.workers);
-    let plan = match plan {
-        Plan::Up(relay, secret) => Plan::Up(with_dev_credentials(relay), secret),
-        other => other,
-    };
+    // A relay in a cluster needs an id before its credentials are built:
+    // lookup's tokens name it.
+    if let Some(relay) = &mut plan.relay
+        && relay.relay_id.is_none()
+    {
+        let port = relay.listen.first().map_or(3478, |a| a.port());
+        relay.relay_id = Some(generated_id("relay", port));
+    }
     info!(
         version = env!("CARGO_PKG_VERSION"),
         workers,
@@ -251,12 +312,9 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
     let telemetry = Telemetry::new(env!("CARGO_PKG_VERSION"));
 
     // The CDX server runs on tokio; the relay has its own loops.
+    let cdx_alone = plan.cdx.is_some() && plan.relay.is_none();
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(if matches!(plan, Plan::Cdx(_)) {
-            workers
-        } else {
-            1
-        })
+        .worker_threads(if cdx_alone { workers } else { 1 })
         .thread_name("natrix-io")
         .enable_all()
         .build()
@@ -266,56 +324,51 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
         cdx: None,
         relay: None,
     };
-    // The exchange inbox and the secret its actor verifies tickets with.
-    let mut exchange: Option<(
-        ExchangeInbox,
-        Option<ClusterSecret>,
-        natrix_cdx::exchange::Limits,
-    )> = None;
+    // The exchange inbox and the limits its actor enforces.
+    let mut exchange: Option<(ExchangeInbox, natrix_cdx::exchange::Limits)> = None;
     let mut gates = Vec::new();
-    match &plan {
-        Plan::Cdx(cdx) => {
-            let mut server = CdxServer::start(runtime.handle(), cdx, workers, &telemetry)?;
-            exchange = server
-                .take_exchange()
-                .map(|inbox| (inbox, cdx.cluster_secret.clone(), cdx.exchange_limits()));
-            info!(udp = ?server.udp_addrs(), tcp = ?server.tcp_addrs(), "CDX role serving STUN");
-            running.cdx = Some(server);
-            gates.push(telemetry.health().gate("cdx"));
-        }
-        Plan::Relay(relay) => {
-            let host = RelayHost::start(relay, workers, &telemetry, None)?;
-            info!(udp = ?host.udp_addrs(), tcp = ?host.tcp_addrs(), tls = ?host.tls_addrs(), "relay role serving TURN");
-            running.relay = Some(host);
-            gates.push(telemetry.health().gate("relay"));
-        }
-        Plan::Up(relay, secret) => {
-            let (sender, mut inbox) = natrix_cdx::exchange::inbox();
-            let delegate = cdx_delegate(relay, &telemetry, sender);
-            let host = RelayHost::start(relay, workers, &telemetry, Some(delegate))?;
+    if let Some(relay) = &plan.relay {
+        let delegate = if plan.cdx_on_relay {
+            let (sender, inbox) = natrix_cdx::exchange::inbox();
+            exchange = Some((inbox, Default::default()));
+            Some(cdx_delegate(relay, &telemetry, sender))
+        } else {
+            None
+        };
+        let host = RelayHost::start(relay, workers, &telemetry, delegate)?;
+        if let Some((inbox, _)) = &mut exchange {
             for (bound, socket) in host
                 .udp_socket_clones()
                 .context("cloning the listener sockets for the exchange")?
             {
                 inbox.add_socket(bound, socket);
             }
-            exchange = Some((inbox, secret.clone(), Default::default()));
-            running.relay = Some(host);
-            gates.push(telemetry.health().gate("relay"));
             gates.push(telemetry.health().gate("cdx"));
         }
+        info!(udp = ?host.udp_addrs(), tcp = ?host.tcp_addrs(), tls = ?host.tls_addrs(), "relay role serving TURN");
+        running.relay = Some(host);
+        gates.push(telemetry.health().gate("relay"));
+    }
+    if let Some(cdx) = &plan.cdx {
+        let mut server = CdxServer::start(runtime.handle(), cdx, workers, &telemetry)?;
+        exchange = server
+            .take_exchange()
+            .map(|inbox| (inbox, cdx.exchange_limits()));
+        info!(udp = ?server.udp_addrs(), tcp = ?server.tcp_addrs(), "CDX role serving STUN");
+        running.cdx = Some(server);
+        gates.push(telemetry.health().gate("cdx"));
     }
     for gate in &gates {
         gate.open();
     }
 
-    // The control plane (actix) runs on this thread: the metrics endpoint
-    // today, registry and drain actors as they land.
+    // The control plane (actix) runs on this thread: metrics, reloads, the
+    // exchange, the registry, lookup.
     let system = actix_rt::System::new();
-    let drain_timeout = match &plan {
-        Plan::Up(r, _) | Plan::Relay(r) => r.drain_timeout,
-        Plan::Cdx(_) => Duration::ZERO,
-    };
+    let drain_timeout = plan
+        .relay
+        .as_ref()
+        .map_or(Duration::ZERO, |r| r.drain_timeout);
     let signal = system.block_on(async {
         let mut signals = Signals::install()?;
         let (server, addr) = http::serve(global.metrics_listen, telemetry.clone())?;
@@ -329,21 +382,109 @@ pub(crate) fn run(global: &Global, plan: Plan) -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to Redis at {url:?}"))?,
             None => natrix_store::Store::memory(),
         };
-        let _exchange = exchange.take().map(|(inbox, secret, limits)| {
+        let secret = plan
+            .cluster_secret
+            .as_ref()
+            .or(plan.cdx.as_ref().and_then(|c| c.cluster_secret.as_ref()));
+        let _exchange = exchange.take().map(|(inbox, limits)| {
             ExchangeActor::new(
                 inbox,
                 store.clone(),
-                secret.as_ref().map(|s| s.0.as_bytes()),
+                secret.map(|s| s.0.as_bytes()),
                 limits,
                 ExchangeMetrics::new(&telemetry),
             )
             .start()
         });
+
+        // Registry: this host's records, heartbeated into the store.
+        let mut publishers = Vec::new();
+        if let (Some(config), Some(host)) = (&plan.relay, &running.relay) {
+            let public = config.external_ip;
+            let rec = cluster::record(
+                config.relay_id.clone().unwrap_or_default(),
+                Role::Relay,
+                global,
+                cluster::public_addrs(host.udp_addrs(), public),
+                cluster::public_addrs(host.tcp_addrs(), public),
+                cluster::public_addrs(host.tls_addrs(), public),
+                config.max_allocations as u64,
+            );
+            let load = cluster::relay_load(host.control(), telemetry.clone());
+            publishers.push(cluster::publish(
+                &store,
+                rec.clone(),
+                load,
+                global,
+                &telemetry,
+            ));
+            if plan.cdx_on_relay {
+                let mut cdx = rec;
+                cdx.role = Role::Cdx;
+                cdx.tcp.clear();
+                cdx.tls.clear();
+                publishers.push(cluster::publish(
+                    &store,
+                    cdx,
+                    cluster::cdx_load(telemetry.clone()),
+                    global,
+                    &telemetry,
+                ));
+            }
+        }
+        if let (Some(config), Some(server)) = (&plan.cdx, &running.cdx) {
+            let udp = cluster::public_addrs(server.udp_addrs(), config.advertise_ip);
+            let port = udp.first().map_or(3478, |a| a.port());
+            let rec = cluster::record(
+                generated_id("cdx", port),
+                Role::Cdx,
+                global,
+                udp,
+                Vec::new(),
+                Vec::new(),
+                config.exchange_max_sessions as u64,
+            );
+            publishers.push(cluster::publish(
+                &store,
+                rec,
+                cluster::cdx_load(telemetry.clone()),
+                global,
+                &telemetry,
+            ));
+        }
+
+        let lookup = match &plan.lookup {
+            Some((config, secrets)) => {
+                let cluster_secret = secret.context(
+                    "lookup needs the cluster secret to mint exchange tickets (--cluster-secret)",
+                )?;
+                Some(cluster::start_lookup(
+                    &store,
+                    config,
+                    secrets.clone(),
+                    cluster_secret.0.as_bytes(),
+                    workers,
+                    &telemetry,
+                )?)
+            }
+            None => None,
+        };
+
         let signal = signals.stop(reload.as_ref()).await;
         info!(signal, "shutting down");
         telemetry.health().start_draining();
+        // Lookup stops assigning this host within one heartbeat.
+        for p in &publishers {
+            p.do_send(SetState(natrix_registry::State::Draining));
+        }
         if let Some(relay) = &running.relay {
             drain(relay, drain_timeout, &mut signals).await;
+        }
+        for p in &publishers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), p.send(Deregister)).await;
+        }
+        if let Some((h, _)) = lookup {
+            h.stop(true).await;
         }
         handle.stop(true).await;
         anyhow::Ok(signal)
