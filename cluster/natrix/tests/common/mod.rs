@@ -19,6 +19,8 @@ pub struct Natrix {
     child: Option<Child>,
     pub stun: SocketAddr,
     pub metrics: SocketAddr,
+    /// The lookup API (`up` and `lookup`).
+    pub lookup: SocketAddr,
     stderr_path: std::path::PathBuf,
 }
 
@@ -50,6 +52,12 @@ impl Natrix {
         Natrix::start("cdx", extra)
     }
 
+    /// `natrix lookup` with its API on a free loopback port (`lookup`);
+    /// `extra` must give the secrets.
+    pub fn lookup(extra: &[&str]) -> Natrix {
+        Natrix::start("lookup", extra)
+    }
+
     fn start(cmd: &str, extra: &[&str]) -> Natrix {
         // Free ports can be taken between the probe and the bind: retry.
         let mut last = String::new();
@@ -78,6 +86,7 @@ impl Natrix {
             None => SocketAddr::from(([127, 0, 0, 1], free_port())),
         };
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let lookup = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let stderr_path = std::env::temp_dir().join(format!(
             "natrix-test-{}-{}.log",
             std::process::id(),
@@ -92,6 +101,8 @@ impl Natrix {
                 } else {
                     vec!["--stun-listen".to_string(), stun.to_string()]
                 }
+            } else if cmd == "lookup" {
+                vec!["--lookup-listen".to_string(), lookup.to_string()]
             } else {
                 let mut args = Vec::new();
                 if chosen.is_none() {
@@ -104,6 +115,9 @@ impl Natrix {
                     "--realm".to_string(),
                     REALM.to_string(),
                 ]);
+                if cmd == "up" {
+                    args.extend(["--lookup-listen".to_string(), lookup.to_string()]);
+                }
                 args
             })
             .args(["--metrics-listen", &metrics.to_string()])
@@ -123,6 +137,7 @@ impl Natrix {
             child: Some(child),
             stun,
             metrics,
+            lookup,
             stderr_path,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -358,4 +373,27 @@ pub fn uclient(args: &[&str]) -> UclientReport {
         }
     }
     r
+}
+
+/// POSTs `body` (JSON) to `addr` and returns the status and body.
+pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {raw:?}")))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }

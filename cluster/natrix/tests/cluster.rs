@@ -1,0 +1,312 @@
+//! The cluster for real: a `redis-server`, relays, CDX nodes and lookup as
+//! separate `natrix` processes on loopback; plans from lookup's API, and the
+//! tokens in them used by webrtc-rs' TURN client against the relays.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Natrix, PASSWORD, USER, http_get, http_post};
+use natrix_store::testing::RedisServer;
+use tokio::net::UdpSocket;
+use turn::client::{Client, ClientConfig};
+use webrtc_util::Conn;
+
+const TURN_SECRET: &str = "k1=cluster-test-turn-secret";
+const CLUSTER_SECRET: &str = "cluster-test-cluster-secret";
+const OPEN_PAIR_RETRY: &str =
+    r#"{"a":{"profile":{"class":"open"}},"b":{"profile":{"class":"open"}},"retry":true}"#;
+
+fn plan(lookup: SocketAddr, body: &str) -> (u16, serde_json::Value) {
+    let (status, text) = http_post(lookup, "/v1/plan", body).unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, v)
+}
+
+fn relays(lookup: SocketAddr) -> serde_json::Value {
+    let (status, text) = http_get(lookup, "/v1/relays").unwrap();
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Waits until `pred` holds for lookup's view of the registry.
+fn wait_registry(
+    lookup: SocketAddr,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let v = relays(lookup);
+        if pred(&v) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{what}: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn relay_ids(v: &serde_json::Value) -> Vec<String> {
+    v["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn state_of(v: &serde_json::Value, id: &str) -> Option<String> {
+    v["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .map(|r| r["state"].as_str().unwrap().to_owned())
+}
+
+/// The relay ids `n` relay-one plans assign to side A.
+fn assigned(lookup: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let (status, p) = plan(lookup, OPEN_PAIR_RETRY);
+        assert_eq!(status, 200, "{p}");
+        assert_eq!(p["mode"], "relay-one");
+        *counts
+            .entry(p["a"]["relay"]["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// A TURN allocation through webrtc-rs' client.
+struct Allocation {
+    /// Kept alive with the allocation (it refreshes and owns the socket).
+    _client: Client,
+    conn: Arc<dyn Conn + Send + Sync>,
+}
+
+async fn allocate(
+    server: SocketAddr,
+    username: &str,
+    password: &str,
+) -> Result<Allocation, String> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client = Client::new(ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: username.to_owned(),
+        password: password.to_owned(),
+        realm: common::REALM.to_owned(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(socket),
+        vnet: None,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    client.listen().await.map_err(|e| e.to_string())?;
+    let relay = client.allocate().await.map_err(|e| e.to_string())?;
+    Ok(Allocation {
+        _client: client,
+        conn: Arc::new(relay),
+    })
+}
+
+/// An echo peer on loopback.
+async fn echo_peer() -> SocketAddr {
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = peer.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = peer.recv_from(&mut buf).await {
+            let _ = peer.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+/// True when a datagram relayed to `peer` comes back through `a`.
+async fn forwards(a: &Allocation, peer: SocketAddr, tag: &str) -> bool {
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..5 {
+        if a.conn.send_to(tag.as_bytes(), peer).await.is_err() {
+            continue;
+        }
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(500), a.conn.recv_from(&mut buf)).await
+            && &buf[..n] == tag.as_bytes()
+        {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn natrix_up_plans_and_its_tokens_allocate_on_its_own_relay() {
+    let up = Natrix::up(&["--peer-allow", "127.0.0.0/8", "--auth-secret", TURN_SECRET]);
+    let lookup = up.lookup;
+    let (status, p) = plan(lookup, OPEN_PAIR_RETRY);
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["mode"], "relay-one");
+    assert_eq!(p["relayed_side"], "a");
+    let turn = &p["a"]["ice_servers"][1];
+    let user = turn["username"].as_str().unwrap();
+    let pass = turn["credential"].as_str().unwrap();
+    assert!(user.ends_with(p["a"]["relay"]["id"].as_str().unwrap()));
+    assert_eq!(
+        p["a"]["exchange"]["cdx"][0],
+        up.stun.to_string(),
+        "up's own listener is its CDX"
+    );
+
+    let peer = echo_peer().await;
+    let a = allocate(up.stun, user, pass)
+        .await
+        .expect("the plan's token allocates");
+    assert!(forwards(&a, peer, "through the planned relay").await);
+
+    // A token naming another relay, or tampered with, is refused.
+    let other = user.rsplit_once(':').unwrap().0.to_owned() + ":relay-elsewhere";
+    assert!(allocate(up.stun, &other, pass).await.is_err());
+    assert!(
+        allocate(up.stun, user, "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .await
+            .is_err()
+    );
+    up.wait_metric("lookup_plans_total{mode=\"relay_one\"}", |v| v == 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_survives_a_redis_restart()
+ {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let relay = |id: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--redis-url",
+            url.as_str(),
+            "--auth-secret",
+            TURN_SECRET,
+            "--relay-id",
+            id,
+            "--peer-allow",
+            "127.0.0.0/8",
+        ];
+        args.extend_from_slice(extra);
+        Natrix::relay(&args)
+    };
+    let r1 = relay("relay-1", &["--max-allocations", "2"]);
+    let mut r2 = relay("relay-2", &["--drain-timeout", "30s"]);
+    let mut r3 = relay("relay-3", &[]);
+    let _c1 = Natrix::cdx(&["--redis-url", &url, "--cluster-secret", CLUSTER_SECRET]);
+    let _c2 = Natrix::cdx(&["--redis-url", &url, "--cluster-secret", CLUSTER_SECRET]);
+    let lk = Natrix::lookup(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        TURN_SECRET,
+        "--cluster-secret",
+        CLUSTER_SECRET,
+    ]);
+    let lookup = lk.lookup;
+    wait_registry(lookup, "three relays and two CDX nodes", |v| {
+        relay_ids(v).len() == 3 && v["cdx"].as_array().unwrap().len() == 2
+    });
+
+    // Idle relays share the plans.
+    let counts = assigned(lookup, 60);
+    assert_eq!(counts.len(), 3, "every relay gets plans: {counts:?}");
+
+    // relay-1 fills up (2 allocations of 2): it gets no more plans.
+    let peer = echo_peer().await;
+    let full1 = allocate(r1.stun, USER, PASSWORD).await.unwrap();
+    let full2 = allocate(r1.stun, USER, PASSWORD).await.unwrap();
+    wait_registry(lookup, "relay-1 reports its load", |v| {
+        v["relays"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == "relay-1" && r["load"]["allocations"] == 2)
+    });
+    let counts = assigned(lookup, 40);
+    assert!(
+        !counts.contains_key("relay-1"),
+        "a full relay got plans: {counts:?}"
+    );
+
+    // A plan's token allocates on the relay it names (relay-2 here).
+    let mut on_r2 = None;
+    for _ in 0..50 {
+        let (_, p) = plan(lookup, OPEN_PAIR_RETRY);
+        if p["a"]["relay"]["id"] == "relay-2" {
+            on_r2 = Some(p);
+            break;
+        }
+    }
+    let p = on_r2.expect("relay-2 is planned now and then");
+    let turn = &p["a"]["ice_servers"][1];
+    let kept = allocate(
+        r2.stun,
+        turn["username"].as_str().unwrap(),
+        turn["credential"].as_str().unwrap(),
+    )
+    .await
+    .expect("the token allocates on its relay");
+    assert!(forwards(&kept, peer, "before the drain").await);
+
+    // A crashed relay leaves selection within its TTL (3 s) and a refresh.
+    unsafe { libc::kill(r3.pid(), libc::SIGKILL) };
+    let gone = wait_registry(lookup, "relay-3 gone", |v| {
+        !relay_ids(v).contains(&"relay-3".to_owned())
+    });
+    assert!(gone < Duration::from_secs(5), "relay-3 stayed {gone:?}");
+    let _ = r3.wait_exit(Duration::from_secs(5));
+
+    // Draining: relay-2 announces it within a heartbeat, gets no new
+    // plans, and its allocation keeps forwarding.
+    unsafe { libc::kill(r2.pid(), libc::SIGTERM) };
+    let took = wait_registry(lookup, "relay-2 draining", |v| {
+        state_of(v, "relay-2").as_deref() == Some("draining")
+    });
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    for _ in 0..20 {
+        let (status, p) = plan(lookup, OPEN_PAIR_RETRY);
+        // relay-1 is full, relay-3 dead, relay-2 draining: nothing left.
+        assert_eq!(status, 503, "{p}");
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap()
+                .contains("no registered relay"),
+            "{p}"
+        );
+    }
+    assert!(forwards(&kept, peer, "while draining").await);
+    assert!(r2.alive(), "a draining relay waits for its allocation");
+
+    // Redis restarts: forwarding never depends on it, lookup serves from its
+    // snapshot meanwhile, and the relays re-register by themselves.
+    redis.stop();
+    assert!(forwards(&full1, peer, "redis down").await);
+    let (status, _) = plan(
+        lookup,
+        r#"{"a":{"profile":{"class":"open"}},"b":{"profile":{"class":"open"}}}"#,
+    );
+    assert_eq!(status, 200, "a direct plan from the last snapshot");
+    lk.wait_metric("cluster_registry_refreshes_total{result=\"error\"}", |v| {
+        v >= 1.0
+    });
+    redis.restart();
+    wait_registry(lookup, "relays re-registered after the restart", |v| {
+        relay_ids(v).contains(&"relay-1".to_owned())
+            && state_of(v, "relay-2").as_deref() == Some("draining")
+    });
+    assert!(forwards(&full1, peer, "after the restart").await);
+    drop(full2);
+}
