@@ -21,8 +21,8 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct LookupState {
     /// The registry, as the keeper last read it.
     pub snapshot: SharedSnapshot,
-    /// Secrets, token lifetime, headroom.
-    pub minting: Arc<Minting>,
+    /// Secrets, token lifetime, headroom (swapped when secrets rotate).
+    pub minting: Arc<arc_swap::ArcSwap<Minting>>,
     /// Oldest snapshot plans are made from.
     pub max_snapshot_age: Duration,
     /// Metric handles.
@@ -94,7 +94,8 @@ async fn post_plan(state: web::Data<LookupState>, body: web::Bytes) -> HttpRespo
         .map_or(0, |d| d.as_secs());
     let mut random = |n: usize| rand::random_range(0..n.max(1));
     let mut fill = |b: &mut [u8]| rand::fill(b);
-    match plan(&req, &snapshot, &state.minting, now, &mut random, &mut fill) {
+    let minting = state.minting.load();
+    match plan(&req, &snapshot, &minting, now, &mut random, &mut fill) {
         Ok(p) => {
             state.metrics.plan(&p.mode).inc();
             state

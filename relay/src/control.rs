@@ -128,21 +128,11 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Where rotated secrets come from.
+/// Where rotated secrets come from: a file, reloaded when it changes.
 #[derive(Debug, Clone)]
 pub struct SecretSource {
     /// The secrets file.
     pub path: PathBuf,
-    /// Credentials to rebuild around the file's secrets (realm, static
-    /// users, relay id, secrets given on the command line).
-    pub base: Credentials,
-}
-
-impl SecretSource {
-    fn load(&self) -> anyhow::Result<Credentials> {
-        let file = read_secrets(&self.path)?;
-        Ok(self.base.with_extra_secrets(file))
-    }
 }
 
 /// Reload now (SIGHUP).
@@ -159,6 +149,12 @@ pub struct ReloadActor {
     tls: Option<Arc<TlsReloader>>,
     secrets: Option<SecretSource>,
     secrets_stamp: Option<SystemTime>,
+    /// The command line's credentials.
+    base: Credentials,
+    /// Secrets from the coordination store (newest first).
+    store_secrets: Vec<Secret>,
+    /// Secrets from the file, as last read successfully.
+    file_secrets: Vec<Secret>,
 }
 
 impl ReloadActor {
@@ -167,22 +163,40 @@ impl ReloadActor {
         control: Arc<Control>,
         tls: Option<Arc<TlsReloader>>,
         secrets: Option<SecretSource>,
+        base: Credentials,
     ) -> ReloadActor {
         let secrets_stamp = secrets.as_ref().and_then(|s| modified(&s.path));
+        let file_secrets = secrets
+            .as_ref()
+            .and_then(|s| read_secrets(&s.path).ok())
+            .unwrap_or_default();
         ReloadActor {
             control,
             tls,
             secrets,
             secrets_stamp,
+            base,
+            store_secrets: Vec::new(),
+            file_secrets,
         }
+    }
+
+    /// Installs the command line's credentials with the store's and the
+    /// file's secrets in front (store first: it holds the newest).
+    fn apply(&self) {
+        let mut extra = self.store_secrets.clone();
+        extra.extend(self.file_secrets.iter().cloned());
+        self.control
+            .set_credentials(self.base.with_extra_secrets(extra));
     }
 
     fn reload_secrets(&mut self) {
         let Some(source) = &self.secrets else { return };
         self.secrets_stamp = modified(&source.path);
-        match source.load() {
-            Ok(credentials) => {
-                self.control.set_credentials(credentials);
+        match read_secrets(&source.path) {
+            Ok(file) => {
+                self.file_secrets = file;
+                self.apply();
                 info!(file = %source.path.display(), "TURN secrets reloaded");
             }
             Err(e) => warn!("TURN secrets not reloaded, keeping the previous ones: {e:#}"),
@@ -214,6 +228,24 @@ impl Actor for ReloadActor {
         let span = tracing::info_span!("relay_reload");
         let _enter = span.enter();
         ctx.run_interval(Duration::from_millis(500), |actor, _| actor.poll_files());
+    }
+}
+
+/// The TURN secrets in the coordination store changed (newest first).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct StoreSecrets(pub Vec<Secret>);
+
+impl Handler<StoreSecrets> for ReloadActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: StoreSecrets, _: &mut Context<Self>) {
+        info!(
+            key_ids = ?msg.0.iter().map(|s| s.key_id.as_str()).collect::<Vec<_>>(),
+            "TURN secrets from the coordination store in use"
+        );
+        self.store_secrets = msg.0;
+        self.apply();
     }
 }
 

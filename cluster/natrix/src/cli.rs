@@ -134,6 +134,15 @@ pub(crate) enum Command {
     Lookup(LookupArgs),
     /// Ask a STUN server for this host's public (mapped) address.
     Probe(ProbeArgs),
+    /// Manage the cluster's shared TURN secrets in Redis (--redis-url):
+    /// `rotate` adds a new one (relays and lookup pick it up within a
+    /// second; tokens minted before stay valid until they expire), `list`
+    /// shows key ids and ages.
+    Secret {
+        /// rotate or list.
+        #[arg(value_parser = ["rotate", "list"])]
+        action: String,
+    },
 }
 
 /// Options of `natrix cdx`.

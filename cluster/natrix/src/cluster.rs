@@ -11,6 +11,7 @@ use natrix_lookup::api::Minting;
 use natrix_lookup::http::LookupState;
 use natrix_lookup::token::TurnSecret;
 use natrix_lookup::{LookupConfig, LookupMetrics};
+use natrix_registry::secrets::SecretsWatcher;
 use natrix_registry::{
     HostRecord, Load, LoadSource, Publisher, Role, SnapshotKeeper, State, shared_snapshot, unix_ms,
 };
@@ -202,14 +203,39 @@ pub(crate) fn start_lookup(
         observe,
     )
     .start();
+    let base = Minting {
+        turn_secrets: turn_secrets.clone(),
+        cluster_secret: cluster_secret.to_vec(),
+        ttl: config.token_ttl.as_secs().max(60),
+        headroom: config.headroom,
+    };
+    let minting = Arc::new(arc_swap::ArcSwap::from_pointee(base.clone()));
+    // Rotated secrets from the store go first: tokens use the newest.
+    {
+        let minting = minting.clone();
+        SecretsWatcher::new(
+            store.clone(),
+            Duration::from_secs(1),
+            Box::new(move |stored| {
+                let mut secrets: Vec<TurnSecret> = stored
+                    .into_iter()
+                    .map(|s| TurnSecret {
+                        key_id: s.key_id,
+                        secret: s.secret.into_bytes(),
+                    })
+                    .collect();
+                secrets.extend(turn_secrets.iter().cloned());
+                minting.store(Arc::new(Minting {
+                    turn_secrets: secrets,
+                    ..base.clone()
+                }));
+            }),
+        )
+        .start();
+    }
     let state = LookupState {
         snapshot,
-        minting: Arc::new(Minting {
-            turn_secrets,
-            cluster_secret: cluster_secret.to_vec(),
-            ttl: config.token_ttl.as_secs().max(60),
-            headroom: config.headroom,
-        }),
+        minting,
         max_snapshot_age: config.max_snapshot_age,
         metrics,
         telemetry: telemetry.clone(),
@@ -220,4 +246,26 @@ pub(crate) fn start_lookup(
     actix_rt::spawn(server);
     info!(%addr, "lookup API up");
     Ok((handle, addr))
+}
+
+/// Feeds the store's TURN secrets to a relay's reload actor.
+pub(crate) fn watch_relay_secrets(
+    store: &Store,
+    reload: Addr<natrix_relay::control::ReloadActor>,
+) -> Addr<SecretsWatcher> {
+    SecretsWatcher::new(
+        store.clone(),
+        Duration::from_secs(1),
+        Box::new(move |stored| {
+            let secrets = stored
+                .into_iter()
+                .map(|s| natrix_relay::core::Secret {
+                    key_id: s.key_id,
+                    secret: s.secret.into_bytes(),
+                })
+                .collect();
+            reload.do_send(natrix_relay::control::StoreSecrets(secrets));
+        }),
+    )
+    .start()
 }

@@ -16,6 +16,53 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 
+/// `natrix secret rotate|list`.
+fn secret(global: &cli::Global, action: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let url = global.redis_url.as_ref().context(
+        "the shared TURN secrets live in the coordination store: give --redis-url (NATRIX_REDIS_URL)",
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    runtime.block_on(async {
+        let store = natrix_store::Store::redis(&url.0, natrix_store::RedisOptions::default())
+            .await
+            .with_context(|| format!("connecting to Redis at {url:?}"))?;
+        if action == "rotate" {
+            let secret: String = (0..40)
+                .map(|_| {
+                    char::from(
+                        b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+                            [rand::random_range(0..56)],
+                    )
+                })
+                .collect();
+            let id = natrix_registry::secrets::rotate(&store, secret)
+                .await
+                .context("storing the new secret")?;
+            println!("new TURN secret {id}: relays and lookup use it within a second");
+        }
+        let now = natrix_registry::unix_ms();
+        for (i, s) in natrix_registry::secrets::list(&store)
+            .await
+            .context("reading the secrets")?
+            .iter()
+            .enumerate()
+        {
+            let age = std::time::Duration::from_secs(now.saturating_sub(s.created_ms) / 1000);
+            println!(
+                "{} {}  age {}",
+                if i == 0 { "*" } else { " " },
+                s.key_id,
+                humantime::format_duration(age)
+            );
+        }
+        anyhow::Ok(())
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = natrix_telemetry::logging::init(cli.global.log_format, &cli.global.log) {
@@ -52,6 +99,7 @@ fn main() -> ExitCode {
             },
         ),
         Command::Probe(args) => probe::run(args),
+        Command::Secret { action } => secret(&cli.global, action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -397,6 +397,11 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
             .start()
         });
 
+        // Rotated TURN secrets reach the relay within a second.
+        let _secrets = reload
+            .clone()
+            .map(|r| cluster::watch_relay_secrets(&store, r));
+
         // Registry: this host's records, heartbeated into the store.
         let mut publishers = Vec::new();
         if let (Some(config), Some(host)) = (&plan.relay, &running.relay) {

@@ -240,6 +240,75 @@ async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_surv
         "a full relay got plans: {counts:?}"
     );
 
+    // Secret rotation: `natrix secret rotate` puts a new secret in Redis;
+    // lookup mints with it and relays accept it within a heartbeat, while a
+    // token minted before keeps working.
+    let (_, before) = plan(lookup, OPEN_PAIR_RETRY);
+    let old_turn = before["a"]["ice_servers"][1].clone();
+    let old_relay = before["a"]["relay"]["id"].as_str().unwrap().to_owned();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .args(["secret", "rotate", "--redis-url", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(listed.contains("new TURN secret k"), "{listed}");
+    let configured: natrix_lookup::token::TurnSecret = TURN_SECRET.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (new_turn, new_relay) = loop {
+        let (_, p) = plan(lookup, OPEN_PAIR_RETRY);
+        let t = p["a"]["ice_servers"][1].clone();
+        let user = t["username"].as_str().unwrap().to_owned();
+        let mut parts = user.split(':');
+        let (exp, session, relay_id) = (
+            parts.next().unwrap().parse::<u64>().unwrap(),
+            parts.next().unwrap().to_owned(),
+            parts.next().unwrap().to_owned(),
+        );
+        let with_old = natrix_lookup::token::mint(&configured, exp, &session, &relay_id).1;
+        if t["credential"] != with_old.as_str() {
+            break (t, relay_id);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lookup never minted with the rotated secret"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let server_of = |id: &str| match id {
+        "relay-1" => r1.stun,
+        "relay-2" => r2.stun,
+        _ => r3.stun,
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = allocate(
+            server_of(&new_relay),
+            new_turn["username"].as_str().unwrap(),
+            new_turn["credential"].as_str().unwrap(),
+        )
+        .await;
+        if got.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay never accepted the rotated secret: {:?}",
+            got.err()
+        );
+    }
+    allocate(
+        server_of(&old_relay),
+        old_turn["username"].as_str().unwrap(),
+        old_turn["credential"].as_str().unwrap(),
+    )
+    .await
+    .expect("a token minted before the rotation still works");
+
     // A plan's token allocates on the relay it names (relay-2 here).
     let mut on_r2 = None;
     for _ in 0..50 {

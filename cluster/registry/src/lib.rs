@@ -20,6 +20,8 @@
 //! key per role also means every operation touches a single key (Redis
 //! Cluster friendly).
 
+pub mod secrets;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

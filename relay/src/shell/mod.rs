@@ -88,6 +88,8 @@ pub struct RelayHost {
     /// A clone of the first loop's socket per UDP listener, for senders
     /// outside the loops (the exchange actor in `natrix up`).
     udp_clones: Vec<std::net::UdpSocket>,
+    /// Credentials from the command line, rebuilt around rotated secrets.
+    base_credentials: crate::core::Credentials,
 }
 
 /// Binds a TCP listener that several loops share (SO_REUSEPORT).
@@ -204,10 +206,7 @@ impl RelayHost {
         let ports = SharedPorts::new(config.ports);
         let control = Arc::new(Control::new(credentials.clone(), loops));
         let secrets = match &config.auth_secret_file {
-            Some(path) => Some(SecretSource {
-                path: path.clone(),
-                base: config.base_credentials().map_err(anyhow::Error::msg)?,
-            }),
+            Some(path) => Some(SecretSource { path: path.clone() }),
             None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -267,6 +266,7 @@ impl RelayHost {
             control,
             secrets,
             udp_clones,
+            base_credentials: config.base_credentials().map_err(anyhow::Error::msg)?,
         })
     }
 
@@ -307,6 +307,7 @@ impl RelayHost {
             self.control.clone(),
             self.tls_config.clone(),
             self.secrets.clone(),
+            self.base_credentials.clone(),
         )
     }
 
