@@ -205,10 +205,10 @@ impl RelayHost {
 
         let ports = SharedPorts::new(config.ports);
         let control = Arc::new(Control::new(credentials.clone(), loops));
-        let secrets = match &config.auth_secret_file {
-            Some(path) => Some(SecretSource { path: path.clone() }),
-            None => None,
-        };
+        let secrets = config
+            .auth_secret_file
+            .as_ref()
+            .map(|path| SecretSource { path: path.clone() });
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         let unix_now = SystemTime::now()
