@@ -10,6 +10,7 @@
 
 mod natlab;
 mod peer;
+mod plan;
 mod turn;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -45,6 +46,8 @@ enum Command {
     /// clients behind each NAT type; `matrix` punches direct paths across
     /// every pair of types. Needs root.
     Natlab(natlab::NatlabArgs),
+    /// Load on lookup's plan API: plans per second and latency percentiles.
+    Plan(plan::PlanArgs),
     /// One session participant end to end: mapped address, exchange through
     /// CDX, direct punch. Prints a JSON report (the lab matrix runs these).
     Peer(peer::PeerArgs),
@@ -554,6 +557,7 @@ fn main() -> std::process::ExitCode {
         Command::Allocations(args) => allocations(args),
         Command::Stun(args) => stun(args),
         Command::Natlab(args) => natlab::run(args),
+        Command::Plan(args) => plan::run(args).map(|report| println!("{report}")),
         Command::Peer(args) => {
             let report = peer::run(args);
             println!("{report}");

@@ -2,7 +2,7 @@
 //! building a plan from a registry snapshot (pure: the caller passes the
 //! snapshot, the clock and the randomness).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use natrix_cdx::exchange::Invitation;
 use natrix_registry::{HostRecord, Snapshot, State};
@@ -236,6 +236,29 @@ pub struct Minting {
     pub headroom: f64,
 }
 
+/// The addresses a side's relay may send to: the counterpart's public IPs
+/// (from its profile) and, when it relays too, its relay's IPs. Empty when
+/// the profile names none and the counterpart does not relay: then the
+/// token carries no scope (the relay's deny list still applies).
+fn counterpart_ips(profile: &Profile, relay: Option<&HostRecord>) -> Vec<IpAddr> {
+    let own = profile.mapped_address.into_iter().chain(
+        profile
+            .tcp_mapped_address
+            .as_deref()
+            .and_then(|t| t.parse::<SocketAddr>().ok()),
+    );
+    let relayed = relay
+        .into_iter()
+        .flat_map(|r| r.udp.iter().chain(&r.tcp).chain(&r.tls).copied());
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in own.chain(relayed).map(|a| a.ip()) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
 fn host_port(a: &SocketAddr) -> String {
     a.to_string()
 }
@@ -291,11 +314,31 @@ pub fn plan(
         .first()
         .map(|i| i.session().hex())
         .unwrap_or_default();
+    // Relays first: a side's token names the counterpart's relay too.
+    let peers = [(Side::A, a, &req.a), (Side::B, b, &req.b)];
+    let mut chosen: [Option<&HostRecord>; 2] = [None, None];
+    for (i, (side, behaviour, peer)) in peers.iter().enumerate() {
+        if !mode.relays(*side) {
+            continue;
+        }
+        let udp = !behaviour.udp_blocked;
+        let region = peer.region.as_deref();
+        let Some(r) = select(
+            &snapshot.relays,
+            Need { udp, region },
+            minting.headroom,
+            random,
+        ) else {
+            return Err(Problem::unavailable(if udp {
+                "no registered relay is active with capacity left"
+            } else {
+                "no registered relay with TCP or TLS is active with capacity left (this peer cannot use UDP)"
+            }));
+        };
+        chosen[i] = Some(r);
+    }
     let mut sides = Vec::new();
-    for (side, behaviour, peer, invitation) in [
-        (Side::A, a, &req.a, &invitations[0]),
-        (Side::B, b, &req.b, &invitations[1]),
-    ] {
+    for (i, ((_, behaviour, peer), invitation)) in peers.iter().zip(&invitations).enumerate() {
         let region = peer.region.as_deref();
         // The side's region first among the CDX nodes.
         let mut nodes = cdx.clone();
@@ -309,20 +352,7 @@ pub fn plan(
             credential: None,
         }];
         let mut relay = None;
-        if mode.relays(side) {
-            let udp = !behaviour.udp_blocked;
-            let Some(r) = select(
-                &snapshot.relays,
-                Need { udp, region },
-                minting.headroom,
-                random,
-            ) else {
-                return Err(Problem::unavailable(if udp {
-                    "no registered relay is active with capacity left"
-                } else {
-                    "no registered relay with TCP or TLS is active with capacity left (this peer cannot use UDP)"
-                }));
-            };
+        if let Some(r) = chosen[i] {
             let Some(secret) = minting.turn_secrets.first() else {
                 return Err(Problem {
                     status: 500,
@@ -331,9 +361,11 @@ pub fn plan(
                     field: None,
                 });
             };
-            let (username, credential) = mint(secret, expires, &session, &r.id);
+            let other = 1 - i;
+            let scope = counterpart_ips(&peers[other].2.profile, chosen[other]);
+            let (username, credential) = mint(secret, expires, &session, &r.id, &scope);
             ice_servers.push(IceServer {
-                urls: turn_urls(r, udp),
+                urls: turn_urls(r, !behaviour.udp_blocked),
                 username: Some(username),
                 credential: Some(credential),
             });
@@ -446,6 +478,33 @@ mod tests {
         let inv: Invitation = p.b.exchange.invitation.parse().unwrap();
         assert_eq!(inv.session().hex(), p.session);
         assert_eq!(inv.participant(), 1);
+    }
+
+    #[test]
+    fn tokens_are_scoped_to_the_counterpart_and_its_relay_when_known() {
+        let snap = Snapshot {
+            relays: vec![host("r1", Role::Relay, true)],
+            cdx: vec![host("c1", Role::Cdx, false)],
+            taken_ms: 1,
+        };
+        let req: PlanRequest = serde_json::from_str(
+            r#"{"a":{"profile":{"class":"symmetric","mapped_address":"198.51.100.9:4000"}},
+                "b":{"profile":{"class":"symmetric","mapped_address":"198.51.100.20:5000"}}}"#,
+        )
+        .unwrap();
+        let p = run(&req, &snap).unwrap();
+        assert_eq!(p.mode, "relay-one");
+        let user = p.a.ice_servers[1].username.clone().unwrap();
+        assert!(user.ends_with(":r1:198.51.100.20"), "{user}");
+        // Both UDP-blocked: each relay may reach the other side's relay.
+        let both = run(&request("udp-blocked", "udp-blocked"), &snap).unwrap();
+        assert_eq!(both.mode, "relay-both");
+        let user = both.a.ice_servers[1].username.clone().unwrap();
+        assert!(user.ends_with(":r1:192.0.2.1"), "{user}");
+        // Nothing known of the counterpart: no scope.
+        let open = run(&request("symmetric", "symmetric"), &snap).unwrap();
+        let user = open.a.ice_servers[1].username.clone().unwrap();
+        assert_eq!(user.matches(':').count(), 2, "{user}");
     }
 
     #[test]

@@ -142,15 +142,18 @@ async fn readyz(state: web::Data<LookupState>) -> HttpResponse {
     }
 }
 
+/// Every route the API serves (`lookup/openapi.yaml` documents each).
+pub const ROUTES: [&str; 4] = ["/v1/plan", "/v1/relays", "/healthz", "/readyz"];
+
 /// Registers the API's routes (for embedding in another App, and tests).
 pub fn configure(state: LookupState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::new(state))
             .app_data(web::PayloadConfig::new(MAX_BODY))
-            .route("/v1/plan", web::post().to(post_plan))
-            .route("/v1/relays", web::get().to(get_relays))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz));
+            .route(ROUTES[0], web::post().to(post_plan))
+            .route(ROUTES[1], web::get().to(get_relays))
+            .route(ROUTES[2], web::get().to(healthz))
+            .route(ROUTES[3], web::get().to(readyz));
     }
 }
 
@@ -172,4 +175,44 @@ pub fn serve(
         .copied()
         .ok_or_else(|| std::io::Error::other("lookup bound no address"))?;
     Ok((server.run(), bound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ROUTES;
+
+    #[test]
+    fn the_openapi_document_describes_every_route_and_request_field() {
+        let doc = include_str!("../openapi.yaml");
+        for r in ROUTES {
+            assert!(
+                doc.contains(&format!("\n  {r}:\n")),
+                "{r} missing from openapi.yaml"
+            );
+        }
+        // The profile fields the parser accepts.
+        for f in [
+            "server",
+            "transport",
+            "local_address",
+            "mapped_address",
+            "behind_nat",
+            "mapping",
+            "filtering",
+            "hairpinning",
+            "class",
+            "other_address",
+            "udp_blocked",
+            "seconds",
+            "tcp_mapped_address",
+            "error",
+            "retry",
+            "region",
+        ] {
+            assert!(
+                doc.contains(&format!(" {f}:")),
+                "{f} missing from openapi.yaml"
+            );
+        }
+    }
 }

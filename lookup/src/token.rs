@@ -1,5 +1,7 @@
 //! Session-bound relay tokens: TURN REST credentials whose username names
-//! the session and the relay, `<expiry>:<session>:<relay-id>`, and whose
+//! the session and the relay, `<expiry>:<session>:<relay-id>[:<peers>]`
+//! (`<peers>`: the counterpart's IPs, comma separated; the relay then
+//! admits permissions toward them only), and whose
 //! password is `base64(HMAC-SHA1(secret, username))` under the newest
 //! shared secret. Relays accept them until expiry, only when they name
 //! themselves, under any secret they still hold (so a rotation breaks no
@@ -39,9 +41,20 @@ impl std::str::FromStr for TurnSecret {
 }
 
 /// The username and password of a token for `relay_id` in `session`,
-/// valid until `expires` (Unix seconds).
-pub fn mint(secret: &TurnSecret, expires: u64, session: &str, relay_id: &str) -> (String, String) {
-    let username = format!("{expires}:{session}:{relay_id}");
+/// valid until `expires` (Unix seconds), scoped to `peers` when not empty.
+pub fn mint(
+    secret: &TurnSecret,
+    expires: u64,
+    session: &str,
+    relay_id: &str,
+    peers: &[std::net::IpAddr],
+) -> (String, String) {
+    let mut username = format!("{expires}:{session}:{relay_id}");
+    if !peers.is_empty() {
+        username.push(':');
+        let list: Vec<String> = peers.iter().map(ToString::to_string).collect();
+        username.push_str(&list.join(","));
+    }
     let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &secret.secret);
     let tag = hmac::sign(&key, username.as_bytes());
     let password = base64::engine::general_purpose::STANDARD.encode(tag.as_ref());
@@ -55,13 +68,19 @@ mod tests {
     #[test]
     fn tokens_name_session_and_relay_and_match_an_independent_hmac() {
         let s: TurnSecret = "k1=0123456789abcdef".parse().unwrap();
-        let (user, pass) = mint(&s, 1_700_000_000, "00ff", "relay-a");
+        let (user, pass) = mint(&s, 1_700_000_000, "00ff", "relay-a", &[]);
         assert_eq!(user, "1700000000:00ff:relay-a");
         // HMAC-SHA1("0123456789abcdef", user), computed independently.
         let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, b"0123456789abcdef");
         let expect = base64::engine::general_purpose::STANDARD
             .encode(hmac::sign(&key, user.as_bytes()).as_ref());
         assert_eq!(pass, expect);
+        let peers = [
+            "198.51.100.7".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ];
+        let (scoped, _) = mint(&s, 1_700_000_000, "00ff", "relay-a", &peers);
+        assert_eq!(scoped, "1700000000:00ff:relay-a:198.51.100.7,2001:db8::1");
         assert!("nokey".parse::<TurnSecret>().is_err());
         assert!("k=short".parse::<TurnSecret>().is_err());
         assert!(!format!("{s:?}").contains("0123"));

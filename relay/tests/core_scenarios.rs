@@ -417,6 +417,61 @@ fn session_tokens_are_accepted_only_by_the_relay_they_name() {
 }
 
 #[test]
+fn a_session_token_naming_peers_scopes_permissions_and_channels_to_them() {
+    let mut h = Harness::new(config());
+    let counterpart = peer(7, 4000);
+    let other = peer(8, 4000);
+    let user = User::rest(
+        &format!(
+            "{}:session-9:relay-1:{},2001:db8::7",
+            UNIX_T0 + 60,
+            counterpart.ip()
+        ),
+        SECRET,
+    );
+    let c = client(40020);
+    h.allocate(c, &user, h.t0);
+    let nonce = h.nonce(c, h.t0);
+    let permit = |p: SocketAddr| {
+        Req::new(Method::CREATE_PERMISSION)
+            .peer(p)
+            .sign(&user, &nonce)
+    };
+    assert_eq!(
+        code_of(&h.request(&permit(counterpart), c, h.t0)),
+        None,
+        "the counterpart"
+    );
+    assert_eq!(
+        code_of(&h.request(&permit(other), c, h.t0)),
+        Some(403),
+        "anyone else"
+    );
+    let bind = Req::new(Method::CHANNEL_BIND)
+        .channel(0x4001)
+        .peer(other)
+        .sign(&user, &nonce);
+    assert_eq!(code_of(&h.request(&bind, c, h.t0)), Some(403));
+
+    // Without the peers field (or with a plain REST user) nothing changes.
+    let plain = User::rest(&format!("{}:session-9:relay-1", UNIX_T0 + 60), SECRET);
+    let d = client(40021);
+    h.allocate(d, &plain, h.t0);
+    let nonce = h.nonce(d, h.t0);
+    let req = Req::new(Method::CREATE_PERMISSION)
+        .peer(other)
+        .sign(&plain, &nonce);
+    assert_eq!(code_of(&h.request(&req, d, h.t0)), None);
+
+    // A garbled list reaches nobody rather than everybody.
+    assert_eq!(
+        natrix_relay::core::session_peers("1:s:r:not-an-ip").as_deref(),
+        Some(&[][..])
+    );
+    assert_eq!(natrix_relay::core::session_peers("1:s:r"), None);
+}
+
+#[test]
 fn a_stale_nonce_gets_438_with_a_fresh_one() {
     let mut h = Harness::new(config());
     let alice = User::stat("alice", "wonderland");

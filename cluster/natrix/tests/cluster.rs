@@ -119,7 +119,12 @@ async fn allocate(
 
 /// An echo peer on loopback.
 async fn echo_peer() -> SocketAddr {
-    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    echo_peer_on("127.0.0.1").await
+}
+
+/// An echo peer on `ip`.
+async fn echo_peer_on(ip: &str) -> SocketAddr {
+    let peer = UdpSocket::bind((ip, 0)).await.unwrap();
     let addr = peer.local_addr().unwrap();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
@@ -180,6 +185,27 @@ async fn natrix_up_plans_and_its_tokens_allocate_on_its_own_relay() {
             .is_err()
     );
     up.wait_metric("lookup_plans_total{mode=\"relay_one\"}", |v| v == 1.0);
+
+    // Session-scoped permissions: with B's public address in the request,
+    // A's relay reaches B's address only.
+    let (status, p) = plan(
+        lookup,
+        r#"{"a":{"profile":{"class":"symmetric"}},
+            "b":{"profile":{"class":"port-restricted-cone","mapped_address":"127.0.0.1:5000"}}}"#,
+    );
+    assert_eq!(status, 200, "{p}");
+    let turn = &p["a"]["ice_servers"][1];
+    let user = turn["username"].as_str().unwrap();
+    assert!(user.ends_with(":127.0.0.1"), "{user}");
+    let scoped = allocate(up.stun, user, turn["credential"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert!(forwards(&scoped, peer, "to the counterpart").await);
+    let stranger = echo_peer_on("127.0.0.2").await;
+    assert!(
+        !forwards(&scoped, stranger, "to a stranger").await,
+        "a scoped allocation reached an address outside its session"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +295,7 @@ async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_surv
             parts.next().unwrap().to_owned(),
             parts.next().unwrap().to_owned(),
         );
-        let with_old = natrix_lookup::token::mint(&configured, exp, &session, &relay_id).1;
+        let with_old = natrix_lookup::token::mint(&configured, exp, &session, &relay_id, &[]).1;
         if t["credential"] != with_old.as_str() {
             break (t, relay_id);
         }

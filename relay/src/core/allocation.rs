@@ -66,6 +66,9 @@ pub(crate) struct Allocation {
     pub(crate) permissions: Vec<Permission>,
     pub(crate) channels: Vec<Channel>,
     pub(crate) bandwidth: Option<Bandwidth>,
+    /// Session-scoped permissions: the only peers this allocation may
+    /// reach, from its session token (`None`: any the policy permits).
+    pub(crate) allowed_peers: Option<Box<[IpAddr]>>,
 }
 
 impl Allocation {

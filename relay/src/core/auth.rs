@@ -6,8 +6,10 @@
 //! the username carries its own expiry (`<unix expiry>[:<more>]`). Several
 //! secrets are valid at once so that a rotation never breaks a session; each
 //! has a key id for logs and metrics. Session-bound tokens minted by lookup
-//! have the form `<expiry>:<session>:<relay-id>` and are accepted only by the
-//! relay they name.
+//! have the form `<expiry>:<session>:<relay-id>[:<peers>]` and are accepted
+//! only by the relay they name. `<peers>` (comma-separated IPs, lookup adds
+//! it when it knows the counterpart's addresses) scopes the allocation's
+//! permissions to those peers: see [`session_peers`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -135,6 +137,21 @@ impl Credentials {
         }
         Err(AuthFailure::BadIntegrity)
     }
+}
+
+/// The peers a session token restricts its allocation to: `None` for
+/// usernames without a fourth field (no restriction beyond the deny list),
+/// otherwise the listed IPs. An unparsable list yields an empty one, so a
+/// broken token can reach nobody rather than everybody.
+pub fn session_peers(username: &str) -> Option<Box<[IpAddr]>> {
+    let mut fields = username.splitn(4, ':');
+    let expiry = fields.next()?;
+    if expiry.parse::<u64>().is_err() {
+        return None;
+    }
+    let (_session, _relay, peers) = (fields.next()?, fields.next()?, fields.next()?);
+    let parsed: Result<Vec<IpAddr>, _> = peers.split(',').map(str::parse).collect();
+    Some(parsed.unwrap_or_default().into_boxed_slice())
 }
 
 /// Nonce length on the wire: 8 hex digits of issue time, 24 of MAC.

@@ -869,6 +869,7 @@ impl Server {
             permissions: Vec::new(),
             channels: Vec::new(),
             bandwidth,
+            allowed_peers: super::auth::session_peers(username),
         });
         self.allocation_by_client.insert(from, index);
         self.stats.allocations_created += 1;
@@ -939,12 +940,19 @@ impl Server {
     }
 
     /// The XOR-PEER-ADDRESS values of a request, checked against the
-    /// allocation's family and the policy.
-    fn check_peer(&self, peer: SocketAddr, relayed: SocketAddr) -> Result<(), ErrorCode<'static>> {
-        if peer.is_ipv6() != relayed.is_ipv6() {
+    /// allocation's family, the policy, and the session's peers when its
+    /// token names them.
+    fn check_peer(&self, peer: SocketAddr, index: u32) -> Result<(), ErrorCode<'static>> {
+        let alloc = self.allocation_ref(index)?;
+        if peer.is_ipv6() != alloc.relayed.is_ipv6() {
             return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
         }
         if !self.policy.permits(peer.ip()) {
+            return Err(ErrorCode::FORBIDDEN);
+        }
+        if let Some(allowed) = &alloc.allowed_peers
+            && !allowed.contains(&peer.ip())
+        {
             return Err(ErrorCode::FORBIDDEN);
         }
         Ok(())
@@ -960,7 +968,6 @@ impl Server {
         out: &mut [u8],
     ) -> Result<usize, ErrorCode<'static>> {
         let index = self.allocation_of(&from)?;
-        let relayed = self.allocation_ref(index)?.relayed;
         let mut count = 0;
         for raw in msg.attributes() {
             if raw.ty != AttributeType::XOR_PEER_ADDRESS {
@@ -971,7 +978,7 @@ impl Server {
             else {
                 return Err(ErrorCode::BAD_REQUEST);
             };
-            self.check_peer(peer, relayed)?;
+            self.check_peer(peer, index)?;
             count += 1;
         }
         if count == 0 {
@@ -1009,8 +1016,7 @@ impl Server {
             Some(Ok(Attribute::XorPeerAddress(p))) => p,
             _ => return Err(ErrorCode::BAD_REQUEST),
         };
-        let relayed = self.allocation_ref(index)?.relayed;
-        self.check_peer(peer, relayed)?;
+        self.check_peer(peer, index)?;
         let alloc = self.allocation_mut(index)?;
         match alloc.bind_channel(number, peer, now) {
             Ok(()) => {}

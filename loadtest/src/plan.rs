@@ -1,0 +1,137 @@
+//! `natrix-loadtest plan`: load on lookup's plan API. Each connection is a
+//! keep-alive HTTP/1.1 stream sending one request at a time (closed loop),
+//! so latency is what a client sees and throughput is what the server
+//! sustains at that concurrency.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// Options of `plan`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct PlanArgs {
+    /// lookup's API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) lookup: SocketAddr,
+    /// Concurrent connections (each one request in flight).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) connections: usize,
+    /// How long to send.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// The request body (default: two NAT profiles that need a relay).
+    #[arg(long)]
+    pub(crate) body: Option<String>,
+}
+
+const DEFAULT_BODY: &str =
+    r#"{"a":{"profile":{"class":"symmetric"}},"b":{"profile":{"class":"port-restricted-cone"}}}"#;
+
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    errors: std::collections::BTreeMap<u16, u64>,
+    latencies_us: Vec<u32>,
+}
+
+fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {line:?}")))?;
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("connection closed"));
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(status)
+}
+
+fn connection(args: &PlanArgs, body: &str, deadline: Instant) -> anyhow::Result<Tally> {
+    let stream = TcpStream::connect_timeout(&args.lookup, Duration::from_secs(2))
+        .with_context(|| format!("connecting to lookup at {}", args.lookup))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let request = format!(
+        "POST /v1/plan HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        args.lookup,
+        body.len()
+    );
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut tally = Tally::default();
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        writer.write_all(request.as_bytes())?;
+        let status = read_response(&mut reader)?;
+        let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
+        if status == 200 {
+            tally.ok += 1;
+            tally.latencies_us.push(us);
+        } else {
+            *tally.errors.entry(status).or_default() += 1;
+        }
+    }
+    Ok(tally)
+}
+
+/// Runs the scenario and returns its JSON report.
+pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<serde_json::Value> {
+    let body = args.body.clone().unwrap_or_else(|| DEFAULT_BODY.to_owned());
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let results: Vec<anyhow::Result<Tally>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.connections.max(1))
+            .map(|_| s.spawn(|| connection(args, &body, deadline)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a connection thread panicked")))
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut total = Tally::default();
+    for r in results {
+        let t = r?;
+        total.ok += t.ok;
+        for (k, v) in t.errors {
+            *total.errors.entry(k).or_default() += v;
+        }
+        total.latencies_us.extend(t.latencies_us);
+    }
+    total.latencies_us.sort_unstable();
+    let pct = |p: f64| crate::percentile(&total.latencies_us, p);
+    Ok(serde_json::json!({
+        "scenario": "plan",
+        "lookup": args.lookup.to_string(),
+        "connections": args.connections,
+        "seconds": elapsed,
+        "plans": total.ok,
+        "plans_per_second": total.ok as f64 / elapsed,
+        "errors_by_status": total.errors,
+        "latency_ms_p50": pct(0.50),
+        "latency_ms_p99": pct(0.99),
+        "latency_ms_max": pct(1.0),
+    }))
+}
