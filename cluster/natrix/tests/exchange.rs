@@ -115,6 +115,7 @@ fn two_participants_swap_sealed_data_and_punch_through_one_node() {
     );
 }
 
+/// The exchange's keys in Redis (the nodes' registry records aside).
 fn store_keys(redis: &RedisServer) -> String {
     let out = std::process::Command::new("redis-cli")
         .args([
@@ -122,7 +123,7 @@ fn store_keys(redis: &RedisServer) -> String {
             &redis.port().to_string(),
             "--scan",
             "--pattern",
-            "natrix:*",
+            "natrix:cdx:xs:*",
         ])
         .output()
         .expect("redis-cli (installed with redis-server)");
