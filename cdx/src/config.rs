@@ -37,6 +37,37 @@ impl CdxConfig {
     }
 }
 
+/// How a single-IP node finds its RFC 5780 sibling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sibling {
+    /// A fixed sibling IP.
+    Ip(IpAddr),
+    /// Paired through the cluster registry.
+    Auto,
+}
+
+impl Sibling {
+    /// The fixed IP, if any.
+    pub fn ip(self) -> Option<IpAddr> {
+        match self {
+            Sibling::Ip(ip) => Some(ip),
+            Sibling::Auto => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Sibling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Sibling, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Sibling::Auto);
+        }
+        s.parse()
+            .map(Sibling::Ip)
+            .map_err(|_| format!("--stun-sibling takes an IP address or `auto`, not {s:?}"))
+    }
+}
+
 impl std::str::FromStr for ClusterSecret {
     type Err = String;
     fn from_str(s: &str) -> Result<ClusterSecret, String> {
@@ -73,15 +104,16 @@ pub struct CdxConfig {
     pub alternate_ip: Option<IpAddr>,
 
     /// RFC 5780 across two nodes with one IP each: the sibling CDX node's
-    /// IP (it listens on the same ports). OTHER-ADDRESS names it, and
-    /// change-IP requests are handed to it; needs --cluster-secret, the same
-    /// on both nodes.
+    /// IP (it listens on the same ports), or `auto` to pair with another
+    /// CDX node of the registry (re-paired as nodes come and go).
+    /// OTHER-ADDRESS names the sibling, and change-IP requests are handed to
+    /// it; needs --cluster-secret, the same on both nodes.
     #[arg(
         long = "stun-sibling",
         env = "NATRIX_STUN_SIBLING",
         conflicts_with = "alternate_ip"
     )]
-    pub sibling: Option<IpAddr>,
+    pub sibling: Option<Sibling>,
 
     /// RFC 5780 behind a 1:1 NAT (cloud VMs, Kubernetes nodes): the public
     /// IP clients reach this node's listen address at. RESPONSE-ORIGIN and

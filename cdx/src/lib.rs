@@ -51,5 +51,5 @@ mod metrics;
 pub mod server;
 
 pub use binding::{BindingResponder, DropReason, Grid, Outcome, Reply, Site, Transport, Via};
-pub use config::{CdxConfig, ClusterSecret};
+pub use config::{CdxConfig, ClusterSecret, Sibling};
 pub use metrics::{CdxMetrics, ExchangeMetrics, LoopCounters};

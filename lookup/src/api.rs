@@ -427,6 +427,7 @@ mod tests {
             state: State::Active,
             heartbeat_ms: 0,
             ttl_ms: 0,
+            internal: Vec::new(),
         }
     }
 

@@ -79,6 +79,7 @@ mod tests {
             state,
             heartbeat_ms: 0,
             ttl_ms: 0,
+            internal: Vec::new(),
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::exchange::{ExchangeInbox, inbox};
-use crate::{BindingResponder, CdxConfig, CdxMetrics, ExchangeMetrics, Grid, Site, Via};
+use crate::{BindingResponder, CdxConfig, CdxMetrics, ExchangeMetrics, Grid, Sibling, Site, Via};
 
 /// How often loops publish their counters.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -30,6 +30,73 @@ pub struct CdxServer {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     exchange: Option<ExchangeInbox>,
+    pairings: Vec<Pairing>,
+    siblings: Option<SiblingHandle>,
+}
+
+/// Sets the RFC 5780 siblings of a server started with
+/// `--stun-sibling auto` (cheap to clone; the loops see changes from their
+/// next batch).
+#[derive(Clone, Debug)]
+pub struct SiblingHandle(Arc<Vec<Pairing>>);
+
+impl SiblingHandle {
+    /// The primary addresses whose sibling the caller chooses.
+    pub fn pairable(&self) -> Vec<SocketAddr> {
+        self.0.iter().map(|p| p.primary).collect()
+    }
+
+    /// Pairs the listener at `primary` with a sibling: `public` is the IP
+    /// clients reach it at (named in OTHER-ADDRESS), `internal` its primary
+    /// STUN address for hand-offs; `None` unpairs (change-IP requests get
+    /// 420 again). Returns true when this changed the pairing.
+    pub fn set_sibling(&self, primary: SocketAddr, sibling: Option<(IpAddr, SocketAddr)>) -> bool {
+        let Some(p) = self.0.iter().find(|p| p.primary == primary) else {
+            return false;
+        };
+        let mut current = p.current.lock().unwrap_or_else(|e| e.into_inner());
+        if *current == sibling {
+            return false;
+        }
+        *current = sibling;
+        let paired = match sibling {
+            None => udp::Paired {
+                grid: p.base,
+                handoff: None,
+            },
+            Some((public, internal)) => {
+                let mut grid = p.base;
+                grid.ips[1] = internal.ip();
+                grid.advertised[1] = public;
+                grid.alt_ip = true;
+                grid.sibling = true;
+                udp::Paired {
+                    grid,
+                    handoff: Some(Arc::new(udp::HandoffPeer {
+                        key: p.key.clone(),
+                        sibling: internal,
+                        sent: p.metrics.handoffs_sent.clone(),
+                        answered: p.metrics.handoffs_answered.clone(),
+                        rejected: p.metrics.handoffs_rejected.clone(),
+                    })),
+                }
+            }
+        };
+        p.cell.store(Arc::new(paired));
+        info!(%primary, sibling = ?sibling, "RFC 5780 sibling changed");
+        true
+    }
+}
+
+/// A listener whose RFC 5780 sibling is chosen at run time.
+#[derive(Debug)]
+struct Pairing {
+    primary: SocketAddr,
+    base: Grid,
+    key: ring::hmac::Key,
+    metrics: CdxMetrics,
+    cell: Arc<arc_swap::ArcSwap<udp::Paired>>,
+    current: std::sync::Mutex<Option<(IpAddr, SocketAddr)>>,
 }
 
 /// True for errors that mean "this host has no IPv6": such a default
@@ -75,6 +142,8 @@ impl CdxServer {
             shutdown,
             tasks: Vec::new(),
             exchange: None,
+            pairings: Vec::new(),
+            siblings: None,
         };
         let opts = UdpOptions::default();
         let rfc5780 = config.alternate_port.is_some()
@@ -107,7 +176,10 @@ impl CdxServer {
             let addr = first
                 .local_addr()
                 .with_context(|| format!("reading the address bound for {requested}"))?;
-            let sibling = config.sibling.filter(|ip| ip.is_ipv4() == addr.is_ipv4());
+            let sibling = config
+                .sibling
+                .and_then(Sibling::ip)
+                .filter(|ip| ip.is_ipv4() == addr.is_ipv4());
             let alt_ip = config
                 .alternate_ip
                 .filter(|ip| ip.is_ipv4() == addr.is_ipv4())
@@ -138,6 +210,28 @@ impl CdxServer {
                     answered: metrics.handoffs_answered.clone(),
                     rejected: metrics.handoffs_rejected.clone(),
                 })),
+                _ => None,
+            };
+            // `--stun-sibling auto`: the pairing changes at run time; the
+            // loops read it per batch.
+            let dynamic = match (config.sibling, &handoff_key, grid) {
+                (Some(Sibling::Auto), Some(key), Some(g))
+                    if addr.ip().is_ipv4() == g.ips[0].is_ipv4() =>
+                {
+                    let cell = Arc::new(arc_swap::ArcSwap::from_pointee(udp::Paired {
+                        grid: g,
+                        handoff: None,
+                    }));
+                    server.pairings.push(Pairing {
+                        primary: addr,
+                        base: g,
+                        key: key.clone(),
+                        metrics: metrics.clone(),
+                        cell: cell.clone(),
+                        current: std::sync::Mutex::new(None),
+                    });
+                    Some(cell)
+                }
                 _ => None,
             };
             // Every socket of the grid (just the primary without RFC 5780),
@@ -200,6 +294,7 @@ impl CdxServer {
                             site: grid.map(|grid| Site { grid, arrived: via }),
                             senders: senders.clone(),
                             handoff: handoff.clone(),
+                            dynamic: dynamic.clone(),
                             limits: config.limits(),
                             exchange: Some((exchange_tx.clone(), overloaded.clone())),
                         },
@@ -238,7 +333,17 @@ impl CdxServer {
             anyhow::bail!("no STUN listener could be bound (--stun-listen)");
         }
         server.exchange = Some(exchange_rx);
+        if !server.pairings.is_empty() {
+            server.siblings = Some(SiblingHandle(Arc::new(std::mem::take(
+                &mut server.pairings,
+            ))));
+        }
         Ok(server)
+    }
+
+    /// With `--stun-sibling auto`: the handle that sets siblings.
+    pub fn siblings(&self) -> Option<SiblingHandle> {
+        self.siblings.clone()
     }
 
     /// The exchange inbox and sockets, for the [`crate::exchange::ExchangeActor`]

@@ -33,11 +33,22 @@ pub(super) struct LoopSetup {
     pub(super) senders: Arc<Senders>,
     /// The sibling for change-IP requests, in sibling mode.
     pub(super) handoff: Option<Arc<HandoffPeer>>,
+    /// With `--stun-sibling auto`: the current pairing, replacing `site`'s
+    /// grid and `handoff` from one batch to the next.
+    pub(super) dynamic: Option<Arc<arc_swap::ArcSwap<Paired>>>,
     /// Caps on answers per source prefix and in total.
     pub(super) limits: UnauthLimits,
     /// Where exchange messages go, and the counter of those dropped
     /// because the exchange actor is behind.
     pub(super) exchange: Option<(ExchangeSender, IntCounter)>,
+}
+
+/// A run-time pairing: the grid with the sibling's IP, and the hand-off
+/// peer.
+#[derive(Debug)]
+pub(super) struct Paired {
+    pub(super) grid: crate::Grid,
+    pub(super) handoff: Option<Arc<HandoffPeer>>,
 }
 
 /// The sibling node that serves this node's change-IP requests.
@@ -70,9 +81,10 @@ pub(super) async fn run(
     let mut batch = RecvBatch::for_socket(&io, MAX_DATAGRAM);
     let mut out = [0u8; 1500];
     let LoopSetup {
-        site,
+        mut site,
         senders,
-        handoff,
+        mut handoff,
+        dynamic,
         limits,
         exchange,
     } = setup;
@@ -97,6 +109,11 @@ pub(super) async fn run(
                     // kernels; they concern one peer, not the socket.
                     debug!(error = %e, local = %io.local_addr(), "UDP receive error");
                     continue;
+                }
+                if let (Some(cell), Some(s)) = (&dynamic, site.as_mut()) {
+                    let paired = cell.load();
+                    s.grid = paired.grid;
+                    handoff.clone_from(&paired.handoff);
                 }
                 for d in batch.datagrams() {
                     // A sibling handing us a change-IP request it cannot serve.

@@ -286,9 +286,11 @@ struct Running {
 }
 
 /// A generated id for this host's `role` when none is configured:
-/// `<role>-<hostname>-<port>` (unique per host and listener).
-fn generated_id(role: &str, port: u16) -> String {
-    format!("{role}-{}-{port}", cluster::hostname())
+/// `<role>-<hostname>-<address>-<port>` (unique per host and listener; no
+/// `:` or `.`, so it fits in a TURN token's username).
+fn generated_id(role: &str, listen: SocketAddr) -> String {
+    let ip = listen.ip().to_string().replace([':', '.'], "-");
+    format!("{role}-{}-{ip}-{}", cluster::hostname(), listen.port())
 }
 
 /// Runs `plan` until SIGINT/SIGTERM.
@@ -299,8 +301,12 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
     if let Some(relay) = &mut plan.relay
         && relay.relay_id.is_none()
     {
-        let port = relay.listen.first().map_or(3478, |a| a.port());
-        relay.relay_id = Some(generated_id("relay", port));
+        let listen = relay
+            .listen
+            .first()
+            .copied()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478)));
+        relay.relay_id = Some(generated_id("relay", listen));
     }
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -439,9 +445,14 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
         }
         if let (Some(config), Some(server)) = (&plan.cdx, &running.cdx) {
             let udp = cluster::public_addrs(server.udp_addrs(), config.advertise_ip);
-            let port = udp.first().map_or(3478, |a| a.port());
-            let rec = cluster::record(
-                generated_id("cdx", port),
+            let listen = server
+                .udp_addrs()
+                .first()
+                .copied()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478)));
+            let id = generated_id("cdx", listen);
+            let mut rec = cluster::record(
+                id.clone(),
                 Role::Cdx,
                 global,
                 udp,
@@ -449,6 +460,10 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
                 Vec::new(),
                 config.exchange_max_sessions as u64,
             );
+            rec.internal = server.udp_addrs().to_vec();
+            if let Some(handle) = server.siblings() {
+                cluster::SiblingPairer::new(store.clone(), id, handle).start();
+            }
             publishers.push(cluster::publish(
                 &store,
                 rec,

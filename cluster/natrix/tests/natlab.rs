@@ -224,8 +224,10 @@ fn loadtest_bin() -> std::path::PathBuf {
 fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     let loadtest = loadtest_bin();
     let _lab = Lab::up();
-    // The two CDX nodes share a Redis in the lab, so participants of one
-    // session meet across nodes (the first uses node 1, the second node 2).
+    // The two CDX nodes share a Redis in the lab: they find each other as
+    // RFC 5780 siblings through the registry (`--stun-sibling auto`), and
+    // participants of one session meet across nodes (the first uses node 1,
+    // the second node 2).
     let _redis = Spawned(
         in_ns(
             "nx-pub",
@@ -247,9 +249,10 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         .expect("starting redis-server in the lab"),
     );
     std::thread::sleep(Duration::from_millis(300));
+    // No sibling flags: the nodes pair through the registry.
     let redis = ["--redis-url", "redis://127.0.0.1:6390"];
-    let _a = cdx_node_with("203.0.113.1", "203.0.113.2", &redis);
-    let _b = cdx_node_with("203.0.113.2", "203.0.113.1", &redis);
+    let _a = cdx_node_with("203.0.113.1", "auto", &redis);
+    let _b = cdx_node_with("203.0.113.2", "auto", &redis);
     let deadline = Instant::now() + Duration::from_secs(10);
     while probe("nx-c-open")["class"] != "open" {
         assert!(

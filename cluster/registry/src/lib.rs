@@ -113,6 +113,11 @@ pub struct HostRecord {
     pub heartbeat_ms: u64,
     /// How long after a heartbeat the record counts as alive.
     pub ttl_ms: u64,
+    /// The addresses the host's sockets are bound to, for traffic between
+    /// nodes (e.g. RFC 5780 sibling hand-offs) when they differ from the
+    /// public ones.
+    #[serde(default)]
+    pub internal: Vec<SocketAddr>,
 }
 
 impl HostRecord {
@@ -326,6 +331,31 @@ fn parse_records(fields: Vec<(String, Vec<u8>)>, now_ms: u64) -> (Vec<HostRecord
     (live, dead)
 }
 
+/// The live records of `role`, sorted by id (one store read).
+pub async fn read_live(
+    store: &Store,
+    role: Role,
+) -> Result<Vec<HostRecord>, natrix_store::StoreError> {
+    let fields = store.fields(role.key()).await?;
+    Ok(parse_records(fields, unix_ms()).0)
+}
+
+/// RFC 5780 sibling pairing over the live CDX nodes sorted by id: 0↔1,
+/// 2↔3, …; with an odd count the last pairs with the first (which then
+/// serves two nodes' hand-offs). `None` when alone.
+pub fn sibling_index(count: usize, own: usize) -> Option<usize> {
+    if count < 2 || own >= count {
+        return None;
+    }
+    if own % 2 == 1 {
+        Some(own - 1)
+    } else if own + 1 < count {
+        Some(own + 1)
+    } else {
+        Some(0)
+    }
+}
+
 /// Reads the registry into a [`SharedSnapshot`] every interval.
 pub struct SnapshotKeeper {
     store: Store,
@@ -431,6 +461,7 @@ mod tests {
             state: State::Active,
             heartbeat_ms,
             ttl_ms: 3000,
+            internal: Vec::new(),
         }
     }
 
@@ -453,6 +484,18 @@ mod tests {
         let (live, dead) = parse_records(fields, 5_000 + 3000 * 20);
         assert!(live.is_empty());
         assert_eq!(dead, ["b"]);
+    }
+
+    #[test]
+    fn siblings_pair_up_and_an_odd_one_joins_the_first() {
+        assert_eq!(sibling_index(1, 0), None);
+        assert_eq!(
+            (sibling_index(2, 0), sibling_index(2, 1)),
+            (Some(1), Some(0))
+        );
+        let three: Vec<_> = (0..3).map(|i| sibling_index(3, i)).collect();
+        assert_eq!(three, [Some(1), Some(0), Some(0)]);
+        assert_eq!(sibling_index(4, 3), Some(2));
     }
 
     #[test]
