@@ -52,9 +52,11 @@ pub(crate) struct Global {
     )]
     pub(crate) shutdown_timeout: Duration,
 
-    /// Redis shared by the cluster (`redis://[user:password@]host:port[/db]`);
-    /// without it, coordination state stays in this process (right for
-    /// `natrix up` and a single node). Unreachable at start is an error.
+    /// Redis shared by the cluster: `redis://[user:password@]host:port[/db]`,
+    /// `redis+cluster://host:port,host:port` (Redis Cluster seed nodes) or
+    /// `redis+sentinel://host:port,host:port/service` (Sentinel). Without it,
+    /// coordination state stays in this process (right for `natrix up` and
+    /// a single node). Unreachable at start is an error.
     #[arg(long, env = "NATRIX_REDIS_URL", global = true)]
     pub(crate) redis_url: Option<RedisUrl>,
 

@@ -6,9 +6,11 @@
 //!
 //! - [`Store::memory`]: a map in this process, the default when no Redis is
 //!   configured, so `natrix up` needs nothing else;
-//! - [`Store::redis`]: a Redis server through a connection manager that
-//!   reconnects by itself, with a timeout on every call and a Lua script
-//!   where an update must be atomic.
+//! - [`Store::redis`]: one Redis, a Redis Cluster or a Sentinel-managed
+//!   primary (`redis://`, `redis+cluster://`, `redis+sentinel://`), through
+//!   connections that reconnect (and follow a failover) by themselves, with
+//!   a timeout on every call and a Lua script where an update must be
+//!   atomic.
 //!
 //! Every key carries a TTL, so nothing grows without bound: a node that dies
 //! leaves nothing behind once its keys expire.
@@ -83,7 +85,8 @@ impl Store {
         Store::Memory(MemoryStore::new())
     }
 
-    /// Connects to Redis at `url` (`redis://[user:password@]host:port[/db]`).
+    /// Connects to Redis at `url`: `redis://[user:password@]host:port[/db]`,
+    /// `redis+cluster://host:port,…` or `redis+sentinel://host:port,…/service`.
     /// Fails if the first connection does not succeed within the timeout;
     /// later outages are per-call errors and heal by themselves.
     pub async fn redis(url: &str, options: RedisOptions) -> Result<Store, StoreError> {

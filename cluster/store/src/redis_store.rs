@@ -1,15 +1,27 @@
-//! The Redis store: a connection manager (reconnects by itself) with a
-//! timeout on every call, and Lua where an update must be atomic.
+//! The Redis store, with a timeout on every call, Lua where an update must
+//! be atomic, and reconnection by itself. Three deployments:
 //!
-//! Every command touches a single key, so the same code works against one
-//! Redis, a Sentinel-managed primary (give the primary's URL or a proxy) and
-//! Redis Cluster's key routing.
+//! - one Redis: `redis://[user:password@]host:port[/db]` (a connection
+//!   manager that reconnects to that address);
+//! - Redis Cluster: `redis+cluster://host:port,host:port,…` (seed nodes; the
+//!   cluster client follows slots and redirections);
+//! - Sentinel: `redis+sentinel://host:port,host:port,…/service` (the
+//!   sentinels are asked for the current primary; after a failover — a
+//!   refused connection or a READONLY answer — they are asked again).
+//!
+//! Every command touches a single key, so the same calls work in all three.
+//! Pub/sub goes to one node (classic PUBLISH reaches every node of a
+//! cluster) and re-subscribes after every disconnect, asking again where
+//! the primary is.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
 use tracing::{debug, info, warn};
 
 use crate::{PutField, StoreError, Subscription};
@@ -53,22 +65,73 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 ";
 
-/// A Redis-backed store (clones share the connection).
+/// The primary as the sentinels last named it.
+struct SentinelState {
+    sentinels: tokio::sync::Mutex<SentinelClient>,
+    current: tokio::sync::RwLock<(redis::Client, ConnectionManager)>,
+    last_resolve: std::sync::Mutex<Instant>,
+}
+
+enum Backend {
+    Single(redis::Client, ConnectionManager),
+    Cluster(Vec<redis::Client>, ClusterConnection),
+    Sentinel(SentinelState),
+}
+
+/// One connection of whichever backend, for one call.
 #[derive(Clone)]
-pub struct RedisStore {
-    client: redis::Client,
-    conn: ConnectionManager,
+enum AnyConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for AnyConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            AnyConn::Single(c) => c.req_packed_command(cmd),
+            AnyConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            AnyConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            AnyConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            AnyConn::Single(c) => c.get_db(),
+            AnyConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+struct Inner {
+    backend: Backend,
     options: RedisOptions,
     put_field: Script,
     incr: Script,
+    /// Where the connection info came from, for logs (no credentials).
+    describe: String,
+}
+
+/// A Redis-backed store (clones share the connection).
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The connection info may hold a password: show the address only.
-        let addr = self.client.get_connection_info().addr();
         f.debug_struct("RedisStore")
-            .field("addr", &addr.to_string())
+            .field("at", &self.inner.describe)
             .finish_non_exhaustive()
     }
 }
@@ -77,24 +140,180 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-impl RedisStore {
-    /// Connects to `url`; fails if the first connection fails.
-    pub async fn connect(url: &str, options: RedisOptions) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(options.response_timeout))
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
-        info!(addr = %client.get_connection_info().addr(), "connected to Redis");
-        Ok(RedisStore {
-            client,
-            conn,
-            options,
-            put_field: Script::new(PUT_FIELD),
-            incr: Script::new(INCR),
+fn manager_config(options: RedisOptions) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(options.response_timeout))
+        .set_connection_timeout(Some(options.connect_timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1))
+}
+
+/// `host:port,host:port` → `redis://host:port` each.
+fn node_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|n| {
+            if n.contains("://") {
+                n.to_owned()
+            } else {
+                format!("redis://{n}")
+            }
         })
+        .collect()
+}
+
+fn bad_url(what: String) -> StoreError {
+    StoreError::Redis(redis::RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "invalid Redis URL",
+        what,
+    )))
+}
+
+impl RedisStore {
+    /// Connects to `url` (see the module docs for the three forms); fails
+    /// if the first connection fails.
+    pub async fn connect(url: &str, options: RedisOptions) -> Result<RedisStore, StoreError> {
+        let (backend, describe) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let nodes = node_urls(rest);
+            if nodes.is_empty() {
+                return Err(bad_url("redis+cluster:// needs at least one node".into()));
+            }
+            let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                .connection_timeout(options.connect_timeout)
+                .response_timeout(options.response_timeout)
+                .retries(2)
+                .build()?;
+            let conn = client.get_async_connection().await?;
+            let clients = nodes
+                .iter()
+                .map(|n| redis::Client::open(n.as_str()))
+                .collect::<RedisResult<Vec<_>>>()?;
+            (
+                Backend::Cluster(clients, conn),
+                format!("cluster of {}", nodes.len()),
+            )
+        } else if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (list, service) = rest
+                .split_once('/')
+                .filter(|(_, s)| !s.is_empty())
+                .ok_or_else(|| {
+                    bad_url("redis+sentinel://host:port,…/service needs a service name".into())
+                })?;
+            let sentinels = node_urls(list);
+            let mut client = SentinelClient::build(
+                sentinels.clone(),
+                service.to_owned(),
+                None,
+                SentinelServerType::Master,
+            )?;
+            let primary = tokio::time::timeout(options.connect_timeout, client.async_get_client())
+                .await
+                .map_err(|_| bad_url("no sentinel answered in time".into()))??;
+            let manager =
+                ConnectionManager::new_with_config(primary.clone(), manager_config(options))
+                    .await?;
+            (
+                Backend::Sentinel(SentinelState {
+                    sentinels: tokio::sync::Mutex::new(client),
+                    current: tokio::sync::RwLock::new((primary, manager)),
+                    last_resolve: std::sync::Mutex::new(Instant::now()),
+                }),
+                format!("service {service} via {} sentinels", sentinels.len()),
+            )
+        } else {
+            let client = redis::Client::open(url)?;
+            let manager =
+                ConnectionManager::new_with_config(client.clone(), manager_config(options)).await?;
+            let describe = client.get_connection_info().addr().to_string();
+            (Backend::Single(client, manager), describe)
+        };
+        info!(at = %describe, "connected to Redis");
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                backend,
+                options,
+                put_field: Script::new(PUT_FIELD),
+                incr: Script::new(INCR),
+                describe,
+            }),
+        })
+    }
+
+    async fn conn(&self) -> AnyConn {
+        match &self.inner.backend {
+            Backend::Single(_, m) => AnyConn::Single(m.clone()),
+            Backend::Cluster(_, c) => AnyConn::Cluster(c.clone()),
+            Backend::Sentinel(s) => AnyConn::Single(s.current.read().await.1.clone()),
+        }
+    }
+
+    /// After a failed call: with Sentinel, a refused connection or a
+    /// READONLY answer means the primary moved; ask the sentinels again (at
+    /// most twice a second).
+    async fn recover(&self, e: &redis::RedisError) {
+        let Backend::Sentinel(s) = &self.inner.backend else {
+            return;
+        };
+        let moved = e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.code() == Some("READONLY");
+        if !moved {
+            return;
+        }
+        {
+            let mut last = s.last_resolve.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() < Duration::from_millis(500) {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let resolved = {
+            let mut sentinels = s.sentinels.lock().await;
+            tokio::time::timeout(
+                self.inner.options.connect_timeout,
+                sentinels.async_get_client(),
+            )
+            .await
+        };
+        let Ok(Ok(primary)) = resolved else {
+            debug!("sentinels did not name a primary yet");
+            return;
+        };
+        let same = s.current.read().await.0.get_connection_info().addr()
+            == primary.get_connection_info().addr();
+        if same {
+            return;
+        }
+        match ConnectionManager::new_with_config(
+            primary.clone(),
+            manager_config(self.inner.options),
+        )
+        .await
+        {
+            Ok(m) => {
+                warn!(primary = %primary.get_connection_info().addr(), "Redis primary changed (Sentinel failover)");
+                *s.current.write().await = (primary, m);
+            }
+            Err(err) => debug!(error = %err, "new primary not reachable yet"),
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut AnyConn) -> RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn().await;
+        match f(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.recover(&e).await;
+                Err(e.into())
+            }
+        }
     }
 
     pub(crate) async fn put_field(
@@ -105,15 +324,18 @@ impl RedisStore {
         ttl: Duration,
         max_fields: usize,
     ) -> Result<PutField, StoreError> {
-        let mut conn = self.conn.clone();
+        let script = &self.inner.put_field;
         let r: i64 = self
-            .put_field
-            .key(key)
-            .arg(field)
-            .arg(value)
-            .arg(millis(ttl))
-            .arg(max_fields)
-            .invoke_async(&mut conn)
+            .call(async |c| {
+                script
+                    .key(key)
+                    .arg(field)
+                    .arg(value)
+                    .arg(millis(ttl))
+                    .arg(max_fields)
+                    .invoke_async(c)
+                    .await
+            })
             .await?;
         match r {
             0 => Ok(PutField::Inserted),
@@ -126,26 +348,18 @@ impl RedisStore {
     }
 
     pub(crate) async fn fields(&self, key: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut conn = self.conn.clone();
-        let map: Vec<(String, Vec<u8>)> = conn.hgetall(key).await?;
-        Ok(map)
+        self.call(async |c| c.hgetall(key).await).await
     }
 
     pub(crate) async fn delete_field(&self, key: &str, field: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: u64 = conn.hdel(key, field).await?;
+        let _: u64 = self.call(async |c| c.hdel(key, field).await).await?;
         Ok(())
     }
 
     pub(crate) async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
-        let mut conn = self.conn.clone();
-        let n: u64 = self
-            .incr
-            .key(key)
-            .arg(millis(ttl))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(n)
+        let script = &self.inner.incr;
+        self.call(async |c| script.key(key).arg(millis(ttl)).invoke_async(c).await)
+            .await
     }
 
     pub(crate) async fn put(
@@ -154,26 +368,34 @@ impl RedisStore {
         value: &[u8],
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let () = conn.pset_ex(key, value, millis(ttl)).await?;
-        Ok(())
+        self.call(async |c| c.pset_ex(key, value, millis(ttl)).await)
+            .await
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut conn = self.conn.clone();
-        Ok(conn.get(key).await?)
+        self.call(async |c| c.get(key).await).await
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: u64 = conn.del(key).await?;
+        let _: u64 = self.call(async |c| c.del(key).await).await?;
         Ok(())
     }
 
     pub(crate) async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: u64 = conn.publish(channel, payload).await?;
+        let _: u64 = self
+            .call(async |c| c.publish(channel, payload).await)
+            .await?;
         Ok(())
+    }
+
+    /// The node subscriptions go to: the single server, the current
+    /// primary, or one of the cluster's seed nodes (rotating on failures).
+    async fn pubsub_client(&self, attempt: usize) -> redis::Client {
+        match &self.inner.backend {
+            Backend::Single(c, _) => c.clone(),
+            Backend::Cluster(clients, _) => clients[attempt % clients.len()].clone(),
+            Backend::Sentinel(s) => s.current.read().await.0.clone(),
+        }
     }
 
     /// A task holds a dedicated pub/sub connection and re-subscribes after
@@ -182,12 +404,15 @@ impl RedisStore {
         let (tx, sub) = Subscription::channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel::<()>();
         let mut ready_tx = Some(ready_tx);
-        let client = self.client.clone();
+        let store = self.clone();
         let channel = channel.to_owned();
-        let timeout = self.options.connect_timeout;
+        let timeout = self.inner.options.connect_timeout;
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
+            let mut attempt = 0usize;
             while !tx.is_closed() {
+                let client = store.pubsub_client(attempt).await;
+                attempt += 1;
                 let connected = tokio::time::timeout(timeout, async {
                     let mut pubsub = client.get_async_pubsub().await?;
                     pubsub.subscribe(&channel).await?;
@@ -198,6 +423,7 @@ impl RedisStore {
                     Ok(Ok(p)) => p,
                     Ok(Err(e)) => {
                         debug!(error = %e, %channel, "Redis subscription failed; retrying");
+                        store.recover(&e).await;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
@@ -228,7 +454,7 @@ impl RedisStore {
         });
         // Wait for the first subscription, so that what is published after
         // this returns reaches us; if Redis is down, go on and keep trying.
-        let _ = tokio::time::timeout(self.options.connect_timeout, ready).await;
+        let _ = tokio::time::timeout(timeout, ready).await;
         sub
     }
 }

@@ -87,3 +87,208 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A free loopback TCP port whose `+10000` (Redis Cluster's bus port) is
+/// free too.
+fn free_port_pair() -> u16 {
+    loop {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free TCP port");
+        if port < 55_000 && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("running redis-cli (installed with redis-server)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spawn_quiet(mut c: Command) -> Child {
+    c.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting redis-server (is it installed? see .ci/install-deps)")
+}
+
+/// A Redis Cluster of `n` primaries on loopback, every slot assigned.
+#[derive(Debug)]
+pub struct RedisCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts `n` (≥ 3) cluster-enabled servers and joins them.
+    ///
+    /// # Panics
+    ///
+    /// If redis-server or redis-cli is missing or the cluster does not form.
+    pub fn start(n: usize) -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "natrix-redis-cluster-{}-{}",
+            std::process::id(),
+            free_port_pair()
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let ports: Vec<u16> = (0..n).map(|_| free_port_pair()).collect();
+        let mut children = Vec::new();
+        for p in &ports {
+            let mut c = Command::new("redis-server");
+            c.args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
+                .args(["--dir", &dir.to_string_lossy()]);
+            children.push(spawn_quiet(c));
+        }
+        let cluster = RedisCluster {
+            ports,
+            children,
+            dir,
+        };
+        for p in &cluster.ports {
+            wait_for("a cluster node answers", || {
+                redis_cli(*p, &["ping"]).contains("PONG")
+            });
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(nodes.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        redis_cli(cluster.ports[0], &args);
+        for p in &cluster.ports {
+            wait_for("the cluster state is ok", || {
+                redis_cli(*p, &["cluster", "info"]).contains("cluster_state:ok")
+            });
+        }
+        cluster
+    }
+
+    /// `redis+cluster://127.0.0.1:p1,127.0.0.1:p2,…`.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A primary, one replica and one Sentinel watching them (service
+/// `natrix`, quorum 1, failover after 1 s of silence).
+#[derive(Debug)]
+pub struct RedisSentinel {
+    /// The primary (killed by [`RedisSentinel::kill_primary`]).
+    pub primary: RedisServer,
+    replica_port: u16,
+    replica: Child,
+    sentinel_port: u16,
+    sentinel: Child,
+    conf: std::path::PathBuf,
+}
+
+impl RedisSentinel {
+    /// Starts the three processes and waits until the Sentinel knows the
+    /// replica.
+    ///
+    /// # Panics
+    ///
+    /// If redis-server is missing or the set-up does not settle.
+    pub fn start() -> RedisSentinel {
+        let primary = RedisServer::start();
+        let replica_port = free_port_pair();
+        let mut c = Command::new("redis-server");
+        c.args(["--port", &replica_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+        let replica = spawn_quiet(c);
+        wait_for("the replica follows the primary", || {
+            redis_cli(replica_port, &["info", "replication"]).contains("master_link_status:up")
+        });
+        let sentinel_port = free_port_pair();
+        let conf = std::env::temp_dir().join(format!(
+            "natrix-sentinel-{}-{sentinel_port}.conf",
+            std::process::id()
+        ));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor natrix 127.0.0.1 {} 1\nsentinel down-after-milliseconds natrix 1000\nsentinel failover-timeout natrix 5000\n",
+                primary.port()
+            ),
+        )
+        .expect("writing the sentinel configuration");
+        let mut c = Command::new("redis-server");
+        c.arg(&conf).arg("--sentinel");
+        let sentinel = spawn_quiet(c);
+        wait_for("the sentinel knows the replica", || {
+            redis_cli(sentinel_port, &["sentinel", "replicas", "natrix"])
+                .contains(&replica_port.to_string())
+        });
+        RedisSentinel {
+            primary,
+            replica_port,
+            replica,
+            sentinel_port,
+            sentinel,
+            conf,
+        }
+    }
+
+    /// `redis+sentinel://127.0.0.1:<sentinel>/natrix`.
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/natrix", self.sentinel_port)
+    }
+
+    /// The replica's port (the primary after a failover).
+    pub fn replica_port(&self) -> u16 {
+        self.replica_port
+    }
+
+    /// Kills the primary; the Sentinel promotes the replica.
+    pub fn kill_primary(&mut self) {
+        self.primary.stop();
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for c in [&mut self.sentinel, &mut self.replica] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use natrix_store::testing::RedisServer;
+use natrix_store::testing::{RedisCluster, RedisSentinel, RedisServer};
 use natrix_store::{PutField, RedisOptions, Store};
 
 async fn redis(server: &RedisServer) -> Store {
@@ -191,4 +191,77 @@ async fn unreachable_redis_is_a_clear_error_at_start() {
     assert!(started.elapsed() < Duration::from_secs(10));
     let text = err.to_string();
     assert!(text.starts_with("redis: "), "{text}");
+}
+
+#[tokio::test]
+async fn redis_cluster_keeps_the_contract() {
+    let cluster = RedisCluster::start(3);
+    let store = Store::redis(&cluster.url(), RedisOptions::default())
+        .await
+        .expect("connecting to the test cluster");
+    bounded_hashes(&store).await;
+    everything_expires(&store).await;
+    broadcast(&store).await;
+    // Keys spread over the slots of all three primaries.
+    for i in 0..50 {
+        store
+            .put(&format!("spread-{i}"), b"x", Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    for i in 0..50 {
+        assert!(store.get(&format!("spread-{i}")).await.unwrap().is_some());
+    }
+}
+
+#[tokio::test]
+async fn sentinel_failover_moves_the_store_to_the_new_primary_by_itself() {
+    let mut set = RedisSentinel::start();
+    let store = Store::redis(&set.url(), RedisOptions::default())
+        .await
+        .expect("connecting through the sentinel");
+    bounded_hashes(&store).await;
+    let mut sub = store.subscribe("after-failover").await;
+    store
+        .put("k", b"before", Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    set.kill_primary();
+    let started = Instant::now();
+    loop {
+        match store.put("k", b"after", Duration::from_secs(60)).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "no write succeeded after the failover: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert_eq!(
+        store.get("k").await.unwrap().as_deref(),
+        Some(&b"after"[..])
+    );
+    // The write went to the promoted replica.
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &set.replica_port().to_string(), "get", "k"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "after");
+    // The subscription follows the primary too.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        store.publish("after-failover", b"hello").await.unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+            assert_eq!(m, b"hello");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "subscription did not follow the failover"
+        );
+    }
 }
