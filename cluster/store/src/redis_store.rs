@@ -75,7 +75,7 @@ struct SentinelState {
 enum Backend {
     Single(redis::Client, ConnectionManager),
     Cluster(Vec<redis::Client>, ClusterConnection),
-    Sentinel(SentinelState),
+    Sentinel(Box<SentinelState>),
 }
 
 /// One connection of whichever backend, for one call.
@@ -215,11 +215,11 @@ impl RedisStore {
                 ConnectionManager::new_with_config(primary.clone(), manager_config(options))
                     .await?;
             (
-                Backend::Sentinel(SentinelState {
+                Backend::Sentinel(Box::new(SentinelState {
                     sentinels: tokio::sync::Mutex::new(client),
                     current: tokio::sync::RwLock::new((primary, manager)),
                     last_resolve: std::sync::Mutex::new(Instant::now()),
-                }),
+                })),
                 format!("service {service} via {} sentinels", sentinels.len()),
             )
         } else {
