@@ -3,6 +3,7 @@
 mod tcp;
 mod udp;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct CdxServer {
     exchange: Option<ExchangeInbox>,
     pairings: Vec<Pairing>,
     siblings: Option<SiblingHandle>,
+    cells: Vec<(SocketAddr, Via, std::net::UdpSocket)>,
+    grids: Vec<(SocketAddr, Grid)>,
 }
 
 /// Sets the RFC 5780 siblings of a server started with
@@ -130,6 +133,52 @@ impl CdxServer {
         workers: usize,
         telemetry: &Telemetry,
     ) -> anyhow::Result<CdxServer> {
+        Self::start_inner(runtime, config, workers, telemetry, HashMap::new())
+    }
+
+    /// RFC 5780 beside another role's listener (`natrix up`): `primaries`
+    /// are clones of the sockets another role already serves on each
+    /// `config.listen` address. Only the other cells of the grid (alternate
+    /// port and IP) get sockets and loops here; the primaries are used to
+    /// send answers routed to them, never read. No TCP listener.
+    pub fn start_beside(
+        runtime: &Handle,
+        config: &CdxConfig,
+        workers: usize,
+        telemetry: &Telemetry,
+        primaries: Vec<std::net::UdpSocket>,
+    ) -> anyhow::Result<CdxServer> {
+        let mut external = HashMap::new();
+        for s in primaries {
+            let addr = s
+                .local_addr()
+                .context("reading a primary socket's address")?;
+            external.insert(addr, s);
+        }
+        Self::start_inner(runtime, config, workers, telemetry, external)
+    }
+
+    /// The RFC 5780 grid of each primary address.
+    pub fn grids(&self) -> Vec<(SocketAddr, Grid)> {
+        self.grids.clone()
+    }
+
+    /// Clones of the first socket of every cell (primary address, cell,
+    /// socket), for a sender outside the loops.
+    pub fn cell_sockets(&self) -> std::io::Result<Vec<(SocketAddr, Via, std::net::UdpSocket)>> {
+        self.cells
+            .iter()
+            .map(|(a, v, s)| Ok((*a, *v, s.try_clone()?)))
+            .collect()
+    }
+
+    fn start_inner(
+        runtime: &Handle,
+        config: &CdxConfig,
+        workers: usize,
+        telemetry: &Telemetry,
+        mut external: HashMap<SocketAddr, std::net::UdpSocket>,
+    ) -> anyhow::Result<CdxServer> {
         let _guard = runtime.enter();
         let responder = Arc::new(BindingResponder::new(Some(config.software.clone())));
         let metrics = CdxMetrics::new(telemetry);
@@ -144,6 +193,8 @@ impl CdxServer {
             exchange: None,
             pairings: Vec::new(),
             siblings: None,
+            cells: Vec::new(),
+            grids: Vec::new(),
         };
         let opts = UdpOptions::default();
         let rfc5780 = config.alternate_port.is_some()
@@ -162,7 +213,13 @@ impl CdxServer {
                     "--stun-alternate-port/--stun-alternate-ip need specific --stun-listen addresses (got {requested}): RESPONSE-ORIGIN and OTHER-ADDRESS must name real addresses"
                 );
             }
-            let first = match ensure_udp_free(requested).and_then(|()| bind_udp(requested, &opts)) {
+            let beside = external.remove(&requested);
+            let is_beside = beside.is_some();
+            let bound = match beside {
+                Some(s) => Ok(s),
+                None => ensure_udp_free(requested).and_then(|()| bind_udp(requested, &opts)),
+            };
+            let first = match bound {
                 Ok(s) => s,
                 Err(e) if ipv6_unavailable(&requested, &e) => {
                     warn!(%requested, error = %e, "IPv6 unavailable; skipping this listener");
@@ -248,6 +305,11 @@ impl CdxServer {
                 let mut sockets = Vec::new();
                 if let Some(f) = first.take() {
                     sockets.push(f);
+                    if is_beside {
+                        // Another role reads the primary: send only.
+                        cells.push((via, sockets));
+                        continue;
+                    }
                 } else {
                     sockets.push(
                         ensure_udp_free(cell_addr)
@@ -264,6 +326,15 @@ impl CdxServer {
             }
             let mut ios: Vec<(Via, Vec<Arc<UdpIo>>)> = Vec::new();
             for (via, sockets) in cells {
+                if let Some(first) = sockets.first() {
+                    server.cells.push((
+                        addr,
+                        via,
+                        first
+                            .try_clone()
+                            .with_context(|| format!("cloning a STUN UDP socket of {addr}"))?,
+                    ));
+                }
                 // Exchange answers and deliveries leave from the socket the
                 // participant used (a clone: same address and port).
                 if let Some(first) = sockets.first() {
@@ -287,6 +358,9 @@ impl CdxServer {
             }
             let senders = Arc::new(senders);
             for (via, v) in ios {
+                if is_beside && via == Via::default() {
+                    continue;
+                }
                 for io in v {
                     server.tasks.push(runtime.spawn(udp::run(
                         io,
@@ -305,11 +379,12 @@ impl CdxServer {
                 }
             }
             if let Some(g) = grid {
+                server.grids.push((addr, g));
                 info!(cells = ?g.cells().map(|v| g.addr(v)).collect::<Vec<_>>(), "RFC 5780 NAT discovery on");
             }
             server.udp_addrs.push(addr);
 
-            if config.tcp {
+            if config.tcp && !is_beside {
                 // Same port as UDP, as STUN clients expect.
                 let listener =
                     bind_tcp(addr, 1024).with_context(|| format!("binding STUN TCP on {addr}"))?;

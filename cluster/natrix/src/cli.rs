@@ -168,6 +168,16 @@ pub(crate) struct UpArgs {
 
     #[command(flatten)]
     pub(crate) lookup: natrix_lookup::LookupConfig,
+
+    /// RFC 5780 NAT behaviour discovery on up's listener: an alternate port
+    /// on the --turn-listen IPs (needs specific --turn-listen addresses).
+    #[arg(long = "stun-alternate-port", env = "NATRIX_STUN_ALTERNATE_PORT")]
+    pub(crate) stun_alternate_port: Option<u16>,
+
+    /// RFC 5780 on up's listener: a second IP of this host (with
+    /// --stun-alternate-port, all four address/port combinations).
+    #[arg(long = "stun-alternate-ip", env = "NATRIX_STUN_ALTERNATE_IP")]
+    pub(crate) stun_alternate_ip: Option<std::net::IpAddr>,
 }
 
 /// Options of `natrix lookup`.

@@ -74,6 +74,7 @@ fn main() -> ExitCode {
             args.relay.clone(),
             args.cluster_secret.clone(),
             args.lookup.clone(),
+            (args.stun_alternate_port, args.stun_alternate_ip),
         )
         .and_then(|plan| serve::run(&cli.global, plan)),
         Command::Cdx(args) => serve::run(

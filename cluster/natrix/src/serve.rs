@@ -39,6 +39,8 @@ pub(crate) struct Plan {
     pub(crate) lookup: Option<(LookupConfig, Vec<TurnSecret>)>,
     /// The cluster secret: exchange tickets (CDX verifies, lookup mints).
     pub(crate) cluster_secret: Option<ClusterSecret>,
+    /// RFC 5780 on up's listener: alternate port and/or IP.
+    pub(crate) up_rfc5780: Option<(Option<u16>, Option<std::net::IpAddr>)>,
 }
 
 impl Plan {
@@ -49,7 +51,15 @@ impl Plan {
         relay: RelayConfig,
         cluster_secret: Option<ClusterSecret>,
         lookup: LookupConfig,
+        rfc5780: (Option<u16>, Option<std::net::IpAddr>),
     ) -> anyhow::Result<Plan> {
+        if (rfc5780.0.is_some() || rfc5780.1.is_some())
+            && relay.listen.iter().any(|a| a.ip().is_unspecified())
+        {
+            anyhow::bail!(
+                "--stun-alternate-port/--stun-alternate-ip need specific --turn-listen addresses: RESPONSE-ORIGIN and OTHER-ADDRESS must name real addresses"
+            );
+        }
         let mut relay = with_dev_credentials(relay);
         if relay.auth_secrets.is_empty() {
             relay
@@ -76,6 +86,7 @@ impl Plan {
             cdx: None,
             lookup: Some((lookup, secrets)),
             cluster_secret: Some(cluster_secret.unwrap_or_else(|| ClusterSecret(random_token(32)))),
+            up_rfc5780: (rfc5780.0.is_some() || rfc5780.1.is_some()).then_some(rfc5780),
         })
     }
 }
@@ -175,7 +186,16 @@ struct CdxOnRelay {
     /// Exchange messages go to the actor; the counter of those dropped
     /// because it is behind.
     exchange: (ExchangeSender, prometheus::IntCounter),
+    /// RFC 5780 on up's listener: per bound address, the grid and the
+    /// sockets of its cells (filled once the alternate cells are bound).
+    rfc5780: Arc<std::sync::OnceLock<Rfc5780Cells>>,
 }
+
+/// Per primary address: where it sits in its grid, and a socket per cell.
+type Rfc5780Cells = std::collections::HashMap<
+    SocketAddr,
+    (natrix_cdx::Site, [[Option<Arc<std::net::UdpSocket>>; 2]; 2]),
+>;
 
 impl BindingDelegate for CdxOnRelay {
     fn handle(
@@ -214,7 +234,14 @@ impl BindingDelegate for CdxOnRelay {
             }
             return None;
         }
-        let mut outcome = self.responder.handle(packet, from, out);
+        let cells = self
+            .rfc5780
+            .get()
+            .and_then(|m| m.get(&local.0))
+            .filter(|_| transport == Transport::Udp);
+        let mut outcome = self
+            .responder
+            .handle_at(packet, from, cells.map(|(site, _)| *site), out);
         if transport == Transport::Udp
             && matches!(outcome, Outcome::Reply { .. })
             && !self.limiter.allow(from.ip(), std::time::Instant::now())
@@ -227,6 +254,19 @@ impl BindingDelegate for CdxOnRelay {
         };
         counters.record(packet.len(), &outcome);
         match outcome {
+            // RFC 5780: answered from another cell, or to another port.
+            Outcome::Reply {
+                len,
+                route: Some((via, to)),
+                ..
+            } => {
+                let sender = cells.and_then(|(_, senders)| senders[via.ip][via.port].as_ref());
+                match sender.map(|s| s.send_to(&out[..len], to)) {
+                    Some(Ok(_)) => counters.sent(len),
+                    _ => counters.send_failed(),
+                }
+                None
+            }
             Outcome::Reply { len, .. } => {
                 counters.sent(len);
                 Some(len)
@@ -246,6 +286,7 @@ fn cdx_delegate(
     relay: &RelayConfig,
     telemetry: &Telemetry,
     exchange: ExchangeSender,
+    rfc5780: Arc<std::sync::OnceLock<Rfc5780Cells>>,
 ) -> DelegateFactory {
     let responder = Arc::new(BindingResponder::new(Some(relay.software.clone())));
     let metrics = CdxMetrics::new(telemetry);
@@ -258,6 +299,7 @@ fn cdx_delegate(
             tcp: metrics.local(natrix_cdx::Transport::Tcp),
             limiter: UnauthLimiter::new(limits, std::time::Instant::now()),
             exchange: (exchange.clone(), overloaded.clone()),
+            rfc5780: rfc5780.clone(),
         }) as Box<dyn BindingDelegate>
     })
 }
@@ -277,6 +319,72 @@ fn with_dev_credentials(mut relay: RelayConfig) -> RelayConfig {
         relay.users.push(Redacted(format!("natrix:{password}")));
     }
     relay
+}
+
+/// RFC 5780 beside up's relay listener: sockets and loops for the
+/// alternate cells, the relay's own sockets as the primary cells.
+fn start_rfc5780_beside(
+    runtime: &tokio::runtime::Handle,
+    host: &RelayHost,
+    port: Option<u16>,
+    ip: Option<std::net::IpAddr>,
+    telemetry: &Telemetry,
+) -> anyhow::Result<CdxServer> {
+    use clap::Parser as _;
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        cdx: CdxConfig,
+    }
+    let listen: Vec<String> = host.udp_addrs().iter().map(ToString::to_string).collect();
+    let mut args = vec![
+        "natrix".to_owned(),
+        "--stun-listen".to_owned(),
+        listen.join(","),
+        "--stun-tcp".to_owned(),
+        "false".to_owned(),
+    ];
+    if let Some(p) = port {
+        args.extend(["--stun-alternate-port".to_owned(), p.to_string()]);
+    }
+    if let Some(ip) = ip {
+        args.extend(["--stun-alternate-ip".to_owned(), ip.to_string()]);
+    }
+    let config = Defaults::try_parse_from(args)
+        .context("configuring RFC 5780 beside the relay")?
+        .cdx;
+    let primaries = host
+        .udp_socket_clones()
+        .context("cloning the relay's sockets for RFC 5780")?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    CdxServer::start_beside(runtime, &config, 1, telemetry, primaries)
+}
+
+/// The delegate's view of the grid: per primary, its site and cell sockets.
+fn rfc5780_cells(server: &CdxServer) -> anyhow::Result<Rfc5780Cells> {
+    let mut map: Rfc5780Cells = std::collections::HashMap::new();
+    let grids = server.grids();
+    for (primary, via, socket) in server
+        .cell_sockets()
+        .context("cloning the RFC 5780 sockets")?
+    {
+        let Some(grid) = grids.iter().find(|(a, _)| *a == primary).map(|(_, g)| *g) else {
+            continue;
+        };
+        let entry = map.entry(primary).or_insert_with(|| {
+            (
+                natrix_cdx::Site {
+                    grid,
+                    arrived: natrix_cdx::Via::default(),
+                },
+                Default::default(),
+            )
+        });
+        entry.1[via.ip][via.port] = Some(Arc::new(socket));
+    }
+    Ok(map)
 }
 
 /// Running roles, stopped in reverse order of start.
@@ -333,15 +441,22 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
     // The exchange inbox and the limits its actor enforces.
     let mut exchange: Option<(ExchangeInbox, natrix_cdx::exchange::Limits)> = None;
     let mut gates = Vec::new();
+    let mut beside: Option<CdxServer> = None;
     if let Some(relay) = &plan.relay {
+        let rfc5780 = Arc::new(std::sync::OnceLock::new());
         let delegate = if plan.cdx_on_relay {
             let (sender, inbox) = natrix_cdx::exchange::inbox();
             exchange = Some((inbox, Default::default()));
-            Some(cdx_delegate(relay, &telemetry, sender))
+            Some(cdx_delegate(relay, &telemetry, sender, rfc5780.clone()))
         } else {
             None
         };
         let host = RelayHost::start(relay, workers, &telemetry, delegate)?;
+        if let Some((port, ip)) = plan.up_rfc5780 {
+            let server = start_rfc5780_beside(runtime.handle(), &host, port, ip, &telemetry)?;
+            let _ = rfc5780.set(rfc5780_cells(&server)?);
+            beside = Some(server);
+        }
         if let Some((inbox, _)) = &mut exchange {
             for (bound, socket) in host
                 .udp_socket_clones()
@@ -512,6 +627,11 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
 
     if let Some(relay) = running.relay.take() {
         relay.shutdown();
+    }
+    if let Some(server) = beside.take() {
+        let _ = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(2), server.shutdown()).await
+        });
     }
     if let Some(server) = running.cdx.take() {
         // The timer must be created inside the runtime, hence the async block.

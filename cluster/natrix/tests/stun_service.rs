@@ -482,3 +482,51 @@ fn advertised_addresses_replace_the_bound_ones_in_rfc5780_answers() {
         ))))
     );
 }
+
+/// RFC 5780 inside `natrix up`: the relay's listener is the primary cell,
+/// the alternate IP and port get their own sockets; coturn's natdiscovery
+/// and `natrix probe` complete their tests, and TURN still answers there.
+#[test]
+fn natrix_up_serves_rfc5780_on_its_single_listener() {
+    let alt_port = common::free_port();
+    let alt = alt_port.to_string();
+    let up = Natrix::up(&[
+        "--stun-alternate-ip",
+        "127.0.0.2",
+        "--stun-alternate-port",
+        &alt,
+        "--peer-allow",
+        "127.0.0.0/8",
+    ]);
+    let stdout = natdiscovery(up.stun.port());
+    assert!(
+        stdout.contains("NAT with Endpoint Independent Mapping"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("NAT with Endpoint Independent Filtering"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("Response origin: : 127.0.0.2:{alt_port}")),
+        "{stdout}"
+    );
+    let (ok, v, text) = probe_json(&["--json", &up.stun.to_string()]);
+    assert!(ok, "{text}");
+    assert_eq!(v["class"], "open", "{text}");
+    assert_eq!(v["other_address"], format!("127.0.0.2:{alt}"), "{text}");
+    // The same listener is still a TURN server.
+    let report = common::uclient(&[
+        "-u",
+        common::USER,
+        "-w",
+        common::PASSWORD,
+        "-n",
+        "5",
+        "-y",
+        "-p",
+        &up.stun.port().to_string(),
+        "127.0.0.1",
+    ]);
+    assert!(report.sent > 0 && report.lost == 0, "{}", report.output);
+}
