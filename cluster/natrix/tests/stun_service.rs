@@ -245,24 +245,21 @@ fn coturn_natdiscovery_runs_the_rfc5780_tests_against_natrix_cdx() {
         "--stun-alternate-port",
         &alt,
     ]);
-    let stdout = natdiscovery(natrix.stun.port());
-    assert!(
-        stdout.contains("NAT with Endpoint Independent Mapping"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("NAT with Endpoint Independent Filtering"),
-        "{stdout}"
-    );
-    // Answers to change-IP/port requests came from the alternate sockets.
-    assert!(
-        stdout.contains(&format!("Response origin: : 127.0.0.2:{alt_port}")),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains(&format!("Other addr: : 127.0.0.2:{alt_port}")),
-        "{stdout}"
-    );
+    assert_open_with_alternate(&natdiscovery(natrix.stun.port()), alt_port);
+}
+
+/// What coturn's natdiscovery prints for an open host against a server
+/// whose alternate address is 127.0.0.2:`alt_port`: endpoint-independent
+/// mapping and filtering, and the change answers from the alternate socket.
+fn assert_open_with_alternate(stdout: &str, alt_port: u16) {
+    for line in [
+        "NAT with Endpoint Independent Mapping".to_owned(),
+        "NAT with Endpoint Independent Filtering".to_owned(),
+        format!("Response origin: : 127.0.0.2:{alt_port}"),
+        format!("Other addr: : 127.0.0.2:{alt_port}"),
+    ] {
+        assert!(stdout.contains(&line), "{line} missing:\n{stdout}");
+    }
 }
 
 /// coturn's RFC 5780 mapping and filtering tests against 127.0.0.1:`port`.
@@ -498,19 +495,7 @@ fn natrix_up_serves_rfc5780_on_its_single_listener() {
         "--peer-allow",
         "127.0.0.0/8",
     ]);
-    let stdout = natdiscovery(up.stun.port());
-    assert!(
-        stdout.contains("NAT with Endpoint Independent Mapping"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("NAT with Endpoint Independent Filtering"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains(&format!("Response origin: : 127.0.0.2:{alt_port}")),
-        "{stdout}"
-    );
+    assert_open_with_alternate(&natdiscovery(up.stun.port()), alt_port);
     let (ok, v, text) = probe_json(&["--json", &up.stun.to_string()]);
     assert!(ok, "{text}");
     assert_eq!(v["class"], "open", "{text}");
