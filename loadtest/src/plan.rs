@@ -12,9 +12,9 @@ use anyhow::Context;
 /// Options of `plan`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct PlanArgs {
-    /// lookup's API address.
+    /// lookup's API address (`host:port`; names are resolved).
     #[arg(long, default_value = "127.0.0.1:8080")]
-    pub(crate) lookup: SocketAddr,
+    pub(crate) lookup: String,
     /// Concurrent connections (each one request in flight).
     #[arg(long, default_value_t = 16)]
     pub(crate) connections: usize,
@@ -65,9 +65,14 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
     Ok(status)
 }
 
-fn connection(args: &PlanArgs, body: &str, deadline: Instant) -> anyhow::Result<Tally> {
-    let stream = TcpStream::connect_timeout(&args.lookup, Duration::from_secs(2))
-        .with_context(|| format!("connecting to lookup at {}", args.lookup))?;
+fn connection(
+    args: &PlanArgs,
+    addr: SocketAddr,
+    body: &str,
+    deadline: Instant,
+) -> anyhow::Result<Tally> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to lookup at {addr}"))?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let request = format!(
@@ -93,14 +98,22 @@ fn connection(args: &PlanArgs, body: &str, deadline: Instant) -> anyhow::Result<
     Ok(tally)
 }
 
-/// Runs the scenario and returns its JSON report.
+/// Runs the scenario and returns its JSON report; an error when no plan
+/// succeeded (so the tool can gate a deployment check).
 pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<serde_json::Value> {
+    use std::net::ToSocketAddrs;
+    let addr = args
+        .lookup
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", args.lookup))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.lookup))?;
     let body = args.body.clone().unwrap_or_else(|| DEFAULT_BODY.to_owned());
     let started = Instant::now();
     let deadline = started + args.duration;
     let results: Vec<anyhow::Result<Tally>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.connections.max(1))
-            .map(|_| s.spawn(|| connection(args, &body, deadline)))
+            .map(|_| s.spawn(|| connection(args, addr, &body, deadline)))
             .collect();
         handles
             .into_iter()
@@ -122,9 +135,16 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<serde_json::Value> {
     }
     total.latencies_us.sort_unstable();
     let pct = |p: f64| crate::percentile(&total.latencies_us, p);
+    if total.ok == 0 {
+        anyhow::bail!(
+            "no plan succeeded against {} (answers by status: {:?})",
+            args.lookup,
+            total.errors
+        );
+    }
     Ok(serde_json::json!({
         "scenario": "plan",
-        "lookup": args.lookup.to_string(),
+        "lookup": args.lookup,
         "connections": args.connections,
         "seconds": elapsed,
         "plans": total.ok,

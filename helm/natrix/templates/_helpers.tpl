@@ -1,0 +1,109 @@
+{{/* Names and labels. */}}
+{{- define "natrix.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "natrix.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "natrix.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "natrix.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "relay"). */}}
+{{- define "natrix.selector" -}}
+app.kubernetes.io/name: {{ include "natrix.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "natrix.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "natrix.secretName" -}}
+{{- default (printf "%s-secrets" (include "natrix.fullname" .)) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{/* Command-line flags from a values map: null values are left out, lists
+joined with commas, everything else rendered as --key=value. */}}
+{{- define "natrix.flags" -}}
+{{- range $key, $value := . }}
+{{- if not (kindIs "invalid" $value) }}
+{{- if kindIs "slice" $value }}
+- {{ printf "--%s=%s" $key (join "," $value) | quote }}
+{{- else if and (kindIs "float64" $value) (eq (float64 (int64 $value)) $value) }}
+{{- /* YAML numbers arrive as floats: whole ones print as integers. */}}
+- {{ printf "--%s=%d" $key (int64 $value) | quote }}
+{{- else }}
+- {{ printf "--%s=%v" $key $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment every natrix container gets: secrets, Redis, pod IP. */}}
+{{- define "natrix.env" -}}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: HOST_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.hostIP
+- name: NATRIX_AUTH_SECRETS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "natrix.secretName" . }}
+      key: auth-secret
+- name: NATRIX_CLUSTER_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "natrix.secretName" . }}
+      key: cluster-secret
+{{- if .Values.redis.existingSecret }}
+- name: NATRIX_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: redis-url
+{{- else if .Values.redis.url }}
+- name: NATRIX_REDIS_URL
+  value: {{ .Values.redis.url | quote }}
+{{- else if .Values.redis.bundled.enabled }}
+- name: NATRIX_REDIS_URL
+  value: {{ printf "redis://%s-redis:6379" (include "natrix.fullname" .) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Probes on the metrics port. */}}
+{{- define "natrix.probes" -}}
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: metrics
+  periodSeconds: 2
+  failureThreshold: 2
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: metrics
+  initialDelaySeconds: 5
+  periodSeconds: 10
+  failureThreshold: 3
+{{- end -}}
