@@ -107,3 +107,13 @@ livenessProbe:
   periodSeconds: 10
   failureThreshold: 3
 {{- end -}}
+
+{{/* The drain hook: start natrix's drain (its SIGTERM handling: registry
+state draining, readiness failing, existing sessions kept) before the
+kubelet's own SIGTERM, and wait until it has finished and exited. */}}
+{{- define "natrix.lifecycle" -}}
+lifecycle:
+  preStop:
+    exec:
+      command: ["/bin/sh", "-c", "kill -TERM 1; while kill -0 1 2>/dev/null; do sleep 1; done"]
+{{- end -}}
