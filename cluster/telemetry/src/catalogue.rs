@@ -254,6 +254,14 @@ pub const RELAY_ALLOCATIONS: MetricDef = metric(
     &[],
 );
 
+/// The relay's allocation limit.
+pub const RELAY_ALLOCATION_CAPACITY: MetricDef = metric(
+    "relay_allocation_capacity",
+    "Most allocations this relay accepts (--max-allocations); with relay_allocations, its utilisation.",
+    Kind::Gauge,
+    &[],
+);
+
 /// Allocations created.
 pub const RELAY_ALLOCATIONS_CREATED_TOTAL: MetricDef = metric(
     "relay_allocations_created_total",
@@ -568,6 +576,7 @@ pub const ALL: &[&MetricDef] = &[
     &CLUSTER_REGISTRY_HEARTBEATS_TOTAL,
     &CLUSTER_REGISTRY_REFRESHES_TOTAL,
     &RELAY_ALLOCATIONS,
+    &RELAY_ALLOCATION_CAPACITY,
     &RELAY_ALLOCATIONS_CREATED_TOTAL,
     &RELAY_ALLOCATIONS_ENDED_TOTAL,
     &RELAY_FORWARDED_PACKETS_TOTAL,

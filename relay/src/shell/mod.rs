@@ -124,6 +124,9 @@ impl RelayHost {
         let credentials = config.credentials().map_err(anyhow::Error::msg)?;
         let policy = config.policy();
         let metrics = RelayMetrics::new(telemetry);
+        telemetry
+            .gauge(&natrix_telemetry::catalogue::RELAY_ALLOCATION_CAPACITY)
+            .set(i64::try_from(config.max_allocations).unwrap_or(i64::MAX));
         if !natrix_net::raise_fd_limit() {
             warn!("could not raise the open-file limit; allocations may fail early");
         }
