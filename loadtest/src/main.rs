@@ -8,6 +8,7 @@
 //! the rate the server sustains instead of overrunning it. Every run is
 //! bounded in time.
 
+mod e2e;
 mod natlab;
 mod peer;
 mod plan;
@@ -48,6 +49,10 @@ enum Command {
     Natlab(natlab::NatlabArgs),
     /// Load on lookup's plan API: plans per second and latency percentiles.
     Plan(plan::PlanArgs),
+    /// The whole flow for client pairs: discovery, plan, exchange, direct
+    /// punch or TURN relay, datagrams both ways; success and time to the
+    /// first packet per mode.
+    E2e(e2e::E2eArgs),
     /// One session participant end to end: mapped address, exchange through
     /// CDX, direct punch. Prints a JSON report (the lab matrix runs these).
     Peer(peer::PeerArgs),
@@ -558,6 +563,7 @@ fn main() -> std::process::ExitCode {
         Command::Stun(args) => stun(args),
         Command::Natlab(args) => natlab::run(args),
         Command::Plan(args) => plan::run(args).map(|report| println!("{report}")),
+        Command::E2e(args) => e2e::run(args).map(|report| println!("{report}")),
         Command::Peer(args) => {
             let report = peer::run(args);
             println!("{report}");

@@ -426,7 +426,73 @@ pub struct Punched {
 }
 
 const PROBE_MAGIC: &[u8; 4] = b"NXP1";
-const PROBE_LEN: usize = 32;
+/// Length of a punch probe or acknowledgement.
+pub const PROBE_LEN: usize = 32;
+
+/// The punch messages of one participant, for paths [`punch`] does not
+/// drive itself (e.g. through a TURN relay): probes to send, and the
+/// verification of what arrives.
+#[derive(Clone)]
+pub struct ProbeCodec {
+    key: hmac::Key,
+    me: u8,
+}
+
+impl std::fmt::Debug for ProbeCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeCodec")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verified punch message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeMessage {
+    /// A probe from participant `from`; answer it with [`ProbeCodec::ack`].
+    Probe {
+        /// Who sent it.
+        from: u8,
+        /// Its nonce.
+        nonce: [u8; 8],
+    },
+    /// The acknowledgement of one of our probes.
+    Ack {
+        /// Who sent it.
+        from: u8,
+        /// The nonce of our probe.
+        nonce: [u8; 8],
+    },
+}
+
+impl ProbeCodec {
+    /// The codec of `invitation`'s participant.
+    pub fn new(invitation: &Invitation) -> ProbeCodec {
+        ProbeCodec {
+            key: punch_key(invitation),
+            me: invitation.participant(),
+        }
+    }
+
+    /// A probe with `nonce`.
+    pub fn probe(&self, nonce: [u8; 8]) -> [u8; PROBE_LEN] {
+        probe(&self.key, 1, self.me, nonce)
+    }
+
+    /// The acknowledgement of a probe with `nonce`.
+    pub fn ack(&self, nonce: [u8; 8]) -> [u8; PROBE_LEN] {
+        probe(&self.key, 2, self.me, nonce)
+    }
+
+    /// Verifies `bytes`; `None` unless a probe or ack of this session.
+    pub fn parse(&self, bytes: &[u8]) -> Option<ProbeMessage> {
+        match parse_probe(&self.key, bytes)? {
+            (1, from, nonce) => Some(ProbeMessage::Probe { from, nonce }),
+            (2, from, nonce) => Some(ProbeMessage::Ack { from, nonce }),
+            _ => None,
+        }
+    }
+}
 
 fn punch_key(invitation: &Invitation) -> hmac::Key {
     let derive = hmac::Key::new(hmac::HMAC_SHA256, &invitation.key.0);
@@ -471,12 +537,9 @@ pub fn punch(
     let me = invitation.participant();
     let started = Instant::now();
     let deadline = started + timeout;
-    let mut targets: Vec<SocketAddr> = peer
-        .candidates
-        .iter()
-        .filter(|c| c.kind != CandidateKind::Relayed)
-        .map(|c| c.addr)
-        .collect();
+    // A relayed candidate is a plain UDP address for us (relay-one: the
+    // peer allocated, we send straight to its relayed address).
+    let mut targets: Vec<SocketAddr> = peer.candidates.iter().map(|c| c.addr).collect();
     let mut sent: Vec<([u8; 8], Instant)> = Vec::new();
     let mut connected: Option<Punched> = None;
     let mut next_probe = started;

@@ -1,0 +1,386 @@
+//! `natrix-loadtest e2e`: the whole flow for client pairs, as applications
+//! run it — NAT discovery against CDX, a plan from lookup, the
+//! connection-data exchange, then a direct punch or the planned TURN relay,
+//! and datagrams both ways (the punch's probes and acknowledgements).
+//! Reports success and time to the first packet each way, per mode.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use natrix_cdx::client::{NatProfile, discover};
+use natrix_cdx::exchange::Invitation;
+use natrix_cdx::exchange::client::{
+    Candidate, CandidateKind, ConnectionData, PROBE_INTERVAL, ProbeCodec, ProbeMessage, exchange,
+    mapped_address, punch,
+};
+use natrix_wire::{ChannelData, ChannelNumber};
+
+use crate::turn::{Credentials, TurnClient, channel_data};
+
+/// Options of `e2e`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct E2eArgs {
+    /// lookup's API (`host:port`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) lookup: String,
+    /// Client pairs, run at the same time.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) pairs: usize,
+    /// Ask for relayed plans (as after a failed direct attempt).
+    #[arg(long)]
+    pub(crate) retry: bool,
+    /// Local address of side A's sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) local_a: IpAddr,
+    /// Local address of side B's sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) local_b: IpAddr,
+    /// Longest a pair may take.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Duration,
+}
+
+/// One HTTP exchange with lookup (HTTP/1.0: no chunked answers).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to lookup at {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("lookup did not answer HTTP")?;
+    let json = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((
+        status,
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+/// A profile in `natrix probe --json`'s form, for the plan request.
+fn profile_json(p: &NatProfile) -> serde_json::Value {
+    serde_json::json!({
+        "local_address": p.local.to_string(),
+        "mapped_address": p.mapped.map(|m| m.to_string()),
+        "mapping": p.mapping.map(|m| m.name()),
+        "filtering": p.filtering.map(|f| f.name()),
+        "class": p.class().map(|c| c.name()),
+        "udp_blocked": p.mapped.is_none(),
+    })
+}
+
+/// What one side measured.
+#[derive(Debug, Default)]
+struct SideResult {
+    ok: bool,
+    relayed: bool,
+    /// From the pair's start to this side's first acknowledged datagram.
+    first_packet: Option<Duration>,
+    rtt: Option<Duration>,
+}
+
+/// The TURN server a side's plan names (its first UDP URL).
+fn turn_server(side: &serde_json::Value) -> Option<(SocketAddr, Credentials)> {
+    let turn = side["ice_servers"]
+        .as_array()?
+        .iter()
+        .find(|s| s["username"].is_string())?;
+    let url = turn["urls"]
+        .as_array()?
+        .iter()
+        .filter_map(|u| u.as_str())
+        .find(|u| u.ends_with("transport=udp"))?;
+    let hostport = url.strip_prefix("turn:")?.split('?').next()?;
+    let addr = hostport.to_socket_addrs().ok()?.next()?;
+    Some((
+        addr,
+        Credentials {
+            user: turn["username"].as_str()?.to_owned(),
+            password: turn["credential"].as_str()?.to_owned(),
+        },
+    ))
+}
+
+/// Punches through our TURN allocation: probes go out as ChannelData to
+/// `target`, whatever comes back on the channel is answered the same way.
+fn punch_via_turn(
+    turn: &mut TurnClient,
+    codec: &ProbeCodec,
+    peer: u8,
+    target: SocketAddr,
+    started: Instant,
+    timeout: Duration,
+) -> anyhow::Result<(Duration, Duration)> {
+    const CHANNEL: u16 = 0x4000;
+    turn.bind_channel(CHANNEL, target)?;
+    let channel = ChannelNumber::new(CHANNEL).context("a valid channel number")?;
+    let deadline = Instant::now() + timeout;
+    let mut sent: Vec<([u8; 8], Instant)> = Vec::new();
+    let mut next = Instant::now();
+    let mut connected: Option<(Duration, Duration, Instant)> = None;
+    let mut frame = [0u8; 128];
+    let mut buf = [0u8; 2048];
+    loop {
+        let now = Instant::now();
+        if let Some((first, rtt, at)) = connected
+            && now >= at + natrix_cdx::exchange::client::LINGER
+        {
+            return Ok((first, rtt));
+        }
+        if now >= deadline {
+            bail!("no path through the relay within {timeout:?}");
+        }
+        if connected.is_none() && now >= next {
+            let nonce: [u8; 8] = rand::random();
+            let n = channel_data(&mut frame, channel, &codec.probe(nonce));
+            turn.socket.send(&frame[..n])?;
+            sent.push((nonce, now));
+            next = now + PROBE_INTERVAL;
+        }
+        turn.socket
+            .set_read_timeout(Some(Duration::from_millis(20)))?;
+        let Ok(n) = turn.socket.recv(&mut buf) else {
+            continue;
+        };
+        let Ok(cd) = ChannelData::parse(&buf[..n]) else {
+            continue;
+        };
+        match codec.parse(cd.payload) {
+            Some(ProbeMessage::Probe { from, nonce }) if from == peer => {
+                let n = channel_data(&mut frame, channel, &codec.ack(nonce));
+                turn.socket.send(&frame[..n])?;
+            }
+            Some(ProbeMessage::Ack { from, nonce }) if from == peer && connected.is_none() => {
+                if let Some((_, at)) = sent.iter().find(|(s, _)| *s == nonce) {
+                    connected = Some((started.elapsed(), at.elapsed(), Instant::now()));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One side: exchange, then punch directly or through its relay.
+fn side(
+    plan_side: &serde_json::Value,
+    local: IpAddr,
+    started: Instant,
+    timeout: Duration,
+) -> anyhow::Result<SideResult> {
+    let invitation: Invitation = plan_side["exchange"]["invitation"]
+        .as_str()
+        .context("no invitation in the plan")?
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let cdx: SocketAddr = plan_side["exchange"]["cdx"][0]
+        .as_str()
+        .context("no CDX node in the plan")?
+        .to_socket_addrs()?
+        .next()
+        .context("the CDX address resolves to nothing")?;
+    let peer_index = 1 - invitation.participant();
+    let socket = UdpSocket::bind((local, 0)).context("binding a client socket")?;
+    let mut turn = None;
+    let candidates = if plan_side["relayed"] == true {
+        let (server, creds) =
+            turn_server(plan_side).context("a relayed side without a TURN server")?;
+        let t = TurnClient::allocate(server, SocketAddr::new(local, 0), &creds)
+            .context("allocating on the planned relay")?;
+        let relayed = t.relayed;
+        turn = Some(t);
+        vec![Candidate {
+            kind: CandidateKind::Relayed,
+            addr: relayed,
+        }]
+    } else {
+        let mapped =
+            mapped_address(&socket, cdx, Duration::from_secs(2))?.context("no answer from CDX")?;
+        vec![
+            Candidate {
+                kind: CandidateKind::ServerReflexive,
+                addr: mapped,
+            },
+            Candidate {
+                kind: CandidateKind::Host,
+                addr: socket.local_addr()?,
+            },
+        ]
+    };
+    let data = ConnectionData {
+        class: None,
+        candidates,
+    };
+    let got = exchange(&socket, cdx, &invitation, &data, None, 1, timeout)
+        .context("exchanging connection data")?;
+    let peer = got
+        .peers
+        .get(&peer_index)
+        .context("the exchange returned no data of the other side")?;
+    let mut result = SideResult {
+        relayed: turn.is_some(),
+        ..SideResult::default()
+    };
+    if let Some(turn) = &mut turn {
+        // Through our relay to where the peer listens: its relayed address
+        // (relay-both) or its own (relay-one).
+        let target = peer
+            .candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::Relayed)
+            .or_else(|| {
+                peer.candidates
+                    .iter()
+                    .find(|c| c.kind == CandidateKind::ServerReflexive)
+            })
+            .context("the peer sent no reachable candidate")?
+            .addr;
+        let codec = ProbeCodec::new(&invitation);
+        let (first, rtt) = punch_via_turn(turn, &codec, peer_index, target, started, timeout)?;
+        result.first_packet = Some(first);
+        result.rtt = Some(rtt);
+        let _ = turn.release();
+    } else {
+        let t0 = started.elapsed();
+        let p = punch(&socket, &invitation, peer_index, peer, timeout)?;
+        result.first_packet = Some(t0 + p.elapsed);
+        result.rtt = Some(p.rtt);
+    }
+    result.ok = true;
+    Ok(result)
+}
+
+fn ms(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64() * 1000.0)
+}
+
+/// One pair: discovery, plan, both sides at once.
+fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    let pa = discover(cdx, SocketAddr::new(args.local_a, 0))?;
+    let pb = discover(cdx, SocketAddr::new(args.local_b, 0))?;
+    let body = serde_json::json!({
+        "a": {"profile": profile_json(&pa)},
+        "b": {"profile": profile_json(&pb)},
+        "retry": args.retry,
+    });
+    let (status, plan) = http(lookup, "POST", "/v1/plan", &body.to_string())?;
+    if status != 200 {
+        bail!(
+            "lookup answered {status}: {}",
+            plan["detail"].as_str().unwrap_or("?")
+        );
+    }
+    let (ra, rb) = std::thread::scope(|s| {
+        let a = s.spawn(|| side(&plan["a"], args.local_a, started, args.timeout));
+        let b = s.spawn(|| side(&plan["b"], args.local_b, started, args.timeout));
+        (
+            a.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("side A panicked"))),
+            b.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("side B panicked"))),
+        )
+    });
+    let report = |r: anyhow::Result<SideResult>| match r {
+        Ok(r) => serde_json::json!({
+            "ok": r.ok, "relayed": r.relayed,
+            "first_packet_ms": ms(r.first_packet), "rtt_ms": ms(r.rtt),
+        }),
+        Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+    };
+    let (a, b) = (report(ra), report(rb));
+    Ok(serde_json::json!({
+        "mode": plan["mode"],
+        "ok": a["ok"] == true && b["ok"] == true,
+        "a": a,
+        "b": b,
+    }))
+}
+
+/// Runs `pairs` pairs at once and reports per mode.
+pub(crate) fn run(args: &E2eArgs) -> anyhow::Result<serde_json::Value> {
+    let lookup = args
+        .lookup
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", args.lookup))?
+        .next()
+        .context("lookup resolves to no address")?;
+    let (status, relays) = http(lookup, "GET", "/v1/relays", "")?;
+    if status != 200 {
+        bail!("lookup's /v1/relays answered {status}");
+    }
+    let cdx: SocketAddr = relays["cdx"][0]["udp"][0]
+        .as_str()
+        .context("lookup knows no CDX node")?
+        .parse()?;
+    let results: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.pairs.max(1))
+            .map(|_| s.spawn(|| pair(args, lookup, cdx)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+                Err(_) => serde_json::json!({"ok": false, "error": "panicked"}),
+            })
+            .collect()
+    });
+    let mut by_mode: BTreeMap<String, (u64, u64, Vec<u32>)> = BTreeMap::new();
+    for r in &results {
+        let mode = r["mode"].as_str().unwrap_or("none").to_owned();
+        let e = by_mode.entry(mode).or_default();
+        e.0 += 1;
+        if r["ok"] == true {
+            e.1 += 1;
+            for side in ["a", "b"] {
+                if let Some(v) = r[side]["first_packet_ms"].as_f64() {
+                    e.2.push((v * 1000.0) as u32);
+                }
+            }
+        }
+    }
+    let modes: serde_json::Map<String, serde_json::Value> = by_mode
+        .into_iter()
+        .map(|(mode, (n, ok, mut t))| {
+            t.sort_unstable();
+            (
+                mode,
+                serde_json::json!({
+                    "pairs": n,
+                    "succeeded": ok,
+                    "success_ratio": ok as f64 / n as f64,
+                    "first_packet_ms_p50": crate::percentile(&t, 0.5),
+                    "first_packet_ms_p99": crate::percentile(&t, 0.99),
+                }),
+            )
+        })
+        .collect();
+    let failed = results.iter().filter(|r| r["ok"] != true).count();
+    let report = serde_json::json!({
+        "scenario": "e2e",
+        "pairs": results.len(),
+        "failed": failed,
+        "modes": modes,
+        "results": results,
+    });
+    if failed > 0 {
+        eprintln!("{report}");
+        bail!("{failed} of {} pairs failed", args.pairs);
+    }
+    Ok(report)
+}
