@@ -6,7 +6,8 @@
 #   natlab.sh status  list what exists
 #
 # Topology (documentation address ranges only):
-#   nx-pub     the "internet": CDX addresses 203.0.113.1 and 203.0.113.2 on lo
+#   nx-pub     the "internet": CDX addresses 203.0.113.1 and 203.0.113.2, a relay
+#              address 203.0.113.3, on lo
 #   nx-r-<t>   a NAT router per type: WAN 198.51.100.<4k+2>/30, LAN 10.<k>.0.1/24
 #   nx-c-<t>   a client behind it: 10.<k>.0.2/24
 #   nx-r-<t>-2, nx-c-<t>-2  a second router and client of each type, so that
@@ -72,6 +73,8 @@ up() {
   ip -n nx-pub link set lo up
   ip -n nx-pub addr add 203.0.113.1/32 dev lo
   ip -n nx-pub addr add 203.0.113.2/32 dev lo
+  # A TURN relay for pairs that cannot connect directly.
+  ip -n nx-pub addr add 203.0.113.3/32 dev lo
   # The "internet" routes between the routers' WAN links and open clients.
   ip netns exec nx-pub sysctl -qw net.ipv4.ip_forward=1
 

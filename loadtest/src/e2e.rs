@@ -18,7 +18,7 @@ use natrix_cdx::exchange::client::{
 };
 use natrix_wire::{ChannelData, ChannelNumber};
 
-use crate::turn::{Credentials, TurnClient, channel_data};
+use crate::turn::{Credentials, TurnClient};
 
 /// Options of `e2e`.
 #[derive(clap::Args, Debug)]
@@ -44,7 +44,7 @@ pub(crate) struct E2eArgs {
 }
 
 /// One HTTP exchange with lookup (HTTP/1.0: no chunked answers).
-fn http(
+pub(crate) fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -73,7 +73,7 @@ fn http(
 }
 
 /// A profile in `natrix probe --json`'s form, for the plan request.
-fn profile_json(p: &NatProfile) -> serde_json::Value {
+pub(crate) fn profile_json(p: &NatProfile) -> serde_json::Value {
     serde_json::json!({
         "local_address": p.local.to_string(),
         "mapped_address": p.mapped.map(|m| m.to_string()),
@@ -86,25 +86,34 @@ fn profile_json(p: &NatProfile) -> serde_json::Value {
 
 /// What one side measured.
 #[derive(Debug, Default)]
-struct SideResult {
-    ok: bool,
-    relayed: bool,
+pub(crate) struct SideResult {
+    pub(crate) ok: bool,
+    pub(crate) relayed: bool,
     /// From the pair's start to this side's first acknowledged datagram.
-    first_packet: Option<Duration>,
-    rtt: Option<Duration>,
+    pub(crate) first_packet: Option<Duration>,
+    pub(crate) rtt: Option<Duration>,
 }
 
-/// The TURN server a side's plan names (its first UDP URL).
-fn turn_server(side: &serde_json::Value) -> Option<(SocketAddr, Credentials)> {
+/// The TURN server a side's plan names: its first UDP URL, else its first
+/// TCP one (a UDP-blocked side gets only those); true for TCP.
+fn turn_server(side: &serde_json::Value) -> Option<(SocketAddr, Credentials, bool)> {
     let turn = side["ice_servers"]
         .as_array()?
         .iter()
         .find(|s| s["username"].is_string())?;
-    let url = turn["urls"]
+    let urls: Vec<&str> = turn["urls"]
         .as_array()?
         .iter()
         .filter_map(|u| u.as_str())
-        .find(|u| u.ends_with("transport=udp"))?;
+        .collect();
+    let pick = |transport: &str| {
+        urls.iter()
+            .find(|u| u.starts_with("turn:") && u.ends_with(transport))
+            .copied()
+    };
+    let (url, tcp) = pick("transport=udp")
+        .map(|u| (u, false))
+        .or_else(|| pick("transport=tcp").map(|u| (u, true)))?;
     let hostport = url.strip_prefix("turn:")?.split('?').next()?;
     let addr = hostport.to_socket_addrs().ok()?.next()?;
     Some((
@@ -113,11 +122,15 @@ fn turn_server(side: &serde_json::Value) -> Option<(SocketAddr, Credentials)> {
             user: turn["username"].as_str()?.to_owned(),
             password: turn["credential"].as_str()?.to_owned(),
         },
+        tcp,
     ))
 }
 
 /// Punches through our TURN allocation: probes go out as ChannelData to
-/// `target`, whatever comes back on the channel is answered the same way.
+/// `target`; what comes back (ChannelData, or a Data indication when the
+/// peer's NAT gave it another port toward the relay) is answered, and from
+/// then on the peer's address as the relay sees it is the target — reply to
+/// where datagrams actually come from.
 fn punch_via_turn(
     turn: &mut TurnClient,
     codec: &ProbeCodec,
@@ -126,15 +139,23 @@ fn punch_via_turn(
     started: Instant,
     timeout: Duration,
 ) -> anyhow::Result<(Duration, Duration)> {
-    const CHANNEL: u16 = 0x4000;
-    turn.bind_channel(CHANNEL, target)?;
-    let channel = ChannelNumber::new(CHANNEL).context("a valid channel number")?;
+    let mut channels: Vec<(SocketAddr, ChannelNumber)> = Vec::new();
+    let bind = |turn: &mut TurnClient, to: SocketAddr, channels: &mut Vec<(SocketAddr, ChannelNumber)>| -> anyhow::Result<ChannelNumber> {
+        if let Some((_, c)) = channels.iter().find(|(a, _)| *a == to) {
+            return Ok(*c);
+        }
+        let number = 0x4000 + channels.len() as u16;
+        turn.bind_channel(number, to)?;
+        let c = ChannelNumber::new(number).context("a valid channel number")?;
+        channels.push((to, c));
+        Ok(c)
+    };
+    let mut target = target;
+    let mut channel = bind(turn, target, &mut channels)?;
     let deadline = Instant::now() + timeout;
     let mut sent: Vec<([u8; 8], Instant)> = Vec::new();
     let mut next = Instant::now();
     let mut connected: Option<(Duration, Duration, Instant)> = None;
-    let mut frame = [0u8; 128];
-    let mut buf = [0u8; 2048];
     loop {
         let now = Instant::now();
         if let Some((first, rtt, at)) = connected
@@ -147,25 +168,41 @@ fn punch_via_turn(
         }
         if connected.is_none() && now >= next {
             let nonce: [u8; 8] = rand::random();
-            let n = channel_data(&mut frame, channel, &codec.probe(nonce));
-            turn.socket.send(&frame[..n])?;
+            turn.send_channel_data(channel, &codec.probe(nonce))?;
             sent.push((nonce, now));
             next = now + PROBE_INTERVAL;
         }
-        turn.socket
-            .set_read_timeout(Some(Duration::from_millis(20)))?;
-        let Ok(n) = turn.socket.recv(&mut buf) else {
+        let Some(packet) = turn.link.recv(Duration::from_millis(20))? else {
             continue;
         };
-        let Ok(cd) = ChannelData::parse(&buf[..n]) else {
+        let buf = packet;
+        let n = buf.len();
+        // ChannelData from a bound peer, or a Data indication from any
+        // permitted address of the peer.
+        let (from, payload): (SocketAddr, Vec<u8>) = if let Ok(cd) = ChannelData::parse(&buf[..n]) {
+            let Some((a, _)) = channels.iter().find(|(_, c)| c.value() == cd.channel) else {
+                continue;
+            };
+            (*a, cd.payload.to_vec())
+        } else if let Some((a, data)) = data_indication(&buf[..n]) {
+            (a, data)
+        } else {
             continue;
         };
-        match codec.parse(cd.payload) {
-            Some(ProbeMessage::Probe { from, nonce }) if from == peer => {
-                let n = channel_data(&mut frame, channel, &codec.ack(nonce));
-                turn.socket.send(&frame[..n])?;
+        let Some(msg) = codec.parse(&payload) else {
+            if std::env::var_os("NATRIX_DEBUG").is_some() { eprintln!("unparsed {} bytes from {from}", payload.len()); }
+            continue;
+        };
+        if std::env::var_os("NATRIX_DEBUG").is_some() { eprintln!("{msg:?} from {from} (target {target})"); }
+        if from != target {
+            target = from;
+            channel = bind(turn, target, &mut channels)?;
+        }
+        match msg {
+            ProbeMessage::Probe { from, nonce } if from == peer => {
+                turn.send_channel_data(channel, &codec.ack(nonce))?;
             }
-            Some(ProbeMessage::Ack { from, nonce }) if from == peer && connected.is_none() => {
+            ProbeMessage::Ack { from, nonce } if from == peer && connected.is_none() => {
                 if let Some((_, at)) = sent.iter().find(|(s, _)| *s == nonce) {
                     connected = Some((started.elapsed(), at.elapsed(), Instant::now()));
                 }
@@ -175,8 +212,22 @@ fn punch_via_turn(
     }
 }
 
+/// The peer address and data of a TURN Data indication.
+fn data_indication(packet: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
+    use natrix_wire::{Attribute, AttributeType, Class, Message, Method};
+    let msg = Message::parse(packet).ok()?;
+    if msg.method() != Method::DATA || msg.class() != Class::Indication {
+        return None;
+    }
+    let peer = match msg.decode(AttributeType::XOR_PEER_ADDRESS)? {
+        Ok(Attribute::XorPeerAddress(a)) => a,
+        _ => return None,
+    };
+    Some((peer, msg.get(AttributeType::DATA)?.to_vec()))
+}
+
 /// One side: exchange, then punch directly or through its relay.
-fn side(
+pub(crate) fn side(
     plan_side: &serde_json::Value,
     local: IpAddr,
     started: Instant,
@@ -197,10 +248,14 @@ fn side(
     let socket = UdpSocket::bind((local, 0)).context("binding a client socket")?;
     let mut turn = None;
     let candidates = if plan_side["relayed"] == true {
-        let (server, creds) =
+        let (server, creds, tcp) =
             turn_server(plan_side).context("a relayed side without a TURN server")?;
-        let t = TurnClient::allocate(server, SocketAddr::new(local, 0), &creds)
-            .context("allocating on the planned relay")?;
+        let t = if tcp {
+            TurnClient::allocate_tcp(server, &creds)
+        } else {
+            TurnClient::allocate(server, SocketAddr::new(local, 0), &creds)
+        }
+        .context("allocating on the planned relay")?;
         let relayed = t.relayed;
         turn = Some(t);
         vec![Candidate {
@@ -264,7 +319,7 @@ fn side(
     Ok(result)
 }
 
-fn ms(d: Option<Duration>) -> Option<f64> {
+pub(crate) fn ms(d: Option<Duration>) -> Option<f64> {
     d.map(|d| d.as_secs_f64() * 1000.0)
 }
 

@@ -44,9 +44,16 @@ pub(crate) struct NatlabArgs {
     #[arg(long)]
     pub(crate) json: Option<std::path::PathBuf>,
     /// matrix: exit non-zero unless every pair's outcome is what the NAT
-    /// behaviours predict (direct where feasible, no direct path elsewhere).
+    /// behaviours predict (direct where feasible; with --lookup, relayed
+    /// elsewhere; without, no direct path elsewhere).
     #[arg(long)]
     pub(crate) check: bool,
+    /// matrix: plan every pair with lookup at this address (reachable from
+    /// where this runs, e.g. inside nx-pub): direct where planned and
+    /// working, else a retry plan through a TURN relay — outcomes direct /
+    /// relayed / failed.
+    #[arg(long)]
+    pub(crate) lookup: Option<String>,
 }
 
 fn script(action: &str) -> anyhow::Result<()> {
@@ -106,7 +113,171 @@ fn peer_in(
         .with_context(|| format!("starting a peer in {ns}"))
 }
 
+/// A peer process in namespace `ns` with `extra` arguments; its JSON line.
+fn peer_json(ns: &str, cdx: SocketAddr, extra: &[&str], env: Option<(&str, String)>) -> serde_json::Value {
+    let run = || -> anyhow::Result<serde_json::Value> {
+        let exe = std::env::current_exe().context("locating natrix-loadtest")?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(exe)
+            .args(["peer", "--cdx", &cdx.to_string()])
+            .args(extra)
+            .stderr(Stdio::null());
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let out = c.output().with_context(|| format!("running a peer in {ns}"))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    run().unwrap_or_else(|e| serde_json::json!({"ok": false, "error": format!("{e:#}")}))
+}
+
+/// Runs both sides of `plan` in their namespaces; both reports.
+fn run_plan(plan: &serde_json::Value, ns: [&str; 2], cdx: SocketAddr) -> [serde_json::Value; 2] {
+    std::thread::scope(|s| {
+        let a = s.spawn(|| peer_json(ns[0], cdx, &[], Some(("NATRIX_PLAN_SIDE", plan["a"].to_string()))));
+        let b = s.spawn(|| peer_json(ns[1], cdx, &[], Some(("NATRIX_PLAN_SIDE", plan["b"].to_string()))));
+        [
+            a.join().unwrap_or_default(),
+            b.join().unwrap_or_default(),
+        ]
+    })
+}
+
+/// The matrix through lookup: profiles, plans, direct or relayed.
+fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let lookup: SocketAddr = lookup
+        .to_socket_addrs()?
+        .next()
+        .context("--lookup resolves to nothing")?;
+    let cdx = *args.cdx.first().context("--cdx is empty")?;
+    let plan = |a: &serde_json::Value, b: &serde_json::Value, retry: bool| {
+        let body = serde_json::json!({"a": {"profile": a}, "b": {"profile": b}, "retry": retry});
+        crate::e2e::http(lookup, "POST", "/v1/plan", &body.to_string())
+    };
+    // Each client's profile once (its NAT does not change between pairs).
+    let profiles: std::collections::BTreeMap<String, serde_json::Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = TYPES
+            .iter()
+            .flat_map(|t| [format!("nx-c-{t}"), format!("nx-c-{t}-2")])
+            .map(|ns| s.spawn(move || {
+                let p = peer_json(&ns, cdx, &["--profile-only"], None);
+                (ns, p)
+            }))
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let mut pairs = Vec::new();
+    for (i, a) in TYPES.iter().enumerate() {
+        for b in &TYPES[i..] {
+            pairs.push((*a, *b));
+        }
+    }
+    let results: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = pairs
+            .iter()
+            .map(|(a, b)| {
+                let (na, nb) = (format!("nx-c-{a}"), format!("nx-c-{b}-2"));
+                let (pa, pb) = (profiles[&na].clone(), profiles[&nb].clone());
+                let plan = &plan;
+                s.spawn(move || {
+                    let mut attempts = Vec::new();
+                    let mut outcome = "failed";
+                    for retry in [false, true] {
+                        let Ok((200, p)) = plan(&pa, &pb, retry) else {
+                            attempts.push(serde_json::json!({"retry": retry, "error": "no plan"}));
+                            break;
+                        };
+                        let reports = run_plan(&p, [&na, &nb], cdx);
+                        let ok = reports.iter().all(|r| r["ok"] == true);
+                        let mode = p["mode"].as_str().unwrap_or("?").to_owned();
+                        let setup = reports
+                            .iter()
+                            .filter_map(|r| r["first_packet_ms"].as_f64())
+                            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+                        attempts.push(serde_json::json!({"retry": retry, "mode": mode, "ok": ok, "setup_ms": setup, "peers": reports}));
+                        if ok {
+                            outcome = if mode == "direct" { "direct" } else { "relayed" };
+                            break;
+                        }
+                        if mode != "direct" {
+                            break;
+                        }
+                    }
+                    let setup = attempts.last().and_then(|a| a["setup_ms"].as_f64());
+                    serde_json::json!({
+                        "a": a, "b": b,
+                        "outcome": outcome,
+                        "expected": if feasible(a, b) { "direct" } else { "relayed" },
+                        "time_to_first_packet_ms": setup,
+                        "attempts": attempts,
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    print_outcomes(&results);
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({ "types": TYPES, "pairs": results, "profiles": profiles });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mismatches: Vec<String> = results
+        .iter()
+        .filter(|r| r["outcome"] != r["expected"])
+        .map(|r| format!("{} / {}: {} (expected {})", r["a"], r["b"], r["outcome"], r["expected"]))
+        .collect();
+    if args.check && !mismatches.is_empty() {
+        anyhow::bail!("the measured matrix differs from the prediction:\n  {}", mismatches.join("\n  "));
+    }
+    Ok(())
+}
+
+fn print_outcomes(results: &[serde_json::Value]) {
+    println!("outcome per pair (D direct, R relayed, - failed; ms to the first packet):");
+    print!("{:>9}", "");
+    for t in TYPES {
+        print!("{:>10}", short(t));
+    }
+    println!();
+    for a in TYPES {
+        print!("{:>9}", short(a));
+        for b in TYPES {
+            let r = results
+                .iter()
+                .find(|r| (r["a"] == a && r["b"] == b) || (r["a"] == b && r["b"] == a));
+            let cell = match r {
+                Some(r) if r["outcome"] == "failed" => "-".to_owned(),
+                Some(r) => format!(
+                    "{} {:.0}",
+                    if r["outcome"] == "direct" { "D" } else { "R" },
+                    r["time_to_first_packet_ms"].as_f64().unwrap_or(0.0)
+                ),
+                None => "?".to_owned(),
+            };
+            print!("{cell:>10}");
+        }
+        println!();
+    }
+}
+
+fn short(t: &str) -> &'static str {
+    match t {
+        "open" => "open",
+        "full-cone" => "full",
+        "restricted-cone" => "restr",
+        "port-restricted-cone" => "p-restr",
+        "symmetric" => "symm",
+        _ => "udp-blk",
+    }
+}
+
 fn matrix(args: &NatlabArgs) -> anyhow::Result<()> {
+    if let Some(lookup) = &args.lookup {
+        return matrix_with_lookup(args, lookup);
+    }
     let secret = args.cluster_secret.as_deref().context(
         "natlab matrix needs --cluster-secret (the CDX nodes' secret) to mint session tickets",
     )?;

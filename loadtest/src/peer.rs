@@ -18,9 +18,18 @@ pub(crate) struct PeerArgs {
     #[arg(long)]
     pub(crate) cdx: SocketAddr,
     /// This participant's invitation (`<ticket hex>.<key hex>`, as lookup
-    /// hands it out), or `-` to read it from the NATRIX_INVITATION variable.
-    #[arg(long, env = "NATRIX_INVITATION")]
-    pub(crate) invitation: Invitation,
+    /// hands it out); also read from NATRIX_INVITATION.
+    #[arg(long, env = "NATRIX_INVITATION", required_unless_present_any = ["plan_side", "profile_only"])]
+    pub(crate) invitation: Option<Invitation>,
+    /// This participant's part of a lookup plan (the `a` or `b` object, as
+    /// JSON; also read from NATRIX_PLAN_SIDE): exchange through its CDX,
+    /// then punch directly or through its TURN relay, as planned.
+    #[arg(long, env = "NATRIX_PLAN_SIDE")]
+    pub(crate) plan_side: Option<String>,
+    /// Only run NAT discovery against --cdx and print the profile (as a
+    /// plan request wants it).
+    #[arg(long)]
+    pub(crate) profile_only: bool,
     /// Run RFC 5780 discovery first and share the NAT class (adds about a
     /// second).
     #[arg(long)]
@@ -37,8 +46,34 @@ pub(crate) struct PeerArgs {
 /// are part of the report).
 pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     let started = Instant::now();
+    if args.profile_only {
+        return match natrix_cdx::client::discover(args.cdx, "0.0.0.0:0".parse().unwrap_or(args.cdx)) {
+            Ok(p) => crate::e2e::profile_json(&p),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+    }
+    if let Some(plan) = &args.plan_side {
+        let side: serde_json::Value = match serde_json::from_str(plan) {
+            Ok(v) => v,
+            Err(e) => return serde_json::json!({"ok": false, "error": format!("--plan-side: {e}")}),
+        };
+        let timeout = args.exchange_timeout.max(args.punch_timeout);
+        return match crate::e2e::side(&side, "0.0.0.0".parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()), started, timeout) {
+            Ok(r) => serde_json::json!({
+                "ok": r.ok,
+                "relayed": r.relayed,
+                "direct": r.ok && !r.relayed,
+                "first_packet_ms": crate::e2e::ms(r.first_packet),
+                "rtt_ms": crate::e2e::ms(r.rtt),
+            }),
+            Err(e) => serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")}),
+        };
+    }
+    let Some(invitation) = &args.invitation else {
+        return serde_json::json!({"ok": false, "error": "no --invitation"});
+    };
     let mut report = serde_json::json!({
-        "participant": args.invitation.participant(),
+        "participant": invitation.participant(),
         "direct": false,
     });
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -96,7 +131,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     let got = match exchange(
         &socket,
         args.cdx,
-        &args.invitation,
+        invitation,
         &data,
         codes,
         1,
@@ -111,7 +146,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     };
     report["peer_class"] = peer.class.map(|c| c.name()).into();
     let t = Instant::now();
-    match punch(&socket, &args.invitation, other, peer, args.punch_timeout) {
+    match punch(&socket, invitation, other, peer, args.punch_timeout) {
         Ok(p) => {
             report["direct"] = true.into();
             report["peer_addr"] = p.peer.to_string().into();

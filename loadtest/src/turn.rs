@@ -1,8 +1,10 @@
-//! A small blocking TURN client (long-term credentials, UDP) for load
-//! generation: allocate, create permissions, bind channels, frame data.
+//! A small blocking TURN client (long-term credentials, over UDP or TCP)
+//! for load generation and the end-to-end scenarios: allocate, bind
+//! channels, frame data.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use natrix_wire::{
@@ -19,11 +21,78 @@ pub(crate) struct Credentials {
     pub(crate) password: String,
 }
 
-/// One allocation held by one UDP socket.
+/// How the client reaches the server: a connected UDP socket, or a TCP
+/// stream carrying framed messages (RFC 8656 §12.5: ChannelData padded).
+#[derive(Debug)]
+pub(crate) enum Link {
+    /// UDP.
+    Udp(UdpSocket),
+    /// TCP, with the bytes read but not yet framed.
+    Tcp(TcpStream, Vec<u8>),
+}
+
+impl Link {
+    fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Link::Udp(s) => s.send(data).map(|_| ()),
+            Link::Tcp(s, _) => s.write_all(data),
+        }
+    }
+
+    /// The next datagram or frame, waiting at most `timeout`.
+    pub(crate) fn recv(&mut self, timeout: Duration) -> std::io::Result<Option<Vec<u8>>> {
+        let timeout = timeout.max(Duration::from_millis(1));
+        match self {
+            Link::Udp(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                let mut buf = vec![0u8; 2048];
+                match s.recv(&mut buf) {
+                    Ok(n) => Ok(Some(buf[..n].to_vec())),
+                    Err(e) if is_timeout(&e) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            Link::Tcp(s, pending) => {
+                let deadline = Instant::now() + timeout;
+                loop {
+                    if let Ok(Some(len)) = natrix_wire::frame_len(pending)
+                        && pending.len() >= len
+                    {
+                        let rest = pending.split_off(len);
+                        return Ok(Some(std::mem::replace(pending, rest)));
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    s.set_read_timeout(Some(left))?;
+                    let mut buf = [0u8; 4096];
+                    match s.read(&mut buf) {
+                        Ok(0) => {
+                            return Err(std::io::Error::other("the TURN server closed the connection"));
+                        }
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        Err(e) if is_timeout(&e) => return Ok(None),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// One allocation held by one UDP socket or TCP connection.
 #[derive(Debug)]
 pub(crate) struct TurnClient {
-    /// The socket, connected to the server.
-    pub(crate) socket: UdpSocket,
+    /// The connection to the server.
+    pub(crate) link: Link,
     /// The relayed transport address.
     pub(crate) relayed: SocketAddr,
     user: String,
@@ -32,25 +101,18 @@ pub(crate) struct TurnClient {
     key: IntegrityKey,
 }
 
-fn transact(socket: &UdpSocket, req: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 2048];
+fn transact(link: &mut Link, req: &[u8]) -> anyhow::Result<Vec<u8>> {
     let tid = &req[8..20];
-    for attempt in 0..5 {
-        socket.send(req).context("sending to the TURN server")?;
-        socket.set_read_timeout(Some(Duration::from_millis(200 << attempt)))?;
-        loop {
-            match socket.recv(&mut buf) {
-                Ok(n) if n >= 20 && &buf[8..20] == tid => return Ok(buf[..n].to_vec()),
-                Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break;
-                }
-                Err(e) => return Err(e).context("receiving from the TURN server"),
+    // Over TCP the stream retransmits; one send and a longer wait.
+    let attempts = if matches!(link, Link::Tcp(..)) { 1 } else { 5 };
+    for attempt in 0..attempts {
+        link.send(req).context("sending to the TURN server")?;
+        let deadline = Instant::now() + Duration::from_millis(if attempts == 1 { 3000 } else { 200 << attempt });
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match link.recv(left).context("receiving from the TURN server")? {
+                Some(m) if m.len() >= 20 && &m[8..20] == tid => return Ok(m),
+                Some(_) => continue,
+                None => break,
             }
         }
     }
@@ -71,7 +133,7 @@ fn error_code(msg: &Message<'_>) -> Option<u16> {
 }
 
 impl TurnClient {
-    /// Allocates on `server` from a fresh socket bound to `local`.
+    /// Allocates on `server` from a fresh UDP socket bound to `local`.
     pub(crate) fn allocate(
         server: SocketAddr,
         local: SocketAddr,
@@ -79,6 +141,20 @@ impl TurnClient {
     ) -> anyhow::Result<TurnClient> {
         let socket = UdpSocket::bind(local).context("binding a client socket")?;
         socket.connect(server)?;
+        Self::allocate_over(Link::Udp(socket), creds)
+    }
+
+    /// Allocates (a UDP relay) over a TCP connection to `server` (TURN over
+    /// TCP, for clients that cannot send UDP).
+    pub(crate) fn allocate_tcp(server: SocketAddr, creds: &Credentials) -> anyhow::Result<TurnClient> {
+        let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3))
+            .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
+        stream.set_nodelay(true)?;
+        Self::allocate_over(Link::Tcp(stream, Vec::new()), creds)
+    }
+
+    fn allocate_over(mut link: Link, creds: &Credentials) -> anyhow::Result<TurnClient> {
+        let local: SocketAddr = ([0, 0, 0, 0], 0).into();
         let mut buf = vec![0u8; 512];
         let tid = TransactionId(rand::random());
         let mut enc = Encoder::new(
@@ -88,7 +164,7 @@ impl TurnClient {
         )?;
         enc.attribute(&Attribute::RequestedTransport(17))?;
         let n = enc.finish();
-        let resp = transact(&socket, &buf[..n])?;
+        let resp = transact(&mut link, &buf[..n])?;
         let msg = Message::parse(&resp)?;
         if error_code(&msg) != Some(401) {
             bail!("expected a 401 challenge, got {:?}", error_code(&msg));
@@ -97,7 +173,7 @@ impl TurnClient {
         let nonce = text(&msg, AttributeType::NONCE).context("no NONCE in the challenge")?;
         let key = IntegrityKey::new(&long_term_key_md5(&creds.user, &realm, &creds.password));
         let mut client = TurnClient {
-            socket,
+            link,
             relayed: local,
             user: creds.user.clone(),
             realm,
@@ -134,7 +210,7 @@ impl TurnClient {
             enc.integrity(&self.key)?;
             enc.fingerprint()?;
             let n = enc.finish();
-            let resp = transact(&self.socket, &buf[..n])?;
+            let resp = transact(&mut self.link, &buf[..n])?;
             let msg = Message::parse(&resp)?;
             match msg.class() {
                 Class::Success => return Ok(resp),
@@ -153,6 +229,27 @@ impl TurnClient {
             enc.attribute(&Attribute::ChannelNumber(channel))?;
             enc.attribute(&Attribute::XorPeerAddress(peer))
         })?;
+        Ok(())
+    }
+
+    /// The UDP socket of a UDP client.
+    ///
+    /// # Panics
+    ///
+    /// For a TCP client (the load paths only make UDP ones).
+    pub(crate) fn udp_socket(&self) -> &UdpSocket {
+        match &self.link {
+            Link::Udp(s) => s,
+            Link::Tcp(..) => panic!("a TCP TURN client has no UDP socket"),
+        }
+    }
+
+    /// Sends `payload` on `channel` (padded over TCP).
+    pub(crate) fn send_channel_data(&mut self, channel: ChannelNumber, payload: &[u8]) -> anyhow::Result<()> {
+        let mut out = [0u8; 2048];
+        let padded = matches!(self.link, Link::Tcp(..));
+        let n = ChannelData::encode(&mut out, channel, payload, padded).unwrap_or(0);
+        self.link.send(&out[..n]).context("sending ChannelData")?;
         Ok(())
     }
 

@@ -112,7 +112,10 @@ pub struct RelayConfig {
     #[arg(long = "user", env = "NATRIX_USERS", value_delimiter = ',')]
     pub users: Vec<Redacted>,
 
-    /// IPv4 address relay sockets bind.
+    /// IPv4 address relay sockets bind. With 0.0.0.0 (the default) they bind
+    /// the listener's address when it is specific, so relayed datagrams leave
+    /// from the advertised address even on a host with several; else every
+    /// address.
     #[arg(long = "relay-ip", env = "NATRIX_RELAY_IP", default_value = "0.0.0.0")]
     pub relay_ip: IpAddr,
 
@@ -280,12 +283,26 @@ impl RelayConfig {
         primary_ipv4().unwrap_or(IpAddr::from([127, 0, 0, 1]))
     }
 
+    /// The IPv4 address relay sockets bind: --relay-ip, or the first
+    /// specific IPv4 listener (peers behind address-and-port-dependent
+    /// filters only accept datagrams from the exact relayed address they
+    /// sent to, and a wildcard socket lets the kernel pick the source).
+    pub fn relay_bind_v4(&self) -> IpAddr {
+        if !self.relay_ip.is_unspecified() {
+            return self.relay_ip;
+        }
+        self.listen
+            .iter()
+            .find(|l| l.is_ipv4() && !l.ip().is_unspecified())
+            .map_or(self.relay_ip, |l| l.ip())
+    }
+
     /// The core configuration (the same for every loop).
     pub fn server_config(&self) -> ServerConfig {
         ServerConfig {
             software: Some(self.software.clone()).filter(|s| !s.is_empty()),
             relay_v4: Some(RelayAddress {
-                bind: self.relay_ip,
+                bind: self.relay_bind_v4(),
                 public: self.external_v4(),
             }),
             relay_v6: self.relay_ipv6.map(|bind| RelayAddress {
