@@ -14,7 +14,7 @@ use natrix_cdx::client::{NatProfile, discover};
 use natrix_cdx::exchange::Invitation;
 use natrix_cdx::exchange::client::{
     Candidate, CandidateKind, ConnectionData, PROBE_INTERVAL, ProbeCodec, ProbeMessage, exchange,
-    mapped_address, punch,
+    exchange_tcp, mapped_address, punch,
 };
 use natrix_wire::{ChannelData, ChannelNumber};
 
@@ -140,7 +140,10 @@ fn punch_via_turn(
     timeout: Duration,
 ) -> anyhow::Result<(Duration, Duration)> {
     let mut channels: Vec<(SocketAddr, ChannelNumber)> = Vec::new();
-    let bind = |turn: &mut TurnClient, to: SocketAddr, channels: &mut Vec<(SocketAddr, ChannelNumber)>| -> anyhow::Result<ChannelNumber> {
+    let bind = |turn: &mut TurnClient,
+                to: SocketAddr,
+                channels: &mut Vec<(SocketAddr, ChannelNumber)>|
+     -> anyhow::Result<ChannelNumber> {
         if let Some((_, c)) = channels.iter().find(|(a, _)| *a == to) {
             return Ok(*c);
         }
@@ -190,10 +193,8 @@ fn punch_via_turn(
             continue;
         };
         let Some(msg) = codec.parse(&payload) else {
-            if std::env::var_os("NATRIX_DEBUG").is_some() { eprintln!("unparsed {} bytes from {from}", payload.len()); }
             continue;
         };
-        if std::env::var_os("NATRIX_DEBUG").is_some() { eprintln!("{msg:?} from {from} (target {target})"); }
         if from != target {
             target = from;
             channel = bind(turn, target, &mut channels)?;
@@ -247,9 +248,13 @@ pub(crate) fn side(
     let peer_index = 1 - invitation.participant();
     let socket = UdpSocket::bind((local, 0)).context("binding a client socket")?;
     let mut turn = None;
+    // A side that reaches its relay over TCP cannot send UDP: it exchanges
+    // over TCP too.
+    let mut udp_blocked = false;
     let candidates = if plan_side["relayed"] == true {
         let (server, creds, tcp) =
             turn_server(plan_side).context("a relayed side without a TURN server")?;
+        udp_blocked = tcp;
         let t = if tcp {
             TurnClient::allocate_tcp(server, &creds)
         } else {
@@ -280,8 +285,14 @@ pub(crate) fn side(
         class: None,
         candidates,
     };
-    let got = exchange(&socket, cdx, &invitation, &data, None, 1, timeout)
-        .context("exchanging connection data")?;
+    let got = if udp_blocked {
+        let mut stream = std::net::TcpStream::connect_timeout(&cdx, Duration::from_secs(3))
+            .with_context(|| format!("connecting to CDX {cdx} over TCP"))?;
+        exchange_tcp(&mut stream, &invitation, &data, None, 1, timeout)
+    } else {
+        exchange(&socket, cdx, &invitation, &data, None, 1, timeout)
+    }
+    .context("exchanging connection data")?;
     let peer = got
         .peers
         .get(&peer_index)

@@ -114,7 +114,12 @@ fn peer_in(
 }
 
 /// A peer process in namespace `ns` with `extra` arguments; its JSON line.
-fn peer_json(ns: &str, cdx: SocketAddr, extra: &[&str], env: Option<(&str, String)>) -> serde_json::Value {
+fn peer_json(
+    ns: &str,
+    cdx: SocketAddr,
+    extra: &[&str],
+    env: Option<(&str, String)>,
+) -> serde_json::Value {
     let run = || -> anyhow::Result<serde_json::Value> {
         let exe = std::env::current_exe().context("locating natrix-loadtest")?;
         let mut c = Command::new("ip");
@@ -126,7 +131,9 @@ fn peer_json(ns: &str, cdx: SocketAddr, extra: &[&str], env: Option<(&str, Strin
         if let Some((k, v)) = env {
             c.env(k, v);
         }
-        let out = c.output().with_context(|| format!("running a peer in {ns}"))?;
+        let out = c
+            .output()
+            .with_context(|| format!("running a peer in {ns}"))?;
         Ok(serde_json::from_slice(&out.stdout)?)
     };
     run().unwrap_or_else(|e| serde_json::json!({"ok": false, "error": format!("{e:#}")}))
@@ -135,12 +142,23 @@ fn peer_json(ns: &str, cdx: SocketAddr, extra: &[&str], env: Option<(&str, Strin
 /// Runs both sides of `plan` in their namespaces; both reports.
 fn run_plan(plan: &serde_json::Value, ns: [&str; 2], cdx: SocketAddr) -> [serde_json::Value; 2] {
     std::thread::scope(|s| {
-        let a = s.spawn(|| peer_json(ns[0], cdx, &[], Some(("NATRIX_PLAN_SIDE", plan["a"].to_string()))));
-        let b = s.spawn(|| peer_json(ns[1], cdx, &[], Some(("NATRIX_PLAN_SIDE", plan["b"].to_string()))));
-        [
-            a.join().unwrap_or_default(),
-            b.join().unwrap_or_default(),
-        ]
+        let a = s.spawn(|| {
+            peer_json(
+                ns[0],
+                cdx,
+                &[],
+                Some(("NATRIX_PLAN_SIDE", plan["a"].to_string())),
+            )
+        });
+        let b = s.spawn(|| {
+            peer_json(
+                ns[1],
+                cdx,
+                &[],
+                Some(("NATRIX_PLAN_SIDE", plan["b"].to_string())),
+            )
+        });
+        [a.join().unwrap_or_default(), b.join().unwrap_or_default()]
     })
 }
 
@@ -161,10 +179,12 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<()> {
         let handles: Vec<_> = TYPES
             .iter()
             .flat_map(|t| [format!("nx-c-{t}"), format!("nx-c-{t}-2")])
-            .map(|ns| s.spawn(move || {
-                let p = peer_json(&ns, cdx, &["--profile-only"], None);
-                (ns, p)
-            }))
+            .map(|ns| {
+                s.spawn(move || {
+                    let p = peer_json(&ns, cdx, &["--profile-only"], None);
+                    (ns, p)
+                })
+            })
             .collect();
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
@@ -227,10 +247,18 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<()> {
     let mismatches: Vec<String> = results
         .iter()
         .filter(|r| r["outcome"] != r["expected"])
-        .map(|r| format!("{} / {}: {} (expected {})", r["a"], r["b"], r["outcome"], r["expected"]))
+        .map(|r| {
+            format!(
+                "{} / {}: {} (expected {})",
+                r["a"], r["b"], r["outcome"], r["expected"]
+            )
+        })
         .collect();
     if args.check && !mismatches.is_empty() {
-        anyhow::bail!("the measured matrix differs from the prediction:\n  {}", mismatches.join("\n  "));
+        anyhow::bail!(
+            "the measured matrix differs from the prediction:\n  {}",
+            mismatches.join("\n  ")
+        );
     }
     Ok(())
 }

@@ -47,7 +47,8 @@ pub(crate) struct PeerArgs {
 pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     let started = Instant::now();
     if args.profile_only {
-        return match natrix_cdx::client::discover(args.cdx, "0.0.0.0:0".parse().unwrap_or(args.cdx)) {
+        return match natrix_cdx::client::discover(args.cdx, "0.0.0.0:0".parse().unwrap_or(args.cdx))
+        {
             Ok(p) => crate::e2e::profile_json(&p),
             Err(e) => serde_json::json!({"error": e.to_string()}),
         };
@@ -58,7 +59,14 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
             Err(e) => return serde_json::json!({"ok": false, "error": format!("--plan-side: {e}")}),
         };
         let timeout = args.exchange_timeout.max(args.punch_timeout);
-        return match crate::e2e::side(&side, "0.0.0.0".parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()), started, timeout) {
+        return match crate::e2e::side(
+            &side,
+            "0.0.0.0"
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            started,
+            timeout,
+        ) {
             Ok(r) => serde_json::json!({
                 "ok": r.ok,
                 "relayed": r.relayed,
@@ -66,7 +74,9 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 "first_packet_ms": crate::e2e::ms(r.first_packet),
                 "rtt_ms": crate::e2e::ms(r.rtt),
             }),
-            Err(e) => serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")}),
+            Err(e) => {
+                serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")})
+            }
         };
     }
     let Some(invitation) = &args.invitation else {

@@ -69,7 +69,9 @@ impl Link {
                     let mut buf = [0u8; 4096];
                     match s.read(&mut buf) {
                         Ok(0) => {
-                            return Err(std::io::Error::other("the TURN server closed the connection"));
+                            return Err(std::io::Error::other(
+                                "the TURN server closed the connection",
+                            ));
                         }
                         Ok(n) => pending.extend_from_slice(&buf[..n]),
                         Err(e) if is_timeout(&e) => return Ok(None),
@@ -107,7 +109,8 @@ fn transact(link: &mut Link, req: &[u8]) -> anyhow::Result<Vec<u8>> {
     let attempts = if matches!(link, Link::Tcp(..)) { 1 } else { 5 };
     for attempt in 0..attempts {
         link.send(req).context("sending to the TURN server")?;
-        let deadline = Instant::now() + Duration::from_millis(if attempts == 1 { 3000 } else { 200 << attempt });
+        let deadline = Instant::now()
+            + Duration::from_millis(if attempts == 1 { 3000 } else { 200 << attempt });
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match link.recv(left).context("receiving from the TURN server")? {
                 Some(m) if m.len() >= 20 && &m[8..20] == tid => return Ok(m),
@@ -146,7 +149,10 @@ impl TurnClient {
 
     /// Allocates (a UDP relay) over a TCP connection to `server` (TURN over
     /// TCP, for clients that cannot send UDP).
-    pub(crate) fn allocate_tcp(server: SocketAddr, creds: &Credentials) -> anyhow::Result<TurnClient> {
+    pub(crate) fn allocate_tcp(
+        server: SocketAddr,
+        creds: &Credentials,
+    ) -> anyhow::Result<TurnClient> {
         let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3))
             .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
         stream.set_nodelay(true)?;
@@ -245,7 +251,11 @@ impl TurnClient {
     }
 
     /// Sends `payload` on `channel` (padded over TCP).
-    pub(crate) fn send_channel_data(&mut self, channel: ChannelNumber, payload: &[u8]) -> anyhow::Result<()> {
+    pub(crate) fn send_channel_data(
+        &mut self,
+        channel: ChannelNumber,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
         let mut out = [0u8; 2048];
         let padded = matches!(self.link, Link::Tcp(..));
         let n = ChannelData::encode(&mut out, channel, payload, padded).unwrap_or(0);

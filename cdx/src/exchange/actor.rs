@@ -36,7 +36,7 @@ const TICK: Duration = Duration::from_millis(20);
 /// Exchange datagrams waiting for the actor before loops drop new ones.
 const INBOX: usize = 4096;
 
-/// One exchange datagram, as a loop received it.
+/// One exchange datagram (or TCP frame), as a loop received it.
 #[derive(Debug)]
 pub struct Inbound {
     /// The datagram.
@@ -45,6 +45,8 @@ pub struct Inbound {
     pub from: SocketAddr,
     /// The socket (and destination IP) it arrived on.
     pub local: Local,
+    /// For a TCP connection: where to write answers and deliveries.
+    pub reply: Option<mpsc::Sender<Vec<u8>>>,
 }
 
 /// The loops' side of the inbox.
@@ -57,12 +59,25 @@ impl ExchangeSender {
     /// Hands a datagram to the actor; false (and nothing queued) when the
     /// inbox is full or the actor is gone.
     pub fn offer(&self, payload: &[u8], from: SocketAddr, local: Local) -> bool {
+        self.offer_from_stream(payload, from, local, None)
+    }
+
+    /// As [`ExchangeSender::offer`], for a frame of a TCP connection whose
+    /// writer takes what the actor sends back from `reply`.
+    pub fn offer_from_stream(
+        &self,
+        payload: &[u8],
+        from: SocketAddr,
+        local: Local,
+        reply: Option<mpsc::Sender<Vec<u8>>>,
+    ) -> bool {
         match self.tx.try_reserve() {
             Ok(permit) => {
                 permit.send(Inbound {
                     payload: payload.to_vec(),
                     from,
                     local,
+                    reply,
                 });
                 true
             }
@@ -111,6 +126,8 @@ pub struct ExchangeActor {
     store: Store,
     key: Option<hmac::Key>,
     sockets: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
+    /// Writers of the TCP connections participants posted on.
+    streams: HashMap<u64, mpsc::Sender<Vec<u8>>>,
     inbox: Option<mpsc::Receiver<Inbound>>,
     metrics: ExchangeMetrics,
     published: Stats,
@@ -153,6 +170,7 @@ impl ExchangeActor {
             store,
             key: cluster_secret.map(super::ticket_key),
             sockets: inbox.sockets,
+            streams: HashMap::new(),
             inbox: Some(inbox.rx),
             metrics,
             published: Stats::default(),
@@ -163,6 +181,21 @@ impl ExchangeActor {
     }
 
     fn send(&mut self, t: Transmit) {
+        if let Some(id) = t.via.stream {
+            // A TCP participant: its connection's writer frames nothing
+            // (STUN messages delimit themselves on a stream).
+            let gone = match self.streams.get(&id) {
+                Some(w) => matches!(
+                    w.try_send(t.payload),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                ),
+                None => false,
+            };
+            if gone {
+                self.streams.remove(&id);
+            }
+            return;
+        }
         let Some(socket) = self.sockets.get(&t.via.bound) else {
             debug!(bound = %t.via.bound, "no socket to send an exchange message from");
             return;
@@ -194,8 +227,12 @@ impl ExchangeActor {
         }
     }
 
-    fn handle_inbound(&mut self, inbound: Inbound, ctx: &mut Context<Self>) {
+    fn handle_inbound(&mut self, mut inbound: Inbound, ctx: &mut Context<Self>) {
         let _span = self.span.clone().entered();
+        if let (Some(id), Some(writer)) = (inbound.local.stream, inbound.reply.take()) {
+            self.streams.retain(|_, w| !w.is_closed());
+            self.streams.entry(id).or_insert(writer);
+        }
         let post = match parse_client(&inbound.payload) {
             Ok(ClientMessage::Ack(tid)) => {
                 if !self.registry.ack(inbound.from, &tid) {

@@ -253,9 +253,100 @@ pub fn mapped_address(
     Ok(None)
 }
 
+/// How exchange messages travel: UDP datagrams to and from the CDX node,
+/// or a TCP connection to it (clients that cannot send UDP).
+trait Wire {
+    /// Sends one message to the node.
+    fn send(&mut self, message: &[u8]) -> std::io::Result<()>;
+    /// The next message from the node, waiting at most `wait`.
+    fn recv(&mut self, wait: Duration) -> std::io::Result<Option<Vec<u8>>>;
+}
+
+struct UdpWire<'a> {
+    socket: &'a UdpSocket,
+    server: SocketAddr,
+}
+
+impl Wire for UdpWire<'_> {
+    fn send(&mut self, message: &[u8]) -> std::io::Result<()> {
+        self.socket.send_to(message, self.server).map(|_| ())
+    }
+
+    fn recv(&mut self, wait: Duration) -> std::io::Result<Option<Vec<u8>>> {
+        self.socket
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let mut buf = [0u8; 2048];
+        match self.socket.recv_from(&mut buf) {
+            Ok((n, _)) => Ok(Some(buf[..n].to_vec())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            // ICMP errors for earlier sends surface here: keep waiting.
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+struct TcpWire<'a> {
+    stream: &'a mut std::net::TcpStream,
+    pending: Vec<u8>,
+}
+
+impl Wire for TcpWire<'_> {
+    fn send(&mut self, message: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        self.stream.write_all(message)
+    }
+
+    fn recv(&mut self, wait: Duration) -> std::io::Result<Option<Vec<u8>>> {
+        use std::io::Read as _;
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(Some(len)) = natrix_wire::frame_len(&self.pending)
+                && self.pending.len() >= len
+            {
+                let rest = self.pending.split_off(len);
+                return Ok(Some(std::mem::replace(&mut self.pending, rest)));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            let mut buf = [0u8; 4096];
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(std::io::Error::other("CDX closed the connection")),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Answers a Deliver request from CDX (the acknowledgement) and returns
 /// its entry; `None` for anything else.
 fn take_delivery<'a>(socket: &UdpSocket, packet: &'a [u8], from: SocketAddr) -> Option<Entry<'a>> {
+    let (entry, ack) = delivery(packet)?;
+    // A lost acknowledgement only means CDX sends the entry again.
+    let _ = socket.send_to(&ack, from);
+    Some(entry)
+}
+
+/// A Deliver request's entry and the acknowledgement to send back.
+fn delivery(packet: &[u8]) -> Option<(Entry<'_>, Vec<u8>)> {
     let msg = Message::parse(packet).ok()?;
     if msg.method() != DELIVER || msg.class() != Class::Request || msg.verify_fingerprint().is_err()
     {
@@ -264,15 +355,13 @@ fn take_delivery<'a>(socket: &UdpSocket, packet: &'a [u8], from: SocketAddr) -> 
     let entry = Entry::parse(msg.get(ENTRY)?)?;
     let mut ack = [0u8; 64];
     let tid = msg.transaction_id();
-    if let Ok(n) = (|| {
+    let n = (|| {
         let mut enc = Encoder::new(&mut ack, MessageType::new(DELIVER, Class::Success), &tid)?;
         enc.fingerprint()?;
         Ok::<_, natrix_wire::EncodeError>(enc.finish())
-    })() {
-        // A lost acknowledgement only means CDX sends the entry again.
-        let _ = socket.send_to(&ack[..n], from);
-    }
-    Some(entry)
+    })()
+    .ok()?;
+    Some((entry, ack[..n].to_vec()))
 }
 
 /// Posts `data` to CDX at `server` from `socket` and collects every other
@@ -282,6 +371,48 @@ fn take_delivery<'a>(socket: &UdpSocket, packet: &'a [u8], from: SocketAddr) -> 
 pub fn exchange(
     socket: &UdpSocket,
     server: SocketAddr,
+    invitation: &Invitation,
+    data: &ConnectionData,
+    profile: Option<[u8; 4]>,
+    seq: u32,
+    timeout: Duration,
+) -> Result<Exchanged, ExchangeError> {
+    exchange_over(
+        &mut UdpWire { socket, server },
+        invitation,
+        data,
+        profile,
+        seq,
+        timeout,
+    )
+}
+
+/// [`exchange`] over a TCP connection to the CDX node, for participants
+/// that cannot send UDP (they connect through a TURN relay over TCP and
+/// post its relayed address).
+pub fn exchange_tcp(
+    stream: &mut std::net::TcpStream,
+    invitation: &Invitation,
+    data: &ConnectionData,
+    profile: Option<[u8; 4]>,
+    seq: u32,
+    timeout: Duration,
+) -> Result<Exchanged, ExchangeError> {
+    exchange_over(
+        &mut TcpWire {
+            stream,
+            pending: Vec::new(),
+        },
+        invitation,
+        data,
+        profile,
+        seq,
+        timeout,
+    )
+}
+
+fn exchange_over(
+    wire: &mut dyn Wire,
     invitation: &Invitation,
     data: &ConnectionData,
     profile: Option<[u8; 4]>,
@@ -329,12 +460,11 @@ pub fn exchange(
     let mut rejected_entries = 0;
     let mut rto = INITIAL_RTO;
     let mut next_send = Instant::now();
-    let mut buf = [0u8; 2048];
     loop {
         let now = Instant::now();
         if mapped.is_some() && peers.len() >= expected {
             return Ok(Exchanged {
-                mapped: mapped.unwrap_or(server),
+                mapped: mapped.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
                 peers: peers.into_iter().map(|(k, (_, d))| (k, d)).collect(),
                 rejected_entries,
                 elapsed: started.elapsed(),
@@ -350,19 +480,20 @@ pub fn exchange(
         if now >= next_send {
             // Until answered: retransmissions. Then, while entries are
             // missing: a re-post now and then, which makes CDX look again.
-            socket.send_to(&req, server)?;
+            wire.send(&req)?;
             next_send = now + rto;
             rto = (rto * 2).min(MAX_RTO);
         }
         let wait = next_send
             .min(deadline)
             .saturating_duration_since(Instant::now());
-        socket.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
-        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+        let Some(packet) = wire.recv(wait)? else {
             continue;
         };
-        let packet = &buf[..len];
-        if let Some(entry) = take_delivery(socket, packet, from) {
+        let packet = &packet[..];
+        if let Some((entry, ack)) = delivery(packet) {
+            // A lost acknowledgement only means CDX sends the entry again.
+            let _ = wire.send(&ack);
             let opened = open(
                 &invitation.key,
                 &session,

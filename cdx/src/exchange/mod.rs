@@ -17,14 +17,16 @@
 //! # Wire format
 //!
 //! Exchange messages are STUN messages (RFC 8489 header with the magic
-//! cookie, FINGERPRINT required) with two methods of their own:
+//! cookie, FINGERPRINT required) with two methods of their own, numbered
+//! below 0x100 so that their first byte stays in 0..=3 and RFC 7983
+//! demultiplexing (and STUN framing on TCP) still sees STUN:
 //!
 //! | message | class | attributes |
 //! |---|---|---|
-//! | Post (0xE01) | request, client → CDX | TICKET, ENTRY, optional PROFILE, FINGERPRINT |
+//! | Post (0x0E1) | request, client → CDX | TICKET, ENTRY, optional PROFILE, FINGERPRINT |
 //! | Post | success, CDX → client | XOR-MAPPED-ADDRESS, STATUS, FINGERPRINT |
 //! | Post | error, CDX → client | ERROR-CODE (400, 401, 403, 500), FINGERPRINT |
-//! | Deliver (0xE02) | request, CDX → client | ENTRY (another participant's), FINGERPRINT |
+//! | Deliver (0x0E2) | request, CDX → client | ENTRY (another participant's), FINGERPRINT |
 //! | Deliver | success, client → CDX | FINGERPRINT (the acknowledgement; same transaction id) |
 //!
 //! Attributes (comprehension-required range):

@@ -41,13 +41,16 @@ impl Default for Limits {
 }
 
 /// Where a participant reached this node: the socket (by its bound address)
-/// and, for wildcard sockets, the destination IP to answer from.
+/// and, for wildcard sockets, the destination IP to answer from; or a TCP
+/// connection (for clients that cannot send UDP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Local {
     /// The bound address of the socket the post arrived on.
     pub bound: SocketAddr,
     /// The destination IP of the post (wildcard sockets only).
     pub dst_ip: Option<IpAddr>,
+    /// The TCP connection the post arrived on, by its id.
+    pub stream: Option<u64>,
 }
 
 /// One datagram to send.
@@ -444,6 +447,7 @@ mod tests {
         Local {
             bound: "192.0.2.1:3478".parse().unwrap(),
             dst_ip: None,
+            stream: None,
         }
     }
 

@@ -399,6 +399,11 @@ impl CdxServer {
                     },
                     responder.clone(),
                     metrics.clone(),
+                    Some(tcp::StreamExchange {
+                        sender: exchange_tx.clone(),
+                        overloaded: overloaded.clone(),
+                        bound: addr,
+                    }),
                     shutdown_rx.clone(),
                 )));
             }

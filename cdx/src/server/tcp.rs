@@ -13,7 +13,19 @@ use tokio::time::timeout;
 use tracing::{debug, warn};
 
 use crate::binding::{BindingResponder, DropReason, Outcome, Transport};
+use crate::exchange::{self, ExchangeSender, Local};
 use crate::metrics::CdxMetrics;
+
+/// Exchange messages on TCP go to the actor, which answers through the
+/// connection (clients that cannot send UDP still exchange).
+#[derive(Clone, Debug)]
+pub(super) struct StreamExchange {
+    pub(super) sender: ExchangeSender,
+    pub(super) overloaded: prometheus::IntCounter,
+    pub(super) bound: SocketAddr,
+}
+
+static NEXT_STREAM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Largest STUN frame accepted on a stream; a longer one closes the
 /// connection.
@@ -31,6 +43,7 @@ pub(super) async fn accept_loop(
     limits: Limits,
     responder: Arc<BindingResponder>,
     metrics: CdxMetrics,
+    exchange: Option<StreamExchange>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -51,8 +64,9 @@ pub(super) async fn accept_loop(
                     let responder = responder.clone();
                     let metrics = metrics.clone();
                     let shutdown = shutdown.clone();
+                    let exchange = exchange.clone();
                     tokio::spawn(async move {
-                        serve(stream, peer, limits.idle_timeout, &responder, &metrics, shutdown).await;
+                        serve(stream, peer, limits.idle_timeout, &responder, &metrics, exchange, shutdown).await;
                         metrics.tcp_connections.dec();
                         drop(permit);
                     });
@@ -73,8 +87,12 @@ async fn serve(
     idle: Duration,
     responder: &BindingResponder,
     metrics: &CdxMetrics,
+    exchange: Option<StreamExchange>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let id = NEXT_STREAM.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // What the exchange actor sends this participant (answers, deliveries).
+    let (reply_tx, mut reply_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
     let mut counters = metrics.local(Transport::Tcp);
     let mut buf = vec![0u8; MAX_FRAME];
     let mut filled = 0;
@@ -98,6 +116,25 @@ async fn serve(
                     return;
                 }
             };
+            if let Some(x) = &exchange
+                && exchange::is_exchange(&buf[..n])
+            {
+                counters.record_exchange(n);
+                let local = Local {
+                    bound: x.bound,
+                    dst_ip: None,
+                    stream: Some(id),
+                };
+                if !x
+                    .sender
+                    .offer_from_stream(&buf[..n], peer, local, Some(reply_tx.clone()))
+                {
+                    x.overloaded.inc();
+                }
+                buf.copy_within(n..filled, 0);
+                filled -= n;
+                continue;
+            }
             let outcome = responder.handle(&buf[..n], peer, &mut out);
             counters.record(n, &outcome);
             if let Outcome::Reply { len, .. } = outcome {
@@ -116,6 +153,15 @@ async fn serve(
         tokio::select! {
             biased;
             _ = shutdown.changed() => return,
+            Some(message) = reply_rx.recv() => {
+                match timeout(idle, stream.write_all(&message)).await {
+                    Ok(Ok(())) => counters.sent(message.len()),
+                    _ => {
+                        counters.send_failed();
+                        return;
+                    }
+                }
+            }
             read = timeout(idle, stream.read(&mut buf[filled..])) => match read {
                 Ok(Ok(0)) | Err(_) => return,
                 Ok(Ok(n)) => filled += n,

@@ -134,6 +134,7 @@ pub(super) async fn run(
                             let local = Local {
                                 bound: io.local_addr(),
                                 dst_ip: if wildcard { d.to_ip } else { None },
+                                stream: None,
                             };
                             if !sender.offer(d.payload, d.from, local) {
                                 overloaded.inc();

@@ -227,6 +227,7 @@ impl BindingDelegate for CdxOnRelay {
                     } else {
                         None
                     },
+                    stream: None,
                 };
                 if !self.exchange.0.offer(packet, from, local) {
                     self.exchange.1.inc();

@@ -362,3 +362,33 @@ fn natrix_up_serves_the_exchange_on_its_single_listener() {
         v >= 2.0
     });
 }
+
+#[test]
+fn a_participant_without_udp_exchanges_over_tcp() {
+    let cdx = node(&[]);
+    let invs = invitations(2, 60);
+    let server = cdx.stun;
+    let a_inv = invs[0].clone();
+    let a = std::thread::spawn(move || participant("127.0.0.2", server, &a_inv));
+    let relayed = ConnectionData {
+        class: Some(natrix_cdx::client::NatClass::UdpBlocked),
+        candidates: vec![Candidate {
+            kind: CandidateKind::Relayed,
+            addr: "203.0.113.9:50000".parse().unwrap(),
+        }],
+    };
+    let mut stream = std::net::TcpStream::connect(server).unwrap();
+    let got = natrix_cdx::exchange::client::exchange_tcp(
+        &mut stream,
+        &invs[1],
+        &relayed,
+        None,
+        1,
+        Duration::from_secs(10),
+    )
+    .expect("exchange over TCP");
+    let (_a_sock, a_data, a_got) = a.join().unwrap();
+    assert_eq!(got.peers.get(&0), Some(&a_data));
+    assert_eq!(a_got.peers.get(&1), Some(&relayed));
+    assert_eq!(got.mapped.ip().to_string(), "127.0.0.1");
+}

@@ -308,4 +308,102 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
             assert_eq!(p["peers"][1]["class"], p["b"], "{p}");
         }
     }
+
+    // Now through lookup, with a TURN relay in the lab: every pair the
+    // behaviours rule out for a direct path gets relayed instead —
+    // including UDP-blocked clients (TURN and the exchange over TCP).
+    let turn_secret = "k1=natlab-turn-secret-0123";
+    let _relay = Spawned(
+        in_ns(
+            "nx-pub",
+            env!("CARGO_BIN_EXE_natrix"),
+            &[
+                "relay",
+                "--turn-listen",
+                "203.0.113.3:3478",
+                "--auth-secret",
+                turn_secret,
+                "--peer-allow",
+                "198.51.100.0/24,203.0.113.0/24",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--redis-url",
+                "redis://127.0.0.1:6390",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting a relay in the lab"),
+    );
+    let _lookup = Spawned(
+        in_ns(
+            "nx-pub",
+            env!("CARGO_BIN_EXE_natrix"),
+            &[
+                "lookup",
+                "--auth-secret",
+                turn_secret,
+                "--cluster-secret",
+                SECRET,
+                "--lookup-listen",
+                "127.0.0.1:18080",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--redis-url",
+                "redis://127.0.0.1:6390",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting lookup in the lab"),
+    );
+    let report = std::env::temp_dir().join(format!("natlab-relayed-{}.json", std::process::id()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (table, doc) = loop {
+        // The matrix runs inside the lab's internet, where lookup is.
+        let out = in_ns(
+            "nx-pub",
+            loadtest.to_str().unwrap(),
+            &[
+                "natlab",
+                "matrix",
+                "--cdx",
+                "203.0.113.1:3478",
+                "--cluster-secret",
+                SECRET,
+                "--lookup",
+                "127.0.0.1:18080",
+                "--check",
+                "--json",
+                report.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .expect("running natrix-loadtest natlab matrix --lookup");
+        let table = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            let doc: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
+            break (table, doc);
+        }
+        // Right after start the relay may not be registered yet.
+        assert!(Instant::now() < deadline, "relay fallback matrix:\n{table}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let _ = std::fs::remove_file(&report);
+    println!("{table}");
+    let pairs = doc["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 21);
+    let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
+    assert_eq!(
+        (count("direct"), count("relayed"), count("failed")),
+        (13, 8, 0),
+        "{table}"
+    );
 }

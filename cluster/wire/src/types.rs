@@ -37,10 +37,10 @@ impl Method {
     pub const CHANNEL_BIND: Method = Method(0x009);
     /// natrix's connection-data exchange: a participant posts its sealed
     /// entry to CDX (see `natrix_cdx::exchange`).
-    pub const EXCHANGE_POST: Method = Method(0xE01);
+    pub const EXCHANGE_POST: Method = Method(0x0E1);
     /// natrix's connection-data exchange: CDX delivers another
     /// participant's entry; the client acknowledges with a success response.
-    pub const EXCHANGE_DELIVER: Method = Method(0xE02);
+    pub const EXCHANGE_DELIVER: Method = Method(0x0E2);
 
     /// A method from its 12-bit number; `None` when it does not fit in 12 bits.
     pub const fn new(value: u16) -> Option<Method> {
@@ -67,8 +67,8 @@ impl Method {
             0x007 => "data",
             0x008 => "create_permission",
             0x009 => "channel_bind",
-            0xE01 => "exchange_post",
-            0xE02 => "exchange_deliver",
+            0x0E1 => "exchange_post",
+            0x0E2 => "exchange_deliver",
             _ => "other",
         }
     }
