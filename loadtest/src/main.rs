@@ -32,6 +32,63 @@ use crate::turn::{Credentials, TurnClient, channel_data};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Also write the JSON report to this file.
+    #[arg(long, global = true)]
+    json: Option<std::path::PathBuf>,
+    /// A service-level objective on a report field (dotted path for nested
+    /// ones), e.g. `--slo latency_ms_p99<=2 --slo loss_ratio<=0.001
+    /// --slo modes.direct.success_ratio>=0.99`; any violation makes the exit
+    /// code 3 (a CI gate). Operators: <=, >=, <, >, ==.
+    #[arg(long, global = true)]
+    slo: Vec<Slo>,
+}
+
+/// One objective: a report field, a comparison and a bound.
+#[derive(Clone, Debug)]
+struct Slo {
+    field: String,
+    op: &'static str,
+    bound: f64,
+}
+
+impl std::str::FromStr for Slo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Slo, String> {
+        for op in ["<=", ">=", "==", "<", ">"] {
+            if let Some((field, bound)) = s.split_once(op) {
+                let bound = bound
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{s:?}: the bound must be a number"))?;
+                return Ok(Slo {
+                    field: field.trim().to_owned(),
+                    op,
+                    bound,
+                });
+            }
+        }
+        Err(format!(
+            "{s:?}: expected FIELD<=N, FIELD>=N, FIELD<N, FIELD>N or FIELD==N"
+        ))
+    }
+}
+
+impl Slo {
+    /// `None` when met, else why not.
+    fn violation(&self, report: &serde_json::Value) -> Option<String> {
+        let value = self.field.split('.').fold(report, |v, k| &v[k]).as_f64();
+        let Some(v) = value else {
+            return Some(format!("{}: not in the report", self.field));
+        };
+        let met = match self.op {
+            "<=" => v <= self.bound,
+            ">=" => v >= self.bound,
+            "<" => v < self.bound,
+            ">" => v > self.bound,
+            _ => v == self.bound,
+        };
+        (!met).then(|| format!("{} = {v} (wanted {} {})", self.field, self.op, self.bound))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,7 +169,7 @@ fn stun_client(socket: &UdpSocket, args: &StunArgs, started: Instant) -> ClientR
     )
 }
 
-fn stun(args: &StunArgs) -> anyhow::Result<()> {
+fn stun(args: &StunArgs) -> anyhow::Result<serde_json::Value> {
     let sockets: Vec<UdpSocket> = (0..args.clients.max(1))
         .map(|_| UdpSocket::bind(SocketAddr::new(args.local, 0)))
         .collect::<Result<_, _>>()
@@ -136,19 +193,16 @@ fn stun(args: &StunArgs) -> anyhow::Result<()> {
         total.rtts_us.extend(r.rtts_us);
     }
     total.rtts_us.sort_unstable();
-    println!(
-        "{}",
-        serde_json::json!({
-            "clients": args.clients,
-            "seconds": elapsed,
-            "sent": total.sent,
-            "answered": total.received,
-            "answers_per_second": total.received as f64 / elapsed,
-            "rtt_ms_p50": percentile(&total.rtts_us, 0.50),
-            "rtt_ms_p99": percentile(&total.rtts_us, 0.99),
-        })
-    );
-    Ok(())
+    Ok(serde_json::json!({
+        "scenario": "stun",
+        "clients": args.clients,
+        "seconds": elapsed,
+        "sent": total.sent,
+        "answered": total.received,
+        "answers_per_second": total.received as f64 / elapsed,
+        "rtt_ms_p50": percentile(&total.rtts_us, 0.50),
+        "rtt_ms_p99": percentile(&total.rtts_us, 0.99),
+    }))
 }
 
 #[derive(clap::Args, Debug)]
@@ -177,7 +231,7 @@ struct AllocationArgs {
     local: std::net::IpAddr,
 }
 
-fn allocations(args: &AllocationArgs) -> anyhow::Result<()> {
+fn allocations(args: &AllocationArgs) -> anyhow::Result<serde_json::Value> {
     // Every allocation holds a client socket.
     natrix_net::raise_fd_limit();
     let creds = Credentials {
@@ -223,14 +277,13 @@ fn allocations(args: &AllocationArgs) -> anyhow::Result<()> {
     for r in results {
         clients.extend(r?);
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "allocations": clients.len(),
-            "seconds": elapsed,
-            "allocations_per_second": clients.len() as f64 / elapsed,
-        })
-    );
+    let report = serde_json::json!({
+        "scenario": "allocations",
+        "allocations": clients.len(),
+        "seconds": elapsed,
+        "allocations_per_second": clients.len() as f64 / elapsed,
+    });
+    println!("{report}");
     // Flushed before holding, so a caller can read the result and measure.
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
@@ -238,7 +291,7 @@ fn allocations(args: &AllocationArgs) -> anyhow::Result<()> {
     for c in &mut clients {
         let _ = c.release();
     }
-    Ok(())
+    Ok(report)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -457,7 +510,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
-fn relay(args: &RelayArgs) -> anyhow::Result<()> {
+fn relay(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
     let creds = Credentials {
         user: args.user.clone(),
         password: args.password.clone(),
@@ -537,7 +590,8 @@ fn relay(args: &RelayArgs) -> anyhow::Result<()> {
         Path::Peer => 2.0,
         Path::Client => 4.0,
     };
-    let out = serde_json::json!({
+    Ok(serde_json::json!({
+        "scenario": "relay",
         "path": format!("{:?}", args.path).to_lowercase(),
         "clients": args.clients,
         "payload_bytes": args.payload,
@@ -550,27 +604,27 @@ fn relay(args: &RelayArgs) -> anyhow::Result<()> {
         "relayed_packets_per_second": hops * total.received as f64 / elapsed,
         "rtt_ms_p50": percentile(&total.rtts_us, 0.50),
         "rtt_ms_p99": percentile(&total.rtts_us, 0.99),
-    });
-    println!("{out}");
-    Ok(())
+    }))
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Relay(args) => relay(args),
-        Command::Allocations(args) => allocations(args),
-        Command::Stun(args) => stun(args),
-        Command::Natlab(args) => natlab::run(args),
-        Command::Plan(args) => plan::run(args).map(|report| println!("{report}")),
-        Command::E2e(args) => e2e::run(args).map(|report| println!("{report}")),
+    // Scenarios return their report; `allocations` also printed it early
+    // (before holding its allocations).
+    let result: anyhow::Result<Option<(serde_json::Value, bool)>> = match &cli.command {
+        Command::Relay(args) => relay(args).map(|r| Some((r, false))),
+        Command::Allocations(args) => allocations(args).map(|r| Some((r, true))),
+        Command::Stun(args) => stun(args).map(|r| Some((r, false))),
+        Command::Natlab(args) => natlab::run(args).map(|()| None),
+        Command::Plan(args) => plan::run(args).map(|r| Some((r, false))),
+        Command::E2e(args) => e2e::run(args).map(|r| Some((r, false))),
         Command::Peer(args) => {
             let report = peer::run(args);
-            println!("{report}");
             let profiled = args.profile_only && report["error"].is_null();
             if profiled || report["direct"] == true || report["ok"] == true {
-                Ok(())
+                Ok(Some((report, false)))
             } else {
+                println!("{report}");
                 Err(anyhow::anyhow!(
                     "no path ({}: {})",
                     report["stage"].as_str().unwrap_or("?"),
@@ -579,11 +633,33 @@ fn main() -> std::process::ExitCode {
             }
         }
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let report = match result {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("natrix-loadtest: {e:#}");
-            std::process::ExitCode::FAILURE
+            return std::process::ExitCode::FAILURE;
         }
+    };
+    if let Some((report, printed)) = &report {
+        if !printed {
+            println!("{report}");
+        }
+        if let Some(path) = &cli.json
+            && let Err(e) = std::fs::write(path, format!("{report:#}\n"))
+        {
+            eprintln!("natrix-loadtest: writing {}: {e}", path.display());
+            return std::process::ExitCode::FAILURE;
+        }
+        let violations: Vec<String> = cli.slo.iter().filter_map(|s| s.violation(report)).collect();
+        if !violations.is_empty() {
+            for v in &violations {
+                eprintln!("natrix-loadtest: SLO violated: {v}");
+            }
+            return std::process::ExitCode::from(3);
+        }
+    } else if !cli.slo.is_empty() {
+        eprintln!("natrix-loadtest: --slo needs a scenario with a report");
+        return std::process::ExitCode::from(2);
     }
+    std::process::ExitCode::SUCCESS
 }

@@ -89,3 +89,44 @@ fn plan_load_reports_rates_and_latency() {
         "{report}"
     );
 }
+
+#[test]
+fn slo_gates_set_the_exit_code_and_json_reports_are_written() {
+    let up = Natrix::up(&[]);
+    let lookup = up.lookup.to_string();
+    let file = std::env::temp_dir().join(format!("natrix-plan-report-{}.json", std::process::id()));
+    let base = [
+        "plan",
+        "--lookup",
+        &lookup,
+        "--connections",
+        "1",
+        "--duration",
+        "500ms",
+    ];
+    let mut met = base.to_vec();
+    let file_arg = file.to_str().unwrap().to_owned();
+    met.extend([
+        "--slo",
+        "latency_ms_p99<=5000",
+        "--slo",
+        "plans>=1",
+        "--json",
+        &file_arg,
+    ]);
+    let report = run(&met);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(written["plans"], report["plans"]);
+    let _ = std::fs::remove_file(&file);
+
+    let mut missed = base.to_vec();
+    missed.extend(["--slo", "plans_per_second>=1e12"]);
+    let out = Command::new(loadtest()).args(&missed).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "an unmet SLO exits 3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SLO violated: plans_per_second"),
+        "{stderr}"
+    );
+}
