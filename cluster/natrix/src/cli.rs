@@ -56,7 +56,7 @@ pub(crate) struct Global {
     /// `redis+cluster://host:port,host:port` (Redis Cluster seed nodes) or
     /// `redis+sentinel://host:port,host:port/service` (Sentinel). Without it,
     /// coordination state stays in this process (right for `natrix up` and
-    /// a single node). Unreachable at start is an error.
+    /// a single node). At start a process waits up to 60 s for it.
     #[arg(long, env = "NATRIX_REDIS_URL", global = true)]
     pub(crate) redis_url: Option<RedisUrl>,
 

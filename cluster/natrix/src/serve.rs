@@ -388,6 +388,29 @@ fn rfc5780_cells(server: &CdxServer) -> anyhow::Result<Rfc5780Cells> {
     Ok(map)
 }
 
+/// How long a starting process waits for Redis (e.g. a Redis pod starting
+/// next to it) before giving up; the data plane serves meanwhile.
+const STORE_START_WAIT: Duration = Duration::from_secs(60);
+
+/// Connects to Redis, retrying once a second while it is not up yet.
+async fn connect_store(url: &crate::cli::RedisUrl) -> anyhow::Result<natrix_store::Store> {
+    let deadline = tokio::time::Instant::now() + STORE_START_WAIT;
+    loop {
+        match natrix_store::Store::redis(&url.0, natrix_store::RedisOptions::default()).await {
+            Ok(store) => return Ok(store),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                warn!(url = ?url, error = %e, "Redis not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)).with_context(|| {
+                    format!("connecting to Redis at {url:?} (gave up after {STORE_START_WAIT:?})")
+                });
+            }
+        }
+    }
+}
+
 /// Running roles, stopped in reverse order of start.
 struct Running {
     cdx: Option<CdxServer>,
@@ -499,9 +522,7 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
         info!(%addr, "metrics and health endpoint up");
         let reload = running.relay.as_ref().map(|r| r.reload_actor().start());
         let store = match &global.redis_url {
-            Some(url) => natrix_store::Store::redis(&url.0, natrix_store::RedisOptions::default())
-                .await
-                .with_context(|| format!("connecting to Redis at {url:?}"))?,
+            Some(url) => connect_store(url).await?,
             None => natrix_store::Store::memory(),
         };
         let secret = plan

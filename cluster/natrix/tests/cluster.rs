@@ -405,3 +405,30 @@ async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_surv
     assert!(forwards(&full1, peer, "after the restart").await);
     drop(full2);
 }
+
+#[test]
+fn a_relay_started_before_redis_waits_for_it_and_registers() {
+    // As when the bundled Redis pod starts next to the relays.
+    let port = common::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut relay = Natrix::relay(&["--redis-url", &url, "--relay-id", "relay-early"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        relay.alive(),
+        "the relay waits for Redis instead of exiting"
+    );
+    let _redis = RedisServer::start_on(port);
+    let lk = Natrix::lookup(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        TURN_SECRET,
+        "--cluster-secret",
+        CLUSTER_SECRET,
+    ]);
+    wait_registry(
+        lk.lookup,
+        "the early relay registered once Redis came up",
+        |v| relay_ids(v).contains(&"relay-early".to_owned()),
+    );
+}

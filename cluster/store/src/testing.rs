@@ -25,6 +25,15 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free TCP port");
+        RedisServer::start_on(port)
+    }
+
+    /// Starts `redis-server` on `port` of 127.0.0.1 (see [`RedisServer::start`]).
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisServer::start`].
+    pub fn start_on(port: u16) -> RedisServer {
         let mut server = RedisServer { port, child: None };
         server.spawn();
         server
