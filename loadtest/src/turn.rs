@@ -2,11 +2,12 @@
 //! for load generation and the end-to-end scenarios: allocate, bind
 //! channels, frame data.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use natrix_net::{StreamFrames, is_timeout};
 use natrix_wire::{
     Attribute, AttributeType, ChannelData, ChannelNumber, Class, Encoder, IntegrityKey, Message,
     MessageType, Method, TransactionId, long_term_key_md5,
@@ -28,7 +29,7 @@ pub(crate) enum Link {
     /// UDP.
     Udp(UdpSocket),
     /// TCP, with the bytes read but not yet framed.
-    Tcp(TcpStream, Vec<u8>),
+    Tcp(TcpStream, StreamFrames),
 }
 
 impl Link {
@@ -52,42 +53,9 @@ impl Link {
                     Err(e) => Err(e),
                 }
             }
-            Link::Tcp(s, pending) => {
-                let deadline = Instant::now() + timeout;
-                loop {
-                    if let Ok(Some(len)) = natrix_wire::frame_len(pending)
-                        && pending.len() >= len
-                    {
-                        let rest = pending.split_off(len);
-                        return Ok(Some(std::mem::replace(pending, rest)));
-                    }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    s.set_read_timeout(Some(left))?;
-                    let mut buf = [0u8; 4096];
-                    match s.read(&mut buf) {
-                        Ok(0) => {
-                            return Err(std::io::Error::other(
-                                "the TURN server closed the connection",
-                            ));
-                        }
-                        Ok(n) => pending.extend_from_slice(&buf[..n]),
-                        Err(e) if is_timeout(&e) => return Ok(None),
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
+            Link::Tcp(s, frames) => frames.next(s, timeout),
         }
     }
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
 }
 
 /// One allocation held by one UDP socket or TCP connection.
@@ -156,7 +124,7 @@ impl TurnClient {
         let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3))
             .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
         stream.set_nodelay(true)?;
-        Self::allocate_over(Link::Tcp(stream, Vec::new()), creds)
+        Self::allocate_over(Link::Tcp(stream, StreamFrames::default()), creds)
     }
 
     fn allocate_over(mut link: Link, creds: &Credentials) -> anyhow::Result<TurnClient> {

@@ -278,15 +278,7 @@ impl Wire for UdpWire<'_> {
         let mut buf = [0u8; 2048];
         match self.socket.recv_from(&mut buf) {
             Ok((n, _)) => Ok(Some(buf[..n].to_vec())),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Ok(None)
-            }
-            // ICMP errors for earlier sends surface here: keep waiting.
+            // Timeouts, and ICMP errors for earlier sends: keep waiting.
             Err(_) => Ok(None),
         }
     }
@@ -294,7 +286,7 @@ impl Wire for UdpWire<'_> {
 
 struct TcpWire<'a> {
     stream: &'a mut std::net::TcpStream,
-    pending: Vec<u8>,
+    frames: natrix_net::StreamFrames,
 }
 
 impl Wire for TcpWire<'_> {
@@ -304,35 +296,7 @@ impl Wire for TcpWire<'_> {
     }
 
     fn recv(&mut self, wait: Duration) -> std::io::Result<Option<Vec<u8>>> {
-        use std::io::Read as _;
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Ok(Some(len)) = natrix_wire::frame_len(&self.pending)
-                && self.pending.len() >= len
-            {
-                let rest = self.pending.split_off(len);
-                return Ok(Some(std::mem::replace(&mut self.pending, rest)));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            self.stream.set_read_timeout(Some(left))?;
-            let mut buf = [0u8; 4096];
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Err(std::io::Error::other("CDX closed the connection")),
-                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(None);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.frames.next(self.stream, wait)
     }
 }
 
@@ -401,7 +365,7 @@ pub fn exchange_tcp(
     exchange_over(
         &mut TcpWire {
             stream,
-            pending: Vec::new(),
+            frames: natrix_net::StreamFrames::default(),
         },
         invitation,
         data,

@@ -16,10 +16,12 @@
 //! Nothing here panics. Socket errors are returned as `io::Error`; the loops
 //! decide what is fatal.
 
+mod frames;
 mod limiter;
 mod mmsg;
 mod udp;
 
+pub use frames::{StreamFrames, is_timeout};
 pub use limiter::{UnauthLimiter, UnauthLimits};
 pub use mmsg::{HeadroomBatch, SendBatch};
 
