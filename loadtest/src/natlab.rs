@@ -76,6 +76,15 @@ fn script(action: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every unordered pair of lab types (21), in matrix order.
+fn unordered_pairs() -> Vec<(&'static str, &'static str)> {
+    TYPES
+        .iter()
+        .enumerate()
+        .flat_map(|(i, a)| TYPES[i..].iter().map(move |b| (*a, *b)))
+        .collect()
+}
+
 /// Whether a direct UDP path is feasible between two lab types, derived
 /// from their behaviours (ARCHITECTURE.md, "NAT model"): not if either side
 /// is UDP-blocked, not if both map address-dependently, not if one maps
@@ -188,12 +197,7 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<()> {
             .collect();
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
-    let mut pairs = Vec::new();
-    for (i, a) in TYPES.iter().enumerate() {
-        for b in &TYPES[i..] {
-            pairs.push((*a, *b));
-        }
-    }
+    let pairs = unordered_pairs();
     let results: Vec<serde_json::Value> = std::thread::scope(|s| {
         let handles: Vec<_> = pairs
             .iter()
@@ -264,28 +268,43 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<()> {
 }
 
 fn print_outcomes(results: &[serde_json::Value]) {
-    println!("outcome per pair (D direct, R relayed, - failed; ms to the first packet):");
+    print_grid(
+        "outcome per pair (D direct, R relayed, - failed; ms to the first packet):",
+        10,
+        results,
+        |r| match r["outcome"].as_str() {
+            Some("failed") => "-".to_owned(),
+            o => format!(
+                "{} {:.0}",
+                if o == Some("direct") { "D" } else { "R" },
+                r["time_to_first_packet_ms"].as_f64().unwrap_or(0.0)
+            ),
+        },
+    );
+}
+
+/// The symmetric 6×6 grid of `results` (one per unordered pair), each cell
+/// drawn by `cell`, `width` characters wide.
+fn print_grid(
+    title: &str,
+    width: usize,
+    results: &[serde_json::Value],
+    cell: impl Fn(&serde_json::Value) -> String,
+) {
+    println!("{title}");
     print!("{:>9}", "");
     for t in TYPES {
-        print!("{:>10}", short(t));
+        print!("{:>width$}", short(t));
     }
     println!();
     for a in TYPES {
         print!("{:>9}", short(a));
         for b in TYPES {
-            let r = results
+            let text = results
                 .iter()
-                .find(|r| (r["a"] == a && r["b"] == b) || (r["a"] == b && r["b"] == a));
-            let cell = match r {
-                Some(r) if r["outcome"] == "failed" => "-".to_owned(),
-                Some(r) => format!(
-                    "{} {:.0}",
-                    if r["outcome"] == "direct" { "D" } else { "R" },
-                    r["time_to_first_packet_ms"].as_f64().unwrap_or(0.0)
-                ),
-                None => "?".to_owned(),
-            };
-            print!("{cell:>10}");
+                .find(|r| (r["a"] == a && r["b"] == b) || (r["a"] == b && r["b"] == a))
+                .map_or("?".to_owned(), &cell);
+            print!("{text:>width$}");
         }
         println!();
     }
@@ -312,12 +331,7 @@ fn matrix(args: &NatlabArgs) -> anyhow::Result<()> {
     let first = *args.cdx.first().context("--cdx is empty")?;
     let second = *args.cdx.get(1).unwrap_or(&first);
     let expires = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 120;
-    let mut pairs = Vec::new();
-    for (i, a) in TYPES.iter().enumerate() {
-        for b in &TYPES[i..] {
-            pairs.push((*a, *b));
-        }
-    }
+    let pairs = unordered_pairs();
     // All pairs at once: each pair has its own sockets, so NAT state of
     // one cannot help another (probes go only to the pair's own mappings).
     let mut running = Vec::new();
@@ -385,36 +399,20 @@ fn outcome(direct: bool) -> &'static str {
 }
 
 fn print_matrix(results: &[serde_json::Value]) {
-    let short = |t: &str| match t {
-        "open" => "open",
-        "full-cone" => "full",
-        "restricted-cone" => "restr",
-        "port-restricted-cone" => "p-restr",
-        "symmetric" => "symm",
-        _ => "udp-blk",
-    };
-    println!("direct UDP through the CDX exchange (ms to a confirmed path; - = none):");
-    print!("{:>9}", "");
-    for t in TYPES {
-        print!("{:>9}", short(t));
-    }
-    println!();
-    for a in TYPES {
-        print!("{:>9}", short(a));
-        for b in TYPES {
-            let r = results
-                .iter()
-                .find(|r| (r["a"] == a && r["b"] == b) || (r["a"] == b && r["b"] == a));
-            let cell = match r {
-                Some(r) if r["outcome"] == "direct" => r["time_to_direct_ms"]
+    print_grid(
+        "direct UDP through the CDX exchange (ms to a confirmed path; - = none):",
+        9,
+        results,
+        |r| {
+            if r["outcome"] == "direct" {
+                r["time_to_direct_ms"]
                     .as_f64()
-                    .map_or("direct".to_string(), |ms| format!("{ms:.0}")),
-                _ => "-".to_string(),
-            };
-            print!("{cell:>9}");
-        }
-        println!();
-    }
+                    .map_or("direct".to_owned(), |ms| format!("{ms:.0}"))
+            } else {
+                "-".to_owned()
+            }
+        },
+    );
 }
 
 /// `natlab <action>`.
@@ -451,5 +449,6 @@ mod tests {
         assert!(feasible("symmetric", "open"));
         assert!(!feasible("port-restricted-cone", "symmetric"));
         assert!(!feasible("open", "udp-blocked"));
+        assert_eq!(unordered_pairs().len(), 21);
     }
 }
