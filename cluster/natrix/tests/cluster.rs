@@ -22,6 +22,18 @@ const CLUSTER_SECRET: &str = "cluster-test-cluster-secret";
 const OPEN_PAIR_RETRY: &str =
     r#"{"a":{"profile":{"class":"open"}},"b":{"profile":{"class":"open"}},"retry":true}"#;
 
+/// `natrix lookup` on the cluster's Redis with the test secrets.
+fn lookup_on(redis_url: &str) -> Natrix {
+    Natrix::lookup(&[
+        "--redis-url",
+        redis_url,
+        "--auth-secret",
+        TURN_SECRET,
+        "--cluster-secret",
+        CLUSTER_SECRET,
+    ])
+}
+
 fn plan(lookup: SocketAddr, body: &str) -> (u16, serde_json::Value) {
     let (status, text) = http_post(lookup, "/v1/plan", body).unwrap();
     let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
@@ -232,14 +244,7 @@ async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_surv
     let mut r3 = relay("relay-3", &[]);
     let _c1 = Natrix::cdx(&["--redis-url", &url, "--cluster-secret", CLUSTER_SECRET]);
     let _c2 = Natrix::cdx(&["--redis-url", &url, "--cluster-secret", CLUSTER_SECRET]);
-    let lk = Natrix::lookup(&[
-        "--redis-url",
-        &url,
-        "--auth-secret",
-        TURN_SECRET,
-        "--cluster-secret",
-        CLUSTER_SECRET,
-    ]);
+    let lk = lookup_on(&url);
     let lookup = lk.lookup;
     wait_registry(lookup, "three relays and two CDX nodes", |v| {
         relay_ids(v).len() == 3 && v["cdx"].as_array().unwrap().len() == 2
@@ -418,14 +423,7 @@ fn a_relay_started_before_redis_waits_for_it_and_registers() {
         "the relay waits for Redis instead of exiting"
     );
     let _redis = RedisServer::start_on(port);
-    let lk = Natrix::lookup(&[
-        "--redis-url",
-        &url,
-        "--auth-secret",
-        TURN_SECRET,
-        "--cluster-secret",
-        CLUSTER_SECRET,
-    ]);
+    let lk = lookup_on(&url);
     wait_registry(
         lk.lookup,
         "the early relay registered once Redis came up",

@@ -58,6 +58,17 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) -> Command {
 
 const SECRET: &str = "natlab-cluster-secret";
 
+/// `program args` started in the lab's internet (nx-pub), output discarded.
+fn spawn_in_pub(program: &str, args: &[&str], what: &str) -> Spawned {
+    Spawned(
+        in_ns("nx-pub", program, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what} in the lab: {e}")),
+    )
+}
+
 fn cdx_node(ip: &str, sibling: &str) -> Spawned {
     cdx_node_with(ip, sibling, &[])
 }
@@ -79,13 +90,7 @@ fn cdx_node_with(ip: &str, sibling: &str, extra: &[&str]) -> Spawned {
         "json",
     ]);
     args.extend_from_slice(extra);
-    Spawned(
-        in_ns("nx-pub", env!("CARGO_BIN_EXE_natrix"), &args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting a CDX node in the lab"),
-    )
+    spawn_in_pub(env!("CARGO_BIN_EXE_natrix"), &args, "a CDX node")
 }
 
 fn probe(client_ns: &str) -> serde_json::Value {
@@ -228,25 +233,19 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     // RFC 5780 siblings through the registry (`--stun-sibling auto`), and
     // participants of one session meet across nodes (the first uses node 1,
     // the second node 2).
-    let _redis = Spawned(
-        in_ns(
-            "nx-pub",
-            &tool("redis-server"),
-            &[
-                "--port",
-                "6390",
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting redis-server in the lab"),
+    let _redis = spawn_in_pub(
+        &tool("redis-server"),
+        &[
+            "--port",
+            "6390",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        "redis-server",
     );
     std::thread::sleep(Duration::from_millis(300));
     // No sibling flags: the nodes pair through the registry.
@@ -313,51 +312,39 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     // behaviours rule out for a direct path gets relayed instead —
     // including UDP-blocked clients (TURN and the exchange over TCP).
     let turn_secret = "k1=natlab-turn-secret-0123";
-    let _relay = Spawned(
-        in_ns(
-            "nx-pub",
-            env!("CARGO_BIN_EXE_natrix"),
-            &[
-                "relay",
-                "--turn-listen",
-                "203.0.113.3:3478",
-                "--auth-secret",
-                turn_secret,
-                "--peer-allow",
-                "198.51.100.0/24,203.0.113.0/24",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--redis-url",
-                "redis://127.0.0.1:6390",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting a relay in the lab"),
+    let _relay = spawn_in_pub(
+        env!("CARGO_BIN_EXE_natrix"),
+        &[
+            "relay",
+            "--turn-listen",
+            "203.0.113.3:3478",
+            "--auth-secret",
+            turn_secret,
+            "--peer-allow",
+            "198.51.100.0/24,203.0.113.0/24",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            "redis://127.0.0.1:6390",
+        ],
+        "a relay",
     );
-    let _lookup = Spawned(
-        in_ns(
-            "nx-pub",
-            env!("CARGO_BIN_EXE_natrix"),
-            &[
-                "lookup",
-                "--auth-secret",
-                turn_secret,
-                "--cluster-secret",
-                SECRET,
-                "--lookup-listen",
-                "127.0.0.1:18080",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--redis-url",
-                "redis://127.0.0.1:6390",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting lookup in the lab"),
+    let _lookup = spawn_in_pub(
+        env!("CARGO_BIN_EXE_natrix"),
+        &[
+            "lookup",
+            "--auth-secret",
+            turn_secret,
+            "--cluster-secret",
+            SECRET,
+            "--lookup-listen",
+            "127.0.0.1:18080",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            "redis://127.0.0.1:6390",
+        ],
+        "lookup",
     );
     let report = std::env::temp_dir().join(format!("natlab-relayed-{}.json", std::process::id()));
     let deadline = Instant::now() + Duration::from_secs(60);
