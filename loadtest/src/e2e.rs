@@ -18,6 +18,8 @@ use natrix_cdx::exchange::client::{
 };
 use natrix_wire::{ChannelData, ChannelNumber};
 
+use crate::live::{Units, live};
+use crate::stats::Latency;
 use crate::turn::{Credentials, TurnClient};
 
 /// Options of `e2e`.
@@ -41,6 +43,16 @@ pub(crate) struct E2eArgs {
     /// Longest a pair may take.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
+    /// Present side A to lookup as this NAT class instead of what discovery
+    /// found (open, full-cone, restricted-cone, port-restricted-cone,
+    /// symmetric, udp-blocked): plans for NATs the machine does not have,
+    /// e.g. `--as-a udp-blocked --as-b udp-blocked` for relay-both on
+    /// loopback. A side presented as UDP-blocked uses TURN over TCP.
+    #[arg(long)]
+    pub(crate) as_a: Option<String>,
+    /// Present side B to lookup as this NAT class (see --as-a).
+    #[arg(long)]
+    pub(crate) as_b: Option<String>,
 }
 
 /// One HTTP exchange with lookup (HTTP/1.0: no chunked answers).
@@ -233,6 +245,7 @@ pub(crate) fn side(
     local: IpAddr,
     started: Instant,
     timeout: Duration,
+    udp_works: bool,
 ) -> anyhow::Result<SideResult> {
     let invitation: Invitation = plan_side["exchange"]["invitation"]
         .as_str()
@@ -254,7 +267,7 @@ pub(crate) fn side(
     let candidates = if plan_side["relayed"] == true {
         let (server, creds, tcp) =
             turn_server(plan_side).context("a relayed side without a TURN server")?;
-        udp_blocked = tcp;
+        udp_blocked = tcp && !udp_works;
         let t = if tcp {
             TurnClient::allocate_tcp(server, &creds)
         } else {
@@ -339,9 +352,13 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
     let started = Instant::now();
     let pa = discover(cdx, SocketAddr::new(args.local_a, 0))?;
     let pb = discover(cdx, SocketAddr::new(args.local_b, 0))?;
+    let presented = |p: &NatProfile, claim: &Option<String>| match claim {
+        Some(class) => serde_json::json!({"class": class}),
+        None => profile_json(p),
+    };
     let body = serde_json::json!({
-        "a": {"profile": profile_json(&pa)},
-        "b": {"profile": profile_json(&pb)},
+        "a": {"profile": presented(&pa, &args.as_a)},
+        "b": {"profile": presented(&pb, &args.as_b)},
         "retry": args.retry,
     });
     let (status, plan) = http(lookup, "POST", "/v1/plan", &body.to_string())?;
@@ -352,8 +369,24 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
         );
     }
     let (ra, rb) = std::thread::scope(|s| {
-        let a = s.spawn(|| side(&plan["a"], args.local_a, started, args.timeout));
-        let b = s.spawn(|| side(&plan["b"], args.local_b, started, args.timeout));
+        let a = s.spawn(|| {
+            side(
+                &plan["a"],
+                args.local_a,
+                started,
+                args.timeout,
+                pa.mapped.is_some(),
+            )
+        });
+        let b = s.spawn(|| {
+            side(
+                &plan["b"],
+                args.local_b,
+                started,
+                args.timeout,
+                pb.mapped.is_some(),
+            )
+        });
         (
             a.join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("side A panicked"))),
@@ -393,20 +426,42 @@ pub(crate) fn run(args: &E2eArgs) -> anyhow::Result<serde_json::Value> {
         .as_str()
         .context("lookup knows no CDX node")?
         .parse()?;
+    live().begin(
+        "e2e",
+        Units {
+            sent: "pairs",
+            done: "connected",
+        },
+        Some(args.timeout),
+    );
     let results: Vec<serde_json::Value> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.pairs.max(1))
-            .map(|_| s.spawn(|| pair(args, lookup, cdx)))
+            .map(|_| {
+                s.spawn(|| {
+                    live().sent(1);
+                    let r = match pair(args, lookup, cdx) {
+                        Ok(v) => v,
+                        Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+                    };
+                    if r["ok"] == true {
+                        live().done(1);
+                    } else {
+                        live().error(1);
+                    }
+                    r
+                })
+            })
             .collect();
         handles
             .into_iter()
-            .map(|h| match h.join() {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
-                Err(_) => serde_json::json!({"ok": false, "error": "panicked"}),
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| serde_json::json!({"ok": false, "error": "panicked"}))
             })
             .collect()
     });
-    let mut by_mode: BTreeMap<String, (u64, u64, Vec<u32>)> = BTreeMap::new();
+    live().end();
+    let mut by_mode: BTreeMap<String, (u64, u64, Latency)> = BTreeMap::new();
     for r in &results {
         let mode = r["mode"].as_str().unwrap_or("none").to_owned();
         let e = by_mode.entry(mode).or_default();
@@ -415,23 +470,23 @@ pub(crate) fn run(args: &E2eArgs) -> anyhow::Result<serde_json::Value> {
             e.1 += 1;
             for side in ["a", "b"] {
                 if let Some(v) = r[side]["first_packet_ms"].as_f64() {
-                    e.2.push((v * 1000.0) as u32);
+                    e.2.record_us((v * 1000.0) as u64);
                 }
             }
         }
     }
     let modes: serde_json::Map<String, serde_json::Value> = by_mode
         .into_iter()
-        .map(|(mode, (n, ok, mut t))| {
-            t.sort_unstable();
+        .map(|(mode, (n, ok, t))| {
             (
                 mode,
                 serde_json::json!({
                     "pairs": n,
                     "succeeded": ok,
                     "success_ratio": ok as f64 / n as f64,
-                    "first_packet_ms_p50": crate::percentile(&t, 0.5),
-                    "first_packet_ms_p99": crate::percentile(&t, 0.99),
+                    "first_packet_ms_p50": t.ms(50.0),
+                    "first_packet_ms_p99": t.ms(99.0),
+                    "latency": t.json(),
                 }),
             )
         })
@@ -444,9 +499,14 @@ pub(crate) fn run(args: &E2eArgs) -> anyhow::Result<serde_json::Value> {
         "modes": modes,
         "results": results,
     });
+    let mut report = report;
     if failed > 0 {
-        eprintln!("{report}");
-        bail!("{failed} of {} pairs failed", args.pairs);
+        // Written to the reports first, then exit 1.
+        report["failure"] = format!("{failed} of {} pairs failed", results_len(&report)).into();
     }
     Ok(report)
+}
+
+fn results_len(report: &serde_json::Value) -> usize {
+    report["results"].as_array().map_or(0, Vec::len)
 }

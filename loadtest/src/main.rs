@@ -1,31 +1,26 @@
-//! `natrix-loadtest`: drives a TURN server (natrix or any other) with
-//! relayed traffic and reports rates, loss and round-trip times.
-//!
-//! `natrix-loadtest relay` measures relaying capacity on one of two paths:
-//! `peer` (client → relay → UDP peer that echoes → relay → client) or
-//! `client` (client A → relay → relay → client B, which echoes back the same
-//! way). Each client keeps a window of packets in flight, so the run finds
-//! the rate the server sustains instead of overrunning it. Every run is
-//! bounded in time.
+//! `natrix-loadtest`: the load-test harness of natrix, for natrix or any
+//! standards-compliant TURN/STUN server: scenarios (`stun`, `alloc`,
+//! `relay`, `plan`, `e2e`, `natlab`, `compare`, `generator`), live progress,
+//! a JSON report (`--json`), an HTML report with plots (`--report`), SLO
+//! gates (`--slo`, exit 3) and its own Prometheus metrics
+//! (`--metrics-addr`). Every run is bounded in time and count; Ctrl-C stops
+//! it cleanly and still writes the reports (exit 130).
 
+mod alloc;
+mod compare;
 mod e2e;
+mod live;
+mod load;
 mod natlab;
 mod peer;
 mod plan;
+mod relay;
+mod report;
+mod stats;
+mod stun;
 mod turn;
 
-use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
-
-use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
-use natrix_net::{HeadroomBatch, SendBatch};
-use natrix_wire::{ChannelData, ChannelNumber};
-
-use crate::turn::{Credentials, TurnClient, channel_data};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "natrix-loadtest", version, about)]
@@ -41,6 +36,17 @@ struct Cli {
     /// code 3 (a CI gate). Operators: <=, >=, <, >, ==.
     #[arg(long, global = true)]
     slo: Vec<Slo>,
+    /// Also write an HTML report with plots (throughput over time, latency
+    /// histogram and percentile curve, NAT matrix, comparison) to this file.
+    #[arg(long, global = true)]
+    report: Option<std::path::PathBuf>,
+    /// Serve this run's own Prometheus metrics (loadtest_*) at
+    /// http://ADDR/metrics while it runs.
+    #[arg(long, global = true)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Live progress on stderr: a bar on a terminal, plain lines otherwise.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    progress: live::ProgressMode,
 }
 
 /// One objective: a report field, a comparison and a bound.
@@ -93,16 +99,24 @@ impl Slo {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Measure relayed packets per second through a TURN server.
-    Relay(RelayArgs),
-    /// Create many allocations and hold them: allocation rate, and (with
-    /// --hold) time to read the server's memory while they live.
-    Allocations(AllocationArgs),
-    /// Measure STUN Binding answers per second.
-    Stun(StunArgs),
+    /// Sustained traffic through TURN allocations: relayed packets per
+    /// second, loss, reordering, round-trip percentiles.
+    Relay(relay::RelayArgs),
+    /// Allocation storm: N allocations at a rate and concurrency, refreshed,
+    /// held, deleted; latency per phase and errors by code.
+    #[command(alias = "allocations")]
+    Alloc(alloc::AllocArgs),
+    /// STUN Binding answers per second and latency.
+    Stun(stun::StunArgs),
+    /// The same relay, alloc or stun scenario against several servers,
+    /// interleaved, with ratios (how BENCHMARKING.md compares natrix and
+    /// coturn).
+    Compare(compare::CompareArgs),
+    /// The load generator's own send capacity (no server in the way).
+    Generator(relay::GeneratorArgs),
     /// The NAT lab: real Linux NATs (nftables) in network namespaces, two
-    /// clients behind each NAT type; `matrix` punches direct paths across
-    /// every pair of types. Needs root.
+    /// clients behind each NAT type; `matrix` runs a session across every
+    /// pair of types. Needs root.
     Natlab(natlab::NatlabArgs),
     /// Load on lookup's plan API: plans per second and latency percentiles.
     Plan(plan::PlanArgs),
@@ -115,507 +129,65 @@ enum Command {
     Peer(peer::PeerArgs),
 }
 
-#[derive(clap::Args, Debug)]
-struct StunArgs {
-    /// STUN server (UDP).
-    #[arg(long, default_value = "127.0.0.1:3478")]
-    server: SocketAddr,
-    /// Client sockets (each its own source port).
-    #[arg(long, default_value_t = 4)]
-    clients: usize,
-    /// Requests each client keeps in flight.
-    #[arg(long, default_value_t = 32)]
-    window: usize,
-    /// How long to send.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    duration: Duration,
-    /// Local address for client sockets.
-    #[arg(long, default_value = "127.0.0.1")]
-    local: std::net::IpAddr,
-}
-
-/// Binding requests with a window in flight; counts answers.
-fn stun_client(socket: &UdpSocket, args: &StunArgs, started: Instant) -> ClientResult {
-    use natrix_wire::{Class, Encoder, Message, MessageType, Method, TransactionId};
-    let load = Window {
-        to: args.server,
-        window: args.window,
-        deadline: started + args.duration,
-        linger_ms: None,
-        max_frame: 64,
-    };
-    load.run(
-        socket.as_fd(),
-        started,
-        |seq, t_ns, buf| {
-            // The send time and sequence number ride in the transaction id.
-            let mut tid = [0u8; 12];
-            tid[..8].copy_from_slice(&t_ns.to_be_bytes());
-            tid[8..].copy_from_slice(&(seq as u32).to_be_bytes());
-            Encoder::new(
-                buf,
-                MessageType::new(Method::BINDING, Class::Request),
-                &TransactionId(tid),
-            )
-            .map(|e| e.finish())
-            .unwrap_or(0)
-        },
-        |bytes| {
-            let msg = Message::parse(bytes).ok()?;
-            (msg.class() == Class::Success).then(|| {
-                u64::from_be_bytes(msg.transaction_id().0[..8].try_into().unwrap_or_default())
-            })
-        },
-    )
-}
-
-fn stun(args: &StunArgs) -> anyhow::Result<serde_json::Value> {
-    let sockets: Vec<UdpSocket> = (0..args.clients.max(1))
-        .map(|_| UdpSocket::bind(SocketAddr::new(args.local, 0)))
-        .collect::<Result<_, _>>()
-        .context("binding client sockets")?;
-    let started = Instant::now();
-    let results: Vec<ClientResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = sockets
-            .iter()
-            .map(|sock| s.spawn(move || stun_client(sock, args, started)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut total = ClientResult::default();
-    for r in results {
-        total.sent += r.sent;
-        total.received += r.received;
-        total.rtts_us.extend(r.rtts_us);
+/// The counted things of each scenario, for the report's plot legend.
+fn units(scenario: &str) -> (&'static str, &'static str) {
+    match scenario {
+        "relay" => ("packets", "echoes"),
+        "alloc" => ("attempts", "allocations"),
+        "stun" => ("requests", "answers"),
+        "plan" => ("requests", "plans"),
+        "e2e" => ("pairs", "connected"),
+        "generator" => ("datagrams", "datagrams"),
+        _ => ("sent", "done"),
     }
-    total.rtts_us.sort_unstable();
-    Ok(serde_json::json!({
-        "scenario": "stun",
-        "clients": args.clients,
-        "seconds": elapsed,
-        "sent": total.sent,
-        "answered": total.received,
-        "answers_per_second": total.received as f64 / elapsed,
-        "rtt_ms_p50": percentile(&total.rtts_us, 0.50),
-        "rtt_ms_p99": percentile(&total.rtts_us, 0.99),
-    }))
 }
 
-#[derive(clap::Args, Debug)]
-struct AllocationArgs {
-    /// TURN server (UDP).
-    #[arg(long, default_value = "127.0.0.1:3478")]
-    server: SocketAddr,
-    /// Username.
-    #[arg(long)]
-    user: String,
-    /// Password.
-    #[arg(long)]
-    password: String,
-    /// Allocations to create.
-    #[arg(long, default_value_t = 1000)]
-    count: usize,
-    /// Concurrent allocating threads.
-    #[arg(long, default_value_t = 8)]
-    threads: usize,
-    /// Keep the allocations this long after creating them (the caller
-    /// reads the server's memory meanwhile), then delete them.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
-    hold: Duration,
-    /// Local address for client sockets.
-    #[arg(long, default_value = "127.0.0.1")]
-    local: std::net::IpAddr,
-}
-
-fn allocations(args: &AllocationArgs) -> anyhow::Result<serde_json::Value> {
-    // Every allocation holds a client socket.
-    natrix_net::raise_fd_limit();
-    let creds = Credentials {
-        user: args.user.clone(),
-        password: args.password.clone(),
-    };
-    let local = SocketAddr::new(args.local, 0);
-    let threads = args.threads.max(1);
-    let started = Instant::now();
-    let results: Vec<anyhow::Result<Vec<TurnClient>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let creds = &creds;
-                s.spawn(move || {
-                    let share = args.count / threads + usize::from(t < args.count % threads);
-                    // A fresh socket may reuse the port of an allocation
-                    // that outlived its client (437): retry with another.
-                    (0..share)
-                        .map(|_| {
-                            let mut last = None;
-                            for _ in 0..3 {
-                                match TurnClient::allocate(args.server, local, creds) {
-                                    Ok(c) => return Ok(c),
-                                    Err(e) => last = Some(e),
-                                }
-                            }
-                            Err(last.unwrap_or_else(|| anyhow::anyhow!("allocation failed")))
-                        })
-                        .collect::<anyhow::Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a thread panicked")))
-            })
-            .collect()
-    });
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut clients = Vec::new();
-    for r in results {
-        clients.extend(r?);
-    }
-    let report = serde_json::json!({
-        "scenario": "allocations",
-        "allocations": clients.len(),
-        "seconds": elapsed,
-        "allocations_per_second": clients.len() as f64 / elapsed,
-    });
-    println!("{report}");
-    // Flushed before holding, so a caller can read the result and measure.
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
-    std::thread::sleep(args.hold);
-    for c in &mut clients {
-        let _ = c.release();
-    }
-    Ok(report)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Path {
-    /// client → relay → peer → relay → client.
-    Peer,
-    /// client A → relay → relay → client B → relay → relay → client A.
-    Client,
-}
-
-#[derive(clap::Args, Debug)]
-struct RelayArgs {
-    /// TURN server (UDP).
-    #[arg(long, default_value = "127.0.0.1:3478")]
-    server: SocketAddr,
-    /// Username.
-    #[arg(long)]
-    user: String,
-    /// Password.
-    #[arg(long)]
-    password: String,
-    /// Which path to load.
-    #[arg(long, value_enum, default_value = "peer")]
-    path: Path,
-    /// Sending clients (each with its own allocation; the client path adds
-    /// one echoing client per sender).
-    #[arg(long, default_value_t = 4)]
-    clients: usize,
-    /// Application payload bytes per packet.
-    #[arg(long, default_value_t = 160)]
-    payload: usize,
-    /// Packets each client keeps in flight.
-    #[arg(long, default_value_t = 32)]
-    window: usize,
-    /// How long to send.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    duration: Duration,
-    /// Local address for client and peer sockets.
-    #[arg(long, default_value = "127.0.0.1")]
-    local: std::net::IpAddr,
-}
-
-const CHANNEL: u16 = 0x4000;
-
-/// What one sending client saw.
-#[derive(Debug, Default, Clone)]
-struct ClientResult {
-    sent: u64,
-    received: u64,
-    rtts_us: Vec<u32>,
-}
-
-/// Waits up to `ms` for `fd` to become readable.
-fn wait_readable(fd: BorrowedFd<'_>, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one valid pollfd owned by this frame.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
-/// A windowed load: keeps `window` requests in flight towards `to` until
-/// `deadline`. Sends and receives are batched (sendmmsg/recvmmsg) so that the
-/// generator costs less CPU than the server it measures. Nothing answered for
-/// 50 ms counts whatever was in flight as lost.
-struct Window {
-    to: SocketAddr,
-    window: usize,
-    deadline: Instant,
-    /// Answers arriving up to this long after the deadline still count.
-    linger_ms: Option<i32>,
-    /// Largest request `build` writes.
-    max_frame: usize,
-}
-
-impl Window {
-    /// Runs the load on `fd`. `build(seq, t_ns, buf)` writes request number
-    /// `seq`, sent at `t_ns` (ns since `started`), and returns its length;
-    /// `answer(bytes)` recognises an answer and returns the send time it
-    /// carries (for round-trip times, one in 16 sampled).
-    fn run(
-        &self,
-        fd: BorrowedFd<'_>,
-        started: Instant,
-        mut build: impl FnMut(u64, u64, &mut [u8]) -> usize,
-        answer: impl Fn(&[u8]) -> Option<u64>,
-    ) -> ClientResult {
-        let mut frame = vec![0u8; self.max_frame];
-        let mut out = SendBatch::new(self.window.max(1));
-        // Answers are about the size of requests (echoes, Binding answers).
-        let mut rx = HeadroomBatch::new(64, 0, self.max_frame.max(2048), 0);
-        let mut r = ClientResult::default();
-        let mut inflight = 0usize;
-        while Instant::now() < self.deadline {
-            let room = self.window.saturating_sub(inflight);
-            for i in 0..room {
-                let t = started.elapsed().as_nanos() as u64;
-                let n = build(r.sent + i as u64, t, &mut frame);
-                out.push(self.to, &frame[..n]);
-            }
-            if room > 0 {
-                let failed = out.flush(fd);
-                r.sent += (room - failed) as u64;
-                inflight += room - failed;
-            }
-            if !wait_readable(fd, 50) {
-                inflight = 0;
-                continue;
-            }
-            let Ok(n) = rx.recv(fd) else { continue };
-            for j in 0..n {
-                let (buf, range, _) = rx.get_mut(j);
-                let Some(sent_at) = answer(&buf[range]) else {
-                    continue;
-                };
-                r.received += 1;
-                inflight = inflight.saturating_sub(1);
-                if r.received % 16 == 0 {
-                    let now = started.elapsed().as_nanos() as u64;
-                    r.rtts_us.push((now.saturating_sub(sent_at) / 1000) as u32);
+/// The report's headline figures as a two-column table (stderr).
+fn summary(report: &serde_json::Value) -> String {
+    let mut out = String::new();
+    if let Some(m) = report.as_object() {
+        let width = m.keys().map(String::len).max().unwrap_or(0);
+        for (k, v) in m {
+            let text = match v {
+                serde_json::Value::Number(n) if n.is_f64() => {
+                    format!("{:.4}", n.as_f64().unwrap_or(0.0))
                 }
-            }
-        }
-        if let Some(ms) = self.linger_ms {
-            while wait_readable(fd, ms) {
-                let Ok(n) = rx.recv(fd) else { break };
-                for j in 0..n {
-                    let (buf, range, _) = rx.get_mut(j);
-                    if answer(&buf[range]).is_some() {
-                        r.received += 1;
-                    }
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::String(s) if !s.contains('\n') => s.clone(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                serde_json::Value::Object(o) if k.starts_with("errors") && !o.is_empty() => {
+                    v.to_string()
                 }
-            }
-        }
-        r
-    }
-}
-
-/// ChannelData echoes through the relay, with a window in flight.
-fn drive(client: &TurnClient, args: &RelayArgs, started: Instant) -> anyhow::Result<ClientResult> {
-    let channel = ChannelNumber::new(CHANNEL).context("channel number")?;
-    let payload_len = args.payload.max(16);
-    let mut payload = vec![0u8; payload_len];
-    let load = Window {
-        to: args.server,
-        window: args.window,
-        deadline: started + args.duration,
-        // Late echoes still count.
-        linger_ms: Some(100),
-        max_frame: payload_len + 8,
-    };
-    Ok(load.run(
-        client.udp_socket().as_fd(),
-        started,
-        |seq, t_ns, buf| {
-            payload[..8].copy_from_slice(&t_ns.to_be_bytes());
-            payload[8..16].copy_from_slice(&seq.to_be_bytes());
-            channel_data(buf, channel, &payload)
-        },
-        |bytes| {
-            let cd = ChannelData::parse(bytes).ok()?;
-            (cd.payload.len() == payload_len)
-                .then(|| u64::from_be_bytes(cd.payload[..8].try_into().unwrap_or_default()))
-        },
-    ))
-}
-
-/// Receives in batches and sends every datagram `reply` accepts back in one
-/// batch, until `stop`.
-fn echo(
-    socket: &UdpSocket,
-    stop: &AtomicBool,
-    reply_to: impl Fn(SocketAddr) -> SocketAddr,
-    accept: impl Fn(&[u8]) -> bool,
-) {
-    let fd = socket.as_fd();
-    let mut rx = HeadroomBatch::new(64, 0, 65535, 0);
-    let mut out = SendBatch::new(64);
-    while !stop.load(Ordering::Relaxed) {
-        if !wait_readable(fd, 100) {
-            continue;
-        }
-        let Ok(n) = rx.recv(fd) else { continue };
-        for j in 0..n {
-            let (buf, range, from) = rx.get_mut(j);
-            if accept(&buf[range.clone()]) {
-                out.push(reply_to(from), &buf[range]);
-            }
-        }
-        out.flush(fd);
-    }
-}
-
-/// Echoes every ChannelData frame back on the same channel until `stop`.
-fn echo_client(client: &TurnClient, server: SocketAddr, stop: &AtomicBool) {
-    echo(
-        client.udp_socket(),
-        stop,
-        |_| server,
-        |d| ChannelData::parse(d).is_ok(),
-    );
-}
-
-/// A plain UDP echo peer.
-fn echo_peer(socket: &UdpSocket, stop: &AtomicBool) {
-    echo(socket, stop, |from| from, |_| true);
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
-}
-
-fn relay(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
-    let creds = Credentials {
-        user: args.user.clone(),
-        password: args.password.clone(),
-    };
-    let local = SocketAddr::new(args.local, 0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut helpers = Vec::new();
-    let mut senders = Vec::new();
-    let mut echoers = Vec::new();
-    match args.path {
-        Path::Peer => {
-            let peer = Arc::new(UdpSocket::bind(local).context("binding the echo peer")?);
-            let peer_addr = peer.local_addr()?;
-            {
-                let stop = stop.clone();
-                helpers.push(std::thread::spawn(move || echo_peer(&peer, &stop)));
-            }
-            for _ in 0..args.clients {
-                let mut c = TurnClient::allocate(args.server, local, &creds)?;
-                c.bind_channel(CHANNEL, peer_addr)?;
-                senders.push(c);
-            }
-        }
-        Path::Client => {
-            for _ in 0..args.clients {
-                let mut a = TurnClient::allocate(args.server, local, &creds)?;
-                let mut b = TurnClient::allocate(args.server, local, &creds)?;
-                a.bind_channel(CHANNEL, b.relayed)?;
-                b.bind_channel(CHANNEL, a.relayed)?;
-                senders.push(a);
-                echoers.push(b);
-            }
+                _ => continue,
+            };
+            out += &format!("  {k:<width$}  {text}\n");
         }
     }
-    let server = args.server;
-    for b in echoers {
-        let stop = stop.clone();
-        helpers.push(std::thread::spawn(move || {
-            echo_client(&b, server, &stop);
-            let mut b = b;
-            let _ = b.release();
-        }));
-    }
-    let started = Instant::now();
-    let results: Vec<anyhow::Result<ClientResult>> = std::thread::scope(|s| {
-        let handles: Vec<_> = senders
-            .iter()
-            .map(|c| s.spawn(move || drive(c, args, started)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a client panicked")))
-            })
-            .collect()
-    });
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for h in helpers {
-        let _ = h.join();
-    }
-    for c in &mut senders {
-        let _ = c.release();
-    }
-    let mut total = ClientResult::default();
-    for r in results {
-        let r = r?;
-        total.sent += r.sent;
-        total.received += r.received;
-        total.rtts_us.extend(r.rtts_us);
-    }
-    total.rtts_us.sort_unstable();
-    // Each echoed packet crossed the relay twice (peer path: client→peer and
-    // peer→client) or four times (client path: two allocations each way).
-    let hops = match args.path {
-        Path::Peer => 2.0,
-        Path::Client => 4.0,
-    };
-    Ok(serde_json::json!({
-        "scenario": "relay",
-        "path": format!("{:?}", args.path).to_lowercase(),
-        "clients": args.clients,
-        "payload_bytes": args.payload,
-        "window": args.window,
-        "seconds": elapsed,
-        "sent": total.sent,
-        "echoed": total.received,
-        "loss_ratio": if total.sent > 0 { 1.0 - total.received as f64 / total.sent as f64 } else { 0.0 },
-        "echoes_per_second": total.received as f64 / elapsed,
-        "relayed_packets_per_second": hops * total.received as f64 / elapsed,
-        "rtt_ms_p50": percentile(&total.rtts_us, 0.50),
-        "rtt_ms_p99": percentile(&total.rtts_us, 0.99),
-    }))
+    out
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // Scenarios return their report; `allocations` also printed it early
-    // (before holding its allocations).
+    live::install_stop_handler();
+    if let Some(addr) = cli.metrics_addr {
+        match live::serve_metrics(addr) {
+            Ok(bound) => eprintln!("natrix-loadtest: metrics at http://{bound}/metrics"),
+            Err(e) => {
+                eprintln!("natrix-loadtest: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let progress =
+        (!matches!(cli.command, Command::Peer(_))).then(|| live::Progress::start(cli.progress));
+    // Scenarios return their report; `natlab matrix` printed its own grid.
     let result: anyhow::Result<Option<(serde_json::Value, bool)>> = match &cli.command {
-        Command::Relay(args) => relay(args).map(|r| Some((r, false))),
-        Command::Allocations(args) => allocations(args).map(|r| Some((r, true))),
-        Command::Stun(args) => stun(args).map(|r| Some((r, false))),
-        Command::Natlab(args) => natlab::run(args).map(|()| None),
+        Command::Relay(args) => relay::run(args).map(|r| Some((r, false))),
+        Command::Alloc(args) => alloc::run(args).map(|r| Some((r, false))),
+        Command::Stun(args) => stun::run(args).map(|r| Some((r, false))),
+        Command::Compare(args) => compare::run(args).map(|r| Some((r, false))),
+        Command::Generator(args) => relay::generator(args).map(|r| Some((r, false))),
+        Command::Natlab(args) => natlab::run(args).map(|r| r.map(|r| (r, true))),
         Command::Plan(args) => plan::run(args).map(|r| Some((r, false))),
         Command::E2e(args) => e2e::run(args).map(|r| Some((r, false))),
         Command::Peer(args) => {
@@ -633,6 +205,9 @@ fn main() -> std::process::ExitCode {
             }
         }
     };
+    if let Some(p) = progress {
+        p.finish();
+    }
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -640,9 +215,43 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    if let Some((report, printed)) = &report {
+    let interrupted = live::stopped();
+    if let Some((mut report, printed)) = report {
+        if let Some(m) = report.as_object_mut() {
+            let scenario = m
+                .get("scenario")
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_owned();
+            if interrupted {
+                m.insert("interrupted".into(), true.into());
+            }
+            let timeline = live::live().timeline();
+            if !timeline.is_empty() && !matches!(scenario.as_str(), "compare" | "natlab") {
+                let (sent, done) = units(&scenario);
+                m.insert(
+                    "units".into(),
+                    serde_json::json!({"sent": sent, "done": done}),
+                );
+                m.insert(
+                    "timeline".into(),
+                    timeline
+                        .iter()
+                        .map(|s| {
+                            serde_json::json!({
+                                "t": s.t, "sent_per_s": s.sent_per_s,
+                                "done_per_s": s.done_per_s, "errors_per_s": s.errors_per_s,
+                            })
+                        })
+                        .collect(),
+                );
+            }
+        }
         if !printed {
             println!("{report}");
+        }
+        if cli.progress != live::ProgressMode::Off && !matches!(cli.command, Command::Peer(_)) {
+            eprint!("{}", summary(&report));
         }
         if let Some(path) = &cli.json
             && let Err(e) = std::fs::write(path, format!("{report:#}\n"))
@@ -650,15 +259,39 @@ fn main() -> std::process::ExitCode {
             eprintln!("natrix-loadtest: writing {}: {e}", path.display());
             return std::process::ExitCode::FAILURE;
         }
-        let violations: Vec<String> = cli.slo.iter().filter_map(|s| s.violation(report)).collect();
+        if let Some(path) = &cli.report {
+            let command: Vec<String> = std::env::args().collect();
+            let written = report::render(&report, &command.join(" "))
+                .and_then(|html| Ok(std::fs::write(path, html)?));
+            if let Err(e) = written {
+                eprintln!(
+                    "natrix-loadtest: writing the report {}: {e:#}",
+                    path.display()
+                );
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+        if let Some(failure) = report["failure"].as_str() {
+            eprintln!("natrix-loadtest: {failure}");
+            return std::process::ExitCode::FAILURE;
+        }
+        if interrupted {
+            eprintln!("natrix-loadtest: interrupted; the reports hold what was measured");
+            return std::process::ExitCode::from(130);
+        }
+        let violations: Vec<String> = cli
+            .slo
+            .iter()
+            .filter_map(|s| s.violation(&report))
+            .collect();
         if !violations.is_empty() {
             for v in &violations {
                 eprintln!("natrix-loadtest: SLO violated: {v}");
             }
             return std::process::ExitCode::from(3);
         }
-    } else if !cli.slo.is_empty() {
-        eprintln!("natrix-loadtest: --slo needs a scenario with a report");
+    } else if !cli.slo.is_empty() || cli.report.is_some() {
+        eprintln!("natrix-loadtest: --slo and --report need a scenario with a report");
         return std::process::ExitCode::from(2);
     }
     std::process::ExitCode::SUCCESS

@@ -40,9 +40,6 @@ pub(crate) struct NatlabArgs {
     /// matrix: run NAT discovery in each participant first.
     #[arg(long)]
     pub(crate) discover: bool,
-    /// matrix: write every figure as JSON to this file.
-    #[arg(long)]
-    pub(crate) json: Option<std::path::PathBuf>,
     /// matrix: exit non-zero unless every pair's outcome is what the NAT
     /// behaviours predict (direct where feasible; with --lookup, relayed
     /// elsewhere; without, no direct path elsewhere).
@@ -172,7 +169,7 @@ fn run_plan(plan: &serde_json::Value, ns: [&str; 2], cdx: SocketAddr) -> [serde_
 }
 
 /// The matrix through lookup: profiles, plans, direct or relayed.
-fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<()> {
+fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
     use std::net::ToSocketAddrs;
     let lookup: SocketAddr = lookup
         .to_socket_addrs()?
@@ -243,11 +240,6 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<()> {
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
     print_outcomes(&results);
-    if let Some(path) = &args.json {
-        let doc = serde_json::json!({ "types": TYPES, "pairs": results, "profiles": profiles });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
     let mismatches: Vec<String> = results
         .iter()
         .filter(|r| r["outcome"] != r["expected"])
@@ -258,13 +250,32 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<()> {
             )
         })
         .collect();
+    let count = |o: &str| results.iter().filter(|r| r["outcome"] == o).count();
+    let mut doc = serde_json::json!({
+        "scenario": "natlab",
+        "lookup": lookup.to_string(),
+        "direct": count("direct"),
+        "relayed": count("relayed"),
+        "failed": count("failed"),
+        "mismatches": mismatches.len(),
+        "types": TYPES,
+        "pairs": results,
+        "profiles": profiles,
+    });
+    check_failure(args, &mut doc, &mismatches);
+    Ok(doc)
+}
+
+/// With --check, a report whose outcomes differ from the prediction
+/// carries the failure (written to the reports, then exit 1).
+fn check_failure(args: &NatlabArgs, doc: &mut serde_json::Value, mismatches: &[String]) {
     if args.check && !mismatches.is_empty() {
-        anyhow::bail!(
+        doc["failure"] = format!(
             "the measured matrix differs from the prediction:\n  {}",
             mismatches.join("\n  ")
-        );
+        )
+        .into();
     }
-    Ok(())
 }
 
 fn print_outcomes(results: &[serde_json::Value]) {
@@ -321,7 +332,7 @@ fn short(t: &str) -> &'static str {
     }
 }
 
-fn matrix(args: &NatlabArgs) -> anyhow::Result<()> {
+fn matrix(args: &NatlabArgs) -> anyhow::Result<serde_json::Value> {
     if let Some(lookup) = &args.lookup {
         return matrix_with_lookup(args, lookup);
     }
@@ -380,18 +391,17 @@ fn matrix(args: &NatlabArgs) -> anyhow::Result<()> {
         }));
     }
     print_matrix(&results);
-    if let Some(path) = &args.json {
-        let doc = serde_json::json!({ "types": TYPES, "pairs": results });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    if args.check && !mismatches.is_empty() {
-        anyhow::bail!(
-            "the measured matrix differs from the prediction:\n  {}",
-            mismatches.join("\n  ")
-        );
-    }
-    Ok(())
+    let direct = results.iter().filter(|r| r["outcome"] == "direct").count();
+    let mut doc = serde_json::json!({
+        "scenario": "natlab",
+        "direct": direct,
+        "no_direct": results.len() - direct,
+        "mismatches": mismatches.len(),
+        "types": TYPES,
+        "pairs": results,
+    });
+    check_failure(args, &mut doc, &mismatches);
+    Ok(doc)
 }
 
 fn outcome(direct: bool) -> &'static str {
@@ -416,9 +426,9 @@ fn print_matrix(results: &[serde_json::Value]) {
 }
 
 /// `natlab <action>`.
-pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<Option<serde_json::Value>> {
     match args.action.as_str() {
-        "matrix" => matrix(args),
+        "matrix" => matrix(args).map(Some),
         action => {
             script(action)?;
             if action == "up" {
@@ -426,7 +436,7 @@ pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<()> {
                     "NAT lab up: CDX addresses 203.0.113.1 and 203.0.113.2 in namespace nx-pub; two clients per type in nx-c-<type> and nx-c-<type>-2 for open, full-cone, restricted-cone, port-restricted-cone, symmetric, udp-blocked"
                 );
             }
-            Ok(())
+            Ok(None)
         }
     }
 }

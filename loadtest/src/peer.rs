@@ -66,6 +66,8 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
             started,
             timeout,
+            // In the lab a side planned over TCP really has no UDP.
+            false,
         ) {
             Ok(r) => serde_json::json!({
                 "ok": r.ok,

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::live::{Units, live, stopped};
+use crate::stats::Latency;
+
 /// Options of `plan`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct PlanArgs {
@@ -33,7 +36,7 @@ const DEFAULT_BODY: &str =
 struct Tally {
     ok: u64,
     errors: std::collections::BTreeMap<u16, u64>,
-    latencies_us: Vec<u32>,
+    latency: Latency,
 }
 
 fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
@@ -83,16 +86,18 @@ fn connection(
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut tally = Tally::default();
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !stopped() {
         let t = Instant::now();
         writer.write_all(request.as_bytes())?;
+        live().sent(1);
         let status = read_response(&mut reader)?;
-        let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
         if status == 200 {
             tally.ok += 1;
-            tally.latencies_us.push(us);
+            tally.latency.record(t.elapsed());
+            live().done(1);
         } else {
             *tally.errors.entry(status).or_default() += 1;
+            live().error(1);
         }
     }
     Ok(tally)
@@ -109,6 +114,14 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<serde_json::Value> {
         .next()
         .with_context(|| format!("{} resolves to no address", args.lookup))?;
     let body = args.body.clone().unwrap_or_else(|| DEFAULT_BODY.to_owned());
+    live().begin(
+        "plan",
+        Units {
+            sent: "requests",
+            done: "plans",
+        },
+        Some(args.duration),
+    );
     let started = Instant::now();
     let deadline = started + args.duration;
     let results: Vec<anyhow::Result<Tally>> = std::thread::scope(|s| {
@@ -124,6 +137,7 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<serde_json::Value> {
             .collect()
     });
     let elapsed = started.elapsed().as_secs_f64();
+    live().end();
     let mut total = Tally::default();
     for r in results {
         let t = r?;
@@ -131,10 +145,9 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<serde_json::Value> {
         for (k, v) in t.errors {
             *total.errors.entry(k).or_default() += v;
         }
-        total.latencies_us.extend(t.latencies_us);
+        total.latency.merge(&t.latency);
     }
-    total.latencies_us.sort_unstable();
-    let pct = |p: f64| crate::percentile(&total.latencies_us, p);
+    let pct = |p: f64| total.latency.ms(p * 100.0);
     if total.ok == 0 {
         anyhow::bail!(
             "no plan succeeded against {} (answers by status: {:?})",
@@ -153,5 +166,6 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<serde_json::Value> {
         "latency_ms_p50": pct(0.50),
         "latency_ms_p99": pct(0.99),
         "latency_ms_max": pct(1.0),
+        "latency": total.latency.json(),
     }))
 }

@@ -22,6 +22,150 @@ pub(crate) struct Credentials {
     pub(crate) password: String,
 }
 
+impl Credentials {
+    /// Time-limited credentials from a shared secret (the TURN REST API
+    /// scheme coturn's `use-auth-secret` and natrix's `--auth-secret`
+    /// accept): username `<expiry>:<user>`, password
+    /// `base64(HMAC-SHA1(secret, username))`.
+    pub(crate) fn from_secret(secret: &str, user: &str, ttl: Duration) -> Credentials {
+        use base64::Engine as _;
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            + ttl;
+        let user = format!("{}:{user}", expiry.as_secs());
+        let key =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
+        let tag = ring::hmac::sign(&key, user.as_bytes());
+        Credentials {
+            password: base64::engine::general_purpose::STANDARD.encode(tag.as_ref()),
+            user,
+        }
+    }
+}
+
+/// Why a TURN exchange failed, in terms a user can act on; [`kind`] names
+/// it for the errors-by-code tables.
+#[derive(Debug)]
+pub(crate) enum TurnError {
+    /// The server answered with an error code.
+    Refused {
+        /// The request's method.
+        method: &'static str,
+        /// The STUN error code.
+        code: u16,
+        /// The server's reason phrase.
+        reason: String,
+    },
+    /// No answer at all.
+    Timeout {
+        /// Where the requests went.
+        server: SocketAddr,
+        /// How many were sent.
+        tries: u32,
+    },
+    /// ICMP port unreachable or a refused connection: nothing listens.
+    Unreachable {
+        /// Where.
+        server: SocketAddr,
+        /// The system's word for it.
+        error: std::io::Error,
+    },
+    /// This machine ran out of local ports or file descriptors.
+    LocalExhausted(std::io::Error),
+}
+
+impl std::fmt::Display for TurnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TurnError::Refused {
+                method,
+                code,
+                reason,
+            } => {
+                write!(f, "{method} refused with {code} {reason}")?;
+                let hint = match code {
+                    401 => " (wrong username or password, or an expired REST credential)",
+                    403 => " (the server forbids this peer or request)",
+                    437 => {
+                        " (allocation mismatch: this 5-tuple already has, or has no, allocation)"
+                    }
+                    441 => " (wrong credentials for this allocation)",
+                    486 => " (the user's allocation quota is reached)",
+                    508 => " (the server is out of relay ports or allocations)",
+                    _ => "",
+                };
+                f.write_str(hint)
+            }
+            TurnError::Timeout { server, tries } => write!(
+                f,
+                "no answer from {server} after {tries} tries: is a TURN server listening there, \
+                 and does a firewall let UDP through?"
+            ),
+            TurnError::Unreachable { server, error } => {
+                write!(
+                    f,
+                    "{server} is unreachable ({error}): nothing listens there"
+                )
+            }
+            TurnError::LocalExhausted(e) => write!(
+                f,
+                "out of local ports or file descriptors ({e}): raise `ulimit -n`, widen \
+                 net.ipv4.ip_local_port_range, or spread clients over more --local addresses"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TurnError {}
+
+impl TurnError {
+    /// A short name for tables: the error code, `timeout`, `unreachable`
+    /// or `local-ports`.
+    pub(crate) fn kind(&self) -> String {
+        match self {
+            TurnError::Refused { code, .. } => code.to_string(),
+            TurnError::Timeout { .. } => "timeout".into(),
+            TurnError::Unreachable { .. } => "unreachable".into(),
+            TurnError::LocalExhausted(_) => "local-ports".into(),
+        }
+    }
+
+    /// Classifies a socket error towards `server`.
+    fn io(server: SocketAddr, error: std::io::Error) -> anyhow::Error {
+        use std::io::ErrorKind;
+        let local = matches!(
+            error.raw_os_error(),
+            Some(
+                libc::EADDRINUSE
+                    | libc::EADDRNOTAVAIL
+                    | libc::EMFILE
+                    | libc::ENFILE
+                    | libc::ENOBUFS
+            )
+        );
+        if local {
+            TurnError::LocalExhausted(error).into()
+        } else if matches!(
+            error.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+        ) {
+            TurnError::Unreachable { server, error }.into()
+        } else {
+            anyhow::Error::new(error).context(format!("talking to {server}"))
+        }
+    }
+}
+
+/// The [`TurnError::kind`] of an error, or `other`.
+pub(crate) fn error_kind(e: &anyhow::Error) -> String {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<TurnError>())
+        .map_or_else(|| "other".to_owned(), TurnError::kind)
+}
+
 /// How the client reaches the server: a connected UDP socket, or a TCP
 /// stream carrying framed messages (RFC 8656 §12.5: ChannelData padded).
 #[derive(Debug)]
@@ -33,6 +177,15 @@ pub(crate) enum Link {
 }
 
 impl Link {
+    /// The server's address.
+    fn peer(&self) -> SocketAddr {
+        match self {
+            Link::Udp(s) => s.peer_addr(),
+            Link::Tcp(s, _) => s.peer_addr(),
+        }
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
     fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Link::Udp(s) => s.send(data).map(|_| ()),
@@ -73,21 +226,40 @@ pub(crate) struct TurnClient {
 
 fn transact(link: &mut Link, req: &[u8]) -> anyhow::Result<Vec<u8>> {
     let tid = &req[8..20];
+    let server = link.peer();
     // Over TCP the stream retransmits; one send and a longer wait.
     let attempts = if matches!(link, Link::Tcp(..)) { 1 } else { 5 };
     for attempt in 0..attempts {
-        link.send(req).context("sending to the TURN server")?;
+        link.send(req).map_err(|e| TurnError::io(server, e))?;
         let deadline = Instant::now()
             + Duration::from_millis(if attempts == 1 { 3000 } else { 200 << attempt });
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match link.recv(left).context("receiving from the TURN server")? {
+            match link.recv(left).map_err(|e| TurnError::io(server, e))? {
                 Some(m) if m.len() >= 20 && &m[8..20] == tid => return Ok(m),
                 Some(_) => continue,
                 None => break,
             }
         }
     }
-    bail!("the TURN server did not answer")
+    Err(TurnError::Timeout {
+        server,
+        tries: attempts,
+    }
+    .into())
+}
+
+/// The error of a failed answer.
+fn refused(method: Method, msg: &Message<'_>) -> anyhow::Error {
+    let (code, reason) = match msg.decode(AttributeType::ERROR_CODE) {
+        Some(Ok(Attribute::ErrorCode(e))) => (e.code, e.reason.to_owned()),
+        _ => (0, "without an ERROR-CODE".to_owned()),
+    };
+    TurnError::Refused {
+        method: method.name(),
+        code,
+        reason,
+    }
+    .into()
 }
 
 fn text(msg: &Message<'_>, ty: AttributeType) -> Option<String> {
@@ -110,8 +282,10 @@ impl TurnClient {
         local: SocketAddr,
         creds: &Credentials,
     ) -> anyhow::Result<TurnClient> {
-        let socket = UdpSocket::bind(local).context("binding a client socket")?;
-        socket.connect(server)?;
+        let socket = UdpSocket::bind(local).map_err(|e| TurnError::io(server, e))?;
+        socket
+            .connect(server)
+            .map_err(|e| TurnError::io(server, e))?;
         Self::allocate_over(Link::Udp(socket), creds)
     }
 
@@ -122,12 +296,14 @@ impl TurnClient {
         creds: &Credentials,
     ) -> anyhow::Result<TurnClient> {
         let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3))
+            .map_err(|e| TurnError::io(server, e))
             .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
         stream.set_nodelay(true)?;
         Self::allocate_over(Link::Tcp(stream, StreamFrames::default()), creds)
     }
 
     fn allocate_over(mut link: Link, creds: &Credentials) -> anyhow::Result<TurnClient> {
+        let server = link.peer();
         let local: SocketAddr = ([0, 0, 0, 0], 0).into();
         let mut buf = vec![0u8; 512];
         let tid = TransactionId(rand::random());
@@ -141,7 +317,10 @@ impl TurnClient {
         let resp = transact(&mut link, &buf[..n])?;
         let msg = Message::parse(&resp)?;
         if error_code(&msg) != Some(401) {
-            bail!("expected a 401 challenge, got {:?}", error_code(&msg));
+            if msg.class() == Class::Error {
+                return Err(refused(Method::ALLOCATE, &msg));
+            }
+            bail!("{server} answered an unauthenticated Allocate without the 401 challenge");
         }
         let realm = text(&msg, AttributeType::REALM).context("no REALM in the challenge")?;
         let nonce = text(&msg, AttributeType::NONCE).context("no NONCE in the challenge")?;
@@ -161,7 +340,7 @@ impl TurnClient {
         let msg = Message::parse(&resp)?;
         match msg.decode(AttributeType::XOR_RELAYED_ADDRESS) {
             Some(Ok(Attribute::XorRelayedAddress(a))) => client.relayed = a,
-            _ => bail!("allocation failed: error {:?}", error_code(&msg)),
+            _ => bail!("{server} accepted the Allocate but sent no XOR-RELAYED-ADDRESS"),
         }
         Ok(client)
     }
@@ -191,7 +370,7 @@ impl TurnClient {
                 _ if error_code(&msg) == Some(438) => {
                     self.nonce = text(&msg, AttributeType::NONCE).context("438 without NONCE")?;
                 }
-                _ => bail!("{} failed: error {:?}", method.name(), error_code(&msg)),
+                _ => return Err(refused(method, &msg)),
             }
         }
         bail!("{} failed: stale nonce twice", method.name())
@@ -233,8 +412,13 @@ impl TurnClient {
 
     /// Deletes the allocation (Refresh with lifetime 0).
     pub(crate) fn release(&mut self) -> anyhow::Result<()> {
+        self.refresh(0)
+    }
+
+    /// Refreshes the allocation for `lifetime` seconds (0 deletes it).
+    pub(crate) fn refresh(&mut self, lifetime: u32) -> anyhow::Result<()> {
         self.request(Method::REFRESH, |enc| {
-            enc.attribute(&Attribute::Lifetime(0))
+            enc.attribute(&Attribute::Lifetime(lifetime))
         })?;
         Ok(())
     }

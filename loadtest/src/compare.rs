@@ -1,0 +1,449 @@
+//! `natrix-loadtest compare`: the same `relay`, `alloc` or `stun` scenario
+//! against two or more servers, interleaved round by round in one run (so
+//! drift of the machine hits all of them alike), with ratios against the
+//! first. Given each server's PID, it also reports work per server CPU
+//! second and, for `alloc`, memory per allocation. `BENCHMARKING.md`'s
+//! natrix-versus-coturn tables come from here.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::alloc::AllocArgs;
+use crate::relay::{Auth, Path, RelayArgs};
+use crate::stun::StunArgs;
+
+/// A server to measure: `NAME=HOST:PORT[,user=U][,password=P][,secret=S][,pid=PID]`.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    name: String,
+    server: SocketAddr,
+    user: Option<String>,
+    password: Option<String>,
+    secret: Option<String>,
+    pid: Option<u32>,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Target, String> {
+        let (name, rest) = s.split_once('=').ok_or_else(|| {
+            format!("{s:?}: expected NAME=HOST:PORT[,user=U,password=P|secret=S,pid=PID]")
+        })?;
+        let mut parts = rest.split(',');
+        let server = parts
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("{s:?}: the address: {e}"))?;
+        let mut t = Target {
+            name: name.to_owned(),
+            server,
+            user: None,
+            password: None,
+            secret: None,
+            pid: None,
+        };
+        for kv in parts {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("{s:?}: {kv:?} is not key=value"))?;
+            match k {
+                "user" => t.user = Some(v.to_owned()),
+                "password" => t.password = Some(v.to_owned()),
+                "secret" => t.secret = Some(v.to_owned()),
+                "pid" => t.pid = Some(v.parse().map_err(|_| format!("{s:?}: pid {v:?}"))?),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown key {k:?} (user, password, secret, pid)"
+                    ));
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Which scenario to compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Compared {
+    /// Relayed packets per second (`relay`).
+    Relay,
+    /// Allocations per second (`alloc`), memory per allocation with a PID.
+    Alloc,
+    /// STUN Binding answers per second (`stun`).
+    Stun,
+}
+
+/// Options of `compare`.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct CompareArgs {
+    /// What to run against every target.
+    #[arg(long, value_enum, default_value = "relay")]
+    pub(crate) scenario: Compared,
+    /// A server: `NAME=HOST:PORT[,user=U][,password=P][,secret=S][,pid=PID]`
+    /// (repeat; the first is the reference of the ratios). Credentials
+    /// default to --user/--password/--secret; the PID enables CPU and
+    /// memory figures (read from /proc, so the server runs on this machine).
+    #[arg(long = "target", required = true, num_args = 1)]
+    pub(crate) targets: Vec<Target>,
+    /// Rounds; each runs every target once, in rotating order.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
+    /// Default username.
+    #[arg(long, default_value = "natrix")]
+    pub(crate) user: String,
+    /// Default password.
+    #[arg(long)]
+    pub(crate) password: Option<String>,
+    /// Default REST API secret.
+    #[arg(long)]
+    pub(crate) secret: Option<String>,
+    /// relay: paths (comma separated; every path × payload is a case).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "peer")]
+    pub(crate) path: Vec<Path>,
+    /// relay: payload sizes (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "160")]
+    pub(crate) payload: Vec<usize>,
+    /// relay and stun: sending clients.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) clients: usize,
+    /// relay and stun: packets each client keeps in flight.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) window: usize,
+    /// relay and stun: how long each run sends.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// alloc: allocations per run.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) count: usize,
+    /// alloc: allocations in progress at once.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) concurrency: usize,
+    /// Local address for client sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) local: std::net::IpAddr,
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+pub(crate) fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields count from its closing ')'.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Some(ticks as f64 / hz as f64)
+}
+
+/// Resident memory of a process in bytes, from /proc.
+pub(crate) fn process_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// One run's figures.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    /// The headline rate (relayed packets/s, allocations/s, answers/s).
+    rate: f64,
+    /// Units of work done (rate × seconds).
+    work: f64,
+    loss: Option<f64>,
+    p99_ms: f64,
+    cpu_seconds: Option<f64>,
+    rss_per_allocation: Option<f64>,
+}
+
+/// A case: one relay path and payload, or the whole alloc/stun scenario.
+#[derive(Clone, Copy, Debug)]
+enum Case {
+    Relay(Path, usize),
+    Alloc,
+    Stun,
+}
+
+impl Case {
+    fn label(self) -> String {
+        match self {
+            Case::Relay(path, payload) => format!("relay {} {payload} B", path.name()),
+            Case::Alloc => "alloc".into(),
+            Case::Stun => "stun".into(),
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn run_once(args: &CompareArgs, case: Case, t: &Target) -> anyhow::Result<Run> {
+    let auth = Auth {
+        user: t.user.clone().unwrap_or_else(|| args.user.clone()),
+        password: t.password.clone().or_else(|| args.password.clone()),
+        secret: t.secret.clone().or_else(|| {
+            // A target with its own password does not inherit a secret.
+            t.password.is_none().then(|| args.secret.clone()).flatten()
+        }),
+    };
+    let cpu = || t.pid.and_then(process_cpu_seconds);
+    let before = cpu();
+    let mut run = Run::default();
+    let report = match case {
+        Case::Relay(path, payload) => crate::relay::run(&RelayArgs {
+            server: t.server,
+            auth,
+            path,
+            clients: args.clients,
+            payload,
+            window: args.window,
+            rate: None,
+            duration: args.duration,
+            local: args.local,
+        })?,
+        Case::Stun => crate::stun::run(&StunArgs {
+            server: t.server,
+            clients: args.clients,
+            window: args.window,
+            rate: None,
+            duration: args.duration,
+            local: args.local,
+        })?,
+        Case::Alloc => {
+            let base = t.pid.and_then(process_rss_bytes);
+            let mut held = None;
+            let mut cpu_at_held = None;
+            let report = crate::alloc::run_with(
+                &AllocArgs {
+                    server: t.server,
+                    auth,
+                    count: args.count,
+                    concurrency: args.concurrency,
+                    rate: None,
+                    refresh: false,
+                    // Long enough for the server's memory to settle.
+                    hold: Duration::from_millis(500),
+                    local: args.local,
+                },
+                |n| {
+                    cpu_at_held = cpu();
+                    std::thread::sleep(Duration::from_millis(300));
+                    held = t.pid.and_then(process_rss_bytes).map(|h| (h, n));
+                },
+            )?;
+            if let (Some(b), Some((h, n))) = (base, held) {
+                run.rss_per_allocation = Some(h.saturating_sub(b) as f64 / n.max(1) as f64);
+            }
+            // The allocation phase's CPU, not the deletes'.
+            run.cpu_seconds = cpu_at_held.zip(before).map(|(a, b)| a - b);
+            report
+        }
+    };
+    if run.cpu_seconds.is_none() {
+        run.cpu_seconds = cpu().zip(before).map(|(a, b)| a - b);
+    }
+    let field = match case {
+        Case::Relay(..) => "relayed_packets_per_second",
+        Case::Alloc => "allocations_per_second",
+        Case::Stun => "answers_per_second",
+    };
+    run.rate = report[field]
+        .as_f64()
+        .context("a report without its rate")?;
+    run.work = run.rate * report["seconds"].as_f64().unwrap_or(0.0);
+    run.loss = report["loss_ratio"].as_f64();
+    run.p99_ms = report["latency"]["p99_ms"].as_f64().unwrap_or(0.0);
+    Ok(run)
+}
+
+/// Runs every case against every target, `rounds` times, interleaved.
+pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<serde_json::Value> {
+    if args.targets.len() < 2 {
+        anyhow::bail!("compare needs at least two --target servers");
+    }
+    let cases: Vec<Case> = match args.scenario {
+        Compared::Relay => args
+            .payload
+            .iter()
+            .flat_map(|&p| args.path.iter().map(move |&path| Case::Relay(path, p)))
+            .collect(),
+        Compared::Alloc => vec![Case::Alloc],
+        Compared::Stun => vec![Case::Stun],
+    };
+    let n = args.targets.len();
+    let mut runs: BTreeMap<(usize, usize), Vec<Run>> = BTreeMap::new();
+    'rounds: for round in 0..args.rounds.max(1) {
+        for (c, case) in cases.iter().enumerate() {
+            for k in 0..n {
+                if crate::live::stopped() {
+                    break 'rounds;
+                }
+                let i = (k + round) % n;
+                let t = &args.targets[i];
+                eprintln!(
+                    "natrix-loadtest: compare round {}/{} {} against {} ({})",
+                    round + 1,
+                    args.rounds,
+                    case.label(),
+                    t.name,
+                    t.server
+                );
+                let r = run_once(args, *case, t).with_context(|| {
+                    format!("{} against {} ({})", case.label(), t.name, t.server)
+                })?;
+                runs.entry((c, i)).or_default().push(r);
+            }
+        }
+    }
+    let unit = match args.scenario {
+        Compared::Relay => "relayed pkt/s",
+        Compared::Alloc => "allocations/s",
+        Compared::Stun => "answers/s",
+    };
+    let mut json_cases = Vec::new();
+    let names: Vec<&str> = args.targets.iter().map(|t| t.name.as_str()).collect();
+    let mut md = format!(
+        "| case | {} |",
+        names
+            .iter()
+            .map(|n| format!("{n} {unit}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    for other in &names[1..] {
+        md += &format!(" {}/{other} | {}/{other} per CPU s |", names[0], names[0]);
+    }
+    if args.scenario == Compared::Alloc {
+        md += &names
+            .iter()
+            .map(|n| format!(" {n} bytes/allocation |"))
+            .collect::<String>();
+    }
+    md += "\n|---|";
+    md += &"---|".repeat(
+        n + 2 * (n - 1)
+            + if args.scenario == Compared::Alloc {
+                n
+            } else {
+                0
+            },
+    );
+    md += "\n";
+    for (c, case) in cases.iter().enumerate() {
+        let mut targets = serde_json::Map::new();
+        let mut medians = Vec::new();
+        let mut per_cpu = Vec::new();
+        let mut mem = Vec::new();
+        for (i, t) in args.targets.iter().enumerate() {
+            let rs = runs.get(&(c, i)).cloned().unwrap_or_default();
+            let m = median(&mut rs.iter().map(|r| r.rate).collect::<Vec<_>>());
+            let cpu: Option<f64> = rs.iter().map(|r| r.cpu_seconds).sum();
+            let work: f64 = rs.iter().map(|r| r.work).sum();
+            let pcs = cpu.filter(|c| *c > 0.0).map(|c| work / c);
+            let rss = rs
+                .iter()
+                .filter_map(|r| r.rss_per_allocation)
+                .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+            medians.push(m);
+            per_cpu.push(pcs);
+            mem.push(rss);
+            targets.insert(
+                t.name.clone(),
+                serde_json::json!({
+                    "server": t.server.to_string(),
+                    "rates": rs.iter().map(|r| r.rate).collect::<Vec<_>>(),
+                    "median": m,
+                    "cpu_seconds": cpu,
+                    "per_cpu_second": pcs,
+                    "loss_ratio_max": rs.iter().filter_map(|r| r.loss).fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v)))),
+                    "p99_ms_median": median(&mut rs.iter().map(|r| r.p99_ms).collect::<Vec<_>>()),
+                    "rss_per_allocation_bytes": rss,
+                }),
+            );
+        }
+        let mut ratios = serde_json::Map::new();
+        md += &format!("| {} |", case.label());
+        md += &medians
+            .iter()
+            .map(|m| format!(" {m:.0} |"))
+            .collect::<String>();
+        for i in 1..n {
+            let rate = (medians[i] > 0.0).then(|| medians[0] / medians[i]);
+            let cpu = per_cpu[0].zip(per_cpu[i]).map(|(a, b)| a / b);
+            let fmt = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.2}×"));
+            md += &format!(" {} | {} |", fmt(rate), fmt(cpu));
+            ratios.insert(
+                args.targets[i].name.clone(),
+                serde_json::json!({"rate": rate, "per_cpu_second": cpu}),
+            );
+        }
+        if args.scenario == Compared::Alloc {
+            md += &mem
+                .iter()
+                .map(|m| m.map_or(" – |".to_owned(), |m| format!(" {m:.0} |")))
+                .collect::<String>();
+        }
+        md += "\n";
+        json_cases.push(serde_json::json!({
+            "case": case.label(),
+            "targets": targets,
+            "ratios": ratios,
+        }));
+    }
+    eprintln!("\n{md}");
+    Ok(serde_json::json!({
+        "scenario": "compare",
+        "compared": format!("{:?}", args.scenario).to_lowercase(),
+        "unit": unit,
+        "reference": names[0],
+        "rounds": args.rounds,
+        "cases": json_cases,
+        "markdown": md,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_with_their_options() {
+        let t: Target = "coturn=127.0.0.1:3479,user=u,password=p,pid=42"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.name, "coturn");
+        assert_eq!(t.server.port(), 3479);
+        assert_eq!(
+            (t.user.as_deref(), t.password.as_deref(), t.pid),
+            (Some("u"), Some("p"), Some(42))
+        );
+        assert!("x".parse::<Target>().is_err());
+        assert!("x=127.0.0.1:1,colour=blue".parse::<Target>().is_err());
+        assert!("x=nowhere".parse::<Target>().is_err());
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_and_memory() {
+        let me = std::process::id();
+        assert!(process_cpu_seconds(me).is_some());
+        assert!(process_rss_bytes(me).unwrap_or(0) > 1 << 20);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

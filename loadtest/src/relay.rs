@@ -1,0 +1,349 @@
+//! `natrix-loadtest relay`: sustained traffic through TURN allocations, on
+//! one of two paths: `peer` (client → relay → UDP peer that echoes → relay
+//! → client) or `client` (client A → relay → relay → client B, which echoes
+//! back the same way). Closed loop (a window in flight per client: the rate
+//! the server sustains) or open loop (`--rate`). Also `generator`: the send
+//! capacity of this machine's generator, with no server in the way.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use natrix_wire::{ChannelData, ChannelNumber};
+
+use crate::live::{Units, live};
+use crate::load::{ClientResult, Load, Pace, echo, echo_peer, loss, run_clients};
+use crate::turn::{Credentials, TurnClient, channel_data};
+
+/// Who to authenticate as: a long-term user and password, or a user name
+/// and the REST API's shared secret.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct Auth {
+    /// Username (with --secret: the part after `<expiry>:`).
+    #[arg(long, default_value = "natrix")]
+    pub(crate) user: String,
+    /// Password (long-term credentials).
+    #[arg(long, required_unless_present = "secret")]
+    pub(crate) password: Option<String>,
+    /// Shared secret of the TURN REST API (coturn's `static-auth-secret`,
+    /// natrix's `--auth-secret`): credentials are minted per run.
+    #[arg(long, conflicts_with = "password")]
+    pub(crate) secret: Option<String>,
+}
+
+impl Auth {
+    /// The credentials to allocate with.
+    pub(crate) fn credentials(&self) -> Credentials {
+        match (&self.secret, &self.password) {
+            (Some(secret), _) => {
+                Credentials::from_secret(secret, &self.user, Duration::from_secs(3600))
+            }
+            (None, password) => Credentials {
+                user: self.user.clone(),
+                password: password.clone().unwrap_or_default(),
+            },
+        }
+    }
+}
+
+/// Which path to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Path {
+    /// client → relay → peer → relay → client.
+    Peer,
+    /// client A → relay → relay → client B → relay → relay → client A.
+    Client,
+}
+
+impl Path {
+    /// Relay crossings per echoed packet: the peer path crosses the relay
+    /// twice (client→peer, peer→client), the client path four times.
+    fn hops(self) -> f64 {
+        match self {
+            Path::Peer => 2.0,
+            Path::Client => 4.0,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Path::Peer => "peer",
+            Path::Client => "client",
+        }
+    }
+}
+
+/// Options of `relay`.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct RelayArgs {
+    /// TURN server (UDP).
+    #[arg(long, default_value = "127.0.0.1:3478")]
+    pub(crate) server: SocketAddr,
+    #[command(flatten)]
+    pub(crate) auth: Auth,
+    /// Which path to load.
+    #[arg(long, value_enum, default_value = "peer")]
+    pub(crate) path: Path,
+    /// Sending clients, each with its own allocation, socket and thread
+    /// (TURN allows one allocation per 5-tuple; the client path adds one
+    /// echoing allocation per sender).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) clients: usize,
+    /// Application payload bytes per packet (at least 16: a timestamp and
+    /// a sequence number ride in it).
+    #[arg(long, default_value_t = 160)]
+    pub(crate) payload: usize,
+    /// Packets each client keeps in flight (closed loop).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) window: usize,
+    /// Packets per second over all clients, whatever comes back (open
+    /// loop), instead of the window.
+    #[arg(long)]
+    pub(crate) rate: Option<f64>,
+    /// How long to send.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// Local address for client and peer sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) local: IpAddr,
+}
+
+const CHANNEL: u16 = 0x4000;
+
+/// ChannelData echoes through the relay.
+fn drive(client: &TurnClient, args: &RelayArgs, started: Instant) -> anyhow::Result<ClientResult> {
+    let channel = ChannelNumber::new(CHANNEL).context("channel number")?;
+    let payload_len = args.payload.max(16);
+    let mut payload = vec![0u8; payload_len];
+    let load = Load {
+        to: args.server,
+        pace: match args.rate {
+            Some(r) => Pace::Rate(r / args.clients.max(1) as f64),
+            None => Pace::Window(args.window),
+        },
+        deadline: started + args.duration,
+        // Late echoes still count.
+        linger_ms: Some(100),
+        max_frame: payload_len + 8,
+    };
+    Ok(load.run(
+        client.udp_socket().as_fd(),
+        started,
+        |seq, t_ns, buf| {
+            payload[..8].copy_from_slice(&t_ns.to_be_bytes());
+            payload[8..16].copy_from_slice(&seq.to_be_bytes());
+            channel_data(buf, channel, &payload)
+        },
+        |bytes| {
+            let cd = ChannelData::parse(bytes).ok()?;
+            (cd.payload.len() == payload_len).then(|| {
+                (
+                    u64::from_be_bytes(cd.payload[..8].try_into().unwrap_or_default()),
+                    u64::from_be_bytes(cd.payload[8..16].try_into().unwrap_or_default()),
+                )
+            })
+        },
+    ))
+}
+
+/// Echoes every ChannelData frame back on the same channel until `stop`.
+fn echo_client(client: &TurnClient, server: SocketAddr, stop: &AtomicBool) {
+    echo(
+        client.udp_socket(),
+        stop,
+        |_| server,
+        |d| ChannelData::parse(d).is_ok(),
+    );
+}
+
+/// Runs the scenario.
+pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
+    natrix_net::raise_fd_limit();
+    let creds = args.auth.credentials();
+    let local = SocketAddr::new(args.local, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut helpers = Vec::new();
+    let mut senders = Vec::new();
+    let mut echoers = Vec::new();
+    let set_up = std::time::Instant::now();
+    match args.path {
+        Path::Peer => {
+            let peer = Arc::new(UdpSocket::bind(local).context("binding the echo peer")?);
+            let peer_addr = peer.local_addr()?;
+            {
+                let stop = stop.clone();
+                helpers.push(std::thread::spawn(move || echo_peer(&peer, &stop)));
+            }
+            for _ in 0..args.clients.max(1) {
+                let mut c = TurnClient::allocate(args.server, local, &creds)?;
+                c.bind_channel(CHANNEL, peer_addr)?;
+                senders.push(c);
+            }
+        }
+        Path::Client => {
+            for _ in 0..args.clients.max(1) {
+                let mut a = TurnClient::allocate(args.server, local, &creds)?;
+                let mut b = TurnClient::allocate(args.server, local, &creds)?;
+                a.bind_channel(CHANNEL, b.relayed)?;
+                b.bind_channel(CHANNEL, a.relayed)?;
+                senders.push(a);
+                echoers.push(b);
+            }
+        }
+    }
+    let set_up = set_up.elapsed();
+    let server = args.server;
+    for b in echoers {
+        let stop = stop.clone();
+        helpers.push(std::thread::spawn(move || {
+            echo_client(&b, server, &stop);
+            let mut b = b;
+            let _ = b.release();
+        }));
+    }
+    live().begin(
+        "relay",
+        Units {
+            sent: "packets",
+            done: "echoes",
+        },
+        Some(args.duration),
+    );
+    let started = Instant::now();
+    let total = run_clients(&senders, |c| drive(c, args, started));
+    let elapsed = started.elapsed().as_secs_f64();
+    live().end();
+    stop.store(true, Ordering::Relaxed);
+    for h in helpers {
+        let _ = h.join();
+    }
+    for c in &mut senders {
+        let _ = c.release();
+    }
+    let total = total?;
+    Ok(serde_json::json!({
+        "scenario": "relay",
+        "server": args.server.to_string(),
+        "path": args.path.name(),
+        "clients": args.clients,
+        "payload_bytes": args.payload,
+        "window": args.window,
+        "rate": args.rate,
+        "setup_seconds": set_up.as_secs_f64(),
+        "seconds": elapsed,
+        "sent": total.sent,
+        "echoed": total.received,
+        "loss_ratio": loss(total.sent, total.received),
+        "reordered": total.reordered,
+        "echoes_per_second": total.received as f64 / elapsed,
+        "relayed_packets_per_second": args.path.hops() * total.received as f64 / elapsed,
+        "relayed_bits_per_second": args.path.hops() * total.received as f64 * args.payload as f64 * 8.0 / elapsed,
+        "rtt_ms_p50": total.rtt.ms(50.0),
+        "rtt_ms_p99": total.rtt.ms(99.0),
+        "latency": total.rtt.json(),
+    }))
+}
+
+/// Options of `generator`.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct GeneratorArgs {
+    /// Sending threads (one socket each).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) threads: usize,
+    /// Payload bytes (ChannelData framed, as `relay` sends).
+    #[arg(long, default_value_t = 160)]
+    pub(crate) payload: usize,
+    /// How long to send.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// Where to send; default: a socket of this process that never reads
+    /// (the kernel drops what overflows it, so only sending is measured).
+    #[arg(long)]
+    pub(crate) target: Option<SocketAddr>,
+    /// One datagram per message (no UDP GSO), as towards a server on
+    /// another path MTU or a kernel without GSO.
+    #[arg(long)]
+    pub(crate) no_gso: bool,
+}
+
+/// Sends ChannelData as fast as the generator can, with the same batching
+/// `relay` and `stun` use, and reports datagrams per second.
+pub(crate) fn generator(args: &GeneratorArgs) -> anyhow::Result<serde_json::Value> {
+    let sink = UdpSocket::bind("127.0.0.1:0").context("binding the sink")?;
+    let to = match args.target {
+        Some(t) => t,
+        None => sink.local_addr()?,
+    };
+    let channel = ChannelNumber::new(CHANNEL).context("channel number")?;
+    let payload = vec![0x5a; args.payload];
+    let mut frame = vec![0u8; args.payload + 8];
+    let n = channel_data(&mut frame, channel, &payload);
+    let frame = &frame[..n];
+    let sockets: Vec<UdpSocket> = (0..args.threads.max(1))
+        .map(|_| UdpSocket::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()
+        .context("binding sender sockets")?;
+    live().begin(
+        "generator",
+        Units {
+            sent: "datagrams",
+            done: "datagrams",
+        },
+        Some(args.duration),
+    );
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let cpu_before = crate::compare::process_cpu_seconds(std::process::id());
+    let counts: Vec<(u64, u64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = sockets
+            .iter()
+            .map(|sock| {
+                s.spawn(move || {
+                    let mut batch = natrix_net::SendBatch::new(64);
+                    if args.no_gso {
+                        batch = batch.without_gso();
+                    }
+                    let (mut sent, mut refused) = (0u64, 0u64);
+                    while Instant::now() < deadline && !crate::live::stopped() {
+                        for _ in 0..64 {
+                            batch.push(to, frame);
+                        }
+                        let failed = batch.flush(sock.as_fd()) as u64;
+                        sent += 64 - failed;
+                        refused += failed;
+                        live().sent(64 - failed);
+                        live().done(64 - failed);
+                    }
+                    (sent, refused)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = crate::compare::process_cpu_seconds(std::process::id())
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    live().end();
+    let sent: u64 = counts.iter().map(|c| c.0).sum();
+    let refused: u64 = counts.iter().map(|c| c.1).sum();
+    Ok(serde_json::json!({
+        "scenario": "generator",
+        "threads": args.threads,
+        "payload_bytes": args.payload,
+        "datagram_bytes": frame.len(),
+        "gso": !args.no_gso,
+        "seconds": elapsed,
+        "sent": sent,
+        "not_taken_by_the_kernel": refused,
+        "datagrams_per_second": sent as f64 / elapsed,
+        "bits_per_second": sent as f64 * frame.len() as f64 * 8.0 / elapsed,
+        "cpu_seconds": cpu,
+    }))
+}
