@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Relay benchmark: natrix against coturn (Debian's turnserver), the same load
-# generator (natrix-loadtest) against both in one run, on this machine.
-# Prints a Markdown table for BENCHMARKING.md. Bounded: about 2 minutes.
+# natrix against coturn (Debian's turnserver) on this machine, measured by
+# `natrix-loadtest compare`: each scenario runs against both servers
+# interleaved round by round, with ratios, work per server CPU second and
+# (allocations) memory per allocation. Also the load generator's own send
+# capacity. Prints the Markdown tables of BENCHMARKING.md; the JSON and HTML
+# reports go to the directory given as the second argument (default: a
+# temporary one). Bounded: about 5 minutes at the default 5 s per run.
 #
 #   cargo build --release -p natrix -p natrix-loadtest
-#   loadtest/bench/relay-vs-coturn.sh [seconds-per-run]
+#   loadtest/bench/relay-vs-coturn.sh [seconds-per-run] [report-dir]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 secs="${1:-5}"
+out="${2:-$(mktemp -d)}"
+mkdir -p "$out"
 bin=target/release
 command -v turnserver >/dev/null || { echo "turnserver (Debian package coturn) is needed" >&2; exit 1; }
 [ -x "$bin/natrix" ] && [ -x "$bin/natrix-loadtest" ] || {
@@ -31,93 +37,50 @@ turnserver -n --no-cli --listening-ip 127.0.0.1 --listening-port $COTURN_PORT --
   --realm bench --user bench:bench --lt-cred-mech --allow-loopback-peers --no-tls --no-dtls \
   --user-quota 0 --total-quota 0 --min-port 20000 --max-port 60000 \
   --log-file "$work/coturn.log" --pidfile "$work/coturn.pid" >/dev/null 2>&1 &
-pids+=("$!")
+coturn_pid=$!; pids+=("$coturn_pid")
 "$bin/natrix" cdx --stun-listen 127.0.0.1:$CDX_PORT --metrics-listen 127.0.0.1:$CDX_METRICS_PORT \
   --stun-rate-per-prefix 100000000 --stun-rate-total 100000000 --log warn --log-format json \
   >"$work/cdx.log" 2>&1 &
 cdx_pid=$!; pids+=("$cdx_pid")
 turnserver -n --no-cli --stun-only --listening-ip 127.0.0.1 --listening-port $COTURN_STUN_PORT \
   --no-tls --no-dtls --log-file "$work/coturn-stun.log" --pidfile "$work/coturn-stun.pid" >/dev/null 2>&1 &
-pids+=("$!")
+coturn_stun_pid=$!; pids+=("$coturn_stun_pid")
 sleep 2
-coturn_stun_pid="$(cat "$work/coturn-stun.pid" 2>/dev/null || echo "${pids[3]}")"
-pids+=("$coturn_stun_pid")
-coturn_pid="$(cat "$work/coturn.pid" 2>/dev/null || echo "${pids[1]}")"
-pids+=("$coturn_pid")
 
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
-hz=$(getconf CLK_TCK)
+lt() { "$bin/natrix-loadtest" --progress off "$@"; }
+turn_targets=(--target "natrix=127.0.0.1:$NATRIX_PORT,pid=$natrix_pid"
+              --target "coturn=127.0.0.1:$COTURN_PORT,pid=$coturn_pid"
+              --user bench --password bench)
 
-echo "| path | payload | server | relayed pkt/s | loss | server CPU s | pkt per server CPU s |"
-echo "|---|---|---|---|---|---|---|"
-declare -A rate eff
-for payload in 160 1200; do
-  for path in peer client; do
-    for server in natrix coturn; do
-      if [ $server = natrix ]; then port=$NATRIX_PORT; pid=$natrix_pid; else port=$COTURN_PORT; pid=$coturn_pid; fi
-      before=$(cpu_ticks "$pid")
-      out=$("$bin/natrix-loadtest" relay --server 127.0.0.1:$port --user bench --password bench \
-        --path $path --clients 4 --payload $payload --duration "${secs}s")
-      after=$(cpu_ticks "$pid")
-      pps=$(field "$out" relayed_packets_per_second); loss=$(field "$out" loss_ratio)
-      cpu=$(python3 -c "print(($after-$before)/$hz)")
-      per=$(python3 -c "print(int($pps*$(field "$out" seconds)/max($cpu,0.01)))")
-      rate[$path-$payload-$server]=$pps; eff[$path-$payload-$server]=$per
-      printf '| %s | %s | %s | %.0f | %.4f | %.2f | %s |\n' $path $payload $server "$pps" "$loss" "$cpu" "$per"
-    done
+echo "### Relay: relayed packets per second ($secs s per run, 3 rounds, median)"
+echo
+lt compare --scenario relay "${turn_targets[@]}" --path peer,client --payload 160,1200 \
+  --clients 4 --rounds 3 --duration "${secs}s" \
+  --json "$out/compare-relay.json" --report "$out/compare-relay.html" 2>&1 >/dev/null | sed -n '/^|/p'
+echo
+echo "### Allocations: 10 000 per run, 16 at a time (2 rounds)"
+echo
+lt compare --scenario alloc "${turn_targets[@]}" --count 10000 --concurrency 16 --rounds 2 \
+  --json "$out/compare-alloc.json" --report "$out/compare-alloc.html" 2>&1 >/dev/null | sed -n '/^|/p'
+echo
+echo "### STUN Binding answers per second ($secs s per run, 3 rounds)"
+echo
+lt compare --scenario stun --target "natrix=127.0.0.1:$CDX_PORT,pid=$cdx_pid" \
+  --target "coturn=127.0.0.1:$COTURN_STUN_PORT,pid=$coturn_stun_pid" --clients 4 --rounds 3 \
+  --duration "${secs}s" \
+  --json "$out/compare-stun.json" --report "$out/compare-stun.html" 2>&1 >/dev/null | sed -n '/^|/p'
+echo
+echo "### Load generator send capacity (ChannelData, 160 B payload, to a sink)"
+echo
+echo "| threads | GSO | datagrams/s | generator CPU s |"
+echo "|---|---|---|---|"
+for threads in 1 2; do
+  for gso in on off; do
+    flag=(); [ $gso = off ] && flag=(--no-gso)
+    lt generator --threads $threads --duration 3s "${flag[@]}" >"$work/gen.json"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('| %d | %s | %.0f | %.2f |' % (d['threads'], sys.argv[2], d['datagrams_per_second'], d['cpu_seconds']))" \
+      "$work/gen.json" $gso
   done
 done
 echo
-echo "| path | payload | natrix/coturn pkt/s | natrix/coturn pkt per CPU s |"
-echo "|---|---|---|---|"
-for payload in 160 1200; do
-  for path in peer client; do
-    python3 -c "print('| $path | $payload | %.2f | %.2f |' % (${rate[$path-$payload-natrix]}/${rate[$path-$payload-coturn]}, ${eff[$path-$payload-natrix]}/${eff[$path-$payload-coturn]}))"
-  done
-done
-
-echo
-echo "| server | allocations/s | server CPU s | allocations per server CPU s | RSS per allocation at 10 000 (bytes) |"
-echo "|---|---|---|---|---|"
-declare -A arate acpu amem
-for server in natrix coturn; do
-  if [ $server = natrix ]; then port=$NATRIX_PORT; pid=$natrix_pid; else port=$COTURN_PORT; pid=$coturn_pid; fi
-  base=$(rss_kb "$pid")
-  before=$(cpu_ticks "$pid")
-  "$bin/natrix-loadtest" allocations --server 127.0.0.1:$port --user bench --password bench \
-    --count 10000 --threads 16 --hold 6s >"$work/alloc-$server.json" &
-  lt=$!
-  # The result line is printed when all allocations exist (before the hold):
-  # then the server's CPU for the allocation phase and its memory are read.
-  for _ in $(seq 1 240); do [ -s "$work/alloc-$server.json" ] && break; sleep 0.1; done
-  after=$(cpu_ticks "$pid")
-  sleep 1
-  held=$(rss_kb "$pid")
-  wait $lt
-  out=$(cat "$work/alloc-$server.json")
-  per=$(( (held - base) * 1024 / 10000 ))
-  cpu=$(python3 -c "print(max(($after-$before)/$hz, 0.01))")
-  arate[$server]=$(field "$out" allocations_per_second); amem[$server]=$per
-  acpu[$server]=$(python3 -c "print(10000/$cpu)")
-  printf '| %s | %.0f | %.2f | %.0f | %s |\n' $server "${arate[$server]}" "$cpu" "${acpu[$server]}" "$per"
-done
-python3 -c "print('\nnatrix/coturn: allocation rate %.2fx, allocations per server CPU second %.2fx, memory per allocation %.2fx' % (${arate[natrix]}/${arate[coturn]}, ${acpu[natrix]}/${acpu[coturn]}, ${amem[natrix]}/max(${amem[coturn]},1)))"
-
-echo
-echo "| STUN server | Binding answers/s | server CPU s | answers per server CPU s |"
-echo "|---|---|---|---|"
-declare -A srate seff
-for server in natrix coturn; do
-  if [ $server = natrix ]; then port=$CDX_PORT; pid=$cdx_pid; else port=$COTURN_STUN_PORT; pid=$coturn_stun_pid; fi
-  before=$(cpu_ticks "$pid")
-  out=$("$bin/natrix-loadtest" stun --server 127.0.0.1:$port --clients 4 --duration "${secs}s")
-  after=$(cpu_ticks "$pid")
-  aps=$(field "$out" answers_per_second)
-  cpu=$(python3 -c "print(max(($after-$before)/$hz, 0.01))")
-  per=$(python3 -c "print(int($aps*$(field "$out" seconds)/$cpu))")
-  srate[$server]=$aps; seff[$server]=$per
-  printf '| %s | %.0f | %.2f | %s |\n' $server "$aps" "$cpu" "$per"
-done
-python3 -c "print('\nnatrix/coturn STUN: %.2fx answers/s, %.2fx answers per CPU second' % (${srate[natrix]}/${srate[coturn]}, ${seff[natrix]}/${seff[coturn]}))"
+echo "Reports: $out"

@@ -143,9 +143,11 @@ fn histogram(title: &str, latency: &Value) -> anyhow::Result<Option<String>> {
             .draw()
             .map_err(e)?;
         chart
-            .draw_series(buckets.iter().map(|&(a, b, c)| {
-                Rectangle::new([(a.max(lo), 0.0), (b, c)], SERIES[0].mix(0.8).filled())
-            }))
+            .draw_series(
+                buckets.iter().map(|&(a, b, c)| {
+                    Rectangle::new([(a.max(lo), 0.0), (b, c)], SERIES[0].filled())
+                }),
+            )
             .map_err(e)?;
         Ok(())
     })
@@ -246,8 +248,7 @@ fn nat_matrix(report: &Value) -> anyhow::Result<Option<String>> {
             let outcome = p["outcome"].as_str().unwrap_or("?");
             let ms = p["time_to_direct_ms"]
                 .as_f64()
-                .or_else(|| p["time_ms"].as_f64())
-                .or_else(|| p["first_packet_ms"].as_f64());
+                .or_else(|| p["time_to_first_packet_ms"].as_f64());
             let (color, label) = match outcome {
                 "direct" => (RGBColor(120, 200, 120), "direct"),
                 "relayed" => (RGBColor(250, 200, 90), "relayed"),
@@ -543,7 +544,7 @@ mod tests {
             "types": ["open", "symmetric"],
             "pairs": [
                 {"a": "open", "b": "open", "outcome": "direct", "time_to_direct_ms": 34.0},
-                {"a": "open", "b": "symmetric", "outcome": "relayed", "time_ms": 80.0},
+                {"a": "open", "b": "symmetric", "outcome": "relayed", "time_to_first_packet_ms": 80.0},
                 {"a": "symmetric", "b": "symmetric", "outcome": "failed"},
             ],
         });
@@ -552,6 +553,8 @@ mod tests {
         assert!(html.contains("latency: histogram"));
         assert!(html.contains("latency: percentiles"));
         assert!(html.contains("NAT matrix"));
+        // Each pair fills its cell and the mirrored one.
+        assert_eq!(html.matches(">\nrelayed\n</text>").count(), 2);
         assert!(html.contains("relay &lt;x&gt;"), "the command is escaped");
         assert_eq!(html.matches("<svg").count(), 4, "four plots");
         assert!(html.contains("<rect"), "bars and cells are drawn");

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Natrix, PASSWORD, Spawned, USER};
+use common::{Natrix, PASSWORD, Spawned, USER, chromium};
 
 const PAGE: &str = include_str!("browser_page.html");
 
@@ -57,22 +57,6 @@ fn serve_page() -> (u16, mpsc::Receiver<String>) {
         }
     });
     (port, rx)
-}
-
-fn chromium() -> String {
-    for name in ["chromium", "chromium-browser", "google-chrome"] {
-        if let Ok(out) = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {name}"))
-            .output()
-        {
-            let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if !path.is_empty() {
-                return path;
-            }
-        }
-    }
-    panic!("Chromium is not installed; run .ci/install-deps (Debian package chromium)");
 }
 
 fn relay_only_data_channel(transport: &str) {

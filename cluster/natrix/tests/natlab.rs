@@ -347,6 +347,7 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         "lookup",
     );
     let report = std::env::temp_dir().join(format!("natlab-relayed-{}.json", std::process::id()));
+    let html = report.with_extension("html");
     let deadline = Instant::now() + Duration::from_secs(60);
     let (table, doc) = loop {
         // The matrix runs inside the lab's internet, where lookup is.
@@ -365,6 +366,8 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
                 "--check",
                 "--json",
                 report.to_str().unwrap(),
+                "--report",
+                html.to_str().unwrap(),
             ],
         )
         .output()
@@ -385,6 +388,15 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     };
     let _ = std::fs::remove_file(&report);
     println!("{table}");
+    // The HTML report draws the same matrix.
+    let page = std::fs::read_to_string(&html).expect("the HTML report");
+    let _ = std::fs::remove_file(&html);
+    assert!(page.contains("NAT matrix"), "no matrix plot");
+    assert_eq!(
+        page.matches(">\nrelayed\n</text>").count(),
+        16,
+        "8 relayed pairs, drawn both ways"
+    );
     let pairs = doc["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), 21);
     let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();

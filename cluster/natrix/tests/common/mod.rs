@@ -397,3 +397,82 @@ pub fn uclient(args: &[&str]) -> UclientReport {
     }
     r
 }
+
+/// The headless browser's path.
+pub fn chromium() -> String {
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        if let Ok(out) = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {name}"))
+            .output()
+        {
+            let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !path.is_empty() {
+                return path;
+            }
+        }
+    }
+    panic!("Chromium is not installed; run .ci/install-deps (Debian package chromium)");
+}
+
+/// coturn's `turnserver` on a free loopback port, with the harness' user
+/// (long-term credentials) or, given `secret`, the TURN REST API; relays to
+/// loopback peers. Returns the server and its port; its PID is the child's.
+pub fn coturn(secret: Option<&str>) -> (Spawned, u16) {
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("natrix-coturn-{}-{port}.log", std::process::id()));
+    let mut cmd = Command::new(tool("turnserver"));
+    cmd.args([
+        "-n",
+        "--no-cli",
+        "--listening-ip",
+        "127.0.0.1",
+        "--relay-ip",
+        "127.0.0.1",
+    ])
+    .args(["--listening-port", &port.to_string(), "--realm", REALM])
+    .args([
+        "--allow-loopback-peers",
+        "--no-tls",
+        "--no-dtls",
+        "--user-quota",
+        "0",
+    ])
+    .args([
+        "--total-quota",
+        "0",
+        "--min-port",
+        "41000",
+        "--max-port",
+        "48000",
+    ])
+    .arg("--log-file")
+    .arg(&log);
+    match secret {
+        Some(s) => cmd.args(["--use-auth-secret", "--static-auth-secret", s]),
+        None => cmd.args(["--lt-cred-mech", "--user", &format!("{USER}:{PASSWORD}")]),
+    };
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting turnserver (Debian package coturn)");
+    let server = Spawned(child);
+    // Ready when it answers a Binding request.
+    let probe = UdpSocket::bind("127.0.0.1:0").expect("a probe socket");
+    probe
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("a timeout");
+    let request = [
+        0u8, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        let _ = probe.send_to(&request, ("127.0.0.1", port));
+        if probe.recv(&mut buf).is_ok() {
+            return (server, port);
+        }
+    }
+    panic!("turnserver did not answer on port {port} within 10 s");
+}
