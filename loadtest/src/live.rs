@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use natrix_telemetry::Telemetry;
+use prometheus::{Histogram, IntCounter, IntGauge};
 
 /// Set by the first Ctrl-C (SIGINT) or SIGTERM: scenarios stop sending,
 /// finish what is in flight and report what they measured.
@@ -75,7 +76,7 @@ pub(crate) struct Live {
     done: AtomicU64,
     errors: AtomicU64,
     state: Mutex<State>,
-    registry: Registry,
+    telemetry: Telemetry,
     m_sent: IntCounter,
     m_done: IntCounter,
     m_errors: IntCounter,
@@ -105,50 +106,21 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The scenario label of this process' metrics (set once, before the
+/// first use of [`live`]).
+static SCENARIO: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Names the scenario this process runs, for its exported metrics.
+pub(crate) fn init(scenario: &'static str) {
+    let _ = SCENARIO.set(scenario);
+}
+
 impl Live {
     fn new() -> Live {
-        let registry = Registry::new();
-        let scenario = std::env::args()
-            .skip(1)
-            .find(|a| !a.starts_with('-'))
-            .unwrap_or_default();
-        let opts = |name: &str, help: &str| {
-            Opts::new(name, help).const_label("scenario", scenario.clone())
-        };
-        let counter = |name: &str, help: &str| {
-            let c =
-                IntCounter::with_opts(opts(name, help)).unwrap_or_else(|_| unreachable_metric());
-            let _ = registry.register(Box::new(c.clone()));
-            c
-        };
-        let m_sent = counter(
-            "loadtest_sent_total",
-            "Requests, packets or attempts the load generator sent.",
-        );
-        let m_done = counter(
-            "loadtest_completed_total",
-            "Answers, echoes, plans or allocations the load generator got back.",
-        );
-        let m_errors = counter(
-            "loadtest_errors_total",
-            "Failed attempts (error answers, timeouts, refused connections).",
-        );
-        let m_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "loadtest_latency_seconds",
-                "Round-trip or request latency the load generator measured (sampled).",
-            )
-            .const_label("scenario", scenario.clone())
-            .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 18).unwrap_or_default()),
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        let _ = registry.register(Box::new(m_latency.clone()));
-        let m_running = IntGauge::with_opts(opts(
-            "loadtest_running",
-            "1 while the load generator is sending.",
-        ))
-        .unwrap_or_else(|_| unreachable_metric());
-        let _ = registry.register(Box::new(m_running.clone()));
+        use natrix_telemetry::catalogue as c;
+        let telemetry = Telemetry::new(env!("CARGO_PKG_VERSION"));
+        let scenario = [*SCENARIO.get().unwrap_or(&"relay")];
+        let counter = |def| telemetry.counter_family(def).with_label_values(&scenario);
         Live {
             sent: AtomicU64::new(0),
             done: AtomicU64::new(0),
@@ -165,12 +137,16 @@ impl Live {
                 last: [0; 3],
                 exported: [0; 3],
             }),
-            registry,
-            m_sent,
-            m_done,
-            m_errors,
-            m_latency,
-            m_running,
+            m_sent: counter(&c::LOADTEST_SENT_TOTAL),
+            m_done: counter(&c::LOADTEST_COMPLETED_TOTAL),
+            m_errors: counter(&c::LOADTEST_ERRORS_TOTAL),
+            m_latency: telemetry
+                .histogram_family(&c::LOADTEST_LATENCY_SECONDS)
+                .with_label_values(&scenario),
+            m_running: telemetry
+                .gauge_family(&c::LOADTEST_RUNNING)
+                .with_label_values(&scenario),
+            telemetry,
         }
     }
 
@@ -262,16 +238,8 @@ impl Live {
             let mut s = lock(&self.state);
             self.flush_metrics(&mut s);
         }
-        let mut out = String::new();
-        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
-        out
+        self.telemetry.render()
     }
-}
-
-#[cold]
-fn unreachable_metric<T>() -> T {
-    // The names and options above are constants known to be valid.
-    std::process::abort()
 }
 
 /// How progress is shown.

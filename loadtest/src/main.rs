@@ -129,6 +129,23 @@ enum Command {
     Peer(peer::PeerArgs),
 }
 
+impl Command {
+    /// The scenario's name in metrics and reports.
+    fn scenario(&self) -> &'static str {
+        match self {
+            Command::Relay(_) => "relay",
+            Command::Alloc(_) => "alloc",
+            Command::Stun(_) => "stun",
+            Command::Compare(_) => "compare",
+            Command::Generator(_) => "generator",
+            Command::Natlab(_) => "natlab",
+            Command::Plan(_) => "plan",
+            Command::E2e(_) => "e2e",
+            Command::Peer(_) => "peer",
+        }
+    }
+}
+
 /// The counted things of each scenario, for the report's plot legend.
 fn units(scenario: &str) -> (&'static str, &'static str) {
     match scenario {
@@ -168,6 +185,7 @@ fn summary(report: &serde_json::Value) -> String {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    live::init(cli.command.scenario());
     live::install_stop_handler();
     if let Some(addr) = cli.metrics_addr {
         match live::serve_metrics(addr) {

@@ -547,7 +547,67 @@ pub const CLUSTER_REGISTRY_REFRESHES_TOTAL: MetricDef = metric(
     }],
 );
 
-/// Every metric natrix exports.
+/// The scenario a `natrix-loadtest` run drives.
+pub const LOADTEST_SCENARIO: Label = Label {
+    name: "scenario",
+    values: &[
+        "stun",
+        "alloc",
+        "relay",
+        "plan",
+        "e2e",
+        "natlab",
+        "compare",
+        "generator",
+        "peer",
+    ],
+};
+
+/// Load generator: what it sent.
+pub const LOADTEST_SENT_TOTAL: MetricDef = metric(
+    "loadtest_sent_total",
+    "Requests, packets or attempts natrix-loadtest sent.",
+    Kind::Counter,
+    &[LOADTEST_SCENARIO],
+);
+
+/// Load generator: what came back.
+pub const LOADTEST_COMPLETED_TOTAL: MetricDef = metric(
+    "loadtest_completed_total",
+    "Answers, echoes, plans, allocations or connected pairs natrix-loadtest got back.",
+    Kind::Counter,
+    &[LOADTEST_SCENARIO],
+);
+
+/// Load generator: failures.
+pub const LOADTEST_ERRORS_TOTAL: MetricDef = metric(
+    "loadtest_errors_total",
+    "Failed natrix-loadtest attempts (error answers, timeouts, refused connections).",
+    Kind::Counter,
+    &[LOADTEST_SCENARIO],
+);
+
+/// Load generator: running or not.
+pub const LOADTEST_RUNNING: MetricDef = metric(
+    "loadtest_running",
+    "1 while natrix-loadtest is sending in this scenario.",
+    Kind::Gauge,
+    &[LOADTEST_SCENARIO],
+);
+
+/// Load generator: measured latency.
+pub const LOADTEST_LATENCY_SECONDS: MetricDef = MetricDef {
+    name: "loadtest_latency_seconds",
+    help: "Round-trip or request latency natrix-loadtest measured (sampled).",
+    kind: Kind::Histogram,
+    labels: &[LOADTEST_SCENARIO],
+    buckets: &[
+        0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        2.5,
+    ],
+};
+
+/// Every metric natrix exports (natrix-loadtest's `loadtest_*` included).
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
     &CDX_BINDING_REQUESTS_TOTAL,
@@ -588,6 +648,11 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_CONNECTIONS,
     &RELAY_CONNECTIONS_REJECTED_TOTAL,
     &RELAY_CONNECTIONS_IDLE_CLOSED_TOTAL,
+    &LOADTEST_SENT_TOTAL,
+    &LOADTEST_COMPLETED_TOTAL,
+    &LOADTEST_ERRORS_TOTAL,
+    &LOADTEST_RUNNING,
+    &LOADTEST_LATENCY_SECONDS,
 ];
 
 /// Looks a metric up by name.
