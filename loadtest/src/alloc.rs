@@ -83,6 +83,16 @@ impl Phase {
     }
 }
 
+/// The threads' counts of one phase, merged (a panicked thread counts
+/// nothing).
+fn joined(handles: Vec<std::thread::ScopedJoinHandle<'_, Phase>>) -> Phase {
+    let mut total = Phase::default();
+    for h in handles {
+        total.merge(h.join().unwrap_or_default());
+    }
+    total
+}
+
 /// Allocates, retrying a 437 from another port (a fresh socket may reuse
 /// the port of an allocation that outlived its client).
 fn allocate(
@@ -128,7 +138,7 @@ pub(crate) fn run_with(
     );
     let started = Instant::now();
     let clients = Mutex::new(Vec::with_capacity(args.count));
-    let phases: Vec<Phase> = std::thread::scope(|s| {
+    let allocated = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (creds, clients) = (&creds, &clients);
@@ -175,16 +185,9 @@ pub(crate) fn run_with(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
+        joined(handles)
     });
     let alloc_seconds = started.elapsed().as_secs_f64();
-    let mut allocated = Phase::default();
-    for p in phases {
-        allocated.merge(p);
-    }
     let mut clients = clients
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -204,7 +207,7 @@ pub(crate) fn run_with(
                 op: &(dyn Fn(&mut TurnClient) -> anyhow::Result<()> + Sync)| {
         let t = Instant::now();
         let chunk = clients.len().div_ceil(threads).max(1);
-        let phases: Vec<Phase> = std::thread::scope(|s| {
+        let total = std::thread::scope(|s| {
             let handles: Vec<_> = clients
                 .chunks_mut(chunk)
                 .map(|part| {
@@ -224,15 +227,8 @@ pub(crate) fn run_with(
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
+            joined(handles)
         });
-        let mut total = Phase::default();
-        for p in phases {
-            total.merge(p);
-        }
         (total, t.elapsed().as_secs_f64())
     };
     let refreshed = (args.refresh && !stopped()).then(|| each(&mut clients, &|c| c.refresh(600)));
