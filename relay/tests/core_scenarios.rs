@@ -982,6 +982,18 @@ fn unauthenticated_answers_are_capped_per_prefix() {
         h.server.stats().dropped[DropReason::RateLimited as usize],
         90
     );
+    // Over TCP the source is proven by the handshake: no reflection to
+    // bound, and a dropped challenge would only leave the client waiting.
+    for port in 0..100 {
+        let tcp = ClientSocket {
+            transport: Transport::Tcp,
+            ..client(port)
+        };
+        assert!(
+            matches!(h.input(&req, tcp, h.t0), ClientAction::Reply(_)),
+            "TCP challenge {port} was not answered"
+        );
+    }
 }
 
 #[test]

@@ -587,8 +587,11 @@ impl Server {
         self.unauthenticated(msg, code, from, now, out, |_, _| Ok(()))
     }
 
-    /// An unsigned error with `extra` attributes, or nothing when the source
-    /// is over its unauthenticated-answer cap.
+    /// An unsigned error with `extra` attributes, or nothing when a UDP
+    /// source is over its unauthenticated-answer cap. The cap bounds
+    /// reflection towards spoofed UDP sources; a TCP or TLS client proved
+    /// its address with the handshake, and an answer it never gets would
+    /// only leave it waiting (connection counts bound streams instead).
     fn unauthenticated(
         &mut self,
         msg: &Message<'_>,
@@ -598,7 +601,7 @@ impl Server {
         out: &mut [u8],
         extra: impl FnOnce(&mut Encoder<'_>, &Self) -> Result<(), EncodeError>,
     ) -> (Option<Answer>, u16) {
-        if !self.limiter.allow(from.client.ip(), now) {
+        if from.transport == super::Transport::Udp && !self.limiter.allow(from.client.ip(), now) {
             return (None, 0);
         }
         let answer = self.error(msg, code, None, out, |enc| extra(enc, self));
