@@ -9,9 +9,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::live::{Units, live, stopped};
-use crate::relay::Auth;
+use crate::relay::{Auth, Connect};
 use crate::stats::Latency;
-use crate::turn::{Credentials, TurnClient, TurnError, error_kind};
+use crate::turn::{Credentials, Tls, TurnClient, TurnError, error_kind};
 
 /// Options of `alloc`.
 #[derive(clap::Args, Clone, Debug)]
@@ -21,6 +21,8 @@ pub(crate) struct AllocArgs {
     pub(crate) server: SocketAddr,
     #[command(flatten)]
     pub(crate) auth: Auth,
+    #[command(flatten)]
+    pub(crate) connect: Connect,
     /// Allocations to create.
     #[arg(long, default_value_t = 1000)]
     pub(crate) count: usize,
@@ -96,13 +98,14 @@ fn joined(handles: Vec<std::thread::ScopedJoinHandle<'_, Phase>>) -> Phase {
 /// Allocates, retrying a 437 from another port (a fresh socket may reuse
 /// the port of an allocation that outlived its client).
 fn allocate(
-    server: SocketAddr,
+    args: &AllocArgs,
     local: SocketAddr,
     creds: &Credentials,
+    tls: Option<&Tls>,
 ) -> anyhow::Result<TurnClient> {
     let mut attempt = 0;
     loop {
-        match TurnClient::allocate(server, local, creds) {
+        match TurnClient::connect(args.connect.transport, args.server, local, creds, tls) {
             Err(e)
                 if attempt < 2
                     && e.downcast_ref::<TurnError>()
@@ -124,6 +127,7 @@ pub(crate) fn run_with(
     // Every allocation holds a client socket.
     natrix_net::raise_fd_limit();
     let creds = args.auth.credentials();
+    let tls = args.connect.tls(args.server)?;
     let local = SocketAddr::new(args.local, 0);
     let threads = args.concurrency.clamp(1, args.count.max(1));
     let per_thread_rate = args.rate.map(|r| r / threads as f64);
@@ -141,7 +145,7 @@ pub(crate) fn run_with(
     let allocated = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (creds, clients) = (&creds, &clients);
+                let (creds, clients, tls) = (&creds, &clients, tls.as_ref());
                 s.spawn(move || {
                     let share = args.count / threads + usize::from(t < args.count % threads);
                     let mut phase = Phase::default();
@@ -158,7 +162,7 @@ pub(crate) fn run_with(
                         }
                         live().sent(1);
                         let at = Instant::now();
-                        match allocate(args.server, local, creds) {
+                        match allocate(args, local, creds, tls) {
                             Ok(c) => {
                                 phase.latency.record(at.elapsed());
                                 phase.ok += 1;
@@ -239,6 +243,7 @@ pub(crate) fn run_with(
     Ok(serde_json::json!({
         "scenario": "alloc",
         "server": args.server.to_string(),
+        "transport": args.connect.transport.name(),
         "requested": args.count,
         "concurrency": threads,
         "rate": args.rate,

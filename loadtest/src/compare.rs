@@ -12,8 +12,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::alloc::AllocArgs;
-use crate::relay::{Auth, Path, RelayArgs};
+use crate::relay::{Auth, Connect, Path, RelayArgs};
 use crate::stun::StunArgs;
+use crate::turn::Transport;
 
 /// A server to measure: `NAME=HOST:PORT[,user=U][,password=P][,secret=S][,pid=PID]`.
 #[derive(Clone, Debug)]
@@ -24,6 +25,7 @@ pub(crate) struct Target {
     password: Option<String>,
     secret: Option<String>,
     pid: Option<u32>,
+    transport: Option<Transport>,
 }
 
 impl std::str::FromStr for Target {
@@ -45,6 +47,7 @@ impl std::str::FromStr for Target {
             password: None,
             secret: None,
             pid: None,
+            transport: None,
         };
         for kv in parts {
             let (k, v) = kv
@@ -55,9 +58,15 @@ impl std::str::FromStr for Target {
                 "password" => t.password = Some(v.to_owned()),
                 "secret" => t.secret = Some(v.to_owned()),
                 "pid" => t.pid = Some(v.parse().map_err(|_| format!("{s:?}: pid {v:?}"))?),
+                "transport" => {
+                    t.transport = Some(
+                        <Transport as clap::ValueEnum>::from_str(v, true)
+                            .map_err(|_| format!("{s:?}: transport {v:?} (udp, tcp, tls)"))?,
+                    );
+                }
                 _ => {
                     return Err(format!(
-                        "{s:?}: unknown key {k:?} (user, password, secret, pid)"
+                        "{s:?}: unknown key {k:?} (user, password, secret, pid, transport)"
                     ));
                 }
             }
@@ -101,6 +110,9 @@ pub(crate) struct CompareArgs {
     /// Default REST API secret.
     #[arg(long)]
     pub(crate) secret: Option<String>,
+    /// Default transport and TLS settings (a target's `transport=` wins).
+    #[command(flatten)]
+    pub(crate) connect: Connect,
     /// relay: paths (comma separated; every path × payload is a case).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "peer")]
     pub(crate) path: Vec<Path>,
@@ -202,6 +214,10 @@ fn run_once(args: &CompareArgs, case: Case, t: &Target) -> anyhow::Result<Run> {
             t.password.is_none().then(|| args.secret.clone()).flatten()
         }),
     };
+    let connect = Connect {
+        transport: t.transport.unwrap_or(args.connect.transport),
+        ..args.connect.clone()
+    };
     let cpu = || t.pid.and_then(process_cpu_seconds);
     let before = cpu();
     let mut run = Run::default();
@@ -209,6 +225,7 @@ fn run_once(args: &CompareArgs, case: Case, t: &Target) -> anyhow::Result<Run> {
         Case::Relay(path, payload) => crate::relay::run(&RelayArgs {
             server: t.server,
             auth,
+            connect,
             path,
             clients: args.clients,
             payload,
@@ -233,6 +250,7 @@ fn run_once(args: &CompareArgs, case: Case, t: &Target) -> anyhow::Result<Run> {
                 &AllocArgs {
                     server: t.server,
                     auth,
+                    connect,
                     count: args.count,
                     concurrency: args.concurrency,
                     rate: None,
@@ -424,7 +442,7 @@ mod tests {
 
     #[test]
     fn targets_parse_with_their_options() {
-        let t: Target = "coturn=127.0.0.1:3479,user=u,password=p,pid=42"
+        let t: Target = "coturn=127.0.0.1:3479,user=u,password=p,pid=42,transport=tls"
             .parse()
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.name, "coturn");
@@ -433,7 +451,9 @@ mod tests {
             (t.user.as_deref(), t.password.as_deref(), t.pid),
             (Some("u"), Some("p"), Some(42))
         );
+        assert_eq!(t.transport, Some(Transport::Tls));
         assert!("x".parse::<Target>().is_err());
+        assert!("x=127.0.0.1:1,transport=sctp".parse::<Target>().is_err());
         assert!("x=127.0.0.1:1,colour=blue".parse::<Target>().is_err());
         assert!("x=nowhere".parse::<Target>().is_err());
     }

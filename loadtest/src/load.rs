@@ -199,12 +199,16 @@ pub(crate) fn echo_peer(socket: &UdpSocket, stop: &AtomicBool) {
 
 /// Runs `client` on each of `items` in its own thread (sharing `started`)
 /// and merges what they saw.
-pub(crate) fn run_clients<T: Sync>(
-    items: &[T],
-    client: impl Fn(&T) -> anyhow::Result<ClientResult> + Sync,
+pub(crate) fn run_clients<T: Send>(
+    items: &mut [T],
+    client: impl Fn(&mut T) -> anyhow::Result<ClientResult> + Sync,
 ) -> anyhow::Result<ClientResult> {
+    let client = &client;
     let results: Vec<anyhow::Result<ClientResult>> = std::thread::scope(|s| {
-        let handles: Vec<_> = items.iter().map(|c| s.spawn(|| client(c))).collect();
+        let handles: Vec<_> = items
+            .iter_mut()
+            .map(|c| s.spawn(move || client(c)))
+            .collect();
         handles
             .into_iter()
             .map(|h| {

@@ -16,7 +16,7 @@ use natrix_wire::{ChannelData, ChannelNumber};
 
 use crate::live::{Units, live};
 use crate::load::{ClientResult, Load, Pace, echo, echo_peer, loss, run_clients};
-use crate::turn::{Credentials, TurnClient, channel_data};
+use crate::turn::{Credentials, Tls, Transport, TurnClient, channel_data};
 
 /// Who to authenticate as: a long-term user and password, or a user name
 /// and the REST API's shared secret.
@@ -46,6 +46,31 @@ impl Auth {
                 password: password.clone().unwrap_or_default(),
             },
         }
+    }
+}
+
+/// How clients reach the TURN server.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub(crate) struct Connect {
+    /// Transport between clients and the server (the relayed side is UDP).
+    #[arg(long, value_enum, default_value = "udp")]
+    pub(crate) transport: Transport,
+    /// tls: verify the server against these PEM certificates (default:
+    /// accept any certificate; a load test measures, it does not
+    /// authenticate).
+    #[arg(long)]
+    pub(crate) tls_ca: Option<std::path::PathBuf>,
+    /// tls: the name to ask for and verify (default: the server's IP).
+    #[arg(long)]
+    pub(crate) tls_name: Option<String>,
+}
+
+impl Connect {
+    /// TLS settings when the transport is TLS.
+    pub(crate) fn tls(&self, server: SocketAddr) -> anyhow::Result<Option<Tls>> {
+        (self.transport == Transport::Tls)
+            .then(|| Tls::new(self.tls_ca.as_deref(), self.tls_name.as_deref(), server))
+            .transpose()
     }
 }
 
@@ -84,6 +109,8 @@ pub(crate) struct RelayArgs {
     pub(crate) server: SocketAddr,
     #[command(flatten)]
     pub(crate) auth: Auth,
+    #[command(flatten)]
+    pub(crate) connect: Connect,
     /// Which path to load.
     #[arg(long, value_enum, default_value = "peer")]
     pub(crate) path: Path,
@@ -113,24 +140,44 @@ pub(crate) struct RelayArgs {
 
 const CHANNEL: u16 = 0x4000;
 
+/// The pacing of one client.
+fn pace(args: &RelayArgs) -> Pace {
+    match args.rate {
+        Some(r) => Pace::Rate(r / args.clients.max(1) as f64),
+        None => Pace::Window(args.window),
+    }
+}
+
+/// The send time and sequence number an echoed payload carries.
+fn stamp(payload: &[u8]) -> (u64, u64) {
+    (
+        u64::from_be_bytes(payload[..8].try_into().unwrap_or_default()),
+        u64::from_be_bytes(payload[8..16].try_into().unwrap_or_default()),
+    )
+}
+
 /// ChannelData echoes through the relay.
-fn drive(client: &TurnClient, args: &RelayArgs, started: Instant) -> anyhow::Result<ClientResult> {
+fn drive(
+    client: &mut TurnClient,
+    args: &RelayArgs,
+    started: Instant,
+) -> anyhow::Result<ClientResult> {
     let channel = ChannelNumber::new(CHANNEL).context("channel number")?;
     let payload_len = args.payload.max(16);
     let mut payload = vec![0u8; payload_len];
+    let Some(socket) = client.udp_socket() else {
+        return drive_stream(client, args, started);
+    };
     let load = Load {
         to: args.server,
-        pace: match args.rate {
-            Some(r) => Pace::Rate(r / args.clients.max(1) as f64),
-            None => Pace::Window(args.window),
-        },
+        pace: pace(args),
         deadline: started + args.duration,
         // Late echoes still count.
         linger_ms: Some(100),
         max_frame: payload_len + 8,
     };
     Ok(load.run(
-        client.udp_socket().as_fd(),
+        socket.as_fd(),
         started,
         |seq, t_ns, buf| {
             payload[..8].copy_from_slice(&t_ns.to_be_bytes());
@@ -139,24 +186,127 @@ fn drive(client: &TurnClient, args: &RelayArgs, started: Instant) -> anyhow::Res
         },
         |bytes| {
             let cd = ChannelData::parse(bytes).ok()?;
-            (cd.payload.len() == payload_len).then(|| {
-                (
-                    u64::from_be_bytes(cd.payload[..8].try_into().unwrap_or_default()),
-                    u64::from_be_bytes(cd.payload[8..16].try_into().unwrap_or_default()),
-                )
-            })
+            (cd.payload.len() == payload_len).then(|| stamp(cd.payload))
         },
     ))
 }
 
+/// The same over TCP or TLS: padded ChannelData frames written in one
+/// batch per refill, echoes read as frames.
+fn drive_stream(
+    client: &mut TurnClient,
+    args: &RelayArgs,
+    started: Instant,
+) -> anyhow::Result<ClientResult> {
+    let channel = ChannelNumber::new(CHANNEL).context("channel number")?;
+    let payload_len = args.payload.max(16);
+    let mut payload = vec![0u8; payload_len];
+    let mut frame = vec![0u8; payload_len + 8];
+    let mut batch = Vec::new();
+    let deadline = started + args.duration;
+    let mut r = ClientResult::default();
+    let mut inflight = 0u64;
+    let mut highest = None::<u64>;
+    let live = crate::live::live();
+    let mut take = |r: &mut ClientResult, f: &[u8]| -> bool {
+        let Ok(cd) = ChannelData::parse(f) else {
+            return false;
+        };
+        if cd.payload.len() != payload_len {
+            return false;
+        }
+        let (sent_at, seq) = stamp(cd.payload);
+        r.received += 1;
+        if highest.is_some_and(|h| seq < h) {
+            r.reordered += 1;
+        } else {
+            highest = Some(seq);
+        }
+        if r.received.is_multiple_of(16) {
+            let now = started.elapsed().as_nanos() as u64;
+            r.rtt.record_us(now.saturating_sub(sent_at) / 1000);
+        }
+        live.done(1);
+        true
+    };
+    let mut linger = false;
+    loop {
+        let now = Instant::now();
+        if !linger && (now >= deadline || crate::live::stopped()) {
+            linger = true;
+        }
+        let room = match (linger, pace(args)) {
+            (true, _) => 0,
+            (false, Pace::Window(w)) => (w as u64).saturating_sub(inflight),
+            (false, Pace::Rate(pps)) => ((started.elapsed().as_secs_f64() * pps) as u64)
+                .saturating_sub(r.sent)
+                .min(64),
+        };
+        if room > 0 {
+            batch.clear();
+            for i in 0..room {
+                let t_ns = started.elapsed().as_nanos() as u64;
+                payload[..8].copy_from_slice(&t_ns.to_be_bytes());
+                payload[8..16].copy_from_slice(&(r.sent + i).to_be_bytes());
+                let n = ChannelData::encode(&mut frame, channel, &payload, true).unwrap_or(0);
+                batch.extend_from_slice(&frame[..n]);
+            }
+            client.link.send(&batch).context("sending on the stream")?;
+            r.sent += room;
+            inflight += room;
+            live.sent(room);
+        }
+        let wait = if linger {
+            Duration::from_millis(100)
+        } else if matches!(pace(args), Pace::Window(_)) {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_millis(1)
+        };
+        match client.link.recv(wait).context("reading the stream")? {
+            Some(f) => {
+                if take(&mut r, &f) {
+                    inflight = inflight.saturating_sub(1);
+                }
+                while let Some(f) = client.link.pop() {
+                    if take(&mut r, &f) {
+                        inflight = inflight.saturating_sub(1);
+                    }
+                }
+            }
+            // Nothing for a while: what was in flight is lost.
+            None if linger => break,
+            None => {
+                if matches!(pace(args), Pace::Window(_)) {
+                    inflight = 0;
+                }
+            }
+        }
+    }
+    Ok(r)
+}
+
 /// Echoes every ChannelData frame back on the same channel until `stop`.
-fn echo_client(client: &TurnClient, server: SocketAddr, stop: &AtomicBool) {
-    echo(
-        client.udp_socket(),
-        stop,
-        |_| server,
-        |d| ChannelData::parse(d).is_ok(),
-    );
+fn echo_client(client: &mut TurnClient, server: SocketAddr, stop: &AtomicBool) {
+    if let Some(socket) = client.udp_socket() {
+        echo(socket, stop, |_| server, |d| ChannelData::parse(d).is_ok());
+        return;
+    }
+    // A stream: the frames come back as they are (already padded).
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(Some(f)) = client.link.recv(Duration::from_millis(100)) else {
+            continue;
+        };
+        out.clear();
+        out.extend_from_slice(&f);
+        while let Some(f) = client.link.pop() {
+            out.extend_from_slice(&f);
+        }
+        if client.link.send(&out).is_err() {
+            return;
+        }
+    }
 }
 
 /// Runs the scenario.
@@ -164,6 +314,16 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
     natrix_net::raise_fd_limit();
     let creds = args.auth.credentials();
     let local = SocketAddr::new(args.local, 0);
+    let tls = args.connect.tls(args.server)?;
+    let connect = || {
+        TurnClient::connect(
+            args.connect.transport,
+            args.server,
+            local,
+            &creds,
+            tls.as_ref(),
+        )
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let mut helpers = Vec::new();
     let mut senders = Vec::new();
@@ -178,15 +338,15 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
                 helpers.push(std::thread::spawn(move || echo_peer(&peer, &stop)));
             }
             for _ in 0..args.clients.max(1) {
-                let mut c = TurnClient::allocate(args.server, local, &creds)?;
+                let mut c = connect()?;
                 c.bind_channel(CHANNEL, peer_addr)?;
                 senders.push(c);
             }
         }
         Path::Client => {
             for _ in 0..args.clients.max(1) {
-                let mut a = TurnClient::allocate(args.server, local, &creds)?;
-                let mut b = TurnClient::allocate(args.server, local, &creds)?;
+                let mut a = connect()?;
+                let mut b = connect()?;
                 a.bind_channel(CHANNEL, b.relayed)?;
                 b.bind_channel(CHANNEL, a.relayed)?;
                 senders.push(a);
@@ -199,8 +359,8 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
     for b in echoers {
         let stop = stop.clone();
         helpers.push(std::thread::spawn(move || {
-            echo_client(&b, server, &stop);
             let mut b = b;
+            echo_client(&mut b, server, &stop);
             let _ = b.release();
         }));
     }
@@ -213,7 +373,7 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
         Some(args.duration),
     );
     let started = Instant::now();
-    let total = run_clients(&senders, |c| drive(c, args, started));
+    let total = run_clients(&mut senders, |c| drive(c, args, started));
     let elapsed = started.elapsed().as_secs_f64();
     live().end();
     stop.store(true, Ordering::Relaxed);
@@ -228,6 +388,7 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
         "scenario": "relay",
         "server": args.server.to_string(),
         "path": args.path.name(),
+        "transport": args.connect.transport.name(),
         "clients": args.clients,
         "payload_bytes": args.payload,
         "window": args.window,

@@ -77,7 +77,7 @@ fn client(socket: &UdpSocket, args: &StunArgs, started: Instant) -> ClientResult
 
 /// Runs the scenario.
 pub(crate) fn run(args: &StunArgs) -> anyhow::Result<serde_json::Value> {
-    let sockets: Vec<UdpSocket> = (0..args.clients.max(1))
+    let mut sockets: Vec<UdpSocket> = (0..args.clients.max(1))
         .map(|_| {
             let s = UdpSocket::bind(SocketAddr::new(args.local, 0))?;
             s.connect(args.server)?;
@@ -96,7 +96,7 @@ pub(crate) fn run(args: &StunArgs) -> anyhow::Result<serde_json::Value> {
         Some(args.duration),
     );
     let started = Instant::now();
-    let total = run_clients(&sockets, |s| Ok(client(s, args, started)))?;
+    let total = run_clients(&mut sockets, |s| Ok(client(s, args, started)))?;
     let elapsed = started.elapsed().as_secs_f64();
     live().end();
     Ok(serde_json::json!({

@@ -1,17 +1,19 @@
-//! A small blocking TURN client (long-term credentials, over UDP or TCP)
-//! for load generation and the end-to-end scenarios: allocate, bind
-//! channels, frame data.
+//! A small blocking TURN client (long-term or REST credentials, over UDP,
+//! TCP or TLS) for load generation and the end-to-end scenarios: allocate,
+//! refresh, bind channels, frame data.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use natrix_net::{StreamFrames, is_timeout};
+use natrix_net::{StreamFrames, TimedRead, is_timeout};
 use natrix_wire::{
     Attribute, AttributeType, ChannelData, ChannelNumber, Class, Encoder, IntegrityKey, Message,
     MessageType, Method, TransactionId, long_term_key_md5,
 };
+use rustls::pki_types::{CertificateDer, ServerName};
 
 /// Credentials for a TURN server.
 #[derive(Clone, Debug)]
@@ -63,6 +65,8 @@ pub(crate) enum TurnError {
         server: SocketAddr,
         /// How many were sent.
         tries: u32,
+        /// Over TCP or TLS (else UDP).
+        stream: bool,
     },
     /// ICMP port unreachable or a refused connection: nothing listens.
     Unreachable {
@@ -97,10 +101,19 @@ impl std::fmt::Display for TurnError {
                 };
                 f.write_str(hint)
             }
-            TurnError::Timeout { server, tries } => write!(
+            TurnError::Timeout {
+                server,
+                tries,
+                stream: false,
+            } => write!(
                 f,
                 "no answer from {server} after {tries} tries: is a TURN server listening there, \
                  and does a firewall let UDP through?"
+            ),
+            TurnError::Timeout { server, .. } => write!(
+                f,
+                "no answer from {server} over the connection within 3 s (the server accepted \
+                 it but said nothing: overloaded, or not speaking TURN on this port?)"
             ),
             TurnError::Unreachable { server, error } => {
                 write!(
@@ -166,14 +179,167 @@ pub(crate) fn error_kind(e: &anyhow::Error) -> String {
         .map_or_else(|| "other".to_owned(), TurnError::kind)
 }
 
-/// How the client reaches the server: a connected UDP socket, or a TCP
-/// stream carrying framed messages (RFC 8656 §12.5: ChannelData padded).
+/// The transport between client and TURN server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Transport {
+    /// UDP.
+    #[default]
+    Udp,
+    /// TCP (RFC 8656 §3.1; ChannelData padded to 4 bytes).
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+}
+
+impl Transport {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
+/// Accepts any server certificate but still checks the handshake's
+/// signatures: a load test measures the server, it does not authenticate
+/// it (give `--tls-ca` to verify).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS client settings: the configuration and the name to ask for.
+#[derive(Clone, Debug)]
+pub(crate) struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl Tls {
+    /// Verifies the server against the PEM certificates in `ca` (and
+    /// `name`, default the server's IP), or accepts any certificate.
+    pub(crate) fn new(
+        ca: Option<&std::path::Path>,
+        name: Option<&str>,
+        server: SocketAddr,
+    ) -> anyhow::Result<Tls> {
+        use rustls::pki_types::pem::PemObject;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?;
+        let config = match ca {
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(path)
+                    .with_context(|| format!("reading --tls-ca {}", path.display()))?
+                {
+                    roots
+                        .add(cert.with_context(|| format!("a certificate in {}", path.display()))?)
+                        .context("adding a CA certificate")?;
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth(),
+        };
+        let name = match name {
+            Some(n) => ServerName::try_from(n.to_owned()).context("--tls-name")?,
+            None => ServerName::IpAddress(server.ip().into()),
+        };
+        Ok(Tls {
+            config: Arc::new(config),
+            name,
+        })
+    }
+}
+
+/// A TLS session over TCP, readable with a deadline.
+pub(crate) struct TlsStream(rustls::StreamOwned<rustls::ClientConnection, TcpStream>);
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsStream")
+    }
+}
+
+impl std::io::Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl TimedRead for TlsStream {
+    fn set_read_timeout(&self, wait: Option<Duration>) -> std::io::Result<()> {
+        self.0.sock.set_read_timeout(wait)
+    }
+}
+
+/// How the client reaches the server: a connected UDP socket, or a TCP or
+/// TLS stream carrying framed messages (RFC 8656 §12.5: ChannelData padded).
 #[derive(Debug)]
 pub(crate) enum Link {
     /// UDP.
     Udp(UdpSocket),
     /// TCP, with the bytes read but not yet framed.
     Tcp(TcpStream, StreamFrames),
+    /// TLS over TCP, likewise.
+    Tls(Box<TlsStream>, StreamFrames),
 }
 
 impl Link {
@@ -182,15 +348,23 @@ impl Link {
         match self {
             Link::Udp(s) => s.peer_addr(),
             Link::Tcp(s, _) => s.peer_addr(),
+            Link::Tls(s, _) => s.0.sock.peer_addr(),
         }
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+    /// Sends one datagram, or bytes on the stream.
+    pub(crate) fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Link::Udp(s) => s.send(data).map(|_| ()),
             Link::Tcp(s, _) => s.write_all(data),
+            Link::Tls(s, _) => s.write_all(data),
         }
+    }
+
+    /// True for TCP and TLS (framed, padded ChannelData).
+    pub(crate) fn is_stream(&self) -> bool {
+        !matches!(self, Link::Udp(_))
     }
 
     /// The next datagram or frame, waiting at most `timeout`.
@@ -207,6 +381,15 @@ impl Link {
                 }
             }
             Link::Tcp(s, frames) => frames.next(s, timeout),
+            Link::Tls(s, frames) => frames.next(s.as_mut(), timeout),
+        }
+    }
+
+    /// A frame already read from a stream, without waiting.
+    pub(crate) fn pop(&mut self) -> Option<Vec<u8>> {
+        match self {
+            Link::Udp(_) => None,
+            Link::Tcp(_, frames) | Link::Tls(_, frames) => frames.pop(),
         }
     }
 }
@@ -228,7 +411,7 @@ fn transact(link: &mut Link, req: &[u8]) -> anyhow::Result<Vec<u8>> {
     let tid = &req[8..20];
     let server = link.peer();
     // Over TCP the stream retransmits; one send and a longer wait.
-    let attempts = if matches!(link, Link::Tcp(..)) { 1 } else { 5 };
+    let attempts = if link.is_stream() { 1 } else { 5 };
     for attempt in 0..attempts {
         link.send(req).map_err(|e| TurnError::io(server, e))?;
         let deadline = Instant::now()
@@ -244,6 +427,7 @@ fn transact(link: &mut Link, req: &[u8]) -> anyhow::Result<Vec<u8>> {
     Err(TurnError::Timeout {
         server,
         tries: attempts,
+        stream: link.is_stream(),
     }
     .into())
 }
@@ -300,6 +484,41 @@ impl TurnClient {
             .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
         stream.set_nodelay(true)?;
         Self::allocate_over(Link::Tcp(stream, StreamFrames::default()), creds)
+    }
+
+    /// Allocates on `server` over `transport` (TLS settings needed for TLS;
+    /// the UDP socket binds `local`).
+    pub(crate) fn connect(
+        transport: Transport,
+        server: SocketAddr,
+        local: SocketAddr,
+        creds: &Credentials,
+        tls: Option<&Tls>,
+    ) -> anyhow::Result<TurnClient> {
+        match transport {
+            Transport::Udp => Self::allocate(server, local, creds),
+            Transport::Tcp => Self::allocate_tcp(server, creds),
+            Transport::Tls => {
+                let tls = tls.context("TLS settings for a TLS transport")?;
+                let tcp = TcpStream::connect_timeout(&server, Duration::from_secs(3))
+                    .map_err(|e| TurnError::io(server, e))
+                    .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
+                tcp.set_nodelay(true)?;
+                let conn = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
+                    .context("starting TLS")?;
+                let mut stream = TlsStream(rustls::StreamOwned::new(conn, tcp));
+                // Handshake now, so a TLS failure reads as one.
+                stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+                while stream.0.conn.is_handshaking() {
+                    stream
+                        .0
+                        .conn
+                        .complete_io(&mut stream.0.sock)
+                        .with_context(|| format!("TLS handshake with {server}"))?;
+                }
+                Self::allocate_over(Link::Tls(Box::new(stream), StreamFrames::default()), creds)
+            }
+        }
     }
 
     fn allocate_over(mut link: Link, creds: &Credentials) -> anyhow::Result<TurnClient> {
@@ -386,14 +605,10 @@ impl TurnClient {
     }
 
     /// The UDP socket of a UDP client.
-    ///
-    /// # Panics
-    ///
-    /// For a TCP client (the load paths only make UDP ones).
-    pub(crate) fn udp_socket(&self) -> &UdpSocket {
+    pub(crate) fn udp_socket(&self) -> Option<&UdpSocket> {
         match &self.link {
-            Link::Udp(s) => s,
-            Link::Tcp(..) => panic!("a TCP TURN client has no UDP socket"),
+            Link::Udp(s) => Some(s),
+            Link::Tcp(..) | Link::Tls(..) => None,
         }
     }
 
@@ -404,7 +619,7 @@ impl TurnClient {
         payload: &[u8],
     ) -> anyhow::Result<()> {
         let mut out = [0u8; 2048];
-        let padded = matches!(self.link, Link::Tcp(..));
+        let padded = self.link.is_stream();
         let n = ChannelData::encode(&mut out, channel, payload, padded).unwrap_or(0);
         self.link.send(&out[..n]).context("sending ChannelData")?;
         Ok(())

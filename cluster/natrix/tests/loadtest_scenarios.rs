@@ -592,3 +592,155 @@ fn compare_runs_natrix_and_coturn_interleaved_and_reports_ratios() {
     }
     drop(coturn);
 }
+
+/// A CA and a leaf certificate for `relay.test` and 127.0.0.1 signed by it
+/// (openssl), in `dir`: ca.pem, leaf.pem, leaf.key.
+fn ca_and_leaf(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new(common::tool("openssl"))
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=natrix test CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&ca);
+    let mut csr = vec!["req", "-subj", "/CN=relay.test", "-keyout", "leaf.key"];
+    csr.extend(ec);
+    csr.extend(["-out", "leaf.csr"]);
+    openssl(&csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:relay.test,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "leaf.pem",
+    ]);
+}
+
+#[test]
+fn relay_and_alloc_run_over_tcp_and_tls() {
+    let dir = std::env::temp_dir().join(format!("natrix-lt-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    ca_and_leaf(&dir);
+    let tls_listen = format!("127.0.0.1:{}", free_port());
+    let (cert, key, ca) = (
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+        dir.join("ca.pem"),
+    );
+    let up = Natrix::up(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--user-quota",
+        "1000",
+        "--tls-listen",
+        &tls_listen,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let tcp_server = up.stun.to_string();
+    let auth = ["--user", USER, "--password", PASSWORD];
+    for (transport, server) in [("tcp", &tcp_server), ("tls", &tls_listen)] {
+        for path in ["peer", "client"] {
+            let mut args = vec![
+                "relay",
+                "--server",
+                server,
+                "--transport",
+                transport,
+                "--path",
+                path,
+                "--clients",
+                "2",
+                "--duration",
+                "1s",
+            ];
+            args.extend(auth);
+            let r = run(&args);
+            assert_eq!(r["transport"], transport, "{r}");
+            assert!(
+                r["echoed"].as_u64().unwrap() > 1000,
+                "{transport} {path}: {r}"
+            );
+            assert!(
+                r["loss_ratio"].as_f64().unwrap() < 0.01,
+                "{transport} {path}: {r}"
+            );
+        }
+        // Many connections at once: every challenge is answered (a capped
+        // 401 over a stream would leave the client waiting out its timeout).
+        let mut args = vec![
+            "alloc",
+            "--server",
+            server,
+            "--transport",
+            transport,
+            "--count",
+            "300",
+            "--concurrency",
+            "12",
+        ];
+        args.extend(auth);
+        let r = run(&args);
+        assert_eq!(r["allocations"], 300, "{transport}: {r}");
+        assert_eq!(r["failed"], 0, "{transport}: {r}");
+    }
+    up.wait_metric("relay_allocations", |v| v == 0.0);
+
+    // Verified TLS: the CA and the name on the certificate; a wrong name is
+    // a clear handshake error.
+    let verified = |name: &str| {
+        Command::new(loadtest())
+            .args([
+                "relay",
+                "--server",
+                &tls_listen,
+                "--transport",
+                "tls",
+                "--tls-ca",
+            ])
+            .arg(&ca)
+            .args(["--tls-name", name, "--clients", "1", "--duration", "300ms"])
+            .args(auth)
+            .args(["--progress", "off"])
+            .output()
+            .unwrap()
+    };
+    assert!(verified("relay.test").status.success());
+    let wrong = verified("other.test");
+    assert_eq!(wrong.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        stderr.contains("TLS handshake") && stderr.contains("other.test"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

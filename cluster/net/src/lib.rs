@@ -21,7 +21,7 @@ mod limiter;
 mod mmsg;
 mod udp;
 
-pub use frames::{StreamFrames, is_timeout};
+pub use frames::{StreamFrames, TimedRead, is_timeout};
 pub use limiter::{UnauthLimiter, UnauthLimits};
 pub use mmsg::{HeadroomBatch, SendBatch};
 
