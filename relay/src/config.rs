@@ -183,7 +183,8 @@ pub struct RelayConfig {
     #[arg(long = "peer-deny", env = "NATRIX_PEER_DENY", value_delimiter = ',')]
     pub peer_deny: Vec<IpNet>,
 
-    /// Unauthenticated answers per second to one /24 (IPv4) or /48 (IPv6).
+    /// Unauthenticated answers per second to one /24 (IPv4) or /48 (IPv6),
+    /// over UDP (TCP and TLS clients prove their address; they are not capped).
     #[arg(
         long = "unauth-rate-per-prefix",
         env = "NATRIX_UNAUTH_RATE_PER_PREFIX",
@@ -191,7 +192,7 @@ pub struct RelayConfig {
     )]
     pub unauth_rate_per_prefix: f64,
 
-    /// Unauthenticated answers per second in total, per data-plane loop.
+    /// Unauthenticated UDP answers per second in total, per data-plane loop.
     #[arg(
         long = "unauth-rate-total",
         env = "NATRIX_UNAUTH_RATE_TOTAL",
