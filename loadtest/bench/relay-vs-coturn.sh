@@ -23,18 +23,24 @@ ulimit -n 65536 2>/dev/null || true
 
 NATRIX_PORT=34781; COTURN_PORT=34782; METRICS_PORT=39091
 CDX_PORT=34783; COTURN_STUN_PORT=34784; CDX_METRICS_PORT=39092
+NATRIX_TLS_PORT=34785; COTURN_TLS_PORT=34786
 work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+# One certificate for both servers' TLS listeners.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -days 2 -nodes -subj /CN=bench \
+  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 
 "$bin/natrix" relay --turn-listen 127.0.0.1:$NATRIX_PORT --metrics-listen 127.0.0.1:$METRICS_PORT \
   --user bench:bench --realm bench --peer-allow 127.0.0.0/8 --user-quota 1000000 \
   --max-allocations 1000000 --unauth-rate-per-prefix 1000000 --unauth-rate-total 1000000 \
-  --relay-ports 20000-60000 --log warn --log-format json >"$work/natrix.log" 2>&1 &
+  --relay-ports 20000-60000 --tls-listen 127.0.0.1:$NATRIX_TLS_PORT --tls-cert "$work/cert.pem" \
+  --tls-key "$work/key.pem" --log warn --log-format json >"$work/natrix.log" 2>&1 &
 natrix_pid=$!; pids+=("$natrix_pid")
 turnserver -n --no-cli --listening-ip 127.0.0.1 --listening-port $COTURN_PORT --relay-ip 127.0.0.1 \
-  --realm bench --user bench:bench --lt-cred-mech --allow-loopback-peers --no-tls --no-dtls \
+  --realm bench --user bench:bench --lt-cred-mech --allow-loopback-peers --no-dtls \
+  --tls-listening-port $COTURN_TLS_PORT --cert "$work/cert.pem" --pkey "$work/key.pem" \
   --user-quota 0 --total-quota 0 --min-port 20000 --max-port 60000 \
   --log-file "$work/coturn.log" --pidfile "$work/coturn.pid" >/dev/null 2>&1 &
 coturn_pid=$!; pids+=("$coturn_pid")
@@ -62,6 +68,22 @@ echo "### Allocations: 10 000 per run, 16 at a time (2 rounds)"
 echo
 lt compare --scenario alloc "${turn_targets[@]}" --count 10000 --concurrency 16 --rounds 2 \
   --json "$out/compare-alloc.json" --report "$out/compare-alloc.html" 2>&1 >/dev/null | sed -n '/^|/p'
+echo
+echo "### Relay and allocations over TCP and TLS ($secs s per run, 3 rounds; allocations 2 000, 2 rounds)"
+for transport in tcp tls; do
+  if [ $transport = tcp ]; then np=$NATRIX_PORT; cp=$COTURN_PORT; else np=$NATRIX_TLS_PORT; cp=$COTURN_TLS_PORT; fi
+  stream_targets=(--transport $transport --target "natrix=127.0.0.1:$np,pid=$natrix_pid"
+                  --target "coturn=127.0.0.1:$cp,pid=$coturn_pid" --user bench --password bench)
+  echo
+  echo "TURN over $transport:"
+  echo
+  lt compare --scenario relay "${stream_targets[@]}" --path peer,client --payload 160,1200 \
+    --clients 4 --rounds 3 --duration "${secs}s" \
+    --json "$out/compare-relay-$transport.json" --report "$out/compare-relay-$transport.html" 2>&1 >/dev/null | sed -n '/^|/p'
+  echo
+  lt compare --scenario alloc "${stream_targets[@]}" --count 2000 --concurrency 16 --rounds 2 \
+    --json "$out/compare-alloc-$transport.json" --report "$out/compare-alloc-$transport.html" 2>&1 >/dev/null | sed -n '/^|/p'
+done
 echo
 echo "### STUN Binding answers per second ($secs s per run, 3 rounds)"
 echo
