@@ -181,13 +181,15 @@ struct Clients {
     streams: Vec<Option<Stream>>,
     free_streams: Vec<usize>,
     stream_by_client: HashMap<ClientSocket, usize, foldhash::fast::RandomState>,
+    /// Streams with frames queued since the last [`Clients::flush_streams`].
+    dirty_streams: Vec<usize>,
     send_errors: u64,
 }
 
 impl Clients {
     /// Sends a framed message to a client over whatever transport it uses.
     #[inline]
-    fn deliver(&mut self, registry: &Registry, client: &ClientSocket, bytes: &[u8]) {
+    fn deliver(&mut self, client: &ClientSocket, bytes: &[u8]) {
         match client.transport {
             Transport::Udp => {
                 let listener = self.udp.iter().position(|l| {
@@ -220,10 +222,13 @@ impl Clients {
                     return;
                 };
                 if let Some(stream) = self.streams[j].as_mut() {
-                    if !stream.send(bytes) {
+                    if !stream.queue(bytes) {
                         self.send_errors += 1;
                     }
-                    want_write(registry, stream, j);
+                    if !stream.dirty {
+                        stream.dirty = true;
+                        self.dirty_streams.push(j);
+                    }
                 }
             }
         }
@@ -231,11 +236,22 @@ impl Clients {
 }
 
 impl Clients {
-    /// Sends every queued UDP datagram.
-    fn flush_udp(&mut self) {
+    /// Sends every queued UDP datagram and writes every stream that got
+    /// frames: one send per batch, not one per frame.
+    fn flush(&mut self, registry: &Registry) {
         for (l, batch) in self.udp.iter().zip(self.udp_out.iter_mut()) {
             if !batch.is_empty() {
                 self.send_errors += batch.flush(l.socket().as_fd()) as u64;
+            }
+        }
+        for j in self.dirty_streams.drain(..) {
+            if let Some(stream) = self.streams.get_mut(j).and_then(Option::as_mut) {
+                stream.dirty = false;
+                // A failed socket is closed when it next reports readiness.
+                if stream.flush().is_err() {
+                    self.send_errors += 1;
+                }
+                want_write(registry, stream, j);
             }
         }
     }
@@ -365,6 +381,7 @@ impl EventLoop {
                     streams: Vec::new(),
                     free_streams: Vec::new(),
                     stream_by_client: HashMap::default(),
+                    dirty_streams: Vec::new(),
                     send_errors: 0,
                 },
                 tcp: listeners,
@@ -589,11 +606,10 @@ impl EventLoop {
             for j in 0..received {
                 let (buf, payload, from) = self.peer_batch.get_mut(j);
                 if let Ok(action) = self.core.handle_peer_input(id, from, buf, payload, now) {
-                    self.clients
-                        .deliver(&self.registry, &action.client, &buf[action.frame]);
+                    self.clients.deliver(&action.client, &buf[action.frame]);
                 }
             }
-            self.clients.flush_udp();
+            self.clients.flush(&self.registry);
             if received < PEER_BATCH {
                 return true;
             }
@@ -682,7 +698,8 @@ impl EventLoop {
         let relays = &mut self.relays;
         let delegate = &mut self.delegate;
         let outcome = stream.read_frames(|frame, stream| {
-            // Flushed right after: frames of one read go out together.
+            // Queued, flushed right after: the answers to one read go out
+            // together.
             let client = stream.client;
             if let Some(d) = delegate.as_mut().filter(|_| is_binding(frame)) {
                 if let Some(len) = d.handle(
@@ -692,13 +709,13 @@ impl EventLoop {
                     client.transport,
                     out,
                 ) {
-                    stream.send(&out[..len]);
+                    stream.queue(&out[..len]);
                 }
                 return;
             }
             match core.handle_client_input(frame, client, now, out, relays) {
                 ClientAction::Reply(len) => {
-                    stream.send(&out[..len]);
+                    stream.queue(&out[..len]);
                 }
                 ClientAction::ToPeer {
                     allocation,
@@ -716,6 +733,10 @@ impl EventLoop {
                 self.close_stream(j, stream);
             }
             ReadOutcome::Open => {
+                if stream.flush().is_err() {
+                    self.close_stream(j, stream);
+                    return;
+                }
                 want_write(&self.registry, &mut stream, j);
                 self.clients.streams[j] = Some(stream);
             }

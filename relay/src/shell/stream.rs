@@ -29,6 +29,8 @@ pub(super) struct Stream {
     tls_queued: usize,
     /// Registered for WRITABLE (a write is pending).
     pub(super) want_write: bool,
+    /// Frames were queued since the loop last flushed this stream.
+    pub(super) dirty: bool,
     /// When the client last sent something.
     pub(super) last_active: std::time::Instant,
 }
@@ -71,6 +73,7 @@ impl Stream {
             write: Vec::new(),
             tls_queued: 0,
             want_write: false,
+            dirty: false,
             last_active: std::time::Instant::now(),
         })
     }
@@ -170,35 +173,18 @@ impl Stream {
         }
     }
 
-    /// Queues `bytes` (one whole frame) and writes what the socket takes
-    /// now. Returns false when the client is too slow and the frame was
-    /// dropped whole (never half a frame: that would break the framing).
-    pub(super) fn send(&mut self, bytes: &[u8]) -> bool {
-        if let Some(tls) = self.tls.as_mut() {
-            if !tls.wants_write() {
-                self.tls_queued = 0;
-            }
-            if self.tls_queued + bytes.len() > MAX_PENDING_WRITE {
-                return false;
-            }
-            if tls.writer().write_all(bytes).is_err() {
-                return false;
-            }
-            self.tls_queued += bytes.len();
-            return self.flush().is_ok();
+    /// Queues `bytes` (one whole frame) for the next [`Stream::flush`], so
+    /// that the frames of one batch leave in one write (and, over TLS, in
+    /// one record). Returns false when the client is too slow and the
+    /// frame was dropped whole (never half a frame: that would break the
+    /// framing).
+    pub(super) fn queue(&mut self, bytes: &[u8]) -> bool {
+        if let Some(tls) = &self.tls
+            && !tls.wants_write()
+        {
+            self.tls_queued = 0;
         }
-        if self.write.is_empty() {
-            match self.socket.write(bytes) {
-                Ok(n) if n == bytes.len() => return true,
-                Ok(n) => self.write.extend_from_slice(&bytes[n..]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.write.extend_from_slice(bytes);
-                }
-                Err(_) => return false,
-            }
-            return true;
-        }
-        if self.write.len() + bytes.len() > MAX_PENDING_WRITE {
+        if self.tls_queued + self.write.len() + bytes.len() > MAX_PENDING_WRITE {
             return false;
         }
         self.write.extend_from_slice(bytes);
@@ -208,6 +194,11 @@ impl Stream {
     /// Writes pending bytes; true when everything went out.
     pub(super) fn flush(&mut self) -> io::Result<bool> {
         if let Some(tls) = self.tls.as_mut() {
+            if !self.write.is_empty() {
+                tls.writer().write_all(&self.write)?;
+                self.tls_queued += self.write.len();
+                self.write.clear();
+            }
             while tls.wants_write() {
                 match tls.write_tls(&mut self.socket) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -236,9 +227,6 @@ impl Stream {
 
     /// True when bytes wait for the socket.
     pub(super) fn has_pending(&self) -> bool {
-        match &self.tls {
-            Some(tls) => tls.wants_write(),
-            None => !self.write.is_empty(),
-        }
+        !self.write.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
     }
 }
