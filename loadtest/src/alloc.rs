@@ -24,14 +24,14 @@ pub(crate) struct AllocArgs {
     #[command(flatten)]
     pub(crate) connect: Connect,
     /// Allocations to create.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 1000)]
     pub(crate) count: usize,
     /// Allocations in progress at once (one thread each).
-    #[arg(long, alias = "threads", default_value_t = 8)]
+    #[arg(long, value_parser = crate::positive, alias = "threads", default_value_t = 8)]
     pub(crate) concurrency: usize,
     /// Allocations started per second over all threads (default: as fast
     /// as the server answers).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive_f64)]
     pub(crate) rate: Option<f64>,
     /// Refresh every allocation once after creating them all.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

@@ -99,7 +99,7 @@ pub(crate) struct CompareArgs {
     #[arg(long = "target", required = true, num_args = 1)]
     pub(crate) targets: Vec<Target>,
     /// Rounds; each runs every target once, in rotating order.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 3)]
     pub(crate) rounds: usize,
     /// Default username.
     #[arg(long, default_value = "natrix")]
@@ -120,19 +120,19 @@ pub(crate) struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_value = "160")]
     pub(crate) payload: Vec<usize>,
     /// relay and stun: sending clients.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 4)]
     pub(crate) clients: usize,
     /// relay and stun: packets each client keeps in flight.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 32)]
     pub(crate) window: usize,
     /// relay and stun: how long each run sends.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) duration: Duration,
     /// alloc: allocations per run.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 2000)]
     pub(crate) count: usize,
     /// alloc: allocations in progress at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 16)]
     pub(crate) concurrency: usize,
     /// Local address for client sockets.
     #[arg(long, default_value = "127.0.0.1")]

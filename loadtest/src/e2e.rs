@@ -29,7 +29,7 @@ pub(crate) struct E2eArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) lookup: String,
     /// Client pairs, run at the same time.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 4)]
     pub(crate) pairs: usize,
     /// Ask for relayed plans (as after a failed direct attempt).
     #[arg(long)]

@@ -49,6 +49,22 @@ struct Cli {
     progress: live::ProgressMode,
 }
 
+/// A count of at least 1 (clients, window, allocations…).
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?}: a whole number of at least 1")),
+    }
+}
+
+/// A rate above zero.
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?}: a number above 0")),
+    }
+}
+
 /// One objective: a report field, a comparison and a bound.
 #[derive(Clone, Debug)]
 struct Slo {

@@ -19,7 +19,7 @@ pub(crate) struct PlanArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) lookup: String,
     /// Concurrent connections (each one request in flight).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 16)]
     pub(crate) connections: usize,
     /// How long to send.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]

@@ -117,18 +117,18 @@ pub(crate) struct RelayArgs {
     /// Sending clients, each with its own allocation, socket and thread
     /// (TURN allows one allocation per 5-tuple; the client path adds one
     /// echoing allocation per sender).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 4)]
     pub(crate) clients: usize,
     /// Application payload bytes per packet (at least 16: a timestamp and
     /// a sequence number ride in it).
     #[arg(long, default_value_t = 160)]
     pub(crate) payload: usize,
     /// Packets each client keeps in flight (closed loop).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 32)]
     pub(crate) window: usize,
     /// Packets per second over all clients, whatever comes back (open
     /// loop), instead of the window.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive_f64)]
     pub(crate) rate: Option<f64>,
     /// How long to send.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -412,7 +412,7 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
 #[derive(clap::Args, Clone, Debug)]
 pub(crate) struct GeneratorArgs {
     /// Sending threads (one socket each).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 1)]
     pub(crate) threads: usize,
     /// Payload bytes (ChannelData framed, as `relay` sends).
     #[arg(long, default_value_t = 160)]

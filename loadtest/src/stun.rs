@@ -18,13 +18,13 @@ pub(crate) struct StunArgs {
     #[arg(long, default_value = "127.0.0.1:3478")]
     pub(crate) server: SocketAddr,
     /// Client sockets (each its own source port and thread).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 4)]
     pub(crate) clients: usize,
     /// Requests each client keeps in flight.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = crate::positive, default_value_t = 32)]
     pub(crate) window: usize,
     /// Requests per second over all clients instead of a window (open loop).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive_f64)]
     pub(crate) rate: Option<f64>,
     /// How long to send.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
