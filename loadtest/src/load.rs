@@ -21,9 +21,26 @@ pub(crate) struct ClientResult {
     /// Answers that arrived after one sent later than them.
     pub(crate) reordered: u64,
     pub(crate) rtt: Latency,
+    /// The highest sequence number answered so far.
+    highest: Option<u64>,
 }
 
 impl ClientResult {
+    /// Counts an answer carrying `(sent_at, seq)`: reordering against the
+    /// highest sequence seen, and one round-trip time in 16.
+    pub(crate) fn answered(&mut self, (sent_at, seq): Stamp, started: Instant) {
+        self.received += 1;
+        if self.highest.is_some_and(|h| seq < h) {
+            self.reordered += 1;
+        } else {
+            self.highest = Some(seq);
+        }
+        if self.received.is_multiple_of(16) {
+            let now = started.elapsed().as_nanos() as u64;
+            self.rtt.record_us(now.saturating_sub(sent_at) / 1000);
+        }
+    }
+
     /// Adds another client's counts.
     pub(crate) fn merge(&mut self, other: &ClientResult) {
         self.sent += other.sent;
@@ -92,26 +109,16 @@ impl Load {
         let mut rx = HeadroomBatch::new(64, 0, self.max_frame.max(2048), 0);
         let mut r = ClientResult::default();
         let mut inflight = 0usize;
-        let mut highest = None::<u64>;
         let live = live();
-        let mut take = |r: &mut ClientResult, rx: &mut HeadroomBatch, n: usize| -> usize {
+        let take = |r: &mut ClientResult, rx: &mut HeadroomBatch, n: usize| -> usize {
             let mut got = 0;
             for j in 0..n {
                 let (buf, range, _) = rx.get_mut(j);
-                let Some((sent_at, seq)) = answer(&buf[range]) else {
+                let Some(stamp) = answer(&buf[range]) else {
                     continue;
                 };
                 got += 1;
-                r.received += 1;
-                if highest.is_some_and(|h| seq < h) {
-                    r.reordered += 1;
-                } else {
-                    highest = Some(seq);
-                }
-                if r.received.is_multiple_of(16) {
-                    let now = started.elapsed().as_nanos() as u64;
-                    r.rtt.record_us(now.saturating_sub(sent_at) / 1000);
-                }
+                r.answered(stamp, started);
             }
             live.done(got as u64);
             got

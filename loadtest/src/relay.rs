@@ -206,26 +206,15 @@ fn drive_stream(
     let deadline = started + args.duration;
     let mut r = ClientResult::default();
     let mut inflight = 0u64;
-    let mut highest = None::<u64>;
     let live = crate::live::live();
-    let mut take = |r: &mut ClientResult, f: &[u8]| -> bool {
+    let take = |r: &mut ClientResult, f: &[u8]| -> bool {
         let Ok(cd) = ChannelData::parse(f) else {
             return false;
         };
         if cd.payload.len() != payload_len {
             return false;
         }
-        let (sent_at, seq) = stamp(cd.payload);
-        r.received += 1;
-        if highest.is_some_and(|h| seq < h) {
-            r.reordered += 1;
-        } else {
-            highest = Some(seq);
-        }
-        if r.received.is_multiple_of(16) {
-            let now = started.elapsed().as_nanos() as u64;
-            r.rtt.record_us(now.saturating_sub(sent_at) / 1000);
-        }
+        r.answered(stamp(cd.payload), started);
         live.done(1);
         true
     };
