@@ -17,4 +17,6 @@ pub mod metrics;
 pub mod shell;
 
 pub use config::RelayConfig;
-pub use shell::{BindingDelegate, DelegateFactory, RelayHost, TlsReloader};
+pub use shell::{
+    BindingDelegate, DelegateFactory, OUTBOX_POLL, RelayHost, StreamOutbox, TlsReloader,
+};

@@ -19,7 +19,7 @@ use natrix_registry::{Deregister, Role, SetState};
 use natrix_relay::config::Redacted;
 use natrix_relay::control::{Reload, ReloadActor};
 use natrix_relay::core::Transport;
-use natrix_relay::{BindingDelegate, DelegateFactory, RelayConfig, RelayHost};
+use natrix_relay::{BindingDelegate, DelegateFactory, RelayConfig, RelayHost, StreamOutbox};
 use natrix_telemetry::{Telemetry, http};
 use tracing::{info, warn};
 
@@ -276,10 +276,76 @@ impl BindingDelegate for CdxOnRelay {
         }
     }
 
+    fn handle_stream(
+        &mut self,
+        packet: &[u8],
+        from: SocketAddr,
+        local: SocketAddr,
+        transport: Transport,
+        out: &mut [u8],
+        outbox: &mut Option<Box<dyn StreamOutbox>>,
+    ) -> Option<usize> {
+        if !is_exchange(packet) {
+            return self.handle(packet, from, (local, None), transport, out);
+        }
+        // A client without UDP exchanges over its connection: the actor
+        // answers and delivers through the connection's outbox.
+        self.tcp.record_exchange(packet.len());
+        let outbox = outbox.get_or_insert_with(|| Box::new(ExchangeOutbox::new()));
+        let Some(x) = outbox.as_any().downcast_mut::<ExchangeOutbox>() else {
+            self.tcp.dropped(natrix_cdx::DropReason::UnexpectedClass);
+            return None;
+        };
+        let local = Local {
+            bound: local,
+            dst_ip: None,
+            stream: Some(x.id),
+        };
+        if !self
+            .exchange
+            .0
+            .offer_from_stream(packet, from, local, Some(x.tx.clone()))
+        {
+            self.exchange.1.inc();
+        }
+        None
+    }
+
     fn flush(&mut self) {
         self.udp.flush();
         self.tcp.flush();
         self.limiter.sweep(std::time::Instant::now());
+    }
+}
+
+/// The exchange's frames for one TCP or TLS connection of the relay: the
+/// actor writes into `tx`, the relay loop drains `rx` into the connection.
+struct ExchangeOutbox {
+    /// The connection's id in the actor (unique in this process).
+    id: u64,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl ExchangeOutbox {
+    fn new() -> ExchangeOutbox {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        ExchangeOutbox {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            tx,
+            rx,
+        }
+    }
+}
+
+impl StreamOutbox for ExchangeOutbox {
+    fn poll(&mut self) -> Option<Vec<u8>> {
+        self.rx.try_recv().ok()
+    }
+
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 

@@ -363,11 +363,9 @@ fn natrix_up_serves_the_exchange_on_its_single_listener() {
     });
 }
 
-#[test]
-fn a_participant_without_udp_exchanges_over_tcp() {
-    let cdx = node(&[]);
+/// Participant A over UDP, B (no UDP) over TCP, through `server`.
+fn exchange_with_a_participant_over_tcp(server: std::net::SocketAddr) {
     let invs = invitations(2, 60);
-    let server = cdx.stun;
     let a_inv = invs[0].clone();
     let a = std::thread::spawn(move || participant("127.0.0.2", server, &a_inv));
     let relayed = ConnectionData {
@@ -391,4 +389,21 @@ fn a_participant_without_udp_exchanges_over_tcp() {
     assert_eq!(got.peers.get(&0), Some(&a_data));
     assert_eq!(a_got.peers.get(&1), Some(&relayed));
     assert_eq!(got.mapped.ip().to_string(), "127.0.0.1");
+}
+
+#[test]
+fn a_participant_without_udp_exchanges_over_tcp() {
+    let cdx = node(&[]);
+    exchange_with_a_participant_over_tcp(cdx.stun);
+}
+
+#[test]
+fn natrix_up_serves_the_exchange_over_its_turn_tcp_listener_too() {
+    // One listener for TURN and CDX: the relay's TCP connections carry the
+    // exchange for clients without UDP.
+    let up = Natrix::up(&["--cluster-secret", SECRET]);
+    exchange_with_a_participant_over_tcp(up.stun);
+    up.wait_metric("cdx_exchange_deliveries_total{result=\"acked\"}", |v| {
+        v >= 2.0
+    });
 }

@@ -181,8 +181,10 @@ struct Clients {
     streams: Vec<Option<Stream>>,
     free_streams: Vec<usize>,
     stream_by_client: HashMap<ClientSocket, usize, foldhash::fast::RandomState>,
-    /// Streams with frames queued since the last [`Clients::flush_streams`].
+    /// Streams with frames queued since the last [`Clients::flush`].
     dirty_streams: Vec<usize>,
+    /// Streams with a delegate's outbox to drain.
+    outboxes: Vec<usize>,
     send_errors: u64,
 }
 
@@ -236,6 +238,34 @@ impl Clients {
 }
 
 impl Clients {
+    /// Moves what delegates produced for their connections into the
+    /// streams' queues (flushed by [`Clients::flush`]); forgets closed ones.
+    fn drain_outboxes(&mut self) {
+        let streams = &mut self.streams;
+        let dirty = &mut self.dirty_streams;
+        let mut errors = 0;
+        self.outboxes.retain(|&j| {
+            let Some(stream) = streams.get_mut(j).and_then(Option::as_mut) else {
+                return false;
+            };
+            let Some(mut outbox) = stream.outbox.take() else {
+                return false;
+            };
+            while let Some(frame) = outbox.poll() {
+                if !stream.queue(&frame) {
+                    errors += 1;
+                }
+                if !stream.dirty {
+                    stream.dirty = true;
+                    dirty.push(j);
+                }
+            }
+            stream.outbox = Some(outbox);
+            true
+        });
+        self.send_errors += errors;
+    }
+
     /// Sends every queued UDP datagram and writes every stream that got
     /// frames: one send per batch, not one per frame.
     fn flush(&mut self, registry: &Registry) {
@@ -382,6 +412,7 @@ impl EventLoop {
                     free_streams: Vec::new(),
                     stream_by_client: HashMap::default(),
                     dirty_streams: Vec::new(),
+                    outboxes: Vec::new(),
                     send_errors: 0,
                 },
                 tcp: listeners,
@@ -422,10 +453,16 @@ impl EventLoop {
         while !self.stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let timeout = if pending.is_empty() {
-                self.core
+                let t = self
+                    .core
                     .poll_timeout()
                     .min(next_publish)
-                    .saturating_duration_since(now)
+                    .saturating_duration_since(now);
+                if self.clients.outboxes.is_empty() {
+                    t
+                } else {
+                    t.min(super::OUTBOX_POLL)
+                }
             } else {
                 Duration::ZERO
             };
@@ -444,6 +481,10 @@ impl EventLoop {
             std::mem::swap(&mut pending, &mut again);
             pending.sort_unstable();
             pending.dedup();
+            if !self.clients.outboxes.is_empty() {
+                self.clients.drain_outboxes();
+                self.clients.flush(&self.registry);
+            }
 
             self.apply_control();
             let now = Instant::now();
@@ -702,12 +743,13 @@ impl EventLoop {
             // together.
             let client = stream.client;
             if let Some(d) = delegate.as_mut().filter(|_| is_binding(frame)) {
-                if let Some(len) = d.handle(
+                if let Some(len) = d.handle_stream(
                     frame,
                     client.client,
-                    (client.server, None),
+                    client.server,
                     client.transport,
                     out,
+                    &mut stream.outbox,
                 ) {
                     stream.queue(&out[..len]);
                 }
@@ -733,6 +775,9 @@ impl EventLoop {
                 self.close_stream(j, stream);
             }
             ReadOutcome::Open => {
+                if stream.outbox.is_some() && !self.clients.outboxes.contains(&j) {
+                    self.clients.outboxes.push(j);
+                }
                 if stream.flush().is_err() {
                     self.close_stream(j, stream);
                     return;

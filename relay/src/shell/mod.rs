@@ -49,9 +49,42 @@ pub trait BindingDelegate: Send {
         out: &mut [u8],
     ) -> Option<usize>;
 
+    /// Handles a frame from a TCP or TLS client, like [`handle`]; the
+    /// delegate may also attach an [`StreamOutbox`] to the connection for
+    /// frames it produces later (the exchange's deliveries), which the loop
+    /// drains and writes to it until the connection closes.
+    ///
+    /// [`handle`]: BindingDelegate::handle
+    fn handle_stream(
+        &mut self,
+        packet: &[u8],
+        from: SocketAddr,
+        local: SocketAddr,
+        transport: Transport,
+        out: &mut [u8],
+        outbox: &mut Option<Box<dyn StreamOutbox>>,
+    ) -> Option<usize> {
+        let _ = outbox;
+        self.handle(packet, from, (local, None), transport, out)
+    }
+
     /// Publishes counters; called when the loop publishes its own.
     fn flush(&mut self) {}
 }
+
+/// Frames a delegate sends on a TCP or TLS connection after the fact
+/// (answers computed elsewhere). The loop polls every connection that has
+/// one at least every [`OUTBOX_POLL`].
+pub trait StreamOutbox: Send {
+    /// The next whole frame to write, if one is waiting.
+    fn poll(&mut self) -> Option<Vec<u8>>;
+
+    /// The delegate's own type, to reach its state on later frames.
+    fn as_any(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// How long an outbox frame may wait for the loop.
+pub const OUTBOX_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Makes one delegate per loop.
 pub type DelegateFactory = Arc<dyn Fn() -> Box<dyn BindingDelegate> + Send + Sync>;

@@ -31,6 +31,8 @@ pub(super) struct Stream {
     pub(super) want_write: bool,
     /// Frames were queued since the loop last flushed this stream.
     pub(super) dirty: bool,
+    /// Frames a delegate sends later on this connection.
+    pub(super) outbox: Option<Box<dyn super::StreamOutbox>>,
     /// When the client last sent something.
     pub(super) last_active: std::time::Instant,
 }
@@ -74,6 +76,7 @@ impl Stream {
             tls_queued: 0,
             want_write: false,
             dirty: false,
+            outbox: None,
             last_active: std::time::Instant::now(),
         })
     }
