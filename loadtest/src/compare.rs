@@ -35,11 +35,8 @@ impl std::str::FromStr for Target {
             format!("{s:?}: expected NAME=HOST:PORT[,user=U,password=P|secret=S,pid=PID]")
         })?;
         let mut parts = rest.split(',');
-        let server = parts
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .map_err(|e| format!("{s:?}: the address: {e}"))?;
+        let (server, transport) =
+            server_url(parts.next().unwrap_or_default()).map_err(|e| format!("{s:?}: {e}"))?;
         let mut t = Target {
             name: name.to_owned(),
             server,
@@ -47,7 +44,7 @@ impl std::str::FromStr for Target {
             password: None,
             secret: None,
             pid: None,
-            transport: None,
+            transport,
         };
         for kv in parts {
             let (k, v) = kv
@@ -75,6 +72,52 @@ impl std::str::FromStr for Target {
     }
 }
 
+/// A server given as `HOST:PORT` or as an RFC 7065 URL (`turn:HOST[:PORT]
+/// [?transport=udp|tcp]`, `turns:HOST[:PORT]` for TLS; default ports 3478
+/// and 5349); names are resolved. The transport when the URL names one.
+fn server_url(text: &str) -> Result<(SocketAddr, Option<Transport>), String> {
+    use std::net::ToSocketAddrs;
+    let (rest, tls) = match text.split_once(':') {
+        Some(("turn", rest)) => (rest, false),
+        Some(("turns", rest)) => (rest, true),
+        _ => {
+            let addr = text
+                .to_socket_addrs()
+                .map_err(|e| format!("the address {text:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{text:?} resolves to no address"))?;
+            return Ok((addr, None));
+        }
+    };
+    let (hostport, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut transport = tls.then_some(Transport::Tls);
+    for kv in query.split('&').filter(|q| !q.is_empty()) {
+        match kv.split_once('=') {
+            Some(("transport", "udp")) if !tls => transport = Some(Transport::Udp),
+            Some(("transport", "tcp")) => {
+                transport = Some(if tls { Transport::Tls } else { Transport::Tcp });
+            }
+            _ => return Err(format!("{text:?}: unsupported URL parameter {kv:?}")),
+        }
+    }
+    let default_port = if tls { 5349 } else { 3478 };
+    // A bare IPv6 address needs brackets to carry a port.
+    let with_port = if hostport
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')))
+    {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:{default_port}")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("the host of {text:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))?;
+    Ok((addr, transport.or(Some(Transport::Udp))))
+}
+
 /// Which scenario to compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Compared {
@@ -92,8 +135,10 @@ pub(crate) struct CompareArgs {
     /// What to run against every target.
     #[arg(long, value_enum, default_value = "relay")]
     pub(crate) scenario: Compared,
-    /// A server: `NAME=HOST:PORT[,user=U][,password=P][,secret=S][,pid=PID]`
-    /// (repeat; the first is the reference of the ratios). Credentials
+    /// A server: `NAME=HOST:PORT[,user=U][,password=P][,secret=S][,pid=PID]
+    /// [,transport=T]`, the address also as a TURN URL (`turn:host:3478`,
+    /// `turn:host?transport=tcp`, `turns:host:5349`) (repeat; the first is
+    /// the reference of the ratios). Credentials
     /// default to --user/--password/--secret; the PID enables CPU and
     /// memory figures (read from /proc, so the server runs on this machine).
     #[arg(long = "target", required = true, num_args = 1)]
@@ -456,6 +501,31 @@ mod tests {
         assert!("x=127.0.0.1:1,transport=sctp".parse::<Target>().is_err());
         assert!("x=127.0.0.1:1,colour=blue".parse::<Target>().is_err());
         assert!("x=nowhere".parse::<Target>().is_err());
+        // RFC 7065 URLs: transport and default ports.
+        let url = |u: &str| server_url(u).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            url("turn:127.0.0.1"),
+            (
+                "127.0.0.1:3478".parse().unwrap_or_else(|_| unreachable!()),
+                Some(Transport::Udp)
+            )
+        );
+        assert_eq!(
+            url("turn:127.0.0.1:3479?transport=tcp").1,
+            Some(Transport::Tcp)
+        );
+        assert_eq!(url("turns:localhost").0.port(), 5349);
+        assert_eq!(
+            url("turns:127.0.0.1:443?transport=tcp").1,
+            Some(Transport::Tls)
+        );
+        assert_eq!(url("turn:[::1]:3480").0.port(), 3480);
+        assert_eq!(url("127.0.0.1:9").1, None);
+        assert!(server_url("turn:127.0.0.1?transport=sctp").is_err());
+        let t: Target = "c=turns:127.0.0.1,secret=s"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((t.server.port(), t.transport), (5349, Some(Transport::Tls)));
     }
 
     #[test]

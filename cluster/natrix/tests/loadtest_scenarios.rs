@@ -515,8 +515,9 @@ fn compare_runs_natrix_and_coturn_interleaved_and_reports_ratios() {
     // each target has its own.
     let (coturn, port) = coturn(Some("compare-secret"));
     let natrix = format!("natrix={},password={PASSWORD},pid={}", up.stun, up.pid());
+    // The other target as a TURN URL, as operators write them.
     let other = format!(
-        "coturn=127.0.0.1:{port},secret=compare-secret,pid={}",
+        "coturn=turn:127.0.0.1:{port}?transport=udp,secret=compare-secret,pid={}",
         coturn.0.id()
     );
     let relay = run(&[
