@@ -16,6 +16,14 @@ pub(super) const MAX_FRAME: usize = 4 + 65535 + 3;
 const MAX_STUN_FRAME: usize = 4096;
 /// Most bytes queued for one slow client before relayed data is dropped.
 const MAX_PENDING_WRITE: usize = 1 << 20;
+/// The read buffer a connection starts with (and returns to once drained):
+/// room for a hundred small frames per read. It grows (doubling) only for
+/// frames larger than what it holds, up to [`MAX_READ`].
+const INITIAL_READ: usize = 16 * 1024;
+/// The largest read buffer: one maximal frame and some.
+const MAX_READ: usize = MAX_FRAME + 4096;
+/// Write capacity kept once a burst has drained.
+const KEPT_WRITE: usize = 64 * 1024;
 
 /// One client connection.
 pub(super) struct Stream {
@@ -70,7 +78,7 @@ impl Stream {
                 server,
             },
             tls,
-            read: vec![0; MAX_FRAME + 4096],
+            read: vec![0; INITIAL_READ],
             filled: 0,
             write: Vec::new(),
             tls_queued: 0,
@@ -85,7 +93,14 @@ impl Stream {
     /// `Ok(true)` when something arrived, `Ok(false)` on `WouldBlock`.
     fn fill(&mut self) -> Result<bool, ReadOutcome> {
         if self.filled == self.read.len() {
-            return Err(ReadOutcome::Garbage(DropReason::Malformed));
+            // A frame larger than the buffer: grow (frames are capped at
+            // MAX_FRAME before this, so a full MAX_READ cannot happen for
+            // a well-framed stream).
+            if self.read.len() >= MAX_READ {
+                return Err(ReadOutcome::Garbage(DropReason::Malformed));
+            }
+            let grown = (self.read.len() * 2).min(MAX_READ);
+            self.read.resize(grown, 0);
         }
         let Some(tls) = self.tls.as_mut() else {
             return match self.socket.read(&mut self.read[self.filled..]) {
@@ -173,6 +188,10 @@ impl Stream {
             }
             self.read.copy_within(at..self.filled, 0);
             self.filled -= at;
+            if self.filled == 0 && self.read.len() > INITIAL_READ {
+                // A large frame passed: give the memory back.
+                self.read = vec![0; INITIAL_READ];
+            }
         }
     }
 
@@ -201,6 +220,9 @@ impl Stream {
                 tls.writer().write_all(&self.write)?;
                 self.tls_queued += self.write.len();
                 self.write.clear();
+                if self.write.capacity() > KEPT_WRITE {
+                    self.write.shrink_to(KEPT_WRITE);
+                }
             }
             while tls.wants_write() {
                 match tls.write_tls(&mut self.socket) {
@@ -224,6 +246,10 @@ impl Stream {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+        if self.write.capacity() > KEPT_WRITE {
+            // A burst for a slow client has drained: give the memory back.
+            self.write.shrink_to(KEPT_WRITE);
         }
         Ok(true)
     }
