@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use natrix_telemetry::Telemetry;
 use prometheus::{Histogram, IntCounter, IntGauge};
 
+use crate::stats::si;
+
 /// Set by the first Ctrl-C (SIGINT) or SIGTERM: scenarios stop sending,
 /// finish what is in flight and report what they measured.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -232,6 +234,11 @@ impl Live {
         lock(&self.state).timeline.clone()
     }
 
+    /// What the last scenario called the things it counted.
+    pub(crate) fn units(&self) -> Units {
+        lock(&self.state).units
+    }
+
     /// The exported metrics in Prometheus' text format.
     fn render(&self) -> String {
         {
@@ -260,16 +267,6 @@ pub(crate) enum ProgressMode {
 pub(crate) struct Progress {
     stop: std::sync::Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-fn si(v: f64) -> String {
-    if v >= 1e6 {
-        format!("{:.2}M", v / 1e6)
-    } else if v >= 1e4 {
-        format!("{:.1}k", v / 1e3)
-    } else {
-        format!("{v:.0}")
-    }
 }
 
 fn line(s: &State, sample: &Sample, totals: [u64; 3]) -> String {

@@ -162,41 +162,13 @@ impl Command {
     }
 }
 
-/// The counted things of each scenario, for the report's plot legend.
-fn units(scenario: &str) -> (&'static str, &'static str) {
-    match scenario {
-        "relay" => ("packets", "echoes"),
-        "alloc" => ("attempts", "allocations"),
-        "stun" => ("requests", "answers"),
-        "plan" => ("requests", "plans"),
-        "e2e" => ("pairs", "connected"),
-        "generator" => ("datagrams", "datagrams"),
-        _ => ("sent", "done"),
-    }
-}
-
 /// The report's headline figures as a two-column table (stderr).
 fn summary(report: &serde_json::Value) -> String {
-    let mut out = String::new();
-    if let Some(m) = report.as_object() {
-        let width = m.keys().map(String::len).max().unwrap_or(0);
-        for (k, v) in m {
-            let text = match v {
-                serde_json::Value::Number(n) if n.is_f64() => {
-                    format!("{:.4}", n.as_f64().unwrap_or(0.0))
-                }
-                serde_json::Value::Number(n) => n.to_string(),
-                serde_json::Value::String(s) if !s.contains('\n') => s.clone(),
-                serde_json::Value::Bool(b) => b.to_string(),
-                serde_json::Value::Object(o) if k.starts_with("errors") && !o.is_empty() => {
-                    v.to_string()
-                }
-                _ => continue,
-            };
-            out += &format!("  {k:<width$}  {text}\n");
-        }
-    }
-    out
+    let rows = report::headline(report);
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, text)| format!("  {k:<width$}  {text}\n"))
+        .collect()
 }
 
 fn main() -> std::process::ExitCode {
@@ -262,10 +234,10 @@ fn main() -> std::process::ExitCode {
             }
             let timeline = live::live().timeline();
             if !timeline.is_empty() && !matches!(scenario.as_str(), "compare" | "natlab") {
-                let (sent, done) = units(&scenario);
+                let units = live::live().units();
                 m.insert(
                     "units".into(),
-                    serde_json::json!({"sent": sent, "done": done}),
+                    serde_json::json!({"sent": units.sent, "done": units.done}),
                 );
                 m.insert(
                     "timeline".into(),

@@ -11,6 +11,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::Value;
 
+use crate::stats::si;
+
 /// DejaVu Sans (licence in `assets/DejaVuSans-LICENSE.txt`).
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
@@ -367,24 +369,33 @@ fn comparison(report: &Value) -> anyhow::Result<Option<String>> {
     .map(Some)
 }
 
-fn si(v: f64) -> String {
-    let a = v.abs();
-    if a >= 1e6 {
-        format!("{:.1}M", v / 1e6)
-    } else if a >= 1e3 {
-        format!("{:.1}k", v / 1e3)
-    } else if a >= 10.0 || a == 0.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// The report's top-level figures as (name, text) rows — numbers
+/// (fractions to 4 places), strings (not the Markdown table), booleans and
+/// error tallies — for the summary on stderr and the HTML summary table.
+pub(crate) fn headline(report: &Value) -> Vec<(&str, String)> {
+    let Some(m) = report.as_object() else {
+        return Vec::new();
+    };
+    m.iter()
+        .filter_map(|(k, v)| {
+            let text = match v {
+                Value::Number(n) if n.is_f64() => format!("{:.4}", n.as_f64().unwrap_or(0.0)),
+                Value::Number(n) => n.to_string(),
+                Value::String(s) if k != "markdown" => s.clone(),
+                Value::Bool(b) => b.to_string(),
+                Value::Object(_) if k.starts_with("errors") => v.to_string(),
+                _ => return None,
+            };
+            Some((k.as_str(), text))
+        })
+        .collect()
 }
 
 /// Every latency distribution in the report, with a title: the top-level
@@ -429,30 +440,13 @@ pub(crate) fn render(report: &Value, command: &str) -> anyhow::Result<String> {
         html += "<p class=\"warn\">Interrupted: the figures cover what was measured until the stop.</p>\n";
     }
     html += "<h2>Summary</h2>\n<table>\n";
-    if let Some(m) = report.as_object() {
-        for (k, v) in m {
-            let cell = match v {
-                Value::Number(n) => {
-                    let f = n.as_f64().unwrap_or(0.0);
-                    if n.is_f64() {
-                        format!("{f:.4}")
-                    } else {
-                        n.to_string()
-                    }
-                }
-                Value::String(s) if k != "markdown" => escape(s),
-                Value::Bool(b) => b.to_string(),
-                Value::Object(o) if k.starts_with("errors") => {
-                    escape(&Value::Object(o.clone()).to_string())
-                }
-                _ => continue,
-            };
-            let _ = writeln!(
-                html,
-                "<tr><th>{}</th><td class=\"n\">{cell}</td></tr>",
-                escape(k)
-            );
-        }
+    for (k, text) in headline(report) {
+        let _ = writeln!(
+            html,
+            "<tr><th>{}</th><td class=\"n\">{}</td></tr>",
+            escape(k),
+            escape(&text)
+        );
     }
     html += "</table>\n";
     let timeline = report["timeline"].as_array().cloned().unwrap_or_default();
