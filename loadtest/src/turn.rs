@@ -479,10 +479,7 @@ impl TurnClient {
         server: SocketAddr,
         creds: &Credentials,
     ) -> anyhow::Result<TurnClient> {
-        let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3))
-            .map_err(|e| TurnError::io(server, e))
-            .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
-        stream.set_nodelay(true)?;
+        let stream = connect_tcp(server)?;
         Self::allocate_over(Link::Tcp(stream, StreamFrames::default()), creds)
     }
 
@@ -500,10 +497,7 @@ impl TurnClient {
             Transport::Tcp => Self::allocate_tcp(server, creds),
             Transport::Tls => {
                 let tls = tls.context("TLS settings for a TLS transport")?;
-                let tcp = TcpStream::connect_timeout(&server, Duration::from_secs(3))
-                    .map_err(|e| TurnError::io(server, e))
-                    .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
-                tcp.set_nodelay(true)?;
+                let tcp = connect_tcp(server)?;
                 let conn = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
                     .context("starting TLS")?;
                 let mut stream = TlsStream(rustls::StreamOwned::new(conn, tcp));
@@ -637,6 +631,16 @@ impl TurnClient {
         })?;
         Ok(())
     }
+}
+
+/// A TCP connection to the TURN server (3 s to connect, no Nagle delay),
+/// for TURN over TCP and under TLS.
+fn connect_tcp(server: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&server, Duration::from_secs(3))
+        .map_err(|e| TurnError::io(server, e))
+        .with_context(|| format!("connecting to the TURN server {server} over TCP"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Frames `payload` as ChannelData on `channel` into `out`; 0 when `out`
