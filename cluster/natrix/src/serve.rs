@@ -207,17 +207,12 @@ impl BindingDelegate for CdxOnRelay {
         out: &mut [u8],
     ) -> Option<usize> {
         if is_exchange(packet) {
-            // UDP only: the exchange exists to learn and open UDP mappings.
-            let counters = if transport == Transport::Udp {
-                &mut self.udp
-            } else {
-                &mut self.tcp
-            };
-            counters.record_exchange(packet.len());
-            if transport != Transport::Udp {
-                counters.dropped(natrix_cdx::DropReason::UnexpectedClass);
-            } else if !self.limiter.allow(from.ip(), std::time::Instant::now()) {
-                counters.dropped(natrix_cdx::DropReason::RateLimited);
+            // Over UDP: the relay hands stream frames to `handle_stream`,
+            // which routes their exchange through the connection.
+            debug_assert_eq!(transport, Transport::Udp);
+            self.udp.record_exchange(packet.len());
+            if !self.limiter.allow(from.ip(), std::time::Instant::now()) {
+                self.udp.dropped(natrix_cdx::DropReason::RateLimited);
             } else {
                 let (bound, dst_ip) = local;
                 let local = Local {
