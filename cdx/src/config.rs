@@ -4,16 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Args;
-
-/// A secret that never appears in logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ClusterSecret(pub String);
-
-impl std::fmt::Debug for ClusterSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+use natrix_model::ClusterSecret;
 
 impl CdxConfig {
     /// The per-loop answer limits.
@@ -65,16 +56,6 @@ impl std::str::FromStr for Sibling {
         s.parse()
             .map(Sibling::Ip)
             .map_err(|_| format!("--stun-sibling takes an IP address or `auto`, not {s:?}"))
-    }
-}
-
-impl std::str::FromStr for ClusterSecret {
-    type Err = String;
-    fn from_str(s: &str) -> Result<ClusterSecret, String> {
-        if s.len() < 16 {
-            return Err("the cluster secret needs at least 16 characters".into());
-        }
-        Ok(ClusterSecret(s.to_string()))
     }
 }
 

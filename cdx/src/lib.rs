@@ -42,14 +42,15 @@
 //!
 //! [RFC 8489]: https://www.rfc-editor.org/rfc/rfc8489
 
-mod binding;
 pub mod client;
 mod config;
 pub mod exchange;
-pub mod handoff;
 mod metrics;
 pub mod server;
 
-pub use binding::{BindingResponder, DropReason, Grid, Outcome, Reply, Site, Transport, Via};
-pub use config::{CdxConfig, ClusterSecret, Sibling};
+pub use config::{CdxConfig, Sibling};
 pub use metrics::{CdxMetrics, ExchangeMetrics, LoopCounters};
+pub use natrix_cdx_proto::binding::{
+    self, BindingResponder, DropReason, Grid, Outcome, Reply, Site, Transport, Via,
+};
+pub use natrix_cdx_proto::handoff;

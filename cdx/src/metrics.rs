@@ -78,7 +78,8 @@ impl CdxMetrics {
     pub fn local(&self, transport: Transport) -> LoopCounters {
         let h = match transport {
             Transport::Udp => &self.udp,
-            Transport::Tcp => &self.tcp,
+            // TLS is TCP framing under a record layer: counted as TCP.
+            Transport::Tcp | Transport::Tls => &self.tcp,
         };
         LoopCounters {
             requests: LocalCounter::new(h.requests.clone()),
@@ -246,5 +247,17 @@ impl ExchangeMetrics {
             usize::from(filtering)
         };
         &self.profiles[m * 4 + f]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_match_the_metric_catalogue() {
+        let declared = natrix_telemetry::catalogue::CDX_DROP_REASON.values;
+        let ours: Vec<_> = DropReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(ours, declared);
     }
 }

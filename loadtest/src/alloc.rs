@@ -243,7 +243,7 @@ pub(crate) fn run_with(
     Ok(serde_json::json!({
         "scenario": "alloc",
         "server": args.server.to_string(),
-        "transport": args.connect.transport.name(),
+        "transport": args.connect.transport.label(),
         "requested": args.count,
         "concurrency": threads,
         "rate": args.rate,

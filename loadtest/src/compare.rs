@@ -56,10 +56,7 @@ impl std::str::FromStr for Target {
                 "secret" => t.secret = Some(v.to_owned()),
                 "pid" => t.pid = Some(v.parse().map_err(|_| format!("{s:?}: pid {v:?}"))?),
                 "transport" => {
-                    t.transport = Some(
-                        <Transport as clap::ValueEnum>::from_str(v, true)
-                            .map_err(|_| format!("{s:?}: transport {v:?} (udp, tcp, tls)"))?,
-                    );
+                    t.transport = Some(v.parse::<Transport>().map_err(|e| format!("{s:?}: {e}"))?);
                 }
                 _ => {
                     return Err(format!(

@@ -10,12 +10,13 @@ use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use natrix_cdx::client::{NatProfile, discover};
-use natrix_cdx::exchange::Invitation;
+use natrix_cdx::client::discover;
 use natrix_cdx::exchange::client::{
     Candidate, CandidateKind, ConnectionData, PROBE_INTERVAL, ProbeCodec, ProbeMessage, exchange,
     exchange_tcp, mapped_address, punch,
 };
+use natrix_model::NatProfile;
+use natrix_model::invitation::Invitation;
 use natrix_wire::{ChannelData, ChannelNumber};
 
 use crate::live::{Units, live};
@@ -82,18 +83,6 @@ pub(crate) fn http(
         status,
         serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
     ))
-}
-
-/// A profile in `natrix probe --json`'s form, for the plan request.
-pub(crate) fn profile_json(p: &NatProfile) -> serde_json::Value {
-    serde_json::json!({
-        "local_address": p.local.to_string(),
-        "mapped_address": p.mapped.map(|m| m.to_string()),
-        "mapping": p.mapping.map(|m| m.name()),
-        "filtering": p.filtering.map(|f| f.name()),
-        "class": p.class().map(|c| c.name()),
-        "udp_blocked": p.mapped.is_none(),
-    })
 }
 
 /// What one side measured.
@@ -354,7 +343,7 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
     let pb = discover(cdx, SocketAddr::new(args.local_b, 0))?;
     let presented = |p: &NatProfile, claim: &Option<String>| match claim {
         Some(class) => serde_json::json!({"class": class}),
-        None => profile_json(p),
+        None => serde_json::to_value(p).unwrap_or_default(),
     };
     let body = serde_json::json!({
         "a": {"profile": presented(&pa, &args.as_a)},
@@ -375,7 +364,7 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
                 args.local_a,
                 started,
                 args.timeout,
-                pa.mapped.is_some(),
+                pa.mapped_address.is_some(),
             )
         });
         let b = s.spawn(|| {
@@ -384,7 +373,7 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
                 args.local_b,
                 started,
                 args.timeout,
-                pb.mapped.is_some(),
+                pb.mapped_address.is_some(),
             )
         });
         (

@@ -7,20 +7,25 @@ use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use natrix_cdx::exchange::Invitation;
+use natrix_model::invitation::Invitation;
+use natrix_model::{NatClass, direct_feasible};
 
 /// The lab script, shipped inside the binary so the tool works anywhere.
 const SCRIPT: &str = include_str!("../natlab/natlab.sh");
 
-/// The lab's client types, in matrix order.
-pub(crate) const TYPES: [&str; 6] = [
-    "open",
-    "full-cone",
-    "restricted-cone",
-    "port-restricted-cone",
-    "symmetric",
-    "udp-blocked",
-];
+/// The lab's client types, in matrix order: one NAT of each class of the
+/// model, named as the model names it.
+pub(crate) const TYPES: [&str; 6] = {
+    let c = NatClass::ALL;
+    [
+        c[0].name(),
+        c[1].name(),
+        c[2].name(),
+        c[3].name(),
+        c[4].name(),
+        c[5].name(),
+    ]
+};
 
 /// Options of `natlab`.
 #[derive(clap::Args, Debug)]
@@ -82,20 +87,13 @@ fn unordered_pairs() -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
-/// Whether a direct UDP path is feasible between two lab types, derived
-/// from their behaviours (ARCHITECTURE.md, "NAT model"): not if either side
-/// is UDP-blocked, not if both map address-dependently, not if one maps
-/// address-dependently and the other filters address-and-port-dependently.
+/// Whether a direct UDP path is feasible between two lab types: the
+/// model's one rule on the behaviours their classes stand for.
 pub(crate) fn feasible(a: &str, b: &str) -> bool {
-    let dependent_mapping = |t: &str| t == "symmetric";
-    let apd_filtering = |t: &str| t == "port-restricted-cone" || t == "symmetric";
-    if a == "udp-blocked" || b == "udp-blocked" {
-        return false;
+    match (a.parse::<NatClass>(), b.parse::<NatClass>()) {
+        (Ok(a), Ok(b)) => direct_feasible(&a.behaviour(), &b.behaviour()),
+        _ => false,
     }
-    if dependent_mapping(a) && dependent_mapping(b) {
-        return false;
-    }
-    !((dependent_mapping(a) && apd_filtering(b)) || (dependent_mapping(b) && apd_filtering(a)))
 }
 
 fn peer_in(

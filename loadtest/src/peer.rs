@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use natrix_cdx::exchange::client::{
     Candidate, CandidateKind, ConnectionData, exchange, mapped_address, punch,
 };
-use natrix_cdx::exchange::{Invitation, profile_codes};
+use natrix_model::invitation::Invitation;
 
 /// Options of `peer`.
 #[derive(clap::Args, Debug)]
@@ -49,7 +49,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     if args.profile_only {
         return match natrix_cdx::client::discover(args.cdx, "0.0.0.0:0".parse().unwrap_or(args.cdx))
         {
-            Ok(p) => crate::e2e::profile_json(&p),
+            Ok(p) => serde_json::to_value(p).unwrap_or_default(),
             Err(e) => serde_json::json!({"error": e.to_string()}),
         };
     }
@@ -103,8 +103,8 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     if args.discover {
         match natrix_cdx::client::discover(args.cdx, "0.0.0.0:0".parse().unwrap_or(args.cdx)) {
             Ok(p) => {
-                class = p.class();
-                codes = Some(profile_codes(&p));
+                class = p.class;
+                codes = Some(p.codes());
                 report["class"] = class.map(|c| c.name()).into();
             }
             Err(e) => return fail(report, "discover", e.to_string()),

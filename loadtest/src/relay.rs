@@ -53,7 +53,7 @@ impl Auth {
 #[derive(clap::Args, Clone, Debug, Default)]
 pub(crate) struct Connect {
     /// Transport between clients and the server (the relayed side is UDP).
-    #[arg(long, value_enum, default_value = "udp")]
+    #[arg(long, default_value = "udp")]
     pub(crate) transport: Transport,
     /// tls: verify the server against these PEM certificates (default:
     /// accept any certificate; a load test measures, it does not
@@ -377,7 +377,7 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
         "scenario": "relay",
         "server": args.server.to_string(),
         "path": args.path.name(),
-        "transport": args.connect.transport.name(),
+        "transport": args.connect.transport.label(),
         "clients": args.clients,
         "payload_bytes": args.payload,
         "window": args.window,

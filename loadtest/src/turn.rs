@@ -179,27 +179,8 @@ pub(crate) fn error_kind(e: &anyhow::Error) -> String {
         .map_or_else(|| "other".to_owned(), TurnError::kind)
 }
 
-/// The transport between client and TURN server.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Transport {
-    /// UDP.
-    #[default]
-    Udp,
-    /// TCP (RFC 8656 §3.1; ChannelData padded to 4 bytes).
-    Tcp,
-    /// TLS over TCP.
-    Tls,
-}
-
-impl Transport {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-        }
-    }
-}
+/// The transport between client and TURN server (the model's one type).
+pub(crate) use natrix_model::Transport;
 
 /// Accepts any server certificate but still checks the handshake's
 /// signatures: a load test measures the server, it does not authenticate

@@ -3,14 +3,15 @@
 //! snapshot, the clock and the randomness).
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
-use natrix_cdx::exchange::Invitation;
+use natrix_model::invitation::Invitation;
+use natrix_model::{NatProfile, ProfileError, SessionToken, TurnSecret};
 use natrix_registry::{HostRecord, Snapshot, State};
 use serde::{Deserialize, Serialize};
 
-use crate::planner::{Behaviour, Class, Filtering, Mapping, Mode, Side, decide};
+use crate::planner::{Mode, Side, decide};
 use crate::select::{Need, select};
-use crate::token::{TurnSecret, mint};
 
 /// `POST /v1/plan`.
 #[derive(Clone, Debug, Deserialize)]
@@ -30,33 +31,10 @@ pub struct PlanRequest {
 #[serde(deny_unknown_fields)]
 pub struct PeerRequest {
     /// What `natrix probe --json` printed for this peer.
-    pub profile: Profile,
+    pub profile: NatProfile,
     /// Region hint for relay selection (e.g. `eu-west-1`).
     #[serde(default)]
     pub region: Option<String>,
-}
-
-/// A NAT profile as `natrix probe --json` prints it. Every field is
-/// optional; what the planner needs is `udp_blocked`, `mapping`,
-/// `filtering` or, failing those, `class`.
-#[allow(missing_docs)]
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Profile {
-    pub server: Option<String>,
-    pub transport: Option<String>,
-    pub local_address: Option<String>,
-    pub mapped_address: Option<SocketAddr>,
-    pub behind_nat: Option<bool>,
-    pub mapping: Option<Mapping>,
-    pub filtering: Option<Filtering>,
-    pub hairpinning: Option<bool>,
-    pub class: Option<Class>,
-    pub other_address: Option<String>,
-    pub udp_blocked: Option<bool>,
-    pub seconds: Option<f64>,
-    pub tcp_mapped_address: Option<String>,
-    pub error: Option<String>,
 }
 
 /// An error for the client, as an RFC 9457 problem document.
@@ -73,90 +51,110 @@ pub struct Problem {
     pub field: Option<String>,
 }
 
-impl Problem {
-    fn unprocessable(field: String, detail: String) -> Problem {
+/// Why no plan was made. [`PlanError::problem`] is what the client gets,
+/// [`PlanError::reason`] the `lookup_plan_errors_total` label: both by one
+/// `match` on the cause.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    /// The body is not a plan request: bad JSON, an unknown or missing
+    /// field, a value of the wrong type.
+    #[error("bad request: {detail}")]
+    BadRequest {
+        /// The parser's message.
+        detail: String,
+        /// The field it names, if any.
+        field: Option<String>,
+    },
+    /// A peer's profile contradicts itself.
+    #[error("{side}.profile.{}: {}", .error.field, .error.detail)]
+    Profile {
+        /// Whose profile.
+        side: Side,
+        /// What is wrong with it.
+        error: ProfileError,
+    },
+    /// No active CDX node is registered: the peers could not exchange
+    /// connection data.
+    #[error("no CDX node is registered")]
+    NoCdx,
+    /// No active relay with capacity left (with TCP or TLS, for a side that
+    /// cannot use UDP).
+    #[error("no relay with capacity")]
+    NoRelay {
+        /// Whether the side could use UDP.
+        udp: bool,
+    },
+    /// The registry snapshot is older than the limit: the coordination
+    /// store is likely unreachable.
+    #[error("the relay registry is stale")]
+    StaleRegistry {
+        /// How old the snapshot is.
+        age: Duration,
+        /// The limit.
+        limit: Duration,
+    },
+    /// lookup holds no TURN secret to mint tokens with (a configuration
+    /// bug: the flag is required).
+    #[error("no TURN secret")]
+    NoSecret,
+}
+
+impl PlanError {
+    /// The label of `lookup_plan_errors_total` this error counts under.
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            PlanError::BadRequest { .. } => "bad_request",
+            PlanError::Profile { .. } => "unprocessable",
+            PlanError::NoCdx => "no_cdx",
+            PlanError::NoRelay { .. } | PlanError::StaleRegistry { .. } => "no_relay",
+            PlanError::NoSecret => "internal",
+        }
+    }
+
+    /// The problem document the client gets.
+    pub fn problem(&self) -> Problem {
+        let (status, title, field) = match self {
+            PlanError::BadRequest { field, .. } => (400, "bad request", field.clone()),
+            PlanError::Profile { side, error } => (
+                422,
+                "impossible profile",
+                Some(format!("{side}.profile.{}", error.field)),
+            ),
+            PlanError::NoCdx | PlanError::NoRelay { .. } | PlanError::StaleRegistry { .. } => {
+                (503, "no capacity", None)
+            }
+            PlanError::NoSecret => (500, "misconfigured", None),
+        };
+        let detail = match self {
+            PlanError::BadRequest { detail, .. } => detail.clone(),
+            PlanError::Profile { error, .. } => error.detail.clone(),
+            PlanError::NoCdx => {
+                "no CDX node is registered: the peers cannot exchange connection data".into()
+            }
+            PlanError::NoRelay { udp: true } => {
+                "no registered relay is active with capacity left".into()
+            }
+            PlanError::NoRelay { udp: false } => "no registered relay with TCP or TLS is active with capacity left (this peer cannot use UDP)".into(),
+            PlanError::StaleRegistry { age, limit } => format!(
+                "the relay registry was last read {} ago (limit {}); the coordination store may be unreachable",
+                humantime::format_duration(Duration::from_secs(age.as_secs())),
+                humantime::format_duration(*limit)
+            ),
+            PlanError::NoSecret => "lookup has no TURN secret to mint tokens with".into(),
+        };
         Problem {
-            status: 422,
-            title: "impossible profile",
+            status,
+            title,
             detail,
-            field: Some(field),
-        }
-    }
-
-    fn unavailable(detail: &str) -> Problem {
-        Problem {
-            status: 503,
-            title: "no capacity",
-            detail: detail.to_owned(),
-            field: None,
-        }
-    }
-
-    /// The label of `lookup_plan_errors_total` this problem counts under.
-    pub fn reason(&self) -> &'static str {
-        match self.status {
-            400 => "bad_request",
-            422 => "unprocessable",
-            503 if self.detail.contains("CDX") => "no_cdx",
-            503 => "no_relay",
-            _ => "internal",
+            field,
         }
     }
 }
 
-impl Profile {
-    /// The behaviours this profile describes; 422 when its fields
-    /// contradict each other.
-    pub fn behaviour(&self, side: &str) -> Result<Behaviour, Problem> {
-        let field = |f: &str| format!("{side}.profile.{f}");
-        let blocked = self.udp_blocked == Some(true) || self.class == Some(Class::UdpBlocked);
-        if self.udp_blocked == Some(true) && self.class.is_some_and(|c| c != Class::UdpBlocked) {
-            return Err(Problem::unprocessable(
-                field("class"),
-                "udp_blocked is true but the class is not udp-blocked".into(),
-            ));
-        }
-        if self.udp_blocked == Some(false) && self.class == Some(Class::UdpBlocked) {
-            return Err(Problem::unprocessable(
-                field("udp_blocked"),
-                "the class is udp-blocked but udp_blocked is false".into(),
-            ));
-        }
-        if blocked {
-            return Ok(Class::UdpBlocked.behaviour());
-        }
-        let from_class = self.class.map(Class::behaviour);
-        // Unknown behaviours count as the worst case.
-        let b = Behaviour {
-            udp_blocked: false,
-            mapping: self
-                .mapping
-                .or(from_class.map(|b| b.mapping))
-                .unwrap_or(Mapping::AddressAndPortDependent),
-            filtering: self
-                .filtering
-                .or(from_class.map(|b| b.filtering))
-                .unwrap_or(Filtering::AddressAndPortDependent),
-        };
-        if let (Some(class), Some(_), Some(_)) = (self.class, self.mapping, self.filtering)
-            && b.class() != class
-        {
-            return Err(Problem::unprocessable(
-                field("class"),
-                format!("mapping and filtering make {:?}, not {class:?}", b.class()),
-            ));
-        }
-        if self.mapping == Some(Mapping::NoNat)
-            && let (Some(m), Some(l)) = (self.mapped_address, self.local_address.as_deref())
-            && l.parse::<SocketAddr>().is_ok_and(|l| l != m)
-        {
-            return Err(Problem::unprocessable(
-                field("mapping"),
-                "no-nat, but the mapped address differs from the local one".into(),
-            ));
-        }
-        Ok(b)
-    }
+fn behaviour(profile: &NatProfile, side: Side) -> Result<natrix_model::nat::Behaviour, PlanError> {
+    profile
+        .behaviour()
+        .map_err(|error| PlanError::Profile { side, error })
 }
 
 /// One ICE server in WebRTC `RTCIceServer` form.
@@ -240,13 +238,11 @@ pub struct Minting {
 /// (from its profile) and, when it relays too, its relay's IPs. Empty when
 /// the profile names none and the counterpart does not relay: then the
 /// token carries no scope (the relay's deny list still applies).
-fn counterpart_ips(profile: &Profile, relay: Option<&HostRecord>) -> Vec<IpAddr> {
-    let own = profile.mapped_address.into_iter().chain(
-        profile
-            .tcp_mapped_address
-            .as_deref()
-            .and_then(|t| t.parse::<SocketAddr>().ok()),
-    );
+fn counterpart_ips(profile: &NatProfile, relay: Option<&HostRecord>) -> Vec<IpAddr> {
+    let own = profile
+        .mapped_address
+        .into_iter()
+        .chain(profile.tcp_mapped_address);
     let relayed = relay
         .into_iter()
         .flat_map(|r| r.udp.iter().chain(&r.tcp).chain(&r.tls).copied());
@@ -294,9 +290,9 @@ pub fn plan(
     now: u64,
     random: &mut dyn FnMut(usize) -> usize,
     fill: &mut dyn FnMut(&mut [u8]),
-) -> Result<PlanResponse, Problem> {
-    let a = req.a.profile.behaviour("a")?;
-    let b = req.b.profile.behaviour("b")?;
+) -> Result<PlanResponse, PlanError> {
+    let a = behaviour(&req.a.profile, Side::A)?;
+    let b = behaviour(&req.b.profile, Side::B)?;
     let mode = decide(&a, &b, req.retry);
     let cdx: Vec<&HostRecord> = snapshot
         .cdx
@@ -304,9 +300,7 @@ pub fn plan(
         .filter(|c| c.state == State::Active && !c.udp.is_empty())
         .collect();
     if cdx.is_empty() {
-        return Err(Problem::unavailable(
-            "no CDX node is registered: the peers cannot exchange connection data",
-        ));
+        return Err(PlanError::NoCdx);
     }
     let expires = now + minting.ttl;
     let invitations = Invitation::mint_session(&minting.cluster_secret, 2, expires, fill);
@@ -329,11 +323,7 @@ pub fn plan(
             minting.headroom,
             random,
         ) else {
-            return Err(Problem::unavailable(if udp {
-                "no registered relay is active with capacity left"
-            } else {
-                "no registered relay with TCP or TLS is active with capacity left (this peer cannot use UDP)"
-            }));
+            return Err(PlanError::NoRelay { udp });
         };
         chosen[i] = Some(r);
     }
@@ -354,16 +344,17 @@ pub fn plan(
         let mut relay = None;
         if let Some(r) = chosen[i] {
             let Some(secret) = minting.turn_secrets.first() else {
-                return Err(Problem {
-                    status: 500,
-                    title: "misconfigured",
-                    detail: "lookup has no TURN secret to mint tokens with".into(),
-                    field: None,
-                });
+                return Err(PlanError::NoSecret);
             };
             let other = 1 - i;
             let scope = counterpart_ips(&peers[other].2.profile, chosen[other]);
-            let (username, credential) = mint(secret, expires, &session, &r.id, &scope);
+            let token = SessionToken {
+                expires,
+                session: session.clone(),
+                relay_id: r.id.clone(),
+                peers: (!scope.is_empty()).then_some(scope),
+            };
+            let (username, credential) = token.mint(secret);
             ice_servers.push(IceServer {
                 urls: turn_urls(r, !behaviour.udp_blocked),
                 username: Some(username),
@@ -447,7 +438,7 @@ mod tests {
         .unwrap()
     }
 
-    fn run(req: &PlanRequest, snapshot: &Snapshot) -> Result<PlanResponse, Problem> {
+    fn run(req: &PlanRequest, snapshot: &Snapshot) -> Result<PlanResponse, PlanError> {
         let mut n = 0u8;
         plan(req, snapshot, &minting(), 1000, &mut |k| k - 1, &mut |b| {
             for x in b.iter_mut() {
@@ -525,8 +516,8 @@ mod tests {
             taken_ms: 1,
         };
         let e = run(&request("udp-blocked", "open"), &udp_only).unwrap_err();
-        assert_eq!((e.status, e.reason()), (503, "no_relay"));
-        assert!(e.detail.contains("TCP"), "{e:?}");
+        assert_eq!((e.problem().status, e.reason()), (503, "no_relay"));
+        assert!(e.problem().detail.contains("TCP"), "{e:?}");
         let with_tcp = Snapshot {
             relays: vec![host("r1", Role::Relay, true)],
             ..udp_only
@@ -549,7 +540,7 @@ mod tests {
         )
         .unwrap();
         let snap = Snapshot::default();
-        let e = run(&bad, &snap).unwrap_err();
+        let e = run(&bad, &snap).unwrap_err().problem();
         assert_eq!(e.status, 422);
         assert_eq!(e.field.as_deref(), Some("a.profile.class"));
         let blocked: PlanRequest = serde_json::from_str(
@@ -557,7 +548,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            run(&blocked, &snap).unwrap_err().field.as_deref(),
+            run(&blocked, &snap).unwrap_err().problem().field.as_deref(),
             Some("b.profile.class")
         );
         // Unknown fields are refused by the parser (400 at the HTTP layer).
@@ -579,7 +570,7 @@ mod tests {
             r#"{{"a":{{"profile":{probe},"region":"eu"}},"b":{{"profile":{probe}}},"retry":true}}"#
         ))
         .unwrap();
-        let b = req.a.profile.behaviour("a").unwrap();
-        assert_eq!(b.class(), Class::RestrictedCone);
+        let b = req.a.profile.behaviour().unwrap();
+        assert_eq!(b.class(), natrix_model::NatClass::RestrictedCone);
     }
 }

@@ -10,7 +10,7 @@ use actix_web::{App, HttpResponse, HttpServer, dev::Server, web};
 use natrix_registry::{SharedSnapshot, unix_ms};
 use natrix_telemetry::Telemetry;
 
-use crate::api::{Minting, PlanRequest, Problem, plan};
+use crate::api::{Minting, PlanError, PlanRequest, Problem, plan};
 use crate::metrics::LookupMetrics;
 
 /// Largest plan request body.
@@ -47,6 +47,13 @@ fn problem(p: &Problem) -> HttpResponse {
     .body(body.to_string())
 }
 
+/// Counts a refused plan request by its cause and answers with its problem
+/// document.
+fn refuse(state: &LookupState, e: &PlanError) -> HttpResponse {
+    state.metrics.error(e.reason()).inc();
+    problem(&e.problem())
+}
+
 /// The field a serde error names, if any (`unknown field `x``, `missing
 /// field `y``).
 fn serde_field(e: &serde_json::Error) -> Option<String> {
@@ -61,33 +68,25 @@ async fn post_plan(state: web::Data<LookupState>, body: web::Bytes) -> HttpRespo
     let req: PlanRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            let p = Problem {
-                status: 400,
-                title: "bad request",
-                detail: e.to_string(),
-                field: serde_field(&e),
-            };
-            state.metrics.error(p.reason()).inc();
-            return problem(&p);
+            return refuse(
+                &state,
+                &PlanError::BadRequest {
+                    detail: e.to_string(),
+                    field: serde_field(&e),
+                },
+            );
         }
     };
     let snapshot = state.snapshot.load();
     let age = snapshot.age(unix_ms());
     if age > state.max_snapshot_age {
-        let p = Problem {
-            status: 503,
-            title: "no capacity",
-            detail: format!(
-                "the relay registry was last read {} ago (limit {}); the coordination store may be unreachable",
-                humantime::format_duration(Duration::from_secs(
-                    age.as_secs().min(u64::from(u32::MAX))
-                )),
-                humantime::format_duration(state.max_snapshot_age)
-            ),
-            field: None,
-        };
-        state.metrics.error("no_relay").inc();
-        return problem(&p);
+        return refuse(
+            &state,
+            &PlanError::StaleRegistry {
+                age,
+                limit: state.max_snapshot_age,
+            },
+        );
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -104,10 +103,7 @@ async fn post_plan(state: web::Data<LookupState>, body: web::Bytes) -> HttpRespo
                 .observe(started.elapsed().as_secs_f64());
             HttpResponse::Ok().json(p)
         }
-        Err(p) => {
-            state.metrics.error(p.reason()).inc();
-            problem(&p)
-        }
+        Err(e) => refuse(&state, &e),
     }
 }
 

@@ -5,7 +5,7 @@
 //! relay-one with the side that relays, or relay-both), picks relays from
 //! the registry snapshot ([`select`]: healthy, not draining, headroom,
 //! region, then power of two choices), mints session-bound TURN tokens
-//! ([`token`]) and the CDX exchange invitations, and answers with per-side
+//! ([`natrix_model::token`]) and the CDX exchange invitations, and answers with per-side
 //! ICE servers in WebRTC form ([`api`]). It is stateless per request: the
 //! registry comes from a snapshot a control-plane actor keeps fresh
 //! (`natrix_registry::SnapshotKeeper`); handlers never call the store.
@@ -25,7 +25,6 @@ pub mod http;
 mod metrics;
 pub mod planner;
 pub mod select;
-pub mod token;
 
 pub use config::LookupConfig;
 pub use metrics::LookupMetrics;

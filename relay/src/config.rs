@@ -4,31 +4,16 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
 
+pub use natrix_model::Redacted;
+use natrix_model::TurnSecret;
+
 use crate::core::{
-    Credentials, IpNet, PeerPolicy, PortRange, RelayAddress, Secret, ServerConfig, UnauthLimits,
+    Credentials, IpNet, PeerPolicy, PortRange, RelayAddress, ServerConfig, UnauthLimits,
 };
-
-/// A string that never appears in logs or debug output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Redacted(pub String);
-
-impl std::fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl FromStr for Redacted {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Redacted, String> {
-        Ok(Redacted(s.to_string()))
-    }
-}
 
 /// TURN relay settings.
 #[derive(Args, Clone, Debug)]
@@ -88,16 +73,17 @@ pub struct RelayConfig {
     #[arg(long = "relay-id", env = "NATRIX_RELAY_ID")]
     pub relay_id: Option<String>,
 
-    /// TURN REST shared secrets, `key-id=secret` or just `secret`, newest
-    /// first (comma separated; several at once during a rotation).
+    /// TURN REST shared secrets, `key-id=secret` (the secret at least 16
+    /// characters), newest first (comma separated; several at once during a
+    /// rotation).
     #[arg(
         long = "auth-secret",
         env = "NATRIX_AUTH_SECRETS",
         value_delimiter = ','
     )]
-    pub auth_secrets: Vec<Redacted>,
+    pub auth_secrets: Vec<TurnSecret>,
 
-    /// A file of TURN REST secrets, one per line (`key-id=secret`), newest
+    /// A file of TURN REST secrets, one `key-id=secret` a line, newest
     /// first; tried before --auth-secret, and reloaded when it changes or
     /// on SIGHUP (e.g. a Kubernetes Secret mounted as a file).
     #[arg(long = "auth-secret-file", env = "NATRIX_AUTH_SECRET_FILE")]
@@ -208,24 +194,13 @@ pub struct RelayConfig {
 impl RelayConfig {
     /// The credential store.
     pub fn credentials(&self) -> Result<Credentials, String> {
-        let secrets = self
-            .auth_secrets
-            .iter()
-            .enumerate()
-            .map(|(i, s)| match s.0.split_once('=') {
-                Some((kid, secret)) if !kid.is_empty() => Secret {
-                    key_id: kid.to_string(),
-                    secret: secret.as_bytes().to_vec(),
-                },
-                _ => Secret {
-                    key_id: format!("secret-{i}"),
-                    secret: s.0.as_bytes().to_vec(),
-                },
-            })
-            .collect();
+        let secrets = self.auth_secrets.clone();
         let mut users = HashMap::new();
         for u in &self.users {
-            let (name, password) = u.0.split_once(':').ok_or("--user takes name:password")?;
+            let (name, password) = u
+                .expose()
+                .split_once(':')
+                .ok_or("--user takes name:password")?;
             users.insert(name.to_string(), password.to_string());
         }
         if self.auth_secrets.is_empty() && users.is_empty() && self.auth_secret_file.is_none() {

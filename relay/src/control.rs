@@ -13,7 +13,9 @@ use actix::{Actor, AsyncContext, Context, Handler, Message};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
-use crate::core::{Credentials, Secret};
+use natrix_model::TurnSecret;
+
+use crate::core::Credentials;
 use crate::shell::TlsReloader;
 
 /// Shared between the control plane and the loops.
@@ -97,31 +99,13 @@ impl Control {
     }
 }
 
-/// Reads a secrets file: one secret per line, `key-id=secret` or just
-/// `secret`; blank lines and `#` comments ignored. Newest first.
-pub fn read_secrets(path: &Path) -> anyhow::Result<Vec<Secret>> {
+/// Reads a secrets file: one `key-id=secret` a line, newest first, blank
+/// lines and `#` comments ignored (the model's one rule); an invalid line is
+/// an error naming the file and the line.
+pub fn read_secrets(path: &Path) -> anyhow::Result<Vec<TurnSecret>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the secrets file {}", path.display()))?;
-    let secrets: Vec<Secret> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .enumerate()
-        .map(|(i, l)| match l.split_once('=') {
-            Some((kid, secret)) if !kid.is_empty() && !secret.is_empty() => Secret {
-                key_id: kid.trim().to_string(),
-                secret: secret.trim().as_bytes().to_vec(),
-            },
-            _ => Secret {
-                key_id: format!("file-{i}"),
-                secret: l.as_bytes().to_vec(),
-            },
-        })
-        .collect();
-    if secrets.is_empty() {
-        anyhow::bail!("no secret in {}", path.display());
-    }
-    Ok(secrets)
+    TurnSecret::parse_list(&text).with_context(|| format!("the secrets file {}", path.display()))
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -152,9 +136,9 @@ pub struct ReloadActor {
     /// The command line's credentials.
     base: Credentials,
     /// Secrets from the coordination store (newest first).
-    store_secrets: Vec<Secret>,
+    store_secrets: Vec<TurnSecret>,
     /// Secrets from the file, as last read successfully.
-    file_secrets: Vec<Secret>,
+    file_secrets: Vec<TurnSecret>,
 }
 
 impl ReloadActor {
@@ -234,14 +218,14 @@ impl Actor for ReloadActor {
 /// The TURN secrets in the coordination store changed (newest first).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct StoreSecrets(pub Vec<Secret>);
+pub struct StoreSecrets(pub Vec<TurnSecret>);
 
 impl Handler<StoreSecrets> for ReloadActor {
     type Result = ();
 
     fn handle(&mut self, msg: StoreSecrets, _: &mut Context<Self>) {
         info!(
-            key_ids = ?msg.0.iter().map(|s| s.key_id.as_str()).collect::<Vec<_>>(),
+            key_ids = ?msg.0.iter().map(|s| s.key_id()).collect::<Vec<_>>(),
             "TURN secrets from the coordination store in use"
         );
         self.store_secrets = msg.0;

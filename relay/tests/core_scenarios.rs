@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use natrix_model::TurnSecret;
 use natrix_relay::core::{
     AllocationId, ClientAction, ClientSocket, Command, Credentials, DropReason, IpNet,
-    PEER_HEADROOM, PeerPolicy, PortRange, RelayAddress, RelaySockets, Secret, Server, ServerConfig,
+    PEER_HEADROOM, PeerPolicy, PortRange, RelayAddress, RelaySockets, Server, ServerConfig,
     SharedPorts, Transport, UnauthLimits,
 };
 use natrix_wire::{
@@ -19,7 +20,7 @@ use natrix_wire::{
 
 const REALM: &str = "natrix.test";
 const UNIX_T0: u64 = 1_800_000_000;
-const SECRET: &[u8] = b"rest-secret";
+const SECRET: &[u8] = b"rest-secret-0123456789";
 
 /// Records the sockets the core asks for; can be told to fail.
 #[derive(Default)]
@@ -80,14 +81,8 @@ fn credentials() -> Credentials {
     Credentials::new(
         REALM,
         vec![
-            Secret {
-                key_id: "new".into(),
-                secret: b"newer-secret".to_vec(),
-            },
-            Secret {
-                key_id: "old".into(),
-                secret: SECRET.to_vec(),
-            },
+            TurnSecret::new("new", "newer-secret-0123456789").unwrap(),
+            TurnSecret::new("old", std::str::from_utf8(SECRET).unwrap()).unwrap(),
         ],
         users,
         Some("relay-1".into()),
@@ -177,7 +172,7 @@ impl User {
     fn rest(username: &str, secret: &[u8]) -> User {
         User {
             name: username.into(),
-            password: Credentials::rest_password(secret, username),
+            password: natrix_model::token::rest_password(secret, username),
         }
     }
 
@@ -378,7 +373,7 @@ fn rest_credentials_work_with_every_configured_secret_until_they_expire() {
     let mut h = Harness::new(config());
     let user = User::rest(&format!("{}:alice", UNIX_T0 + 3600), SECRET);
     h.allocate(client(40001), &user, h.t0);
-    let newer = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"newer-secret");
+    let newer = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"newer-secret-0123456789");
     h.allocate(client(40002), &newer, h.t0);
 
     let expired = User::rest(&format!("{}:carol", UNIX_T0 - 1), SECRET);
@@ -1088,10 +1083,7 @@ fn rotated_credentials_apply_to_new_requests_only() {
     // existing allocation keeps its key.
     h.server.set_credentials(Credentials::new(
         REALM,
-        vec![Secret {
-            key_id: "next".into(),
-            secret: b"next-secret".to_vec(),
-        }],
+        vec![TurnSecret::new("next", "next-secret-0123456789").unwrap()],
         HashMap::new(),
         None,
     ));
@@ -1100,7 +1092,7 @@ fn rotated_credentials_apply_to_new_requests_only() {
     assert_eq!(code_of(&h.request(&req, client(2), h.t0)), Some(401));
     let refresh = Req::new(Method::REFRESH).sign(&user, &nonce);
     assert_eq!(code_of(&h.request(&refresh, c, h.t0)), None);
-    let next = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"next-secret");
+    let next = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"next-secret-0123456789");
     h.allocate(client(3), &next, h.t0);
 }
 

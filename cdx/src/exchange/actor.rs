@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use natrix_model::invitation::{MAX_SESSION_TTL, SessionId, Ticket, TicketError, ticket_key};
 use natrix_net::SendBatch;
 use natrix_store::{PutField, Store};
 use natrix_wire::{Class, Message, TransactionId};
@@ -24,8 +25,8 @@ use tracing::{debug, info, info_span, warn};
 
 use super::registry::{Local, Registry, Stats, Transmit};
 use super::{
-    ClientMessage, Entry, MAX_SEALED, POST, Reject, SessionId, Ticket, TicketError,
-    encode_post_error, encode_post_success, parse_client,
+    ClientMessage, Entry, MAX_SEALED, POST, Reject, encode_post_error, encode_post_success,
+    parse_client,
 };
 use crate::metrics::ExchangeMetrics;
 
@@ -168,7 +169,7 @@ impl ExchangeActor {
         ExchangeActor {
             registry: Registry::new(limits, Box::new(rand::random)),
             store,
-            key: cluster_secret.map(super::ticket_key),
+            key: cluster_secret.map(ticket_key),
             sockets: inbox.sockets,
             streams: HashMap::new(),
             inbox: Some(inbox.rx),
@@ -309,8 +310,7 @@ impl ExchangeActor {
         let store = self.store.clone();
         let key = store_key(&ticket.session);
         let field = ticket.participant.to_string();
-        let ttl =
-            Duration::from_secs(ticket.expires.saturating_sub(unix)).min(super::MAX_SESSION_TTL);
+        let ttl = Duration::from_secs(ticket.expires.saturating_sub(unix)).min(MAX_SESSION_TTL);
         let participants = ticket.participants;
         let work = async move {
             let put = store

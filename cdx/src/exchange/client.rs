@@ -40,8 +40,10 @@ use natrix_wire::{
 };
 use ring::hmac;
 
-use super::{DELIVER, ENTRY, Entry, Invitation, POST, PROFILE, TICKET, open, seal};
-use crate::client::NatClass;
+use natrix_model::invitation::{Invitation, open, seal};
+
+use super::{DELIVER, ENTRY, Entry, POST, PROFILE, TICKET};
+use natrix_model::NatClass;
 
 /// How often probes go out while punching.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -82,22 +84,10 @@ pub struct ConnectionData {
     pub candidates: Vec<Candidate>,
 }
 
-const CLASSES: [NatClass; 6] = [
-    NatClass::Open,
-    NatClass::FullCone,
-    NatClass::RestrictedCone,
-    NatClass::PortRestrictedCone,
-    NatClass::Symmetric,
-    NatClass::UdpBlocked,
-];
-
 impl ConnectionData {
     /// The plaintext format above.
     pub fn encode(&self) -> Vec<u8> {
-        let class = self
-            .class
-            .and_then(|c| CLASSES.iter().position(|k| *k == c))
-            .map_or(0, |i| i as u8 + 1);
+        let class = NatClass::code(self.class);
         let n = self.candidates.len().min(16);
         let mut out = vec![1, class, n as u8];
         for c in &self.candidates[..n] {
@@ -129,7 +119,7 @@ impl ConnectionData {
         }
         let class = match b[1] {
             0 => None,
-            k => Some(*CLASSES.get(usize::from(k) - 1)?),
+            k => Some(NatClass::from_code(k)?),
         };
         let mut rest = &b[3..];
         let mut candidates = Vec::new();
@@ -330,7 +320,7 @@ fn delivery(packet: &[u8]) -> Option<(Entry<'_>, Vec<u8>)> {
 
 /// Posts `data` to CDX at `server` from `socket` and collects every other
 /// participant's data. `profile` (PROFILE codes, see
-/// [`super::profile_codes`]) lets CDX count NAT behaviours. `seq` versions
+/// `NatProfile::codes`) lets CDX count NAT behaviours. `seq` versions
 /// the data: post a higher one when it changes.
 pub fn exchange(
     socket: &UdpSocket,
@@ -736,7 +726,7 @@ mod tests {
     fn probes_verify_only_under_the_session_key() {
         let inv = |k: u8| Invitation {
             ticket: [0; 44],
-            key: super::super::SessionKey([k; 32]),
+            key: natrix_model::invitation::SessionKey([k; 32]),
         };
         let key = punch_key(&inv(1));
         let p = probe(&key, 1, 0, [7; 8]);

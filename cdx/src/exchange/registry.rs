@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use natrix_wire::TransactionId;
 
-use super::{Entry, MAX_PARTICIPANTS, MAX_SESSION_TTL, Reject, SessionId, Ticket, encode_deliver};
+use natrix_model::invitation::{MAX_PARTICIPANTS, MAX_SESSION_TTL, SessionId, Ticket};
+
+use super::{Entry, Reject, encode_deliver};
 
 /// First retransmission timeout of a delivery.
 const INITIAL_RTO: Duration = Duration::from_millis(250);

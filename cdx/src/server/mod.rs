@@ -201,7 +201,7 @@ impl CdxServer {
             || config.alternate_ip.is_some()
             || config.sibling.is_some();
         let handoff_key = match (&config.sibling, &config.cluster_secret) {
-            (Some(_), Some(secret)) => Some(crate::handoff::key(secret.0.as_bytes())),
+            (Some(_), Some(secret)) => Some(crate::handoff::key(secret.bytes())),
             (Some(_), None) => anyhow::bail!(
                 "--stun-sibling needs --cluster-secret (the same on both nodes): hand-offs must be authenticated"
             ),

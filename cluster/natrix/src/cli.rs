@@ -164,7 +164,7 @@ pub(crate) struct UpArgs {
     /// Shared secret of the cluster (at least 16 characters): verifies
     /// connection-data exchange tickets (the exchange is off without it).
     #[arg(long = "cluster-secret", env = "NATRIX_CLUSTER_SECRET")]
-    pub(crate) cluster_secret: Option<natrix_cdx::ClusterSecret>,
+    pub(crate) cluster_secret: Option<natrix_model::ClusterSecret>,
 
     #[command(flatten)]
     pub(crate) lookup: natrix_lookup::LookupConfig,
@@ -194,7 +194,7 @@ pub(crate) struct LookupArgs {
         value_delimiter = ',',
         required = true
     )]
-    pub(crate) auth_secrets: Vec<natrix_lookup::token::TurnSecret>,
+    pub(crate) auth_secrets: Vec<natrix_model::TurnSecret>,
 
     /// Shared secret of the cluster (the CDX nodes' `--cluster-secret`):
     /// exchange tickets are minted with it.
@@ -203,7 +203,7 @@ pub(crate) struct LookupArgs {
         env = "NATRIX_CLUSTER_SECRET",
         required = true
     )]
-    pub(crate) cluster_secret: natrix_cdx::ClusterSecret,
+    pub(crate) cluster_secret: natrix_model::ClusterSecret,
 }
 
 /// Options of `natrix relay`.

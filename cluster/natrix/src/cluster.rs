@@ -9,8 +9,8 @@ use actix::{Actor, Addr};
 use anyhow::Context;
 use natrix_lookup::api::Minting;
 use natrix_lookup::http::LookupState;
-use natrix_lookup::token::TurnSecret;
 use natrix_lookup::{LookupConfig, LookupMetrics};
+use natrix_model::TurnSecret;
 use natrix_registry::secrets::SecretsWatcher;
 use natrix_registry::{
     HostRecord, Load, LoadSource, Publisher, Role, SnapshotKeeper, State, shared_snapshot, unix_ms,
@@ -218,13 +218,7 @@ pub(crate) fn start_lookup(
             store.clone(),
             Duration::from_secs(1),
             Box::new(move |stored| {
-                let mut secrets: Vec<TurnSecret> = stored
-                    .into_iter()
-                    .map(|s| TurnSecret {
-                        key_id: s.key_id,
-                        secret: s.secret.into_bytes(),
-                    })
-                    .collect();
+                let mut secrets: Vec<TurnSecret> = stored;
                 secrets.extend(turn_secrets.iter().cloned());
                 minting.store(Arc::new(Minting {
                     turn_secrets: secrets,
@@ -257,14 +251,7 @@ pub(crate) fn watch_relay_secrets(
     SecretsWatcher::new(
         store.clone(),
         Duration::from_secs(1),
-        Box::new(move |stored| {
-            let secrets = stored
-                .into_iter()
-                .map(|s| natrix_relay::core::Secret {
-                    key_id: s.key_id,
-                    secret: s.secret.into_bytes(),
-                })
-                .collect();
+        Box::new(move |secrets| {
             reload.do_send(natrix_relay::control::StoreSecrets(secrets));
         }),
     )

@@ -31,14 +31,7 @@ fn secret(global: &cli::Global, action: &str) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("connecting to Redis at {url:?}"))?;
         if action == "rotate" {
-            let secret: String = (0..40)
-                .map(|_| {
-                    char::from(
-                        b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-                            [rand::random_range(0..56)],
-                    )
-                })
-                .collect();
+            let secret = crate::serve::random_token(40);
             let id = natrix_registry::secrets::rotate(&store, secret)
                 .await
                 .context("storing the new secret")?;

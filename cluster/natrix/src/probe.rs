@@ -4,9 +4,10 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
+use natrix_model::{NatProfile, Transport};
 use natrix_wire::{
     Attribute, AttributeType, Class, Encoder, ErrorCode, Message, MessageType, Method,
     TransactionId, frame_len,
@@ -123,126 +124,100 @@ fn probe_tcp(server: SocketAddr, deadline: Instant) -> anyhow::Result<(SocketAdd
 
 /// Runs the probe and prints the result. Over UDP against an RFC 5780
 /// server (one that sends OTHER-ADDRESS) it runs NAT behaviour discovery.
+/// `--json` prints the model's [`NatProfile`]: what lookup's plan API takes.
 pub(crate) fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     let server = resolve(&args.server)?;
     let started = Instant::now();
     if args.tcp {
         let (mapped, local) = probe_tcp(server, started + args.timeout)?;
-        print_simple(args, server, "tcp", mapped, local, started.elapsed());
-        return Ok(());
+        let profile = NatProfile {
+            server: Some(server),
+            transport: Some(Transport::Tcp),
+            local_address: Some(local),
+            mapped_address: Some(mapped),
+            behind_nat: Some(mapped != local),
+            seconds: Some(started.elapsed().as_secs_f64()),
+            ..NatProfile::default()
+        };
+        return print(args, &profile);
     }
     let bind: SocketAddr = if server.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
         "[::]:0".parse()?
     };
-    let profile = natrix_cdx::client::discover(server, bind).context("running NAT discovery")?;
-    let elapsed = started.elapsed();
-    let Some(mapped) = profile.mapped else {
-        // UDP unanswered: try TCP so the user learns which it is.
-        let tcp = probe_tcp(server, Instant::now() + args.timeout);
-        let verdict = match &tcp {
+    let mut profile =
+        natrix_cdx::client::discover(server, bind).context("running NAT discovery")?;
+    profile.seconds = Some(started.elapsed().as_secs_f64());
+    if profile.mapped_address.is_some() {
+        return print(args, &profile);
+    }
+    // UDP unanswered: try TCP so the user learns which it is.
+    let tcp = probe_tcp(server, Instant::now() + args.timeout);
+    profile.tcp_mapped_address = tcp.as_ref().ok().map(|(m, _)| *m);
+    profile.error = Some(
+        match &tcp {
             Ok(_) => "UDP is blocked (the server answers over TCP)",
             Err(_) => "no answer over UDP or TCP (is a STUN server running there?)",
-        };
-        if args.json {
-            let out = serde_json::json!({
-                "server": server.to_string(),
-                "class": "udp-blocked",
-                "udp_blocked": true,
-                "tcp_mapped_address": tcp.as_ref().ok().map(|(m, _)| m.to_string()),
-                "error": verdict,
-            });
-            println!("{out}");
-        } else {
-            println!("server:         {server}");
-            println!("result:         {verdict}");
-            if let Ok((m, _)) = &tcp {
-                println!("mapped (TCP):   {m}");
-            }
         }
-        if tcp.is_err() {
-            bail!("no answer from {server}");
-        }
-        return Ok(());
-    };
-    let class = profile.class().map(|c| c.name());
-    if args.json {
-        let out = serde_json::json!({
-            "server": server.to_string(),
-            "transport": "udp",
-            "local_address": profile.local.to_string(),
-            "mapped_address": mapped.to_string(),
-            "behind_nat": mapped != profile.local,
-            "mapping": profile.mapping.map(|m| m.name()),
-            "filtering": profile.filtering.map(|f| f.name()),
-            "hairpinning": profile.hairpinning,
-            "class": class,
-            "other_address": profile.other.map(|a| a.to_string()),
-            "udp_blocked": false,
-            "seconds": elapsed.as_secs_f64(),
-        });
-        println!("{out}");
-    } else {
-        println!("server:         {server} (udp)");
-        println!("local address:  {}", profile.local);
-        println!("mapped address: {mapped}");
-        match profile.other {
-            None => println!(
-                "NAT behaviour:  not tested (the server does not support RFC 5780); behind NAT: {}",
-                if mapped == profile.local { "no" } else { "yes" }
-            ),
-            Some(other) => {
-                println!(
-                    "mapping:        {}",
-                    profile.mapping.map_or("unknown", |m| m.name())
-                );
-                println!(
-                    "filtering:      {}",
-                    profile.filtering.map_or("unknown", |f| f.name())
-                );
-                if let Some(h) = profile.hairpinning {
-                    println!("hairpinning:    {}", if h { "yes" } else { "no" });
-                }
-                println!("class:          {}", class.unwrap_or("unknown"));
-                println!("server other:   {other}");
-            }
-        }
-        println!("took:           {:.0} ms", elapsed.as_secs_f64() * 1000.0);
+        .to_owned(),
+    );
+    print(args, &profile)?;
+    if tcp.is_err() {
+        bail!("no answer from {server}");
     }
     Ok(())
 }
 
-fn print_simple(
-    args: &ProbeArgs,
-    server: SocketAddr,
-    transport: &str,
-    mapped: SocketAddr,
-    local: SocketAddr,
-    rtt: Duration,
-) {
+/// Prints `p` as JSON or for humans.
+fn print(args: &ProbeArgs, p: &NatProfile) -> anyhow::Result<()> {
     if args.json {
-        let out = serde_json::json!({
-            "server": server.to_string(),
-            "transport": transport,
-            "local_address": local.to_string(),
-            "mapped_address": mapped.to_string(),
-            "behind_nat": mapped != local,
-            "rtt_seconds": rtt.as_secs_f64(),
-        });
-        println!("{out}");
-    } else {
-        println!("server:         {server} ({transport})");
-        println!("local address:  {local}");
-        println!("mapped address: {mapped}");
-        println!(
-            "behind NAT:     {}",
-            if mapped == local {
-                "no (mapped address is local)"
-            } else {
-                "yes"
-            }
-        );
-        println!("round trip:     {:.1} ms", rtt.as_secs_f64() * 1000.0);
+        println!("{}", serde_json::to_string(p)?);
+        return Ok(());
     }
+    let show = |a: Option<SocketAddr>| a.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+    let transport = p.transport.unwrap_or_default();
+    println!("server:         {} ({transport})", show(p.server));
+    if let Some(error) = &p.error {
+        println!("result:         {error}");
+        if let Some(m) = p.tcp_mapped_address {
+            println!("mapped (TCP):   {m}");
+        }
+        return Ok(());
+    }
+    println!("local address:  {}", show(p.local_address));
+    println!("mapped address: {}", show(p.mapped_address));
+    let behind = if p.behind_nat == Some(false) {
+        "no (mapped address is local)"
+    } else {
+        "yes"
+    };
+    match p.other_address {
+        None if transport == Transport::Udp => println!(
+            "NAT behaviour:  not tested (the server does not support RFC 5780); behind NAT: {behind}"
+        ),
+        None => println!("behind NAT:     {behind}"),
+        Some(other) => {
+            println!(
+                "mapping:        {}",
+                p.mapping.map_or("unknown", |m| m.name())
+            );
+            println!(
+                "filtering:      {}",
+                p.filtering.map_or("unknown", |f| f.name())
+            );
+            if let Some(h) = p.hairpinning {
+                println!("hairpinning:    {}", if h { "yes" } else { "no" });
+            }
+            println!(
+                "class:          {}",
+                p.class.map_or("unknown", |c| c.name())
+            );
+            println!("server other:   {other}");
+        }
+    }
+    if let Some(s) = p.seconds {
+        println!("took:           {:.1} ms", s * 1000.0);
+    }
+    Ok(())
 }

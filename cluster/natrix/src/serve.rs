@@ -9,14 +9,14 @@ use actix::Actor;
 use anyhow::Context;
 use natrix_cdx::exchange::{ExchangeActor, ExchangeInbox, ExchangeSender, Local, is_exchange};
 use natrix_cdx::{
-    BindingResponder, CdxConfig, CdxMetrics, ClusterSecret, ExchangeMetrics, LoopCounters, Outcome,
+    BindingResponder, CdxConfig, CdxMetrics, ExchangeMetrics, LoopCounters, Outcome,
     server::CdxServer,
 };
 use natrix_lookup::LookupConfig;
-use natrix_lookup::token::TurnSecret;
+use natrix_model::Redacted;
+use natrix_model::{ClusterSecret, TurnSecret};
 use natrix_net::UnauthLimiter;
 use natrix_registry::{Deregister, Role, SetState};
-use natrix_relay::config::Redacted;
 use natrix_relay::control::{Reload, ReloadActor};
 use natrix_relay::core::Transport;
 use natrix_relay::{BindingDelegate, DelegateFactory, RelayConfig, RelayHost, StreamOutbox};
@@ -64,35 +64,26 @@ impl Plan {
         if relay.auth_secrets.is_empty() {
             relay
                 .auth_secrets
-                .push(Redacted(format!("generated={}", random_token(32))));
+                .push(TurnSecret::new("generated", &random_token(32))?);
         }
-        let secrets = relay
-            .auth_secrets
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let text = if s.0.contains('=') {
-                    s.0.clone()
-                } else {
-                    format!("secret-{i}={}", s.0)
-                };
-                text.parse::<TurnSecret>()
-                    .map_err(|e| anyhow::anyhow!("--auth-secret for lookup's tokens: {e}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let secrets = relay.auth_secrets.clone();
+        let cluster_secret = match cluster_secret {
+            Some(s) => s,
+            None => random_token(32).parse()?,
+        };
         Ok(Plan {
             relay: Some(relay),
             cdx_on_relay: true,
             cdx: None,
             lookup: Some((lookup, secrets)),
-            cluster_secret: Some(cluster_secret.unwrap_or_else(|| ClusterSecret(random_token(32)))),
+            cluster_secret: Some(cluster_secret),
             up_rfc5780: (rfc5780.0.is_some() || rfc5780.1.is_some()).then_some(rfc5780),
         })
     }
 }
 
 /// A random token of `n` characters from an unambiguous alphabet.
-fn random_token(n: usize) -> String {
+pub(crate) fn random_token(n: usize) -> String {
     (0..n)
         .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rand::random_range(0..32)]))
         .collect()
@@ -378,7 +369,9 @@ fn with_dev_credentials(mut relay: RelayConfig) -> RelayConfig {
         eprintln!(
             "natrix: development TURN user  natrix:{password}  (set --user or --auth-secret)"
         );
-        relay.users.push(Redacted(format!("natrix:{password}")));
+        relay
+            .users
+            .push(Redacted::new(format!("natrix:{password}")));
     }
     relay
 }
@@ -594,7 +587,7 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
             ExchangeActor::new(
                 inbox,
                 store.clone(),
-                secret.map(|s| s.0.as_bytes()),
+                secret.map(|s| s.bytes()),
                 limits,
                 ExchangeMetrics::new(&telemetry),
             )
@@ -680,7 +673,7 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
                     &store,
                     config,
                     secrets.clone(),
-                    cluster_secret.0.as_bytes(),
+                    cluster_secret.bytes(),
                     workers,
                     &telemetry,
                 )?)

@@ -288,7 +288,7 @@ async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_surv
     );
     let listed = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(listed.contains("new TURN secret k"), "{listed}");
-    let configured: natrix_lookup::token::TurnSecret = TURN_SECRET.parse().unwrap();
+    let configured: natrix_model::TurnSecret = TURN_SECRET.parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let (new_turn, new_relay) = loop {
         let (_, p) = plan(lookup, OPEN_PAIR_RETRY);
@@ -300,7 +300,14 @@ async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_surv
             parts.next().unwrap().to_owned(),
             parts.next().unwrap().to_owned(),
         );
-        let with_old = natrix_lookup::token::mint(&configured, exp, &session, &relay_id, &[]).1;
+        let with_old = natrix_model::SessionToken {
+            expires: exp,
+            session,
+            relay_id: relay_id.clone(),
+            peers: None,
+        }
+        .mint(&configured)
+        .1;
         if t["credential"] != with_old.as_str() {
             break (t, relay_id);
         }

@@ -12,9 +12,8 @@ use common::Natrix;
 use natrix_cdx::exchange::client::{
     Candidate, CandidateKind, ConnectionData, exchange, mapped_address, punch,
 };
-use natrix_cdx::exchange::{
-    self, DELIVER, ENTRY, Entry, Invitation, POST, PROFILE, TICKET, Ticket, ticket_key,
-};
+use natrix_cdx::exchange::{self, DELIVER, ENTRY, Entry, POST, PROFILE, TICKET};
+use natrix_model::invitation::{Invitation, Ticket, ticket_key};
 use natrix_store::testing::RedisServer;
 use natrix_wire::{Attribute, AttributeType, Class, Encoder, Message, MessageType, TransactionId};
 
@@ -51,7 +50,7 @@ fn participant(
         .unwrap()
         .expect("a Binding answer");
     let data = ConnectionData {
-        class: Some(natrix_cdx::client::NatClass::Open),
+        class: Some(natrix_model::NatClass::Open),
         candidates: vec![
             Candidate {
                 kind: CandidateKind::Host,
@@ -244,7 +243,7 @@ fn bad_exchange_input_is_counted_and_never_disturbs_a_session() {
     // Forged tickets: every bit flip of B's ticket, and one of another
     // cluster. Dropped without an answer.
     let mut forged_count = 0.0;
-    for i in (0..exchange::TICKET_LEN).step_by(3) {
+    for i in (0..natrix_model::invitation::TICKET_LEN).step_by(3) {
         let mut t = invs[1].ticket;
         t[i] ^= 0x10;
         let (_, p) = post_bytes(&t, &entry(1, 1, &SEALED), true);
@@ -369,7 +368,7 @@ fn exchange_with_a_participant_over_tcp(server: std::net::SocketAddr) {
     let a_inv = invs[0].clone();
     let a = std::thread::spawn(move || participant("127.0.0.2", server, &a_inv));
     let relayed = ConnectionData {
-        class: Some(natrix_cdx::client::NatClass::UdpBlocked),
+        class: Some(natrix_model::NatClass::UdpBlocked),
         candidates: vec![Candidate {
             kind: CandidateKind::Relayed,
             addr: "203.0.113.9:50000".parse().unwrap(),

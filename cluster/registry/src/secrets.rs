@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use actix::prelude::*;
+use natrix_model::TurnSecret;
 use natrix_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -24,7 +25,7 @@ pub const KEEP: usize = 3;
 /// Life of the secrets key after the last rotation.
 pub const KEY_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
 
-/// One shared secret.
+/// One shared secret as the store holds it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredSecret {
     /// Its key id (the hash field).
@@ -39,6 +40,14 @@ pub struct StoredSecret {
 impl std::fmt::Debug for StoredSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "StoredSecret({}: <redacted>)", self.key_id)
+    }
+}
+
+impl StoredSecret {
+    /// The secret under the model's one rule; an error for a stored value
+    /// no role would accept.
+    pub fn turn_secret(&self) -> Result<TurnSecret, natrix_model::SecretError> {
+        TurnSecret::new(&self.key_id, &self.secret)
     }
 }
 
@@ -72,6 +81,9 @@ pub async fn rotate(store: &Store, secret: String) -> Result<String, StoreError>
         secret,
         created_ms: now,
     };
+    value
+        .turn_secret()
+        .map_err(|e| StoreError::Unexpected(e.to_string()))?;
     let json = serde_json::to_vec(&value).map_err(|e| StoreError::Unexpected(e.to_string()))?;
     store.put_field(KEY, &key_id, &json, KEY_TTL, 64).await?;
     for old in list(store).await?.into_iter().skip(KEEP) {
@@ -84,7 +96,7 @@ pub async fn rotate(store: &Store, secret: String) -> Result<String, StoreError>
 pub struct SecretsWatcher {
     store: Store,
     interval: Duration,
-    on_change: Box<dyn Fn(Vec<StoredSecret>) + Send>,
+    on_change: Box<dyn Fn(Vec<TurnSecret>) + Send>,
     last: Option<Vec<(String, u64)>>,
     in_flight: bool,
 }
@@ -98,11 +110,12 @@ impl std::fmt::Debug for SecretsWatcher {
 impl SecretsWatcher {
     /// A watcher reading every `interval`; `on_change` gets the secrets
     /// whenever their set changes (not when the store is unreachable: the
-    /// last ones stay in use).
+    /// last ones stay in use). A stored value that breaks the secret rule
+    /// is skipped with a warning.
     pub fn new(
         store: Store,
         interval: Duration,
-        on_change: Box<dyn Fn(Vec<StoredSecret>) + Send>,
+        on_change: Box<dyn Fn(Vec<TurnSecret>) + Send>,
     ) -> SecretsWatcher {
         SecretsWatcher {
             store,
@@ -131,7 +144,15 @@ impl SecretsWatcher {
                         if act.last.as_ref() != Some(&ids) {
                             info!(key_ids = ?ids.iter().map(|i| &i.0).collect::<Vec<_>>(), "TURN secrets from the store");
                             act.last = Some(ids);
-                            (act.on_change)(secrets);
+                            let valid = secrets
+                                .iter()
+                                .filter_map(|s| {
+                                    s.turn_secret()
+                                        .inspect_err(|e| warn!(key_id = %s.key_id, "stored TURN secret skipped: {e}"))
+                                        .ok()
+                                })
+                                .collect();
+                            (act.on_change)(valid);
                         }
                     }
                     Err(e) => warn!(error = %e, "reading TURN secrets failed; keeping the current ones"),

@@ -14,24 +14,11 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use base64::Engine as _;
+use natrix_model::secret::constant_time_eq;
+use natrix_model::token::{rest_expiry, rest_password};
+use natrix_model::{SessionToken, TurnSecret};
 use natrix_wire::{IntegrityKey, Message, long_term_key_md5};
 use ring::hmac;
-
-/// A shared secret for TURN REST credentials.
-#[derive(Clone)]
-pub struct Secret {
-    /// Name of the secret in logs and rotation (never the secret itself).
-    pub key_id: String,
-    /// The secret bytes.
-    pub secret: Vec<u8>,
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Secret({}: <redacted>)", self.key_id)
-    }
-}
 
 /// Why a request's credentials were refused. Every variant is a value of the
 /// `reason` label of `relay_auth_failures_total`.
@@ -51,7 +38,7 @@ pub enum AuthFailure {
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
     realm: String,
-    secrets: Vec<Secret>,
+    secrets: Vec<TurnSecret>,
     static_users: HashMap<String, String>,
     relay_id: Option<String>,
 }
@@ -62,7 +49,7 @@ impl Credentials {
     /// relay's id (session tokens naming another relay are refused).
     pub fn new(
         realm: impl Into<String>,
-        secrets: Vec<Secret>,
+        secrets: Vec<TurnSecret>,
         static_users: HashMap<String, String>,
         relay_id: Option<String>,
     ) -> Credentials {
@@ -76,7 +63,7 @@ impl Credentials {
 
     /// The same store with `extra` secrets tried first (a rotated secrets
     /// file in front of the command-line secrets).
-    pub fn with_extra_secrets(&self, extra: Vec<Secret>) -> Credentials {
+    pub fn with_extra_secrets(&self, extra: Vec<TurnSecret>) -> Credentials {
         let mut c = self.clone();
         let mut secrets = extra;
         secrets.extend(self.secrets.iter().cloned());
@@ -87,13 +74,6 @@ impl Credentials {
     /// The realm (RFC 8489 §14.9).
     pub fn realm(&self) -> &str {
         &self.realm
-    }
-
-    /// The TURN REST password of `username` under `secret`.
-    pub fn rest_password(secret: &[u8], username: &str) -> String {
-        let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
-        let tag = hmac::sign(&key, username.as_bytes());
-        base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
     }
 
     /// Finds the key that verifies `msg`'s integrity for `username`.
@@ -111,25 +91,20 @@ impl Credentials {
                 .map(|()| key)
                 .map_err(|_| AuthFailure::BadIntegrity);
         }
-        let mut fields = username.split(':');
-        let expiry: u64 = fields
-            .next()
-            .and_then(|e| e.parse().ok())
-            .ok_or(AuthFailure::UnknownUser)?;
+        let expiry = rest_expiry(username).ok_or(AuthFailure::UnknownUser)?;
         if self.secrets.is_empty() {
             return Err(AuthFailure::UnknownUser);
         }
         if expiry <= unix_now {
             return Err(AuthFailure::Expired);
         }
-        if let (Some(_session), Some(relay), Some(own)) =
-            (fields.next(), fields.next(), self.relay_id.as_deref())
+        if let (Some(relay), Some(own)) = (SessionToken::relay_of(username), &self.relay_id)
             && relay != own
         {
             return Err(AuthFailure::WrongRelay);
         }
         for secret in &self.secrets {
-            let password = Self::rest_password(&secret.secret, username);
+            let password = rest_password(secret.bytes(), username);
             let key = IntegrityKey::new(&long_term_key_md5(username, &self.realm, &password));
             if msg.verify_any_integrity(&key).is_ok() {
                 return Ok(key);
@@ -144,14 +119,9 @@ impl Credentials {
 /// otherwise the listed IPs. An unparsable list yields an empty one, so a
 /// broken token can reach nobody rather than everybody.
 pub fn session_peers(username: &str) -> Option<Box<[IpAddr]>> {
-    let mut fields = username.splitn(4, ':');
-    let expiry = fields.next()?;
-    if expiry.parse::<u64>().is_err() {
-        return None;
-    }
-    let (_session, _relay, peers) = (fields.next()?, fields.next()?, fields.next()?);
-    let parsed: Result<Vec<IpAddr>, _> = peers.split(',').map(str::parse).collect();
-    Some(parsed.unwrap_or_default().into_boxed_slice())
+    SessionToken::parse(username)?
+        .peers
+        .map(Vec::into_boxed_slice)
 }
 
 /// Nonce length on the wire: 8 hex digits of issue time, 24 of MAC.
@@ -232,12 +202,7 @@ impl Nonces {
         }
         let issued = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
         let expected = self.mac(issued, ip);
-        // Constant-time comparison: no early exit on the first difference.
-        let diff = raw[4..]
-            .iter()
-            .zip(&expected.as_ref()[..12])
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff != 0 {
+        if !constant_time_eq(&raw[4..], &expected.as_ref()[..12]) {
             return Err(NonceError::Invalid);
         }
         let now = now_secs as u32;
@@ -277,14 +242,5 @@ mod tests {
             Err(NonceError::Invalid)
         );
         assert_eq!(n.verify("short", 1000, ip), Err(NonceError::Invalid));
-    }
-
-    #[test]
-    fn rest_password_matches_an_independent_computation() {
-        // Python: base64(hmac.new(b"secret", b"1700000000:alice", sha1)).
-        assert_eq!(
-            Credentials::rest_password(b"secret", "1700000000:alice"),
-            "d8soP47RbdIKLDUOpnJPVQyq5Ts="
-        );
     }
 }

@@ -39,7 +39,7 @@ mod server;
 mod stats;
 mod types;
 
-pub use auth::{AuthFailure, Credentials, NonceError, Nonces, Secret, session_peers};
+pub use auth::{AuthFailure, Credentials, NonceError, Nonces, session_peers};
 pub use natrix_net::UnauthLimits;
 pub use policy::{IpNet, PeerPolicy};
 pub use ports::{PortRange, SharedPorts};

@@ -2,32 +2,7 @@
 
 use std::net::SocketAddr;
 
-/// How a client reaches the relay (RFC 8656 §3.1 "client transport").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// UDP: one message per datagram, ChannelData padding optional.
-    Udp,
-    /// TCP: a byte stream, ChannelData padded to four bytes (RFC 8656 §12.5).
-    Tcp,
-    /// TLS over TCP: as TCP.
-    Tls,
-}
-
-impl Transport {
-    /// True for stream transports, which need ChannelData padding.
-    pub const fn is_stream(self) -> bool {
-        !matches!(self, Transport::Udp)
-    }
-
-    /// Metric label value.
-    pub const fn label(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-        }
-    }
-}
+pub use natrix_model::Transport;
 
 /// The client side of an allocation: the 5-tuple of RFC 8656 §2 (client
 /// address, server address, transport). An allocation is identified by it.

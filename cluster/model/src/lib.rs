@@ -1,0 +1,37 @@
+//! natrix's shared domain model: every type that more than one role reads
+//! or writes, defined once.
+//!
+//! - [`nat`]: the NAT profile (the one JSON schema of `natrix probe --json`,
+//!   lookup's plan API, the load tester and the exchange), RFC 4787
+//!   behaviours and classes, and the one direct-path rule
+//!   ([`nat::direct_feasible`]).
+//! - [`secret`]: redacted strings, TURN REST secrets with their one parser
+//!   (`key-id=secret`), the cluster secret.
+//! - [`token`]: TURN REST passwords and session-bound relay tokens, minted by
+//!   lookup and verified by relays.
+//! - [`invitation`]: exchange session ids, keys, tickets and invitations,
+//!   and the sealing of connection data.
+//! - [`transport`]: the client transports (UDP, TCP, TLS).
+//!
+//! # Purity
+//!
+//! The crate owns no sockets, reads no clock and draws no randomness:
+//! callers pass `now` and random bytes in (its `clippy.toml` disallows
+//! `Instant::now`, `SystemTime::now` and `rand::random`). It depends on
+//! serde, ring and base64 only, so every role, tool and test can use it.
+//!
+//! # Panics and errors
+//!
+//! Nothing here panics on input: parsers return typed errors whose messages
+//! say what a valid value looks like.
+
+pub mod invitation;
+pub mod nat;
+pub mod secret;
+pub mod token;
+pub mod transport;
+
+pub use nat::{Behaviour, Filtering, Mapping, NatClass, NatProfile, ProfileError, direct_feasible};
+pub use secret::{ClusterSecret, Redacted, SecretError, TurnSecret};
+pub use token::SessionToken;
+pub use transport::Transport;

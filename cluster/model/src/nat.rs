@@ -1,0 +1,597 @@
+//! The NAT model: RFC 4787 behaviours, the classic class names, the NAT
+//! profile that discovery produces, and the one rule that says whether two
+//! peers can reach each other directly (ARCHITECTURE.md, "NAT model and the
+//! compatibility matrix").
+//!
+//! # The direct-path rule
+//!
+//! Feasibility of a direct UDP path is derived from behaviours, not from a
+//! table of class names:
+//! - either side UDP-blocked: not direct;
+//! - both sides map address-dependently (ADM or APDM): not direct;
+//! - one side maps address-dependently and the other filters address- and
+//!   port-dependently: not direct;
+//! - otherwise direct, provided each peer answers the source it actually
+//!   receives from (the exchange client's punch does).
+//!
+//! Unknown behaviours (a probe against a server without RFC 5780) count as
+//! the worst case.
+//!
+//! # The profile's JSON
+//!
+//! [`NatProfile`] is what `natrix probe --json` prints, what lookup's
+//! `POST /v1/plan` takes for each peer and what the load tester sends: one
+//! serde derive, never written by hand. Every field is optional on input;
+//! what the planner needs is `udp_blocked`, `mapping`, `filtering` or,
+//! failing those, `class` ([`NatProfile::behaviour`]).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::transport::Transport;
+
+/// Mapping behaviour ([RFC 4787 §4.1]): on which of the destination's
+/// address and port the NAT's public mapping of a local socket depends.
+///
+/// [RFC 4787 §4.1]: https://www.rfc-editor.org/rfc/rfc4787#section-4.1
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mapping {
+    /// No NAT: the mapped address is the local address.
+    NoNat,
+    /// Endpoint-independent mapping (EIM).
+    EndpointIndependent,
+    /// Address-dependent mapping (ADM).
+    AddressDependent,
+    /// Address- and port-dependent mapping (APDM).
+    AddressAndPortDependent,
+}
+
+/// Filtering behaviour ([RFC 4787 §5]): which outside endpoints may send to a
+/// mapping.
+///
+/// [RFC 4787 §5]: https://www.rfc-editor.org/rfc/rfc4787#section-5
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filtering {
+    /// Endpoint-independent filtering (EIF).
+    EndpointIndependent,
+    /// Address-dependent filtering (ADF).
+    AddressDependent,
+    /// Address- and port-dependent filtering (APDF).
+    AddressAndPortDependent,
+}
+
+/// The classic class names (RFC 3489 §5), for humans and coarse metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatClass {
+    /// No NAT and no filtering.
+    Open,
+    /// EIM + EIF.
+    FullCone,
+    /// EIM + ADF.
+    RestrictedCone,
+    /// EIM + APDF.
+    PortRestrictedCone,
+    /// ADM or APDM.
+    Symmetric,
+    /// No UDP answer at all.
+    UdpBlocked,
+}
+
+impl Mapping {
+    /// Every mapping behaviour, least restrictive first.
+    pub const ALL: [Mapping; 4] = [
+        Mapping::NoNat,
+        Mapping::EndpointIndependent,
+        Mapping::AddressDependent,
+        Mapping::AddressAndPortDependent,
+    ];
+
+    /// The name in JSON and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mapping::NoNat => "no-nat",
+            Mapping::EndpointIndependent => "endpoint-independent",
+            Mapping::AddressDependent => "address-dependent",
+            Mapping::AddressAndPortDependent => "address-and-port-dependent",
+        }
+    }
+
+    /// True for ADM and APDM: the mapping changes with the destination.
+    pub const fn is_dependent(self) -> bool {
+        matches!(
+            self,
+            Mapping::AddressDependent | Mapping::AddressAndPortDependent
+        )
+    }
+
+    /// The one-byte code of the exchange's cleartext PROFILE attribute:
+    /// 0 unknown, 1 no NAT, 2 EIM, 3 ADM, 4 APDM.
+    pub const fn code(m: Option<Mapping>) -> u8 {
+        match m {
+            None => 0,
+            Some(Mapping::NoNat) => 1,
+            Some(Mapping::EndpointIndependent) => 2,
+            Some(Mapping::AddressDependent) => 3,
+            Some(Mapping::AddressAndPortDependent) => 4,
+        }
+    }
+}
+
+impl Filtering {
+    /// Every filtering behaviour, least restrictive first.
+    pub const ALL: [Filtering; 3] = [
+        Filtering::EndpointIndependent,
+        Filtering::AddressDependent,
+        Filtering::AddressAndPortDependent,
+    ];
+
+    /// The name in JSON and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Filtering::EndpointIndependent => "endpoint-independent",
+            Filtering::AddressDependent => "address-dependent",
+            Filtering::AddressAndPortDependent => "address-and-port-dependent",
+        }
+    }
+
+    /// The one-byte code of the PROFILE attribute: 0 unknown, 1 EIF, 2 ADF,
+    /// 3 APDF.
+    pub const fn code(f: Option<Filtering>) -> u8 {
+        match f {
+            None => 0,
+            Some(Filtering::EndpointIndependent) => 1,
+            Some(Filtering::AddressDependent) => 2,
+            Some(Filtering::AddressAndPortDependent) => 3,
+        }
+    }
+}
+
+impl NatClass {
+    /// Every class, in matrix order (least restrictive first).
+    pub const ALL: [NatClass; 6] = [
+        NatClass::Open,
+        NatClass::FullCone,
+        NatClass::RestrictedCone,
+        NatClass::PortRestrictedCone,
+        NatClass::Symmetric,
+        NatClass::UdpBlocked,
+    ];
+
+    /// The name used in JSON, metrics and the NAT lab.
+    pub const fn name(self) -> &'static str {
+        match self {
+            NatClass::Open => "open",
+            NatClass::FullCone => "full-cone",
+            NatClass::RestrictedCone => "restricted-cone",
+            NatClass::PortRestrictedCone => "port-restricted-cone",
+            NatClass::Symmetric => "symmetric",
+            NatClass::UdpBlocked => "udp-blocked",
+        }
+    }
+
+    /// The one-byte code in the exchange's connection data: 0 unknown, then
+    /// 1.. in [`NatClass::ALL`] order.
+    pub fn code(c: Option<NatClass>) -> u8 {
+        c.and_then(|c| NatClass::ALL.iter().position(|x| *x == c))
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    /// The class of a [`NatClass::code`]; `None` for 0 and unknown codes.
+    pub fn from_code(code: u8) -> Option<NatClass> {
+        NatClass::ALL
+            .get(usize::from(code).checked_sub(1)?)
+            .copied()
+    }
+
+    /// The behaviours a class stands for (the worst case where it is vague:
+    /// symmetric is taken as APDM + APDF).
+    pub const fn behaviour(self) -> Behaviour {
+        let (mapping, filtering) = match self {
+            NatClass::Open => (Mapping::NoNat, Filtering::EndpointIndependent),
+            NatClass::FullCone => (Mapping::EndpointIndependent, Filtering::EndpointIndependent),
+            NatClass::RestrictedCone => (Mapping::EndpointIndependent, Filtering::AddressDependent),
+            NatClass::PortRestrictedCone => (
+                Mapping::EndpointIndependent,
+                Filtering::AddressAndPortDependent,
+            ),
+            NatClass::Symmetric | NatClass::UdpBlocked => (
+                Mapping::AddressAndPortDependent,
+                Filtering::AddressAndPortDependent,
+            ),
+        };
+        Behaviour {
+            udp_blocked: matches!(self, NatClass::UdpBlocked),
+            mapping,
+            filtering,
+        }
+    }
+}
+
+impl std::fmt::Display for NatClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for NatClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NatClass, String> {
+        NatClass::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = NatClass::ALL.iter().map(|c| c.name()).collect();
+                format!("unknown NAT class {s:?}: one of {}", names.join(", "))
+            })
+    }
+}
+
+/// What the planner needs to know of one side: its behaviours, with the
+/// worst case standing in for what is unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Behaviour {
+    /// No UDP gets through.
+    pub udp_blocked: bool,
+    /// Mapping.
+    pub mapping: Mapping,
+    /// Filtering.
+    pub filtering: Filtering,
+}
+
+impl Behaviour {
+    /// The class these behaviours make.
+    pub const fn class(&self) -> NatClass {
+        if self.udp_blocked {
+            return NatClass::UdpBlocked;
+        }
+        match (self.mapping, self.filtering) {
+            (Mapping::AddressDependent | Mapping::AddressAndPortDependent, _) => {
+                NatClass::Symmetric
+            }
+            (Mapping::NoNat, Filtering::EndpointIndependent) => NatClass::Open,
+            (_, Filtering::EndpointIndependent) => NatClass::FullCone,
+            (_, Filtering::AddressDependent) => NatClass::RestrictedCone,
+            (_, Filtering::AddressAndPortDependent) => NatClass::PortRestrictedCone,
+        }
+    }
+
+    /// How hard this side is to reach (higher is harder): the planner relays
+    /// the harder side in `relay-one`.
+    pub const fn restrictiveness(&self) -> u8 {
+        let m = match self.mapping {
+            Mapping::NoNat => 0,
+            Mapping::EndpointIndependent => 1,
+            Mapping::AddressDependent => 2,
+            Mapping::AddressAndPortDependent => 3,
+        };
+        let f = match self.filtering {
+            Filtering::EndpointIndependent => 0,
+            Filtering::AddressDependent => 1,
+            Filtering::AddressAndPortDependent => 2,
+        };
+        (self.udp_blocked as u8) * 100 + m * 10 + f
+    }
+}
+
+/// Whether a direct UDP path between `a` and `b` is feasible (the rule in
+/// the module docs). Symmetric in its arguments.
+pub fn direct_feasible(a: &Behaviour, b: &Behaviour) -> bool {
+    if a.udp_blocked || b.udp_blocked {
+        return false;
+    }
+    let (am, bm) = (a.mapping.is_dependent(), b.mapping.is_dependent());
+    if am && bm {
+        return false;
+    }
+    let apdf = |x: &Behaviour| matches!(x.filtering, Filtering::AddressAndPortDependent);
+    !((am && apdf(b)) || (bm && apdf(a)))
+}
+
+/// What NAT behaviour discovery found for one local socket, in the one JSON
+/// form (module docs). Discovery fills every field it measured; a peer
+/// request may carry as little as `class`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatProfile {
+    /// The STUN server the probe ran against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<SocketAddr>,
+    /// The transport the probe used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
+    /// The local address the tests ran from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_address: Option<SocketAddr>,
+    /// The public (mapped) address; absent when UDP is blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_address: Option<SocketAddr>,
+    /// Whether the mapped address differs from the local one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind_nat: Option<bool>,
+    /// Mapping behaviour; absent when the server does not support RFC 5780
+    /// (no OTHER-ADDRESS) and there is a NAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<Mapping>,
+    /// Filtering behaviour; absent when the server does not support RFC 5780.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filtering: Option<Filtering>,
+    /// Whether a packet to the own mapped address came back; absent when not
+    /// tested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hairpinning: Option<bool>,
+    /// The classic class, where the behaviours determine one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<NatClass>,
+    /// The server's alternate address (RFC 5780 OTHER-ADDRESS), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_address: Option<SocketAddr>,
+    /// No UDP answer came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_blocked: Option<bool>,
+    /// The mapped address over TCP (probed when UDP is blocked, or with
+    /// `--tcp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_mapped_address: Option<SocketAddr>,
+    /// How long the probe took, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// What went wrong, for humans (e.g. "UDP is blocked").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Why a profile cannot be planned with: its fields contradict each other.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {detail}")]
+pub struct ProfileError {
+    /// The profile field at fault.
+    pub field: &'static str,
+    /// What is wrong, for humans.
+    pub detail: String,
+}
+
+impl NatProfile {
+    /// The class the measured behaviours determine, if any: UDP-blocked
+    /// without a mapped address; none when the mapping is unknown, or the
+    /// filtering is unknown behind a NAT.
+    pub fn derived_class(&self) -> Option<NatClass> {
+        if self.mapped_address.is_none() {
+            return Some(NatClass::UdpBlocked);
+        }
+        Some(match (self.mapping?, self.filtering) {
+            (m, _) if m.is_dependent() => NatClass::Symmetric,
+            (Mapping::NoNat, Some(Filtering::EndpointIndependent) | None) => NatClass::Open,
+            (_, Some(f)) => Behaviour {
+                udp_blocked: false,
+                mapping: Mapping::EndpointIndependent,
+                filtering: f,
+            }
+            .class(),
+            (_, None) => return None,
+        })
+    }
+
+    /// Fills the fields that follow from the measured ones: `behind_nat`,
+    /// `udp_blocked` and `class`.
+    pub fn with_derived(mut self) -> NatProfile {
+        self.udp_blocked = Some(self.mapped_address.is_none());
+        self.behind_nat = match (self.mapped_address, self.local_address) {
+            (Some(m), Some(l)) => Some(m != l),
+            _ => None,
+        };
+        self.class = self.derived_class();
+        self
+    }
+
+    /// The behaviours this profile describes, the worst case standing in for
+    /// what it does not say; an error when its fields contradict each other.
+    pub fn behaviour(&self) -> Result<Behaviour, ProfileError> {
+        let says_blocked = self.class == Some(NatClass::UdpBlocked);
+        match self.udp_blocked {
+            Some(true) if self.class.is_some_and(|c| c != NatClass::UdpBlocked) => {
+                return Err(ProfileError {
+                    field: "class",
+                    detail: "udp_blocked is true but the class is not udp-blocked".into(),
+                });
+            }
+            Some(false) if says_blocked => {
+                return Err(ProfileError {
+                    field: "udp_blocked",
+                    detail: "the class is udp-blocked but udp_blocked is false".into(),
+                });
+            }
+            _ => {}
+        }
+        if self.udp_blocked == Some(true) || says_blocked {
+            return Ok(NatClass::UdpBlocked.behaviour());
+        }
+        let from_class = self.class.map(NatClass::behaviour);
+        let b = Behaviour {
+            udp_blocked: false,
+            mapping: self
+                .mapping
+                .or(from_class.map(|b| b.mapping))
+                .unwrap_or(Mapping::AddressAndPortDependent),
+            filtering: self
+                .filtering
+                .or(from_class.map(|b| b.filtering))
+                .unwrap_or(Filtering::AddressAndPortDependent),
+        };
+        if let (Some(class), Some(_), Some(_)) = (self.class, self.mapping, self.filtering)
+            && b.class() != class
+        {
+            return Err(ProfileError {
+                field: "class",
+                detail: format!("mapping and filtering make {}, not {class}", b.class()),
+            });
+        }
+        if self.mapping == Some(Mapping::NoNat)
+            && let (Some(m), Some(l)) = (self.mapped_address, self.local_address)
+            && l != m
+        {
+            return Err(ProfileError {
+                field: "mapping",
+                detail: "no-nat, but the mapped address differs from the local one".into(),
+            });
+        }
+        Ok(b)
+    }
+
+    /// The cleartext PROFILE attribute's codes: mapping, filtering, 0, 0.
+    pub const fn codes(&self) -> [u8; 4] {
+        [
+            Mapping::code(self.mapping),
+            Filtering::code(self.filtering),
+            0,
+            0,
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn behind(mapping: Option<Mapping>, filtering: Option<Filtering>) -> NatProfile {
+        NatProfile {
+            local_address: Some("10.0.0.2:5000".parse().unwrap()),
+            mapped_address: Some("203.0.113.9:6000".parse().unwrap()),
+            mapping,
+            filtering,
+            ..NatProfile::default()
+        }
+        .with_derived()
+    }
+
+    #[test]
+    fn the_direct_rule_is_symmetric_and_matches_the_written_cases() {
+        let all: Vec<Behaviour> = NatClass::ALL.iter().map(|c| c.behaviour()).collect();
+        for a in &all {
+            for b in &all {
+                assert_eq!(direct_feasible(a, b), direct_feasible(b, a));
+            }
+        }
+        let sym = NatClass::Symmetric.behaviour();
+        let prc = NatClass::PortRestrictedCone.behaviour();
+        let rc = NatClass::RestrictedCone.behaviour();
+        assert!(!direct_feasible(&sym, &sym));
+        assert!(!direct_feasible(&sym, &prc));
+        assert!(direct_feasible(&sym, &rc));
+        assert!(direct_feasible(&prc, &prc));
+        assert!(!direct_feasible(&NatClass::UdpBlocked.behaviour(), &rc));
+        // ADM with EIF is "symmetric" by name and direct with a cone.
+        let adm = Behaviour {
+            udp_blocked: false,
+            mapping: Mapping::AddressDependent,
+            filtering: Filtering::EndpointIndependent,
+        };
+        assert_eq!(adm.class(), NatClass::Symmetric);
+        assert!(direct_feasible(&adm, &rc) && !direct_feasible(&adm, &prc));
+    }
+
+    #[test]
+    fn classes_and_behaviours_agree() {
+        for c in NatClass::ALL {
+            assert_eq!(c.behaviour().class(), c);
+            assert_eq!(c.name().parse::<NatClass>(), Ok(c));
+            assert_eq!(NatClass::from_code(NatClass::code(Some(c))), Some(c));
+        }
+        assert_eq!(NatClass::code(None), 0);
+        assert_eq!(NatClass::from_code(0), None);
+        assert_eq!(NatClass::from_code(7), None);
+        assert!(
+            "cone"
+                .parse::<NatClass>()
+                .unwrap_err()
+                .contains("full-cone")
+        );
+    }
+
+    #[test]
+    fn discovery_results_derive_their_class() {
+        let eim = Some(Mapping::EndpointIndependent);
+        assert_eq!(
+            behind(eim, Some(Filtering::AddressDependent)).class,
+            Some(NatClass::RestrictedCone)
+        );
+        assert_eq!(
+            behind(Some(Mapping::AddressAndPortDependent), None).class,
+            Some(NatClass::Symmetric)
+        );
+        assert_eq!(behind(eim, None).class, None, "filtering unknown");
+        assert_eq!(behind(None, None).class, None, "no RFC 5780 server");
+        let blocked = NatProfile::default().with_derived();
+        assert_eq!(blocked.class, Some(NatClass::UdpBlocked));
+        assert_eq!(blocked.udp_blocked, Some(true));
+        let p = behind(eim, Some(Filtering::EndpointIndependent));
+        assert_eq!(p.behind_nat, Some(true));
+        assert_eq!(p.codes(), [2, 1, 0, 0]);
+    }
+
+    #[test]
+    fn the_json_form_round_trips_and_names_behaviours_in_kebab_case() {
+        let p = NatProfile {
+            server: Some("192.0.2.1:3478".parse().unwrap()),
+            transport: Some(Transport::Udp),
+            hairpinning: Some(false),
+            other_address: Some("192.0.2.2:3479".parse().unwrap()),
+            seconds: Some(0.25),
+            ..behind(
+                Some(Mapping::AddressAndPortDependent),
+                Some(Filtering::AddressAndPortDependent),
+            )
+        };
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["mapping"], "address-and-port-dependent");
+        assert_eq!(json["class"], "symmetric");
+        assert_eq!(json["transport"], "udp");
+        assert_eq!(json["mapped_address"], "203.0.113.9:6000");
+        assert!(json.get("error").is_none(), "absent fields are left out");
+        let back: NatProfile = serde_json::from_value(json).unwrap();
+        assert_eq!(back, p);
+        let unknown = serde_json::from_str::<NatProfile>(r#"{"klass":"open"}"#);
+        assert!(unknown.unwrap_err().to_string().contains("klass"));
+    }
+
+    #[test]
+    fn contradictory_profiles_are_refused_and_unknowns_are_the_worst_case() {
+        let class_only = |c| NatProfile {
+            class: Some(c),
+            ..NatProfile::default()
+        };
+        assert_eq!(
+            class_only(NatClass::FullCone).behaviour().unwrap(),
+            NatClass::FullCone.behaviour()
+        );
+        assert_eq!(
+            NatProfile::default().behaviour().unwrap(),
+            NatClass::Symmetric.behaviour()
+        );
+        let blocked_but_open = NatProfile {
+            udp_blocked: Some(true),
+            ..class_only(NatClass::Open)
+        };
+        assert_eq!(blocked_but_open.behaviour().unwrap_err().field, "class");
+        let not_blocked = NatProfile {
+            udp_blocked: Some(false),
+            ..class_only(NatClass::UdpBlocked)
+        };
+        assert_eq!(not_blocked.behaviour().unwrap_err().field, "udp_blocked");
+        let wrong_class = NatProfile {
+            class: Some(NatClass::Open),
+            ..behind(
+                Some(Mapping::EndpointIndependent),
+                Some(Filtering::AddressDependent),
+            )
+        };
+        let e = wrong_class.behaviour().unwrap_err();
+        assert_eq!(e.field, "class");
+        assert!(e.detail.contains("restricted-cone"), "{e}");
+        let lying_no_nat = behind(Some(Mapping::NoNat), Some(Filtering::EndpointIndependent));
+        assert_eq!(lying_no_nat.behaviour().unwrap_err().field, "mapping");
+    }
+}

@@ -1,0 +1,144 @@
+//! TURN REST credentials and session-bound relay tokens, minted by lookup
+//! and verified by relays (ARCHITECTURE.md, "Relay selection and tokens").
+//!
+//! A TURN REST username starts with its expiry in Unix seconds,
+//! `<expiry>[:<more>]`; its password is `base64(HMAC-SHA1(secret,
+//! username))` under a shared [`TurnSecret`] (the scheme of coturn's
+//! `use-auth-secret`). A session token is a REST username of the form
+//! `<expiry>:<session>:<relay-id>[:<peers>]`: the relay it names accepts it
+//! until expiry, under any secret it still holds, and `<peers>` (the
+//! counterpart's IPs, comma separated) scopes the allocation's permissions
+//! to those peers.
+
+use std::net::IpAddr;
+
+use base64::Engine as _;
+use ring::hmac;
+
+use crate::secret::TurnSecret;
+
+/// The TURN REST password of `username` under `secret`.
+pub fn rest_password(secret: &[u8], username: &str) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
+    let tag = hmac::sign(&key, username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+}
+
+/// The expiry (Unix seconds) of a TURN REST username; `None` when the
+/// username is not one (its first field is not a number).
+pub fn rest_expiry(username: &str) -> Option<u64> {
+    username.split(':').next()?.parse().ok()
+}
+
+/// A session-bound relay token: what lookup mints for one side of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionToken {
+    /// Unix seconds after which relays refuse it.
+    pub expires: u64,
+    /// The session id (hex).
+    pub session: String,
+    /// The relay that accepts it (no `:` in it).
+    pub relay_id: String,
+    /// The peers its allocation may reach: `None` for no restriction beyond
+    /// the relay's deny list. An unparsable list reads as empty, so that a
+    /// broken token reaches nobody rather than everybody.
+    pub peers: Option<Vec<IpAddr>>,
+}
+
+impl SessionToken {
+    /// The TURN username, `<expiry>:<session>:<relay-id>[:<peers>]`.
+    pub fn username(&self) -> String {
+        let mut u = format!("{}:{}:{}", self.expires, self.session, self.relay_id);
+        if let Some(peers) = &self.peers {
+            u.push(':');
+            let list: Vec<String> = peers.iter().map(ToString::to_string).collect();
+            u.push_str(&list.join(","));
+        }
+        u
+    }
+
+    /// Reads a session token from a TURN username; `None` when the username
+    /// is not one (not a REST username, or fewer than three fields).
+    pub fn parse(username: &str) -> Option<SessionToken> {
+        let mut fields = username.splitn(4, ':');
+        let expires = fields.next()?.parse().ok()?;
+        let session = fields.next()?.to_owned();
+        let relay_id = fields.next()?.to_owned();
+        let peers = fields.next().map(|list| {
+            list.split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<IpAddr>, _>>()
+                .unwrap_or_default()
+        });
+        Some(SessionToken {
+            expires,
+            session,
+            relay_id,
+            peers,
+        })
+    }
+
+    /// The relay a session-token username names, without copying; `None`
+    /// when the username is not a session token.
+    pub fn relay_of(username: &str) -> Option<&str> {
+        let mut fields = username.splitn(4, ':');
+        fields.next()?.parse::<u64>().ok()?;
+        fields.next()?;
+        fields.next()
+    }
+
+    /// The username and password of this token under `secret`.
+    pub fn mint(&self, secret: &TurnSecret) -> (String, String) {
+        let username = self.username();
+        let password = rest_password(secret.bytes(), &username);
+        (username, password)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_password_matches_an_independent_computation() {
+        // Python: base64(hmac.new(b"secret", b"1700000000:alice", sha1)).
+        assert_eq!(
+            rest_password(b"secret", "1700000000:alice"),
+            "d8soP47RbdIKLDUOpnJPVQyq5Ts="
+        );
+        assert_eq!(rest_expiry("1700000000:alice"), Some(1_700_000_000));
+        assert_eq!(rest_expiry("alice"), None);
+    }
+
+    #[test]
+    fn tokens_name_session_relay_and_peers_and_read_back() {
+        let secret: TurnSecret = "k1=0123456789abcdef".parse().unwrap();
+        let mut t = SessionToken {
+            expires: 1_700_000_000,
+            session: "00ff".into(),
+            relay_id: "relay-a".into(),
+            peers: None,
+        };
+        let (user, pass) = t.mint(&secret);
+        assert_eq!(user, "1700000000:00ff:relay-a");
+        assert_eq!(pass, rest_password(b"0123456789abcdef", &user));
+        assert_eq!(SessionToken::parse(&user), Some(t.clone()));
+        assert_eq!(SessionToken::relay_of(&user), Some("relay-a"));
+        t.peers = Some(vec![
+            "198.51.100.7".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ]);
+        let scoped = t.username();
+        assert_eq!(scoped, "1700000000:00ff:relay-a:198.51.100.7,2001:db8::1");
+        assert_eq!(SessionToken::parse(&scoped), Some(t));
+    }
+
+    #[test]
+    fn usernames_that_are_not_session_tokens_parse_as_none_and_bad_peers_as_nobody() {
+        assert_eq!(SessionToken::parse("1700000000:alice"), None);
+        assert_eq!(SessionToken::parse("alice:bob:carol"), None);
+        assert_eq!(SessionToken::relay_of("1700000000:alice"), None);
+        let broken = SessionToken::parse("1700000000:00ff:relay-a:not-an-ip").unwrap();
+        assert_eq!(broken.peers, Some(vec![]));
+    }
+}
