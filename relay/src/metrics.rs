@@ -6,7 +6,9 @@ use natrix_telemetry::Telemetry;
 use natrix_telemetry::catalogue as cat;
 use prometheus::{IntCounter, IntGauge};
 
-use crate::core::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
+use crate::core::{
+    AuthFailureReason, Direction, DropReason, Refusal, RequestMethod, RequestResult, Stats,
+};
 
 /// Every relay metric handle.
 #[derive(Clone, Debug)]
@@ -21,6 +23,7 @@ pub struct RelayMetrics {
     dropped: [IntCounter; DropReason::ALL.len()],
     requests: Vec<[IntCounter; RequestResult::CODES.len()]>,
     auth_failures: [IntCounter; AuthFailureReason::ALL.len()],
+    refused: [IntCounter; Refusal::ALL.len()],
     /// Failed sends.
     pub send_errors: IntCounter,
     /// Open TCP connections.
@@ -42,6 +45,7 @@ impl RelayMetrics {
         let dropped = t.counter_family(&cat::RELAY_PACKETS_DROPPED_TOTAL);
         let requests = t.counter_family(&cat::RELAY_REQUESTS_TOTAL);
         let auth = t.counter_family(&cat::RELAY_AUTH_FAILURES_TOTAL);
+        let refused = t.counter_family(&cat::RELAY_REQUESTS_REFUSED_TOTAL);
         let conns = t.gauge_family(&cat::RELAY_CONNECTIONS);
         RelayMetrics {
             allocations: t.gauge(&cat::RELAY_ALLOCATIONS),
@@ -57,6 +61,7 @@ impl RelayMetrics {
                 .map(|m| RequestResult::LABELS.map(|r| requests.with_label_values(&[m.label(), r])))
                 .collect(),
             auth_failures: AuthFailureReason::ALL.map(|r| auth.with_label_values(&[r.label()])),
+            refused: Refusal::ALL.map(|r| refused.with_label_values(&[r.label()])),
             send_errors: t.counter(&cat::RELAY_SEND_ERRORS_TOTAL),
             tcp_connections: conns.with_label_values(&["tcp"]),
             tls_connections: conns.with_label_values(&["tls"]),
@@ -116,6 +121,9 @@ impl RelayMetrics {
         }
         for (i, c) in self.auth_failures.iter().enumerate() {
             inc(c, last.auth_failures[i], now.auth_failures[i]);
+        }
+        for (i, c) in self.refused.iter().enumerate() {
+            inc(c, last.refused[i], now.refused[i]);
         }
     }
 }

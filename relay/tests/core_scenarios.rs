@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use natrix_model::TurnSecret;
 use natrix_relay::core::{
     AllocationId, ClientAction, ClientSocket, Command, Credentials, DropReason, IpNet,
-    PEER_HEADROOM, PeerPolicy, PortRange, RelayAddress, RelaySockets, Server, ServerConfig,
-    SharedPorts, Transport, UnauthLimits,
+    PEER_HEADROOM, PeerPolicy, PortRange, Refusal, RelayAddress, RelaySockets, Server,
+    ServerConfig, SharedPorts, Transport, UnauthLimits,
 };
 use natrix_wire::{
     Attribute, AttributeType, ChannelData, Class, Encoder, EvenPort, IntegrityKey, Message,
@@ -373,7 +373,10 @@ fn rest_credentials_work_with_every_configured_secret_until_they_expire() {
     let mut h = Harness::new(config());
     let user = User::rest(&format!("{}:alice", UNIX_T0 + 3600), SECRET);
     h.allocate(client(40001), &user, h.t0);
-    let newer = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"newer-secret-0123456789");
+    let newer = User::rest(
+        &format!("{}:bob", UNIX_T0 + 3600),
+        b"newer-secret-0123456789",
+    );
     h.allocate(client(40002), &newer, h.t0);
 
     let expired = User::rest(&format!("{}:carol", UNIX_T0 - 1), SECRET);
@@ -447,6 +450,9 @@ fn a_session_token_naming_peers_scopes_permissions_and_channels_to_them() {
         .peer(other)
         .sign(&user, &nonce);
     assert_eq!(code_of(&h.request(&bind, c, h.t0)), Some(403));
+    let refused = h.server.stats().refused;
+    assert_eq!(refused[Refusal::PeerOutsideSession as usize], 2);
+    assert_eq!(refused[Refusal::PeerDenied as usize], 0, "403, other cause");
 
     // Without the peers field (or with a plain REST user) nothing changes.
     let plain = User::rest(&format!("{}:session-9:relay-1", UNIX_T0 + 60), SECRET);
@@ -507,14 +513,23 @@ fn allocate_errors_carry_the_right_codes() {
     let alice = User::stat("alice", "wonderland");
     let c = client(40000);
     let nonce = h.nonce(c, h.t0);
-    let cases: Vec<(Req, u16)> = vec![
-        (Req::new(Method::ALLOCATE), 400), // no REQUESTED-TRANSPORT
-        (Req::new(Method::ALLOCATE).transport(6), 442), // TCP relaying
+    let cases: Vec<(Req, u16, Refusal)> = vec![
+        (
+            Req::new(Method::ALLOCATE),
+            400,
+            Refusal::MissingRequestedTransport,
+        ),
+        (
+            Req::new(Method::ALLOCATE).transport(6), // TCP relaying
+            442,
+            Refusal::UnsupportedTransport,
+        ),
         (
             Req::new(Method::ALLOCATE)
                 .transport(17)
                 .raw(AttributeType::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]),
             440, // no IPv6 relay address configured
+            Refusal::AddressFamilyNotSupported,
         ),
         (
             Req::new(Method::ALLOCATE)
@@ -522,20 +537,29 @@ fn allocate_errors_carry_the_right_codes() {
                 .raw(AttributeType::RESERVATION_TOKEN, &[1; 8])
                 .even_port(false),
             400,
+            Refusal::ConflictingAttributes,
         ),
         (
             Req::new(Method::ALLOCATE)
                 .transport(17)
                 .raw(AttributeType::RESERVATION_TOKEN, &[1; 8]),
-            508, // unknown token
+            508,
+            Refusal::UnknownReservation,
         ),
     ];
-    for (req, code) in cases {
+    for (req, code, cause) in cases {
+        let before = h.server.stats().refused;
         let resp = h.request(&req.sign(&alice, &nonce), c, h.t0);
         let msg = Message::parse(&resp).unwrap();
-        assert_eq!(error_code(&msg), Some(code));
+        assert_eq!(error_code(&msg), Some(code), "{cause:?}");
+        assert_eq!(cause.code().code, code);
         msg.verify_integrity(&alice.key())
             .expect("errors after authentication are signed");
+        let after = h.server.stats().refused;
+        for r in Refusal::ALL {
+            let counted = after[r as usize] - before[r as usize];
+            assert_eq!(counted, u64::from(r == cause), "{r:?} for {cause:?}");
+        }
     }
     // Unknown comprehension-required attribute: 420 listing it.
     let req = Req::new(Method::ALLOCATE)
@@ -548,6 +572,10 @@ fn allocate_errors_carry_the_right_codes() {
     assert_eq!(
         msg.get(AttributeType::UNKNOWN_ATTRIBUTES),
         Some(&[0x7f, 0xf0][..])
+    );
+    assert_eq!(
+        h.server.stats().refused[Refusal::UnknownAttribute as usize],
+        1
     );
     assert!(h.sockets.opened.is_empty());
 }
@@ -613,6 +641,10 @@ fn quota_per_user_and_capacity_are_enforced() {
     h.allocate(client(4), &bob, h.t0);
     let req = Req::new(Method::ALLOCATE).transport(17).sign(&bob, &nonce);
     assert_eq!(code_of(&h.request(&req, client(5), h.t0)), Some(508));
+    let refused = h.server.stats().refused;
+    assert_eq!(refused[Refusal::UserQuota as usize], 1);
+    assert_eq!(refused[Refusal::HostCapacity as usize], 1, "508: capacity");
+    assert_eq!(refused[Refusal::Draining as usize], 0, "not draining");
 }
 
 #[test]
@@ -685,6 +717,7 @@ fn permissions_gate_traffic_both_ways_and_denied_peers_get_403() {
             .sign(&alice, &nonce);
         assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(403), "{denied}");
     }
+    assert_eq!(h.server.stats().refused[Refusal::PeerDenied as usize], 3);
 
     let req = Req::new(Method::CREATE_PERMISSION)
         .peer(peer(9, 1))
@@ -1062,6 +1095,9 @@ fn draining_refuses_new_allocations_and_keeps_existing_ones() {
         .transport(17)
         .sign(&alice, &nonce);
     assert_eq!(code_of(&h.request(&req, client(2), h.t0)), Some(508));
+    let refused = h.server.stats().refused;
+    assert_eq!(refused[Refusal::Draining as usize], 1, "508 says why");
+    assert_eq!(refused[Refusal::HostCapacity as usize], 0);
     // The existing allocation still relays and can be refreshed.
     let (mut buf, range) = peer_buffer(b"still here");
     assert!(
@@ -1092,7 +1128,10 @@ fn rotated_credentials_apply_to_new_requests_only() {
     assert_eq!(code_of(&h.request(&req, client(2), h.t0)), Some(401));
     let refresh = Req::new(Method::REFRESH).sign(&user, &nonce);
     assert_eq!(code_of(&h.request(&refresh, c, h.t0)), None);
-    let next = User::rest(&format!("{}:bob", UNIX_T0 + 3600), b"next-secret-0123456789");
+    let next = User::rest(
+        &format!("{}:bob", UNIX_T0 + 3600),
+        b"next-secret-0123456789",
+    );
     h.allocate(client(3), &next, h.t0);
 }
 

@@ -401,3 +401,53 @@ fn stun_answers_to_one_prefix_are_rate_limited() {
     );
     assert_eq!(limited + f64::from(answers), 50.0);
 }
+
+/// One TURN secret rule for every role: a value one role refuses, every
+/// role refuses at start, naming the flag (the relay used to accept a bare
+/// secret that lookup refused, so one Helm value could start a relay and
+/// fail lookup).
+#[test]
+fn every_role_refuses_the_same_bad_turn_secret_at_start_naming_the_flag() {
+    let metrics = || SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
+    for secret in ["bare-secret-without-a-key-id", "k1=short"] {
+        for role in [
+            vec!["relay", "--turn-listen", "127.0.0.1:0"],
+            vec!["lookup", "--cluster-secret", "a-cluster-secret-0123"],
+            vec!["up", "--turn-listen", "127.0.0.1:0"],
+        ] {
+            let metrics = metrics();
+            let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
+                .args(&role)
+                .args(["--auth-secret", secret, "--metrics-listen", &metrics])
+                .args(["--log-format", "human"])
+                .output()
+                .expect("running natrix");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{role:?} {secret}: {stderr}");
+            assert!(
+                stderr.contains("--auth-secret") && stderr.contains("key"),
+                "{role:?} {secret}: the error names the flag and the rule: {stderr}"
+            );
+        }
+    }
+    // A secrets file names its bad line.
+    let dir = std::env::temp_dir().join(format!("natrix-bad-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("secrets");
+    std::fs::write(&file, "k2=a-good-secret-0123456\nbare-secret-0123456789\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .args(["relay", "--turn-listen", "127.0.0.1:0", "--metrics-listen"])
+        .arg(metrics())
+        .arg("--auth-secret-file")
+        .arg(&file)
+        .args(["--log-format", "human"])
+        .output()
+        .expect("running natrix");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&file.display().to_string()) && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -157,12 +157,12 @@ fn uclient_with_turn_rest_credentials_and_a_rotated_secret() {
         "--peer-allow",
         "127.0.0.0/8",
         "--auth-secret",
-        "k2=fresh-secret,k1=previous-secret",
+        "k2=fresh-secret-0123456,k1=previous-secret-0123",
     ]);
     let (_peer, peer_port) = udp_echo_peer();
     let p = port(&natrix);
     let pp = peer_port.to_string();
-    for secret in ["fresh-secret", "previous-secret"] {
+    for secret in ["fresh-secret-0123456", "previous-secret-0123"] {
         let report = uclient(&[
             "-p",
             &p,
@@ -235,6 +235,21 @@ fn loopback_peers_are_refused_by_default() {
     assert!(
         forbidden + forbidden_perm >= 1.0,
         "403s: {forbidden} {forbidden_perm}"
+    );
+    // The cause, not only the code: denied by the peer policy.
+    let denied = natrix.wait_metric(
+        "relay_requests_refused_total{reason=\"peer_denied\"}",
+        |v| v >= forbidden + forbidden_perm,
+    );
+    assert_eq!(
+        denied,
+        forbidden + forbidden_perm,
+        "every 403 was the policy"
+    );
+    let text = natrix.metrics_text();
+    assert!(
+        text.contains("relay_requests_refused_total{reason=\"draining\"} 0"),
+        "every cause is a series from the start"
     );
 }
 
@@ -412,7 +427,11 @@ fn a_rotated_secrets_file_takes_effect_without_a_restart() {
     let dir = std::env::temp_dir().join(format!("natrix-secrets-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("secrets");
-    std::fs::write(&file, "# TURN REST secrets, newest first\nk1=old-secret\n").expect("write");
+    std::fs::write(
+        &file,
+        "# TURN REST secrets, newest first\nk1=old-secret-0123456789\n",
+    )
+    .expect("write");
     let path = file.display().to_string();
     let natrix = Natrix::relay(&["--peer-allow", "127.0.0.0/8", "--auth-secret-file", &path]);
     let (_peer, peer_port) = udp_echo_peer();
@@ -438,15 +457,15 @@ fn a_rotated_secrets_file_takes_effect_without_a_restart() {
             "127.0.0.1",
         ])
     };
-    assert_clean(&run("old-secret"), 10);
+    assert_clean(&run("old-secret-0123456789"), 10);
 
     // Rotate: write a new file and rename it over the old one.
     let tmp = dir.join("secrets.tmp");
-    std::fs::write(&tmp, "k2=new-secret\n").expect("write");
+    std::fs::write(&tmp, "k2=new-secret-0123456789\n").expect("write");
     std::fs::rename(&tmp, &file).expect("rename");
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert_clean(&run("new-secret"), 10);
-    let refused = run("old-secret");
+    assert_clean(&run("new-secret-0123456789"), 10);
+    let refused = run("old-secret-0123456789");
     assert_eq!(
         refused.received, 0,
         "a withdrawn secret still works:\n{}",

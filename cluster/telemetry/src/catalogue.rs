@@ -246,6 +246,37 @@ pub const RELAY_AUTH_FAILURE_REASON: Label = Label {
     ],
 };
 
+/// Why a request was refused (mirrors `natrix_relay::core::Refusal`).
+pub const RELAY_REFUSAL_REASON: Label = Label {
+    name: "reason",
+    values: &[
+        "unknown_method",
+        "incomplete_credentials",
+        "unknown_attribute",
+        "missing_requested_transport",
+        "unsupported_transport",
+        "malformed_attribute",
+        "conflicting_attributes",
+        "address_family_not_supported",
+        "allocation_exists",
+        "no_allocation",
+        "peer_address_family_mismatch",
+        "missing_peer",
+        "bad_channel_number",
+        "channel_conflict",
+        "peer_denied",
+        "peer_outside_session",
+        "user_quota",
+        "draining",
+        "host_capacity",
+        "no_relay_port",
+        "unknown_reservation",
+        "permissions_full",
+        "channels_full",
+        "internal",
+    ],
+};
+
 /// Allocations alive.
 pub const RELAY_ALLOCATIONS: MetricDef = metric(
     "relay_allocations",
@@ -319,6 +350,14 @@ pub const RELAY_AUTH_FAILURES_TOTAL: MetricDef = metric(
     "Requests whose credentials were refused, by reason.",
     Kind::Counter,
     &[RELAY_AUTH_FAILURE_REASON],
+);
+
+/// Refused requests by cause.
+pub const RELAY_REQUESTS_REFUSED_TOTAL: MetricDef = metric(
+    "relay_requests_refused_total",
+    "Requests the relay refused with an error response, by cause (several causes share an error code).",
+    Kind::Counter,
+    &[RELAY_REFUSAL_REASON],
 );
 
 /// Send errors.
@@ -644,6 +683,7 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_PACKETS_DROPPED_TOTAL,
     &RELAY_REQUESTS_TOTAL,
     &RELAY_AUTH_FAILURES_TOTAL,
+    &RELAY_REQUESTS_REFUSED_TOTAL,
     &RELAY_SEND_ERRORS_TOTAL,
     &RELAY_CONNECTIONS,
     &RELAY_CONNECTIONS_REJECTED_TOTAL,

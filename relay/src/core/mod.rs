@@ -35,6 +35,7 @@ mod allocation;
 mod auth;
 mod policy;
 mod ports;
+mod refusal;
 mod server;
 mod stats;
 mod types;
@@ -43,6 +44,7 @@ pub use auth::{AuthFailure, Credentials, NonceError, Nonces, session_peers};
 pub use natrix_net::UnauthLimits;
 pub use policy::{IpNet, PeerPolicy};
 pub use ports::{PortRange, SharedPorts};
+pub use refusal::Refusal;
 pub use server::{
     ClientAction, Command, PEER_HEADROOM, PEER_TAILROOM, PeerAction, RelayAddress, RelaySockets,
     Server, ServerConfig,

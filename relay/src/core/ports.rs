@@ -171,11 +171,21 @@ struct PortState {
 
 /// Why an allocation may not be counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub(crate) enum PortRefusal {
     /// The user is at the quota (486).
     Quota,
     /// The host is at capacity (508).
     Capacity,
+}
+
+impl PortRefusal {
+    /// The request's refusal cause.
+    pub(crate) const fn cause(self) -> super::refusal::Refusal {
+        match self {
+            PortRefusal::Quota => super::refusal::Refusal::UserQuota,
+            PortRefusal::Capacity => super::refusal::Refusal::HostCapacity,
+        }
+    }
 }
 
 /// The relay ports of a host, their reservations and the host-wide
@@ -258,25 +268,30 @@ impl SharedPorts {
         user: &str,
         quota: usize,
         capacity: usize,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), PortRefusal> {
         let state = self.lock();
         if state.users.get(user).is_some_and(|n| *n >= quota) {
-            return Err(Refusal::Quota);
+            return Err(PortRefusal::Quota);
         }
         if state.allocations >= capacity {
-            return Err(Refusal::Capacity);
+            return Err(PortRefusal::Capacity);
         }
         Ok(())
     }
 
     /// Counts a new allocation for `user`, atomically with the checks.
-    pub(crate) fn count(&self, user: &str, quota: usize, capacity: usize) -> Result<(), Refusal> {
+    pub(crate) fn count(
+        &self,
+        user: &str,
+        quota: usize,
+        capacity: usize,
+    ) -> Result<(), PortRefusal> {
         let mut state = self.lock();
         if state.users.get(user).is_some_and(|n| *n >= quota) {
-            return Err(Refusal::Quota);
+            return Err(PortRefusal::Quota);
         }
         if state.allocations >= capacity {
-            return Err(Refusal::Capacity);
+            return Err(PortRefusal::Capacity);
         }
         *state.users.entry(user.into()).or_insert(0) += 1;
         state.allocations += 1;

@@ -14,7 +14,8 @@ use natrix_wire::{
 use super::allocation::{Allocation, Bandwidth, BindConflict};
 use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
 use super::policy::PeerPolicy;
-use super::ports::{Refusal, SharedPorts};
+use super::ports::{PortRefusal, SharedPorts};
+use super::refusal::Refusal;
 use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 use super::types::{AllocationId, ClientSocket};
 use natrix_net::{UnauthLimiter, UnauthLimits};
@@ -427,7 +428,9 @@ impl Server {
         sockets: &mut dyn RelaySockets,
     ) -> (Option<Answer>, u16) {
         if method == RequestMethod::Other {
-            return self.unauthenticated_error(msg, ErrorCode::BAD_REQUEST, from, now, out);
+            self.refused(Refusal::UnknownMethod, method, from);
+            let code = Refusal::UnknownMethod.code();
+            return self.unauthenticated_error(msg, code, from, now, out);
         }
         if method == RequestMethod::Binding {
             if !self.limiter.allow(from.client.ip(), now) {
@@ -444,10 +447,11 @@ impl Server {
             }
         }
         if n_unknown > 0 {
+            self.refused(Refusal::UnknownAttribute, method, from);
             if !self.limiter.allow(from.client.ip(), now) {
                 return (None, 0);
             }
-            let answer = self.error(msg, ErrorCode::UNKNOWN_ATTRIBUTE, None, out, |enc| {
+            let answer = self.error(msg, Refusal::UnknownAttribute.code(), None, out, |enc| {
                 let mut scratch = [0u8; 2 * MAX_UNKNOWN_LISTED];
                 let list = UnknownAttributes::from_types(
                     unknown[..n_unknown].iter().copied(),
@@ -457,7 +461,7 @@ impl Server {
             });
             return (Some(answer), 420);
         }
-        let auth = match self.authenticate(msg, from, now, out) {
+        let auth = match self.authenticate(msg, method, from, now, out) {
             Ok(auth) => auth,
             Err(answer) => return answer,
         };
@@ -470,11 +474,27 @@ impl Server {
         };
         match result {
             Ok(len) => (Some(Ok(len)), 0),
-            Err(code) => {
+            Err(refusal) => {
+                self.refused(refusal, method, from);
+                let code = refusal.code();
                 let answer = self.error(msg, code, Some(&auth), out, |_| Ok(()));
                 (Some(answer), code.code)
             }
         }
+    }
+
+    /// Counts a refused request by its cause and logs it (debug: the
+    /// cause is in the metric; the line is for following one client).
+    fn refused(&mut self, refusal: Refusal, method: RequestMethod, from: ClientSocket) {
+        self.stats.refused(refusal);
+        tracing::debug!(
+            client = %from.client,
+            transport = from.transport.label(),
+            method = method.label(),
+            reason = refusal.label(),
+            code = refusal.code().code,
+            "request refused"
+        );
     }
 
     // -------------------------------------------------------- authentication
@@ -484,6 +504,7 @@ impl Server {
     fn authenticate(
         &mut self,
         msg: &Message<'_>,
+        method: RequestMethod,
         from: ClientSocket,
         now: Instant,
         out: &mut [u8],
@@ -500,7 +521,9 @@ impl Server {
             text(AttributeType::REALM),
             text(AttributeType::NONCE),
         ) else {
-            return Err(self.unauthenticated_error(msg, ErrorCode::BAD_REQUEST, from, now, out));
+            self.refused(Refusal::IncompleteCredentials, method, from);
+            let code = Refusal::IncompleteCredentials.code();
+            return Err(self.unauthenticated_error(msg, code, from, now, out));
         };
         match self.nonces.verify(nonce, self.secs(now), from.client.ip()) {
             Ok(()) => {}
@@ -665,7 +688,7 @@ impl Server {
         auth: &Auth,
         out: &mut [u8],
         body: impl FnOnce(&mut Encoder<'_>) -> Result<(), EncodeError>,
-    ) -> Result<usize, ErrorCode<'static>> {
+    ) -> Result<usize, Refusal> {
         let write = || {
             let ty = MessageType::new(msg.method(), Class::Success);
             let mut enc = Encoder::new(out, ty, &msg.transaction_id())?;
@@ -676,7 +699,7 @@ impl Server {
             self.seal(&mut enc, Some(auth), msg.has_fingerprint())?;
             Ok::<_, EncodeError>(enc.finish())
         };
-        write().map_err(|_| ErrorCode::SERVER_ERROR)
+        write().map_err(|_| Refusal::Internal)
     }
 
     // --------------------------------------------------------------- methods
@@ -704,11 +727,11 @@ impl Server {
         now: Instant,
         out: &mut [u8],
         sockets: &mut dyn RelaySockets,
-    ) -> Result<usize, ErrorCode<'static>> {
+    ) -> Result<usize, Refusal> {
         if let Some(&index) = self.allocation_by_client.get(&from) {
             let alloc = self.allocation_ref(index)?;
             if alloc.created_by != msg.transaction_id() {
-                return Err(ErrorCode::ALLOCATION_MISMATCH);
+                return Err(Refusal::AllocationExists);
             }
             // A retransmission of the Allocate that created it: the same
             // answer again.
@@ -721,38 +744,38 @@ impl Server {
             });
         }
         if self.draining {
-            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+            return Err(Refusal::Draining);
         }
         match msg.decode(AttributeType::REQUESTED_TRANSPORT) {
             Some(Ok(Attribute::RequestedTransport(transport::UDP))) => {}
             Some(Ok(Attribute::RequestedTransport(_))) => {
-                return Err(ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL);
+                return Err(Refusal::UnsupportedTransport);
             }
-            _ => return Err(ErrorCode::BAD_REQUEST),
+            _ => return Err(Refusal::MissingRequestedTransport),
         }
         let dont_fragment = msg.get(AttributeType::DONT_FRAGMENT).is_some();
         let token = match msg.decode(AttributeType::RESERVATION_TOKEN) {
             Some(Ok(Attribute::ReservationToken(t))) => Some(t),
-            Some(_) => return Err(ErrorCode::BAD_REQUEST),
+            Some(_) => return Err(Refusal::MalformedAttribute),
             None => None,
         };
         let even_port = match msg.decode(AttributeType::EVEN_PORT) {
             Some(Ok(Attribute::EvenPort(e))) => Some(e),
-            Some(_) => return Err(ErrorCode::BAD_REQUEST),
+            Some(_) => return Err(Refusal::MalformedAttribute),
             None => None,
         };
         let family = match msg.decode(AttributeType::REQUESTED_ADDRESS_FAMILY) {
             Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
-            Some(_) => return Err(ErrorCode::BAD_REQUEST),
+            Some(_) => return Err(Refusal::MalformedAttribute),
             None => None,
         };
         if token.is_some() && (even_port.is_some() || family.is_some()) {
-            return Err(ErrorCode::BAD_REQUEST);
+            return Err(Refusal::ConflictingAttributes);
         }
         let v6 = match family {
             None | Some(0x01) => false,
             Some(0x02) => true,
-            Some(_) => return Err(ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED),
+            Some(_) => return Err(Refusal::AddressFamilyNotSupported),
         };
         let username = msg
             .decode(AttributeType::USERNAME)
@@ -761,11 +784,11 @@ impl Server {
                 Attribute::Username(u) => Some(u),
                 _ => None,
             })
-            .ok_or(ErrorCode::BAD_REQUEST)?;
+            .ok_or(Refusal::MalformedAttribute)?;
         let (quota, capacity) = (self.config.user_quota, self.config.max_allocations);
         self.ports
             .admissible(username, quota, capacity)
-            .map_err(refusal_code)?;
+            .map_err(PortRefusal::cause)?;
 
         // The port: from a reservation, an even port (maybe reserving the
         // next), or any.
@@ -773,7 +796,7 @@ impl Server {
         let (port, v6) = if let Some(t) = token {
             self.ports
                 .redeem(&t, now)
-                .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?
+                .ok_or(Refusal::UnknownReservation)?
         } else {
             let random = self.next_random();
             let port = match even_port {
@@ -785,12 +808,9 @@ impl Server {
                     });
                     self.ports
                         .take_even(random, reservation)
-                        .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?
+                        .ok_or(Refusal::NoRelayPort)?
                 }
-                None => self
-                    .ports
-                    .take_random(random)
-                    .ok_or(ErrorCode::INSUFFICIENT_CAPACITY)?,
+                None => self.ports.take_random(random).ok_or(Refusal::NoRelayPort)?,
             };
             (port, v6)
         };
@@ -799,7 +819,7 @@ impl Server {
         } else {
             self.config.relay_v4
         }
-        .ok_or(ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED);
+        .ok_or(Refusal::AddressFamilyNotSupported);
         let relay = match relay {
             Ok(r) => r,
             Err(e) => {
@@ -839,7 +859,7 @@ impl Server {
         }
         if !bound {
             self.free_slots.push(index);
-            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+            return Err(Refusal::NoRelayPort);
         }
 
         let lifetime = match self.granted_lifetime(msg) {
@@ -855,7 +875,7 @@ impl Server {
             });
             self.ports.put(port);
             self.free_slots.push(index);
-            return Err(refusal_code(refusal));
+            return Err(refusal.cause());
         }
         let relayed = SocketAddr::new(relay.public, port);
         let bandwidth = self.config.bandwidth_per_allocation.map(|rate| Bandwidth {
@@ -896,7 +916,7 @@ impl Server {
         from: ClientSocket,
         now: Instant,
         out: &mut [u8],
-    ) -> Result<usize, ErrorCode<'static>> {
+    ) -> Result<usize, Refusal> {
         let index = self.allocation_of(&from)?;
         let lifetime = self.granted_lifetime(msg);
         let alloc = self.allocation_mut(index)?;
@@ -905,7 +925,7 @@ impl Server {
         {
             let v6 = alloc.relayed.is_ipv6();
             if (f == 0x02) != v6 {
-                return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+                return Err(Refusal::PeerAddressFamilyMismatch);
             }
         }
         if lifetime.is_zero() {
@@ -919,44 +939,44 @@ impl Server {
     }
 
     /// The slot of `from`'s allocation; 437 when it has none.
-    fn allocation_of(&self, from: &ClientSocket) -> Result<u32, ErrorCode<'static>> {
+    fn allocation_of(&self, from: &ClientSocket) -> Result<u32, Refusal> {
         self.allocation_by_client
             .get(from)
             .copied()
-            .ok_or(ErrorCode::ALLOCATION_MISMATCH)
+            .ok_or(Refusal::NoAllocation)
     }
 
     /// The allocation in slot `index` (indexed, so it exists; a broken
     /// index answers 500 instead of panicking).
-    fn allocation_ref(&self, index: u32) -> Result<&Allocation, ErrorCode<'static>> {
+    fn allocation_ref(&self, index: u32) -> Result<&Allocation, Refusal> {
         self.slots[index as usize]
             .allocation
             .as_ref()
-            .ok_or(ErrorCode::SERVER_ERROR)
+            .ok_or(Refusal::Internal)
     }
 
-    fn allocation_mut(&mut self, index: u32) -> Result<&mut Allocation, ErrorCode<'static>> {
+    fn allocation_mut(&mut self, index: u32) -> Result<&mut Allocation, Refusal> {
         self.slots[index as usize]
             .allocation
             .as_mut()
-            .ok_or(ErrorCode::SERVER_ERROR)
+            .ok_or(Refusal::Internal)
     }
 
     /// The XOR-PEER-ADDRESS values of a request, checked against the
     /// allocation's family, the policy, and the session's peers when its
     /// token names them.
-    fn check_peer(&self, peer: SocketAddr, index: u32) -> Result<(), ErrorCode<'static>> {
+    fn check_peer(&self, peer: SocketAddr, index: u32) -> Result<(), Refusal> {
         let alloc = self.allocation_ref(index)?;
         if peer.is_ipv6() != alloc.relayed.is_ipv6() {
-            return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+            return Err(Refusal::PeerAddressFamilyMismatch);
         }
         if !self.policy.permits(peer.ip()) {
-            return Err(ErrorCode::FORBIDDEN);
+            return Err(Refusal::PeerDenied);
         }
         if let Some(allowed) = &alloc.allowed_peers
             && !allowed.contains(&peer.ip())
         {
-            return Err(ErrorCode::FORBIDDEN);
+            return Err(Refusal::PeerOutsideSession);
         }
         Ok(())
     }
@@ -969,7 +989,7 @@ impl Server {
         from: ClientSocket,
         now: Instant,
         out: &mut [u8],
-    ) -> Result<usize, ErrorCode<'static>> {
+    ) -> Result<usize, Refusal> {
         let index = self.allocation_of(&from)?;
         let mut count = 0;
         for raw in msg.attributes() {
@@ -979,13 +999,13 @@ impl Server {
             let Ok(Attribute::XorPeerAddress(peer)) =
                 Attribute::decode(raw.ty, raw.value, &msg.transaction_id())
             else {
-                return Err(ErrorCode::BAD_REQUEST);
+                return Err(Refusal::MissingPeer);
             };
             self.check_peer(peer, index)?;
             count += 1;
         }
         if count == 0 {
-            return Err(ErrorCode::BAD_REQUEST);
+            return Err(Refusal::MissingPeer);
         }
         let alloc = self.allocation_mut(index)?;
         for raw in msg.attributes() {
@@ -993,7 +1013,7 @@ impl Server {
                 Attribute::decode(raw.ty, raw.value, &msg.transaction_id())
                 && !alloc.install_permission(peer.ip(), now)
             {
-                return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+                return Err(Refusal::PermissionsFull);
             }
         }
         self.success(msg, auth, out, |_| Ok(()))
@@ -1007,29 +1027,29 @@ impl Server {
         from: ClientSocket,
         now: Instant,
         out: &mut [u8],
-    ) -> Result<usize, ErrorCode<'static>> {
+    ) -> Result<usize, Refusal> {
         let index = self.allocation_of(&from)?;
         let number = match msg.decode(AttributeType::CHANNEL_NUMBER) {
             // RFC 8656 narrows the range to 0x4000-0x4FFF; RFC 5766 clients
             // may use up to 0x7FFE, which ChannelData framing still carries.
             Some(Ok(Attribute::ChannelNumber(n))) if (0x4000..=0x7FFE).contains(&n) => n,
-            _ => return Err(ErrorCode::BAD_REQUEST),
+            _ => return Err(Refusal::BadChannelNumber),
         };
         let peer = match msg.decode(AttributeType::XOR_PEER_ADDRESS) {
             Some(Ok(Attribute::XorPeerAddress(p))) => p,
-            _ => return Err(ErrorCode::BAD_REQUEST),
+            _ => return Err(Refusal::MissingPeer),
         };
         self.check_peer(peer, index)?;
         let alloc = self.allocation_mut(index)?;
         match alloc.bind_channel(number, peer, now) {
             Ok(()) => {}
-            Err(BindConflict::Full) => return Err(ErrorCode::INSUFFICIENT_CAPACITY),
+            Err(BindConflict::Full) => return Err(Refusal::ChannelsFull),
             Err(BindConflict::NumberInUse | BindConflict::PeerInUse) => {
-                return Err(ErrorCode::BAD_REQUEST);
+                return Err(Refusal::ChannelConflict);
             }
         }
         if !alloc.install_permission(peer.ip(), now) {
-            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+            return Err(Refusal::PermissionsFull);
         }
         self.success(msg, auth, out, |_| Ok(()))
     }
@@ -1255,14 +1275,7 @@ fn understood(ty: AttributeType) -> bool {
     )
 }
 
-fn refusal_code(r: Refusal) -> ErrorCode<'static> {
-    match r {
-        Refusal::Quota => ErrorCode::ALLOCATION_QUOTA_REACHED,
-        Refusal::Capacity => ErrorCode::INSUFFICIENT_CAPACITY,
-    }
-}
-
-fn unreachable_answer() -> Result<usize, ErrorCode<'static>> {
+fn unreachable_answer() -> Result<usize, Refusal> {
     // Binding and unknown methods are answered before authentication.
-    Err(ErrorCode::SERVER_ERROR)
+    Err(Refusal::Internal)
 }

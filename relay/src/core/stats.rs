@@ -1,5 +1,7 @@
 //! Counters the core keeps in plain fields; the shell publishes them.
 
+use super::refusal::Refusal;
+
 /// Direction of forwarded traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -207,6 +209,8 @@ pub struct Stats {
     pub requests: [[u64; 14]; 6],
     /// Authentication failures by [`AuthFailureReason`] index.
     pub auth_failures: [u64; 6],
+    /// Refused requests by [`Refusal`] index.
+    pub refused: [u64; Refusal::ALL.len()],
 }
 
 impl Stats {
@@ -216,6 +220,10 @@ impl Stats {
 
     pub(crate) fn request(&mut self, method: RequestMethod, result: RequestResult) {
         self.requests[method as usize][result.index()] += 1;
+    }
+
+    pub(crate) fn refused(&mut self, refusal: Refusal) {
+        self.refused[refusal as usize] += 1;
     }
 
     pub(crate) fn auth_failure(&mut self, reason: AuthFailureReason) {
