@@ -8,8 +8,8 @@ use natrix_model::ClusterSecret;
 
 impl CdxConfig {
     /// The per-loop answer limits.
-    pub fn limits(&self) -> natrix_net::UnauthLimits {
-        natrix_net::UnauthLimits {
+    pub fn limits(&self) -> natrix_model::limiter::UnauthLimits {
+        natrix_model::limiter::UnauthLimits {
             per_prefix_rate: self.rate_per_prefix,
             per_prefix_burst: (self.rate_per_prefix * 2.0).max(1.0),
             total_rate: self.rate_total,

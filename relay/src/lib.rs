@@ -1,6 +1,7 @@
 //! The TURN relay role (RFC 8656, compatible with RFC 5766 clients).
 //!
-//! The protocol lives in [`core`]: a sans-IO state machine that owns no
+//! The protocol lives in [`core`] (the crate `natrix-relay-proto` in
+//! `relay/proto`): a sans-IO state machine that owns no
 //! socket, reads no clock and spawns nothing. Its inputs are a packet, where
 //! it came from and `now`; its outputs are the bytes to answer, a forwarding
 //! decision that points into the input buffer (no copy, no allocation), and
@@ -12,7 +13,7 @@
 
 pub mod config;
 pub mod control;
-pub mod core;
+pub use natrix_relay_proto as core;
 pub mod metrics;
 pub mod shell;
 

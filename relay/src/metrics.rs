@@ -153,5 +153,9 @@ mod tests {
             labels(&cat::RELAY_DIRECTION),
             Direction::ALL.map(|d| d.label()).to_vec()
         );
+        assert_eq!(
+            labels(&cat::RELAY_REFUSAL_REASON),
+            Refusal::ALL.map(|r| r.label()).to_vec()
+        );
     }
 }

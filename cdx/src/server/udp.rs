@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use natrix_net::{RecvBatch, SendBatch, UdpIo, UnauthLimiter, UnauthLimits};
+use natrix_model::limiter::{UnauthLimiter, UnauthLimits};
+use natrix_net::{RecvBatch, SendBatch, UdpIo};
 use tokio::sync::watch;
 use tokio::time::{MissedTickBehavior, interval};
 use tracing::debug;

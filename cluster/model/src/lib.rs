@@ -12,6 +12,8 @@
 //! - [`invitation`]: exchange session ids, keys, tickets and invitations,
 //!   and the sealing of connection data.
 //! - [`transport`]: the client transports (UDP, TCP, TLS).
+//! - [`limiter`]: the caps on unauthenticated answers (per source prefix
+//!   and per loop) that the relay core and CDX share.
 //!
 //! # Purity
 //!
@@ -26,6 +28,7 @@
 //! say what a valid value looks like.
 
 pub mod invitation;
+pub mod limiter;
 pub mod nat;
 pub mod secret;
 pub mod token;

@@ -14,8 +14,8 @@ use natrix_cdx::{
 };
 use natrix_lookup::LookupConfig;
 use natrix_model::Redacted;
+use natrix_model::limiter::UnauthLimiter;
 use natrix_model::{ClusterSecret, TurnSecret};
-use natrix_net::UnauthLimiter;
 use natrix_registry::{Deregister, Role, SetState};
 use natrix_relay::control::{Reload, ReloadActor};
 use natrix_relay::core::Transport;

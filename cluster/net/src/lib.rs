@@ -17,12 +17,10 @@
 //! decide what is fatal.
 
 mod frames;
-mod limiter;
 mod mmsg;
 mod udp;
 
 pub use frames::{StreamFrames, TimedRead, is_timeout};
-pub use limiter::{UnauthLimiter, UnauthLimits};
 pub use mmsg::{HeadroomBatch, SendBatch};
 
 pub use udp::{

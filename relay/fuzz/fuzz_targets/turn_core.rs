@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use natrix_relay::core::{
+use natrix_relay_proto::{
     AllocationId, ClientAction, ClientSocket, Credentials, PEER_HEADROOM, PeerPolicy, PortRange,
     RelayAddress, RelaySockets, Server, ServerConfig, SharedPorts, Transport,
 };

@@ -1,5 +1,6 @@
 //! Caps on answers to unauthenticated requests, so that a STUN or TURN
-//! server cannot be used as an amplifier by spoofed sources: a token bucket
+//! server (the relay core and CDX alike) cannot be used as an amplifier by
+//! spoofed sources: a token bucket
 //! per source prefix (/24 for IPv4, /48 for IPv6) and one for the whole
 //! loop. Memory is bounded whatever the sources.
 
@@ -110,6 +111,7 @@ impl UnauthLimiter {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a base instant for the tests
 mod tests {
     use super::*;
     use std::time::Duration;

@@ -2,13 +2,14 @@
 //! commands asserted. Names read as sentences.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // each test takes its base instant from the clock once
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use natrix_model::TurnSecret;
-use natrix_relay::core::{
+use natrix_relay_proto::{
     AllocationId, ClientAction, ClientSocket, Command, Credentials, DropReason, IpNet,
     PEER_HEADROOM, PeerPolicy, PortRange, Refusal, RelayAddress, RelaySockets, Server,
     ServerConfig, SharedPorts, Transport, UnauthLimits,
@@ -466,10 +467,10 @@ fn a_session_token_naming_peers_scopes_permissions_and_channels_to_them() {
 
     // A garbled list reaches nobody rather than everybody.
     assert_eq!(
-        natrix_relay::core::session_peers("1:s:r:not-an-ip").as_deref(),
+        natrix_relay_proto::session_peers("1:s:r:not-an-ip").as_deref(),
         Some(&[][..])
     );
-    assert_eq!(natrix_relay::core::session_peers("1:s:r"), None);
+    assert_eq!(natrix_relay_proto::session_peers("1:s:r"), None);
 }
 
 #[test]

@@ -1,4 +1,9 @@
-//! The sans-IO TURN core.
+//! The sans-IO TURN core (RFC 8656, compatible with RFC 5766 clients),
+//! crate `natrix-relay-proto`: no sockets, no clock, no randomness of its
+//! own, and none of tokio, mio, socket2, actix or clap among its
+//! dependencies (its `clippy.toml` disallows `Instant::now`,
+//! `SystemTime::now` and `rand::random`). The relay host (`natrix-relay`)
+//! drives it; it re-exports this crate as `natrix_relay::core`.
 //!
 //! # Design
 //!
@@ -41,7 +46,7 @@ mod stats;
 mod types;
 
 pub use auth::{AuthFailure, Credentials, NonceError, Nonces, session_peers};
-pub use natrix_net::UnauthLimits;
+pub use natrix_model::limiter::UnauthLimits;
 pub use policy::{IpNet, PeerPolicy};
 pub use ports::{PortRange, SharedPorts};
 pub use refusal::Refusal;

@@ -18,7 +18,7 @@ use super::ports::{PortRefusal, SharedPorts};
 use super::refusal::Refusal;
 use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 use super::types::{AllocationId, ClientSocket};
-use natrix_net::{UnauthLimiter, UnauthLimits};
+use natrix_model::limiter::{UnauthLimiter, UnauthLimits};
 
 /// Bytes [`Server::handle_peer_input`] needs free before the payload: a
 /// Data indication's header (20), XOR-PEER-ADDRESS for IPv6 (24) and the
@@ -169,7 +169,7 @@ struct Auth {
 type Answer = Result<usize, EncodeError>;
 
 /// The TURN server of one data-plane loop. See the module docs of
-/// [`crate::core`] for the run-loop contract.
+/// [the crate docs](crate) for the run-loop contract.
 #[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
