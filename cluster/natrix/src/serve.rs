@@ -465,12 +465,6 @@ async fn connect_store(url: &crate::cli::RedisUrl) -> anyhow::Result<natrix_stor
     }
 }
 
-/// Running roles, stopped in reverse order of start.
-struct Running {
-    cdx: Option<CdxServer>,
-    relay: Option<RelayHost>,
-}
-
 /// A generated id for this host's `role` when none is configured:
 /// `<role>-<hostname>-<address>-<port>` (unique per host and listener; no
 /// `:` or `.`, so it fits in a TURN token's username).
@@ -511,214 +505,268 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the data-plane runtime")?;
+    let mut data = DataPlane::start(&plan, workers, &runtime, &telemetry)?;
+    let exchange = data.exchange.take();
 
-    let mut running = Running {
-        cdx: None,
-        relay: None,
-    };
-    // The exchange inbox and the limits its actor enforces.
-    let mut exchange: Option<(ExchangeInbox, natrix_cdx::exchange::Limits)> = None;
-    let mut gates = Vec::new();
-    let mut beside: Option<CdxServer> = None;
-    if let Some(relay) = &plan.relay {
-        let rfc5780 = Arc::new(std::sync::OnceLock::new());
-        let delegate = if plan.cdx_on_relay {
-            let (sender, inbox) = natrix_cdx::exchange::inbox();
-            exchange = Some((inbox, Default::default()));
-            Some(cdx_delegate(relay, &telemetry, sender, rfc5780.clone()))
-        } else {
-            None
-        };
-        let host = RelayHost::start(relay, workers, &telemetry, delegate)?;
-        if let Some((port, ip)) = plan.up_rfc5780 {
-            let server = start_rfc5780_beside(runtime.handle(), &host, port, ip, &telemetry)?;
-            let _ = rfc5780.set(rfc5780_cells(&server)?);
-            beside = Some(server);
-        }
-        if let Some((inbox, _)) = &mut exchange {
-            for (bound, socket) in host
-                .udp_socket_clones()
-                .context("cloning the listener sockets for the exchange")?
-            {
-                inbox.add_socket(bound, socket);
-            }
-            gates.push(telemetry.health().gate("cdx"));
-        }
-        info!(udp = ?host.udp_addrs(), tcp = ?host.tcp_addrs(), tls = ?host.tls_addrs(), "relay role serving TURN");
-        running.relay = Some(host);
-        gates.push(telemetry.health().gate("relay"));
-    }
-    if let Some(cdx) = &plan.cdx {
-        let mut server = CdxServer::start(runtime.handle(), cdx, workers, &telemetry)?;
-        exchange = server
-            .take_exchange()
-            .map(|inbox| (inbox, cdx.exchange_limits()));
-        info!(udp = ?server.udp_addrs(), tcp = ?server.tcp_addrs(), "CDX role serving STUN");
-        running.cdx = Some(server);
-        gates.push(telemetry.health().gate("cdx"));
-    }
-    for gate in &gates {
-        gate.open();
-    }
-
-    // The control plane (actix) runs on this thread: metrics, reloads, the
-    // exchange, the registry, lookup.
+    // The control plane (actix) runs on this thread.
     let system = actix_rt::System::new();
-    let drain_timeout = plan
-        .relay
-        .as_ref()
-        .map_or(Duration::ZERO, |r| r.drain_timeout);
-    let signal = system.block_on(async {
-        let mut signals = Signals::install()?;
-        let (server, addr) = http::serve(global.metrics_listen, telemetry.clone())?;
-        let handle = server.handle();
-        actix_rt::spawn(server);
-        info!(%addr, "metrics and health endpoint up");
-        let reload = running.relay.as_ref().map(|r| r.reload_actor().start());
-        let store = match &global.redis_url {
-            Some(url) => connect_store(url).await?,
-            None => natrix_store::Store::memory(),
-        };
-        let secret = plan
-            .cluster_secret
-            .as_ref()
-            .or(plan.cdx.as_ref().and_then(|c| c.cluster_secret.as_ref()));
-        let _exchange = exchange.take().map(|(inbox, limits)| {
-            ExchangeActor::new(
-                inbox,
-                store.clone(),
-                secret.map(|s| s.bytes()),
-                limits,
-                ExchangeMetrics::new(&telemetry),
-            )
-            .start()
-        });
-
-        // Rotated TURN secrets reach the relay within a second.
-        let _secrets = reload
-            .clone()
-            .map(|r| cluster::watch_relay_secrets(&store, r));
-
-        // Registry: this host's records, heartbeated into the store.
-        let mut publishers = Vec::new();
-        if let (Some(config), Some(host)) = (&plan.relay, &running.relay) {
-            let public = config.external_ip;
-            let rec = cluster::record(
-                config.relay_id.clone().unwrap_or_default(),
-                Role::Relay,
-                global,
-                cluster::public_addrs(host.udp_addrs(), public),
-                cluster::public_addrs(host.tcp_addrs(), public),
-                cluster::public_addrs(host.tls_addrs(), public),
-                config.max_allocations as u64,
-            );
-            let load = cluster::relay_load(host.control(), telemetry.clone());
-            publishers.push(cluster::publish(
-                &store,
-                rec.clone(),
-                load,
-                global,
-                &telemetry,
-            ));
-            if plan.cdx_on_relay {
-                let mut cdx = rec;
-                cdx.role = Role::Cdx;
-                cdx.tcp.clear();
-                cdx.tls.clear();
-                publishers.push(cluster::publish(
-                    &store,
-                    cdx,
-                    cluster::cdx_load(telemetry.clone()),
-                    global,
-                    &telemetry,
-                ));
-            }
-        }
-        if let (Some(config), Some(server)) = (&plan.cdx, &running.cdx) {
-            let udp = cluster::public_addrs(server.udp_addrs(), config.advertise_ip);
-            let listen = server
-                .udp_addrs()
-                .first()
-                .copied()
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478)));
-            let id = generated_id("cdx", listen);
-            let mut rec = cluster::record(
-                id.clone(),
-                Role::Cdx,
-                global,
-                udp,
-                Vec::new(),
-                Vec::new(),
-                config.exchange_max_sessions as u64,
-            );
-            rec.internal = server.udp_addrs().to_vec();
-            if let Some(handle) = server.siblings() {
-                cluster::SiblingPairer::new(store.clone(), id, handle).start();
-            }
-            publishers.push(cluster::publish(
-                &store,
-                rec,
-                cluster::cdx_load(telemetry.clone()),
-                global,
-                &telemetry,
-            ));
-        }
-
-        let lookup = match &plan.lookup {
-            Some((config, secrets)) => {
-                let cluster_secret = secret.context(
-                    "lookup needs the cluster secret to mint exchange tickets (--cluster-secret)",
-                )?;
-                Some(cluster::start_lookup(
-                    &store,
-                    config,
-                    secrets.clone(),
-                    cluster_secret.bytes(),
-                    workers,
-                    &telemetry,
-                )?)
-            }
-            None => None,
-        };
-
-        let signal = signals.stop(reload.as_ref()).await;
-        info!(signal, "shutting down");
-        telemetry.health().start_draining();
-        // Lookup stops assigning this host within one heartbeat.
-        for p in &publishers {
-            p.do_send(SetState(natrix_registry::State::Draining));
-        }
-        if let Some(relay) = &running.relay {
-            drain(relay, drain_timeout, &mut signals).await;
-        }
-        for p in &publishers {
-            let _ = tokio::time::timeout(Duration::from_secs(2), p.send(Deregister)).await;
-        }
-        if let Some((h, _)) = lookup {
-            h.stop(true).await;
-        }
-        handle.stop(true).await;
-        anyhow::Ok(signal)
-    })?;
-
-    if let Some(relay) = running.relay.take() {
-        relay.shutdown();
-    }
-    if let Some(server) = beside.take() {
-        let _ = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(2), server.shutdown()).await
-        });
-    }
-    if let Some(server) = running.cdx.take() {
-        // The timer must be created inside the runtime, hence the async block.
-        let timeout = global.shutdown_timeout;
-        let done =
-            runtime.block_on(async { tokio::time::timeout(timeout, server.shutdown()).await });
-        if done.is_err() {
-            warn!(timeout = ?global.shutdown_timeout, "CDX listeners did not stop in time");
-        }
-    }
+    let signal = system.block_on(control_plane(
+        global, workers, &plan, &data, exchange, &telemetry,
+    ))?;
+    data.stop(&runtime, global.shutdown_timeout);
     runtime.shutdown_timeout(Duration::from_secs(1));
     info!(signal, "stopped");
     Ok(())
+}
+
+/// What serves packets: the relay's loops and/or the CDX server, the RFC
+/// 5780 server beside `natrix up`'s listener, the exchange inbox the
+/// control plane drives, and the readiness gates (open while this lives:
+/// a gate closes when dropped).
+struct DataPlane {
+    relay: Option<RelayHost>,
+    cdx: Option<CdxServer>,
+    beside: Option<CdxServer>,
+    exchange: Option<(ExchangeInbox, natrix_cdx::exchange::Limits)>,
+    gates: Vec<natrix_telemetry::ReadyGate>,
+}
+
+impl DataPlane {
+    /// Starts the data planes `plan` names and opens their readiness gates.
+    fn start(
+        plan: &Plan,
+        workers: usize,
+        runtime: &tokio::runtime::Runtime,
+        telemetry: &Telemetry,
+    ) -> anyhow::Result<DataPlane> {
+        let mut data = DataPlane {
+            relay: None,
+            cdx: None,
+            beside: None,
+            exchange: None,
+            gates: Vec::new(),
+        };
+        let gates = &mut data.gates;
+        if let Some(relay) = &plan.relay {
+            let rfc5780 = Arc::new(std::sync::OnceLock::new());
+            let delegate = if plan.cdx_on_relay {
+                let (sender, inbox) = natrix_cdx::exchange::inbox();
+                data.exchange = Some((inbox, Default::default()));
+                Some(cdx_delegate(relay, telemetry, sender, rfc5780.clone()))
+            } else {
+                None
+            };
+            let host = RelayHost::start(relay, workers, telemetry, delegate)?;
+            if let Some((port, ip)) = plan.up_rfc5780 {
+                let server = start_rfc5780_beside(runtime.handle(), &host, port, ip, telemetry)?;
+                let _ = rfc5780.set(rfc5780_cells(&server)?);
+                data.beside = Some(server);
+            }
+            if let Some((inbox, _)) = &mut data.exchange {
+                for (bound, socket) in host
+                    .udp_socket_clones()
+                    .context("cloning the listener sockets for the exchange")?
+                {
+                    inbox.add_socket(bound, socket);
+                }
+                gates.push(telemetry.health().gate("cdx"));
+            }
+            info!(udp = ?host.udp_addrs(), tcp = ?host.tcp_addrs(), tls = ?host.tls_addrs(), "relay role serving TURN");
+            data.relay = Some(host);
+            gates.push(telemetry.health().gate("relay"));
+        }
+        if let Some(cdx) = &plan.cdx {
+            let mut server = CdxServer::start(runtime.handle(), cdx, workers, telemetry)?;
+            data.exchange = server
+                .take_exchange()
+                .map(|inbox| (inbox, cdx.exchange_limits()));
+            info!(udp = ?server.udp_addrs(), tcp = ?server.tcp_addrs(), "CDX role serving STUN");
+            data.cdx = Some(server);
+            gates.push(telemetry.health().gate("cdx"));
+        }
+        for gate in &data.gates {
+            gate.open();
+        }
+        Ok(data)
+    }
+
+    /// Stops the relay's loops and the CDX listeners (these within
+    /// `timeout`).
+    fn stop(self, runtime: &tokio::runtime::Runtime, timeout: Duration) {
+        if let Some(relay) = self.relay {
+            relay.shutdown();
+        }
+        if let Some(server) = self.beside {
+            let _ = runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(2), server.shutdown()).await
+            });
+        }
+        if let Some(server) = self.cdx {
+            // The timer must be created inside the runtime, hence the async
+            // block.
+            let done =
+                runtime.block_on(async { tokio::time::timeout(timeout, server.shutdown()).await });
+            if done.is_err() {
+                warn!(?timeout, "CDX listeners did not stop in time");
+            }
+        }
+    }
+}
+
+/// The control plane, on the actix system of the calling thread: metrics
+/// and health, certificate and secret reloads, the exchange, the registry
+/// records, lookup; then waits for a signal and shuts down in order (drain,
+/// deregister, stop the HTTP servers). Returns the signal's name.
+async fn control_plane(
+    global: &Global,
+    workers: usize,
+    plan: &Plan,
+    data: &DataPlane,
+    exchange: Option<(ExchangeInbox, natrix_cdx::exchange::Limits)>,
+    telemetry: &Telemetry,
+) -> anyhow::Result<&'static str> {
+    let mut signals = Signals::install()?;
+    let (server, addr) = http::serve(global.metrics_listen, telemetry.clone())?;
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    info!(%addr, "metrics and health endpoint up");
+    let reload = data.relay.as_ref().map(|r| r.reload_actor().start());
+    let store = match &global.redis_url {
+        Some(url) => connect_store(url).await?,
+        None => natrix_store::Store::memory(),
+    };
+    let secret = plan
+        .cluster_secret
+        .as_ref()
+        .or(plan.cdx.as_ref().and_then(|c| c.cluster_secret.as_ref()));
+    let _exchange = exchange.map(|(inbox, limits)| {
+        ExchangeActor::new(
+            inbox,
+            store.clone(),
+            secret.map(|s| s.bytes()),
+            limits,
+            ExchangeMetrics::new(telemetry),
+        )
+        .start()
+    });
+    // Rotated TURN secrets reach the relay within a second.
+    let _secrets = reload
+        .clone()
+        .map(|r| cluster::watch_relay_secrets(&store, r));
+    let publishers = publish_records(&store, plan, data, global, telemetry);
+    let lookup = match &plan.lookup {
+        Some((config, secrets)) => {
+            let cluster_secret = secret.context(
+                "lookup needs the cluster secret to mint exchange tickets (--cluster-secret)",
+            )?;
+            Some(cluster::start_lookup(
+                &store,
+                config,
+                secrets.clone(),
+                cluster_secret.bytes(),
+                workers,
+                telemetry,
+            )?)
+        }
+        None => None,
+    };
+
+    let signal = signals.stop(reload.as_ref()).await;
+    info!(signal, "shutting down");
+    telemetry.health().start_draining();
+    // Lookup stops assigning this host within one heartbeat.
+    for p in &publishers {
+        p.do_send(SetState(natrix_registry::State::Draining));
+    }
+    if let Some(relay) = &data.relay {
+        let drain_timeout = plan
+            .relay
+            .as_ref()
+            .map_or(Duration::ZERO, |r| r.drain_timeout);
+        drain(relay, drain_timeout, &mut signals).await;
+    }
+    for p in &publishers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), p.send(Deregister)).await;
+    }
+    if let Some((h, _)) = lookup {
+        h.stop(true).await;
+    }
+    handle.stop(true).await;
+    Ok(signal)
+}
+
+/// This host's registry records, heartbeated into the store: the relay
+/// (and CDX on its listener, in `natrix up`), or a CDX node (paired with a
+/// sibling when it asked for one).
+fn publish_records(
+    store: &natrix_store::Store,
+    plan: &Plan,
+    data: &DataPlane,
+    global: &Global,
+    telemetry: &Telemetry,
+) -> Vec<actix::Addr<natrix_registry::Publisher>> {
+    let mut publishers = Vec::new();
+    if let (Some(config), Some(host)) = (&plan.relay, &data.relay) {
+        let public = config.external_ip;
+        let rec = cluster::record(
+            config.relay_id.clone().unwrap_or_default(),
+            Role::Relay,
+            global,
+            cluster::public_addrs(host.udp_addrs(), public),
+            cluster::public_addrs(host.tcp_addrs(), public),
+            cluster::public_addrs(host.tls_addrs(), public),
+            config.max_allocations as u64,
+        );
+        let load = cluster::relay_load(host.control(), telemetry.clone());
+        publishers.push(cluster::publish(
+            store,
+            rec.clone(),
+            load,
+            global,
+            telemetry,
+        ));
+        if plan.cdx_on_relay {
+            let mut cdx = rec;
+            cdx.role = Role::Cdx;
+            cdx.tcp.clear();
+            cdx.tls.clear();
+            publishers.push(cluster::publish(
+                store,
+                cdx,
+                cluster::cdx_load(telemetry.clone()),
+                global,
+                telemetry,
+            ));
+        }
+    }
+    if let (Some(config), Some(server)) = (&plan.cdx, &data.cdx) {
+        let udp = cluster::public_addrs(server.udp_addrs(), config.advertise_ip);
+        let listen = server
+            .udp_addrs()
+            .first()
+            .copied()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478)));
+        let id = generated_id("cdx", listen);
+        let mut rec = cluster::record(
+            id.clone(),
+            Role::Cdx,
+            global,
+            udp,
+            Vec::new(),
+            Vec::new(),
+            config.exchange_max_sessions as u64,
+        );
+        rec.internal = server.udp_addrs().to_vec();
+        if let Some(handle) = server.siblings() {
+            cluster::SiblingPairer::new(store.clone(), id, handle).start();
+        }
+        publishers.push(cluster::publish(
+            store,
+            rec,
+            cluster::cdx_load(telemetry.clone()),
+            global,
+            telemetry,
+        ));
+    }
+    publishers
 }
