@@ -2,9 +2,10 @@
 //! swap their candidates through CDX before they hole-punch.
 //!
 //! lookup hands every participant of a session an invitation
-//! ([`natrix_model::invitation`]): a ticket that CDX verifies (it names the session, the participant's
-//! index, the number of participants and an expiry, authenticated with a key
-//! derived from the cluster secret) and a session key that CDX never sees.
+//! ([`natrix_model::invitation`]): a ticket that CDX verifies (it names the
+//! session, the participant's index, the number of participants and an
+//! expiry, authenticated with a key derived from the cluster secret) and a
+//! session key that CDX never sees.
 //! Each participant seals its connection data with the session key
 //! (ChaCha20-Poly1305) and posts it, with its ticket, to any CDX node over
 //! UDP — from the socket it will punch from, so the node learns the address
@@ -54,8 +55,9 @@
 //! # Limits
 //!
 //! At most `MAX_PARTICIPANTS` per session, [`MAX_SEALED`] bytes per entry,
-//! sessions at most `MAX_SESSION_TTL` (model constants) long, and a cap on live sessions per
-//! source IP and in total per node. Sessions leave nothing behind: store keys
+//! sessions at most `MAX_SESSION_TTL` long (both constants of
+//! `natrix_model::invitation`), and a cap on live sessions per source IP and
+//! in total per node. Sessions leave nothing behind: store keys
 //! carry the session's TTL and node state is swept at expiry.
 
 mod actor;
