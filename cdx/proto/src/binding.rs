@@ -196,6 +196,7 @@ impl BindingResponder {
 
     /// Handles one packet from `from`; writes any answer into `out` (1280
     /// bytes always suffice) and says what to do.
+    #[inline]
     pub fn handle(&self, packet: &[u8], from: SocketAddr, out: &mut [u8]) -> Outcome {
         self.handle_at(packet, from, None, out)
     }

@@ -39,6 +39,7 @@ struct Bucket {
 }
 
 impl Bucket {
+    #[inline]
     fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate).min(burst);
@@ -64,6 +65,7 @@ pub struct UnauthLimiter {
     prefixes: HashMap<u64, Bucket, foldhash::fast::RandomState>,
 }
 
+#[inline]
 fn prefix(ip: IpAddr) -> u64 {
     match ip.to_canonical() {
         IpAddr::V4(v4) => u64::from(u32::from(v4) >> 8),
@@ -85,6 +87,8 @@ impl UnauthLimiter {
     }
 
     /// True when one more unauthenticated answer to `ip` is allowed now.
+    /// (Per packet on CDX's path, called across crates: inlined there.)
+    #[inline]
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         let l = self.limits;
         if self.prefixes.len() >= MAX_PREFIXES {
