@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-pub use natrix_model::Redacted;
-use natrix_model::TurnSecret;
+use natrix_model::{Redacted, TurnSecret};
 
 use crate::core::{
     Credentials, IpNet, PeerPolicy, PortRange, RelayAddress, ServerConfig, UnauthLimits,

@@ -40,10 +40,10 @@ use natrix_wire::{
 };
 use ring::hmac;
 
+use natrix_model::NatClass;
 use natrix_model::invitation::{Invitation, open, seal};
 
 use super::{DELIVER, ENTRY, Entry, POST, PROFILE, TICKET};
-use natrix_model::NatClass;
 
 /// How often probes go out while punching.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
