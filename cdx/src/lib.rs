@@ -2,22 +2,25 @@
 //!
 //! This crate holds the STUN Binding service of [RFC 8489]: a sans-IO core
 //! ([`BindingResponder`]) that turns one request into one answer or one
-//! counted drop, and the server shells that drive it on real sockets
-//! ([`server`]: batched UDP loops, one per worker, and a TCP acceptor with
-//! per-connection framing). NAT behaviour discovery (RFC 5780, on one node
+//! counted drop, and the STUN service ([`service`]) that the relay host's
+//! loops carry: in `natrix cdx` on a host without TURN, in `natrix up` on
+//! TURN's listener (one packet path either way). NAT behaviour discovery (RFC 5780, on one node
 //! or across two sibling nodes: [`handoff`]) builds on the same core; the
 //! discovery client is [`client`]. The connection-data exchange
 //! ([`exchange`]) lets the participants of a session swap sealed candidates
 //! through any CDX node and punch direct paths with them.
 //!
-//! # Run loop contract (UDP)
+//! # Run loop contract
 //!
-//! Each loop owns one SO_REUSEPORT socket and its receive buffers. Per
-//! wake-up it (1) publishes counters if the flush interval passed, (2) reads
-//! one batch (up to 32 datagrams by recvmmsg, GRO trains split), (3) answers
-//! each datagram in order, writing into one reused response buffer, and
-//! (4) yields back to the runtime. Shutdown is checked first on every wake-up.
-//! Nothing on that path allocates, locks or awaits anything but the socket.
+//! The relay host runs one `mio` loop per core, each with its own
+//! SO_REUSEPORT sockets and its own CDX service ([`service::factory`]).
+//! Per wake-up a loop reads batches (recvmmsg, GRO trains split), hands
+//! each STUN datagram to the service, which writes its answer into the
+//! loop's reused buffer, and sends the batch's answers with one sendmmsg.
+//! Nothing on that path allocates, locks or awaits: exchange messages are
+//! offered to the actor over a bounded channel and dropped (counted) when
+//! it is behind; the actor's frames for TCP and TLS participants come back
+//! through the loop's bounded mailbox and waker.
 //!
 //! # Amplification
 //!
@@ -46,7 +49,7 @@ pub mod client;
 mod config;
 pub mod exchange;
 mod metrics;
-pub mod server;
+pub mod service;
 
 pub use config::{CdxConfig, Sibling};
 pub use metrics::{CdxMetrics, ExchangeMetrics, LoopCounters};

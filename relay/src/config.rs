@@ -14,6 +14,23 @@ use crate::core::{
     Credentials, IpNet, PeerPolicy, PortRange, RelayAddress, ServerConfig, UnauthLimits,
 };
 
+/// The listeners of a relay host, whichever services it carries.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// UDP listeners (TURN's, or a STUN service's without TURN).
+    pub listen: Vec<SocketAddr>,
+    /// TCP on the same addresses as UDP.
+    pub tcp: bool,
+    /// TLS listeners (bound only with a certificate).
+    pub tls_listen: Vec<SocketAddr>,
+    /// The certificate chain and key files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Most TCP and TLS connections, over all loops.
+    pub max_connections: usize,
+    /// Idle limit for connections without an allocation.
+    pub idle_timeout: Duration,
+}
+
 /// TURN relay settings.
 #[derive(Args, Clone, Debug)]
 pub struct RelayConfig {
@@ -191,6 +208,18 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    /// The listeners this role's host binds.
+    pub fn host(&self) -> HostConfig {
+        HostConfig {
+            listen: self.listen.clone(),
+            tcp: self.tcp,
+            tls_listen: self.tls_listen.clone(),
+            tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
     /// The credential store.
     pub fn credentials(&self) -> Result<Credentials, String> {
         let secrets = self.auth_secrets.clone();

@@ -17,7 +17,5 @@ pub use natrix_relay_proto as core;
 pub mod metrics;
 pub mod shell;
 
-pub use config::RelayConfig;
-pub use shell::{
-    BindingDelegate, DelegateFactory, OUTBOX_POLL, RelayHost, StreamOutbox, TlsReloader,
-};
+pub use config::{HostConfig, RelayConfig};
+pub use shell::{BoundHost, HostServices, RelayHost, TlsReloader};

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use natrix_model::invitation::{MAX_SESSION_TTL, SessionId, Ticket, TicketError, ticket_key};
-use natrix_net::SendBatch;
+use natrix_net::service::MailError;
+use natrix_net::{ConnId, SendBatch, StreamMailbox};
 use natrix_store::{PutField, Store};
 use natrix_wire::{Class, Message, TransactionId};
 use ring::hmac;
@@ -36,6 +37,19 @@ const EVENTS: &str = "natrix:cdx:exchange";
 const TICK: Duration = Duration::from_millis(20);
 /// Exchange datagrams waiting for the actor before loops drop new ones.
 const INBOX: usize = 4096;
+/// Ticks between sweeps of the connections no participant uses any more
+/// (a closed connection whose notice was dropped with a full inbox).
+const STREAM_SWEEP_TICKS: u32 = 50;
+
+/// Where answers and deliveries for a TCP or TLS participant go: its
+/// connection, through its loop's mailbox.
+#[derive(Clone, Debug)]
+pub struct StreamReply {
+    /// The mailbox of the loop that owns the connection.
+    pub mailbox: StreamMailbox,
+    /// The connection.
+    pub conn: ConnId,
+}
 
 /// One exchange datagram (or TCP frame), as a loop received it.
 #[derive(Debug)]
@@ -47,13 +61,22 @@ pub struct Inbound {
     /// The socket (and destination IP) it arrived on.
     pub local: Local,
     /// For a TCP connection: where to write answers and deliveries.
-    pub reply: Option<mpsc::Sender<Vec<u8>>>,
+    pub reply: Option<StreamReply>,
+}
+
+/// What reaches the actor from the loops.
+#[derive(Debug)]
+enum ToActor {
+    /// An exchange message.
+    Packet(Inbound),
+    /// A connection closed: forget its mailbox.
+    StreamClosed(u64),
 }
 
 /// The loops' side of the inbox.
 #[derive(Clone, Debug)]
 pub struct ExchangeSender {
-    tx: mpsc::Sender<Inbound>,
+    tx: mpsc::Sender<ToActor>,
 }
 
 impl ExchangeSender {
@@ -70,27 +93,33 @@ impl ExchangeSender {
         payload: &[u8],
         from: SocketAddr,
         local: Local,
-        reply: Option<mpsc::Sender<Vec<u8>>>,
+        reply: Option<StreamReply>,
     ) -> bool {
         match self.tx.try_reserve() {
             Ok(permit) => {
-                permit.send(Inbound {
+                permit.send(ToActor::Packet(Inbound {
                     payload: payload.to_vec(),
                     from,
                     local,
                     reply,
-                });
+                }));
                 true
             }
             Err(_) => false,
         }
+    }
+
+    /// Tells the actor connection `conn` closed (best effort: with a full
+    /// inbox the actor's periodic sweep forgets it).
+    pub fn stream_closed(&self, conn: ConnId) {
+        let _ = self.tx.try_send(ToActor::StreamClosed(conn.0));
     }
 }
 
 /// The actor's side of the inbox, with the sockets deliveries leave from.
 #[derive(Debug)]
 pub struct ExchangeInbox {
-    rx: mpsc::Receiver<Inbound>,
+    rx: mpsc::Receiver<ToActor>,
     sockets: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
 }
 
@@ -127,9 +156,10 @@ pub struct ExchangeActor {
     store: Store,
     key: Option<hmac::Key>,
     sockets: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
-    /// Writers of the TCP connections participants posted on.
-    streams: HashMap<u64, mpsc::Sender<Vec<u8>>>,
-    inbox: Option<mpsc::Receiver<Inbound>>,
+    /// The mailboxes of the TCP/TLS connections participants posted on.
+    streams: HashMap<u64, StreamMailbox>,
+    inbox: Option<mpsc::Receiver<ToActor>>,
+    ticks: u32,
     metrics: ExchangeMetrics,
     published: Stats,
     node: [u8; 8],
@@ -173,6 +203,7 @@ impl ExchangeActor {
             sockets: inbox.sockets,
             streams: HashMap::new(),
             inbox: Some(inbox.rx),
+            ticks: 0,
             metrics,
             published: Stats::default(),
             node: rand::random(),
@@ -183,17 +214,18 @@ impl ExchangeActor {
 
     fn send(&mut self, t: Transmit) {
         if let Some(id) = t.via.stream {
-            // A TCP participant: its connection's writer frames nothing
-            // (STUN messages delimit themselves on a stream).
-            let gone = match self.streams.get(&id) {
-                Some(w) => matches!(
-                    w.try_send(t.payload),
-                    Err(mpsc::error::TrySendError::Closed(_))
-                ),
-                None => false,
+            // A TCP participant: through its loop to its connection (STUN
+            // messages delimit themselves on a stream).
+            let Some(mailbox) = self.streams.get(&id) else {
+                self.metrics.send_errors.inc();
+                return;
             };
-            if gone {
-                self.streams.remove(&id);
+            match mailbox.post(ConnId(id), t.payload) {
+                Ok(()) => {}
+                Err(MailError::Full) => self.metrics.send_errors.inc(),
+                Err(MailError::Closed) => {
+                    self.streams.remove(&id);
+                }
             }
             return;
         }
@@ -230,9 +262,8 @@ impl ExchangeActor {
 
     fn handle_inbound(&mut self, mut inbound: Inbound, ctx: &mut Context<Self>) {
         let _span = self.span.clone().entered();
-        if let (Some(id), Some(writer)) = (inbound.local.stream, inbound.reply.take()) {
-            self.streams.retain(|_, w| !w.is_closed());
-            self.streams.entry(id).or_insert(writer);
+        if let (Some(id), Some(reply)) = (inbound.local.stream, inbound.reply.take()) {
+            self.streams.entry(id).or_insert(reply.mailbox);
         }
         let post = match parse_client(&inbound.payload) {
             Ok(ClientMessage::Ack(tid)) => {
@@ -407,6 +438,12 @@ impl ExchangeActor {
         let now = Instant::now();
         self.flush_due(now);
         self.registry.sweep(now);
+        self.ticks += 1;
+        if self.ticks >= STREAM_SWEEP_TICKS {
+            self.ticks = 0;
+            let live: std::collections::HashSet<u64> = self.registry.streams().collect();
+            self.streams.retain(|id, _| live.contains(id));
+        }
         let stats = self.registry.stats();
         self.metrics
             .acked
@@ -450,9 +487,14 @@ impl Actor for ExchangeActor {
     }
 }
 
-impl StreamHandler<Inbound> for ExchangeActor {
-    fn handle(&mut self, item: Inbound, ctx: &mut Context<Self>) {
-        self.handle_inbound(item, ctx);
+impl StreamHandler<ToActor> for ExchangeActor {
+    fn handle(&mut self, item: ToActor, ctx: &mut Context<Self>) {
+        match item {
+            ToActor::Packet(inbound) => self.handle_inbound(inbound, ctx),
+            ToActor::StreamClosed(id) => {
+                self.streams.remove(&id);
+            }
+        }
     }
 
     fn finished(&mut self, _ctx: &mut Context<Self>) {

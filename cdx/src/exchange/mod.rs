@@ -68,7 +68,7 @@ use std::net::SocketAddr;
 
 use natrix_wire::{AttributeType, Class, Encoder, Message, MessageType, Method, TransactionId};
 
-pub use actor::{ExchangeActor, ExchangeInbox, ExchangeSender, Inbound, inbox};
+pub use actor::{ExchangeActor, ExchangeInbox, ExchangeSender, Inbound, StreamReply, inbox};
 pub use registry::{Limits, Local, Registry, Transmit};
 
 /// Post: a participant's entry, client → CDX (request) and its answer.

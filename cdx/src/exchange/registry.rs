@@ -153,6 +153,14 @@ impl Registry {
         self.sessions.len()
     }
 
+    /// The TCP/TLS connections (by id) some live participant uses.
+    pub fn streams(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sessions
+            .values()
+            .flat_map(|s| s.members.iter().flatten())
+            .filter_map(|m| m.local.stream)
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> Stats {
         self.stats

@@ -42,7 +42,8 @@ pub(crate) struct Global {
     #[arg(long, env = "NATRIX_WORKERS", default_value_t = 0, global = true)]
     pub(crate) workers: usize,
 
-    /// Longest a shutdown waits for listeners to finish before exiting.
+    /// Longest a shutdown waits for the HTTP listeners (metrics, lookup) to
+    /// finish their requests before exiting.
     #[arg(
         long,
         env = "NATRIX_SHUTDOWN_TIMEOUT",

@@ -264,7 +264,7 @@ pub(crate) fn watch_relay_secrets(
 pub(crate) struct SiblingPairer {
     store: Store,
     own_id: String,
-    handle: natrix_cdx::server::SiblingHandle,
+    handle: natrix_cdx::service::SiblingHandle,
     in_flight: bool,
 }
 
@@ -272,7 +272,7 @@ impl SiblingPairer {
     pub(crate) fn new(
         store: Store,
         own_id: String,
-        handle: natrix_cdx::server::SiblingHandle,
+        handle: natrix_cdx::service::SiblingHandle,
     ) -> SiblingPairer {
         SiblingPairer {
             store,

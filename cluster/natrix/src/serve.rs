@@ -2,24 +2,19 @@
 //! signal, shut down in order.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
 use anyhow::Context;
-use natrix_cdx::exchange::{ExchangeActor, ExchangeInbox, ExchangeSender, Local, is_exchange};
-use natrix_cdx::{
-    BindingResponder, CdxConfig, CdxMetrics, ExchangeMetrics, LoopCounters, Outcome,
-    server::CdxServer,
-};
+use natrix_cdx::exchange::{ExchangeActor, ExchangeInbox};
+use natrix_cdx::service::{Layout, SiblingHandle, StunSettings};
+use natrix_cdx::{CdxConfig, ExchangeMetrics};
 use natrix_lookup::LookupConfig;
 use natrix_model::Redacted;
-use natrix_model::limiter::UnauthLimiter;
 use natrix_model::{ClusterSecret, TurnSecret};
 use natrix_registry::{Deregister, Role, SetState};
 use natrix_relay::control::{Reload, ReloadActor};
-use natrix_relay::core::Transport;
-use natrix_relay::{BindingDelegate, DelegateFactory, RelayConfig, RelayHost, StreamOutbox};
+use natrix_relay::{HostConfig, HostServices, RelayConfig, RelayHost};
 use natrix_telemetry::{Telemetry, http};
 use tracing::{info, warn};
 
@@ -166,197 +161,6 @@ async fn drain(relay: &RelayHost, timeout: Duration, signals: &mut Signals) {
     }
 }
 
-/// The CDX Binding responder plugged into the relay's listener.
-struct CdxOnRelay {
-    responder: Arc<BindingResponder>,
-    udp: LoopCounters,
-    tcp: LoopCounters,
-    /// The relay's caps on unauthenticated answers apply to Binding too
-    /// (UDP only: TCP sources cannot be spoofed).
-    limiter: UnauthLimiter,
-    /// Exchange messages go to the actor; the counter of those dropped
-    /// because it is behind.
-    exchange: (ExchangeSender, prometheus::IntCounter),
-    /// RFC 5780 on up's listener: per bound address, the grid and the
-    /// sockets of its cells (filled once the alternate cells are bound).
-    rfc5780: Arc<std::sync::OnceLock<Rfc5780Cells>>,
-}
-
-/// Per primary address: where it sits in its grid, and a socket per cell.
-type Rfc5780Cells = std::collections::HashMap<
-    SocketAddr,
-    (natrix_cdx::Site, [[Option<Arc<std::net::UdpSocket>>; 2]; 2]),
->;
-
-impl BindingDelegate for CdxOnRelay {
-    fn handle(
-        &mut self,
-        packet: &[u8],
-        from: SocketAddr,
-        local: (SocketAddr, Option<std::net::IpAddr>),
-        transport: Transport,
-        out: &mut [u8],
-    ) -> Option<usize> {
-        if is_exchange(packet) {
-            // Over UDP: the relay hands stream frames to `handle_stream`,
-            // which routes their exchange through the connection.
-            debug_assert_eq!(transport, Transport::Udp);
-            self.udp.record_exchange(packet.len());
-            if !self.limiter.allow(from.ip(), std::time::Instant::now()) {
-                self.udp.dropped(natrix_cdx::DropReason::RateLimited);
-            } else {
-                let (bound, dst_ip) = local;
-                let local = Local {
-                    bound,
-                    dst_ip: if bound.ip().is_unspecified() {
-                        dst_ip
-                    } else {
-                        None
-                    },
-                    stream: None,
-                };
-                if !self.exchange.0.offer(packet, from, local) {
-                    self.exchange.1.inc();
-                }
-            }
-            return None;
-        }
-        let cells = self
-            .rfc5780
-            .get()
-            .and_then(|m| m.get(&local.0))
-            .filter(|_| transport == Transport::Udp);
-        let mut outcome = self
-            .responder
-            .handle_at(packet, from, cells.map(|(site, _)| *site), out);
-        if transport == Transport::Udp
-            && matches!(outcome, Outcome::Reply { .. })
-            && !self.limiter.allow(from.ip(), std::time::Instant::now())
-        {
-            outcome = Outcome::Drop(natrix_cdx::DropReason::RateLimited);
-        }
-        let counters = match transport {
-            Transport::Udp => &mut self.udp,
-            Transport::Tcp | Transport::Tls => &mut self.tcp,
-        };
-        counters.record(packet.len(), &outcome);
-        match outcome {
-            // RFC 5780: answered from another cell, or to another port.
-            Outcome::Reply {
-                len,
-                route: Some((via, to)),
-                ..
-            } => {
-                let sender = cells.and_then(|(_, senders)| senders[via.ip][via.port].as_ref());
-                match sender.map(|s| s.send_to(&out[..len], to)) {
-                    Some(Ok(_)) => counters.sent(len),
-                    _ => counters.send_failed(),
-                }
-                None
-            }
-            Outcome::Reply { len, .. } => {
-                counters.sent(len);
-                Some(len)
-            }
-            Outcome::Indication | Outcome::Drop(_) => None,
-        }
-    }
-
-    fn handle_stream(
-        &mut self,
-        packet: &[u8],
-        from: SocketAddr,
-        local: SocketAddr,
-        transport: Transport,
-        out: &mut [u8],
-        outbox: &mut Option<Box<dyn StreamOutbox>>,
-    ) -> Option<usize> {
-        if !is_exchange(packet) {
-            return self.handle(packet, from, (local, None), transport, out);
-        }
-        // A client without UDP exchanges over its connection: the actor
-        // answers and delivers through the connection's outbox.
-        self.tcp.record_exchange(packet.len());
-        let outbox = outbox.get_or_insert_with(|| Box::new(ExchangeOutbox::new()));
-        let Some(x) = outbox.as_any().downcast_mut::<ExchangeOutbox>() else {
-            self.tcp.dropped(natrix_cdx::DropReason::UnexpectedClass);
-            return None;
-        };
-        let local = Local {
-            bound: local,
-            dst_ip: None,
-            stream: Some(x.id),
-        };
-        if !self
-            .exchange
-            .0
-            .offer_from_stream(packet, from, local, Some(x.tx.clone()))
-        {
-            self.exchange.1.inc();
-        }
-        None
-    }
-
-    fn flush(&mut self) {
-        self.udp.flush();
-        self.tcp.flush();
-        self.limiter.sweep(std::time::Instant::now());
-    }
-}
-
-/// The exchange's frames for one TCP or TLS connection of the relay: the
-/// actor writes into `tx`, the relay loop drains `rx` into the connection.
-struct ExchangeOutbox {
-    /// The connection's id in the actor (unique in this process).
-    id: u64,
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-}
-
-impl ExchangeOutbox {
-    fn new() -> ExchangeOutbox {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        ExchangeOutbox {
-            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            tx,
-            rx,
-        }
-    }
-}
-
-impl StreamOutbox for ExchangeOutbox {
-    fn poll(&mut self) -> Option<Vec<u8>> {
-        self.rx.try_recv().ok()
-    }
-
-    fn as_any(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
-
-fn cdx_delegate(
-    relay: &RelayConfig,
-    telemetry: &Telemetry,
-    exchange: ExchangeSender,
-    rfc5780: Arc<std::sync::OnceLock<Rfc5780Cells>>,
-) -> DelegateFactory {
-    let responder = Arc::new(BindingResponder::new(Some(relay.software.clone())));
-    let metrics = CdxMetrics::new(telemetry);
-    let overloaded = ExchangeMetrics::new(telemetry).post("overloaded").clone();
-    let limits = relay.server_config().unauth;
-    Arc::new(move || {
-        Box::new(CdxOnRelay {
-            responder: responder.clone(),
-            udp: metrics.local(natrix_cdx::Transport::Udp),
-            tcp: metrics.local(natrix_cdx::Transport::Tcp),
-            limiter: UnauthLimiter::new(limits, std::time::Instant::now()),
-            exchange: (exchange.clone(), overloaded.clone()),
-            rfc5780: rfc5780.clone(),
-        }) as Box<dyn BindingDelegate>
-    })
-}
-
 /// `natrix up` without credentials gets a generated development user, shown
 /// once, so that a first run works and never with a guessable password.
 fn with_dev_credentials(mut relay: RelayConfig) -> RelayConfig {
@@ -374,72 +178,6 @@ fn with_dev_credentials(mut relay: RelayConfig) -> RelayConfig {
             .push(Redacted::new(format!("natrix:{password}")));
     }
     relay
-}
-
-/// RFC 5780 beside up's relay listener: sockets and loops for the
-/// alternate cells, the relay's own sockets as the primary cells.
-fn start_rfc5780_beside(
-    runtime: &tokio::runtime::Handle,
-    host: &RelayHost,
-    port: Option<u16>,
-    ip: Option<std::net::IpAddr>,
-    telemetry: &Telemetry,
-) -> anyhow::Result<CdxServer> {
-    use clap::Parser as _;
-    #[derive(clap::Parser)]
-    struct Defaults {
-        #[command(flatten)]
-        cdx: CdxConfig,
-    }
-    let listen: Vec<String> = host.udp_addrs().iter().map(ToString::to_string).collect();
-    let mut args = vec![
-        "natrix".to_owned(),
-        "--stun-listen".to_owned(),
-        listen.join(","),
-        "--stun-tcp".to_owned(),
-        "false".to_owned(),
-    ];
-    if let Some(p) = port {
-        args.extend(["--stun-alternate-port".to_owned(), p.to_string()]);
-    }
-    if let Some(ip) = ip {
-        args.extend(["--stun-alternate-ip".to_owned(), ip.to_string()]);
-    }
-    let config = Defaults::try_parse_from(args)
-        .context("configuring RFC 5780 beside the relay")?
-        .cdx;
-    let primaries = host
-        .udp_socket_clones()
-        .context("cloning the relay's sockets for RFC 5780")?
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect();
-    CdxServer::start_beside(runtime, &config, 1, telemetry, primaries)
-}
-
-/// The delegate's view of the grid: per primary, its site and cell sockets.
-fn rfc5780_cells(server: &CdxServer) -> anyhow::Result<Rfc5780Cells> {
-    let mut map: Rfc5780Cells = std::collections::HashMap::new();
-    let grids = server.grids();
-    for (primary, via, socket) in server
-        .cell_sockets()
-        .context("cloning the RFC 5780 sockets")?
-    {
-        let Some(grid) = grids.iter().find(|(a, _)| *a == primary).map(|(_, g)| *g) else {
-            continue;
-        };
-        let entry = map.entry(primary).or_insert_with(|| {
-            (
-                natrix_cdx::Site {
-                    grid,
-                    arrived: natrix_cdx::Via::default(),
-                },
-                Default::default(),
-            )
-        });
-        entry.1[via.ip][via.port] = Some(Arc::new(socket));
-    }
-    Ok(map)
 }
 
 /// How long a starting process waits for Redis (e.g. a Redis pod starting
@@ -497,15 +235,8 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
     );
     let telemetry = Telemetry::new(env!("CARGO_PKG_VERSION"));
 
-    // The CDX server runs on tokio; the relay has its own loops.
-    let cdx_alone = plan.cdx.is_some() && plan.relay.is_none();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(if cdx_alone { workers } else { 1 })
-        .thread_name("natrix-io")
-        .enable_all()
-        .build()
-        .context("starting the data-plane runtime")?;
-    let mut data = DataPlane::start(&plan, workers, &runtime, &telemetry)?;
+    // The data plane runs on the host's own loops (threads of their own).
+    let mut data = DataPlane::start(&plan, workers, &telemetry)?;
     let exchange = data.exchange.take();
 
     // The control plane (actix) runs on this thread.
@@ -513,103 +244,128 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
     let signal = system.block_on(control_plane(
         global, workers, &plan, &data, exchange, &telemetry,
     ))?;
-    data.stop(&runtime, global.shutdown_timeout);
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    data.stop();
     info!(signal, "stopped");
     Ok(())
 }
 
-/// What serves packets: the relay's loops and/or the CDX server, the RFC
-/// 5780 server beside `natrix up`'s listener, the exchange inbox the
-/// control plane drives, and the readiness gates (open while this lives:
-/// a gate closes when dropped).
+/// What serves packets: one host (TURN, CDX, or both on one listener),
+/// the exchange inbox the control plane drives, the RFC 5780 sibling
+/// handle, and the readiness gates (open while this lives: a gate closes
+/// when dropped).
 struct DataPlane {
-    relay: Option<RelayHost>,
-    cdx: Option<CdxServer>,
-    beside: Option<CdxServer>,
+    host: Option<RelayHost>,
+    /// The host relays TURN.
+    turn: bool,
     exchange: Option<(ExchangeInbox, natrix_cdx::exchange::Limits)>,
+    siblings: Option<SiblingHandle>,
     gates: Vec<natrix_telemetry::ReadyGate>,
 }
 
 impl DataPlane {
-    /// Starts the data planes `plan` names and opens their readiness gates.
-    fn start(
-        plan: &Plan,
-        workers: usize,
-        runtime: &tokio::runtime::Runtime,
-        telemetry: &Telemetry,
-    ) -> anyhow::Result<DataPlane> {
+    /// Starts the host `plan` names and opens its readiness gates.
+    fn start(plan: &Plan, workers: usize, telemetry: &Telemetry) -> anyhow::Result<DataPlane> {
         let mut data = DataPlane {
-            relay: None,
-            cdx: None,
-            beside: None,
+            host: None,
+            turn: plan.relay.is_some(),
             exchange: None,
+            siblings: None,
             gates: Vec::new(),
         };
-        let gates = &mut data.gates;
-        if let Some(relay) = &plan.relay {
-            let rfc5780 = Arc::new(std::sync::OnceLock::new());
-            let delegate = if plan.cdx_on_relay {
+        let Some((host_config, stun)) = host_plan(plan) else {
+            return Ok(data);
+        };
+        let mut bound = RelayHost::bind(&host_config, workers)?;
+        let services = match &stun {
+            Some((settings, limits)) => {
+                let layout = Layout::plan(settings, bound.udp_addrs(), telemetry)?;
+                bound.bind_service_udp(&layout.cells_to_bind())?;
                 let (sender, inbox) = natrix_cdx::exchange::inbox();
-                data.exchange = Some((inbox, Default::default()));
-                Some(cdx_delegate(relay, telemetry, sender, rfc5780.clone()))
-            } else {
-                None
-            };
-            let host = RelayHost::start(relay, workers, telemetry, delegate)?;
-            if let Some((port, ip)) = plan.up_rfc5780 {
-                let server = start_rfc5780_beside(runtime.handle(), &host, port, ip, telemetry)?;
-                let _ = rfc5780.set(rfc5780_cells(&server)?);
-                data.beside = Some(server);
+                data.exchange = Some((inbox, *limits));
+                data.siblings = layout.siblings();
+                Some(natrix_cdx::service::factory(
+                    settings, &layout, sender, telemetry,
+                ))
             }
-            if let Some((inbox, _)) = &mut data.exchange {
-                for (bound, socket) in host
-                    .udp_socket_clones()
-                    .context("cloning the listener sockets for the exchange")?
-                {
-                    inbox.add_socket(bound, socket);
-                }
-                gates.push(telemetry.health().gate("cdx"));
+            None => None,
+        };
+        let host = bound.start(
+            telemetry,
+            HostServices {
+                stun: services,
+                turn: plan.relay.clone(),
+            },
+        )?;
+        if let Some((inbox, _)) = &mut data.exchange {
+            // Exchange answers and deliveries leave from the socket the
+            // participant used (a clone: same address and port).
+            for (bound, socket) in host
+                .udp_socket_clones()
+                .context("cloning the listener sockets for the exchange")?
+            {
+                inbox.add_socket(bound, socket);
             }
+            info!(udp = ?host.udp_addrs(), cells = ?host.service_udp_addrs(), tcp = ?host.tcp_addrs(), "CDX serving STUN");
+            data.gates.push(telemetry.health().gate("cdx"));
+        }
+        if plan.relay.is_some() {
             info!(udp = ?host.udp_addrs(), tcp = ?host.tcp_addrs(), tls = ?host.tls_addrs(), "relay role serving TURN");
-            data.relay = Some(host);
-            gates.push(telemetry.health().gate("relay"));
+            data.gates.push(telemetry.health().gate("relay"));
         }
-        if let Some(cdx) = &plan.cdx {
-            let mut server = CdxServer::start(runtime.handle(), cdx, workers, telemetry)?;
-            data.exchange = server
-                .take_exchange()
-                .map(|inbox| (inbox, cdx.exchange_limits()));
-            info!(udp = ?server.udp_addrs(), tcp = ?server.tcp_addrs(), "CDX role serving STUN");
-            data.cdx = Some(server);
-            gates.push(telemetry.health().gate("cdx"));
-        }
+        data.host = Some(host);
         for gate in &data.gates {
             gate.open();
         }
         Ok(data)
     }
 
-    /// Stops the relay's loops and the CDX listeners (these within
-    /// `timeout`).
-    fn stop(self, runtime: &tokio::runtime::Runtime, timeout: Duration) {
-        if let Some(relay) = self.relay {
-            relay.shutdown();
+    /// Stops the host's loops.
+    fn stop(self) {
+        if let Some(host) = self.host {
+            host.shutdown();
         }
-        if let Some(server) = self.beside {
-            let _ = runtime.block_on(async {
-                tokio::time::timeout(Duration::from_secs(2), server.shutdown()).await
+    }
+
+    /// The host when it relays TURN.
+    fn relay(&self) -> Option<&RelayHost> {
+        self.host.as_ref().filter(|_| self.turn)
+    }
+}
+
+/// The listeners of the host `plan` runs, and the CDX service on them
+/// with the exchange's limits (`None`: no host, as for lookup alone).
+fn host_plan(
+    plan: &Plan,
+) -> Option<(
+    HostConfig,
+    Option<(StunSettings, natrix_cdx::exchange::Limits)>,
+)> {
+    match (&plan.relay, &plan.cdx) {
+        (Some(relay), _) => {
+            let stun = plan.cdx_on_relay.then(|| {
+                let (port, ip) = plan.up_rfc5780.unwrap_or_default();
+                let settings = natrix_cdx::service::beside_turn(
+                    &relay.software,
+                    relay.server_config().unauth,
+                    port,
+                    ip,
+                );
+                (settings, Default::default())
             });
+            Some((relay.host(), stun))
         }
-        if let Some(server) = self.cdx {
-            // The timer must be created inside the runtime, hence the async
-            // block.
-            let done =
-                runtime.block_on(async { tokio::time::timeout(timeout, server.shutdown()).await });
-            if done.is_err() {
-                warn!(?timeout, "CDX listeners did not stop in time");
-            }
-        }
+        (None, Some(cdx)) => Some((
+            HostConfig {
+                listen: cdx.listen.clone(),
+                tcp: cdx.tcp,
+                tls_listen: Vec::new(),
+                tls: None,
+                max_connections: cdx.tcp_max_connections,
+                idle_timeout: cdx.tcp_idle_timeout,
+            },
+            Some((cdx.stun_settings(), cdx.exchange_limits())),
+        )),
+        (None, None) => None,
     }
 }
 
@@ -630,7 +386,7 @@ async fn control_plane(
     let handle = server.handle();
     actix_rt::spawn(server);
     info!(%addr, "metrics and health endpoint up");
-    let reload = data.relay.as_ref().map(|r| r.reload_actor().start());
+    let reload = data.relay().map(|r| r.reload_actor().start());
     let store = match &global.redis_url {
         Some(url) => connect_store(url).await?,
         None => natrix_store::Store::memory(),
@@ -678,7 +434,7 @@ async fn control_plane(
     for p in &publishers {
         p.do_send(SetState(natrix_registry::State::Draining));
     }
-    if let Some(relay) = &data.relay {
+    if let Some(relay) = data.relay() {
         let drain_timeout = plan
             .relay
             .as_ref()
@@ -688,10 +444,19 @@ async fn control_plane(
     for p in &publishers {
         let _ = tokio::time::timeout(Duration::from_secs(2), p.send(Deregister)).await;
     }
-    if let Some((h, _)) = lookup {
-        h.stop(true).await;
+    // The HTTP servers finish their requests, within the shutdown timeout.
+    let http = async {
+        if let Some((h, _)) = lookup {
+            h.stop(true).await;
+        }
+        handle.stop(true).await;
+    };
+    if tokio::time::timeout(global.shutdown_timeout, http)
+        .await
+        .is_err()
+    {
+        warn!(timeout = ?global.shutdown_timeout, "HTTP servers did not stop in time");
     }
-    handle.stop(true).await;
     Ok(signal)
 }
 
@@ -706,7 +471,7 @@ fn publish_records(
     telemetry: &Telemetry,
 ) -> Vec<actix::Addr<natrix_registry::Publisher>> {
     let mut publishers = Vec::new();
-    if let (Some(config), Some(host)) = (&plan.relay, &data.relay) {
+    if let (Some(config), Some(host)) = (&plan.relay, data.relay()) {
         let public = config.external_ip;
         let rec = cluster::record(
             config.relay_id.clone().unwrap_or_default(),
@@ -739,7 +504,7 @@ fn publish_records(
             ));
         }
     }
-    if let (Some(config), Some(server)) = (&plan.cdx, &data.cdx) {
+    if let (Some(config), Some(server)) = (&plan.cdx, &data.host) {
         let udp = cluster::public_addrs(server.udp_addrs(), config.advertise_ip);
         let listen = server
             .udp_addrs()
@@ -757,7 +522,7 @@ fn publish_records(
             config.exchange_max_sessions as u64,
         );
         rec.internal = server.udp_addrs().to_vec();
-        if let Some(handle) = server.siblings() {
+        if let Some(handle) = data.siblings.clone() {
             cluster::SiblingPairer::new(store.clone(), id, handle).start();
         }
         publishers.push(cluster::publish(

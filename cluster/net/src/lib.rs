@@ -18,14 +18,18 @@
 
 mod frames;
 mod mmsg;
+pub mod service;
 mod udp;
 
 pub use frames::{StreamFrames, TimedRead, is_timeout};
 pub use mmsg::{HeadroomBatch, SendBatch};
+pub use service::{
+    Answer, Arrival, ConnId, HostEvent, LoopContext, StreamMailbox, StunService, StunServiceFactory,
+};
 
 pub use udp::{
     Datagram, RecvBatch, SyncUdp, UdpIo, UdpOptions, bind_tcp, bind_udp, ensure_tcp_free,
-    ensure_udp_free,
+    ensure_udp_free, ipv6_unavailable,
 };
 
 /// Raises this process's open-file limit to its hard maximum (every relay

@@ -341,3 +341,20 @@ impl SyncUdp {
             .try_send(UdpSockRef::from(&self.socket), &transmit)
     }
 }
+
+/// True when `addr` is an IPv6 wildcard and this host has no IPv6 (the
+/// kernel refuses an IPv6 socket or the wildcard): such a default listener
+/// is skipped rather than fatal.
+pub fn ipv6_unavailable(addr: SocketAddr) -> bool {
+    if !(addr.is_ipv6() && addr.ip().is_unspecified()) {
+        return false;
+    }
+    let probe = SocketAddr::new(addr.ip(), 0);
+    match std::net::UdpSocket::bind(probe) {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.raw_os_error(),
+            Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+        ),
+    }
+}

@@ -17,11 +17,15 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
-use natrix_net::{HeadroomBatch, RecvBatch, SendBatch, SyncUdp};
+use natrix_net::service::Mail;
+use natrix_net::{
+    Answer, Arrival, ConnId, HeadroomBatch, HostEvent, LoopContext, RecvBatch, SendBatch,
+    StreamMailbox, StunService, StunServiceFactory, SyncUdp,
+};
 use tracing::{debug, trace};
 
+use super::is_binding;
 use super::stream::{ReadOutcome, Stream};
-use super::{BindingDelegate, is_binding};
 use crate::control::Control;
 use crate::core::{
     AllocationId, ClientAction, ClientSocket, Command, PEER_HEADROOM, PEER_TAILROOM, RelaySockets,
@@ -45,6 +49,11 @@ const MAX_DATAGRAM: usize = 65_535;
 /// Largest client datagram read (bigger ones are truncated and then fail to
 /// parse: TURN over UDP carries at most an MTU).
 const MAX_CLIENT_DATAGRAM: usize = 4096;
+
+/// Frames a loop's mailbox holds for its connections.
+const MAILBOX: usize = 4096;
+/// Mailbox frames moved into connections per wake-up.
+const MAIL_PER_WAKE: usize = 1024;
 
 /// Datagrams sent per `sendmmsg`.
 const SEND_BATCH: usize = 32;
@@ -181,10 +190,9 @@ struct Clients {
     streams: Vec<Option<Stream>>,
     free_streams: Vec<usize>,
     stream_by_client: HashMap<ClientSocket, usize, foldhash::fast::RandomState>,
+    stream_by_conn: HashMap<ConnId, usize, foldhash::fast::RandomState>,
     /// Streams with frames queued since the last [`Clients::flush`].
     dirty_streams: Vec<usize>,
-    /// Streams with a delegate's outbox to drain.
-    outboxes: Vec<usize>,
     send_errors: u64,
 }
 
@@ -238,32 +246,29 @@ impl Clients {
 }
 
 impl Clients {
-    /// Moves what delegates produced for their connections into the
-    /// streams' queues (flushed by [`Clients::flush`]); forgets closed ones.
-    fn drain_outboxes(&mut self) {
-        let streams = &mut self.streams;
-        let dirty = &mut self.dirty_streams;
-        let mut errors = 0;
-        self.outboxes.retain(|&j| {
-            let Some(stream) = streams.get_mut(j).and_then(Option::as_mut) else {
-                return false;
-            };
-            let Some(mut outbox) = stream.outbox.take() else {
-                return false;
-            };
-            while let Some(frame) = outbox.poll() {
-                if !stream.queue(&frame) {
-                    errors += 1;
-                }
-                if !stream.dirty {
-                    stream.dirty = true;
-                    dirty.push(j);
-                }
-            }
-            stream.outbox = Some(outbox);
-            true
-        });
-        self.send_errors += errors;
+    /// Queues a frame a STUN service sent a connection from outside the
+    /// loop; false when the connection is gone or too slow.
+    fn mail(&mut self, mail: &Mail) -> bool {
+        let Some(&j) = self.stream_by_conn.get(&mail.conn) else {
+            return false;
+        };
+        let Some(stream) = self.streams.get_mut(j).and_then(Option::as_mut) else {
+            return false;
+        };
+        let queued = stream.queue(&mail.frame);
+        if !stream.dirty {
+            stream.dirty = true;
+            self.dirty_streams.push(j);
+        }
+        queued
+    }
+
+    /// Sends what is queued on UDP listener `i`; returns the failures.
+    fn flush_udp(&mut self, i: usize) -> u64 {
+        match (self.udp.get(i), self.udp_out.get_mut(i)) {
+            (Some(l), Some(batch)) if !batch.is_empty() => batch.flush(l.socket().as_fd()) as u64,
+            _ => 0,
+        }
     }
 
     /// Sends every queued UDP datagram and writes every stream that got
@@ -307,7 +312,12 @@ fn want_write(registry: &Registry, stream: &mut Stream, j: usize) {
 
 /// The client-facing sockets a loop serves.
 pub(super) struct Listeners {
+    /// TURN's UDP listeners (the first `turn_udp`), then the STUN
+    /// service's own.
     pub(super) udp: Vec<SyncUdp>,
+    pub(super) turn_udp: usize,
+    /// TURN on the listeners; without it, everything goes to the service.
+    pub(super) turn: bool,
     pub(super) tcp: Vec<std::net::TcpListener>,
     pub(super) tls: Vec<std::net::TcpListener>,
 }
@@ -339,7 +349,11 @@ pub(super) struct EventLoop {
     published: Stats,
     published_send_errors: u64,
     stop: Arc<AtomicBool>,
-    delegate: Option<Box<dyn BindingDelegate>>,
+    service: Option<Box<dyn StunService>>,
+    /// Frames the service sends this loop's connections later.
+    mail: std::sync::mpsc::Receiver<Mail>,
+    turn: bool,
+    turn_udp: usize,
     control: Arc<Control>,
     shard: usize,
     draining: bool,
@@ -357,7 +371,7 @@ impl EventLoop {
         tls_config: Option<Arc<super::TlsReloader>>,
         metrics: RelayMetrics,
         stop: Arc<AtomicBool>,
-        delegate: Option<Box<dyn BindingDelegate>>,
+        service: Option<StunServiceFactory>,
         settings: LoopSettings,
     ) -> io::Result<(EventLoop, Arc<mio::Waker>)> {
         let LoopSettings {
@@ -366,10 +380,24 @@ impl EventLoop {
             max_streams,
             idle_timeout,
         } = settings;
-        let Listeners { udp, tcp, tls } = listeners;
+        let Listeners {
+            udp,
+            turn_udp,
+            turn,
+            tcp,
+            tls,
+        } = listeners;
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+        let wake = waker.clone();
+        let (mailbox, mail) = StreamMailbox::new(
+            MAILBOX,
+            Arc::new(move || {
+                let _ = wake.wake();
+            }),
+        );
+        let service = service.map(|make| make(LoopContext { shard, mailbox }));
         for (i, s) in udp.iter().enumerate() {
             registry.register(
                 &mut SourceFd(&s.socket().as_raw_fd()),
@@ -411,8 +439,8 @@ impl EventLoop {
                     streams: Vec::new(),
                     free_streams: Vec::new(),
                     stream_by_client: HashMap::default(),
+                    stream_by_conn: HashMap::default(),
                     dirty_streams: Vec::new(),
-                    outboxes: Vec::new(),
                     send_errors: 0,
                 },
                 tcp: listeners,
@@ -431,7 +459,10 @@ impl EventLoop {
                 published: Stats::default(),
                 published_send_errors: 0,
                 stop,
-                delegate,
+                service,
+                mail,
+                turn,
+                turn_udp,
                 credentials_generation: control.credentials_generation(),
                 control,
                 shard,
@@ -453,16 +484,10 @@ impl EventLoop {
         while !self.stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let timeout = if pending.is_empty() {
-                let t = self
-                    .core
+                self.core
                     .poll_timeout()
                     .min(next_publish)
-                    .saturating_duration_since(now);
-                if self.clients.outboxes.is_empty() {
-                    t
-                } else {
-                    t.min(super::OUTBOX_POLL)
-                }
+                    .saturating_duration_since(now)
             } else {
                 Duration::ZERO
             };
@@ -481,9 +506,9 @@ impl EventLoop {
             std::mem::swap(&mut pending, &mut again);
             pending.sort_unstable();
             pending.dedup();
-            if !self.clients.outboxes.is_empty() {
-                self.clients.drain_outboxes();
-                self.clients.flush(&self.registry);
+            if self.deliver_mail() {
+                // More mail waits: come back without sleeping.
+                pending.push(WAKER);
             }
 
             self.apply_control();
@@ -512,6 +537,32 @@ impl EventLoop {
         self.publish();
     }
 
+    /// Moves frames the service sent from outside the loop into their
+    /// connections and writes them; true when more may wait.
+    fn deliver_mail(&mut self) -> bool {
+        let mut moved = 0;
+        let mut lost = 0;
+        while moved < MAIL_PER_WAKE {
+            let Ok(mail) = self.mail.try_recv() else {
+                break;
+            };
+            moved += 1;
+            if !self.clients.mail(&mail) {
+                lost += 1;
+            }
+        }
+        if moved == 0 {
+            return false;
+        }
+        self.clients.flush(&self.registry);
+        if lost > 0
+            && let Some(s) = self.service.as_mut()
+        {
+            s.event(HostEvent::SendFailed(lost));
+        }
+        moved == MAIL_PER_WAKE
+    }
+
     /// Applies what the control plane changed (between batches).
     fn apply_control(&mut self) {
         let draining = self.control.is_draining();
@@ -529,8 +580,8 @@ impl EventLoop {
     fn publish(&mut self) {
         self.control
             .set_allocations(self.shard, self.core.allocation_count() as u64);
-        if let Some(d) = self.delegate.as_mut() {
-            d.flush();
+        if let Some(s) = self.service.as_mut() {
+            s.flush();
         }
         let stats = self.core.stats().clone();
         self.metrics.publish(&self.published, &stats);
@@ -577,20 +628,47 @@ impl EventLoop {
             }
             let now = Instant::now();
             let local = socket.local_addr();
+            // TURN's listeners hand the service Binding and the exchange;
+            // the service's own listeners hand it everything.
+            let all_to_service = !self.turn || i >= self.turn_udp;
+            let mut service_replies = false;
             for d in self.client_batch.datagrams() {
-                if let Some(delegate) = self.delegate.as_mut().filter(|_| is_binding(d.payload)) {
-                    if let Some(len) = delegate.handle(
-                        d.payload,
-                        d.from,
-                        (local, d.to_ip),
-                        Transport::Udp,
-                        &mut self.out,
-                    ) && socket
-                        .try_send_to(&self.out[..len], d.from, d.to_ip)
-                        .is_err()
-                    {
-                        self.clients.send_errors += 1;
+                if let Some(service) = self
+                    .service
+                    .as_mut()
+                    .filter(|_| all_to_service || is_binding(d.payload))
+                {
+                    let arrival = Arrival {
+                        bound: local,
+                        to_ip: d.to_ip,
+                    };
+                    match service.datagram(d.payload, d.from, arrival, &mut self.out) {
+                        Answer::None => {}
+                        Answer::Reply(len) => {
+                            let batch = &mut self.clients.udp_out[i];
+                            if batch.is_full() {
+                                let failed = batch.flush(socket.socket().as_fd()) as u64;
+                                if failed > 0 {
+                                    service.event(HostEvent::SendFailed(failed));
+                                }
+                            }
+                            batch.push_from(d.from, d.to_ip, &self.out[..len]);
+                            service_replies = true;
+                        }
+                        Answer::Route { len, from, to } => {
+                            let Some(l) = self.clients.udp.iter().find(|l| l.local_addr() == from)
+                            else {
+                                service.event(HostEvent::SendFailed(1));
+                                continue;
+                            };
+                            if l.try_send_to(&self.out[..len], to, None).is_err() {
+                                service.event(HostEvent::SendFailed(1));
+                            }
+                        }
                     }
+                    continue;
+                }
+                if !self.turn {
                     continue;
                 }
                 let from = ClientSocket {
@@ -622,6 +700,14 @@ impl EventLoop {
                 }
             }
             self.relays.flush();
+            if service_replies {
+                let failed = self.clients.flush_udp(i);
+                if failed > 0
+                    && let Some(s) = self.service.as_mut()
+                {
+                    s.event(HostEvent::SendFailed(failed));
+                }
+            }
             // A batch that was not full drained the socket: the next
             // datagram raises a new readiness edge.
             if self.client_batch.filled() < self.client_batch.capacity() {
@@ -680,6 +766,9 @@ impl EventLoop {
                 // At the limit: close at once (the client tries its next
                 // ICE server) rather than hold a descriptor.
                 self.metrics.connections_rejected.inc();
+                if let Some(s) = self.service.as_mut() {
+                    s.event(HostEvent::StreamRefused);
+                }
                 drop(socket);
                 continue;
             }
@@ -719,7 +808,11 @@ impl EventLoop {
             }
             // A TLS client speaks first; nothing to flush yet.
             want_write(&self.registry, &mut stream, j);
+            if let Some(s) = self.service.as_mut() {
+                s.event(HostEvent::StreamOpened(stream.client.transport));
+            }
             self.clients.stream_by_client.insert(stream.client, j);
+            self.clients.stream_by_conn.insert(stream.conn, j);
             self.clients.streams[j] = Some(stream);
             self.live_streams += 1;
         }
@@ -737,22 +830,26 @@ impl EventLoop {
         let core = &mut self.core;
         let out = &mut self.out;
         let relays = &mut self.relays;
-        let delegate = &mut self.delegate;
+        let service = &mut self.service;
+        let turn = self.turn;
         let outcome = stream.read_frames(|frame, stream| {
             // Queued, flushed right after: the answers to one read go out
             // together.
             let client = stream.client;
-            if let Some(d) = delegate.as_mut().filter(|_| is_binding(frame)) {
-                if let Some(len) = d.handle_stream(
+            if let Some(s) = service.as_mut().filter(|_| !turn || is_binding(frame)) {
+                if let Some(len) = s.frame(
                     frame,
+                    stream.conn,
+                    client.transport,
                     client.client,
                     client.server,
-                    client.transport,
                     out,
-                    &mut stream.outbox,
                 ) {
                     stream.queue(&out[..len]);
                 }
+                return;
+            }
+            if !turn {
                 return;
             }
             match core.handle_client_input(frame, client, now, out, relays) {
@@ -772,12 +869,12 @@ impl EventLoop {
             ReadOutcome::Close => self.close_stream(j, stream),
             ReadOutcome::Garbage(reason) => {
                 self.core.record_drop(reason);
+                if let Some(s) = self.service.as_mut().filter(|_| !self.turn) {
+                    s.event(HostEvent::StreamGarbage);
+                }
                 self.close_stream(j, stream);
             }
             ReadOutcome::Open => {
-                if stream.outbox.is_some() && !self.clients.outboxes.contains(&j) {
-                    self.clients.outboxes.push(j);
-                }
                 if stream.flush().is_err() {
                     self.close_stream(j, stream);
                     return;
@@ -807,7 +904,14 @@ impl EventLoop {
         self.live_streams = self.live_streams.saturating_sub(1);
         let _ = self.registry.deregister(&mut stream.socket);
         self.clients.stream_by_client.remove(&stream.client);
+        self.clients.stream_by_conn.remove(&stream.conn);
         self.clients.free_streams.push(j);
+        if let Some(s) = self.service.as_mut() {
+            s.event(HostEvent::StreamClosed(
+                stream.conn,
+                stream.client.transport,
+            ));
+        }
         self.core.handle_client_disconnected(stream.client);
         if stream.client.transport == Transport::Tls {
             self.metrics.tls_connections.dec();

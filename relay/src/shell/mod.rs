@@ -23,73 +23,40 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use natrix_net::{SyncUdp, UdpOptions, bind_udp, ensure_tcp_free, ensure_udp_free};
+use natrix_net::{
+    StunServiceFactory, SyncUdp, UdpOptions, bind_udp, ensure_tcp_free, ensure_udp_free,
+};
 use natrix_telemetry::Telemetry;
 use tracing::{info, warn};
 
-use crate::config::RelayConfig;
+use crate::config::{HostConfig, RelayConfig};
 use crate::control::{Control, ReloadActor, SecretSource};
-use crate::core::{Server, SharedPorts, Transport};
+use crate::core::{Server, SharedPorts};
 use crate::metrics::RelayMetrics;
 
-/// Answers the STUN messages a relay leaves to another role: Binding
-/// requests and indications, RFC 3489 messages, and the connection-data
-/// exchange. In `natrix up` the CDX role plugs in here, so one listener on
-/// 3478 serves both roles.
-pub trait BindingDelegate: Send {
-    /// Handles `packet` from `from`, received on the socket bound to `local`
-    /// (with destination IP `to_ip` on wildcard UDP sockets); returns the
-    /// length of an answer written into `out`, or `None` to send nothing.
-    fn handle(
-        &mut self,
-        packet: &[u8],
-        from: SocketAddr,
-        local: (SocketAddr, Option<std::net::IpAddr>),
-        transport: Transport,
-        out: &mut [u8],
-    ) -> Option<usize>;
+/// What a host carries on its listeners.
+#[derive(Clone)]
+pub struct HostServices {
+    /// A STUN service (CDX): Binding and the exchange on TURN's
+    /// listeners, everything on listeners bound with
+    /// [`BoundHost::bind_service_udp`].
+    pub stun: Option<StunServiceFactory>,
+    /// TURN, with the relay's settings. Without it (`natrix cdx`) every
+    /// packet goes to the STUN service and the host's TURN series are not
+    /// exported.
+    pub turn: Option<RelayConfig>,
+}
 
-    /// Handles a frame from a TCP or TLS client, like [`handle`]; the
-    /// delegate may also attach an [`StreamOutbox`] to the connection for
-    /// frames it produces later (the exchange's deliveries), which the loop
-    /// drains and writes to it until the connection closes.
-    ///
-    /// [`handle`]: BindingDelegate::handle
-    fn handle_stream(
-        &mut self,
-        packet: &[u8],
-        from: SocketAddr,
-        local: SocketAddr,
-        transport: Transport,
-        out: &mut [u8],
-        outbox: &mut Option<Box<dyn StreamOutbox>>,
-    ) -> Option<usize> {
-        let _ = outbox;
-        self.handle(packet, from, (local, None), transport, out)
+impl std::fmt::Debug for HostServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostServices")
+            .field("stun", &self.stun.is_some())
+            .field("turn", &self.turn.is_some())
+            .finish()
     }
-
-    /// Publishes counters; called when the loop publishes its own.
-    fn flush(&mut self) {}
 }
 
-/// Frames a delegate sends on a TCP or TLS connection after the fact
-/// (answers computed elsewhere). The loop polls every connection that has
-/// one at least every [`OUTBOX_POLL`].
-pub trait StreamOutbox: Send {
-    /// The next whole frame to write, if one is waiting.
-    fn poll(&mut self) -> Option<Vec<u8>>;
-
-    /// The delegate's own type, to reach its state on later frames.
-    fn as_any(&mut self) -> &mut dyn std::any::Any;
-}
-
-/// How long an outbox frame may wait for the loop.
-pub const OUTBOX_POLL: std::time::Duration = std::time::Duration::from_millis(10);
-
-/// Makes one delegate per loop.
-pub type DelegateFactory = Arc<dyn Fn() -> Box<dyn BindingDelegate> + Send + Sync>;
-
-/// True for messages a [`BindingDelegate`] takes: STUN Binding and the
+/// True for messages a STUN service takes on TURN's listeners: STUN Binding and the
 /// exchange methods (any class), and anything without the RFC 5389 magic
 /// cookie.
 #[inline]
@@ -113,13 +80,14 @@ pub struct RelayHost {
     loops: Vec<(JoinHandle<()>, Arc<mio::Waker>)>,
     stop: Arc<AtomicBool>,
     udp: Vec<SocketAddr>,
+    service_udp: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
     tls: Vec<SocketAddr>,
     tls_config: Option<Arc<TlsReloader>>,
     control: Arc<Control>,
     secrets: Option<SecretSource>,
-    /// A clone of the first loop's socket per UDP listener, for senders
-    /// outside the loops (the exchange actor in `natrix up`).
+    /// A clone of the first loop's socket per UDP listener (TURN's, then
+    /// the service's), for senders outside the loops (the exchange actor).
     udp_clones: Vec<std::net::UdpSocket>,
     /// Credentials from the command line, rebuilt around rotated secrets.
     base_credentials: crate::core::Credentials,
@@ -145,115 +113,88 @@ fn bind_shared_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-impl RelayHost {
-    /// Binds every listener of `loops` loops and starts them.
-    pub fn start(
-        config: &RelayConfig,
-        loops: usize,
-        telemetry: &Telemetry,
-        delegate: Option<DelegateFactory>,
-    ) -> anyhow::Result<RelayHost> {
-        let loops = loops.max(1);
-        let credentials = config.credentials().map_err(anyhow::Error::msg)?;
-        let policy = config.policy();
-        let metrics = RelayMetrics::new(telemetry);
-        telemetry
-            .gauge(&natrix_telemetry::catalogue::RELAY_ALLOCATION_CAPACITY)
-            .set(i64::try_from(config.max_allocations).unwrap_or(i64::MAX));
-        if !natrix_net::raise_fd_limit() {
-            warn!("could not raise the open-file limit; allocations may fail early");
-        }
+/// The sockets of one loop.
+#[derive(Debug, Default)]
+struct LoopSockets {
+    udp: Vec<SyncUdp>,
+    tcp: Vec<std::net::TcpListener>,
+    tls: Vec<std::net::TcpListener>,
+}
 
-        let tls_config = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
-            _ => None,
-        };
+/// A host whose listeners are bound (so a taken port fails the start
+/// before anything runs) and whose loops have not started yet.
+#[derive(Debug)]
+pub struct BoundHost {
+    config: HostConfig,
+    shards: Vec<LoopSockets>,
+    udp: Vec<SocketAddr>,
+    service_udp: Vec<SocketAddr>,
+    tcp: Vec<SocketAddr>,
+    tls: Vec<SocketAddr>,
+    tls_config: Option<Arc<TlsReloader>>,
+    udp_clones: Vec<std::net::UdpSocket>,
+}
 
-        // Bind everything first so that a taken port fails the start.
+impl BoundHost {
+    /// The bound TURN (or, without TURN, the service's own) UDP listeners.
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp
+    }
+
+    /// Binds UDP listeners that serve only the STUN service (RFC 5780's
+    /// alternate cells), one socket per loop each; returns their bound
+    /// addresses.
+    pub fn bind_service_udp(&mut self, addrs: &[SocketAddr]) -> anyhow::Result<Vec<SocketAddr>> {
         let mut bound = Vec::new();
-        let mut udp_addrs = Vec::new();
-        let mut tcp_addrs = Vec::new();
-        let mut tls_addrs: Vec<SocketAddr> = Vec::new();
-        let mut udp_clones = Vec::new();
-        for shard in 0..loops {
-            let mut udp = Vec::new();
-            let mut tcp = Vec::new();
-            let mut tls = Vec::new();
-            if tls_config.is_some() {
-                for (i, requested) in config.tls_listen.iter().enumerate() {
-                    let addr = if shard == 0 {
-                        ensure_tcp_free(*requested)
-                            .with_context(|| format!("binding TURN TLS on {requested}"))?;
-                        *requested
-                    } else {
-                        tls_addrs[i]
-                    };
-                    let listener = bind_shared_tcp(addr)
-                        .with_context(|| format!("binding TURN TLS on {addr}"))?;
-                    if shard == 0 {
-                        tls_addrs.push(listener.local_addr()?);
-                    }
-                    tls.push(listener);
-                }
-            }
-            for (i, requested) in config.listen.iter().enumerate() {
-                // Port 0: the first loop picks, the others join it.
-                let addr = if shard == 0 {
-                    ensure_udp_free(*requested)
-                        .with_context(|| format!("binding TURN UDP on {requested}"))?;
-                    *requested
-                } else {
-                    udp_addrs[i]
-                };
-                let socket = bind_udp(addr, &UdpOptions::default())
-                    .with_context(|| format!("binding TURN UDP on {addr}"))?;
-                let socket = SyncUdp::new(socket)
-                    .with_context(|| format!("configuring TURN UDP on {addr}"))?;
-                if shard == 0 {
-                    udp_addrs.push(socket.local_addr());
-                    udp_clones.push(
-                        socket
-                            .socket()
-                            .try_clone()
-                            .with_context(|| format!("cloning TURN UDP socket {addr}"))?,
-                    );
-                }
-                udp.push(socket);
-                if config.tcp {
-                    let addr = if shard == 0 {
-                        let addr = SocketAddr::new(requested.ip(), udp_addrs[i].port());
-                        ensure_tcp_free(addr)
-                            .with_context(|| format!("binding TURN TCP on {addr}"))?;
-                        addr
-                    } else {
-                        tcp_addrs[i]
-                    };
-                    let listener = bind_shared_tcp(addr)
-                        .with_context(|| format!("binding TURN TCP on {addr}"))?;
-                    if shard == 0 {
-                        tcp_addrs.push(listener.local_addr()?);
-                    }
-                    tcp.push(listener);
-                }
-            }
-            bound.push((udp, tcp, tls));
+        for &requested in addrs {
+            let addr = bind_udp_everywhere(&mut self.shards, requested, &mut self.udp_clones)?;
+            self.service_udp.push(addr);
+            bound.push(addr);
         }
+        Ok(bound)
+    }
 
-        let ports = SharedPorts::new(config.ports);
+    /// Starts one loop per shard with `services`.
+    pub fn start(self, telemetry: &Telemetry, services: HostServices) -> anyhow::Result<RelayHost> {
+        let turn = services.turn.as_ref();
+        let (credentials, base_credentials) = match turn {
+            Some(config) => (
+                config.credentials().map_err(anyhow::Error::msg)?,
+                config.base_credentials().map_err(anyhow::Error::msg)?,
+            ),
+            None => Default::default(),
+        };
+        // Without TURN the host's TURN series stay out of the exposition:
+        // a CDX node shows no relay capacity or connections.
+        let metrics = match turn {
+            Some(config) => {
+                telemetry
+                    .gauge(&natrix_telemetry::catalogue::RELAY_ALLOCATION_CAPACITY)
+                    .set(i64::try_from(config.max_allocations).unwrap_or(i64::MAX));
+                RelayMetrics::new(telemetry)
+            }
+            None => RelayMetrics::new(&Telemetry::new(env!("CARGO_PKG_VERSION"))),
+        };
+        let (server_config, policy, ports) = match turn {
+            Some(config) => (config.server_config(), config.policy(), config.ports),
+            None => Default::default(),
+        };
+        let loops = self.shards.len();
+        let ports = SharedPorts::new(ports);
         let control = Arc::new(Control::new(credentials.clone(), loops));
-        let secrets = config
-            .auth_secret_file
-            .as_ref()
+        let secrets = turn
+            .and_then(|c| c.auth_secret_file.as_ref())
             .map(|path| SecretSource { path: path.clone() });
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        for (shard, (udp, tcp, tls)) in bound.into_iter().enumerate() {
+        let turn_udp = if turn.is_some() { self.udp.len() } else { 0 };
+        for (shard, sockets) in self.shards.into_iter().enumerate() {
             let seed: [u8; 32] = rand::random();
             let core = Server::new(
-                config.server_config(),
+                server_config.clone(),
                 credentials.clone(),
                 policy.clone(),
                 ports.clone(),
@@ -261,18 +202,25 @@ impl RelayHost {
                 unix_now,
                 seed,
             );
+            let LoopSockets { udp, tcp, tls } = sockets;
             let (event_loop, waker) = event_loop::EventLoop::new(
                 core,
-                event_loop::Listeners { udp, tcp, tls },
-                tls_config.clone(),
+                event_loop::Listeners {
+                    udp,
+                    turn_udp,
+                    turn: turn.is_some(),
+                    tcp,
+                    tls,
+                },
+                self.tls_config.clone(),
                 metrics.clone(),
                 stop.clone(),
-                delegate.as_ref().map(|make| make()),
+                services.stun.clone(),
                 event_loop::LoopSettings {
                     control: control.clone(),
                     shard,
-                    max_streams: config.max_connections.div_ceil(loops).max(1),
-                    idle_timeout: config.idle_timeout,
+                    max_streams: self.config.max_connections.div_ceil(loops).max(1),
+                    idle_timeout: self.config.idle_timeout,
                 },
             )
             .context("setting up a relay loop")?;
@@ -283,27 +231,152 @@ impl RelayHost {
                 .context("spawning a relay loop")?;
             handles.push((handle, waker));
         }
-        info!(
-            udp = ?udp_addrs,
-            tcp = ?tcp_addrs,
-            tls = ?tls_addrs,
-            loops,
-            external_ip = %config.external_v4(),
-            ports = %config.ports,
-            "TURN relay serving"
-        );
+        if let Some(config) = turn {
+            info!(
+                udp = ?self.udp,
+                tcp = ?self.tcp,
+                tls = ?self.tls,
+                loops,
+                external_ip = %config.external_v4(),
+                ports = %config.ports,
+                "TURN relay serving"
+            );
+        }
         Ok(RelayHost {
             loops: handles,
             stop,
-            udp: udp_addrs,
-            tcp: tcp_addrs,
-            tls: tls_addrs,
-            tls_config,
+            udp: self.udp,
+            service_udp: self.service_udp,
+            tcp: self.tcp,
+            tls: self.tls,
+            tls_config: self.tls_config,
             control,
             secrets,
-            udp_clones,
-            base_credentials: config.base_credentials().map_err(anyhow::Error::msg)?,
+            udp_clones: self.udp_clones,
+            base_credentials,
         })
+    }
+}
+
+/// Binds `requested` on every loop (SO_REUSEPORT; port 0: the first loop
+/// picks, the others join it) and keeps a clone of the first socket.
+fn bind_udp_everywhere(
+    shards: &mut [LoopSockets],
+    requested: SocketAddr,
+    clones: &mut Vec<std::net::UdpSocket>,
+) -> anyhow::Result<SocketAddr> {
+    ensure_udp_free(requested).with_context(|| format!("binding UDP on {requested}"))?;
+    let mut addr = requested;
+    for (shard, sockets) in shards.iter_mut().enumerate() {
+        let socket = bind_udp(addr, &UdpOptions::default())
+            .with_context(|| format!("binding UDP on {addr}"))?;
+        let socket = SyncUdp::new(socket).with_context(|| format!("configuring UDP on {addr}"))?;
+        if shard == 0 {
+            addr = socket.local_addr();
+            clones.push(
+                socket
+                    .socket()
+                    .try_clone()
+                    .with_context(|| format!("cloning UDP socket {addr}"))?,
+            );
+        }
+        sockets.udp.push(socket);
+    }
+    Ok(addr)
+}
+
+/// Binds `requested` as a TCP listener on every loop.
+fn bind_tcp_everywhere(
+    shards: &mut [LoopSockets],
+    requested: SocketAddr,
+    tls: bool,
+) -> anyhow::Result<SocketAddr> {
+    let what = if tls { "TLS" } else { "TCP" };
+    ensure_tcp_free(requested).with_context(|| format!("binding {what} on {requested}"))?;
+    let mut addr = requested;
+    for (shard, sockets) in shards.iter_mut().enumerate() {
+        let listener =
+            bind_shared_tcp(addr).with_context(|| format!("binding {what} on {addr}"))?;
+        if shard == 0 {
+            addr = listener.local_addr()?;
+        }
+        if tls {
+            sockets.tls.push(listener);
+        } else {
+            sockets.tcp.push(listener);
+        }
+    }
+    Ok(addr)
+}
+
+impl RelayHost {
+    /// Binds every listener of `config` for `loops` loops: UDP on each
+    /// `listen` address, TCP on the same port when enabled, TLS on each
+    /// `tls_listen` address with a certificate. An IPv6 wildcard on a host
+    /// without IPv6 is skipped with a warning.
+    pub fn bind(config: &HostConfig, loops: usize) -> anyhow::Result<BoundHost> {
+        let loops = loops.max(1);
+        if !natrix_net::raise_fd_limit() {
+            warn!("could not raise the open-file limit; allocations may fail early");
+        }
+        let tls_config = match &config.tls {
+            Some((cert, key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
+            None => None,
+        };
+        let mut host = BoundHost {
+            config: config.clone(),
+            shards: (0..loops).map(|_| LoopSockets::default()).collect(),
+            udp: Vec::new(),
+            service_udp: Vec::new(),
+            tcp: Vec::new(),
+            tls: Vec::new(),
+            tls_config,
+            udp_clones: Vec::new(),
+        };
+        let usable = |a: &&SocketAddr| {
+            let skip = natrix_net::ipv6_unavailable(**a);
+            if skip {
+                warn!(listen = %a, "IPv6 unavailable; skipping this listener");
+            }
+            !skip
+        };
+        if host.tls_config.is_some() {
+            for requested in config.tls_listen.iter().filter(usable) {
+                let addr = bind_tcp_everywhere(&mut host.shards, *requested, true)?;
+                host.tls.push(addr);
+            }
+        }
+        for requested in config.listen.iter().filter(usable) {
+            let addr = bind_udp_everywhere(&mut host.shards, *requested, &mut host.udp_clones)?;
+            host.udp.push(addr);
+            if config.tcp {
+                // The same port as UDP, as clients expect.
+                let tcp = SocketAddr::new(requested.ip(), addr.port());
+                host.tcp
+                    .push(bind_tcp_everywhere(&mut host.shards, tcp, false)?);
+            }
+        }
+        if host.udp.is_empty() && host.tcp.is_empty() && host.tls.is_empty() {
+            anyhow::bail!("no listener could be bound");
+        }
+        Ok(host)
+    }
+
+    /// Binds the listeners of `config` and starts `loops` loops relaying
+    /// TURN, with `stun` beside it.
+    pub fn start(
+        config: &RelayConfig,
+        loops: usize,
+        telemetry: &Telemetry,
+        stun: Option<StunServiceFactory>,
+    ) -> anyhow::Result<RelayHost> {
+        Self::bind(&config.host(), loops)?.start(
+            telemetry,
+            HostServices {
+                stun,
+                turn: Some(config.clone()),
+            },
+        )
     }
 
     /// Clones of the UDP listener sockets (same address and port), with
@@ -316,9 +389,15 @@ impl RelayHost {
             .collect()
     }
 
-    /// The bound UDP listener addresses.
+    /// The bound UDP listener addresses (TURN's, or without TURN the
+    /// service's primary ones).
     pub fn udp_addrs(&self) -> &[SocketAddr] {
         &self.udp
+    }
+
+    /// The UDP listeners bound for the STUN service alone (RFC 5780 cells).
+    pub fn service_udp_addrs(&self) -> &[SocketAddr] {
+        &self.service_udp
     }
 
     /// The bound TCP listener addresses.

@@ -39,8 +39,8 @@ pub(super) struct Stream {
     pub(super) want_write: bool,
     /// Frames were queued since the loop last flushed this stream.
     pub(super) dirty: bool,
-    /// Frames a delegate sends later on this connection.
-    pub(super) outbox: Option<Box<dyn super::StreamOutbox>>,
+    /// The connection's id, for frames a STUN service sends it later.
+    pub(super) conn: natrix_net::ConnId,
     /// When the client last sent something.
     pub(super) last_active: std::time::Instant,
 }
@@ -84,7 +84,7 @@ impl Stream {
             tls_queued: 0,
             want_write: false,
             dirty: false,
-            outbox: None,
+            conn: natrix_net::ConnId::next(),
             last_active: std::time::Instant::now(),
         })
     }
