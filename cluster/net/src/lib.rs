@@ -1,13 +1,16 @@
 //! Batched UDP and TCP socket plumbing shared by the data planes.
 //!
-//! - [`bind_udp`] / [`bind_tcp`]: sockets configured once (SO_REUSEPORT so
-//!   several loops can share a port, IPV6_V6ONLY so IPv4 and IPv6 listeners
-//!   coexist, large kernel buffers).
-//! - [`UdpIo`]: a tokio-registered UDP socket that receives in batches
+//! - [`bind_udp`]: sockets configured once (SO_REUSEPORT so several loops
+//!   can share a port, IPV6_V6ONLY so IPv4 and IPv6 listeners coexist, large
+//!   kernel buffers).
+//! - [`SyncUdp`]: a non-blocking UDP socket for loops that poll readiness
+//!   themselves (the relay host's `mio` loops), receiving in batches
 //!   (recvmmsg, and GRO where the kernel offers it, through `quinn-udp`) and
-//!   sends with the source address the datagram arrived on (IP_PKTINFO), so a
-//!   server bound to a wildcard address always answers from the address the
-//!   client used.
+//!   sending with the source address the datagram arrived on (IP_PKTINFO),
+//!   so a server bound to a wildcard address always answers from the
+//!   address the client used; [`SendBatch`] sends many with one sendmmsg.
+//! - [`service`]: the contract between the relay host and a STUN service
+//!   it carries (CDX).
 //! - [`RecvBatch`]: receive buffers owned by one loop, reused for every
 //!   batch; no allocation per packet.
 //!
@@ -28,8 +31,8 @@ pub use service::{
 };
 
 pub use udp::{
-    Datagram, RecvBatch, SyncUdp, UdpIo, UdpOptions, bind_tcp, bind_udp, ensure_tcp_free,
-    ensure_udp_free, ipv6_unavailable,
+    Datagram, RecvBatch, SyncUdp, UdpOptions, bind_udp, ensure_tcp_free, ensure_udp_free,
+    ipv6_unavailable,
 };
 
 /// Raises this process's open-file limit to its hard maximum (every relay

@@ -3,7 +3,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
 
 /// Socket options for a UDP listener.
 #[derive(Clone, Copy, Debug)]
@@ -81,19 +80,6 @@ pub fn bind_udp(addr: SocketAddr, opts: &UdpOptions) -> io::Result<std::net::Udp
     Ok(socket.into())
 }
 
-/// Binds a non-blocking TCP listener with SO_REUSEADDR (fast restarts).
-pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    Ok(socket.into())
-}
-
 /// One received datagram.
 #[derive(Clone, Copy, Debug)]
 pub struct Datagram<'a> {
@@ -145,11 +131,6 @@ impl RecvBatch {
         self.filled
     }
 
-    /// Buffers sized for `io`'s GRO capability.
-    pub fn for_socket(io: &UdpIo, segment_len: usize) -> RecvBatch {
-        RecvBatch::new(segment_len, io.state.gro_segments())
-    }
-
     /// The datagrams of the last receive, GRO trains split at their stride.
     pub fn datagrams(&self) -> impl Iterator<Item = Datagram<'_>> + '_ {
         self.meta[..self.filled]
@@ -184,96 +165,6 @@ fn fill_batch(
         *slot = IoSliceMut::new(buf);
     }
     state.recv(socket, &mut slices[..slots], &mut batch.meta)
-}
-
-/// A UDP socket registered with the current tokio runtime, with batched
-/// receive.
-#[derive(Debug)]
-pub struct UdpIo {
-    socket: tokio::net::UdpSocket,
-    state: UdpSocketState,
-    local: SocketAddr,
-    wildcard: bool,
-}
-
-impl UdpIo {
-    /// Wraps a bound socket. Must be called inside a tokio runtime.
-    pub fn new(socket: std::net::UdpSocket) -> io::Result<UdpIo> {
-        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-        let local = socket.local_addr()?;
-        let socket = tokio::net::UdpSocket::from_std(socket)?;
-        Ok(UdpIo {
-            socket,
-            state,
-            wildcard: local.ip().is_unspecified(),
-            local,
-        })
-    }
-
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
-    }
-
-    /// The descriptor, for batched sends ([`crate::SendBatch`]).
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.socket.as_fd()
-    }
-
-    /// One non-blocking recvmmsg into `batch`.
-    fn recv_into(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        fill_batch(&self.state, UdpSockRef::from(&self.socket), batch)
-    }
-
-    /// Waits for datagrams and fills `batch` with as many as one recvmmsg
-    /// returns; returns how many buffers were filled (a GRO buffer may hold
-    /// several datagrams, see [`RecvBatch::datagrams`]).
-    pub async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        batch.filled = 0;
-        let n = self
-            .socket
-            .async_io(Interest::READABLE, || self.recv_into(batch))
-            .await?;
-        batch.filled = n;
-        Ok(n)
-    }
-
-    /// Like [`UdpIo::recv_batch`] but returns `WouldBlock` instead of waiting;
-    /// lets a loop drain a socket within its budget before yielding.
-    pub fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        batch.filled = 0;
-        let n = self
-            .socket
-            .try_io(Interest::READABLE, || self.recv_into(batch))?;
-        batch.filled = n;
-        Ok(n)
-    }
-
-    /// Sends one datagram to `to`, from `from_ip` when the socket is bound to
-    /// a wildcard address (the address the request arrived on). Waits while
-    /// the kernel buffer is full; other errors (e.g. an ICMP error reported
-    /// for an earlier datagram) are returned for the caller to count.
-    pub async fn send_to(
-        &self,
-        payload: &[u8],
-        to: SocketAddr,
-        from_ip: Option<IpAddr>,
-    ) -> io::Result<()> {
-        let transmit = Transmit {
-            destination: to,
-            ecn: None,
-            contents: payload,
-            segment_size: None,
-            src_ip: if self.wildcard { from_ip } else { None },
-        };
-        self.socket
-            .async_io(Interest::WRITABLE, || {
-                self.state
-                    .try_send(UdpSockRef::from(&self.socket), &transmit)
-            })
-            .await
-    }
 }
 
 /// A non-blocking UDP socket with batched receive for loops that poll
