@@ -47,6 +47,67 @@ pub struct RelayAddress {
     pub public: IpAddr,
 }
 
+/// What an Allocate request asks for (RFC 8656 §7.1, RFC 6156).
+struct AllocateRequest<'a> {
+    username: &'a str,
+    dont_fragment: bool,
+    token: Option<[u8; 8]>,
+    even_port: Option<EvenPort>,
+    /// An IPv6 relayed address (REQUESTED-ADDRESS-FAMILY 0x02).
+    v6: bool,
+}
+
+impl<'a> AllocateRequest<'a> {
+    /// Reads and checks the request's attributes.
+    fn parse(msg: &Message<'a>) -> Result<AllocateRequest<'a>, Refusal> {
+        match msg.decode(AttributeType::REQUESTED_TRANSPORT) {
+            Some(Ok(Attribute::RequestedTransport(transport::UDP))) => {}
+            Some(Ok(Attribute::RequestedTransport(_))) => {
+                return Err(Refusal::UnsupportedTransport);
+            }
+            _ => return Err(Refusal::MissingRequestedTransport),
+        }
+        let token = match msg.decode(AttributeType::RESERVATION_TOKEN) {
+            Some(Ok(Attribute::ReservationToken(t))) => Some(t),
+            Some(_) => return Err(Refusal::MalformedAttribute),
+            None => None,
+        };
+        let even_port = match msg.decode(AttributeType::EVEN_PORT) {
+            Some(Ok(Attribute::EvenPort(e))) => Some(e),
+            Some(_) => return Err(Refusal::MalformedAttribute),
+            None => None,
+        };
+        let family = match msg.decode(AttributeType::REQUESTED_ADDRESS_FAMILY) {
+            Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
+            Some(_) => return Err(Refusal::MalformedAttribute),
+            None => None,
+        };
+        if token.is_some() && (even_port.is_some() || family.is_some()) {
+            return Err(Refusal::ConflictingAttributes);
+        }
+        let v6 = match family {
+            None | Some(0x01) => false,
+            Some(0x02) => true,
+            Some(_) => return Err(Refusal::AddressFamilyNotSupported),
+        };
+        let username = msg
+            .decode(AttributeType::USERNAME)
+            .and_then(Result::ok)
+            .and_then(|a| match a {
+                Attribute::Username(u) => Some(u),
+                _ => None,
+            })
+            .ok_or(Refusal::MalformedAttribute)?;
+        Ok(AllocateRequest {
+            username,
+            dont_fragment: msg.get(AttributeType::DONT_FRAGMENT).is_some(),
+            token,
+            even_port,
+            v6,
+        })
+    }
+}
+
 /// Configuration of one core (one data-plane loop).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -729,146 +790,37 @@ impl Server {
         sockets: &mut dyn RelaySockets,
     ) -> Result<usize, Refusal> {
         if let Some(&index) = self.allocation_by_client.get(&from) {
-            let alloc = self.allocation_ref(index)?;
-            if alloc.created_by != msg.transaction_id() {
-                return Err(Refusal::AllocationExists);
-            }
-            // A retransmission of the Allocate that created it: the same
-            // answer again.
-            let relayed = alloc.relayed;
-            let left = alloc.expires.saturating_duration_since(now).as_secs() as u32;
-            return self.success(msg, auth, out, |enc| {
-                enc.attribute(&Attribute::XorRelayedAddress(relayed))?;
-                enc.attribute(&Attribute::Lifetime(left))?;
-                enc.xor_mapped_address(from.client)
-            });
+            return self.allocate_again(index, msg, auth, from, now, out);
         }
         if self.draining {
             return Err(Refusal::Draining);
         }
-        match msg.decode(AttributeType::REQUESTED_TRANSPORT) {
-            Some(Ok(Attribute::RequestedTransport(transport::UDP))) => {}
-            Some(Ok(Attribute::RequestedTransport(_))) => {
-                return Err(Refusal::UnsupportedTransport);
-            }
-            _ => return Err(Refusal::MissingRequestedTransport),
-        }
-        let dont_fragment = msg.get(AttributeType::DONT_FRAGMENT).is_some();
-        let token = match msg.decode(AttributeType::RESERVATION_TOKEN) {
-            Some(Ok(Attribute::ReservationToken(t))) => Some(t),
-            Some(_) => return Err(Refusal::MalformedAttribute),
-            None => None,
-        };
-        let even_port = match msg.decode(AttributeType::EVEN_PORT) {
-            Some(Ok(Attribute::EvenPort(e))) => Some(e),
-            Some(_) => return Err(Refusal::MalformedAttribute),
-            None => None,
-        };
-        let family = match msg.decode(AttributeType::REQUESTED_ADDRESS_FAMILY) {
-            Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
-            Some(_) => return Err(Refusal::MalformedAttribute),
-            None => None,
-        };
-        if token.is_some() && (even_port.is_some() || family.is_some()) {
-            return Err(Refusal::ConflictingAttributes);
-        }
-        let v6 = match family {
-            None | Some(0x01) => false,
-            Some(0x02) => true,
-            Some(_) => return Err(Refusal::AddressFamilyNotSupported),
-        };
-        let username = msg
-            .decode(AttributeType::USERNAME)
-            .and_then(Result::ok)
-            .and_then(|a| match a {
-                Attribute::Username(u) => Some(u),
-                _ => None,
-            })
-            .ok_or(Refusal::MalformedAttribute)?;
+        let req = AllocateRequest::parse(msg)?;
         let (quota, capacity) = (self.config.user_quota, self.config.max_allocations);
         self.ports
-            .admissible(username, quota, capacity)
+            .admissible(req.username, quota, capacity)
             .map_err(PortRefusal::cause)?;
-
-        // The port: from a reservation, an even port (maybe reserving the
-        // next), or any.
-        let mut reserved_token = None;
-        let (port, v6) = if let Some(t) = token {
-            self.ports
-                .redeem(&t, now)
-                .ok_or(Refusal::UnknownReservation)?
-        } else {
-            let random = self.next_random();
-            let port = match even_port {
-                Some(EvenPort { reserve_next }) => {
-                    let reservation = reserve_next.then(|| {
-                        let t = self.next_random().to_be_bytes();
-                        reserved_token = Some(t);
-                        (t, v6, now + RESERVATION_LIFETIME)
-                    });
-                    self.ports
-                        .take_even(random, reservation)
-                        .ok_or(Refusal::NoRelayPort)?
-                }
-                None => self.ports.take_random(random).ok_or(Refusal::NoRelayPort)?,
-            };
-            (port, v6)
-        };
-        let relay = if v6 {
+        let (port, v6, reserved_token) = self.take_port(&req, now)?;
+        let relay = match if v6 {
             self.config.relay_v6
         } else {
             self.config.relay_v4
-        }
-        .ok_or(Refusal::AddressFamilyNotSupported);
-        let relay = match relay {
-            Ok(r) => r,
-            Err(e) => {
+        } {
+            Some(r) => r,
+            None => {
                 self.ports.put(port);
-                return Err(e);
+                return Err(Refusal::AddressFamilyNotSupported);
             }
         };
-
-        // A slot, then the socket. A port another process holds is left
-        // out of the pool and another is tried.
-        let index = self.free_slots.pop().unwrap_or_else(|| {
-            self.slots.push(Slot {
-                generation: 0,
-                allocation: None,
-            });
-            (self.slots.len() - 1) as u32
-        });
+        let (index, port) = self.open_relay(&req, relay.bind, port, sockets)?;
         let id = self.id_of(index);
-        let mut port = port;
-        let mut bound = false;
-        for attempt in 0..BIND_ATTEMPTS {
-            if sockets
-                .open(id, SocketAddr::new(relay.bind, port), dont_fragment)
-                .is_ok()
-            {
-                bound = true;
-                break;
-            }
-            if token.is_some() || even_port.is_some() || attempt + 1 == BIND_ATTEMPTS {
-                break;
-            }
-            let random = self.next_random();
-            match self.ports.take_random(random) {
-                Some(p) => port = p,
-                None => break,
-            }
-        }
-        if !bound {
-            self.free_slots.push(index);
-            return Err(Refusal::NoRelayPort);
-        }
-
         let lifetime = match self.granted_lifetime(msg) {
             d if d.is_zero() => self.config.default_lifetime,
             d => d,
         };
         // Count it host-wide, atomically with the checks: another loop may
         // have taken the last place since the quick check above.
-        if let Err(refusal) = self.ports.count(username, quota, capacity) {
+        if let Err(refusal) = self.ports.count(req.username, quota, capacity) {
             self.commands.push_back(Command::CloseRelay {
                 allocation: id,
                 relayed: SocketAddr::new(relay.public, port),
@@ -885,14 +837,14 @@ impl Server {
         self.slots[index as usize].allocation = Some(Allocation {
             client: from,
             relayed,
-            username: username.into(),
+            username: req.username.into(),
             key: auth.key.clone(),
             created_by: msg.transaction_id(),
             expires: now + lifetime,
             permissions: Vec::new(),
             channels: Vec::new(),
             bandwidth,
-            allowed_peers: super::auth::session_peers(username),
+            allowed_peers: super::auth::session_peers(req.username),
         });
         self.allocation_by_client.insert(from, index);
         self.stats.allocations_created += 1;
@@ -906,6 +858,103 @@ impl Server {
             }
             enc.xor_mapped_address(from.client)
         })
+    }
+
+    /// An Allocate from a client that has an allocation: a retransmission
+    /// of the one that created it gets the same answer again; any other is
+    /// refused (437).
+    fn allocate_again(
+        &mut self,
+        index: u32,
+        msg: &Message<'_>,
+        auth: &Auth,
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<usize, Refusal> {
+        let alloc = self.allocation_ref(index)?;
+        if alloc.created_by != msg.transaction_id() {
+            return Err(Refusal::AllocationExists);
+        }
+        let relayed = alloc.relayed;
+        let left = alloc.expires.saturating_duration_since(now).as_secs() as u32;
+        self.success(msg, auth, out, |enc| {
+            enc.attribute(&Attribute::XorRelayedAddress(relayed))?;
+            enc.attribute(&Attribute::Lifetime(left))?;
+            enc.xor_mapped_address(from.client)
+        })
+    }
+
+    /// The relay port: from a reservation, an even port (maybe reserving
+    /// the next), or any; with its family and the token of a reservation
+    /// made for the next port.
+    fn take_port(
+        &mut self,
+        req: &AllocateRequest<'_>,
+        now: Instant,
+    ) -> Result<(u16, bool, Option<[u8; 8]>), Refusal> {
+        if let Some(t) = req.token {
+            let (port, v6) = self
+                .ports
+                .redeem(&t, now)
+                .ok_or(Refusal::UnknownReservation)?;
+            return Ok((port, v6, None));
+        }
+        let random = self.next_random();
+        let mut reserved_token = None;
+        let port = match req.even_port {
+            Some(EvenPort { reserve_next }) => {
+                let reservation = reserve_next.then(|| {
+                    let t = self.next_random().to_be_bytes();
+                    reserved_token = Some(t);
+                    (t, req.v6, now + RESERVATION_LIFETIME)
+                });
+                self.ports
+                    .take_even(random, reservation)
+                    .ok_or(Refusal::NoRelayPort)?
+            }
+            None => self.ports.take_random(random).ok_or(Refusal::NoRelayPort)?,
+        };
+        Ok((port, req.v6, reserved_token))
+    }
+
+    /// Takes a slot and opens its relay socket on `bind:port`. A port
+    /// another process holds is left out of the pool and another is tried
+    /// (unless the client asked for this one). Returns the slot and port.
+    fn open_relay(
+        &mut self,
+        req: &AllocateRequest<'_>,
+        bind: std::net::IpAddr,
+        mut port: u16,
+        sockets: &mut dyn RelaySockets,
+    ) -> Result<(u32, u16), Refusal> {
+        let index = self.free_slots.pop().unwrap_or_else(|| {
+            self.slots.push(Slot {
+                generation: 0,
+                allocation: None,
+            });
+            (self.slots.len() - 1) as u32
+        });
+        let id = self.id_of(index);
+        let chosen = req.token.is_some() || req.even_port.is_some();
+        for attempt in 0..BIND_ATTEMPTS {
+            if sockets
+                .open(id, SocketAddr::new(bind, port), req.dont_fragment)
+                .is_ok()
+            {
+                return Ok((index, port));
+            }
+            if chosen || attempt + 1 == BIND_ATTEMPTS {
+                break;
+            }
+            let random = self.next_random();
+            match self.ports.take_random(random) {
+                Some(p) => port = p,
+                None => break,
+            }
+        }
+        self.free_slots.push(index);
+        Err(Refusal::NoRelayPort)
     }
 
     /// Refresh (RFC 8656 §7.3).
