@@ -19,7 +19,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 use natrix_net::service::Mail;
 use natrix_net::{
-    Answer, Arrival, ConnId, HeadroomBatch, HostEvent, LoopContext, RecvBatch, SendBatch,
+    Answer, Arrival, ConnId, Datagram, HeadroomBatch, HostEvent, LoopContext, RecvBatch, SendBatch,
     StreamMailbox, StunService, StunServiceFactory, SyncUdp,
 };
 use tracing::{debug, trace};
@@ -288,6 +288,45 @@ impl Clients {
                 }
                 want_write(registry, stream, j);
             }
+        }
+    }
+}
+
+/// Sends a STUN service's answer to datagram `d` of listener `i`:
+/// replies join the listener's batch (true: the caller flushes it),
+/// routed answers leave at once from the listener they name.
+fn send_answer(
+    udp: &[SyncUdp],
+    udp_out: &mut [SendBatch],
+    service: &mut dyn StunService,
+    (i, d): (usize, &Datagram<'_>),
+    answer: Answer,
+    out: &[u8],
+) -> bool {
+    match answer {
+        Answer::None => false,
+        Answer::Reply(len) => {
+            let (Some(l), Some(batch)) = (udp.get(i), udp_out.get_mut(i)) else {
+                return false;
+            };
+            if batch.is_full() {
+                let failed = batch.flush(l.socket().as_fd()) as u64;
+                if failed > 0 {
+                    service.event(HostEvent::SendFailed(failed));
+                }
+            }
+            batch.push_from(d.from, d.to_ip, &out[..len]);
+            true
+        }
+        Answer::Route { len, from, to } => {
+            let sent = udp
+                .iter()
+                .find(|l| l.local_addr() == from)
+                .is_some_and(|l| l.try_send_to(&out[..len], to, None).is_ok());
+            if !sent {
+                service.event(HostEvent::SendFailed(1));
+            }
+            false
         }
     }
 }
@@ -642,30 +681,15 @@ impl EventLoop {
                         bound: local,
                         to_ip: d.to_ip,
                     };
-                    match service.datagram(d.payload, d.from, arrival, &mut self.out) {
-                        Answer::None => {}
-                        Answer::Reply(len) => {
-                            let batch = &mut self.clients.udp_out[i];
-                            if batch.is_full() {
-                                let failed = batch.flush(socket.socket().as_fd()) as u64;
-                                if failed > 0 {
-                                    service.event(HostEvent::SendFailed(failed));
-                                }
-                            }
-                            batch.push_from(d.from, d.to_ip, &self.out[..len]);
-                            service_replies = true;
-                        }
-                        Answer::Route { len, from, to } => {
-                            let Some(l) = self.clients.udp.iter().find(|l| l.local_addr() == from)
-                            else {
-                                service.event(HostEvent::SendFailed(1));
-                                continue;
-                            };
-                            if l.try_send_to(&self.out[..len], to, None).is_err() {
-                                service.event(HostEvent::SendFailed(1));
-                            }
-                        }
-                    }
+                    let answer = service.datagram(d.payload, d.from, arrival, &mut self.out);
+                    service_replies |= send_answer(
+                        &self.clients.udp,
+                        &mut self.clients.udp_out,
+                        &mut **service,
+                        (i, &d),
+                        answer,
+                        &self.out,
+                    );
                     continue;
                 }
                 if !self.turn {

@@ -157,28 +157,14 @@ impl BoundHost {
     /// Starts one loop per shard with `services`.
     pub fn start(self, telemetry: &Telemetry, services: HostServices) -> anyhow::Result<RelayHost> {
         let turn = services.turn.as_ref();
-        let (credentials, base_credentials) = match turn {
-            Some(config) => (
-                config.credentials().map_err(anyhow::Error::msg)?,
-                config.base_credentials().map_err(anyhow::Error::msg)?,
-            ),
-            None => Default::default(),
-        };
-        // Without TURN the host's TURN series stay out of the exposition:
-        // a CDX node shows no relay capacity or connections.
-        let metrics = match turn {
-            Some(config) => {
-                telemetry
-                    .gauge(&natrix_telemetry::catalogue::RELAY_ALLOCATION_CAPACITY)
-                    .set(i64::try_from(config.max_allocations).unwrap_or(i64::MAX));
-                RelayMetrics::new(telemetry)
-            }
-            None => RelayMetrics::new(&Telemetry::new(env!("CARGO_PKG_VERSION"))),
-        };
-        let (server_config, policy, ports) = match turn {
-            Some(config) => (config.server_config(), config.policy(), config.ports),
-            None => Default::default(),
-        };
+        let TurnParts {
+            credentials,
+            base_credentials,
+            metrics,
+            server_config,
+            policy,
+            ports,
+        } = TurnParts::new(turn, telemetry)?;
         let loops = self.shards.len();
         let ports = SharedPorts::new(ports);
         let control = Arc::new(Control::new(credentials.clone(), loops));
@@ -254,6 +240,45 @@ impl BoundHost {
             secrets,
             udp_clones: self.udp_clones,
             base_credentials,
+        })
+    }
+}
+
+/// What the loops' cores are built from: the relay's settings, or inert
+/// defaults on a host without TURN.
+struct TurnParts {
+    credentials: crate::core::Credentials,
+    base_credentials: crate::core::Credentials,
+    metrics: RelayMetrics,
+    server_config: crate::core::ServerConfig,
+    policy: crate::core::PeerPolicy,
+    ports: crate::core::PortRange,
+}
+
+impl TurnParts {
+    fn new(turn: Option<&RelayConfig>, telemetry: &Telemetry) -> anyhow::Result<TurnParts> {
+        let Some(config) = turn else {
+            // Without TURN the host's TURN series stay out of the
+            // exposition: a CDX node shows no relay capacity or connections.
+            return Ok(TurnParts {
+                credentials: Default::default(),
+                base_credentials: Default::default(),
+                metrics: RelayMetrics::new(&Telemetry::new(env!("CARGO_PKG_VERSION"))),
+                server_config: Default::default(),
+                policy: Default::default(),
+                ports: Default::default(),
+            });
+        };
+        telemetry
+            .gauge(&natrix_telemetry::catalogue::RELAY_ALLOCATION_CAPACITY)
+            .set(i64::try_from(config.max_allocations).unwrap_or(i64::MAX));
+        Ok(TurnParts {
+            credentials: config.credentials().map_err(anyhow::Error::msg)?,
+            base_credentials: config.base_credentials().map_err(anyhow::Error::msg)?,
+            metrics: RelayMetrics::new(telemetry),
+            server_config: config.server_config(),
+            policy: config.policy(),
+            ports: config.ports,
         })
     }
 }
