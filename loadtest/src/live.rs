@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use natrix_telemetry::Telemetry;
 use prometheus::{Histogram, IntCounter, IntGauge};
 
-use crate::stats::si;
+use crate::units::si;
 
 /// Set by the first Ctrl-C (SIGINT) or SIGTERM: scenarios stop sending,
 /// finish what is in flight and report what they measured.

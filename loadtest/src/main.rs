@@ -14,11 +14,13 @@ mod load;
 mod natlab;
 mod peer;
 mod plan;
+mod process;
 mod relay;
 mod report;
 mod stats;
 mod stun;
 mod turn;
+mod units;
 
 use clap::{Parser, Subcommand};
 

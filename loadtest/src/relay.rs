@@ -446,7 +446,7 @@ pub(crate) fn generator(args: &GeneratorArgs) -> anyhow::Result<serde_json::Valu
     );
     let started = Instant::now();
     let deadline = started + args.duration;
-    let cpu_before = crate::compare::process_cpu_seconds(std::process::id());
+    let cpu_before = crate::process::process_cpu_seconds(std::process::id());
     let counts: Vec<(u64, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = sockets
             .iter()
@@ -477,7 +477,7 @@ pub(crate) fn generator(args: &GeneratorArgs) -> anyhow::Result<serde_json::Valu
             .collect()
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = crate::compare::process_cpu_seconds(std::process::id())
+    let cpu = crate::process::process_cpu_seconds(std::process::id())
         .zip(cpu_before)
         .map(|(a, b)| a - b);
     live().end();

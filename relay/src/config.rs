@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 
 use natrix_model::{Redacted, TurnSecret};
@@ -240,7 +241,7 @@ impl RelayConfig {
         let base = Credentials::new(self.realm.clone(), secrets, users, self.relay_id.clone());
         match &self.auth_secret_file {
             Some(path) => {
-                let file = crate::control::read_secrets(path).map_err(|e| format!("{e:#}"))?;
+                let file = read_secrets(path).map_err(|e| format!("{e:#}"))?;
                 Ok(base.with_extra_secrets(file))
             }
             None => Ok(base),
@@ -337,4 +338,13 @@ fn primary_ipv4() -> Option<IpAddr> {
     s.connect("192.0.2.1:9").ok()?;
     let ip = s.local_addr().ok()?.ip();
     (!ip.is_unspecified()).then_some(ip)
+}
+
+/// Reads a secrets file: one `key-id=secret` a line, newest first, blank
+/// lines and `#` comments ignored (the model's one rule); an invalid line is
+/// an error naming the file and the line.
+pub fn read_secrets(path: &Path) -> anyhow::Result<Vec<TurnSecret>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the secrets file {}", path.display()))?;
+    TurnSecret::parse_list(&text).with_context(|| format!("the secrets file {}", path.display()))
 }

@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use actix::{Actor, AsyncContext, Context, Handler, Message};
-use anyhow::Context as _;
 use tracing::{info, warn};
 
 use natrix_model::TurnSecret;
 
 use crate::core::Credentials;
-use crate::shell::TlsReloader;
+use crate::tls::TlsReloader;
 
 /// Shared between the control plane and the loops.
 #[derive(Debug)]
@@ -99,15 +98,6 @@ impl Control {
     }
 }
 
-/// Reads a secrets file: one `key-id=secret` a line, newest first, blank
-/// lines and `#` comments ignored (the model's one rule); an invalid line is
-/// an error naming the file and the line.
-pub fn read_secrets(path: &Path) -> anyhow::Result<Vec<TurnSecret>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the secrets file {}", path.display()))?;
-    TurnSecret::parse_list(&text).with_context(|| format!("the secrets file {}", path.display()))
-}
-
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
@@ -152,7 +142,7 @@ impl ReloadActor {
         let secrets_stamp = secrets.as_ref().and_then(|s| modified(&s.path));
         let file_secrets = secrets
             .as_ref()
-            .and_then(|s| read_secrets(&s.path).ok())
+            .and_then(|s| crate::config::read_secrets(&s.path).ok())
             .unwrap_or_default();
         ReloadActor {
             control,
@@ -177,7 +167,7 @@ impl ReloadActor {
     fn reload_secrets(&mut self) {
         let Some(source) = &self.secrets else { return };
         self.secrets_stamp = modified(&source.path);
-        match read_secrets(&source.path) {
+        match crate::config::read_secrets(&source.path) {
             Ok(file) => {
                 self.file_secrets = file;
                 self.apply();

@@ -16,6 +16,8 @@ pub mod control;
 pub use natrix_relay_proto as core;
 pub mod metrics;
 pub mod shell;
+pub mod tls;
 
 pub use config::{HostConfig, RelayConfig};
-pub use shell::{BoundHost, HostServices, RelayHost, TlsReloader};
+pub use shell::{BoundHost, HostServices, RelayHost};
+pub use tls::TlsReloader;

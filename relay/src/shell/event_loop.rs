@@ -379,7 +379,7 @@ pub(super) struct EventLoop {
     clients: Clients,
     tcp: Vec<mio::net::TcpListener>,
     tls: Vec<mio::net::TcpListener>,
-    tls_config: Option<Arc<super::TlsReloader>>,
+    tls_config: Option<Arc<crate::tls::TlsReloader>>,
     relays: Relays,
     client_batch: RecvBatch,
     peer_batch: HeadroomBatch,
@@ -407,7 +407,7 @@ impl EventLoop {
     pub(super) fn new(
         core: Server,
         listeners: Listeners,
-        tls_config: Option<Arc<super::TlsReloader>>,
+        tls_config: Option<Arc<crate::tls::TlsReloader>>,
         metrics: RelayMetrics,
         stop: Arc<AtomicBool>,
         service: Option<StunServiceFactory>,

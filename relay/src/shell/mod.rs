@@ -12,9 +12,8 @@
 
 mod event_loop;
 mod stream;
-mod tls;
 
-pub use tls::TlsReloader;
+use crate::tls::TlsReloader;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
