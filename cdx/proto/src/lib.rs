@@ -11,6 +11,9 @@
 //! - [`discovery`]: the client's RFC 5780 NAT behaviour discovery as a state
 //!   machine (`poll_transmit` / `handle_input` / `handle_timeout`), which the
 //!   blocking `natrix probe` client and the load tester drive.
+//! - [`exchange`]: the connection-data exchange's wire codec and a node's
+//!   session registry (admission, deliveries, retransmission timers at
+//!   explicit instants), which the role's actor drives.
 //!
 //! # Panics and errors
 //!
@@ -19,4 +22,5 @@
 
 pub mod binding;
 pub mod discovery;
+pub mod exchange;
 pub mod handoff;

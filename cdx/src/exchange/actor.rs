@@ -24,11 +24,11 @@ use ring::hmac;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn};
 
-use super::registry::{Local, Registry, Stats, Transmit};
 use super::{
     ClientMessage, Entry, MAX_SEALED, POST, Reject, encode_post_error, encode_post_success,
     parse_client,
 };
+use super::{Local, Registry, Stats, Transmit};
 use crate::metrics::ExchangeMetrics;
 
 /// The broadcast channel entries travel on between nodes.
@@ -324,7 +324,7 @@ impl ExchangeActor {
                 return;
             }
         };
-        if admitted == super::registry::Admitted::New
+        if admitted == super::Admitted::New
             && let Some([m, f]) = post.profile
         {
             self.metrics.profile(m, f).inc();
@@ -337,7 +337,7 @@ impl ExchangeActor {
         let mut event = self.node.to_vec();
         event.extend_from_slice(&ticket.session.0);
         event.extend_from_slice(&post.entry.to_bytes());
-        let announce = admitted != super::registry::Admitted::Repeat;
+        let announce = admitted != super::Admitted::Repeat;
         let store = self.store.clone();
         let key = store_key(&ticket.session);
         let field = ticket.participant.to_string();

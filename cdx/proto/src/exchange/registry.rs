@@ -428,9 +428,10 @@ fn release(per_source: &mut HashMap<IpAddr, u32>, ip: IpAddr) {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Instant::now as the tests' t0
 mod tests {
+    use super::super::{ClientMessage, DELIVER, parse_client};
     use super::*;
-    use crate::exchange::{ClientMessage, DELIVER, parse_client};
     use natrix_wire::{Class, Encoder, Message, MessageType};
 
     fn registry(limits: Limits) -> Registry {
