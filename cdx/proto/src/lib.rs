@@ -11,9 +11,10 @@
 //! - [`discovery`]: the client's RFC 5780 NAT behaviour discovery as a state
 //!   machine (`poll_transmit` / `handle_input` / `handle_timeout`), which the
 //!   blocking `natrix probe` client and the load tester drive.
-//! - [`exchange`]: the connection-data exchange's wire codec and a node's
+//! - [`exchange`]: the connection-data exchange's wire codec, a node's
 //!   session registry (admission, deliveries, retransmission timers at
-//!   explicit instants), which the role's actor drives.
+//!   explicit instants), which the role's actor drives, and the
+//!   participant's side as a state machine ([`exchange::client::Poster`]).
 //!
 //! # Panics and errors
 //!

@@ -31,8 +31,7 @@
 //!   tag 16 B (HMAC-SHA-256 of the first 16 bytes)        = 32 B
 //! ```
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use natrix_wire::{
@@ -40,10 +39,13 @@ use natrix_wire::{
 };
 use ring::hmac;
 
-use natrix_model::NatClass;
-use natrix_model::invitation::{Invitation, open, seal};
+use natrix_model::invitation::Invitation;
 
-use super::{DELIVER, ENTRY, Entry, POST, PROFILE, TICKET};
+use natrix_cdx_proto::exchange::Entry;
+use natrix_cdx_proto::exchange::client::delivery;
+pub use natrix_cdx_proto::exchange::client::{
+    Candidate, CandidateKind, ConnectionData, Exchanged, PostError, PostSeeds, Poster,
+};
 
 /// How often probes go out while punching.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -54,101 +56,6 @@ const INITIAL_RTO: Duration = Duration::from_millis(100);
 /// Longest gap between Post retransmissions, and the re-post interval while
 /// entries of other participants are still missing.
 const MAX_RTO: Duration = Duration::from_millis(1000);
-
-/// What a candidate address is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum CandidateKind {
-    /// The socket's local address.
-    Host,
-    /// The address the NAT gave the socket, as CDX saw it.
-    ServerReflexive,
-    /// A TURN relayed address.
-    Relayed,
-}
-
-/// One address the peer may reach this participant at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Candidate {
-    /// Its kind.
-    pub kind: CandidateKind,
-    /// The address.
-    pub addr: SocketAddr,
-}
-
-/// What a participant tells the others.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConnectionData {
-    /// The participant's NAT class, if it ran discovery.
-    pub class: Option<NatClass>,
-    /// Where it may be reached.
-    pub candidates: Vec<Candidate>,
-}
-
-impl ConnectionData {
-    /// The plaintext format above.
-    pub fn encode(&self) -> Vec<u8> {
-        let class = NatClass::code(self.class);
-        let n = self.candidates.len().min(16);
-        let mut out = vec![1, class, n as u8];
-        for c in &self.candidates[..n] {
-            out.push(match c.kind {
-                CandidateKind::Host => 1,
-                CandidateKind::ServerReflexive => 2,
-                CandidateKind::Relayed => 3,
-            });
-            match c.addr.ip() {
-                IpAddr::V4(ip) => {
-                    out.push(4);
-                    out.extend_from_slice(&c.addr.port().to_be_bytes());
-                    out.extend_from_slice(&ip.octets());
-                }
-                IpAddr::V6(ip) => {
-                    out.push(6);
-                    out.extend_from_slice(&c.addr.port().to_be_bytes());
-                    out.extend_from_slice(&ip.octets());
-                }
-            }
-        }
-        out
-    }
-
-    /// Parses the plaintext format; `None` for anything malformed.
-    pub fn decode(b: &[u8]) -> Option<ConnectionData> {
-        if b.len() < 3 || b[0] != 1 {
-            return None;
-        }
-        let class = match b[1] {
-            0 => None,
-            k => Some(NatClass::from_code(k)?),
-        };
-        let mut rest = &b[3..];
-        let mut candidates = Vec::new();
-        for _ in 0..b[2] {
-            let (&kind, r) = rest.split_first()?;
-            let (&family, r) = r.split_first()?;
-            let kind = match kind {
-                1 => CandidateKind::Host,
-                2 => CandidateKind::ServerReflexive,
-                3 => CandidateKind::Relayed,
-                _ => return None,
-            };
-            let port = u16::from_be_bytes([*r.first()?, *r.get(1)?]);
-            let r = &r[2..];
-            let (ip, r): (IpAddr, &[u8]) = match family {
-                4 => (<[u8; 4]>::try_from(r.get(..4)?).ok()?.into(), &r[4..]),
-                6 => (<[u8; 16]>::try_from(r.get(..16)?).ok()?.into(), &r[16..]),
-                _ => return None,
-            };
-            candidates.push(Candidate {
-                kind,
-                addr: SocketAddr::new(ip, port),
-            });
-            rest = r;
-        }
-        rest.is_empty()
-            .then_some(ConnectionData { class, candidates })
-    }
-}
 
 /// Why an exchange or punch failed.
 #[derive(Debug, thiserror::Error)]
@@ -180,18 +87,21 @@ pub enum ExchangeError {
     NoPath(Duration),
 }
 
-/// The result of [`exchange`].
-#[derive(Clone, Debug)]
-pub struct Exchanged {
-    /// This socket's address as CDX saw it.
-    pub mapped: SocketAddr,
-    /// The other participants' connection data, by index.
-    pub peers: BTreeMap<u8, ConnectionData>,
-    /// Entries CDX delivered that did not open with the session key (not
-    /// from a participant; dropped).
-    pub rejected_entries: usize,
-    /// How long the exchange took.
-    pub elapsed: Duration,
+impl From<PostError> for ExchangeError {
+    fn from(e: PostError) -> ExchangeError {
+        match e {
+            PostError::Rejected { code, reason } => ExchangeError::Rejected { code, reason },
+            PostError::Timeout {
+                posted,
+                received,
+                expected,
+            } => ExchangeError::Timeout {
+                posted,
+                received,
+                expected,
+            },
+        }
+    }
 }
 
 /// Asks `server` for this socket's mapped address (one Binding transaction
@@ -299,25 +209,6 @@ fn take_delivery<'a>(socket: &UdpSocket, packet: &'a [u8], from: SocketAddr) -> 
     Some(entry)
 }
 
-/// A Deliver request's entry and the acknowledgement to send back.
-fn delivery(packet: &[u8]) -> Option<(Entry<'_>, Vec<u8>)> {
-    let msg = Message::parse(packet).ok()?;
-    if msg.method() != DELIVER || msg.class() != Class::Request || msg.verify_fingerprint().is_err()
-    {
-        return None;
-    }
-    let entry = Entry::parse(msg.get(ENTRY)?)?;
-    let mut ack = [0u8; 64];
-    let tid = msg.transaction_id();
-    let n = (|| {
-        let mut enc = Encoder::new(&mut ack, MessageType::new(DELIVER, Class::Success), &tid)?;
-        enc.fingerprint()?;
-        Ok::<_, natrix_wire::EncodeError>(enc.finish())
-    })()
-    .ok()?;
-    Some((entry, ack[..n].to_vec()))
-}
-
 /// Posts `data` to CDX at `server` from `socket` and collects every other
 /// participant's data. `profile` (PROFILE codes, see
 /// `NatProfile::codes`) lets CDX count NAT behaviours. `seq` versions
@@ -373,128 +264,39 @@ fn exchange_over(
     seq: u32,
     timeout: Duration,
 ) -> Result<Exchanged, ExchangeError> {
-    let started = Instant::now();
-    let session = invitation.session();
-    let me = invitation.participant();
-    let expected = usize::from(invitation.participants()).saturating_sub(1);
-    let sealed = seal(
-        &invitation.key,
-        &session,
-        me,
+    let seeds = PostSeeds {
+        nonce: rand::random(),
+        tid: rand::random(),
+    };
+    let mut poster = Poster::new(
+        invitation,
+        data,
+        profile,
         seq,
-        rand::random(),
-        &data.encode(),
-    );
-    let tid = TransactionId(rand::random());
-    let mut req = vec![0u8; 20 + 48 + 12 + sealed.len() + 16 + 8];
-    let n = (|| {
-        let mut enc = Encoder::new(&mut req, MessageType::new(POST, Class::Request), &tid)?;
-        enc.raw(TICKET, &invitation.ticket)?;
-        enc.raw(
-            ENTRY,
-            &Entry {
-                participant: me,
-                seq,
-                sealed: &sealed,
-            }
-            .to_bytes(),
-        )?;
-        if let Some(p) = profile {
-            enc.raw(PROFILE, &p)?;
-        }
-        enc.fingerprint()?;
-        Ok::<_, natrix_wire::EncodeError>(enc.finish())
-    })()
+        seeds,
+        Instant::now(),
+        timeout,
+    )
     .map_err(|e| std::io::Error::other(e.to_string()))?;
-    req.truncate(n);
-
-    let deadline = started + timeout;
-    let mut mapped = None;
-    let mut peers: BTreeMap<u8, (u32, ConnectionData)> = BTreeMap::new();
-    let mut rejected_entries = 0;
-    let mut rto = INITIAL_RTO;
-    let mut next_send = Instant::now();
     loop {
         let now = Instant::now();
-        if mapped.is_some() && peers.len() >= expected {
-            return Ok(Exchanged {
-                mapped: mapped.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-                peers: peers.into_iter().map(|(k, (_, d))| (k, d)).collect(),
-                rejected_entries,
-                elapsed: started.elapsed(),
-            });
+        poster.handle_timeout(now);
+        if let Some(outcome) = poster.poll_outcome() {
+            return outcome.map_err(ExchangeError::from);
         }
-        if now >= deadline {
-            return Err(ExchangeError::Timeout {
-                posted: mapped.is_some(),
-                received: peers.len(),
-                expected,
-            });
+        while let Some(t) = poster.poll_transmit(now) {
+            match wire.send(&t.payload) {
+                // A lost acknowledgement only means CDX sends the entry
+                // again.
+                Err(_) if t.ack => {}
+                sent => sent?,
+            }
         }
-        if now >= next_send {
-            // Until answered: retransmissions. Then, while entries are
-            // missing: a re-post now and then, which makes CDX look again.
-            wire.send(&req)?;
-            next_send = now + rto;
-            rto = (rto * 2).min(MAX_RTO);
-        }
-        let wait = next_send
-            .min(deadline)
+        let wait = poster
+            .poll_timeout()
             .saturating_duration_since(Instant::now());
-        let Some(packet) = wire.recv(wait)? else {
-            continue;
-        };
-        let packet = &packet[..];
-        if let Some((entry, ack)) = delivery(packet) {
-            // A lost acknowledgement only means CDX sends the entry again.
-            let _ = wire.send(&ack);
-            let opened = open(
-                &invitation.key,
-                &session,
-                entry.participant,
-                entry.seq,
-                entry.sealed,
-            )
-            .and_then(|p| ConnectionData::decode(&p));
-            match opened {
-                Some(d) if entry.participant != me => {
-                    let newer = peers
-                        .get(&entry.participant)
-                        .is_none_or(|(s, _)| *s < entry.seq);
-                    if newer {
-                        peers.insert(entry.participant, (entry.seq, d));
-                    }
-                }
-                _ => rejected_entries += 1,
-            }
-            continue;
-        }
-        let Ok(msg) = Message::parse(packet) else {
-            continue;
-        };
-        if msg.transaction_id() != tid || msg.method() != POST {
-            continue;
-        }
-        match msg.class() {
-            Class::Success => {
-                if let Some(Ok(Attribute::XorMappedAddress(a))) =
-                    msg.decode(AttributeType::XOR_MAPPED_ADDRESS)
-                {
-                    if mapped.is_none() {
-                        next_send = Instant::now() + MAX_RTO;
-                        rto = MAX_RTO;
-                    }
-                    mapped = Some(a);
-                }
-            }
-            Class::Error => {
-                let (code, reason) = match msg.decode(AttributeType::ERROR_CODE) {
-                    Some(Ok(Attribute::ErrorCode(e))) => (e.code, e.reason.to_owned()),
-                    _ => (0, String::new()),
-                };
-                return Err(ExchangeError::Rejected { code, reason });
-            }
-            _ => {}
+        if let Some(packet) = wire.recv(wait)? {
+            poster.handle_input(&packet, Instant::now());
         }
     }
 }
@@ -695,32 +497,6 @@ pub fn punch(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connection_data_round_trips_and_rejects_garbage() {
-        let d = ConnectionData {
-            class: Some(NatClass::Symmetric),
-            candidates: vec![
-                Candidate {
-                    kind: CandidateKind::Host,
-                    addr: "10.0.0.2:4000".parse().unwrap(),
-                },
-                Candidate {
-                    kind: CandidateKind::ServerReflexive,
-                    addr: "[2001:db8::1]:5000".parse().unwrap(),
-                },
-            ],
-        };
-        let bytes = d.encode();
-        assert_eq!(ConnectionData::decode(&bytes), Some(d));
-        for cut in 0..bytes.len() {
-            assert_eq!(ConnectionData::decode(&bytes[..cut]), None, "cut at {cut}");
-        }
-        let mut extra = bytes.clone();
-        extra.push(0);
-        assert_eq!(ConnectionData::decode(&extra), None);
-        assert_eq!(ConnectionData::decode(&[1, 99, 0]), None);
-    }
 
     #[test]
     fn probes_verify_only_under_the_session_key() {

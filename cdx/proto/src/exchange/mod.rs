@@ -60,6 +60,7 @@
 //! in total per node. Sessions leave nothing behind: store keys
 //! carry the session's TTL and node state is swept at expiry.
 
+pub mod client;
 mod registry;
 
 use std::net::SocketAddr;
