@@ -49,6 +49,7 @@ pub mod client;
 mod config;
 pub mod exchange;
 mod metrics;
+pub mod pairing;
 pub mod service;
 
 pub use config::{CdxConfig, Sibling};

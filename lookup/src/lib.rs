@@ -25,6 +25,8 @@ pub mod http;
 mod metrics;
 pub mod planner;
 pub mod select;
+mod start;
 
 pub use config::LookupConfig;
 pub use metrics::LookupMetrics;
+pub use start::start;

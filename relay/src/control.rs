@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use actix::{Actor, AsyncContext, Context, Handler, Message};
+use actix::{Actor, Addr, AsyncContext, Context, Handler, Message};
+use natrix_registry::secrets::SecretsWatcher;
+use natrix_store::Store;
 use tracing::{info, warn};
 
 use natrix_model::TurnSecret;
@@ -237,4 +239,16 @@ impl Handler<Reload> for ReloadActor {
         }
         self.reload_secrets();
     }
+}
+
+/// Feeds the store's TURN secrets to a relay's reload actor.
+pub fn watch_store_secrets(store: &Store, reload: Addr<ReloadActor>) -> Addr<SecretsWatcher> {
+    SecretsWatcher::new(
+        store.clone(),
+        Duration::from_secs(1),
+        Box::new(move |secrets| {
+            reload.do_send(StoreSecrets(secrets));
+        }),
+    )
+    .start()
 }

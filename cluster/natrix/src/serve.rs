@@ -408,14 +408,14 @@ async fn control_plane(
     // Rotated TURN secrets reach the relay within a second.
     let _secrets = reload
         .clone()
-        .map(|r| cluster::watch_relay_secrets(&store, r));
+        .map(|r| natrix_relay::control::watch_store_secrets(&store, r));
     let publishers = publish_records(&store, plan, data, global, telemetry);
     let lookup = match &plan.lookup {
         Some((config, secrets)) => {
             let cluster_secret = secret.context(
                 "lookup needs the cluster secret to mint exchange tickets (--cluster-secret)",
             )?;
-            Some(cluster::start_lookup(
+            Some(natrix_lookup::start(
                 &store,
                 config,
                 secrets.clone(),
@@ -523,7 +523,7 @@ fn publish_records(
         );
         rec.internal = server.udp_addrs().to_vec();
         if let Some(handle) = data.siblings.clone() {
-            cluster::SiblingPairer::new(store.clone(), id, handle).start();
+            natrix_cdx::pairing::SiblingPairer::new(store.clone(), id, handle).start();
         }
         publishers.push(cluster::publish(
             store,

@@ -1,0 +1,104 @@
+//! Starting the role: the control-plane actors it needs and the HTTP API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use anyhow::Context;
+use natrix_model::TurnSecret;
+use natrix_registry::secrets::SecretsWatcher;
+use natrix_registry::{HostRecord, SnapshotKeeper, State, shared_snapshot, unix_ms};
+use natrix_store::Store;
+use natrix_telemetry::Telemetry;
+use tracing::info;
+
+use crate::api::Minting;
+use crate::http::LookupState;
+use crate::{LookupConfig, LookupMetrics};
+
+/// Starts the lookup role in the calling actix system: the snapshot keeper
+/// (registry snapshot every 500 ms, readiness gate `lookup registry`), the
+/// watcher of rotated TURN secrets, and the HTTP API. Returns the API
+/// server's handle and bound address.
+pub fn start(
+    store: &Store,
+    config: &LookupConfig,
+    turn_secrets: Vec<TurnSecret>,
+    cluster_secret: &[u8],
+    workers: usize,
+    telemetry: &Telemetry,
+) -> anyhow::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
+    let metrics = LookupMetrics::new(telemetry);
+    let snapshot = shared_snapshot();
+    let gate = telemetry.health().gate("lookup registry");
+    let observe = {
+        let metrics = metrics.clone();
+        let snapshot = snapshot.clone();
+        let max_age = config.max_snapshot_age;
+        Box::new(move |ok: bool| {
+            metrics.refreshes[usize::from(!ok)].inc();
+            let s = snapshot.load();
+            let age = s.age(unix_ms());
+            metrics
+                .snapshot_age
+                .set(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
+            let count = |hosts: &[HostRecord], st: State| {
+                i64::try_from(hosts.iter().filter(|h| h.state == st).count()).unwrap_or(0)
+            };
+            metrics.hosts[0].set(count(&s.relays, State::Active));
+            metrics.hosts[1].set(count(&s.relays, State::Draining));
+            metrics.hosts[2].set(count(&s.cdx, State::Active));
+            metrics.hosts[3].set(count(&s.cdx, State::Draining));
+            if age <= max_age {
+                gate.open();
+            } else {
+                gate.close();
+            }
+        })
+    };
+    SnapshotKeeper::new(
+        store.clone(),
+        snapshot.clone(),
+        Duration::from_millis(500),
+        observe,
+    )
+    .start();
+    let base = Minting {
+        turn_secrets: turn_secrets.clone(),
+        cluster_secret: cluster_secret.to_vec(),
+        ttl: config.token_ttl.as_secs().max(60),
+        headroom: config.headroom,
+    };
+    let minting = Arc::new(arc_swap::ArcSwap::from_pointee(base.clone()));
+    // Rotated secrets from the store go first: tokens use the newest.
+    {
+        let minting = minting.clone();
+        SecretsWatcher::new(
+            store.clone(),
+            Duration::from_secs(1),
+            Box::new(move |stored| {
+                let mut secrets: Vec<TurnSecret> = stored;
+                secrets.extend(turn_secrets.iter().cloned());
+                minting.store(Arc::new(Minting {
+                    turn_secrets: secrets,
+                    ..base.clone()
+                }));
+            }),
+        )
+        .start();
+    }
+    let state = LookupState {
+        snapshot,
+        minting,
+        max_snapshot_age: config.max_snapshot_age,
+        metrics,
+        telemetry: telemetry.clone(),
+    };
+    let (server, addr) = crate::http::serve(config.lookup_listen, workers, state)
+        .with_context(|| format!("binding the lookup API on {}", config.lookup_listen))?;
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    info!(%addr, "lookup API up");
+    Ok((handle, addr))
+}
