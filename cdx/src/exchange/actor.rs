@@ -145,6 +145,50 @@ pub fn inbox() -> (ExchangeSender, ExchangeInbox) {
     )
 }
 
+/// What storing one Post writes: the session's hash field, the broadcast
+/// to the other nodes, and the entry to deliver from this node.
+struct StoreWrite {
+    key: String,
+    field: String,
+    /// `seq 4 B | sealed`.
+    value: Vec<u8>,
+    /// `node 8 | session 16 | ENTRY value`.
+    event: Vec<u8>,
+    /// A new or newer entry (a repeat is not broadcast again).
+    announce: bool,
+    ttl: Duration,
+    participants: u8,
+    /// The ENTRY value.
+    entry: Vec<u8>,
+}
+
+impl StoreWrite {
+    fn new(
+        node: &[u8; 8],
+        ticket: &Ticket,
+        post: &super::Post<'_>,
+        admitted: super::Admitted,
+        unix: u64,
+    ) -> StoreWrite {
+        let mut value = post.entry.seq.to_be_bytes().to_vec();
+        value.extend_from_slice(post.entry.sealed);
+        let entry = post.entry.to_bytes();
+        let mut event = node.to_vec();
+        event.extend_from_slice(&ticket.session.0);
+        event.extend_from_slice(&entry);
+        StoreWrite {
+            key: store_key(&ticket.session),
+            field: ticket.participant.to_string(),
+            value,
+            event,
+            announce: admitted != super::Admitted::Repeat,
+            ttl: Duration::from_secs(ticket.expires.saturating_sub(unix)).min(MAX_SESSION_TTL),
+            participants: ticket.participants,
+            entry,
+        }
+    }
+}
+
 /// A broadcast from the store: another node stored an entry.
 #[derive(Debug)]
 struct Event(Vec<u8>);
@@ -284,65 +328,71 @@ impl ExchangeActor {
             }
         };
         let tid = post.tid;
-        let Some(key) = &self.key else {
-            self.reject(&inbound, Some(tid), Reject::Disabled);
-            return;
-        };
         let unix = unix_now();
-        let ticket = match Ticket::verify(post.ticket, key, unix) {
-            Ok(t) => t,
-            Err(e) => {
-                let r = match e {
-                    TicketError::Malformed => Reject::Malformed,
-                    TicketError::Forged => Reject::Forged,
-                    TicketError::Expired => Reject::Expired,
-                };
-                self.reject(&inbound, Some(tid), r);
-                return;
-            }
-        };
-        if post.entry.participant != ticket.participant {
-            self.reject(&inbound, Some(tid), Reject::Malformed);
-            return;
-        }
-        if post.entry.sealed.len() > MAX_SEALED {
-            self.reject(&inbound, Some(tid), Reject::TooLarge);
-            return;
-        }
-        let now = Instant::now();
-        let admitted = match self.registry.admit(
-            &ticket,
-            post.entry.seq,
-            inbound.from,
-            inbound.local,
-            now,
-            unix,
-        ) {
+        let (ticket, admitted) = match self.admit(&inbound, &post, unix) {
             Ok(a) => a,
-            Err(r) => {
-                self.reject(&inbound, Some(tid), r);
-                return;
-            }
+            Err(r) => return self.reject(&inbound, Some(tid), r),
         };
         if admitted == super::Admitted::New
             && let Some([m, f]) = post.profile
         {
             self.metrics.profile(m, f).inc();
         }
-        let value = {
-            let mut v = post.entry.seq.to_be_bytes().to_vec();
-            v.extend_from_slice(post.entry.sealed);
-            v
-        };
-        let mut event = self.node.to_vec();
-        event.extend_from_slice(&ticket.session.0);
-        event.extend_from_slice(&post.entry.to_bytes());
-        let announce = admitted != super::Admitted::Repeat;
+        let write = StoreWrite::new(&self.node, &ticket, &post, admitted, unix);
+        self.store_post(inbound, tid, ticket, write, ctx);
+    }
+
+    /// Verifies a Post's ticket and entry and admits its participant.
+    fn admit(
+        &mut self,
+        inbound: &Inbound,
+        post: &super::Post<'_>,
+        unix: u64,
+    ) -> Result<(Ticket, super::Admitted), Reject> {
+        let key = self.key.as_ref().ok_or(Reject::Disabled)?;
+        let ticket = Ticket::verify(post.ticket, key, unix).map_err(|e| match e {
+            TicketError::Malformed => Reject::Malformed,
+            TicketError::Forged => Reject::Forged,
+            TicketError::Expired => Reject::Expired,
+        })?;
+        if post.entry.participant != ticket.participant {
+            return Err(Reject::Malformed);
+        }
+        if post.entry.sealed.len() > MAX_SEALED {
+            return Err(Reject::TooLarge);
+        }
+        let admitted = self.registry.admit(
+            &ticket,
+            post.entry.seq,
+            inbound.from,
+            inbound.local,
+            Instant::now(),
+            unix,
+        )?;
+        Ok((ticket, admitted))
+    }
+
+    /// Stores the entry (and announces it to the other nodes), then reads
+    /// the session's entries back and answers the Post.
+    fn store_post(
+        &mut self,
+        inbound: Inbound,
+        tid: TransactionId,
+        ticket: Ticket,
+        write: StoreWrite,
+        ctx: &mut Context<Self>,
+    ) {
         let store = self.store.clone();
-        let key = store_key(&ticket.session);
-        let field = ticket.participant.to_string();
-        let ttl = Duration::from_secs(ticket.expires.saturating_sub(unix)).min(MAX_SESSION_TTL);
-        let participants = ticket.participants;
+        let StoreWrite {
+            key,
+            field,
+            value,
+            event,
+            announce,
+            ttl,
+            participants,
+            entry,
+        } = write;
         let work = async move {
             let put = store
                 .put_field(&key, &field, &value, ttl, usize::from(participants))
@@ -355,57 +405,68 @@ impl ExchangeActor {
             }
             store.fields(&key).await.map(Some)
         };
-        let entry_bytes = post.entry.to_bytes();
         ctx.spawn(work.into_actor(self).map(move |result, act, _ctx| {
             let _span = act.span.clone().entered();
-            let fields = match result {
-                Ok(Some(f)) => f,
-                Ok(None) => return act.reject(&inbound, Some(tid), Reject::SessionFull),
+            match result {
+                Ok(Some(fields)) => act.posted(&inbound, &tid, &ticket, &entry, &fields),
+                Ok(None) => act.reject(&inbound, Some(tid), Reject::SessionFull),
                 Err(e) => {
                     debug!(error = %e, "exchange post: store call failed");
-                    return act.reject(&inbound, Some(tid), Reject::StoreError);
+                    act.reject(&inbound, Some(tid), Reject::StoreError);
                 }
-            };
-            let now = Instant::now();
-            if let Some(own) = Entry::parse(&entry_bytes) {
-                act.registry.offer(&ticket.session, &own, now);
             }
-            let mut posted = 0u8;
-            for (field, value) in &fields {
-                let (Ok(p), true) = (field.parse::<u8>(), value.len() >= 4) else {
-                    continue;
-                };
-                posted += 1;
-                let seq = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
-                act.registry.offer(
-                    &ticket.session,
-                    &Entry {
-                        participant: p,
-                        seq,
-                        sealed: &value[4..],
-                    },
-                    now,
-                );
-            }
-            let mut out = [0u8; 128];
-            let left = ticket.expires.saturating_sub(unix_now());
-            if let Ok(n) = encode_post_success(
-                &mut out,
-                &tid,
-                inbound.from,
-                posted,
-                ticket.participants,
-                u32::try_from(left).unwrap_or(u32::MAX),
-            ) {
-                act.metrics.post("accepted").inc();
-                act.send(Transmit {
-                    to: inbound.from,
-                    via: inbound.local,
-                    payload: out[..n].to_vec(),
-                });
-            }
-            act.flush_due(now);
         }));
+    }
+
+    /// The entry is stored: offer the session's entries (ours and the
+    /// others') for delivery and answer the Post.
+    fn posted(
+        &mut self,
+        inbound: &Inbound,
+        tid: &TransactionId,
+        ticket: &Ticket,
+        entry: &[u8],
+        fields: &[(String, Vec<u8>)],
+    ) {
+        let now = Instant::now();
+        if let Some(own) = Entry::parse(entry) {
+            self.registry.offer(&ticket.session, &own, now);
+        }
+        let mut posted = 0u8;
+        for (field, value) in fields {
+            let (Ok(p), true) = (field.parse::<u8>(), value.len() >= 4) else {
+                continue;
+            };
+            posted += 1;
+            let seq = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
+            self.registry.offer(
+                &ticket.session,
+                &Entry {
+                    participant: p,
+                    seq,
+                    sealed: &value[4..],
+                },
+                now,
+            );
+        }
+        let mut out = [0u8; 128];
+        let left = ticket.expires.saturating_sub(unix_now());
+        if let Ok(n) = encode_post_success(
+            &mut out,
+            tid,
+            inbound.from,
+            posted,
+            ticket.participants,
+            u32::try_from(left).unwrap_or(u32::MAX),
+        ) {
+            self.metrics.post("accepted").inc();
+            self.send(Transmit {
+                to: inbound.from,
+                via: inbound.local,
+                payload: out[..n].to_vec(),
+            });
+        }
+        self.flush_due(now);
     }
 
     /// A broadcast: `node 8 | session 16 | ENTRY value`.
