@@ -169,6 +169,12 @@ fn a_delivery_is_acknowledged_and_with_the_answer_completes_the_exchange() {
 
     p.handle_input(&success(&tid), t0 + Duration::from_millis(40));
     let done = p.poll_outcome().unwrap().unwrap();
+    // A delivery repeated after the end (our ack was lost) is still
+    // acknowledged, and nothing else is sent.
+    p.handle_input(&d, t0 + Duration::from_millis(50));
+    let late = drain(&mut p, t0 + Duration::from_secs(5));
+    assert_eq!(late.len(), 1);
+    assert!(late[0].ack);
     assert_eq!(done.mapped, SocketAddr::from(([203, 0, 113, 7], 50000)));
     assert_eq!(done.peers.get(&1), Some(&data(41000)));
     assert_eq!(done.rejected_entries, 0);

@@ -281,9 +281,8 @@ fn exchange_over(
     loop {
         let now = Instant::now();
         poster.handle_timeout(now);
-        if let Some(outcome) = poster.poll_outcome() {
-            return outcome.map_err(ExchangeError::from);
-        }
+        // Transmit first: the delivery that completes the exchange is
+        // acknowledged before the outcome is returned.
         while let Some(t) = poster.poll_transmit(now) {
             match wire.send(&t.payload) {
                 // A lost acknowledgement only means CDX sends the entry
@@ -291,6 +290,9 @@ fn exchange_over(
                 Err(_) if t.ack => {}
                 sent => sent?,
             }
+        }
+        if let Some(outcome) = poster.poll_outcome() {
+            return outcome.map_err(ExchangeError::from);
         }
         let wait = poster
             .poll_timeout()

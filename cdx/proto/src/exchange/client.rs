@@ -42,6 +42,9 @@ pub const INITIAL_RTO: Duration = Duration::from_millis(100);
 /// Longest gap between Post retransmissions, and the re-post interval while
 /// entries of other participants are still missing.
 pub const MAX_RTO: Duration = Duration::from_millis(1000);
+/// Acknowledgements queued at most (a flood of deliveries cannot grow the
+/// queue; a dropped one only means CDX sends the entry again).
+const MAX_PENDING_ACKS: usize = 64;
 
 /// What a candidate address is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -319,16 +322,18 @@ impl Poster {
     }
 
     /// A message from the CDX node: the Post's answer, or a delivery
-    /// (acknowledged through [`Poster::poll_transmit`]). Anything else is
-    /// ignored.
+    /// (acknowledged through [`Poster::poll_transmit`], also after the
+    /// end). Anything else is ignored.
     pub fn handle_input(&mut self, packet: &[u8], now: Instant) {
-        if self.ended {
-            return;
-        }
         if let Some((entry, ack)) = delivery(packet) {
-            self.acks.push_back(ack);
-            self.take_entry(&entry);
-        } else {
+            // Acknowledged even after the end, so CDX stops re-sending.
+            if self.acks.len() < MAX_PENDING_ACKS {
+                self.acks.push_back(ack);
+            }
+            if !self.ended {
+                self.take_entry(&entry);
+            }
+        } else if !self.ended {
             self.take_answer(packet, now);
         }
         if !self.ended
