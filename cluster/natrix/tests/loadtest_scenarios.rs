@@ -433,7 +433,9 @@ fn the_metrics_endpoint_serves_a_run_and_ctrl_c_keeps_what_was_measured() {
         let text = common::http_get(metrics, "/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default();
-        if common::metric_value(&text, "loadtest_completed_total{scenario=\"relay\"}") > 0.0 {
+        if common::try_metric_value(&text, "loadtest_completed_total{scenario=\"relay\"}")
+            .is_some_and(|v| v > 0.0)
+        {
             break text;
         }
         assert!(Instant::now() < deadline, "no loadtest metrics: {text}");

@@ -99,7 +99,11 @@ fn garbage_flood_gets_no_answer_and_every_datagram_is_counted() {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-    let after = natrix.wait_metric_with(|| dropped(&natrix, "udp"), |v| v - before >= sent as f64);
+    let after = natrix.wait_metric_with(
+        "UDP drops",
+        || dropped(&natrix, "udp"),
+        |v| v - before >= sent as f64,
+    );
     assert_eq!(
         after - before,
         sent as f64,
@@ -172,7 +176,7 @@ fn tcp_garbage_closes_only_that_connection() {
     let n = good.read(&mut buf).expect("the healthy client is answered");
     let msg = Message::parse(&buf[..n]).expect("STUN");
     assert_eq!(msg.transaction_id(), TransactionId([9; 12]));
-    let drops = natrix.wait_metric_with(|| dropped(&natrix, "tcp"), |v| v >= 2.0);
+    let drops = natrix.wait_metric_with("TCP drops", || dropped(&natrix, "tcp"), |v| v >= 2.0);
     assert_eq!(drops, 2.0, "each refused connection counted once");
 }
 

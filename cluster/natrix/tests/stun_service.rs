@@ -439,7 +439,9 @@ fn a_wildcard_cdx_listener_answers_from_the_address_used() {
         stdout.contains("UDP reflexive addr: 127.0.0.2:"),
         "{stdout}"
     );
-    assert!(natrix.metric("cdx_binding_requests_total{transport=\"udp\"}") >= 0.0);
+    natrix.wait_metric("cdx_binding_requests_total{transport=\"udp\"}", |v| {
+        v >= 1.0
+    });
 }
 
 /// Behind a 1:1 NAT the sockets sit on private addresses but answers must

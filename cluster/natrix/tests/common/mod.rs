@@ -218,9 +218,15 @@ impl Natrix {
         metric_value(&self.metrics_text(), series)
     }
 
-    /// Polls `series` until `pred` holds (counters are published periodically).
+    /// Polls `series` until it exists and `pred` holds (counters are
+    /// published periodically); fails the test when that does not happen
+    /// within 10 s.
     pub fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
-        self.wait_metric_with(|| self.metric(series), pred)
+        self.wait_until(
+            series,
+            || try_metric_value(&self.metrics_text(), series),
+            pred,
+        )
     }
 }
 
@@ -236,15 +242,20 @@ impl Drop for Natrix {
     }
 }
 
-/// Finds `series value` in a Prometheus text exposition.
+/// Finds `series value` in a Prometheus text exposition; fails the test
+/// when the series is not there (a renamed or unregistered series must not
+/// read as zero).
 pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-        .unwrap_or(0.0)
+    try_metric_value(text, series)
+        .unwrap_or_else(|| panic!("no series {series} in the exposition:\n{text}"))
+}
+
+/// Finds `series value` in a Prometheus text exposition, if it is there.
+pub fn try_metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
 
 /// A minimal HTTP/1.1 GET: (status, body).
@@ -313,14 +324,33 @@ pub fn tool(name: &str) -> String {
 }
 
 impl Natrix {
-    /// Polls `read` until `pred` holds or 10 s pass; returns the last value.
-    pub fn wait_metric_with(&self, read: impl Fn() -> f64, pred: impl Fn(f64) -> bool) -> f64 {
+    /// Polls `read` until `pred` holds and returns that value; fails the
+    /// test after 10 s, naming `what` and the last value read.
+    pub fn wait_metric_with(
+        &self,
+        what: &str,
+        read: impl Fn() -> f64,
+        pred: impl Fn(f64) -> bool,
+    ) -> f64 {
+        self.wait_until(what, || Some(read()), pred)
+    }
+
+    fn wait_until(
+        &self,
+        what: &str,
+        read: impl Fn() -> Option<f64>,
+        pred: impl Fn(f64) -> bool,
+    ) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let v = read();
-            if pred(v) || Instant::now() > deadline {
+            if let Some(v) = v.filter(|v| pred(*v)) {
                 return v;
             }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the expected value never came within 10 s (last read: {v:?})"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
