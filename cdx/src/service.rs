@@ -405,11 +405,23 @@ impl CdxService {
     /// Answers a change-IP request a sibling handed over: as if it had
     /// arrived on the sibling's socket (our alternate IP); the change
     /// brings it to one of ours.
-    fn answer_handoff(&self, h: &HandoffPeer, site: Site, packet: &[u8], out: &mut [u8]) -> Answer {
+    fn answer_handoff(
+        &mut self,
+        h: &HandoffPeer,
+        site: Site,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> Answer {
         let Ok(handed) = handoff::open(&h.key, unix_ms(), packet) else {
             h.rejected.inc();
             return Answer::None;
         };
+        // The sibling limited the client's prefix; this node's caps apply
+        // to what it sends as well.
+        if !self.limiter.allow(handed.client.ip(), Instant::now()) {
+            self.udp.dropped(DropReason::RateLimited);
+            return Answer::None;
+        }
         let arrived = Via {
             ip: 1,
             port: handed.arrived_port,

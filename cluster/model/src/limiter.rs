@@ -53,9 +53,16 @@ impl Bucket {
     }
 }
 
-/// Most prefixes tracked; past it the table is cleared (a spoofing flood
-/// then meets the total bucket alone), so memory stays bounded.
+/// Most prefixes tracked, so memory stays bounded. Past it, prefixes whose
+/// buckets have refilled are forgotten (at most once a second), and
+/// prefixes that still find no room share one overflow bucket worth
+/// [`OVERFLOW_SHARE`] prefixes: a spoofing flood can neither grow the table
+/// nor reset the buckets of the prefixes it is limiting.
 const MAX_PREFIXES: usize = 65_536;
+/// How many prefixes' rate and burst the overflow bucket holds.
+const OVERFLOW_SHARE: f64 = 64.0;
+/// Least time between two sweeps forced by a full table.
+const FULL_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The limiter state of one loop.
 #[derive(Debug)]
@@ -63,6 +70,10 @@ pub struct UnauthLimiter {
     limits: UnauthLimits,
     total: Bucket,
     prefixes: HashMap<u64, Bucket, foldhash::fast::RandomState>,
+    /// Shared by prefixes that find the table full.
+    overflow: Bucket,
+    /// When a full table was last swept.
+    full_sweep: Instant,
 }
 
 #[inline]
@@ -83,6 +94,11 @@ impl UnauthLimiter {
                 updated: now,
             },
             prefixes: HashMap::default(),
+            overflow: Bucket {
+                tokens: limits.per_prefix_burst * OVERFLOW_SHARE,
+                updated: now,
+            },
+            full_sweep: now,
         }
     }
 
@@ -91,17 +107,39 @@ impl UnauthLimiter {
     #[inline]
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         let l = self.limits;
-        if self.prefixes.len() >= MAX_PREFIXES {
-            self.prefixes.clear();
+        let key = prefix(ip);
+        let allowed = match self.prefixes.get_mut(&key) {
+            Some(bucket) => bucket.take(now, l.per_prefix_rate, l.per_prefix_burst),
+            None => self.take_new(key, now),
+        };
+        allowed && self.total.take(now, l.total_rate, l.total_burst)
+    }
+
+    /// A prefix not in the table: a fresh bucket, or the overflow bucket
+    /// when the table is full.
+    #[cold]
+    fn take_new(&mut self, key: u64, now: Instant) -> bool {
+        let l = self.limits;
+        if self.prefixes.len() >= MAX_PREFIXES
+            && now.saturating_duration_since(self.full_sweep) >= FULL_SWEEP_EVERY
+        {
+            self.full_sweep = now;
+            self.sweep(now);
         }
-        let bucket = self.prefixes.entry(prefix(ip)).or_insert(Bucket {
+        if self.prefixes.len() >= MAX_PREFIXES {
+            return self.overflow.take(
+                now,
+                l.per_prefix_rate * OVERFLOW_SHARE,
+                l.per_prefix_burst * OVERFLOW_SHARE,
+            );
+        }
+        let mut bucket = Bucket {
             tokens: l.per_prefix_burst,
             updated: now,
-        });
-        if !bucket.take(now, l.per_prefix_rate, l.per_prefix_burst) {
-            return false;
-        }
-        self.total.take(now, l.total_rate, l.total_burst)
+        };
+        let allowed = bucket.take(now, l.per_prefix_rate, l.per_prefix_burst);
+        self.prefixes.insert(key, bucket);
+        allowed
     }
 
     /// Forgets prefixes whose buckets are full again (housekeeping).
@@ -156,5 +194,40 @@ mod tests {
             .filter(|i| l.allow(IpAddr::from((0x0A00_0000 + (i << 8)).to_be_bytes()), t0))
             .count();
         assert_eq!(allowed, 3);
+    }
+
+    #[test]
+    fn a_spoofed_flood_of_prefixes_neither_grows_the_table_nor_resets_a_limited_prefix() {
+        let t0 = Instant::now();
+        let limits = UnauthLimits {
+            per_prefix_rate: 1.0,
+            per_prefix_burst: 2.0,
+            total_rate: 1e9,
+            total_burst: 1e9,
+        };
+        let mut l = UnauthLimiter::new(limits, t0);
+        let victim: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!((0..10).filter(|_| l.allow(victim, t0)).count(), 2);
+        // One answer each to 100 000 spoofed /24s within the same instant.
+        let flood = (0..100_000u32)
+            .filter(|i| l.allow(IpAddr::from((0x0B00_0000 + (i << 8)).to_be_bytes()), t0))
+            .count();
+        assert!(l.prefixes.len() <= MAX_PREFIXES);
+        let room = MAX_PREFIXES - 1;
+        let overflow = (limits.per_prefix_burst * OVERFLOW_SHARE) as usize;
+        assert_eq!(
+            flood,
+            room + overflow,
+            "past the table, the overflow bucket"
+        );
+        assert!(
+            !l.allow(victim, t0),
+            "the limited prefix kept its empty bucket"
+        );
+        // A second later the refilled buckets are forgotten and new prefixes
+        // get buckets of their own again.
+        let t1 = t0 + std::time::Duration::from_secs(3);
+        assert!(l.allow("203.0.113.9".parse().unwrap(), t1));
+        assert!(l.prefixes.len() < MAX_PREFIXES);
     }
 }
