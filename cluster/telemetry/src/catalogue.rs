@@ -208,6 +208,7 @@ pub const RELAY_DROP_REASON: Label = Label {
         "rate_limited",
         "bandwidth_exceeded",
         "stale_allocation",
+        "too_large",
     ],
 };
 

@@ -1218,7 +1218,7 @@ impl Server {
                 .map_err(|_| DropReason::Malformed)?;
                 let padded = (len + 3) & !3;
                 let total = head_len + 4 + padded;
-                let body = (total - 20) as u16;
+                let body = u16::try_from(total - 20).map_err(|_| DropReason::TooLarge)?;
                 head[2..4].copy_from_slice(&body.to_be_bytes());
                 let start = payload.start - head_len - 4;
                 buf[start..start + head_len].copy_from_slice(&head[..head_len]);

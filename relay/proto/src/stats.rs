@@ -48,11 +48,14 @@ pub enum DropReason {
     BandwidthExceeded,
     /// A packet on a relay socket whose allocation has ended.
     StaleAllocation,
+    /// A peer datagram too large to frame as a Data indication (STUN's
+    /// 16-bit length; a channel carries it).
+    TooLarge,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NotTurn,
         DropReason::Malformed,
         DropReason::BadFingerprint,
@@ -63,6 +66,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::BandwidthExceeded,
         DropReason::StaleAllocation,
+        DropReason::TooLarge,
     ];
 
     /// Metric label value.
@@ -78,6 +82,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::BandwidthExceeded => "bandwidth_exceeded",
             DropReason::StaleAllocation => "stale_allocation",
+            DropReason::TooLarge => "too_large",
         }
     }
 }
@@ -204,7 +209,7 @@ pub struct Stats {
     /// Payload bytes forwarded, by [`Direction`] index.
     pub forwarded_bytes: [u64; 2],
     /// Drops by [`DropReason`] index.
-    pub dropped: [u64; 10],
+    pub dropped: [u64; DropReason::ALL.len()],
     /// Requests by [`RequestMethod`] index and [`RequestResult`] index.
     pub requests: [[u64; 14]; 6],
     /// Authentication failures by [`AuthFailureReason`] index.

@@ -400,9 +400,15 @@ fn rest_credentials_work_with_every_configured_secret_until_they_expire() {
 #[test]
 fn session_tokens_are_accepted_only_by_the_relay_they_name() {
     let mut h = Harness::new(config());
-    let mine = User::rest(&format!("{}:session-9:relay-1", UNIX_T0 + 60), SECRET);
+    let mine = User::rest(
+        &format!("{}:00112233445566778899aabbccddeeff:relay-1", UNIX_T0 + 60),
+        SECRET,
+    );
     h.allocate(client(40010), &mine, h.t0);
-    let theirs = User::rest(&format!("{}:session-9:relay-2", UNIX_T0 + 60), SECRET);
+    let theirs = User::rest(
+        &format!("{}:00112233445566778899aabbccddeeff:relay-2", UNIX_T0 + 60),
+        SECRET,
+    );
     let nonce = h.nonce(client(40011), h.t0);
     let req = Req::new(Method::ALLOCATE)
         .transport(17)
@@ -422,7 +428,7 @@ fn a_session_token_naming_peers_scopes_permissions_and_channels_to_them() {
     let other = peer(8, 4000);
     let user = User::rest(
         &format!(
-            "{}:session-9:relay-1:{},2001:db8::7",
+            "{}:00112233445566778899aabbccddeeff:relay-1:{},2001:db8::7",
             UNIX_T0 + 60,
             counterpart.ip()
         ),
@@ -456,7 +462,10 @@ fn a_session_token_naming_peers_scopes_permissions_and_channels_to_them() {
     assert_eq!(refused[Refusal::PeerDenied as usize], 0, "403, other cause");
 
     // Without the peers field (or with a plain REST user) nothing changes.
-    let plain = User::rest(&format!("{}:session-9:relay-1", UNIX_T0 + 60), SECRET);
+    let plain = User::rest(
+        &format!("{}:00112233445566778899aabbccddeeff:relay-1", UNIX_T0 + 60),
+        SECRET,
+    );
     let d = client(40021);
     h.allocate(d, &plain, h.t0);
     let nonce = h.nonce(d, h.t0);
@@ -467,10 +476,24 @@ fn a_session_token_naming_peers_scopes_permissions_and_channels_to_them() {
 
     // A garbled list reaches nobody rather than everybody.
     assert_eq!(
-        natrix_relay_proto::session_peers("1:s:r:not-an-ip").as_deref(),
+        natrix_relay_proto::session_peers("1:00112233445566778899aabbccddeeff:r:not-an-ip")
+            .as_deref(),
         Some(&[][..])
     );
-    assert_eq!(natrix_relay_proto::session_peers("1:s:r"), None);
+    assert_eq!(
+        natrix_relay_proto::session_peers("1:00112233445566778899aabbccddeeff:r"),
+        None
+    );
+    // An application's REST username with colons is no session token: it is
+    // neither refused as naming another relay nor scoped.
+    let app = User::rest(&format!("{}:alice:phone", UNIX_T0 + 60), SECRET);
+    let e = client(40022);
+    h.allocate(e, &app, h.t0);
+    let nonce = h.nonce(e, h.t0);
+    let req = Req::new(Method::CREATE_PERMISSION)
+        .peer(other)
+        .sign(&app, &nonce);
+    assert_eq!(code_of(&h.request(&req, e, h.t0)), None);
 }
 
 #[test]
@@ -687,6 +710,42 @@ fn even_port_with_reservation_gives_the_next_port_to_the_token_holder() {
         panic!("no relayed address");
     };
     assert_eq!(second.port(), first.port() + 1);
+}
+
+/// STUN lengths are 16 bits: a peer datagram whose Data indication would
+/// not fit is dropped and counted, never framed with a wrapped length.
+#[test]
+fn a_peer_datagram_too_large_for_a_data_indication_is_dropped_not_wrapped() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    h.allocate(c, &alice, h.t0);
+    let id = h.last_allocation();
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::CREATE_PERMISSION)
+        .peer(peer(9, 1))
+        .sign(&alice, &nonce);
+    assert_eq!(
+        Message::parse(&h.request(&req, c, h.t0)).unwrap().class(),
+        Class::Success
+    );
+    // Header 20 + XOR-PEER-ADDRESS 12 + DATA header 4 + 65 520: a body of
+    // 65 536 bytes.
+    let (mut buf, range) = peer_buffer(&vec![7u8; 65_520]);
+    assert_eq!(
+        h.server
+            .handle_peer_input(id, peer(9, 5000), &mut buf, range, h.t0),
+        Err(DropReason::TooLarge)
+    );
+    assert_eq!(h.server.stats().dropped[DropReason::TooLarge as usize], 1);
+    // One byte less per 4 still fits.
+    let (mut buf, range) = peer_buffer(&vec![7u8; 65_516]);
+    let action = h
+        .server
+        .handle_peer_input(id, peer(9, 5000), &mut buf, range, h.t0)
+        .unwrap();
+    let msg = Message::parse(&buf[action.frame]).unwrap();
+    assert_eq!(msg.get(AttributeType::DATA).map(<[u8]>::len), Some(65_516));
 }
 
 #[test]
