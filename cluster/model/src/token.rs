@@ -30,6 +30,9 @@ pub fn rest_expiry(username: &str) -> Option<u64> {
     username.split(':').next()?.parse().ok()
 }
 
+/// Hex digits of a session id in a token (16 bytes).
+const SESSION_HEX: usize = 32;
+
 /// A session-bound relay token: what lookup mints for one side of a plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionToken {
@@ -58,13 +61,13 @@ impl SessionToken {
     }
 
     /// Reads a session token from a TURN username; `None` when the username
-    /// is not one (not a REST username, or fewer than three fields).
+    /// is not one: a session token is `<expiry>:<session id, 32 hex
+    /// digits>:<relay id>[:<peers>]`, so a REST username of an application
+    /// with colons of its own (`1700000000:alice:phone`) stays a plain
+    /// REST username.
     pub fn parse(username: &str) -> Option<SessionToken> {
-        let mut fields = username.splitn(4, ':');
-        let expires = fields.next()?.parse().ok()?;
-        let session = fields.next()?.to_owned();
-        let relay_id = fields.next()?.to_owned();
-        let peers = fields.next().map(|list| {
+        let (expires, session, relay_id, peers) = Self::fields(username)?;
+        let peers = peers.map(|list| {
             list.split(',')
                 .map(str::parse)
                 .collect::<Result<Vec<IpAddr>, _>>()
@@ -72,19 +75,27 @@ impl SessionToken {
         });
         Some(SessionToken {
             expires,
-            session,
-            relay_id,
+            session: session.to_owned(),
+            relay_id: relay_id.to_owned(),
             peers,
         })
+    }
+
+    /// The fields of a session-token username, checked for shape.
+    fn fields(username: &str) -> Option<(u64, &str, &str, Option<&str>)> {
+        let mut fields = username.splitn(4, ':');
+        let expires = fields.next()?.parse().ok()?;
+        let session = fields.next()?;
+        let relay_id = fields.next()?;
+        let is_session =
+            session.len() == SESSION_HEX && session.bytes().all(|b| b.is_ascii_hexdigit());
+        (is_session && !relay_id.is_empty()).then_some((expires, session, relay_id, fields.next()))
     }
 
     /// The relay a session-token username names, without copying; `None`
     /// when the username is not a session token.
     pub fn relay_of(username: &str) -> Option<&str> {
-        let mut fields = username.splitn(4, ':');
-        fields.next()?.parse::<u64>().ok()?;
-        fields.next()?;
-        fields.next()
+        Self::fields(username).map(|(_, _, relay, _)| relay)
     }
 
     /// The username and password of this token under `secret`.
@@ -98,6 +109,8 @@ impl SessionToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: &str = "00112233445566778899aabbccddeeff";
 
     #[test]
     fn rest_password_matches_an_independent_computation() {
@@ -115,12 +128,12 @@ mod tests {
         let secret: TurnSecret = "k1=0123456789abcdef".parse().unwrap();
         let mut t = SessionToken {
             expires: 1_700_000_000,
-            session: "00ff".into(),
+            session: S.into(),
             relay_id: "relay-a".into(),
             peers: None,
         };
         let (user, pass) = t.mint(&secret);
-        assert_eq!(user, "1700000000:00ff:relay-a");
+        assert_eq!(user, format!("1700000000:{S}:relay-a"));
         assert_eq!(pass, rest_password(b"0123456789abcdef", &user));
         assert_eq!(SessionToken::parse(&user), Some(t.clone()));
         assert_eq!(SessionToken::relay_of(&user), Some("relay-a"));
@@ -129,7 +142,10 @@ mod tests {
             "2001:db8::1".parse().unwrap(),
         ]);
         let scoped = t.username();
-        assert_eq!(scoped, "1700000000:00ff:relay-a:198.51.100.7,2001:db8::1");
+        assert_eq!(
+            scoped,
+            format!("1700000000:{S}:relay-a:198.51.100.7,2001:db8::1")
+        );
         assert_eq!(SessionToken::parse(&scoped), Some(t));
     }
 
@@ -138,7 +154,13 @@ mod tests {
         assert_eq!(SessionToken::parse("1700000000:alice"), None);
         assert_eq!(SessionToken::parse("alice:bob:carol"), None);
         assert_eq!(SessionToken::relay_of("1700000000:alice"), None);
-        let broken = SessionToken::parse("1700000000:00ff:relay-a:not-an-ip").unwrap();
+        let broken = SessionToken::parse(&format!("1700000000:{S}:relay-a:not-an-ip")).unwrap();
         assert_eq!(broken.peers, Some(vec![]));
+        // An application's REST usernames with colons of their own.
+        for user in ["1700000000:alice:phone", "1700000000:00ff:relay-a:10.0.0.1"] {
+            assert_eq!(SessionToken::parse(user), None, "{user}");
+            assert_eq!(SessionToken::relay_of(user), None, "{user}");
+        }
+        assert_eq!(SessionToken::parse(&format!("1700000000:{S}:")), None);
     }
 }
