@@ -98,12 +98,15 @@ pub(crate) struct RedisUrl(pub(crate) String);
 
 impl std::fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Keep the scheme and host, hide any credentials.
-        match self.0.split_once('@') {
-            Some((scheme_and_auth, host)) => {
-                let scheme = scheme_and_auth.split("//").next().unwrap_or("redis:");
-                write!(f, "{scheme}//<redacted>@{host}")
-            }
+        // Keep the scheme, hosts and path; hide any credentials. The
+        // credentials end at the authority's last '@' (a raw '@' in a
+        // password must not leak its tail).
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str("<redacted>");
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        match authority.rsplit_once('@') {
+            Some((_, hosts)) => write!(f, "{scheme}://<redacted>@{hosts}{path}"),
             None => f.write_str(&self.0),
         }
     }
@@ -112,11 +115,18 @@ impl std::fmt::Debug for RedisUrl {
 impl std::str::FromStr for RedisUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<RedisUrl, String> {
-        if !(s.starts_with("redis://")
-            || s.starts_with("rediss://")
-            || s.starts_with("redis+unix://"))
-        {
-            return Err("a Redis URL starts with redis://, rediss:// or redis+unix://".into());
+        const SCHEMES: [&str; 5] = [
+            "redis://",
+            "rediss://",
+            "redis+unix://",
+            "redis+cluster://",
+            "redis+sentinel://",
+        ];
+        if !SCHEMES.iter().any(|scheme| s.starts_with(scheme)) {
+            return Err(format!(
+                "a Redis URL starts with one of {}",
+                SCHEMES.join(", ")
+            ));
         }
         Ok(RedisUrl(s.to_owned()))
     }
@@ -231,4 +241,30 @@ pub(crate) struct ProbeArgs {
     /// Print JSON instead of a human summary.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisUrl;
+
+    #[test]
+    fn every_documented_redis_url_is_accepted_and_credentials_never_logged() {
+        for (url, shown) in [
+            ("redis://h:6379/0", "redis://h:6379/0"),
+            ("redis://:p@ss@h:6379/0", "redis://<redacted>@h:6379/0"),
+            ("rediss://user:pw@h:6380", "rediss://<redacted>@h:6380"),
+            (
+                "redis+cluster://:s3cret@a:1,b:2",
+                "redis+cluster://<redacted>@a:1,b:2",
+            ),
+            (
+                "redis+sentinel://:pw@s1:26379,s2:26379/natrix",
+                "redis+sentinel://<redacted>@s1:26379,s2:26379/natrix",
+            ),
+        ] {
+            let parsed: RedisUrl = url.parse().unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(format!("{parsed:?}"), shown);
+        }
+        assert!("http://h".parse::<RedisUrl>().is_err());
+    }
 }
