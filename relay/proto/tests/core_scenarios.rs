@@ -155,6 +155,25 @@ impl Harness {
     fn last_allocation(&self) -> AllocationId {
         self.sockets.opened.last().expect("a socket was opened").0
     }
+
+    /// An allocation of `user` from `c` with a permission for `to`'s IP;
+    /// its id and a nonce for further requests.
+    fn allocate_permitted(
+        &mut self,
+        c: ClientSocket,
+        user: &User,
+        to: SocketAddr,
+    ) -> (AllocationId, String) {
+        self.allocate(c, user, self.t0);
+        let id = self.last_allocation();
+        let nonce = self.nonce(c, self.t0);
+        let req = Req::new(Method::CREATE_PERMISSION)
+            .peer(to)
+            .sign(user, &nonce);
+        let resp = self.request(&req, c, self.t0);
+        assert_eq!(Message::parse(&resp).unwrap().class(), Class::Success);
+        (id, nonce)
+    }
 }
 
 struct User {
@@ -718,17 +737,7 @@ fn even_port_with_reservation_gives_the_next_port_to_the_token_holder() {
 fn a_peer_datagram_too_large_for_a_data_indication_is_dropped_not_wrapped() {
     let mut h = Harness::new(config());
     let alice = User::stat("alice", "wonderland");
-    let c = client(1);
-    h.allocate(c, &alice, h.t0);
-    let id = h.last_allocation();
-    let nonce = h.nonce(c, h.t0);
-    let req = Req::new(Method::CREATE_PERMISSION)
-        .peer(peer(9, 1))
-        .sign(&alice, &nonce);
-    assert_eq!(
-        Message::parse(&h.request(&req, c, h.t0)).unwrap().class(),
-        Class::Success
-    );
+    let (id, _) = h.allocate_permitted(client(1), &alice, peer(9, 1));
     // Header 20 + XOR-PEER-ADDRESS 12 + DATA header 4 + 65 520: a body of
     // 65 536 bytes.
     let (mut buf, range) = peer_buffer(&vec![7u8; 65_520]);
@@ -1092,12 +1101,7 @@ fn bandwidth_cap_drops_the_excess() {
     });
     let alice = User::stat("alice", "wonderland");
     let c = client(1);
-    h.allocate(c, &alice, h.t0);
-    let nonce = h.nonce(c, h.t0);
-    let req = Req::new(Method::CREATE_PERMISSION)
-        .peer(peer(1, 1))
-        .sign(&alice, &nonce);
-    h.request(&req, c, h.t0);
+    h.allocate_permitted(c, &alice, peer(1, 1));
     let packet = send_indication(peer(1, 1), &[0u8; 400]);
     let forwarded = (0..5)
         .filter(|_| matches!(h.input(&packet, c, h.t0), ClientAction::ToPeer { .. }))
@@ -1143,13 +1147,7 @@ fn draining_refuses_new_allocations_and_keeps_existing_ones() {
     let mut h = Harness::new(config());
     let alice = User::stat("alice", "wonderland");
     let c = client(1);
-    h.allocate(c, &alice, h.t0);
-    let id = h.last_allocation();
-    let nonce = h.nonce(c, h.t0);
-    let perm = Req::new(Method::CREATE_PERMISSION)
-        .peer(peer(1, 1))
-        .sign(&alice, &nonce);
-    h.request(&perm, c, h.t0);
+    let (id, nonce) = h.allocate_permitted(c, &alice, peer(1, 1));
     h.server.set_draining(true);
     let req = Req::new(Method::ALLOCATE)
         .transport(17)
