@@ -326,6 +326,11 @@ impl Server {
         self.allocation_by_client.len()
     }
 
+    /// The host's relay port pool this core shares.
+    pub fn ports(&self) -> &SharedPorts {
+        &self.ports
+    }
+
     /// The next command for the shell.
     pub fn poll_command(&mut self) -> Option<Command> {
         self.commands.pop_front()
@@ -920,7 +925,8 @@ impl Server {
 
     /// Takes a slot and opens its relay socket on `bind:port`. A port
     /// another process holds is left out of the pool and another is tried
-    /// (unless the client asked for this one). Returns the slot and port.
+    /// (unless the client asked for this one); any other failure returns
+    /// the port to the pool. Returns the slot and port.
     fn open_relay(
         &mut self,
         req: &AllocateRequest<'_>,
@@ -938,11 +944,15 @@ impl Server {
         let id = self.id_of(index);
         let chosen = req.token.is_some() || req.even_port.is_some();
         for attempt in 0..BIND_ATTEMPTS {
-            if sockets
-                .open(id, SocketAddr::new(bind, port), req.dont_fragment)
-                .is_ok()
-            {
-                return Ok((index, port));
+            match sockets.open(id, SocketAddr::new(bind, port), req.dont_fragment) {
+                Ok(()) => return Ok((index, port)),
+                Err(e) if e.kind() != std::io::ErrorKind::AddrInUse => {
+                    // Out of descriptors or buffers: the port is fine and
+                    // goes back to the pool; another would fail the same.
+                    self.ports.put(port);
+                    break;
+                }
+                Err(_) => {}
             }
             if chosen || attempt + 1 == BIND_ATTEMPTS {
                 break;

@@ -27,14 +27,17 @@ const SECRET: &[u8] = b"rest-secret-0123456789";
 #[derive(Default)]
 struct Sockets {
     opened: Vec<(AllocationId, SocketAddr, bool)>,
+    /// Fail this many opens with `fail_with` (address in use by default).
     refuse: usize,
+    fail_with: Option<std::io::ErrorKind>,
 }
 
 impl RelaySockets for Sockets {
     fn open(&mut self, id: AllocationId, addr: SocketAddr, df: bool) -> std::io::Result<()> {
         if self.refuse > 0 {
             self.refuse -= 1;
-            return Err(std::io::Error::from(std::io::ErrorKind::AddrInUse));
+            let kind = self.fail_with.unwrap_or(std::io::ErrorKind::AddrInUse);
+            return Err(std::io::Error::from(kind));
         }
         self.opened.push((id, addr, df));
         Ok(())
@@ -1140,6 +1143,29 @@ fn garbage_never_panics_and_is_counted() {
         let _ = h.input(&p, client(2), h.t0);
     }
     assert_eq!(h.server.stats().allocations, 1);
+}
+
+/// A port held by another process leaves the pool; a bind that failed for
+/// want of descriptors or buffers gives its port back.
+#[test]
+fn only_ports_in_use_elsewhere_leave_the_pool_after_a_failed_bind() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let free = |h: &Harness| h.server.ports().available();
+    assert_eq!(free(&h), 100);
+    // Two ports in use by another process, then success on a third.
+    h.sockets.refuse = 2;
+    h.allocate(client(1), &alice, h.t0);
+    assert_eq!(free(&h), 97, "two left out, one allocated");
+    // Out of descriptors: refused (508) and the port returns.
+    h.sockets.refuse = 1;
+    h.sockets.fail_with = Some(std::io::ErrorKind::OutOfMemory);
+    let nonce = h.nonce(client(2), h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(2), h.t0)), Some(508));
+    assert_eq!(free(&h), 97, "the port went back to the pool");
 }
 
 #[test]
