@@ -209,6 +209,15 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    /// How many allocations this relay can hold: the configured maximum,
+    /// or the relay port range when that is smaller (each allocation holds
+    /// a port). What the registry and `relay_allocation_capacity` show, so
+    /// lookup does not pick a relay that can only answer 508.
+    pub fn capacity(&self) -> usize {
+        let ports = usize::from(self.ports.max.saturating_sub(self.ports.min)) + 1;
+        self.max_allocations.min(ports)
+    }
+
     /// The listeners this role's host binds.
     pub fn host(&self) -> HostConfig {
         HostConfig {

@@ -480,7 +480,7 @@ fn publish_records(
             cluster::public_addrs(host.udp_addrs(), public),
             cluster::public_addrs(host.tcp_addrs(), public),
             cluster::public_addrs(host.tls_addrs(), public),
-            config.max_allocations as u64,
+            config.capacity() as u64,
         );
         let load = cluster::relay_load(host.control(), telemetry.clone());
         publishers.push(cluster::publish(

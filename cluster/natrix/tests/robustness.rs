@@ -455,3 +455,17 @@ fn every_role_refuses_the_same_bad_turn_secret_at_start_naming_the_flag() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A relay advertises what it can hold: with fewer relay ports than
+/// `--max-allocations`, the port range is the capacity (lookup would
+/// otherwise keep picking a relay that can only answer 508).
+#[test]
+fn a_relay_advertises_the_smaller_of_its_allocation_cap_and_its_ports() {
+    let natrix = Natrix::relay(&[
+        "--relay-ports",
+        "50000-50009",
+        "--max-allocations",
+        "100000",
+    ]);
+    assert_eq!(natrix.metric("relay_allocation_capacity"), 10.0);
+}

@@ -270,7 +270,7 @@ impl TurnParts {
         };
         telemetry
             .gauge(&natrix_telemetry::catalogue::RELAY_ALLOCATION_CAPACITY)
-            .set(i64::try_from(config.max_allocations).unwrap_or(i64::MAX));
+            .set(i64::try_from(config.capacity()).unwrap_or(i64::MAX));
         Ok(TurnParts {
             credentials: config.credentials().map_err(anyhow::Error::msg)?,
             base_credentials: config.base_credentials().map_err(anyhow::Error::msg)?,
