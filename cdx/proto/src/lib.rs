@@ -24,4 +24,6 @@
 pub mod binding;
 pub mod discovery;
 pub mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handoff;
