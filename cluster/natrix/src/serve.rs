@@ -275,6 +275,10 @@ impl DataPlane {
         let Some((host_config, stun)) = host_plan(plan) else {
             return Ok(data);
         };
+        // A configuration error is reported before any port is bound.
+        if let Some(relay) = &plan.relay {
+            relay.credentials().map_err(anyhow::Error::msg)?;
+        }
         let mut bound = RelayHost::bind(&host_config, workers)?;
         let services = match &stun {
             Some((settings, limits)) => {

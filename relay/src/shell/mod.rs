@@ -140,6 +140,38 @@ impl BoundHost {
         &self.udp
     }
 
+    /// Binds UDP on `requested` and, with `tcp`, TCP on the same port (as
+    /// clients expect). With port 0 the kernel picks the UDP port; when its
+    /// TCP twin is taken by another process, another port is picked.
+    fn bind_udp_and_tcp(
+        &mut self,
+        requested: SocketAddr,
+        tcp: bool,
+    ) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
+        const PICKS: usize = 8;
+        for pick in 1..=PICKS {
+            let udp = bind_udp_everywhere(&mut self.shards, requested, &mut self.udp_clones)?;
+            if !tcp {
+                return Ok((udp, None));
+            }
+            let twin = SocketAddr::new(requested.ip(), udp.port());
+            match bind_tcp_everywhere(&mut self.shards, twin, false) {
+                Ok(addr) => return Ok((udp, Some(addr))),
+                Err(e) if requested.port() == 0 && pick < PICKS => {
+                    warn!(port = udp.port(), error = %format!("{e:#}"), "the TCP twin of a picked UDP port is taken; picking another");
+                    let bound_tcp = self.tcp.len();
+                    for shard in &mut self.shards {
+                        shard.udp.pop();
+                        shard.tcp.truncate(bound_tcp);
+                    }
+                    self.udp_clones.pop();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        anyhow::bail!("no free UDP and TCP port pair for {requested}")
+    }
+
     /// Binds UDP listeners that serve only the STUN service (RFC 5780's
     /// alternate cells), one socket per loop each; returns their bound
     /// addresses.
@@ -371,14 +403,9 @@ impl RelayHost {
             }
         }
         for requested in config.listen.iter().filter(usable) {
-            let addr = bind_udp_everywhere(&mut host.shards, *requested, &mut host.udp_clones)?;
-            host.udp.push(addr);
-            if config.tcp {
-                // The same port as UDP, as clients expect.
-                let tcp = SocketAddr::new(requested.ip(), addr.port());
-                host.tcp
-                    .push(bind_tcp_everywhere(&mut host.shards, tcp, false)?);
-            }
+            let (udp, tcp) = host.bind_udp_and_tcp(*requested, config.tcp)?;
+            host.udp.push(udp);
+            host.tcp.extend(tcp);
         }
         if host.udp.is_empty() && host.tcp.is_empty() && host.tls.is_empty() {
             anyhow::bail!("no listener could be bound");
