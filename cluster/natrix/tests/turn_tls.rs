@@ -1,13 +1,22 @@
-//! TURN over TLS: coturn's client over TLS, and certificate reloads (file
-//! change, SIGHUP) that reach new connections without dropping a session.
+//! TURN over TLS: coturn's client over TLS, certificate reloads (file
+//! change, SIGHUP) that reach new connections without dropping a session,
+//! and a slow reader that gets a burst larger than rustls's buffer whole.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Natrix, PASSWORD, USER, free_port, tool, uclient, udp_echo_peer};
+use natrix_wire::{
+    Attribute, AttributeType, Class, Encoder, IntegrityKey, Message, MessageType, Method,
+    TransactionId, long_term_key_md5,
+};
 
 /// Writes a fresh self-signed certificate with common name `cn`, replacing
 /// the files atomically (rename), as cert-manager or certbot do.
@@ -160,4 +169,275 @@ fn turn_over_tls_relays_and_reloads_certificates_without_dropping_sessions() {
         report.output
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Accepts any server certificate: the test talks to its own relay.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TURN client over TLS on a connection with a small receive buffer, so
+/// that a burst backs up into the relay.
+struct TlsTurn {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    pending: Vec<u8>,
+}
+
+impl TlsTurn {
+    fn connect(port: u16) -> TlsTurn {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+            .unwrap();
+        let tcp: std::net::TcpStream = s.into();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("natrix-burst").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        TlsTurn {
+            tls: rustls::StreamOwned::new(conn, tcp),
+            pending: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, msg: &[u8]) {
+        use std::io::Write;
+        self.tls.write_all(msg).unwrap();
+        self.tls.flush().unwrap();
+    }
+
+    /// The next whole frame; `None` when the connection closed.
+    fn frame(&mut self) -> Option<Vec<u8>> {
+        use std::io::Read;
+        loop {
+            if let Ok(Some(n)) = natrix_wire::frame_len(&self.pending)
+                && n <= self.pending.len()
+            {
+                return Some(self.pending.drain(..n).collect());
+            }
+            let mut buf = [0u8; 16384];
+            match self.tls.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// A request signed with the test user's long-term key once the
+    /// relay's realm and nonce are known.
+    fn request(&mut self, method: Method, attrs: &[Attribute<'_>], auth: Option<&str>) -> Vec<u8> {
+        let tid = TransactionId(rand::random());
+        let mut buf = vec![0u8; 512];
+        let mut enc =
+            Encoder::new(&mut buf, MessageType::new(method, Class::Request), &tid).unwrap();
+        for a in attrs {
+            enc.attribute(a).unwrap();
+        }
+        if let Some(nonce) = auth {
+            enc.attribute(&Attribute::Username(USER)).unwrap();
+            enc.attribute(&Attribute::Realm(common::REALM)).unwrap();
+            enc.attribute(&Attribute::Nonce(nonce)).unwrap();
+            let key = IntegrityKey::new(&long_term_key_md5(USER, common::REALM, PASSWORD));
+            enc.integrity(&key).unwrap();
+        }
+        let n = enc.finish();
+        buf.truncate(n);
+        self.send(&buf);
+        self.frame().expect("an answer")
+    }
+}
+
+/// A network namespace of the test's own (removed when dropped), with
+/// loopback up.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Netns {
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("running ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]);
+        let ns = Netns(name.to_owned());
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Sets a sysctl inside the namespace.
+    fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c"])
+            .arg(format!("echo '{value}' > {path}"))
+            .output()
+            .expect("running ip netns exec");
+        assert!(out.status.success(), "sysctl {key}: {out:?}");
+    }
+
+    /// Runs `f` on a thread inside the namespace (its sockets and the
+    /// processes it spawns live there).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("opening the namespace");
+            // SAFETY: setns(2) on an open namespace descriptor; it changes
+            // only this thread's network namespace.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// rustls buffers at most 64 KiB of plaintext; a burst from a peer larger
+/// than that towards a client that reads slowly must wait in the relay's
+/// own queue, not fail the write and close the connection. The kernel's
+/// send buffers are capped (in a namespace of the test's own) so that the
+/// burst backs up into the relay as it does on a slow link.
+#[test]
+fn a_slow_tls_reader_gets_a_burst_larger_than_64_kib_whole() {
+    let ns = Netns::new(&format!("natrix-tls-{}", std::process::id()));
+    ns.sysctl("net.ipv4.tcp_wmem", "4096 16384 65536");
+    ns.run(slow_reader_burst);
+}
+
+fn slow_reader_burst() {
+    let dir = std::env::temp_dir().join(format!("natrix-tls-burst-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    write_cert(&dir, "natrix-burst");
+    let tls_port = free_port();
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
+    let mut natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--tls-listen",
+        &format!("127.0.0.1:{tls_port}"),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let mut client = TlsTurn::connect(tls_port);
+    let transport = [Attribute::RequestedTransport(17)];
+    let challenge = client.request(Method::ALLOCATE, &transport, None);
+    let nonce = match Message::parse(&challenge)
+        .unwrap()
+        .decode(AttributeType::NONCE)
+    {
+        Some(Ok(Attribute::Nonce(n))) => n.to_owned(),
+        other => panic!("no nonce in the challenge: {other:?}"),
+    };
+    let answer = client.request(Method::ALLOCATE, &transport, Some(&nonce));
+    let relayed = match Message::parse(&answer)
+        .unwrap()
+        .decode(AttributeType::XOR_RELAYED_ADDRESS)
+    {
+        Some(Ok(Attribute::XorRelayedAddress(a))) => a,
+        other => panic!("no relayed address: {other:?}"),
+    };
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let permit = [Attribute::XorPeerAddress(peer.local_addr().unwrap())];
+    let ok = client.request(Method::CREATE_PERMISSION, &permit, Some(&nonce));
+    assert_eq!(Message::parse(&ok).unwrap().class(), Class::Success);
+
+    // 400 datagrams of 1000 bytes (about 420 KB of Data indications) while
+    // the client reads nothing.
+    const BURST: usize = 400;
+    for i in 0..BURST {
+        let mut d = vec![0u8; 1000];
+        d[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        peer.send_to(&d, relayed).unwrap();
+        if i % 20 == 19 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(natrix.alive(), "{}", natrix.log());
+    let mut seen = vec![false; BURST];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.iter().any(|s| !s) && Instant::now() < deadline {
+        let Some(frame) = client.frame() else {
+            panic!(
+                "the relay closed the connection after {} of {BURST}",
+                seen.iter().filter(|s| **s).count()
+            );
+        };
+        let msg = Message::parse(&frame).unwrap();
+        if let Some(data) = msg.get(AttributeType::DATA) {
+            seen[u32::from_be_bytes(data[..4].try_into().unwrap()) as usize] = true;
+        }
+    }
+    assert_eq!(
+        seen.iter().filter(|s| **s).count(),
+        BURST,
+        "every datagram, in a 420 KB burst"
+    );
+    let refresh = client.request(Method::REFRESH, &[], Some(&nonce));
+    assert_eq!(
+        Message::parse(&refresh).unwrap().class(),
+        Class::Success,
+        "the connection and its allocation are still there"
+    );
 }

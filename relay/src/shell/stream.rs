@@ -216,22 +216,38 @@ impl Stream {
     /// Writes pending bytes; true when everything went out.
     pub(super) fn flush(&mut self) -> io::Result<bool> {
         if let Some(tls) = self.tls.as_mut() {
-            if !self.write.is_empty() {
-                tls.writer().write_all(&self.write)?;
-                self.tls_queued += self.write.len();
-                self.write.clear();
-                if self.write.capacity() > KEPT_WRITE {
-                    self.write.shrink_to(KEPT_WRITE);
+            // rustls buffers at most 64 KiB of plaintext: hand it what it
+            // takes, write its records out, and keep the rest queued here
+            // (under MAX_PENDING_WRITE) until the socket drains. A burst
+            // larger than rustls's buffer is neither an error nor lost.
+            loop {
+                let mut handed = 0;
+                if !self.write.is_empty() {
+                    handed = tls.writer().write(&self.write)?;
+                    self.tls_queued += handed;
+                    self.write.drain(..handed);
+                }
+                let mut wrote = false;
+                while tls.wants_write() {
+                    match tls.write_tls(&mut self.socket) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(_) => wrote = true,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if self.write.is_empty() {
+                    break;
+                }
+                if handed == 0 && !wrote {
+                    // rustls takes nothing more yet (a handshake still
+                    // running): the rest waits for the next flush.
+                    return Ok(false);
                 }
             }
-            while tls.wants_write() {
-                match tls.write_tls(&mut self.socket) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
+            if self.write.capacity() > KEPT_WRITE {
+                self.write.shrink_to(KEPT_WRITE);
             }
             self.tls_queued = 0;
             return Ok(true);
