@@ -154,6 +154,15 @@ pub struct CdxConfig {
     )]
     pub tcp_max_connections: usize,
 
+    /// Most simultaneous STUN/TCP connections from one IP address (about:
+    /// counted per loop); further ones are closed at once.
+    #[arg(
+        long = "stun-tcp-max-connections-per-ip",
+        env = "NATRIX_STUN_TCP_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 1000
+    )]
+    pub tcp_max_connections_per_ip: usize,
+
     /// Connection-data exchange: live participants (sessions) per source IP
     /// on this node.
     #[arg(

@@ -28,6 +28,8 @@ pub struct HostConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Most TCP and TLS connections, over all loops.
     pub max_connections: usize,
+    /// Most TCP and TLS connections from one IP address, over all loops.
+    pub max_connections_per_ip: usize,
     /// Idle limit for connections without an allocation.
     pub idle_timeout: Duration,
 }
@@ -75,6 +77,17 @@ pub struct RelayConfig {
         default_value_t = 10_000
     )]
     pub max_connections: usize,
+
+    /// Most TCP and TLS client connections from one IP address (about:
+    /// counted per loop); more are closed at once, so one source cannot
+    /// hold every connection slot. Generous by default: an office or a
+    /// carrier NAT puts many legitimate clients behind one address.
+    #[arg(
+        long = "turn-max-connections-per-ip",
+        env = "NATRIX_TURN_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 1000
+    )]
+    pub max_connections_per_ip: usize,
 
     /// A TCP or TLS connection without an allocation that sends nothing for
     /// this long is closed (slow or idle clients cannot hold connections).
@@ -226,6 +239,7 @@ impl RelayConfig {
             tls_listen: self.tls_listen.clone(),
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             idle_timeout: self.idle_timeout,
         }
     }

@@ -365,6 +365,7 @@ fn host_plan(
                 tls_listen: Vec::new(),
                 tls: None,
                 max_connections: cdx.tcp_max_connections,
+                max_connections_per_ip: cdx.tcp_max_connections_per_ip,
                 idle_timeout: cdx.tcp_idle_timeout,
             },
             Some((cdx.stun_settings(), cdx.exchange_limits())),

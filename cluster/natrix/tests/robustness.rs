@@ -469,3 +469,63 @@ fn a_relay_advertises_the_smaller_of_its_allocation_cap_and_its_ports() {
     ]);
     assert_eq!(natrix.metric("relay_allocation_capacity"), 10.0);
 }
+
+/// One source cannot hold every connection slot: past its per-IP cap its
+/// connections are closed at once, while another address is still served.
+/// And a connection without an allocation cannot make the relay hold a
+/// large frame: a ChannelData header announcing 64 KiB closes it.
+#[test]
+fn one_address_is_capped_and_cannot_announce_large_frames_before_allocating() {
+    let natrix = Natrix::relay(&["--workers", "1", "--turn-max-connections-per-ip", "4"]);
+    let connect_from = |ip: [u8; 4]| -> TcpStream {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.bind(&SocketAddr::from((ip, 0)).into()).expect("bind");
+        s.connect(&natrix.stun.into()).expect("connect");
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s
+    };
+    let mut held: Vec<TcpStream> = (0..4).map(|_| connect_from([127, 0, 0, 1])).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut buf = [0u8; 64];
+    for _ in 0..2 {
+        let mut extra = connect_from([127, 0, 0, 1]);
+        assert!(
+            closed(extra.read(&mut buf)),
+            "a fifth connection from one address must be closed at once"
+        );
+    }
+    natrix.wait_metric("relay_connections_rejected_total", |v| v == 2.0);
+    // Another address is served.
+    let mut other = connect_from([127, 0, 0, 2]);
+    other.write_all(&binding_request([6; 12])).expect("write");
+    assert!(other.read(&mut buf).expect("an answer") > 0);
+    // The held ones still work.
+    held[0].write_all(&binding_request([7; 12])).expect("write");
+    assert!(held[0].read(&mut buf).expect("an answer") > 0);
+
+    // Without an allocation: a ChannelData header announcing 65 535 bytes.
+    held[1]
+        .write_all(&[0x40, 0x00, 0xFF, 0xFF, 0, 0, 0, 0])
+        .expect("write");
+    assert!(
+        closed(held[1].read(&mut buf)),
+        "closed instead of buffering a 64 KiB frame"
+    );
+    natrix.wait_metric("relay_packets_dropped_total{reason=\"malformed\"}", |v| {
+        v >= 1.0
+    });
+}
+
+/// A read that saw the peer close (not a timeout).
+fn closed(read: std::io::Result<usize>) -> bool {
+    match read {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}

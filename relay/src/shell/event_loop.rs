@@ -191,6 +191,8 @@ struct Clients {
     free_streams: Vec<usize>,
     stream_by_client: HashMap<ClientSocket, usize, foldhash::fast::RandomState>,
     stream_by_conn: HashMap<ConnId, usize, foldhash::fast::RandomState>,
+    /// Live connections per client IP.
+    per_ip: HashMap<std::net::IpAddr, usize, foldhash::fast::RandomState>,
     /// Streams with frames queued since the last [`Clients::flush`].
     dirty_streams: Vec<usize>,
     send_errors: u64,
@@ -367,6 +369,8 @@ pub(super) struct LoopSettings {
     pub(super) shard: usize,
     /// Most TCP/TLS connections this loop holds.
     pub(super) max_streams: usize,
+    /// Most TCP/TLS connections this loop holds from one IP.
+    pub(super) max_streams_per_ip: usize,
     /// Idle limit for connections without an allocation.
     pub(super) idle_timeout: Duration,
 }
@@ -398,6 +402,7 @@ pub(super) struct EventLoop {
     draining: bool,
     credentials_generation: u64,
     max_streams: usize,
+    max_streams_per_ip: usize,
     idle_timeout: Duration,
     live_streams: usize,
     next_idle_sweep: Instant,
@@ -417,6 +422,7 @@ impl EventLoop {
             control,
             shard,
             max_streams,
+            max_streams_per_ip,
             idle_timeout,
         } = settings;
         let Listeners {
@@ -479,6 +485,7 @@ impl EventLoop {
                     free_streams: Vec::new(),
                     stream_by_client: HashMap::default(),
                     stream_by_conn: HashMap::default(),
+                    per_ip: HashMap::default(),
                     dirty_streams: Vec::new(),
                     send_errors: 0,
                 },
@@ -507,6 +514,7 @@ impl EventLoop {
                 shard,
                 draining: false,
                 max_streams,
+                max_streams_per_ip,
                 idle_timeout,
                 live_streams: 0,
                 next_idle_sweep: Instant::now() + Duration::from_secs(1),
@@ -637,10 +645,7 @@ impl EventLoop {
         match token.0 {
             0 => true,
             t if t >= RELAY_BASE => self.peer_ready(t - RELAY_BASE),
-            t if t >= STREAM_BASE => {
-                self.stream_ready(t - STREAM_BASE);
-                true
-            }
+            t if t >= STREAM_BASE => self.stream_ready(t - STREAM_BASE),
             t if t >= TLS_BASE => {
                 self.accept(t - TLS_BASE, true);
                 true
@@ -786,7 +791,8 @@ impl EventLoop {
                     return;
                 }
             };
-            if self.live_streams >= self.max_streams {
+            let per_ip = self.clients.per_ip.get(&client.ip()).copied().unwrap_or(0);
+            if self.live_streams >= self.max_streams || per_ip >= self.max_streams_per_ip {
                 // At the limit: close at once (the client tries its next
                 // ICE server) rather than hold a descriptor.
                 self.metrics.connections_rejected.inc();
@@ -837,19 +843,23 @@ impl EventLoop {
             }
             self.clients.stream_by_client.insert(stream.client, j);
             self.clients.stream_by_conn.insert(stream.conn, j);
+            *self.clients.per_ip.entry(client.ip()).or_insert(0) += 1;
             self.clients.streams[j] = Some(stream);
             self.live_streams += 1;
         }
     }
 
-    fn stream_ready(&mut self, j: usize) {
+    /// Serves a ready connection; false when its read budget ran out with
+    /// bytes still waiting (it is revisited on the next turn).
+    fn stream_ready(&mut self, j: usize) -> bool {
         let Some(mut stream) = self.clients.streams.get_mut(j).and_then(Option::take) else {
-            return;
+            return true;
         };
         if stream.has_pending() && stream.flush().is_err() {
             self.close_stream(j, stream);
-            return;
+            return true;
         }
+        stream.trusted = self.core.has_allocation(&stream.client);
         let now = Instant::now();
         let core = &mut self.core;
         let out = &mut self.out;
@@ -898,15 +908,17 @@ impl EventLoop {
                 }
                 self.close_stream(j, stream);
             }
-            ReadOutcome::Open => {
+            ReadOutcome::Open | ReadOutcome::More => {
                 if stream.flush().is_err() {
                     self.close_stream(j, stream);
-                    return;
+                    return true;
                 }
                 want_write(&self.registry, &mut stream, j);
                 self.clients.streams[j] = Some(stream);
+                return !matches!(outcome, ReadOutcome::More);
             }
         }
+        true
     }
 
     /// Closes connections that hold no allocation and stayed silent for
@@ -929,6 +941,13 @@ impl EventLoop {
         let _ = self.registry.deregister(&mut stream.socket);
         self.clients.stream_by_client.remove(&stream.client);
         self.clients.stream_by_conn.remove(&stream.conn);
+        let ip = stream.client.client.ip();
+        if let Some(n) = self.clients.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.clients.per_ip.remove(&ip);
+            }
+        }
         self.clients.free_streams.push(j);
         if let Some(s) = self.service.as_mut() {
             s.event(HostEvent::StreamClosed(

@@ -237,6 +237,7 @@ impl BoundHost {
                     control: control.clone(),
                     shard,
                     max_streams: self.config.max_connections.div_ceil(loops).max(1),
+                    max_streams_per_ip: self.config.max_connections_per_ip.div_ceil(loops).max(1),
                     idle_timeout: self.config.idle_timeout,
                 },
             )

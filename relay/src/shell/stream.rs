@@ -12,14 +12,25 @@ use crate::core::{ClientSocket, DropReason, Transport};
 /// full UDP payload, padded).
 pub(super) const MAX_FRAME: usize = 4 + 65535 + 3;
 /// Largest STUN message accepted on a stream: TURN requests are a few
-/// hundred bytes; a bigger header is garbage or an attack on memory.
+/// hundred bytes; a bigger header is garbage or an attack on memory. Also
+/// the largest frame of any kind from a connection without an allocation
+/// (its ChannelData could only be dropped).
 const MAX_STUN_FRAME: usize = 4096;
 /// Most bytes queued for one slow client before relayed data is dropped.
 const MAX_PENDING_WRITE: usize = 1 << 20;
-/// The read buffer a connection starts with (and returns to once drained):
-/// room for a hundred small frames per read. It grows (doubling) only for
-/// frames larger than what it holds, up to [`MAX_READ`].
+/// Most bytes queued for a connection without an allocation (answers to
+/// pipelined unauthenticated requests that it does not read).
+const MAX_UNTRUSTED_PENDING: usize = 16 * 1024;
+/// The read buffer of a connection without an allocation: one STUN frame.
+const UNTRUSTED_READ: usize = MAX_STUN_FRAME;
+/// The read buffer of a connection with an allocation (and what it
+/// returns to once drained): room for a hundred small frames per read. It
+/// grows (doubling) only for frames larger than what it holds, up to
+/// [`MAX_READ`].
 const INITIAL_READ: usize = 16 * 1024;
+/// Reads per wake-up before the loop turns to other sockets (the rest is
+/// read on its next turn).
+pub(super) const READS_PER_WAKE: usize = 16;
 /// The largest read buffer: one maximal frame and some.
 const MAX_READ: usize = MAX_FRAME + 4096;
 /// Write capacity kept once a burst has drained.
@@ -43,12 +54,17 @@ pub(super) struct Stream {
     pub(super) conn: natrix_net::ConnId,
     /// When the client last sent something.
     pub(super) last_active: std::time::Instant,
+    /// The client holds an allocation: larger frames, buffers and queues.
+    pub(super) trusted: bool,
 }
 
 /// What reading produced.
 pub(super) enum ReadOutcome {
     /// Keep the connection.
     Open,
+    /// The read budget is spent with bytes still waiting: keep it and read
+    /// again on the loop's next turn.
+    More,
     /// The peer closed, or the socket failed: close it.
     Close,
     /// The peer sent something that cannot be framed: close and count it.
@@ -78,7 +94,7 @@ impl Stream {
                 server,
             },
             tls,
-            read: vec![0; INITIAL_READ],
+            read: vec![0; UNTRUSTED_READ],
             filled: 0,
             write: Vec::new(),
             tls_queued: 0,
@@ -86,20 +102,36 @@ impl Stream {
             dirty: false,
             conn: natrix_net::ConnId::next(),
             last_active: std::time::Instant::now(),
+            trusted: false,
         })
+    }
+
+    /// The read buffer a drained connection keeps.
+    fn resting_read(&self) -> usize {
+        if self.trusted {
+            INITIAL_READ
+        } else {
+            UNTRUSTED_READ
+        }
     }
 
     /// Reads available bytes (decrypting TLS) into the read buffer.
     /// `Ok(true)` when something arrived, `Ok(false)` on `WouldBlock`.
     fn fill(&mut self) -> Result<bool, ReadOutcome> {
         if self.filled == self.read.len() {
-            // A frame larger than the buffer: grow (frames are capped at
-            // MAX_FRAME before this, so a full MAX_READ cannot happen for
-            // a well-framed stream).
-            if self.read.len() >= MAX_READ {
+            // A frame larger than the buffer: grow (frames are capped
+            // before this — at MAX_STUN_FRAME without an allocation, else
+            // MAX_FRAME — so a full buffer at the cap cannot happen for a
+            // well-framed stream).
+            let cap = if self.trusted {
+                MAX_READ
+            } else {
+                UNTRUSTED_READ
+            };
+            if self.read.len() >= cap {
                 return Err(ReadOutcome::Garbage(DropReason::Malformed));
             }
-            let grown = (self.read.len() * 2).min(MAX_READ);
+            let grown = (self.read.len() * 2).max(INITIAL_READ).min(cap);
             self.read.resize(grown, 0);
         }
         let Some(tls) = self.tls.as_mut() else {
@@ -151,10 +183,11 @@ impl Stream {
     }
 
     /// Reads what is available and hands each complete frame to `frame`.
-    /// Stops at `WouldBlock`, EOF, an error or a frame that cannot be
-    /// framed (not STUN, not ChannelData).
+    /// Stops at `WouldBlock`, EOF, an error, a frame that cannot be framed
+    /// (not STUN, not ChannelData, over the cap), or after
+    /// [`READS_PER_WAKE`] reads.
     pub(super) fn read_frames(&mut self, mut frame: impl FnMut(&[u8], &mut Stream)) -> ReadOutcome {
-        loop {
+        for _ in 0..READS_PER_WAKE {
             match self.fill() {
                 Ok(true) => self.last_active = std::time::Instant::now(),
                 Ok(false) => return ReadOutcome::Open,
@@ -168,7 +201,8 @@ impl Stream {
                     Err(_) => return ReadOutcome::Garbage(DropReason::NotTurn),
                 };
                 let stun = self.read[at] < 0x40;
-                if len > MAX_FRAME || (stun && len > MAX_STUN_FRAME) {
+                let small = stun || !self.trusted;
+                if len > MAX_FRAME || (small && len > MAX_STUN_FRAME) {
                     return ReadOutcome::Garbage(DropReason::Malformed);
                 }
                 if at + len > self.filled {
@@ -188,11 +222,13 @@ impl Stream {
             }
             self.read.copy_within(at..self.filled, 0);
             self.filled -= at;
-            if self.filled == 0 && self.read.len() > INITIAL_READ {
+            let resting = self.resting_read();
+            if self.filled == 0 && self.read.len() > resting {
                 // A large frame passed: give the memory back.
-                self.read = vec![0; INITIAL_READ];
+                self.read = vec![0; resting];
             }
         }
+        ReadOutcome::More
     }
 
     /// Queues `bytes` (one whole frame) for the next [`Stream::flush`], so
@@ -206,7 +242,12 @@ impl Stream {
         {
             self.tls_queued = 0;
         }
-        if self.tls_queued + self.write.len() + bytes.len() > MAX_PENDING_WRITE {
+        let cap = if self.trusted {
+            MAX_PENDING_WRITE
+        } else {
+            MAX_UNTRUSTED_PENDING
+        };
+        if self.tls_queued + self.write.len() + bytes.len() > cap {
             return false;
         }
         self.write.extend_from_slice(bytes);
