@@ -4,7 +4,10 @@
 //! cloud metadata service turns every client into an attacker inside the
 //! operator's network. Every address is normalised first, so an IPv4 range
 //! denied as such is also denied in its IPv4-mapped (`::ffff:a.b.c.d`),
-//! NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`) and 6to4 (`2002::/16`) forms.
+//! IPv4-translated (`::ffff:0:a.b.c.d`), NAT64 (`64:ff9b::/96`) and 6to4
+//! (`2002::/16`) forms. Forms whose target the relay cannot see are denied
+//! whole: local-use NAT64 (`64:ff9b:1::/48`, translated by the operator's
+//! own gateway) and Teredo (`2001::/32`).
 //! An allow-list overrides the deny-list (labs and tests relay to loopback).
 
 use std::fmt;
@@ -79,31 +82,37 @@ impl IpNet {
 
 /// Ranges denied unless allowed: not globally routable, or dangerous.
 const DEFAULT_DENY: &[&str] = &[
-    "0.0.0.0/8",       // "this network", unspecified
-    "10.0.0.0/8",      // RFC 1918
-    "100.64.0.0/10",   // CGNAT (RFC 6598)
-    "127.0.0.0/8",     // loopback
-    "169.254.0.0/16",  // link-local, incl. 169.254.169.254 metadata
-    "172.16.0.0/12",   // RFC 1918
-    "192.0.0.0/24",    // IETF protocol assignments
-    "192.0.2.0/24",    // TEST-NET-1
-    "192.88.99.0/24",  // 6to4 relay anycast (deprecated)
-    "192.168.0.0/16",  // RFC 1918
-    "198.18.0.0/15",   // benchmarking
-    "198.51.100.0/24", // TEST-NET-2
-    "203.0.113.0/24",  // TEST-NET-3
-    "224.0.0.0/4",     // multicast
-    "240.0.0.0/4",     // reserved, incl. broadcast
-    "::/128",          // unspecified
-    "::1/128",         // loopback
-    "::/96",           // IPv4-compatible (deprecated)
-    "100::/64",        // discard-only
-    "2001:2::/48",     // benchmarking
-    "2001:db8::/32",   // documentation
-    "fc00::/7",        // unique local
-    "fe80::/10",       // link-local
-    "fec0::/10",       // site-local (deprecated)
-    "ff00::/8",        // multicast
+    "0.0.0.0/8",        // "this network", unspecified
+    "10.0.0.0/8",       // RFC 1918
+    "100.64.0.0/10",    // CGNAT (RFC 6598)
+    "127.0.0.0/8",      // loopback
+    "169.254.0.0/16",   // link-local, incl. 169.254.169.254 metadata
+    "168.63.129.16/32", // Azure's platform endpoint (wireserver, DNS, health)
+    "172.16.0.0/12",    // RFC 1918
+    "192.0.0.0/24",     // IETF protocol assignments
+    "192.0.2.0/24",     // TEST-NET-1
+    "192.88.99.0/24",   // 6to4 relay anycast (deprecated)
+    "192.168.0.0/16",   // RFC 1918
+    "198.18.0.0/15",    // benchmarking
+    "198.51.100.0/24",  // TEST-NET-2
+    "203.0.113.0/24",   // TEST-NET-3
+    "224.0.0.0/4",      // multicast
+    "240.0.0.0/4",      // reserved, incl. broadcast
+    "::/128",           // unspecified
+    "::1/128",          // loopback
+    "::/96",            // IPv4-compatible (deprecated)
+    "::ffff:0:0:0/96",  // IPv4-translated (RFC 2765 SIIT), never on the wire
+    "64:ff9b:1::/48",   // local-use NAT64 (RFC 8215): translates to inside
+    "2001::/32",        // Teredo: tunnels to an address the deny-list cannot see
+    "100::/64",         // discard-only
+    "2001:2::/48",      // benchmarking
+    "2001:db8::/32",    // documentation
+    "3fff::/20",        // documentation (RFC 9637)
+    "5f00::/16",        // SRv6 segment identifiers (RFC 9602)
+    "fc00::/7",         // unique local
+    "fe80::/10",        // link-local
+    "fec0::/10",        // site-local (deprecated)
+    "ff00::/8",         // multicast
 ];
 
 /// The peer-address policy of a relay.
@@ -169,6 +178,10 @@ fn embedded_ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
     if s[0] == 0x2002 {
         return Some(tail(s[1], s[2]));
     }
+    // IPv4-translated ::ffff:0:a.b.c.d (RFC 2765).
+    if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return Some(tail(s[6], s[7]));
+    }
     // IPv4-compatible ::a.b.c.d (deprecated), except :: and ::1.
     if s[..6] == [0; 6] && u128::from(v6) > 1 {
         return Some(tail(s[6], s[7]));
@@ -207,11 +220,20 @@ mod tests {
             "2001:db8::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
-            "64:ff9b::a9fe:a9fe",       // NAT64 of 169.254.169.254
-            "64:ff9b::7f00:1",          // NAT64 of 127.0.0.1
-            "64:ff9b:1:a9fe:a9:fe00::", // local-use NAT64 of 169.254.169.254
-            "2002:a00:1::1",            // 6to4 of 10.0.0.1
-            "::10.0.0.1",               // IPv4-compatible
+            "64:ff9b::a9fe:a9fe",                   // NAT64 of 169.254.169.254
+            "64:ff9b::7f00:1",                      // NAT64 of 127.0.0.1
+            "64:ff9b:1:a9fe:a9:fe00::",             // local-use NAT64 of 169.254.169.254
+            "2002:a00:1::1",                        // 6to4 of 10.0.0.1
+            "::10.0.0.1",                           // IPv4-compatible
+            "168.63.129.16",                        // Azure platform endpoint
+            "::ffff:a83f:8110",                     // IPv4-mapped Azure platform endpoint
+            "::ffff:0:a9fe:a9fe",                   // IPv4-translated 169.254.169.254
+            "::ffff:0:808:808",                     // IPv4-translated, even of a public one
+            "64:ff9b:1:808:8:800::",                // local-use NAT64, whatever it embeds
+            "64:ff9b:1::1:2:3",                     // local-use NAT64, another layout
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2", // Teredo
+            "3fff::1",                              // documentation
+            "5f00::1",                              // SRv6 SID
         ] {
             assert!(!p.permits(ip(denied)), "{denied} must be denied");
         }
