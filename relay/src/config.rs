@@ -290,7 +290,18 @@ impl RelayConfig {
 
     /// The peer policy.
     pub fn policy(&self) -> PeerPolicy {
+        let own = [
+            Some(self.external_v4()),
+            Some(self.relay_bind_v4()),
+            self.external_ipv6,
+            self.relay_ipv6,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.listen.iter().map(SocketAddr::ip))
+        .chain(self.tls_listen.iter().map(SocketAddr::ip));
         PeerPolicy::new(&self.peer_deny, &self.peer_allow)
+            .with_own(own, (self.ports.min, self.ports.max))
     }
 
     /// The advertised IPv4 address.

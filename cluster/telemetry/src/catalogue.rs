@@ -209,6 +209,7 @@ pub const RELAY_DROP_REASON: Label = Label {
         "bandwidth_exceeded",
         "stale_allocation",
         "too_large",
+        "own_address",
     ],
 };
 

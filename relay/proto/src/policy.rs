@@ -11,7 +11,7 @@
 //! An allow-list overrides the deny-list (labs and tests relay to loopback).
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 /// An IP network, `address/prefix`.
@@ -120,6 +120,11 @@ const DEFAULT_DENY: &[&str] = &[
 pub struct PeerPolicy {
     deny: Vec<IpNet>,
     allow: Vec<IpNet>,
+    /// The relay's own addresses: reachable only at relay ports (another
+    /// allocation, relay to relay), never at its listeners or other
+    /// services ("TURN inside TURN", metrics).
+    own: Vec<IpAddr>,
+    relay_ports: (u16, u16),
 }
 
 impl Default for PeerPolicy {
@@ -136,7 +141,40 @@ impl PeerPolicy {
         PeerPolicy {
             deny,
             allow: allow.to_vec(),
+            own: Vec::new(),
+            relay_ports: (0, u16::MAX),
         }
+    }
+
+    /// This relay's own addresses and its relay port range: a peer at one
+    /// of those addresses is reachable only inside the range (unless the
+    /// allow-list names it).
+    pub fn with_own(
+        mut self,
+        own: impl IntoIterator<Item = IpAddr>,
+        ports: (u16, u16),
+    ) -> PeerPolicy {
+        self.own = own
+            .into_iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        self.relay_ports = ports;
+        self
+    }
+
+    /// True when the relay may send to `peer` (an IP it permits, and at
+    /// one of its own addresses only a relay port).
+    #[inline]
+    pub fn permits_endpoint(&self, peer: SocketAddr) -> bool {
+        if self.own.is_empty() {
+            return true;
+        }
+        let ip = peer.ip().to_canonical();
+        if !self.own.contains(&ip) || self.allow.iter().any(|n| n.contains(ip)) {
+            return true;
+        }
+        (self.relay_ports.0..=self.relay_ports.1).contains(&peer.port())
     }
 
     /// True when the relay may exchange packets with `ip`.
@@ -259,6 +297,35 @@ mod tests {
         assert!(p.permits(ip("::1")));
         assert!(!p.permits(ip("8.8.8.8")));
         assert!(!p.permits(ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn own_addresses_are_reachable_only_at_relay_ports_unless_allowed() {
+        let own = ip("198.51.100.5");
+        let p = PeerPolicy::new(&[], &[]).with_own([own, ip("0.0.0.0")], (49152, 65535));
+        assert!(
+            !p.permits_endpoint(SocketAddr::new(own, 3478)),
+            "its TURN listener"
+        );
+        assert!(
+            !p.permits_endpoint(SocketAddr::new(own, 9090)),
+            "its metrics"
+        );
+        assert!(!p.permits_endpoint("[::ffff:198.51.100.5]:5349".parse().unwrap()));
+        assert!(
+            p.permits_endpoint(SocketAddr::new(own, 50000)),
+            "another allocation"
+        );
+        assert!(
+            p.permits_endpoint("198.51.100.6:3478".parse().unwrap()),
+            "another host"
+        );
+        let lab = PeerPolicy::new(&[], &["198.51.100.0/24".parse().unwrap()])
+            .with_own([own], (49152, 65535));
+        assert!(
+            lab.permits_endpoint(SocketAddr::new(own, 3478)),
+            "allowed explicitly"
+        );
     }
 
     #[test]

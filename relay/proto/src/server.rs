@@ -1099,6 +1099,9 @@ impl Server {
             _ => return Err(Refusal::MissingPeer),
         };
         self.check_peer(peer, index)?;
+        if !self.policy.permits_endpoint(peer) {
+            return Err(Refusal::PeerDenied);
+        }
         let alloc = self.allocation_mut(index)?;
         match alloc.bind_channel(number, peer, now) {
             Ok(()) => {}
@@ -1131,6 +1134,9 @@ impl Server {
         ) else {
             return self.dropped(DropReason::Malformed);
         };
+        if !self.policy.permits_endpoint(peer) {
+            return self.dropped(DropReason::OwnAddress);
+        }
         let rate = self.config.bandwidth_per_allocation.unwrap_or(0) as f64;
         let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
             return self.dropped(DropReason::NoAllocation);

@@ -51,11 +51,14 @@ pub enum DropReason {
     /// A peer datagram too large to frame as a Data indication (STUN's
     /// 16-bit length; a channel carries it).
     TooLarge,
+    /// A Send indication to one of the relay's own addresses outside its
+    /// relay ports (its listeners, its metrics).
+    OwnAddress,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::NotTurn,
         DropReason::Malformed,
         DropReason::BadFingerprint,
@@ -67,6 +70,7 @@ impl DropReason {
         DropReason::BandwidthExceeded,
         DropReason::StaleAllocation,
         DropReason::TooLarge,
+        DropReason::OwnAddress,
     ];
 
     /// Metric label value.
@@ -83,6 +87,7 @@ impl DropReason {
             DropReason::BandwidthExceeded => "bandwidth_exceeded",
             DropReason::StaleAllocation => "stale_allocation",
             DropReason::TooLarge => "too_large",
+            DropReason::OwnAddress => "own_address",
         }
     }
 }

@@ -95,12 +95,16 @@ fn credentials() -> Credentials {
 
 impl Harness {
     fn new(config: ServerConfig) -> Harness {
+        Harness::with_policy(config, policy())
+    }
+
+    fn with_policy(config: ServerConfig, policy: PeerPolicy) -> Harness {
         let t0 = Instant::now();
         Harness {
             server: Server::new(
                 config,
                 credentials(),
-                policy(),
+                policy,
                 SharedPorts::new(PortRange {
                     min: 50000,
                     max: 50099,
@@ -758,6 +762,37 @@ fn a_peer_datagram_too_large_for_a_data_indication_is_dropped_not_wrapped() {
         .unwrap();
     let msg = Message::parse(&buf[action.frame]).unwrap();
     assert_eq!(msg.get(AttributeType::DATA).map(<[u8]>::len), Some(65_516));
+}
+
+/// The relay's own address is a peer only at its relay ports (relay to
+/// relay): a Send indication to its TURN listener is dropped, a channel to
+/// it refused, while another allocation on it is reached.
+#[test]
+fn the_relays_own_address_is_reachable_only_at_relay_ports() {
+    // A public address (not in the default deny-list), as a relay's is.
+    let own = SocketAddr::from(([44, 0, 0, 5], 3478));
+    let policy = policy().with_own([own.ip()], (50000, 50099));
+    let mut h = Harness::with_policy(config(), policy);
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let (_, nonce) = h.allocate_permitted(c, &alice, own);
+    let to_listener = send_indication(own, b"turn inside turn");
+    assert_eq!(
+        h.input(&to_listener, c, h.t0),
+        ClientAction::Drop(DropReason::OwnAddress)
+    );
+    assert_eq!(h.server.stats().dropped[DropReason::OwnAddress as usize], 1);
+    let to_allocation =
+        send_indication(SocketAddr::from(([44, 0, 0, 5], 50007)), b"relay to relay");
+    assert!(matches!(
+        h.input(&to_allocation, c, h.t0),
+        ClientAction::ToPeer { .. }
+    ));
+    let bind = Req::new(Method::CHANNEL_BIND)
+        .channel(0x4001)
+        .peer(own)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&bind, c, h.t0)), Some(403));
 }
 
 #[test]
