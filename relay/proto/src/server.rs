@@ -288,6 +288,14 @@ impl Server {
         }
     }
 
+    /// Re-reads the wall clock: `unix_now` (seconds since 1970) at `now`.
+    /// REST credentials and session tokens expire by wall-clock time, which
+    /// may be stepped (NTP) while the monotonic clock runs on; the shell
+    /// calls this every tick. Nonces and timers stay on the monotonic clock.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_now: u64) {
+        self.epoch_unix = unix_now.saturating_sub(self.secs(now));
+    }
+
     /// While draining, new allocations are refused with 508 (clients move on
     /// to their next ICE server) and existing ones keep working until they
     /// end.

@@ -395,6 +395,23 @@ fn allocate_with_static_credentials_opens_a_relay_socket_and_signs_the_answer() 
     assert_eq!(h.server.stats().allocations_created, 1);
 }
 
+/// Credentials expire by the wall clock, which the shell re-reads every
+/// tick: a clock stepped forward (NTP) expires a REST credential although
+/// the monotonic clock barely moved; stepped back, it is valid again.
+#[test]
+fn rest_expiry_follows_the_wall_clock_the_shell_reports() {
+    let mut h = Harness::new(config());
+    let user = User::rest(&format!("{}:alice", UNIX_T0 + 60), SECRET);
+    let c = client(40004);
+    let nonce = h.nonce(c, h.t0);
+    let allocate = Req::new(Method::ALLOCATE).transport(17).sign(&user, &nonce);
+    let at = h.t0 + Duration::from_millis(200);
+    h.server.set_wall_clock(at, UNIX_T0 + 3600);
+    assert_eq!(code_of(&h.request(&allocate, c, at)), Some(401), "expired");
+    h.server.set_wall_clock(at, UNIX_T0);
+    assert_eq!(code_of(&h.request(&allocate, c, at)), None, "valid again");
+}
+
 #[test]
 fn rest_credentials_work_with_every_configured_secret_until_they_expire() {
     let mut h = Harness::new(config());

@@ -578,6 +578,10 @@ impl EventLoop {
             }
             if now >= next_publish {
                 self.publish();
+                let unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                self.core.set_wall_clock(now, unix);
                 next_publish = now + PUBLISH_INTERVAL;
             }
         }
