@@ -16,6 +16,8 @@ pub struct SiblingPairer {
     own_id: String,
     handle: crate::service::SiblingHandle,
     in_flight: bool,
+    /// Which nodes are alive, by this node's own clock.
+    liveness: natrix_registry::Liveness,
 }
 
 impl SiblingPairer {
@@ -30,6 +32,7 @@ impl SiblingPairer {
             own_id,
             handle,
             in_flight: false,
+            liveness: natrix_registry::Liveness::new(),
         }
     }
 
@@ -74,12 +77,14 @@ impl Actor for SiblingPairer {
             act.in_flight = true;
             let store = act.store.clone();
             ctx.spawn(
-                async move { natrix_registry::read_live(&store, Role::Cdx).await }
+                async move { natrix_registry::read_records(&store, Role::Cdx).await }
                     .into_actor(act)
                     .map(|r, act, _| {
                         act.in_flight = false;
                         if let Ok(records) = r {
-                            act.pair(&records);
+                            let now = (std::time::Instant::now(), natrix_registry::unix_ms());
+                            let (live, _) = act.liveness.judge(records, now.0, now.1);
+                            act.pair(&live);
                         }
                     }),
             );

@@ -4,7 +4,9 @@
 //! Each host runs a [`Publisher`] actor that writes its [`HostRecord`] into
 //! the coordination store every heartbeat (default 1 s) with a TTL (default
 //! 3 s); a host that stops heartbeating drops out of every reader's view when
-//! its TTL passes. Readers (lookup) run a [`SnapshotKeeper`] actor that reads
+//! its TTL passes — measured by the reader's own monotonic clock from the
+//! last change of the heartbeat ([`Liveness`]), so hosts' wall clocks need
+//! not agree. Readers (lookup) run a [`SnapshotKeeper`] actor that reads
 //! the records at least every second and publishes an immutable
 //! [`Snapshot`] through an [`ArcSwap`]: request handlers load it without a
 //! lock and never call the store. When the store is unreachable the keeper
@@ -22,9 +24,10 @@
 
 pub mod secrets;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use arc_swap::ArcSwap;
@@ -308,36 +311,78 @@ impl Handler<Deregister> for Publisher {
     }
 }
 
-/// Parses a role's records, keeping live ones and listing long-dead ones.
-fn parse_records(fields: Vec<(String, Vec<u8>)>, now_ms: u64) -> (Vec<HostRecord>, Vec<String>) {
-    let mut live = Vec::new();
-    let mut dead = Vec::new();
-    for (id, json) in fields {
-        match serde_json::from_slice::<HostRecord>(&json) {
-            Ok(r) if r.alive(now_ms) => live.push(r),
-            Ok(r) => {
-                let prune_at = r
-                    .heartbeat_ms
-                    .saturating_add(r.ttl_ms.saturating_mul(PRUNE_AFTER_TTLS));
-                if now_ms >= prune_at {
-                    dead.push(id);
-                }
-            }
-            // Written by something else: leave it, ignore it.
-            Err(_) => {}
-        }
-    }
-    live.sort_by(|a, b| a.id.cmp(&b.id));
-    (live, dead)
+/// Parses a role's records (fields written by something else are ignored).
+fn parse_records(fields: Vec<(String, Vec<u8>)>) -> Vec<(String, HostRecord)> {
+    fields
+        .into_iter()
+        .filter_map(|(id, json)| Some((id, serde_json::from_slice::<HostRecord>(&json).ok()?)))
+        .collect()
 }
 
-/// The live records of `role`, sorted by id (one store read).
-pub async fn read_live(
+/// Which records are alive, judged by the reader's own monotonic clock:
+/// a record lives while its heartbeat keeps changing within its TTL, so
+/// hosts whose wall clocks disagree with the reader's (by more than the
+/// TTL, either way) are neither dropped while they beat nor kept after
+/// they stop. A record seen for the first time is judged by its heartbeat
+/// time against the reader's wall clock once.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    /// Per field id: the heartbeat last seen and when it changed.
+    seen: HashMap<String, (u64, Instant)>,
+}
+
+impl Liveness {
+    /// A tracker with nothing seen yet.
+    pub fn new() -> Liveness {
+        Liveness::default()
+    }
+
+    /// The live records of one read (sorted by id) and the ids of records
+    /// dead for [`PRUNE_AFTER_TTLS`] TTLs (to delete). `now` is the reader's
+    /// monotonic clock, `now_ms` its wall clock (first sightings only).
+    pub fn judge(
+        &mut self,
+        records: Vec<(String, HostRecord)>,
+        now: Instant,
+        now_ms: u64,
+    ) -> (Vec<HostRecord>, Vec<String>) {
+        let mut live = Vec::new();
+        let mut dead = Vec::new();
+        let mut present = std::collections::HashSet::new();
+        for (id, r) in records {
+            let ttl = Duration::from_millis(r.ttl_ms);
+            let since = match self.seen.get(&id) {
+                Some(&(beat, at)) if beat == r.heartbeat_ms => at,
+                Some(_) => now,
+                // First sighting: as old as its heartbeat says, by the
+                // reader's wall clock.
+                None => {
+                    let age = Duration::from_millis(now_ms.saturating_sub(r.heartbeat_ms));
+                    now.checked_sub(age).unwrap_or(now)
+                }
+            };
+            self.seen.insert(id.clone(), (r.heartbeat_ms, since));
+            present.insert(id.clone());
+            let silent = now.saturating_duration_since(since);
+            if silent < ttl {
+                live.push(r);
+            } else if silent >= ttl.saturating_mul(u32::try_from(PRUNE_AFTER_TTLS).unwrap_or(20)) {
+                dead.push(id);
+            }
+        }
+        // Forget records that are gone from the store.
+        self.seen.retain(|id, _| present.contains(id));
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        (live, dead)
+    }
+}
+
+/// Every parseable record of `role`, with its field id (one store read).
+pub async fn read_records(
     store: &Store,
     role: Role,
-) -> Result<Vec<HostRecord>, natrix_store::StoreError> {
-    let fields = store.fields(role.key()).await?;
-    Ok(parse_records(fields, unix_ms()).0)
+) -> Result<Vec<(String, HostRecord)>, natrix_store::StoreError> {
+    Ok(parse_records(store.fields(role.key()).await?))
 }
 
 /// RFC 5780 sibling pairing over the live CDX nodes sorted by id: 0↔1,
@@ -364,6 +409,8 @@ pub struct SnapshotKeeper {
     observe: Observer,
     span: tracing::Span,
     in_flight: bool,
+    relays: Liveness,
+    cdx: Liveness,
 }
 
 impl std::fmt::Debug for SnapshotKeeper {
@@ -387,7 +434,29 @@ impl SnapshotKeeper {
             observe,
             span: info_span!("registry_snapshot"),
             in_flight: false,
+            relays: Liveness::new(),
+            cdx: Liveness::new(),
         }
+    }
+
+    /// Deletes records dead for long (in the background; a failure only
+    /// means another try at the next refresh).
+    fn prune(&mut self, relays: Vec<String>, cdx: Vec<String>, ctx: &mut Context<Self>) {
+        if relays.is_empty() && cdx.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        ctx.spawn(
+            async move {
+                for id in relays {
+                    let _ = store.delete_field(Role::Relay.key(), &id).await;
+                }
+                for id in cdx {
+                    let _ = store.delete_field(Role::Cdx.key(), &id).await;
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     fn refresh(&mut self, ctx: &mut Context<Self>) {
@@ -397,31 +466,27 @@ impl SnapshotKeeper {
         }
         self.in_flight = true;
         let store = self.store.clone();
+        let reads = async move {
+            let relays = read_records(&store, Role::Relay).await?;
+            let cdx = read_records(&store, Role::Cdx).await?;
+            Ok::<_, natrix_store::StoreError>((relays, cdx))
+        };
         ctx.spawn(
-            async move {
-                let relays = store.fields(Role::Relay.key()).await?;
-                let cdx = store.fields(Role::Cdx.key()).await?;
-                let now = unix_ms();
-                let (relays, dead_relays) = parse_records(relays, now);
-                let (cdx, dead_cdx) = parse_records(cdx, now);
-                for id in dead_relays {
-                    store.delete_field(Role::Relay.key(), &id).await?;
-                }
-                for id in dead_cdx {
-                    store.delete_field(Role::Cdx.key(), &id).await?;
-                }
-                Ok::<_, natrix_store::StoreError>(Snapshot {
-                    relays,
-                    cdx,
-                    taken_ms: now,
-                })
-            }
+            reads
             .into_actor(self)
-            .map(|r, act, _| {
+            .map(|r, act, ctx| {
                 act.in_flight = false;
                 match r {
-                    Ok(s) => {
-                        act.shared.store(Arc::new(s));
+                    Ok((relays, cdx)) => {
+                        let (now, now_ms) = (Instant::now(), unix_ms());
+                        let (relays, dead_relays) = act.relays.judge(relays, now, now_ms);
+                        let (cdx, dead_cdx) = act.cdx.judge(cdx, now, now_ms);
+                        act.prune(dead_relays, dead_cdx, ctx);
+                        act.shared.store(Arc::new(Snapshot {
+                            relays,
+                            cdx,
+                            taken_ms: now_ms,
+                        }));
                         (act.observe)(true);
                     }
                     Err(e) => {
@@ -475,15 +540,71 @@ mod tests {
             ("b".into(), serde_json::to_vec(&record("b", 5_000)).unwrap()),
             ("c".into(), b"not json".to_vec()),
         ];
-        let (live, dead) = parse_records(fields.clone(), 12_999);
+        let t0 = Instant::now();
+        let mut l = Liveness::new();
+        let (live, dead) = l.judge(parse_records(fields.clone()), t0, 12_999);
         assert_eq!(
             live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
             ["a"]
         );
         assert!(dead.is_empty(), "b is dead but not for long");
-        let (live, dead) = parse_records(fields, 5_000 + 3000 * 20);
+        let later = t0 + Duration::from_millis(3000 * 20);
+        let (live, dead) = l.judge(parse_records(fields), later, 12_999 + 3000 * 20);
         assert!(live.is_empty());
-        assert_eq!(dead, ["b"]);
+        assert_eq!(dead, ["a", "b"], "both silent for 20 TTLs");
+    }
+
+    /// Liveness does not depend on the hosts' wall clocks: a host whose
+    /// clock is a minute behind lives while it beats, one a minute ahead
+    /// dies a TTL after it stops.
+    #[test]
+    fn liveness_follows_changing_heartbeats_not_the_hosts_clocks() {
+        let t0 = Instant::now();
+        let reader_ms = 1_000_000;
+        let mut l = Liveness::new();
+        let fields = |behind: u64, ahead: u64| {
+            parse_records(vec![
+                (
+                    "slow".into(),
+                    serde_json::to_vec(&record("slow", behind)).unwrap(),
+                ),
+                (
+                    "fast".into(),
+                    serde_json::to_vec(&record("fast", ahead)).unwrap(),
+                ),
+            ])
+        };
+        let ids = |v: &[HostRecord]| v.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        // First sight by the wall clock: the slow one looks old.
+        let (live, _) = l.judge(
+            fields(reader_ms - 60_000, reader_ms + 60_000),
+            t0,
+            reader_ms,
+        );
+        assert_eq!(ids(&live), ["fast"]);
+        // Both beat: both live, whatever their clocks say.
+        let t1 = t0 + Duration::from_secs(1);
+        let (live, _) = l.judge(
+            fields(reader_ms - 59_000, reader_ms + 61_000),
+            t1,
+            reader_ms + 1000,
+        );
+        assert_eq!(ids(&live), ["fast", "slow"]);
+        // The fast one stops; 2 s later it is still live, after 3 s not.
+        let t2 = t1 + Duration::from_secs(1);
+        let (live, _) = l.judge(
+            fields(reader_ms - 58_000, reader_ms + 61_000),
+            t2,
+            reader_ms + 2000,
+        );
+        assert_eq!(ids(&live), ["fast", "slow"]);
+        let t4 = t1 + Duration::from_secs(3);
+        let (live, _) = l.judge(
+            fields(reader_ms - 56_000, reader_ms + 61_000),
+            t4,
+            reader_ms + 4000,
+        );
+        assert_eq!(ids(&live), ["slow"], "stopped beating a TTL ago");
     }
 
     #[test]
