@@ -183,6 +183,8 @@ pub struct ExchangeMetrics {
     pub(crate) acked: IntCounter,
     pub(crate) expired: IntCounter,
     pub(crate) retransmits: IntCounter,
+    /// Deliveries held back from unproven addresses.
+    pub(crate) held: IntCounter,
     pub(crate) stray_acks: IntCounter,
     pub(crate) sessions: IntGauge,
     pub(crate) events: IntCounter,
@@ -214,6 +216,7 @@ impl ExchangeMetrics {
                 .collect(),
             acked: deliveries.with_label_values(&["acked"]),
             expired: deliveries.with_label_values(&["expired"]),
+            held: deliveries.with_label_values(&["held"]),
             retransmits: telemetry
                 .counter_family(&cat::CDX_EXCHANGE_RETRANSMITS_TOTAL)
                 .with_label_values(&[] as &[&str]),

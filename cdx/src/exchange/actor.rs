@@ -515,6 +515,7 @@ impl ExchangeActor {
         self.metrics
             .retransmits
             .inc_by(stats.retransmits - self.published.retransmits);
+        self.metrics.held.inc_by(stats.held - self.published.held);
         self.published = stats;
         self.metrics
             .sessions

@@ -406,3 +406,60 @@ fn natrix_up_serves_the_exchange_over_its_turn_tcp_listener_too() {
         v >= 2.0
     });
 }
+
+/// A Post whose source never acknowledges (a spoofed victim address) buys
+/// at most `UNPROVEN_SENDS` transmissions of each entry, not a stream of
+/// retransmissions for the ticket's life; the real participant is served.
+#[test]
+fn deliveries_to_an_address_that_never_acknowledges_stop_at_once() {
+    let cdx = node(&[]);
+    let invs = invitations(2, 60);
+    // The "victim": a socket that receives but never answers.
+    let victim = UdpSocket::bind("127.0.0.5:0").unwrap();
+    let now = std::time::Instant::now();
+    let data = ConnectionData {
+        class: None,
+        candidates: Vec::new(),
+    };
+    let mut poster = exchange::client::Poster::new(
+        &invs[0],
+        &data,
+        None,
+        1,
+        exchange::client::PostSeeds {
+            nonce: rand::random(),
+            tid: rand::random(),
+        },
+        now,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let post = poster.poll_transmit(now).unwrap().payload;
+    victim.send_to(&post, cdx.stun).unwrap();
+    // The other participant posts and gets the victim's entry, acking it.
+    let (_b, _b_data, got) = participant("127.0.0.6", cdx.stun, &invs[1]);
+    assert!(got.peers.contains_key(&0));
+    // Count what reaches the victim over four seconds (the retransmission
+    // schedule would have sent 5 by then).
+    victim
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut deliveries = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < until {
+        if let Ok((n, _)) = victim.recv_from(&mut buf)
+            && let Ok(m) = Message::parse(&buf[..n])
+            && m.method() == DELIVER
+        {
+            deliveries += 1;
+        }
+    }
+    assert!(
+        (1..=usize::from(exchange::UNPROVEN_SENDS)).contains(&deliveries),
+        "{deliveries} deliveries to an address that never acknowledged"
+    );
+    cdx.wait_metric("cdx_exchange_deliveries_total{result=\"held\"}", |v| {
+        v >= 1.0
+    });
+}

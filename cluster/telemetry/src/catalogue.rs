@@ -431,11 +431,11 @@ pub const CDX_EXCHANGE_POSTS_TOTAL: MetricDef = metric(
 /// Exchange deliveries by outcome.
 pub const CDX_EXCHANGE_DELIVERIES_TOTAL: MetricDef = metric(
     "cdx_exchange_deliveries_total",
-    "Deliveries of another participant's entry: acknowledged by the client, or still unacknowledged when the session ended.",
+    "Deliveries of another participant's entry: acknowledged by the client, still unacknowledged when the session ended, or held back from an address that never acknowledged (possibly spoofed) until it posts again.",
     Kind::Counter,
     &[Label {
         name: "result",
-        values: &["acked", "expired"],
+        values: &["acked", "expired", "held"],
     }],
 );
 

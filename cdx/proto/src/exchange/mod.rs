@@ -67,7 +67,7 @@ use std::net::SocketAddr;
 
 use natrix_wire::{AttributeType, Class, Encoder, Message, MessageType, Method, TransactionId};
 
-pub use registry::{Admitted, Limits, Local, Registry, Stats, Transmit};
+pub use registry::{Admitted, Limits, Local, Registry, Stats, Transmit, UNPROVEN_SENDS};
 
 /// Post: a participant's entry, client → CDX (request) and its answer.
 pub const POST: Method = Method::EXCHANGE_POST;

@@ -85,6 +85,8 @@ struct Slot {
     acked: bool,
     next: Instant,
     rto: Duration,
+    /// Transmissions since the member last posted from its address.
+    sent: u8,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,9 @@ struct Member {
     seq: u32,
     /// Deliveries to this member, by the sender's index.
     slots: [Option<Slot>; MAX_PARTICIPANTS],
+    /// It acknowledged a delivery from its address (or posts over a
+    /// connection, whose source cannot be spoofed).
+    proven: bool,
 }
 
 #[derive(Debug)]
@@ -111,7 +116,17 @@ pub struct Stats {
     pub expired: u64,
     /// Delivery retransmissions.
     pub retransmits: u64,
+    /// Deliveries held back because their member has not yet shown it
+    /// receives at its address (no acknowledgement yet): a spoofed Post
+    /// buys at most [`UNPROVEN_SENDS`] transmissions per entry.
+    pub held: u64,
 }
+
+/// Transmissions of one delivery to a member that has never acknowledged
+/// anything (and posts over UDP), until it posts again: deliveries to a
+/// spoofed source stop at once instead of being re-sent for the ticket's
+/// life.
+pub const UNPROVEN_SENDS: u8 = 2;
 
 /// The exchange sessions with participants on this node.
 pub struct Registry {
@@ -215,11 +230,31 @@ impl Registry {
                     }
                     m.addr = from;
                     m.local = local;
+                    m.proven = local.stream.is_some();
                     for (i, slot) in m.slots.iter_mut().enumerate() {
                         if let Some(s) = slot {
                             s.acked = false;
                             s.next = now;
                             s.rto = INITIAL_RTO;
+                            s.sent = 0;
+                            self.timers.push(Reverse((
+                                now,
+                                ticket.session,
+                                ticket.participant,
+                                i as u8,
+                            )));
+                        }
+                    }
+                } else if !m.proven {
+                    // Posting again from the same address: deliveries held
+                    // back for want of proof go out again (within budget).
+                    for (i, slot) in m.slots.iter_mut().enumerate() {
+                        if let Some(s) = slot
+                            .as_mut()
+                            .filter(|s| !s.acked && s.sent >= UNPROVEN_SENDS)
+                        {
+                            s.next = now;
+                            s.sent = 0;
                             self.timers.push(Reverse((
                                 now,
                                 ticket.session,
@@ -251,6 +286,7 @@ impl Registry {
                     local,
                     seq,
                     slots: Default::default(),
+                    proven: local.stream.is_some(),
                 });
                 Ok(Admitted::New)
             }
@@ -294,6 +330,7 @@ impl Registry {
                 acked: false,
                 next: now,
                 rto: INITIAL_RTO,
+                sent: 0,
             });
             self.acks.insert(tid.0, (*session, i as u8, from as u8));
             self.timers
@@ -324,6 +361,7 @@ impl Registry {
             return false;
         }
         s.acked = true;
+        m.proven = true;
         self.acks.remove(&tid.0);
         self.stats.acked += 1;
         true
@@ -349,7 +387,7 @@ impl Registry {
             let Some(m) = &mut s.members[usize::from(member)] else {
                 continue;
             };
-            let (to, via) = (m.addr, m.local);
+            let (to, via, proven) = (m.addr, m.local, m.proven);
             let Some(d) = &mut m.slots[usize::from(slot)] else {
                 continue;
             };
@@ -357,6 +395,12 @@ impl Registry {
             if d.acked || d.next != due {
                 continue;
             }
+            if !proven && d.sent >= UNPROVEN_SENDS {
+                // Held until the member acknowledges or posts again.
+                self.stats.held += 1;
+                continue;
+            }
+            d.sent = d.sent.saturating_add(1);
             if d.rto > INITIAL_RTO {
                 self.stats.retransmits += 1;
             }
@@ -536,13 +580,59 @@ mod tests {
                 times.push(now.duration_since(t0).as_millis());
             }
         }
-        assert_eq!(times, vec![250, 750, 1750], "250 ms, then doubling");
-        assert_eq!(r.stats().retransmits, 3, "every send after the first");
+        // B has never acknowledged anything: its address is unproven (it
+        // may be spoofed), so one retransmission and then nothing.
+        assert_eq!(
+            times,
+            vec![250],
+            "one retransmission to an unproven address"
+        );
+        assert_eq!(r.stats().retransmits, 1, "every send after the first");
+        assert_eq!(r.stats().held, 1);
+        // B posts again from the same address: the held delivery goes out
+        // again, within the same budget.
+        assert_eq!(
+            r.admit(&ticket(1), 1, b, local(), now, 1_000),
+            Ok(Admitted::Repeat)
+        );
+        let mut out = Vec::new();
+        r.poll_transmit(now, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].to, b);
         assert!(r.ack(b, &delivered(to_b).0));
         let mut out = Vec::new();
         r.poll_transmit(now + Duration::from_secs(10), &mut out);
         assert!(out.is_empty());
         assert_eq!(r.stats().acked, 2);
+    }
+
+    /// A member that acknowledged once gets retransmissions with backoff
+    /// for as long as it needs them.
+    #[test]
+    fn a_proven_member_gets_retransmissions_with_backoff() {
+        let t0 = Instant::now();
+        let mut r = registry(Limits::default());
+        let (a, b) = (A.parse().unwrap(), B.parse().unwrap());
+        r.admit(&ticket(0), 1, a, local(), t0, 1_000).unwrap();
+        r.admit(&ticket(1), 1, b, local(), t0, 1_000).unwrap();
+        r.offer(&SessionId([5; 16]), &entry(1, 1), t0);
+        let mut out = Vec::new();
+        r.poll_transmit(t0, &mut out);
+        assert!(r.ack(a, &delivered(&out[0]).0), "A proves its address");
+        // B's newer entry: A is proven now.
+        r.offer(&SessionId([5; 16]), &entry(1, 2), t0);
+        let mut times = Vec::new();
+        let mut now = t0;
+        for _ in 0..60 {
+            now += Duration::from_millis(50);
+            let mut out = Vec::new();
+            r.poll_transmit(now, &mut out);
+            if !out.is_empty() {
+                times.push(now.duration_since(t0).as_millis());
+            }
+        }
+        assert_eq!(times, vec![50, 300, 800, 1800], "at once, then doubling");
+        assert_eq!(r.stats().held, 0);
     }
 
     #[test]
