@@ -558,6 +558,12 @@ impl StunService for CdxService {
             // A client without UDP exchanges over its connection: the
             // actor answers and delivers through this loop's mailbox.
             self.tcp.record_exchange(packet.len());
+            // Its source cannot be spoofed, but it can flood: the same caps
+            // as UDP.
+            if !self.limiter.allow(from.ip(), Instant::now()) {
+                self.tcp.dropped(DropReason::RateLimited);
+                return None;
+            }
             let local = Local {
                 bound: local,
                 dst_ip: None,

@@ -37,6 +37,9 @@ const EVENTS: &str = "natrix:cdx:exchange";
 const TICK: Duration = Duration::from_millis(20);
 /// Exchange datagrams waiting for the actor before loops drop new ones.
 const INBOX: usize = 4096;
+/// Posts whose store work may run at once; past it, Posts are dropped as
+/// `overloaded` (the client re-posts) rather than queued without bound.
+const MAX_IN_FLIGHT: usize = 512;
 /// Ticks between sweeps of the connections no participant uses any more
 /// (a closed connection whose notice was dropped with a full inbox).
 const STREAM_SWEEP_TICKS: u32 = 50;
@@ -204,6 +207,8 @@ pub struct ExchangeActor {
     streams: HashMap<u64, StreamMailbox>,
     inbox: Option<mpsc::Receiver<ToActor>>,
     ticks: u32,
+    /// Posts whose store work is running.
+    in_flight: usize,
     metrics: ExchangeMetrics,
     published: Stats,
     node: [u8; 8],
@@ -248,6 +253,7 @@ impl ExchangeActor {
             streams: HashMap::new(),
             inbox: Some(inbox.rx),
             ticks: 0,
+            in_flight: 0,
             metrics,
             published: Stats::default(),
             node: rand::random(),
@@ -328,6 +334,9 @@ impl ExchangeActor {
             }
         };
         let tid = post.tid;
+        if self.in_flight >= MAX_IN_FLIGHT {
+            return self.reject(&inbound, Some(tid), Reject::Overloaded);
+        }
         let unix = unix_now();
         let (ticket, admitted) = match self.admit(&inbound, &post, unix) {
             Ok(a) => a,
@@ -405,8 +414,10 @@ impl ExchangeActor {
             }
             store.fields(&key).await.map(Some)
         };
+        self.in_flight += 1;
         ctx.spawn(work.into_actor(self).map(move |result, act, _ctx| {
             let _span = act.span.clone().entered();
+            act.in_flight -= 1;
             match result {
                 Ok(Some(fields)) => act.posted(&inbound, &tid, &ticket, &entry, &fields),
                 Ok(None) => act.reject(&inbound, Some(tid), Reject::SessionFull),

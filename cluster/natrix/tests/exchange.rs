@@ -463,3 +463,29 @@ fn deliveries_to_an_address_that_never_acknowledges_stop_at_once() {
         v >= 1.0
     });
 }
+
+/// Posts over TCP meet the same per-source caps as over UDP: a flood of
+/// them on one connection is dropped and counted past the cap.
+#[test]
+fn exchange_posts_over_tcp_are_rate_limited_per_source() {
+    use std::io::Write as _;
+    let cdx = node(&["--workers", "1", "--stun-rate-per-prefix", "5"]);
+    let mut stream = std::net::TcpStream::connect(cdx.stun).unwrap();
+    for i in 0..40u8 {
+        let mut buf = [0u8; 64];
+        let mut enc = Encoder::new(
+            &mut buf,
+            MessageType::new(POST, Class::Request),
+            &TransactionId([i; 12]),
+        )
+        .unwrap();
+        enc.fingerprint().unwrap();
+        let n = enc.finish();
+        stream.write_all(&buf[..n]).unwrap();
+    }
+    // Burst 10 (twice the rate), the rest dropped.
+    cdx.wait_metric(
+        "cdx_packets_dropped_total{reason=\"rate_limited\",transport=\"tcp\"}",
+        |v| v >= 25.0,
+    );
+}
