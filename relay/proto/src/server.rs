@@ -27,6 +27,11 @@ pub const PEER_HEADROOM: usize = 48;
 /// Bytes needed free after the payload: padding to a multiple of four.
 pub const PEER_TAILROOM: usize = 3;
 
+/// Allocations one session token may hold at once on a relay: its
+/// session's two sides (relay-both on one relay, each side with the same
+/// username when the plan names no peers).
+pub const SESSION_TOKEN_QUOTA: usize = 2;
+
 /// How long an EVEN-PORT reservation holds the next port (RFC 8656 §7.2
 /// suggests about 30 seconds).
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
@@ -809,7 +814,11 @@ impl Server {
             return Err(Refusal::Draining);
         }
         let req = AllocateRequest::parse(msg)?;
-        let (quota, capacity) = (self.config.user_quota, self.config.max_allocations);
+        let (mut quota, capacity) = (self.config.user_quota, self.config.max_allocations);
+        if natrix_model::SessionToken::relay_of(req.username).is_some() {
+            // A session token admits its session's sides, not a pool.
+            quota = quota.min(SESSION_TOKEN_QUOTA);
+        }
         self.ports
             .admissible(req.username, quota, capacity)
             .map_err(PortRefusal::cause)?;

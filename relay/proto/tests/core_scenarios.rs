@@ -464,6 +464,32 @@ fn session_tokens_are_accepted_only_by_the_relay_they_name() {
     );
 }
 
+/// A session token admits its session's sides, not a pool: a third
+/// allocation with the same token is refused (486) while the user quota
+/// is far higher.
+#[test]
+fn a_session_token_holds_at_most_its_sides_allocations() {
+    let mut h = Harness::new(config());
+    let token = User::rest(
+        &format!("{}:00112233445566778899aabbccddeeff:relay-1", UNIX_T0 + 60),
+        SECRET,
+    );
+    h.allocate(client(40030), &token, h.t0);
+    h.allocate(client(40031), &token, h.t0);
+    assert_eq!(natrix_relay_proto::SESSION_TOKEN_QUOTA, 2);
+    let c = client(40032);
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&token, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(486));
+    // A plain REST user keeps the configured quota.
+    let plain = User::rest(&format!("{}:alice", UNIX_T0 + 60), SECRET);
+    for port in 40033..40036 {
+        h.allocate(client(port), &plain, h.t0);
+    }
+}
+
 #[test]
 fn a_session_token_naming_peers_scopes_permissions_and_channels_to_them() {
     let mut h = Harness::new(config());
