@@ -201,11 +201,32 @@ impl RedisStore {
                 .ok_or_else(|| {
                     bad_url("redis+sentinel://host:port,…/service needs a service name".into())
                 })?;
-            let sentinels = node_urls(list);
+            // Credentials before the first host apply to the Sentinels and
+            // to the primary they name (`redis+sentinel://:pw@s1,s2/svc`).
+            let (auth, list) = match list.rsplit_once('@') {
+                Some((auth, hosts)) => (Some(auth), hosts),
+                None => (None, list),
+            };
+            let sentinels: Vec<String> = node_urls(list)
+                .into_iter()
+                .map(|u| match auth {
+                    Some(a) => u.replacen("://", &format!("://{a}@"), 1),
+                    None => u,
+                })
+                .collect();
+            let primary_auth = auth.map(|a| {
+                let (user, password) = a.split_once(':').unwrap_or(("", a));
+                let mut info = redis::RedisConnectionInfo::default().set_password(password);
+                if !user.is_empty() {
+                    info = info.set_username(user);
+                }
+                redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(info)
+            });
             let mut client = SentinelClient::build(
                 sentinels.clone(),
                 service.to_owned(),
-                None,
+                primary_auth,
                 SentinelServerType::Master,
             )?;
             let primary = tokio::time::timeout(options.connect_timeout, client.async_get_client())

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// `requirepass` (and `masterauth`), when started with one.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -34,16 +36,43 @@ impl RedisServer {
     ///
     /// As [`RedisServer::start`].
     pub fn start_on(port: u16) -> RedisServer {
-        let mut server = RedisServer { port, child: None };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            password: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// A server on a free port that requires `password`.
+    ///
+    /// # Panics
+    ///
+    /// If redis-server is missing or does not come up within 10 s.
+    pub fn start_with_password(password: &str) -> RedisServer {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free TCP port");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            password: Some(password.to_owned()),
+        };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut c = Command::new("redis-server");
+        c.args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            .args(["--dir", &std::env::temp_dir().to_string_lossy()]);
+        if let Some(pw) = &self.password {
+            c.args(["--requirepass", pw, "--masterauth", pw]);
+        }
+        let child = c
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -61,14 +90,26 @@ impl RedisServer {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut buf = [0u8; 16];
-        s.write_all(b"PING\r\n").is_ok()
-            && s.read(&mut buf).is_ok_and(|n| &buf[..n] == b"+PONG\r\n")
+        let mut buf = [0u8; 32];
+        match &self.password {
+            None => {
+                s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf).is_ok_and(|n| &buf[..n] == b"+PONG\r\n")
+            }
+            Some(pw) => {
+                let auth = format!("AUTH {pw}\r\n");
+                s.write_all(auth.as_bytes()).is_ok()
+                    && s.read(&mut buf).is_ok_and(|n| &buf[..n] == b"+OK\r\n")
+            }
+        }
     }
 
     /// `redis://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// The port it listens on.
@@ -111,9 +152,13 @@ fn free_port_pair() -> u16 {
     }
 }
 
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
+fn redis_cli(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    let mut c = Command::new("redis-cli");
+    c.args(["-p", &port.to_string()]);
+    if let Some(pw) = password {
+        c.args(["-a", pw, "--no-auth-warning"]);
+    }
+    let out = c
         .args(args)
         .output()
         .expect("running redis-cli (installed with redis-server)");
@@ -174,7 +219,7 @@ impl RedisCluster {
         };
         for p in &cluster.ports {
             wait_for("a cluster node answers", || {
-                redis_cli(*p, &["ping"]).contains("PONG")
+                redis_cli(*p, None, &["ping"]).contains("PONG")
             });
         }
         let nodes: Vec<String> = cluster
@@ -185,10 +230,10 @@ impl RedisCluster {
         let mut args = vec!["--cluster", "create"];
         args.extend(nodes.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-        redis_cli(cluster.ports[0], &args);
+        redis_cli(cluster.ports[0], None, &args);
         for p in &cluster.ports {
             wait_for("the cluster state is ok", || {
-                redis_cli(*p, &["cluster", "info"]).contains("cluster_state:ok")
+                redis_cli(*p, None, &["cluster", "info"]).contains("cluster_state:ok")
             });
         }
         cluster
@@ -226,6 +271,7 @@ pub struct RedisSentinel {
     sentinel_port: u16,
     sentinel: Child,
     conf: std::path::PathBuf,
+    password: Option<String>,
 }
 
 impl RedisSentinel {
@@ -236,25 +282,49 @@ impl RedisSentinel {
     ///
     /// If redis-server is missing or the set-up does not settle.
     pub fn start() -> RedisSentinel {
-        let primary = RedisServer::start();
+        RedisSentinel::launch(None)
+    }
+
+    /// As [`RedisSentinel::start`], every process requiring `password`
+    /// (clients, replication and the Sentinel itself).
+    ///
+    /// # Panics
+    ///
+    /// If redis-server is missing or the set-up does not settle.
+    pub fn start_with_password(password: &str) -> RedisSentinel {
+        RedisSentinel::launch(Some(password))
+    }
+
+    fn launch(password: Option<&str>) -> RedisSentinel {
+        let primary = match password {
+            Some(pw) => RedisServer::start_with_password(pw),
+            None => RedisServer::start(),
+        };
         let replica_port = free_port_pair();
         let mut c = Command::new("redis-server");
         c.args(["--port", &replica_port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+        if let Some(pw) = password {
+            c.args(["--requirepass", pw, "--masterauth", pw]);
+        }
         let replica = spawn_quiet(c);
         wait_for("the replica follows the primary", || {
-            redis_cli(replica_port, &["info", "replication"]).contains("master_link_status:up")
+            redis_cli(replica_port, password, &["info", "replication"])
+                .contains("master_link_status:up")
         });
         let sentinel_port = free_port_pair();
         let conf = std::env::temp_dir().join(format!(
             "natrix-sentinel-{}-{sentinel_port}.conf",
             std::process::id()
         ));
+        let auth = password.map_or(String::new(), |pw| {
+            format!("sentinel auth-pass natrix {pw}\nrequirepass {pw}\n")
+        });
         std::fs::write(
             &conf,
             format!(
-                "port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor natrix 127.0.0.1 {} 1\nsentinel down-after-milliseconds natrix 1000\nsentinel failover-timeout natrix 5000\n",
+                "port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor natrix 127.0.0.1 {} 1\nsentinel down-after-milliseconds natrix 1000\nsentinel failover-timeout natrix 5000\n{auth}",
                 primary.port()
             ),
         )
@@ -263,7 +333,7 @@ impl RedisSentinel {
         c.arg(&conf).arg("--sentinel");
         let sentinel = spawn_quiet(c);
         wait_for("the sentinel knows the replica", || {
-            redis_cli(sentinel_port, &["sentinel", "replicas", "natrix"])
+            redis_cli(sentinel_port, password, &["sentinel", "replicas", "natrix"])
                 .contains(&replica_port.to_string())
         });
         RedisSentinel {
@@ -273,12 +343,19 @@ impl RedisSentinel {
             sentinel_port,
             sentinel,
             conf,
+            password: password.map(str::to_owned),
         }
     }
 
-    /// `redis+sentinel://127.0.0.1:<sentinel>/natrix`.
+    /// `redis+sentinel://[:<password>@]127.0.0.1:<sentinel>/natrix`.
     pub fn url(&self) -> String {
-        format!("redis+sentinel://127.0.0.1:{}/natrix", self.sentinel_port)
+        match &self.password {
+            Some(pw) => format!(
+                "redis+sentinel://:{pw}@127.0.0.1:{}/natrix",
+                self.sentinel_port
+            ),
+            None => format!("redis+sentinel://127.0.0.1:{}/natrix", self.sentinel_port),
+        }
     }
 
     /// The replica's port (the primary after a failover).

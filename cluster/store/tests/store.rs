@@ -265,3 +265,33 @@ async fn sentinel_failover_moves_the_store_to_the_new_primary_by_itself() {
         );
     }
 }
+
+/// Sentinel with authentication: the credentials in the URL reach the
+/// Sentinel and the primary it names; without them the connection fails
+/// with an error, not a hang.
+#[tokio::test]
+async fn a_password_protected_sentinel_set_is_reached_with_the_urls_credentials() {
+    let set = RedisSentinel::start_with_password("sentinel-test-pw");
+    let store = Store::redis(&set.url(), RedisOptions::default())
+        .await
+        .expect("connecting through the sentinel with its password");
+    store
+        .put("auth-k", b"v", Duration::from_secs(60))
+        .await
+        .expect("a write on the authenticated primary");
+    assert_eq!(
+        store.get("auth-k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    let without = set.url().replace(":sentinel-test-pw@", "");
+    assert!(
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            Store::redis(&without, RedisOptions::default())
+        )
+        .await
+        .expect("an answer, not a hang")
+        .is_err(),
+        "no password, no connection"
+    );
+}
