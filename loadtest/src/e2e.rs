@@ -26,6 +26,9 @@ use crate::turn::{Credentials, TurnClient};
 /// Options of `e2e`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct E2eArgs {
+    /// lookup API key (`nxk_…`; `natrix up` prints a development one).
+    #[arg(long = "api-key", env = "NATRIX_API_KEY")]
+    pub(crate) api_key: Option<String>,
     /// lookup's API (`host:port`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) lookup: String,
@@ -62,13 +65,15 @@ pub(crate) fn http(
     method: &str,
     path: &str,
     body: &str,
+    api_key: Option<&str>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
+    let auth = api_key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("connecting to lookup at {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = String::new();
@@ -350,7 +355,13 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
         "b": {"profile": presented(&pb, &args.as_b)},
         "retry": args.retry,
     });
-    let (status, plan) = http(lookup, "POST", "/v1/plan", &body.to_string())?;
+    let (status, plan) = http(
+        lookup,
+        "POST",
+        "/v1/plan",
+        &body.to_string(),
+        args.api_key.as_deref(),
+    )?;
     if status != 200 {
         bail!(
             "lookup answered {status}: {}",
@@ -407,7 +418,7 @@ pub(crate) fn run(args: &E2eArgs) -> anyhow::Result<serde_json::Value> {
         .with_context(|| format!("resolving {}", args.lookup))?
         .next()
         .context("lookup resolves to no address")?;
-    let (status, relays) = http(lookup, "GET", "/v1/relays", "")?;
+    let (status, relays) = http(lookup, "GET", "/v1/relays", "", args.api_key.as_deref())?;
     if status != 200 {
         bail!("lookup's /v1/relays answered {status}");
     }

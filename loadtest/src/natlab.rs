@@ -30,6 +30,9 @@ pub(crate) const TYPES: [&str; 6] = {
 /// Options of `natlab`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct NatlabArgs {
+    /// lookup API key (`nxk_…`; `natrix up` prints a development one).
+    #[arg(long = "api-key", env = "NATRIX_API_KEY")]
+    pub(crate) api_key: Option<String>,
     /// up (build, replacing any previous lab), down (remove), status, or
     /// matrix (run a session between a client of each type and a client of
     /// every type, through CDX nodes already running in the lab).
@@ -176,7 +179,13 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
     let cdx = *args.cdx.first().context("--cdx is empty")?;
     let plan = |a: &serde_json::Value, b: &serde_json::Value, retry: bool| {
         let body = serde_json::json!({"a": {"profile": a}, "b": {"profile": b}, "retry": retry});
-        crate::e2e::http(lookup, "POST", "/v1/plan", &body.to_string())
+        crate::e2e::http(
+            lookup,
+            "POST",
+            "/v1/plan",
+            &body.to_string(),
+            args.api_key.as_deref(),
+        )
     };
     // Each client's profile once (its NAT does not change between pairs).
     let profiles: std::collections::BTreeMap<String, serde_json::Value> = std::thread::scope(|s| {

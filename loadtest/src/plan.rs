@@ -15,6 +15,9 @@ use crate::stats::Latency;
 /// Options of `plan`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct PlanArgs {
+    /// lookup API key (`nxk_…`; `natrix up` prints a development one).
+    #[arg(long = "api-key", env = "NATRIX_API_KEY")]
+    pub(crate) api_key: Option<String>,
     /// lookup's API address (`host:port`; names are resolved).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) lookup: String,
@@ -78,8 +81,12 @@ fn connection(
         .with_context(|| format!("connecting to lookup at {addr}"))?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let auth = args
+        .api_key
+        .as_ref()
+        .map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
     let request = format!(
-        "POST /v1/plan HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/plan HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         args.lookup,
         body.len()
     );

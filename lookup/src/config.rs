@@ -45,4 +45,20 @@ pub struct LookupConfig {
         default_value_t = 0.9
     )]
     pub headroom: f64,
+
+    /// API keys accepted with every scope, besides those created with
+    /// `natrix apikey create` (comma separated, `nxk_<id>_<secret>`). Plans
+    /// and the relay list need a key: `Authorization: Bearer nxk_…`.
+    #[arg(long = "api-key", env = "NATRIX_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Vec<natrix_model::apikey::ApiKey>,
+
+    /// Requests per second one API key created with `natrix apikey create`
+    /// may make (twice that in a burst); past it, 429 with Retry-After.
+    /// Keys given with --api-key are the operator's and not metered.
+    #[arg(
+        long = "api-key-rate",
+        env = "NATRIX_API_KEY_RATE",
+        default_value_t = 200.0
+    )]
+    pub api_key_rate: f64,
 }

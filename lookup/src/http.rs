@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use actix_web::{App, HttpResponse, HttpServer, dev::Server, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, dev::Server, web};
+use natrix_model::apikey::{AuthError, KeyRing, Scope};
 use natrix_registry::{SharedSnapshot, unix_ms};
 use natrix_telemetry::Telemetry;
 
@@ -29,6 +30,125 @@ pub struct LookupState {
     pub metrics: LookupMetrics,
     /// Health (readiness and draining).
     pub telemetry: Telemetry,
+    /// The API keys this node accepts (swapped when the store's change).
+    pub keys: Arc<arc_swap::ArcSwap<KeyRing>>,
+    /// Per-key request budgets (keys created in the store; the keys given
+    /// with `--api-key` are the operator's own and unmetered).
+    pub budgets: Arc<KeyBudgets>,
+}
+
+/// A token bucket per API key: `rate` requests per second, twice that in a
+/// burst. Bounded: one entry per key the ring holds.
+#[derive(Debug)]
+pub struct KeyBudgets {
+    rate: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, Instant)>>,
+    unmetered: std::collections::HashSet<String>,
+}
+
+impl KeyBudgets {
+    /// Budgets of `rate` requests per second per key.
+    pub fn new(rate: f64, unmetered: impl IntoIterator<Item = String>) -> KeyBudgets {
+        KeyBudgets {
+            rate: rate.max(0.001),
+            buckets: std::sync::Mutex::new(std::collections::HashMap::new()),
+            unmetered: unmetered.into_iter().collect(),
+        }
+    }
+
+    /// Takes one request from `key`'s budget; otherwise how long until the
+    /// next one is allowed.
+    fn take(&self, key: &str, ring_len: usize, now: Instant) -> Result<(), Duration> {
+        if self.unmetered.contains(key) {
+            return Ok(());
+        }
+        let burst = self.rate * 2.0;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() > ring_len.max(1) * 2 {
+            // Keys were revoked: start over rather than grow.
+            buckets.clear();
+        }
+        let (tokens, at) = buckets.entry(key.to_owned()).or_insert((burst, now));
+        *tokens =
+            (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+        }
+    }
+}
+
+/// Checks the request's API key for `scope` and its budget; the answer to
+/// send when it is refused.
+fn authorize(
+    req: &HttpRequest,
+    state: &LookupState,
+    scope: Scope,
+) -> Result<(), Box<HttpResponse>> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let ring = state.keys.load();
+    let id = match ring.authorize(header, scope) {
+        Ok(id) => id,
+        Err(e) => {
+            state.metrics.auth(e.label()).inc();
+            let (status, title, detail) = match e {
+                AuthError::Missing => (
+                    401,
+                    "API key required",
+                    "send Authorization: Bearer nxk_… (create keys with `natrix apikey create`)"
+                        .to_owned(),
+                ),
+                AuthError::Invalid => (
+                    401,
+                    "unknown API key",
+                    "this cluster knows no such key (create keys with `natrix apikey create`)"
+                        .to_owned(),
+                ),
+                AuthError::Forbidden => (
+                    403,
+                    "scope missing",
+                    format!("this key lacks the `{}` scope", scope.label()),
+                ),
+            };
+            let mut response = problem(&Problem {
+                status,
+                title,
+                detail,
+                field: None,
+            });
+            if status == 401 {
+                response.headers_mut().insert(
+                    actix_web::http::header::WWW_AUTHENTICATE,
+                    actix_web::http::header::HeaderValue::from_static("Bearer realm=\"natrix\""),
+                );
+            }
+            return Err(Box::new(response));
+        }
+    };
+    if let Err(wait) = state.budgets.take(id, ring.len(), Instant::now()) {
+        state.metrics.auth("rate_limited").inc();
+        let mut response = problem(&Problem {
+            status: 429,
+            title: "rate limited",
+            detail: format!("key {id} is over its request rate"),
+            field: None,
+        });
+        let secs = wait.as_secs().max(1).to_string();
+        if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&secs) {
+            response
+                .headers_mut()
+                .insert(actix_web::http::header::RETRY_AFTER, v);
+        }
+        return Err(Box::new(response));
+    }
+    state.metrics.auth("ok").inc();
+    Ok(())
 }
 
 fn problem(p: &Problem) -> HttpResponse {
@@ -63,8 +183,15 @@ fn serde_field(e: &serde_json::Error) -> Option<String> {
     Some(text[start..start + len].to_owned())
 }
 
-async fn post_plan(state: web::Data<LookupState>, body: web::Bytes) -> HttpResponse {
+async fn post_plan(
+    req: HttpRequest,
+    state: web::Data<LookupState>,
+    body: web::Bytes,
+) -> HttpResponse {
     let started = Instant::now();
+    if let Err(refused) = authorize(&req, &state, Scope::Plan) {
+        return *refused;
+    }
     let req: PlanRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -107,7 +234,10 @@ async fn post_plan(state: web::Data<LookupState>, body: web::Bytes) -> HttpRespo
     }
 }
 
-async fn get_relays(state: web::Data<LookupState>) -> HttpResponse {
+async fn get_relays(req: HttpRequest, state: web::Data<LookupState>) -> HttpResponse {
+    if let Err(refused) = authorize(&req, &state, Scope::RelaysRead) {
+        return *refused;
+    }
     let s = state.snapshot.load();
     let age = s.age(unix_ms());
     HttpResponse::Ok().json(serde_json::json!({

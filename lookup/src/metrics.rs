@@ -9,6 +9,7 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 pub struct LookupMetrics {
     plans: [IntCounter; 3],
     errors: Vec<(&'static str, IntCounter)>,
+    auth: Vec<(&'static str, IntCounter)>,
     pub(crate) duration: Histogram,
     /// Live hosts by (role, state): relay active, relay draining, cdx
     /// active, cdx draining.
@@ -33,6 +34,14 @@ impl LookupMetrics {
                 .iter()
                 .map(|v| (*v, errors.with_label_values(&[v])))
                 .collect(),
+            auth: {
+                let family = telemetry.counter_family(&cat::LOOKUP_API_AUTH_TOTAL);
+                cat::LOOKUP_API_AUTH_TOTAL.labels[0]
+                    .values
+                    .iter()
+                    .map(|v| (*v, family.with_label_values(&[v])))
+                    .collect()
+            },
             duration: telemetry.histogram(&cat::LOOKUP_PLAN_DURATION_SECONDS),
             hosts: [
                 ("relay", "active"),
@@ -53,6 +62,14 @@ impl LookupMetrics {
             "relay-one" => &self.plans[1],
             _ => &self.plans[2],
         }
+    }
+
+    /// The authorisation counter for `result` (a catalogue value).
+    pub(crate) fn auth(&self, result: &str) -> &IntCounter {
+        self.auth
+            .iter()
+            .find(|(r, _)| *r == result)
+            .map_or(&self.auth[0].1, |(_, c)| c)
     }
 
     /// The errors counter for `reason`.

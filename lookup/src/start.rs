@@ -7,6 +7,8 @@ use std::time::Duration;
 use actix::Actor;
 use anyhow::Context;
 use natrix_model::TurnSecret;
+use natrix_model::apikey::{ApiKey, KeyRecord, KeyRing, Scope};
+use natrix_registry::apikeys::KeysWatcher;
 use natrix_registry::secrets::SecretsWatcher;
 use natrix_registry::{HostRecord, SnapshotKeeper, State, shared_snapshot, unix_ms};
 use natrix_store::Store;
@@ -14,7 +16,7 @@ use natrix_telemetry::Telemetry;
 use tracing::info;
 
 use crate::api::Minting;
-use crate::http::LookupState;
+use crate::http::{KeyBudgets, LookupState};
 use crate::{LookupConfig, LookupMetrics};
 
 /// Starts the lookup role in the calling actix system: the snapshot keeper
@@ -88,12 +90,36 @@ pub fn start(
         )
         .start();
     }
+    let keys = Arc::new(arc_swap::ArcSwap::from_pointee(static_ring(
+        &config.api_keys,
+    )));
+    {
+        let keys = keys.clone();
+        let configured = config.api_keys.clone();
+        KeysWatcher::new(
+            store.clone(),
+            Duration::from_secs(1),
+            Box::new(move |stored| {
+                let ring = static_ring(&configured);
+                keys.store(Arc::new(ring.with(stored)));
+            }),
+        )
+        .start();
+    }
+    if config.api_keys.is_empty() {
+        info!("no --api-key given: plans need a key created with `natrix apikey create`");
+    }
     let state = LookupState {
         snapshot,
         minting,
         max_snapshot_age: config.max_snapshot_age,
         metrics,
         telemetry: telemetry.clone(),
+        keys,
+        budgets: Arc::new(KeyBudgets::new(
+            config.api_key_rate,
+            config.api_keys.iter().map(|k| k.id().to_owned()),
+        )),
     };
     let (server, addr) = crate::http::serve(config.lookup_listen, workers, state)
         .with_context(|| format!("binding the lookup API on {}", config.lookup_listen))?;
@@ -101,4 +127,19 @@ pub fn start(
     actix_web::rt::spawn(server);
     info!(%addr, "lookup API up");
     Ok((handle, addr))
+}
+
+/// The keys given on the command line, with every scope.
+fn static_ring(keys: &[ApiKey]) -> KeyRing {
+    KeyRing::new(keys.iter().map(|k| {
+        (
+            k.id().to_owned(),
+            KeyRecord {
+                name: "configured".to_owned(),
+                scopes: Scope::ALL.to_vec(),
+                digest: k.digest(),
+                created_ms: 0,
+            },
+        )
+    }))
 }

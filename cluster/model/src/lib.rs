@@ -14,6 +14,8 @@
 //! - [`transport`]: the client transports (UDP, TCP, TLS).
 //! - [`limiter`]: the caps on unauthenticated answers (per source prefix
 //!   and per loop) that the relay core and CDX share.
+//! - [`apikey`]: lookup's API keys, their scopes and the ring that checks
+//!   them.
 //!
 //! # Purity
 //!
@@ -27,6 +29,7 @@
 //! Nothing here panics on input: parsers return typed errors whose messages
 //! say what a valid value looks like.
 
+pub mod apikey;
 pub mod invitation;
 pub mod limiter;
 pub mod nat;

@@ -156,6 +156,23 @@ pub(crate) enum Command {
         #[arg(value_parser = ["rotate", "list"])]
         action: String,
     },
+    /// Manage lookup's API keys in Redis (--redis-url): `create` prints a
+    /// new key once (`--name`, `--scope plan` and/or `--scope relays:read`),
+    /// `list` shows ids, names and scopes, `revoke ID` removes one. Every
+    /// lookup node follows within a second.
+    Apikey {
+        /// create, list or revoke.
+        #[arg(value_parser = ["create", "list", "revoke"])]
+        action: String,
+        /// The key id to revoke.
+        id: Option<String>,
+        /// A name for the new key (who holds it).
+        #[arg(long, default_value = "unnamed")]
+        name: String,
+        /// The new key's scopes (default: plan).
+        #[arg(long = "scope")]
+        scopes: Vec<natrix_model::apikey::Scope>,
+    },
 }
 
 /// Options of `natrix cdx`.

@@ -19,17 +19,8 @@ use crate::cli::{Cli, Command};
 /// `natrix secret rotate|list`.
 fn secret(global: &cli::Global, action: &str) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let url = global.redis_url.as_ref().context(
-        "the shared TURN secrets live in the coordination store: give --redis-url (NATRIX_REDIS_URL)",
-    )?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting a runtime")?;
+    let (runtime, store) = store_for(global, "the shared TURN secrets")?;
     runtime.block_on(async {
-        let store = natrix_store::Store::redis(&url.0, natrix_store::RedisOptions::default())
-            .await
-            .with_context(|| format!("connecting to Redis at {url:?}"))?;
         if action == "rotate" {
             let secret = crate::serve::random_token(40);
             let id = natrix_registry::secrets::rotate(&store, secret)
@@ -51,6 +42,73 @@ fn secret(global: &cli::Global, action: &str) -> anyhow::Result<()> {
                 s.key_id,
                 humantime::format_duration(age)
             );
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Connects to the cluster's Redis for a management command.
+fn store_for(
+    global: &cli::Global,
+    what: &str,
+) -> anyhow::Result<(tokio::runtime::Runtime, natrix_store::Store)> {
+    use anyhow::Context as _;
+    let url = global.redis_url.as_ref().with_context(|| {
+        format!("{what} live in the coordination store: give --redis-url (NATRIX_REDIS_URL)")
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    let store = runtime
+        .block_on(natrix_store::Store::redis(
+            &url.0,
+            natrix_store::RedisOptions::default(),
+        ))
+        .with_context(|| format!("connecting to Redis at {url:?}"))?;
+    Ok((runtime, store))
+}
+
+fn apikey(
+    global: &cli::Global,
+    action: &str,
+    id: Option<&str>,
+    name: &str,
+    scopes: &[natrix_model::apikey::Scope],
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use natrix_registry::apikeys;
+    let (runtime, store) = store_for(global, "API keys")?;
+    runtime.block_on(async {
+        match action {
+            "create" => {
+                let scopes = if scopes.is_empty() {
+                    vec![natrix_model::apikey::Scope::Plan]
+                } else {
+                    scopes.to_vec()
+                };
+                let key = apikeys::create(&store, name, &scopes, rand::random())
+                    .await
+                    .context("storing the new key")?;
+                println!("{}", key.expose());
+                eprintln!(
+                    "API key {} ({name}) created; it is shown once, keep it. lookup accepts it within a second.",
+                    key.id()
+                );
+            }
+            "revoke" => {
+                let id = id.context("`natrix apikey revoke` needs the key id")?;
+                if !apikeys::revoke(&store, id).await.context("revoking")? {
+                    anyhow::bail!("no API key {id}");
+                }
+                println!("revoked {id}");
+            }
+            _ => {
+                for (id, k) in apikeys::list(&store).await.context("reading the keys")? {
+                    let scopes: Vec<&str> = k.scopes.iter().map(|s| s.label()).collect();
+                    println!("{id}  {}  {}", k.name, scopes.join(","));
+                }
+            }
         }
         anyhow::Ok(())
     })
@@ -94,6 +152,12 @@ fn main() -> ExitCode {
         ),
         Command::Probe(args) => probe::run(args),
         Command::Secret { action } => secret(&cli.global, action),
+        Command::Apikey {
+            action,
+            id,
+            name,
+            scopes,
+        } => apikey(&cli.global, action, id.as_deref(), name, scopes),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

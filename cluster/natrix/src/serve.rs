@@ -62,6 +62,19 @@ impl Plan {
                 .push(TurnSecret::new("generated", &random_token(32))?);
         }
         let secrets = relay.auth_secrets.clone();
+        let mut lookup = lookup;
+        if lookup.api_keys.is_empty() {
+            let key = natrix_model::apikey::ApiKey::generate(rand::random());
+            warn!(
+                key_id = key.id(),
+                "no lookup API key configured (--api-key): generated a development key"
+            );
+            eprintln!(
+                "natrix: development lookup API key  {}  (set --api-key)",
+                key.expose()
+            );
+            lookup.api_keys.push(key);
+        }
         let cluster_secret = match cluster_secret {
             Some(s) => s,
             None => random_token(32).parse()?,

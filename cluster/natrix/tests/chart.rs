@@ -231,6 +231,7 @@ fn values_name_every_flag_of_every_role_one_to_one() {
     let managed: BTreeSet<String> = [
         "auth-secret",
         "cluster-secret",
+        "api-key",
         "redis-url",
         "metrics-listen",
         "drain-timeout",

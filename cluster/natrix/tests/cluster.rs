@@ -437,3 +437,111 @@ fn a_relay_started_before_redis_waits_for_it_and_registers() {
         |v| relay_ids(v).contains(&"relay-early".to_owned()),
     );
 }
+
+/// Runs `natrix apikey …` against `redis_url`; its standard output.
+fn apikey(redis_url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .arg("apikey")
+        .args(args)
+        .args(["--redis-url", redis_url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "natrix apikey {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// lookup is no open relay: without a key, with an unknown one or with a
+/// key lacking the scope, no plan (and no relay list); keys created with
+/// `natrix apikey create` work within a second, are rate-limited, and stop
+/// working within a second of `revoke`.
+#[test]
+fn plans_need_a_key_with_the_scope_and_keys_are_created_limited_and_revoked() {
+    use common::{API_KEY, http_request_raw};
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let lk = Natrix::lookup(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        TURN_SECRET,
+        "--cluster-secret",
+        CLUSTER_SECRET,
+        "--api-key-rate",
+        "1",
+    ]);
+    let ask = |key: Option<&str>, path: &str| {
+        let method = if path == "/v1/plan" { "POST" } else { "GET" };
+        let body = (method == "POST").then_some(OPEN_PAIR_RETRY);
+        http_request_raw(lk.lookup, method, path, body, key).unwrap()
+    };
+    // No key, or a malformed one: 401 with a problem document and a challenge.
+    for key in [None, Some("not-a-key")] {
+        let (status, head, body) = ask(key, "/v1/plan");
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{head}"
+        );
+        assert!(head.contains("application/problem+json"), "{head}");
+        assert!(body.contains("natrix apikey create"), "{body}");
+        assert_eq!(ask(key, "/v1/relays").0, 401);
+    }
+    // The right id with a wrong secret.
+    let forged = format!("{}{}", &API_KEY[..17], "f".repeat(32));
+    assert_eq!(ask(Some(&forged), "/v1/plan").0, 401);
+    // The configured key works (503: no relay yet, but authorised).
+    assert_ne!(ask(Some(API_KEY), "/v1/plan").0, 401);
+    lk.wait_metric("lookup_api_auth_total{result=\"missing\"}", |v| v >= 2.0);
+
+    // A key for the relay list only.
+    let reader = apikey(
+        &url,
+        &["create", "--name", "dashboard", "--scope", "relays:read"],
+    );
+    assert!(reader.starts_with("nxk_"), "{reader}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask(Some(&reader), "/v1/relays").0 != 200 {
+        assert!(Instant::now() < deadline, "the new key never worked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _, body) = ask(Some(&reader), "/v1/plan");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("`plan` scope"), "{body}");
+    assert!(apikey(&url, &["list"]).contains("dashboard  relays:read"));
+
+    // A plan key, limited to 1 request per second (burst 2).
+    let app = apikey(&url, &["create", "--name", "app"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask(Some(&app), "/v1/plan").0 == 401 {
+        assert!(Instant::now() < deadline, "the new key never worked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let limited = (0..5)
+        .map(|_| ask(Some(&app), "/v1/plan"))
+        .find(|(status, _, _)| *status == 429)
+        .expect("a 429 past the key's rate");
+    assert!(
+        limited.1.to_ascii_lowercase().contains("retry-after: 1"),
+        "{}",
+        limited.1
+    );
+    lk.wait_metric("lookup_api_auth_total{result=\"rate_limited\"}", |v| {
+        v >= 1.0
+    });
+    // The operator's configured key is not metered.
+    assert!((0..5).all(|_| ask(Some(API_KEY), "/v1/plan").0 != 429));
+
+    // Revoked: refused within a second or two.
+    let id = &app[4..16];
+    assert_eq!(apikey(&url, &["revoke", id]), format!("revoked {id}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask(Some(&app), "/v1/plan").0 != 401 {
+        assert!(Instant::now() < deadline, "a revoked key still works");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

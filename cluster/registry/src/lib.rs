@@ -22,6 +22,7 @@
 //! key per role also means every operation touches a single key (Redis
 //! Cluster friendly).
 
+pub mod apikeys;
 pub mod secrets;
 
 use std::collections::HashMap;

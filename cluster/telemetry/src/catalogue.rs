@@ -530,6 +530,17 @@ pub const LOOKUP_PLAN_ERRORS_TOTAL: MetricDef = metric(
     }],
 );
 
+/// API requests by authorisation result.
+pub const LOOKUP_API_AUTH_TOTAL: MetricDef = metric(
+    "lookup_api_auth_total",
+    "Requests to lookup's keyed API (plans, relay list) by authorisation result: ok, no key (missing), unknown or wrong key (invalid), key without the scope (forbidden), over the key's rate (rate_limited).",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["ok", "missing", "invalid", "forbidden", "rate_limited"],
+    }],
+);
+
 /// Plan latency.
 pub const LOOKUP_PLAN_DURATION_SECONDS: MetricDef = MetricDef {
     name: "lookup_plan_duration_seconds",
@@ -671,6 +682,7 @@ pub const ALL: &[&MetricDef] = &[
     &CDX_NAT_PROFILES_TOTAL,
     &LOOKUP_PLANS_TOTAL,
     &LOOKUP_PLAN_ERRORS_TOTAL,
+    &LOOKUP_API_AUTH_TOTAL,
     &LOOKUP_PLAN_DURATION_SECONDS,
     &LOOKUP_REGISTRY_HOSTS,
     &LOOKUP_REGISTRY_SNAPSHOT_AGE_SECONDS,

@@ -76,6 +76,13 @@ joined with commas, everything else rendered as --key=value. */}}
     secretKeyRef:
       name: {{ include "natrix.secretName" . }}
       key: cluster-secret
+{{- /* lookup's operator key (the load tester and `helm test` use it too). */}}
+- name: NATRIX_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "natrix.secretName" . }}
+      key: api-key
+      optional: true
 {{- if .Values.redis.existingSecret }}
 - name: NATRIX_REDIS_URL
   valueFrom:

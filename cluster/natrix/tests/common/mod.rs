@@ -13,6 +13,9 @@ pub const USER: &str = "tester";
 pub const PASSWORD: &str = "test-password";
 /// The realm the harness configures.
 pub const REALM: &str = "natrix.test";
+/// The lookup API key the harness starts `up` and `lookup` with, and the
+/// HTTP helpers send.
+pub const API_KEY: &str = "nxk_0123456789ab_0123456789abcdef0123456789abcdef";
 
 /// A `natrix` process started by a test; killed (by PID) when dropped.
 pub struct Natrix {
@@ -102,7 +105,12 @@ impl Natrix {
                     vec!["--stun-listen".to_string(), stun.to_string()]
                 }
             } else if cmd == "lookup" {
-                vec!["--lookup-listen".to_string(), lookup.to_string()]
+                vec![
+                    "--lookup-listen".to_string(),
+                    lookup.to_string(),
+                    "--api-key".to_string(),
+                    API_KEY.to_string(),
+                ]
             } else {
                 let mut args = Vec::new();
                 if chosen.is_none() {
@@ -116,7 +124,12 @@ impl Natrix {
                     REALM.to_string(),
                 ]);
                 if cmd == "up" {
-                    args.extend(["--lookup-listen".to_string(), lookup.to_string()]);
+                    args.extend([
+                        "--lookup-listen".to_string(),
+                        lookup.to_string(),
+                        "--api-key".to_string(),
+                        API_KEY.to_string(),
+                    ]);
                 }
                 args
             })
@@ -258,23 +271,26 @@ pub fn try_metric_value(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// A minimal HTTP/1.1 GET: (status, body).
+/// A minimal HTTP/1.1 GET with the harness's API key: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    http_request(addr, "GET", path, None)
+    http_request(addr, "GET", path, None, Some(API_KEY))
 }
 
-/// POSTs `body` (JSON) to `addr` and returns the status and body.
+/// POSTs `body` (JSON) with the harness's API key to `addr` and returns
+/// the status and body.
 pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    http_request(addr, "POST", path, Some(body))
+    http_request(addr, "POST", path, Some(body), Some(API_KEY))
 }
 
-/// One HTTP request on a fresh connection; the status and the body.
-fn http_request(
+/// One HTTP request on a fresh connection, with `key` as the bearer token
+/// when given; the status, the headers and the body.
+pub fn http_request_raw(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&str>,
-) -> std::io::Result<(u16, String)> {
+    key: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let content = body.map_or(String::new(), |b| {
@@ -283,10 +299,11 @@ fn http_request(
             b.len()
         )
     });
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
     write!(
         s,
         // HTTP/1.0: no chunked answers to decode.
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{content}Connection: close\r\n\r\n{}",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}{content}Connection: close\r\n\r\n{}",
         body.unwrap_or("")
     )?;
     let mut raw = String::new();
@@ -296,11 +313,19 @@ fn http_request(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not HTTP: {raw:?}")))?;
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+/// One HTTP request on a fresh connection; the status and the body.
+fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    http_request_raw(addr, method, path, body, key).map(|(status, _, body)| (status, body))
 }
 
 /// Path of an external tool the test needs; fails loudly when missing

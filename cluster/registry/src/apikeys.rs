@@ -1,0 +1,139 @@
+//! Lookup's API keys in the coordination store: `natrix apikey create`
+//! adds one, `revoke` removes it, and every lookup node picks the change up
+//! within a second.
+//!
+//! The hash `natrix:apikeys` holds field = key id, value = JSON
+//! [`KeyRecord`] (name, scopes, SHA-256 of the secret, creation time). The
+//! secret itself is never stored.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use natrix_model::apikey::{ApiKey, KeyRecord, Scope};
+use natrix_store::{Store, StoreError};
+use tracing::{info, warn};
+
+use crate::unix_ms;
+
+/// The store key of the API keys.
+pub const KEY: &str = "natrix:apikeys";
+/// Most keys a cluster holds.
+pub const MAX_KEYS: usize = 10_000;
+/// Life of the keys hash after the last change.
+const KEY_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// Creates a key named `name` with `scopes` from 22 random bytes; returns
+/// it (the only time its secret is seen).
+pub async fn create(
+    store: &Store,
+    name: &str,
+    scopes: &[Scope],
+    random: [u8; 22],
+) -> Result<ApiKey, StoreError> {
+    let key = ApiKey::generate(random);
+    let record = KeyRecord {
+        name: name.to_owned(),
+        scopes: scopes.to_vec(),
+        digest: key.digest(),
+        created_ms: unix_ms(),
+    };
+    let json = serde_json::to_vec(&record).map_err(|e| StoreError::Unexpected(e.to_string()))?;
+    match store
+        .put_field(KEY, key.id(), &json, KEY_TTL, MAX_KEYS)
+        .await?
+    {
+        natrix_store::PutField::Full => Err(StoreError::Unexpected(format!(
+            "the cluster already holds {MAX_KEYS} API keys"
+        ))),
+        _ => Ok(key),
+    }
+}
+
+/// Every key, by id (sorted).
+pub async fn list(store: &Store) -> Result<Vec<(String, KeyRecord)>, StoreError> {
+    let mut keys: Vec<(String, KeyRecord)> = store
+        .fields(KEY)
+        .await?
+        .into_iter()
+        .filter_map(|(id, json)| Some((id, serde_json::from_slice(&json).ok()?)))
+        .collect();
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(keys)
+}
+
+/// Removes key `id`; false when there was none.
+pub async fn revoke(store: &Store, id: &str) -> Result<bool, StoreError> {
+    let known = list(store).await?.iter().any(|(k, _)| k == id);
+    if known {
+        store.delete_field(KEY, id).await?;
+    }
+    Ok(known)
+}
+
+/// What a [`KeysWatcher`] calls with the keys (id, record) after a change.
+pub type OnKeys = Box<dyn Fn(Vec<(String, KeyRecord)>) + Send>;
+
+/// Watches the stored keys and reports every change.
+pub struct KeysWatcher {
+    store: Store,
+    interval: Duration,
+    on_change: OnKeys,
+    last: Option<Vec<(String, KeyRecord)>>,
+    in_flight: bool,
+}
+
+impl std::fmt::Debug for KeysWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeysWatcher").finish_non_exhaustive()
+    }
+}
+
+impl KeysWatcher {
+    /// A watcher reading every `interval`; `on_change` gets the keys
+    /// whenever they change (not when the store is unreachable: the last
+    /// ones stay in use).
+    pub fn new(store: Store, interval: Duration, on_change: OnKeys) -> KeysWatcher {
+        KeysWatcher {
+            store,
+            interval,
+            on_change,
+            last: None,
+            in_flight: false,
+        }
+    }
+
+    fn poll(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight {
+            return;
+        }
+        self.in_flight = true;
+        let store = self.store.clone();
+        ctx.spawn(
+            async move { list(&store).await }
+                .into_actor(self)
+                .map(|r, act, _| {
+                    act.in_flight = false;
+                    match r {
+                        Ok(keys) if act.last.as_ref() != Some(&keys) => {
+                            info!(keys = keys.len(), "API keys from the store");
+                            (act.on_change)(keys.clone());
+                            act.last = Some(keys);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(error = %e, "reading API keys failed; keeping the current ones")
+                        }
+                    }
+                }),
+        );
+    }
+}
+
+impl Actor for KeysWatcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.poll(ctx);
+        ctx.run_interval(self.interval, |act, ctx| act.poll(ctx));
+    }
+}
