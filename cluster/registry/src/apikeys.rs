@@ -8,12 +8,12 @@
 
 use std::time::Duration;
 
-use actix::prelude::*;
 use natrix_model::apikey::{ApiKey, KeyRecord, Scope};
 use natrix_store::{Store, StoreError};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::unix_ms;
+use crate::watch::StoreWatcher;
 
 /// The store key of the API keys.
 pub const KEY: &str = "natrix:apikeys";
@@ -70,70 +70,27 @@ pub async fn revoke(store: &Store, id: &str) -> Result<bool, StoreError> {
     Ok(known)
 }
 
-/// What a [`KeysWatcher`] calls with the keys (id, record) after a change.
-pub type OnKeys = Box<dyn Fn(Vec<(String, KeyRecord)>) + Send>;
-
 /// Watches the stored keys and reports every change.
-pub struct KeysWatcher {
-    store: Store,
-    interval: Duration,
-    on_change: OnKeys,
-    last: Option<Vec<(String, KeyRecord)>>,
-    in_flight: bool,
-}
+pub type KeysWatcher = StoreWatcher<(String, KeyRecord)>;
 
-impl std::fmt::Debug for KeysWatcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeysWatcher").finish_non_exhaustive()
-    }
-}
-
-impl KeysWatcher {
-    /// A watcher reading every `interval`; `on_change` gets the keys
-    /// whenever they change (not when the store is unreachable: the last
-    /// ones stay in use).
-    pub fn new(store: Store, interval: Duration, on_change: OnKeys) -> KeysWatcher {
-        KeysWatcher {
+impl StoreWatcher<(String, KeyRecord)> {
+    /// A watcher reading every `interval`; `on_change` gets the keys (id,
+    /// record) whenever they change (not when the store is unreachable:
+    /// the last ones stay in use).
+    pub fn new(
+        store: Store,
+        interval: Duration,
+        on_change: crate::watch::OnChange<(String, KeyRecord)>,
+    ) -> KeysWatcher {
+        StoreWatcher::watch(
             store,
             interval,
-            on_change,
-            last: None,
-            in_flight: false,
-        }
-    }
-
-    fn poll(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight {
-            return;
-        }
-        self.in_flight = true;
-        let store = self.store.clone();
-        ctx.spawn(
-            async move { list(&store).await }
-                .into_actor(self)
-                .map(|r, act, _| {
-                    act.in_flight = false;
-                    match r {
-                        Ok(keys) if act.last.as_ref() != Some(&keys) => {
-                            info!(keys = keys.len(), "API keys from the store");
-                            (act.on_change)(keys.clone());
-                            act.last = Some(keys);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            warn!(error = %e, "reading API keys failed; keeping the current ones")
-                        }
-                    }
-                }),
-        );
-    }
-}
-
-impl Actor for KeysWatcher {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        self.poll(ctx);
-        ctx.run_interval(self.interval, |act, ctx| act.poll(ctx));
+            "API keys",
+            |store| Box::pin(async move { list(&store).await }),
+            Box::new(move |keys| {
+                info!(keys = keys.len(), "API keys from the store");
+                on_change(keys);
+            }),
+        )
     }
 }

@@ -24,6 +24,7 @@
 
 pub mod apikeys;
 pub mod secrets;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

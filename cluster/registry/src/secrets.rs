@@ -10,13 +10,13 @@
 
 use std::time::Duration;
 
-use actix::prelude::*;
 use natrix_model::TurnSecret;
 use natrix_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::unix_ms;
+use crate::watch::StoreWatcher;
 
 /// The store key of the TURN secrets.
 pub const KEY: &str = "natrix:secrets:turn";
@@ -93,21 +93,9 @@ pub async fn rotate(store: &Store, secret: String) -> Result<String, StoreError>
 }
 
 /// Watches the stored secrets and reports every change (newest first).
-pub struct SecretsWatcher {
-    store: Store,
-    interval: Duration,
-    on_change: Box<dyn Fn(Vec<TurnSecret>) + Send>,
-    last: Option<Vec<(String, u64)>>,
-    in_flight: bool,
-}
+pub type SecretsWatcher = StoreWatcher<StoredSecret>;
 
-impl std::fmt::Debug for SecretsWatcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecretsWatcher").finish_non_exhaustive()
-    }
-}
-
-impl SecretsWatcher {
+impl StoreWatcher<StoredSecret> {
     /// A watcher reading every `interval`; `on_change` gets the secrets
     /// whenever their set changes (not when the store is unreachable: the
     /// last ones stay in use). A stored value that breaks the secret rule
@@ -117,56 +105,25 @@ impl SecretsWatcher {
         interval: Duration,
         on_change: Box<dyn Fn(Vec<TurnSecret>) + Send>,
     ) -> SecretsWatcher {
-        SecretsWatcher {
+        StoreWatcher::watch(
             store,
             interval,
-            on_change,
-            last: None,
-            in_flight: false,
-        }
-    }
-
-    fn poll(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight {
-            return;
-        }
-        self.in_flight = true;
-        let store = self.store.clone();
-        ctx.spawn(async move { list(&store).await }.into_actor(self).map(
-            |r, act, _| {
-                act.in_flight = false;
-                match r {
-                    Ok(secrets) => {
-                        let ids: Vec<(String, u64)> = secrets
-                            .iter()
-                            .map(|s| (s.key_id.clone(), s.created_ms))
-                            .collect();
-                        if act.last.as_ref() != Some(&ids) {
-                            info!(key_ids = ?ids.iter().map(|i| &i.0).collect::<Vec<_>>(), "TURN secrets from the store");
-                            act.last = Some(ids);
-                            let valid = secrets
-                                .iter()
-                                .filter_map(|s| {
-                                    s.turn_secret()
-                                        .inspect_err(|e| warn!(key_id = %s.key_id, "stored TURN secret skipped: {e}"))
-                                        .ok()
-                                })
-                                .collect();
-                            (act.on_change)(valid);
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "reading TURN secrets failed; keeping the current ones"),
-                }
-            },
-        ));
-    }
-}
-
-impl Actor for SecretsWatcher {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        self.poll(ctx);
-        ctx.run_interval(self.interval, |act, ctx| act.poll(ctx));
+            "TURN secrets",
+            |store| Box::pin(async move { list(&store).await }),
+            Box::new(move |secrets: Vec<StoredSecret>| {
+                info!(key_ids = ?secrets.iter().map(|s| &s.key_id).collect::<Vec<_>>(), "TURN secrets from the store");
+                let valid = secrets
+                    .iter()
+                    .filter_map(|s| {
+                        s.turn_secret()
+                            .inspect_err(
+                                |e| warn!(key_id = %s.key_id, "stored TURN secret skipped: {e}"),
+                            )
+                            .ok()
+                    })
+                    .collect();
+                on_change(valid);
+            }),
+        )
     }
 }
