@@ -32,6 +32,42 @@ pub fn start(
     telemetry: &Telemetry,
 ) -> anyhow::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
     let metrics = LookupMetrics::new(telemetry);
+    let snapshot = keep_snapshot(store, config, &metrics, telemetry);
+    let base = Minting {
+        turn_secrets: turn_secrets.clone(),
+        cluster_secret: cluster_secret.to_vec(),
+        ttl: config.token_ttl.as_secs().max(60),
+        headroom: config.headroom,
+    };
+    let state = LookupState {
+        snapshot,
+        minting: watch_secrets(store, base, turn_secrets),
+        max_snapshot_age: config.max_snapshot_age,
+        metrics,
+        telemetry: telemetry.clone(),
+        keys: watch_keys(store, &config.api_keys),
+        budgets: Arc::new(KeyBudgets::new(
+            config.api_key_rate,
+            config.api_keys.iter().map(|k| k.id().to_owned()),
+        )),
+    };
+    let (server, addr) = crate::http::serve(config.lookup_listen, workers, state)
+        .with_context(|| format!("binding the lookup API on {}", config.lookup_listen))?;
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    info!(%addr, "lookup API up");
+    Ok((handle, addr))
+}
+
+/// The registry snapshot, refreshed every 500 ms by a keeper that also
+/// publishes its age and host counts and holds the readiness gate
+/// `lookup registry` open while it is fresh.
+fn keep_snapshot(
+    store: &Store,
+    config: &LookupConfig,
+    metrics: &LookupMetrics,
+    telemetry: &Telemetry,
+) -> natrix_registry::SharedSnapshot {
     let snapshot = shared_snapshot();
     let gate = telemetry.health().gate("lookup registry");
     let observe = {
@@ -66,67 +102,51 @@ pub fn start(
         observe,
     )
     .start();
-    let base = Minting {
-        turn_secrets: turn_secrets.clone(),
-        cluster_secret: cluster_secret.to_vec(),
-        ttl: config.token_ttl.as_secs().max(60),
-        headroom: config.headroom,
-    };
+    snapshot
+}
+
+/// What tokens are minted with, the store's rotated TURN secrets first
+/// (tokens use the newest), then the configured ones.
+fn watch_secrets(
+    store: &Store,
+    base: Minting,
+    configured: Vec<TurnSecret>,
+) -> Arc<arc_swap::ArcSwap<Minting>> {
     let minting = Arc::new(arc_swap::ArcSwap::from_pointee(base.clone()));
-    // Rotated secrets from the store go first: tokens use the newest.
-    {
-        let minting = minting.clone();
-        SecretsWatcher::new(
-            store.clone(),
-            Duration::from_secs(1),
-            Box::new(move |stored| {
-                let mut secrets: Vec<TurnSecret> = stored;
-                secrets.extend(turn_secrets.iter().cloned());
-                minting.store(Arc::new(Minting {
-                    turn_secrets: secrets,
-                    ..base.clone()
-                }));
-            }),
-        )
-        .start();
-    }
-    let keys = Arc::new(arc_swap::ArcSwap::from_pointee(static_ring(
-        &config.api_keys,
-    )));
-    {
-        let keys = keys.clone();
-        let configured = config.api_keys.clone();
-        KeysWatcher::new(
-            store.clone(),
-            Duration::from_secs(1),
-            Box::new(move |stored| {
-                let ring = static_ring(&configured);
-                keys.store(Arc::new(ring.with(stored)));
-            }),
-        )
-        .start();
-    }
-    if config.api_keys.is_empty() {
+    let swap = minting.clone();
+    SecretsWatcher::new(
+        store.clone(),
+        Duration::from_secs(1),
+        Box::new(move |stored| {
+            let mut secrets: Vec<TurnSecret> = stored;
+            secrets.extend(configured.iter().cloned());
+            swap.store(Arc::new(Minting {
+                turn_secrets: secrets,
+                ..base.clone()
+            }));
+        }),
+    )
+    .start();
+    minting
+}
+
+/// The API keys: the configured ones and the store's.
+fn watch_keys(store: &Store, configured: &[ApiKey]) -> Arc<arc_swap::ArcSwap<KeyRing>> {
+    if configured.is_empty() {
         info!("no --api-key given: plans need a key created with `natrix apikey create`");
     }
-    let state = LookupState {
-        snapshot,
-        minting,
-        max_snapshot_age: config.max_snapshot_age,
-        metrics,
-        telemetry: telemetry.clone(),
-        keys,
-        budgets: Arc::new(KeyBudgets::new(
-            config.api_key_rate,
-            config.api_keys.iter().map(|k| k.id().to_owned()),
-        )),
-    };
-    let (server, addr) = crate::http::serve(config.lookup_listen, workers, state)
-        .with_context(|| format!("binding the lookup API on {}", config.lookup_listen))?;
-    let handle = server.handle();
-    actix_web::rt::spawn(server);
-    info!(%addr, "lookup API up");
-    Ok((handle, addr))
+    let keys = Arc::new(arc_swap::ArcSwap::from_pointee(static_ring(configured)));
+    let swap = keys.clone();
+    let configured = configured.to_vec();
+    KeysWatcher::new(
+        store.clone(),
+        Duration::from_secs(1),
+        Box::new(move |stored| {
+            swap.store(Arc::new(static_ring(&configured).with(stored)));
+        }),
+    )
+    .start();
+    keys
 }
 
 /// The keys given on the command line, with every scope.

@@ -447,21 +447,7 @@ async fn control_plane(
 
     let signal = signals.stop(reload.as_ref()).await;
     info!(signal, "shutting down");
-    telemetry.health().start_draining();
-    // Lookup stops assigning this host within one heartbeat.
-    for p in &publishers {
-        p.do_send(SetState(natrix_registry::State::Draining));
-    }
-    if let Some(relay) = data.relay() {
-        let drain_timeout = plan
-            .relay
-            .as_ref()
-            .map_or(Duration::ZERO, |r| r.drain_timeout);
-        drain(relay, drain_timeout, &mut signals).await;
-    }
-    for p in &publishers {
-        let _ = tokio::time::timeout(Duration::from_secs(2), p.send(Deregister)).await;
-    }
+    shut_down(telemetry, plan, data, &publishers, &mut signals).await;
     // The HTTP servers finish their requests, within the shutdown timeout.
     let http = async {
         if let Some((h, _)) = lookup {
@@ -476,6 +462,32 @@ async fn control_plane(
         warn!(timeout = ?global.shutdown_timeout, "HTTP servers did not stop in time");
     }
     Ok(signal)
+}
+
+/// The orderly part of a shutdown: draining (readiness and the registry
+/// say so, lookup stops assigning this host within a heartbeat), the
+/// relay's allocations given time to end, the records removed.
+async fn shut_down(
+    telemetry: &Telemetry,
+    plan: &Plan,
+    data: &DataPlane,
+    publishers: &[actix::Addr<natrix_registry::Publisher>],
+    signals: &mut Signals,
+) {
+    telemetry.health().start_draining();
+    for p in publishers {
+        p.do_send(SetState(natrix_registry::State::Draining));
+    }
+    if let Some(relay) = data.relay() {
+        let drain_timeout = plan
+            .relay
+            .as_ref()
+            .map_or(Duration::ZERO, |r| r.drain_timeout);
+        drain(relay, drain_timeout, signals).await;
+    }
+    for p in publishers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), p.send(Deregister)).await;
+    }
 }
 
 /// This host's registry records, heartbeated into the store: the relay

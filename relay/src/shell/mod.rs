@@ -188,40 +188,23 @@ impl BoundHost {
     /// Starts one loop per shard with `services`.
     pub fn start(self, telemetry: &Telemetry, services: HostServices) -> anyhow::Result<RelayHost> {
         let turn = services.turn.as_ref();
-        let TurnParts {
-            credentials,
-            base_credentials,
-            metrics,
-            server_config,
-            policy,
-            ports,
-        } = TurnParts::new(turn, telemetry)?;
+        let parts = TurnParts::new(turn, telemetry)?;
         let loops = self.shards.len();
-        let ports = SharedPorts::new(ports);
-        let control = Arc::new(Control::new(credentials.clone(), loops));
+        let ports = SharedPorts::new(parts.ports);
+        let control = Arc::new(Control::new(parts.credentials.clone(), loops));
         let secrets = turn
             .and_then(|c| c.auth_secret_file.as_ref())
             .map(|path| SecretSource { path: path.clone() });
         let stop = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::new();
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let turn_udp = if turn.is_some() { self.udp.len() } else { 0 };
+        let mut handles = Vec::new();
         for (shard, sockets) in self.shards.into_iter().enumerate() {
-            let seed: [u8; 32] = rand::random();
-            let core = Server::new(
-                server_config.clone(),
-                credentials.clone(),
-                policy.clone(),
-                ports.clone(),
-                Instant::now(),
-                unix_now,
-                seed,
-            );
             let LoopSockets { udp, tcp, tls } = sockets;
             let (event_loop, waker) = event_loop::EventLoop::new(
-                core,
+                parts.core(&ports, unix_now),
                 event_loop::Listeners {
                     udp,
                     turn_udp,
@@ -230,7 +213,7 @@ impl BoundHost {
                     tls,
                 },
                 self.tls_config.clone(),
-                metrics.clone(),
+                parts.metrics.clone(),
                 stop.clone(),
                 services.stun.clone(),
                 event_loop::LoopSettings {
@@ -250,15 +233,7 @@ impl BoundHost {
             handles.push((handle, waker));
         }
         if let Some(config) = turn {
-            info!(
-                udp = ?self.udp,
-                tcp = ?self.tcp,
-                tls = ?self.tls,
-                loops,
-                external_ip = %config.external_v4(),
-                ports = %config.ports,
-                "TURN relay serving"
-            );
+            info!(udp = ?self.udp, tcp = ?self.tcp, tls = ?self.tls, loops, external_ip = %config.external_v4(), ports = %config.ports, "TURN relay serving");
         }
         Ok(RelayHost {
             loops: handles,
@@ -271,7 +246,7 @@ impl BoundHost {
             control,
             secrets,
             udp_clones: self.udp_clones,
-            base_credentials,
+            base_credentials: parts.base_credentials,
         })
     }
 }
@@ -288,6 +263,19 @@ struct TurnParts {
 }
 
 impl TurnParts {
+    /// A loop's TURN core, with its own random seed.
+    fn core(&self, ports: &SharedPorts, unix_now: u64) -> Server {
+        Server::new(
+            self.server_config.clone(),
+            self.credentials.clone(),
+            self.policy.clone(),
+            ports.clone(),
+            Instant::now(),
+            unix_now,
+            rand::random(),
+        )
+    }
+
     fn new(turn: Option<&RelayConfig>, telemetry: &Telemetry) -> anyhow::Result<TurnParts> {
         let Some(config) = turn else {
             // Without TURN the host's TURN series stay out of the
