@@ -277,6 +277,13 @@ impl TlsTurn {
     /// A request signed with the test user's long-term key once the
     /// relay's realm and nonce are known.
     fn request(&mut self, method: Method, attrs: &[Attribute<'_>], auth: Option<&str>) -> Vec<u8> {
+        let msg = Self::encode(method, attrs, auth);
+        self.send(&msg);
+        self.frame().expect("an answer")
+    }
+
+    /// A request, signed when `auth` (the nonce) is given.
+    fn encode(method: Method, attrs: &[Attribute<'_>], auth: Option<&str>) -> Vec<u8> {
         let tid = TransactionId(rand::random());
         let mut buf = vec![0u8; 512];
         let mut enc =
@@ -293,8 +300,7 @@ impl TlsTurn {
         }
         let n = enc.finish();
         buf.truncate(n);
-        self.send(&buf);
-        self.frame().expect("an answer")
+        buf
     }
 }
 
@@ -389,7 +395,20 @@ fn slow_reader_burst() {
         Some(Ok(Attribute::Nonce(n))) => n.to_owned(),
         other => panic!("no nonce in the challenge: {other:?}"),
     };
-    let answer = client.request(Method::ALLOCATE, &transport, Some(&nonce));
+    // Allocate and CreatePermission pipelined in one write: after it the
+    // client sends nothing, so the relay must treat it as allocated from
+    // that read on (the burst exceeds what a client without an
+    // allocation may have queued).
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let permit = [Attribute::XorPeerAddress(peer.local_addr().unwrap())];
+    let mut both = TlsTurn::encode(Method::ALLOCATE, &transport, Some(&nonce));
+    both.extend(TlsTurn::encode(
+        Method::CREATE_PERMISSION,
+        &permit,
+        Some(&nonce),
+    ));
+    client.send(&both);
+    let answer = client.frame().expect("the Allocate answer");
     let relayed = match Message::parse(&answer)
         .unwrap()
         .decode(AttributeType::XOR_RELAYED_ADDRESS)
@@ -397,9 +416,7 @@ fn slow_reader_burst() {
         Some(Ok(Attribute::XorRelayedAddress(a))) => a,
         other => panic!("no relayed address: {other:?}"),
     };
-    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let permit = [Attribute::XorPeerAddress(peer.local_addr().unwrap())];
-    let ok = client.request(Method::CREATE_PERMISSION, &permit, Some(&nonce));
+    let ok = client.frame().expect("the CreatePermission answer");
     assert_eq!(Message::parse(&ok).unwrap().class(), Class::Success);
 
     // 400 datagrams of 1000 bytes (about 420 KB of Data indications) while

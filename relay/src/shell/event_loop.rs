@@ -903,6 +903,10 @@ impl EventLoop {
             }
         });
         self.relays.flush();
+        // An Allocate in this read makes the client trusted for what the
+        // loop queues to it next (peer data) without waiting for its next
+        // read.
+        stream.trusted = self.core.has_allocation(&stream.client);
         match outcome {
             ReadOutcome::Close => self.close_stream(j, stream),
             ReadOutcome::Garbage(reason) => {

@@ -30,7 +30,7 @@ const UNTRUSTED_READ: usize = MAX_STUN_FRAME;
 const INITIAL_READ: usize = 16 * 1024;
 /// Reads per wake-up before the loop turns to other sockets (the rest is
 /// read on its next turn).
-pub(super) const READS_PER_WAKE: usize = 16;
+const READS_PER_WAKE: usize = 16;
 /// The largest read buffer: one maximal frame and some.
 const MAX_READ: usize = MAX_FRAME + 4096;
 /// Write capacity kept once a burst has drained.
