@@ -47,7 +47,8 @@ pub struct StunSettings {
     /// The cluster secret (hand-offs between siblings).
     pub cluster_secret: Option<ClusterSecret>,
     /// The service owns the host's listeners (`natrix cdx`): it counts
-    /// their connections and failed sends. Beside TURN the relay does.
+    /// their connections (beside TURN the relay does). Failed sends of its
+    /// own answers it counts either way.
     pub owns_listeners: bool,
 }
 
