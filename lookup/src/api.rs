@@ -281,12 +281,14 @@ fn turn_urls(r: &HostRecord, udp: bool) -> Vec<String> {
     urls
 }
 
-/// Builds the plan for `req` from `snapshot` at `now` (Unix seconds).
+/// Builds the plan for `req` from `snapshot` at `now` (Unix seconds), for
+/// `tenant` (the caller's key id, which the relay tokens carry).
 /// `random(n)` returns a number below `n`; `fill` fills bytes randomly.
 pub fn plan(
     req: &PlanRequest,
     snapshot: &Snapshot,
     minting: &Minting,
+    tenant: Option<&str>,
     now: u64,
     random: &mut dyn FnMut(usize) -> usize,
     fill: &mut dyn FnMut(&mut [u8]),
@@ -351,6 +353,7 @@ pub fn plan(
             let token = SessionToken {
                 expires,
                 session: session.clone(),
+                tenant: tenant.map(str::to_owned),
                 relay_id: r.id.clone(),
                 peers: (!scope.is_empty()).then_some(scope),
             };
@@ -440,12 +443,20 @@ mod tests {
 
     fn run(req: &PlanRequest, snapshot: &Snapshot) -> Result<PlanResponse, PlanError> {
         let mut n = 0u8;
-        plan(req, snapshot, &minting(), 1000, &mut |k| k - 1, &mut |b| {
-            for x in b.iter_mut() {
-                n = n.wrapping_add(1);
-                *x = n;
-            }
-        })
+        plan(
+            req,
+            snapshot,
+            &minting(),
+            None,
+            1000,
+            &mut |k| k - 1,
+            &mut |b| {
+                for x in b.iter_mut() {
+                    n = n.wrapping_add(1);
+                    *x = n;
+                }
+            },
+        )
     }
 
     #[test]

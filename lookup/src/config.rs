@@ -61,4 +61,27 @@ pub struct LookupConfig {
         default_value_t = 200.0
     )]
     pub api_key_rate: f64,
+
+    /// Live sessions (plans whose tokens have not expired) one API key or
+    /// grant key id may hold, cluster-wide, unless the key sets its own;
+    /// past it, 429 with Retry-After. Keys given with --api-key are not
+    /// capped.
+    #[arg(
+        long = "api-key-max-sessions",
+        env = "NATRIX_API_KEY_MAX_SESSIONS",
+        default_value_t = 10_000
+    )]
+    pub api_key_max_sessions: u64,
+
+    /// Grant secrets (`key-id=secret`, comma separated, newest first) shared
+    /// with application backends: lookup accepts the HS256 grants they mint
+    /// (`Authorization: Bearer <JWT>`, at most 1 h long, `aud` "natrix",
+    /// `scope` "plan" and/or "relays:read"); each key id is a tenant with
+    /// the rate and session cap above. `natrix grant` mints one for tests.
+    #[arg(
+        long = "grant-secret",
+        env = "NATRIX_GRANT_SECRETS",
+        value_delimiter = ','
+    )]
+    pub grant_secrets: Vec<natrix_model::TurnSecret>,
 }

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, dev::Server, web};
-use natrix_model::apikey::{AuthError, KeyRing, Scope};
+use natrix_model::apikey::{AuthError, KeyRing, Scope, bearer, is_api_key};
+use natrix_model::grant::GrantRing;
 use natrix_registry::{SharedSnapshot, unix_ms};
 use natrix_telemetry::Telemetry;
 
 use crate::api::{Minting, PlanError, PlanRequest, Problem, plan};
 use crate::metrics::LookupMetrics;
+use crate::sessions::SessionLedger;
 
 /// Largest plan request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -35,10 +37,30 @@ pub struct LookupState {
     /// Per-key request budgets (keys created in the store; the keys given
     /// with `--api-key` are the operator's own and unmetered).
     pub budgets: Arc<KeyBudgets>,
+    /// The grant secrets this node accepts grants under.
+    pub grants: Arc<GrantRing>,
+    /// Live sessions per tenant.
+    pub ledger: Arc<SessionLedger>,
+    /// Live sessions a tenant may hold unless its key sets its own cap.
+    pub max_sessions: u64,
 }
 
-/// A token bucket per API key: `rate` requests per second, twice that in a
-/// burst. Bounded: one entry per key the ring holds.
+/// Who is calling, once authorised.
+#[derive(Clone, Debug)]
+struct Caller {
+    /// The key id (API keys) or `g-<key id>` (grants): what rates, caps,
+    /// relay quotas and metrics count.
+    tenant: String,
+    /// Whether rates and caps apply (not to the operator's --api-key keys).
+    metered: bool,
+    /// Requests per second.
+    rate: f64,
+    /// Live sessions.
+    max_sessions: u64,
+}
+
+/// A token bucket per tenant: its rate in requests per second, twice that
+/// in a burst. Bounded: one entry per key the ring holds and grant key id.
 #[derive(Debug)]
 pub struct KeyBudgets {
     rate: f64,
@@ -47,7 +69,8 @@ pub struct KeyBudgets {
 }
 
 impl KeyBudgets {
-    /// Budgets of `rate` requests per second per key.
+    /// Budgets of `rate` requests per second per key unless the key sets
+    /// its own; `unmetered` keys have none.
     pub fn new(rate: f64, unmetered: impl IntoIterator<Item = String>) -> KeyBudgets {
         KeyBudgets {
             rate: rate.max(0.001),
@@ -56,99 +79,152 @@ impl KeyBudgets {
         }
     }
 
-    /// Takes one request from `key`'s budget; otherwise how long until the
-    /// next one is allowed.
-    fn take(&self, key: &str, ring_len: usize, now: Instant) -> Result<(), Duration> {
-        if self.unmetered.contains(key) {
-            return Ok(());
-        }
-        let burst = self.rate * 2.0;
+    /// Takes one request from `tenant`'s budget at `rate`; otherwise how
+    /// long until the next one is allowed.
+    fn take(&self, tenant: &str, rate: f64, tenants: usize, now: Instant) -> Result<(), Duration> {
+        let rate = rate.max(0.001);
+        let burst = rate * 2.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() > ring_len.max(1) * 2 {
+        if buckets.len() > tenants.max(1) * 2 {
             // Keys were revoked: start over rather than grow.
             buckets.clear();
         }
-        let (tokens, at) = buckets.entry(key.to_owned()).or_insert((burst, now));
-        *tokens =
-            (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate).min(burst);
+        let (tokens, at) = buckets.entry(tenant.to_owned()).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+            Err(Duration::from_secs_f64((1.0 - *tokens) / rate))
         }
     }
 }
 
-/// Checks the request's API key for `scope` and its budget; the answer to
-/// send when it is refused.
+/// The problem document of a refused credential.
+fn refused_credential(e: AuthError, scope: Scope, detail: Option<String>) -> HttpResponse {
+    let (status, title, default) = match e {
+        AuthError::Missing => (
+            401,
+            "credential required",
+            "send Authorization: Bearer nxk_… (an API key: `natrix apikey create`) or a grant your backend signed"
+                .to_owned(),
+        ),
+        AuthError::Invalid => (
+            401,
+            "unknown credential",
+            "this cluster knows no such key (create keys with `natrix apikey create`)".to_owned(),
+        ),
+        AuthError::Forbidden => (
+            403,
+            "scope missing",
+            format!("this credential lacks the `{}` scope", scope.label()),
+        ),
+    };
+    let mut response = problem(&Problem {
+        status,
+        title,
+        detail: detail.unwrap_or(default),
+        field: None,
+    });
+    if status == 401 {
+        response.headers_mut().insert(
+            actix_web::http::header::WWW_AUTHENTICATE,
+            actix_web::http::header::HeaderValue::from_static("Bearer realm=\"natrix\""),
+        );
+    }
+    response
+}
+
+/// A 429 problem document with Retry-After.
+fn too_many(detail: String, wait: Duration) -> HttpResponse {
+    let mut response = problem(&Problem {
+        status: 429,
+        title: "rate limited",
+        detail,
+        field: None,
+    });
+    let secs = wait.as_secs().max(1).to_string();
+    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&secs) {
+        response
+            .headers_mut()
+            .insert(actix_web::http::header::RETRY_AFTER, v);
+    }
+    response
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Who the credential (an API key or a grant) names, checked for `scope`.
+fn identify(
+    header: Option<&str>,
+    state: &LookupState,
+    scope: Scope,
+) -> Result<Caller, (AuthError, Option<String>)> {
+    let credential = bearer(header).map_err(|e| (e, None))?;
+    if is_api_key(credential) {
+        let ring = state.keys.load();
+        let (id, record) = ring.authorize(header, scope).map_err(|e| (e, None))?;
+        return Ok(Caller {
+            tenant: id.to_owned(),
+            metered: !state.budgets.unmetered.contains(id),
+            rate: record.rate.map_or(state.budgets.rate, f64::from),
+            max_sessions: record.max_sessions.unwrap_or(state.max_sessions),
+        });
+    }
+    let verified = state
+        .grants
+        .verify(credential, scope, unix_now())
+        .map_err(|e| {
+            let kind = match e {
+                natrix_model::grant::GrantError::Forbidden(_) => AuthError::Forbidden,
+                _ => AuthError::Invalid,
+            };
+            (kind, Some(e.to_string()))
+        })?;
+    Ok(Caller {
+        tenant: format!("g-{}", verified.kid),
+        metered: true,
+        rate: state.budgets.rate,
+        max_sessions: state.max_sessions,
+    })
+}
+
+/// Checks the request's credential for `scope` and its budget; the caller,
+/// or the answer to send when it is refused.
 fn authorize(
     req: &HttpRequest,
     state: &LookupState,
     scope: Scope,
-) -> Result<(), Box<HttpResponse>> {
+) -> Result<Caller, Box<HttpResponse>> {
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let ring = state.keys.load();
-    let id = match ring.authorize(header, scope) {
-        Ok(id) => id,
-        Err(e) => {
-            state.metrics.auth(e.label()).inc();
-            let (status, title, detail) = match e {
-                AuthError::Missing => (
-                    401,
-                    "API key required",
-                    "send Authorization: Bearer nxk_… (create keys with `natrix apikey create`)"
-                        .to_owned(),
-                ),
-                AuthError::Invalid => (
-                    401,
-                    "unknown API key",
-                    "this cluster knows no such key (create keys with `natrix apikey create`)"
-                        .to_owned(),
-                ),
-                AuthError::Forbidden => (
-                    403,
-                    "scope missing",
-                    format!("this key lacks the `{}` scope", scope.label()),
-                ),
-            };
-            let mut response = problem(&Problem {
-                status,
-                title,
-                detail,
-                field: None,
-            });
-            if status == 401 {
-                response.headers_mut().insert(
-                    actix_web::http::header::WWW_AUTHENTICATE,
-                    actix_web::http::header::HeaderValue::from_static("Bearer realm=\"natrix\""),
-                );
-            }
-            return Err(Box::new(response));
+    let caller = identify(header, state, scope).map_err(|(e, detail)| {
+        state.metrics.auth(e.label()).inc();
+        Box::new(refused_credential(e, scope, detail))
+    })?;
+    if caller.metered {
+        let tenants = state.keys.load().len() + state.grants.key_ids().count();
+        if let Err(wait) = state
+            .budgets
+            .take(&caller.tenant, caller.rate, tenants, Instant::now())
+        {
+            state.metrics.auth("rate_limited").inc();
+            state.metrics.keys.refused(&caller.tenant, "rate_limited");
+            return Err(Box::new(too_many(
+                format!("key {} is over its request rate", caller.tenant),
+                wait,
+            )));
         }
-    };
-    if let Err(wait) = state.budgets.take(id, ring.len(), Instant::now()) {
-        state.metrics.auth("rate_limited").inc();
-        let mut response = problem(&Problem {
-            status: 429,
-            title: "rate limited",
-            detail: format!("key {id} is over its request rate"),
-            field: None,
-        });
-        let secs = wait.as_secs().max(1).to_string();
-        if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&secs) {
-            response
-                .headers_mut()
-                .insert(actix_web::http::header::RETRY_AFTER, v);
-        }
-        return Err(Box::new(response));
     }
     state.metrics.auth("ok").inc();
-    Ok(())
+    Ok(caller)
 }
 
 fn problem(p: &Problem) -> HttpResponse {
@@ -189,9 +265,10 @@ async fn post_plan(
     body: web::Bytes,
 ) -> HttpResponse {
     let started = Instant::now();
-    if let Err(refused) = authorize(&req, &state, Scope::Plan) {
-        return *refused;
-    }
+    let caller = match authorize(&req, &state, Scope::Plan) {
+        Ok(c) => c,
+        Err(refused) => return *refused,
+    };
     let req: PlanRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -215,22 +292,53 @@ async fn post_plan(
             },
         );
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = unix_now();
+    if caller.metered {
+        match state
+            .ledger
+            .admit(&caller.tenant, caller.max_sessions, unix_ms())
+        {
+            Ok(live) => state.metrics.keys.live(&caller.tenant, live),
+            Err(wait) => {
+                state.metrics.auth("session_cap").inc();
+                state.metrics.keys.refused(&caller.tenant, "session_cap");
+                return too_many(
+                    format!(
+                        "key {} holds its {} live sessions; sessions end when their tokens expire",
+                        caller.tenant, caller.max_sessions
+                    ),
+                    wait,
+                );
+            }
+        }
+    }
     let mut random = |n: usize| rand::random_range(0..n.max(1));
     let mut fill = |b: &mut [u8]| rand::fill(b);
     let minting = state.minting.load();
-    match plan(&req, &snapshot, &minting, now, &mut random, &mut fill) {
+    match plan(
+        &req,
+        &snapshot,
+        &minting,
+        Some(&caller.tenant),
+        now,
+        &mut random,
+        &mut fill,
+    ) {
         Ok(p) => {
             state.metrics.plan(&p.mode).inc();
+            state.metrics.keys.planned(&caller.tenant);
             state
                 .metrics
                 .duration
                 .observe(started.elapsed().as_secs_f64());
             HttpResponse::Ok().json(p)
         }
-        Err(e) => refuse(&state, &e),
+        Err(e) => {
+            if caller.metered {
+                state.ledger.release(&caller.tenant);
+            }
+            refuse(&state, &e)
+        }
     }
 }
 

@@ -25,6 +25,7 @@ pub mod http;
 mod metrics;
 pub mod planner;
 pub mod select;
+pub mod sessions;
 mod start;
 
 pub use config::LookupConfig;

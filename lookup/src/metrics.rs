@@ -2,7 +2,7 @@
 
 use natrix_telemetry::Telemetry;
 use natrix_telemetry::catalogue as cat;
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 /// Every lookup metric handle.
 #[derive(Clone, Debug)]
@@ -18,6 +18,54 @@ pub struct LookupMetrics {
     pub snapshot_age: IntGauge,
     /// Refreshes ok / error.
     pub refreshes: [IntCounter; 2],
+    /// Per-key series.
+    pub(crate) keys: KeyMetrics,
+}
+
+/// The per-key series, bounded: the first [`cat::MAX_KEY_SERIES`] keys
+/// seen get their own label value, later ones share `other`.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyMetrics {
+    plans: IntCounterVec,
+    refused: IntCounterVec,
+    live: IntGaugeVec,
+    labelled: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl KeyMetrics {
+    fn label<'a>(&self, key: &'a str) -> &'a str {
+        let mut seen = self.labelled.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(key) {
+            return key;
+        }
+        if seen.len() < cat::MAX_KEY_SERIES {
+            seen.insert(key.to_owned());
+            return key;
+        }
+        "other"
+    }
+
+    /// A plan made for `key`.
+    pub(crate) fn planned(&self, key: &str) {
+        self.plans.with_label_values(&[self.label(key)]).inc();
+    }
+
+    /// A request of `key` refused for `reason` (a catalogue value).
+    pub(crate) fn refused(&self, key: &str, reason: &str) {
+        self.refused
+            .with_label_values(&[self.label(key), reason])
+            .inc();
+    }
+
+    /// `key`'s live sessions.
+    pub(crate) fn live(&self, key: &str, live: u64) {
+        let label = self.label(key);
+        if label != "other" {
+            self.live
+                .with_label_values(&[label])
+                .set(i64::try_from(live).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 impl LookupMetrics {
@@ -52,6 +100,12 @@ impl LookupMetrics {
             .map(|(r, s)| hosts.with_label_values(&[r, s])),
             snapshot_age: telemetry.gauge(&cat::LOOKUP_REGISTRY_SNAPSHOT_AGE_SECONDS),
             refreshes: ["ok", "error"].map(|r| refreshes.with_label_values(&[r])),
+            keys: KeyMetrics {
+                plans: telemetry.counter_family(&cat::LOOKUP_KEY_PLANS_TOTAL),
+                refused: telemetry.counter_family(&cat::LOOKUP_KEY_REFUSED_TOTAL),
+                live: telemetry.gauge_family(&cat::LOOKUP_KEY_LIVE_SESSIONS),
+                labelled: Default::default(),
+            },
         }
     }
 

@@ -8,6 +8,7 @@ use actix::Actor;
 use anyhow::Context;
 use natrix_model::TurnSecret;
 use natrix_model::apikey::{ApiKey, KeyRecord, KeyRing, Scope};
+use natrix_model::grant::GrantRing;
 use natrix_registry::apikeys::KeysWatcher;
 use natrix_registry::secrets::SecretsWatcher;
 use natrix_registry::{HostRecord, SnapshotKeeper, State, shared_snapshot, unix_ms};
@@ -17,6 +18,7 @@ use tracing::info;
 
 use crate::api::Minting;
 use crate::http::{KeyBudgets, LookupState};
+use crate::sessions::SessionLedger;
 use crate::{LookupConfig, LookupMetrics};
 
 /// Starts the lookup role in the calling actix system: the snapshot keeper
@@ -50,6 +52,9 @@ pub fn start(
             config.api_key_rate,
             config.api_keys.iter().map(|k| k.id().to_owned()),
         )),
+        grants: Arc::new(GrantRing::new(config.grant_secrets.iter().cloned())),
+        ledger: sync_sessions(store, config.token_ttl.max(Duration::from_secs(60))),
+        max_sessions: config.api_key_max_sessions,
     };
     let (server, addr) = crate::http::serve(config.lookup_listen, workers, state)
         .with_context(|| format!("binding the lookup API on {}", config.lookup_listen))?;
@@ -130,6 +135,29 @@ fn watch_secrets(
     minting
 }
 
+/// The live-session ledger, synced with the store every second.
+fn sync_sessions(store: &Store, ttl: Duration) -> Arc<SessionLedger> {
+    let ledger = Arc::new(SessionLedger::new(ttl));
+    let (syncing, store) = (ledger.clone(), store.clone());
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            match syncing.sync(&store, unix_ms()).await {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "live-session counts not synced; counting locally until the store answers");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    ledger
+}
+
 /// The API keys: the configured ones and the store's.
 fn watch_keys(store: &Store, configured: &[ApiKey]) -> Arc<arc_swap::ArcSwap<KeyRing>> {
     if configured.is_empty() {
@@ -159,6 +187,8 @@ fn static_ring(keys: &[ApiKey]) -> KeyRing {
                 scopes: Scope::ALL.to_vec(),
                 digest: k.digest(),
                 created_ms: 0,
+                rate: None,
+                max_sessions: None,
             },
         )
     }))

@@ -128,6 +128,12 @@ pub struct KeyRecord {
     pub digest: String,
     /// When it was created (Unix ms).
     pub created_ms: u64,
+    /// Requests per second it may make; `None`: lookup's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u32>,
+    /// Live sessions it may hold; `None`: lookup's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<u64>,
 }
 
 /// Why a request is not authorised.
@@ -185,13 +191,13 @@ impl KeyRing {
     }
 
     /// Checks an `Authorization` header value for `scope`; the key's id
-    /// when it is allowed.
-    pub fn authorize(&self, header: Option<&str>, scope: Scope) -> Result<&str, AuthError> {
-        let value = header.ok_or(AuthError::Missing)?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .ok_or(AuthError::Missing)?
-            .trim();
+    /// and record when it is allowed.
+    pub fn authorize(
+        &self,
+        header: Option<&str>,
+        scope: Scope,
+    ) -> Result<(&str, &KeyRecord), AuthError> {
+        let token = bearer(header)?;
         let key: ApiKey = token.parse().map_err(|_| AuthError::Invalid)?;
         let (id, record) = self
             .keys
@@ -203,8 +209,23 @@ impl KeyRing {
         if !record.scopes.contains(&scope) {
             return Err(AuthError::Forbidden);
         }
-        Ok(id)
+        Ok((id, record))
     }
+}
+
+/// The credential of an `Authorization: Bearer …` header value.
+pub fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
+    let value = header.ok_or(AuthError::Missing)?;
+    Ok(value
+        .strip_prefix("Bearer ")
+        .ok_or(AuthError::Missing)?
+        .trim())
+}
+
+/// Whether a bearer credential is an API key (`nxk_…`) rather than a
+/// grant.
+pub fn is_api_key(credential: &str) -> bool {
+    credential.starts_with("nxk_")
 }
 
 #[cfg(test)]
@@ -219,6 +240,8 @@ mod tests {
                 scopes: scopes.to_vec(),
                 digest: key.digest(),
                 created_ms: 1,
+                rate: None,
+                max_sessions: None,
             },
         )
     }
@@ -250,7 +273,8 @@ mod tests {
         ]);
         let bearer = |k: &ApiKey| format!("Bearer {}", k.expose());
         assert_eq!(
-            ring.authorize(Some(&bearer(&plan)), Scope::Plan),
+            ring.authorize(Some(&bearer(&plan)), Scope::Plan)
+                .map(|(id, _)| id),
             Ok(plan.id())
         );
         assert_eq!(ring.authorize(None, Scope::Plan), Err(AuthError::Missing));

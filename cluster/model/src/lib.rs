@@ -16,13 +16,15 @@
 //!   and per loop) that the relay core and CDX share.
 //! - [`apikey`]: lookup's API keys, their scopes and the ring that checks
 //!   them.
+//! - [`grant`]: signed grants (HS256 JWTs) application backends mint
+//!   under a grant secret, checked without a store read.
 //!
 //! # Purity
 //!
 //! The crate owns no sockets, reads no clock and draws no randomness:
 //! callers pass `now` and random bytes in (its `clippy.toml` disallows
 //! `Instant::now`, `SystemTime::now` and `rand::random`). It depends on
-//! serde, ring and base64 only, so every role, tool and test can use it.
+//! serde, serde_json, ring and base64 only, so every role, tool and test can use it.
 //!
 //! # Panics and errors
 //!
@@ -30,6 +32,7 @@
 //! say what a valid value looks like.
 
 pub mod apikey;
+pub mod grant;
 pub mod invitation;
 pub mod limiter;
 pub mod nat;

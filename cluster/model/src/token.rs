@@ -5,10 +5,11 @@
 //! `<expiry>[:<more>]`; its password is `base64(HMAC-SHA1(secret,
 //! username))` under a shared [`TurnSecret`] (the scheme of coturn's
 //! `use-auth-secret`). A session token is a REST username of the form
-//! `<expiry>:<session>:<relay-id>[:<peers>]`: the relay it names accepts it
-//! until expiry, under any secret it still holds, and `<peers>` (the
-//! counterpart's IPs, comma separated) scopes the allocation's permissions
-//! to those peers.
+//! `<expiry>:<session>[.<tenant>]:<relay-id>[:<peers>]`: the relay it names
+//! accepts it until expiry, under any secret it still holds, `<tenant>` (the
+//! API key or grant key id the plan was made for) is what the relay's
+//! per-tenant allocation quota counts, and `<peers>` (the counterpart's IPs,
+//! comma separated) scopes the allocation's permissions to those peers.
 
 use std::net::IpAddr;
 
@@ -32,6 +33,17 @@ pub fn rest_expiry(username: &str) -> Option<u64> {
 
 /// Hex digits of a session id in a token (16 bytes).
 const SESSION_HEX: usize = 32;
+/// Longest tenant id in a token.
+pub const MAX_TENANT_LEN: usize = 72;
+
+/// Whether `t` may name a tenant in a token: 1 to [`MAX_TENANT_LEN`] of
+/// `A-Z a-z 0-9 . _ -` (API key ids and grant key ids both fit).
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= MAX_TENANT_LEN
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
 
 /// A session-bound relay token: what lookup mints for one side of a plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +52,9 @@ pub struct SessionToken {
     pub expires: u64,
     /// The session id (hex).
     pub session: String,
+    /// The tenant the plan was made for (an API key id, or `g-<grant key
+    /// id>`); `None` for tokens minted without one.
+    pub tenant: Option<String>,
     /// The relay that accepts it (no `:` in it).
     pub relay_id: String,
     /// The peers its allocation may reach: `None` for no restriction beyond
@@ -49,9 +64,15 @@ pub struct SessionToken {
 }
 
 impl SessionToken {
-    /// The TURN username, `<expiry>:<session>:<relay-id>[:<peers>]`.
+    /// The TURN username, `<expiry>:<session>[.<tenant>]:<relay-id>[:<peers>]`.
     pub fn username(&self) -> String {
-        let mut u = format!("{}:{}:{}", self.expires, self.session, self.relay_id);
+        let mut u = format!("{}:{}", self.expires, self.session);
+        if let Some(t) = &self.tenant {
+            u.push('.');
+            u.push_str(t);
+        }
+        u.push(':');
+        u.push_str(&self.relay_id);
         if let Some(peers) = &self.peers {
             u.push(':');
             let list: Vec<String> = peers.iter().map(ToString::to_string).collect();
@@ -62,11 +83,11 @@ impl SessionToken {
 
     /// Reads a session token from a TURN username; `None` when the username
     /// is not one: a session token is `<expiry>:<session id, 32 hex
-    /// digits>:<relay id>[:<peers>]`, so a REST username of an application
+    /// digits>[.<tenant>]:<relay id>[:<peers>]`, so a REST username of an application
     /// with colons of its own (`1700000000:alice:phone`) stays a plain
     /// REST username.
     pub fn parse(username: &str) -> Option<SessionToken> {
-        let (expires, session, relay_id, peers) = Self::fields(username)?;
+        let (expires, (session, tenant), relay_id, peers) = Self::fields(username)?;
         let peers = peers.map(|list| {
             list.split(',')
                 .map(str::parse)
@@ -76,26 +97,44 @@ impl SessionToken {
         Some(SessionToken {
             expires,
             session: session.to_owned(),
+            tenant: tenant.map(str::to_owned),
             relay_id: relay_id.to_owned(),
             peers,
         })
     }
 
     /// The fields of a session-token username, checked for shape.
-    fn fields(username: &str) -> Option<(u64, &str, &str, Option<&str>)> {
+    #[allow(clippy::type_complexity)]
+    fn fields(username: &str) -> Option<(u64, (&str, Option<&str>), &str, Option<&str>)> {
         let mut fields = username.splitn(4, ':');
         let expires = fields.next()?.parse().ok()?;
-        let session = fields.next()?;
+        let field = fields.next()?;
+        let (session, tenant) = match field.split_once('.') {
+            Some((s, t)) => (s, Some(t)),
+            None => (field, None),
+        };
         let relay_id = fields.next()?;
         let is_session =
             session.len() == SESSION_HEX && session.bytes().all(|b| b.is_ascii_hexdigit());
-        (is_session && !relay_id.is_empty()).then_some((expires, session, relay_id, fields.next()))
+        let tenant_ok = tenant.is_none_or(valid_tenant);
+        (is_session && tenant_ok && !relay_id.is_empty()).then_some((
+            expires,
+            (session, tenant),
+            relay_id,
+            fields.next(),
+        ))
     }
 
     /// The relay a session-token username names, without copying; `None`
     /// when the username is not a session token.
     pub fn relay_of(username: &str) -> Option<&str> {
         Self::fields(username).map(|(_, _, relay, _)| relay)
+    }
+
+    /// The session id and tenant of a session-token username, without
+    /// copying; `None` when the username is not a session token.
+    pub fn session_of(username: &str) -> Option<(&str, Option<&str>)> {
+        Self::fields(username).map(|(_, session, _, _)| session)
     }
 
     /// The username and password of this token under `secret`.
@@ -129,6 +168,7 @@ mod tests {
         let mut t = SessionToken {
             expires: 1_700_000_000,
             session: S.into(),
+            tenant: None,
             relay_id: "relay-a".into(),
             peers: None,
         };
@@ -146,7 +186,29 @@ mod tests {
             scoped,
             format!("1700000000:{S}:relay-a:198.51.100.7,2001:db8::1")
         );
-        assert_eq!(SessionToken::parse(&scoped), Some(t));
+        assert_eq!(SessionToken::parse(&scoped), Some(t.clone()));
+        t.tenant = Some("0a1b2c3d4e5f".into());
+        let tenanted = t.username();
+        assert_eq!(
+            tenanted,
+            format!("1700000000:{S}.0a1b2c3d4e5f:relay-a:198.51.100.7,2001:db8::1")
+        );
+        assert_eq!(SessionToken::parse(&tenanted), Some(t.clone()));
+        assert_eq!(
+            SessionToken::session_of(&tenanted),
+            Some((S, Some("0a1b2c3d4e5f")))
+        );
+        t.tenant = Some("g-app.1".into());
+        assert_eq!(SessionToken::parse(&t.username()), Some(t));
+        // A tenant with characters outside the set makes no session token.
+        assert_eq!(
+            SessionToken::parse(&format!("1700000000:{S}.a/b:relay-a")),
+            None
+        );
+        assert_eq!(
+            SessionToken::parse(&format!("1700000000:{S}.:relay-a")),
+            None
+        );
     }
 
     #[test]

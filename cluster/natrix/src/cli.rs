@@ -157,22 +157,57 @@ pub(crate) enum Command {
         action: String,
     },
     /// Manage lookup's API keys in Redis (--redis-url): `create` prints a
-    /// new key once (`--name`, `--scope plan` and/or `--scope relays:read`),
-    /// `list` shows ids, names and scopes, `revoke ID` removes one. Every
-    /// lookup node follows within a second.
-    Apikey {
-        /// create, list or revoke.
-        #[arg(value_parser = ["create", "list", "revoke"])]
-        action: String,
-        /// The key id to revoke.
-        id: Option<String>,
-        /// A name for the new key (who holds it).
-        #[arg(long, default_value = "unnamed")]
-        name: String,
-        /// The new key's scopes (default: plan).
-        #[arg(long = "scope")]
-        scopes: Vec<natrix_model::apikey::Scope>,
-    },
+    /// new key once (`--name`, `--scope plan` and/or `--scope relays:read`,
+    /// `--rate`, `--max-sessions`), `list` shows ids, names, scopes and
+    /// limits, `revoke ID` removes one. Every lookup node follows within a
+    /// second.
+    Apikey(ApikeyArgs),
+    /// Mint a signed grant (an HS256 JWT) under a grant secret, as an
+    /// application backend does: for tests and scripts. lookup accepts it as
+    /// `Authorization: Bearer <grant>` when it holds the same secret
+    /// (--grant-secret).
+    Grant(GrantArgs),
+}
+
+/// Options of `natrix apikey`.
+#[derive(Args, Debug)]
+pub(crate) struct ApikeyArgs {
+    /// create, list or revoke.
+    #[arg(value_parser = ["create", "list", "revoke"])]
+    pub(crate) action: String,
+    /// The key id to revoke.
+    pub(crate) id: Option<String>,
+    /// A name for the new key (who holds it).
+    #[arg(long, default_value = "unnamed")]
+    pub(crate) name: String,
+    /// The new key's scopes (default: plan).
+    #[arg(long = "scope")]
+    pub(crate) scopes: Vec<natrix_model::apikey::Scope>,
+    /// The new key's requests per second (default: lookup's --api-key-rate).
+    #[arg(long)]
+    pub(crate) rate: Option<u32>,
+    /// The new key's live sessions (default: lookup's
+    /// --api-key-max-sessions).
+    #[arg(long = "max-sessions")]
+    pub(crate) max_sessions: Option<u64>,
+}
+
+/// Options of `natrix grant`.
+#[derive(Args, Debug)]
+pub(crate) struct GrantArgs {
+    /// The grant secret to sign with (`key-id=secret`, as lookup's
+    /// --grant-secret).
+    #[arg(long = "grant-secret", env = "NATRIX_GRANT_SECRET")]
+    pub(crate) secret: natrix_model::TurnSecret,
+    /// Who the grant is for (the application's user or device id).
+    #[arg(long)]
+    pub(crate) sub: String,
+    /// Its scopes (default: plan).
+    #[arg(long = "scope")]
+    pub(crate) scopes: Vec<natrix_model::apikey::Scope>,
+    /// How long it lives (at most 1h).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub(crate) ttl: std::time::Duration,
 }
 
 /// Options of `natrix cdx`.

@@ -69,25 +69,24 @@ fn store_for(
     Ok((runtime, store))
 }
 
-fn apikey(
-    global: &cli::Global,
-    action: &str,
-    id: Option<&str>,
-    name: &str,
-    scopes: &[natrix_model::apikey::Scope],
-) -> anyhow::Result<()> {
+fn apikey(global: &cli::Global, args: &cli::ApikeyArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use natrix_registry::apikeys;
     let (runtime, store) = store_for(global, "API keys")?;
+    let name = &args.name;
     runtime.block_on(async {
-        match action {
+        match args.action.as_str() {
             "create" => {
-                let scopes = if scopes.is_empty() {
+                let scopes = if args.scopes.is_empty() {
                     vec![natrix_model::apikey::Scope::Plan]
                 } else {
-                    scopes.to_vec()
+                    args.scopes.clone()
                 };
-                let key = apikeys::create(&store, name, &scopes, rand::random())
+                let limits = apikeys::Limits {
+                    rate: args.rate,
+                    max_sessions: args.max_sessions,
+                };
+                let key = apikeys::create(&store, name, &scopes, limits, rand::random())
                     .await
                     .context("storing the new key")?;
                 println!("{}", key.expose());
@@ -97,7 +96,10 @@ fn apikey(
                 );
             }
             "revoke" => {
-                let id = id.context("`natrix apikey revoke` needs the key id")?;
+                let id = args
+                    .id
+                    .as_deref()
+                    .context("`natrix apikey revoke` needs the key id")?;
                 if !apikeys::revoke(&store, id).await.context("revoking")? {
                     anyhow::bail!("no API key {id}");
                 }
@@ -106,12 +108,53 @@ fn apikey(
             _ => {
                 for (id, k) in apikeys::list(&store).await.context("reading the keys")? {
                     let scopes: Vec<&str> = k.scopes.iter().map(|s| s.label()).collect();
-                    println!("{id}  {}  {}", k.name, scopes.join(","));
+                    let or_default =
+                        |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
+                    println!(
+                        "{id}  {}  {}  rate={}  max_sessions={}",
+                        k.name,
+                        scopes.join(","),
+                        or_default(k.rate.map(|r| r.to_string())),
+                        or_default(k.max_sessions.map(|r| r.to_string())),
+                    );
                 }
             }
         }
         anyhow::Ok(())
     })
+}
+
+fn grant(args: &cli::GrantArgs) -> anyhow::Result<()> {
+    use natrix_model::grant;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ttl = args.ttl.as_secs();
+    if ttl == 0 || ttl > grant::MAX_GRANT_TTL {
+        anyhow::bail!("--ttl must be between 1s and 1h");
+    }
+    let scopes = if args.scopes.is_empty() {
+        vec![natrix_model::apikey::Scope::Plan]
+    } else {
+        args.scopes.clone()
+    };
+    let claims = grant::Claims {
+        aud: grant::AUDIENCE.to_owned(),
+        sub: args.sub.clone(),
+        exp: now + ttl,
+        iat: Some(now),
+        nbf: None,
+        scope: scopes
+            .iter()
+            .map(|s| s.label())
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    if claims.sub.is_empty() || claims.sub.len() > grant::MAX_SUBJECT_LEN {
+        anyhow::bail!("--sub must be 1 to 128 bytes");
+    }
+    println!("{}", grant::mint(&args.secret, &claims));
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -152,12 +195,8 @@ fn main() -> ExitCode {
         ),
         Command::Probe(args) => probe::run(args),
         Command::Secret { action } => secret(&cli.global, action),
-        Command::Apikey {
-            action,
-            id,
-            name,
-            scopes,
-        } => apikey(&cli.global, action, id.as_deref(), name, scopes),
+        Command::Apikey(args) => apikey(&cli.global, args),
+        Command::Grant(args) => grant(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

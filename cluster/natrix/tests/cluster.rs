@@ -303,6 +303,7 @@ async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_surv
         let with_old = natrix_model::SessionToken {
             expires: exp,
             session,
+            tenant: None,
             relay_id: relay_id.clone(),
             peers: None,
         }
@@ -544,4 +545,150 @@ fn plans_need_a_key_with_the_scope_and_keys_are_created_limited_and_revoked() {
         assert!(Instant::now() < deadline, "a revoked key still works");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Runs `natrix grant …`; the grant it prints.
+fn grant(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .arg("grant")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "natrix grant {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An application backend's signed grants work on every lookup replica
+/// holding the grant secret; forged, foreign and out-of-scope grants are
+/// refused with their reason; the grant's key id is a tenant whose live
+/// sessions are capped across replicas (429 with Retry-After), counted per
+/// key in the metrics and carried in the relay tokens.
+#[test]
+fn grants_plan_on_any_replica_and_a_tenants_live_sessions_are_capped_cluster_wide() {
+    use common::http_request_raw;
+    const GRANT_SECRET: &str = "app1=grant-secret-of-the-app-backend";
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let _relay = Natrix::relay(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        TURN_SECRET,
+        "--relay-id",
+        "relay-1",
+    ]);
+    let _cdx = Natrix::cdx(&["--redis-url", &url, "--cluster-secret", CLUSTER_SECRET]);
+    let replica = || {
+        Natrix::lookup(&[
+            "--redis-url",
+            &url,
+            "--auth-secret",
+            TURN_SECRET,
+            "--cluster-secret",
+            CLUSTER_SECRET,
+            "--grant-secret",
+            GRANT_SECRET,
+            "--api-key-max-sessions",
+            "4",
+        ])
+    };
+    let (a, b) = (replica(), replica());
+    for lk in [&a, &b] {
+        wait_registry(lk.lookup, "a relay and a CDX node", |v| {
+            relay_ids(v).len() == 1 && v["cdx"].as_array().unwrap().len() == 1
+        });
+    }
+    let ask = |lk: &Natrix, credential: &str| {
+        http_request_raw(
+            lk.lookup,
+            "POST",
+            "/v1/plan",
+            Some(OPEN_PAIR_RETRY),
+            Some(credential),
+        )
+        .unwrap()
+    };
+    let alice = grant(&["--grant-secret", GRANT_SECRET, "--sub", "alice"]);
+
+    // Refused grants, each with its reason.
+    let forged = grant(&[
+        "--grant-secret",
+        "app1=not-the-secret-lookup-holds",
+        "--sub",
+        "mallory",
+    ]);
+    let foreign = grant(&[
+        "--grant-secret",
+        "app2=grant-secret-of-the-app-backend",
+        "--sub",
+        "mallory",
+    ]);
+    let reader = grant(&[
+        "--grant-secret",
+        GRANT_SECRET,
+        "--sub",
+        "dash",
+        "--scope",
+        "relays:read",
+    ]);
+    for (credential, status, says) in [
+        (forged.as_str(), 401, "signature does not verify"),
+        (
+            foreign.as_str(),
+            401,
+            "no grant secret has key id \\\"app2\\\"",
+        ),
+        (reader.as_str(), 403, "lacks the `plan` scope"),
+        ("eyJ.eyJ.sig", 401, "not a grant"),
+    ] {
+        let (got, _, body) = ask(&a, credential);
+        assert_eq!(got, status, "{body}");
+        assert!(body.contains(says), "{says}: {body}");
+    }
+    let (status, _, _) =
+        http_request_raw(b.lookup, "GET", "/v1/relays", None, Some(&reader)).unwrap();
+    assert_eq!(status, 200, "a relays:read grant reads the relay list");
+
+    // One session on b, two on a: all within the cap of 4.
+    let (status, _, body) = ask(&b, &alice);
+    assert_eq!(status, 200, "{body}");
+    let p: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let user = p["a"]["ice_servers"][1]["username"].as_str().unwrap();
+    assert!(
+        user.contains(&format!(
+            "{}.g-app1:relay-1",
+            p["session"].as_str().unwrap()
+        )),
+        "the token names the tenant: {user}"
+    );
+    for _ in 0..2 {
+        let (status, _, body) = ask(&a, &alice);
+        assert_eq!(status, 200, "{body}");
+    }
+    // Within a sync (1 s) both replicas know all three sessions: b admits
+    // the fourth and refuses the fifth, then so does a.
+    b.wait_metric("lookup_key_live_sessions{key=\"g-app1\"}", |v| v >= 1.0);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(ask(&b, &alice).0, 200);
+    let (status, head, body) = ask(&b, &alice);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("live sessions"), "{body}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let (status, _, body) = ask(&a, &alice);
+    assert_eq!(status, 429, "replica a knows b's sessions: {body}");
+    b.wait_metric(
+        "lookup_key_refused_total{key=\"g-app1\",reason=\"session_cap\"}",
+        |v| v >= 1.0,
+    );
+    a.wait_metric("lookup_key_plans_total{key=\"g-app1\"}", |v| v == 2.0);
+    a.wait_metric("lookup_api_auth_total{result=\"session_cap\"}", |v| {
+        v >= 1.0
+    });
+    // The operator's own key is not capped.
+    assert_eq!(ask(&a, common::API_KEY).0, 200);
 }

@@ -22,12 +22,22 @@ pub const MAX_KEYS: usize = 10_000;
 /// Life of the keys hash after the last change.
 const KEY_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
-/// Creates a key named `name` with `scopes` from 22 random bytes; returns
-/// it (the only time its secret is seen).
+/// A new key's own limits (`None`: lookup's defaults).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    /// Requests per second.
+    pub rate: Option<u32>,
+    /// Live sessions.
+    pub max_sessions: Option<u64>,
+}
+
+/// Creates a key named `name` with `scopes` and `limits` from 22 random
+/// bytes; returns it (the only time its secret is seen).
 pub async fn create(
     store: &Store,
     name: &str,
     scopes: &[Scope],
+    limits: Limits,
     random: [u8; 22],
 ) -> Result<ApiKey, StoreError> {
     let key = ApiKey::generate(random);
@@ -36,6 +46,8 @@ pub async fn create(
         scopes: scopes.to_vec(),
         digest: key.digest(),
         created_ms: unix_ms(),
+        rate: limits.rate,
+        max_sessions: limits.max_sessions,
     };
     let json = serde_json::to_vec(&record).map_err(|e| StoreError::Unexpected(e.to_string()))?;
     match store

@@ -142,9 +142,16 @@ impl Store {
     /// Adds one to counter `key` and returns the new value; a new counter
     /// expires `ttl` from now (the TTL is not extended by later calls).
     pub async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
+        self.add(key, 1, ttl).await
+    }
+
+    /// Adds `n` (0 reads it) to counter `key` and returns the new value; a
+    /// new counter expires `ttl` from now (the TTL is not extended by later
+    /// calls).
+    pub async fn add(&self, key: &str, n: u64, ttl: Duration) -> Result<u64, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.incr(key, ttl)),
-            Store::Redis(r) => r.incr(key, ttl).await,
+            Store::Memory(m) => Ok(m.add(key, n, ttl)),
+            Store::Redis(r) => r.add(key, n, ttl).await,
         }
     }
 

@@ -162,7 +162,7 @@ impl MemoryStore {
         }
     }
 
-    pub(crate) fn incr(&self, key: &str, ttl: Duration) -> u64 {
+    pub(crate) fn add(&self, key: &str, add: u64, ttl: Duration) -> u64 {
         let now = Instant::now();
         let mut inner = self.lock(now);
         if let Some(Entry {
@@ -170,17 +170,17 @@ impl MemoryStore {
             ..
         }) = Self::live(&mut inner, key, now)
         {
-            *n += 1;
+            *n = n.saturating_add(add);
             return *n;
         }
         inner.keys.insert(
             key.to_owned(),
             Entry {
-                value: Value::Counter(1),
+                value: Value::Counter(add),
                 expires: now + ttl,
             },
         );
-        1
+        add
     }
 
     pub(crate) fn put(&self, key: &str, value: &[u8], ttl: Duration) {

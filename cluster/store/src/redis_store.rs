@@ -58,10 +58,10 @@ end
 return existed
 ";
 
-/// `incr` in one step: a new counter gets its TTL with its first value.
+/// `add` in one step: a new counter gets its TTL with its first value.
 const INCR: &str = r"
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local n = redis.call('INCRBY', KEYS[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 ";
 
@@ -377,10 +377,17 @@ impl RedisStore {
         Ok(())
     }
 
-    pub(crate) async fn incr(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
+    pub(crate) async fn add(&self, key: &str, n: u64, ttl: Duration) -> Result<u64, StoreError> {
         let script = &self.inner.incr;
-        self.call(async |c| script.key(key).arg(millis(ttl)).invoke_async(c).await)
-            .await
+        self.call(async |c| {
+            script
+                .key(key)
+                .arg(millis(ttl))
+                .arg(n)
+                .invoke_async(c)
+                .await
+        })
+        .await
     }
 
     pub(crate) async fn put(

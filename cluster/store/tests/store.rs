@@ -62,6 +62,11 @@ async fn everything_expires(store: &Store) {
     store.put("v", b"value", short).await.unwrap();
     assert_eq!(store.incr("n", short).await.unwrap(), 1);
     assert_eq!(store.incr("n", short).await.unwrap(), 2);
+    assert_eq!(store.add("n", 5, short).await.unwrap(), 7);
+    assert_eq!(store.add("n", 0, short).await.unwrap(), 7, "adding 0 reads");
+    assert_eq!(store.get("n").await.unwrap().as_deref(), Some(&b"7"[..]));
+    // A counter first touched with 0 still expires.
+    assert_eq!(store.add("z", 0, short).await.unwrap(), 0);
     assert_eq!(
         store.get("v").await.unwrap().as_deref(),
         Some(&b"value"[..])
@@ -74,6 +79,12 @@ async fn everything_expires(store: &Store) {
     );
     assert_eq!(store.fields("long").await.unwrap().len(), 2);
     assert_eq!(store.get("v").await.unwrap(), None);
+    assert_eq!(
+        store.add("z", 1, short).await.unwrap(),
+        1,
+        "{}",
+        store.kind()
+    );
     assert_eq!(
         store.incr("n", short).await.unwrap(),
         1,

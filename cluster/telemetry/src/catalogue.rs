@@ -533,12 +533,60 @@ pub const LOOKUP_PLAN_ERRORS_TOTAL: MetricDef = metric(
 /// API requests by authorisation result.
 pub const LOOKUP_API_AUTH_TOTAL: MetricDef = metric(
     "lookup_api_auth_total",
-    "Requests to lookup's keyed API (plans, relay list) by authorisation result: ok, no key (missing), unknown or wrong key (invalid), key without the scope (forbidden), over the key's rate (rate_limited).",
+    "Requests to lookup's keyed API (plans, relay list) by authorisation result: ok, no credential (missing), unknown or wrong key, forged, expired or foreign grant (invalid), credential without the scope (forbidden), over the key's rate (rate_limited), plan refused at the key's live-session cap (session_cap).",
     Kind::Counter,
     &[Label {
         name: "result",
-        values: &["ok", "missing", "invalid", "forbidden", "rate_limited"],
+        values: &[
+            "ok",
+            "missing",
+            "invalid",
+            "forbidden",
+            "rate_limited",
+            "session_cap",
+        ],
     }],
+);
+
+/// The label naming an API key or grant key id: open, but bounded by the
+/// keys an operator creates (and cut off at [`MAX_KEY_SERIES`] values, the
+/// rest counted as `other`).
+pub const KEY: Label = Label {
+    name: "key",
+    values: &[],
+};
+
+/// Most distinct `key` label values a process exports.
+pub const MAX_KEY_SERIES: usize = 256;
+
+/// Plans per key.
+pub const LOOKUP_KEY_PLANS_TOTAL: MetricDef = metric(
+    "lookup_key_plans_total",
+    "Plans made per API key id (or g-<grant key id>), for operator-created keys (at most 256 series; the rest are key=\"other\").",
+    Kind::Counter,
+    &[KEY],
+);
+
+/// Refusals per key.
+pub const LOOKUP_KEY_REFUSED_TOTAL: MetricDef = metric(
+    "lookup_key_refused_total",
+    "Requests refused per API key id (or g-<grant key id>): over its request rate (rate_limited) or at its live-session cap (session_cap).",
+    Kind::Counter,
+    &[
+        KEY,
+        Label {
+            name: "reason",
+            values: &["rate_limited", "session_cap"],
+        },
+    ],
+);
+
+/// Live sessions per key.
+pub const LOOKUP_KEY_LIVE_SESSIONS: MetricDef = metric(
+    "lookup_key_live_sessions",
+    "Live sessions (plans whose tokens have not expired) per API key id (or g-<grant key id>), cluster-wide as this lookup node last counted them.",
+    Kind::Gauge,
+    &[KEY],
 );
 
 /// Plan latency.
@@ -683,6 +731,9 @@ pub const ALL: &[&MetricDef] = &[
     &LOOKUP_PLANS_TOTAL,
     &LOOKUP_PLAN_ERRORS_TOTAL,
     &LOOKUP_API_AUTH_TOTAL,
+    &LOOKUP_KEY_PLANS_TOTAL,
+    &LOOKUP_KEY_REFUSED_TOTAL,
+    &LOOKUP_KEY_LIVE_SESSIONS,
     &LOOKUP_PLAN_DURATION_SECONDS,
     &LOOKUP_REGISTRY_HOSTS,
     &LOOKUP_REGISTRY_SNAPSHOT_AGE_SECONDS,
@@ -822,7 +873,8 @@ mod tests {
                     m.name,
                     label.name
                 );
-                let open_ok = m.name == BUILD_INFO.name && label.name == "version";
+                let open_ok = (m.name == BUILD_INFO.name && label.name == "version")
+                    || label.name == KEY.name;
                 assert!(
                     !label.values.is_empty() || open_ok,
                     "{}: label {} needs its closed value set",
