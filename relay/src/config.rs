@@ -177,9 +177,29 @@ pub struct RelayConfig {
     )]
     pub max_allocations: usize,
 
-    /// Most allocations per username (486 past it).
+    /// Most allocations per username (486 past it). A session token holds
+    /// at most 2, and a session at most 4 (its two sides).
     #[arg(long = "user-quota", env = "NATRIX_USER_QUOTA", default_value_t = 100)]
     pub user_quota: usize,
+
+    /// Most allocations from one client IP (486 past it); 0 for no cap.
+    /// Clients behind one carrier-grade NAT share an IP: raise it for
+    /// relays that serve such networks.
+    #[arg(
+        long = "max-allocations-per-ip",
+        env = "NATRIX_MAX_ALLOCATIONS_PER_IP",
+        default_value_t = 1000
+    )]
+    pub max_allocations_per_ip: usize,
+
+    /// Most allocations per tenant (the API key or grant key id a session
+    /// token names) on this relay (486 past it); 0 for no cap.
+    #[arg(
+        long = "max-allocations-per-tenant",
+        env = "NATRIX_MAX_ALLOCATIONS_PER_TENANT",
+        default_value_t = 0
+    )]
+    pub max_allocations_per_tenant: usize,
 
     /// Bytes per second one allocation may relay (both directions); 0 for
     /// no cap.
@@ -354,6 +374,12 @@ impl RelayConfig {
             // Both counted host-wide (SharedPorts), whatever loop serves.
             max_allocations: self.max_allocations,
             user_quota: self.user_quota,
+            source_quota: Some(self.max_allocations_per_ip)
+                .filter(|q| *q > 0)
+                .unwrap_or(usize::MAX),
+            tenant_quota: Some(self.max_allocations_per_tenant)
+                .filter(|q| *q > 0)
+                .unwrap_or(usize::MAX),
             bandwidth_per_allocation: Some(self.bandwidth_per_allocation).filter(|b| *b > 0),
             unauth: UnauthLimits {
                 per_prefix_rate: self.unauth_rate_per_prefix,

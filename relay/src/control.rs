@@ -27,11 +27,17 @@ pub struct Control {
     credentials: Mutex<Credentials>,
     allocations: Vec<AtomicU64>,
     wakers: Mutex<Vec<Arc<mio::Waker>>>,
+    ports: natrix_relay_proto::SharedPorts,
 }
 
 impl Control {
-    pub(crate) fn new(credentials: Credentials, loops: usize) -> Control {
+    pub(crate) fn new(
+        credentials: Credentials,
+        loops: usize,
+        ports: natrix_relay_proto::SharedPorts,
+    ) -> Control {
         Control {
+            ports,
             draining: AtomicBool::new(false),
             credentials_generation: AtomicU64::new(0),
             credentials: Mutex::new(credentials),
@@ -97,6 +103,13 @@ impl Control {
             .iter()
             .map(|a| a.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// What the relay's load is published as: its allocations plus the
+    /// ports EVEN-PORT reservations hold (each takes a port an allocation
+    /// could have had).
+    pub fn load(&self) -> u64 {
+        self.allocations() + self.ports.reserved() as u64
     }
 }
 

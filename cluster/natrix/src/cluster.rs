@@ -71,7 +71,7 @@ pub(crate) fn relay_load(
         let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
         let secs = l.0.elapsed().as_secs_f64().max(0.001);
         let load = Load {
-            allocations: control.allocations(),
+            allocations: control.load(),
             packets_per_second: (packets - l.1).max(0.0) / secs,
             bytes_per_second: (bytes - l.2).max(0.0) / secs,
         };

@@ -232,6 +232,7 @@ fn values_name_every_flag_of_every_role_one_to_one() {
         "auth-secret",
         "cluster-secret",
         "api-key",
+        "grant-secret",
         "redis-url",
         "metrics-listen",
         "drain-timeout",

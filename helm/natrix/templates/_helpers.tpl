@@ -83,6 +83,13 @@ joined with commas, everything else rendered as --key=value. */}}
       name: {{ include "natrix.secretName" . }}
       key: api-key
       optional: true
+{{- /* Grant secrets shared with application backends (optional). */}}
+- name: NATRIX_GRANT_SECRETS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "natrix.secretName" . }}
+      key: grant-secrets
+      optional: true
 {{- if .Values.redis.existingSecret }}
 - name: NATRIX_REDIS_URL
   valueFrom:

@@ -52,7 +52,7 @@ pub use ports::{PortRange, SharedPorts};
 pub use refusal::Refusal;
 pub use server::{
     ClientAction, Command, PEER_HEADROOM, PEER_TAILROOM, PeerAction, RelayAddress, RelaySockets,
-    SESSION_TOKEN_QUOTA, Server, ServerConfig,
+    SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server, ServerConfig,
 };
 pub use stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 pub use types::{AllocationId, ClientSocket, Transport};

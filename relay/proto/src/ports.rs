@@ -163,30 +163,63 @@ struct Reservation {
 struct PortState {
     pool: PortPool,
     reservations: HashMap<[u8; 8], Reservation, foldhash::fast::RandomState>,
-    /// Live allocations per username, host-wide (for the user quota).
-    users: HashMap<Box<str>, usize, foldhash::fast::RandomState>,
+    /// Live allocations per holder (username, source IP, session,
+    /// tenant), host-wide (for the quotas).
+    holders: HashMap<Holder, usize, foldhash::fast::RandomState>,
     /// Live allocations, host-wide (for the capacity limit).
     allocations: usize,
 }
 
-/// Why an allocation may not be counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum PortRefusal {
-    /// The user is at the quota (486).
-    Quota,
-    /// The host is at capacity (508).
-    Capacity,
+/// Who an allocation is counted against.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Holder {
+    User(Box<str>),
+    Source(IpAddr),
+    Session(Box<str>),
+    Tenant(Box<str>),
 }
 
-impl PortRefusal {
-    /// The request's refusal cause.
-    pub(crate) const fn cause(self) -> super::refusal::Refusal {
-        match self {
-            PortRefusal::Quota => super::refusal::Refusal::UserQuota,
-            PortRefusal::Capacity => super::refusal::Refusal::HostCapacity,
-        }
+/// Who asks for an allocation, and the caps that apply to each of them
+/// (`usize::MAX` for none).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Claim<'a> {
+    /// The TURN username, and its quota.
+    pub(crate) user: (&'a str, usize),
+    /// The client's IP, and its quota.
+    pub(crate) source: (IpAddr, usize),
+    /// The session of a session token, and its quota.
+    pub(crate) session: Option<(&'a str, usize)>,
+    /// The tenant a session token names, and its quota.
+    pub(crate) tenant: Option<(&'a str, usize)>,
+    /// The host's capacity.
+    pub(crate) capacity: usize,
+}
+
+impl Claim<'_> {
+    fn holders(&self) -> impl Iterator<Item = (Holder, usize, Refusal)> + '_ {
+        [
+            Some((
+                Holder::User(self.user.0.into()),
+                self.user.1,
+                Refusal::UserQuota,
+            )),
+            Some((
+                Holder::Source(self.source.0),
+                self.source.1,
+                Refusal::SourceQuota,
+            )),
+            self.session
+                .map(|(s, q)| (Holder::Session(s.into()), q, Refusal::SessionQuota)),
+            self.tenant
+                .map(|(t, q)| (Holder::Tenant(t.into()), q, Refusal::TenantQuota)),
+        ]
+        .into_iter()
+        .flatten()
     }
 }
+
+use super::refusal::Refusal;
+use std::net::IpAddr;
 
 /// The relay ports of a host, their reservations and the host-wide
 /// allocation counts (user quota, capacity), shared by its loops. Locked
@@ -202,7 +235,7 @@ impl SharedPorts {
         SharedPorts(Arc::new(Mutex::new(PortState {
             pool: PortPool::new(range),
             reservations: HashMap::default(),
-            users: HashMap::default(),
+            holders: HashMap::default(),
             allocations: 0,
         })))
     }
@@ -261,53 +294,52 @@ impl SharedPorts {
         self.lock().pool.put(port);
     }
 
-    /// Would one more allocation for `user` fit? (A quick check; the count
-    /// is taken by [`SharedPorts::count`].)
-    pub(crate) fn admissible(
-        &self,
-        user: &str,
-        quota: usize,
-        capacity: usize,
-    ) -> Result<(), PortRefusal> {
-        let state = self.lock();
-        if state.users.get(user).is_some_and(|n| *n >= quota) {
-            return Err(PortRefusal::Quota);
+    /// Would one more allocation for `claim` fit? (A quick check; the
+    /// count is taken by [`SharedPorts::count`].)
+    pub(crate) fn admissible(&self, claim: &Claim<'_>) -> Result<(), Refusal> {
+        Self::check(&self.lock(), claim)
+    }
+
+    fn check(state: &PortState, claim: &Claim<'_>) -> Result<(), Refusal> {
+        for (holder, quota, refusal) in claim.holders() {
+            if state.holders.get(&holder).is_some_and(|n| *n >= quota) {
+                return Err(refusal);
+            }
         }
-        if state.allocations >= capacity {
-            return Err(PortRefusal::Capacity);
+        if state.allocations >= claim.capacity {
+            return Err(Refusal::HostCapacity);
         }
         Ok(())
     }
 
-    /// Counts a new allocation for `user`, atomically with the checks.
-    pub(crate) fn count(
-        &self,
-        user: &str,
-        quota: usize,
-        capacity: usize,
-    ) -> Result<(), PortRefusal> {
+    /// Counts a new allocation for `claim`, atomically with the checks.
+    pub(crate) fn count(&self, claim: &Claim<'_>) -> Result<(), Refusal> {
         let mut state = self.lock();
-        if state.users.get(user).is_some_and(|n| *n >= quota) {
-            return Err(PortRefusal::Quota);
+        Self::check(&state, claim)?;
+        for (holder, _, _) in claim.holders() {
+            *state.holders.entry(holder).or_insert(0) += 1;
         }
-        if state.allocations >= capacity {
-            return Err(PortRefusal::Capacity);
-        }
-        *state.users.entry(user.into()).or_insert(0) += 1;
         state.allocations += 1;
         Ok(())
     }
 
-    /// Uncounts an ended allocation of `user`.
-    pub(crate) fn uncount(&self, user: &str) {
+    /// Uncounts an ended allocation of `claim` (its quotas do not matter).
+    pub(crate) fn uncount(&self, claim: &Claim<'_>) {
         let mut state = self.lock();
-        if let Some(n) = state.users.get_mut(user) {
-            *n -= 1;
-            if *n == 0 {
-                state.users.remove(user);
+        for (holder, _, _) in claim.holders() {
+            if let Some(n) = state.holders.get_mut(&holder) {
+                *n -= 1;
+                if *n == 0 {
+                    state.holders.remove(&holder);
+                }
             }
         }
         state.allocations = state.allocations.saturating_sub(1);
+    }
+
+    /// Ports held by EVEN-PORT reservations.
+    pub fn reserved(&self) -> usize {
+        self.lock().reservations.len()
     }
 
     /// Releases reservations nobody redeemed in time.

@@ -56,6 +56,13 @@ pub enum Refusal {
     PeerOutsideSession,
     /// The username's allocation quota is used up (486).
     UserQuota,
+    /// The client IP's allocation quota is used up (486).
+    SourceQuota,
+    /// The session's allocations are all taken (486): a session token
+    /// admits its own sides only.
+    SessionQuota,
+    /// The tenant's (API key's) allocation quota is used up (486).
+    TenantQuota,
     /// The relay is draining: no new allocations (508).
     Draining,
     /// The host's allocation capacity is used up (508).
@@ -76,7 +83,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every cause, in index order (the metric's series).
-    pub const ALL: [Refusal; 24] = [
+    pub const ALL: [Refusal; 27] = [
         Refusal::UnknownMethod,
         Refusal::IncompleteCredentials,
         Refusal::UnknownAttribute,
@@ -94,6 +101,9 @@ impl Refusal {
         Refusal::PeerDenied,
         Refusal::PeerOutsideSession,
         Refusal::UserQuota,
+        Refusal::SourceQuota,
+        Refusal::SessionQuota,
+        Refusal::TenantQuota,
         Refusal::Draining,
         Refusal::HostCapacity,
         Refusal::NoRelayPort,
@@ -120,7 +130,10 @@ impl Refusal {
             Refusal::AllocationExists | Refusal::NoAllocation => ErrorCode::ALLOCATION_MISMATCH,
             Refusal::PeerAddressFamilyMismatch => ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
             Refusal::PeerDenied | Refusal::PeerOutsideSession => ErrorCode::FORBIDDEN,
-            Refusal::UserQuota => ErrorCode::ALLOCATION_QUOTA_REACHED,
+            Refusal::UserQuota
+            | Refusal::SourceQuota
+            | Refusal::SessionQuota
+            | Refusal::TenantQuota => ErrorCode::ALLOCATION_QUOTA_REACHED,
             Refusal::Draining
             | Refusal::HostCapacity
             | Refusal::NoRelayPort
@@ -152,6 +165,9 @@ impl Refusal {
             Refusal::PeerDenied => "peer_denied",
             Refusal::PeerOutsideSession => "peer_outside_session",
             Refusal::UserQuota => "user_quota",
+            Refusal::SourceQuota => "source_quota",
+            Refusal::SessionQuota => "session_quota",
+            Refusal::TenantQuota => "tenant_quota",
             Refusal::Draining => "draining",
             Refusal::HostCapacity => "host_capacity",
             Refusal::NoRelayPort => "no_relay_port",

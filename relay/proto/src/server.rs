@@ -14,7 +14,7 @@ use natrix_wire::{
 use super::allocation::{Allocation, Bandwidth, BindConflict};
 use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
 use super::policy::PeerPolicy;
-use super::ports::{PortRefusal, SharedPorts};
+use super::ports::{Claim, SharedPorts};
 use super::refusal::Refusal;
 use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 use super::types::{AllocationId, ClientSocket};
@@ -31,6 +31,11 @@ pub const PEER_TAILROOM: usize = 3;
 /// session's two sides (relay-both on one relay, each side with the same
 /// username when the plan names no peers).
 pub const SESSION_TOKEN_QUOTA: usize = 2;
+
+/// Allocations one session may hold at once on a relay, over every token of
+/// the session: two sides, each within [`SESSION_TOKEN_QUOTA`]. A token
+/// admits its own session's sides, never a pool.
+pub const SESSION_QUOTA: usize = 2 * SESSION_TOKEN_QUOTA;
 
 /// How long an EVEN-PORT reservation holds the next port (RFC 8656 §7.2
 /// suggests about 30 seconds).
@@ -133,6 +138,11 @@ pub struct ServerConfig {
     pub max_allocations: usize,
     /// Most allocations per username on the host (486 past it).
     pub user_quota: usize,
+    /// Most allocations per client IP on the host (486 past it).
+    pub source_quota: usize,
+    /// Most allocations per tenant (the API key a session token names) on
+    /// the host (486 past it); `usize::MAX` for no cap.
+    pub tenant_quota: usize,
     /// Bytes per second each allocation may relay, both directions
     /// together; `None` for no cap.
     pub bandwidth_per_allocation: Option<u64>,
@@ -151,6 +161,8 @@ impl Default for ServerConfig {
             nonce_lifetime: Duration::from_secs(600),
             max_allocations: 100_000,
             user_quota: 100,
+            source_quota: 1000,
+            tenant_quota: usize::MAX,
             bandwidth_per_allocation: None,
             unauth: UnauthLimits::default(),
         }
@@ -814,14 +826,8 @@ impl Server {
             return Err(Refusal::Draining);
         }
         let req = AllocateRequest::parse(msg)?;
-        let (mut quota, capacity) = (self.config.user_quota, self.config.max_allocations);
-        if natrix_model::SessionToken::relay_of(req.username).is_some() {
-            // A session token admits its session's sides, not a pool.
-            quota = quota.min(SESSION_TOKEN_QUOTA);
-        }
-        self.ports
-            .admissible(req.username, quota, capacity)
-            .map_err(PortRefusal::cause)?;
+        let claim = self.claim(req.username, from.client.ip());
+        self.ports.admissible(&claim)?;
         let (port, v6, reserved_token) = self.take_port(&req, now)?;
         let relay = match if v6 {
             self.config.relay_v6
@@ -842,14 +848,17 @@ impl Server {
         };
         // Count it host-wide, atomically with the checks: another loop may
         // have taken the last place since the quick check above.
-        if let Err(refusal) = self.ports.count(req.username, quota, capacity) {
+        if let Err(refusal) = self
+            .ports
+            .count(&self.claim(req.username, from.client.ip()))
+        {
             self.commands.push_back(Command::CloseRelay {
                 allocation: id,
                 relayed: SocketAddr::new(relay.public, port),
             });
             self.ports.put(port);
             self.free_slots.push(index);
-            return Err(refusal.cause());
+            return Err(refusal);
         }
         let relayed = SocketAddr::new(relay.public, port);
         let bandwidth = self.config.bandwidth_per_allocation.map(|rate| Bandwidth {
@@ -880,6 +889,28 @@ impl Server {
             }
             enc.xor_mapped_address(from.client)
         })
+    }
+
+    /// Who an allocation of `username` from `source` is counted against,
+    /// with this relay's quotas: the username, the source IP, and for a
+    /// session token its session and tenant.
+    fn claim<'a>(&self, username: &'a str, source: std::net::IpAddr) -> Claim<'a> {
+        let c = &self.config;
+        let session = natrix_model::SessionToken::session_of(username);
+        Claim {
+            user: (
+                username,
+                if session.is_some() {
+                    c.user_quota.min(SESSION_TOKEN_QUOTA)
+                } else {
+                    c.user_quota
+                },
+            ),
+            source: (source, c.source_quota),
+            session: session.map(|(s, _)| (s, SESSION_QUOTA)),
+            tenant: session.and_then(|(_, t)| t).map(|t| (t, c.tenant_quota)),
+            capacity: c.max_allocations,
+        }
     }
 
     /// An Allocate from a client that has an allocation: a retransmission
@@ -1318,7 +1349,8 @@ impl Server {
         slot.generation = slot.generation.wrapping_add(1);
         self.free_slots.push(index);
         self.allocation_by_client.remove(&alloc.client);
-        self.ports.uncount(&alloc.username);
+        self.ports
+            .uncount(&self.claim(&alloc.username, alloc.client.client.ip()));
         self.ports.put(alloc.relayed.port());
         self.commands.push_back(Command::CloseRelay {
             allocation: id,

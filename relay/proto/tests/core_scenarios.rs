@@ -1349,3 +1349,89 @@ fn quota_and_capacity_hold_across_loops_sharing_a_host() {
     assert_eq!(code_of(&loops[0].request(&delete, client(1), t0)), None);
     loops[1].allocate(client(6), &bob, t0);
 }
+
+fn client_at(ip: [u8; 4], port: u16) -> ClientSocket {
+    ClientSocket {
+        client: SocketAddr::from((ip, port)),
+        ..client(port)
+    }
+}
+
+/// Quotas bind per client IP, per session (over all its tokens) and per
+/// tenant (the API key a token names), each answered 486 and counted under
+/// its own reason; an ended allocation gives its place back.
+#[test]
+fn source_session_and_tenant_quotas_bind_and_free_on_deallocation() {
+    let mut h = Harness::new(ServerConfig {
+        source_quota: 2,
+        tenant_quota: 5,
+        ..config()
+    });
+    let refuse = |h: &mut Harness, user: &User, c: ClientSocket| {
+        let nonce = h.nonce(c, h.t0);
+        let req = Req::new(Method::ALLOCATE).transport(17).sign(user, &nonce);
+        code_of(&h.request(&req, c, h.t0))
+    };
+    // Per source IP: two plain users from one address, the third refused;
+    // the same user from another address is served.
+    let alice = User::stat("alice", "wonderland");
+    let home = [198, 51, 100, 7];
+    h.allocate(client_at(home, 1), &alice, h.t0);
+    h.allocate(client_at(home, 2), &User::stat("bob", "builder"), h.t0);
+    assert_eq!(refuse(&mut h, &alice, client_at(home, 3)), Some(486));
+    h.allocate(client_at([198, 51, 100, 8], 3), &alice, h.t0);
+    assert_eq!(h.server.stats().refused[Refusal::SourceQuota as usize], 1);
+
+    // Per session: its tokens (one per side, each with its peers) together
+    // hold at most SESSION_QUOTA allocations.
+    let session = "00112233445566778899aabbccddeeff";
+    let side = |peers: &str| {
+        User::rest(
+            &format!("{}:{session}.key1:relay-1:{peers}", UNIX_T0 + 60),
+            SECRET,
+        )
+    };
+    let (a, b) = (side("203.0.113.1"), side("203.0.113.2"));
+    let mut ip = 10u8;
+    let mut next = || {
+        ip += 1;
+        client_at([198, 51, 100, ip], 5000)
+    };
+    for user in [&a, &a, &b, &b] {
+        let c = next();
+        h.allocate(c, user, h.t0);
+    }
+    assert_eq!(natrix_relay_proto::SESSION_QUOTA, 4);
+    let c = next();
+    assert_eq!(refuse(&mut h, &side("203.0.113.3"), c), Some(486));
+    assert_eq!(h.server.stats().refused[Refusal::SessionQuota as usize], 1);
+
+    // Per tenant: key1 holds 4 in that session; one more session's
+    // allocation reaches its quota of 5, the next is refused, and another
+    // tenant is not affected.
+    let other_session = |tenant: &str| {
+        User::rest(
+            &format!(
+                "{}:ffeeddccbbaa99887766554433221100.{tenant}:relay-1",
+                UNIX_T0 + 60
+            ),
+            SECRET,
+        )
+    };
+    let c5 = next();
+    h.allocate(c5, &other_session("key1"), h.t0);
+    let c = next();
+    assert_eq!(refuse(&mut h, &other_session("key1"), c), Some(486));
+    assert_eq!(h.server.stats().refused[Refusal::TenantQuota as usize], 1);
+    let c = next();
+    h.allocate(c, &other_session("key2"), h.t0);
+
+    // Deallocating frees the tenant's place.
+    let nonce = h.nonce(c5, h.t0);
+    let req = Req::new(Method::REFRESH)
+        .lifetime(0)
+        .sign(&other_session("key1"), &nonce);
+    assert_eq!(code_of(&h.request(&req, c5, h.t0)), None);
+    let c = next();
+    h.allocate(c, &other_session("key1"), h.t0);
+}

@@ -191,7 +191,11 @@ impl BoundHost {
         let parts = TurnParts::new(turn, telemetry)?;
         let loops = self.shards.len();
         let ports = SharedPorts::new(parts.ports);
-        let control = Arc::new(Control::new(parts.credentials.clone(), loops));
+        let control = Arc::new(Control::new(
+            parts.credentials.clone(),
+            loops,
+            ports.clone(),
+        ));
         let secrets = turn
             .and_then(|c| c.auth_secret_file.as_ref())
             .map(|path| SecretSource { path: path.clone() });
