@@ -7,6 +7,7 @@
 //! it cleanly and still writes the reports (exit 130).
 
 mod alloc;
+mod attack;
 mod compare;
 mod e2e;
 mod live;
@@ -142,6 +143,11 @@ enum Command {
     /// punch or TURN relay, datagrams both ways; success and time to the
     /// first packet per mode.
     E2e(e2e::E2eArgs),
+    /// The hostile-traffic suite against a live deployment while
+    /// legitimate sessions run: per attack what the server did, its RSS,
+    /// legitimate sessions lost and their p99 (exit 1 when one is not
+    /// held).
+    Attack(attack::AttackArgs),
     /// One session participant end to end: mapped address, exchange through
     /// CDX, direct punch. Prints a JSON report (the lab matrix runs these).
     Peer(peer::PeerArgs),
@@ -160,6 +166,7 @@ impl Command {
             Command::Plan(_) => "plan",
             Command::E2e(_) => "e2e",
             Command::Peer(_) => "peer",
+            Command::Attack(_) => "attack",
         }
     }
 }
@@ -198,6 +205,7 @@ fn main() -> std::process::ExitCode {
         Command::Natlab(args) => natlab::run(args).map(|r| r.map(|r| (r, true))),
         Command::Plan(args) => plan::run(args).map(|r| Some((r, false))),
         Command::E2e(args) => e2e::run(args).map(|r| Some((r, false))),
+        Command::Attack(args) => attack::run(args).map(|r| Some((r, false))),
         Command::Peer(args) => {
             let report = peer::run(args);
             let profiled = args.profile_only && report["error"].is_null();
