@@ -285,3 +285,76 @@ fn garbage_and_truncated_messages_are_ignored() {
     p.handle_input(&good, t0);
     assert!(p.poll_outcome().unwrap().is_ok());
 }
+
+/// A Post from a new address is challenged (401 with CHALLENGE): the
+/// participant signs the challenge with its move key and posts again at
+/// once; the proof holds only for that participant, that address and a
+/// fresh challenge, so a sniffed ticket replayed from elsewhere cannot move
+/// it.
+#[test]
+fn a_challenged_move_is_proven_with_the_move_key_and_nothing_else() {
+    use natrix_cdx_proto::exchange::{
+        CHALLENGE_BUCKET_SECS, challenge, encode_post_challenge, proves_move,
+    };
+    let t0 = Instant::now();
+    let invs = invitations(2);
+    let base = natrix_model::invitation::move_key_base(b"a cluster secret for tests");
+    let mut p = poster(&invs[0], t0);
+    let first = p.poll_transmit(t0).unwrap();
+    let tid = post_tid(&first);
+    let moved: SocketAddr = "198.51.100.9:5000".parse().unwrap();
+    let unix = 1_800_000_000;
+    let bucket = unix / CHALLENGE_BUCKET_SECS;
+    let c = challenge(&base, &invs[0].ticket, moved, bucket);
+    let mut out = [0u8; 128];
+    let n = encode_post_challenge(&mut out, &tid, &c).unwrap();
+    p.handle_input(&out[..n], t0 + Duration::from_millis(5));
+    assert!(p.poll_outcome().is_none(), "a challenge is not a refusal");
+    let proven = p
+        .poll_transmit(t0 + Duration::from_millis(5))
+        .expect("the proven Post goes out at once");
+    let ClientMessage::Post(post) = parse_client(&proven.payload).unwrap() else {
+        panic!("a Post was expected");
+    };
+    assert_eq!(post.tid, tid);
+    assert!(proves_move(&base, &post, moved, unix));
+    assert!(
+        proves_move(&base, &post, moved, unix + CHALLENGE_BUCKET_SECS),
+        "one bucket late"
+    );
+    assert!(
+        !proves_move(&base, &post, moved, unix + 2 * CHALLENGE_BUCKET_SECS),
+        "stale"
+    );
+    let elsewhere: SocketAddr = "203.0.113.66:5000".parse().unwrap();
+    assert!(
+        !proves_move(&base, &post, elsewhere, unix),
+        "bound to the address"
+    );
+    // The first Post (what a sniffer has) proves nothing.
+    let ClientMessage::Post(plain) = parse_client(&first.payload).unwrap() else {
+        panic!("a Post was expected");
+    };
+    assert!(!proves_move(&base, &plain, moved, unix));
+    // Another participant's move key does not sign for this one.
+    let mut other = invs[0].clone();
+    other.mover = invs[1].mover.clone();
+    let mut q = poster(&other, t0);
+    let _ = q.poll_transmit(t0);
+    q.handle_input(&out[..n], t0);
+    let forged = q.poll_transmit(t0).unwrap();
+    let ClientMessage::Post(forged) = parse_client(&forged.payload).unwrap() else {
+        panic!("a Post was expected");
+    };
+    assert!(!proves_move(&base, &forged, moved, unix));
+    // Without a move key (an old invitation) a challenge ends the exchange.
+    let mut old = invs[0].clone();
+    old.mover = None;
+    let mut r = poster(&old, t0);
+    let _ = r.poll_transmit(t0);
+    r.handle_input(&out[..n], t0);
+    assert!(matches!(
+        r.poll_outcome(),
+        Some(Err(PostError::Rejected { code: 401, .. }))
+    ));
+}

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use natrix_model::invitation::{MAX_SESSION_TTL, SessionId, Ticket, TicketError, ticket_key};
+use natrix_model::invitation::{
+    MAX_SESSION_TTL, SessionId, Ticket, TicketError, move_key_base, ticket_key,
+};
 use natrix_net::service::MailError;
 use natrix_net::{ConnId, SendBatch, StreamMailbox};
 use natrix_store::{PutField, Store};
@@ -202,6 +204,8 @@ pub struct ExchangeActor {
     registry: Registry,
     store: Store,
     key: Option<hmac::Key>,
+    /// What move keys and challenges derive from.
+    mover: Option<hmac::Key>,
     sockets: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
     /// The mailboxes of the TCP/TLS connections participants posted on.
     streams: HashMap<u64, StreamMailbox>,
@@ -249,6 +253,7 @@ impl ExchangeActor {
             registry: Registry::new(limits, Box::new(rand::random)),
             store,
             key: cluster_secret.map(ticket_key),
+            mover: cluster_secret.map(move_key_base),
             sockets: inbox.sockets,
             streams: HashMap::new(),
             inbox: Some(inbox.rx),
@@ -340,6 +345,7 @@ impl ExchangeActor {
         let unix = unix_now();
         let (ticket, admitted) = match self.admit(&inbound, &post, unix) {
             Ok(a) => a,
+            Err(Reject::MoveUnproven) => return self.challenge(&inbound, &post, unix),
             Err(r) => return self.reject(&inbound, Some(tid), r),
         };
         if admitted == super::Admitted::New
@@ -349,6 +355,29 @@ impl ExchangeActor {
         }
         let write = StoreWrite::new(&self.node, &ticket, &post, admitted, unix);
         self.store_post(inbound, tid, ticket, write, ctx);
+    }
+
+    /// Answers a Post that would move its participant without proof: 401
+    /// with a challenge the participant signs with its move key.
+    fn challenge(&mut self, inbound: &Inbound, post: &super::Post<'_>, unix: u64) {
+        self.metrics.post(Reject::MoveUnproven.label()).inc();
+        let Some(base) = self.mover.as_ref() else {
+            return;
+        };
+        let c = super::challenge(
+            base,
+            post.ticket,
+            inbound.from,
+            unix / super::CHALLENGE_BUCKET_SECS,
+        );
+        let mut out = [0u8; 128];
+        if let Ok(n) = super::encode_post_challenge(&mut out, &post.tid, &c) {
+            self.send(Transmit {
+                to: inbound.from,
+                via: inbound.local,
+                payload: out[..n].to_vec(),
+            });
+        }
     }
 
     /// Verifies a Post's ticket and entry and admits its participant.
@@ -370,11 +399,16 @@ impl ExchangeActor {
         if post.entry.sealed.len() > MAX_SEALED {
             return Err(Reject::TooLarge);
         }
+        let move_proven = self
+            .mover
+            .as_ref()
+            .is_some_and(|base| super::proves_move(base, post, inbound.from, unix));
         let admitted = self.registry.admit(
             &ticket,
             post.entry.seq,
             inbound.from,
             inbound.local,
+            move_proven,
             Instant::now(),
             unix,
         )?;

@@ -505,6 +505,7 @@ mod tests {
         let inv = |k: u8| Invitation {
             ticket: [0; 44],
             key: natrix_model::invitation::SessionKey([k; 32]),
+            mover: None,
         };
         let key = punch_key(&inv(1));
         let p = probe(&key, 1, 0, [7; 8]);

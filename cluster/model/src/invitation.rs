@@ -66,6 +66,33 @@ pub fn ticket_key(cluster_secret: &[u8]) -> hmac::Key {
     hmac::Key::new(hmac::HMAC_SHA256, k.as_ref())
 }
 
+/// The key participants' move keys derive from (lookup and CDX both hold
+/// the cluster secret).
+pub fn move_key_base(cluster_secret: &[u8]) -> hmac::Key {
+    let derive = hmac::Key::new(hmac::HMAC_SHA256, cluster_secret);
+    let k = hmac::sign(&derive, b"natrix exchange move v1");
+    hmac::Key::new(hmac::HMAC_SHA256, k.as_ref())
+}
+
+/// A participant's move key: what proves to CDX that a Post from a new
+/// address comes from the participant and not from someone who sniffed
+/// its ticket. lookup hands it out in the invitation; CDX derives it from
+/// the ticket.
+pub fn move_key(base: &hmac::Key, ticket: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k.copy_from_slice(hmac::sign(base, ticket).as_ref());
+    k
+}
+
+/// The proof of a move: the first 16 bytes of HMAC-SHA-256 over CDX's
+/// challenge under the participant's move key.
+pub fn move_proof(move_key: &[u8; 32], challenge: &[u8]) -> [u8; 16] {
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, move_key), challenge);
+    let mut p = [0u8; 16];
+    p.copy_from_slice(&tag.as_ref()[..16]);
+    p
+}
+
 /// A participant's admission to a session, as CDX verified it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket {
@@ -140,14 +167,17 @@ impl Ticket {
     }
 }
 
-/// What one participant receives from lookup: its ticket and the session
-/// key. Its text form is `<ticket hex>.<key hex>`.
+/// What one participant receives from lookup: its ticket, the session key
+/// and its move key. Its text form is `<ticket hex>.<key hex>.<move key
+/// hex>` (invitations without the move key still read, but cannot move).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invitation {
     /// The TICKET attribute, opaque to the participant.
     pub ticket: [u8; TICKET_LEN],
     /// The session key.
     pub key: SessionKey,
+    /// The participant's move key ([`move_key`]).
+    pub mover: Option<SessionKey>,
 }
 
 impl Invitation {
@@ -177,20 +207,25 @@ impl Invitation {
         random: &mut dyn FnMut(&mut [u8]),
     ) -> Vec<Invitation> {
         let key = ticket_key(cluster_secret);
+        let base = move_key_base(cluster_secret);
         let mut session = [0u8; 16];
         random(&mut session);
         let mut sk = [0u8; 32];
         random(&mut sk);
         (0..participants)
-            .map(|p| Invitation {
-                ticket: Ticket {
+            .map(|p| {
+                let ticket = Ticket {
                     session: SessionId(session),
                     participant: p,
                     participants,
                     expires,
                 }
-                .mint(&key),
-                key: SessionKey(sk),
+                .mint(&key);
+                Invitation {
+                    ticket,
+                    key: SessionKey(sk),
+                    mover: Some(SessionKey(move_key(&base, &ticket))),
+                }
             })
             .collect()
     }
@@ -204,6 +239,12 @@ impl std::fmt::Display for Invitation {
         f.write_str(".")?;
         for b in &self.key.0 {
             write!(f, "{b:02x}")?;
+        }
+        if let Some(m) = &self.mover {
+            f.write_str(".")?;
+            for b in &m.0 {
+                write!(f, "{b:02x}")?;
+            }
         }
         Ok(())
     }
@@ -223,13 +264,21 @@ fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
 impl std::str::FromStr for Invitation {
     type Err = String;
     fn from_str(s: &str) -> Result<Invitation, String> {
-        let (t, k) = s
-            .trim()
-            .split_once('.')
-            .ok_or("an invitation is <ticket hex>.<key hex>")?;
+        let mut parts = s.trim().split('.');
+        let (Some(t), Some(k), m, None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("an invitation is <ticket hex>.<key hex>.<move key hex>".into());
+        };
         Ok(Invitation {
             ticket: unhex(t).ok_or("the ticket must be 88 hex digits")?,
             key: SessionKey(unhex(k).ok_or("the key must be 64 hex digits")?),
+            mover: m
+                .map(|m| {
+                    unhex(m)
+                        .map(SessionKey)
+                        .ok_or("the move key must be 64 hex digits")
+                })
+                .transpose()?,
         })
     }
 }
@@ -388,6 +437,16 @@ mod tests {
         let back: Invitation = text.parse().unwrap();
         assert_eq!(back, invites[1]);
         assert_eq!(back.participant(), 1);
+        // The move key is the one CDX derives from the ticket.
+        let base = move_key_base(b"secret secret secret");
+        assert_eq!(
+            back.mover.as_ref().map(|m| m.0),
+            Some(move_key(&base, &back.ticket))
+        );
+        assert_ne!(invites[0].mover, invites[1].mover, "one per participant");
+        // An invitation of two parts still reads (it cannot move).
+        let old: Invitation = text.rsplit_once('.').unwrap().0.parse().unwrap();
+        assert_eq!(old.mover, None);
         assert_eq!(back.session(), invites[0].session());
         assert!("zz.00".parse::<Invitation>().is_err());
         assert!(!format!("{:?}", back.key).contains("09"));

@@ -117,6 +117,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server (all data is lost, as in a crash).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -427,6 +427,7 @@ pub const CDX_EXCHANGE_POSTS_TOTAL: MetricDef = metric(
             "store_error",
             "overloaded",
             "disabled",
+            "move_unproven",
         ],
     }],
 );

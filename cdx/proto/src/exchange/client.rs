@@ -35,7 +35,8 @@ use natrix_wire::{
     Attribute, AttributeType, Class, EncodeError, Encoder, Message, MessageType, TransactionId,
 };
 
-use super::{DELIVER, ENTRY, Entry, POST, PROFILE, TICKET};
+use super::{CHALLENGE, CHALLENGE_LEN, DELIVER, ENTRY, Entry, POST, PROFILE, PROOF, TICKET};
+use natrix_model::invitation::TICKET_LEN;
 
 /// First retransmission timeout of a Post (RFC 8489 §6.2.1 timing, short).
 pub const INITIAL_RTO: Duration = Duration::from_millis(100);
@@ -199,6 +200,13 @@ pub struct PostSeeds {
 #[derive(Debug)]
 pub struct Poster {
     post: Vec<u8>,
+    /// TICKET, ENTRY and PROFILE values, to re-encode the Post with a
+    /// proof.
+    parts: ([u8; TICKET_LEN], Vec<u8>, Option<[u8; 4]>),
+    mover: Option<[u8; 32]>,
+    /// Challenges answered (bounded: a node that keeps challenging is
+    /// refusing).
+    challenges: u8,
     tid: TransactionId,
     key: SessionKey,
     session: SessionId,
@@ -242,26 +250,19 @@ impl Poster {
             &data.encode(),
         );
         let tid = TransactionId(seeds.tid);
-        let mut post = vec![0u8; 20 + 48 + 12 + sealed.len() + 16 + 8];
-        let mut enc = Encoder::new(&mut post, MessageType::new(POST, Class::Request), &tid)?;
-        enc.raw(TICKET, &invitation.ticket)?;
-        enc.raw(
-            ENTRY,
-            &Entry {
-                participant: me,
-                seq,
-                sealed: &sealed,
-            }
-            .to_bytes(),
-        )?;
-        if let Some(p) = profile {
-            enc.raw(PROFILE, &p)?;
+        let entry = Entry {
+            participant: me,
+            seq,
+            sealed: &sealed,
         }
-        enc.fingerprint()?;
-        let n = enc.finish();
-        post.truncate(n);
+        .to_bytes();
+        let parts = (invitation.ticket, entry, profile);
+        let post = encode_post(&tid, &parts, None)?;
         Ok(Poster {
             post,
+            parts,
+            mover: invitation.mover.as_ref().map(|m| m.0),
+            challenges: 0,
             tid,
             key: invitation.key.clone(),
             session,
@@ -402,11 +403,57 @@ impl Poster {
                     Some(Ok(Attribute::ErrorCode(e))) => (e.code, e.reason.to_owned()),
                     _ => (0, String::new()),
                 };
+                // CDX asks this participant to prove a move to its new
+                // address: sign the challenge with the move key and post
+                // again at once.
+                let challenge = msg.get(CHALLENGE).filter(|c| c.len() == CHALLENGE_LEN);
+                if let (401, Some(c), Some(key)) = (code, challenge, self.mover)
+                    && self.challenges < MAX_CHALLENGES
+                {
+                    let proof = natrix_model::invitation::move_proof(&key, c);
+                    let mut echoed = [0u8; CHALLENGE_LEN];
+                    echoed.copy_from_slice(c);
+                    if let Ok(post) = encode_post(&self.tid, &self.parts, Some((echoed, proof))) {
+                        self.challenges += 1;
+                        self.post = post;
+                        self.next_send = now;
+                        return;
+                    }
+                }
                 self.end(Err(PostError::Rejected { code, reason }));
             }
             _ => {}
         }
     }
+}
+
+/// Challenges one exchange answers before it gives up.
+const MAX_CHALLENGES: u8 = 4;
+
+/// Encodes a Post of `parts` (TICKET, ENTRY, PROFILE), with an echoed
+/// challenge and its proof when given.
+#[allow(clippy::type_complexity)]
+fn encode_post(
+    tid: &TransactionId,
+    parts: &([u8; TICKET_LEN], Vec<u8>, Option<[u8; 4]>),
+    proof: Option<([u8; CHALLENGE_LEN], [u8; 16])>,
+) -> Result<Vec<u8>, EncodeError> {
+    let (ticket, entry, profile) = parts;
+    let mut post = vec![0u8; 20 + 48 + 12 + entry.len() + 8 + 40 + 8];
+    let mut enc = Encoder::new(&mut post, MessageType::new(POST, Class::Request), tid)?;
+    enc.raw(TICKET, ticket)?;
+    enc.raw(ENTRY, entry)?;
+    if let Some(p) = profile {
+        enc.raw(PROFILE, p)?;
+    }
+    if let Some((c, p)) = proof {
+        enc.raw(CHALLENGE, &c)?;
+        enc.raw(PROOF, &p)?;
+    }
+    enc.fingerprint()?;
+    let n = enc.finish();
+    post.truncate(n);
+    Ok(post)
 }
 
 /// A Deliver request's entry and the acknowledgement to send back; `None`

@@ -83,6 +83,52 @@ pub const ENTRY: AttributeType = AttributeType(0x7E02);
 pub const STATUS: AttributeType = AttributeType(0x7E03);
 /// PROFILE attribute.
 pub const PROFILE: AttributeType = AttributeType(0x7E04);
+/// CHALLENGE attribute: 16 bytes CDX sends with a 401 to a Post that moves
+/// a participant to a new address, echoed in the proven Post.
+pub const CHALLENGE: AttributeType = AttributeType(0x7E05);
+/// PROOF attribute: `move_proof(move key, CHALLENGE)`, 16 bytes.
+pub const PROOF: AttributeType = AttributeType(0x7E06);
+/// Length of CHALLENGE and PROOF.
+pub const CHALLENGE_LEN: usize = 16;
+/// How long a challenge stays valid (it is stateless: one bucket of this
+/// length, or the one before).
+pub const CHALLENGE_BUCKET_SECS: u64 = 30;
+
+/// The challenge for a Post of `ticket` from `from` in time bucket
+/// `bucket` (Unix seconds / [`CHALLENGE_BUCKET_SECS`]): any CDX node
+/// computes the same one from the cluster secret, so the proven Post may
+/// reach another node.
+pub fn challenge(
+    base: &ring::hmac::Key,
+    ticket: &[u8],
+    from: SocketAddr,
+    bucket: u64,
+) -> [u8; CHALLENGE_LEN] {
+    let mut ctx = ring::hmac::Context::with_key(base);
+    ctx.update(b"challenge");
+    ctx.update(ticket);
+    ctx.update(from.to_string().as_bytes());
+    ctx.update(&bucket.to_be_bytes());
+    let mut c = [0u8; CHALLENGE_LEN];
+    c.copy_from_slice(&ctx.sign().as_ref()[..CHALLENGE_LEN]);
+    c
+}
+
+/// Whether `post` proves its participant's move to `from` at `unix`
+/// (Unix seconds): it echoes a challenge of this or the previous bucket
+/// and signs it with the move key the ticket derives.
+pub fn proves_move(base: &ring::hmac::Key, post: &Post<'_>, from: SocketAddr, unix: u64) -> bool {
+    let (Some(c), Some(p)) = (post.challenge, post.proof) else {
+        return false;
+    };
+    let bucket = unix / CHALLENGE_BUCKET_SECS;
+    let fresh = [bucket, bucket.saturating_sub(1)].iter().any(|b| {
+        natrix_model::secret::constant_time_eq(&challenge(base, post.ticket, from, *b), c)
+    });
+    let key = natrix_model::invitation::move_key(base, post.ticket);
+    fresh
+        && natrix_model::secret::constant_time_eq(&natrix_model::invitation::move_proof(&key, c), p)
+}
 
 /// Largest sealed entry.
 pub const MAX_SEALED: usize = 1024;
@@ -158,11 +204,14 @@ pub enum Reject {
     Overloaded,
     /// This node has no cluster secret, so it cannot verify tickets.
     Disabled,
+    /// A Post from a new address for a participant already in the session,
+    /// without a proof of its move key: answered 401 with a CHALLENGE.
+    MoveUnproven,
 }
 
 impl Reject {
     /// Every reason, in label order.
-    pub const ALL: [Reject; 10] = [
+    pub const ALL: [Reject; 11] = [
         Reject::Malformed,
         Reject::Forged,
         Reject::Expired,
@@ -173,6 +222,7 @@ impl Reject {
         Reject::StoreError,
         Reject::Overloaded,
         Reject::Disabled,
+        Reject::MoveUnproven,
     ];
 
     /// Metric label value.
@@ -188,6 +238,7 @@ impl Reject {
             Reject::StoreError => "store_error",
             Reject::Overloaded => "overloaded",
             Reject::Disabled => "disabled",
+            Reject::MoveUnproven => "move_unproven",
         }
     }
 
@@ -203,6 +254,7 @@ impl Reject {
             Reject::SessionFull => Some((403, "session full")),
             Reject::Disabled => Some((403, "exchange not enabled on this node")),
             Reject::StoreError => Some((500, "coordination store unavailable")),
+            Reject::MoveUnproven => Some((401, "prove the move")),
             Reject::Forged | Reject::Replayed | Reject::Overloaded => None,
         }
     }
@@ -219,6 +271,10 @@ pub struct Post<'a> {
     pub entry: Entry<'a>,
     /// PROFILE codes, if sent.
     pub profile: Option<[u8; 2]>,
+    /// CHALLENGE, if echoed.
+    pub challenge: Option<&'a [u8]>,
+    /// PROOF, if sent.
+    pub proof: Option<&'a [u8]>,
 }
 
 /// An exchange message from a client.
@@ -246,11 +302,14 @@ pub fn parse_client(packet: &[u8]) -> Result<ClientMessage<'_>, Reject> {
             let profile = msg
                 .get(PROFILE)
                 .and_then(|p| Some([*p.first()?, *p.get(1)?]));
+            let sized = |v: &'_ [u8]| v.len() == CHALLENGE_LEN;
             Ok(ClientMessage::Post(Post {
                 tid: msg.transaction_id(),
                 ticket,
                 entry,
                 profile,
+                challenge: msg.get(CHALLENGE).filter(|v| sized(v)),
+                proof: msg.get(PROOF).filter(|v| sized(v)),
             }))
         }
         (m, Class::Success) if m == DELIVER => Ok(ClientMessage::Ack(msg.transaction_id())),
@@ -285,6 +344,22 @@ pub fn encode_post_error(
 ) -> Result<usize, natrix_wire::EncodeError> {
     let mut enc = Encoder::new(out, MessageType::new(POST, Class::Error), tid)?;
     enc.error_code(natrix_wire::ErrorCode { code, reason })?;
+    enc.fingerprint()?;
+    Ok(enc.finish())
+}
+
+/// Writes the 401 answer to an unproven move, with its CHALLENGE.
+pub fn encode_post_challenge(
+    out: &mut [u8],
+    tid: &TransactionId,
+    challenge: &[u8; CHALLENGE_LEN],
+) -> Result<usize, natrix_wire::EncodeError> {
+    let mut enc = Encoder::new(out, MessageType::new(POST, Class::Error), tid)?;
+    enc.error_code(natrix_wire::ErrorCode {
+        code: 401,
+        reason: "prove the move",
+    })?;
+    enc.raw(CHALLENGE, challenge)?;
     enc.fingerprint()?;
     Ok(enc.finish())
 }

@@ -183,13 +183,18 @@ impl Registry {
 
     /// Registers a verified post of `ticket`'s participant at `seq`, sent
     /// from `from` to `local`. `unix` is the wall clock in seconds (the
-    /// ticket's expiry is wall-clock time).
+    /// ticket's expiry is wall-clock time). `move_proven` says whether the
+    /// post proved its move key ([`super::proves_move`]): a participant
+    /// moves to a new address only with it, so a sniffed ticket replayed
+    /// from elsewhere cannot redirect its deliveries.
+    #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
         ticket: &Ticket,
         seq: u32,
         from: SocketAddr,
         local: Local,
+        move_proven: bool,
         now: Instant,
         unix: u64,
     ) -> Result<Admitted, Reject> {
@@ -217,6 +222,9 @@ impl Registry {
                     return Err(Reject::Replayed);
                 }
                 let moved = m.addr != from || m.local != local;
+                if moved && !move_proven {
+                    return Err(Reject::MoveUnproven);
+                }
                 if moved {
                     // A new socket or NAT binding: it needs everything again.
                     if m.addr.ip() != from.ip() {
@@ -540,7 +548,7 @@ mod tests {
         let mut r = registry(Limits::default());
         let (a, b) = (A.parse().unwrap(), B.parse().unwrap());
         assert_eq!(
-            r.admit(&ticket(0), 1, a, local(), t0, 1_000),
+            r.admit(&ticket(0), 1, a, local(), false, t0, 1_000),
             Ok(Admitted::New)
         );
         r.offer(&SessionId([5; 16]), &entry(0, 1), t0);
@@ -549,7 +557,7 @@ mod tests {
         assert!(out.is_empty(), "nobody else is here yet");
 
         assert_eq!(
-            r.admit(&ticket(1), 1, b, local(), t0, 1_000),
+            r.admit(&ticket(1), 1, b, local(), false, t0, 1_000),
             Ok(Admitted::New)
         );
         r.offer(&SessionId([5; 16]), &entry(1, 1), t0);
@@ -592,7 +600,7 @@ mod tests {
         // B posts again from the same address: the held delivery goes out
         // again, within the same budget.
         assert_eq!(
-            r.admit(&ticket(1), 1, b, local(), now, 1_000),
+            r.admit(&ticket(1), 1, b, local(), false, now, 1_000),
             Ok(Admitted::Repeat)
         );
         let mut out = Vec::new();
@@ -613,8 +621,10 @@ mod tests {
         let t0 = Instant::now();
         let mut r = registry(Limits::default());
         let (a, b) = (A.parse().unwrap(), B.parse().unwrap());
-        r.admit(&ticket(0), 1, a, local(), t0, 1_000).unwrap();
-        r.admit(&ticket(1), 1, b, local(), t0, 1_000).unwrap();
+        r.admit(&ticket(0), 1, a, local(), false, t0, 1_000)
+            .unwrap();
+        r.admit(&ticket(1), 1, b, local(), false, t0, 1_000)
+            .unwrap();
         r.offer(&SessionId([5; 16]), &entry(1, 1), t0);
         let mut out = Vec::new();
         r.poll_transmit(t0, &mut out);
@@ -641,37 +651,48 @@ mod tests {
         let mut r = registry(Limits::default());
         let a = A.parse().unwrap();
         assert_eq!(
-            r.admit(&ticket(0), 5, a, local(), t0, 1_000),
+            r.admit(&ticket(0), 5, a, local(), false, t0, 1_000),
             Ok(Admitted::New)
         );
         assert_eq!(
-            r.admit(&ticket(0), 5, a, local(), t0, 1_000),
+            r.admit(&ticket(0), 5, a, local(), false, t0, 1_000),
             Ok(Admitted::Repeat)
         );
         assert_eq!(
-            r.admit(&ticket(0), 6, a, local(), t0, 1_000),
+            r.admit(&ticket(0), 6, a, local(), false, t0, 1_000),
             Ok(Admitted::Newer)
         );
         assert_eq!(
-            r.admit(&ticket(0), 5, a, local(), t0, 1_000),
+            r.admit(&ticket(0), 5, a, local(), false, t0, 1_000),
             Err(Reject::Replayed)
         );
     }
 
     #[test]
-    fn a_moved_participant_gets_everything_again_at_its_new_address() {
+    fn a_participant_moves_only_with_proof_and_then_gets_everything_again() {
         let t0 = Instant::now();
         let mut r = registry(Limits::default());
         let (a, b) = (A.parse().unwrap(), B.parse().unwrap());
-        r.admit(&ticket(0), 1, a, local(), t0, 1_000).unwrap();
-        r.admit(&ticket(1), 1, b, local(), t0, 1_000).unwrap();
+        r.admit(&ticket(0), 1, a, local(), false, t0, 1_000)
+            .unwrap();
+        r.admit(&ticket(1), 1, b, local(), false, t0, 1_000)
+            .unwrap();
         r.offer(&SessionId([5; 16]), &entry(1, 1), t0);
         let mut out = Vec::new();
         r.poll_transmit(t0, &mut out);
         assert!(r.ack(a, &delivered(&out[0]).0));
         let a2: SocketAddr = "198.51.100.1:4001".parse().unwrap();
+        // Without proof (a sniffed ticket replayed elsewhere): refused, and
+        // deliveries stay with A.
         assert_eq!(
-            r.admit(&ticket(0), 1, a2, local(), t0, 1_000),
+            r.admit(&ticket(0), 1, a2, local(), false, t0, 1_000),
+            Err(Reject::MoveUnproven)
+        );
+        let mut none = Vec::new();
+        r.poll_transmit(t0, &mut none);
+        assert!(none.is_empty(), "nothing moved to the replayer");
+        assert_eq!(
+            r.admit(&ticket(0), 1, a2, local(), true, t0, 1_000),
             Ok(Admitted::Repeat)
         );
         let mut out = Vec::new();
@@ -685,8 +706,10 @@ mod tests {
         let t0 = Instant::now();
         let mut r = registry(Limits::default());
         let (a, b) = (A.parse().unwrap(), B.parse().unwrap());
-        r.admit(&ticket(0), 1, a, local(), t0, 1_000).unwrap();
-        r.admit(&ticket(1), 1, b, local(), t0, 1_000).unwrap();
+        r.admit(&ticket(0), 1, a, local(), false, t0, 1_000)
+            .unwrap();
+        r.admit(&ticket(1), 1, b, local(), false, t0, 1_000)
+            .unwrap();
         r.offer(&SessionId([5; 16]), &entry(0, 1), t0);
         r.sweep(t0 + Duration::from_secs(59));
         assert_eq!(r.sessions(), 1);
@@ -711,17 +734,17 @@ mod tests {
             session: SessionId([s; 16]),
             ..ticket(0)
         };
-        assert!(r.admit(&t(1), 1, from, local(), t0, 1_000).is_ok());
-        assert!(r.admit(&t(2), 1, from, local(), t0, 1_000).is_ok());
+        assert!(r.admit(&t(1), 1, from, local(), false, t0, 1_000).is_ok());
+        assert!(r.admit(&t(2), 1, from, local(), false, t0, 1_000).is_ok());
         assert_eq!(
-            r.admit(&t(3), 1, from, local(), t0, 1_000),
+            r.admit(&t(3), 1, from, local(), false, t0, 1_000),
             Err(Reject::SourceLimit)
         );
         assert_eq!(r.sessions(), 2, "a refused post leaves no session behind");
         let other: SocketAddr = B.parse().unwrap();
-        assert!(r.admit(&t(3), 1, other, local(), t0, 1_000).is_ok());
+        assert!(r.admit(&t(3), 1, other, local(), false, t0, 1_000).is_ok());
         assert_eq!(
-            r.admit(&t(4), 1, other, local(), t0, 1_000),
+            r.admit(&t(4), 1, other, local(), false, t0, 1_000),
             Err(Reject::SourceLimit),
             "node full"
         );
