@@ -38,6 +38,12 @@ pub(crate) struct Global {
     )]
     pub(crate) metrics_listen: SocketAddr,
 
+    /// A second endpoint serving only /healthz and /readyz, for probes: a
+    /// flood of the metrics port cannot starve it (the chart points
+    /// kubelet's probes at it).
+    #[arg(long, env = "NATRIX_HEALTH_LISTEN", global = true)]
+    pub(crate) health_listen: Option<SocketAddr>,
+
     /// Data-plane threads; 0 means one per CPU core.
     #[arg(long, env = "NATRIX_WORKERS", default_value_t = 0, global = true)]
     pub(crate) workers: usize,

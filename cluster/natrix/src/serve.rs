@@ -404,6 +404,16 @@ async fn control_plane(
     let handle = server.handle();
     actix_rt::spawn(server);
     info!(%addr, "metrics and health endpoint up");
+    let health = match global.health_listen {
+        Some(at) => {
+            let (server, addr) = http::serve_health(at, telemetry.clone())?;
+            let h = server.handle();
+            actix_rt::spawn(server);
+            info!(%addr, "health endpoint up");
+            Some(h)
+        }
+        None => None,
+    };
     let reload = data.relay().map(|r| r.reload_actor().start());
     let store = match &global.redis_url {
         Some(url) => connect_store(url).await?,
@@ -454,6 +464,9 @@ async fn control_plane(
             h.stop(true).await;
         }
         handle.stop(true).await;
+        if let Some(h) = health {
+            h.stop(true).await;
+        }
     };
     if tokio::time::timeout(global.shutdown_timeout, http)
         .await

@@ -235,6 +235,7 @@ fn values_name_every_flag_of_every_role_one_to_one() {
         "grant-secret",
         "redis-url",
         "metrics-listen",
+        "health-listen",
         "drain-timeout",
         "tls-cert",
         "tls-key",
@@ -404,4 +405,112 @@ fn a_real_prometheus_scrapes_natrix_and_loads_the_chart_rules() {
         std::thread::sleep(Duration::from_millis(250));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The default rendering is locked down: the bundled Redis requires a
+/// generated password and keeps an append-only file; natrix reaches it with
+/// that password; metrics and health bind the pod's IP, never 0.0.0.0;
+/// probes use the health port; NetworkPolicies are on and open only the
+/// client ports and relay range (no allow-everything rule); the cluster's
+/// CIDRs join the relay's deny-list.
+#[test]
+fn the_default_rendering_is_locked_down() {
+    let chart = chart();
+    let (ok, text) = helm(
+        &[
+            "template",
+            "t",
+            chart.to_str().unwrap(),
+            "--set",
+            "relay.clusterCIDRs={100.64.0.0/16,fd00:10::/48}",
+            "--set",
+            "networkPolicy.nodeCIDRs={10.0.0.0/16}",
+        ],
+        &None,
+    );
+    assert!(ok, "{text}");
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &serde_yaml::Value| !d.is_null())
+        .collect();
+    let find = |kind: &str, suffix: &str| {
+        docs.iter()
+            .find(|d| {
+                d["kind"] == kind
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with(suffix))
+            })
+            .unwrap_or_else(|| panic!("no {kind} *{suffix}"))
+    };
+    let secret = find("Secret", "-secrets");
+    assert!(secret["data"]["redis-password"].is_string(), "{secret:?}");
+    let redis = &find("Deployment", "-redis")["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = redis["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"]),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2).any(|w| w == ["--appendonly", "yes"]),
+        "{args:?}"
+    );
+    for role in ["-relay", "-cdx", "-lookup"] {
+        let spec = docs
+            .iter()
+            .find(|d| {
+                ["Deployment", "DaemonSet", "StatefulSet"]
+                    .contains(&d["kind"].as_str().unwrap_or(""))
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with(role))
+            })
+            .unwrap_or_else(|| panic!("no workload {role}"));
+        let c = &spec["spec"]["template"]["spec"]["containers"][0];
+        let text = serde_yaml::to_string(c).unwrap();
+        assert!(
+            !text.contains("0.0.0.0:9090"),
+            "{role}: metrics on every interface"
+        );
+        assert!(
+            text.contains("--metrics-listen=$(POD_IP):9090"),
+            "{role}: {text}"
+        );
+        assert!(text.contains("--health-listen=$(POD_IP):9091"), "{role}");
+        assert_eq!(c["livenessProbe"]["httpGet"]["port"], "health", "{role}");
+        assert!(
+            text.contains("redis://:$(NATRIX_REDIS_PASSWORD)@"),
+            "{role}: {text}"
+        );
+        if role == "-relay" {
+            assert!(
+                text.contains("--peer-deny=100.64.0.0/16,fd00:10::/48"),
+                "{role}: {text}"
+            );
+        }
+    }
+    let policies: Vec<&serde_yaml::Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    assert_eq!(policies.len(), 4, "relay, cdx, lookup and redis policies");
+    for p in &policies {
+        for rule in p["spec"]["ingress"].as_sequence().unwrap() {
+            assert!(
+                rule.as_mapping().is_some_and(|m| !m.is_empty()),
+                "an allow-everything rule in {:?}",
+                p["metadata"]["name"]
+            );
+        }
+    }
+    let relay_policy = serde_yaml::to_string(find("NetworkPolicy", "-relay")).unwrap();
+    assert!(relay_policy.contains("endPort: 65535"), "{relay_policy}");
+    let redis_policy = serde_yaml::to_string(find("NetworkPolicy", "-redis")).unwrap();
+    assert!(redis_policy.contains("10.0.0.0/16"), "{redis_policy}");
 }

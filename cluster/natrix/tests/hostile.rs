@@ -40,6 +40,7 @@ fn every_attack_is_bounded_and_no_legitimate_session_is_lost() {
     let redis = RedisServer::start();
     let url = redis.url();
     let tls = format!("127.0.0.1:{}", free_port());
+    let health = format!("127.0.0.1:{}", free_port());
     let (cert, key) = (
         dir.join("cert.pem").display().to_string(),
         dir.join("key.pem").display().to_string(),
@@ -67,6 +68,8 @@ fn every_attack_is_bounded_and_no_legitimate_session_is_lost() {
         "10",
         "--peer-allow",
         "127.0.0.0/8",
+        "--health-listen",
+        &health,
     ]);
     let loadtest = Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
     assert!(
@@ -77,7 +80,7 @@ fn every_attack_is_bounded_and_no_legitimate_session_is_lost() {
         .args(["--progress", "off", "attack"])
         .args(["--turn", &up.stun.to_string(), "--tls", &tls])
         .args(["--lookup", &up.lookup.to_string()])
-        .args(["--metrics", &up.metrics.to_string()])
+        .args(["--metrics", &up.metrics.to_string(), "--health", &health])
         .args(["--api-key", API_KEY, "--grant-secret", GRANT_SECRET])
         .args(["--secret", TURN_SECRET])
         .args(["--pid", &up.pid().to_string()])

@@ -100,23 +100,37 @@ joined with commas, everything else rendered as --key=value. */}}
 - name: NATRIX_REDIS_URL
   value: {{ .Values.redis.url | quote }}
 {{- else if .Values.redis.bundled.enabled }}
+{{- /* The bundled Redis requires the release's generated password. */}}
+- name: NATRIX_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "natrix.secretName" . }}
+      key: redis-password
 - name: NATRIX_REDIS_URL
-  value: {{ printf "redis://%s-redis:6379" (include "natrix.fullname" .) | quote }}
+  value: {{ printf "redis://:$(NATRIX_REDIS_PASSWORD)@%s-redis:6379" (include "natrix.fullname" .) | quote }}
 {{- end }}
 {{- end -}}
 
-{{/* Probes on the metrics port. */}}
+{{/* Metrics and health listen on the pod's IP (a hostNetwork pod's is the
+node's internal IP, not 0.0.0.0 and so not a public interface); probes use
+the health port, which a flood of the metrics port cannot starve. */}}
+{{- define "natrix.telemetryFlags" -}}
+- {{ printf "--metrics-listen=$(POD_IP):%d" (int .Values.metricsPort) | quote }}
+- {{ printf "--health-listen=$(POD_IP):%d" (int .Values.healthPort) | quote }}
+{{- end -}}
+
+{{/* Probes on the health port. */}}
 {{- define "natrix.probes" -}}
 readinessProbe:
   httpGet:
     path: /readyz
-    port: metrics
+    port: health
   periodSeconds: 2
   failureThreshold: 2
 livenessProbe:
   httpGet:
     path: /healthz
-    port: metrics
+    port: health
   initialDelaySeconds: 5
   periodSeconds: 10
   failureThreshold: 3
