@@ -164,7 +164,9 @@ pub struct CdxConfig {
     pub tcp_max_connections_per_ip: usize,
 
     /// Connection-data exchange: live participants (sessions) per source IP
-    /// on this node.
+    /// on this node, counted once the source proved it receives there (a
+    /// connection or an acknowledged delivery), so spoofed Posts cannot
+    /// lock a victim's address out.
     #[arg(
         long = "exchange-sessions-per-source",
         env = "NATRIX_EXCHANGE_SESSIONS_PER_SOURCE",

@@ -27,7 +27,10 @@ const MAX_RTO: Duration = Duration::from_secs(4);
 /// Caps on node state.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Live participants (posts in distinct sessions) per source IP.
+    /// Live participants (posts in distinct sessions) per source IP,
+    /// counting those that proved they receive at it (over a connection,
+    /// or by acknowledging a delivery): spoofed Posts are not charged to
+    /// the address they claim.
     pub per_source: u32,
     /// Live sessions on this node.
     pub max_sessions: usize,
@@ -227,18 +230,23 @@ impl Registry {
                 }
                 if moved {
                     // A new socket or NAT binding: it needs everything again.
+                    // Only proven members are charged to their source.
                     if m.addr.ip() != from.ip() {
                         let over = self.per_source.get(&from.ip()).copied().unwrap_or(0)
                             >= self.limits.per_source;
                         if over {
                             return Err(Reject::SourceLimit);
                         }
+                    }
+                    if m.proven {
                         release(&mut self.per_source, m.addr.ip());
-                        *self.per_source.entry(from.ip()).or_default() += 1;
                     }
                     m.addr = from;
                     m.local = local;
                     m.proven = local.stream.is_some();
+                    if m.proven {
+                        *self.per_source.entry(from.ip()).or_default() += 1;
+                    }
                     for (i, slot) in m.slots.iter_mut().enumerate() {
                         if let Some(s) = slot {
                             s.acked = false;
@@ -281,20 +289,27 @@ impl Registry {
                 })
             }
             slot @ None => {
-                let count = self.per_source.entry(from.ip()).or_default();
-                if *count >= self.limits.per_source {
+                // A source is charged once it has proven it receives at
+                // its address (a connection, or an acknowledgement), so a
+                // Post spoofed from a victim's address cannot use up the
+                // victim's sessions.
+                let count = self.per_source.get(&from.ip()).copied().unwrap_or(0);
+                if count >= self.limits.per_source {
                     if session.members.iter().all(Option::is_none) {
                         self.sessions.remove(&ticket.session);
                     }
                     return Err(Reject::SourceLimit);
                 }
-                *count += 1;
+                let proven = local.stream.is_some();
+                if proven {
+                    *self.per_source.entry(from.ip()).or_default() += 1;
+                }
                 *slot = Some(Member {
                     addr: from,
                     local,
                     seq,
                     slots: Default::default(),
-                    proven: local.stream.is_some(),
+                    proven,
                 });
                 Ok(Admitted::New)
             }
@@ -369,7 +384,10 @@ impl Registry {
             return false;
         }
         s.acked = true;
-        m.proven = true;
+        if !m.proven {
+            m.proven = true;
+            *self.per_source.entry(m.addr.ip()).or_default() += 1;
+        }
         self.acks.remove(&tid.0);
         self.stats.acked += 1;
         true
@@ -446,7 +464,9 @@ impl Registry {
                 continue;
             };
             for m in s.members.into_iter().flatten() {
-                release(&mut self.per_source, m.addr.ip());
+                if m.proven {
+                    release(&mut self.per_source, m.addr.ip());
+                }
                 for d in m.slots.into_iter().flatten() {
                     self.acks.remove(&d.tid.0);
                     if !d.acked {
@@ -734,10 +754,15 @@ mod tests {
             session: SessionId([s; 16]),
             ..ticket(0)
         };
-        assert!(r.admit(&t(1), 1, from, local(), false, t0, 1_000).is_ok());
-        assert!(r.admit(&t(2), 1, from, local(), false, t0, 1_000).is_ok());
+        // Over a connection a source is proven at once and charged.
+        let conn = Local {
+            stream: Some(7),
+            ..local()
+        };
+        assert!(r.admit(&t(1), 1, from, conn, false, t0, 1_000).is_ok());
+        assert!(r.admit(&t(2), 1, from, conn, false, t0, 1_000).is_ok());
         assert_eq!(
-            r.admit(&t(3), 1, from, local(), false, t0, 1_000),
+            r.admit(&t(3), 1, from, conn, false, t0, 1_000),
             Err(Reject::SourceLimit)
         );
         assert_eq!(r.sessions(), 2, "a refused post leaves no session behind");
@@ -747,6 +772,51 @@ mod tests {
             r.admit(&t(4), 1, other, local(), false, t0, 1_000),
             Err(Reject::SourceLimit),
             "node full"
+        );
+    }
+
+    /// Posts spoofed from a victim's address (UDP, never acknowledged) are
+    /// not charged to the victim: its own sessions still fit. A source is
+    /// charged when it acknowledges, and uncharged when its session ends.
+    #[test]
+    fn a_source_is_charged_only_once_it_proves_it_receives() {
+        let t0 = Instant::now();
+        let mut r = registry(Limits {
+            per_source: 1,
+            max_sessions: 10,
+        });
+        let victim: SocketAddr = A.parse().unwrap();
+        let t = |s: u8, p: u8| Ticket {
+            session: SessionId([s; 16]),
+            ..ticket(p)
+        };
+        for s in 1..=3 {
+            assert!(
+                r.admit(&t(s, 0), 1, victim, local(), false, t0, 1_000)
+                    .is_ok()
+            );
+        }
+        assert!(r.per_source.is_empty(), "{:?}", r.per_source);
+        // A real session: B posts, A (the victim, for real) gets B's entry
+        // and acknowledges it: now A's address is charged.
+        let b: SocketAddr = B.parse().unwrap();
+        r.admit(&t(1, 1), 1, b, local(), false, t0, 1_000).unwrap();
+        r.offer(&SessionId([1; 16]), &entry(1, 1), t0);
+        let mut out = Vec::new();
+        r.poll_transmit(t0, &mut out);
+        let to_a = out.iter().find(|o| o.to == victim).unwrap();
+        assert!(r.ack(victim, &delivered(to_a).0));
+        assert_eq!(r.per_source.get(&victim.ip()), Some(&1));
+        assert_eq!(
+            r.admit(&t(4, 0), 1, victim, local(), false, t0, 1_000),
+            Err(Reject::SourceLimit),
+            "a proven source is at its cap"
+        );
+        r.sweep(t0 + Duration::from_secs(2000));
+        assert!(
+            r.per_source.is_empty(),
+            "released at the end: {:?}",
+            r.per_source
         );
     }
 }
