@@ -42,6 +42,10 @@ const INBOX: usize = 4096;
 /// Posts whose store work may run at once; past it, Posts are dropped as
 /// `overloaded` (the client re-posts) rather than queued without bound.
 const MAX_IN_FLIGHT: usize = 512;
+
+/// How long the node serves Posts locally after a failed store call
+/// before it tries the store again.
+const STORE_RETRY: Duration = Duration::from_secs(2);
 /// Ticks between sweeps of the connections no participant uses any more
 /// (a closed connection whose notice was dropped with a full inbox).
 const STREAM_SWEEP_TICKS: u32 = 50;
@@ -213,6 +217,9 @@ pub struct ExchangeActor {
     ticks: u32,
     /// Posts whose store work is running.
     in_flight: usize,
+    /// After a failed store call, Posts are served locally without trying
+    /// the store until this instant.
+    store_down_until: Option<Instant>,
     metrics: ExchangeMetrics,
     published: Stats,
     node: [u8; 8],
@@ -259,6 +266,7 @@ impl ExchangeActor {
             inbox: Some(inbox.rx),
             ticks: 0,
             in_flight: 0,
+            store_down_until: None,
             metrics,
             published: Stats::default(),
             node: rand::random(),
@@ -425,6 +433,12 @@ impl ExchangeActor {
         write: StoreWrite,
         ctx: &mut Context<Self>,
     ) {
+        if self
+            .store_down_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return self.posted_locally(&inbound, &tid, &ticket, &write.entry);
+        }
         let store = self.store.clone();
         let StoreWrite {
             key,
@@ -453,11 +467,19 @@ impl ExchangeActor {
             let _span = act.span.clone().entered();
             act.in_flight -= 1;
             match result {
-                Ok(Some(fields)) => act.posted(&inbound, &tid, &ticket, &entry, &fields),
+                Ok(Some(fields)) => {
+                    act.store_down_until = None;
+                    act.posted(&inbound, &tid, &ticket, &entry, &fields);
+                }
                 Ok(None) => act.reject(&inbound, Some(tid), Reject::SessionFull),
                 Err(e) => {
-                    debug!(error = %e, "exchange post: store call failed");
-                    act.reject(&inbound, Some(tid), Reject::StoreError);
+                    // The session goes on from this node alone: the entries
+                    // it has seen are delivered to its own participants.
+                    if act.store_down_until.is_none() {
+                        warn!(error = %e, "exchange: the coordination store is unreachable; sessions go on from this node alone");
+                    }
+                    act.store_down_until = Some(Instant::now() + STORE_RETRY);
+                    act.posted_locally(&inbound, &tid, &ticket, &entry);
                 }
             }
         }));
@@ -494,6 +516,37 @@ impl ExchangeActor {
                 now,
             );
         }
+        self.answer_success(inbound, tid, ticket, posted, "accepted");
+        self.flush_due(now);
+    }
+
+    /// The store could not be reached: offer the entries this node has
+    /// seen for the session (its own participants' and those it heard of)
+    /// and answer the Post.
+    fn posted_locally(
+        &mut self,
+        inbound: &Inbound,
+        tid: &TransactionId,
+        ticket: &Ticket,
+        entry: &[u8],
+    ) {
+        let now = Instant::now();
+        if let Some(own) = Entry::parse(entry) {
+            self.registry.offer(&ticket.session, &own, now);
+        }
+        let posted = self.registry.reoffer_local(&ticket.session, now);
+        self.answer_success(inbound, tid, ticket, posted, "accepted_local");
+        self.flush_due(now);
+    }
+
+    fn answer_success(
+        &mut self,
+        inbound: &Inbound,
+        tid: &TransactionId,
+        ticket: &Ticket,
+        posted: u8,
+        result: &'static str,
+    ) {
         let mut out = [0u8; 128];
         let left = ticket.expires.saturating_sub(unix_now());
         if let Ok(n) = encode_post_success(
@@ -504,14 +557,13 @@ impl ExchangeActor {
             ticket.participants,
             u32::try_from(left).unwrap_or(u32::MAX),
         ) {
-            self.metrics.post("accepted").inc();
+            self.metrics.post(result).inc();
             self.send(Transmit {
                 to: inbound.from,
                 via: inbound.local,
                 payload: out[..n].to_vec(),
             });
         }
-        self.flush_due(now);
     }
 
     /// A broadcast: `node 8 | session 16 | ENTRY value`.

@@ -173,6 +173,29 @@ fn participants_on_two_nodes_meet_through_redis_and_expired_sessions_leave_nothi
     }
 }
 
+/// With the coordination store gone, a session whose participants share a
+/// node goes on from that node alone: both get the other's entry, and the
+/// Posts count as accepted locally.
+#[test]
+fn participants_on_one_node_exchange_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let n = node(&["--redis-url", &url]);
+    redis.stop();
+    let invs = invitations(2, 60);
+    let s = n.stun;
+    let a_inv = invs[0].clone();
+    let a = std::thread::spawn(move || participant("127.0.0.2", s, &a_inv));
+    std::thread::sleep(Duration::from_millis(300));
+    let (_b_sock, b_data, b_got) = participant("127.0.0.3", s, &invs[1]);
+    let (_a_sock, a_data, a_got) = a.join().unwrap();
+    assert_eq!(a_got.peers.get(&1), Some(&b_data));
+    assert_eq!(b_got.peers.get(&0), Some(&a_data));
+    n.wait_metric("cdx_exchange_posts_total{result=\"accepted_local\"}", |v| {
+        v >= 2.0
+    });
+}
+
 /// A Post request with arbitrary parts, for bad-input tests.
 fn post_bytes(ticket: &[u8], entry: &Entry<'_>, fingerprint: bool) -> (TransactionId, Vec<u8>) {
     let tid = TransactionId(rand::random());

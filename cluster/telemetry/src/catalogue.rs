@@ -411,12 +411,13 @@ pub const CDX_SIBLING_HANDOFFS_TOTAL: MetricDef = metric(
 /// Exchange posts by outcome.
 pub const CDX_EXCHANGE_POSTS_TOTAL: MetricDef = metric(
     "cdx_exchange_posts_total",
-    "Connection-data exchange posts: accepted, or refused by reason (forged tickets, replays and overload are dropped without an answer).",
+    "Connection-data exchange posts: accepted, accepted by this node alone while the coordination store was unreachable (accepted_local: the session goes on among this node's participants), or refused by reason (forged tickets, replays and overload are dropped without an answer).",
     Kind::Counter,
     &[Label {
         name: "result",
         values: &[
             "accepted",
+            "accepted_local",
             "malformed",
             "forged",
             "expired",

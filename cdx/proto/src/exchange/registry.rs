@@ -108,6 +108,10 @@ struct Member {
 struct Session {
     deadline: Instant,
     members: [Option<Member>; MAX_PARTICIPANTS],
+    /// The newest entry of each participant this node has seen, so that the
+    /// session goes on from this node alone while the coordination store
+    /// is unreachable.
+    entries: [Option<(u32, Arc<[u8]>)>; MAX_PARTICIPANTS],
 }
 
 /// Counters the actor publishes.
@@ -213,6 +217,7 @@ impl Registry {
                 Session {
                     deadline: now + left,
                     members: Default::default(),
+                    entries: Default::default(),
                 },
             );
         }
@@ -328,6 +333,15 @@ impl Registry {
             return;
         }
         let mut sealed: Option<Arc<[u8]>> = None;
+        if s.entries[from]
+            .as_ref()
+            .is_none_or(|(seq, _)| *seq < entry.seq)
+        {
+            let bytes = sealed
+                .get_or_insert_with(|| Arc::from(entry.sealed))
+                .clone();
+            s.entries[from] = Some((entry.seq, bytes));
+        }
         for (i, member) in s.members.iter_mut().enumerate() {
             let Some(m) = member else { continue };
             if i == from {
@@ -359,6 +373,33 @@ impl Registry {
             self.timers
                 .push(Reverse((now, *session, i as u8, from as u8)));
         }
+    }
+
+    /// Offers again every entry of `session` this node has seen (what the
+    /// node does when the store cannot give it the session's entries);
+    /// how many participants have one.
+    pub fn reoffer_local(&mut self, session: &SessionId, now: Instant) -> u8 {
+        let Some(s) = self.sessions.get(session) else {
+            return 0;
+        };
+        let known: Vec<(u8, u32, Arc<[u8]>)> = s
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(p, e)| e.as_ref().map(|(seq, b)| (p as u8, *seq, b.clone())))
+            .collect();
+        for (participant, seq, sealed) in &known {
+            self.offer(
+                session,
+                &Entry {
+                    participant: *participant,
+                    seq: *seq,
+                    sealed,
+                },
+                now,
+            );
+        }
+        known.len() as u8
     }
 
     /// A client acknowledged delivery `tid` from `from`; false when it is
