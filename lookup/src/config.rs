@@ -27,12 +27,14 @@ pub struct LookupConfig {
     pub token_ttl: Duration,
 
     /// Oldest registry snapshot plans are made from: while the store is
-    /// unreachable lookup serves from its last snapshot this long, then
-    /// answers 503 and fails readiness.
+    /// unreachable lookup serves from its last snapshot this long (relays
+    /// keep relaying; `lookup_registry_snapshot_age_seconds` and the
+    /// NatrixRegistrySnapshotStale alerts show it), then answers 503 and fails
+    /// readiness.
     #[arg(
         long = "max-snapshot-age",
         env = "NATRIX_MAX_SNAPSHOT_AGE",
-        default_value = "30s",
+        default_value = "5m",
         value_parser = humantime::parse_duration
     )]
     pub max_snapshot_age: Duration,

@@ -180,11 +180,16 @@ fn identify(
         .grants
         .verify(credential, scope, unix_now())
         .map_err(|e| {
+            use natrix_model::grant::GrantError;
             let kind = match e {
-                natrix_model::grant::GrantError::Forbidden(_) => AuthError::Forbidden,
+                GrantError::Forbidden(_) => AuthError::Forbidden,
                 _ => AuthError::Invalid,
             };
-            (kind, Some(e.to_string()))
+            let detail = match e {
+                GrantError::Malformed => "neither an API key (nxk_…; create one with `natrix apikey create`) nor a signed grant (a JWT)".to_owned(),
+                e => e.to_string(),
+            };
+            (kind, Some(detail))
         })?;
     Ok(Caller {
         tenant: format!("g-{}", verified.kid),

@@ -643,7 +643,7 @@ fn grants_plan_on_any_replica_and_a_tenants_live_sessions_are_capped_cluster_wid
             "no grant secret has key id \\\"app2\\\"",
         ),
         (reader.as_str(), 403, "lacks the `plan` scope"),
-        ("eyJ.eyJ.sig", 401, "not a grant"),
+        ("eyJ.eyJ.sig", 401, "nor a signed grant"),
     ] {
         let (got, _, body) = ask(&a, credential);
         assert_eq!(got, status, "{body}");
