@@ -32,13 +32,14 @@ use crate::stats::Latency;
 use crate::turn::{Credentials, Tls, Transport, TurnClient, error_kind};
 
 /// Every attack, in the order `all` runs them.
-const ATTACKS: [&str; 15] = [
+const ATTACKS: [&str; 16] = [
     "plan-no-key",
     "plan-rate",
     "alloc-one-source",
     "alloc-one-key",
     "slowloris-tcp",
     "slowloris-tls",
+    "tls-handshakes",
     "pipelined-allocates",
     "huge-frames",
     "slow-tls-reader",
@@ -730,6 +731,45 @@ fn slowloris(args: &AttackArgs, tls: bool) -> Outcome {
     o
 }
 
+fn tls_handshakes(args: &AttackArgs) -> Outcome {
+    let Some(to) = args.tls else {
+        return Outcome::skipped("needs --tls");
+    };
+    let Ok(tls) = Tls::new(None, None, to) else {
+        return Outcome::skipped("TLS settings");
+    };
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let deadline = args.deadline();
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                while Instant::now() < deadline {
+                    let ok = tcp_from(args.attacker_ip, to)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|stream| tls.handshake(stream, to));
+                    match ok {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+    });
+    let mut o = Outcome::default();
+    let (done, failed) = (done.into_inner(), failed.into_inner());
+    o.answers.insert("handshakes completed".into(), done);
+    o.answers.insert("handshakes failed".into(), failed);
+    // The loops bound handshake work per turn: the flood is served at the
+    // rate they allow while the legitimate sessions keep relaying.
+    o.bounded = done > 0;
+    o.server_did = format!(
+        "16 clients doing full TLS handshakes back to back: {done} completed ({:.0}/s), {failed} failed",
+        done as f64 / args.duration.as_secs_f64().max(0.001)
+    );
+    o
+}
+
 fn huge_frames(args: &AttackArgs) -> Outcome {
     // A ChannelData header announcing 65,535 bytes, then a few of them.
     let mut first = vec![0x40, 0x00, 0xff, 0xff];
@@ -820,6 +860,11 @@ fn slow_tls_reader(args: &AttackArgs, creds: &Credentials) -> Outcome {
                 d[..4].copy_from_slice(&i.to_be_bytes());
                 peer.send_to(&d, client.relayed)?;
                 sent += 1;
+                if i % 10 == 9 {
+                    // Paced so the relayed socket's receive buffer never
+                    // overflows: what piles up is the TLS writer's.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
             }
             std::thread::sleep(Duration::from_millis(700));
             loop {
@@ -1217,6 +1262,7 @@ fn run_one(name: &str, args: &AttackArgs, creds: &Credentials) -> Outcome {
         "alloc-one-key" => alloc_one_key(args),
         "slowloris-tcp" => slowloris(args, false),
         "slowloris-tls" => slowloris(args, true),
+        "tls-handshakes" => tls_handshakes(args),
         "pipelined-allocates" => pipelined_allocates(args),
         "huge-frames" => huge_frames(args),
         "slow-tls-reader" => slow_tls_reader(args, creds),

@@ -93,7 +93,7 @@ fn every_attack_is_bounded_and_no_legitimate_session_is_lost() {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no report:\n{stderr}"));
     assert!(out.status.success(), "not held:\n{stderr}");
     let attacks = report["attacks"].as_array().unwrap();
-    assert_eq!(attacks.len(), 15, "{stderr}");
+    assert_eq!(attacks.len(), 16, "{stderr}");
     for a in attacks {
         let name = a["attack"].as_str().unwrap();
         assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);

@@ -44,6 +44,10 @@ const RELAY_BASE: usize = 1 << 40;
 const BATCHES_PER_WAKE: usize = 8;
 /// How often counters are published.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(200);
+/// TLS handshake steps one loop turn performs (each may cost a key exchange
+/// and a signature, ~0.1–0.3 ms): a handshake flood delays the next ones,
+/// never the relayed traffic of the turn.
+const HANDSHAKES_PER_TURN: usize = 32;
 /// Largest datagram relayed.
 const MAX_DATAGRAM: usize = 65_535;
 /// Largest client datagram read (bigger ones are truncated and then fail to
@@ -406,6 +410,8 @@ pub(super) struct EventLoop {
     idle_timeout: Duration,
     live_streams: usize,
     next_idle_sweep: Instant,
+    /// TLS handshake steps taken this turn.
+    handshakes: usize,
 }
 
 impl EventLoop {
@@ -518,6 +524,7 @@ impl EventLoop {
                 idle_timeout,
                 live_streams: 0,
                 next_idle_sweep: Instant::now() + Duration::from_secs(1),
+                handshakes: 0,
             },
             waker,
         ))
@@ -545,6 +552,7 @@ impl EventLoop {
                 continue;
             }
             again.clear();
+            self.handshakes = 0;
             for token in events.iter().map(|e| e.token()).chain(pending.drain(..)) {
                 if !self.dispatch(token) {
                     again.push(token);
@@ -862,6 +870,14 @@ impl EventLoop {
         if stream.has_pending() && stream.flush().is_err() {
             self.close_stream(j, stream);
             return true;
+        }
+        if stream.is_handshaking() {
+            if self.handshakes >= HANDSHAKES_PER_TURN {
+                // Next turn: the handshake budget of this one is spent.
+                self.clients.streams[j] = Some(stream);
+                return false;
+            }
+            self.handshakes += 1;
         }
         stream.trusted = self.core.has_allocation(&stream.client);
         let now = Instant::now();

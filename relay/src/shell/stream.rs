@@ -311,6 +311,12 @@ impl Stream {
         Ok(true)
     }
 
+    /// True while a TLS handshake is under way (its steps cost key
+    /// exchanges and signatures: the loop bounds them per turn).
+    pub(super) fn is_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+    }
+
     /// True when bytes wait for the socket.
     pub(super) fn has_pending(&self) -> bool {
         !self.write.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
