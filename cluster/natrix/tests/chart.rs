@@ -389,6 +389,10 @@ fn a_real_prometheus_scrapes_natrix_and_loads_the_chart_rules() {
     assert_eq!(query["status"], "success");
     assert_eq!(query["data"]["result"][0]["metric"]["component"], "relay");
     // Every rule loaded and evaluated without error.
+    let alerts = std::fs::read_to_string(chart().join("files/alerts.yaml"))
+        .unwrap()
+        .matches("- alert:")
+        .count();
     loop {
         let (_, body) = http_get(addr, "/api/v1/rules").unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -398,7 +402,7 @@ fn a_real_prometheus_scrapes_natrix_and_loads_the_chart_rules() {
             .flatten()
             .flat_map(|g| g["rules"].as_array().into_iter().flatten())
             .collect();
-        if rules.len() == 8 && rules.iter().all(|r| r["health"] == "ok") {
+        if rules.len() == alerts && rules.iter().all(|r| r["health"] == "ok") {
             break;
         }
         assert!(Instant::now() < deadline, "rules not all healthy: {body}");
