@@ -60,6 +60,10 @@ pub(crate) struct AttackArgs {
     /// The TURN-over-TLS listener, if any.
     #[arg(long)]
     pub(crate) tls: Option<SocketAddr>,
+    /// A CDX node for the exchange attacks (default: --turn, as on
+    /// `natrix up`).
+    #[arg(long)]
+    pub(crate) cdx: Option<SocketAddr>,
     /// lookup's API.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) lookup: SocketAddr,
@@ -293,6 +297,7 @@ impl AttackArgs {
         AttackArgs {
             turn: self.turn,
             tls: self.tls,
+            cdx: self.cdx,
             lookup: self.lookup,
             metrics: self.metrics,
             health: self.health,
@@ -308,6 +313,10 @@ impl AttackArgs {
             local: self.local,
             attacker_ip: self.attacker_ip,
         }
+    }
+
+    fn cdx(&self) -> SocketAddr {
+        self.cdx.unwrap_or(self.turn)
     }
 
     fn deadline(&self) -> Instant {
@@ -1147,7 +1156,7 @@ fn deliveries(socket: &UdpSocket, until: Instant) -> (u64, u64) {
 }
 
 fn exchange_spoofed(args: &AttackArgs) -> Outcome {
-    let (IpAddr::V4(victim_ip), SocketAddr::V4(cdx)) = (args.attacker_ip, args.turn) else {
+    let (IpAddr::V4(victim_ip), SocketAddr::V4(cdx)) = (args.attacker_ip, args.cdx()) else {
         return Outcome::skipped("IPv4 only");
     };
     let plan = match legit_plan(args) {
@@ -1169,7 +1178,7 @@ fn exchange_spoofed(args: &AttackArgs) -> Outcome {
         return Outcome::skipped("bind");
     };
     if let Some(p) = post_bytes(&b, 1) {
-        let _ = b_socket.send_to(&p, args.turn);
+        let _ = b_socket.send_to(&p, args.cdx());
     }
     let mut o = Outcome::default();
     let Some(spoofed) = post_bytes(&a, 1) else {
@@ -1227,17 +1236,17 @@ fn exchange_replay(args: &AttackArgs) -> Outcome {
     let (Some(a_post), Some(b_post)) = (post_bytes(&a, 1), post_bytes(&b, 1)) else {
         return Outcome::skipped("post");
     };
-    let _ = a_socket.send_to(&a_post, args.turn);
-    let _ = b_socket.send_to(&b_post, args.turn);
+    let _ = a_socket.send_to(&a_post, args.cdx());
+    let _ = b_socket.send_to(&b_post, args.cdx());
     std::thread::sleep(Duration::from_millis(300));
     // The thief replays A's sniffed Post from its own address, then B
     // publishes a newer entry: where does it go?
     for _ in 0..3 {
-        let _ = thief.send_to(&a_post, args.turn);
+        let _ = thief.send_to(&a_post, args.cdx());
     }
     std::thread::sleep(Duration::from_millis(200));
     if let Some(p) = post_bytes(&b, 2) {
-        let _ = b_socket.send_to(&p, args.turn);
+        let _ = b_socket.send_to(&p, args.cdx());
     }
     let until = Instant::now() + Duration::from_millis(1500);
     let (to_thief, _) = deliveries(&thief, until);

@@ -1,6 +1,7 @@
 //! The hostile-traffic suite, run for real: `natrix-loadtest attack` against
-//! `natrix up` (on a real `redis-server`, with TURN over TLS, a grant secret
-//! and low caps so each one binds within a second), every attack while
+//! `natrix up`, and against the relay, CDX and lookup roles each in its own
+//! process (on a real `redis-server`, with TURN over TLS, a grant secret and
+//! low caps so each one binds within a second), every attack while
 //! legitimate UDP, TCP and TLS sessions relay. Each attack must be bounded
 //! the way SECURITY.md says and no legitimate session may be lost. Spoofed
 //! exchange Posts go through a raw socket (root, as CI runs).
@@ -17,6 +18,7 @@ use natrix_store::testing::RedisServer;
 
 const TURN_SECRET: &str = "hostile-test-turn-secret";
 const GRANT_SECRET: &str = "app1=hostile-test-grant-secret";
+const CLUSTER_SECRET: &str = "hostile-test-cluster-secret";
 
 fn write_cert(dir: &Path) {
     let out = Command::new(tool("openssl"))
@@ -32,45 +34,20 @@ fn write_cert(dir: &Path) {
     assert!(out.status.success(), "openssl: {out:?}");
 }
 
-#[test]
-fn every_attack_is_bounded_and_no_legitimate_session_is_lost() {
-    let dir = std::env::temp_dir().join(format!("natrix-hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    write_cert(&dir);
-    let redis = RedisServer::start();
-    let url = redis.url();
-    let tls = format!("127.0.0.1:{}", free_port());
-    let health = format!("127.0.0.1:{}", free_port());
-    let (cert, key) = (
-        dir.join("cert.pem").display().to_string(),
-        dir.join("key.pem").display().to_string(),
-    );
-    let up = Natrix::up(&[
-        "--redis-url",
-        &url,
-        "--auth-secret",
-        &format!("k1={TURN_SECRET}"),
-        "--cluster-secret",
-        "hostile-test-cluster-secret",
-        "--grant-secret",
-        GRANT_SECRET,
-        "--tls-listen",
-        &tls,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--max-allocations-per-ip",
-        "50",
-        "--turn-max-connections-per-ip",
-        "100",
-        "--api-key-max-sessions",
-        "10",
-        "--peer-allow",
-        "127.0.0.0/8",
-        "--health-listen",
-        &health,
-    ]);
+/// Where the attacks go.
+struct Target<'a> {
+    turn: String,
+    tls: &'a str,
+    cdx: String,
+    lookup: String,
+    metrics: String,
+    health: &'a str,
+    pid: i32,
+    redis: &'a RedisServer,
+}
+
+/// Runs the whole suite against `t` and checks every attack.
+fn attack_and_check(t: &Target<'_>) {
     let loadtest = Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
     assert!(
         loadtest.exists(),
@@ -78,13 +55,13 @@ fn every_attack_is_bounded_and_no_legitimate_session_is_lost() {
     );
     let out = Command::new(loadtest)
         .args(["--progress", "off", "attack"])
-        .args(["--turn", &up.stun.to_string(), "--tls", &tls])
-        .args(["--lookup", &up.lookup.to_string()])
-        .args(["--metrics", &up.metrics.to_string(), "--health", &health])
+        .args(["--turn", &t.turn, "--tls", t.tls, "--cdx", &t.cdx])
+        .args(["--lookup", &t.lookup])
+        .args(["--metrics", &t.metrics, "--health", t.health])
         .args(["--api-key", API_KEY, "--grant-secret", GRANT_SECRET])
         .args(["--secret", TURN_SECRET])
-        .args(["--pid", &up.pid().to_string()])
-        .args(["--redis-pid", &redis.pid().unwrap().to_string()])
+        .args(["--pid", &t.pid.to_string()])
+        .args(["--redis-pid", &t.redis.pid().unwrap().to_string()])
         .args(["--duration", "1500ms", "--connections", "300"])
         .output()
         .unwrap();
@@ -130,10 +107,8 @@ fn every_attack_is_bounded_and_no_legitimate_session_is_lost() {
             < spoofed["spoofed posts"].as_u64().unwrap() / 10,
         "{spoofed}"
     );
-    assert_eq!(
-        by("slow-tls-reader")["answers"]["delivered"],
-        by("slow-tls-reader")["answers"]["peer datagrams"]
-    );
+    let slow = &by("slow-tls-reader")["answers"];
+    assert_eq!(slow["delivered"], slow["peer datagrams"]);
     // Memory: connection floods do not grow the server without bound.
     for name in [
         "slowloris-tcp",
@@ -146,5 +121,125 @@ fn every_attack_is_bounded_and_no_legitimate_session_is_lost() {
             - a["rss_before_bytes"].as_u64().unwrap() as i64;
         assert!(grew < 64 << 20, "{name}: RSS grew by {grew} bytes");
     }
+}
+
+/// A fresh certificate directory.
+fn cert_dir(tag: &str) -> (std::path::PathBuf, String, String) {
+    let dir = std::env::temp_dir().join(format!("natrix-hostile-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_cert(&dir);
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
+    (dir, cert, key)
+}
+
+#[test]
+fn every_attack_on_natrix_up_is_bounded_and_no_legitimate_session_is_lost() {
+    let (dir, cert, key) = cert_dir("up");
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let tls = format!("127.0.0.1:{}", free_port());
+    let health = format!("127.0.0.1:{}", free_port());
+    let up = Natrix::up(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        &format!("k1={TURN_SECRET}"),
+        "--cluster-secret",
+        CLUSTER_SECRET,
+        "--grant-secret",
+        GRANT_SECRET,
+        "--tls-listen",
+        &tls,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--max-allocations-per-ip",
+        "50",
+        "--turn-max-connections-per-ip",
+        "100",
+        "--api-key-max-sessions",
+        "10",
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--health-listen",
+        &health,
+    ]);
+    attack_and_check(&Target {
+        turn: up.stun.to_string(),
+        tls: &tls,
+        cdx: up.stun.to_string(),
+        lookup: up.lookup.to_string(),
+        metrics: up.metrics.to_string(),
+        health: &health,
+        pid: up.pid(),
+        redis: &redis,
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_attack_on_the_roles_alone_is_bounded_and_no_legitimate_session_is_lost() {
+    let (dir, cert, key) = cert_dir("roles");
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let tls = format!("127.0.0.1:{}", free_port());
+    let health = format!("127.0.0.1:{}", free_port());
+    let relay = Natrix::relay(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        &format!("k1={TURN_SECRET}"),
+        "--tls-listen",
+        &tls,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--max-allocations-per-ip",
+        "50",
+        "--turn-max-connections-per-ip",
+        "100",
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--health-listen",
+        &health,
+    ]);
+    let cdx = Natrix::cdx(&["--redis-url", &url, "--cluster-secret", CLUSTER_SECRET]);
+    let lookup = Natrix::lookup(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        &format!("k1={TURN_SECRET}"),
+        "--cluster-secret",
+        CLUSTER_SECRET,
+        "--grant-secret",
+        GRANT_SECRET,
+        "--api-key-max-sessions",
+        "10",
+    ]);
+    // lookup plans once it sees the relay and the CDX node.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::http_get(lookup.lookup, "/v1/relays")
+        .map(|(_, b)| !(b.contains("\"relays\":[{") && b.contains("\"cdx\":[{")))
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the registry never filled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    attack_and_check(&Target {
+        turn: relay.stun.to_string(),
+        tls: &tls,
+        cdx: cdx.stun.to_string(),
+        lookup: lookup.lookup.to_string(),
+        metrics: relay.metrics.to_string(),
+        health: &health,
+        pid: relay.pid(),
+        redis: &redis,
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }
