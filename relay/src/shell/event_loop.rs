@@ -44,10 +44,11 @@ const RELAY_BASE: usize = 1 << 40;
 const BATCHES_PER_WAKE: usize = 8;
 /// How often counters are published.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(200);
-/// TLS handshake steps one loop turn performs (each may cost a key exchange
-/// and a signature, ~0.1–0.3 ms): a handshake flood delays the next ones,
-/// never the relayed traffic of the turn.
-const HANDSHAKES_PER_TURN: usize = 32;
+/// Time one loop turn spends on TLS handshake steps (each may cost a key
+/// exchange and a signature: ~0.1 ms with an ECDSA certificate, ~1–2 ms
+/// with RSA-2048): past it the other handshakes wait for the next turn, so
+/// a handshake flood delays new handshakes, not relayed traffic.
+const HANDSHAKE_TIME_PER_TURN: Duration = Duration::from_micros(500);
 /// Largest datagram relayed.
 const MAX_DATAGRAM: usize = 65_535;
 /// Largest client datagram read (bigger ones are truncated and then fail to
@@ -410,8 +411,8 @@ pub(super) struct EventLoop {
     idle_timeout: Duration,
     live_streams: usize,
     next_idle_sweep: Instant,
-    /// TLS handshake steps taken this turn.
-    handshakes: usize,
+    /// Time spent on TLS handshake steps this turn.
+    handshakes: Duration,
 }
 
 impl EventLoop {
@@ -524,7 +525,7 @@ impl EventLoop {
                 idle_timeout,
                 live_streams: 0,
                 next_idle_sweep: Instant::now() + Duration::from_secs(1),
-                handshakes: 0,
+                handshakes: Duration::ZERO,
             },
             waker,
         ))
@@ -552,7 +553,7 @@ impl EventLoop {
                 continue;
             }
             again.clear();
-            self.handshakes = 0;
+            self.handshakes = Duration::ZERO;
             for token in events.iter().map(|e| e.token()).chain(pending.drain(..)) {
                 if !self.dispatch(token) {
                     again.push(token);
@@ -871,13 +872,11 @@ impl EventLoop {
             self.close_stream(j, stream);
             return true;
         }
-        if stream.is_handshaking() {
-            if self.handshakes >= HANDSHAKES_PER_TURN {
-                // Next turn: the handshake budget of this one is spent.
-                self.clients.streams[j] = Some(stream);
-                return false;
-            }
-            self.handshakes += 1;
+        let handshaking = stream.is_handshaking().then(Instant::now);
+        if handshaking.is_some() && self.handshakes >= HANDSHAKE_TIME_PER_TURN {
+            // Next turn: the handshake budget of this one is spent.
+            self.clients.streams[j] = Some(stream);
+            return false;
         }
         stream.trusted = self.core.has_allocation(&stream.client);
         let now = Instant::now();
@@ -919,6 +918,9 @@ impl EventLoop {
             }
         });
         self.relays.flush();
+        if let Some(started) = handshaking {
+            self.handshakes += started.elapsed();
+        }
         // An Allocate in this read makes the client trusted for what the
         // loop queues to it next (peer data) without waiting for its next
         // read.
