@@ -16,6 +16,8 @@
 //!   and per loop) that the relay core and CDX share.
 //! - [`apikey`]: lookup's API keys, their scopes and the ring that checks
 //!   them.
+//! - [`signal`]: device ids (Ed25519 keys), stateless device tokens and the
+//!   sealed blobs (invitations, pair tickets) signalling clients carry.
 //! - [`grant`]: signed grants (HS256 JWTs) application backends mint
 //!   under a grant secret, checked without a store read.
 //!
@@ -37,6 +39,7 @@ pub mod invitation;
 pub mod limiter;
 pub mod nat;
 pub mod secret;
+pub mod signal;
 pub mod token;
 pub mod transport;
 
