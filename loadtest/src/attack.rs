@@ -337,6 +337,7 @@ impl AttackArgs {
                 iat: Some(now),
                 nbf: None,
                 scope: scope.into(),
+                dev: None,
             },
         ))
     }
@@ -517,6 +518,7 @@ fn plan_forged_grant(args: &AttackArgs) -> Outcome {
         iat: None,
         nbf: None,
         scope: "plan".into(),
+        dev: None,
     };
     let grants = [
         natrix_model::grant::mint(&forged, &claims(now + 600)),

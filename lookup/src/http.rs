@@ -396,18 +396,29 @@ pub fn configure(state: LookupState) -> impl FnOnce(&mut web::ServiceConfig) {
     }
 }
 
-/// Binds the API on `addr` with `workers` threads; returns the server (to
-/// spawn inside an actix system) and the bound address.
+/// More routes for lookup's server (signalling), registered after its own.
+pub type Routes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// Binds the API on `addr` with `workers` threads, with `extra` routes;
+/// returns the server (to spawn inside an actix system) and the bound
+/// address.
 pub fn serve(
     addr: SocketAddr,
     workers: usize,
     state: LookupState,
+    extra: Option<Routes>,
 ) -> std::io::Result<(Server, SocketAddr)> {
-    let server = HttpServer::new(move || App::new().configure(configure(state.clone())))
-        .workers(workers.max(1))
-        .disable_signals()
-        .shutdown_timeout(2)
-        .bind(addr)?;
+    let server = HttpServer::new(move || {
+        let app = App::new().configure(configure(state.clone()));
+        match &extra {
+            Some(routes) => app.configure(|cfg| routes(cfg)),
+            None => app,
+        }
+    })
+    .workers(workers.max(1))
+    .disable_signals()
+    .shutdown_timeout(2)
+    .bind(addr)?;
     let bound = server
         .addrs()
         .first()

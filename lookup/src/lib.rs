@@ -30,4 +30,4 @@ mod start;
 
 pub use config::LookupConfig;
 pub use metrics::LookupMetrics;
-pub use start::start;
+pub use start::{Extend, start};

@@ -21,10 +21,13 @@ use crate::http::{KeyBudgets, LookupState};
 use crate::sessions::SessionLedger;
 use crate::{LookupConfig, LookupMetrics};
 
+/// What adds routes to lookup's server once its state exists (signalling).
+pub type Extend = Box<dyn FnOnce(&LookupState) -> crate::http::Routes>;
+
 /// Starts the lookup role in the calling actix system: the snapshot keeper
 /// (registry snapshot every 500 ms, readiness gate `lookup registry`), the
-/// watcher of rotated TURN secrets, and the HTTP API. Returns the API
-/// server's handle and bound address.
+/// watcher of rotated TURN secrets, and the HTTP API (with the routes
+/// `extend` adds). Returns the API server's handle and bound address.
 pub fn start(
     store: &Store,
     config: &LookupConfig,
@@ -32,6 +35,7 @@ pub fn start(
     cluster_secret: &[u8],
     workers: usize,
     telemetry: &Telemetry,
+    extend: Option<Extend>,
 ) -> anyhow::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
     let metrics = LookupMetrics::new(telemetry);
     let snapshot = keep_snapshot(store, config, &metrics, telemetry);
@@ -56,7 +60,8 @@ pub fn start(
         ledger: sync_sessions(store, config.token_ttl.max(Duration::from_secs(60))),
         max_sessions: config.api_key_max_sessions,
     };
-    let (server, addr) = crate::http::serve(config.lookup_listen, workers, state)
+    let extra = extend.map(|f| f(&state));
+    let (server, addr) = crate::http::serve(config.lookup_listen, workers, state, extra)
         .with_context(|| format!("binding the lookup API on {}", config.lookup_listen))?;
     let handle = server.handle();
     actix_web::rt::spawn(server);

@@ -22,17 +22,22 @@ pub enum Scope {
     /// `GET /v1/relays`: the relay inventory.
     #[serde(rename = "relays:read")]
     RelaysRead,
+    /// `POST /v1/devices`: register a device for the grant's `sub` (a
+    /// handle). Meaningful in grants; a key with it registers nothing.
+    #[serde(rename = "register")]
+    Register,
 }
 
 impl Scope {
     /// Every scope.
-    pub const ALL: [Scope; 2] = [Scope::Plan, Scope::RelaysRead];
+    pub const ALL: [Scope; 3] = [Scope::Plan, Scope::RelaysRead, Scope::Register];
 
     /// Its name on the command line and in the store.
     pub const fn label(self) -> &'static str {
         match self {
             Scope::Plan => "plan",
             Scope::RelaysRead => "relays:read",
+            Scope::Register => "register",
         }
     }
 }
@@ -44,7 +49,7 @@ impl std::str::FromStr for Scope {
         Scope::ALL
             .into_iter()
             .find(|sc| sc.label() == s)
-            .ok_or_else(|| format!("a scope is `plan` or `relays:read`, not {s:?}"))
+            .ok_or_else(|| format!("a scope is `plan`, `relays:read` or `register`, not {s:?}"))
     }
 }
 

@@ -76,8 +76,12 @@ pub struct Claims {
     /// Unix seconds before which it is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
-    /// Space-separated scopes (`plan`, `relays:read`).
+    /// Space-separated scopes (`plan`, `relays:read`, `register`).
     pub scope: String,
+    /// With `register`: the one device id the grant may register (binds
+    /// the grant to the device key its backend saw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<String>,
 }
 
 /// A grant that verified: the key id that signed it (the tenant) and its
@@ -255,6 +259,7 @@ mod tests {
             iat: Some(NOW),
             nbf: None,
             scope: "plan".into(),
+            dev: None,
         }
     }
 

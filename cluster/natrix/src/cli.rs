@@ -143,14 +143,14 @@ pub(crate) enum Command {
     /// Run every role in one process with in-memory coordination: one
     /// listener on 3478 (UDP+TCP) where TURN goes to the relay role and
     /// STUN Binding to the CDX role, and the metrics endpoint on 9090.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Run the CDX role alone: the STUN Binding service.
-    Cdx(CdxArgs),
+    Cdx(Box<CdxArgs>),
     /// Run the relay role alone: TURN over UDP and TCP.
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Run the lookup role alone: the plan API (direct or relay, which
     /// relay, tokens) over the cluster registry.
-    Lookup(LookupArgs),
+    Lookup(Box<LookupArgs>),
     /// Ask a STUN server for this host's public (mapped) address.
     Probe(ProbeArgs),
     /// Manage the cluster's shared TURN secrets in Redis (--redis-url):
@@ -214,6 +214,9 @@ pub(crate) struct GrantArgs {
     /// How long it lives (at most 1h).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub(crate) ttl: std::time::Duration,
+    /// With `--scope register`: the one device id it may register.
+    #[arg(long)]
+    pub(crate) dev: Option<String>,
 }
 
 /// Options of `natrix cdx`.
@@ -238,6 +241,9 @@ pub(crate) struct UpArgs {
     #[command(flatten)]
     pub(crate) lookup: natrix_lookup::LookupConfig,
 
+    #[command(flatten)]
+    pub(crate) signal: natrix_signal::SignalConfig,
+
     /// RFC 5780 NAT behaviour discovery on up's listener: an alternate port
     /// on the --turn-listen IPs (needs specific --turn-listen addresses).
     #[arg(long = "stun-alternate-port", env = "NATRIX_STUN_ALTERNATE_PORT")]
@@ -254,6 +260,9 @@ pub(crate) struct UpArgs {
 pub(crate) struct LookupArgs {
     #[command(flatten)]
     pub(crate) lookup: natrix_lookup::LookupConfig,
+
+    #[command(flatten)]
+    pub(crate) signal: natrix_signal::SignalConfig,
 
     /// TURN REST shared secrets the relays hold, `key-id=secret`, newest
     /// first (comma separated); tokens are minted with the first.

@@ -149,6 +149,7 @@ fn grant(args: &cli::GrantArgs) -> anyhow::Result<()> {
             .map(|s| s.label())
             .collect::<Vec<_>>()
             .join(" "),
+        dev: args.dev.clone(),
     };
     if claims.sub.is_empty() || claims.sub.len() > grant::MAX_SUBJECT_LEN {
         anyhow::bail!("--sub must be 1 to 128 bytes");
@@ -168,6 +169,7 @@ fn main() -> ExitCode {
             args.relay.clone(),
             args.cluster_secret.clone(),
             args.lookup.clone(),
+            args.signal.clone(),
             (args.stun_alternate_port, args.stun_alternate_ip),
         )
         .and_then(|plan| serve::run(&cli.global, plan)),
@@ -189,6 +191,7 @@ fn main() -> ExitCode {
             &cli.global,
             serve::Plan {
                 lookup: Some((args.lookup.clone(), args.auth_secrets.clone())),
+                signal: args.signal.clone(),
                 cluster_secret: Some(args.cluster_secret.clone()),
                 ..Default::default()
             },

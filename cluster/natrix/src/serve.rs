@@ -32,6 +32,8 @@ pub(crate) struct Plan {
     pub(crate) cdx: Option<CdxConfig>,
     /// The lookup role, with the TURN secrets it mints tokens with.
     pub(crate) lookup: Option<(LookupConfig, Vec<TurnSecret>)>,
+    /// Signalling on lookup's server.
+    pub(crate) signal: natrix_signal::SignalConfig,
     /// The cluster secret: exchange tickets (CDX verifies, lookup mints).
     pub(crate) cluster_secret: Option<ClusterSecret>,
     /// RFC 5780 on up's listener: alternate port and/or IP.
@@ -46,6 +48,7 @@ impl Plan {
         relay: RelayConfig,
         cluster_secret: Option<ClusterSecret>,
         lookup: LookupConfig,
+        signal: natrix_signal::SignalConfig,
         rfc5780: (Option<u16>, Option<std::net::IpAddr>),
     ) -> anyhow::Result<Plan> {
         if (rfc5780.0.is_some() || rfc5780.1.is_some())
@@ -84,6 +87,7 @@ impl Plan {
             cdx_on_relay: true,
             cdx: None,
             lookup: Some((lookup, secrets)),
+            signal,
             cluster_secret: Some(cluster_secret),
             up_rfc5780: (rfc5780.0.is_some() || rfc5780.1.is_some()).then_some(rfc5780),
         })
@@ -443,6 +447,18 @@ async fn control_plane(
             let cluster_secret = secret.context(
                 "lookup needs the cluster secret to mint exchange tickets (--cluster-secret)",
             )?;
+            let signal = {
+                let (store, config) = (store.clone(), plan.signal.clone());
+                let (secret, telemetry) = (cluster_secret.bytes().to_vec(), telemetry.clone());
+                Box::new(move |lookup: &natrix_lookup::http::LookupState| {
+                    let state =
+                        natrix_signal::state(&store, config, lookup.clone(), &secret, &telemetry);
+                    let routes: natrix_lookup::http::Routes = std::sync::Arc::new(move |cfg| {
+                        natrix_signal::http::configure(state.clone())(cfg);
+                    });
+                    routes
+                }) as natrix_lookup::Extend
+            };
             Some(natrix_lookup::start(
                 &store,
                 config,
@@ -450,6 +466,7 @@ async fn control_plane(
                 cluster_secret.bytes(),
                 workers,
                 telemetry,
+                Some(signal),
             )?)
         }
         None => None,

@@ -594,6 +594,75 @@ pub const LOOKUP_KEY_LIVE_SESSIONS: MetricDef = metric(
     &[KEY],
 );
 
+/// Device registrations.
+pub const LOOKUP_REGISTRATIONS_TOTAL: MetricDef = metric(
+    "lookup_registrations_total",
+    "Device registrations: registered (or refreshed), refused (no, forged or foreign grant; full handle), unregistered.",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["registered", "refused", "unregistered"],
+    }],
+);
+
+/// Invitation steps.
+pub const LOOKUP_INVITES_TOTAL: MetricDef = metric(
+    "lookup_invites_total",
+    "Invitation steps by outcome: sent (rang at least one device), no_device (no invitee has a device), rate_limited, accepted, accept_refused (expired, forged or not invited), answered_elsewhere (a later accept), declined, cancelled.",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &[
+            "sent",
+            "no_device",
+            "rate_limited",
+            "accepted",
+            "accept_refused",
+            "answered_elsewhere",
+            "declined",
+            "cancelled",
+        ],
+    }],
+);
+
+/// Push frames queued.
+pub const LOOKUP_PUSHES_TOTAL: MetricDef = metric(
+    "lookup_pushes_total",
+    "Push frames for devices: queued in the device's mailbox (and announced to the replica holding its socket), mailbox_full (dropped), error (the store did not answer).",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["queued", "mailbox_full", "error"],
+    }],
+);
+
+/// Push sockets held.
+pub const LOOKUP_PUSH_SOCKETS: MetricDef = metric(
+    "lookup_push_sockets",
+    "Push WebSockets this replica holds.",
+    Kind::Gauge,
+    &[],
+);
+
+/// Push sockets closed by the server.
+pub const LOOKUP_PUSH_SOCKETS_CLOSED_TOTAL: MetricDef = metric(
+    "lookup_push_sockets_closed_total",
+    "Push WebSockets the server closed: flood (over 20 messages a second), protocol (a bad or oversized frame), silent (nothing heard for 60 s).",
+    Kind::Counter,
+    &[Label {
+        name: "reason",
+        values: &["flood", "protocol", "silent"],
+    }],
+);
+
+/// Device tokens refused.
+pub const LOOKUP_DEVICE_AUTH_REFUSED_TOTAL: MetricDef = metric(
+    "lookup_device_auth_refused_total",
+    "Signalling requests refused for their device credential: a forged, expired or foreign device token, a device no longer registered, a bad refresh signature.",
+    Kind::Counter,
+    &[],
+);
+
 /// Plan latency.
 pub const LOOKUP_PLAN_DURATION_SECONDS: MetricDef = MetricDef {
     name: "lookup_plan_duration_seconds",
@@ -739,6 +808,12 @@ pub const ALL: &[&MetricDef] = &[
     &LOOKUP_KEY_PLANS_TOTAL,
     &LOOKUP_KEY_REFUSED_TOTAL,
     &LOOKUP_KEY_LIVE_SESSIONS,
+    &LOOKUP_REGISTRATIONS_TOTAL,
+    &LOOKUP_INVITES_TOTAL,
+    &LOOKUP_PUSHES_TOTAL,
+    &LOOKUP_PUSH_SOCKETS,
+    &LOOKUP_PUSH_SOCKETS_CLOSED_TOTAL,
+    &LOOKUP_DEVICE_AUTH_REFUSED_TOTAL,
     &LOOKUP_PLAN_DURATION_SECONDS,
     &LOOKUP_REGISTRY_HOSTS,
     &LOOKUP_REGISTRY_SNAPSHOT_AGE_SECONDS,

@@ -1,0 +1,432 @@
+//! Signalling through `natrix up`: devices register handles with grants,
+//! hold push WebSockets, invite, ring, accept (first accept wins), decline,
+//! cancel, exchange sealed updates with their pair's ticket — and every
+//! forged, expired, foreign or out-of-turn request is refused with its
+//! problem document.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{Natrix, http_request_raw};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use tungstenite::Message;
+
+const GRANT_SECRET: &str = "app1=signal-test-grant-secret";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+fn up(extra: &[&str]) -> Natrix {
+    let mut args = vec!["--grant-secret", GRANT_SECRET];
+    args.extend_from_slice(extra);
+    Natrix::up(&args)
+}
+
+/// `natrix grant` for `handle` with scope register.
+fn register_grant(handle: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .args(["grant", "--grant-secret", GRANT_SECRET, "--sub", handle])
+        .args(["--scope", "register"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+struct Device {
+    id: String,
+    token: String,
+    key: Ed25519KeyPair,
+}
+
+fn keypair() -> Ed25519KeyPair {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+}
+
+fn call(
+    lookup: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let text = body.map(ToString::to_string);
+    let (status, _, body) = http_request_raw(lookup, method, path, text.as_deref(), token).unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn register(lookup: SocketAddr, handle: &str, label: &str) -> Device {
+    let key = keypair();
+    let body = serde_json::json!({
+        "handle": handle,
+        "grant": register_grant(handle),
+        "public_key": B64.encode(key.public_key().as_ref()),
+        "push": {"kind": "ws"},
+        "label": label,
+    });
+    let (status, v) = call(lookup, "POST", "/v1/devices", Some(&body), None);
+    assert_eq!(status, 201, "{v}");
+    Device {
+        id: v["device_id"].as_str().unwrap().to_owned(),
+        token: v["device_token"].as_str().unwrap().to_owned(),
+        key,
+    }
+}
+
+type Socket = tungstenite::WebSocket<TcpStream>;
+
+fn connect(lookup: SocketAddr, d: &Device) -> Socket {
+    let stream = TcpStream::connect(lookup).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let url = format!("ws://{lookup}/v1/push?token={}", d.token);
+    let (ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
+    ws
+}
+
+/// The next frame of `kind` on `ws` within 5 s (acknowledged); frames of
+/// other kinds are acknowledged and skipped.
+fn expect(ws: &mut Socket, kind: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(Instant::now() < deadline, "no {kind} frame within 5 s");
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let f: serde_json::Value = serde_json::from_str(&t).unwrap();
+                ws.send(Message::text(
+                    serde_json::json!({"ack": f["id"]}).to_string(),
+                ))
+                .unwrap();
+                if f["type"] == kind {
+                    return f;
+                }
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("socket: {e}"),
+        }
+    }
+}
+
+/// No frame on `ws` for `wait`.
+fn silent(ws: &mut Socket, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Text(t)) => panic!("unexpected frame: {t}"),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(_)) => {}
+            Err(e) => panic!("socket: {e}"),
+        }
+    }
+}
+
+const OPEN: &str = r#"{"class":"open"}"#;
+
+fn profile() -> serde_json::Value {
+    serde_json::from_str(OPEN).unwrap()
+}
+
+#[test]
+fn a_call_rings_every_device_the_first_accept_wins_and_the_pair_talks_through_its_ticket() {
+    let n = up(&[]);
+    let lk = n.lookup;
+    let alice = register(lk, "alice@example.com", "laptop");
+    let bob_phone = register(lk, "+15550100", "phone");
+    let bob_laptop = register(lk, "+15550100", "laptop");
+    let mut a_ws = connect(lk, &alice);
+    let mut phone = connect(lk, &bob_phone);
+    let mut laptop = connect(lk, &bob_laptop);
+
+    let (status, inv) = call(
+        lk,
+        "POST",
+        "/v1/invitations",
+        Some(
+            &serde_json::json!({"to": ["+15550100"], "info": {"name": "Alice"}, "profile": profile()}),
+        ),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 202, "{inv}");
+    assert_eq!(inv["delivered"].as_array().unwrap().len(), 2, "{inv}");
+    let sid = inv["session"].as_str().unwrap().to_owned();
+    let invitation = inv["invitation"].as_str().unwrap().to_owned();
+    assert!(!invitation.contains("open"), "the invitation is sealed");
+    let ring1 = expect(&mut phone, "invite");
+    let ring2 = expect(&mut laptop, "invite");
+    assert_eq!(ring1["body"]["from"]["handle"], "alice@example.com");
+    assert_eq!(ring2["body"]["session"], sid.as_str());
+
+    // The phone accepts: it gets its side of the plan, Alice gets hers
+    // pushed, the laptop stops ringing.
+    let accept = serde_json::json!({"invitation": invitation, "profile": profile()});
+    let (status, acc) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid}/accept"),
+        Some(&accept),
+        Some(&bob_phone.token),
+    );
+    assert_eq!(status, 200, "{acc}");
+    assert!(acc["plan"]["ice_servers"].is_array(), "{acc}");
+    let accepted = expect(&mut a_ws, "accepted");
+    assert_eq!(accepted["body"]["by"]["device"], bob_phone.id.as_str());
+    assert!(accepted["body"]["plan"]["ice_servers"].is_array());
+    assert_eq!(accepted["body"]["pair"], acc["pair"]);
+    let cancelled = expect(&mut laptop, "cancelled");
+    assert_eq!(cancelled["body"]["reason"], "answered-elsewhere");
+    // A second accept loses.
+    let (status, late) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid}/accept"),
+        Some(&accept),
+        Some(&bob_laptop.token),
+    );
+    assert_eq!(status, 409, "{late}");
+
+    // A sealed relay update through the ticket reaches the peer only.
+    let pair = acc["pair"].as_str().unwrap();
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{pair}/update"),
+        Some(
+            &serde_json::json!({"ticket": acc["ticket"], "kind": "relay-update", "sealed": "opaque-bytes"}),
+        ),
+        Some(&bob_phone.token),
+    );
+    assert_eq!(status, 202);
+    let update = expect(&mut a_ws, "update");
+    assert_eq!(update["body"]["sealed"], "opaque-bytes");
+    assert_eq!(update["body"]["from"]["device"], bob_phone.id.as_str());
+    silent(&mut laptop, Duration::from_millis(300));
+    // The laptop holds no ticket of this pair.
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{pair}/update"),
+        Some(&serde_json::json!({"ticket": acc["ticket"], "kind": "app", "sealed": "x"})),
+        Some(&bob_laptop.token),
+    );
+    assert_eq!(status, 403);
+    // A relayed retry: both get a relayed side.
+    let (status, retry) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{pair}/retry"),
+        Some(&serde_json::json!({"ticket": acc["ticket"]})),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 200, "{retry}");
+    assert_ne!(retry["mode"], "direct");
+    expect(&mut phone, "retry");
+    n.wait_metric("lookup_invites_total{result=\"accepted\"}", |v| v == 1.0);
+    n.wait_metric("lookup_invites_total{result=\"answered_elsewhere\"}", |v| {
+        v == 1.0
+    });
+    n.wait_metric("lookup_push_sockets", |v| v == 3.0);
+}
+
+#[test]
+fn decline_cancel_expiry_offline_delivery_and_bad_credentials() {
+    let n = up(&["--invites-per-minute", "6"]);
+    let lk = n.lookup;
+    let alice = register(lk, "alice", "a");
+    let bob = register(lk, "bob", "b");
+    let carol = register(lk, "carol", "c");
+    let mut a_ws = connect(lk, &alice);
+    let invite = |to: &str, lifetime_ms: u64| {
+        let (status, v) = call(
+            lk,
+            "POST",
+            "/v1/invitations",
+            Some(
+                &serde_json::json!({"to": [to], "profile": profile(), "lifetime_ms": lifetime_ms}),
+            ),
+            Some(&alice.token),
+        );
+        assert_eq!(status, 202, "{v}");
+        (
+            v["session"].as_str().unwrap().to_owned(),
+            v["invitation"].as_str().unwrap().to_owned(),
+        )
+    };
+
+    // Bob is offline: the invite waits in his mailbox and rings when he
+    // connects.
+    let (sid, invitation) = invite("bob", 60_000);
+    let mut b_ws = connect(lk, &bob);
+    assert_eq!(expect(&mut b_ws, "invite")["body"]["session"], sid.as_str());
+    // Carol was not invited.
+    let accept = serde_json::json!({"invitation": invitation, "profile": profile()});
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid}/accept"),
+        Some(&accept),
+        Some(&carol.token),
+    );
+    assert_eq!(status, 403);
+    // Bob declines; Alice hears it.
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid}/decline"),
+        Some(&serde_json::json!({"invitation": invitation, "reason": "busy"})),
+        Some(&bob.token),
+    );
+    assert_eq!(status, 204);
+    assert_eq!(expect(&mut a_ws, "declined")["body"]["reason"], "busy");
+
+    // Alice cancels a ringing invite: Bob's ringing stops; only the
+    // inviter may cancel.
+    let (sid2, inv2) = invite("bob", 60_000);
+    expect(&mut b_ws, "invite");
+    let cancel = serde_json::json!({"invitation": inv2, "reason": "caller"});
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid2}/cancel"),
+        Some(&cancel),
+        Some(&bob.token),
+    );
+    assert_eq!(status, 403);
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid2}/cancel"),
+        Some(&cancel),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 204);
+    assert_eq!(expect(&mut b_ws, "cancelled")["body"]["reason"], "caller");
+
+    // A late accept gets 410; an invitation for another session 400.
+    let (sid3, inv3) = invite("bob", 300);
+    std::thread::sleep(Duration::from_millis(500));
+    let late = serde_json::json!({"invitation": inv3, "profile": profile()});
+    let (status, p) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid3}/accept"),
+        Some(&late),
+        Some(&bob.token),
+    );
+    assert_eq!(status, 410, "{p}");
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid}/accept"),
+        Some(&late),
+        Some(&bob.token),
+    );
+    assert_eq!(status, 400);
+
+    // Forged and foreign credentials.
+    let forged = bob.token.replace(&bob.id, &carol.id);
+    let (status, p) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid}/accept"),
+        Some(&accept),
+        Some(&forged),
+    );
+    assert_eq!(status, 401, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("forged"), "{p}");
+    let (status, _) = call(
+        lk,
+        "POST",
+        "/v1/devices",
+        Some(&serde_json::json!({
+        "handle": "mallory", "grant": register_grant("alice"),
+        "public_key": B64.encode(keypair().public_key().as_ref()), "push": {"kind": "ws"}})),
+        None,
+    );
+    assert_eq!(status, 403, "a grant for another handle");
+    let (status, _) = call(
+        lk,
+        "POST",
+        "/v1/devices",
+        Some(&serde_json::json!({
+        "handle": "mallory", "public_key": B64.encode([0u8; 32]), "push": {"kind": "ws"}})),
+        None,
+    );
+    assert_eq!(status, 401, "no grant");
+    let (status, _) = call(
+        lk,
+        "POST",
+        "/v1/devices",
+        Some(&serde_json::json!({"handle": 1})),
+        None,
+    );
+    assert_eq!(status, 400);
+
+    // The spam limit (6 a minute; three sent above).
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            call(
+                lk,
+                "POST",
+                "/v1/invitations",
+                Some(&serde_json::json!({"to": ["carol"], "profile": profile()})),
+                Some(&alice.token),
+            )
+            .0,
+        );
+    }
+    assert_eq!(statuses, [202, 202, 202, 429]);
+
+    // Token refresh with the device key; unregistering revokes at once.
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sig = carol
+        .key
+        .sign(natrix_signal::refresh_message(ts, &carol.id).as_bytes());
+    let (status, fresh) = call(
+        lk,
+        "POST",
+        &format!("/v1/devices/{}/token", carol.id),
+        Some(&serde_json::json!({"ts": ts, "sig": B64.encode(sig.as_ref())})),
+        None,
+    );
+    assert_eq!(status, 200, "{fresh}");
+    let wrong = bob
+        .key
+        .sign(natrix_signal::refresh_message(ts, &carol.id).as_bytes());
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/devices/{}/token", carol.id),
+        Some(&serde_json::json!({"ts": ts, "sig": B64.encode(wrong.as_ref())})),
+        None,
+    );
+    assert_eq!(status, 401, "another device's key");
+    let (status, _) = call(
+        lk,
+        "DELETE",
+        &format!("/v1/devices/{}", carol.id),
+        None,
+        Some(fresh["device_token"].as_str().unwrap()),
+    );
+    assert_eq!(status, 204);
+    let (status, p) = call(lk, "GET", "/v1/push/pending", None, Some(&carol.token));
+    assert_eq!(status, 401, "{p}");
+    n.wait_metric("lookup_device_auth_refused_total", |v| v >= 2.0);
+}
