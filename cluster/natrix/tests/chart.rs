@@ -233,6 +233,8 @@ fn values_name_every_flag_of_every_role_one_to_one() {
         "cluster-secret",
         "api-key",
         "grant-secret",
+        "vapid-key",
+        "push-webhook-secret",
         "redis-url",
         "metrics-listen",
         "health-listen",

@@ -430,3 +430,206 @@ fn decline_cancel_expiry_offline_delivery_and_bad_credentials() {
     assert_eq!(status, 401, "{p}");
     n.wait_metric("lookup_device_auth_refused_total", |v| v >= 2.0);
 }
+
+/// The test push service (`tests/support/push_endpoint.py`): its process,
+/// its first line (port, the user agent's p256dh and auth) and its log.
+struct PushService {
+    child: std::process::Child,
+    port: u16,
+    p256dh: String,
+    auth: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for PushService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PushService {
+    fn start(hook_secret: &str) -> PushService {
+        use std::io::BufRead as _;
+        let log = std::env::temp_dir().join(format!(
+            "natrix-push-{}-{}.jsonl",
+            std::process::id(),
+            common::free_port()
+        ));
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/push_endpoint.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(&log)
+            .env("HOOK_SECRET", hook_secret)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            panic!("the push service did not start (pip install http_ece cryptography): {line:?}")
+        });
+        PushService {
+            child,
+            port: v["port"].as_u64().unwrap() as u16,
+            p256dh: v["p256dh"].as_str().unwrap().to_owned(),
+            auth: v["auth"].as_str().unwrap().to_owned(),
+            log,
+        }
+    }
+
+    /// The records the service logged, once there are `n` (5 s at most).
+    fn records(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} pushes arrived: {text}",
+                lines.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn register_route(lookup: SocketAddr, handle: &str, push: serde_json::Value) -> Device {
+    let key = keypair();
+    let body = serde_json::json!({
+        "handle": handle, "grant": register_grant(handle),
+        "public_key": B64.encode(key.public_key().as_ref()), "push": push,
+    });
+    let (status, v) = call(lookup, "POST", "/v1/devices", Some(&body), None);
+    assert_eq!(status, 201, "{v}");
+    Device {
+        id: v["device_id"].as_str().unwrap().to_owned(),
+        token: v["device_token"].as_str().unwrap().to_owned(),
+        key,
+    }
+}
+
+/// A device without a socket is woken: by Web Push, encrypted (RFC 8291)
+/// and signed (VAPID) so that Python's http_ece decrypts the invite and
+/// cryptography verifies the signature; by a webhook signed with the
+/// operator's secret; an expired subscription (410) is counted as gone.
+/// A device holding a socket is not woken.
+#[test]
+fn devices_without_a_socket_are_woken_by_web_push_or_the_webhook() {
+    let svc = PushService::start("hook-secret-for-tests");
+    let hook = format!("http://127.0.0.1:{}/hook", svc.port);
+    let n = up(&[
+        "--push-webhook-url",
+        &hook,
+        "--push-webhook-secret",
+        "hook-secret-for-tests",
+    ]);
+    let lk = n.lookup;
+    let alice = register(lk, "alice", "a");
+    let endpoint = format!("http://127.0.0.1:{}/push/sub-1", svc.port);
+    let browser = register_route(
+        lk,
+        "bob",
+        serde_json::json!({"kind": "webpush", "endpoint": endpoint, "p256dh": svc.p256dh, "auth": svc.auth}),
+    );
+    let phone = register_route(
+        lk,
+        "bob",
+        serde_json::json!({"kind": "webhook", "token": "apns-token-1"}),
+    );
+    let stale = register_route(
+        lk,
+        "bob",
+        serde_json::json!({"kind": "webpush", "endpoint": format!("http://127.0.0.1:{}/gone/x", svc.port), "p256dh": svc.p256dh, "auth": svc.auth}),
+    );
+    let online = register(lk, "bob", "online");
+    let mut online_ws = connect(lk, &online);
+    let (status, vapid) = call(lk, "GET", "/v1/push/vapid", None, None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        B64.decode(vapid["public_key"].as_str().unwrap())
+            .unwrap()
+            .len(),
+        65
+    );
+
+    let (status, inv) = call(
+        lk,
+        "POST",
+        "/v1/invitations",
+        Some(&serde_json::json!({"to": ["bob"], "profile": profile()})),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 202, "{inv}");
+    let sid = inv["session"].as_str().unwrap();
+    let woken: Vec<&str> = inv["delivered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["status"] == "woken")
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(woken.len(), 3, "{inv}");
+    assert!(
+        !woken.contains(&online.id.as_str()),
+        "a device with a socket is not woken"
+    );
+    expect(&mut online_ws, "invite");
+
+    let records = svc.records(3);
+    let push = records.iter().find(|r| r["path"] == "/push/sub-1").unwrap();
+    assert!(
+        push["error"].is_null(),
+        "http_ece could not decrypt: {push}"
+    );
+    assert_eq!(push["vapid_ok"], true, "{push}");
+    assert_eq!(push["encoding"], "aes128gcm");
+    assert_eq!(push["urgency"], "high");
+    assert_eq!(push["payload"]["type"], "invite");
+    assert_eq!(push["payload"]["body"]["session"], sid);
+    assert!(push["ttl"].as_str().unwrap().parse::<u64>().unwrap() <= 60);
+    let hook = records.iter().find(|r| r["path"] == "/hook").unwrap();
+    assert_eq!(hook["signature_ok"], true, "{hook}");
+    assert_eq!(hook["payload"]["token"], "apns-token-1");
+    assert_eq!(hook["payload"]["device"], phone.id.as_str());
+    // The woken browser drains its mailbox over HTTP.
+    let (status, pending) = call(lk, "GET", "/v1/push/pending", None, Some(&browser.token));
+    assert_eq!(status, 200);
+    assert_eq!(pending["frames"][0]["body"]["session"], sid);
+    let id = pending["frames"][0]["id"].clone();
+    let (status, _) = call(
+        lk,
+        "POST",
+        "/v1/push/ack",
+        Some(&serde_json::json!({"ids": [id]})),
+        Some(&browser.token),
+    );
+    assert_eq!(status, 204);
+    let (_, pending) = call(lk, "GET", "/v1/push/pending", None, Some(&browser.token));
+    assert!(
+        pending["frames"].as_array().unwrap().is_empty(),
+        "{pending}"
+    );
+    n.wait_metric(
+        "lookup_push_wakes_total{result=\"sent\",route=\"webpush\"}",
+        |v| v == 1.0,
+    );
+    n.wait_metric(
+        "lookup_push_wakes_total{result=\"gone\",route=\"webpush\"}",
+        |v| v == 1.0,
+    );
+    n.wait_metric(
+        "lookup_push_wakes_total{result=\"sent\",route=\"webhook\"}",
+        |v| v == 1.0,
+    );
+    let _ = stale;
+}

@@ -636,6 +636,23 @@ pub const LOOKUP_PUSHES_TOTAL: MetricDef = metric(
     }],
 );
 
+/// Wakes of devices without a socket.
+pub const LOOKUP_PUSH_WAKES_TOTAL: MetricDef = metric(
+    "lookup_push_wakes_total",
+    "Devices without a push socket woken through their push route: Web Push (RFC 8030/8291/8292) or the operator's webhook; sent, gone (the subscription expired: 404/410) or failed.",
+    Kind::Counter,
+    &[
+        Label {
+            name: "route",
+            values: &["webpush", "webhook"],
+        },
+        Label {
+            name: "result",
+            values: &["sent", "gone", "failed"],
+        },
+    ],
+);
+
 /// Push sockets held.
 pub const LOOKUP_PUSH_SOCKETS: MetricDef = metric(
     "lookup_push_sockets",
@@ -811,6 +828,7 @@ pub const ALL: &[&MetricDef] = &[
     &LOOKUP_REGISTRATIONS_TOTAL,
     &LOOKUP_INVITES_TOTAL,
     &LOOKUP_PUSHES_TOTAL,
+    &LOOKUP_PUSH_WAKES_TOTAL,
     &LOOKUP_PUSH_SOCKETS,
     &LOOKUP_PUSH_SOCKETS_CLOSED_TOTAL,
     &LOOKUP_DEVICE_AUTH_REFUSED_TOTAL,

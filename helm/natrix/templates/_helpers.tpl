@@ -90,6 +90,19 @@ joined with commas, everything else rendered as --key=value. */}}
       name: {{ include "natrix.secretName" . }}
       key: grant-secrets
       optional: true
+{{- /* Web Push signing key and webhook secret for signalling (optional). */}}
+- name: NATRIX_VAPID_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "natrix.secretName" . }}
+      key: vapid-key
+      optional: true
+- name: NATRIX_PUSH_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "natrix.secretName" . }}
+      key: push-webhook-secret
+      optional: true
 {{- if .Values.redis.existingSecret }}
 - name: NATRIX_REDIS_URL
   valueFrom:

@@ -65,6 +65,29 @@ pub struct SignalConfig {
         value_parser = humantime::parse_duration
     )]
     pub ticket_ttl: Duration,
+
+    /// The VAPID key Web Push messages are signed with (PKCS#8 P-256,
+    /// base64url). Without it the cluster generates one and keeps it in the
+    /// coordination store, so every replica signs with the same key.
+    #[arg(long = "vapid-key", env = "NATRIX_VAPID_KEY")]
+    pub vapid_key: Option<natrix_model::Redacted>,
+
+    /// The contact push services see in VAPID (`mailto:` or `https:`).
+    #[arg(
+        long = "vapid-subject",
+        env = "NATRIX_VAPID_SUBJECT",
+        default_value = "mailto:admin@localhost"
+    )]
+    pub vapid_subject: String,
+
+    /// The operator's bridge to APNs/FCM: devices registered with a
+    /// `webhook` push route are woken by a signed POST here.
+    #[arg(long = "push-webhook-url", env = "NATRIX_PUSH_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// The secret webhook POSTs are signed with (X-Natrix-Signature).
+    #[arg(long = "push-webhook-secret", env = "NATRIX_PUSH_WEBHOOK_SECRET")]
+    pub webhook_secret: Option<natrix_model::Redacted>,
 }
 
 impl Default for SignalConfig {
@@ -77,6 +100,10 @@ impl Default for SignalConfig {
             invite_lifetime: Duration::from_secs(60),
             invites_per_minute: 30,
             ticket_ttl: Duration::from_secs(3600),
+            vapid_key: None,
+            vapid_subject: "mailto:admin@localhost".into(),
+            webhook_url: None,
+            webhook_secret: None,
         }
     }
 }

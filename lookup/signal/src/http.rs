@@ -68,6 +68,9 @@ pub struct SignalState {
     pub hub: Hub,
     /// Metric handles.
     pub metrics: SignalMetrics,
+    /// The VAPID identity Web Push messages are signed with (loaded or
+    /// created at start).
+    pub vapid: Arc<tokio::sync::OnceCell<crate::wake::Vapid>>,
 }
 
 impl std::fmt::Debug for SignalState {
@@ -506,7 +509,8 @@ struct Delivered {
     status: &'static str,
 }
 
-/// Queues `frame` for `device` and counts the outcome; its status.
+/// Queues `frame` for `device` and counts the outcome; a device without a
+/// socket anywhere is woken through its push route. Its status.
 async fn push_to(state: &SignalState, device: &str, frame: &Frame) -> &'static str {
     let status = match push::send(&state.store, device, frame).await {
         Ok(true) => "queued",
@@ -517,7 +521,87 @@ async fn push_to(state: &SignalState, device: &str, frame: &Frame) -> &'static s
         }
     };
     state.metrics.pushes(status).inc();
+    if status == "queued" && !push::has_socket(&state.store, device).await {
+        wake(state, device, frame).await;
+        return "woken";
+    }
     status
+}
+
+/// Wakes `device` through its push route (off the event loop; counted).
+async fn wake(state: &SignalState, device: &str, frame: &Frame) {
+    let Ok(Some(record)) = directory::get(&state.store, device).await else {
+        return;
+    };
+    let json = serde_json::to_vec(frame).unwrap_or_default();
+    let stub = || {
+        serde_json::to_vec(&serde_json::json!({"type": "wake", "id": frame.id})).unwrap_or_default()
+    };
+    let now = now_ms() / 1000;
+    let ttl = Duration::from_millis(frame.expires_ms.saturating_sub(now_ms()));
+    let metrics = state.metrics.clone();
+    match record.push {
+        PushRoute::Ws => {}
+        PushRoute::Webpush {
+            endpoint,
+            p256dh,
+            auth,
+        } => {
+            let vapid = state.vapid.clone();
+            let store = state.store.clone();
+            let subject = state.config.vapid_subject.clone();
+            let configured = state.config.vapid_key.clone();
+            let loaded = vapid
+                .get_or_try_init(|| async move {
+                    crate::wake_keys::load_vapid(&store, configured, &subject)
+                        .await
+                        .ok_or(())
+                })
+                .await;
+            let Ok(v) = loaded else {
+                metrics.wakes("webpush", "failed").inc();
+                return;
+            };
+            let payload = if json.len() <= crate::wake::MAX_WEBPUSH_PLAINTEXT {
+                json
+            } else {
+                stub()
+            };
+            let topic = frame.topic.clone();
+            let auth_header = (v.authorization(&endpoint, now), v.public_key());
+            let result = tokio::task::spawn_blocking(move || {
+                crate::wake::web_push_with(
+                    &auth_header.0,
+                    &endpoint,
+                    &p256dh,
+                    &auth,
+                    &payload,
+                    ttl,
+                    &topic,
+                )
+            })
+            .await
+            .unwrap_or(crate::wake::WakeResult::Failed);
+            metrics.wakes("webpush", result.label()).inc();
+        }
+        PushRoute::Webhook { token } => {
+            let (Some(url), Some(secret)) = (
+                state.config.webhook_url.clone(),
+                state.config.webhook_secret.clone(),
+            ) else {
+                metrics.wakes("webhook", "failed").inc();
+                return;
+            };
+            let body =
+                serde_json::json!({"device": device, "token": token, "frame": frame}).to_string();
+            let result = tokio::task::spawn_blocking(move || {
+                crate::wake::webhook(&url, secret.expose().as_bytes(), body.as_bytes(), now)
+            })
+            .await
+            .unwrap_or(crate::wake::WakeResult::Failed);
+            metrics.wakes("webhook", result.label()).inc();
+        }
+    }
 }
 
 fn frame(kind: &str, topic: String, expires_ms: u64, body: serde_json::Value) -> Frame {
@@ -1097,6 +1181,26 @@ async fn ack(req: HttpRequest, state: web::Data<SignalState>, body: web::Bytes) 
     HttpResponse::NoContent().finish()
 }
 
+async fn vapid(state: web::Data<SignalState>) -> HttpResponse {
+    let (store, subject, configured) = (
+        state.store.clone(),
+        state.config.vapid_subject.clone(),
+        state.config.vapid_key.clone(),
+    );
+    let v = state
+        .vapid
+        .get_or_try_init(|| async move {
+            crate::wake_keys::load_vapid(&store, configured, &subject)
+                .await
+                .ok_or(())
+        })
+        .await;
+    match v {
+        Ok(v) => HttpResponse::Ok().json(serde_json::json!({"public_key": v.public_key()})),
+        Err(()) => store_down(),
+    }
+}
+
 /// Registers the signalling routes (inside lookup's App).
 pub fn configure(state: SignalState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
@@ -1111,6 +1215,7 @@ pub fn configure(state: SignalState) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/v1/push", web::get().to(crate::socket::connect))
                 .route("/v1/push/pending", web::get().to(pending))
                 .route("/v1/push/ack", web::post().to(ack))
+                .route("/v1/push/vapid", web::get().to(vapid))
                 .route("/v1/invitations", web::post().to(invite))
                 .route("/v1/sessions/{id}/accept", web::post().to(accept))
                 .route("/v1/sessions/{id}/decline", web::post().to(decline))
@@ -1122,7 +1227,7 @@ pub fn configure(state: SignalState) -> impl FnOnce(&mut web::ServiceConfig) {
 }
 
 /// Every route (OpenAPI completeness test).
-pub const ROUTES: [&str; 13] = [
+pub const ROUTES: [&str; 14] = [
     "/v1/devices",
     "/v1/devices/{id}/token",
     "/v1/devices/{id}/push",
@@ -1130,6 +1235,7 @@ pub const ROUTES: [&str; 13] = [
     "/v1/push",
     "/v1/push/pending",
     "/v1/push/ack",
+    "/v1/push/vapid",
     "/v1/invitations",
     "/v1/sessions/{id}/accept",
     "/v1/sessions/{id}/decline",

@@ -22,6 +22,8 @@ pub mod http;
 mod metrics;
 pub mod push;
 mod socket;
+pub mod wake;
+mod wake_keys;
 
 use std::sync::Arc;
 
@@ -49,5 +51,6 @@ pub fn state(
         tokens: natrix_model::signal::DeviceTokens::new(cluster_secret),
         hub,
         metrics: SignalMetrics::new(telemetry),
+        vapid: Arc::new(tokio::sync::OnceCell::new()),
     }
 }

@@ -11,6 +11,7 @@ pub struct SignalMetrics {
     invites: IntCounterVec,
     pushes: IntCounterVec,
     closed: IntCounterVec,
+    wakes: IntCounterVec,
     /// Device tokens refused (forged, expired, unregistered device).
     pub auth_refused: IntCounter,
     /// WebSockets held by this replica.
@@ -25,6 +26,7 @@ impl SignalMetrics {
             invites: telemetry.counter_family(&cat::LOOKUP_INVITES_TOTAL),
             pushes: telemetry.counter_family(&cat::LOOKUP_PUSHES_TOTAL),
             closed: telemetry.counter_family(&cat::LOOKUP_PUSH_SOCKETS_CLOSED_TOTAL),
+            wakes: telemetry.counter_family(&cat::LOOKUP_PUSH_WAKES_TOTAL),
             auth_refused: telemetry.counter(&cat::LOOKUP_DEVICE_AUTH_REFUSED_TOTAL),
             sockets: telemetry.gauge(&cat::LOOKUP_PUSH_SOCKETS),
         }
@@ -56,6 +58,11 @@ impl SignalMetrics {
     /// Pushes by result.
     pub fn pushes(&self, result: &str) -> IntCounter {
         Self::of(&self.pushes, &cat::LOOKUP_PUSHES_TOTAL, result)
+    }
+
+    /// Wakes by route (`webpush`, `webhook`) and result.
+    pub fn wakes(&self, route: &'static str, result: &'static str) -> IntCounter {
+        self.wakes.with_label_values(&[route, result])
     }
 
     /// Sockets the server closed, by reason.

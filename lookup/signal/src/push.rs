@@ -48,6 +48,32 @@ pub struct Frame {
     pub body: serde_json::Value,
 }
 
+/// How long a socket's route key outlives its last refresh.
+pub const ROUTE_TTL: Duration = Duration::from_secs(45);
+
+fn route(device: &str) -> String {
+    format!("natrix:push:route:{device}")
+}
+
+/// Marks `device` as holding a socket (refreshed while it does).
+pub async fn hold_route(store: &Store, device: &str) -> Result<(), StoreError> {
+    store.put(&route(device), b"1", ROUTE_TTL).await
+}
+
+/// Clears `device`'s socket mark.
+pub async fn drop_route(store: &Store, device: &str) -> Result<(), StoreError> {
+    store.delete(&route(device)).await
+}
+
+/// Whether `device` holds a socket on some replica (true when the store
+/// does not answer: no wake is sent on a guess).
+pub async fn has_socket(store: &Store, device: &str) -> bool {
+    store
+        .get(&route(device))
+        .await
+        .map_or(true, |v| v.is_some())
+}
+
 fn mailbox(device: &str) -> String {
     format!("natrix:push:mbox:{device}")
 }
@@ -162,6 +188,11 @@ impl Hub {
             id,
             frames: rx,
         }
+    }
+
+    /// Sockets `device` holds here.
+    pub fn sockets_of(&self, device: &str) -> usize {
+        self.lock().get(device).map_or(0, Vec::len)
     }
 
     /// Sockets held.

@@ -76,6 +76,7 @@ async fn serve(
     state: &SignalState,
     me: &str,
 ) {
+    let _ = push::hold_route(&state.store, me).await;
     // What waited while the device was away.
     if let Ok(frames) = push::pending(&state.store, me, now_ms()).await {
         for f in frames {
@@ -138,6 +139,7 @@ async fn serve(
                     state.metrics.socket_closed("silent").inc();
                     break None;
                 }
+                let _ = push::hold_route(&state.store, me).await;
                 if session.ping(b"").await.is_err() {
                     return;
                 }
@@ -145,4 +147,8 @@ async fn serve(
         }
     };
     let _ = session.close(reason).await;
+    drop(attached);
+    if state.hub.sockets_of(me) == 0 {
+        let _ = push::drop_route(&state.store, me).await;
+    }
 }
