@@ -1201,6 +1201,14 @@ async fn vapid(state: web::Data<SignalState>) -> HttpResponse {
     }
 }
 
+/// The call demo: two tabs register handles and call each other
+/// (`--open-registration`).
+async fn demo() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(include_str!("demo.html"))
+}
+
 /// Registers the signalling routes (inside lookup's App).
 pub fn configure(state: SignalState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
@@ -1221,7 +1229,8 @@ pub fn configure(state: SignalState) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/v1/sessions/{id}/decline", web::post().to(decline))
                 .route("/v1/sessions/{id}/cancel", web::post().to(cancel))
                 .route("/v1/sessions/{id}/update", web::post().to(update))
-                .route("/v1/sessions/{id}/retry", web::post().to(retry)),
+                .route("/v1/sessions/{id}/retry", web::post().to(retry))
+                .route("/demo", web::get().to(demo)),
         );
     }
 }
