@@ -18,6 +18,7 @@ mod plan;
 mod process;
 mod relay;
 mod report;
+mod signal;
 mod stats;
 mod stun;
 mod turn;
@@ -148,6 +149,11 @@ enum Command {
     /// legitimate sessions lost and their p99 (exit 1 when one is not
     /// held).
     Attack(attack::AttackArgs),
+    /// Calls through natrix's signalling: register, push sockets, invite →
+    /// ring → accept → accepted → ended, per pair in a loop; invite→ring
+    /// and accept→accepted percentiles, lost pushes; `--hold N` idle
+    /// sockets for the server's memory per socket.
+    Signal(signal::SignalArgs),
     /// One session participant end to end: mapped address, exchange through
     /// CDX, direct punch. Prints a JSON report (the lab matrix runs these).
     Peer(peer::PeerArgs),
@@ -167,6 +173,7 @@ impl Command {
             Command::E2e(_) => "e2e",
             Command::Peer(_) => "peer",
             Command::Attack(_) => "attack",
+            Command::Signal(_) => "signal",
         }
     }
 }
@@ -206,6 +213,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => plan::run(args).map(|r| Some((r, false))),
         Command::E2e(args) => e2e::run(args).map(|r| Some((r, false))),
         Command::Attack(args) => attack::run(args).map(|r| Some((r, false))),
+        Command::Signal(args) => signal::run(args).map(|r| Some((r, false))),
         Command::Peer(args) => {
             let report = peer::run(args);
             let profiled = args.profile_only && report["error"].is_null();

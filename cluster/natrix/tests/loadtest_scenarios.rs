@@ -753,3 +753,46 @@ fn relay_and_alloc_run_over_tcp_and_tls() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `signal`: pairs register with minted grants, hold push sockets and call
+/// in a loop; every ring and every accepted arrives (no lost push), the
+/// latencies are reported, and held sockets report the server's memory
+/// per socket.
+#[test]
+fn signal_pairs_call_through_invitations_without_losing_a_push() {
+    let up = Natrix::up(&[
+        "--grant-secret",
+        "app1=loadtest-signal-grant-secret",
+        "--invites-per-minute",
+        "100000",
+    ]);
+    let lookup = up.lookup.to_string();
+    let pid = up.pid().to_string();
+    let r = run(&[
+        "signal",
+        "--lookup",
+        &lookup,
+        "--grant-secret",
+        "app1=loadtest-signal-grant-secret",
+        "--pairs",
+        "3",
+        "--duration",
+        "2s",
+        "--hold",
+        "50",
+        "--pid",
+        &pid,
+    ]);
+    assert!(r["calls"].as_u64().unwrap() > 10, "{r}");
+    assert_eq!(r["lost_pushes"], 0, "{r}");
+    assert_eq!(r["success_ratio"], 1.0, "{r}");
+    assert!(r["ring_ms_p99"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["hold"]["held_sockets"], 50, "{r}");
+    assert!(
+        r["hold"]["server_bytes_per_socket"].as_f64().is_some(),
+        "{r}"
+    );
+    let calls = r["calls"].as_f64().unwrap();
+    up.wait_metric("lookup_pushes_total{result=\"queued\"}", |v| v >= 2.0 * calls);
+    up.wait_metric("lookup_invites_total{result=\"accepted\"}", |v| v > 10.0);
+}

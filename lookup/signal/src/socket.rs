@@ -4,7 +4,8 @@
 //! hub routes them. The device acknowledges each frame with `{"ack": id}`
 //! (which removes it from the mailbox); the server pings every 25 s and
 //! closes a socket that stays silent for 60 s, and closes (1008) a client
-//! that sends more than 20 messages a second or frames over 4 KiB.
+//! that sends more than 20 messages a second beyond one acknowledgement per
+//! frame it was sent, or frames over 4 KiB.
 
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,8 @@ async fn serve(
                 if session.text(text).await.is_err() {
                     return;
                 }
+                // Each frame earns the client its acknowledgement.
+                budget = (budget + 1.0).min(CLIENT_RATE * 2.0 + push::MAILBOX_FIELDS as f64);
             }
             m = stream.next() => {
                 heard = Instant::now();

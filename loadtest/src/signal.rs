@@ -1,0 +1,327 @@
+//! `natrix-loadtest signal`: calls through natrix's signalling. Each pair
+//! registers two handles (with minted grants, or without under
+//! `--open-registration`), opens a push WebSocket per device, then calls in a
+//! loop: invite → the callee's socket rings → accept (the callee's plan) →
+//! the caller's socket gets `accepted` (its plan) → a sealed `ended` update
+//! reaches the callee. Reports invite→ring and accept→accepted percentiles,
+//! calls per second, pushes that never came (lost), and refusals by status.
+//! `--hold N` also opens N idle sockets and reports the server's memory per
+//! held socket (`--pid`).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine as _;
+use tungstenite::Message;
+
+use crate::live::live;
+use crate::stats::Latency;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// Options of `signal`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct SignalArgs {
+    /// lookup's API (signalling runs on it).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) lookup: SocketAddr,
+    /// The grant secret lookup holds (`key-id=secret`): registration grants
+    /// are minted with it. Without it the server must run with
+    /// `--open-registration`.
+    #[arg(long = "grant-secret")]
+    pub(crate) grant_secret: Option<natrix_model::TurnSecret>,
+    /// Caller/callee pairs, each calling in a loop on its own thread.
+    #[arg(long, value_parser = crate::positive, default_value_t = 8)]
+    pub(crate) pairs: usize,
+    /// How long to call.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// Calls per second over all pairs (open loop) instead of each pair
+    /// calling as fast as it is answered.
+    #[arg(long, value_parser = crate::positive_f64)]
+    pub(crate) rate: Option<f64>,
+    /// Idle push sockets to hold besides the pairs' (memory per socket).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) hold: usize,
+    /// The server's PID, for its memory before and after the held sockets.
+    #[arg(long)]
+    pub(crate) pid: Option<u32>,
+}
+
+struct Device {
+    token: String,
+}
+
+fn http(
+    lookup: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
+    let text = body.to_string();
+    let mut s = TcpStream::connect_timeout(&lookup, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {lookup}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        auth.unwrap_or_default(),
+        text.len()
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("not HTTP")?;
+    let json = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((
+        status,
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+fn register(args: &SignalArgs, handle: &str) -> anyhow::Result<Device> {
+    let mut key = [0u8; 32];
+    rand::fill(&mut key[..]);
+    let mut body = serde_json::json!({
+        "handle": handle, "public_key": B64.encode(key), "push": {"kind": "ws"}, "label": "loadtest",
+    });
+    if let Some(secret) = &args.grant_secret {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        body["grant"] = natrix_model::grant::mint(
+            secret,
+            &natrix_model::grant::Claims {
+                aud: natrix_model::grant::AUDIENCE.into(),
+                sub: handle.into(),
+                exp: now + 600,
+                iat: Some(now),
+                nbf: None,
+                scope: "register".into(),
+                dev: None,
+            },
+        )
+        .into();
+    }
+    let (status, v) = http(args.lookup, "POST", "/v1/devices", &body, None)?;
+    anyhow::ensure!(status == 201, "registering {handle}: {status} {v}");
+    Ok(Device {
+        token: v["device_token"].as_str().context("no token")?.to_owned(),
+    })
+}
+
+type Socket = tungstenite::WebSocket<TcpStream>;
+
+fn connect(lookup: SocketAddr, d: &Device) -> anyhow::Result<Socket> {
+    let stream = TcpStream::connect_timeout(&lookup, Duration::from_secs(3))?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{lookup}/v1/push?token={}", d.token);
+    let (ws, _) = tungstenite::client(url.as_str(), stream).context("WebSocket handshake")?;
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(50)))?;
+    Ok(ws)
+}
+
+/// Waits for a frame of `kind` for `session` on `ws` (acknowledging every
+/// frame) until `deadline`; an error when the socket closed.
+fn wait(
+    ws: &mut Socket,
+    kind: &str,
+    session: &str,
+    deadline: Instant,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let Ok(f) = serde_json::from_str::<serde_json::Value>(&t) else {
+                    continue;
+                };
+                let _ = ws.send(Message::text(
+                    serde_json::json!({"ack": f["id"]}).to_string(),
+                ));
+                if f["type"] == kind && f["body"]["session"] == session {
+                    return Ok(Some(f));
+                }
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => anyhow::bail!("the push socket closed: {e}"),
+        }
+    }
+    Ok(None)
+}
+
+#[derive(Default)]
+struct Tally {
+    calls: u64,
+    ring: Latency,
+    accepted: Latency,
+    lost: u64,
+    refused: BTreeMap<String, u64>,
+}
+
+fn pair(args: &SignalArgs, i: usize, started: Instant, tally: &Mutex<Tally>) -> anyhow::Result<()> {
+    let run = rand::random::<u32>();
+    let (a_handle, b_handle) = (format!("lt-{run:08x}-{i}-a"), format!("lt-{run:08x}-{i}-b"));
+    let a = register(args, &a_handle)?;
+    let b = register(args, &b_handle)?;
+    let mut a_ws = connect(args.lookup, &a)?;
+    let mut b_ws = connect(args.lookup, &b)?;
+    let profile = serde_json::json!({"class": "open"});
+    let deadline = started + args.duration;
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(args.pairs as f64 / r));
+    let mut next = Instant::now();
+    while Instant::now() < deadline && !crate::live::stopped() {
+        if let Some(gap) = interval {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            next += gap;
+        }
+        let refuse = |kind: String| {
+            *tally
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refused
+                .entry(kind)
+                .or_default() += 1;
+        };
+        let t0 = Instant::now();
+        live().sent(1);
+        let (status, inv) = http(
+            args.lookup,
+            "POST",
+            "/v1/invitations",
+            &serde_json::json!({"to": [b_handle], "profile": profile}),
+            Some(&a.token),
+        )?;
+        if status != 202 {
+            refuse(format!("invite {status}"));
+            continue;
+        }
+        let session = inv["session"].as_str().unwrap_or("").to_owned();
+        let Some(ring) = wait(&mut b_ws, "invite", &session, t0 + Duration::from_secs(5))? else {
+            tally.lock().unwrap_or_else(|e| e.into_inner()).lost += 1;
+            continue;
+        };
+        let rung = t0.elapsed();
+        let t1 = Instant::now();
+        let (status, acc) = http(
+            args.lookup,
+            "POST",
+            &format!("/v1/sessions/{session}/accept"),
+            &serde_json::json!({"invitation": ring["body"]["invitation"], "profile": profile}),
+            Some(&b.token),
+        )?;
+        if status != 200 {
+            refuse(format!("accept {status}"));
+            continue;
+        }
+        let Some(_) = wait(&mut a_ws, "accepted", &session, t1 + Duration::from_secs(5))? else {
+            tally.lock().unwrap_or_else(|e| e.into_inner()).lost += 1;
+            continue;
+        };
+        let answered = t1.elapsed();
+        // The caller hangs up through the pair's ticket.
+        let pair = acc["pair"].as_str().unwrap_or("");
+        let _ = http(
+            args.lookup,
+            "POST",
+            &format!("/v1/sessions/{pair}/update"),
+            &serde_json::json!({"ticket": acc["ticket"], "kind": "ended", "sealed": "bye"}),
+            Some(&a.token),
+        );
+        live().done(1);
+        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+        t.calls += 1;
+        t.ring.record(rung);
+        t.accepted.record(answered);
+    }
+    Ok(())
+}
+
+/// Opens `n` idle sockets; the server's RSS growth per socket.
+fn hold(args: &SignalArgs) -> anyhow::Result<serde_json::Value> {
+    let before = args.pid.and_then(crate::process::process_rss_bytes);
+    let mut sockets = Vec::with_capacity(args.hold);
+    let started = Instant::now();
+    for i in 0..args.hold {
+        let d = register(args, &format!("hold-{:08x}-{i}", rand::random::<u32>()))?;
+        sockets.push(connect(args.lookup, &d).with_context(|| format!("socket {i}"))?);
+    }
+    let opened = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = args.pid.and_then(crate::process::process_rss_bytes);
+    let per = before
+        .zip(after)
+        .map(|(b, a)| a.saturating_sub(b) as f64 / args.hold.max(1) as f64);
+    Ok(serde_json::json!({
+        "held_sockets": sockets.len(),
+        "open_seconds": opened.as_secs_f64(),
+        "server_rss_before_bytes": before,
+        "server_rss_after_bytes": after,
+        "server_bytes_per_socket": per,
+    }))
+}
+
+pub(crate) fn run(args: &SignalArgs) -> anyhow::Result<serde_json::Value> {
+    let held = if args.hold > 0 {
+        Some(hold(args)?)
+    } else {
+        None
+    };
+    let tally = Mutex::new(Tally::default());
+    let started = Instant::now();
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.pairs)
+            .map(|i| {
+                let tally = &tally;
+                s.spawn(move || pair(args, i, started, tally))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| match h.join() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some("a pair thread panicked".into()),
+            })
+            .collect()
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let t = tally.into_inner().unwrap_or_else(|e| e.into_inner());
+    let attempted = t.calls + t.lost + t.refused.values().sum::<u64>();
+    let mut report = serde_json::json!({
+        "scenario": "signal",
+        "pairs": args.pairs,
+        "calls": t.calls,
+        "calls_per_second": t.calls as f64 / secs.max(0.001),
+        "success_ratio": t.calls as f64 / attempted.max(1) as f64,
+        "lost_pushes": t.lost,
+        "ring_ms_p50": t.ring.ms(50.0),
+        "ring_ms_p99": t.ring.ms(99.0),
+        "accepted_ms_p50": t.accepted.ms(50.0),
+        "accepted_ms_p99": t.accepted.ms(99.0),
+        "errors": t.refused,
+        "phases": {"invite_to_ring": t.ring.json(), "accept_to_accepted": t.accepted.json()},
+    });
+    if let Some(h) = held {
+        report["hold"] = h;
+    }
+    if !errors.is_empty() {
+        report["failure"] = format!("{} pair(s) failed: {}", errors.len(), errors[0]).into();
+    }
+    Ok(report)
+}
