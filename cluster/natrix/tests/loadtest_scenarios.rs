@@ -793,6 +793,8 @@ fn signal_pairs_call_through_invitations_without_losing_a_push() {
         "{r}"
     );
     let calls = r["calls"].as_f64().unwrap();
-    up.wait_metric("lookup_pushes_total{result=\"queued\"}", |v| v >= 2.0 * calls);
+    up.wait_metric("lookup_pushes_total{result=\"queued\"}", |v| {
+        v >= 2.0 * calls
+    });
     up.wait_metric("lookup_invites_total{result=\"accepted\"}", |v| v > 10.0);
 }

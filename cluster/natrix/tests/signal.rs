@@ -633,3 +633,30 @@ fn devices_without_a_socket_are_woken_by_web_push_or_the_webhook() {
     );
     let _ = stale;
 }
+
+/// A draining replica sends its devices elsewhere: SIGTERM → every socket
+/// gets a `reconnect` frame with a random delay, then a 1012 close.
+#[test]
+fn a_draining_replica_tells_its_sockets_to_reconnect() {
+    let mut n = up(&["--drain-timeout", "3s"]);
+    let lk = n.lookup;
+    let d = register(lk, "dora", "d");
+    let mut ws = connect(lk, &d);
+    // SAFETY: a signal to the natrix process this test started.
+    assert_eq!(unsafe { libc::kill(n.pid(), libc::SIGTERM) }, 0);
+    let frame = expect(&mut ws, "reconnect");
+    let after = frame["body"]["after_ms"].as_u64().unwrap();
+    assert!(after < 5000, "{frame}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        assert!(Instant::now() < deadline, "no close frame");
+        match ws.read() {
+            Ok(Message::Close(Some(c))) => break u16::from(c.code),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(_)) => {}
+            Err(e) => panic!("socket: {e}"),
+        }
+    };
+    assert_eq!(code, 1012);
+    let _ = n.wait_exit(Duration::from_secs(20));
+}

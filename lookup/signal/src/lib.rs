@@ -43,6 +43,18 @@ pub fn state(
 ) -> SignalState {
     let hub = push::Hub::default();
     actix_web::rt::spawn(hub.clone().listen(store.clone()));
+    // A draining replica sends its devices elsewhere.
+    let (draining, health) = (hub.clone(), telemetry.health().clone());
+    actix_web::rt::spawn(async move {
+        let mut tick = actix_web::rt::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            if health.is_draining() {
+                draining.drain();
+                return;
+            }
+        }
+    });
     SignalState {
         store: store.clone(),
         config,

@@ -29,6 +29,8 @@ pub const MAILBOX_FIELDS: usize = 32;
 pub const MAILBOX_TTL: Duration = Duration::from_secs(600);
 /// The channel every replica listens to.
 pub const NOTIFY: &str = "natrix:push:notify";
+/// The frame that tells a device to reconnect (to another replica).
+pub const RECONNECT: &str = "reconnect";
 /// Frames queued for one socket before it counts as too slow and closes.
 const SOCKET_QUEUE: usize = 64;
 
@@ -193,6 +195,25 @@ impl Hub {
     /// Sockets `device` holds here.
     pub fn sockets_of(&self, device: &str) -> usize {
         self.lock().get(device).map_or(0, Vec::len)
+    }
+
+    /// Tells every socket here to reconnect elsewhere (the replica is
+    /// draining): a `reconnect` frame with a random delay up to 5 s, so the
+    /// devices do not all come back at once; the socket then closes (1012).
+    pub fn drain(&self) {
+        let sockets = self.lock();
+        for list in sockets.values() {
+            for (_, tx) in list {
+                let after_ms = rand::random_range(0..5000u64);
+                let _ = tx.try_send(Frame {
+                    id: String::new(),
+                    kind: RECONNECT.into(),
+                    topic: String::new(),
+                    expires_ms: u64::MAX,
+                    body: serde_json::json!({"after_ms": after_ms}),
+                });
+            }
+        }
     }
 
     /// Sockets held.

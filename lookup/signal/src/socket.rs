@@ -100,6 +100,12 @@ async fn serve(
                 if session.text(text).await.is_err() {
                     return;
                 }
+                if f.kind == push::RECONNECT {
+                    break Some(actix_ws::CloseReason {
+                        code: actix_ws::CloseCode::Restart,
+                        description: Some("draining: reconnect".into()),
+                    });
+                }
                 // Each frame earns the client its acknowledgement.
                 budget = (budget + 1.0).min(CLIENT_RATE * 2.0 + push::MAILBOX_FIELDS as f64);
             }
