@@ -252,27 +252,37 @@ fn pair(args: &SignalArgs, i: usize, started: Instant, tally: &Mutex<Tally>) -> 
     Ok(())
 }
 
-/// Opens `n` idle sockets; the server's RSS growth per socket.
+/// Registers `n` devices, then opens an idle socket for each; the server's
+/// RSS growth per registration and per socket.
 fn hold(args: &SignalArgs) -> anyhow::Result<serde_json::Value> {
-    let before = args.pid.and_then(crate::process::process_rss_bytes);
-    let mut sockets = Vec::with_capacity(args.hold);
+    let rss = || args.pid.and_then(crate::process::process_rss_bytes);
+    let before = rss();
+    let run = rand::random::<u32>();
+    let devices = (0..args.hold)
+        .map(|i| register(args, &format!("hold-{run:08x}-{i}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let registered = rss();
     let started = Instant::now();
-    for i in 0..args.hold {
-        let d = register(args, &format!("hold-{:08x}-{i}", rand::random::<u32>()))?;
-        sockets.push(connect(args.lookup, &d).with_context(|| format!("socket {i}"))?);
+    let mut sockets = Vec::with_capacity(args.hold);
+    for (i, d) in devices.iter().enumerate() {
+        sockets.push(connect(args.lookup, d).with_context(|| format!("socket {i}"))?);
     }
     let opened = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
-    let after = args.pid.and_then(crate::process::process_rss_bytes);
-    let per = before
-        .zip(after)
-        .map(|(b, a)| a.saturating_sub(b) as f64 / args.hold.max(1) as f64);
+    let after = rss();
+    let per = |a: Option<u64>, b: Option<u64>| {
+        a.zip(b)
+            .map(|(a, b)| b.saturating_sub(a) as f64 / args.hold.max(1) as f64)
+    };
     Ok(serde_json::json!({
         "held_sockets": sockets.len(),
         "open_seconds": opened.as_secs_f64(),
         "server_rss_before_bytes": before,
+        "server_rss_registered_bytes": registered,
         "server_rss_after_bytes": after,
-        "server_bytes_per_socket": per,
+        "server_bytes_per_registration": per(before, registered),
+        "server_bytes_per_socket": per(registered, after),
     }))
 }
 

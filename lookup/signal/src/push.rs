@@ -31,8 +31,10 @@ pub const MAILBOX_TTL: Duration = Duration::from_secs(600);
 pub const NOTIFY: &str = "natrix:push:notify";
 /// The frame that tells a device to reconnect (to another replica).
 pub const RECONNECT: &str = "reconnect";
-/// Frames queued for one socket before it counts as too slow and closes.
-const SOCKET_QUEUE: usize = 64;
+/// Frames queued for one socket; past it a frame waits in the mailbox
+/// for the socket to catch up or reconnect. (Frames go by `Arc` so an idle
+/// socket's queue costs a few hundred bytes.)
+const SOCKET_QUEUE: usize = 32;
 
 /// One push frame.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -140,7 +142,7 @@ pub async fn ack(store: &Store, device: &str, id: &str) -> Result<bool, StoreErr
 }
 
 /// A device's sockets here, each with its id.
-type Sockets = HashMap<String, Vec<(u64, mpsc::Sender<Frame>)>>;
+type Sockets = HashMap<String, Vec<(u64, mpsc::Sender<Arc<Frame>>)>>;
 
 /// The sockets this replica holds, by device.
 #[derive(Clone, Debug, Default)]
@@ -156,7 +158,7 @@ pub struct Attached {
     device: String,
     id: u64,
     /// The frames for this socket.
-    pub frames: mpsc::Receiver<Frame>,
+    pub frames: mpsc::Receiver<Arc<Frame>>,
 }
 
 impl Drop for Attached {
@@ -205,13 +207,13 @@ impl Hub {
         for list in sockets.values() {
             for (_, tx) in list {
                 let after_ms = rand::random_range(0..5000u64);
-                let _ = tx.try_send(Frame {
+                let _ = tx.try_send(Arc::new(Frame {
                     id: String::new(),
                     kind: RECONNECT.into(),
                     topic: String::new(),
                     expires_ms: u64::MAX,
                     body: serde_json::json!({"after_ms": after_ms}),
-                });
+                }));
             }
         }
     }
@@ -226,6 +228,7 @@ impl Hub {
     /// catches up or reconnects).
     pub fn deliver(&self, device: &str, frame: &Frame) -> usize {
         let sockets = self.lock();
+        let frame = Arc::new(frame.clone());
         sockets.get(device).map_or(0, |list| {
             list.iter()
                 .filter(|(_, tx)| tx.try_send(frame.clone()).is_ok())

@@ -96,7 +96,7 @@ async fn serve(
         tokio::select! {
             f = attached.frames.recv() => {
                 let Some(f) = f else { break None };
-                let Ok(text) = serde_json::to_string(&f) else { continue };
+                let Ok(text) = serde_json::to_string(&*f) else { continue };
                 if session.text(text).await.is_err() {
                     return;
                 }
