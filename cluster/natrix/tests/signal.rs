@@ -660,3 +660,143 @@ fn a_draining_replica_tells_its_sockets_to_reconnect() {
     assert_eq!(code, 1012);
     let _ = n.wait_exit(Duration::from_secs(20));
 }
+
+fn close_code(ws: &mut Socket) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the server never closed the socket"
+        );
+        match ws.read() {
+            Ok(Message::Close(Some(c))) => return u16::from(c.code),
+            Ok(Message::Close(None)) => return 1005,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(tungstenite::Error::Io(_)) | Err(tungstenite::Error::ConnectionClosed) => {
+                return 1006;
+            }
+            Err(e) => panic!("socket: {e}"),
+        }
+    }
+}
+
+/// A socket flooding the server, or sending a frame over 4 KiB, is closed
+/// with 1008 and counted; a socket without a valid token never opens; the
+/// other devices' sockets keep working.
+#[test]
+fn websocket_floods_and_oversized_frames_are_closed_and_others_keep_ringing() {
+    let n = up(&[]);
+    let lk = n.lookup;
+    let alice = register(lk, "alice", "a");
+    let bob = register(lk, "bob", "b");
+    let mallory = register(lk, "mallory", "m");
+    let mut b_ws = connect(lk, &bob);
+    let mut flood = connect(lk, &mallory);
+    for i in 0..200 {
+        if flood
+            .send(Message::text(format!("{{\"ack\":\"{i}\"}}")))
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut flood), 1008);
+    let mut big = connect(lk, &mallory);
+    let _ = big.send(Message::text("x".repeat(5000)));
+    let code = close_code(&mut big);
+    assert!(
+        code == 1008 || code == 1009 || code == 1006,
+        "closed with {code}"
+    );
+    // Without a valid token: a 401, no socket.
+    let stream = TcpStream::connect(lk).unwrap();
+    let forged = format!(
+        "ws://{lk}/v1/push?token={}",
+        bob.token.replace(".v", ".x") + "x"
+    );
+    assert!(tungstenite::client(forged.as_str(), stream).is_err());
+    // Bob still rings.
+    let (status, _) = call(
+        lk,
+        "POST",
+        "/v1/invitations",
+        Some(&serde_json::json!({"to": ["bob"], "profile": profile()})),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 202);
+    expect(&mut b_ws, "invite");
+    n.wait_metric("lookup_push_sockets_closed_total{reason=\"flood\"}", |v| {
+        v == 1.0
+    });
+}
+
+/// Two lookup replicas on one Redis: a device whose socket is on the other
+/// replica rings (the notify channel routes the frame); when its replica
+/// dies mid-ring, the device reconnects to the survivor and its mailbox
+/// still rings it.
+#[test]
+fn a_replica_killed_mid_ring_loses_no_invitation() {
+    use natrix_store::testing::RedisServer;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let replica = || {
+        Natrix::lookup(&[
+            "--redis-url",
+            &url,
+            "--auth-secret",
+            "k1=signal-test-turn-secret",
+            "--cluster-secret",
+            "signal-test-cluster-secret",
+            "--grant-secret",
+            GRANT_SECRET,
+        ])
+    };
+    let _relay = Natrix::relay(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        "k1=signal-test-turn-secret",
+    ]);
+    let _cdx = Natrix::cdx(&[
+        "--redis-url",
+        &url,
+        "--cluster-secret",
+        "signal-test-cluster-secret",
+    ]);
+    let (mut one, two) = (replica(), replica());
+    let alice = register(two.lookup, "alice", "a");
+    let bob = register(one.lookup, "bob", "b");
+    let mut b_ws = connect(one.lookup, &bob);
+    let invite = || {
+        let (status, v) = call(
+            two.lookup,
+            "POST",
+            "/v1/invitations",
+            Some(&serde_json::json!({"to": ["bob"], "profile": profile()})),
+            Some(&alice.token),
+        );
+        assert_eq!(status, 202, "{v}");
+        v["session"].as_str().unwrap().to_owned()
+    };
+    // Across replicas.
+    let first = invite();
+    assert_eq!(
+        expect(&mut b_ws, "invite")["body"]["session"],
+        first.as_str()
+    );
+    // Bob's replica dies; the invite sent meanwhile waits in his mailbox.
+    one.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    let second = invite();
+    // (Delivery is at least once: the first invite may come again if its
+    // acknowledgement died with the replica; devices dedupe by frame id.)
+    let mut b_ws = connect(two.lookup, &bob);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while expect(&mut b_ws, "invite")["body"]["session"] != second.as_str() {
+        assert!(Instant::now() < deadline, "the second invite never rang");
+    }
+}
