@@ -800,3 +800,75 @@ fn a_replica_killed_mid_ring_loses_no_invitation() {
         assert!(Instant::now() < deadline, "the second invite never rang");
     }
 }
+
+/// Redis restarted mid-run (with its append-only file, as the chart runs
+/// it): registrations survive, the replica reconnects, and an invitation
+/// sent right after still rings the device on its open socket (the live
+/// announcement, or the socket's mailbox sweep if the announcement was
+/// lost while the subscription came back).
+#[test]
+fn a_redis_restart_loses_no_registration_and_no_invitation() {
+    use natrix_store::testing::RedisServer;
+    let mut redis = RedisServer::start_persistent();
+    let url = redis.url();
+    let n = up(&["--redis-url", &url]);
+    let lk = n.lookup;
+    let alice = register(lk, "alice", "a");
+    let bob = register(lk, "bob", "b");
+    let mut b_ws = connect(lk, &bob);
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let session = loop {
+        let (status, v) = call(
+            lk,
+            "POST",
+            "/v1/invitations",
+            Some(&serde_json::json!({"to": ["bob"], "profile": profile()})),
+            Some(&alice.token),
+        );
+        if status == 202 {
+            break v["session"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no invitation after the restart: {status} {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while expect_within(&mut b_ws, "invite", Duration::from_secs(12))["body"]["session"]
+        != session.as_str()
+    {
+        assert!(Instant::now() < deadline, "the invitation never rang");
+    }
+}
+
+/// [`expect`] with a longer patience.
+fn expect_within(ws: &mut Socket, kind: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} frame within {within:?}"
+        );
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let f: serde_json::Value = serde_json::from_str(&t).unwrap();
+                ws.send(Message::text(
+                    serde_json::json!({"ack": f["id"]}).to_string(),
+                ))
+                .unwrap();
+                if f["type"] == kind {
+                    return f;
+                }
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("socket: {e}"),
+        }
+    }
+}

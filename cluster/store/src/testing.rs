@@ -12,6 +12,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// `requirepass` (and `masterauth`), when started with one.
     password: Option<String>,
+    /// The directory of its append-only file, when it keeps one.
+    aof: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
@@ -40,6 +42,7 @@ impl RedisServer {
             port,
             child: None,
             password: None,
+            aof: None,
         };
         server.spawn();
         server
@@ -59,6 +62,28 @@ impl RedisServer {
             port,
             child: None,
             password: Some(password.to_owned()),
+            aof: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// A redis-server with an append-only file (fsync on every write) in a
+    /// directory of its own: a [`RedisServer::restart`] keeps its data, as
+    /// the chart's bundled Redis does.
+    pub fn start_persistent() -> RedisServer {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free TCP port");
+        let dir =
+            std::env::temp_dir().join(format!("natrix-redis-aof-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("the AOF directory");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            password: None,
+            aof: Some(dir),
         };
         server.spawn();
         server
@@ -67,8 +92,15 @@ impl RedisServer {
     fn spawn(&mut self) {
         let mut c = Command::new("redis-server");
         c.args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", &std::env::temp_dir().to_string_lossy()]);
+            .args(["--bind", "127.0.0.1", "--save", ""]);
+        match &self.aof {
+            Some(dir) => c
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .args(["--dir", &dir.to_string_lossy()]),
+            None => c
+                .args(["--appendonly", "no"])
+                .args(["--dir", &std::env::temp_dir().to_string_lossy()]),
+        };
         if let Some(pw) = &self.password {
             c.args(["--requirepass", pw, "--masterauth", pw]);
         }
@@ -130,7 +162,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port, empty.
+    /// Starts it again on the same port: empty, or with its data when it
+    /// keeps an append-only file.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();

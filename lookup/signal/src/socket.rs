@@ -18,6 +18,10 @@ use crate::http::{SignalState, authenticate, now_ms, problem};
 use crate::push::{self, Attached};
 
 const PING_EVERY: Duration = Duration::from_secs(25);
+/// How often a socket re-reads its mailbox: frames whose announcement was
+/// lost (a Redis restart, a subscription being re-established) reach the
+/// device within this, never later.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const SILENT_FOR: Duration = Duration::from_secs(60);
 const MAX_CLIENT_FRAME: usize = 4096;
 /// Client messages a second (acknowledgements, pongs).
@@ -70,6 +74,34 @@ pub(crate) async fn connect(
     Ok(response)
 }
 
+/// Sends the mailbox's frames this socket has not sent yet; false when the
+/// socket is gone. `sent` keeps only ids still in the mailbox.
+async fn sweep(
+    session: &mut actix_ws::Session,
+    state: &SignalState,
+    me: &str,
+    sent: &mut std::collections::HashSet<String>,
+) -> bool {
+    let Ok(frames) = push::pending(&state.store, me, now_ms()).await else {
+        return true;
+    };
+    let live: std::collections::HashSet<&str> = frames.iter().map(|f| f.id.as_str()).collect();
+    sent.retain(|id| live.contains(id.as_str()));
+    for f in &frames {
+        if sent.contains(&f.id) {
+            continue;
+        }
+        let Ok(text) = serde_json::to_string(f) else {
+            continue;
+        };
+        if session.text(text).await.is_err() {
+            return false;
+        }
+        sent.insert(f.id.clone());
+    }
+    true
+}
+
 async fn serve(
     mut session: actix_ws::Session,
     mut stream: actix_ws::MessageStream,
@@ -78,24 +110,24 @@ async fn serve(
     me: &str,
 ) {
     let _ = push::hold_route(&state.store, me).await;
+    // Frame ids this socket sent that may still be in the mailbox.
+    let mut sent: std::collections::HashSet<String> = std::collections::HashSet::new();
     // What waited while the device was away.
-    if let Ok(frames) = push::pending(&state.store, me, now_ms()).await {
-        for f in frames {
-            let Ok(text) = serde_json::to_string(&f) else {
-                continue;
-            };
-            if session.text(text).await.is_err() {
-                return;
-            }
-        }
+    if !sweep(&mut session, state, me, &mut sent).await {
+        return;
     }
     let mut ping = actix_web::rt::time::interval(PING_EVERY);
+    let mut sweeps = actix_web::rt::time::interval(SWEEP_EVERY);
+    sweeps.tick().await;
     let mut heard = Instant::now();
     let (mut budget, mut refilled) = (CLIENT_RATE * 2.0, Instant::now());
     let reason = loop {
         tokio::select! {
             f = attached.frames.recv() => {
                 let Some(f) = f else { break None };
+                if !sent.insert(f.id.clone()) && !f.id.is_empty() {
+                    continue;
+                }
                 let Ok(text) = serde_json::to_string(&*f) else { continue };
                 if session.text(text).await.is_err() {
                     return;
@@ -141,6 +173,11 @@ async fn serve(
                         });
                     }
                     Some(Ok(_)) => {}
+                }
+            }
+            _ = sweeps.tick() => {
+                if !sweep(&mut session, state, me, &mut sent).await {
+                    return;
                 }
             }
             _ = ping.tick() => {
