@@ -43,6 +43,18 @@ pub(crate) struct SignalArgs {
     /// calling as fast as it is answered.
     #[arg(long, value_parser = crate::positive_f64)]
     pub(crate) rate: Option<f64>,
+    /// Devices per callee handle: every one rings, the first accepts, the
+    /// others must get `cancelled` (answered elsewhere).
+    #[arg(long, value_parser = crate::positive, default_value_t = 1)]
+    pub(crate) devices_per_handle: usize,
+    /// Share of calls the callee declines (the caller must hear it).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) decline_ratio: f64,
+    /// Share of calls during which the callee is offline: its socket closes
+    /// before the invite and reconnects after, and the invite must come from
+    /// its mailbox.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) offline_ratio: f64,
     /// Idle push sockets to hold besides the pairs' (memory per socket).
     #[arg(long, default_value_t = 0)]
     pub(crate) hold: usize,
@@ -166,6 +178,9 @@ fn wait(
 #[derive(Default)]
 struct Tally {
     calls: u64,
+    declined: u64,
+    offline_rang: u64,
+    others_cancelled: u64,
     ring: Latency,
     accepted: Latency,
     lost: u64,
@@ -176,28 +191,33 @@ fn pair(args: &SignalArgs, i: usize, started: Instant, tally: &Mutex<Tally>) -> 
     let run = rand::random::<u32>();
     let (a_handle, b_handle) = (format!("lt-{run:08x}-{i}-a"), format!("lt-{run:08x}-{i}-b"));
     let a = register(args, &a_handle)?;
-    let b = register(args, &b_handle)?;
+    let bs = (0..args.devices_per_handle)
+        .map(|_| register(args, &b_handle))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut a_ws = connect(args.lookup, &a)?;
-    let mut b_ws = connect(args.lookup, &b)?;
+    let mut b_ws = bs
+        .iter()
+        .map(|b| connect(args.lookup, b))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let profile = serde_json::json!({"class": "open"});
     let deadline = started + args.duration;
     let interval = args
         .rate
         .map(|r| Duration::from_secs_f64(args.pairs as f64 / r));
     let mut next = Instant::now();
+    let count = |f: &dyn Fn(&mut Tally)| f(&mut tally.lock().unwrap_or_else(|e| e.into_inner()));
     while Instant::now() < deadline && !crate::live::stopped() {
         if let Some(gap) = interval {
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
             next += gap;
         }
-        let refuse = |kind: String| {
-            *tally
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .refused
-                .entry(kind)
-                .or_default() += 1;
-        };
+        let refuse = |kind: String| count(&|t| *t.refused.entry(kind.clone()).or_default() += 1);
+        let offline = rand::random::<f64>() < args.offline_ratio;
+        if offline {
+            // The answering device goes away before the invite.
+            let _ = b_ws[0].close(None);
+            let _ = b_ws[0].flush();
+        }
         let t0 = Instant::now();
         live().sent(1);
         let (status, inv) = http(
@@ -207,33 +227,76 @@ fn pair(args: &SignalArgs, i: usize, started: Instant, tally: &Mutex<Tally>) -> 
             &serde_json::json!({"to": [b_handle], "profile": profile}),
             Some(&a.token),
         )?;
+        if offline {
+            b_ws[0] = connect(args.lookup, &bs[0])?;
+        }
         if status != 202 {
             refuse(format!("invite {status}"));
             continue;
         }
         let session = inv["session"].as_str().unwrap_or("").to_owned();
-        let Some(ring) = wait(&mut b_ws, "invite", &session, t0 + Duration::from_secs(5))? else {
-            tally.lock().unwrap_or_else(|e| e.into_inner()).lost += 1;
+        let ring_by = t0 + Duration::from_secs(5);
+        let Some(ring) = wait(&mut b_ws[0], "invite", &session, ring_by)? else {
+            count(&|t| t.lost += 1);
             continue;
         };
         let rung = t0.elapsed();
+        for other in b_ws.iter_mut().skip(1) {
+            if wait(other, "invite", &session, ring_by)?.is_none() {
+                count(&|t| t.lost += 1);
+            }
+        }
+        if offline {
+            count(&|t| t.offline_rang += 1);
+        }
+        if rand::random::<f64>() < args.decline_ratio {
+            let (status, _) = http(
+                args.lookup,
+                "POST",
+                &format!("/v1/sessions/{session}/decline"),
+                &serde_json::json!({"invitation": ring["body"]["invitation"], "reason": "busy"}),
+                Some(&bs[0].token),
+            )?;
+            if status != 204 {
+                refuse(format!("decline {status}"));
+            } else if wait(
+                &mut a_ws,
+                "declined",
+                &session,
+                Instant::now() + Duration::from_secs(5),
+            )?
+            .is_none()
+            {
+                count(&|t| t.lost += 1);
+            } else {
+                live().done(1);
+                count(&|t| t.declined += 1);
+            }
+            continue;
+        }
         let t1 = Instant::now();
         let (status, acc) = http(
             args.lookup,
             "POST",
             &format!("/v1/sessions/{session}/accept"),
             &serde_json::json!({"invitation": ring["body"]["invitation"], "profile": profile}),
-            Some(&b.token),
+            Some(&bs[0].token),
         )?;
         if status != 200 {
             refuse(format!("accept {status}"));
             continue;
         }
         let Some(_) = wait(&mut a_ws, "accepted", &session, t1 + Duration::from_secs(5))? else {
-            tally.lock().unwrap_or_else(|e| e.into_inner()).lost += 1;
+            count(&|t| t.lost += 1);
             continue;
         };
         let answered = t1.elapsed();
+        for other in b_ws.iter_mut().skip(1) {
+            match wait(other, "cancelled", &session, t1 + Duration::from_secs(5))? {
+                Some(_) => count(&|t| t.others_cancelled += 1),
+                None => count(&|t| t.lost += 1),
+            }
+        }
         // The caller hangs up through the pair's ticket.
         let pair = acc["pair"].as_str().unwrap_or("");
         let _ = http(
@@ -244,10 +307,11 @@ fn pair(args: &SignalArgs, i: usize, started: Instant, tally: &Mutex<Tally>) -> 
             Some(&a.token),
         );
         live().done(1);
-        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-        t.calls += 1;
-        t.ring.record(rung);
-        t.accepted.record(answered);
+        count(&|t| {
+            t.calls += 1;
+            t.ring.record(rung);
+            t.accepted.record(answered);
+        });
     }
     Ok(())
 }
@@ -312,13 +376,16 @@ pub(crate) fn run(args: &SignalArgs) -> anyhow::Result<serde_json::Value> {
     });
     let secs = started.elapsed().as_secs_f64();
     let t = tally.into_inner().unwrap_or_else(|e| e.into_inner());
-    let attempted = t.calls + t.lost + t.refused.values().sum::<u64>();
+    let attempted = t.calls + t.declined + t.lost + t.refused.values().sum::<u64>();
     let mut report = serde_json::json!({
         "scenario": "signal",
         "pairs": args.pairs,
         "calls": t.calls,
+        "declined": t.declined,
+        "offline_rang": t.offline_rang,
+        "other_devices_cancelled": t.others_cancelled,
         "calls_per_second": t.calls as f64 / secs.max(0.001),
-        "success_ratio": t.calls as f64 / attempted.max(1) as f64,
+        "success_ratio": (t.calls + t.declined) as f64 / attempted.max(1) as f64,
         "lost_pushes": t.lost,
         "ring_ms_p50": t.ring.ms(50.0),
         "ring_ms_p99": t.ring.ms(99.0),

@@ -755,9 +755,10 @@ fn relay_and_alloc_run_over_tcp_and_tls() {
 }
 
 /// `signal`: pairs register with minted grants, hold push sockets and call
-/// in a loop; every ring and every accepted arrives (no lost push), the
-/// latencies are reported, and held sockets report the server's memory
-/// per socket.
+/// in a loop, two devices per callee, some calls declined, some callees
+/// offline during the invite; every ring, accepted, declined and cancel
+/// arrives (no lost push), the latencies are reported, and held sockets
+/// report the server's memory per socket.
 #[test]
 fn signal_pairs_call_through_invitations_without_losing_a_push() {
     let up = Natrix::up(&[
@@ -782,8 +783,23 @@ fn signal_pairs_call_through_invitations_without_losing_a_push() {
         "50",
         "--pid",
         &pid,
+        "--devices-per-handle",
+        "2",
+        "--decline-ratio",
+        "0.2",
+        "--offline-ratio",
+        "0.2",
     ]);
     assert!(r["calls"].as_u64().unwrap() > 10, "{r}");
+    assert!(r["declined"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        r["offline_rang"].as_u64().unwrap() > 0,
+        "offline callees rang from their mailbox: {r}"
+    );
+    assert_eq!(
+        r["other_devices_cancelled"], r["calls"],
+        "the second device stops ringing: {r}"
+    );
     assert_eq!(r["lost_pushes"], 0, "{r}");
     assert_eq!(r["success_ratio"], 1.0, "{r}");
     assert!(r["ring_ms_p99"].as_f64().unwrap() > 0.0, "{r}");
