@@ -59,6 +59,16 @@ pub(crate) struct NatlabArgs {
     /// relayed / failed.
     #[arg(long)]
     pub(crate) lookup: Option<String>,
+    /// With --lookup: set every pair up through signalling instead of raw
+    /// plans — two devices register, one invites, the other accepts, and
+    /// each side's plan is the one signalling handed it.
+    #[arg(long)]
+    pub(crate) invitations: bool,
+    /// With --invitations: the grant secret lookup holds (registration
+    /// grants are minted with it); without it lookup must run with
+    /// --open-registration.
+    #[arg(long = "grant-secret")]
+    pub(crate) grant_secret: Option<natrix_model::TurnSecret>,
 }
 
 fn script(action: &str) -> anyhow::Result<()> {
@@ -178,6 +188,16 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
         .context("--lookup resolves to nothing")?;
     let cdx = *args.cdx.first().context("--cdx is empty")?;
     let plan = |a: &serde_json::Value, b: &serde_json::Value, retry: bool| {
+        if args.invitations {
+            return crate::signal::plan_by_invitation(
+                lookup,
+                args.grant_secret.as_ref(),
+                a,
+                b,
+                retry,
+            )
+            .map(|p| (200, p));
+        }
         let body = serde_json::json!({"a": {"profile": a}, "b": {"profile": b}, "retry": retry});
         crate::e2e::http(
             lookup,

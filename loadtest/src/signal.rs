@@ -75,7 +75,11 @@ fn http(
     token: Option<&str>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
-    let text = body.to_string();
+    let text = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
     let mut s = TcpStream::connect_timeout(&lookup, Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     use std::io::{Read, Write};
@@ -100,12 +104,24 @@ fn http(
 }
 
 fn register(args: &SignalArgs, handle: &str) -> anyhow::Result<Device> {
+    Ok(Device {
+        token: register_device(args.lookup, args.grant_secret.as_ref(), handle)?,
+    })
+}
+
+/// Registers a device for `handle` (a grant minted with `grant_secret`, or
+/// none for servers in `--open-registration`); its device token.
+pub(crate) fn register_device(
+    lookup: SocketAddr,
+    grant_secret: Option<&natrix_model::TurnSecret>,
+    handle: &str,
+) -> anyhow::Result<String> {
     let mut key = [0u8; 32];
     rand::fill(&mut key[..]);
     let mut body = serde_json::json!({
         "handle": handle, "public_key": B64.encode(key), "push": {"kind": "ws"}, "label": "loadtest",
     });
-    if let Some(secret) = &args.grant_secret {
+    if let Some(secret) = grant_secret {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -123,11 +139,71 @@ fn register(args: &SignalArgs, handle: &str) -> anyhow::Result<Device> {
         )
         .into();
     }
-    let (status, v) = http(args.lookup, "POST", "/v1/devices", &body, None)?;
+    let (status, v) = http(lookup, "POST", "/v1/devices", &body, None)?;
     anyhow::ensure!(status == 201, "registering {handle}: {status} {v}");
-    Ok(Device {
-        token: v["device_token"].as_str().context("no token")?.to_owned(),
-    })
+    Ok(v["device_token"].as_str().context("no token")?.to_owned())
+}
+
+/// A pair's plan through invitations instead of `/v1/plan`: two devices
+/// register, A invites with `pa`, B accepts (its side in the answer) with
+/// `pb`, A's side comes from its mailbox. The same shape as a plan:
+/// `{mode, a, b}`.
+pub(crate) fn plan_by_invitation(
+    lookup: SocketAddr,
+    grant_secret: Option<&natrix_model::TurnSecret>,
+    pa: &serde_json::Value,
+    pb: &serde_json::Value,
+    retry: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let run = rand::random::<u64>();
+    let (ha, hb) = (format!("lab-{run:016x}-a"), format!("lab-{run:016x}-b"));
+    let a = register_device(lookup, grant_secret, &ha)?;
+    let b = register_device(lookup, grant_secret, &hb)?;
+    let (status, inv) = http(
+        lookup,
+        "POST",
+        "/v1/invitations",
+        &serde_json::json!({"to": [hb], "profile": pa}),
+        Some(&a),
+    )?;
+    anyhow::ensure!(status == 202, "invite: {status} {inv}");
+    let session = inv["session"].as_str().context("no session")?.to_owned();
+    let frame = |token: &str, kind: &str| -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let (status, p) = http(
+                lookup,
+                "GET",
+                "/v1/push/pending",
+                &serde_json::Value::Null,
+                Some(token),
+            )?;
+            anyhow::ensure!(status == 200, "pending: {status} {p}");
+            if let Some(f) = p["frames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|f| f["type"] == kind && f["body"]["session"] == session.as_str())
+            {
+                return Ok(f.clone());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no {kind} frame");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let ring = frame(&b, "invite")?;
+    let (status, acc) = http(
+        lookup,
+        "POST",
+        &format!("/v1/sessions/{session}/accept"),
+        &serde_json::json!({"invitation": ring["body"]["invitation"], "profile": pb, "retry": retry}),
+        Some(&b),
+    )?;
+    anyhow::ensure!(status == 200, "accept: {status} {acc}");
+    let accepted = frame(&a, "accepted")?;
+    Ok(serde_json::json!({
+        "mode": acc["mode"], "a": accepted["body"]["plan"], "b": acc["plan"],
+    }))
 }
 
 type Socket = tungstenite::WebSocket<TcpStream>;

@@ -56,6 +56,7 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) -> Command {
     c
 }
 
+const GRANT_SECRET: &str = "app1=natlab-grant-secret-0123";
 const SECRET: &str = "natlab-cluster-secret";
 
 /// `program args` started in the lab's internet (nx-pub), output discarded.
@@ -341,6 +342,8 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
             "127.0.0.1:18080",
             "--api-key",
             common::API_KEY,
+            "--grant-secret",
+            GRANT_SECRET,
             "--metrics-listen",
             "127.0.0.1:0",
             "--redis-url",
@@ -408,5 +411,50 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         (count("direct"), count("relayed"), count("failed")),
         (13, 8, 0),
         "{table}"
+    );
+
+    // The same matrix set up through signalling: two devices register per
+    // pair, one invites, the other accepts; each side runs the plan
+    // signalling handed it (its answer, or its push).
+    let out = in_ns(
+        "nx-pub",
+        loadtest.to_str().unwrap(),
+        &[
+            "natlab",
+            "matrix",
+            "--cdx",
+            "203.0.113.1:3478",
+            "--cluster-secret",
+            SECRET,
+            "--lookup",
+            "127.0.0.1:18080",
+            "--invitations",
+            "--grant-secret",
+            GRANT_SECRET,
+            "--check",
+            "--json",
+            report.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .expect("running natrix-loadtest natlab matrix --invitations");
+    let table = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the matrix through invitations:\n{table}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
+    let _ = std::fs::remove_file(&report);
+    let pairs = doc["pairs"].as_array().unwrap();
+    let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
+    assert_eq!(
+        (count("direct"), count("relayed"), count("failed")),
+        (13, 8, 0),
+        "through invitations:\n{table}"
     );
 }
