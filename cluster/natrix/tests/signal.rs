@@ -872,3 +872,42 @@ fn expect_within(ws: &mut Socket, kind: &str, within: Duration) -> serde_json::V
         }
     }
 }
+
+/// An invitation to several handles makes a star: the first accept of
+/// each handle wins (that handle's other devices stop ringing), and the
+/// inviter gets one `accepted`, with its own pair and ticket, per handle.
+#[test]
+fn inviting_several_handles_pairs_the_inviter_with_each_of_them() {
+    let n = up(&[]);
+    let lk = n.lookup;
+    let alice = register(lk, "alice", "a");
+    let bob = register(lk, "bob", "b");
+    let bob2 = register(lk, "bob", "b2");
+    let carol = register(lk, "carol", "c");
+    let mut a_ws = connect(lk, &alice);
+    let (status, inv) = call(
+        lk,
+        "POST",
+        "/v1/invitations",
+        Some(&serde_json::json!({"to": ["bob", "carol"], "profile": profile()})),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 202, "{inv}");
+    assert_eq!(inv["delivered"].as_array().unwrap().len(), 3);
+    let sid = inv["session"].as_str().unwrap();
+    let accept = serde_json::json!({"invitation": inv["invitation"], "profile": profile()});
+    let path = format!("/v1/sessions/{sid}/accept");
+    let (s1, p1) = call(lk, "POST", &path, Some(&accept), Some(&bob.token));
+    let (s2, p2) = call(lk, "POST", &path, Some(&accept), Some(&carol.token));
+    let (s3, _) = call(lk, "POST", &path, Some(&accept), Some(&bob2.token));
+    assert_eq!((s1, s2, s3), (200, 200, 409));
+    assert_ne!(p1["pair"], p2["pair"]);
+    let mut pairs = vec![
+        expect(&mut a_ws, "accepted")["body"]["pair"].clone(),
+        expect(&mut a_ws, "accepted")["body"]["pair"].clone(),
+    ];
+    pairs.sort_by_key(ToString::to_string);
+    let mut want = vec![p1["pair"].clone(), p2["pair"].clone()];
+    want.sort_by_key(ToString::to_string);
+    assert_eq!(pairs, want);
+}

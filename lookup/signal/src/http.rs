@@ -640,18 +640,9 @@ async fn invite(req: HttpRequest, state: web::Data<SignalState>, body: web::Byte
             format!("profile.{}: {}", e.field, e.detail),
         );
     }
-    // The spam limit: invitations per device and minute (fails open when
-    // the store does not answer: the store is then down for everyone).
-    let minute = now_ms() / 60_000;
-    if let Ok(n) = state
-        .store
-        .incr(
-            &format!("natrix:sig:rl:{me}:{minute}"),
-            Duration::from_secs(70),
-        )
-        .await
-        && n > state.config.invites_per_minute
-    {
+    // The spam limit: invitations per device over a sliding minute (fails
+    // open when the store does not answer: it is then down for everyone).
+    if sent_last_minute(&state.store, &me).await > state.config.invites_per_minute {
         state.metrics.invites("rate_limited").inc();
         let mut resp = problem(
             429,
@@ -722,6 +713,36 @@ async fn invite(req: HttpRequest, state: web::Data<SignalState>, body: web::Byte
     HttpResponse::Accepted().json(serde_json::json!({
         "session": sid, "invitation": invitation, "expires_ms": expires_ms, "delivered": delivered,
     }))
+}
+
+/// Counts one more invitation of `device` and returns how many it sent in
+/// the last minute: a sliding window over two one-minute counters (this
+/// minute's, and the previous one's weighted by how much of it still
+/// counts). 0 when the store does not answer.
+async fn sent_last_minute(store: &Store, device: &str) -> u64 {
+    let now = now_ms();
+    let (minute, into) = (now / 60_000, now % 60_000);
+    let Ok(current) = store
+        .incr(
+            &format!("natrix:sig:rl:{device}:{minute}"),
+            Duration::from_secs(130),
+        )
+        .await
+    else {
+        return 0;
+    };
+    let previous = store
+        .get(&format!(
+            "natrix:sig:rl:{device}:{}",
+            minute.wrapping_sub(1)
+        ))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let weight = (60_000 - into) as f64 / 60_000.0;
+    current + (previous as f64 * weight).ceil() as u64
 }
 
 /// Opens an invitation for session `sid`: the blob, or the answer to give.
@@ -835,12 +856,15 @@ async fn accept(
         state.metrics.invites("accept_refused").inc();
         return problem(403, "not invited", "this device's handle was not invited");
     }
-    // First accept wins (fails open without the store).
+    // The first accept of each invited handle wins (fails open without the
+    // store): one handle's devices answer once; several handles make a
+    // star of pairs around the inviter.
     let left =
         Duration::from_millis(inv.expires_ms.saturating_sub(now_ms())).max(Duration::from_secs(1));
+    let handle_key = pair_id(&inv.sid, &record.handle);
     if let Ok(n) = state
         .store
-        .add(&format!("natrix:sig:acc:{}", inv.sid), 1, left)
+        .add(&format!("natrix:sig:acc:{}:{handle_key}", inv.sid), 1, left)
         .await
         && n > 1
     {
@@ -880,7 +904,7 @@ async fn accept(
     // The inviter gets its side pushed.
     let f = frame(
         "accepted",
-        format!("s:{}:accepted", inv.sid),
+        format!("s:{}:accepted:{pair}", inv.sid),
         ticket_blob.expires_ms,
         serde_json::json!({
             "session": inv.sid, "pair": pair, "by": by, "mode": plan.mode,
@@ -888,8 +912,9 @@ async fn accept(
         }),
     );
     push_to(&state, &inv.from.device, &f).await;
-    // The other invited devices stop ringing (their invite is replaced).
-    for handle in &inv.to {
+    // The handle's other devices stop ringing (their invite is replaced).
+    {
+        let handle = &record.handle;
         if let Ok(devices) = directory::devices_of(&state.store, handle).await {
             for d in devices
                 .into_iter()
