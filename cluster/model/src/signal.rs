@@ -179,6 +179,8 @@ pub enum Purpose {
     Invitation,
     /// A ticket of one accepted pair, carried by both devices.
     Ticket,
+    /// A call handed to another device of the same handle.
+    Transfer,
 }
 
 impl Purpose {
@@ -186,6 +188,7 @@ impl Purpose {
         match self {
             Purpose::Invitation => b"natrix signal invitation v1",
             Purpose::Ticket => b"natrix signal ticket v1",
+            Purpose::Transfer => b"natrix signal transfer v1",
         }
     }
 }
@@ -194,6 +197,7 @@ impl Purpose {
 pub struct Sealer {
     invitation: aead::LessSafeKey,
     ticket: aead::LessSafeKey,
+    transfer: aead::LessSafeKey,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -216,6 +220,7 @@ impl Sealer {
         Sealer {
             invitation: aead_key(cluster_secret, Purpose::Invitation),
             ticket: aead_key(cluster_secret, Purpose::Ticket),
+            transfer: aead_key(cluster_secret, Purpose::Transfer),
         }
     }
 
@@ -223,6 +228,7 @@ impl Sealer {
         match p {
             Purpose::Invitation => &self.invitation,
             Purpose::Ticket => &self.ticket,
+            Purpose::Transfer => &self.transfer,
         }
     }
 

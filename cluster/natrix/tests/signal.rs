@@ -911,3 +911,80 @@ fn inviting_several_handles_pairs_the_inviter_with_each_of_them() {
     want.sort_by_key(ToString::to_string);
     assert_eq!(pairs, want);
 }
+
+/// A call moves from one of the user's devices to another: the phone in a
+/// call hands it over, the laptop rings with a `transfer`, takes it (a new
+/// pair and plan with the caller, who gets `transferred` with its side),
+/// the phone gets `ended`; a second take loses, another handle's device
+/// may not take it, and the old ticket no longer names the laptop's pair.
+#[test]
+fn a_call_is_transferred_between_a_users_devices() {
+    let n = up(&[]);
+    let lk = n.lookup;
+    let alice = register(lk, "alice", "a");
+    let phone = register(lk, "bob", "phone");
+    let laptop = register(lk, "bob", "laptop");
+    let tablet = register(lk, "bob", "tablet");
+    let carol = register(lk, "carol", "c");
+    let mut a_ws = connect(lk, &alice);
+    let mut phone_ws = connect(lk, &phone);
+    let mut laptop_ws = connect(lk, &laptop);
+    let (_, inv) = call(
+        lk,
+        "POST",
+        "/v1/invitations",
+        Some(&serde_json::json!({"to": ["bob"], "profile": profile()})),
+        Some(&alice.token),
+    );
+    let sid = inv["session"].as_str().unwrap();
+    let (status, acc) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{sid}/accept"),
+        Some(&serde_json::json!({"invitation": inv["invitation"], "profile": profile()})),
+        Some(&phone.token),
+    );
+    assert_eq!(status, 200, "{acc}");
+    expect(&mut a_ws, "accepted");
+    let pair = acc["pair"].as_str().unwrap();
+
+    // The phone hands the call over.
+    let (status, t) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{pair}/transfer"),
+        Some(&serde_json::json!({"ticket": acc["ticket"]})),
+        Some(&phone.token),
+    );
+    assert_eq!(status, 202, "{t}");
+    let ring = expect(&mut laptop_ws, "transfer");
+    assert_eq!(ring["body"]["peer"]["handle"], "alice");
+    let take = serde_json::json!({"transfer": ring["body"]["transfer"], "profile": profile()});
+    let path = format!("/v1/sessions/{pair}/take");
+    let (status, _) = call(lk, "POST", &path, Some(&take), Some(&carol.token));
+    assert_eq!(status, 403, "another handle's device");
+    let (status, took) = call(lk, "POST", &path, Some(&take), Some(&laptop.token));
+    assert_eq!(status, 200, "{took}");
+    assert!(took["plan"]["ice_servers"].is_array());
+    assert_ne!(took["pair"], pair);
+    let (status, _) = call(lk, "POST", &path, Some(&take), Some(&tablet.token));
+    assert_eq!(status, 409, "taken once");
+    let moved = expect(&mut a_ws, "transferred");
+    assert_eq!(moved["body"]["to"]["device"], laptop.id.as_str());
+    assert_eq!(moved["body"]["pair"], took["pair"]);
+    let ended = expect(&mut phone_ws, "update");
+    assert_eq!(ended["body"]["kind"], "ended");
+    assert_eq!(ended["body"]["reason"], "transferred");
+    // Alice and the laptop talk through the new ticket.
+    let (status, _) = call(
+        lk,
+        "POST",
+        &format!("/v1/sessions/{}/update", took["pair"].as_str().unwrap()),
+        Some(
+            &serde_json::json!({"ticket": moved["body"]["ticket"], "kind": "app", "sealed": "hi"}),
+        ),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 202);
+    assert_eq!(expect(&mut laptop_ws, "update")["body"]["sealed"], "hi");
+}

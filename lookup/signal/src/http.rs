@@ -14,6 +14,8 @@
 //! | `POST /v1/sessions/{sid}/cancel` | the inviter | stop the other devices ringing |
 //! | `POST /v1/sessions/{pair}/update` | a pair member (ticket) | a sealed message to the peer |
 //! | `POST /v1/sessions/{pair}/retry` | a pair member (ticket) | a relayed plan for both |
+//! | `POST /v1/sessions/{pair}/transfer` | a pair member (ticket) | ring its handle's other devices to take the call |
+//! | `POST /v1/sessions/{pair}/take` | another device of that handle | a new pair and plan with the staying device; the leaving one gets `ended` |
 //!
 //! Devices authenticate with `Authorization: Bearer <device token>`. Every
 //! refusal is an RFC 9457 problem document.
@@ -1170,6 +1172,203 @@ async fn retry(
     HttpResponse::Ok().json(serde_json::json!({"pair": t.pair, "mode": plan.mode, "plan": mine}))
 }
 
+// ------------------------------------------------------------ transfer
+
+/// A call being handed to another device of the leaving party's handle.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TransferBlob {
+    pair: String,
+    sid: String,
+    stay: Party,
+    stay_profile: NatProfile,
+    #[serde(default)]
+    stay_region: Option<String>,
+    leaving: Party,
+    expires_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    ticket: String,
+}
+
+/// A pair member hands its side of the call to its handle's other devices:
+/// they ring with a `transfer` frame.
+async fn transfer(
+    req: HttpRequest,
+    state: web::Data<SignalState>,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let (me, _) = match device_of(&req, &state).await {
+        Ok(d) => d,
+        Err(e) => return *e,
+    };
+    let r: TransferRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let (t, inviter) = match opened_ticket(&state, &path, &r.ticket, &me) {
+        Ok(t) => t,
+        Err(e) => return *e,
+    };
+    let (leaving, stay, stay_profile, stay_region) = if inviter {
+        (
+            t.a.clone(),
+            t.b.clone(),
+            t.b_profile.clone(),
+            t.b_region.clone(),
+        )
+    } else {
+        (
+            t.b.clone(),
+            t.a.clone(),
+            t.a_profile.clone(),
+            t.a_region.clone(),
+        )
+    };
+    let expires_ms =
+        now_ms() + u64::try_from(state.config.invite_lifetime.as_millis()).unwrap_or(60_000);
+    let blob = seal(
+        &state,
+        Purpose::Transfer,
+        &TransferBlob {
+            pair: t.pair.clone(),
+            sid: t.sid.clone(),
+            stay: stay.clone(),
+            stay_profile,
+            stay_region,
+            leaving: leaving.clone(),
+            expires_ms,
+        },
+    );
+    let devices = match directory::devices_of(&state.store, &leaving.handle).await {
+        Ok(d) => d,
+        Err(_) => return store_down(),
+    };
+    let mut delivered = Vec::new();
+    for d in devices.into_iter().filter(|d| *d != me) {
+        let f = frame(
+            "transfer",
+            format!("t:{}", t.pair),
+            expires_ms,
+            serde_json::json!({"pair": t.pair, "from": leaving, "peer": stay, "transfer": blob, "expires_ms": expires_ms}),
+        );
+        let status = push_to(&state, &d, &f).await;
+        delivered.push(Delivered {
+            device_id: d,
+            handle: leaving.handle.clone(),
+            status,
+        });
+    }
+    HttpResponse::Accepted().json(serde_json::json!({"pair": t.pair, "delivered": delivered}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TakeRequest {
+    transfer: String,
+    profile: NatProfile,
+    #[serde(default)]
+    region: Option<String>,
+}
+
+/// Another device of the leaving handle takes the call: a new plan and a
+/// new pair with the staying device; the staying device gets its side
+/// pushed, the leaving device gets `ended`.
+async fn take(
+    req: HttpRequest,
+    state: web::Data<SignalState>,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let (me, record) = match device_of(&req, &state).await {
+        Ok(d) => d,
+        Err(e) => return *e,
+    };
+    let r: TakeRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let Some(x) = open::<TransferBlob>(&state, Purpose::Transfer, &r.transfer) else {
+        return problem(400, "bad transfer", "not a transfer of this cluster");
+    };
+    if x.pair != *path {
+        return problem(400, "bad transfer", "the transfer is for another pair");
+    }
+    if x.expires_ms <= now_ms() {
+        return problem(410, "transfer expired", "the transfer's lifetime is over");
+    }
+    if record.handle != x.leaving.handle || me == x.leaving.device {
+        return problem(
+            403,
+            "not this handle's",
+            "only another device of the same handle takes a call",
+        );
+    }
+    let left =
+        Duration::from_millis(x.expires_ms.saturating_sub(now_ms())).max(Duration::from_secs(1));
+    if let Ok(n) = state
+        .store
+        .add(&format!("natrix:sig:take:{}", x.pair), 1, left)
+        .await
+        && n > 1
+    {
+        return problem(
+            409,
+            "taken elsewhere",
+            "another device took this call first",
+        );
+    }
+    let plan = match plan_pair(
+        &state,
+        (&x.stay_profile, &x.stay_region),
+        (&r.profile, &r.region),
+        false,
+    ) {
+        Ok(p) => p,
+        Err(e) => return *e,
+    };
+    let pair = pair_id(&x.sid, &me);
+    let taker = Party {
+        handle: record.handle.clone(),
+        device: me.clone(),
+    };
+    let ticket_blob = TicketBlob {
+        pair: pair.clone(),
+        sid: x.sid.clone(),
+        a: x.stay.clone(),
+        b: taker.clone(),
+        a_profile: x.stay_profile.clone(),
+        b_profile: r.profile.clone(),
+        a_region: x.stay_region.clone(),
+        b_region: r.region.clone(),
+        expires_ms: now_ms() + u64::try_from(state.config.ticket_ttl.as_millis()).unwrap_or(0),
+    };
+    let ticket = seal(&state, Purpose::Ticket, &ticket_blob);
+    let f = frame(
+        "transferred",
+        format!("p:{}:transferred", x.pair),
+        ticket_blob.expires_ms,
+        serde_json::json!({
+            "old_pair": x.pair, "pair": pair, "to": taker, "mode": plan.mode,
+            "plan": plan.a, "ticket": ticket,
+        }),
+    );
+    push_to(&state, &x.stay.device, &f).await;
+    let f = frame(
+        "update",
+        format!("p:{}:ended:transfer", x.pair),
+        ticket_blob.expires_ms,
+        serde_json::json!({"pair": x.pair, "kind": "ended", "from": x.stay, "reason": "transferred", "to": taker}),
+    );
+    push_to(&state, &x.leaving.device, &f).await;
+    HttpResponse::Ok().json(serde_json::json!({
+        "pair": pair, "old_pair": x.pair, "mode": plan.mode, "plan": plan.b, "ticket": ticket,
+    }))
+}
+
 // ---------------------------------------------------------------- push
 
 async fn pending(req: HttpRequest, state: web::Data<SignalState>) -> HttpResponse {
@@ -1255,13 +1454,15 @@ pub fn configure(state: SignalState) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/v1/sessions/{id}/cancel", web::post().to(cancel))
                 .route("/v1/sessions/{id}/update", web::post().to(update))
                 .route("/v1/sessions/{id}/retry", web::post().to(retry))
+                .route("/v1/sessions/{id}/transfer", web::post().to(transfer))
+                .route("/v1/sessions/{id}/take", web::post().to(take))
                 .route("/demo", web::get().to(demo)),
         );
     }
 }
 
 /// Every route (OpenAPI completeness test).
-pub const ROUTES: [&str; 14] = [
+pub const ROUTES: [&str; 16] = [
     "/v1/devices",
     "/v1/devices/{id}/token",
     "/v1/devices/{id}/push",
@@ -1276,6 +1477,8 @@ pub const ROUTES: [&str; 14] = [
     "/v1/sessions/{id}/cancel",
     "/v1/sessions/{id}/update",
     "/v1/sessions/{id}/retry",
+    "/v1/sessions/{id}/transfer",
+    "/v1/sessions/{id}/take",
 ];
 
 #[cfg(test)]
