@@ -374,6 +374,27 @@ fn decline_cancel_expiry_offline_delivery_and_bad_credentials() {
         None,
     );
     assert_eq!(status, 400);
+    // Oversized bodies are refused before they are parsed; info over 1 KiB
+    // is refused by the handler (neither counts against the spam limit).
+    let huge = serde_json::json!({"to": ["bob"], "profile": profile(), "info": "x".repeat(20_000)});
+    let (status, _) = call(
+        lk,
+        "POST",
+        "/v1/invitations",
+        Some(&huge),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 413);
+    let big_info =
+        serde_json::json!({"to": ["bob"], "profile": profile(), "info": "x".repeat(2_000)});
+    let (status, _) = call(
+        lk,
+        "POST",
+        "/v1/invitations",
+        Some(&big_info),
+        Some(&alice.token),
+    );
+    assert_eq!(status, 400, "info over 1 KiB");
 
     // The spam limit (6 a minute; three sent above).
     let mut statuses = Vec::new();

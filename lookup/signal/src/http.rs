@@ -514,16 +514,18 @@ struct Delivered {
 /// Queues `frame` for `device` and counts the outcome; a device without a
 /// socket anywhere is woken through its push route. Its status.
 async fn push_to(state: &SignalState, device: &str, frame: &Frame) -> &'static str {
-    let status = match push::send(&state.store, device, frame).await {
-        Ok(true) => "queued",
-        Ok(false) => "mailbox_full",
+    let sent = push::send(&state.store, device, frame).await;
+    let status = match &sent {
+        Ok(push::Sent::ToSocket | push::Sent::Queued) => "queued",
+        Ok(push::Sent::Full) => "mailbox_full",
         Err(e) => {
             debug!(error = %e, "push: store call failed");
             "error"
         }
     };
     state.metrics.pushes(status).inc();
-    if status == "queued" && !push::has_socket(&state.store, device).await {
+    if let Ok(push::Sent::Queued) = sent {
+        // No socket anywhere: wake the device through its push route.
         wake(state, device, frame).await;
         return "woken";
     }

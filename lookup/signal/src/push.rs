@@ -4,15 +4,16 @@
 //!
 //! Sending writes the frame into the device's mailbox (a bounded hash,
 //! field = topic, so a cancel replaces the queued invite as Web Push's Topic
-//! does) and then publishes it on one channel every replica listens to;
-//! the replica holding the device's socket writes it out. A lost publish
-//! costs latency, never the frame: the device drains its mailbox when it
-//! connects (and over HTTP, `GET /v1/push/pending`), and a frame leaves the
-//! mailbox only when acknowledged or expired.
+//! does) and then publishes it to the replica holding the device's socket
+//! (its route key names it), which writes it out. A lost publish costs
+//! latency, never the frame: a socket re-reads its mailbox every few
+//! seconds and when it connects (and over HTTP, `GET /v1/push/pending`), and
+//! a frame leaves the mailbox only when acknowledged or expired.
 //!
 //! ```text
-//! natrix:push:mbox:<device>   hash  topic → Frame (JSON)   ≤ 32 fields, 10 min
-//! natrix:push:notify          pub/sub  {device, frame}
+//! natrix:push:mbox:<device>    hash   topic → Frame (JSON)   ≤ 32 fields, 10 min
+//! natrix:push:route:<device>   value  the replica holding its socket   45 s, refreshed
+//! natrix:push:node:<replica>   pub/sub  {device, frame}
 //! ```
 
 use std::collections::HashMap;
@@ -27,8 +28,10 @@ use tokio::sync::mpsc;
 pub const MAILBOX_FIELDS: usize = 32;
 /// How long a mailbox outlives its last frame.
 pub const MAILBOX_TTL: Duration = Duration::from_secs(600);
-/// The channel every replica listens to.
-pub const NOTIFY: &str = "natrix:push:notify";
+/// The channel of replica `node`.
+fn channel(node: &str) -> String {
+    format!("natrix:push:node:{node}")
+}
 /// The frame that tells a device to reconnect (to another replica).
 pub const RECONNECT: &str = "reconnect";
 /// Frames queued for one socket; past it a frame waits in the mailbox
@@ -59,9 +62,10 @@ fn route(device: &str) -> String {
     format!("natrix:push:route:{device}")
 }
 
-/// Marks `device` as holding a socket (refreshed while it does).
-pub async fn hold_route(store: &Store, device: &str) -> Result<(), StoreError> {
-    store.put(&route(device), b"1", ROUTE_TTL).await
+/// Marks `device` as holding a socket on replica `node` (refreshed while
+/// it does).
+pub async fn hold_route(store: &Store, device: &str, node: &str) -> Result<(), StoreError> {
+    store.put(&route(device), node.as_bytes(), ROUTE_TTL).await
 }
 
 /// Clears `device`'s socket mark.
@@ -69,23 +73,31 @@ pub async fn drop_route(store: &Store, device: &str) -> Result<(), StoreError> {
     store.delete(&route(device)).await
 }
 
-/// Whether `device` holds a socket on some replica (true when the store
-/// does not answer: no wake is sent on a guess).
-pub async fn has_socket(store: &Store, device: &str) -> bool {
-    store
-        .get(&route(device))
-        .await
-        .map_or(true, |v| v.is_some())
+/// What became of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// In the mailbox and announced to the replica holding the device's
+    /// socket.
+    ToSocket,
+    /// In the mailbox; the device holds no socket (wake it).
+    Queued,
+    /// The mailbox is full of live frames: not queued.
+    Full,
 }
 
 fn mailbox(device: &str) -> String {
     format!("natrix:push:mbox:{device}")
 }
 
-/// Writes `frame` into `device`'s mailbox and announces it; false when the
-/// mailbox is full of live frames (the frame was not queued). Expired
-/// frames give their place up.
-pub async fn send(store: &Store, device: &str, frame: &Frame) -> Result<bool, StoreError> {
+/// Writes `frame` into `device`'s mailbox and announces it to the replica
+/// holding its socket, if any. Expired frames give their place up. When
+/// the route cannot be read the device counts as connected (no wake on a
+/// guess; its socket's next mailbox read delivers the frame).
+pub async fn send(store: &Store, device: &str, frame: &Frame) -> Result<Sent, StoreError> {
+    let route = store
+        .get(&route(device))
+        .await
+        .map(|r| r.map(|v| String::from_utf8_lossy(&v).into_owned()));
     let json = serde_json::to_vec(frame).map_err(|e| StoreError::Unexpected(e.to_string()))?;
     let key = mailbox(device);
     let mut put = store
@@ -107,11 +119,17 @@ pub async fn send(store: &Store, device: &str, frame: &Frame) -> Result<bool, St
             .await?;
     }
     if put == natrix_store::PutField::Full {
-        return Ok(false);
+        return Ok(Sent::Full);
     }
-    let note = serde_json::json!({"device": device, "frame": frame}).to_string();
-    store.publish(NOTIFY, note.as_bytes()).await?;
-    Ok(true)
+    match route {
+        Ok(Some(node)) => {
+            let note = serde_json::json!({"device": device, "frame": frame}).to_string();
+            store.publish(&channel(&node), note.as_bytes()).await?;
+            Ok(Sent::ToSocket)
+        }
+        Ok(None) => Ok(Sent::Queued),
+        Err(_) => Ok(Sent::ToSocket),
+    }
 }
 
 /// The frames waiting for `device` that have not expired at `now_ms`,
@@ -145,10 +163,25 @@ pub async fn ack(store: &Store, device: &str, id: &str) -> Result<bool, StoreErr
 type Sockets = HashMap<String, Vec<(u64, mpsc::Sender<Arc<Frame>>)>>;
 
 /// The sockets this replica holds, by device.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Hub {
     sockets: Arc<Mutex<Sockets>>,
     next: Arc<std::sync::atomic::AtomicU64>,
+    /// This replica's id in route keys and its channel's name.
+    node: Arc<str>,
+}
+
+impl Default for Hub {
+    fn default() -> Hub {
+        let id: String = (0..8)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        Hub {
+            sockets: Arc::default(),
+            next: Arc::default(),
+            node: id.into(),
+        }
+    }
 }
 
 /// A socket's place in the hub; leaving it (drop) unregisters.
@@ -236,10 +269,15 @@ impl Hub {
         })
     }
 
-    /// Listens to the notify channel for ever, handing frames to local
+    /// This replica's id (what its sockets' route keys hold).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Listens to this replica's channel for ever, handing frames to local
     /// sockets (spawned once per replica).
     pub async fn listen(self, store: Store) {
-        let mut sub = store.subscribe(NOTIFY).await;
+        let mut sub = store.subscribe(&channel(&self.node)).await;
         while let Some(note) = sub.next().await {
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&note) else {
                 continue;
@@ -273,13 +311,18 @@ mod tests {
     async fn a_topic_replaces_its_frame_acks_remove_and_expired_frames_are_not_pending() {
         let store = Store::memory();
         let dev = "abcdefghijklmnopqrstuvwxyz";
-        assert!(send(&store, dev, &frame("1", "s:x", 5_000)).await.unwrap());
+        let queued = |s: Sent| s != Sent::Full;
+        assert!(queued(
+            send(&store, dev, &frame("1", "s:x", 5_000)).await.unwrap()
+        ));
         assert!(
-            send(&store, dev, &frame("2", "s:y", 1_000)).await.unwrap(),
+            queued(send(&store, dev, &frame("2", "s:y", 1_000)).await.unwrap()),
             "long expired"
         );
         // A cancel takes the invite's topic.
-        assert!(send(&store, dev, &frame("3", "s:x", 5_000)).await.unwrap());
+        assert!(queued(
+            send(&store, dev, &frame("3", "s:x", 5_000)).await.unwrap()
+        ));
         let p = pending(&store, dev, 2_000).await.unwrap();
         assert_eq!(p.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["3"]);
         assert!(
@@ -290,22 +333,12 @@ mod tests {
         assert!(pending(&store, dev, 2_000).await.unwrap().is_empty());
         // The expired frame gives its place up to live ones.
         for i in 0..MAILBOX_FIELDS {
-            assert!(
-                send(
-                    &store,
-                    dev,
-                    &frame(&i.to_string(), &format!("t{i}"), u64::MAX)
-                )
-                .await
-                .unwrap()
-            );
+            let f = frame(&i.to_string(), &format!("t{i}"), u64::MAX);
+            let sent = send(&store, dev, &f).await.unwrap();
+            assert_eq!(sent, Sent::Queued, "no socket: queued");
         }
-        assert!(
-            !send(&store, dev, &frame("x", "t-extra", u64::MAX))
-                .await
-                .unwrap(),
-            "full"
-        );
+        let f = frame("x", "t-extra", u64::MAX);
+        assert_eq!(send(&store, dev, &f).await.unwrap(), Sent::Full);
     }
 
     #[tokio::test]
@@ -316,12 +349,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut a = hub.attach("dev-a");
         assert_eq!(hub.sockets(), 1);
-        send(&store, "dev-a", &frame("1", "t", u64::MAX))
-            .await
-            .unwrap();
-        send(&store, "dev-b", &frame("2", "t", u64::MAX))
-            .await
-            .unwrap();
+        hold_route(&store, "dev-a", hub.node()).await.unwrap();
+        // Another replica holds dev-b: its frame goes to that channel.
+        hold_route(&store, "dev-b", "other-replica").await.unwrap();
+        let (f1, f2) = (frame("1", "t", u64::MAX), frame("2", "t", u64::MAX));
+        assert_eq!(send(&store, "dev-a", &f1).await.unwrap(), Sent::ToSocket);
+        assert_eq!(send(&store, "dev-b", &f2).await.unwrap(), Sent::ToSocket);
         let got = tokio::time::timeout(Duration::from_secs(2), a.frames.recv())
             .await
             .unwrap()

@@ -109,7 +109,7 @@ async fn serve(
     state: &SignalState,
     me: &str,
 ) {
-    let _ = push::hold_route(&state.store, me).await;
+    let _ = push::hold_route(&state.store, me, state.hub.node()).await;
     // Frame ids this socket sent that may still be in the mailbox.
     let mut sent: std::collections::HashSet<String> = std::collections::HashSet::new();
     // What waited while the device was away.
@@ -185,7 +185,7 @@ async fn serve(
                     state.metrics.socket_closed("silent").inc();
                     break None;
                 }
-                let _ = push::hold_route(&state.store, me).await;
+                let _ = push::hold_route(&state.store, me, state.hub.node()).await;
                 if session.ping(b"").await.is_err() {
                     return;
                 }
