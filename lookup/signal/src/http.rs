@@ -116,6 +116,16 @@ fn store_down() -> HttpResponse {
     )
 }
 
+/// The requesting device (still registered) and its parsed body.
+async fn authed<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    state: &SignalState,
+    body: &[u8],
+) -> Result<(String, DeviceRecord, T), Box<HttpResponse>> {
+    let (me, record) = device_of(req, state).await?;
+    Ok((me, record, parse(body)?))
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<HttpResponse>> {
     serde_json::from_slice(body).map_err(|e| Box::new(problem(400, "bad request", e.to_string())))
 }
@@ -619,12 +629,8 @@ fn frame(kind: &str, topic: String, expires_ms: u64, body: serde_json::Value) ->
 }
 
 async fn invite(req: HttpRequest, state: web::Data<SignalState>, body: web::Bytes) -> HttpResponse {
-    let (me, record) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: InviteRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, record, r) = match authed::<InviteRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     if r.to.is_empty() || r.to.len() > MAX_INVITEES || !r.to.iter().all(|h| valid_handle(h)) {
@@ -841,12 +847,8 @@ async fn accept(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let (me, record) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: AcceptRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, record, r) = match authed::<AcceptRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     let inv = match opened_invitation(&state, &path, &r.invitation) {
@@ -964,12 +966,8 @@ async fn decline(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let (me, record) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: DeclineRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, record, r) = match authed::<DeclineRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     let inv = match opened_invitation(&state, &path, &r.invitation) {
@@ -1008,12 +1006,8 @@ async fn cancel(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let (me, _) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: CancelRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, _, r) = match authed::<CancelRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     let inv = match opened_invitation(&state, &path, &r.invitation) {
@@ -1091,12 +1085,8 @@ async fn update(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let (me, _) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: UpdateRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, _, r) = match authed::<UpdateRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     if !["relay-update", "ended", "app"].contains(&r.kind.as_str()) || r.sealed.len() > MAX_UPDATE {
@@ -1135,12 +1125,8 @@ async fn retry(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let (me, _) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: RetryRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, _, r) = match authed::<RetryRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     let (t, inviter) = match opened_ticket(&state, &path, &r.ticket, &me) {
@@ -1203,12 +1189,8 @@ async fn transfer(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let (me, _) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: TransferRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, _, r) = match authed::<TransferRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     let (t, inviter) = match opened_ticket(&state, &path, &r.ticket, &me) {
@@ -1285,12 +1267,8 @@ async fn take(
     path: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    let (me, record) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: TakeRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, record, r) = match authed::<TakeRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     let Some(x) = open::<TransferBlob>(&state, Purpose::Transfer, &r.transfer) else {
@@ -1391,12 +1369,8 @@ struct AckRequest {
 }
 
 async fn ack(req: HttpRequest, state: web::Data<SignalState>, body: web::Bytes) -> HttpResponse {
-    let (me, _) = match device_of(&req, &state).await {
-        Ok(d) => d,
-        Err(e) => return *e,
-    };
-    let r: AckRequest = match parse(&body) {
-        Ok(r) => r,
+    let (me, _, r) = match authed::<AckRequest>(&req, &state, &body).await {
+        Ok(v) => v,
         Err(e) => return *e,
     };
     for id in r.ids.iter().take(push::MAILBOX_FIELDS) {
