@@ -542,6 +542,41 @@ async fn push_to(state: &SignalState, device: &str, frame: &Frame) -> &'static s
     status
 }
 
+/// Pushes a frame from `make` (one per device: each its own id) to every
+/// device of `handle` but those in `skip`; the status each got.
+async fn push_to_handle(
+    state: &SignalState,
+    handle: &str,
+    skip: &[&str],
+    make: impl Fn() -> Frame,
+) -> Result<Vec<Delivered>, natrix_store::StoreError> {
+    let mut delivered = Vec::new();
+    for device in directory::devices_of(&state.store, handle).await? {
+        if skip.contains(&device.as_str()) {
+            continue;
+        }
+        let status = push_to(state, &device, &make()).await;
+        delivered.push(Delivered {
+            device_id: device,
+            handle: handle.to_owned(),
+            status,
+        });
+    }
+    Ok(delivered)
+}
+
+/// Whether this is the first claim on `key` before `until_ms` (a store
+/// counter; true when the store does not answer: failing open).
+async fn first_claim(state: &SignalState, key: &str, until_ms: u64) -> bool {
+    let left = Duration::from_millis(until_ms.saturating_sub(now_ms())).max(Duration::from_secs(1));
+    state.store.add(key, 1, left).await.map_or(true, |n| n <= 1)
+}
+
+/// When a ticket minted now expires (Unix ms).
+fn ticket_expiry(state: &SignalState) -> u64 {
+    now_ms() + u64::try_from(state.config.ticket_ttl.as_millis()).unwrap_or(0)
+}
+
 /// Wakes `device` through its push route (off the event loop; counted).
 async fn wake(state: &SignalState, device: &str, frame: &Frame) {
     let Ok(Some(record)) = directory::get(&state.store, device).await else {
@@ -690,12 +725,8 @@ async fn invite(req: HttpRequest, state: web::Data<SignalState>, body: web::Byte
     let invitation = seal(&state, Purpose::Invitation, &blob);
     let mut delivered = Vec::new();
     for handle in &r.to {
-        let devices = match directory::devices_of(&state.store, handle).await {
-            Ok(d) => d,
-            Err(_) => return store_down(),
-        };
-        for device in devices.into_iter().filter(|d| *d != me) {
-            let f = frame(
+        let make = || {
+            frame(
                 "invite",
                 format!("s:{sid}"),
                 expires_ms,
@@ -703,13 +734,11 @@ async fn invite(req: HttpRequest, state: web::Data<SignalState>, body: web::Byte
                     "session": sid, "from": from, "kind": r.kind, "info": r.info,
                     "invitation": invitation, "expires_ms": expires_ms,
                 }),
-            );
-            let status = push_to(&state, &device, &f).await;
-            delivered.push(Delivered {
-                device_id: device,
-                handle: handle.clone(),
-                status,
-            });
+            )
+        };
+        match push_to_handle(&state, handle, &[&me], make).await {
+            Ok(d) => delivered.extend(d),
+            Err(_) => return store_down(),
         }
     }
     state
@@ -865,15 +894,9 @@ async fn accept(
     // The first accept of each invited handle wins (fails open without the
     // store): one handle's devices answer once; several handles make a
     // star of pairs around the inviter.
-    let left =
-        Duration::from_millis(inv.expires_ms.saturating_sub(now_ms())).max(Duration::from_secs(1));
     let handle_key = pair_id(&inv.sid, &record.handle);
-    if let Ok(n) = state
-        .store
-        .add(&format!("natrix:sig:acc:{}:{handle_key}", inv.sid), 1, left)
-        .await
-        && n > 1
-    {
+    let acc_key = format!("natrix:sig:acc:{}:{handle_key}", inv.sid);
+    if !first_claim(&state, &acc_key, inv.expires_ms).await {
         state.metrics.invites("answered_elsewhere").inc();
         return problem(
             409,
@@ -903,7 +926,7 @@ async fn accept(
         b_profile: r.profile.clone(),
         a_region: inv.region.clone(),
         b_region: r.region.clone(),
-        expires_ms: now_ms() + u64::try_from(state.config.ticket_ttl.as_millis()).unwrap_or(0),
+        expires_ms: ticket_expiry(&state),
     };
     let ticket = seal(&state, Purpose::Ticket, &ticket_blob);
     let by = ticket_blob.b.clone();
@@ -919,23 +942,15 @@ async fn accept(
     );
     push_to(&state, &inv.from.device, &f).await;
     // The handle's other devices stop ringing (their invite is replaced).
-    {
-        let handle = &record.handle;
-        if let Ok(devices) = directory::devices_of(&state.store, handle).await {
-            for d in devices
-                .into_iter()
-                .filter(|d| *d != me && *d != inv.from.device)
-            {
-                let f = frame(
-                    "cancelled",
-                    format!("s:{}", inv.sid),
-                    inv.expires_ms,
-                    serde_json::json!({"session": inv.sid, "reason": "answered-elsewhere"}),
-                );
-                push_to(&state, &d, &f).await;
-            }
-        }
-    }
+    let cancel = || {
+        frame(
+            "cancelled",
+            format!("s:{}", inv.sid),
+            inv.expires_ms,
+            serde_json::json!({"session": inv.sid, "reason": "answered-elsewhere"}),
+        )
+    };
+    let _ = push_to_handle(&state, &record.handle, &[&me, &inv.from.device], cancel).await;
     state.metrics.invites("accepted").inc();
     HttpResponse::Ok().json(serde_json::json!({
         "session": inv.sid, "pair": pair, "mode": plan.mode, "plan": plan.b, "ticket": ticket,
@@ -1017,18 +1032,17 @@ async fn cancel(
     if inv.from.device != me {
         return problem(403, "not the inviter", "only the inviting device cancels");
     }
+    let reason: String = r.reason.chars().take(32).collect();
+    let cancel = || {
+        frame(
+            "cancelled",
+            format!("s:{}", inv.sid),
+            inv.expires_ms,
+            serde_json::json!({"session": inv.sid, "reason": reason}),
+        )
+    };
     for handle in &inv.to {
-        if let Ok(devices) = directory::devices_of(&state.store, handle).await {
-            for d in devices.into_iter().filter(|d| *d != me) {
-                let f = frame(
-                    "cancelled",
-                    format!("s:{}", inv.sid),
-                    inv.expires_ms,
-                    serde_json::json!({"session": inv.sid, "reason": r.reason.chars().take(32).collect::<String>()}),
-                );
-                push_to(&state, &d, &f).await;
-            }
-        }
+        let _ = push_to_handle(&state, handle, &[&me], cancel).await;
     }
     state.metrics.invites("cancelled").inc();
     HttpResponse::NoContent().finish()
@@ -1227,25 +1241,18 @@ async fn transfer(
             expires_ms,
         },
     );
-    let devices = match directory::devices_of(&state.store, &leaving.handle).await {
-        Ok(d) => d,
-        Err(_) => return store_down(),
-    };
-    let mut delivered = Vec::new();
-    for d in devices.into_iter().filter(|d| *d != me) {
-        let f = frame(
+    let ring = || {
+        frame(
             "transfer",
             format!("t:{}", t.pair),
             expires_ms,
             serde_json::json!({"pair": t.pair, "from": leaving, "peer": stay, "transfer": blob, "expires_ms": expires_ms}),
-        );
-        let status = push_to(&state, &d, &f).await;
-        delivered.push(Delivered {
-            device_id: d,
-            handle: leaving.handle.clone(),
-            status,
-        });
-    }
+        )
+    };
+    let delivered = match push_to_handle(&state, &leaving.handle, &[&me], ring).await {
+        Ok(d) => d,
+        Err(_) => return store_down(),
+    };
     HttpResponse::Accepted().json(serde_json::json!({"pair": t.pair, "delivered": delivered}))
 }
 
@@ -1287,14 +1294,7 @@ async fn take(
             "only another device of the same handle takes a call",
         );
     }
-    let left =
-        Duration::from_millis(x.expires_ms.saturating_sub(now_ms())).max(Duration::from_secs(1));
-    if let Ok(n) = state
-        .store
-        .add(&format!("natrix:sig:take:{}", x.pair), 1, left)
-        .await
-        && n > 1
-    {
+    if !first_claim(&state, &format!("natrix:sig:take:{}", x.pair), x.expires_ms).await {
         return problem(
             409,
             "taken elsewhere",
@@ -1324,7 +1324,7 @@ async fn take(
         b_profile: r.profile.clone(),
         a_region: x.stay_region.clone(),
         b_region: r.region.clone(),
-        expires_ms: now_ms() + u64::try_from(state.config.ticket_ttl.as_millis()).unwrap_or(0),
+        expires_ms: ticket_expiry(&state),
     };
     let ticket = seal(&state, Purpose::Ticket, &ticket_blob);
     let f = frame(
