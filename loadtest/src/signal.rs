@@ -74,33 +74,12 @@ fn http(
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
     let text = if body.is_null() {
         String::new()
     } else {
         body.to_string()
     };
-    let mut s = TcpStream::connect_timeout(&lookup, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    use std::io::{Read, Write};
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {lookup}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-        auth.unwrap_or_default(),
-        text.len()
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let status = raw
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("not HTTP")?;
-    let json = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((
-        status,
-        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
-    ))
+    crate::e2e::http(lookup, method, path, &text, token)
 }
 
 fn register(args: &SignalArgs, handle: &str) -> anyhow::Result<Device> {

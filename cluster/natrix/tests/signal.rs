@@ -96,29 +96,7 @@ fn connect(lookup: SocketAddr, d: &Device) -> Socket {
 /// The next frame of `kind` on `ws` within 5 s (acknowledged); frames of
 /// other kinds are acknowledged and skipped.
 fn expect(ws: &mut Socket, kind: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        assert!(Instant::now() < deadline, "no {kind} frame within 5 s");
-        match ws.read() {
-            Ok(Message::Text(t)) => {
-                let f: serde_json::Value = serde_json::from_str(&t).unwrap();
-                ws.send(Message::text(
-                    serde_json::json!({"ack": f["id"]}).to_string(),
-                ))
-                .unwrap();
-                if f["type"] == kind {
-                    return f;
-                }
-            }
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("socket: {e}"),
-        }
-    }
+    expect_within(ws, kind, Duration::from_secs(5))
 }
 
 /// No frame on `ws` for `wait`.
