@@ -729,6 +729,15 @@ fn websocket_floods_and_oversized_frames_are_closed_and_others_keep_ringing() {
     );
     assert_eq!(status, 202);
     expect(&mut b_ws, "invite");
+    // A device holds at most 4 sockets.
+    let _held: Vec<Socket> = (0..4).map(|_| connect(lk, &alice)).collect();
+    let stream = TcpStream::connect(lk).unwrap();
+    let fifth = format!("ws://{lk}/v1/push?token={}", alice.token);
+    assert!(tungstenite::client(fifth.as_str(), stream).is_err());
+    n.wait_metric(
+        "lookup_push_sockets_closed_total{reason=\"too_many\"}",
+        |v| v == 1.0,
+    );
     n.wait_metric("lookup_push_sockets_closed_total{reason=\"flood\"}", |v| {
         v == 1.0
     });

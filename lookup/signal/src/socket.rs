@@ -24,6 +24,9 @@ const PING_EVERY: Duration = Duration::from_secs(25);
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const SILENT_FOR: Duration = Duration::from_secs(60);
 const MAX_CLIENT_FRAME: usize = 4096;
+/// Sockets one device may hold on one replica (a reconnect overlaps its old
+/// socket for a moment; more is a leak or an attack on memory).
+const SOCKETS_PER_DEVICE: usize = 4;
 /// Client messages a second (acknowledgements, pongs).
 const CLIENT_RATE: f64 = 20.0;
 
@@ -62,6 +65,14 @@ pub(crate) async fn connect(
         Ok((id, _)) => id,
         Err(resp) => return Ok(*resp),
     };
+    if state.hub.sockets_of(&me) >= SOCKETS_PER_DEVICE {
+        state.metrics.socket_closed("too_many").inc();
+        return Ok(problem(
+            429,
+            "too many sockets",
+            format!("a device holds at most {SOCKETS_PER_DEVICE} push sockets"),
+        ));
+    }
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(MAX_CLIENT_FRAME);
     let attached = state.hub.attach(&me);
