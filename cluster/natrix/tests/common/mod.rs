@@ -245,6 +245,30 @@ impl Natrix {
 
 impl Drop for Natrix {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What a failing test needs to be understood: the refusals and
+            // drops the process counted, and the end of its log.
+            let counted: Vec<String> = http_get(self.metrics, "/metrics")
+                .map(|(_, text)| text)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    (l.starts_with("relay_requests_refused_total")
+                        || l.starts_with("relay_packets_dropped_total")
+                        || l.starts_with("relay_auth_failures_total"))
+                        && !l.ends_with(" 0")
+                })
+                .map(str::to_owned)
+                .collect();
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!(
+                "natrix under test (pid {}): {}\nlast log lines:\n{}",
+                self.pid(),
+                counted.join("\n"),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         if let Some(mut child) = self.child.take() {
             if matches!(child.try_wait(), Ok(None)) {
                 let _ = child.kill();
