@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, dev::Server, web};
+use actix_web::{App, HttpRequest, HttpResponse, dev::Server, web};
 use natrix_model::apikey::{AuthError, KeyRing, Scope, bearer, is_api_key};
 use natrix_model::grant::GrantRing;
 use natrix_registry::{SharedSnapshot, unix_ms};
@@ -399,32 +399,158 @@ pub fn configure(state: LookupState) -> impl FnOnce(&mut web::ServiceConfig) {
 /// More routes for lookup's server (signalling), registered after its own.
 pub type Routes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
 
-/// Binds the API on `addr` with `workers` threads, with `extra` routes;
+/// A connection that asked to switch protocols (`Connection: Upgrade`): the
+/// request head, the socket, and what the server read past the head. The
+/// HTTP server's buffers (8 KiB each way) are gone by then, so a held
+/// WebSocket costs what its owner keeps, not what the HTTP layer keeps.
+pub struct Upgraded {
+    /// The request line and headers.
+    pub head: actix_http::Request,
+    /// The client's connection.
+    pub io: actix_rt::net::TcpStream,
+    /// Bytes read after the head (a client may pipeline its first frame).
+    pub buffered: bytes::BytesMut,
+}
+
+/// Serves upgraded connections: answers the handshake (or refuses it) on
+/// `io` and returns once the connection is handed off (spawned) or closed.
+pub type Upgrade =
+    Arc<dyn Fn(Upgraded) -> futures_util::future::LocalBoxFuture<'static, ()> + Send + Sync>;
+
+/// What another role adds to lookup's server.
+#[derive(Clone)]
+pub struct Extension {
+    /// Routes registered after lookup's own.
+    pub routes: Routes,
+    /// Who serves `Connection: Upgrade` requests (without one they get 404).
+    pub upgrade: Option<Upgrade>,
+}
+
+/// Writes `resp` on a connection taken out of the HTTP server (an upgrade
+/// refused) as an HTTP/1.1 response that closes it, then closes it. A client
+/// that does not read within 2 s loses the answer.
+pub async fn answer_raw(io: &mut actix_rt::net::TcpStream, resp: HttpResponse) {
+    use std::fmt::Write as _;
+    use tokio::io::AsyncWriteExt as _;
+    let status = resp.status();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in resp.headers() {
+        if let Ok(v) = value.to_str() {
+            let _ = write!(head, "{name}: {v}\r\n");
+        }
+    }
+    let body = actix_web::body::to_bytes(resp.into_body())
+        .await
+        .unwrap_or_default();
+    let _ = write!(
+        head,
+        "content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        io.write_all(head.as_bytes()).await?;
+        io.write_all(&body).await?;
+        io.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+}
+
+async fn refuse_upgrade(mut up: Upgraded) {
+    let resp = HttpResponse::NotFound()
+        .content_type("application/problem+json")
+        .body(
+            serde_json::json!({
+                "type": "about:blank",
+                "title": "not found",
+                "status": 404,
+                "detail": "nothing upgrades here",
+            })
+            .to_string(),
+        );
+    answer_raw(&mut up.io, resp).await;
+}
+
+/// The listening socket: reusable address, a deep accept queue (a burst of
+/// push sockets reconnecting after a replica drains).
+fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Binds the API on `addr` with `workers` threads, with what `extra` adds;
 /// returns the server (to spawn inside an actix system) and the bound
 /// address.
 pub fn serve(
     addr: SocketAddr,
     workers: usize,
     state: LookupState,
-    extra: Option<Routes>,
+    extra: Option<Extension>,
 ) -> std::io::Result<(Server, SocketAddr)> {
-    let server = HttpServer::new(move || {
-        let app = App::new().configure(configure(state.clone()));
-        match &extra {
-            Some(routes) => app.configure(|cfg| routes(cfg)),
-            None => app,
-        }
-    })
-    .workers(workers.max(1))
-    .disable_signals()
-    .shutdown_timeout(2)
-    .bind(addr)?;
-    let bound = server
-        .addrs()
-        .first()
-        .copied()
-        .ok_or_else(|| std::io::Error::other("lookup bound no address"))?;
-    Ok((server.run(), bound))
+    use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _, fn_service, map_config};
+    let lst = listener(addr)?;
+    let bound = lst.local_addr()?;
+    let server = actix_server::Server::build()
+        .workers(workers.max(1))
+        .disable_signals()
+        .shutdown_timeout(2)
+        .listen("lookup", lst, move || {
+            let app = App::new().configure(configure(state.clone()));
+            let app = match &extra {
+                Some(e) => {
+                    let routes = e.routes.clone();
+                    app.configure(move |cfg| routes(cfg))
+                }
+                None => app,
+            };
+            let upgrade = extra.as_ref().and_then(|e| e.upgrade.clone());
+            let upgrades = fn_service(
+                move |(head, framed): (
+                    actix_http::Request,
+                    actix_codec::Framed<actix_rt::net::TcpStream, actix_http::h1::Codec>,
+                )| {
+                    let parts = framed.into_parts();
+                    let up = Upgraded {
+                        head,
+                        io: parts.io,
+                        buffered: parts.read_buf,
+                    };
+                    let fut = match &upgrade {
+                        Some(serve) => serve(up),
+                        None => Box::pin(refuse_upgrade(up)),
+                    };
+                    async move {
+                        fut.await;
+                        Ok::<(), std::convert::Infallible>(())
+                    }
+                },
+            );
+            actix_http::HttpService::build()
+                .keep_alive(actix_http::KeepAlive::default())
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .local_addr(bound)
+                .upgrade(upgrades)
+                .finish(map_config(
+                    app.into_factory()
+                        .map_err(|e: actix_web::Error| e.as_response_error().error_response()),
+                    |_| actix_web::dev::AppConfig::default(),
+                ))
+                .tcp()
+        })?
+        .run();
+    Ok((server, bound))
 }
 
 #[cfg(test)]

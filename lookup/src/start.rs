@@ -22,7 +22,7 @@ use crate::sessions::SessionLedger;
 use crate::{LookupConfig, LookupMetrics};
 
 /// What adds routes to lookup's server once its state exists (signalling).
-pub type Extend = Box<dyn FnOnce(&LookupState) -> crate::http::Routes>;
+pub type Extend = Box<dyn FnOnce(&LookupState) -> crate::http::Extension>;
 
 /// Starts the lookup role in the calling actix system: the snapshot keeper
 /// (registry snapshot every 500 ms, readiness gate `lookup registry`), the

@@ -442,21 +442,21 @@ async fn control_plane(
         .clone()
         .map(|r| natrix_relay::control::watch_store_secrets(&store, r));
     let publishers = publish_records(&store, plan, data, global, telemetry);
+    let push_hub = std::sync::Arc::new(std::sync::OnceLock::<natrix_signal::push::Hub>::new());
     let lookup = match &plan.lookup {
         Some((config, secrets)) => {
             let cluster_secret = secret.context(
                 "lookup needs the cluster secret to mint exchange tickets (--cluster-secret)",
             )?;
             let signal = {
+                let hub = push_hub.clone();
                 let (store, config) = (store.clone(), plan.signal.clone());
                 let (secret, telemetry) = (cluster_secret.bytes().to_vec(), telemetry.clone());
                 Box::new(move |lookup: &natrix_lookup::http::LookupState| {
                     let state =
                         natrix_signal::state(&store, config, lookup.clone(), &secret, &telemetry);
-                    let routes: natrix_lookup::http::Routes = std::sync::Arc::new(move |cfg| {
-                        natrix_signal::http::configure(state.clone())(cfg);
-                    });
-                    routes
+                    let _ = hub.set(state.hub.clone());
+                    natrix_signal::extension(state)
                 }) as natrix_lookup::Extend
             };
             Some(natrix_lookup::start(
@@ -475,6 +475,11 @@ async fn control_plane(
     let signal = signals.stop(reload.as_ref()).await;
     info!(signal, "shutting down");
     shut_down(telemetry, plan, data, &publishers, &mut signals).await;
+    // Push sockets are told to reconnect elsewhere before the server that
+    // holds them stops.
+    if let Some(hub) = push_hub.get() {
+        hub.drain_and_wait(Duration::from_secs(2)).await;
+    }
     // The HTTP servers finish their requests, within the shutdown timeout.
     let http = async {
         if let Some((h, _)) = lookup {

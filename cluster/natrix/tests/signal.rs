@@ -684,12 +684,43 @@ fn close_code(ws: &mut Socket) -> u16 {
     }
 }
 
-/// A socket flooding the server, or sending a frame over 4 KiB, is closed
-/// with 1008 and counted; a socket without a valid token never opens; the
-/// other devices' sockets keep working.
+/// A raw handshake on a new connection; the server's answer up to `want`
+/// bytes or the end of the stream, and the stream.
+fn raw_upgrade(lookup: SocketAddr, path: &str, want: usize) -> (Vec<u8>, TcpStream) {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect(lookup).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: natrix\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < want {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n")
+            && got.starts_with(b"HTTP/1.1 101")
+        {
+            got.truncate(end + 4);
+            break;
+        }
+    }
+    (got, s)
+}
+
+/// A socket flooding the server, sending a frame over 4 KiB or a frame RFC
+/// 6455 forbids is closed with its code and counted; a socket without a
+/// valid token never opens; a device holds 4 sockets and a replica
+/// `--max-push-sockets`; the other devices' sockets keep working.
 #[test]
 fn websocket_floods_and_oversized_frames_are_closed_and_others_keep_ringing() {
-    let n = up(&[]);
+    use std::io::{Read as _, Write as _};
+    let n = up(&["--max-push-sockets", "6"]);
     let lk = n.lookup;
     let alice = register(lk, "alice", "a");
     let bob = register(lk, "bob", "b");
@@ -707,10 +738,28 @@ fn websocket_floods_and_oversized_frames_are_closed_and_others_keep_ringing() {
     assert_eq!(close_code(&mut flood), 1008);
     let mut big = connect(lk, &mallory);
     let _ = big.send(Message::text("x".repeat(5000)));
-    let code = close_code(&mut big);
+    assert_eq!(close_code(&mut big), 1009);
+    // An unmasked client frame: 1002, with the accept key RFC 6455 gives.
+    let (head, mut raw) = raw_upgrade(lk, &format!("/v1/push?token={}", mallory.token), 4096);
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(
-        code == 1008 || code == 1009 || code == 1006,
-        "closed with {code}"
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    raw.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+    let mut close = [0u8; 4];
+    raw.read_exact(&mut close).unwrap();
+    assert_eq!(close[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002);
+    // Not a WebSocket: 426; another path: 404.
+    let (status, _) = call(lk, "GET", "/v1/push", None, Some(&bob.token));
+    assert_eq!(status, 426);
+    let (other, _) = raw_upgrade(lk, "/v1/plan", 4096);
+    assert!(
+        other.starts_with(b"HTTP/1.1 404"),
+        "{}",
+        String::from_utf8_lossy(&other)
     );
     // Without a valid token: a 401, no socket.
     let stream = TcpStream::connect(lk).unwrap();
@@ -729,6 +778,9 @@ fn websocket_floods_and_oversized_frames_are_closed_and_others_keep_ringing() {
     );
     assert_eq!(status, 202);
     expect(&mut b_ws, "invite");
+    // The closed sockets are gone once their clients hang up.
+    drop((flood, big, raw));
+    n.wait_metric("lookup_push_sockets", |v| v == 1.0);
     // A device holds at most 4 sockets.
     let _held: Vec<Socket> = (0..4).map(|_| connect(lk, &alice)).collect();
     let stream = TcpStream::connect(lk).unwrap();
@@ -741,6 +793,21 @@ fn websocket_floods_and_oversized_frames_are_closed_and_others_keep_ringing() {
     n.wait_metric("lookup_push_sockets_closed_total{reason=\"flood\"}", |v| {
         v == 1.0
     });
+    n.wait_metric(
+        "lookup_push_sockets_closed_total{reason=\"protocol\"}",
+        |v| v == 2.0,
+    );
+    // Bob's second socket is the replica's sixth; Mallory's is one too many.
+    let _b2 = connect(lk, &bob);
+    n.wait_metric("lookup_push_sockets", |v| v == 6.0);
+    let (full, _) = raw_upgrade(lk, &format!("/v1/push?token={}", mallory.token), 4096);
+    let full = String::from_utf8_lossy(&full).to_lowercase();
+    assert!(full.starts_with("http/1.1 503"), "{full}");
+    assert!(full.contains("retry-after: 5"), "{full}");
+    n.wait_metric(
+        "lookup_push_sockets_closed_total{reason=\"replica_full\"}",
+        |v| v == 1.0,
+    );
 }
 
 /// Two lookup replicas on one Redis: a device whose socket is on the other

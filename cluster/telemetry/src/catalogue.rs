@@ -664,11 +664,11 @@ pub const LOOKUP_PUSH_SOCKETS: MetricDef = metric(
 /// Push sockets closed by the server.
 pub const LOOKUP_PUSH_SOCKETS_CLOSED_TOTAL: MetricDef = metric(
     "lookup_push_sockets_closed_total",
-    "Push WebSockets the server closed or refused: flood (over 20 messages a second), protocol (a bad or oversized frame), silent (nothing heard for 60 s), too_many (a device over its 4 sockets).",
+    "Push WebSockets the server closed or refused: flood (over 20 messages a second), protocol (a bad or oversized frame), silent (nothing heard for 60 s), too_many (a device over its 4 sockets), replica_full (the replica at --max-push-sockets).",
     Kind::Counter,
     &[Label {
         name: "reason",
-        values: &["flood", "protocol", "silent", "too_many"],
+        values: &["flood", "protocol", "silent", "too_many", "replica_full"],
     }],
 );
 

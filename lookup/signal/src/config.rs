@@ -66,6 +66,16 @@ pub struct SignalConfig {
     )]
     pub ticket_ttl: Duration,
 
+    /// Push sockets one replica holds at most (503 with Retry-After past
+    /// it, so the device reconnects to another replica); each costs a few
+    /// KB and a file descriptor.
+    #[arg(
+        long = "max-push-sockets",
+        env = "NATRIX_MAX_PUSH_SOCKETS",
+        default_value_t = 50_000
+    )]
+    pub max_push_sockets: usize,
+
     /// The VAPID key Web Push messages are signed with (PKCS#8 P-256,
     /// base64url). Without it the cluster generates one and keeps it in the
     /// coordination store, so every replica signs with the same key.
@@ -100,6 +110,7 @@ impl Default for SignalConfig {
             invite_lifetime: Duration::from_secs(60),
             invites_per_minute: 30,
             ticket_ttl: Duration::from_secs(3600),
+            max_push_sockets: 50_000,
             vapid_key: None,
             vapid_subject: "mailto:admin@localhost".into(),
             webhook_url: None,

@@ -1420,7 +1420,7 @@ pub fn configure(state: SignalState) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/v1/devices/{id}/token", web::post().to(refresh))
                 .route("/v1/devices/{id}/push", web::put().to(reroute))
                 .route("/v1/devices/{id}", web::delete().to(unregister))
-                .route("/v1/push", web::get().to(crate::socket::connect))
+                .route("/v1/push", web::get().to(crate::socket::not_upgraded))
                 .route("/v1/push/pending", web::get().to(pending))
                 .route("/v1/push/ack", web::post().to(ack))
                 .route("/v1/push/vapid", web::get().to(vapid))

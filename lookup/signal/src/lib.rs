@@ -24,6 +24,7 @@ pub mod push;
 mod socket;
 pub mod wake;
 mod wake_keys;
+mod ws;
 
 use std::sync::Arc;
 
@@ -64,5 +65,15 @@ pub fn state(
         hub,
         metrics: SignalMetrics::new(telemetry),
         vapid: Arc::new(tokio::sync::OnceCell::new()),
+    }
+}
+
+/// What signalling adds to lookup's server: its routes, and the push
+/// WebSocket served off the HTTP server's upgrade hook.
+pub fn extension(state: SignalState) -> natrix_lookup::http::Extension {
+    let upgrade = socket::upgrade(Arc::new(state.clone()));
+    natrix_lookup::http::Extension {
+        routes: Arc::new(move |cfg| http::configure(state.clone())(cfg)),
+        upgrade: Some(upgrade),
     }
 }

@@ -251,6 +251,17 @@ impl Hub {
         }
     }
 
+    /// Drains (see [`Hub::drain`]) and waits, up to `within`, until every
+    /// socket here said its goodbye: the HTTP server stopping drops what is
+    /// left.
+    pub async fn drain_and_wait(&self, within: Duration) {
+        self.drain();
+        let deadline = tokio::time::Instant::now() + within;
+        while self.sockets() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sockets held.
     pub fn sockets(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
