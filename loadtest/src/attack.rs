@@ -32,7 +32,7 @@ use crate::stats::Latency;
 use crate::turn::{Credentials, Tls, Transport, TurnClient, error_kind};
 
 /// Every attack, in the order `all` runs them.
-const ATTACKS: [&str; 16] = [
+const ATTACKS: [&str; 19] = [
     "plan-no-key",
     "plan-rate",
     "alloc-one-source",
@@ -49,6 +49,9 @@ const ATTACKS: [&str; 16] = [
     "redis-stop",
     "metrics-flood",
     "plan-forged-grant",
+    "auth-flood",
+    "push-sockets",
+    "invite-flood",
 ];
 
 /// Options of `attack`.
@@ -109,6 +112,12 @@ pub(crate) struct AttackArgs {
     /// Linux without set-up).
     #[arg(long, default_value = "127.0.0.66")]
     pub(crate) attacker_ip: IpAddr,
+    /// The refused authentications lookup allows one source a minute
+    /// (its `--auth-failures-per-minute`; 0 when it does not limit them).
+    /// The failing-credential attacks come from the address after
+    /// `--attacker-ip`, so the throttle they earn spares the others.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) auth_failures_per_minute: u32,
 }
 
 /// What one attack showed.
@@ -312,6 +321,7 @@ impl AttackArgs {
             connections: self.connections,
             local: self.local,
             attacker_ip: self.attacker_ip,
+            auth_failures_per_minute: self.auth_failures_per_minute,
         }
     }
 
@@ -321,6 +331,32 @@ impl AttackArgs {
 
     fn deadline(&self) -> Instant {
         Instant::now() + self.duration
+    }
+
+    /// Where the failing-credential attacks come from.
+    fn failing_ip(&self) -> IpAddr {
+        match self.attacker_ip {
+            IpAddr::V4(a) => {
+                let mut o = a.octets();
+                o[3] = o[3].wrapping_add(1);
+                IpAddr::from(o)
+            }
+            IpAddr::V6(a) => {
+                let mut s = a.segments();
+                s[3] = s[3].wrapping_add(1);
+                IpAddr::from(s)
+            }
+        }
+    }
+
+    /// Whether the failing-credential answers were bounded: only 401 and
+    /// 429, and no more 401s than the source's allowance over `took`.
+    fn refusals_bounded(&self, answers: &BTreeMap<String, u64>, took: Duration) -> bool {
+        let only = answers.keys().all(|k| k == "401" || k == "429");
+        let limit = f64::from(self.auth_failures_per_minute);
+        let allowed = limit + limit / 60.0 * took.as_secs_f64() + 2.0;
+        let refused = answers.get("401").copied().unwrap_or(0) as f64;
+        only && (self.auth_failures_per_minute == 0 || refused <= allowed)
     }
 
     fn grant(&self, scope: &str) -> Option<String> {
@@ -468,11 +504,11 @@ fn side_credentials(side: &serde_json::Value) -> Option<Credentials> {
 
 fn plan_no_key(args: &AttackArgs) -> Outcome {
     let mut o = Outcome::default();
-    let deadline = args.deadline();
+    let (started, deadline) = (Instant::now(), args.deadline());
     let mut n = 0;
     while Instant::now() < deadline && n < 5000 {
         let s = http_status(
-            args.attacker_ip,
+            args.failing_ip(),
             args.lookup,
             "POST",
             "/v1/plan",
@@ -490,7 +526,7 @@ fn plan_no_key(args: &AttackArgs) -> Outcome {
         );
         n += 1;
     }
-    o.bounded = o.answers.len() == 1 && o.answers.contains_key("401");
+    o.bounded = args.refusals_bounded(&o.answers, started.elapsed());
     o.server_did = format!(
         "{n} plans without a key or with an unknown one: {}",
         tally(&o.answers)
@@ -525,12 +561,13 @@ fn plan_forged_grant(args: &AttackArgs) -> Outcome {
         natrix_model::grant::mint(real, &claims(now.saturating_sub(3600))),
         natrix_model::grant::mint(real, &claims(now + 86_400)),
     ];
+    let (started, deadline) = (Instant::now(), args.deadline());
     for (i, g) in grants.iter().cycle().take(300).enumerate() {
-        if i > 0 && Instant::now() > args.deadline() {
+        if i > 0 && Instant::now() > deadline {
             break;
         }
         let s = http_status(
-            args.attacker_ip,
+            args.failing_ip(),
             args.lookup,
             "POST",
             "/v1/plan",
@@ -543,7 +580,7 @@ fn plan_forged_grant(args: &AttackArgs) -> Outcome {
             s.map_or_else(|e| format!("error {}", e.kind()), |s| s.to_string()),
         );
     }
-    o.bounded = o.answers.len() == 1 && o.answers.contains_key("401");
+    o.bounded = args.refusals_bounded(&o.answers, started.elapsed());
     o.server_did = format!("forged, expired and too-long grants: {}", tally(&o.answers));
     o
 }
@@ -1262,6 +1299,278 @@ fn exchange_replay(args: &AttackArgs) -> Outcome {
     o
 }
 
+// ----------------------------------------------------------- signalling
+
+/// A WebSocket handshake from `from` for `/v1/push?token=…`: the status.
+fn ws_handshake_status(from: IpAddr, to: SocketAddr, token: &str) -> std::io::Result<u16> {
+    let mut s = tcp_from(from, to)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET /v1/push?token={token} HTTP/1.1\r\nHost: {to}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("not HTTP"))
+}
+
+/// A device of `handle` (a grant from `--grant-secret`): its token.
+fn attack_device(args: &AttackArgs, handle: &str) -> Option<String> {
+    crate::signal::register_device(args.lookup, args.grant_secret.as_ref(), handle).ok()
+}
+
+/// A legitimate device that must keep ringing through an attack: its
+/// socket (from `--local`), read with a short timeout.
+fn legit_device(args: &AttackArgs, handle: &str) -> Option<crate::signal::Socket> {
+    let token = attack_device(args, handle)?;
+    let stream = tcp_from(args.local, args.lookup).ok()?;
+    let url = format!("ws://{}/v1/push?token={token}", args.lookup);
+    let (ws, _) = tungstenite::client(url.as_str(), stream).ok()?;
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .ok()?;
+    Some(ws)
+}
+
+/// The next text frame on `ws`, acknowledged as a device does (None on a
+/// read timeout or a closed socket).
+fn read_acking(ws: &mut crate::signal::Socket) -> Option<String> {
+    match ws.read() {
+        Ok(tungstenite::Message::Text(t)) => {
+            if let Ok(f) = serde_json::from_str::<serde_json::Value>(&t) {
+                let ack = serde_json::json!({"ack": f["id"]}).to_string();
+                let _ = ws.send(tungstenite::Message::text(ack));
+            }
+            Some(t.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Whether `ws` gets an `invite` frame within 3 s of an invitation from a
+/// fresh caller (registered and calling from `--local`).
+fn still_rings(args: &AttackArgs, ws: &mut crate::signal::Socket, callee: &str) -> bool {
+    let caller_handle = format!("{callee}-caller");
+    let Some(caller) = attack_device(args, &caller_handle) else {
+        return false;
+    };
+    let body = serde_json::json!({"to": [callee], "profile": {"class": "open"}}).to_string();
+    if !matches!(
+        crate::e2e::http(args.lookup, "POST", "/v1/invitations", &body, Some(&caller)),
+        Ok((202, _))
+    ) {
+        return false;
+    }
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        if read_acking(ws)
+            .is_some_and(|t| t.contains("\"type\":\"invite\"") && t.contains(&caller_handle))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+fn run_tag() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// Forged device tokens, refresh signatures for devices that do not
+/// exist and WebSocket handshakes with forged tokens, as fast as one
+/// source goes: each a 401 until the source's allowance is used, then 429
+/// before any work; a device elsewhere keeps ringing.
+fn auth_flood(args: &AttackArgs) -> Outcome {
+    if args.grant_secret.is_none() {
+        return Outcome::skipped("needs --grant-secret (a legitimate device)");
+    }
+    let callee = format!("legit-{}", run_tag());
+    let Some(mut legit) = legit_device(args, &callee) else {
+        return Outcome::skipped("no legitimate device (signalling off?)");
+    };
+    let mut o = Outcome::default();
+    let (started, deadline) = (Instant::now(), args.deadline());
+    let forged = "dZZZZZZZZZZZZZZZZZZZZZZZZZ.9999999999.v1.AAAAAAAAAAAAAAAAAAAAAA";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut n = 0u32;
+    while Instant::now() < deadline && n < 3000 {
+        let s = match n % 3 {
+            0 => http_status(
+                args.failing_ip(),
+                args.lookup,
+                "GET",
+                "/v1/push/pending",
+                "",
+                Some(forged),
+                Duration::from_secs(2),
+            ),
+            1 => {
+                let id: String = (0..26)
+                    .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+                    .collect();
+                let body = format!(r#"{{"ts":{now},"sig":"AAAA"}}"#);
+                http_status(
+                    args.failing_ip(),
+                    args.lookup,
+                    "POST",
+                    &format!("/v1/devices/{id}/token"),
+                    &body,
+                    None,
+                    Duration::from_secs(2),
+                )
+            }
+            _ => ws_handshake_status(args.failing_ip(), args.lookup, forged),
+        };
+        count(
+            &mut o.answers,
+            s.map_or_else(|e| format!("error {}", e.kind()), |s| s.to_string()),
+        );
+        n += 1;
+    }
+    let rang = still_rings(args, &mut legit, &callee);
+    o.answers
+        .insert("legit device rang".into(), u64::from(rang));
+    let mut refusals = o.answers.clone();
+    refusals.remove("legit device rang");
+    o.bounded = rang
+        && args.refusals_bounded(&refusals, started.elapsed())
+        && (args.auth_failures_per_minute == 0 || refusals.contains_key("429"));
+    o.server_did = format!(
+        "{n} forged device tokens, refreshes and push handshakes from one source: {}; a device elsewhere {}",
+        tally(&refusals),
+        if rang { "still rang" } else { "did NOT ring" }
+    );
+    o
+}
+
+/// One device opening every socket it can, then flooding one: the
+/// device's socket cap (4) and the flood limit (1008) hold, and a device
+/// elsewhere keeps ringing.
+fn push_sockets(args: &AttackArgs) -> Outcome {
+    let tag = run_tag();
+    let callee = format!("legit-{tag}");
+    let (Some(token), Some(mut legit)) = (
+        attack_device(args, &format!("mallory-{tag}")),
+        legit_device(args, &callee),
+    ) else {
+        return Outcome::skipped("needs --grant-secret (devices to attack with)");
+    };
+    let mut o = Outcome::default();
+    let mut held = Vec::new();
+    let deadline = args.deadline();
+    for _ in 0..64 {
+        if Instant::now() > deadline {
+            break;
+        }
+        let Ok(stream) = tcp_from(args.attacker_ip, args.lookup) else {
+            count(&mut o.answers, "connect error");
+            continue;
+        };
+        let url = format!("ws://{}/v1/push?token={token}", args.lookup);
+        match tungstenite::client(url.as_str(), stream) {
+            Ok((ws, _)) => {
+                count(&mut o.answers, "opened");
+                held.push(ws);
+            }
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                count(&mut o.answers, r.status().as_u16().to_string());
+            }
+            Err(_) => count(&mut o.answers, "handshake error"),
+        }
+    }
+    // Flood the first socket with acknowledgements.
+    let mut close = None;
+    if let Some(ws) = held.first_mut() {
+        let _ = ws
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(20)));
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut i = 0u32;
+        while close.is_none() && Instant::now() < until {
+            let _ = ws.send(tungstenite::Message::text(format!("{{\"ack\":\"{i}\"}}")));
+            i += 1;
+            match ws.read() {
+                Ok(tungstenite::Message::Close(Some(c))) => close = Some(u16::from(c.code)),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if natrix_net::is_timeout(&e) => {}
+                Err(_) => close = Some(1006),
+            }
+        }
+    }
+    let rang = still_rings(args, &mut legit, &callee);
+    let opened = o.answers.get("opened").copied().unwrap_or(0);
+    o.answers.insert(
+        "flooded socket closed with".into(),
+        u64::from(close.unwrap_or(0)),
+    );
+    o.answers
+        .insert("legit device rang".into(), u64::from(rang));
+    o.bounded = opened <= 4 && close == Some(1008) && rang;
+    o.server_did = format!(
+        "one device asked for 64 push sockets: {opened} opened, the rest {}; its flooding socket closed with {}; a device elsewhere {}",
+        o.answers
+            .get("429")
+            .map_or("refused otherwise".into(), |n| format!("429 ×{n}")),
+        close.map_or("nothing".into(), |c| c.to_string()),
+        if rang { "still rang" } else { "did NOT ring" }
+    );
+    o
+}
+
+/// One device calling a victim as fast as it can: the per-device invite
+/// rate holds, the victim's mailbox stays bounded, and the victim still
+/// rings for another caller.
+fn invite_flood(args: &AttackArgs) -> Outcome {
+    let tag = run_tag();
+    let callee = format!("victim-{tag}");
+    let (Some(token), Some(mut legit)) = (
+        attack_device(args, &format!("mallory-{tag}")),
+        legit_device(args, &callee),
+    ) else {
+        return Outcome::skipped("needs --grant-secret (devices to attack with)");
+    };
+    let mut o = Outcome::default();
+    let body = serde_json::json!({"to": [callee], "profile": {"class": "open"}}).to_string();
+    let deadline = args.deadline();
+    let mut n = 0u32;
+    while Instant::now() < deadline && n < 500 {
+        let s = http_status(
+            args.attacker_ip,
+            args.lookup,
+            "POST",
+            "/v1/invitations",
+            &body,
+            Some(&token),
+            Duration::from_secs(2),
+        );
+        count(
+            &mut o.answers,
+            s.map_or_else(|e| format!("error {}", e.kind()), |s| s.to_string()),
+        );
+        n += 1;
+    }
+    // The victim's device takes (and acknowledges) what rang it.
+    while read_acking(&mut legit).is_some() {}
+    let rang = still_rings(args, &mut legit, &callee);
+    let accepted = o.answers.get("202").copied().unwrap_or(0);
+    o.answers.insert("legit call rang".into(), u64::from(rang));
+    // The default is 30 a minute per device.
+    o.bounded = accepted <= 60 && o.answers.contains_key("429") && rang;
+    o.server_did = format!(
+        "{n} invitations from one device to one victim: {accepted} accepted (202), {} refused (429); the victim {} for another caller",
+        o.answers.get("429").copied().unwrap_or(0),
+        if rang { "still rang" } else { "did NOT ring" }
+    );
+    o
+}
+
 // ------------------------------------------------------------------ run
 
 fn run_one(name: &str, args: &AttackArgs, creds: &Credentials) -> Outcome {
@@ -1282,6 +1591,9 @@ fn run_one(name: &str, args: &AttackArgs, creds: &Credentials) -> Outcome {
         "garbage" => garbage(args),
         "redis-stop" => redis_stop(args),
         "metrics-flood" => metrics_flood(args),
+        "auth-flood" => auth_flood(args),
+        "push-sockets" => push_sockets(args),
+        "invite-flood" => invite_flood(args),
         other => Outcome::skipped(&format!("no attack named {other}")),
     }
 }

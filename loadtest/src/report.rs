@@ -399,7 +399,8 @@ pub(crate) fn headline(report: &Value) -> Vec<(&str, String)> {
 }
 
 /// Every latency distribution in the report, with a title: the top-level
-/// one and those under `phases` or `modes`.
+/// one and those under `phases` or `modes` (an entry's `latency`, or the
+/// entry itself when it is a distribution).
 fn latencies(report: &Value) -> Vec<(String, &Value)> {
     let mut out = Vec::new();
     if report["latency"]["count"].as_u64().unwrap_or(0) > 0 {
@@ -408,8 +409,17 @@ fn latencies(report: &Value) -> Vec<(String, &Value)> {
     for group in ["phases", "modes"] {
         if let Some(m) = report[group].as_object() {
             for (name, v) in m {
-                if v["latency"]["count"].as_u64().unwrap_or(0) > 0 {
-                    out.push((name.clone(), &v["latency"]));
+                // A group entry holds its distribution, or is one (the
+                // signal scenario's phases).
+                let l = if v["latency"].is_object() {
+                    &v["latency"]
+                } else if v["histogram"].is_array() {
+                    v
+                } else {
+                    continue;
+                };
+                if l["count"].as_u64().unwrap_or(0) > 0 {
+                    out.push((name.clone(), l));
                 }
             }
         }

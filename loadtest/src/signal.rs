@@ -185,7 +185,7 @@ pub(crate) fn plan_by_invitation(
     }))
 }
 
-type Socket = tungstenite::WebSocket<TcpStream>;
+pub(crate) type Socket = tungstenite::WebSocket<TcpStream>;
 
 fn connect(lookup: SocketAddr, d: &Device) -> anyhow::Result<Socket> {
     let stream = TcpStream::connect_timeout(&lookup, Duration::from_secs(3))?;

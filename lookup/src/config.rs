@@ -86,4 +86,26 @@ pub struct LookupConfig {
         value_delimiter = ','
     )]
     pub grant_secrets: Vec<natrix_model::TurnSecret>,
+
+    /// Refused authentications (401: no, wrong or forged key, grant or
+    /// device token) one source (an IPv4 address, an IPv6 /64) may have a minute, with
+    /// as many at once; past them its requests get 429 before any work
+    /// until it earns one back. 0 turns the limit off.
+    #[arg(
+        long = "auth-failures-per-minute",
+        env = "NATRIX_AUTH_FAILURES_PER_MINUTE",
+        default_value_t = 60
+    )]
+    pub auth_failures_per_minute: u32,
+
+    /// Proxies (addresses or networks, comma separated) in front of
+    /// lookup whose `X-Forwarded-For` names the client: the nearest address
+    /// in it that is not itself a trusted proxy is the source the limit
+    /// above counts. Without it the TCP peer is the source.
+    #[arg(
+        long = "trusted-proxy",
+        env = "NATRIX_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<natrix_model::IpNet>,
 }

@@ -43,6 +43,8 @@ pub struct LookupState {
     pub ledger: Arc<SessionLedger>,
     /// Live sessions a tenant may hold unless its key sets its own cap.
     pub max_sessions: u64,
+    /// Sources that keep failing authentication.
+    pub guard: Arc<crate::guard::AuthGuard>,
 }
 
 /// Who is calling, once authorised.
@@ -474,6 +476,22 @@ async fn refuse_upgrade(mut up: Upgraded) {
     answer_raw(&mut up.io, resp).await;
 }
 
+/// The answer to a source that used its refused authentications up.
+pub fn throttled_response(retry_after: u64) -> HttpResponse {
+    HttpResponse::TooManyRequests()
+        .content_type("application/problem+json")
+        .insert_header(("Retry-After", retry_after.to_string()))
+        .body(
+            serde_json::json!({
+                "type": "about:blank",
+                "title": "too many refused authentications",
+                "status": 429,
+                "detail": "requests from this network failed authentication too often: retry later with a valid credential",
+            })
+            .to_string(),
+        )
+}
+
 /// The listening socket: reusable address, a deep accept queue (a burst of
 /// push sockets reconnecting after a replica drains).
 fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -506,7 +524,34 @@ pub fn serve(
         .disable_signals()
         .shutdown_timeout(2)
         .listen("lookup", lst, move || {
-            let app = App::new().configure(configure(state.clone()));
+            let guard = (state.guard.clone(), state.metrics.throttled.clone());
+            let app = App::new()
+                .wrap_fn(move |req, srv| {
+                    use actix_web::dev::Service as _;
+                    let (guard, throttled) = guard.clone();
+                    let source = guard.source(
+                        req.peer_addr(),
+                        req.headers()
+                            .get("x-forwarded-for")
+                            .and_then(|v| v.to_str().ok()),
+                    );
+                    if let Some(wait) = guard.throttled(source) {
+                        throttled.inc();
+                        let resp = throttled_response(wait);
+                        return futures_util::future::Either::Left(std::future::ready(Ok(
+                            req.into_response(resp)
+                        )));
+                    }
+                    let answer = srv.call(req);
+                    futures_util::future::Either::Right(async move {
+                        let res = answer.await?;
+                        if res.status() == actix_web::http::StatusCode::UNAUTHORIZED {
+                            guard.refused(source);
+                        }
+                        Ok(res)
+                    })
+                })
+                .configure(configure(state.clone()));
             let app = match &extra {
                 Some(e) => {
                     let routes = e.routes.clone();

@@ -21,6 +21,7 @@
 
 pub mod api;
 mod config;
+pub mod guard;
 pub mod http;
 mod metrics;
 pub mod planner;

@@ -20,6 +20,8 @@ pub struct LookupMetrics {
     pub refreshes: [IntCounter; 2],
     /// Per-key series.
     pub(crate) keys: KeyMetrics,
+    /// Requests turned away for their source's refused authentications.
+    pub throttled: IntCounter,
 }
 
 /// The per-key series, bounded: the first [`cat::MAX_KEY_SERIES`] keys
@@ -106,6 +108,7 @@ impl LookupMetrics {
                 live: telemetry.gauge_family(&cat::LOOKUP_KEY_LIVE_SESSIONS),
                 labelled: Default::default(),
             },
+            throttled: telemetry.counter(&cat::LOOKUP_THROTTLED_TOTAL),
         }
     }
 

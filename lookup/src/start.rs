@@ -59,6 +59,10 @@ pub fn start(
         grants: Arc::new(GrantRing::new(config.grant_secrets.iter().cloned())),
         ledger: sync_sessions(store, config.token_ttl.max(Duration::from_secs(60))),
         max_sessions: config.api_key_max_sessions,
+        guard: Arc::new(crate::guard::AuthGuard::new(
+            config.auth_failures_per_minute,
+            config.trusted_proxies.clone(),
+        )),
     };
     let extra = extend.map(|f| f(&state));
     let (server, addr) = crate::http::serve(config.lookup_listen, workers, state, extra)

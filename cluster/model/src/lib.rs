@@ -36,6 +36,7 @@
 pub mod apikey;
 pub mod grant;
 pub mod invitation;
+mod ipnet;
 pub mod limiter;
 pub mod nat;
 pub mod secret;
@@ -43,6 +44,7 @@ pub mod signal;
 pub mod token;
 pub mod transport;
 
+pub use ipnet::IpNet;
 pub use nat::{Behaviour, Filtering, Mapping, NatClass, NatProfile, ProfileError, direct_feasible};
 pub use secret::{ClusterSecret, Redacted, SecretError, TurnSecret};
 pub use token::SessionToken;

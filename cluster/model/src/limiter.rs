@@ -74,13 +74,17 @@ pub struct UnauthLimiter {
     overflow: Bucket,
     /// When a full table was last swept.
     full_sweep: Instant,
+    /// Bits dropped from an IPv4 and an IPv6 address to make its key: /24
+    /// and /48 where sources can be spoofed (UDP), /32 and /64 where they
+    /// cannot (TCP).
+    shifts: (u32, u32),
 }
 
 #[inline]
-fn prefix(ip: IpAddr) -> u64 {
+fn prefix(ip: IpAddr, (v4, v6): (u32, u32)) -> u64 {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => u64::from(u32::from(v4) >> 8),
-        IpAddr::V6(v6) => (1 << 63) | (u128::from(v6) >> 80) as u64,
+        IpAddr::V4(ip) => u64::from(u32::from(ip) >> v4),
+        IpAddr::V6(ip) => (1 << 63) | ((u128::from(ip) >> v6) as u64 & !(1 << 63)),
     }
 }
 
@@ -99,7 +103,15 @@ impl UnauthLimiter {
                 updated: now,
             },
             full_sweep: now,
+            shifts: (8, 80),
         }
+    }
+
+    /// Keys sources by address (IPv4) and /64 (IPv6) instead of /24 and
+    /// /48: for connections, whose source addresses are not spoofed.
+    pub fn per_address(mut self) -> UnauthLimiter {
+        self.shifts = (0, 64);
+        self
     }
 
     /// True when one more unauthenticated answer to `ip` is allowed now.
@@ -107,12 +119,31 @@ impl UnauthLimiter {
     #[inline]
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         let l = self.limits;
-        let key = prefix(ip);
+        let key = prefix(ip, self.shifts);
         let allowed = match self.prefixes.get_mut(&key) {
             Some(bucket) => bucket.take(now, l.per_prefix_rate, l.per_prefix_burst),
             None => self.take_new(key, now),
         };
         allowed && self.total.take(now, l.total_rate, l.total_burst)
+    }
+
+    /// True when `ip`'s prefix has an answer left now, without taking it
+    /// (a source that used its refusals up is turned away before any work).
+    pub fn has_room(&self, ip: IpAddr, now: Instant) -> bool {
+        let l = self.limits;
+        let left = |b: &Bucket, rate: f64, burst: f64| {
+            let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
+            (b.tokens + elapsed * rate).min(burst) >= 1.0
+        };
+        match self.prefixes.get(&prefix(ip, self.shifts)) {
+            Some(b) => left(b, l.per_prefix_rate, l.per_prefix_burst),
+            None if self.prefixes.len() < MAX_PREFIXES => true,
+            None => left(
+                &self.overflow,
+                l.per_prefix_rate * OVERFLOW_SHARE,
+                l.per_prefix_burst * OVERFLOW_SHARE,
+            ),
+        }
     }
 
     /// A prefix not in the table: a fresh bucket, or the overflow bucket
@@ -175,6 +206,9 @@ mod tests {
         assert_eq!(allowed, 5);
         assert!(!l.allow(same_prefix, t0), "a /24 shares one bucket");
         assert!(l.allow(other, t0));
+        assert!(!l.has_room(a, t0), "used up");
+        assert!(l.has_room(other, t0), "another prefix is not");
+        assert!(l.has_room(a, t0 + Duration::from_millis(100)), "refilled");
         assert!(l.allow(a, t0 + Duration::from_millis(100)));
         l.sweep(t0 + Duration::from_secs(10));
         assert!(l.prefixes.is_empty());

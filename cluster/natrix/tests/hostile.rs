@@ -70,7 +70,7 @@ fn attack_and_check(t: &Target<'_>) {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no report:\n{stderr}"));
     assert!(out.status.success(), "not held:\n{stderr}");
     let attacks = report["attacks"].as_array().unwrap();
-    assert_eq!(attacks.len(), 16, "{stderr}");
+    assert_eq!(attacks.len(), 19, "{stderr}");
     for a in attacks {
         let name = a["attack"].as_str().unwrap();
         assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);
@@ -107,6 +107,17 @@ fn attack_and_check(t: &Target<'_>) {
             < spoofed["spoofed posts"].as_u64().unwrap() / 10,
         "{spoofed}"
     );
+    // Signalling: failing credentials are throttled, a device's sockets
+    // and invitations are capped, and the legitimate devices still ring.
+    assert!(by("auth-flood")["answers"]["429"].as_u64().unwrap() > 0);
+    assert_eq!(by("auth-flood")["answers"]["legit device rang"], 1);
+    assert_eq!(by("push-sockets")["answers"]["opened"], 4);
+    assert_eq!(
+        by("push-sockets")["answers"]["flooded socket closed with"],
+        1008
+    );
+    assert_eq!(by("invite-flood")["answers"]["202"], 30);
+    assert_eq!(by("invite-flood")["answers"]["legit call rang"], 1);
     let slow = &by("slow-tls-reader")["answers"];
     assert_eq!(slow["delivered"], slow["peer datagrams"]);
     // Memory: connection floods do not grow the server without bound.

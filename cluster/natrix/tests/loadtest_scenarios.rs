@@ -769,7 +769,10 @@ fn signal_pairs_call_through_invitations_without_losing_a_push() {
     ]);
     let lookup = up.lookup.to_string();
     let pid = up.pid().to_string();
+    let html = std::env::temp_dir().join(format!("natrix-signal-{}.html", std::process::id()));
     let r = run(&[
+        "--report",
+        html.to_str().unwrap(),
         "signal",
         "--lookup",
         &lookup,
@@ -813,4 +816,14 @@ fn signal_pairs_call_through_invitations_without_losing_a_push() {
         v >= 2.0 * calls
     });
     up.wait_metric("lookup_invites_total{result=\"accepted\"}", |v| v > 10.0);
+    // The HTML report plots both phases' latency.
+    let page = std::fs::read_to_string(&html).unwrap();
+    let _ = std::fs::remove_file(&html);
+    for phase in ["invite_to_ring", "accept_to_accepted"] {
+        assert!(
+            page.contains(&format!("<h3>{phase}</h3>")),
+            "{phase} missing"
+        );
+    }
+    assert!(page.matches("<svg").count() >= 2, "latency plots drawn");
 }

@@ -680,6 +680,14 @@ pub const LOOKUP_DEVICE_AUTH_REFUSED_TOTAL: MetricDef = metric(
     &[],
 );
 
+/// Requests turned away for their source's refused authentications.
+pub const LOOKUP_THROTTLED_TOTAL: MetricDef = metric(
+    "lookup_throttled_total",
+    "Requests to lookup's HTTP API (plans, relay list, signalling, push sockets) turned away with 429 before any work, because their source (an IPv4 address, an IPv6 /64) used up its refused authentications (--auth-failures-per-minute).",
+    Kind::Counter,
+    &[],
+);
+
 /// Plan latency.
 pub const LOOKUP_PLAN_DURATION_SECONDS: MetricDef = MetricDef {
     name: "lookup_plan_duration_seconds",
@@ -832,6 +840,7 @@ pub const ALL: &[&MetricDef] = &[
     &LOOKUP_PUSH_SOCKETS,
     &LOOKUP_PUSH_SOCKETS_CLOSED_TOTAL,
     &LOOKUP_DEVICE_AUTH_REFUSED_TOTAL,
+    &LOOKUP_THROTTLED_TOTAL,
     &LOOKUP_PLAN_DURATION_SECONDS,
     &LOOKUP_REGISTRY_HOSTS,
     &LOOKUP_REGISTRY_SNAPSHOT_AGE_SECONDS,

@@ -350,7 +350,16 @@ async fn refresh(
     }
     let record = match directory::get(&state.store, &id).await {
         Ok(Some(r)) => r,
-        Ok(None) => return problem(404, "no such device", "register again"),
+        Ok(None) => {
+            // A failed authentication like a bad signature (and counted
+            // against its source): probing ids costs a store read each.
+            state.metrics.auth_refused.inc();
+            return problem(
+                401,
+                "unknown device",
+                "no device is registered with this id: register again",
+            );
+        }
         Err(_) => return store_down(),
     };
     let (Ok(key), Ok(sig)) = (B64.decode(&record.public_key), B64.decode(&r.sig)) else {

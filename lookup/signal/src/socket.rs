@@ -152,9 +152,25 @@ async fn handshake(up: natrix_lookup::http::Upgraded, state: Arc<SignalState>) {
         mut io,
         buffered,
     } = up;
+    let guard = &state.lookup.guard;
+    let source = guard.source(
+        io.peer_addr().ok(),
+        head.headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok()),
+    );
+    if let Some(wait) = guard.throttled(source) {
+        state.lookup.metrics.throttled.inc();
+        natrix_lookup::http::answer_raw(&mut io, natrix_lookup::http::throttled_response(wait))
+            .await;
+        return;
+    }
     let (me, accept) = match admit(&head, &state).await {
         Ok(admitted) => admitted,
         Err(resp) => {
+            if resp.status() == actix_web::http::StatusCode::UNAUTHORIZED {
+                guard.refused(source);
+            }
             natrix_lookup::http::answer_raw(&mut io, resp).await;
             return;
         }
