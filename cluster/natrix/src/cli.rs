@@ -21,6 +21,12 @@ pub(crate) struct Cli {
 /// Options shared by every command.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct Global {
+    /// A config file (TOML, a section per role; `natrix config example`
+    /// prints one with every flag). Environment variables and flags
+    /// override it.
+    #[arg(long, env = "NATRIX_CONFIG", global = true, value_name = "FILE")]
+    pub(crate) config: Option<std::path::PathBuf>,
+
     /// Log filter, `RUST_LOG` syntax (e.g. `info,natrix_cdx=debug`).
     #[arg(long, env = "NATRIX_LOG", default_value = "info", global = true)]
     pub(crate) log: String,
@@ -173,6 +179,30 @@ pub(crate) enum Command {
     /// `Authorization: Bearer <grant>` when it holds the same secret
     /// (--grant-secret).
     Grant(GrantArgs),
+    /// The config file: `check FILE` validates one without starting
+    /// anything (unknown keys name the nearest valid one), `example` prints
+    /// one with every flag, its help and its default.
+    Config(ConfigArgs),
+    /// Prints a shell completion script (bash, zsh, fish, …) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Writes the manual pages (natrix.1 and one per command) into DIR.
+    Man {
+        /// Where the pages go.
+        dir: std::path::PathBuf,
+    },
+}
+
+/// Options of `natrix config`.
+#[derive(Args, Debug)]
+pub(crate) struct ConfigArgs {
+    /// check or example.
+    #[arg(value_parser = ["check", "example"])]
+    pub(crate) action: String,
+    /// The file to check.
+    pub(crate) file: Option<std::path::PathBuf>,
 }
 
 /// Options of `natrix apikey`.

@@ -7,6 +7,7 @@
 
 mod cli;
 mod cluster;
+mod config;
 mod probe;
 mod serve;
 
@@ -158,8 +159,65 @@ fn grant(args: &cli::GrantArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The command line, over the config file's defaults when there is one.
+fn parse() -> Result<Cli, ExitCode> {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let Some(path) = config::config_path(&args) else {
+        return Ok(Cli::parse());
+    };
+    let file = match config::ConfigFile::load(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("natrix: config: {e:#}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let matches = file.apply(Cli::command()).get_matches_from(args);
+    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
+/// `natrix config check|example`.
+fn config_command(args: &cli::ConfigArgs) -> anyhow::Result<()> {
+    match (args.action.as_str(), &args.file) {
+        ("example", _) => {
+            print!("{}", config::example());
+            Ok(())
+        }
+        (_, Some(file)) => {
+            config::ConfigFile::load(file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        (_, None) => anyhow::bail!("natrix config check FILE"),
+    }
+}
+
+/// `natrix man DIR`: natrix.1 and natrix-<command>.1.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let root = Cli::command();
+    let mut pages = vec![("natrix".to_owned(), root.clone())];
+    for sub in root.get_subcommands() {
+        let name = format!("natrix-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, cmd) in pages {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     if let Err(e) = natrix_telemetry::logging::init(cli.global.log_format, &cli.global.log) {
         eprintln!("natrix: {e:#}");
         return ExitCode::from(2);
@@ -200,6 +258,18 @@ fn main() -> ExitCode {
         Command::Secret { action } => secret(&cli.global, action),
         Command::Apikey(args) => apikey(&cli.global, args),
         Command::Grant(args) => grant(args),
+        Command::Config(args) => config_command(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "natrix",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir } => man_pages(dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
