@@ -13,8 +13,6 @@ mod serve;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use crate::cli::{Cli, Command};
 
 /// `natrix secret rotate|list`.
@@ -159,22 +157,29 @@ fn grant(args: &cli::GrantArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The command line, over the config file's defaults when there is one.
-fn parse() -> Result<Cli, ExitCode> {
+/// The command line, over the config file's defaults when there is one,
+/// and whether `--log` (or `NATRIX_LOG`, or the file) chose the log filter.
+fn parse() -> Result<(Cli, bool), ExitCode> {
     use clap::{CommandFactory as _, FromArgMatches as _};
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let Some(path) = config::config_path(&args) else {
-        return Ok(Cli::parse());
+    let command = match config::config_path(&args) {
+        None => Cli::command(),
+        Some(path) => match config::ConfigFile::load(&path) {
+            Ok(file) => file.apply(Cli::command()),
+            Err(e) => {
+                eprintln!("natrix: config: {e:#}");
+                return Err(ExitCode::from(2));
+            }
+        },
     };
-    let file = match config::ConfigFile::load(&path) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("natrix: config: {e:#}");
-            return Err(ExitCode::from(2));
-        }
-    };
-    let matches = file.apply(Cli::command()).get_matches_from(args);
-    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+    let matches = command.get_matches_from(args);
+    // A file's value is a default too: compare with the built-in one.
+    let log_chosen = matches.value_source("log") != Some(clap::parser::ValueSource::DefaultValue)
+        || matches
+            .get_one::<String>("log")
+            .is_some_and(|l| l != "info");
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    Ok((cli, log_chosen))
 }
 
 /// `natrix config check|example`.
@@ -214,11 +219,21 @@ fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = match parse() {
-        Ok(cli) => cli,
+    let (cli, log_chosen) = match parse() {
+        Ok(parsed) => parsed,
         Err(code) => return code,
     };
-    if let Err(e) = natrix_telemetry::logging::init(cli.global.log_format, &cli.global.log) {
+    // `natrix up` on a terminal shows one summary instead of its startup
+    // log (warnings still show); JSON logs are unchanged.
+    let first_screen = matches!(cli.command, Command::Up(_))
+        && !log_chosen
+        && natrix_telemetry::logging::is_human(cli.global.log_format);
+    let filter = if first_screen {
+        "warn"
+    } else {
+        &cli.global.log
+    };
+    if let Err(e) = natrix_telemetry::logging::init(cli.global.log_format, filter) {
         eprintln!("natrix: {e:#}");
         return ExitCode::from(2);
     }
@@ -229,6 +244,7 @@ fn main() -> ExitCode {
             args.lookup.clone(),
             args.signal.clone(),
             (args.stun_alternate_port, args.stun_alternate_ip),
+            first_screen,
         )
         .and_then(|plan| serve::run(&cli.global, plan)),
         Command::Cdx(args) => serve::run(

@@ -38,6 +38,9 @@ pub(crate) struct Plan {
     pub(crate) cluster_secret: Option<ClusterSecret>,
     /// RFC 5780 on up's listener: alternate port and/or IP.
     pub(crate) up_rfc5780: Option<(Option<u16>, Option<std::net::IpAddr>)>,
+    /// `natrix up` on a terminal: print one summary a person reads (the
+    /// log shows warnings only) instead of the startup log.
+    pub(crate) first_screen: bool,
 }
 
 impl Plan {
@@ -50,6 +53,7 @@ impl Plan {
         lookup: LookupConfig,
         signal: natrix_signal::SignalConfig,
         rfc5780: (Option<u16>, Option<std::net::IpAddr>),
+        first_screen: bool,
     ) -> anyhow::Result<Plan> {
         if (rfc5780.0.is_some() || rfc5780.1.is_some())
             && relay.listen.iter().any(|a| a.ip().is_unspecified())
@@ -58,7 +62,7 @@ impl Plan {
                 "--stun-alternate-port/--stun-alternate-ip need specific --turn-listen addresses: RESPONSE-ORIGIN and OTHER-ADDRESS must name real addresses"
             );
         }
-        let mut relay = with_dev_credentials(relay);
+        let mut relay = with_dev_credentials(relay, first_screen);
         if relay.auth_secrets.is_empty() {
             relay
                 .auth_secrets
@@ -68,14 +72,16 @@ impl Plan {
         let mut lookup = lookup;
         if lookup.api_keys.is_empty() {
             let key = natrix_model::apikey::ApiKey::generate(rand::random());
-            warn!(
-                key_id = key.id(),
-                "no lookup API key configured (--api-key): generated a development key"
-            );
-            eprintln!(
-                "natrix: development lookup API key  {}  (set --api-key)",
-                key.expose()
-            );
+            if !first_screen {
+                warn!(
+                    key_id = key.id(),
+                    "no lookup API key configured (--api-key): generated a development key"
+                );
+                eprintln!(
+                    "natrix: development lookup API key  {}  (set --api-key)",
+                    key.expose()
+                );
+            }
             lookup.api_keys.push(key);
         }
         let cluster_secret = match cluster_secret {
@@ -90,6 +96,7 @@ impl Plan {
             signal,
             cluster_secret: Some(cluster_secret),
             up_rfc5780: (rfc5780.0.is_some() || rfc5780.1.is_some()).then_some(rfc5780),
+            first_screen,
         })
     }
 }
@@ -180,16 +187,18 @@ async fn drain(relay: &RelayHost, timeout: Duration, signals: &mut Signals) {
 
 /// `natrix up` without credentials gets a generated development user, shown
 /// once, so that a first run works and never with a guessable password.
-fn with_dev_credentials(mut relay: RelayConfig) -> RelayConfig {
+fn with_dev_credentials(mut relay: RelayConfig, first_screen: bool) -> RelayConfig {
     if relay.auth_secrets.is_empty() && relay.users.is_empty() {
         let password = random_token(16);
-        warn!(
-            user = "natrix",
-            "no TURN credentials configured (--user or --auth-secret): generated a development user"
-        );
-        eprintln!(
-            "natrix: development TURN user  natrix:{password}  (set --user or --auth-secret)"
-        );
+        if !first_screen {
+            warn!(
+                user = "natrix",
+                "no TURN credentials configured (--user or --auth-secret): generated a development user"
+            );
+            eprintln!(
+                "natrix: development TURN user  natrix:{password}  (set --user or --auth-secret)"
+            );
+        }
         relay
             .users
             .push(Redacted::new(format!("natrix:{password}")));
@@ -472,6 +481,18 @@ async fn control_plane(
         None => None,
     };
 
+    if plan.first_screen {
+        eprint!(
+            "{}",
+            first_screen(
+                plan,
+                data,
+                addr,
+                lookup.as_ref().map(|(_, a)| *a),
+                global.redis_url.is_some()
+            )
+        );
+    }
     let signal = signals.stop(reload.as_ref()).await;
     info!(signal, "shutting down");
     shut_down(telemetry, plan, data, &publishers, &mut signals).await;
@@ -497,6 +518,106 @@ async fn control_plane(
         warn!(timeout = ?global.shutdown_timeout, "HTTP servers did not stop in time");
     }
     Ok(signal)
+}
+
+/// A URL's host for `addr`: loopback when it listens everywhere.
+fn url_host(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    SocketAddr::new(ip, addr.port()).to_string()
+}
+
+/// What `natrix up` prints on a terminal once everything listens: where
+/// each service is, the development credentials, what to try.
+fn first_screen(
+    plan: &Plan,
+    data: &DataPlane,
+    metrics: SocketAddr,
+    lookup: Option<SocketAddr>,
+    redis: bool,
+) -> String {
+    use std::fmt::Write as _;
+    let join = |addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut s = format!(
+        "\nnatrix {} — every role in one process, {}\n\n",
+        env!("CARGO_PKG_VERSION"),
+        if redis {
+            "coordinating through Redis"
+        } else {
+            "in-memory coordination"
+        }
+    );
+    if let Some(host) = data.relay() {
+        let _ = writeln!(
+            s,
+            "  TURN + STUN   udp {}   tcp {}",
+            join(host.udp_addrs()),
+            join(host.tcp_addrs())
+        );
+        let tls = host.tls_addrs();
+        if !tls.is_empty() {
+            let _ = writeln!(s, "  TURN TLS      {}", join(tls));
+        }
+    }
+    if let Some(at) = lookup {
+        let _ = writeln!(s, "  lookup API    http://{}/v1/plan", url_host(at));
+        if plan.signal.open_registration {
+            let _ = writeln!(s, "  demo page     http://{}/demo", url_host(at));
+        } else {
+            let _ = writeln!(
+                s,
+                "  demo page     http://{}/demo  (start with --open-registration to use it)",
+                url_host(at)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  metrics       http://{m}/metrics   health http://{m}/readyz",
+        m = url_host(metrics)
+    );
+    let user = plan
+        .relay
+        .as_ref()
+        .and_then(|r| r.users.first())
+        .map(|u| u.expose().to_owned());
+    let key = plan
+        .lookup
+        .as_ref()
+        .and_then(|(l, _)| l.api_keys.first())
+        .map(|k| k.expose().to_owned());
+    if let Some(user) = &user {
+        let _ = writeln!(s, "\n  TURN user     {user}");
+    }
+    if let Some(key) = &key {
+        let _ = writeln!(s, "  API key       {key}");
+    }
+    let _ = writeln!(
+        s,
+        "  (generated for this run unless you set them: --user, --auth-secret, --api-key)"
+    );
+    s += "\nTry:\n";
+    if let Some(host) = data.relay().and_then(|h| h.udp_addrs().first().copied()) {
+        let _ = writeln!(s, "  natrix probe {}", url_host(host));
+    }
+    if let (Some(at), Some(key)) = (lookup, &key) {
+        let _ = writeln!(
+            s,
+            "  curl -H 'Authorization: Bearer {key}' -d '{{\"a\":{{\"profile\":{{\"class\":\"open\"}}}},\"b\":{{\"profile\":{{\"class\":\"symmetric\"}}}}}}' http://{}/v1/plan",
+            url_host(at)
+        );
+    }
+    s += "\nLogging warnings only (--log info for everything). Ctrl-C stops.\n";
+    s
 }
 
 /// The orderly part of a shutdown: draining (readiness and the registry

@@ -28,16 +28,21 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// Whether logs in `format` are for a person (a terminal, or asked for).
+pub fn is_human(format: LogFormat) -> bool {
+    match format {
+        LogFormat::Auto => std::io::stderr().is_terminal(),
+        LogFormat::Human => true,
+        LogFormat::Json => false,
+    }
+}
+
 /// Installs the global subscriber writing to stderr. `filter` uses the
 /// `RUST_LOG` syntax (e.g. `info,natrix_cdx=debug`).
 pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(filter)
         .map_err(|e| anyhow::anyhow!("invalid log filter {filter:?}: {e}"))?;
-    let json = match format {
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-        LogFormat::Human => false,
-        LogFormat::Json => true,
-    };
+    let json = !is_human(format);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -62,10 +62,17 @@ impl Natrix {
     }
 
     fn start(cmd: &str, extra: &[&str]) -> Natrix {
+        Natrix::launch(&[env!("CARGO_BIN_EXE_natrix")], cmd, extra)
+    }
+
+    /// `cmd` as [`Natrix::up`] and the others start it, but run by
+    /// `launcher` (the program and its first arguments: an installed
+    /// binary, or `chroot` into an image).
+    pub fn launch(launcher: &[&str], cmd: &str, extra: &[&str]) -> Natrix {
         // Free ports can be taken between the probe and the bind: retry.
         let mut last = String::new();
         for _ in 0..5 {
-            match Natrix::try_start(cmd, extra) {
+            match Natrix::try_start(launcher, cmd, extra) {
                 Ok(n) => return n,
                 Err(e) => last = e,
             }
@@ -73,7 +80,7 @@ impl Natrix {
         panic!("natrix did not start: {last}");
     }
 
-    fn try_start(cmd: &str, extra: &[&str]) -> Result<Natrix, String> {
+    fn try_start(launcher: &[&str], cmd: &str, extra: &[&str]) -> Result<Natrix, String> {
         // A test may choose the TURN listener itself (e.g. a wildcard
         // address); the harness then talks to its port on 127.0.0.1.
         let chosen = extra
@@ -96,7 +103,9 @@ impl Natrix {
             stun.port()
         ));
         let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
-        let child = Command::new(env!("CARGO_BIN_EXE_natrix"))
+        let (program, first) = launcher.split_first().ok_or("no launcher")?;
+        let child = Command::new(program)
+            .args(first)
             .arg(cmd)
             .args(if cmd == "cdx" {
                 if chosen.is_some() {
