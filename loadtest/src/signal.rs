@@ -372,7 +372,8 @@ fn pair(args: &SignalArgs, i: usize, started: Instant, tally: &Mutex<Tally>) -> 
 }
 
 /// Registers `n` devices, then opens an idle socket for each; the server's
-/// RSS growth per registration and per socket.
+/// RSS growth per registration and per socket, then rings each socket once
+/// ([`ring_held`]).
 fn hold(args: &SignalArgs) -> anyhow::Result<serde_json::Value> {
     let rss = || args.pid.and_then(crate::process::process_rss_bytes);
     let before = rss();
@@ -394,7 +395,8 @@ fn hold(args: &SignalArgs) -> anyhow::Result<serde_json::Value> {
         a.zip(b)
             .map(|(a, b)| b.saturating_sub(a) as f64 / args.hold.max(1) as f64)
     };
-    Ok(serde_json::json!({
+    let delivery = ring_held(args, run, &mut sockets)?;
+    let mut report = serde_json::json!({
         "held_sockets": sockets.len(),
         "open_seconds": opened.as_secs_f64(),
         "server_rss_before_bytes": before,
@@ -402,6 +404,73 @@ fn hold(args: &SignalArgs) -> anyhow::Result<serde_json::Value> {
         "server_rss_after_bytes": after,
         "server_bytes_per_registration": per(before, registered),
         "server_bytes_per_socket": per(registered, after),
+    });
+    if let (Some(r), serde_json::Value::Object(d)) = (report.as_object_mut(), delivery) {
+        r.extend(d);
+    }
+    Ok(report)
+}
+
+/// Invitations a caller sends at once (lookup's limit per invitation).
+const INVITEES: usize = 8;
+
+/// Rings every held socket once: a caller invites the held devices eight
+/// handles at a time, and each socket must show its `invite` frame. Pushes
+/// delivered, lost (no frame within 3 s), refused invitations (the server's
+/// `--invites-per-minute` binds one caller: raise it for large runs), the
+/// time from the invitation's answer to the frame, and pushes a second.
+fn ring_held(
+    args: &SignalArgs,
+    run: u32,
+    sockets: &mut [Socket],
+) -> anyhow::Result<serde_json::Value> {
+    let caller = register(args, &format!("hold-{run:08x}-caller"))?;
+    for s in sockets.iter() {
+        s.get_ref().set_nonblocking(true)?;
+    }
+    let (mut delivered, mut lost, mut refused) = (0u64, 0u64, 0u64);
+    let mut latency = Latency::new();
+    let started = Instant::now();
+    let indexes: Vec<usize> = (0..sockets.len()).collect();
+    for chunk in indexes.chunks(INVITEES) {
+        let to: Vec<String> = chunk
+            .iter()
+            .map(|i| format!("hold-{run:08x}-{i}"))
+            .collect();
+        let body = serde_json::json!({"to": to, "profile": {"class": "open"}});
+        let (status, _) = http(args.lookup, "POST", "/v1/invitations", &body, Some(&caller.token))?;
+        if status != 202 {
+            refused += chunk.len() as u64;
+            continue;
+        }
+        let sent = Instant::now();
+        let mut waiting: Vec<usize> = chunk.to_vec();
+        while !waiting.is_empty() && sent.elapsed() < Duration::from_secs(3) {
+            waiting.retain(|&i| {
+                let rang = match sockets[i].read() {
+                    Ok(Message::Text(t)) => t.contains("\"type\":\"invite\""),
+                    _ => false,
+                };
+                if rang {
+                    latency.record(sent.elapsed());
+                    delivered += 1;
+                }
+                !rang
+            });
+            if !waiting.is_empty() {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        lost += waiting.len() as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "held_pushes_delivered": delivered,
+        "held_pushes_lost": lost,
+        "held_invites_refused": refused,
+        "held_push_ms_p50": latency.ms(50.0),
+        "held_push_ms_p99": latency.ms(99.0),
+        "held_pushes_per_second": delivered as f64 / secs.max(0.001),
     }))
 }
 
