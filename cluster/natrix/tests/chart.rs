@@ -227,8 +227,10 @@ fn values_name_every_flag_of_every_role_one_to_one() {
             .collect()
     };
     // Set by the chart itself: secrets come from a Secret, the metrics port
-    // and the drain time from their own values, TLS files from the mount.
+    // and the drain time from their own values, TLS files from the mount;
+    // the chart passes flags, not a config file.
     let managed: BTreeSet<String> = [
+        "config",
         "auth-secret",
         "cluster-secret",
         "api-key",
