@@ -438,7 +438,13 @@ fn ring_held(
             .map(|i| format!("hold-{run:08x}-{i}"))
             .collect();
         let body = serde_json::json!({"to": to, "profile": {"class": "open"}});
-        let (status, _) = http(args.lookup, "POST", "/v1/invitations", &body, Some(&caller.token))?;
+        let (status, _) = http(
+            args.lookup,
+            "POST",
+            "/v1/invitations",
+            &body,
+            Some(&caller.token),
+        )?;
         if status != 202 {
             refused += chunk.len() as u64;
             continue;

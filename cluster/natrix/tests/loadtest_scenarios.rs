@@ -807,7 +807,10 @@ fn signal_pairs_call_through_invitations_without_losing_a_push() {
     assert_eq!(r["success_ratio"], 1.0, "{r}");
     assert!(r["ring_ms_p99"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["hold"]["held_sockets"], 50, "{r}");
-    assert_eq!(r["hold"]["held_pushes_delivered"], 50, "every held socket rang: {r}");
+    assert_eq!(
+        r["hold"]["held_pushes_delivered"], 50,
+        "every held socket rang: {r}"
+    );
     assert_eq!(r["hold"]["held_pushes_lost"], 0, "{r}");
     assert!(
         r["hold"]["server_bytes_per_socket"].as_f64().is_some(),
