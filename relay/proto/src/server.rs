@@ -42,8 +42,15 @@ pub const SESSION_QUOTA: usize = 2 * SESSION_TOKEN_QUOTA;
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// How often expired state is swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// Attempts to find a bindable relay port before answering 508.
-const BIND_ATTEMPTS: usize = 4;
+/// Attempts to find a bindable relay port before answering 508. The relay
+/// range usually overlaps the kernel's ephemeral range, so other processes'
+/// sockets hold some of its ports at any time: with a third of them taken,
+/// 16 random picks all fail once in 43 million allocations.
+const BIND_ATTEMPTS: usize = 16;
+/// How long a port another process held stays out of the pool.
+const PARK_FOR: Duration = Duration::from_secs(30);
+/// Most ports parked at once (past it the oldest goes back early).
+const MAX_PARKED: usize = 4096;
 /// Most unknown attributes listed in a 420.
 const MAX_UNKNOWN_LISTED: usize = 8;
 
@@ -266,6 +273,10 @@ pub struct Server {
     rng: u64,
     next_sweep: Instant,
     draining: bool,
+    /// Ports another process held when we tried them, and until when they
+    /// stay out of the pool (then they go back: that process's socket is
+    /// usually gone by then).
+    parked: VecDeque<(u16, Instant)>,
 }
 
 impl Server {
@@ -301,6 +312,7 @@ impl Server {
             epoch_unix: unix_now,
             rng,
             next_sweep: now + SWEEP_INTERVAL,
+            parked: VecDeque::new(),
             draining: false,
         }
     }
@@ -840,7 +852,7 @@ impl Server {
                 return Err(Refusal::AddressFamilyNotSupported);
             }
         };
-        let (index, port) = self.open_relay(&req, relay.bind, port, sockets)?;
+        let (index, port) = self.open_relay(&req, relay.bind, port, sockets, now)?;
         let id = self.id_of(index);
         let lifetime = match self.granted_lifetime(msg) {
             d if d.is_zero() => self.config.default_lifetime,
@@ -972,15 +984,16 @@ impl Server {
     }
 
     /// Takes a slot and opens its relay socket on `bind:port`. A port
-    /// another process holds is left out of the pool and another is tried
-    /// (unless the client asked for this one); any other failure returns
-    /// the port to the pool. Returns the slot and port.
+    /// another process holds is parked out of the pool for [`PARK_FOR`] and
+    /// another is tried (unless the client asked for this one); any other
+    /// failure returns the port to the pool. Returns the slot and port.
     fn open_relay(
         &mut self,
         req: &AllocateRequest<'_>,
         bind: std::net::IpAddr,
         mut port: u16,
         sockets: &mut dyn RelaySockets,
+        now: Instant,
     ) -> Result<(u32, u16), Refusal> {
         let index = self.free_slots.pop().unwrap_or_else(|| {
             self.slots.push(Slot {
@@ -1000,7 +1013,7 @@ impl Server {
                     self.ports.put(port);
                     break;
                 }
-                Err(_) => {}
+                Err(_) => self.park(port, now),
             }
             if chosen || attempt + 1 == BIND_ATTEMPTS {
                 break;
@@ -1326,6 +1339,23 @@ impl Server {
         }
         self.ports.sweep(now);
         self.limiter.sweep(now);
+        while let Some(&(port, until)) = self.parked.front() {
+            if until > now {
+                break;
+            }
+            self.parked.pop_front();
+            self.ports.put(port);
+        }
+    }
+
+    /// Keeps `port` (held by another process) out of the pool for a while.
+    fn park(&mut self, port: u16, now: Instant) {
+        if self.parked.len() >= MAX_PARKED
+            && let Some((oldest, _)) = self.parked.pop_front()
+        {
+            self.ports.put(oldest);
+        }
+        self.parked.push_back((port, now + PARK_FOR));
     }
 
     /// A TCP or TLS client's connection closed: its allocation ends with it
