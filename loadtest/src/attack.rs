@@ -1381,6 +1381,19 @@ fn run_tag() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
+/// The attacker's device token, and a legitimate device (its handle,
+/// `<role>-<run>`, and its socket) for a signalling attack.
+fn attacker_and_victim(
+    args: &AttackArgs,
+    role: &str,
+) -> Option<(String, String, crate::signal::Socket)> {
+    let tag = run_tag();
+    let callee = format!("{role}-{tag}");
+    let token = attack_device(args, &format!("mallory-{tag}"))?;
+    let legit = legit_device(args, &callee)?;
+    Some((token, callee, legit))
+}
+
 /// Forged device tokens, refresh signatures for devices that do not
 /// exist and WebSocket handshakes with forged tokens, as fast as one
 /// source goes: each a 401 until the source's allowance is used, then 429
@@ -1454,12 +1467,7 @@ fn auth_flood(args: &AttackArgs) -> Outcome {
 /// device's socket cap (4) and the flood limit (1008) hold, and a device
 /// elsewhere keeps ringing.
 fn push_sockets(args: &AttackArgs) -> Outcome {
-    let tag = run_tag();
-    let callee = format!("legit-{tag}");
-    let (Some(token), Some(mut legit)) = (
-        attack_device(args, &format!("mallory-{tag}")),
-        legit_device(args, &callee),
-    ) else {
+    let Some((token, callee, mut legit)) = attacker_and_victim(args, "legit") else {
         return Outcome::skipped("needs --grant-secret (devices to attack with)");
     };
     let mut o = Outcome::default();
@@ -1528,12 +1536,7 @@ fn push_sockets(args: &AttackArgs) -> Outcome {
 /// rate holds, the victim's mailbox stays bounded, and the victim still
 /// rings for another caller.
 fn invite_flood(args: &AttackArgs) -> Outcome {
-    let tag = run_tag();
-    let callee = format!("victim-{tag}");
-    let (Some(token), Some(mut legit)) = (
-        attack_device(args, &format!("mallory-{tag}")),
-        legit_device(args, &callee),
-    ) else {
+    let Some((token, callee, mut legit)) = attacker_and_victim(args, "victim") else {
         return Outcome::skipped("needs --grant-secret (devices to attack with)");
     };
     let mut o = Outcome::default();
