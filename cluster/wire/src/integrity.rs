@@ -16,6 +16,10 @@ const FINGERPRINT_XOR: u32 = 0x5354_554E;
 pub struct IntegrityKey {
     sha1: hmac::Key,
     sha256: hmac::Key,
+    /// The raw key (at most 32 bytes: MD5 and SHA-256 derivations), kept so
+    /// an allocation can move to another process (binary upgrade).
+    raw: [u8; 32],
+    raw_len: u8,
 }
 
 impl std::fmt::Debug for IntegrityKey {
@@ -28,10 +32,26 @@ impl IntegrityKey {
     /// A key from its raw bytes (see [`short_term_key`], [`long_term_key_md5`],
     /// [`long_term_key_sha256`]).
     pub fn new(raw: &[u8]) -> IntegrityKey {
+        let mut kept = [0u8; 32];
+        let raw_len = match raw.len() {
+            n @ 0..=32 => {
+                kept[..n].copy_from_slice(raw);
+                n as u8
+            }
+            _ => u8::MAX,
+        };
         IntegrityKey {
             sha1: hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, raw),
             sha256: hmac::Key::new(hmac::HMAC_SHA256, raw),
+            raw: kept,
+            raw_len,
         }
+    }
+
+    /// The raw key this one was built from, when it was at most 32 bytes
+    /// (every long-term credential is); `None` for a longer one.
+    pub fn raw(&self) -> Option<&[u8]> {
+        self.raw.get(..usize::from(self.raw_len))
     }
 
     /// HMAC-SHA1 over `msg[..attr_at]` with the header length set as if the

@@ -51,8 +51,8 @@ pub use policy::{IpNet, PeerPolicy};
 pub use ports::{PortRange, SharedPorts};
 pub use refusal::Refusal;
 pub use server::{
-    ClientAction, Command, PEER_HEADROOM, PEER_TAILROOM, PeerAction, RelayAddress, RelaySockets,
-    SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server, ServerConfig,
+    ClientAction, Command, Moved, MovedAllocation, PEER_HEADROOM, PEER_TAILROOM, PeerAction,
+    RelayAddress, RelaySockets, SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server, ServerConfig,
 };
 pub use stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 pub use types::{AllocationId, ClientSocket, Transport};

@@ -323,6 +323,21 @@ impl SharedPorts {
         Ok(())
     }
 
+    /// Takes `port` and counts `claim` for an allocation that moved here
+    /// from another process (its quotas held there: no checks). False when
+    /// the port is outside the range or already taken.
+    pub(crate) fn adopt(&self, port: u16, claim: &Claim<'_>) -> bool {
+        let mut state = self.lock();
+        if !state.pool.take(port) {
+            return false;
+        }
+        for (holder, _, _) in claim.holders() {
+            *state.holders.entry(holder).or_insert(0) += 1;
+        }
+        state.allocations += 1;
+        true
+    }
+
     /// Uncounts an ended allocation of `claim` (its quotas do not matter).
     pub(crate) fn uncount(&self, claim: &Claim<'_>) {
         let mut state = self.lock();

@@ -11,13 +11,13 @@ use natrix_wire::{
     IntegrityKey, Message, MessageType, Method, TransactionId, UnknownAttributes, demux, transport,
 };
 
-use super::allocation::{Allocation, Bandwidth, BindConflict};
+use super::allocation::{Allocation, Bandwidth, BindConflict, Channel, Permission};
 use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
 use super::policy::PeerPolicy;
 use super::ports::{Claim, SharedPorts};
 use super::refusal::Refusal;
 use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
-use super::types::{AllocationId, ClientSocket};
+use super::types::{AllocationId, ClientSocket, Transport};
 use natrix_model::limiter::{UnauthLimiter, UnauthLimits};
 
 /// Bytes [`Server::handle_peer_input`] needs free before the payload: a
@@ -277,6 +277,9 @@ pub struct Server {
     /// stay out of the pool (then they go back: that process's socket is
     /// usually gone by then).
     parked: VecDeque<(u16, Instant)>,
+    /// The seed (nonce key): a process that takes this core's allocations
+    /// over (binary upgrade) starts from it, so issued nonces stay valid.
+    seed: [u8; 32],
 }
 
 impl Server {
@@ -313,6 +316,7 @@ impl Server {
             rng,
             next_sweep: now + SWEEP_INTERVAL,
             parked: VecDeque::new(),
+            seed,
             draining: false,
         }
     }
@@ -1392,6 +1396,178 @@ impl Server {
             End::Disconnected => self.stats.allocations_disconnected += 1,
         }
         self.stats.allocations = self.allocation_by_client.len() as u64;
+    }
+}
+
+/// One allocation as it moves to another process (a binary upgrade): what
+/// it needs to go on, times as offsets from the moment it was exported.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MovedAllocation {
+    /// Its slot and the slot's generation (its [`AllocationId`], which the
+    /// shell's relay socket is tagged with).
+    pub slot: u32,
+    /// The slot's generation.
+    pub generation: u32,
+    /// The client's 5-tuple.
+    pub client: ClientSocket,
+    /// The relayed transport address.
+    pub relayed: SocketAddr,
+    /// The TURN username.
+    pub username: String,
+    /// The long-term key its requests are signed with.
+    pub key: Vec<u8>,
+    /// The Allocate that created it.
+    pub created_by: [u8; 12],
+    /// Lifetime left.
+    pub expires_in: Duration,
+    /// Permissions: peer IP and lifetime left.
+    pub permissions: Vec<(IpAddr, Duration)>,
+    /// Channels: number, peer, and milliseconds left (negative: expired
+    /// and cooling down).
+    pub channels: Vec<(u16, SocketAddr, i64)>,
+    /// Bandwidth tokens left, when the relay caps bandwidth.
+    pub bandwidth_tokens: Option<f64>,
+}
+
+/// What a core hands to its successor: the seed (so the nonces it issued
+/// stay valid) and its UDP allocations. Allocations over TCP and TLS end
+/// with their connections and do not move.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moved {
+    /// The core's seed.
+    pub seed: [u8; 32],
+    /// Its UDP allocations.
+    pub allocations: Vec<MovedAllocation>,
+}
+
+/// Milliseconds from `now` to `t` (negative when `t` has passed).
+fn offset_ms(t: Instant, now: Instant) -> i64 {
+    match t.checked_duration_since(now) {
+        Some(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        None => -i64::try_from(now.duration_since(t).as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// `now` moved by `ms` (either way).
+fn at_offset(now: Instant, ms: i64) -> Instant {
+    let d = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        now + d
+    } else {
+        now.checked_sub(d).unwrap_or(now)
+    }
+}
+
+impl Server {
+    /// This core's UDP allocations and seed, for a successor process
+    /// ([`Server::import`]); the core itself is left as it was.
+    pub fn export(&self, now: Instant) -> Moved {
+        let allocations = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                let a = s.allocation.as_ref()?;
+                if a.client.transport != Transport::Udp {
+                    return None;
+                }
+                Some(MovedAllocation {
+                    slot: slot as u32,
+                    generation: s.generation,
+                    client: a.client,
+                    relayed: a.relayed,
+                    username: a.username.to_string(),
+                    key: a.key.raw()?.to_vec(),
+                    created_by: a.created_by.0,
+                    expires_in: a.expires.saturating_duration_since(now),
+                    permissions: a
+                        .permissions
+                        .iter()
+                        .map(|p| (p.ip, p.expires.saturating_duration_since(now)))
+                        .collect(),
+                    channels: a
+                        .channels
+                        .iter()
+                        .map(|c| (c.number, c.peer, offset_ms(c.expires, now)))
+                        .collect(),
+                    bandwidth_tokens: a.bandwidth.map(|b| b.tokens),
+                })
+            })
+            .collect();
+        Moved {
+            seed: self.seed,
+            allocations,
+        }
+    }
+
+    /// Takes over allocations a predecessor exported, each in its slot, its
+    /// relayed port taken and its quotas counted host-wide. Build this core
+    /// with the predecessor's seed. Returns the ids of the allocations
+    /// taken; one whose slot is in use or whose port is not free here (a
+    /// different port range) is left out, and the shell closes its socket.
+    pub fn import(&mut self, moved: &Moved, now: Instant) -> Vec<AllocationId> {
+        let mut taken = Vec::new();
+        for m in &moved.allocations {
+            let index = m.slot as usize;
+            if self.slots.len() <= index {
+                self.slots.resize_with(index + 1, || Slot {
+                    generation: 0,
+                    allocation: None,
+                });
+            }
+            if self.slots[index].allocation.is_some()
+                || self.allocation_by_client.contains_key(&m.client)
+            {
+                continue;
+            }
+            let claim = self.claim(&m.username, m.client.client.ip());
+            if !self.ports.adopt(m.relayed.port(), &claim) {
+                continue;
+            }
+            let bandwidth = self.config.bandwidth_per_allocation.map(|rate| Bandwidth {
+                tokens: m.bandwidth_tokens.unwrap_or(rate as f64),
+                updated: now,
+            });
+            self.slots[index] = Slot {
+                generation: m.generation,
+                allocation: Some(Allocation {
+                    client: m.client,
+                    relayed: m.relayed,
+                    username: m.username.as_str().into(),
+                    key: IntegrityKey::new(&m.key),
+                    created_by: TransactionId(m.created_by),
+                    expires: now + m.expires_in,
+                    permissions: m
+                        .permissions
+                        .iter()
+                        .map(|&(ip, left)| Permission {
+                            ip,
+                            expires: now + left,
+                        })
+                        .collect(),
+                    channels: m
+                        .channels
+                        .iter()
+                        .map(|&(number, peer, ms)| Channel {
+                            number,
+                            peer,
+                            expires: at_offset(now, ms),
+                        })
+                        .collect(),
+                    bandwidth,
+                    allowed_peers: super::auth::session_peers(&m.username),
+                }),
+            };
+            self.allocation_by_client.insert(m.client, m.slot);
+            taken.push(self.id_of(m.slot));
+        }
+        let used: std::collections::HashSet<u32> = taken.iter().map(|id| id.index).collect();
+        self.free_slots = (0..self.slots.len() as u32)
+            .rev()
+            .filter(|i| self.slots[*i as usize].allocation.is_none() && !used.contains(i))
+            .collect();
+        self.stats.allocations = self.allocation_by_client.len() as u64;
+        taken
     }
 }
 

@@ -1446,3 +1446,97 @@ fn source_session_and_tenant_quotas_bind_and_free_on_deallocation() {
     let c = next();
     h.allocate(c, &other_session("key1"), h.t0);
 }
+
+/// A binary upgrade: a core exports its UDP allocations at 100 s, a fresh
+/// core (another process: its own port pool) built with the exported seed
+/// imports them at the same moment, and everything goes on — channel data
+/// both ways, a Refresh signed with a nonce the first core issued, the
+/// lifetime left, the port taken in the new pool, the quotas counted; a
+/// TCP allocation does not move (it ends with its connection).
+#[test]
+fn allocations_move_to_a_successor_core_and_go_on() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let relayed = h.allocate(c, &alice, h.t0);
+    let id = h.last_allocation();
+    let nonce = h.nonce(c, h.t0);
+    let p = peer(9, 7000);
+    let bind = Req::new(Method::CHANNEL_BIND)
+        .channel(0x4001)
+        .peer(p)
+        .sign(&alice, &nonce);
+    assert_eq!(
+        Message::parse(&h.request(&bind, c, h.t0)).unwrap().class(),
+        Class::Success
+    );
+    let tcp = ClientSocket {
+        transport: Transport::Tcp,
+        ..client(2)
+    };
+    h.allocate(tcp, &alice, h.t0);
+
+    let moved = h.server.export(h.at(100));
+    assert_eq!(moved.allocations.len(), 1, "the TCP allocation stays");
+    let m = &moved.allocations[0];
+    assert_eq!((m.client, m.relayed), (c, relayed));
+    assert_eq!(m.expires_in, Duration::from_secs(500), "600 s, 100 gone");
+    assert_eq!(m.channels, vec![(0x4001, p, 500_000)]);
+    assert_eq!(m.permissions, vec![(p.ip(), Duration::from_secs(200))]);
+
+    let ports = SharedPorts::new(PortRange {
+        min: 50000,
+        max: 50099,
+    });
+    let t1 = h.at(100);
+    let mut next = Server::new(
+        config(),
+        credentials(),
+        policy(),
+        ports.clone(),
+        t1,
+        UNIX_T0 + 100,
+        moved.seed,
+    );
+    assert_eq!(next.import(&moved, t1), vec![id]);
+    assert_eq!(next.stats().allocations, 1);
+    assert_eq!(ports.available(), 99, "its port is taken in the new pool");
+
+    // Channel data both ways.
+    let mut frame = vec![0u8; 12];
+    let n = ChannelData::encode(
+        &mut frame,
+        natrix_wire::ChannelNumber::new(0x4001).unwrap(),
+        b"abcde",
+        false,
+    )
+    .unwrap();
+    let mut out = vec![0u8; 1500];
+    let mut sockets = Sockets::default();
+    match next.handle_client_input(&frame[..n], c, t1, &mut out, &mut sockets) {
+        ClientAction::ToPeer { peer: to, .. } => assert_eq!(to, p),
+        other => panic!("{other:?}"),
+    }
+    let (mut buf, range) = peer_buffer(b"xyz");
+    let back = next.handle_peer_input(id, p, &mut buf, range, t1).unwrap();
+    assert_eq!(&buf[back.frame][..4], &[0x40, 0x01, 0x00, 0x03]);
+
+    // A Refresh with the first core's nonce is accepted: same seed.
+    let refresh = Req::new(Method::REFRESH).lifetime(600).sign(&alice, &nonce);
+    match next.handle_client_input(&refresh, c, t1, &mut out, &mut sockets) {
+        ClientAction::Reply(len) => {
+            let msg = Message::parse(&out[..len]).unwrap();
+            assert_eq!(msg.class(), Class::Success, "{msg:?}");
+            msg.verify_integrity(&alice.key()).unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
+    // Deleting it frees the port in the new pool.
+    let delete = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    assert!(matches!(
+        next.handle_client_input(&delete, c, t1, &mut out, &mut sockets),
+        ClientAction::Reply(_)
+    ));
+    assert_eq!(ports.available(), 100);
+    assert_eq!(next.stats().allocations, 0);
+}
