@@ -10,6 +10,7 @@ mod cluster;
 mod config;
 mod probe;
 mod serve;
+mod upgrade;
 
 use std::process::ExitCode;
 

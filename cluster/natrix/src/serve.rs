@@ -16,7 +16,7 @@ use natrix_registry::{Deregister, Role, SetState};
 use natrix_relay::control::{Reload, ReloadActor};
 use natrix_relay::{HostConfig, HostServices, RelayConfig, RelayHost};
 use natrix_telemetry::{Telemetry, http};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::cli::Global;
 use crate::cluster;
@@ -41,6 +41,9 @@ pub(crate) struct Plan {
     /// `natrix up` on a terminal: print one summary a person reads (the
     /// log shows warnings only) instead of the startup log.
     pub(crate) first_screen: bool,
+    /// The relay's credentials were generated for this run (`natrix up`
+    /// without --auth-secret): it cannot hand itself to a new binary.
+    pub(crate) generated_credentials: bool,
 }
 
 impl Plan {
@@ -62,6 +65,9 @@ impl Plan {
                 "--stun-alternate-port/--stun-alternate-ip need specific --turn-listen addresses: RESPONSE-ORIGIN and OTHER-ADDRESS must name real addresses"
             );
         }
+        // Credentials made up for this run die with it: a successor binary
+        // would make up others, and the allocations could not go on.
+        let generated_credentials = relay.auth_secrets.is_empty();
         let mut relay = with_dev_credentials(relay, first_screen);
         if relay.auth_secrets.is_empty() {
             relay
@@ -97,6 +103,7 @@ impl Plan {
             cluster_secret: Some(cluster_secret),
             up_rfc5780: (rfc5780.0.is_some() || rfc5780.1.is_some()).then_some(rfc5780),
             first_screen,
+            generated_credentials,
         })
     }
 }
@@ -121,7 +128,12 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
+
+/// What a process does on SIGUSR2: a relay hands itself to the binary at
+/// its path (see [`crate::upgrade`]).
+const UPGRADE: &str = "SIGUSR2";
 
 impl Signals {
     fn install() -> anyhow::Result<Signals> {
@@ -130,16 +142,37 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
         })
     }
 
     /// Waits for SIGINT or SIGTERM; SIGHUP asks `reload` to reload
-    /// certificates and secrets, and waiting goes on.
-    async fn stop(&mut self, reload: Option<&actix::Addr<ReloadActor>>) -> &'static str {
+    /// certificates and secrets, and waiting goes on. With `upgradable`
+    /// (a relay), SIGUSR2 returns [`UPGRADE`] once the binary at this
+    /// process's path proved it runs; otherwise it is logged and ignored.
+    async fn stop(
+        &mut self,
+        reload: Option<&actix::Addr<ReloadActor>>,
+        upgradable: bool,
+    ) -> &'static str {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",
                 _ = self.int.recv() => return "SIGINT",
+                _ = self.usr2.recv() => {
+                    if !upgradable {
+                        warn!("SIGUSR2: only a relay with configured credentials (--auth-secret) hands itself over to a new binary; ignored");
+                        continue;
+                    }
+                    match tokio::task::spawn_blocking(crate::upgrade::check_target).await {
+                        Ok(Ok(version)) => {
+                            info!(to = %version, "SIGUSR2: handing the relay over to the binary at this path");
+                            return UPGRADE;
+                        }
+                        Ok(Err(e)) => error!(error = %format!("{e:#}"), "SIGUSR2: the new binary does not run; going on"),
+                        Err(e) => error!(error = %e, "SIGUSR2: checking the new binary failed; going on"),
+                    }
+                }
                 _ = self.hup.recv() => {
                     info!("SIGHUP: reloading certificates and secrets");
                     if let Some(r) = reload {
@@ -270,6 +303,16 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
     let signal = system.block_on(control_plane(
         global, workers, &plan, &data, exchange, &telemetry,
     ))?;
+    if signal == UPGRADE
+        && let Some(host) = data.host.take()
+    {
+        let handoff = host.freeze()?;
+        info!(
+            allocations = handoff.allocations(),
+            "relay frozen: executing the new binary"
+        );
+        return Err(crate::upgrade::exec(&handoff));
+    }
     data.stop();
     info!(signal, "stopped");
     Ok(())
@@ -298,18 +341,28 @@ impl DataPlane {
             siblings: None,
             gates: Vec::new(),
         };
+        let handoff = crate::upgrade::inherited()?;
         let Some((host_config, stun)) = host_plan(plan) else {
+            if handoff.is_some() {
+                warn!("handed a relay over, but this command runs none: its allocations end");
+            }
             return Ok(data);
         };
         // A configuration error is reported before any port is bound.
         if let Some(relay) = &plan.relay {
             relay.credentials().map_err(anyhow::Error::msg)?;
         }
-        let mut bound = RelayHost::bind(&host_config, workers)?;
+        let mut bound = match handoff {
+            Some(handoff) => RelayHost::adopt(&host_config, handoff)
+                .context("taking over the previous binary's sockets")?,
+            None => RelayHost::bind(&host_config, workers)?,
+        };
         let services = match &stun {
             Some((settings, limits)) => {
                 let layout = Layout::plan(settings, bound.udp_addrs(), telemetry)?;
-                bound.bind_service_udp(&layout.cells_to_bind())?;
+                if !bound.resumed() {
+                    bound.bind_service_udp(&layout.cells_to_bind())?;
+                }
                 let (sender, inbox) = natrix_cdx::exchange::inbox();
                 data.exchange = Some((inbox, *limits));
                 data.siblings = layout.siblings();
@@ -493,7 +546,12 @@ async fn control_plane(
             )
         );
     }
-    let signal = signals.stop(reload.as_ref()).await;
+    let upgradable = data.relay().is_some() && !plan.generated_credentials;
+    let signal = signals.stop(reload.as_ref(), upgradable).await;
+    if signal == UPGRADE {
+        // No drain, no deregistration: the successor serves on at once.
+        return Ok(signal);
+    }
     info!(signal, "shutting down");
     shut_down(telemetry, plan, data, &publishers, &mut signals).await;
     // Push sockets are told to reconnect elsewhere before the server that

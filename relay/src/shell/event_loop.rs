@@ -371,6 +371,8 @@ pub(super) struct Listeners {
 /// Per-loop settings from the host.
 pub(super) struct LoopSettings {
     pub(super) control: Arc<Control>,
+    /// Set to freeze the loop for a hand-off (see [`EventLoop::run`]).
+    pub(super) freeze: Arc<AtomicBool>,
     pub(super) shard: usize,
     /// Most TCP/TLS connections this loop holds.
     pub(super) max_streams: usize,
@@ -397,6 +399,8 @@ pub(super) struct EventLoop {
     published: Stats,
     published_send_errors: u64,
     stop: Arc<AtomicBool>,
+    /// Stop between batches and hand everything over (binary upgrade).
+    freeze: Arc<AtomicBool>,
     service: Option<Box<dyn StunService>>,
     /// Frames the service sends this loop's connections later.
     mail: std::sync::mpsc::Receiver<Mail>,
@@ -427,6 +431,7 @@ impl EventLoop {
     ) -> io::Result<(EventLoop, Arc<mio::Waker>)> {
         let LoopSettings {
             control,
+            freeze,
             shard,
             max_streams,
             max_streams_per_ip,
@@ -512,6 +517,7 @@ impl EventLoop {
                 published: Stats::default(),
                 published_send_errors: 0,
                 stop,
+                freeze,
                 service,
                 mail,
                 turn,
@@ -531,12 +537,15 @@ impl EventLoop {
         ))
     }
 
-    pub(super) fn run(mut self) {
+    /// Serves until stopped; frozen instead (between batches: nothing read
+    /// is left unhandled, nothing queued unsent), hands its sockets and
+    /// UDP allocations over.
+    pub(super) fn run(mut self) -> Option<super::handoff::FrozenLoop> {
         let mut events = Events::with_capacity(1024);
         let mut pending: Vec<Token> = Vec::new();
         let mut again: Vec<Token> = Vec::new();
         let mut next_publish = Instant::now() + PUBLISH_INTERVAL;
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.stop.load(Ordering::Relaxed) && !self.freeze.load(Ordering::Relaxed) {
             let now = Instant::now();
             let timeout = if pending.is_empty() {
                 self.core
@@ -595,6 +604,77 @@ impl EventLoop {
             }
         }
         self.publish();
+        if self.freeze.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
+            return Some(self.frozen());
+        }
+        None
+    }
+
+    /// Everything a successor needs from this loop: duplicates of its
+    /// listeners and of its UDP allocations' relayed sockets (this loop's
+    /// own close when it drops), and those allocations' state.
+    fn frozen(&self) -> super::handoff::FrozenLoop {
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
+        let moved = self.core.export(Instant::now());
+        let relays = moved
+            .allocations
+            .iter()
+            .filter_map(|a| {
+                let (_, socket) = self.relays.sockets.get(a.slot as usize)?.as_ref()?;
+                Some((a.slot, dup(socket.as_fd()).ok()?))
+            })
+            .collect();
+        super::handoff::FrozenLoop {
+            udp: self
+                .clients
+                .udp
+                .iter()
+                .filter_map(|s| dup(s.socket().as_fd()).ok())
+                .collect(),
+            tcp: self
+                .tcp
+                .iter()
+                .filter_map(|l| dup(l.as_fd()).ok())
+                .collect(),
+            tls: self
+                .tls
+                .iter()
+                .filter_map(|l| dup(l.as_fd()).ok())
+                .collect(),
+            relays,
+            moved,
+        }
+    }
+
+    /// Takes over a predecessor's relayed sockets for the allocations the
+    /// core imported (`ids`); the others' sockets close.
+    pub(super) fn adopt_relays(
+        &mut self,
+        ids: &[AllocationId],
+        sockets: Vec<(u32, std::os::fd::OwnedFd)>,
+    ) -> io::Result<()> {
+        for (slot, fd) in sockets {
+            let Some(&id) = ids.iter().find(|id| id.index() == slot as usize) else {
+                continue;
+            };
+            let socket = UdpSocket::from(fd);
+            socket.set_nonblocking(true)?;
+            self.registry.register(
+                &mut SourceFd(&socket.as_raw_fd()),
+                Token(RELAY_BASE + id.index()),
+                Interest::READABLE,
+            )?;
+            if self.relays.sockets.len() <= id.index() {
+                self.relays.sockets.resize_with(id.index() + 1, || None);
+            }
+            self.relays.sockets[id.index()] = Some((id, socket));
+        }
+        Ok(())
+    }
+
+    /// The core, to import a predecessor's allocations before the loop runs.
+    pub(super) fn core_mut(&mut self) -> &mut Server {
+        &mut self.core
     }
 
     /// Moves frames the service sent from outside the loop into their

@@ -11,7 +11,10 @@
 //! between batches.
 
 mod event_loop;
+mod handoff;
 mod stream;
+
+pub use handoff::Handoff;
 
 use crate::tls::TlsReloader;
 
@@ -76,8 +79,9 @@ pub(crate) fn is_binding(packet: &[u8]) -> bool {
 /// A running relay: its loops and how to stop them.
 #[derive(Debug)]
 pub struct RelayHost {
-    loops: Vec<(JoinHandle<()>, Arc<mio::Waker>)>,
+    loops: Vec<(JoinHandle<Option<handoff::FrozenLoop>>, Arc<mio::Waker>)>,
     stop: Arc<AtomicBool>,
+    freeze: Arc<AtomicBool>,
     udp: Vec<SocketAddr>,
     service_udp: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
@@ -132,9 +136,18 @@ pub struct BoundHost {
     tls: Vec<SocketAddr>,
     tls_config: Option<Arc<TlsReloader>>,
     udp_clones: Vec<std::net::UdpSocket>,
+    /// Per shard, what a predecessor handed over: UDP allocations and their
+    /// relayed sockets (empty when the host was bound fresh).
+    moved: Vec<(crate::core::Moved, Vec<(u32, std::os::fd::OwnedFd)>)>,
 }
 
 impl BoundHost {
+    /// True when this host took its sockets over from a predecessor (its
+    /// STUN service's own listeners came with them).
+    pub fn resumed(&self) -> bool {
+        !self.moved.is_empty()
+    }
+
     /// The bound TURN (or, without TURN, the service's own) UDP listeners.
     pub fn udp_addrs(&self) -> &[SocketAddr] {
         &self.udp
@@ -200,6 +213,9 @@ impl BoundHost {
             .and_then(|c| c.auth_secret_file.as_ref())
             .map(|path| SecretSource { path: path.clone() });
         let stop = Arc::new(AtomicBool::new(false));
+        let freeze = Arc::new(AtomicBool::new(false));
+        let mut moved = self.moved.into_iter();
+        let mut resumed = 0;
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -207,8 +223,10 @@ impl BoundHost {
         let mut handles = Vec::new();
         for (shard, sockets) in self.shards.into_iter().enumerate() {
             let LoopSockets { udp, tcp, tls } = sockets;
-            let (event_loop, waker) = event_loop::EventLoop::new(
-                parts.core(&ports, unix_now),
+            let handed = moved.next();
+            let seed = handed.as_ref().map_or_else(rand::random, |(m, _)| m.seed);
+            let (mut event_loop, waker) = event_loop::EventLoop::new(
+                parts.core(&ports, unix_now, seed),
                 event_loop::Listeners {
                     udp,
                     turn_udp,
@@ -222,6 +240,7 @@ impl BoundHost {
                 services.stun.clone(),
                 event_loop::LoopSettings {
                     control: control.clone(),
+                    freeze: freeze.clone(),
                     shard,
                     max_streams: self.config.max_connections.div_ceil(loops).max(1),
                     max_streams_per_ip: self.config.max_connections_per_ip.div_ceil(loops).max(1),
@@ -229,6 +248,21 @@ impl BoundHost {
                 },
             )
             .context("setting up a relay loop")?;
+            if let Some((m, relays)) = handed {
+                let ids = event_loop.core_mut().import(&m, Instant::now());
+                resumed += ids.len();
+                if ids.len() < m.allocations.len() {
+                    warn!(
+                        shard,
+                        handed = m.allocations.len(),
+                        taken = ids.len(),
+                        "some handed-over allocations did not fit (another port range?): they end"
+                    );
+                }
+                event_loop
+                    .adopt_relays(&ids, relays)
+                    .context("taking over relayed sockets")?;
+            }
             control.add_waker(waker.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("natrix-relay-{shard}"))
@@ -239,9 +273,16 @@ impl BoundHost {
         if let Some(config) = turn {
             info!(udp = ?self.udp, tcp = ?self.tcp, tls = ?self.tls, loops, external_ip = %config.external_v4(), ports = %config.ports, "TURN relay serving");
         }
+        if resumed > 0 {
+            info!(
+                allocations = resumed,
+                "took over the allocations of the previous binary"
+            );
+        }
         Ok(RelayHost {
             loops: handles,
             stop,
+            freeze,
             udp: self.udp,
             service_udp: self.service_udp,
             tcp: self.tcp,
@@ -267,8 +308,8 @@ struct TurnParts {
 }
 
 impl TurnParts {
-    /// A loop's TURN core, with its own random seed.
-    fn core(&self, ports: &SharedPorts, unix_now: u64) -> Server {
+    /// A loop's TURN core with `seed` (random, or a predecessor's).
+    fn core(&self, ports: &SharedPorts, unix_now: u64, seed: [u8; 32]) -> Server {
         Server::new(
             self.server_config.clone(),
             self.credentials.clone(),
@@ -276,7 +317,7 @@ impl TurnParts {
             ports.clone(),
             Instant::now(),
             unix_now,
-            rand::random(),
+            seed,
         )
     }
 
@@ -381,6 +422,7 @@ impl RelayHost {
             tls: Vec::new(),
             tls_config,
             udp_clones: Vec::new(),
+            moved: Vec::new(),
         };
         let usable = |a: &&SocketAddr| {
             let skip = natrix_net::ipv6_unavailable(**a);
@@ -468,6 +510,79 @@ impl RelayHost {
             self.secrets.clone(),
             self.base_credentials.clone(),
         )
+    }
+
+    /// Takes over the sockets and UDP allocations a predecessor handed
+    /// over, instead of binding: the host then starts as [`BoundHost::start`]
+    /// does and goes on serving them.
+    pub fn adopt(config: &HostConfig, handoff: Handoff) -> anyhow::Result<BoundHost> {
+        if !natrix_net::raise_fd_limit() {
+            warn!("could not raise the open-file limit; allocations may fail early");
+        }
+        let tls_config = match &config.tls {
+            Some((cert, key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
+            None => None,
+        };
+        let mut shards = Vec::new();
+        let mut moved = Vec::new();
+        for l in handoff.loops {
+            let udp = l
+                .udp
+                .into_iter()
+                .map(|fd| SyncUdp::new(std::net::UdpSocket::from(fd)))
+                .collect::<std::io::Result<Vec<_>>>()
+                .context("taking over UDP listeners")?;
+            let tcp = l.tcp.into_iter().map(std::net::TcpListener::from).collect();
+            let tls = l.tls.into_iter().map(std::net::TcpListener::from).collect();
+            shards.push(LoopSockets { udp, tcp, tls });
+            moved.push((l.moved, l.relays));
+        }
+        let udp_clones = shards
+            .first()
+            .map(|s| {
+                s.udp
+                    .iter()
+                    .map(|u| u.socket().try_clone())
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        Ok(BoundHost {
+            config: config.clone(),
+            shards,
+            udp: handoff.udp,
+            service_udp: handoff.service_udp,
+            tcp: handoff.tcp,
+            tls: handoff.tls,
+            tls_config,
+            udp_clones,
+            moved,
+        })
+    }
+
+    /// Freezes every loop between batches and collects what a successor
+    /// needs (see [`Handoff`]). TCP and TLS connections end here (their
+    /// allocations with them); UDP allocations and every listener move.
+    pub fn freeze(self) -> anyhow::Result<Handoff> {
+        self.freeze.store(true, Ordering::SeqCst);
+        for (_, waker) in &self.loops {
+            let _ = waker.wake();
+        }
+        let mut loops = Vec::new();
+        for (handle, _) in self.loops {
+            match handle.join() {
+                Ok(Some(frozen)) => loops.push(frozen),
+                Ok(None) => anyhow::bail!("a relay loop stopped instead of freezing"),
+                Err(_) => anyhow::bail!("a relay loop panicked"),
+            }
+        }
+        Ok(Handoff {
+            loops,
+            udp: self.udp,
+            service_udp: self.service_udp,
+            tcp: self.tcp,
+            tls: self.tls,
+        })
     }
 
     /// Stops every loop and waits for them.

@@ -1,0 +1,132 @@
+//! A binary upgrade without dropping calls: a relay started from a copy of
+//! the binary relays channel data for load-test clients; the file is
+//! replaced (as a package upgrade does), SIGUSR2 hands the relay over to
+//! the new file in place (same PID, same sockets), and the clients' traffic
+//! goes on. Then a broken binary at the path: SIGUSR2 is refused and the
+//! relay serves on.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Natrix, PASSWORD, USER};
+
+fn loadtest() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
+    assert!(path.exists(), "build natrix-loadtest first (.ci/test does)");
+    path
+}
+
+/// A new file at `path` with the test binary's content (a new inode, as a
+/// package manager writes it).
+fn install_binary(path: &Path) {
+    let staged = path.with_extension("new");
+    std::fs::copy(env!("CARGO_BIN_EXE_natrix"), &staged).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+fn exe_of(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+fn wait_log(n: &Natrix, needle: &str, count: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while n.log().matches(needle).count() < count {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log within {within:?}:\n{}",
+            n.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn relay_load(server: &str, duration: &str) -> std::process::Child {
+    Command::new(loadtest())
+        .args(["--progress", "off", "relay", "--server", server])
+        .args(["--user", USER, "--password", PASSWORD])
+        .args(["--clients", "4", "--rate", "2000", "--duration", duration])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn report(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "natrix-loadtest failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
+    let dir = std::env::temp_dir().join(format!("natrix-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("natrix");
+    install_binary(&bin);
+    let n = Natrix::launch(
+        &[bin.to_str().unwrap()],
+        "relay",
+        &["--peer-allow", "127.0.0.0/8"],
+    );
+    let pid = n.pid();
+    let server = n.stun.to_string();
+    let load = relay_load(&server, "6s");
+    std::thread::sleep(Duration::from_millis(2000));
+
+    // A package upgrade replaces the file; the running image is the old one.
+    install_binary(&bin);
+    assert!(exe_of(pid).ends_with("(deleted)"), "{}", exe_of(pid));
+    // SAFETY: a signal to the relay this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0);
+    wait_log(
+        &n,
+        "took over the allocations of the previous binary",
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(exe_of(pid), bin.display().to_string(), "the new file runs");
+    let r = report(load);
+    let (sent, echoed) = (r["sent"].as_u64().unwrap(), r["echoed"].as_u64().unwrap());
+    eprintln!(
+        "through the upgrade: sent {sent}, echoed {echoed}, lost {}, rtt p99 {} ms, max {} ms",
+        sent - echoed.min(sent),
+        r["rtt_ms_p99"],
+        r["latency"]["max_ms"]
+    );
+    assert!(sent > 10_000, "{r}");
+    assert!(
+        r["loss_ratio"].as_f64().unwrap() <= 0.001,
+        "more than 0.1% lost through the upgrade: {r}"
+    );
+    n.wait_metric("relay_allocations", |v| v == 4.0);
+
+    // A binary that does not run: the relay refuses to hand over and
+    // serves on.
+    let broken = bin.with_extension("broken");
+    std::fs::write(&broken, b"not a program").unwrap();
+    std::fs::rename(&broken, &bin).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0);
+    wait_log(
+        &n,
+        "the new binary does not run",
+        1,
+        Duration::from_secs(10),
+    );
+    let r = report(relay_load(&server, "1s"));
+    assert!(r["loss_ratio"].as_f64().unwrap() < 0.01, "{r}");
+    drop(n);
+    let _ = std::fs::remove_dir_all(&dir);
+}

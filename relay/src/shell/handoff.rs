@@ -1,0 +1,325 @@
+//! A running relay handed to its successor (a binary upgrade): every
+//! loop's listening sockets, its UDP allocations' relayed sockets and their
+//! state ([`Moved`]). The descriptors stay open across `exec` (the process
+//! that hands off clears their close-on-exec flag); the state travels as
+//! text naming them. Datagrams that arrive meanwhile wait in the sockets'
+//! kernel buffers, so nothing is lost unless a buffer fills.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::core::{ClientSocket, Moved, MovedAllocation, Transport};
+
+/// One loop, frozen between batches.
+#[derive(Debug)]
+pub(super) struct FrozenLoop {
+    pub(super) moved: Moved,
+    /// UDP listeners (TURN's, then the STUN service's own).
+    pub(super) udp: Vec<OwnedFd>,
+    pub(super) tcp: Vec<OwnedFd>,
+    pub(super) tls: Vec<OwnedFd>,
+    /// Relayed sockets by allocation slot.
+    pub(super) relays: Vec<(u32, OwnedFd)>,
+}
+
+/// A whole relay host, frozen: what a successor needs to go on.
+#[derive(Debug)]
+pub struct Handoff {
+    pub(super) loops: Vec<FrozenLoop>,
+    pub(super) udp: Vec<SocketAddr>,
+    pub(super) service_udp: Vec<SocketAddr>,
+    pub(super) tcp: Vec<SocketAddr>,
+    pub(super) tls: Vec<SocketAddr>,
+}
+
+/// The format's version: a successor refuses what it does not know.
+const VERSION: u64 = 1;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(s.len().is_multiple_of(2), "odd hex");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("hex"))
+        .collect()
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+        Transport::Tls => "tls",
+    }
+}
+
+fn allocation_json(a: &MovedAllocation) -> Value {
+    json!({
+        "slot": a.slot,
+        "generation": a.generation,
+        "transport": transport_name(a.client.transport),
+        "client": a.client.client.to_string(),
+        "server": a.client.server.to_string(),
+        "relayed": a.relayed.to_string(),
+        "username": a.username,
+        "key": hex(&a.key),
+        "created_by": hex(&a.created_by),
+        "expires_in_ms": u64::try_from(a.expires_in.as_millis()).unwrap_or(u64::MAX),
+        "permissions": a.permissions.iter()
+            .map(|(ip, left)| json!([ip.to_string(), u64::try_from(left.as_millis()).unwrap_or(u64::MAX)]))
+            .collect::<Vec<_>>(),
+        "channels": a.channels.iter()
+            .map(|(n, peer, ms)| json!([n, peer.to_string(), ms]))
+            .collect::<Vec<_>>(),
+        "bandwidth_tokens": a.bandwidth_tokens,
+    })
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> anyhow::Result<&'a str> {
+    v[key].as_str().with_context(|| format!("`{key}` missing"))
+}
+
+fn u64_of(v: &Value, key: &str) -> anyhow::Result<u64> {
+    v[key].as_u64().with_context(|| format!("`{key}` missing"))
+}
+
+fn allocation_from(v: &Value) -> anyhow::Result<MovedAllocation> {
+    let transport = match str_of(v, "transport")? {
+        "udp" => Transport::Udp,
+        "tcp" => Transport::Tcp,
+        "tls" => Transport::Tls,
+        other => anyhow::bail!("transport {other}"),
+    };
+    let mut created_by = [0u8; 12];
+    let tid = unhex(str_of(v, "created_by")?)?;
+    anyhow::ensure!(tid.len() == 12, "transaction id length");
+    created_by.copy_from_slice(&tid);
+    let permissions = v["permissions"]
+        .as_array()
+        .context("permissions")?
+        .iter()
+        .map(|p| {
+            let ip: IpAddr = p[0].as_str().context("ip")?.parse()?;
+            let left = Duration::from_millis(p[1].as_u64().context("lifetime")?);
+            anyhow::Ok((ip, left))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let channels = v["channels"]
+        .as_array()
+        .context("channels")?
+        .iter()
+        .map(|c| {
+            let n = u16::try_from(c[0].as_u64().context("number")?)?;
+            let peer: SocketAddr = c[1].as_str().context("peer")?.parse()?;
+            let ms = c[2].as_i64().context("expiry")?;
+            anyhow::Ok((n, peer, ms))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(MovedAllocation {
+        slot: u32::try_from(u64_of(v, "slot")?)?,
+        generation: u32::try_from(u64_of(v, "generation")?)?,
+        client: ClientSocket {
+            transport,
+            client: str_of(v, "client")?.parse()?,
+            server: str_of(v, "server")?.parse()?,
+        },
+        relayed: str_of(v, "relayed")?.parse()?,
+        username: str_of(v, "username")?.to_owned(),
+        key: unhex(str_of(v, "key")?)?,
+        created_by,
+        expires_in: Duration::from_millis(u64_of(v, "expires_in_ms")?),
+        permissions,
+        channels,
+        bandwidth_tokens: v["bandwidth_tokens"].as_f64(),
+    })
+}
+
+fn fds(list: &[OwnedFd]) -> Vec<RawFd> {
+    list.iter().map(AsRawFd::as_raw_fd).collect()
+}
+
+fn addrs(list: &[SocketAddr]) -> Vec<String> {
+    list.iter().map(ToString::to_string).collect()
+}
+
+/// Takes ownership of an inherited descriptor named in the state.
+fn adopt_fd(v: &Value) -> anyhow::Result<OwnedFd> {
+    let fd = RawFd::try_from(v.as_i64().context("a descriptor")?)?;
+    anyhow::ensure!(fd > 2, "descriptor {fd} is not a socket handed over");
+    // SAFETY: the predecessor opened this descriptor for us and named it
+    // once in the state; nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Handoff {
+    /// Allocations carried.
+    pub fn allocations(&self) -> usize {
+        self.loops.iter().map(|l| l.moved.allocations.len()).sum()
+    }
+
+    /// Descriptors carried.
+    pub fn descriptors(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.loops.iter().flat_map(|l| {
+            l.udp
+                .iter()
+                .chain(&l.tcp)
+                .chain(&l.tls)
+                .chain(l.relays.iter().map(|(_, fd)| fd))
+                .map(AsRawFd::as_raw_fd)
+        })
+    }
+
+    /// The state as text naming the descriptors (which the caller keeps
+    /// open across `exec`, see [`Handoff::descriptors`]).
+    pub fn encode(&self) -> String {
+        let loops: Vec<Value> = self
+            .loops
+            .iter()
+            .map(|l| {
+                json!({
+                    "udp": fds(&l.udp),
+                    "tcp": fds(&l.tcp),
+                    "tls": fds(&l.tls),
+                    "relays": l.relays.iter().map(|(slot, fd)| json!([slot, fd.as_raw_fd()])).collect::<Vec<_>>(),
+                    "seed": hex(&l.moved.seed),
+                    "allocations": l.moved.allocations.iter().map(allocation_json).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "version": VERSION,
+            "udp": addrs(&self.udp),
+            "service_udp": addrs(&self.service_udp),
+            "tcp": addrs(&self.tcp),
+            "tls": addrs(&self.tls),
+            "loops": loops,
+        })
+        .to_string()
+    }
+
+    /// Reads a predecessor's state and takes ownership of the descriptors
+    /// it names.
+    ///
+    /// # Safety
+    ///
+    /// Every descriptor `text` names must be open in this process (inherited
+    /// from the predecessor that wrote `text`) and owned by nothing else.
+    pub unsafe fn decode(text: &str) -> anyhow::Result<Handoff> {
+        let v: Value = serde_json::from_str(text).context("the handed-over state")?;
+        let version = v["version"].as_u64().unwrap_or(0);
+        anyhow::ensure!(
+            version == VERSION,
+            "handed-over state version {version}, this binary reads {VERSION}"
+        );
+        let addr_list = |key: &str| -> anyhow::Result<Vec<SocketAddr>> {
+            v[key]
+                .as_array()
+                .with_context(|| format!("`{key}` missing"))?
+                .iter()
+                .map(|a| Ok(a.as_str().context("an address")?.parse()?))
+                .collect()
+        };
+        let fd_list = |l: &Value, key: &str| -> anyhow::Result<Vec<OwnedFd>> {
+            l[key]
+                .as_array()
+                .with_context(|| format!("`{key}` missing"))?
+                .iter()
+                .map(adopt_fd)
+                .collect()
+        };
+        let mut loops = Vec::new();
+        for l in v["loops"].as_array().context("`loops` missing")? {
+            let mut seed = [0u8; 32];
+            let raw = unhex(str_of(l, "seed")?)?;
+            anyhow::ensure!(raw.len() == 32, "seed length");
+            seed.copy_from_slice(&raw);
+            let relays = l["relays"]
+                .as_array()
+                .context("`relays` missing")?
+                .iter()
+                .map(|r| {
+                    let slot = u32::try_from(r[0].as_u64().context("slot")?)?;
+                    Ok((slot, adopt_fd(&r[1])?))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            loops.push(FrozenLoop {
+                udp: fd_list(l, "udp")?,
+                tcp: fd_list(l, "tcp")?,
+                tls: fd_list(l, "tls")?,
+                relays,
+                moved: Moved {
+                    seed,
+                    allocations: l["allocations"]
+                        .as_array()
+                        .context("`allocations` missing")?
+                        .iter()
+                        .map(allocation_from)
+                        .collect::<anyhow::Result<_>>()?,
+                },
+            });
+        }
+        anyhow::ensure!(!loops.is_empty(), "no loop handed over");
+        Ok(Handoff {
+            loops,
+            udp: addr_list("udp")?,
+            service_udp: addr_list("service_udp")?,
+            tcp: addr_list("tcp")?,
+            tls: addr_list("tls")?,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_allocation_reads_back_as_it_was_written() {
+        let a = MovedAllocation {
+            slot: 7,
+            generation: 3,
+            client: ClientSocket {
+                transport: Transport::Udp,
+                client: "198.51.100.7:40000"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+                server: "[2001:db8::1]:3478"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+            },
+            relayed: "192.0.2.1:50001".parse().unwrap(),
+            username: "1800000000:s.t:relay-1".into(),
+            key: vec![0xab; 16],
+            created_by: [9; 12],
+            expires_in: Duration::from_millis(599_250),
+            permissions: vec![("203.0.113.9".parse().unwrap(), Duration::from_secs(200))],
+            channels: vec![
+                (
+                    0x4001,
+                    "203.0.113.9:7000"
+                        .parse()
+                        .unwrap_or_else(|_| unreachable!()),
+                    500_000,
+                ),
+                (
+                    0x4002,
+                    "203.0.113.9:7001"
+                        .parse()
+                        .unwrap_or_else(|_| unreachable!()),
+                    -20_000,
+                ),
+            ],
+            bandwidth_tokens: Some(1234.5),
+        };
+        let back = allocation_from(&allocation_json(&a));
+        assert_eq!(back.ok(), Some(a));
+        assert!(allocation_from(&json!({"slot": 1})).is_err());
+    }
+}
