@@ -1430,13 +1430,13 @@ pub struct MovedAllocation {
 }
 
 /// What a core hands to its successor: the seed (so the nonces it issued
-/// stay valid) and its UDP allocations. Allocations over TCP and TLS end
-/// with their connections and do not move.
+/// stay valid) and its allocations over UDP and TCP. Allocations over TLS
+/// end with their connections (a TLS session cannot move).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Moved {
     /// The core's seed.
     pub seed: [u8; 32],
-    /// Its UDP allocations.
+    /// Its UDP and TCP allocations.
     pub allocations: Vec<MovedAllocation>,
 }
 
@@ -1459,8 +1459,10 @@ fn at_offset(now: Instant, ms: i64) -> Instant {
 }
 
 impl Server {
-    /// This core's UDP allocations and seed, for a successor process
-    /// ([`Server::import`]); the core itself is left as it was.
+    /// This core's UDP and TCP allocations and its seed, for a successor
+    /// process ([`Server::import`]); the core itself is left as it was. A
+    /// TCP allocation moves only with its connection: the shell leaves out
+    /// those whose connection it cannot hand over.
     pub fn export(&self, now: Instant) -> Moved {
         let allocations = self
             .slots
@@ -1468,7 +1470,7 @@ impl Server {
             .enumerate()
             .filter_map(|(slot, s)| {
                 let a = s.allocation.as_ref()?;
-                if a.client.transport != Transport::Udp {
+                if a.client.transport == Transport::Tls {
                     return None;
                 }
                 Some(MovedAllocation {

@@ -1452,7 +1452,8 @@ fn source_session_and_tenant_quotas_bind_and_free_on_deallocation() {
 /// imports them at the same moment, and everything goes on — channel data
 /// both ways, a Refresh signed with a nonce the first core issued, the
 /// lifetime left, the port taken in the new pool, the quotas counted; a
-/// TCP allocation does not move (it ends with its connection).
+/// TCP allocation moves too (with its connection, which the shell hands
+/// over), a TLS one does not.
 #[test]
 fn allocations_move_to_a_successor_core_and_go_on() {
     let mut h = Harness::new(config());
@@ -1475,9 +1476,15 @@ fn allocations_move_to_a_successor_core_and_go_on() {
         ..client(2)
     };
     h.allocate(tcp, &alice, h.t0);
+    let tls = ClientSocket {
+        transport: Transport::Tls,
+        ..client(3)
+    };
+    h.allocate(tls, &alice, h.t0);
 
     let moved = h.server.export(h.at(100));
-    assert_eq!(moved.allocations.len(), 1, "the TCP allocation stays");
+    let clients: Vec<ClientSocket> = moved.allocations.iter().map(|a| a.client).collect();
+    assert_eq!(clients, vec![c, tcp], "the TLS allocation stays");
     let m = &moved.allocations[0];
     assert_eq!((m.client, m.relayed), (c, relayed));
     assert_eq!(m.expires_in, Duration::from_secs(500), "600 s, 100 gone");
@@ -1498,7 +1505,11 @@ fn allocations_move_to_a_successor_core_and_go_on() {
         UNIX_T0 + 100,
         moved.seed,
     );
-    assert_eq!(next.import(&moved, t1), vec![id]);
+    let only_udp = natrix_relay_proto::Moved {
+        seed: moved.seed,
+        allocations: moved.allocations[..1].to_vec(),
+    };
+    assert_eq!(next.import(&only_udp, t1), vec![id]);
     assert_eq!(next.stats().allocations, 1);
     assert_eq!(ports.available(), 99, "its port is taken in the new pool");
 

@@ -417,6 +417,9 @@ pub(super) struct EventLoop {
     next_idle_sweep: Instant,
     /// Time spent on TLS handshake steps this turn.
     handshakes: Duration,
+    /// Tokens to handle on the first turn (adopted connections whose
+    /// buffers may hold frames already).
+    first_turn: Vec<Token>,
 }
 
 impl EventLoop {
@@ -532,6 +535,7 @@ impl EventLoop {
                 live_streams: 0,
                 next_idle_sweep: Instant::now() + Duration::from_secs(1),
                 handshakes: Duration::ZERO,
+                first_turn: Vec::new(),
             },
             waker,
         ))
@@ -539,10 +543,10 @@ impl EventLoop {
 
     /// Serves until stopped; frozen instead (between batches: nothing read
     /// is left unhandled, nothing queued unsent), hands its sockets and
-    /// UDP allocations over.
+    /// allocations over (see [`EventLoop::frozen`]).
     pub(super) fn run(mut self) -> Option<super::handoff::FrozenLoop> {
         let mut events = Events::with_capacity(1024);
-        let mut pending: Vec<Token> = Vec::new();
+        let mut pending: Vec<Token> = std::mem::take(&mut self.first_turn);
         let mut again: Vec<Token> = Vec::new();
         let mut next_publish = Instant::now() + PUBLISH_INTERVAL;
         while !self.stop.load(Ordering::Relaxed) && !self.freeze.load(Ordering::Relaxed) {
@@ -611,11 +615,39 @@ impl EventLoop {
     }
 
     /// Everything a successor needs from this loop: duplicates of its
-    /// listeners and of its UDP allocations' relayed sockets (this loop's
-    /// own close when it drops), and those allocations' state.
+    /// listeners, of its allocations' relayed sockets and of the plain TCP
+    /// connections holding allocations (this loop's own close when it
+    /// drops), and those allocations' state. A TCP allocation whose
+    /// connection cannot move (TLS) stays behind.
     fn frozen(&self) -> super::handoff::FrozenLoop {
         let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
-        let moved = self.core.export(Instant::now());
+        let mut moved = self.core.export(Instant::now());
+        let mut streams = Vec::new();
+        moved.allocations.retain(|a| {
+            if a.client.transport != crate::core::Transport::Tcp {
+                return true;
+            }
+            let Some(stream) = self
+                .clients
+                .stream_by_client
+                .get(&a.client)
+                .and_then(|&j| self.clients.streams.get(j)?.as_ref())
+            else {
+                return false;
+            };
+            let (Some((unread, unsent)), Ok(fd)) =
+                (stream.handoff_parts(), dup(stream.socket.as_fd()))
+            else {
+                return false;
+            };
+            streams.push(super::handoff::MovedStream {
+                client: a.client,
+                fd,
+                unread,
+                unsent,
+            });
+            true
+        });
         let relays = moved
             .allocations
             .iter()
@@ -642,7 +674,49 @@ impl EventLoop {
                 .filter_map(|l| dup(l.as_fd()).ok())
                 .collect(),
             relays,
+            streams,
             moved,
+        }
+    }
+
+    /// Takes over a predecessor's plain TCP connections whose allocations
+    /// the core imported (`clients`); the others close. Each is read once
+    /// when the loop starts (bytes may wait in its buffer).
+    pub(super) fn adopt_streams(
+        &mut self,
+        clients: &[crate::core::ClientSocket],
+        streams: Vec<super::handoff::MovedStream>,
+    ) {
+        for m in streams {
+            if !clients.contains(&m.client) {
+                continue;
+            }
+            let std_socket = std::net::TcpStream::from(m.fd);
+            if std_socket.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let mut socket = mio::net::TcpStream::from_std(std_socket);
+            let j = self.clients.free_streams.pop().unwrap_or_else(|| {
+                self.clients.streams.push(None);
+                self.clients.streams.len() - 1
+            });
+            if self
+                .registry
+                .register(&mut socket, Token(STREAM_BASE + j), Interest::READABLE)
+                .is_err()
+            {
+                self.clients.free_streams.push(j);
+                continue;
+            }
+            let mut stream = Stream::adopted(socket, m.client, &m.unread, m.unsent);
+            want_write(&self.registry, &mut stream, j);
+            self.clients.stream_by_client.insert(stream.client, j);
+            self.clients.stream_by_conn.insert(stream.conn, j);
+            *self.clients.per_ip.entry(m.client.client.ip()).or_insert(0) += 1;
+            self.clients.streams[j] = Some(stream);
+            self.live_streams += 1;
+            self.metrics.tcp_connections.inc();
+            self.first_turn.push(Token(STREAM_BASE + j));
         }
     }
 

@@ -24,6 +24,28 @@ pub(super) struct FrozenLoop {
     pub(super) tls: Vec<OwnedFd>,
     /// Relayed sockets by allocation slot.
     pub(super) relays: Vec<(u32, OwnedFd)>,
+    /// Plain TCP connections holding an allocation.
+    pub(super) streams: Vec<MovedStream>,
+}
+
+/// What one loop of a successor starts from: the allocations' state, their
+/// relayed sockets and their TCP connections.
+#[derive(Debug)]
+pub(super) struct FrozenState {
+    pub(super) moved: Moved,
+    pub(super) relays: Vec<(u32, OwnedFd)>,
+    pub(super) streams: Vec<MovedStream>,
+}
+
+/// A plain TCP client connection with an allocation, handed over.
+#[derive(Debug)]
+pub(super) struct MovedStream {
+    pub(super) client: ClientSocket,
+    pub(super) fd: OwnedFd,
+    /// Read, not yet framed.
+    pub(super) unread: Vec<u8>,
+    /// Queued, not yet written.
+    pub(super) unsent: Vec<u8>,
 }
 
 /// A whole relay host, frozen: what a successor needs to go on.
@@ -171,6 +193,7 @@ impl Handoff {
                 .chain(&l.tcp)
                 .chain(&l.tls)
                 .chain(l.relays.iter().map(|(_, fd)| fd))
+                .chain(l.streams.iter().map(|m| &m.fd))
                 .map(AsRawFd::as_raw_fd)
         })
     }
@@ -187,6 +210,13 @@ impl Handoff {
                     "tcp": fds(&l.tcp),
                     "tls": fds(&l.tls),
                     "relays": l.relays.iter().map(|(slot, fd)| json!([slot, fd.as_raw_fd()])).collect::<Vec<_>>(),
+                    "streams": l.streams.iter().map(|m| json!({
+                        "fd": m.fd.as_raw_fd(),
+                        "client": m.client.client.to_string(),
+                        "server": m.client.server.to_string(),
+                        "unread": hex(&m.unread),
+                        "unsent": hex(&m.unsent),
+                    })).collect::<Vec<_>>(),
                     "seed": hex(&l.moved.seed),
                     "allocations": l.moved.allocations.iter().map(allocation_json).collect::<Vec<_>>(),
                 })
@@ -248,7 +278,25 @@ impl Handoff {
                     Ok((slot, adopt_fd(&r[1])?))
                 })
                 .collect::<anyhow::Result<_>>()?;
+            let streams = l["streams"]
+                .as_array()
+                .context("`streams` missing")?
+                .iter()
+                .map(|m| {
+                    Ok(MovedStream {
+                        client: ClientSocket {
+                            transport: Transport::Tcp,
+                            client: str_of(m, "client")?.parse()?,
+                            server: str_of(m, "server")?.parse()?,
+                        },
+                        fd: adopt_fd(&m["fd"])?,
+                        unread: unhex(str_of(m, "unread")?)?,
+                        unsent: unhex(str_of(m, "unsent")?)?,
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?;
             loops.push(FrozenLoop {
+                streams,
                 udp: fd_list(l, "udp")?,
                 tcp: fd_list(l, "tcp")?,
                 tls: fd_list(l, "tls")?,

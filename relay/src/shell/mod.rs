@@ -138,7 +138,7 @@ pub struct BoundHost {
     udp_clones: Vec<std::net::UdpSocket>,
     /// Per shard, what a predecessor handed over: UDP allocations and their
     /// relayed sockets (empty when the host was bound fresh).
-    moved: Vec<(crate::core::Moved, Vec<(u32, std::os::fd::OwnedFd)>)>,
+    moved: Vec<handoff::FrozenState>,
 }
 
 impl BoundHost {
@@ -224,7 +224,7 @@ impl BoundHost {
         for (shard, sockets) in self.shards.into_iter().enumerate() {
             let LoopSockets { udp, tcp, tls } = sockets;
             let handed = moved.next();
-            let seed = handed.as_ref().map_or_else(rand::random, |(m, _)| m.seed);
+            let seed = handed.as_ref().map_or_else(rand::random, |h| h.moved.seed);
             let (mut event_loop, waker) = event_loop::EventLoop::new(
                 parts.core(&ports, unix_now, seed),
                 event_loop::Listeners {
@@ -248,8 +248,20 @@ impl BoundHost {
                 },
             )
             .context("setting up a relay loop")?;
-            if let Some((m, relays)) = handed {
+            if let Some(handoff::FrozenState {
+                moved: m,
+                relays,
+                streams,
+            }) = handed
+            {
                 let ids = event_loop.core_mut().import(&m, Instant::now());
+                let kept: Vec<_> = m
+                    .allocations
+                    .iter()
+                    .filter(|a| ids.iter().any(|id| id.index() == a.slot as usize))
+                    .map(|a| a.client)
+                    .collect();
+                event_loop.adopt_streams(&kept, streams);
                 resumed += ids.len();
                 if ids.len() < m.allocations.len() {
                     warn!(
@@ -535,7 +547,11 @@ impl RelayHost {
             let tcp = l.tcp.into_iter().map(std::net::TcpListener::from).collect();
             let tls = l.tls.into_iter().map(std::net::TcpListener::from).collect();
             shards.push(LoopSockets { udp, tcp, tls });
-            moved.push((l.moved, l.relays));
+            moved.push(handoff::FrozenState {
+                moved: l.moved,
+                relays: l.relays,
+                streams: l.streams,
+            });
         }
         let udp_clones = shards
             .first()
@@ -561,8 +577,8 @@ impl RelayHost {
     }
 
     /// Freezes every loop between batches and collects what a successor
-    /// needs (see [`Handoff`]). TCP and TLS connections end here (their
-    /// allocations with them); UDP allocations and every listener move.
+    /// needs (see [`Handoff`]). TLS connections end here (their allocations
+    /// with them); UDP and plain TCP allocations and every listener move.
     pub fn freeze(self) -> anyhow::Result<Handoff> {
         self.freeze.store(true, Ordering::SeqCst);
         for (_, waker) in &self.loops {

@@ -106,6 +106,42 @@ impl Stream {
         })
     }
 
+    /// What a successor needs of a plain TCP connection: the bytes read
+    /// but not yet framed, and those queued but not yet written (`None`
+    /// over TLS: its session cannot move).
+    pub(super) fn handoff_parts(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        if self.tls.is_some() {
+            return None;
+        }
+        Some((self.read[..self.filled].to_vec(), self.write.clone()))
+    }
+
+    /// A plain TCP connection a predecessor handed over with its
+    /// allocation: `unread` waits to be framed, `unsent` to be written.
+    pub(super) fn adopted(
+        socket: mio::net::TcpStream,
+        client: ClientSocket,
+        unread: &[u8],
+        unsent: Vec<u8>,
+    ) -> Stream {
+        let mut read = vec![0; INITIAL_READ.max(unread.len())];
+        read[..unread.len()].copy_from_slice(unread);
+        Stream {
+            socket,
+            client,
+            tls: None,
+            read,
+            filled: unread.len(),
+            write: unsent,
+            tls_queued: 0,
+            want_write: false,
+            dirty: false,
+            conn: natrix_net::ConnId::next(),
+            last_active: std::time::Instant::now(),
+            trusted: true,
+        }
+    }
+
     /// The read buffer a drained connection keeps.
     fn resting_read(&self) -> usize {
         if self.trusted {
