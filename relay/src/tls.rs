@@ -36,12 +36,15 @@ fn build(cert: &Path, key: &Path) -> anyhow::Result<ServerConfig> {
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading the TLS key {}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("choosing TLS versions")?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("the TLS certificate and key do not match")?;
+    // A binary upgrade moves TLS 1.3 sessions to the successor process with
+    // their traffic secrets (`shell/sealed.rs`); they never leave it.
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 

@@ -1,13 +1,13 @@
 //! A binary upgrade without dropping calls. On SIGUSR2 a relay checks that
 //! the binary at its path runs, freezes its loops between batches, writes
-//! the hand-off ([`Handoff`]: listeners, UDP and TCP allocations, their
-//! relayed sockets and TCP connections) to a memory file, keeps those
-//! descriptors open across `exec`, and executes that binary in place: same
-//! PID (systemd and the container runtime see one process), same sockets,
-//! and the new image goes on serving the same allocations. Datagrams that
-//! arrive in between wait in the sockets' kernel buffers. TLS connections
-//! end (a TLS session cannot move); the control plane (metrics, lookup)
-//! listens again.
+//! the hand-off ([`Handoff`]: listeners, allocations, their relayed
+//! sockets, their TCP connections and TLS 1.3 sessions' traffic secrets) to
+//! a memory file, keeps those descriptors open across `exec`, and executes
+//! that binary in place: same PID (systemd and the container runtime see
+//! one process), same sockets, and the new image goes on serving the same
+//! allocations. Datagrams that arrive in between wait in the sockets'
+//! kernel buffers. TLS 1.2 sessions end; the control plane (metrics,
+//! lookup) listens again.
 //!
 //! If the new binary cannot be executed after all, the running image is
 //! executed instead with the same hand-off, so the allocations survive a

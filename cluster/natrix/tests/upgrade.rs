@@ -1,6 +1,6 @@
 //! A binary upgrade without dropping calls: a relay started from a copy of
-//! the binary relays channel data for load-test clients over UDP and TCP;
-//! the file is
+//! the binary relays channel data for load-test clients over UDP, TCP and
+//! TLS; the file is
 //! replaced (as a package upgrade does), SIGUSR2 hands the relay over to
 //! the new file in place (same PID, same sockets), and the clients' traffic
 //! goes on. Then a broken binary at the path: SIGUSR2 is refused and the
@@ -77,18 +77,41 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
     std::fs::create_dir_all(&dir).unwrap();
     let bin = dir.join("natrix");
     install_binary(&bin);
+    let out = Command::new(common::tool("openssl"))
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-days", "2", "-nodes"])
+        .args(["-subj", "/CN=natrix-upgrade"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl: {out:?}");
+    let tls = format!("127.0.0.1:{}", common::free_port());
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let n = Natrix::launch(
         &[bin.to_str().unwrap()],
         "relay",
-        &["--peer-allow", "127.0.0.0/8"],
+        &[
+            "--peer-allow",
+            "127.0.0.0/8",
+            "--tls-listen",
+            &tls,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
     );
     let pid = n.pid();
     let server = n.stun.to_string();
-    // Clients over UDP and over TCP (their connections move too).
-    let (udp, tcp) = (
-        relay_load(&server, "6s", "udp"),
-        relay_load(&server, "6s", "tcp"),
-    );
+    // Clients over UDP, TCP and TLS (their connections move too).
+    let loads = [
+        ("udp", relay_load(&server, "6s", "udp")),
+        ("tcp", relay_load(&server, "6s", "tcp")),
+        ("tls", relay_load(&tls, "6s", "tls")),
+    ];
     std::thread::sleep(Duration::from_millis(2000));
 
     // A package upgrade replaces the file; the running image is the old one.
@@ -103,7 +126,7 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
         Duration::from_secs(10),
     );
     assert_eq!(exe_of(pid), bin.display().to_string(), "the new file runs");
-    for (transport, load) in [("udp", udp), ("tcp", tcp)] {
+    for (transport, load) in loads {
         let r = report(load);
         let (sent, echoed) = (r["sent"].as_u64().unwrap(), r["echoed"].as_u64().unwrap());
         eprintln!(
@@ -121,7 +144,12 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
     // The clients are gone; their allocations went on through the hand-off
     // and ended when the clients did.
     let log = n.log();
-    assert!(log.contains("\"allocations\":4"), "4 handed over:\n{log}");
+    assert!(
+        log.contains(
+            "\"message\":\"took over the allocations of the previous binary\",\"allocations\":6"
+        ),
+        "6 handed over:\n{log}"
+    );
 
     // A binary that does not run: the relay refuses to hand over and
     // serves on.

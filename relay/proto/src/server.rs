@@ -17,7 +17,7 @@ use super::policy::PeerPolicy;
 use super::ports::{Claim, SharedPorts};
 use super::refusal::Refusal;
 use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
-use super::types::{AllocationId, ClientSocket, Transport};
+use super::types::{AllocationId, ClientSocket};
 use natrix_model::limiter::{UnauthLimiter, UnauthLimits};
 
 /// Bytes [`Server::handle_peer_input`] needs free before the payload: a
@@ -1430,13 +1430,13 @@ pub struct MovedAllocation {
 }
 
 /// What a core hands to its successor: the seed (so the nonces it issued
-/// stay valid) and its allocations over UDP and TCP. Allocations over TLS
-/// end with their connections (a TLS session cannot move).
+/// stay valid) and its allocations (those over TCP and TLS move with their
+/// connections, which the shell hands over).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Moved {
     /// The core's seed.
     pub seed: [u8; 32],
-    /// Its UDP and TCP allocations.
+    /// Its allocations.
     pub allocations: Vec<MovedAllocation>,
 }
 
@@ -1459,9 +1459,9 @@ fn at_offset(now: Instant, ms: i64) -> Instant {
 }
 
 impl Server {
-    /// This core's UDP and TCP allocations and its seed, for a successor
-    /// process ([`Server::import`]); the core itself is left as it was. A
-    /// TCP allocation moves only with its connection: the shell leaves out
+    /// This core's allocations and its seed, for a successor process
+    /// ([`Server::import`]); the core itself is left as it was. A TCP or
+    /// TLS allocation moves only with its connection: the shell leaves out
     /// those whose connection it cannot hand over.
     pub fn export(&self, now: Instant) -> Moved {
         let allocations = self
@@ -1470,9 +1470,6 @@ impl Server {
             .enumerate()
             .filter_map(|(slot, s)| {
                 let a = s.allocation.as_ref()?;
-                if a.client.transport == Transport::Tls {
-                    return None;
-                }
                 Some(MovedAllocation {
                     slot: slot as u32,
                     generation: s.generation,

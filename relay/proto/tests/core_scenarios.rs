@@ -1451,9 +1451,9 @@ fn source_session_and_tenant_quotas_bind_and_free_on_deallocation() {
 /// core (another process: its own port pool) built with the exported seed
 /// imports them at the same moment, and everything goes on — channel data
 /// both ways, a Refresh signed with a nonce the first core issued, the
-/// lifetime left, the port taken in the new pool, the quotas counted; a
-/// TCP allocation moves too (with its connection, which the shell hands
-/// over), a TLS one does not.
+/// lifetime left, the port taken in the new pool, the quotas counted; TCP
+/// and TLS allocations are exported too (they move with their connections,
+/// which the shell hands over).
 #[test]
 fn allocations_move_to_a_successor_core_and_go_on() {
     let mut h = Harness::new(config());
@@ -1484,7 +1484,7 @@ fn allocations_move_to_a_successor_core_and_go_on() {
 
     let moved = h.server.export(h.at(100));
     let clients: Vec<ClientSocket> = moved.allocations.iter().map(|a| a.client).collect();
-    assert_eq!(clients, vec![c, tcp], "the TLS allocation stays");
+    assert_eq!(clients, vec![c, tcp, tls]);
     let m = &moved.allocations[0];
     assert_eq!((m.client, m.relayed), (c, relayed));
     assert_eq!(m.expires_in, Duration::from_secs(500), "600 s, 100 gone");

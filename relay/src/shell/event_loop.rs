@@ -618,33 +618,35 @@ impl EventLoop {
     /// listeners, of its allocations' relayed sockets and of the plain TCP
     /// connections holding allocations (this loop's own close when it
     /// drops), and those allocations' state. A TCP allocation whose
-    /// connection cannot move (TLS) stays behind.
-    fn frozen(&self) -> super::handoff::FrozenLoop {
+    /// connection cannot move (TLS 1.2, a handshake in progress) stays
+    /// behind.
+    fn frozen(&mut self) -> super::handoff::FrozenLoop {
         let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
         let mut moved = self.core.export(Instant::now());
         let mut streams = Vec::new();
+        let clients = &mut self.clients;
         moved.allocations.retain(|a| {
-            if a.client.transport != crate::core::Transport::Tcp {
+            if a.client.transport == crate::core::Transport::Udp {
                 return true;
             }
-            let Some(stream) = self
-                .clients
+            let Some(stream) = clients
                 .stream_by_client
                 .get(&a.client)
-                .and_then(|&j| self.clients.streams.get(j)?.as_ref())
+                .copied()
+                .and_then(|j| clients.streams.get_mut(j)?.as_mut())
             else {
                 return false;
             };
-            let (Some((unread, unsent)), Ok(fd)) =
-                (stream.handoff_parts(), dup(stream.socket.as_fd()))
-            else {
+            let Ok(fd) = dup(stream.socket.as_fd()) else {
+                return false;
+            };
+            let Some(parts) = stream.handoff_parts() else {
                 return false;
             };
             streams.push(super::handoff::MovedStream {
                 client: a.client,
                 fd,
-                unread,
-                unsent,
+                parts,
             });
             true
         });
@@ -679,9 +681,9 @@ impl EventLoop {
         }
     }
 
-    /// Takes over a predecessor's plain TCP connections whose allocations
-    /// the core imported (`clients`); the others close. Each is read once
-    /// when the loop starts (bytes may wait in its buffer).
+    /// Takes over a predecessor's TCP and TLS connections whose
+    /// allocations the core imported (`clients`); the others close. Each is
+    /// read once when the loop starts (bytes may wait in its buffers).
     pub(super) fn adopt_streams(
         &mut self,
         clients: &[crate::core::ClientSocket],
@@ -695,27 +697,37 @@ impl EventLoop {
             if std_socket.set_nonblocking(true).is_err() {
                 continue;
             }
-            let mut socket = mio::net::TcpStream::from_std(std_socket);
+            let socket = mio::net::TcpStream::from_std(std_socket);
+            let Some(mut stream) = Stream::adopted(socket, m.client, m.parts) else {
+                continue;
+            };
             let j = self.clients.free_streams.pop().unwrap_or_else(|| {
                 self.clients.streams.push(None);
                 self.clients.streams.len() - 1
             });
             if self
                 .registry
-                .register(&mut socket, Token(STREAM_BASE + j), Interest::READABLE)
+                .register(
+                    &mut stream.socket,
+                    Token(STREAM_BASE + j),
+                    Interest::READABLE,
+                )
                 .is_err()
             {
                 self.clients.free_streams.push(j);
                 continue;
             }
-            let mut stream = Stream::adopted(socket, m.client, &m.unread, m.unsent);
             want_write(&self.registry, &mut stream, j);
+            if m.client.transport == crate::core::Transport::Tls {
+                self.metrics.tls_connections.inc();
+            } else {
+                self.metrics.tcp_connections.inc();
+            }
             self.clients.stream_by_client.insert(stream.client, j);
             self.clients.stream_by_conn.insert(stream.conn, j);
             *self.clients.per_ip.entry(m.client.client.ip()).or_insert(0) += 1;
             self.clients.streams[j] = Some(stream);
             self.live_streams += 1;
-            self.metrics.tcp_connections.inc();
             self.first_turn.push(Token(STREAM_BASE + j));
         }
     }

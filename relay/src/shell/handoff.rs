@@ -37,15 +37,46 @@ pub(super) struct FrozenState {
     pub(super) streams: Vec<MovedStream>,
 }
 
-/// A plain TCP client connection with an allocation, handed over.
+/// A TCP or TLS client connection with an allocation, handed over.
 #[derive(Debug)]
 pub(super) struct MovedStream {
     pub(super) client: ClientSocket,
     pub(super) fd: OwnedFd,
+    pub(super) parts: StreamParts,
+}
+
+/// A connection's buffers (plaintext) and, over TLS, its session.
+#[derive(Debug)]
+pub(super) struct StreamParts {
     /// Read, not yet framed.
     pub(super) unread: Vec<u8>,
     /// Queued, not yet written.
     pub(super) unsent: Vec<u8>,
+    pub(super) tls: Option<TlsParts>,
+}
+
+/// A TLS 1.3 session: the AEAD, each direction's key, IV and sequence
+/// number, and the protected bytes not yet opened or written.
+#[derive(Debug)]
+pub(super) struct TlsParts {
+    pub(super) suite: super::sealed::Suite,
+    pub(super) rx: super::sealed::Secret,
+    pub(super) tx: super::sealed::Secret,
+    pub(super) incoming: Vec<u8>,
+    pub(super) outgoing: Vec<u8>,
+}
+
+fn secret_json(s: &super::sealed::Secret) -> Value {
+    json!({"key": hex(&s.key), "iv": hex(&s.iv), "seq": s.seq})
+}
+
+fn secret_from(v: &Value) -> anyhow::Result<super::sealed::Secret> {
+    let iv = unhex(str_of(v, "iv")?)?;
+    Ok(super::sealed::Secret {
+        key: unhex(str_of(v, "key")?)?,
+        iv: iv.try_into().ok().context("iv length")?,
+        seq: u64_of(v, "seq")?,
+    })
 }
 
 /// A whole relay host, frozen: what a successor needs to go on.
@@ -212,10 +243,18 @@ impl Handoff {
                     "relays": l.relays.iter().map(|(slot, fd)| json!([slot, fd.as_raw_fd()])).collect::<Vec<_>>(),
                     "streams": l.streams.iter().map(|m| json!({
                         "fd": m.fd.as_raw_fd(),
+                        "transport": transport_name(m.client.transport),
                         "client": m.client.client.to_string(),
                         "server": m.client.server.to_string(),
-                        "unread": hex(&m.unread),
-                        "unsent": hex(&m.unsent),
+                        "unread": hex(&m.parts.unread),
+                        "unsent": hex(&m.parts.unsent),
+                        "tls": m.parts.tls.as_ref().map(|t| json!({
+                            "suite": t.suite.name(),
+                            "rx": secret_json(&t.rx),
+                            "tx": secret_json(&t.tx),
+                            "incoming": hex(&t.incoming),
+                            "outgoing": hex(&t.outgoing),
+                        })),
                     })).collect::<Vec<_>>(),
                     "seed": hex(&l.moved.seed),
                     "allocations": l.moved.allocations.iter().map(allocation_json).collect::<Vec<_>>(),
@@ -283,15 +322,33 @@ impl Handoff {
                 .context("`streams` missing")?
                 .iter()
                 .map(|m| {
+                    let tls = match &m["tls"] {
+                        Value::Null => None,
+                        t => Some(TlsParts {
+                            suite: super::sealed::Suite::from_name(str_of(t, "suite")?)
+                                .context("an AEAD this binary knows")?,
+                            rx: secret_from(&t["rx"])?,
+                            tx: secret_from(&t["tx"])?,
+                            incoming: unhex(str_of(t, "incoming")?)?,
+                            outgoing: unhex(str_of(t, "outgoing")?)?,
+                        }),
+                    };
                     Ok(MovedStream {
                         client: ClientSocket {
-                            transport: Transport::Tcp,
+                            transport: if tls.is_some() {
+                                Transport::Tls
+                            } else {
+                                Transport::Tcp
+                            },
                             client: str_of(m, "client")?.parse()?,
                             server: str_of(m, "server")?.parse()?,
                         },
                         fd: adopt_fd(&m["fd"])?,
-                        unread: unhex(str_of(m, "unread")?)?,
-                        unsent: unhex(str_of(m, "unsent")?)?,
+                        parts: StreamParts {
+                            unread: unhex(str_of(m, "unread")?)?,
+                            unsent: unhex(str_of(m, "unsent")?)?,
+                            tls,
+                        },
                     })
                 })
                 .collect::<anyhow::Result<_>>()?;

@@ -12,6 +12,7 @@
 
 mod event_loop;
 mod handoff;
+mod sealed;
 mod stream;
 
 pub use handoff::Handoff;
@@ -577,8 +578,9 @@ impl RelayHost {
     }
 
     /// Freezes every loop between batches and collects what a successor
-    /// needs (see [`Handoff`]). TLS connections end here (their allocations
-    /// with them); UDP and plain TCP allocations and every listener move.
+    /// needs (see [`Handoff`]): every listener, UDP allocations, and TCP and
+    /// TLS 1.3 connections with theirs. A connection that cannot move (TLS
+    /// 1.2, a handshake in progress) ends here with its allocation.
     pub fn freeze(self) -> anyhow::Result<Handoff> {
         self.freeze.store(true, Ordering::SeqCst);
         for (_, waker) in &self.loops {

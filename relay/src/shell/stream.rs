@@ -41,6 +41,8 @@ pub(super) struct Stream {
     pub(super) socket: mio::net::TcpStream,
     pub(super) client: ClientSocket,
     tls: Option<rustls::ServerConnection>,
+    /// A TLS 1.3 session whose handshake ran in a predecessor process.
+    sealed: Option<Box<super::sealed::Sealed>>,
     read: Vec<u8>,
     filled: usize,
     write: Vec<u8>,
@@ -94,6 +96,7 @@ impl Stream {
                 server,
             },
             tls,
+            sealed: None,
             read: vec![0; UNTRUSTED_READ],
             filled: 0,
             write: Vec::new(),
@@ -106,40 +109,110 @@ impl Stream {
         })
     }
 
-    /// What a successor needs of a plain TCP connection: the bytes read
-    /// but not yet framed, and those queued but not yet written (`None`
-    /// over TLS: its session cannot move).
-    pub(super) fn handoff_parts(&self) -> Option<(Vec<u8>, Vec<u8>)> {
-        if self.tls.is_some() {
-            return None;
-        }
-        Some((self.read[..self.filled].to_vec(), self.write.clone()))
+    /// What a successor needs of a connection: the plaintext read but not
+    /// yet framed, the plaintext queued but not yet written, and for TLS
+    /// the session's traffic secrets and the bytes on either side of them.
+    /// `None` when it cannot move: TLS 1.2, a handshake not done, records
+    /// rustls still has to write, or secret extraction refused.
+    pub(super) fn handoff_parts(&mut self) -> Option<super::handoff::StreamParts> {
+        let mut unread = self.read[..self.filled].to_vec();
+        let tls = match (self.tls.take(), &self.sealed) {
+            (None, None) => None,
+            (None, Some(sealed)) => {
+                let (suite, rx, tx) = sealed.export();
+                Some(super::handoff::TlsParts {
+                    suite,
+                    rx,
+                    tx,
+                    incoming: sealed.incoming.clone(),
+                    outgoing: sealed.outgoing.clone(),
+                })
+            }
+            (Some(mut conn), _) => {
+                if conn.is_handshaking()
+                    || conn.wants_write()
+                    || conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
+                {
+                    return None;
+                }
+                // Plaintext rustls decrypted that the loop has not read.
+                let mut rest = [0u8; 4096];
+                while let Ok(n @ 1..) = conn.reader().read(&mut rest) {
+                    unread.extend_from_slice(&rest[..n]);
+                }
+                let secrets = conn.dangerous_extract_secrets().ok()?;
+                let part = |(seq, s): (u64, rustls::ConnectionTrafficSecrets)| {
+                    use rustls::ConnectionTrafficSecrets as C;
+                    let (suite, key, iv) = match s {
+                        C::Aes128Gcm { key, iv } => (super::sealed::Suite::Aes128Gcm, key, iv),
+                        C::Aes256Gcm { key, iv } => (super::sealed::Suite::Aes256Gcm, key, iv),
+                        C::Chacha20Poly1305 { key, iv } => {
+                            (super::sealed::Suite::Chacha20Poly1305, key, iv)
+                        }
+                        _ => return None,
+                    };
+                    let iv: [u8; 12] = iv.as_ref().try_into().ok()?;
+                    Some((
+                        suite,
+                        super::sealed::Secret {
+                            key: key.as_ref().to_vec(),
+                            iv,
+                            seq,
+                        },
+                    ))
+                };
+                let (suite, rx) = part(secrets.rx)?;
+                let (_, tx) = part(secrets.tx)?;
+                Some(super::handoff::TlsParts {
+                    suite,
+                    rx,
+                    tx,
+                    incoming: Vec::new(),
+                    outgoing: Vec::new(),
+                })
+            }
+        };
+        Some(super::handoff::StreamParts {
+            unread,
+            unsent: self.write.clone(),
+            tls,
+        })
     }
 
-    /// A plain TCP connection a predecessor handed over with its
-    /// allocation: `unread` waits to be framed, `unsent` to be written.
+    /// A connection a predecessor handed over with its allocation:
+    /// `unread` waits to be framed, `unsent` to be written; a TLS session
+    /// goes on with its secrets.
     pub(super) fn adopted(
         socket: mio::net::TcpStream,
         client: ClientSocket,
-        unread: &[u8],
-        unsent: Vec<u8>,
-    ) -> Stream {
-        let mut read = vec![0; INITIAL_READ.max(unread.len())];
-        read[..unread.len()].copy_from_slice(unread);
-        Stream {
+        parts: super::handoff::StreamParts,
+    ) -> Option<Stream> {
+        let sealed = match parts.tls {
+            Some(t) => {
+                let mut sealed = super::sealed::Sealed::new(t.suite, t.rx, t.tx)?;
+                sealed.incoming = t.incoming;
+                sealed.outgoing = t.outgoing;
+                Some(Box::new(sealed))
+            }
+            None => None,
+        };
+        let mut read = vec![0; INITIAL_READ.max(parts.unread.len())];
+        read[..parts.unread.len()].copy_from_slice(&parts.unread);
+        Some(Stream {
             socket,
             client,
             tls: None,
+            sealed,
             read,
-            filled: unread.len(),
-            write: unsent,
+            filled: parts.unread.len(),
+            write: parts.unsent,
             tls_queued: 0,
             want_write: false,
             dirty: false,
             conn: natrix_net::ConnId::next(),
             last_active: std::time::Instant::now(),
             trusted: true,
-        }
+        })
     }
 
     /// The read buffer a drained connection keeps.
@@ -169,6 +242,9 @@ impl Stream {
             }
             let grown = (self.read.len() * 2).max(INITIAL_READ).min(cap);
             self.read.resize(grown, 0);
+        }
+        if self.sealed.is_some() {
+            return self.fill_sealed();
         }
         let Some(tls) = self.tls.as_mut() else {
             return match self.socket.read(&mut self.read[self.filled..]) {
@@ -216,6 +292,40 @@ impl Stream {
             let _ = self.flush();
         }
         Ok(progress)
+    }
+
+    /// [`Stream::fill`] for a session taken over from a predecessor: reads
+    /// records, opens them into the read buffer.
+    fn fill_sealed(&mut self) -> Result<bool, ReadOutcome> {
+        let Some(sealed) = self.sealed.as_mut() else {
+            return Ok(false);
+        };
+        let mut chunk = vec![0u8; sealed.room().max(1)];
+        let progress = match self.socket.read(&mut chunk) {
+            Ok(0) => return Err(ReadOutcome::Close),
+            Ok(n) => {
+                sealed.incoming.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(_) => return Err(ReadOutcome::Close),
+        };
+        let mut plain = Vec::new();
+        let room = MAX_READ.saturating_sub(self.filled);
+        match sealed.open(&mut plain, room) {
+            super::sealed::Opened::Data => {}
+            super::sealed::Opened::Closed => return Err(ReadOutcome::Close),
+            super::sealed::Opened::Broken => {
+                return Err(ReadOutcome::Garbage(DropReason::Malformed));
+            }
+        }
+        if self.read.len() < self.filled + plain.len() {
+            self.read.resize(self.filled + plain.len(), 0);
+        }
+        self.read[self.filled..self.filled + plain.len()].copy_from_slice(&plain);
+        self.filled += plain.len();
+        Ok(progress || !plain.is_empty())
     }
 
     /// Reads what is available and hands each complete frame to `frame`.
@@ -283,7 +393,8 @@ impl Stream {
         } else {
             MAX_UNTRUSTED_PENDING
         };
-        if self.tls_queued + self.write.len() + bytes.len() > cap {
+        let sealed = self.sealed.as_ref().map_or(0, |s| s.outgoing.len());
+        if self.tls_queued + sealed + self.write.len() + bytes.len() > cap {
             return false;
         }
         self.write.extend_from_slice(bytes);
@@ -292,6 +403,24 @@ impl Stream {
 
     /// Writes pending bytes; true when everything went out.
     pub(super) fn flush(&mut self) -> io::Result<bool> {
+        if let Some(sealed) = self.sealed.as_mut() {
+            if !self.write.is_empty() {
+                sealed.seal(&self.write);
+                self.write.clear();
+            }
+            while !sealed.outgoing.is_empty() {
+                match self.socket.write(&sealed.outgoing) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        sealed.outgoing.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(true);
+        }
         if let Some(tls) = self.tls.as_mut() {
             // rustls buffers at most 64 KiB of plaintext: hand it what it
             // takes, write its records out, and keep the rest queued here
@@ -355,6 +484,8 @@ impl Stream {
 
     /// True when bytes wait for the socket.
     pub(super) fn has_pending(&self) -> bool {
-        !self.write.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+        !self.write.is_empty()
+            || self.tls.as_ref().is_some_and(|t| t.wants_write())
+            || self.sealed.as_ref().is_some_and(|s| !s.outgoing.is_empty())
     }
 }
