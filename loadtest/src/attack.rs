@@ -702,7 +702,7 @@ fn alloc_one_key(args: &AttackArgs) -> Outcome {
     }
     o.answers.insert("plans".into(), plans);
     o.answers.insert("allocated".into(), held.len() as u64);
-    o.bounded = per_session_max <= natrix_session_quota()
+    o.bounded = per_session_max <= natrix_relay_proto::SESSION_QUOTA
         && o.answers.contains_key("plan 429")
         && o.answers.contains_key("allocate 486");
     o.server_did = format!(
@@ -713,11 +713,6 @@ fn alloc_one_key(args: &AttackArgs) -> Outcome {
         let _ = c.release();
     }
     o
-}
-
-/// A session's allocations on one relay (the relay's SESSION_QUOTA).
-const fn natrix_session_quota() -> usize {
-    4
 }
 
 /// Opens up to `--connections` connections from the attacker, each
