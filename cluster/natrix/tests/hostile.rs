@@ -13,26 +13,12 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{API_KEY, Natrix, free_port, tool};
+use common::{API_KEY, Natrix, free_port};
 use natrix_store::testing::RedisServer;
 
 const TURN_SECRET: &str = "hostile-test-turn-secret";
 const GRANT_SECRET: &str = "app1=hostile-test-grant-secret";
 const CLUSTER_SECRET: &str = "hostile-test-cluster-secret";
-
-fn write_cert(dir: &Path) {
-    let out = Command::new(tool("openssl"))
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-days", "2", "-nodes"])
-        .args(["-subj", "/CN=natrix-hostile"])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "openssl: {out:?}");
-}
 
 /// Where the attacks go.
 struct Target<'a> {
@@ -138,7 +124,7 @@ fn attack_and_check(t: &Target<'_>) {
 fn cert_dir(tag: &str) -> (std::path::PathBuf, String, String) {
     let dir = std::env::temp_dir().join(format!("natrix-hostile-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    write_cert(&dir);
+    common::write_self_signed_cert(&dir);
     let cert = dir.join("cert.pem").display().to_string();
     let key = dir.join("key.pem").display().to_string();
     (dir, cert, key)

@@ -77,17 +77,7 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
     std::fs::create_dir_all(&dir).unwrap();
     let bin = dir.join("natrix");
     install_binary(&bin);
-    let out = Command::new(common::tool("openssl"))
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-days", "2", "-nodes"])
-        .args(["-subj", "/CN=natrix-upgrade"])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "openssl: {out:?}");
+    common::write_self_signed_cert(&dir);
     let tls = format!("127.0.0.1:{}", common::free_port());
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let n = Natrix::launch(

@@ -564,3 +564,19 @@ pub fn coturn(secret: Option<&str>) -> (Spawned, u16) {
     }
     panic!("turnserver did not answer on port {port} within 10 s");
 }
+
+/// A self-signed P-256 certificate for 127.0.0.1 in `dir`: `cert.pem` and
+/// `key.pem` (openssl).
+pub fn write_self_signed_cert(dir: &std::path::Path) {
+    let out = Command::new(tool("openssl"))
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-days", "2", "-nodes"])
+        .args(["-subj", "/CN=natrix-test"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("running openssl");
+    assert!(out.status.success(), "openssl: {out:?}");
+}
