@@ -159,3 +159,24 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
     drop(n);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `natrix up` without --auth-secret made its TURN secret up: a successor
+/// would make up another and the allocations could not go on, so SIGUSR2
+/// is refused and the process serves on.
+#[test]
+fn natrix_up_with_generated_credentials_refuses_to_hand_over() {
+    let n = Natrix::up(&[]);
+    // SAFETY: a signal to the natrix process this test started.
+    assert_eq!(unsafe { libc::kill(n.pid(), libc::SIGUSR2) }, 0);
+    wait_log(
+        &n,
+        "only a relay with configured credentials",
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        common::http_get(n.metrics, "/readyz").unwrap().0,
+        200,
+        "still serving"
+    );
+}
