@@ -402,9 +402,36 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
         Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
     };
     let (a, b) = (report(ra), report(rb));
+    let ok = a["ok"] == true && b["ok"] == true;
+    // What happened goes back to lookup (its plan-accuracy metrics).
+    let actual = match (ok, a["relayed"] == true || b["relayed"] == true) {
+        (false, _) => "failed",
+        (true, true) => "relay",
+        (true, false) => "direct",
+    };
+    let first_packet = [&a, &b]
+        .iter()
+        .filter_map(|s| s["first_packet_ms"].as_f64())
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let mut outcome = serde_json::json!({"report": plan["report"], "actual": actual});
+    if let Some(ms) = first_packet.filter(|_| ok) {
+        outcome["first_packet_ms"] = ms.into();
+    }
+    let reported = matches!(
+        http(
+            lookup,
+            "POST",
+            "/v1/outcomes",
+            &outcome.to_string(),
+            args.api_key.as_deref()
+        ),
+        Ok((202, _))
+    );
     Ok(serde_json::json!({
         "mode": plan["mode"],
-        "ok": a["ok"] == true && b["ok"] == true,
+        "ok": ok,
+        "actual": actual,
+        "outcome_reported": reported,
         "a": a,
         "b": b,
     }))

@@ -219,6 +219,10 @@ pub struct PlanResponse {
     pub a: SidePlan,
     /// The second peer's part.
     pub b: SidePlan,
+    /// The ticket a client reports the plan's outcome with
+    /// (`POST /v1/outcomes`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub report: String,
 }
 
 /// What plans are made with.
@@ -385,7 +389,16 @@ pub fn plan(
     let (Some(b_plan), Some(a_plan)) = (sides.pop(), sides.pop()) else {
         unreachable!("two sides were pushed");
     };
+    let report = crate::outcomes::mint(
+        &minting.cluster_secret,
+        &session,
+        mode.name(),
+        a.class(),
+        b.class(),
+        expires,
+    );
     Ok(PlanResponse {
+        report,
         session,
         mode: mode.name().to_owned(),
         relayed_side: match mode {

@@ -349,6 +349,88 @@ async fn post_plan(
     }
 }
 
+/// `POST /v1/outcomes`'s body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeReport {
+    /// The plan's `report` ticket.
+    report: String,
+    /// `direct`, `relay` or `failed`.
+    actual: String,
+    /// Milliseconds from the plan to the pair's first packet.
+    #[serde(default)]
+    first_packet_ms: Option<f64>,
+    /// Why it failed, in the client's words (logged, never a label).
+    #[serde(default)]
+    failure: Option<String>,
+}
+
+/// A client reports what happened to a plan: counted by NAT pair, planned
+/// mode and actual path.
+async fn post_outcome(
+    req: HttpRequest,
+    state: web::Data<LookupState>,
+    body: web::Bytes,
+) -> HttpResponse {
+    if let Err(refused) = authorize(&req, &state, Scope::Plan) {
+        return *refused;
+    }
+    let bad = |detail: String, field: Option<&str>| {
+        problem(&Problem {
+            status: 400,
+            title: "bad outcome report",
+            detail,
+            field: field.map(str::to_owned),
+        })
+    };
+    let r: OutcomeReport = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(e.to_string(), serde_field(&e).as_deref()),
+    };
+    let Some(actual) = crate::outcomes::ACTUAL.into_iter().find(|a| *a == r.actual) else {
+        return bad("actual is direct, relay or failed".into(), Some("actual"));
+    };
+    let first_packet = match r.first_packet_ms {
+        Some(ms) if !(0.0..=600_000.0).contains(&ms) => {
+            return bad(
+                "first_packet_ms is between 0 and 600000".into(),
+                Some("first_packet_ms"),
+            );
+        }
+        other => other,
+    };
+    let secret = state.minting.load().cluster_secret.clone();
+    let planned = match crate::outcomes::verify(&secret, &r.report, unix_now()) {
+        Ok(p) => p,
+        Err(why) => {
+            return problem(&Problem {
+                status: 401,
+                title: "invalid report ticket",
+                detail: why.to_owned(),
+                field: Some("report".into()),
+            });
+        }
+    };
+    state
+        .metrics
+        .outcomes
+        .with_label_values(&[planned.pair.as_str(), planned.mode, actual])
+        .inc();
+    if let (Some(ms), true) = (first_packet, actual != "failed") {
+        state
+            .metrics
+            .first_packet
+            .with_label_values(&[actual])
+            .observe(ms / 1000.0);
+    }
+    if let Some(why) = r.failure.as_deref().filter(|_| actual == "failed") {
+        tracing::debug!(pair = %planned.pair, planned = planned.mode, failure = %why.chars().take(200).collect::<String>(), "a plan failed");
+    }
+    HttpResponse::Accepted()
+        .content_type("application/json")
+        .body(r#"{"counted":true}"#)
+}
+
 async fn get_relays(req: HttpRequest, state: web::Data<LookupState>) -> HttpResponse {
     if let Err(refused) = authorize(&req, &state, Scope::RelaysRead) {
         return *refused;
@@ -384,7 +466,13 @@ async fn readyz(state: web::Data<LookupState>) -> HttpResponse {
 }
 
 /// Every route the API serves (`lookup/openapi.yaml` documents each).
-pub const ROUTES: [&str; 4] = ["/v1/plan", "/v1/relays", "/healthz", "/readyz"];
+pub const ROUTES: [&str; 5] = [
+    "/v1/plan",
+    "/v1/relays",
+    "/healthz",
+    "/readyz",
+    "/v1/outcomes",
+];
 
 /// Registers the API's routes (for embedding in another App, and tests).
 pub fn configure(state: LookupState) -> impl FnOnce(&mut web::ServiceConfig) {
@@ -394,7 +482,8 @@ pub fn configure(state: LookupState) -> impl FnOnce(&mut web::ServiceConfig) {
             .route(ROUTES[0], web::post().to(post_plan))
             .route(ROUTES[1], web::get().to(get_relays))
             .route(ROUTES[2], web::get().to(healthz))
-            .route(ROUTES[3], web::get().to(readyz));
+            .route(ROUTES[3], web::get().to(readyz))
+            .route(ROUTES[4], web::post().to(post_outcome));
     }
 }
 

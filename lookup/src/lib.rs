@@ -24,6 +24,7 @@ mod config;
 pub mod guard;
 pub mod http;
 mod metrics;
+pub mod outcomes;
 pub mod planner;
 pub mod select;
 pub mod sessions;

@@ -22,6 +22,10 @@ pub struct LookupMetrics {
     pub(crate) keys: KeyMetrics,
     /// Requests turned away for their source's refused authentications.
     pub throttled: IntCounter,
+    /// Reported plan outcomes (pair, planned, actual).
+    pub outcomes: IntCounterVec,
+    /// Reported time to the first packet (actual).
+    pub first_packet: prometheus::HistogramVec,
 }
 
 /// The per-key series, bounded: the first [`cat::MAX_KEY_SERIES`] keys
@@ -109,6 +113,8 @@ impl LookupMetrics {
                 labelled: Default::default(),
             },
             throttled: telemetry.counter(&cat::LOOKUP_THROTTLED_TOTAL),
+            outcomes: telemetry.counter_family(&cat::LOOKUP_PLAN_OUTCOMES_TOTAL),
+            first_packet: telemetry.histogram_family(&cat::LOOKUP_FIRST_PACKET_SECONDS),
         }
     }
 

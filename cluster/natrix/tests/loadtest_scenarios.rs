@@ -108,6 +108,44 @@ fn e2e_pairs_connect_directly_and_through_the_planned_relay() {
         assert_eq!(r["b"]["relayed"], true, "{r}");
     }
     up.wait_metric("lookup_plans_total{mode=\"relay_both\"}", |v| v == 2.0);
+
+    // Every pair reported its outcome: counted by NAT pair, planned mode
+    // and actual path, with its time to the first packet.
+    for r in [&direct, &relayed, &both] {
+        for pair in r["results"].as_array().unwrap() {
+            assert_eq!(pair["outcome_reported"], true, "{pair}");
+        }
+    }
+    for (series, n) in [
+        (
+            "lookup_plan_outcomes_total{actual=\"direct\",pair=\"open+open\",planned=\"direct\"}",
+            4.0,
+        ),
+        (
+            "lookup_plan_outcomes_total{actual=\"relay\",pair=\"open+open\",planned=\"relay-one\"}",
+            4.0,
+        ),
+        (
+            "lookup_plan_outcomes_total{actual=\"relay\",pair=\"udp-blocked+udp-blocked\",planned=\"relay-both\"}",
+            2.0,
+        ),
+        ("lookup_first_packet_seconds_count{actual=\"direct\"}", 4.0),
+        ("lookup_first_packet_seconds_count{actual=\"relay\"}", 6.0),
+    ] {
+        up.wait_metric(series, |v| v == n);
+    }
+    // A report ticket lookup did not sign is refused.
+    let forged = r#"{"report":"00.direct.open.open.9999999999.AAAA","actual":"direct"}"#;
+    let (status, _, body) = common::http_request_raw(
+        up.lookup,
+        "POST",
+        "/v1/outcomes",
+        Some(forged),
+        Some(common::API_KEY),
+    )
+    .unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("not issued by this cluster"), "{body}");
 }
 
 #[test]

@@ -688,6 +688,61 @@ pub const LOOKUP_THROTTLED_TOTAL: MetricDef = metric(
     &[],
 );
 
+/// What happened to plans, as clients report.
+pub const LOOKUP_PLAN_OUTCOMES_TOTAL: MetricDef = metric(
+    "lookup_plan_outcomes_total",
+    "Plan outcomes clients reported (POST /v1/outcomes), by NAT pair (the two classes lookup planned with, sorted), planned mode and actual path (direct, relay, failed): planned direct that had to relay, or a relayed plan that went direct, is the planner being surprised.",
+    Kind::Counter,
+    &[
+        Label {
+            name: "pair",
+            values: &[
+                "full-cone+full-cone",
+                "full-cone+open",
+                "full-cone+port-restricted-cone",
+                "full-cone+restricted-cone",
+                "full-cone+symmetric",
+                "full-cone+udp-blocked",
+                "open+open",
+                "open+port-restricted-cone",
+                "open+restricted-cone",
+                "open+symmetric",
+                "open+udp-blocked",
+                "port-restricted-cone+port-restricted-cone",
+                "port-restricted-cone+restricted-cone",
+                "port-restricted-cone+symmetric",
+                "port-restricted-cone+udp-blocked",
+                "restricted-cone+restricted-cone",
+                "restricted-cone+symmetric",
+                "restricted-cone+udp-blocked",
+                "symmetric+symmetric",
+                "symmetric+udp-blocked",
+                "udp-blocked+udp-blocked",
+            ],
+        },
+        Label {
+            name: "planned",
+            values: &["direct", "relay-one", "relay-both"],
+        },
+        Label {
+            name: "actual",
+            values: &["direct", "relay", "failed"],
+        },
+    ],
+);
+
+/// Time to the first packet, as clients report.
+pub const LOOKUP_FIRST_PACKET_SECONDS: MetricDef = MetricDef {
+    name: "lookup_first_packet_seconds",
+    help: "Time from the plan to a pair's first packet, as clients report it, by actual path.",
+    kind: Kind::Histogram,
+    labels: &[Label {
+        name: "actual",
+        values: &["direct", "relay"],
+    }],
+    buckets: &[0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0],
+};
+
 /// Plan latency.
 pub const LOOKUP_PLAN_DURATION_SECONDS: MetricDef = MetricDef {
     name: "lookup_plan_duration_seconds",
@@ -841,6 +896,8 @@ pub const ALL: &[&MetricDef] = &[
     &LOOKUP_PUSH_SOCKETS_CLOSED_TOTAL,
     &LOOKUP_DEVICE_AUTH_REFUSED_TOTAL,
     &LOOKUP_THROTTLED_TOTAL,
+    &LOOKUP_PLAN_OUTCOMES_TOTAL,
+    &LOOKUP_FIRST_PACKET_SECONDS,
     &LOOKUP_PLAN_DURATION_SECONDS,
     &LOOKUP_REGISTRY_HOSTS,
     &LOOKUP_REGISTRY_SNAPSHOT_AGE_SECONDS,
