@@ -37,6 +37,11 @@
 //!   change-port request answered: endpoint-independent; else a change-port
 //!   request answered: address-dependent; else address- and port-dependent.
 //!   These tests wait [`NO_ANSWER_WAIT`]: no answer is their verdict.
+//! - **Port allocation** (behind a NAT, from the mapping tests' public
+//!   ports of the one primary socket): the local port kept is preserving;
+//!   three distinct mappings a constant small step apart are sequential with
+//!   that stride; distinct ones without a pattern are random; an
+//!   endpoint-independent mapping that did not keep the port cannot tell.
 //! - **Hairpinning** (behind a NAT only): a Binding request from the primary
 //!   socket to its own mapped address; it coming back means the NAT
 //!   hairpins.
@@ -360,10 +365,12 @@ impl Discovery {
             }
             (Test::AlternateIp, Some(a)) if Some(a.mapped) == self.first.map(|f| f.mapped) => {
                 self.profile.mapping = Some(Mapping::EndpointIndependent);
+                self.allocation(&[a.mapped]);
                 self.start(Test::ChangeBoth, self.server, now);
             }
             (Test::AlternateIp, Some(a)) => {
                 self.second = Some(a.mapped);
+                self.allocation(&[a.mapped]);
                 match self.first.and_then(|f| f.other) {
                     Some(other) => self.start(Test::AlternateIpPort, other, now),
                     None => self.start(Test::ChangeBoth, self.server, now),
@@ -375,6 +382,8 @@ impl Discovery {
                 } else {
                     Mapping::AddressAndPortDependent
                 });
+                let second = self.second.unwrap_or(a.mapped);
+                self.allocation(&[second, a.mapped]);
                 self.start(Test::ChangeBoth, self.server, now);
             }
             // A mapping test without an answer leaves the mapping unknown.
@@ -390,6 +399,19 @@ impl Discovery {
                 self.finish();
             }
         }
+    }
+
+    /// How the NAT allocated ports, from test I's mapping followed by
+    /// `later` ones of the same local socket.
+    fn allocation(&mut self, later: &[SocketAddr]) {
+        let Some(first) = self.first else { return };
+        let ports: Vec<u16> = std::iter::once(first.mapped)
+            .chain(later.iter().copied())
+            .map(|a| a.port())
+            .collect();
+        let found = natrix_model::PortAllocation::from_ports(self.local.port(), &ports);
+        self.profile.port_allocation = found.map(|(a, _)| a);
+        self.profile.port_stride = found.and_then(|(_, s)| s);
     }
 
     fn filtered(&mut self, f: Filtering, now: Instant) {

@@ -26,6 +26,13 @@ const PUBLIC_IP: &str = "203.0.113.7";
 /// One-way latency of the simulated network.
 const HOP: Duration = Duration::from_millis(10);
 
+#[derive(Clone, Copy, PartialEq)]
+enum Alloc {
+    Sequential,
+    Preserving,
+    Scattered,
+}
+
 /// A simulated NAT in front of the client's two sockets.
 struct Nat {
     mapping: Mapping,
@@ -34,6 +41,9 @@ struct Nat {
     /// (socket, destination key) → public port.
     ports: HashMap<(Socket, SocketAddr), u16>,
     next_port: u16,
+    /// How new mappings get their port: the next one up (sequential, the
+    /// default), the local port while it is free, or scattered.
+    allocation: Alloc,
     /// Destinations each socket sent to.
     contacted: HashMap<Socket, Vec<SocketAddr>>,
 }
@@ -46,6 +56,7 @@ impl Nat {
             hairpin: false,
             ports: HashMap::new(),
             next_port: 50000,
+            allocation: Alloc::Sequential,
             contacted: HashMap::new(),
         }
     }
@@ -58,10 +69,16 @@ impl Nat {
             Mapping::AddressDependent => SocketAddr::new(to.ip(), 0),
             Mapping::AddressAndPortDependent => to,
         };
-        let next = &mut self.next_port;
+        let local = addr(LOCAL).port();
+        let taken = self.ports.values().any(|p| *p == local);
+        let (next, allocation) = (&mut self.next_port, self.allocation);
         let port = *self.ports.entry((socket, key)).or_insert_with(|| {
             *next += 1;
-            *next
+            match allocation {
+                Alloc::Preserving if !taken => local,
+                Alloc::Scattered => 50000 + (*next - 50000) * 7919 % 10007,
+                _ => *next,
+            }
         });
         SocketAddr::new(ip(PUBLIC_IP), port)
     }
@@ -309,6 +326,47 @@ fn every_classic_nat_is_classified_by_its_behaviours() {
         assert_eq!(p.class, Some(class));
         assert_eq!(p.hairpinning, Some(false), "{class}: tested behind a NAT");
     }
+}
+
+/// Punching a symmetric NAT needs its port allocation: the mapping tests'
+/// public ports of one socket tell sequential (with its stride), preserving
+/// and random apart; an endpoint-independent NAT that moved the port cannot
+/// tell.
+#[test]
+fn port_allocation_is_read_from_the_mapping_tests() {
+    use natrix_model::PortAllocation;
+    let apdm = (
+        Mapping::AddressAndPortDependent,
+        Filtering::AddressAndPortDependent,
+    );
+    let with = |alloc: Alloc, (m, f): (Mapping, Filtering)| {
+        let mut nat = Nat::new(m, f);
+        nat.allocation = alloc;
+        discover(Some(nat)).0
+    };
+    let p = with(Alloc::Sequential, apdm);
+    assert_eq!(
+        (p.port_allocation, p.port_stride),
+        (Some(PortAllocation::Sequential), Some(1))
+    );
+    let p = with(Alloc::Preserving, apdm);
+    assert_eq!(p.port_allocation, Some(PortAllocation::Preserving));
+    assert_eq!(p.mapped_address.map(|a| a.port()), Some(40000));
+    let p = with(Alloc::Scattered, apdm);
+    assert_eq!(
+        (p.port_allocation, p.port_stride),
+        (Some(PortAllocation::Random), None)
+    );
+    let eim = (
+        Mapping::EndpointIndependent,
+        Filtering::AddressAndPortDependent,
+    );
+    assert_eq!(with(Alloc::Sequential, eim).port_allocation, None);
+    assert_eq!(
+        with(Alloc::Preserving, eim).port_allocation,
+        Some(PortAllocation::Preserving)
+    );
+    assert_eq!(discover(None).0.port_allocation, None, "no NAT");
 }
 
 #[test]

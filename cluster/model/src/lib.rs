@@ -45,7 +45,10 @@ pub mod token;
 pub mod transport;
 
 pub use ipnet::IpNet;
-pub use nat::{Behaviour, Filtering, Mapping, NatClass, NatProfile, ProfileError, direct_feasible};
+pub use nat::{
+    Behaviour, Filtering, Mapping, NatClass, NatProfile, PortAllocation, ProfileError,
+    direct_feasible,
+};
 pub use secret::{ClusterSecret, Redacted, SecretError, TurnSecret};
 pub use token::SessionToken;
 pub use transport::Transport;

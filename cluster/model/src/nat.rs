@@ -336,12 +336,75 @@ pub struct NatProfile {
     /// `--tcp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_mapped_address: Option<SocketAddr>,
+    /// How the NAT picks the public port of a new mapping (what punching a
+    /// symmetric NAT needs); absent when the tests cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_allocation: Option<PortAllocation>,
+    /// With sequential allocation: the step between consecutive mappings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_stride: Option<i32>,
     /// How long the probe took, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
     /// What went wrong, for humans (e.g. "UDP is blocked").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// How a NAT picks the public port of a new mapping (RFC 4787 §4.1's
+/// "port preservation", and what hard-NAT traversal predicts from).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PortAllocation {
+    /// The local port is kept when it is free.
+    Preserving,
+    /// Each new mapping takes the previous one's port plus a stride.
+    Sequential,
+    /// Ports follow no pattern the tests could see.
+    Random,
+}
+
+/// Most a stride may be for allocation to count as sequential.
+pub const MAX_PORT_STRIDE: i32 = 64;
+
+impl PortAllocation {
+    /// The name used in JSON and `natrix probe`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PortAllocation::Preserving => "preserving",
+            PortAllocation::Sequential => "sequential",
+            PortAllocation::Random => "random",
+        }
+    }
+
+    /// From the local port and the public ports of consecutive new mappings
+    /// of it (oldest first): the allocation and, when sequential, the
+    /// stride; `None` when they cannot tell (one mapping that did not keep
+    /// the port, or two distinct ones).
+    pub fn from_ports(local: u16, ports: &[u16]) -> Option<(PortAllocation, Option<i32>)> {
+        let first = *ports.first()?;
+        if first == local {
+            return Some((PortAllocation::Preserving, None));
+        }
+        let mut distinct: Vec<u16> = Vec::new();
+        for &p in ports {
+            if distinct.last() != Some(&p) {
+                distinct.push(p);
+            }
+        }
+        let steps: Vec<i32> = distinct
+            .windows(2)
+            .map(|w| i32::from(w[1]) - i32::from(w[0]))
+            .collect();
+        let [a, _, ..] = steps.as_slice() else {
+            return None;
+        };
+        if steps.iter().all(|s| s == a) && a.abs() <= MAX_PORT_STRIDE {
+            Some((PortAllocation::Sequential, Some(*a)))
+        } else {
+            Some((PortAllocation::Random, None))
+        }
+    }
 }
 
 /// Why a profile cannot be planned with: its fields contradict each other.
@@ -449,6 +512,42 @@ impl NatProfile {
             0,
             0,
         ]
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::{PortAllocation, PortAllocation::*};
+
+    #[test]
+    fn port_allocation_is_read_from_consecutive_mappings() {
+        let f = PortAllocation::from_ports;
+        assert_eq!(f(40000, &[40000, 50001, 50002]), Some((Preserving, None)));
+        assert_eq!(
+            f(40000, &[50001, 50002, 50003]),
+            Some((Sequential, Some(1)))
+        );
+        assert_eq!(
+            f(40000, &[50010, 50006, 50002]),
+            Some((Sequential, Some(-4)))
+        );
+        assert_eq!(f(40000, &[50001, 61234, 50777]), Some((Random, None)));
+        assert_eq!(
+            f(40000, &[50001, 50300, 50599]),
+            Some((Random, None)),
+            "stride too big"
+        );
+        assert_eq!(
+            f(40000, &[50001, 50001, 50001]),
+            None,
+            "one mapping: cannot tell"
+        );
+        assert_eq!(
+            f(40000, &[50001, 50002, 50002]),
+            None,
+            "two mappings: cannot tell"
+        );
+        assert_eq!(f(40000, &[]), None);
     }
 }
 

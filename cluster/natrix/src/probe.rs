@@ -209,6 +209,12 @@ fn print(args: &ProbeArgs, p: &NatProfile) -> anyhow::Result<()> {
             if let Some(h) = p.hairpinning {
                 println!("hairpinning:    {}", if h { "yes" } else { "no" });
             }
+            if let Some(a) = p.port_allocation {
+                match p.port_stride {
+                    Some(stride) => println!("port allocation: {} (stride {stride})", a.name()),
+                    None => println!("port allocation: {}", a.name()),
+                }
+            }
             println!(
                 "class:          {}",
                 p.class.map_or("unknown", |c| c.name())
