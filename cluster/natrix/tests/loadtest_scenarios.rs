@@ -122,11 +122,11 @@ fn e2e_pairs_connect_directly_and_through_the_planned_relay() {
             4.0,
         ),
         (
-            "lookup_plan_outcomes_total{actual=\"relay\",pair=\"open+open\",planned=\"relay-one\"}",
+            "lookup_plan_outcomes_total{actual=\"relay\",pair=\"open+open\",planned=\"relay\"}",
             4.0,
         ),
         (
-            "lookup_plan_outcomes_total{actual=\"relay\",pair=\"udp-blocked+udp-blocked\",planned=\"relay-both\"}",
+            "lookup_plan_outcomes_total{actual=\"relay\",pair=\"udp-blocked+udp-blocked\",planned=\"relay\"}",
             2.0,
         ),
         ("lookup_first_packet_seconds_count{actual=\"direct\"}", 4.0),

@@ -691,7 +691,7 @@ pub const LOOKUP_THROTTLED_TOTAL: MetricDef = metric(
 /// What happened to plans, as clients report.
 pub const LOOKUP_PLAN_OUTCOMES_TOTAL: MetricDef = metric(
     "lookup_plan_outcomes_total",
-    "Plan outcomes clients reported (POST /v1/outcomes), by NAT pair (the two classes lookup planned with, sorted), planned mode and actual path (direct, relay, failed): planned direct that had to relay, or a relayed plan that went direct, is the planner being surprised.",
+    "Plan outcomes clients reported (POST /v1/outcomes), by NAT pair (the two classes lookup planned with, sorted), planned path (direct, or relay for relay-one and relay-both) and actual path (direct, relay, failed): planned direct that had to relay, or a relayed plan that went direct, is the planner being surprised.",
     Kind::Counter,
     &[
         Label {
@@ -722,7 +722,7 @@ pub const LOOKUP_PLAN_OUTCOMES_TOTAL: MetricDef = metric(
         },
         Label {
             name: "planned",
-            values: &["direct", "relay-one", "relay-both"],
+            values: &["direct", "relay"],
         },
         Label {
             name: "actual",
