@@ -403,14 +403,7 @@ fn http_status(
     credential: Option<&str>,
     timeout: Duration,
 ) -> std::io::Result<u16> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(to),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.bind(&SocketAddr::new(from, 0).into())?;
-    socket.connect_timeout(&to.into(), timeout)?;
-    let mut s: TcpStream = socket.into();
+    let mut s = tcp_from_within(from, to, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     let auth = credential.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
     write!(
@@ -418,6 +411,11 @@ fn http_status(
         "{method} {path} HTTP/1.0\r\nHost: {to}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
+    read_status(&mut s)
+}
+
+/// The status code of the HTTP response `s` starts to answer.
+fn read_status(s: &mut TcpStream) -> std::io::Result<u16> {
     let mut head = [0u8; 16];
     let mut got = 0;
     while got < 12 {
@@ -434,13 +432,18 @@ fn http_status(
 }
 
 fn tcp_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    tcp_from_within(from, to, Duration::from_secs(2))
+}
+
+/// A TCP connection from `from` to `to`, set up within `timeout`.
+fn tcp_from_within(from: IpAddr, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::STREAM,
         None,
     )?;
     socket.bind(&SocketAddr::new(from, 0).into())?;
-    socket.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    socket.connect_timeout(&to.into(), timeout)?;
     Ok(socket.into())
 }
 
@@ -1306,12 +1309,7 @@ fn ws_handshake_status(from: IpAddr, to: SocketAddr, token: &str) -> std::io::Re
          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
          Sec-WebSocket-Version: 13\r\n\r\n"
     )?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head)?;
-    std::str::from_utf8(&head[9..12])
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("not HTTP"))
+    read_status(&mut s)
 }
 
 /// A device of `handle` (a grant from `--grant-secret`): its token.

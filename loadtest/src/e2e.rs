@@ -409,10 +409,11 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
         (true, true) => "relay",
         (true, false) => "direct",
     };
+    // The pair's first packet: when the later side got its own.
     let first_packet = [&a, &b]
         .iter()
         .filter_map(|s| s["first_packet_ms"].as_f64())
-        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        .reduce(f64::max);
     let mut outcome = serde_json::json!({"report": plan["report"], "actual": actual});
     if let Some(ms) = first_packet.filter(|_| ok) {
         outcome["first_packet_ms"] = ms.into();

@@ -73,6 +73,16 @@ impl AuthGuard {
         Some(peer)
     }
 
+    /// [`AuthGuard::source`] of a request from `peer` with `headers`.
+    pub fn source_of(
+        &self,
+        peer: Option<SocketAddr>,
+        headers: &actix_web::http::header::HeaderMap,
+    ) -> Option<IpAddr> {
+        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        self.source(peer, forwarded)
+    }
+
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|n| n.contains(ip))
     }

@@ -618,12 +618,7 @@ pub fn serve(
                 .wrap_fn(move |req, srv| {
                     use actix_web::dev::Service as _;
                     let (guard, throttled) = guard.clone();
-                    let source = guard.source(
-                        req.peer_addr(),
-                        req.headers()
-                            .get("x-forwarded-for")
-                            .and_then(|v| v.to_str().ok()),
-                    );
+                    let source = guard.source_of(req.peer_addr(), req.headers());
                     if let Some(wait) = guard.throttled(source) {
                         throttled.inc();
                         let resp = throttled_response(wait);

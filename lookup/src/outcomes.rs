@@ -133,5 +133,11 @@ mod tests {
             Err("the plan is too old to report on")
         );
         assert_eq!(pair_labels().len(), 21);
+        // The metric's catalogue lists exactly these pairs and paths.
+        let def = &natrix_telemetry::catalogue::LOOKUP_PLAN_OUTCOMES_TOTAL;
+        let mut listed: Vec<String> = def.labels[0].values.iter().map(|v| v.to_string()).collect();
+        listed.sort();
+        assert_eq!(listed, pair_labels());
+        assert_eq!(def.labels[2].values, ACTUAL);
     }
 }

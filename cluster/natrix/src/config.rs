@@ -273,6 +273,10 @@ pub(crate) fn example() -> String {
          # override this file. Check a file with `natrix config check FILE`.\n",
     );
     let mut seen_in_roles: Vec<String> = Vec::new();
+    let global_keys: Vec<String> = keys_of(&section_command("global"))
+        .into_iter()
+        .map(|k| k.0)
+        .collect();
     for (section, commands) in SECTIONS {
         let cmd = section_command(section);
         let applies = if commands.is_empty() {
@@ -285,13 +289,10 @@ pub(crate) fn example() -> String {
                 .join(", ")
         };
         let _ = write!(out, "\n[{section}]  # {applies}\n");
-        let globals: Vec<String> = if section == "global" {
-            Vec::new()
+        let globals: &[String] = if section == "global" {
+            &[]
         } else {
-            keys_of(&section_command("global"))
-                .into_iter()
-                .map(|k| k.0)
-                .collect()
+            &global_keys
         };
         for arg in cmd.get_arguments() {
             let Some(long) = arg.get_long() else { continue };

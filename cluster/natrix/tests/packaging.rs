@@ -146,14 +146,24 @@ fn effective(config: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let found = std::io::BufReader::new(stderr)
-        .lines()
-        .map_while(Result::ok)
-        .take(200)
-        .find(|l| l.contains("effective configuration"));
+    // Read on a thread: a process that logs nothing must not hang the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let found = std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .take(200)
+            .find(|l| l.contains("effective configuration"));
+        let _ = tx.send(found);
+    });
+    let found = rx.recv_timeout(std::time::Duration::from_secs(20));
     let _ = child.kill();
     let _ = child.wait();
-    found.unwrap_or_else(|| panic!("no effective configuration logged"))
+    match found {
+        Ok(Some(line)) => line,
+        Ok(None) => panic!("no effective configuration logged"),
+        Err(_) => panic!("no effective configuration logged within 20 s"),
+    }
 }
 
 #[test]

@@ -153,12 +153,7 @@ async fn handshake(up: natrix_lookup::http::Upgraded, state: Arc<SignalState>) {
         buffered,
     } = up;
     let guard = &state.lookup.guard;
-    let source = guard.source(
-        io.peer_addr().ok(),
-        head.headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok()),
-    );
+    let source = guard.source_of(io.peer_addr().ok(), head.headers());
     if let Some(wait) = guard.throttled(source) {
         state.lookup.metrics.throttled.inc();
         natrix_lookup::http::answer_raw(&mut io, natrix_lookup::http::throttled_response(wait))

@@ -412,6 +412,18 @@ fn bind_tcp_everywhere(
     Ok(addr)
 }
 
+/// What a host needs before its sockets, bound or taken over: the open-file
+/// limit raised, and the TLS certificate loaded when it serves TLS.
+fn prepare(config: &HostConfig) -> anyhow::Result<Option<Arc<TlsReloader>>> {
+    if !natrix_net::raise_fd_limit() {
+        warn!("could not raise the open-file limit; allocations may fail early");
+    }
+    Ok(match &config.tls {
+        Some((cert, key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
+        None => None,
+    })
+}
+
 impl RelayHost {
     /// Binds every listener of `config` for `loops` loops: UDP on each
     /// `listen` address, TCP on the same port when enabled, TLS on each
@@ -419,13 +431,7 @@ impl RelayHost {
     /// without IPv6 is skipped with a warning.
     pub fn bind(config: &HostConfig, loops: usize) -> anyhow::Result<BoundHost> {
         let loops = loops.max(1);
-        if !natrix_net::raise_fd_limit() {
-            warn!("could not raise the open-file limit; allocations may fail early");
-        }
-        let tls_config = match &config.tls {
-            Some((cert, key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
-            None => None,
-        };
+        let tls_config = prepare(config)?;
         let mut host = BoundHost {
             config: config.clone(),
             shards: (0..loops).map(|_| LoopSockets::default()).collect(),
@@ -529,13 +535,7 @@ impl RelayHost {
     /// over, instead of binding: the host then starts as [`BoundHost::start`]
     /// does and goes on serving them.
     pub fn adopt(config: &HostConfig, handoff: Handoff) -> anyhow::Result<BoundHost> {
-        if !natrix_net::raise_fd_limit() {
-            warn!("could not raise the open-file limit; allocations may fail early");
-        }
-        let tls_config = match &config.tls {
-            Some((cert, key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
-            None => None,
-        };
+        let tls_config = prepare(config)?;
         let mut shards = Vec::new();
         let mut moved = Vec::new();
         for l in handoff.loops {
