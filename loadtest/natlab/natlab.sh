@@ -14,9 +14,15 @@
 #              two clients of the same type sit behind separate NATs
 #   nx-c-open, nx-c-open-2  clients with public addresses, no NAT:
 #              198.51.100.254/30 and 198.51.100.250/30
-# Types: full-cone, restricted-cone, port-restricted-cone, symmetric, udp-blocked.
+# Types: full-cone, restricted-cone, port-restricted-cone, symmetric,
+# symmetric-sequential, symmetric-preserving, udp-blocked.
 # Mapping: masquerade keeps the source port when it is free (endpoint-
-# independent); "random" picks a port per connection (symmetric). Filtering:
+# independent); "random" picks a port per connection (symmetric, with ports
+# fully at random). symmetric-sequential gives each new connection the next
+# port of a counter (nftables numgen), as many carrier NATs do;
+# symmetric-preserving keeps a socket's port for its first connection and
+# picks random ones for the later (a set remembers which sockets are
+# mapped). Filtering:
 # conntrack admits only replies from the exact endpoint contacted (address-
 # and port-dependent); full-cone adds a DNAT of every inbound port to the
 # client (endpoint-independent); restricted-cone admits any port of an
@@ -25,7 +31,8 @@
 # Needs root, iproute2 and nftables.
 set -euo pipefail
 
-TYPES=(full-cone restricted-cone port-restricted-cone symmetric udp-blocked)
+TYPES=(full-cone restricted-cone port-restricted-cone symmetric udp-blocked
+  symmetric-sequential symmetric-preserving)
 
 down() {
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^nx-' || true); do
@@ -37,14 +44,33 @@ status() {
   ip netns list 2>/dev/null | awk '{print $1}' | grep '^nx-' || echo "no lab"
 }
 
-nft_nat() { # router-ns type lan-client-ip
-  local ns=$1 type=$2 client=$3
-  local masq="masquerade persistent"
-  [ "$type" = symmetric ] && masq="masquerade random"
+seq_ports() { # count first-port: "0 : first, 1 : first+1, ..."
+  local i out=""
+  for ((i = 0; i < $1; i++)); do out+="$i : $(($2 + i)), "; done
+  echo "${out%, }"
+}
+
+nft_nat() { # router-ns type lan-client-ip wan-ip
+  local ns=$1 type=$2 client=$3 wan=$4
+  local masq='oifname "wan" masquerade persistent'
+  case "$type" in
+    symmetric) masq='oifname "wan" masquerade random' ;;
+    # A map from the counter to the port: numgen's value would reach the
+    # port in host byte order (a stride of 256).
+    symmetric-sequential) masq="oifname \"wan\" meta l4proto { tcp, udp } snat ip to $wan : numgen inc mod 2048 map { $(seq_ports 2048 20000) }
+      oifname \"wan\" masquerade" ;;
+    symmetric-preserving) masq='oifname "wan" meta l4proto udp ip saddr . udp sport @mapped masquerade random
+      oifname "wan" meta l4proto udp add @mapped { ip saddr . udp sport } masquerade
+      oifname "wan" masquerade' ;;
+  esac
   ip netns exec "$ns" nft -f - <<NFT
 table ip nx {
   set contacted { type ipv4_addr . inet_service; flags timeout; timeout 120s; }
-  chain nx_post { type nat hook postrouting priority srcnat; oifname "wan" $masq; }
+  set mapped { type ipv4_addr . inet_service; flags timeout; timeout 120s; }
+  chain nx_post {
+    type nat hook postrouting priority srcnat;
+    $masq
+  }
   chain nx_forward {
     type filter hook forward priority filter; policy accept;
     $( [ "$type" = udp-blocked ] && echo 'iifname "lan" meta l4proto udp drop' )
@@ -95,7 +121,7 @@ up() {
     ip -n "$c" addr add "10.$k.0.2/24" dev eth0; ip -n "$c" link set eth0 up
     ip -n "$c" route add default via "10.$k.0.1"
     ip netns exec "$r" sysctl -qw net.ipv4.ip_forward=1
-    nft_nat "$r" "$type" "10.$k.0.2"
+    nft_nat "$r" "$type" "10.$k.0.2" "$wan_r"
   done
   done
 

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use natrix_cdx::client::discover;
 use natrix_cdx::exchange::client::{
-    Candidate, CandidateKind, ConnectionData, PROBE_INTERVAL, ProbeCodec, ProbeMessage, exchange,
-    exchange_tcp, mapped_address, punch,
+    Candidate, CandidateKind, ConnectionData, PROBE_INTERVAL, ProbeCodec, ProbeMessage,
+    PunchSockets, exchange, exchange_tcp, mapped_address, punch_with,
 };
-use natrix_model::NatProfile;
 use natrix_model::invitation::Invitation;
+use natrix_model::{NatProfile, PunchPlan};
 use natrix_wire::{ChannelData, ChannelNumber};
 
 use crate::live::{Units, live};
@@ -98,6 +98,9 @@ pub(crate) struct SideResult {
     /// From the pair's start to this side's first acknowledged datagram.
     pub(crate) first_packet: Option<Duration>,
     pub(crate) rtt: Option<Duration>,
+    /// A direct side: the technique its plan named and the probes it sent.
+    pub(crate) technique: Option<&'static str>,
+    pub(crate) probes: Option<u32>,
 }
 
 /// The TURN server a side's plan names: its first UDP URL, else its first
@@ -255,6 +258,17 @@ pub(crate) fn side(
     let peer_index = 1 - invitation.participant();
     let socket = UdpSocket::bind((local, 0)).context("binding a client socket")?;
     let mut turn = None;
+    // How a direct side punches (plans before punch plans: classic).
+    let punch_plan: PunchPlan = match plan_side.get("punch") {
+        Some(p) if !p.is_null() => {
+            serde_json::from_value(p.clone()).context("the plan's punch is malformed")?
+        }
+        _ => PunchPlan {
+            deadline_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            ..PunchPlan::classic()
+        },
+    };
+    let mut fresh = PunchSockets::default();
     // A side that reaches its relay over TCP cannot send UDP: it exchanges
     // over TCP too.
     let mut udp_blocked = false;
@@ -277,7 +291,9 @@ pub(crate) fn side(
     } else {
         let mapped =
             mapped_address(&socket, cdx, Duration::from_secs(2))?.context("no answer from CDX")?;
-        vec![
+        fresh = PunchSockets::open(&socket, Some(mapped), &punch_plan)
+            .context("opening the punch plan's sockets")?;
+        let mut c = vec![
             Candidate {
                 kind: CandidateKind::ServerReflexive,
                 addr: mapped,
@@ -286,7 +302,9 @@ pub(crate) fn side(
                 kind: CandidateKind::Host,
                 addr: socket.local_addr()?,
             },
-        ]
+        ];
+        c.extend(fresh.candidate());
+        c
     };
     let data = ConnectionData {
         class: None,
@@ -329,9 +347,11 @@ pub(crate) fn side(
         let _ = turn.release();
     } else {
         let t0 = started.elapsed();
-        let p = punch(&socket, &invitation, peer_index, peer, timeout)?;
+        let p = punch_with(&socket, &fresh, &invitation, peer_index, peer, &punch_plan)?;
         result.first_packet = Some(t0 + p.elapsed);
         result.rtt = Some(p.rtt);
+        result.technique = Some(punch_plan.technique.name());
+        result.probes = Some(p.probes);
     }
     result.ok = true;
     Ok(result)

@@ -8,14 +8,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use natrix_model::invitation::Invitation;
-use natrix_model::{NatClass, direct_feasible};
+use natrix_model::{Behaviour, NatClass, PortAllocation, direct_feasible, punch_plans};
 
 /// The lab script, shipped inside the binary so the tool works anywhere.
 const SCRIPT: &str = include_str!("../natlab/natlab.sh");
 
 /// The lab's client types, in matrix order: one NAT of each class of the
-/// model, named as the model names it.
-pub(crate) const TYPES: [&str; 6] = {
+/// model, named as the model names it, with the symmetric class in three
+/// port allocations (random, sequential, preserving).
+pub(crate) const TYPES: [&str; 8] = {
     let c = NatClass::ALL;
     [
         c[0].name(),
@@ -23,9 +24,43 @@ pub(crate) const TYPES: [&str; 6] = {
         c[2].name(),
         c[3].name(),
         c[4].name(),
+        SEQUENTIAL,
+        PRESERVING,
         c[5].name(),
     ]
 };
+
+/// The symmetric NAT that allocates ports sequentially.
+const SEQUENTIAL: &str = "symmetric-sequential";
+/// The symmetric NAT that keeps a socket's port for its first mapping.
+const PRESERVING: &str = "symmetric-preserving";
+
+/// The behaviours a lab type stands for: its class's, and for the symmetric
+/// ones their port allocation.
+fn behaviour(t: &str) -> Option<Behaviour> {
+    let (class, allocation, stride) = match t {
+        SEQUENTIAL => (NatClass::Symmetric, PortAllocation::Sequential, 1),
+        PRESERVING => (NatClass::Symmetric, PortAllocation::Preserving, 0),
+        _ => {
+            let class: NatClass = t.parse().ok()?;
+            let random = class == NatClass::Symmetric;
+            return Some(Behaviour {
+                allocation: random.then_some(PortAllocation::Random),
+                ..class.behaviour()
+            });
+        }
+    };
+    Some(Behaviour {
+        allocation: Some(allocation),
+        stride,
+        ..class.behaviour()
+    })
+}
+
+/// The class discovery finds behind a lab type.
+fn class_of(t: &str) -> Option<NatClass> {
+    behaviour(t).map(|b| b.class())
+}
 
 /// Options of `natlab`.
 #[derive(clap::Args, Debug)]
@@ -100,13 +135,20 @@ fn unordered_pairs() -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
-/// Whether a direct UDP path is feasible between two lab types: the
-/// model's one rule on the behaviours their classes stand for.
+/// Whether the classic rule allows a direct UDP path between two lab types
+/// (what peers that only probe each other's candidates find).
 pub(crate) fn feasible(a: &str, b: &str) -> bool {
-    match (a.parse::<NatClass>(), b.parse::<NatClass>()) {
-        (Ok(a), Ok(b)) => direct_feasible(&a.behaviour(), &b.behaviour()),
+    match (behaviour(a), behaviour(b)) {
+        (Some(a), Some(b)) => direct_feasible(&a, &b),
         _ => false,
     }
+}
+
+/// The technique the model's rule plans for two lab types (lookup's
+/// verdict), `None` where they are relayed.
+pub(crate) fn technique(a: &str, b: &str) -> Option<&'static str> {
+    let plans = punch_plans(&behaviour(a)?, &behaviour(b)?)?;
+    Some(plans[0].technique.name())
 }
 
 fn peer_in(
@@ -221,9 +263,20 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
             .collect();
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
-    let pairs = unordered_pairs();
-    let results: Vec<serde_json::Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = pairs
+    // In waves, so that each NAT carries one session at a time: pairs of
+    // one wave have distinct first and distinct second clients (wave d holds
+    // the pairs d types apart). Port prediction assumes no other new
+    // mappings on the NAT while it punches, as with one call behind a home
+    // NAT; concurrent sessions through a sequential NAT shift its ports.
+    let index = |t: &str| TYPES.iter().position(|x| *x == t).unwrap_or(0);
+    let mut results: Vec<serde_json::Value> = Vec::new();
+    for wave in 0..TYPES.len() {
+        let pairs: Vec<_> = unordered_pairs()
+            .into_iter()
+            .filter(|(a, b)| index(b) - index(a) == wave)
+            .collect();
+        let done: Vec<serde_json::Value> = std::thread::scope(|s| {
+            let handles: Vec<_> = pairs
             .iter()
             .map(|(a, b)| {
                 let (na, nb) = (format!("nx-c-{a}"), format!("nx-c-{b}-2"));
@@ -257,15 +310,21 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
                     serde_json::json!({
                         "a": a, "b": b,
                         "outcome": outcome,
-                        "expected": if feasible(a, b) { "direct" } else { "relayed" },
+                        "expected": if technique(a, b).is_some() { "direct" } else { "relayed" },
+                        "technique": technique(a, b),
+                        "probes": attempts.last().and_then(|a| {
+                            a["peers"].as_array().map(|p| p.iter().filter_map(|r| r["probes"].as_u64()).sum::<u64>())
+                        }),
                         "time_to_first_packet_ms": setup,
                         "attempts": attempts,
                     })
                 })
             })
             .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
-    });
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        results.extend(done);
+    }
     print_outcomes(&results);
     let mismatches: Vec<String> = results
         .iter()
@@ -355,6 +414,8 @@ fn short(t: &str) -> &'static str {
         "restricted-cone" => "restr",
         "port-restricted-cone" => "p-restr",
         "symmetric" => "symm",
+        SEQUENTIAL => "sym-seq",
+        PRESERVING => "sym-pres",
         _ => "udp-blk",
     }
 }
@@ -411,6 +472,7 @@ fn matrix(args: &NatlabArgs) -> anyhow::Result<serde_json::Value> {
         };
         results.push(serde_json::json!({
             "a": a, "b": b,
+            "classes": [class_of(a).map(NatClass::name), class_of(b).map(NatClass::name)],
             "outcome": outcome(direct),
             "expected": outcome(expected),
             "time_to_direct_ms": setup,
@@ -460,7 +522,8 @@ pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<Option<serde_json::Value>
             script(action)?;
             if action == "up" {
                 println!(
-                    "NAT lab up: CDX addresses 203.0.113.1 and 203.0.113.2 in namespace nx-pub; two clients per type in nx-c-<type> and nx-c-<type>-2 for open, full-cone, restricted-cone, port-restricted-cone, symmetric, udp-blocked"
+                    "NAT lab up: CDX addresses 203.0.113.1 and 203.0.113.2 in namespace nx-pub; two clients per type in nx-c-<type> and nx-c-<type>-2 for {}",
+                    TYPES.join(", ")
                 );
             }
             Ok(None)
@@ -474,18 +537,35 @@ mod tests {
 
     #[test]
     fn feasibility_follows_the_behaviours() {
-        let direct: Vec<_> = TYPES
-            .iter()
-            .flat_map(|a| TYPES.iter().map(move |b| (*a, *b)))
-            .filter(|(a, b)| feasible(a, b))
-            .collect();
-        // 5 types that can send UDP → 25 ordered pairs, minus symmetric with
-        // symmetric (1) and symmetric with port-restricted (2 orders).
-        assert_eq!(direct.len(), 22);
+        let ordered = |f: &dyn Fn(&str, &str) -> bool| {
+            TYPES
+                .iter()
+                .flat_map(|a| TYPES.iter().map(move |b| (*a, *b)))
+                .filter(|(a, b)| f(a, b))
+                .count()
+        };
+        // The classic rule: 7 types that can send UDP → 49 ordered pairs,
+        // minus the 3 symmetric ones with each other (9) and with the
+        // port-restricted cone (6 orders).
+        assert_eq!(ordered(&feasible), 34);
         assert!(feasible("symmetric", "restricted-cone"));
         assert!(feasible("symmetric", "open"));
         assert!(!feasible("port-restricted-cone", "symmetric"));
         assert!(!feasible("open", "udp-blocked"));
-        assert_eq!(unordered_pairs().len(), 21);
+        // With port allocation: only random ports against another symmetric
+        // NAT (5 orders) stay relayed.
+        assert_eq!(ordered(&|a, b| technique(a, b).is_some()), 44);
+        assert_eq!(
+            technique("symmetric", "port-restricted-cone"),
+            Some("birthday")
+        );
+        assert_eq!(technique(SEQUENTIAL, SEQUENTIAL), Some("predicted"));
+        assert_eq!(
+            technique(PRESERVING, "port-restricted-cone"),
+            Some("predicted")
+        );
+        assert_eq!(technique("symmetric", SEQUENTIAL), None);
+        assert_eq!(class_of(PRESERVING), Some(NatClass::Symmetric));
+        assert_eq!(unordered_pairs().len(), 36);
     }
 }

@@ -75,6 +75,8 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 "direct": r.ok && !r.relayed,
                 "first_packet_ms": crate::e2e::ms(r.first_packet),
                 "rtt_ms": crate::e2e::ms(r.rtt),
+                "technique": r.technique,
+                "probes": r.probes,
             }),
             Err(e) => {
                 serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")})

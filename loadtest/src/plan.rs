@@ -33,7 +33,7 @@ pub(crate) struct PlanArgs {
 }
 
 const DEFAULT_BODY: &str =
-    r#"{"a":{"profile":{"class":"symmetric"}},"b":{"profile":{"class":"port-restricted-cone"}}}"#;
+    r#"{"a":{"profile":{"class":"symmetric"}},"b":{"profile":{"class":"symmetric"}}}"#;
 
 #[derive(Default)]
 struct Tally {

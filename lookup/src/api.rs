@@ -201,6 +201,11 @@ pub struct SidePlan {
     pub ttl: u64,
     /// The connection-data exchange.
     pub exchange: ExchangeInfo,
+    /// In a direct plan: how this side opens the path (the technique,
+    /// sockets to open, ports to probe, and the deadline after which it asks
+    /// for a relay with `retry`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub punch: Option<natrix_model::PunchPlan>,
 }
 
 /// `POST /v1/plan`'s answer.
@@ -334,7 +339,7 @@ pub fn plan(
         chosen[i] = Some(r);
     }
     let mut sides = Vec::new();
-    for (i, ((_, behaviour, peer), invitation)) in peers.iter().zip(&invitations).enumerate() {
+    for (i, ((side, behaviour, peer), invitation)) in peers.iter().zip(&invitations).enumerate() {
         let region = peer.region.as_deref();
         // The side's region first among the CDX nodes.
         let mut nodes = cdx.clone();
@@ -384,6 +389,7 @@ pub fn plan(
                     .collect(),
                 invitation: invitation.to_string(),
             },
+            punch: mode.punch(*side),
         });
     }
     let (Some(b_plan), Some(a_plan)) = (sides.pop(), sides.pop()) else {
@@ -473,15 +479,43 @@ mod tests {
     }
 
     #[test]
-    fn a_relay_one_plan_gives_the_relayed_side_a_token_for_its_relay() {
+    fn a_symmetric_nat_facing_a_port_restricted_cone_is_planned_as_a_birthday_punch() {
         let snap = Snapshot {
             relays: vec![host("r1", Role::Relay, false)],
             cdx: vec![host("c1", Role::Cdx, false)],
             taken_ms: 1,
         };
         let p = run(&request("symmetric", "port-restricted-cone"), &snap).unwrap();
+        assert_eq!(p.mode, "direct");
+        let (a, b) = (p.a.punch.unwrap(), p.b.punch.unwrap());
+        assert_eq!(a.technique, natrix_model::Technique::Birthday);
+        assert_eq!((a.sockets, b.spray), (256, 1400));
+        let json = serde_json::to_value(&p.b).unwrap();
+        assert_eq!(
+            json["punch"],
+            serde_json::json!({"technique": "birthday", "spray": 1400, "deadline_ms": 3000})
+        );
+        // The retry after a failed attempt relays the symmetric side.
+        let mut req = request("symmetric", "port-restricted-cone");
+        req.retry = true;
+        let p = run(&req, &snap).unwrap();
+        assert_eq!(
+            (p.mode.as_str(), p.relayed_side),
+            ("relay-one", Some(Side::A))
+        );
+    }
+
+    #[test]
+    fn a_relay_one_plan_gives_the_relayed_side_a_token_for_its_relay() {
+        let snap = Snapshot {
+            relays: vec![host("r1", Role::Relay, false)],
+            cdx: vec![host("c1", Role::Cdx, false)],
+            taken_ms: 1,
+        };
+        let p = run(&request("symmetric", "symmetric"), &snap).unwrap();
         assert_eq!(p.mode, "relay-one");
         assert_eq!(p.relayed_side, Some(Side::A));
+        assert!(p.a.punch.is_none() && p.b.punch.is_none());
         assert!(p.a.relayed && !p.b.relayed);
         let turn = &p.a.ice_servers[1];
         assert_eq!(turn.urls, ["turn:192.0.2.1:3478?transport=udp"]);

@@ -1,13 +1,14 @@
 //! The direct-or-relay decision from both peers' NAT behaviours
 //! (ARCHITECTURE.md, "NAT model and the compatibility matrix").
 //!
-//! Whether a direct path is feasible is the model's one rule
-//! ([`natrix_model::nat::direct_feasible`]); this module adds what the plan
-//! does when it is not: relay the harder side only where the other can send
-//! UDP, both sides otherwise. A `retry` (a failed direct attempt) always
-//! relays.
+//! Whether a direct path is feasible, and how each side opens it, is the
+//! model's one rule ([`natrix_model::nat::punch_plans`]: the classic rule,
+//! then birthday punching and port prediction); this module adds what the
+//! plan does when no technique can: relay the harder side only where the
+//! other can send UDP, both sides otherwise. A `retry` (a failed direct
+//! attempt) always relays.
 
-use natrix_model::nat::{Behaviour, direct_feasible};
+use natrix_model::nat::{Behaviour, PunchPlan, punch_plans};
 use serde::{Deserialize, Serialize};
 
 /// One side of a session.
@@ -23,8 +24,9 @@ pub enum Side {
 /// How the two peers connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Hole-punch after exchanging candidates through CDX.
-    Direct,
+    /// Hole-punch after exchanging candidates through CDX, each side as its
+    /// punch plan says.
+    Direct([PunchPlan; 2]),
     /// Only this side allocates a relay; the other sends straight to the
     /// relayed address (TURN permissions are per IP, so the other side's
     /// mapping behaviour does not matter).
@@ -46,16 +48,25 @@ impl Mode {
     /// The mode's name in the API and metrics.
     pub fn name(self) -> &'static str {
         match self {
-            Mode::Direct => "direct",
+            Mode::Direct(_) => "direct",
             Mode::RelayOne(_) => "relay-one",
             Mode::RelayBoth => "relay-both",
+        }
+    }
+
+    /// `side`'s punch plan, in a direct plan.
+    pub fn punch(self, side: Side) -> Option<PunchPlan> {
+        match (self, side) {
+            (Mode::Direct([a, _]), Side::A) => Some(a),
+            (Mode::Direct([_, b]), Side::B) => Some(b),
+            _ => None,
         }
     }
 
     /// Whether `side` allocates a relay.
     pub fn relays(self, side: Side) -> bool {
         match self {
-            Mode::Direct => false,
+            Mode::Direct(_) => false,
             Mode::RelayOne(s) => s == side,
             Mode::RelayBoth => true,
         }
@@ -65,8 +76,8 @@ impl Mode {
 /// The plan mode for `a` and `b`; `retry` (a direct attempt failed) always
 /// relays.
 pub fn decide(a: &Behaviour, b: &Behaviour, retry: bool) -> Mode {
-    if !retry && direct_feasible(a, b) {
-        return Mode::Direct;
+    if !retry && let Some(plans) = punch_plans(a, b) {
+        return Mode::Direct(plans);
     }
     // The non-relayed side must send UDP to the relayed address.
     if a.udp_blocked && b.udp_blocked {
@@ -92,14 +103,14 @@ mod tests {
         "D D D D D b",
         "D D D D D b",
         "D D D D D b",
-        "D D D D b b",
-        "D D D a a b",
+        "D D D D D b",
+        "D D D D a b",
         "a a a a a R",
     ];
 
     fn cell(m: Mode) -> &'static str {
         match m {
-            Mode::Direct => "D",
+            Mode::Direct(_) => "D",
             Mode::RelayOne(Side::A) => "a",
             Mode::RelayOne(Side::B) => "b",
             Mode::RelayBoth => "R",
@@ -122,7 +133,7 @@ mod tests {
         for a in Class::ALL {
             for b in Class::ALL {
                 let m = decide(&a.behaviour(), &b.behaviour(), true);
-                assert_ne!(m, Mode::Direct, "{a:?}/{b:?}");
+                assert!(!matches!(m, Mode::Direct(_)), "{a:?}/{b:?}");
                 assert!(m.relays(Side::A) || m.relays(Side::B));
             }
         }
@@ -132,8 +143,8 @@ mod tests {
     fn the_relayed_side_of_relay_one_is_the_harder_to_reach() {
         let sym = Class::Symmetric.behaviour();
         let prc = Class::PortRestrictedCone.behaviour();
-        assert_eq!(decide(&sym, &prc, false), Mode::RelayOne(Side::A));
-        assert_eq!(decide(&prc, &sym, false), Mode::RelayOne(Side::B));
+        assert_eq!(decide(&sym, &prc, true), Mode::RelayOne(Side::A));
+        assert_eq!(decide(&prc, &sym, true), Mode::RelayOne(Side::B));
         let blocked = Class::UdpBlocked.behaviour();
         assert_eq!(decide(&sym, &blocked, false), Mode::RelayOne(Side::B));
     }

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! version 1 B (=1) | NAT class 1 B | candidates 1 B | per candidate:
-//!   kind 1 B (1 host, 2 server-reflexive, 3 relayed) | family 1 B (4, 6) |
+//!   kind 1 B (1 host, 2 server-reflexive, 3 relayed, 4 predicted) |
+//!   family 1 B (4, 6) |
 //!   port 2 B BE | address 4 or 16 B
 //! ```
 //!
@@ -39,7 +40,9 @@ use natrix_wire::{
 };
 use ring::hmac;
 
+use natrix_model::PunchPlan;
 use natrix_model::invitation::Invitation;
+use std::os::fd::AsFd;
 
 use natrix_cdx_proto::exchange::Entry;
 use natrix_cdx_proto::exchange::client::delivery;
@@ -303,7 +306,7 @@ fn exchange_over(
     }
 }
 
-/// A direct path found by [`punch`].
+/// A direct path found by [`punch`] or [`punch_with`].
 #[derive(Clone, Copy, Debug)]
 pub struct Punched {
     /// The peer's address as this side receives it (where to send).
@@ -312,6 +315,11 @@ pub struct Punched {
     pub elapsed: Duration,
     /// Round trip of the acknowledged probe.
     pub rtt: Duration,
+    /// The fresh socket the path is on ([`PunchSockets::take`]); `None` for
+    /// the exchange socket.
+    pub fresh: Option<usize>,
+    /// Probes sent until the path was found.
+    pub probes: u32,
 }
 
 const PROBE_MAGIC: &[u8; 4] = b"NXP1";
@@ -413,8 +421,9 @@ fn parse_probe(key: &hmac::Key, b: &[u8]) -> Option<(u8, u8, [u8; 8])> {
 }
 
 /// Punches a direct UDP path from `socket` to participant `peer_index`
-/// whose data is `peer`, within `timeout`. Deliveries CDX still sends are
-/// acknowledged on the way.
+/// whose data is `peer`, within `timeout`, probing its candidates (the
+/// classic technique). Deliveries CDX still sends are acknowledged on the
+/// way.
 pub fn punch(
     socket: &UdpSocket,
     invitation: &Invitation,
@@ -422,78 +431,325 @@ pub fn punch(
     peer: &ConnectionData,
     timeout: Duration,
 ) -> Result<Punched, ExchangeError> {
+    let plan = PunchPlan {
+        deadline_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        ..PunchPlan::classic()
+    };
+    punch_with(
+        socket,
+        &PunchSockets::default(),
+        invitation,
+        peer_index,
+        peer,
+        &plan,
+    )
+}
+
+/// Fresh sockets a punch plan asks for, opened before the exchange (so a
+/// port-preserving side can announce one).
+#[derive(Debug, Default)]
+pub struct PunchSockets {
+    sockets: Vec<UdpSocket>,
+    announce: Option<Candidate>,
+}
+
+/// Most fresh sockets one punch opens, whatever a plan says.
+pub const MAX_PUNCH_SOCKETS: u16 = 1024;
+/// Most random ports one punch probes, whatever a plan says.
+pub const MAX_SPRAY: u16 = 4096;
+/// Random-port probes per millisecond (the birthday's easy side): 1,400 take
+/// 2.8 s.
+const SPRAY_PER_MS: f64 = 0.5;
+/// Fresh sockets' first probes per millisecond (256 take 64 ms).
+const FRESH_PER_MS: f64 = 4.0;
+/// How often a birthday's fresh sockets probe again (each probes at most
+/// twice within the usual 3 s deadline).
+const FRESH_INTERVAL: Duration = Duration::from_millis(1500);
+
+impl PunchSockets {
+    /// Opens what `plan` asks of this side, bound like `socket`: its fresh
+    /// sockets and, behind a port-preserving NAT (`announce`), the candidate
+    /// to tell the peer — `mapped`'s address with the fresh socket's local
+    /// port.
+    pub fn open(
+        socket: &UdpSocket,
+        mapped: Option<SocketAddr>,
+        plan: &PunchPlan,
+    ) -> std::io::Result<PunchSockets> {
+        let local = socket.local_addr()?;
+        let mut sockets = Vec::new();
+        for _ in 0..plan.sockets.min(MAX_PUNCH_SOCKETS) {
+            let s = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+            s.set_nonblocking(true)?;
+            sockets.push(s);
+        }
+        let announce = match (plan.announce, mapped, sockets.first()) {
+            (true, Some(m), Some(s)) => Some(Candidate {
+                kind: CandidateKind::Predicted,
+                addr: SocketAddr::new(m.ip(), s.local_addr()?.port()),
+            }),
+            _ => None,
+        };
+        Ok(PunchSockets { sockets, announce })
+    }
+
+    /// The candidate to add to this side's connection data, if any.
+    pub fn candidate(&self) -> Option<Candidate> {
+        self.announce
+    }
+
+    /// The fresh socket the path was found on (its index in [`Punched`]);
+    /// the others are closed when `self` is dropped.
+    pub fn take(&mut self, index: usize) -> Option<UdpSocket> {
+        (index < self.sockets.len()).then(|| self.sockets.swap_remove(index))
+    }
+}
+
+/// Where one socket of a punch sends its probes.
+struct Prober {
+    targets: Vec<SocketAddr>,
+    /// When it next probes all its targets.
+    next: Instant,
+    interval: Duration,
+}
+
+/// Most targets one socket keeps (the candidates, a window and the sources
+/// of verified probes).
+const MAX_TARGETS: usize = 64;
+
+/// The peer's ports a sequential NAT will give next: `window` ports past
+/// its mapped (server-reflexive) one, `stride` apart, in order.
+fn predicted(peer: &ConnectionData, window: u16, stride: i32) -> Vec<SocketAddr> {
+    let Some(srflx) = peer
+        .candidates
+        .iter()
+        .find(|c| c.kind == CandidateKind::ServerReflexive)
+    else {
+        return Vec::new();
+    };
+    (1..=i32::from(window))
+        .filter_map(|k| {
+            let port = i32::from(srflx.addr.port()) + k * stride;
+            u16::try_from(port)
+                .ok()
+                .filter(|p| *p != 0)
+                .map(|p| SocketAddr::new(srflx.addr.ip(), p))
+        })
+        .collect()
+}
+
+/// Punches a direct path to participant `peer_index` (whose data is `peer`)
+/// as `plan` says: from `socket`, probing a sequential peer's predicted ports
+/// first and then its candidates, spraying random ports of its address for
+/// a birthday's easy side; from each of `fresh`'s sockets toward the peer
+/// (a birthday's hard side, or a port-preserving side's announced socket,
+/// which sends to its one best target only). Gives up at the plan's
+/// deadline. Every send is paced and counted ([`Punched::probes`]).
+pub fn punch_with(
+    socket: &UdpSocket,
+    fresh: &PunchSockets,
+    invitation: &Invitation,
+    peer_index: u8,
+    peer: &ConnectionData,
+    plan: &PunchPlan,
+) -> Result<Punched, ExchangeError> {
     let key = punch_key(invitation);
     let me = invitation.participant();
     let started = Instant::now();
+    let timeout = Duration::from_millis(u64::from(plan.deadline_ms));
     let deadline = started + timeout;
+    let window = predicted(peer, plan.window, plan.peer_stride);
     // A relayed candidate is a plain UDP address for us (relay-one: the
-    // peer allocated, we send straight to its relayed address).
-    let mut targets: Vec<SocketAddr> = peer.candidates.iter().map(|c| c.addr).collect();
+    // peer allocated, we send straight to its relayed address). The
+    // predicted window goes first: behind a sequential NAT on our side too,
+    // the order of first sends decides which of our ports meets which.
+    let mut main = Prober {
+        targets: window.clone(),
+        next: started,
+        interval: PROBE_INTERVAL,
+    };
+    // Then a port-preserving peer's announced socket: its first send
+    // toward that address may be our first new mapping (a sequential NAT's
+    // predicted one).
+    let announced = |c: &&Candidate| c.kind == CandidateKind::Predicted;
+    main.targets
+        .extend(peer.candidates.iter().filter(announced).map(|c| c.addr));
+    main.targets.extend(
+        peer.candidates
+            .iter()
+            .filter(|c| !announced(c))
+            .map(|c| c.addr),
+    );
+    main.targets.truncate(MAX_TARGETS);
+    let srflx = peer
+        .candidates
+        .iter()
+        .find(|c| c.kind == CandidateKind::ServerReflexive)
+        .map(|c| c.addr);
+    let best = window
+        .first()
+        .copied()
+        .or(peer
+            .candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::Predicted)
+            .map(|c| c.addr))
+        .or(srflx)
+        .or(peer.candidates.first().map(|c| c.addr));
+    let mut extra: Vec<Prober> = fresh
+        .sockets
+        .iter()
+        .map(|_| Prober {
+            targets: best.into_iter().collect(),
+            // Not yet: first sends are paced.
+            next: deadline,
+            interval: if fresh.announce.is_some() {
+                PROBE_INTERVAL
+            } else {
+                FRESH_INTERVAL
+            },
+        })
+        .collect();
+    let spray_ip = srflx.map(|a| a.ip());
+    let spray_total = if spray_ip.is_some() {
+        plan.spray.min(MAX_SPRAY)
+    } else {
+        0
+    };
+    let mut sprayed: std::collections::HashSet<u16> = std::collections::HashSet::new();
+    let mut fresh_started = 0usize;
+    let mut probes: u32 = 0;
+    let mut nonce: [u8; 8] = rand::random();
     let mut sent: Vec<([u8; 8], Instant)> = Vec::new();
     let mut connected: Option<Punched> = None;
-    let mut next_probe = started;
     let mut buf = [0u8; 2048];
-    loop {
+    let all: Vec<&UdpSocket> = std::iter::once(socket).chain(&fresh.sockets).collect();
+    socket.set_nonblocking(true)?;
+    let result = loop {
         let now = Instant::now();
         if let Some(p) = connected
             && now >= started + p.elapsed + LINGER
         {
-            return Ok(p);
+            break Ok(p);
         }
         if now >= deadline {
-            return connected.ok_or(ExchangeError::NoPath(timeout));
+            break connected.ok_or(ExchangeError::NoPath(timeout));
         }
-        if connected.is_none() && now >= next_probe {
-            let nonce: [u8; 8] = rand::random();
+        let since = now.duration_since(started).as_secs_f64() * 1000.0;
+        if connected.is_none() {
+            if now >= main.next {
+                // A new nonce per round: an ack names the round it answers.
+                nonce = rand::random();
+                sent.push((nonce, now));
+                if sent.len() > 256 {
+                    sent.remove(0);
+                }
+                let p = probe(&key, 1, me, nonce);
+                for t in &main.targets {
+                    // Unreachable candidates (e.g. a private host address) fail.
+                    let _ = socket.send_to(&p, *t);
+                    probes += 1;
+                }
+                main.next = now + main.interval;
+            }
             let p = probe(&key, 1, me, nonce);
-            for t in &targets {
-                // Unreachable candidates (e.g. a private host address) fail.
-                let _ = socket.send_to(&p, *t);
+            // Fresh sockets start paced, then probe every interval.
+            let due = ((since * FRESH_PER_MS) as usize + 1).min(extra.len());
+            for e in &mut extra[fresh_started..due] {
+                e.next = now;
             }
-            sent.push((nonce, now));
-            if sent.len() > 256 {
-                sent.remove(0);
+            fresh_started = fresh_started.max(due);
+            for (e, s) in extra.iter_mut().zip(&fresh.sockets) {
+                if now >= e.next {
+                    for t in &e.targets {
+                        let _ = s.send_to(&p, *t);
+                        probes += 1;
+                    }
+                    e.next = now + e.interval;
+                }
             }
-            next_probe = now + PROBE_INTERVAL;
+            if let Some(ip) = spray_ip {
+                let due = ((since * SPRAY_PER_MS) as usize + 1).min(usize::from(spray_total));
+                while sprayed.len() < due {
+                    let port = 1024 + rand::random::<u16>() % (u16::MAX - 1023);
+                    if sprayed.insert(port) {
+                        let _ = socket.send_to(&p, SocketAddr::new(ip, port));
+                        probes += 1;
+                    }
+                }
+            }
         }
-        let until = match connected {
+        let mut until = match connected {
             Some(p) => (started + p.elapsed + LINGER).min(deadline),
-            None => next_probe.min(deadline),
+            None => main.next.min(deadline),
         };
-        let wait = until.saturating_duration_since(Instant::now());
-        socket.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
-        let Ok((len, from)) = socket.recv_from(&mut buf) else {
-            continue;
-        };
-        let packet = &buf[..len];
-        if let Some((kind, who, nonce)) = parse_probe(&key, packet) {
-            if who != peer_index {
-                continue;
+        if connected.is_none() {
+            if sprayed.len() < usize::from(spray_total) || fresh_started < extra.len() {
+                until = until.min(now + Duration::from_millis(2));
             }
-            match kind {
-                1 => {
-                    // Answer where it came from, and probe there too.
-                    let _ = socket.send_to(&probe(&key, 2, me, nonce), from);
-                    if !targets.contains(&from) {
-                        targets.push(from);
-                    }
-                }
-                2 if connected.is_none() => {
-                    if let Some((_, at)) = sent.iter().find(|(n, _)| *n == nonce) {
-                        connected = Some(Punched {
-                            peer: from,
-                            elapsed: started.elapsed(),
-                            rtt: at.elapsed(),
-                        });
-                    }
-                }
-                _ => {}
+            if let Some(e) = extra.iter().map(|e| e.next).min() {
+                until = until.min(e);
             }
-            continue;
         }
-        // Late deliveries from CDX: acknowledge so it stops sending.
-        let _ = take_delivery(socket, packet, from);
-    }
+        let wait = until.saturating_duration_since(Instant::now());
+        let fds: Vec<_> = all.iter().map(|s| s.as_fd()).collect();
+        let ready = match natrix_net::wait_readable(&fds, wait.max(Duration::from_millis(1))) {
+            Ok(r) => r,
+            Err(e) => break Err(e.into()),
+        };
+        for i in ready {
+            let s = all[i];
+            // Everything queued on that socket.
+            while let Ok((len, from)) = s.recv_from(&mut buf) {
+                let packet = &buf[..len];
+                if let Some((kind, who, n)) = parse_probe(&key, packet) {
+                    if who != peer_index {
+                        continue;
+                    }
+                    match kind {
+                        1 => {
+                            // Answer where it came from, and probe there too.
+                            let _ = s.send_to(&probe(&key, 2, me, n), from);
+                            let prober = if i == 0 {
+                                &mut main
+                            } else {
+                                // The peer's probes reach this fresh socket
+                                // (a birthday's hit): probe back at once,
+                                // and as often as the main socket.
+                                let e = &mut extra[i - 1];
+                                e.interval = PROBE_INTERVAL;
+                                e.next = e.next.min(Instant::now());
+                                e
+                            };
+                            let targets = &mut prober.targets;
+                            if !targets.contains(&from) && targets.len() < MAX_TARGETS {
+                                targets.push(from);
+                            }
+                        }
+                        2 if connected.is_none() => {
+                            if let Some((_, at)) = sent.iter().find(|(x, _)| *x == n) {
+                                connected = Some(Punched {
+                                    peer: from,
+                                    elapsed: started.elapsed(),
+                                    rtt: at.elapsed(),
+                                    fresh: i.checked_sub(1),
+                                    probes,
+                                });
+                            }
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+                // Late deliveries from CDX: acknowledge so it stops sending.
+                if i == 0 {
+                    let _ = take_delivery(socket, packet, from);
+                }
+            }
+        }
+    };
+    socket.set_nonblocking(false)?;
+    result
 }
 
 #[cfg(test)]

@@ -17,6 +17,13 @@
 //! Unknown behaviours (a probe against a server without RFC 5780) count as
 //! the worst case.
 //!
+//! Where the classic rule says no, port allocation may still allow a direct
+//! path ([`punch_plans`]): a random-port symmetric NAT facing an
+//! endpoint-independent one by the birthday paradox, a sequential NAT by
+//! predicting its next ports, a port-preserving one by a fresh socket whose
+//! first mapping keeps its port. Two random-port symmetric NATs stay
+//! relayed.
+//!
 //! # The profile's JSON
 //!
 //! [`NatProfile`] is what `natrix probe --json` prints, what lookup's
@@ -207,6 +214,8 @@ impl NatClass {
             udp_blocked: matches!(self, NatClass::UdpBlocked),
             mapping,
             filtering,
+            allocation: None,
+            stride: 0,
         }
     }
 }
@@ -240,6 +249,10 @@ pub struct Behaviour {
     pub mapping: Mapping,
     /// Filtering.
     pub filtering: Filtering,
+    /// How new mappings get their ports, where discovery could tell.
+    pub allocation: Option<PortAllocation>,
+    /// With sequential allocation: the step between consecutive mappings.
+    pub stride: i32,
 }
 
 impl Behaviour {
@@ -289,6 +302,171 @@ pub fn direct_feasible(a: &Behaviour, b: &Behaviour) -> bool {
     }
     let apdf = |x: &Behaviour| matches!(x.filtering, Filtering::AddressAndPortDependent);
     !((am && apdf(b)) || (bm && apdf(a)))
+}
+
+/// Fresh sockets the hard side of a birthday punch opens.
+pub const BIRTHDAY_SOCKETS: u16 = 256;
+/// Random ports the easy side of a birthday punch probes at most. With
+/// [`BIRTHDAY_SOCKETS`] mappings among a NAT's 64,512 ports, each probe hits
+/// one with a chance of 1 in 252: 1,400 probes find one with 99.6 %
+/// probability (half of the attempts within 175), and with the hard side's
+/// 512 (its sockets, sent twice) an attempt stays under 2,000 probes.
+pub const BIRTHDAY_SPRAY: u16 = 1400;
+/// Ports past a sequential NAT's last mapping that the other side probes.
+pub const PREDICT_WINDOW: u16 = 16;
+/// How long a direct attempt may take before the client gives up (and asks
+/// for a relay).
+pub const PUNCH_DEADLINE_MS: u32 = 3000;
+
+/// How a direct path is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Technique {
+    /// Each side probes the other's candidates (the classic rule).
+    Classic,
+    /// A random-port symmetric NAT against an endpoint-independent one: the
+    /// hard side opens [`BIRTHDAY_SOCKETS`] mappings toward the easy side,
+    /// the easy side probes random ports of the hard side's address until
+    /// one lands on a mapping (the birthday paradox).
+    Birthday,
+    /// Ports predicted: the next ports of a sequential NAT, or the local port
+    /// of a fresh socket behind a port-preserving one.
+    Predicted,
+}
+
+impl Technique {
+    /// The name in JSON and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Technique::Classic => "classic",
+            Technique::Birthday => "birthday",
+            Technique::Predicted => "predicted",
+        }
+    }
+}
+
+/// What one side does to open a direct path (part of a direct plan;
+/// [`punch_plans`] derives both sides').
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PunchPlan {
+    /// The pair's technique.
+    pub technique: Technique,
+    /// Fresh sockets to open besides the exchange socket, each probing the
+    /// peer (the birthday's hard side opens many; a port-preserving side one).
+    #[serde(default, skip_serializing_if = "is_zero_u16")]
+    pub sockets: u16,
+    /// Announce the fresh socket as `public address : its local port` (a
+    /// port-preserving NAT keeps the port for the socket's first mapping, so
+    /// that socket sends to one target only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub announce: bool,
+    /// Random ports of the peer's public address to probe, at most (the
+    /// birthday's easy side).
+    #[serde(default, skip_serializing_if = "is_zero_u16")]
+    pub spray: u16,
+    /// The peer allocates sequentially: probe this many of its ports past
+    /// its mapped one, before any other target...
+    #[serde(default, skip_serializing_if = "is_zero_u16")]
+    pub window: u16,
+    /// ...stepping by its stride.
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub peer_stride: i32,
+    /// Give up after this many milliseconds (then ask for a relay).
+    pub deadline_ms: u32,
+}
+
+fn is_zero_u16(v: &u16) -> bool {
+    *v == 0
+}
+
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
+}
+
+impl PunchPlan {
+    /// The plan of a side that only probes the peer's candidates.
+    pub const fn classic() -> PunchPlan {
+        PunchPlan {
+            technique: Technique::Classic,
+            sockets: 0,
+            announce: false,
+            spray: 0,
+            window: 0,
+            peer_stride: 0,
+            deadline_ms: PUNCH_DEADLINE_MS,
+        }
+    }
+
+    /// Probes this plan may send beyond the classic ones, at most: the
+    /// fresh sockets' (each sends twice within the deadline), the spray and
+    /// the window.
+    pub fn extra_probes(&self) -> u32 {
+        2 * u32::from(self.sockets) + u32::from(self.spray) + u32::from(self.window)
+    }
+}
+
+/// How both sides open a direct path between `a` and `b`, or `None` when no
+/// technique can (then the pair is relayed): the classic rule
+/// ([`direct_feasible`]) first, then what port allocation allows.
+///
+/// For each side X facing Y, where the classic rule fails:
+/// - X's own mapping: a port-preserving X opens one fresh socket and
+///   announces its local port; a sequential X needs nothing (Y predicts); a
+///   random (or unknown) X opens [`BIRTHDAY_SOCKETS`] sockets when Y maps
+///   endpoint-independently, and cannot be reached otherwise.
+/// - Where X probes: a sequential Y's next [`PREDICT_WINDOW`] ports; a
+///   preserving Y's announced port; a random Y's ports by spraying, when X
+///   itself maps endpoint-independently.
+///
+/// So random-port symmetric NATs meet each other (and any other symmetric
+/// NAT) only through a relay.
+pub fn punch_plans(a: &Behaviour, b: &Behaviour) -> Option<[PunchPlan; 2]> {
+    if a.udp_blocked || b.udp_blocked {
+        return None;
+    }
+    if direct_feasible(a, b) {
+        return Some([PunchPlan::classic(); 2]);
+    }
+    let mut plans = [side_plan(a, b)?, side_plan(b, a)?];
+    let technique = if plans.iter().any(|p| p.sockets > 1 || p.spray > 0) {
+        Technique::Birthday
+    } else {
+        Technique::Predicted
+    };
+    for p in &mut plans {
+        p.technique = technique;
+    }
+    Some(plans)
+}
+
+/// Side `me`'s part against `other` where the classic rule fails.
+fn side_plan(me: &Behaviour, other: &Behaviour) -> Option<PunchPlan> {
+    let mut plan = PunchPlan::classic();
+    let easy = |b: &Behaviour| !b.mapping.is_dependent();
+    if me.mapping.is_dependent() {
+        match me.allocation {
+            Some(PortAllocation::Preserving) => {
+                plan.sockets = 1;
+                plan.announce = true;
+            }
+            Some(PortAllocation::Sequential) => {}
+            Some(PortAllocation::Random) | None if easy(other) => plan.sockets = BIRTHDAY_SOCKETS,
+            Some(PortAllocation::Random) | None => return None,
+        }
+    }
+    if other.mapping.is_dependent() {
+        match other.allocation {
+            Some(PortAllocation::Sequential) => {
+                plan.window = PREDICT_WINDOW;
+                plan.peer_stride = other.stride;
+            }
+            Some(PortAllocation::Preserving) => {}
+            Some(PortAllocation::Random) | None if easy(me) => plan.spray = BIRTHDAY_SPRAY,
+            Some(PortAllocation::Random) | None => return None,
+        }
+    }
+    Some(plan)
 }
 
 /// What NAT behaviour discovery found for one local socket, in the one JSON
@@ -432,6 +610,8 @@ impl NatProfile {
                 udp_blocked: false,
                 mapping: Mapping::EndpointIndependent,
                 filtering: f,
+                allocation: None,
+                stride: 0,
             }
             .class(),
             (_, None) => return None,
@@ -483,7 +663,22 @@ impl NatProfile {
                 .filtering
                 .or(from_class.map(|b| b.filtering))
                 .unwrap_or(Filtering::AddressAndPortDependent),
+            allocation: self.port_allocation,
+            stride: match self.port_allocation {
+                Some(PortAllocation::Sequential) => self.port_stride.unwrap_or(0),
+                _ => 0,
+            },
         };
+        if b.allocation == Some(PortAllocation::Sequential)
+            && (b.stride == 0 || b.stride.abs() > MAX_PORT_STRIDE)
+        {
+            return Err(ProfileError {
+                field: "port_stride",
+                detail: format!(
+                    "sequential allocation needs a stride of 1 to {MAX_PORT_STRIDE} either way"
+                ),
+            });
+        }
         if let (Some(class), Some(_), Some(_)) = (self.class, self.mapping, self.filtering)
             && b.class() != class
         {
@@ -587,9 +782,88 @@ mod tests {
             udp_blocked: false,
             mapping: Mapping::AddressDependent,
             filtering: Filtering::EndpointIndependent,
+            allocation: None,
+            stride: 0,
         };
         assert_eq!(adm.class(), NatClass::Symmetric);
         assert!(direct_feasible(&adm, &rc) && !direct_feasible(&adm, &prc));
+    }
+
+    fn with_ports(class: NatClass, allocation: PortAllocation, stride: i32) -> Behaviour {
+        Behaviour {
+            allocation: Some(allocation),
+            stride,
+            ..class.behaviour()
+        }
+    }
+
+    #[test]
+    fn port_allocation_opens_direct_paths_the_classic_rule_refuses() {
+        let sym = NatClass::Symmetric.behaviour();
+        let random = with_ports(NatClass::Symmetric, PortAllocation::Random, 0);
+        let seq = with_ports(NatClass::Symmetric, PortAllocation::Sequential, 1);
+        let pres = with_ports(NatClass::Symmetric, PortAllocation::Preserving, 0);
+        let prc = NatClass::PortRestrictedCone.behaviour();
+        let rc = NatClass::RestrictedCone.behaviour();
+        let blocked = NatClass::UdpBlocked.behaviour();
+        let technique = |a: &Behaviour, b: &Behaviour| {
+            let plans = punch_plans(a, b)?;
+            let back = punch_plans(b, a).expect("the rule is symmetric");
+            assert_eq!([plans[1], plans[0]], back, "{a:?} / {b:?}");
+            Some(plans[0].technique)
+        };
+        // Classic where the classic rule allows it.
+        assert_eq!(technique(&sym, &rc), Some(Technique::Classic));
+        assert_eq!(technique(&prc, &prc), Some(Technique::Classic));
+        // Random (or unknown) ports against a port-restricted cone: birthday.
+        for hard in [&sym, &random] {
+            let [h, e] = punch_plans(hard, &prc).unwrap();
+            assert_eq!(h.technique, Technique::Birthday);
+            assert_eq!((h.sockets, h.spray), (BIRTHDAY_SOCKETS, 0));
+            assert_eq!((e.sockets, e.spray), (0, BIRTHDAY_SPRAY));
+            assert!(h.extra_probes() + e.extra_probes() <= 2000);
+        }
+        // Sequential: the other side probes the predicted window, first.
+        let [s, p] = punch_plans(&seq, &prc).unwrap();
+        assert_eq!(s.technique, Technique::Predicted);
+        assert_eq!((s.sockets, s.window), (0, 0));
+        assert_eq!((p.window, p.peer_stride), (PREDICT_WINDOW, 1));
+        let [x, y] = punch_plans(&seq, &seq).unwrap();
+        assert_eq!((x.window, y.window), (PREDICT_WINDOW, PREDICT_WINDOW));
+        // Preserving: a fresh socket, announced.
+        let [f, p] = punch_plans(&pres, &prc).unwrap();
+        assert_eq!((f.sockets, f.announce, p.window), (1, true, 0));
+        assert_eq!(technique(&pres, &pres), Some(Technique::Predicted));
+        let [f, s] = punch_plans(&pres, &seq).unwrap();
+        assert_eq!((f.announce, f.window, s.window), (true, PREDICT_WINDOW, 0));
+        // Relayed: random ports against any other symmetric NAT, or no UDP.
+        for other in [&sym, &random, &seq, &pres] {
+            assert_eq!(technique(&random, other), None, "{other:?}");
+        }
+        for other in [&sym, &prc, &rc, &seq, &pres] {
+            assert_eq!(technique(&blocked, other), None);
+        }
+        // The six classes: 12 of 36 ordered pairs relayed (UDP-blocked with
+        // every class, symmetric with symmetric).
+        let relayed = NatClass::ALL
+            .iter()
+            .flat_map(|a| NatClass::ALL.iter().map(move |b| (a, b)))
+            .filter(|(a, b)| punch_plans(&a.behaviour(), &b.behaviour()).is_none())
+            .count();
+        assert_eq!(relayed, 12);
+    }
+
+    #[test]
+    fn a_sequential_profile_needs_a_plausible_stride() {
+        let p = |stride| NatProfile {
+            class: Some(NatClass::Symmetric),
+            port_allocation: Some(PortAllocation::Sequential),
+            port_stride: stride,
+            ..NatProfile::default()
+        };
+        assert_eq!(p(Some(2)).behaviour().unwrap().stride, 2);
+        assert_eq!(p(None).behaviour().unwrap_err().field, "port_stride");
+        assert_eq!(p(Some(1000)).behaviour().unwrap_err().field, "port_stride");
     }
 
     #[test]

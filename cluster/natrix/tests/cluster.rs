@@ -203,7 +203,7 @@ async fn natrix_up_plans_and_its_tokens_allocate_on_its_own_relay() {
     let (status, p) = plan(
         lookup,
         r#"{"a":{"profile":{"class":"symmetric"}},
-            "b":{"profile":{"class":"port-restricted-cone","mapped_address":"127.0.0.1:5000"}}}"#,
+            "b":{"profile":{"class":"symmetric","mapped_address":"127.0.0.1:5000"}}}"#,
     );
     assert_eq!(status, 200, "{p}");
     let turn = &p["a"]["ice_servers"][1];

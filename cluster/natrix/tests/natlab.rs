@@ -181,6 +181,27 @@ fn probe_classifies_every_nat_type_like_coturn_does() {
             )),
         ),
     ];
+    // The symmetric NATs differ in how they pick ports, and discovery says
+    // how (what punching them needs).
+    for (ns, allocation, stride) in [
+        ("nx-c-symmetric", "random", None),
+        ("nx-c-symmetric-sequential", "sequential", Some(1)),
+        ("nx-c-symmetric-preserving", "preserving", None),
+        ("nx-c-port-restricted-cone", "preserving", None),
+    ] {
+        let v = probe(ns);
+        assert_eq!(
+            v["class"],
+            if ns.contains("cone") {
+                "port-restricted-cone"
+            } else {
+                "symmetric"
+            },
+            "{ns}: {v}"
+        );
+        assert_eq!(v["port_allocation"], allocation, "{ns}: {v}");
+        assert_eq!(v["port_stride"].as_i64(), stride, "{ns}: {v}");
+    }
     for (ns, class, mapping, filtering, coturn) in cases {
         let started = Instant::now();
         let v = probe(ns);
@@ -291,9 +312,11 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
     let _ = std::fs::remove_file(&report);
     let pairs = doc["pairs"].as_array().unwrap();
-    assert_eq!(pairs.len(), 21, "every unordered pair of six types");
+    assert_eq!(pairs.len(), 36, "every unordered pair of eight types");
+    // The classic rule: every symmetric NAT (whatever its ports) fails with
+    // the others and with the port-restricted cone.
     let direct = pairs.iter().filter(|p| p["outcome"] == "direct").count();
-    assert_eq!(direct, 13, "{table}");
+    assert_eq!(direct, 19, "{table}");
     for p in pairs {
         assert_eq!(p["outcome"], p["expected"], "{p}");
         for peer in p["peers"].as_array().unwrap() {
@@ -304,8 +327,8 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
             }
         }
         if p["outcome"] == "direct" {
-            assert_eq!(p["peers"][0]["class"], p["a"], "{p}");
-            assert_eq!(p["peers"][1]["class"], p["b"], "{p}");
+            assert_eq!(p["peers"][0]["class"], p["classes"][0], "{p}");
+            assert_eq!(p["peers"][1]["class"], p["classes"][1], "{p}");
         }
     }
 
@@ -401,17 +424,44 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     assert!(page.contains("NAT matrix"), "no matrix plot");
     assert_eq!(
         page.matches(">\nrelayed\n</text>").count(),
-        16,
-        "8 relayed pairs, drawn both ways"
+        22,
+        "11 relayed pairs, drawn both ways"
     );
     let pairs = doc["pairs"].as_array().unwrap();
-    assert_eq!(pairs.len(), 21);
+    assert_eq!(pairs.len(), 36);
     let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
+    // Relayed: UDP-blocked with every type (8), and the random-port
+    // symmetric NAT with every symmetric one (3). The pairs the classic rule
+    // refuses go direct by birthday punching and port prediction.
     assert_eq!(
         (count("direct"), count("relayed"), count("failed")),
-        (13, 8, 0),
+        (25, 11, 0),
         "{table}"
     );
+    let technique = |a: &str, b: &str| {
+        let p = pairs
+            .iter()
+            .find(|p| p["a"] == a && p["b"] == b)
+            .unwrap_or_else(|| panic!("no pair {a} / {b}"));
+        assert_eq!(p["outcome"], "direct", "{p}");
+        p["technique"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(technique("port-restricted-cone", "symmetric"), "birthday");
+    assert_eq!(
+        technique("symmetric-sequential", "symmetric-sequential"),
+        "predicted"
+    );
+    assert_eq!(
+        technique("symmetric-sequential", "symmetric-preserving"),
+        "predicted"
+    );
+    assert_eq!(
+        technique("port-restricted-cone", "symmetric-preserving"),
+        "predicted"
+    );
+    // The birthday pair stayed within its probe budget (both sides).
+    let birthday = pairs.iter().find(|p| p["technique"] == "birthday").unwrap();
+    assert!(birthday["probes"].as_u64().unwrap() <= 2000, "{birthday}");
 
     // The same matrix set up through signalling: two devices register per
     // pair, one invites, the other accepts; each side runs the plan
@@ -454,7 +504,7 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
     assert_eq!(
         (count("direct"), count("relayed"), count("failed")),
-        (13, 8, 0),
+        (25, 11, 0),
         "through invitations:\n{table}"
     );
 }

@@ -55,3 +55,39 @@ pub fn raise_fd_limit() -> bool {
     }
     true
 }
+
+/// Waits until one of `fds` is readable or `timeout` passes; the indexes of
+/// the readable ones (empty on timeout or interruption). For blocking
+/// clients that listen on many sockets at once (a birthday punch's).
+pub fn wait_readable(
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    timeout: std::time::Duration,
+) -> std::io::Result<Vec<usize>> {
+    use std::os::fd::AsRawFd;
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `polls` is a live, correctly sized array of pollfd for the
+    // duration of the call; the descriptors are borrowed, so open.
+    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted {
+            Ok(Vec::new())
+        } else {
+            Err(e)
+        };
+    }
+    Ok(polls
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.revents != 0)
+        .map(|(i, _)| i)
+        .collect())
+}

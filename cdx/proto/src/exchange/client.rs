@@ -11,7 +11,8 @@
 //!
 //! ```text
 //! version 1 B (=1) | NAT class 1 B | candidates 1 B | per candidate:
-//!   kind 1 B (1 host, 2 server-reflexive, 3 relayed) | family 1 B (4, 6) |
+//!   kind 1 B (1 host, 2 server-reflexive, 3 relayed, 4 predicted) |
+//!   family 1 B (4, 6) |
 //!   port 2 B BE | address 4 or 16 B
 //! ```
 //!
@@ -56,6 +57,9 @@ pub enum CandidateKind {
     ServerReflexive,
     /// A TURN relayed address.
     Relayed,
+    /// A fresh socket's local port at the public address: behind a
+    /// port-preserving NAT, where that socket's first mapping will be.
+    Predicted,
 }
 
 /// One address the peer may reach this participant at.
@@ -87,6 +91,7 @@ impl ConnectionData {
                 CandidateKind::Host => 1,
                 CandidateKind::ServerReflexive => 2,
                 CandidateKind::Relayed => 3,
+                CandidateKind::Predicted => 4,
             });
             match c.addr.ip() {
                 IpAddr::V4(ip) => {
@@ -122,6 +127,7 @@ impl ConnectionData {
                 1 => CandidateKind::Host,
                 2 => CandidateKind::ServerReflexive,
                 3 => CandidateKind::Relayed,
+                4 => CandidateKind::Predicted,
                 _ => return None,
             };
             let port = u16::from_be_bytes([*r.first()?, *r.get(1)?]);
