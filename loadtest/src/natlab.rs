@@ -68,11 +68,17 @@ pub(crate) struct NatlabArgs {
     /// lookup API key (`nxk_…`; `natrix up` prints a development one).
     #[arg(long = "api-key", env = "NATRIX_API_KEY")]
     pub(crate) api_key: Option<String>,
-    /// up (build, replacing any previous lab), down (remove), status, or
+    /// up (build, replacing any previous lab), down (remove), status,
     /// matrix (run a session between a client of each type and a client of
-    /// every type, through CDX nodes already running in the lab).
-    #[arg(value_parser = ["up", "down", "status", "matrix"])]
+    /// every type, through CDX nodes already running in the lab), or hard
+    /// (with --lookup: repeat the pairs planned for birthday punching or
+    /// port prediction, direct attempts only: success rate, setup time,
+    /// probes).
+    #[arg(value_parser = ["up", "down", "status", "matrix", "hard"])]
     pub(crate) action: String,
+    /// hard: attempts per ordered pair.
+    #[arg(long, default_value_t = 20, value_parser = crate::positive)]
+    pub(crate) attempts: usize,
     /// matrix: CDX nodes in the lab (comma separated); the first
     /// participant of each pair uses the first, the second the next.
     #[arg(long, value_delimiter = ',', default_value = "203.0.113.1:3478")]
@@ -221,36 +227,33 @@ fn run_plan(plan: &serde_json::Value, ns: [&str; 2], cdx: SocketAddr) -> [serde_
     })
 }
 
-/// The matrix through lookup: profiles, plans, direct or relayed.
-fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
-    use std::net::ToSocketAddrs;
-    let lookup: SocketAddr = lookup
-        .to_socket_addrs()?
-        .next()
-        .context("--lookup resolves to nothing")?;
-    let cdx = *args.cdx.first().context("--cdx is empty")?;
-    let plan = |a: &serde_json::Value, b: &serde_json::Value, retry: bool| {
-        if args.invitations {
-            return crate::signal::plan_by_invitation(
-                lookup,
-                args.grant_secret.as_ref(),
-                a,
-                b,
-                retry,
-            )
+/// A plan for profiles `a` and `b` from lookup (or through signalling with
+/// `--invitations`): its status and body.
+fn lookup_plan(
+    args: &NatlabArgs,
+    lookup: SocketAddr,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    retry: bool,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    if args.invitations {
+        return crate::signal::plan_by_invitation(lookup, args.grant_secret.as_ref(), a, b, retry)
             .map(|p| (200, p));
-        }
-        let body = serde_json::json!({"a": {"profile": a}, "b": {"profile": b}, "retry": retry});
-        crate::e2e::http(
-            lookup,
-            "POST",
-            "/v1/plan",
-            &body.to_string(),
-            args.api_key.as_deref(),
-        )
-    };
-    // Each client's profile once (its NAT does not change between pairs).
-    let profiles: std::collections::BTreeMap<String, serde_json::Value> = std::thread::scope(|s| {
+    }
+    let body = serde_json::json!({"a": {"profile": a}, "b": {"profile": b}, "retry": retry});
+    crate::e2e::http(
+        lookup,
+        "POST",
+        "/v1/plan",
+        &body.to_string(),
+        args.api_key.as_deref(),
+    )
+}
+
+/// Every lab client's NAT profile, measured once against `cdx` (a NAT does
+/// not change between pairs), by namespace.
+fn lab_profiles(cdx: SocketAddr) -> std::collections::BTreeMap<String, serde_json::Value> {
+    std::thread::scope(|s| {
         let handles: Vec<_> = TYPES
             .iter()
             .flat_map(|t| [format!("nx-c-{t}"), format!("nx-c-{t}-2")])
@@ -262,7 +265,145 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
             })
             .collect();
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    })
+}
+
+/// `natlab hard`: every ordered pair whose plan is not the classic punch
+/// (birthday, prediction), `--attempts` direct attempts each, no relay
+/// fallback — success rate, time to the first packet and probes sent.
+fn hard(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
+    use std::net::ToSocketAddrs;
+    let lookup: SocketAddr = lookup
+        .to_socket_addrs()?
+        .next()
+        .context("--lookup resolves to nothing")?;
+    let cdx = *args.cdx.first().context("--cdx is empty")?;
+    let profiles = lab_profiles(cdx);
+    let pairs: Vec<(&str, &str, &str)> = TYPES
+        .iter()
+        .flat_map(|a| TYPES.iter().map(move |b| (*a, *b)))
+        .filter_map(|(a, b)| match technique(a, b) {
+            Some(t) if t != "classic" => Some((a, b, t)),
+            _ => None,
+        })
+        .collect();
+    // Waves in which no client namespace takes part twice.
+    let mut waves: Vec<Vec<(&str, &str, &str)>> = Vec::new();
+    for p in &pairs {
+        let clash = |w: &Vec<(&str, &str, &str)>| w.iter().any(|q| q.0 == p.0 || q.1 == p.1);
+        match waves.iter_mut().find(|w| !clash(w)) {
+            Some(w) => w.push(*p),
+            None => waves.push(vec![*p]),
+        }
+    }
+    let mut tallies: std::collections::BTreeMap<(&str, &str), Vec<serde_json::Value>> =
+        Default::default();
+    for _ in 0..args.attempts {
+        for wave in &waves {
+            let done: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = wave
+                    .iter()
+                    .map(|(a, b, _)| {
+                        let (na, nb) = (format!("nx-c-{a}"), format!("nx-c-{b}-2"));
+                        let (pa, pb) = (&profiles[&na], &profiles[&nb]);
+                        s.spawn(move || {
+                            let r = match lookup_plan(args, lookup, pa, pb, false) {
+                                Ok((200, p)) => {
+                                    let reports = run_plan(&p, [&na, &nb], cdx);
+                                    serde_json::json!({
+                                        "ok": reports.iter().all(|r| r["ok"] == true),
+                                        "setup_ms": reports.iter().filter_map(|r| r["first_packet_ms"].as_f64()).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v)))),
+                                        "probes": reports.iter().map(|r| r["probes"].as_u64().or_else(|| probes_in(&r["error"])).unwrap_or(0)).sum::<u64>(),
+                                        "peers": reports,
+                                    })
+                                }
+                                other => serde_json::json!({"ok": false, "error": format!("no plan: {other:?}")}),
+                            };
+                            ((*a, *b), r)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+            for (k, r) in done {
+                tallies.entry(k).or_default().push(r);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    println!(
+        "{:<22} {:<22} {:<10} {:>8} {:>9} {:>9} {:>9} {:>11}",
+        "a", "b", "technique", "success", "p50 ms", "p90 ms", "max ms", "probes max"
+    );
+    for (a, b, t) in &pairs {
+        let runs = tallies.get(&(*a, *b)).map(Vec::as_slice).unwrap_or(&[]);
+        let ok = runs.iter().filter(|r| r["ok"] == true).count();
+        let mut setup: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["ok"] == true)
+            .filter_map(|r| r["setup_ms"].as_f64())
+            .collect();
+        setup.sort_by(f64::total_cmp);
+        let pct = |q: f64| {
+            (!setup.is_empty()).then(|| setup[((setup.len() - 1) as f64 * q).round() as usize])
+        };
+        let probes_max = runs.iter().filter_map(|r| r["probes"].as_u64()).max();
+        let rate = ok as f64 / runs.len().max(1) as f64;
+        println!(
+            "{a:<22} {b:<22} {t:<10} {:>7.0}% {:>9.0} {:>9.0} {:>9.0} {:>11}",
+            rate * 100.0,
+            pct(0.5).unwrap_or(f64::NAN),
+            pct(0.9).unwrap_or(f64::NAN),
+            pct(1.0).unwrap_or(f64::NAN),
+            probes_max.unwrap_or(0)
+        );
+        rows.push(serde_json::json!({
+            "a": a, "b": b, "technique": t,
+            "attempts": runs.len(), "succeeded": ok, "success_rate": rate,
+            "setup_ms_p50": pct(0.5), "setup_ms_p90": pct(0.9), "setup_ms_max": pct(1.0),
+            "probes_max": probes_max,
+            "runs": runs,
+        }));
+    }
+    let worst = rows
+        .iter()
+        .filter_map(|r| r["success_rate"].as_f64())
+        .fold(1.0_f64, f64::min);
+    let mut doc = serde_json::json!({
+        "scenario": "natlab-hard",
+        "attempts": args.attempts,
+        "lowest_success_rate": worst,
+        "pairs": rows,
     });
+    if args.check && worst < 0.9 {
+        doc["failure"] = format!(
+            "a hard pair went direct in only {:.0} % of attempts (aim: 90 %)",
+            worst * 100.0
+        )
+        .into();
+    }
+    Ok(doc)
+}
+
+/// The probe count a failed punch's error names ("… (N probes sent)").
+fn probes_in(error: &serde_json::Value) -> Option<u64> {
+    let e = error.as_str()?;
+    let (head, _) = e.rsplit_once(" probes sent)")?;
+    head.rsplit_once('(')?.1.parse().ok()
+}
+
+/// The matrix through lookup: profiles, plans, direct or relayed.
+fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
+    use std::net::ToSocketAddrs;
+    let lookup: SocketAddr = lookup
+        .to_socket_addrs()?
+        .next()
+        .context("--lookup resolves to nothing")?;
+    let cdx = *args.cdx.first().context("--cdx is empty")?;
+    let plan = |a: &serde_json::Value, b: &serde_json::Value, retry: bool| {
+        lookup_plan(args, lookup, a, b, retry)
+    };
+    let profiles = lab_profiles(cdx);
     // In waves, so that each NAT carries one session at a time: pairs of
     // one wave have distinct first and distinct second clients (wave d holds
     // the pairs d types apart). Port prediction assumes no other new
@@ -518,6 +659,13 @@ fn print_matrix(results: &[serde_json::Value]) {
 pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<Option<serde_json::Value>> {
     match args.action.as_str() {
         "matrix" => matrix(args).map(Some),
+        "hard" => {
+            let lookup = args
+                .lookup
+                .as_deref()
+                .context("natlab hard plans through lookup: give --lookup")?;
+            hard(args, lookup).map(Some)
+        }
         action => {
             script(action)?;
             if action == "up" {

@@ -489,11 +489,11 @@ mod tests {
         assert_eq!(p.mode, "direct");
         let (a, b) = (p.a.punch.unwrap(), p.b.punch.unwrap());
         assert_eq!(a.technique, natrix_model::Technique::Birthday);
-        assert_eq!((a.sockets, b.spray), (256, 1400));
+        assert_eq!((a.sockets, b.spray), (256, 1600));
         let json = serde_json::to_value(&p.b).unwrap();
         assert_eq!(
             json["punch"],
-            serde_json::json!({"technique": "birthday", "spray": 1400, "deadline_ms": 3000})
+            serde_json::json!({"technique": "birthday", "spray": 1600, "deadline_ms": 3000})
         );
         // The retry after a failed attempt relays the symmetric side.
         let mut req = request("symmetric", "port-restricted-cone");

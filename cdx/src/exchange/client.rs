@@ -86,8 +86,13 @@ pub enum ExchangeError {
         expected: usize,
     },
     /// No direct path within the time allowed.
-    #[error("no direct path to the peer after {0:?}")]
-    NoPath(Duration),
+    #[error("no direct path to the peer after {after:?} ({probes} probes sent)")]
+    NoPath {
+        /// The time allowed.
+        after: Duration,
+        /// Probes sent in that time.
+        probes: u32,
+    },
 }
 
 impl From<PostError> for ExchangeError {
@@ -457,14 +462,14 @@ pub struct PunchSockets {
 pub const MAX_PUNCH_SOCKETS: u16 = 1024;
 /// Most random ports one punch probes, whatever a plan says.
 pub const MAX_SPRAY: u16 = 4096;
-/// Random-port probes per millisecond (the birthday's easy side): 1,400 take
-/// 2.8 s.
-const SPRAY_PER_MS: f64 = 0.5;
+/// Random-port probes per millisecond (the birthday's easy side): 1,600 take
+/// 2.7 s.
+const SPRAY_PER_MS: f64 = 0.6;
 /// Fresh sockets' first probes per millisecond (256 take 64 ms).
 const FRESH_PER_MS: f64 = 4.0;
-/// How often a birthday's fresh sockets probe again (each probes at most
-/// twice within the usual 3 s deadline).
-const FRESH_INTERVAL: Duration = Duration::from_millis(1500);
+/// How often a birthday's fresh sockets probe again until the peer's probes
+/// reach one: once per attempt (the mapping lives for the attempt).
+const FRESH_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl PunchSockets {
     /// Opens what `plan` asks of this side, bound like `socket`: its fresh
@@ -633,7 +638,10 @@ pub fn punch_with(
             break Ok(p);
         }
         if now >= deadline {
-            break connected.ok_or(ExchangeError::NoPath(timeout));
+            break connected.ok_or(ExchangeError::NoPath {
+                after: timeout,
+                probes,
+            });
         }
         let since = now.duration_since(started).as_secs_f64() * 1000.0;
         if connected.is_none() {

@@ -463,6 +463,48 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     let birthday = pairs.iter().find(|p| p["technique"] == "birthday").unwrap();
     assert!(birthday["probes"].as_u64().unwrap() <= 2000, "{birthday}");
 
+    // The hard pairs again, direct attempts only: every ordered pair that
+    // needs birthday punching or port prediction, once each (the success
+    // rates over many attempts are in BENCHMARKING.md; one attempt of a
+    // birthday punch misses with a chance of about 1 in 500).
+    let out = in_ns(
+        "nx-pub",
+        loadtest.to_str().unwrap(),
+        &[
+            "natlab",
+            "hard",
+            "--attempts",
+            "1",
+            "--cdx",
+            "203.0.113.1:3478",
+            "--lookup",
+            "127.0.0.1:18080",
+            "--api-key",
+            common::API_KEY,
+            "--json",
+            report.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .expect("running natrix-loadtest natlab hard");
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "natlab hard:\n{table}");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
+    let _ = std::fs::remove_file(&report);
+    let rows = doc["pairs"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        10,
+        "2 birthday and 8 predicted orders:\n{table}"
+    );
+    let succeeded: u64 = rows.iter().map(|r| r["succeeded"].as_u64().unwrap()).sum();
+    assert!(succeeded >= 8, "{table}");
+    for r in rows.iter().filter(|r| r["succeeded"] == 1) {
+        assert!(r["probes_max"].as_u64().unwrap() < 2000, "{r}");
+        assert!(r["setup_ms_max"].as_f64().unwrap() < 3000.0, "{r}");
+    }
+
     // The same matrix set up through signalling: two devices register per
     // pair, one invites, the other accepts; each side runs the plan
     // signalling handed it (its answer, or its push).
