@@ -4,6 +4,7 @@
 #   natlab.sh up      build it (idempotent: tears down a previous lab first)
 #   natlab.sh down    remove every namespace and interface it made
 #   natlab.sh status  list what exists
+#   natlab.sh loss P  drop P % of the packets crossing the internet (0: none)
 #
 # Topology (documentation address ranges only):
 #   nx-pub     the "internet": CDX addresses 203.0.113.1 and 203.0.113.2, a relay
@@ -14,6 +15,11 @@
 #              two clients of the same type sit behind separate NATs
 #   nx-c-open, nx-c-open-2  clients with public addresses, no NAT:
 #              198.51.100.254/30 and 198.51.100.250/30
+#   nx-c-shared, nx-c-shared-2  two clients on one LAN behind one
+#              port-restricted NAT nx-r-shared that does not hairpin
+#   nx-c-cgnat, nx-c-cgnat-2  each behind a home NAT nx-r-cgnat[-2]
+#              (port-restricted) whose WAN is 100.64.<k>.2/30, behind a
+#              carrier-grade NAT nx-r-cgn[-2] (EIM, port-dependent filtering)
 # Types: full-cone, restricted-cone, port-restricted-cone, symmetric,
 # symmetric-sequential, symmetric-preserving, udp-blocked.
 # Mapping: masquerade keeps the source port when it is free (endpoint-
@@ -109,25 +115,86 @@ up() {
   for type in "${TYPES[@]}"; do
     k=$((k + 1))
     local r="nx-r-$type$suffix" c="nx-c-$type$suffix"
-    local wan_pub="198.51.100.$((4 * k + 1))" wan_r="198.51.100.$((4 * k + 2))"
-    ip netns add "$r"; ip netns add "$c"
-    ip -n "$r" link set lo up; ip -n "$c" link set lo up
-    ip link add "nxw$k" netns nx-pub type veth peer name wan netns "$r"
-    ip -n nx-pub addr add "$wan_pub/30" dev "nxw$k"; ip -n nx-pub link set "nxw$k" up
-    ip -n "$r" addr add "$wan_r/30" dev wan; ip -n "$r" link set wan up
-    ip -n "$r" route add default via "$wan_pub"
+    local wan_r="198.51.100.$((4 * k + 2))"
+    wan_link "$r" "$k"
+    ip netns add "$c"; ip -n "$c" link set lo up
     ip link add lan netns "$r" type veth peer name eth0 netns "$c"
     ip -n "$r" addr add "10.$k.0.1/24" dev lan; ip -n "$r" link set lan up
     ip -n "$c" addr add "10.$k.0.2/24" dev eth0; ip -n "$c" link set eth0 up
     ip -n "$c" route add default via "10.$k.0.1"
-    ip netns exec "$r" sysctl -qw net.ipv4.ip_forward=1
     nft_nat "$r" "$type" "10.$k.0.2" "$wan_r"
   done
+  done
+
+  # Two clients behind one port-restricted NAT that does not hairpin: they
+  # meet at their private addresses.
+  k=$((k + 1))
+  wan_link nx-r-shared "$k"
+  ip -n nx-r-shared link add lan type bridge
+  ip -n nx-r-shared addr add "10.$k.0.1/24" dev lan; ip -n nx-r-shared link set lan up
+  local i=1
+  for c in nx-c-shared nx-c-shared-2; do
+    i=$((i + 1))
+    ip netns add "$c"; ip -n "$c" link set lo up
+    ip link add "lan$i" netns nx-r-shared type veth peer name eth0 netns "$c"
+    ip -n nx-r-shared link set "lan$i" master lan; ip -n nx-r-shared link set "lan$i" up
+    ip -n "$c" addr add "10.$k.0.$i/24" dev eth0; ip -n "$c" link set eth0 up
+    ip -n "$c" route add default via "10.$k.0.1"
+  done
+  nft_nat nx-r-shared port-restricted-cone "10.$k.0.2" "198.51.100.$((4 * k + 2))"
+
+  # Carrier-grade NAT: a home NAT (port-restricted) whose WAN is in the
+  # shared address space 100.64.0.0/10, behind a carrier's NAT (endpoint-
+  # independent mapping, port-dependent filtering, as RFC 6888 asks).
+  for suffix in "" "-2"; do
+    k=$((k + 1))
+    local cgn="nx-r-cgn$suffix" home="nx-r-cgnat$suffix" c="nx-c-cgnat$suffix"
+    wan_link "$cgn" "$k"
+    ip netns add "$home"; ip -n "$home" link set lo up
+    ip link add lan netns "$cgn" type veth peer name wan netns "$home"
+    ip -n "$cgn" addr add "100.64.$k.1/30" dev lan; ip -n "$cgn" link set lan up
+    ip -n "$home" addr add "100.64.$k.2/30" dev wan; ip -n "$home" link set wan up
+    ip -n "$home" route add default via "100.64.$k.1"
+    nft_nat "$cgn" port-restricted-cone "100.64.$k.2" "198.51.100.$((4 * k + 2))"
+    ip netns add "$c"; ip -n "$c" link set lo up
+    ip link add lan netns "$home" type veth peer name eth0 netns "$c"
+    ip -n "$home" addr add "10.$k.0.1/24" dev lan; ip -n "$home" link set lan up
+    ip -n "$c" addr add "10.$k.0.2/24" dev eth0; ip -n "$c" link set eth0 up
+    ip -n "$c" route add default via "10.$k.0.1"
+    ip netns exec "$home" sysctl -qw net.ipv4.ip_forward=1
+    nft_nat "$home" port-restricted-cone "10.$k.0.2" "100.64.$k.2"
   done
 
   # Clients with a public address and no NAT.
   open_client nx-c-open nxwo 253
   open_client nx-c-open-2 nxwo2 249
+}
+
+wan_link() { # router-ns k: the router, its WAN link to the internet
+  local r=$1 k=$2
+  local wan_pub="198.51.100.$((4 * k + 1))" wan_r="198.51.100.$((4 * k + 2))"
+  ip netns add "$r"; ip -n "$r" link set lo up
+  ip link add "nxw$k" netns nx-pub type veth peer name wan netns "$r"
+  ip -n nx-pub addr add "$wan_pub/30" dev "nxw$k"; ip -n nx-pub link set "nxw$k" up
+  ip -n "$r" addr add "$wan_r/30" dev wan; ip -n "$r" link set wan up
+  ip -n "$r" route add default via "$wan_pub"
+  ip netns exec "$r" sysctl -qw net.ipv4.ip_forward=1
+}
+
+# Random loss of PERCENT of the packets crossing the internet (each packet
+# once: forwarded between routers, or to and from the servers in nx-pub);
+# 0 removes it. The kernel here has no netem: nftables numgen.
+loss() {
+  local pct=${1:?usage: natlab.sh loss PERCENT}
+  ip netns exec nx-pub nft delete table inet nx_loss 2>/dev/null || true
+  [ "$pct" -gt 0 ] || return 0
+  ip netns exec nx-pub nft -f - <<NFT
+table inet nx_loss {
+  chain loss_forward { type filter hook forward priority -10; numgen random mod 100 < $pct drop; }
+  chain loss_input { type filter hook input priority -10; iifname != "lo" numgen random mod 100 < $pct drop; }
+  chain loss_output { type filter hook output priority -10; oifname != "lo" numgen random mod 100 < $pct drop; }
+}
+NFT
 }
 
 open_client() { # namespace veth-name last-octet-of-the-pub-side
@@ -142,7 +209,8 @@ open_client() { # namespace veth-name last-octet-of-the-pub-side
 
 case "${1:-}" in
   up) up ;;
+  loss) loss "${2:-}" ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|loss PERCENT" >&2; exit 2 ;;
 esac

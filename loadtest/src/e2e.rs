@@ -101,6 +101,12 @@ pub(crate) struct SideResult {
     /// A direct side: the technique its plan named and the probes it sent.
     pub(crate) technique: Option<&'static str>,
     pub(crate) probes: Option<u32>,
+    /// A direct side: from the pair's start to its confirmed direct path.
+    pub(crate) direct: Option<Duration>,
+    /// It allocated on its relay to race the punch.
+    pub(crate) raced: bool,
+    /// Its first packet came through a relay (the race's).
+    pub(crate) relayed_first: bool,
 }
 
 /// The TURN server a side's plan names: its first UDP URL, else its first
@@ -269,6 +275,8 @@ pub(crate) fn side(
         },
     };
     let mut fresh = PunchSockets::default();
+    // A direct side that races its relay: the allocation.
+    let mut race: Option<TurnClient> = None;
     // A side that reaches its relay over TCP cannot send UDP: it exchanges
     // over TCP too.
     let mut udp_blocked = false;
@@ -289,20 +297,39 @@ pub(crate) fn side(
             addr: relayed,
         }]
     } else {
+        // A racing side allocates on its relay first, then learns its
+        // mapping: behind a sequential NAT the allocation's own mapping must
+        // come before the one CDX reports, or every predicted port is off
+        // by one.
+        let raced = (plan_side["race"] == true).then(|| -> anyhow::Result<TurnClient> {
+            let (server, creds, _) =
+                turn_server(plan_side).context("a racing side without a TURN server")?;
+            TurnClient::allocate(server, SocketAddr::new(local, 0), &creds)
+                .context("allocating on the relay to race")
+        });
         let mapped =
             mapped_address(&socket, cdx, Duration::from_secs(2))?.context("no answer from CDX")?;
         fresh = PunchSockets::open(&socket, Some(mapped), &punch_plan)
             .context("opening the punch plan's sockets")?;
-        let mut c = vec![
+        let mut c = vec![];
+        // Without its relay the side still punches (the race is a bonus).
+        if let Some(t) = raced.and_then(Result::ok) {
+            c.push(Candidate {
+                kind: CandidateKind::Relayed,
+                addr: t.relayed,
+            });
+            race = Some(t);
+        }
+        c.extend([
             Candidate {
                 kind: CandidateKind::ServerReflexive,
                 addr: mapped,
             },
             Candidate {
                 kind: CandidateKind::Host,
-                addr: socket.local_addr()?,
+                addr: host_address(&socket, cdx)?,
             },
-        ];
+        ]);
         c.extend(fresh.candidate());
         c
     };
@@ -347,14 +374,79 @@ pub(crate) fn side(
         let _ = turn.release();
     } else {
         let t0 = started.elapsed();
-        let p = punch_with(&socket, &fresh, &invitation, peer_index, peer, &punch_plan)?;
-        result.first_packet = Some(t0 + p.elapsed);
-        result.rtt = Some(p.rtt);
+        let codec = ProbeCodec::new(&invitation);
+        // Racing: probe through the relay to the peer's mapped address while
+        // punching; the first answer on either path is the first packet.
+        let srflx = peer
+            .candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::ServerReflexive)
+            .map(|c| c.addr);
+        let (direct, relayed) = std::thread::scope(|s| {
+            let relayed = match (&mut race, srflx) {
+                (Some(turn), Some(target)) => Some(s.spawn(move || {
+                    punch_via_turn(turn, &codec, peer_index, target, started, timeout)
+                })),
+                _ => None,
+            };
+            let direct = punch_with(&socket, &fresh, &invitation, peer_index, peer, &punch_plan);
+            (direct, relayed.and_then(|h| h.join().ok()))
+        });
+        if let Some(turn) = &mut race {
+            let _ = turn.release();
+        }
+        let via_relay = relayed.and_then(Result::ok);
         result.technique = Some(punch_plan.technique.name());
-        result.probes = Some(p.probes);
+        result.raced = race.is_some();
+        match direct {
+            Ok(p) if !p.relayed => {
+                result.direct = Some(t0 + p.elapsed);
+                result.first_packet = Some(t0 + p.first);
+                result.rtt = Some(p.rtt);
+                result.probes = Some(p.probes);
+                result.relayed_first = p.first < p.elapsed;
+            }
+            Ok(p) => {
+                // Only the peer's relay answered.
+                result.relayed = true;
+                result.relayed_first = true;
+                result.first_packet = Some(t0 + p.first);
+                result.rtt = Some(p.rtt);
+                result.probes = Some(p.probes);
+            }
+            Err(e) => {
+                let Some((first, rtt)) = via_relay else {
+                    return Err(e.into());
+                };
+                result.relayed = true;
+                result.relayed_first = true;
+                result.first_packet = Some(first);
+                result.rtt = Some(rtt);
+            }
+        }
+        // Our relay answered before the direct path: the first packet.
+        if let (Some((first, _)), Some(d)) = (via_relay, result.direct)
+            && first < d
+        {
+            result.first_packet = Some(result.first_packet.map_or(first, |f| f.min(first)));
+            result.relayed_first = true;
+        }
     }
     result.ok = true;
     Ok(result)
+}
+
+/// `socket`'s host candidate: its address, or where it is bound to every
+/// address, the one the route to `cdx` leaves from (a peer on the same LAN
+/// reaches it there, through a NAT that does not hairpin).
+fn host_address(socket: &UdpSocket, cdx: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let local = socket.local_addr()?;
+    if !local.ip().is_unspecified() {
+        return Ok(local);
+    }
+    let probe = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+    probe.connect(cdx)?;
+    Ok(SocketAddr::new(probe.local_addr()?.ip(), local.port()))
 }
 
 pub(crate) fn ms(d: Option<Duration>) -> Option<f64> {

@@ -15,8 +15,10 @@ const SCRIPT: &str = include_str!("../natlab/natlab.sh");
 
 /// The lab's client types, in matrix order: one NAT of each class of the
 /// model, named as the model names it, with the symmetric class in three
-/// port allocations (random, sequential, preserving).
-pub(crate) const TYPES: [&str; 8] = {
+/// port allocations (random, sequential, preserving), two clients on one
+/// LAN behind a port-restricted NAT that does not hairpin (their pair meets
+/// at the private addresses), and a home NAT behind a carrier-grade NAT.
+pub(crate) const TYPES: [&str; 10] = {
     let c = NatClass::ALL;
     [
         c[0].name(),
@@ -26,9 +28,16 @@ pub(crate) const TYPES: [&str; 8] = {
         c[4].name(),
         SEQUENTIAL,
         PRESERVING,
+        SHARED,
+        CGNAT,
         c[5].name(),
     ]
 };
+
+/// Two clients behind one port-restricted NAT.
+const SHARED: &str = "shared";
+/// A port-restricted home NAT behind a carrier-grade NAT.
+const CGNAT: &str = "cgnat";
 
 /// The symmetric NAT that allocates ports sequentially.
 const SEQUENTIAL: &str = "symmetric-sequential";
@@ -41,6 +50,7 @@ fn behaviour(t: &str) -> Option<Behaviour> {
     let (class, allocation, stride) = match t {
         SEQUENTIAL => (NatClass::Symmetric, PortAllocation::Sequential, 1),
         PRESERVING => (NatClass::Symmetric, PortAllocation::Preserving, 0),
+        SHARED | CGNAT => (NatClass::PortRestrictedCone, PortAllocation::Preserving, 0),
         _ => {
             let class: NatClass = t.parse().ok()?;
             let random = class == NatClass::Symmetric;
@@ -74,8 +84,12 @@ pub(crate) struct NatlabArgs {
     /// (with --lookup: repeat the pairs planned for birthday punching or
     /// port prediction, direct attempts only: success rate, setup time,
     /// probes).
-    #[arg(value_parser = ["up", "down", "status", "matrix", "hard"])]
+    /// loss: drop --percent of the packets crossing the lab's internet.
+    #[arg(value_parser = ["up", "down", "status", "matrix", "hard", "loss"])]
     pub(crate) action: String,
+    /// loss: the share of packets to drop, in percent (0 removes the loss).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub(crate) percent: u8,
     /// hard: attempts per ordered pair.
     #[arg(long, default_value_t = 20, value_parser = crate::positive)]
     pub(crate) attempts: usize,
@@ -112,10 +126,11 @@ pub(crate) struct NatlabArgs {
     pub(crate) grant_secret: Option<natrix_model::TurnSecret>,
 }
 
-fn script(action: &str) -> anyhow::Result<()> {
+fn script(action: &str, extra: &[&str]) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut child = Command::new("bash")
         .args(["-s", "--", action])
+        .args(extra)
         .stdin(Stdio::piped())
         .spawn()
         .context("running bash for the NAT lab")?;
@@ -438,9 +453,15 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
                             .iter()
                             .filter_map(|r| r["first_packet_ms"].as_f64())
                             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
-                        attempts.push(serde_json::json!({"retry": retry, "mode": mode, "ok": ok, "setup_ms": setup, "peers": reports}));
+                        let direct_ms = reports
+                            .iter()
+                            .map(|r| r["direct_ms"].as_f64())
+                            .try_fold(0.0_f64, |m, v| v.map(|v| m.max(v)));
+                        attempts.push(serde_json::json!({"retry": retry, "mode": mode, "ok": ok, "setup_ms": setup, "direct_ms": direct_ms, "peers": reports}));
                         if ok {
-                            outcome = if mode == "direct" { "direct" } else { "relayed" };
+                            // A raced direct plan may end on the relay.
+                            let direct = reports.iter().all(|r| r["direct"] == true);
+                            outcome = if mode == "direct" && direct { "direct" } else { "relayed" };
                             break;
                         }
                         if mode != "direct" {
@@ -448,6 +469,7 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
                         }
                     }
                     let setup = attempts.last().and_then(|a| a["setup_ms"].as_f64());
+                    let direct_ms = attempts.last().and_then(|a| a["direct_ms"].as_f64());
                     serde_json::json!({
                         "a": a, "b": b,
                         "outcome": outcome,
@@ -457,6 +479,7 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
                             a["peers"].as_array().map(|p| p.iter().filter_map(|r| r["probes"].as_u64()).sum::<u64>())
                         }),
                         "time_to_first_packet_ms": setup,
+                        "time_to_direct_ms": direct_ms,
                         "attempts": attempts,
                     })
                 })
@@ -557,6 +580,8 @@ fn short(t: &str) -> &'static str {
         "symmetric" => "symm",
         SEQUENTIAL => "sym-seq",
         PRESERVING => "sym-pres",
+        SHARED => "shared",
+        CGNAT => "cgnat",
         _ => "udp-blk",
     }
 }
@@ -666,8 +691,16 @@ pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<Option<serde_json::Value>
                 .context("natlab hard plans through lookup: give --lookup")?;
             hard(args, lookup).map(Some)
         }
+        "loss" => {
+            script("loss", &[&args.percent.to_string()])?;
+            println!(
+                "NAT lab: {} % of the packets crossing its internet are dropped",
+                args.percent
+            );
+            Ok(None)
+        }
         action => {
-            script(action)?;
+            script(action, &[])?;
             if action == "up" {
                 println!(
                     "NAT lab up: CDX addresses 203.0.113.1 and 203.0.113.2 in namespace nx-pub; two clients per type in nx-c-<type> and nx-c-<type>-2 for {}",
@@ -692,17 +725,17 @@ mod tests {
                 .filter(|(a, b)| f(a, b))
                 .count()
         };
-        // The classic rule: 7 types that can send UDP → 49 ordered pairs,
-        // minus the 3 symmetric ones with each other (9) and with the
-        // port-restricted cone (6 orders).
-        assert_eq!(ordered(&feasible), 34);
+        // The classic rule: 9 types that can send UDP → 81 ordered pairs,
+        // minus the 3 symmetric ones with each other (9) and with the 3
+        // port-restricted ones (18 orders).
+        assert_eq!(ordered(&feasible), 54);
         assert!(feasible("symmetric", "restricted-cone"));
         assert!(feasible("symmetric", "open"));
         assert!(!feasible("port-restricted-cone", "symmetric"));
         assert!(!feasible("open", "udp-blocked"));
         // With port allocation: only random ports against another symmetric
         // NAT (5 orders) stay relayed.
-        assert_eq!(ordered(&|a, b| technique(a, b).is_some()), 44);
+        assert_eq!(ordered(&|a, b| technique(a, b).is_some()), 76);
         assert_eq!(
             technique("symmetric", "port-restricted-cone"),
             Some("birthday")
@@ -714,6 +747,8 @@ mod tests {
         );
         assert_eq!(technique("symmetric", SEQUENTIAL), None);
         assert_eq!(class_of(PRESERVING), Some(NatClass::Symmetric));
-        assert_eq!(unordered_pairs().len(), 36);
+        assert_eq!(technique(CGNAT, "symmetric"), Some("birthday"));
+        assert_eq!(technique(SHARED, SHARED), Some("classic"));
+        assert_eq!(unordered_pairs().len(), 55);
     }
 }

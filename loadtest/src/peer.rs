@@ -77,6 +77,9 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 "rtt_ms": crate::e2e::ms(r.rtt),
                 "technique": r.technique,
                 "probes": r.probes,
+                "direct_ms": crate::e2e::ms(r.direct),
+                "raced": r.raced,
+                "relayed_first": r.relayed_first,
             }),
             Err(e) => {
                 serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")})

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use natrix_model::invitation::Invitation;
-use natrix_model::{NatProfile, ProfileError, SessionToken, TurnSecret};
+use natrix_model::{NatProfile, ProfileError, SessionToken, Technique, TurnSecret};
 use natrix_registry::{HostRecord, Snapshot, State};
 use serde::{Deserialize, Serialize};
 
@@ -191,8 +191,13 @@ pub struct ExchangeInfo {
 /// One side of a plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SidePlan {
-    /// Whether this side allocates a relay.
+    /// Whether this side allocates a relay (and sends through it).
     pub relayed: bool,
+    /// A direct side that may fail to punch: it allocates on its relay too,
+    /// offers the relayed address, and sends on whichever path answers
+    /// first, moving to the direct path once that is confirmed.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub race: bool,
     /// Its relay, when it allocates one.
     pub relay: Option<RelayAssignment>,
     /// ICE servers: the CDX nodes as STUN, and the relay as TURN.
@@ -321,9 +326,16 @@ pub fn plan(
         .unwrap_or_default();
     // Relays first: a side's token names the counterpart's relay too.
     let peers = [(Side::A, a, &req.a), (Side::B, b, &req.b)];
+    // A direct attempt that may fail (birthday punching, prediction) races
+    // the relay the retry would use: that side allocates while it punches.
+    let race = match mode {
+        Mode::Direct([p, _]) if p.technique != Technique::Classic => Some(decide(&a, &b, true)),
+        _ => None,
+    };
     let mut chosen: [Option<&HostRecord>; 2] = [None, None];
     for (i, (side, behaviour, peer)) in peers.iter().enumerate() {
-        if !mode.relays(*side) {
+        let racing = race.is_some_and(|m| m.relays(*side));
+        if !mode.relays(*side) && !racing {
             continue;
         }
         let udp = !behaviour.udp_blocked;
@@ -334,6 +346,10 @@ pub fn plan(
             minting.headroom,
             random,
         ) else {
+            if racing {
+                // No relay to race: the direct attempt alone.
+                continue;
+            }
             return Err(PlanError::NoRelay { udp });
         };
         chosen[i] = Some(r);
@@ -378,7 +394,8 @@ pub fn plan(
             });
         }
         sides.push(SidePlan {
-            relayed: relay.is_some(),
+            relayed: mode.relays(*side),
+            race: !mode.relays(*side) && relay.is_some(),
             relay,
             ice_servers,
             ttl: minting.ttl,
@@ -490,6 +507,11 @@ mod tests {
         let (a, b) = (p.a.punch.unwrap(), p.b.punch.unwrap());
         assert_eq!(a.technique, natrix_model::Technique::Birthday);
         assert_eq!((a.sockets, b.spray), (256, 1600));
+        // The hard side races its relay: a token for it, still direct.
+        assert!(p.a.race && !p.a.relayed && !p.b.race);
+        assert_eq!(p.a.relay.as_ref().unwrap().id, "r1");
+        assert_eq!(p.a.ice_servers.len(), 2);
+        assert_eq!(p.b.ice_servers.len(), 1);
         let json = serde_json::to_value(&p.b).unwrap();
         assert_eq!(
             json["punch"],

@@ -325,6 +325,12 @@ pub struct Punched {
     pub fresh: Option<usize>,
     /// Probes sent until the path was found.
     pub probes: u32,
+    /// The path is through the peer's relayed address: the peer raced its
+    /// relay and no direct path answered before the deadline.
+    pub relayed: bool,
+    /// Time from the start of punching to the first acknowledgement on any
+    /// path (the relayed one, when it answered before the direct one).
+    pub first: Duration,
 }
 
 const PROBE_MAGIC: &[u8; 4] = b"NXP1";
@@ -615,6 +621,25 @@ pub fn punch_with(
             },
         })
         .collect();
+    // A peer that raced its relay offers its relayed address besides direct
+    // ones: an answer from there is the first path, but the direct attempt
+    // goes on until it is confirmed or the deadline passes. (A peer that
+    // offers only a relayed address is relayed by plan: its answer is the
+    // path.)
+    let racing: Vec<SocketAddr> = if peer
+        .candidates
+        .iter()
+        .any(|c| c.kind != CandidateKind::Relayed)
+    {
+        peer.candidates
+            .iter()
+            .filter(|c| c.kind == CandidateKind::Relayed)
+            .map(|c| c.addr)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut via_relay: Option<Punched> = None;
     let spray_ip = srflx.map(|a| a.ip());
     let spray_total = if spray_ip.is_some() {
         plan.spray.min(MAX_SPRAY)
@@ -638,7 +663,7 @@ pub fn punch_with(
             break Ok(p);
         }
         if now >= deadline {
-            break connected.ok_or(ExchangeError::NoPath {
+            break connected.or(via_relay).ok_or(ExchangeError::NoPath {
                 after: timeout,
                 probes,
             });
@@ -736,13 +761,22 @@ pub fn punch_with(
                         }
                         2 if connected.is_none() => {
                             if let Some((_, at)) = sent.iter().find(|(x, _)| *x == n) {
-                                connected = Some(Punched {
+                                let relayed = racing.contains(&from);
+                                let elapsed = started.elapsed();
+                                let found = Punched {
                                     peer: from,
-                                    elapsed: started.elapsed(),
+                                    elapsed,
                                     rtt: at.elapsed(),
                                     fresh: i.checked_sub(1),
                                     probes,
-                                });
+                                    relayed,
+                                    first: via_relay.map_or(elapsed, |r| r.first),
+                                };
+                                if !relayed {
+                                    connected = Some(found);
+                                } else if via_relay.is_none() {
+                                    via_relay = Some(found);
+                                }
                             }
                         }
                         _ => {}

@@ -202,6 +202,29 @@ fn probe_classifies_every_nat_type_like_coturn_does() {
         assert_eq!(v["port_allocation"], allocation, "{ns}: {v}");
         assert_eq!(v["port_stride"].as_i64(), stride, "{ns}: {v}");
     }
+    // Behind a carrier-grade NAT the mapping is the carrier's address, and
+    // the two NATs in a row behave as one port-restricted cone.
+    let v = probe("nx-c-cgnat");
+    assert_eq!(v["class"], "port-restricted-cone", "{v}");
+    assert!(
+        v["mapped_address"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.51.100.66:"),
+        "{v}"
+    );
+    assert!(
+        v["local_address"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.16.0.2:"),
+        "{v}"
+    );
+    // The shared NAT does not hairpin: its two clients meet at their
+    // private addresses (the matrix below).
+    let v = probe("nx-c-shared");
+    assert_eq!(v["class"], "port-restricted-cone", "{v}");
+    assert_eq!(v["hairpinning"], false, "{v}");
     for (ns, class, mapping, filtering, coturn) in cases {
         let started = Instant::now();
         let v = probe(ns);
@@ -312,11 +335,12 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
     let _ = std::fs::remove_file(&report);
     let pairs = doc["pairs"].as_array().unwrap();
-    assert_eq!(pairs.len(), 36, "every unordered pair of eight types");
+    assert_eq!(pairs.len(), 55, "every unordered pair of ten types");
     // The classic rule: every symmetric NAT (whatever its ports) fails with
-    // the others and with the port-restricted cone.
+    // the others and with the port-restricted cones (alone, shared, behind
+    // a carrier).
     let direct = pairs.iter().filter(|p| p["outcome"] == "direct").count();
-    assert_eq!(direct, 19, "{table}");
+    assert_eq!(direct, 30, "{table}");
     for p in pairs {
         assert_eq!(p["outcome"], p["expected"], "{p}");
         for peer in p["peers"].as_array().unwrap() {
@@ -424,18 +448,18 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     assert!(page.contains("NAT matrix"), "no matrix plot");
     assert_eq!(
         page.matches(">\nrelayed\n</text>").count(),
-        22,
-        "11 relayed pairs, drawn both ways"
+        26,
+        "13 relayed pairs, drawn both ways"
     );
     let pairs = doc["pairs"].as_array().unwrap();
-    assert_eq!(pairs.len(), 36);
+    assert_eq!(pairs.len(), 55);
     let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
-    // Relayed: UDP-blocked with every type (8), and the random-port
+    // Relayed: UDP-blocked with every type (10), and the random-port
     // symmetric NAT with every symmetric one (3). The pairs the classic rule
     // refuses go direct by birthday punching and port prediction.
     assert_eq!(
         (count("direct"), count("relayed"), count("failed")),
-        (25, 11, 0),
+        (42, 13, 0),
         "{table}"
     );
     let technique = |a: &str, b: &str| {
@@ -447,6 +471,8 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         p["technique"].as_str().unwrap().to_owned()
     };
     assert_eq!(technique("port-restricted-cone", "symmetric"), "birthday");
+    assert_eq!(technique("symmetric", "cgnat"), "birthday");
+    assert_eq!(technique("shared", "shared"), "classic");
     assert_eq!(
         technique("symmetric-sequential", "symmetric-sequential"),
         "predicted"
@@ -495,11 +521,11 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     let rows = doc["pairs"].as_array().unwrap();
     assert_eq!(
         rows.len(),
-        10,
-        "2 birthday and 8 predicted orders:\n{table}"
+        22,
+        "6 birthday and 16 predicted orders:\n{table}"
     );
     let succeeded: u64 = rows.iter().map(|r| r["succeeded"].as_u64().unwrap()).sum();
-    assert!(succeeded >= 8, "{table}");
+    assert!(succeeded >= 20, "{table}");
     for r in rows.iter().filter(|r| r["succeeded"] == 1) {
         assert!(r["probes_max"].as_u64().unwrap() < 2000, "{r}");
         assert!(r["setup_ms_max"].as_f64().unwrap() < 3000.0, "{r}");
@@ -546,7 +572,45 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
     assert_eq!(
         (count("direct"), count("relayed"), count("failed")),
-        (25, 11, 0),
+        (42, 13, 0),
         "through invitations:\n{table}"
     );
+
+    // 5 % of the packets crossing the lab's internet lost, each way: every
+    // pair still connects (the exchange, TURN and the punch retransmit),
+    // nearly all of them as planned.
+    let out = Command::new(&loadtest)
+        .args(["natlab", "loss", "--percent", "5"])
+        .output()
+        .expect("running natrix-loadtest natlab loss");
+    assert!(out.status.success(), "{out:?}");
+    let out = in_ns(
+        "nx-pub",
+        loadtest.to_str().unwrap(),
+        &[
+            "natlab",
+            "matrix",
+            "--cdx",
+            "203.0.113.1:3478",
+            "--cluster-secret",
+            SECRET,
+            "--lookup",
+            "127.0.0.1:18080",
+            "--api-key",
+            common::API_KEY,
+            "--json",
+            report.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .expect("running natrix-loadtest natlab matrix under loss");
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "the matrix under loss:\n{table}");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
+    let _ = std::fs::remove_file(&report);
+    let pairs = doc["pairs"].as_array().unwrap();
+    let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
+    assert_eq!(count("failed"), 0, "under 5 % loss:\n{table}");
+    assert!(count("direct") >= 40, "under 5 % loss:\n{table}");
 }
