@@ -123,6 +123,12 @@ up() {
     ip -n "$c" addr add "10.$k.0.2/24" dev eth0; ip -n "$c" link set eth0 up
     ip -n "$c" route add default via "10.$k.0.1"
     nft_nat "$r" "$type" "10.$k.0.2" "$wan_r"
+    # The random-port symmetric NAT, like many mobile carriers', also
+    # forgets idle UDP mappings after 5 s (keepalives must hold sessions).
+    if [ "$type" = symmetric ]; then
+      ip netns exec "$r" sysctl -qw net.netfilter.nf_conntrack_udp_timeout=5 \
+        net.netfilter.nf_conntrack_udp_timeout_stream=5
+    fi
   done
   done
 

@@ -107,6 +107,8 @@ pub(crate) struct SideResult {
     pub(crate) raced: bool,
     /// Its first packet came through a relay (the race's).
     pub(crate) relayed_first: bool,
+    /// With a hold: what keeping the direct path showed.
+    pub(crate) held: Option<Held>,
 }
 
 /// The TURN server a side's plan names: its first UDP URL, else its first
@@ -249,6 +251,7 @@ pub(crate) fn side(
     started: Instant,
     timeout: Duration,
     udp_works: bool,
+    hold: Option<Hold>,
 ) -> anyhow::Result<SideResult> {
     let invitation: Invitation = plan_side["exchange"]["invitation"]
         .as_str()
@@ -405,6 +408,12 @@ pub(crate) fn side(
                 result.rtt = Some(p.rtt);
                 result.probes = Some(p.probes);
                 result.relayed_first = p.first < p.elapsed;
+                if let Some(hold) = hold {
+                    let path = p.fresh.and_then(|i| fresh.take(i));
+                    let path = path.as_ref().unwrap_or(&socket);
+                    let codec = ProbeCodec::new(&invitation);
+                    result.held = Some(hold_path(path, &codec, peer_index, p.peer, hold)?);
+                }
             }
             Ok(p) => {
                 // Only the peer's relay answered.
@@ -488,6 +497,7 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
                 started,
                 args.timeout,
                 pa.mapped_address.is_some(),
+                None,
             )
         });
         let b = s.spawn(|| {
@@ -497,6 +507,7 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
                 started,
                 args.timeout,
                 pb.mapped_address.is_some(),
+                None,
             )
         });
         (
@@ -515,31 +526,7 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
     };
     let (a, b) = (report(ra), report(rb));
     let ok = a["ok"] == true && b["ok"] == true;
-    // What happened goes back to lookup (its plan-accuracy metrics).
-    let actual = match (ok, a["relayed"] == true || b["relayed"] == true) {
-        (false, _) => "failed",
-        (true, true) => "relay",
-        (true, false) => "direct",
-    };
-    // The pair's first packet: when the later side got its own.
-    let first_packet = [&a, &b]
-        .iter()
-        .filter_map(|s| s["first_packet_ms"].as_f64())
-        .reduce(f64::max);
-    let mut outcome = serde_json::json!({"report": plan["report"], "actual": actual});
-    if let Some(ms) = first_packet.filter(|_| ok) {
-        outcome["first_packet_ms"] = ms.into();
-    }
-    let reported = matches!(
-        http(
-            lookup,
-            "POST",
-            "/v1/outcomes",
-            &outcome.to_string(),
-            args.api_key.as_deref()
-        ),
-        Ok((202, _))
-    );
+    let (actual, reported) = report_outcome(lookup, args.api_key.as_deref(), &plan, &a, &b);
     Ok(serde_json::json!({
         "mode": plan["mode"],
         "ok": ok,
@@ -548,6 +535,169 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
         "a": a,
         "b": b,
     }))
+}
+
+/// How long a side keeps its direct path after punching, and how often it
+/// sends a keepalive on it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hold {
+    pub(crate) duration: Duration,
+    pub(crate) keepalive: Duration,
+}
+
+/// What holding a path showed.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Held {
+    /// Keepalives sent and acknowledged.
+    pub(crate) sent: u32,
+    pub(crate) acked: u32,
+    /// The last keepalive (sent once the hold was over) was acknowledged
+    /// within a second: the path outlived the idle gaps.
+    pub(crate) held: bool,
+}
+
+impl Held {
+    pub(crate) fn json(self) -> serde_json::Value {
+        serde_json::json!({"sent": self.sent, "acked": self.acked, "held": self.held})
+    }
+}
+
+/// Keeps the direct path to `peer` on `socket` for `hold.duration`: a signed
+/// probe every `hold.keepalive` (nothing else is sent), answering the peer's;
+/// then one last probe, retried for a second, must be acknowledged. Behind
+/// a NAT that forgets idle mappings sooner than the keepalive interval, the
+/// mapping changes and the peer's filter drops the last probe.
+fn hold_path(
+    socket: &UdpSocket,
+    codec: &ProbeCodec,
+    peer_index: u8,
+    peer: SocketAddr,
+    hold: Hold,
+) -> anyhow::Result<Held> {
+    let held = keep_path(socket, codec, peer_index, peer, hold)?;
+    // The peer's hold may have started a little later (each side lingers
+    // after its own punch): answer its last keepalives a while longer.
+    let until = Instant::now() + 2 * natrix_cdx::exchange::client::LINGER;
+    let mut buf = [0u8; 2048];
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        if let Some(ProbeMessage::Probe { from: who, nonce }) = codec.parse(&buf[..len])
+            && who == peer_index
+        {
+            let _ = socket.send_to(&codec.ack(nonce), from);
+        }
+    }
+    Ok(held)
+}
+
+/// [`hold_path`]'s keepalives and last check.
+fn keep_path(
+    socket: &UdpSocket,
+    codec: &ProbeCodec,
+    peer_index: u8,
+    mut peer: SocketAddr,
+    hold: Hold,
+) -> anyhow::Result<Held> {
+    let start = Instant::now();
+    let end = start + hold.duration;
+    let mut held = Held::default();
+    let mut next = start + hold.keepalive.min(hold.duration);
+    let mut waiting: Option<([u8; 8], Instant)> = None;
+    let mut last_round = false;
+    let mut buf = [0u8; 2048];
+    socket.set_nonblocking(false)?;
+    loop {
+        let now = Instant::now();
+        if last_round && waiting.is_none() {
+            return Ok(held);
+        }
+        if let Some((_, at)) = waiting
+            && now >= at + Duration::from_secs(1)
+        {
+            // Unanswered.
+            waiting = None;
+            if last_round {
+                return Ok(held);
+            }
+        }
+        if waiting.is_none() && now >= next {
+            let nonce: [u8; 8] = rand::random();
+            let _ = socket.send_to(&codec.probe(nonce), peer);
+            held.sent += 1;
+            waiting = Some((nonce, now));
+            last_round = now >= end;
+            next = (now + hold.keepalive).min(end.max(now));
+        }
+        let until = waiting
+            .map_or(next, |(_, at)| at + Duration::from_secs(1))
+            .min(next);
+        let wait = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        socket.set_read_timeout(Some(wait))?;
+        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        match codec.parse(&buf[..len]) {
+            Some(ProbeMessage::Probe { from: who, nonce }) if who == peer_index => {
+                let _ = socket.send_to(&codec.ack(nonce), from);
+                peer = from;
+            }
+            Some(ProbeMessage::Ack { from: who, nonce })
+                if who == peer_index && waiting.is_some_and(|(n, _)| n == nonce) =>
+            {
+                held.acked += 1;
+                waiting = None;
+                if last_round {
+                    held.held = true;
+                    return Ok(held);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Tells lookup what happened to `plan` (its plan-accuracy metrics), from
+/// both sides' reports (`ok`, `relayed`, `first_packet_ms`): the actual
+/// path (direct, relay or failed) and whether lookup took the report.
+pub(crate) fn report_outcome(
+    lookup: SocketAddr,
+    api_key: Option<&str>,
+    plan: &serde_json::Value,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+) -> (&'static str, bool) {
+    let ok = a["ok"] == true && b["ok"] == true;
+    let actual = match (ok, a["relayed"] == true || b["relayed"] == true) {
+        (false, _) => "failed",
+        (true, true) => "relay",
+        (true, false) => "direct",
+    };
+    // The pair's first packet: when the later side got its own.
+    let first_packet = [a, b]
+        .iter()
+        .filter_map(|s| s["first_packet_ms"].as_f64())
+        .reduce(f64::max);
+    let mut outcome = serde_json::json!({"report": plan["report"], "actual": actual});
+    if let Some(ms) = first_packet.filter(|_| ok) {
+        outcome["first_packet_ms"] = ms.into();
+    }
+    let reported = plan["report"].is_string()
+        && matches!(
+            http(
+                lookup,
+                "POST",
+                "/v1/outcomes",
+                &outcome.to_string(),
+                api_key
+            ),
+            Ok((202, _))
+        );
+    (actual, reported)
 }
 
 /// Runs `pairs` pairs at once and reports per mode.

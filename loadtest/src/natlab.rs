@@ -85,8 +85,23 @@ pub(crate) struct NatlabArgs {
     /// port prediction, direct attempts only: success rate, setup time,
     /// probes).
     /// loss: drop --percent of the packets crossing the lab's internet.
-    #[arg(value_parser = ["up", "down", "status", "matrix", "hard", "loss"])]
+    /// hold: one pair kept after punching, with keepalives.
+    #[arg(value_parser = ["up", "down", "status", "matrix", "hard", "loss", "hold"])]
     pub(crate) action: String,
+    /// hold: the two lab types (first and second participant).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 2,
+        default_value = "symmetric,port-restricted-cone"
+    )]
+    pub(crate) pair: Vec<String>,
+    /// hold: how long to keep the direct path.
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    pub(crate) hold: std::time::Duration,
+    /// hold: the keepalive interval.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub(crate) keepalive: std::time::Duration,
     /// loss: the share of packets to drop, in percent (0 removes the loss).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub(crate) percent: u8,
@@ -221,12 +236,22 @@ fn peer_json(
 
 /// Runs both sides of `plan` in their namespaces; both reports.
 fn run_plan(plan: &serde_json::Value, ns: [&str; 2], cdx: SocketAddr) -> [serde_json::Value; 2] {
+    run_plan_with(plan, ns, cdx, &[])
+}
+
+/// [`run_plan`] with `extra` arguments for both peers.
+fn run_plan_with(
+    plan: &serde_json::Value,
+    ns: [&str; 2],
+    cdx: SocketAddr,
+    extra: &[&str],
+) -> [serde_json::Value; 2] {
     std::thread::scope(|s| {
         let a = s.spawn(|| {
             peer_json(
                 ns[0],
                 cdx,
-                &[],
+                extra,
                 Some(("NATRIX_PLAN_SIDE", plan["a"].to_string())),
             )
         });
@@ -234,7 +259,7 @@ fn run_plan(plan: &serde_json::Value, ns: [&str; 2], cdx: SocketAddr) -> [serde_
             peer_json(
                 ns[1],
                 cdx,
-                &[],
+                extra,
                 Some(("NATRIX_PLAN_SIDE", plan["b"].to_string())),
             )
         });
@@ -400,6 +425,55 @@ fn hard(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
     Ok(doc)
 }
 
+/// `natlab hold`: one pair (`--pair`, first in `nx-c-<a>`, second in
+/// `nx-c-<b>-2`) planned by lookup and punched directly, then kept for
+/// `--hold` with a keepalive every `--keepalive`; held when both sides'
+/// last keepalive still got through. The lab's random-port symmetric NAT
+/// forgets idle UDP mappings after 5 s: keepalives every 2 s hold its
+/// sessions, every 8 s do not.
+fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
+    use std::net::ToSocketAddrs;
+    let lookup: SocketAddr = lookup
+        .to_socket_addrs()?
+        .next()
+        .context("--lookup resolves to nothing")?;
+    let cdx = *args.cdx.first().context("--cdx is empty")?;
+    let [a, b] = [&args.pair[0], &args.pair[1]];
+    let (na, nb) = (format!("nx-c-{a}"), format!("nx-c-{b}-2"));
+    let pa = peer_json(&na, cdx, &["--profile-only"], None);
+    let pb = peer_json(&nb, cdx, &["--profile-only"], None);
+    let (status, plan) = lookup_plan(args, lookup, &pa, &pb, false)?;
+    if status != 200 || plan["mode"] != "direct" {
+        anyhow::bail!("lookup planned no direct path for {a} / {b} ({status}): {plan}");
+    }
+    let hold = format!("{}ms", args.hold.as_millis());
+    let keepalive = format!("{}ms", args.keepalive.as_millis());
+    let reports = run_plan_with(
+        &plan,
+        [&na, &nb],
+        cdx,
+        &["--hold", &hold, "--keepalive", &keepalive],
+    );
+    let held = reports.iter().all(|r| r["held"]["held"] == true);
+    println!(
+        "{a} / {b}: {} for {hold} with a keepalive every {keepalive}",
+        if held {
+            "the direct path held"
+        } else {
+            "the direct path did not hold"
+        }
+    );
+    Ok(serde_json::json!({
+        "scenario": "natlab-hold",
+        "a": a, "b": b,
+        "technique": plan["a"]["punch"]["technique"],
+        "hold_ms": args.hold.as_millis() as u64,
+        "keepalive_ms": args.keepalive.as_millis() as u64,
+        "held": held,
+        "peers": reports,
+    }))
+}
+
 /// The probe count a failed punch's error names ("… (N probes sent)").
 fn probes_in(error: &serde_json::Value) -> Option<u64> {
     let e = error.as_str()?;
@@ -448,6 +522,13 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
                         };
                         let reports = run_plan(&p, [&na, &nb], cdx);
                         let ok = reports.iter().all(|r| r["ok"] == true);
+                        let (_, reported) = crate::e2e::report_outcome(
+                            lookup,
+                            args.api_key.as_deref(),
+                            &p,
+                            &reports[0],
+                            &reports[1],
+                        );
                         let mode = p["mode"].as_str().unwrap_or("?").to_owned();
                         let setup = reports
                             .iter()
@@ -457,7 +538,7 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
                             .iter()
                             .map(|r| r["direct_ms"].as_f64())
                             .try_fold(0.0_f64, |m, v| v.map(|v| m.max(v)));
-                        attempts.push(serde_json::json!({"retry": retry, "mode": mode, "ok": ok, "setup_ms": setup, "direct_ms": direct_ms, "peers": reports}));
+                        attempts.push(serde_json::json!({"retry": retry, "mode": mode, "ok": ok, "setup_ms": setup, "direct_ms": direct_ms, "outcome_reported": reported, "peers": reports}));
                         if ok {
                             // A raced direct plan may end on the relay.
                             let direct = reports.iter().all(|r| r["direct"] == true);
@@ -501,9 +582,42 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
         })
         .collect();
     let count = |o: &str| results.iter().filter(|r| r["outcome"] == o).count();
+    // Time to the first packet by how the pair connected: classic punches,
+    // the hard ones (racing their relay) and relayed pairs.
+    let group = |r: &serde_json::Value| match (r["outcome"].as_str(), r["technique"].as_str()) {
+        (Some("direct"), Some("classic")) => Some("classic"),
+        (Some("direct"), Some(_)) => Some("hard"),
+        (Some("relayed"), _) => Some("relayed"),
+        _ => None,
+    };
+    let mut first_packet = serde_json::Map::new();
+    for g in ["classic", "hard", "relayed"] {
+        let mut ms: Vec<f64> = results
+            .iter()
+            .filter(|r| group(r) == Some(g))
+            .filter_map(|r| r["time_to_first_packet_ms"].as_f64())
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        if ms.is_empty() {
+            continue;
+        }
+        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "  first packet, {g:<8} {:>3} pairs: p50 {:>5.0} ms, p90 {:>5.0} ms, max {:>5.0} ms",
+            ms.len(),
+            at(0.5),
+            at(0.9),
+            at(1.0)
+        );
+        first_packet.insert(
+            g.into(),
+            serde_json::json!({"pairs": ms.len(), "p50": at(0.5), "p90": at(0.9), "max": at(1.0)}),
+        );
+    }
     let mut doc = serde_json::json!({
         "scenario": "natlab",
         "lookup": lookup.to_string(),
+        "first_packet_ms": first_packet,
         "direct": count("direct"),
         "relayed": count("relayed"),
         "failed": count("failed"),
@@ -684,6 +798,13 @@ fn print_matrix(results: &[serde_json::Value]) {
 pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<Option<serde_json::Value>> {
     match args.action.as_str() {
         "matrix" => matrix(args).map(Some),
+        "hold" => {
+            let lookup = args
+                .lookup
+                .as_deref()
+                .context("natlab hold plans through lookup: give --lookup")?;
+            hold(args, lookup).map(Some)
+        }
         "hard" => {
             let lookup = args
                 .lookup

@@ -40,6 +40,13 @@ pub(crate) struct PeerArgs {
     /// Longest punch attempt.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub(crate) punch_timeout: Duration,
+    /// With --plan-side: keep a direct path this long after punching,
+    /// sending only keepalives, then check it still carries packets.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) hold: Option<Duration>,
+    /// With --hold: the keepalive interval.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub(crate) keepalive: Duration,
 }
 
 /// Runs one participant and returns its JSON report (never fails: errors
@@ -68,6 +75,10 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
             timeout,
             // In the lab a side planned over TCP really has no UDP.
             false,
+            args.hold.map(|duration| crate::e2e::Hold {
+                duration,
+                keepalive: args.keepalive,
+            }),
         ) {
             Ok(r) => serde_json::json!({
                 "ok": r.ok,
@@ -80,6 +91,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 "direct_ms": crate::e2e::ms(r.direct),
                 "raced": r.raced,
                 "relayed_first": r.relayed_first,
+                "held": r.held.map(crate::e2e::Held::json),
             }),
             Err(e) => {
                 serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")})

@@ -470,6 +470,14 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         assert_eq!(p["outcome"], "direct", "{p}");
         p["technique"].as_str().unwrap().to_owned()
     };
+    // Every attempt's outcome went back to lookup (its plan-accuracy
+    // metrics), and the report summarises the time to the first packet.
+    for p in pairs {
+        for a in p["attempts"].as_array().unwrap() {
+            assert_eq!(a["outcome_reported"], true, "{p}");
+        }
+    }
+    assert_eq!(doc["first_packet_ms"]["hard"]["pairs"], 12, "{table}");
     assert_eq!(technique("port-restricted-cone", "symmetric"), "birthday");
     assert_eq!(technique("symmetric", "cgnat"), "birthday");
     assert_eq!(technique("shared", "shared"), "classic");
@@ -529,6 +537,44 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     for r in rows.iter().filter(|r| r["succeeded"] == 1) {
         assert!(r["probes_max"].as_u64().unwrap() < 2000, "{r}");
         assert!(r["setup_ms_max"].as_f64().unwrap() < 3000.0, "{r}");
+    }
+
+    // The random-port symmetric NAT forgets idle UDP mappings after 5 s:
+    // a birthday-punched session to a port-restricted cone holds for 12 s
+    // with a keepalive every 2 s, and breaks with one every 8 s (the NAT
+    // maps the late keepalive to a new port, which the peer's NAT drops).
+    for (keepalive, holds) in [("2s", true), ("8s", false)] {
+        let out = in_ns(
+            "nx-pub",
+            loadtest.to_str().unwrap(),
+            &[
+                "natlab",
+                "hold",
+                "--keepalive",
+                keepalive,
+                "--cdx",
+                "203.0.113.1:3478",
+                "--lookup",
+                "127.0.0.1:18080",
+                "--api-key",
+                common::API_KEY,
+                "--json",
+                report.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .expect("running natrix-loadtest natlab hold");
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "natlab hold:\n{table}");
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
+        let _ = std::fs::remove_file(&report);
+        assert_eq!(doc["technique"], "birthday", "{doc}");
+        assert_eq!(doc["held"], holds, "keepalive every {keepalive}: {doc}");
+        for peer in doc["peers"].as_array().unwrap() {
+            assert_eq!(peer["direct"], true, "{doc}");
+            assert_eq!(peer["held"]["held"], holds, "{doc}");
+        }
     }
 
     // The same matrix set up through signalling: two devices register per
