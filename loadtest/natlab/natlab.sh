@@ -5,6 +5,7 @@
 #   natlab.sh down    remove every namespace and interface it made
 #   natlab.sh status  list what exists
 #   natlab.sh loss P  drop P % of the packets crossing the internet (0: none)
+#   natlab.sh mobile wifi|cell  move nx-c-mobile's default route
 #
 # Topology (documentation address ranges only):
 #   nx-pub     the "internet": CDX addresses 203.0.113.1 and 203.0.113.2, a relay
@@ -20,6 +21,8 @@
 #   nx-c-cgnat, nx-c-cgnat-2  each behind a home NAT nx-r-cgnat[-2]
 #              (port-restricted) whose WAN is 100.64.<k>.2/30, behind a
 #              carrier-grade NAT nx-r-cgn[-2] (EIM, port-dependent filtering)
+#   nx-c-mobile  two uplinks: eth0 behind nx-r-wifi, eth1 behind nx-r-cell
+#              (both port-restricted); the default route picks one
 # Types: full-cone, restricted-cone, port-restricted-cone, symmetric,
 # symmetric-sequential, symmetric-preserving, udp-blocked.
 # Mapping: masquerade keeps the source port when it is free (endpoint-
@@ -171,6 +174,23 @@ up() {
     nft_nat "$home" port-restricted-cone "10.$k.0.2" "100.64.$k.2"
   done
 
+  # A mobile client with two uplinks, like a phone with Wi-Fi and cellular:
+  # nx-c-mobile reaches the internet through nx-r-wifi (the default route)
+  # or nx-r-cell, both port-restricted NATs; "natlab.sh mobile cell|wifi"
+  # moves its default route.
+  ip netns add nx-c-mobile; ip -n nx-c-mobile link set lo up
+  local uplink dev
+  for uplink in wifi cell; do
+    k=$((k + 1))
+    dev=eth0; [ "$uplink" = cell ] && dev=eth1
+    wan_link "nx-r-$uplink" "$k"
+    ip link add lan netns "nx-r-$uplink" type veth peer name "$dev" netns nx-c-mobile
+    ip -n "nx-r-$uplink" addr add "10.$k.0.1/24" dev lan; ip -n "nx-r-$uplink" link set lan up
+    ip -n nx-c-mobile addr add "10.$k.0.2/24" dev "$dev"; ip -n nx-c-mobile link set "$dev" up
+    nft_nat "nx-r-$uplink" port-restricted-cone "10.$k.0.2" "198.51.100.$((4 * k + 2))"
+  done
+  mobile wifi
+
   # Clients with a public address and no NAT.
   open_client nx-c-open nxwo 253
   open_client nx-c-open-2 nxwo2 249
@@ -185,6 +205,16 @@ wan_link() { # router-ns k: the router, its WAN link to the internet
   ip -n "$r" addr add "$wan_r/30" dev wan; ip -n "$r" link set wan up
   ip -n "$r" route add default via "$wan_pub"
   ip netns exec "$r" sysctl -qw net.ipv4.ip_forward=1
+}
+
+# Moves nx-c-mobile's default route to its Wi-Fi (eth0) or cellular (eth1)
+# uplink; its sockets keep their ports, their packets leave from the other
+# network (another NAT, another public address).
+mobile() {
+  local dev=eth0 net
+  [ "${1:-}" = cell ] && dev=eth1
+  net=$(ip -n nx-c-mobile -4 -o addr show dev "$dev" | awk '{print $4}')
+  ip -n nx-c-mobile route replace default via "${net%.2/24}.1" dev "$dev"
 }
 
 # Random loss of PERCENT of the packets crossing the internet (each packet
@@ -216,6 +246,7 @@ open_client() { # namespace veth-name last-octet-of-the-pub-side
 case "${1:-}" in
   up) up ;;
   loss) loss "${2:-}" ;;
+  mobile) mobile "${2:-wifi}" ;;
   down) down ;;
   status) status ;;
   *) echo "usage: $0 up|down|status|loss PERCENT" >&2; exit 2 ;;

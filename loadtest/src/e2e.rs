@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use natrix_cdx::client::discover;
 use natrix_cdx::exchange::client::{
     Candidate, CandidateKind, ConnectionData, PROBE_INTERVAL, ProbeCodec, ProbeMessage,
-    PunchSockets, exchange, exchange_tcp, mapped_address, punch_with,
+    PunchSockets, exchange, exchange_tcp, mapped_address, punch, punch_with, read_delivery,
 };
 use natrix_model::invitation::Invitation;
 use natrix_model::{NatProfile, PunchPlan};
@@ -410,9 +410,19 @@ pub(crate) fn side(
                 result.relayed_first = p.first < p.elapsed;
                 if let Some(hold) = hold {
                     let path = p.fresh.and_then(|i| fresh.take(i));
+                    // Only the exchange socket is known to CDX: a path on a
+                    // fresh socket is held without recovery.
+                    let recovery = (hold.recover && path.is_none()).then(|| Recovery {
+                        cdx,
+                        invitation: &invitation,
+                        peer: peer.clone(),
+                        peer_seq: 1,
+                        seq: 1,
+                    });
                     let path = path.as_ref().unwrap_or(&socket);
                     let codec = ProbeCodec::new(&invitation);
-                    result.held = Some(hold_path(path, &codec, peer_index, p.peer, hold)?);
+                    result.held =
+                        Some(hold_path(path, &codec, peer_index, p.peer, hold, recovery)?);
                 }
             }
             Ok(p) => {
@@ -543,22 +553,104 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
 pub(crate) struct Hold {
     pub(crate) duration: Duration,
     pub(crate) keepalive: Duration,
+    /// When the path breaks (no acknowledgement for three keepalives), find
+    /// it again: a new Binding, a newer entry through CDX (from a new
+    /// address: a proven move), a new punch.
+    pub(crate) recover: bool,
 }
 
 /// What holding a path showed.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Held {
     /// Keepalives sent and acknowledged.
     pub(crate) sent: u32,
     pub(crate) acked: u32,
     /// The last keepalive (sent once the hold was over) was acknowledged
-    /// within a second: the path outlived the idle gaps.
+    /// within a second: the path outlived the idle gaps (or was found again).
     pub(crate) held: bool,
+    /// Times the path was found again after it broke.
+    pub(crate) recoveries: u32,
+    /// The longest time between two acknowledgements (or from the start to
+    /// the first): how long the session could not carry data.
+    pub(crate) outage: Duration,
+    /// Why the last recovery failed, if one did.
+    pub(crate) error: Option<String>,
+    /// Where the peer was at the start and at the end of the hold.
+    pub(crate) peer_before: Option<SocketAddr>,
+    pub(crate) peer_after: Option<SocketAddr>,
 }
 
 impl Held {
-    pub(crate) fn json(self) -> serde_json::Value {
-        serde_json::json!({"sent": self.sent, "acked": self.acked, "held": self.held})
+    pub(crate) fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "sent": self.sent, "acked": self.acked, "held": self.held,
+            "recoveries": self.recoveries,
+            "outage_ms": self.outage.as_secs_f64() * 1000.0,
+            "error": self.error,
+            "peer_before": self.peer_before.map(|a| a.to_string()),
+            "peer_after": self.peer_after.map(|a| a.to_string()),
+        })
+    }
+}
+
+/// What a side needs to find its path again after it broke.
+struct Recovery<'a> {
+    cdx: SocketAddr,
+    invitation: &'a Invitation,
+    /// The peer's latest connection data.
+    peer: ConnectionData,
+    peer_seq: u32,
+    /// The version of our last entry.
+    seq: u32,
+}
+
+impl Recovery<'_> {
+    /// A new Binding, a newer entry, a new punch toward the peer's latest
+    /// data (newer entries delivered meanwhile join the punch's targets).
+    fn recover(
+        &mut self,
+        socket: &UdpSocket,
+        peer_index: u8,
+    ) -> anyhow::Result<(Instant, SocketAddr)> {
+        let mapped = mapped_address(socket, self.cdx, Duration::from_millis(500))?
+            .context("no Binding answer from CDX")?;
+        let data = ConnectionData {
+            class: None,
+            candidates: vec![
+                Candidate {
+                    kind: CandidateKind::ServerReflexive,
+                    addr: mapped,
+                },
+                Candidate {
+                    kind: CandidateKind::Host,
+                    addr: host_address(socket, self.cdx)?,
+                },
+            ],
+        };
+        self.seq += 1;
+        let got = exchange(
+            socket,
+            self.cdx,
+            self.invitation,
+            &data,
+            None,
+            self.seq,
+            Duration::from_secs(2),
+        )
+        .context("posting the newer entry")?;
+        if let Some(p) = got.peers.get(&peer_index) {
+            self.peer = p.clone();
+        }
+        let started = Instant::now();
+        let p = punch(
+            socket,
+            self.invitation,
+            peer_index,
+            &self.peer,
+            Duration::from_secs(2),
+        )
+        .context("punching again")?;
+        Ok((started + p.elapsed, p.peer))
     }
 }
 
@@ -566,15 +658,18 @@ impl Held {
 /// probe every `hold.keepalive` (nothing else is sent), answering the peer's;
 /// then one last probe, retried for a second, must be acknowledged. Behind
 /// a NAT that forgets idle mappings sooner than the keepalive interval, the
-/// mapping changes and the peer's filter drops the last probe.
+/// mapping changes and the peer's filter drops the last probe. With
+/// `recovery`, a broken path (or a newer entry of the peer) is found again.
 fn hold_path(
     socket: &UdpSocket,
     codec: &ProbeCodec,
     peer_index: u8,
     peer: SocketAddr,
     hold: Hold,
+    recovery: Option<Recovery<'_>>,
 ) -> anyhow::Result<Held> {
-    let held = keep_path(socket, codec, peer_index, peer, hold)?;
+    let mut held = keep_path(socket, codec, peer_index, peer, hold, recovery)?;
+    held.peer_before = Some(peer);
     // The peer's hold may have started a little later (each side lingers
     // after its own punch): answer its last keepalives a while longer.
     let until = Instant::now() + 2 * natrix_cdx::exchange::client::LINGER;
@@ -593,47 +688,76 @@ fn hold_path(
     Ok(held)
 }
 
-/// [`hold_path`]'s keepalives and last check.
+/// [`hold_path`]'s keepalives, recoveries and last check.
 fn keep_path(
     socket: &UdpSocket,
     codec: &ProbeCodec,
     peer_index: u8,
     mut peer: SocketAddr,
     hold: Hold,
+    mut recovery: Option<Recovery<'_>>,
 ) -> anyhow::Result<Held> {
     let start = Instant::now();
     let end = start + hold.duration;
+    let broken = (3 * hold.keepalive).max(Duration::from_millis(150));
     let mut held = Held::default();
     let mut next = start + hold.keepalive.min(hold.duration);
-    let mut waiting: Option<([u8; 8], Instant)> = None;
-    let mut last_round = false;
+    let mut sent: std::collections::VecDeque<([u8; 8], Instant)> = Default::default();
+    let mut last_ack = start;
+    let mut last_recovery: Option<Instant> = None;
+    let mut final_probe: Option<Instant> = None;
+    // A newer entry of the peer arrived: recover without waiting.
+    let mut newer = false;
     let mut buf = [0u8; 2048];
     socket.set_nonblocking(false)?;
     loop {
         let now = Instant::now();
-        if last_round && waiting.is_none() {
+        if final_probe.is_some_and(|at| now >= at + Duration::from_secs(1)) {
+            // The last keepalive went unanswered.
+            held.peer_after = Some(peer);
             return Ok(held);
         }
-        if let Some((_, at)) = waiting
-            && now >= at + Duration::from_secs(1)
+        if let Some(r) = recovery.as_mut()
+            && final_probe.is_none()
+            && (newer || now.duration_since(last_ack) >= broken)
+            && last_recovery.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
-            // Unanswered.
-            waiting = None;
-            if last_round {
-                return Ok(held);
+            newer = false;
+            match r.recover(socket, peer_index) {
+                Ok((at, to)) => {
+                    held.recoveries += 1;
+                    held.outage = held.outage.max(at.saturating_duration_since(last_ack));
+                    peer = to;
+                    // The punch lingered, answering: the path is up now.
+                    last_ack = Instant::now();
+                }
+                Err(e) => held.error = Some(format!("{e:#}")),
             }
+            last_recovery = Some(Instant::now());
+            socket.set_nonblocking(false)?;
+            continue;
         }
-        if waiting.is_none() && now >= next {
+        if final_probe.is_none() && now >= next {
             let nonce: [u8; 8] = rand::random();
             let _ = socket.send_to(&codec.probe(nonce), peer);
             held.sent += 1;
-            waiting = Some((nonce, now));
-            last_round = now >= end;
-            next = (now + hold.keepalive).min(end.max(now));
+            sent.push_back((nonce, now));
+            if sent.len() > 64 {
+                sent.pop_front();
+            }
+            if now >= end {
+                final_probe = Some(now);
+            } else {
+                next = (now + hold.keepalive).min(end);
+            }
         }
-        let until = waiting
-            .map_or(next, |(_, at)| at + Duration::from_secs(1))
-            .min(next);
+        let mut until = match final_probe {
+            Some(at) => at + Duration::from_secs(1),
+            None => next,
+        };
+        if recovery.is_some() && final_probe.is_none() {
+            until = until.min(last_ack + broken);
+        }
         let wait = until
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
@@ -646,17 +770,34 @@ fn keep_path(
                 let _ = socket.send_to(&codec.ack(nonce), from);
                 peer = from;
             }
-            Some(ProbeMessage::Ack { from: who, nonce })
-                if who == peer_index && waiting.is_some_and(|(n, _)| n == nonce) =>
-            {
+            Some(ProbeMessage::Ack { from: who, nonce }) if who == peer_index => {
+                let Some(&(_, at)) = sent.iter().find(|(n, _)| *n == nonce) else {
+                    continue;
+                };
+                let now = Instant::now();
                 held.acked += 1;
-                waiting = None;
-                if last_round {
+                held.outage = held.outage.max(now.duration_since(last_ack));
+                last_ack = now;
+                if final_probe.is_some_and(|f| at >= f) {
                     held.held = true;
+                    held.peer_after = Some(peer);
                     return Ok(held);
                 }
             }
-            _ => {}
+            Some(_) => {}
+            None => {
+                // A newer entry of the peer (it moved): recover at once.
+                if let Some(r) = recovery.as_mut()
+                    && let Some((who, seq, data)) =
+                        read_delivery(socket, r.invitation, &buf[..len], from)
+                    && who == peer_index
+                    && seq > r.peer_seq
+                {
+                    r.peer = data;
+                    r.peer_seq = seq;
+                    newer = true;
+                }
+            }
         }
     }
 }

@@ -92,7 +92,6 @@ pub(crate) struct NatlabArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        num_args = 2,
         default_value = "symmetric,port-restricted-cone"
     )]
     pub(crate) pair: Vec<String>,
@@ -102,6 +101,14 @@ pub(crate) struct NatlabArgs {
     /// hold: the keepalive interval.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub(crate) keepalive: std::time::Duration,
+    /// hold: both sides find a broken path again (new Binding, a newer
+    /// entry through CDX, a new punch).
+    #[arg(long)]
+    pub(crate) recover: bool,
+    /// hold with `--pair mobile,…`: move nx-c-mobile from its Wi-Fi to its
+    /// cellular uplink this long into the session (and back after it).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) move_after: Option<std::time::Duration>,
     /// loss: the share of packets to drop, in percent (0 removes the loss).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub(crate) percent: u8,
@@ -452,7 +459,9 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         .next()
         .context("--lookup resolves to nothing")?;
     let cdx = *args.cdx.first().context("--cdx is empty")?;
-    let [a, b] = [&args.pair[0], &args.pair[1]];
+    let [a, b] = args.pair.as_slice() else {
+        anyhow::bail!("--pair takes two lab types: A,B");
+    };
     let (na, nb) = (format!("nx-c-{a}"), format!("nx-c-{b}-2"));
     let pa = peer_json(&na, cdx, &["--profile-only"], None);
     let pb = peer_json(&nb, cdx, &["--profile-only"], None);
@@ -462,12 +471,25 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
     }
     let hold = format!("{}ms", args.hold.as_millis());
     let keepalive = format!("{}ms", args.keepalive.as_millis());
-    let reports = run_plan_with(
-        &plan,
-        [&na, &nb],
-        cdx,
-        &["--hold", &hold, "--keepalive", &keepalive],
-    );
+    let mut extra = vec!["--hold", &hold, "--keepalive", &keepalive];
+    if args.recover {
+        extra.push("--recover");
+    }
+    let reports = std::thread::scope(|s| {
+        if let Some(after) = args.move_after {
+            // The punch takes a moment: count from about when it is done.
+            s.spawn(move || {
+                std::thread::sleep(after + std::time::Duration::from_millis(1500));
+                if let Err(e) = script("mobile", &["cell"]) {
+                    eprintln!("natlab: moving nx-c-mobile failed: {e:#}");
+                }
+            });
+        }
+        run_plan_with(&plan, [&na, &nb], cdx, &extra)
+    });
+    if args.move_after.is_some() {
+        script("mobile", &["wifi"])?;
+    }
     let held = reports.iter().all(|r| r["held"]["held"] == true);
     println!(
         "{a} / {b}: {} for {hold} with a keepalive every {keepalive}",
@@ -483,7 +505,10 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         "technique": plan["a"]["punch"]["technique"],
         "hold_ms": args.hold.as_millis() as u64,
         "keepalive_ms": args.keepalive.as_millis() as u64,
+        "moved": args.move_after.is_some(),
         "held": held,
+        "recoveries": reports.iter().map(|r| r["held"]["recoveries"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "outage_ms": reports.iter().filter_map(|r| r["held"]["outage_ms"].as_f64()).fold(0.0_f64, f64::max),
         "peers": reports,
     }))
 }

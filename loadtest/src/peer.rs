@@ -47,6 +47,10 @@ pub(crate) struct PeerArgs {
     /// With --hold: the keepalive interval.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub(crate) keepalive: Duration,
+    /// With --hold: find a broken path again (new Binding, a newer entry
+    /// through CDX, a new punch), as after a change of network.
+    #[arg(long)]
+    pub(crate) recover: bool,
 }
 
 /// Runs one participant and returns its JSON report (never fails: errors
@@ -78,6 +82,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
             args.hold.map(|duration| crate::e2e::Hold {
                 duration,
                 keepalive: args.keepalive,
+                recover: args.recover,
             }),
         ) {
             Ok(r) => serde_json::json!({
@@ -91,7 +96,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 "direct_ms": crate::e2e::ms(r.direct),
                 "raced": r.raced,
                 "relayed_first": r.relayed_first,
-                "held": r.held.map(crate::e2e::Held::json),
+                "held": r.held.as_ref().map(crate::e2e::Held::json),
             }),
             Err(e) => {
                 serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")})

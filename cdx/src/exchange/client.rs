@@ -217,6 +217,31 @@ fn take_delivery<'a>(socket: &UdpSocket, packet: &'a [u8], from: SocketAddr) -> 
     Some(entry)
 }
 
+/// A delivery of another participant's entry that CDX sends after the
+/// exchange (a participant that moved posts a newer entry): acknowledged,
+/// opened with the session key; the participant, the entry's version and
+/// its data. `None` for anything else (or an entry that does not open).
+pub fn read_delivery(
+    socket: &UdpSocket,
+    invitation: &Invitation,
+    packet: &[u8],
+    from: SocketAddr,
+) -> Option<(u8, u32, ConnectionData)> {
+    let entry = take_delivery(socket, packet, from)?;
+    let plain = natrix_model::invitation::open(
+        &invitation.key,
+        &invitation.session(),
+        entry.participant,
+        entry.seq,
+        entry.sealed,
+    )?;
+    Some((
+        entry.participant,
+        entry.seq,
+        ConnectionData::decode(&plain)?,
+    ))
+}
+
 /// Posts `data` to CDX at `server` from `socket` and collects every other
 /// participant's data. `profile` (PROFILE codes, see
 /// `NatProfile::codes`) lets CDX count NAT behaviours. `seq` versions
@@ -783,9 +808,17 @@ pub fn punch_with(
                     }
                     continue;
                 }
-                // Late deliveries from CDX: acknowledge so it stops sending.
-                if i == 0 {
-                    let _ = take_delivery(socket, packet, from);
+                // Deliveries from CDX: acknowledge so it stops sending; a
+                // newer entry of the peer (it moved) adds its candidates.
+                if i == 0
+                    && let Some((who, _, data)) = read_delivery(socket, invitation, packet, from)
+                    && who == peer_index
+                {
+                    for c in data.candidates {
+                        if !main.targets.contains(&c.addr) && main.targets.len() < MAX_TARGETS {
+                            main.targets.push(c.addr);
+                        }
+                    }
                 }
             }
         }

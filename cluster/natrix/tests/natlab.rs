@@ -256,6 +256,56 @@ fn probe_classifies_every_nat_type_like_coturn_does() {
     assert!(v["tcp_mapped_address"].is_string(), "{v}");
 }
 
+/// `natrix-loadtest natlab ACTION --cdx 203.0.113.1:3478 --lookup … args`
+/// inside the lab's internet (where lookup listens): its printout and JSON
+/// report, or the printout when it exits non-zero.
+fn lab_loadtest(
+    loadtest: &std::path::Path,
+    action: &str,
+    args: &[&str],
+) -> Result<(String, serde_json::Value), String> {
+    let report = std::env::temp_dir().join(format!(
+        "natlab-{action}-{}-{}.json",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let out = in_ns(
+        "nx-pub",
+        loadtest.to_str().unwrap(),
+        &[
+            "natlab",
+            action,
+            "--cdx",
+            "203.0.113.1:3478",
+            "--lookup",
+            "127.0.0.1:18080",
+            "--json",
+            report.to_str().unwrap(),
+        ],
+    )
+    .args(args)
+    .output()
+    .unwrap_or_else(|e| panic!("running natrix-loadtest natlab {action}: {e}"));
+    let table = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = std::fs::read(&report).ok();
+    let _ = std::fs::remove_file(&report);
+    if !out.status.success() {
+        return Err(table);
+    }
+    let doc = serde_json::from_slice(&doc.expect("the JSON report")).unwrap();
+    Ok((table, doc))
+}
+
+/// A number distinct per call in this process (report file names).
+fn rand_suffix() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Where `natrix-loadtest` is: next to `natrix`, built by `.ci/test`'s
 /// `cargo build --workspace --bins` step (a test cannot build it: cargo
 /// holds the build lock while tests run).
@@ -294,7 +344,14 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     );
     std::thread::sleep(Duration::from_millis(300));
     // No sibling flags: the nodes pair through the registry.
-    let redis = ["--redis-url", "redis://127.0.0.1:6390"];
+    // Each client takes part in many sessions here (matrices, the hard
+    // pairs, holds), more than a source may hold at once by default.
+    let redis = [
+        "--redis-url",
+        "redis://127.0.0.1:6390",
+        "--exchange-sessions-per-source",
+        "10000",
+    ];
     let _a = cdx_node_with("203.0.113.1", "auto", &redis);
     let _b = cdx_node_with("203.0.113.2", "auto", &redis);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -398,49 +455,31 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         ],
         "lookup",
     );
-    let report = std::env::temp_dir().join(format!("natlab-relayed-{}.json", std::process::id()));
-    let html = report.with_extension("html");
+    let html = std::env::temp_dir().join(format!("natlab-relayed-{}.html", std::process::id()));
+    let api = ["--api-key", common::API_KEY];
     let deadline = Instant::now() + Duration::from_secs(60);
     let (table, doc) = loop {
-        // The matrix runs inside the lab's internet, where lookup is.
-        let out = in_ns(
-            "nx-pub",
-            loadtest.to_str().unwrap(),
+        match lab_loadtest(
+            &loadtest,
+            "matrix",
             &[
-                "natlab",
-                "matrix",
-                "--cdx",
-                "203.0.113.1:3478",
-                "--cluster-secret",
-                SECRET,
-                "--lookup",
-                "127.0.0.1:18080",
-                "--api-key",
-                common::API_KEY,
-                "--check",
-                "--json",
-                report.to_str().unwrap(),
-                "--report",
-                html.to_str().unwrap(),
-            ],
-        )
-        .output()
-        .expect("running natrix-loadtest natlab matrix --lookup");
-        let table = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if out.status.success() {
-            let doc: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
-            break (table, doc);
+                &api[..],
+                &[
+                    "--cluster-secret",
+                    SECRET,
+                    "--check",
+                    "--report",
+                    html.to_str().unwrap(),
+                ],
+            ]
+            .concat(),
+        ) {
+            Ok(done) => break done,
+            // Right after start the relay may not be registered yet.
+            Err(table) => assert!(Instant::now() < deadline, "relay fallback matrix:\n{table}"),
         }
-        // Right after start the relay may not be registered yet.
-        assert!(Instant::now() < deadline, "relay fallback matrix:\n{table}");
         std::thread::sleep(Duration::from_secs(1));
     };
-    let _ = std::fs::remove_file(&report);
     println!("{table}");
     // The HTML report draws the same matrix.
     let page = std::fs::read_to_string(&html).expect("the HTML report");
@@ -501,31 +540,12 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     // needs birthday punching or port prediction, once each (the success
     // rates over many attempts are in BENCHMARKING.md; one attempt of a
     // birthday punch misses with a chance of about 1 in 500).
-    let out = in_ns(
-        "nx-pub",
-        loadtest.to_str().unwrap(),
-        &[
-            "natlab",
-            "hard",
-            "--attempts",
-            "1",
-            "--cdx",
-            "203.0.113.1:3478",
-            "--lookup",
-            "127.0.0.1:18080",
-            "--api-key",
-            common::API_KEY,
-            "--json",
-            report.to_str().unwrap(),
-        ],
+    let (table, doc) = lab_loadtest(
+        &loadtest,
+        "hard",
+        &[&api[..], &["--attempts", "1"]].concat(),
     )
-    .output()
-    .expect("running natrix-loadtest natlab hard");
-    let table = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "natlab hard:\n{table}");
-    let doc: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
-    let _ = std::fs::remove_file(&report);
+    .unwrap_or_else(|t| panic!("natlab hard:\n{t}"));
     let rows = doc["pairs"].as_array().unwrap();
     assert_eq!(
         rows.len(),
@@ -544,31 +564,12 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     // with a keepalive every 2 s, and breaks with one every 8 s (the NAT
     // maps the late keepalive to a new port, which the peer's NAT drops).
     for (keepalive, holds) in [("2s", true), ("8s", false)] {
-        let out = in_ns(
-            "nx-pub",
-            loadtest.to_str().unwrap(),
-            &[
-                "natlab",
-                "hold",
-                "--keepalive",
-                keepalive,
-                "--cdx",
-                "203.0.113.1:3478",
-                "--lookup",
-                "127.0.0.1:18080",
-                "--api-key",
-                common::API_KEY,
-                "--json",
-                report.to_str().unwrap(),
-            ],
+        let (_, doc) = lab_loadtest(
+            &loadtest,
+            "hold",
+            &[&api[..], &["--keepalive", keepalive]].concat(),
         )
-        .output()
-        .expect("running natrix-loadtest natlab hold");
-        let table = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "natlab hold:\n{table}");
-        let doc: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
-        let _ = std::fs::remove_file(&report);
+        .unwrap_or_else(|t| panic!("natlab hold:\n{t}"));
         assert_eq!(doc["technique"], "birthday", "{doc}");
         assert_eq!(doc["held"], holds, "keepalive every {keepalive}: {doc}");
         for peer in doc["peers"].as_array().unwrap() {
@@ -577,43 +578,53 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         }
     }
 
+    // A client that changes networks mid-session (nx-c-mobile moves from
+    // its Wi-Fi uplink to its cellular one: another NAT, another public
+    // address) keeps its direct session when both sides recover (a new
+    // Binding, a newer entry through CDX — a proven move —, a new punch);
+    // without recovery the session is lost.
+    for (recover, holds) in [(true, true), (false, false)] {
+        let mut args = vec![
+            "--api-key",
+            common::API_KEY,
+            "--pair",
+            "mobile,port-restricted-cone",
+            "--hold",
+            "6s",
+            "--keepalive",
+            "50ms",
+            "--move-after",
+            "2s",
+        ];
+        if recover {
+            args.push("--recover");
+        }
+        let (_, doc) = lab_loadtest(&loadtest, "hold", &args)
+            .unwrap_or_else(|t| panic!("natlab hold with a move:\n{t}"));
+        assert_eq!(doc["held"], holds, "recover {recover}: {doc}");
+        if recover {
+            let peer = &doc["peers"][1]["held"];
+            assert_ne!(peer["peer_before"], peer["peer_after"], "it moved: {doc}");
+            assert!(doc["recoveries"].as_u64().unwrap() >= 1, "{doc}");
+        }
+    }
+
     // The same matrix set up through signalling: two devices register per
     // pair, one invites, the other accepts; each side runs the plan
     // signalling handed it (its answer, or its push).
-    let out = in_ns(
-        "nx-pub",
-        loadtest.to_str().unwrap(),
+    let (table, doc) = lab_loadtest(
+        &loadtest,
+        "matrix",
         &[
-            "natlab",
-            "matrix",
-            "--cdx",
-            "203.0.113.1:3478",
             "--cluster-secret",
             SECRET,
-            "--lookup",
-            "127.0.0.1:18080",
             "--invitations",
             "--grant-secret",
             GRANT_SECRET,
             "--check",
-            "--json",
-            report.to_str().unwrap(),
         ],
     )
-    .output()
-    .expect("running natrix-loadtest natlab matrix --invitations");
-    let table = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "the matrix through invitations:\n{table}"
-    );
-    let doc: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
-    let _ = std::fs::remove_file(&report);
+    .unwrap_or_else(|t| panic!("the matrix through invitations:\n{t}"));
     let pairs = doc["pairs"].as_array().unwrap();
     let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
     assert_eq!(
@@ -630,31 +641,12 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         .output()
         .expect("running natrix-loadtest natlab loss");
     assert!(out.status.success(), "{out:?}");
-    let out = in_ns(
-        "nx-pub",
-        loadtest.to_str().unwrap(),
-        &[
-            "natlab",
-            "matrix",
-            "--cdx",
-            "203.0.113.1:3478",
-            "--cluster-secret",
-            SECRET,
-            "--lookup",
-            "127.0.0.1:18080",
-            "--api-key",
-            common::API_KEY,
-            "--json",
-            report.to_str().unwrap(),
-        ],
+    let (table, doc) = lab_loadtest(
+        &loadtest,
+        "matrix",
+        &[&api[..], &["--cluster-secret", SECRET]].concat(),
     )
-    .output()
-    .expect("running natrix-loadtest natlab matrix under loss");
-    let table = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "the matrix under loss:\n{table}");
-    let doc: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).expect("the JSON report")).unwrap();
-    let _ = std::fs::remove_file(&report);
+    .unwrap_or_else(|t| panic!("the matrix under loss:\n{t}"));
     let pairs = doc["pairs"].as_array().unwrap();
     let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
     assert_eq!(count("failed"), 0, "under 5 % loss:\n{table}");
