@@ -10,7 +10,7 @@
 //! whole discovery stays well under two seconds.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use natrix_cdx_proto::discovery::NO_ANSWER_WAIT;
 use natrix_cdx_proto::discovery::{Discovery, Socket};
@@ -85,5 +85,55 @@ pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, Dis
             // An ICMP error reported on the socket: no answer to this test.
             Err(_) => d.handle_send_error(listening, Instant::now()),
         }
+    }
+}
+
+/// How long the NAT in front of `local` keeps an idle UDP mapping (RFC 5780
+/// §4.6, [`natrix_cdx_proto::lifetime`]): one socket idled for each of
+/// `delays` in parallel, checked through `server`'s RESPONSE-PORT. Takes
+/// about the longest delay plus a second.
+pub fn mapping_lifetime(
+    server: SocketAddr,
+    local: std::net::IpAddr,
+    delays: &[Duration],
+) -> std::io::Result<natrix_cdx_proto::lifetime::Lifetime> {
+    use natrix_cdx_proto::lifetime::LifetimeProbe;
+    use std::os::fd::AsFd;
+    let mut seed = [0u8; 32];
+    rand::fill(&mut seed);
+    let mut p = LifetimeProbe::new(server, delays, seed, Instant::now());
+    let sockets = (0..p.sockets())
+        .map(|_| {
+            let s = UdpSocket::bind(SocketAddr::new(local, 0))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .collect::<std::io::Result<Vec<UdpSocket>>>()?;
+    let mut buf = [0u8; 1500];
+    loop {
+        while let Some(t) = p.poll_transmit() {
+            if let Some(s) = sockets.get(t.socket) {
+                // A failed send is a check without an answer.
+                let _ = s.send_to(&t.payload, t.to);
+            }
+        }
+        if let Some(r) = p.result() {
+            return Ok(r);
+        }
+        let Some(deadline) = p.poll_timeout() else {
+            return Ok(p.result().unwrap_or_default());
+        };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            p.handle_timeout(Instant::now());
+            continue;
+        }
+        let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
+        for i in natrix_net::wait_readable(&fds, wait)? {
+            while let Ok((n, from)) = sockets[i].recv_from(&mut buf) {
+                p.handle_input(i, from, &buf[..n], Instant::now());
+            }
+        }
+        p.handle_timeout(Instant::now());
     }
 }

@@ -406,7 +406,10 @@ pub fn plan(
                     .collect(),
                 invitation: invitation.to_string(),
             },
-            punch: mode.punch(*side),
+            punch: mode.punch(*side).map(|p| natrix_model::PunchPlan {
+                keepalive_ms: natrix_model::keepalive(&req.a.profile, &req.b.profile),
+                ..p
+            }),
         });
     }
     let (Some(b_plan), Some(a_plan)) = (sides.pop(), sides.pop()) else {
@@ -515,7 +518,7 @@ mod tests {
         let json = serde_json::to_value(&p.b).unwrap();
         assert_eq!(
             json["punch"],
-            serde_json::json!({"technique": "birthday", "spray": 1600, "deadline_ms": 3000})
+            serde_json::json!({"technique": "birthday", "spray": 1600, "deadline_ms": 3000, "keepalive_ms": 15000})
         );
         // The retry after a failed attempt relays the symmetric side.
         let mut req = request("symmetric", "port-restricted-cone");

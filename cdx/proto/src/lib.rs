@@ -11,6 +11,8 @@
 //! - [`discovery`]: the client's RFC 5780 NAT behaviour discovery as a state
 //!   machine (`poll_transmit` / `handle_input` / `handle_timeout`), which the
 //!   blocking `natrix probe` client and the load tester drive.
+//! - [`lifetime`]: RFC 5780 §4.6 binding lifetime discovery (how long a NAT
+//!   keeps an idle mapping), idle sockets checked in parallel.
 //! - [`exchange`]: the connection-data exchange's wire codec, a node's
 //!   session registry (admission, deliveries, retransmission timers at
 //!   explicit instants), which the role's actor drives, and the
@@ -27,3 +29,4 @@ pub mod exchange;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handoff;
+pub mod lifetime;

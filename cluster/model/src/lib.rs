@@ -47,7 +47,7 @@ pub mod transport;
 pub use ipnet::IpNet;
 pub use nat::{
     Behaviour, Filtering, Mapping, NatClass, NatProfile, PortAllocation, ProfileError, PunchPlan,
-    Technique, direct_feasible, punch_plans,
+    Technique, direct_feasible, keepalive, punch_plans,
 };
 pub use secret::{ClusterSecret, Redacted, SecretError, TurnSecret};
 pub use token::SessionToken;

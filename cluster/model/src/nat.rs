@@ -374,6 +374,32 @@ pub struct PunchPlan {
     pub peer_stride: i32,
     /// Give up after this many milliseconds (then ask for a relay).
     pub deadline_ms: u32,
+    /// Once direct, send something at least this often so both NATs keep
+    /// the mappings ([`keepalive`]).
+    #[serde(default = "default_keepalive_ms")]
+    pub keepalive_ms: u32,
+}
+
+fn default_keepalive_ms() -> u32 {
+    KEEPALIVE_MS
+}
+
+/// The keepalive interval when neither side's mapping lifetime is known
+/// (RFC 8445's Tr).
+pub const KEEPALIVE_MS: u32 = 15_000;
+
+/// How often a direct path between `a` and `b` must carry a packet: half the
+/// shorter idle mapping lifetime either side measured (the lifetime it was
+/// seen to end within, else the one it was seen to outlive), between 1 s
+/// and [`KEEPALIVE_MS`].
+pub fn keepalive(a: &NatProfile, b: &NatProfile) -> u32 {
+    [a, b]
+        .iter()
+        .filter_map(|p| p.mapping_lifetime_below.or(p.mapping_lifetime))
+        .map(|s| s.saturating_mul(500))
+        .min()
+        .unwrap_or(KEEPALIVE_MS)
+        .clamp(1000, KEEPALIVE_MS)
 }
 
 fn is_zero_u16(v: &u16) -> bool {
@@ -395,6 +421,7 @@ impl PunchPlan {
             window: 0,
             peer_stride: 0,
             deadline_ms: PUNCH_DEADLINE_MS,
+            keepalive_ms: KEEPALIVE_MS,
         }
     }
 
@@ -521,6 +548,14 @@ pub struct NatProfile {
     /// With sequential allocation: the step between consecutive mappings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_stride: Option<i32>,
+    /// Seconds an idle UDP mapping was seen to survive (the longest delay
+    /// tested that it outlived); absent when not tested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping_lifetime: Option<u32>,
+    /// Seconds of idleness after which a mapping was seen to expire (the
+    /// shortest delay tested that it did not outlive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping_lifetime_below: Option<u32>,
     /// How long the probe took, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
@@ -851,6 +886,22 @@ mod tests {
             .filter(|(a, b)| punch_plans(&a.behaviour(), &b.behaviour()).is_none())
             .count();
         assert_eq!(relayed, 12);
+    }
+
+    #[test]
+    fn keepalives_stay_under_the_shorter_measured_mapping_lifetime() {
+        let p = |at_least: Option<u32>, below: Option<u32>| NatProfile {
+            mapping_lifetime: at_least,
+            mapping_lifetime_below: below,
+            ..NatProfile::default()
+        };
+        assert_eq!(keepalive(&p(None, None), &p(None, None)), KEEPALIVE_MS);
+        // Seen to end within 8 s: every 4 s.
+        assert_eq!(keepalive(&p(Some(4), Some(8)), &p(None, None)), 4000);
+        // Only seen to last 16 s: every 8 s; the shorter side wins.
+        assert_eq!(keepalive(&p(Some(16), None), &p(Some(4), Some(8))), 4000);
+        assert_eq!(keepalive(&p(Some(64), None), &p(None, None)), KEEPALIVE_MS);
+        assert_eq!(keepalive(&p(None, Some(1)), &p(None, None)), 1000);
     }
 
     #[test]

@@ -338,6 +338,13 @@ pub(crate) struct ProbeArgs {
     /// Print JSON instead of a human summary.
     #[arg(long)]
     pub(crate) json: bool,
+
+    /// Also measure how long the NAT keeps an idle UDP mapping (RFC 5780
+    /// §4.6): sockets idled for 1 s, 2 s, 4 s… up to this long, checked in
+    /// parallel (the probe takes about this long more). What a keepalive
+    /// interval must stay under.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) lifetime: Option<Duration>,
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use natrix_model::{NatProfile, Transport};
@@ -148,6 +148,19 @@ pub(crate) fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     };
     let mut profile =
         natrix_cdx::client::discover(server, bind).context("running NAT discovery")?;
+    if let Some(max) = args.lifetime
+        && profile.mapped_address.is_some()
+    {
+        let delays: Vec<Duration> = (0..16)
+            .map(|k| Duration::from_secs(1 << k))
+            .take_while(|d| *d <= max.max(Duration::from_secs(1)))
+            .collect();
+        let l = natrix_cdx::client::mapping_lifetime(server, bind.ip(), &delays)
+            .context("measuring the mapping lifetime")?;
+        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        profile.mapping_lifetime = l.at_least.map(secs);
+        profile.mapping_lifetime_below = l.below.map(secs);
+    }
     profile.seconds = Some(started.elapsed().as_secs_f64());
     if profile.mapped_address.is_some() {
         return print(args, &profile);
@@ -214,6 +227,12 @@ fn print(args: &ProbeArgs, p: &NatProfile) -> anyhow::Result<()> {
                     Some(stride) => println!("port allocation: {} (stride {stride})", a.name()),
                     None => println!("port allocation: {}", a.name()),
                 }
+            }
+            match (p.mapping_lifetime, p.mapping_lifetime_below) {
+                (Some(a), Some(b)) => println!("idle mapping:   lives {a} s, gone after {b} s"),
+                (Some(a), None) => println!("idle mapping:   lives at least {a} s"),
+                (None, Some(b)) => println!("idle mapping:   gone after {b} s"),
+                (None, None) => {}
             }
             println!(
                 "class:          {}",

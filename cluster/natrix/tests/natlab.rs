@@ -95,10 +95,14 @@ fn cdx_node_with(ip: &str, sibling: &str, extra: &[&str]) -> Spawned {
 }
 
 fn probe(client_ns: &str) -> serde_json::Value {
+    probe_with(client_ns, &[])
+}
+
+fn probe_with(client_ns: &str, extra: &[&str]) -> serde_json::Value {
     let out = in_ns(
         client_ns,
         env!("CARGO_BIN_EXE_natrix"),
-        &["probe", "--json", "203.0.113.1"],
+        &[&["probe", "--json", "203.0.113.1"][..], extra].concat(),
     )
     .output()
     .expect("running natrix probe in the lab");
@@ -220,6 +224,21 @@ fn probe_classifies_every_nat_type_like_coturn_does() {
             .starts_with("10.16.0.2:"),
         "{v}"
     );
+    // How long idle mappings live (RFC 5780 §4.6, sockets idled 1, 2, 4 and
+    // 8 s in parallel): the random-port symmetric NAT forgets them after
+    // 5 s, the port-restricted one keeps them (the kernel's 30 s).
+    let (short, long) = std::thread::scope(|s| {
+        let short = s.spawn(|| probe_with("nx-c-symmetric", &["--lifetime", "8s"]));
+        let long = s.spawn(|| probe_with("nx-c-port-restricted-cone", &["--lifetime", "8s"]));
+        (short.join().unwrap(), long.join().unwrap())
+    });
+    assert_eq!(
+        (&short["mapping_lifetime"], &short["mapping_lifetime_below"]),
+        (&serde_json::json!(4), &serde_json::json!(8)),
+        "{short}"
+    );
+    assert_eq!(long["mapping_lifetime"], 8, "{long}");
+    assert!(long["mapping_lifetime_below"].is_null(), "{long}");
     // The shared NAT does not hairpin: its two clients meet at their
     // private addresses (the matrix below).
     let v = probe("nx-c-shared");
