@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use natrix_cdx::client::discover;
 use natrix_cdx::exchange::client::{
-    Candidate, CandidateKind, ConnectionData, PROBE_INTERVAL, ProbeCodec, ProbeMessage,
-    PunchSockets, exchange, exchange_tcp, mapped_address, punch, punch_with, read_delivery,
+    Candidate, CandidateKind, ConnectionData, ExchangeError, PROBE_INTERVAL, ProbeCodec,
+    ProbeMessage, PunchSockets, exchange, exchange_tcp, mapped_address, punch, punch_with,
+    read_delivery,
 };
 use natrix_model::invitation::Invitation;
 use natrix_model::{NatProfile, PunchPlan};
@@ -628,18 +629,26 @@ impl Recovery<'_> {
             ],
         };
         self.seq += 1;
-        let got = exchange(
+        // CDX answers a participant's newer post with the entries it has not
+        // acknowledged yet: when the peer has not moved (or not posted
+        // again yet) there are none. A stored post is enough — the peer's
+        // newer entry, if any, comes as a delivery while we punch.
+        match exchange(
             socket,
             self.cdx,
             self.invitation,
             &data,
             None,
             self.seq,
-            Duration::from_secs(2),
-        )
-        .context("posting the newer entry")?;
-        if let Some(p) = got.peers.get(&peer_index) {
-            self.peer = p.clone();
+            Duration::from_millis(500),
+        ) {
+            Ok(got) => {
+                if let Some(p) = got.peers.get(&peer_index) {
+                    self.peer = p.clone();
+                }
+            }
+            Err(ExchangeError::Timeout { posted: true, .. }) => {}
+            Err(e) => return Err(e).context("posting the newer entry"),
         }
         let started = Instant::now();
         let p = punch(
