@@ -108,8 +108,10 @@ pub(crate) struct SideResult {
     pub(crate) raced: bool,
     /// Its first packet came through a relay (the race's).
     pub(crate) relayed_first: bool,
-    /// With a hold: what keeping the direct path showed.
+    /// With a hold: what keeping the direct path showed, and the keepalive
+    /// interval it used.
     pub(crate) held: Option<Held>,
+    pub(crate) keepalive: Option<Duration>,
 }
 
 /// The TURN server a side's plan names: its first UDP URL, else its first
@@ -409,7 +411,11 @@ pub(crate) fn side(
                 result.rtt = Some(p.rtt);
                 result.probes = Some(p.probes);
                 result.relayed_first = p.first < p.elapsed;
-                if let Some(hold) = hold {
+                if let Some(mut hold) = hold {
+                    hold.keepalive = hold.keepalive.or(Some(Duration::from_millis(u64::from(
+                        punch_plan.keepalive_ms,
+                    ))));
+                    result.keepalive = hold.keepalive;
                     let path = p.fresh.and_then(|i| fresh.take(i));
                     // Only the exchange socket is known to CDX: a path on a
                     // fresh socket is held without recovery.
@@ -553,7 +559,8 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Hold {
     pub(crate) duration: Duration,
-    pub(crate) keepalive: Duration,
+    /// The keepalive interval; `None`: the plan's (`keepalive_ms`).
+    pub(crate) keepalive: Option<Duration>,
     /// When the path breaks (no acknowledgement for three keepalives), find
     /// it again: a new Binding, a newer entry through CDX (from a new
     /// address: a proven move), a new punch.
@@ -708,9 +715,10 @@ fn keep_path(
 ) -> anyhow::Result<Held> {
     let start = Instant::now();
     let end = start + hold.duration;
-    let broken = (3 * hold.keepalive).max(Duration::from_millis(150));
+    let keepalive = hold.keepalive.unwrap_or(Duration::from_secs(15));
+    let broken = (3 * keepalive).max(Duration::from_millis(150));
     let mut held = Held::default();
-    let mut next = start + hold.keepalive.min(hold.duration);
+    let mut next = start + keepalive.min(hold.duration);
     let mut sent: std::collections::VecDeque<([u8; 8], Instant)> = Default::default();
     let mut last_ack = start;
     let mut last_recovery: Option<Instant> = None;
@@ -757,7 +765,7 @@ fn keep_path(
             if now >= end {
                 final_probe = Some(now);
             } else {
-                next = (now + hold.keepalive).min(end);
+                next = (now + keepalive).min(end);
             }
         }
         let mut until = match final_probe {

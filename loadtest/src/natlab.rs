@@ -98,9 +98,14 @@ pub(crate) struct NatlabArgs {
     /// hold: how long to keep the direct path.
     #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
     pub(crate) hold: std::time::Duration,
-    /// hold: the keepalive interval.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    pub(crate) keepalive: std::time::Duration,
+    /// hold: the keepalive interval (default: the plan's, from the
+    /// profiles' mapping lifetimes — see --lifetime — or 15 s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) keepalive: Option<std::time::Duration>,
+    /// hold: measure both clients' mapping lifetimes (idling sockets up to
+    /// this long) so lookup plans the keepalive from them.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) lifetime: Option<std::time::Duration>,
     /// hold: both sides find a broken path again (new Binding, a newer
     /// entry through CDX, a new punch).
     #[arg(long)]
@@ -463,15 +468,26 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         anyhow::bail!("--pair takes two lab types: A,B");
     };
     let (na, nb) = (format!("nx-c-{a}"), format!("nx-c-{b}-2"));
-    let pa = peer_json(&na, cdx, &["--profile-only"], None);
-    let pb = peer_json(&nb, cdx, &["--profile-only"], None);
+    let lifetime = args.lifetime.map(|l| format!("{}ms", l.as_millis()));
+    let mut profile_args = vec!["--profile-only"];
+    if let Some(l) = &lifetime {
+        profile_args.extend(["--lifetime", l]);
+    }
+    let (pa, pb) = std::thread::scope(|s| {
+        let pa = s.spawn(|| peer_json(&na, cdx, &profile_args, None));
+        let pb = peer_json(&nb, cdx, &profile_args, None);
+        (pa.join().unwrap_or_default(), pb)
+    });
     let (status, plan) = lookup_plan(args, lookup, &pa, &pb, false)?;
     if status != 200 || plan["mode"] != "direct" {
         anyhow::bail!("lookup planned no direct path for {a} / {b} ({status}): {plan}");
     }
     let hold = format!("{}ms", args.hold.as_millis());
-    let keepalive = format!("{}ms", args.keepalive.as_millis());
-    let mut extra = vec!["--hold", &hold, "--keepalive", &keepalive];
+    let keepalive = args.keepalive.map(|k| format!("{}ms", k.as_millis()));
+    let mut extra = vec!["--hold", &hold];
+    if let Some(k) = &keepalive {
+        extra.extend(["--keepalive", k]);
+    }
     if args.recover {
         extra.push("--recover");
     }
@@ -491,8 +507,13 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         script("mobile", &["wifi"])?;
     }
     let held = reports.iter().all(|r| r["held"]["held"] == true);
+    let keepalive_ms = reports
+        .iter()
+        .filter_map(|r| r["keepalive_ms"].as_u64())
+        .max()
+        .unwrap_or(0);
     println!(
-        "{a} / {b}: {} for {hold} with a keepalive every {keepalive}",
+        "{a} / {b}: {} for {hold} with a keepalive every {keepalive_ms} ms",
         if held {
             "the direct path held"
         } else {
@@ -504,7 +525,9 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         "a": a, "b": b,
         "technique": plan["a"]["punch"]["technique"],
         "hold_ms": args.hold.as_millis() as u64,
-        "keepalive_ms": args.keepalive.as_millis() as u64,
+        "keepalive_ms": keepalive_ms,
+        "planned_keepalive_ms": plan["a"]["punch"]["keepalive_ms"],
+        "profiles": [pa, pb],
         "moved": args.move_after.is_some(),
         "held": held,
         "recoveries": reports.iter().map(|r| r["held"]["recoveries"].as_u64().unwrap_or(0)).sum::<u64>(),

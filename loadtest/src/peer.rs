@@ -44,9 +44,14 @@ pub(crate) struct PeerArgs {
     /// sending only keepalives, then check it still carries packets.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) hold: Option<Duration>,
-    /// With --hold: the keepalive interval.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    pub(crate) keepalive: Duration,
+    /// With --hold: the keepalive interval (default: the plan's
+    /// `keepalive_ms`, from the measured mapping lifetimes).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) keepalive: Option<Duration>,
+    /// With --profile-only: also measure the mapping lifetime, idling
+    /// sockets up to this long (as `natrix probe --lifetime`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) lifetime: Option<Duration>,
     /// With --hold: find a broken path again (new Binding, a newer entry
     /// through CDX, a new punch), as after a change of network.
     #[arg(long)]
@@ -58,9 +63,24 @@ pub(crate) struct PeerArgs {
 pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     let started = Instant::now();
     if args.profile_only {
-        return match natrix_cdx::client::discover(args.cdx, "0.0.0.0:0".parse().unwrap_or(args.cdx))
-        {
-            Ok(p) => serde_json::to_value(p).unwrap_or_default(),
+        let any = std::net::Ipv4Addr::UNSPECIFIED.into();
+        return match natrix_cdx::client::discover(args.cdx, SocketAddr::new(any, 0)) {
+            Ok(mut p) => {
+                if let Some(max) = args.lifetime
+                    && p.mapped_address.is_some()
+                {
+                    let delays: Vec<Duration> = (0..16)
+                        .map(|k| Duration::from_secs(1 << k))
+                        .take_while(|d| *d <= max.max(Duration::from_secs(1)))
+                        .collect();
+                    if let Ok(l) = natrix_cdx::client::mapping_lifetime(args.cdx, any, &delays) {
+                        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+                        p.mapping_lifetime = l.at_least.map(secs);
+                        p.mapping_lifetime_below = l.below.map(secs);
+                    }
+                }
+                serde_json::to_value(p).unwrap_or_default()
+            }
             Err(e) => serde_json::json!({"error": e.to_string()}),
         };
     }
@@ -97,6 +117,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 "raced": r.raced,
                 "relayed_first": r.relayed_first,
                 "held": r.held.as_ref().map(crate::e2e::Held::json),
+                "keepalive_ms": r.keepalive.map(|k| k.as_millis() as u64),
             }),
             Err(e) => {
                 serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")})

@@ -389,13 +389,13 @@ fn default_keepalive_ms() -> u32 {
 pub const KEEPALIVE_MS: u32 = 15_000;
 
 /// How often a direct path between `a` and `b` must carry a packet: half the
-/// shorter idle mapping lifetime either side measured (the lifetime it was
-/// seen to end within, else the one it was seen to outlive), between 1 s
+/// shorter idle mapping lifetime either side measured (the idleness it was
+/// seen to outlive, else the one it was seen to end within), between 1 s
 /// and [`KEEPALIVE_MS`].
 pub fn keepalive(a: &NatProfile, b: &NatProfile) -> u32 {
     [a, b]
         .iter()
-        .filter_map(|p| p.mapping_lifetime_below.or(p.mapping_lifetime))
+        .filter_map(|p| p.mapping_lifetime.or(p.mapping_lifetime_below))
         .map(|s| s.saturating_mul(500))
         .min()
         .unwrap_or(KEEPALIVE_MS)
@@ -896,10 +896,11 @@ mod tests {
             ..NatProfile::default()
         };
         assert_eq!(keepalive(&p(None, None), &p(None, None)), KEEPALIVE_MS);
-        // Seen to end within 8 s: every 4 s.
-        assert_eq!(keepalive(&p(Some(4), Some(8)), &p(None, None)), 4000);
-        // Only seen to last 16 s: every 8 s; the shorter side wins.
-        assert_eq!(keepalive(&p(Some(16), None), &p(Some(4), Some(8))), 4000);
+        // Lives 4 s, gone after 8 s: every 2 s.
+        assert_eq!(keepalive(&p(Some(4), Some(8)), &p(None, None)), 2000);
+        // Seen to last 16 s: every 8 s; the shorter side wins.
+        assert_eq!(keepalive(&p(Some(16), None), &p(None, None)), 8000);
+        assert_eq!(keepalive(&p(Some(16), None), &p(Some(4), Some(8))), 2000);
         assert_eq!(keepalive(&p(Some(64), None), &p(None, None)), KEEPALIVE_MS);
         assert_eq!(keepalive(&p(None, Some(1)), &p(None, None)), 1000);
     }

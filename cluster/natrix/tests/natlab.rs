@@ -597,6 +597,19 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         }
     }
 
+    // Without a keepalive given, the session takes the plan's: lookup
+    // halves the shorter mapping lifetime the profiles measured (the 5 s
+    // NAT: lives 4 s, so every 2 s), and the session holds.
+    let (_, doc) = lab_loadtest(
+        &loadtest,
+        "hold",
+        &["--api-key", common::API_KEY, "--lifetime", "8s"],
+    )
+    .unwrap_or_else(|t| panic!("natlab hold with measured lifetimes:\n{t}"));
+    assert_eq!(doc["planned_keepalive_ms"], 2000, "{doc}");
+    assert_eq!(doc["keepalive_ms"], 2000, "{doc}");
+    assert_eq!(doc["held"], true, "{doc}");
+
     // A client that changes networks mid-session (nx-c-mobile moves from
     // its Wi-Fi uplink to its cellular one: another NAT, another public
     // address) keeps its direct session when both sides recover (a new
