@@ -137,3 +137,26 @@ pub fn mapping_lifetime(
         p.handle_timeout(Instant::now());
     }
 }
+
+/// Measures the mapping lifetime behind `local` (sockets idled 1, 2, 4… s,
+/// up to `max`) and records it in `profile`; nothing when UDP got no
+/// mapping.
+pub fn add_mapping_lifetime(
+    profile: &mut NatProfile,
+    server: SocketAddr,
+    local: std::net::IpAddr,
+    max: Duration,
+) -> std::io::Result<()> {
+    if profile.mapped_address.is_none() {
+        return Ok(());
+    }
+    let delays: Vec<Duration> = (0..16)
+        .map(|k| Duration::from_secs(1 << k))
+        .take_while(|d| *d <= max.max(Duration::from_secs(1)))
+        .collect();
+    let l = mapping_lifetime(server, local, &delays)?;
+    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    profile.mapping_lifetime = l.at_least.map(secs);
+    profile.mapping_lifetime_below = l.below.map(secs);
+    Ok(())
+}

@@ -67,17 +67,10 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
         return match natrix_cdx::client::discover(args.cdx, SocketAddr::new(any, 0)) {
             Ok(mut p) => {
                 if let Some(max) = args.lifetime
-                    && p.mapped_address.is_some()
+                    && let Err(e) =
+                        natrix_cdx::client::add_mapping_lifetime(&mut p, args.cdx, any, max)
                 {
-                    let delays: Vec<Duration> = (0..16)
-                        .map(|k| Duration::from_secs(1 << k))
-                        .take_while(|d| *d <= max.max(Duration::from_secs(1)))
-                        .collect();
-                    if let Ok(l) = natrix_cdx::client::mapping_lifetime(args.cdx, any, &delays) {
-                        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
-                        p.mapping_lifetime = l.at_least.map(secs);
-                        p.mapping_lifetime_below = l.below.map(secs);
-                    }
+                    p.error = Some(format!("measuring the mapping lifetime: {e}"));
                 }
                 serde_json::to_value(p).unwrap_or_default()
             }

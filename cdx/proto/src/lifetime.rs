@@ -68,15 +68,47 @@ pub struct Lifetime {
     pub below: Option<Duration>,
 }
 
+/// One request under way: retransmitted (RTO doubling) until `deadline`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tx {
+    tid: [u8; 12],
+    retransmit_at: Instant,
+    rto: Duration,
+    deadline: Instant,
+}
+
+impl Tx {
+    fn new(tid: [u8; 12], now: Instant, wait: Duration) -> Tx {
+        Tx {
+            tid,
+            retransmit_at: now + RTO,
+            rto: RTO,
+            deadline: now + wait,
+        }
+    }
+
+    /// `None` past the deadline; else whether to send again now.
+    fn tick(&mut self, now: Instant) -> Option<bool> {
+        if now >= self.deadline {
+            return None;
+        }
+        if now < self.retransmit_at {
+            return Some(false);
+        }
+        self.rto *= 2;
+        self.retransmit_at = now + self.rto;
+        Some(true)
+    }
+
+    fn next(&self) -> Instant {
+        self.retransmit_at.min(self.deadline)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Learning the mapped port.
-    Binding {
-        tid: [u8; 12],
-        retransmit_at: Instant,
-        rto: Duration,
-        deadline: Instant,
-    },
+    Binding(Tx),
     /// Idle until `check_at`.
     Idle {
         port: u16,
@@ -85,10 +117,7 @@ enum State {
     /// The tester asked the server to answer to the mapping.
     Checking {
         port: u16,
-        tid: [u8; 12],
-        retransmit_at: Instant,
-        rto: Duration,
-        deadline: Instant,
+        tx: Tx,
     },
     Alive,
     Expired,
@@ -130,12 +159,8 @@ impl LifetimeProbe {
         for i in 0..p.delays.len() {
             let tid = p.next_tid();
             p.send(i + 1, tid, None);
-            p.states.push(State::Binding {
-                tid,
-                retransmit_at: now + RTO,
-                rto: RTO,
-                deadline: now + BINDING_WAIT,
-            });
+            p.states
+                .push(State::Binding(Tx::new(tid, now, BINDING_WAIT)));
         }
         p
     }
@@ -154,18 +179,9 @@ impl LifetimeProbe {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.states
             .iter()
-            .filter_map(|s| match *s {
-                State::Binding {
-                    retransmit_at,
-                    deadline,
-                    ..
-                }
-                | State::Checking {
-                    retransmit_at,
-                    deadline,
-                    ..
-                } => Some(retransmit_at.min(deadline)),
-                State::Idle { check_at, .. } => Some(check_at),
+            .filter_map(|s| match s {
+                State::Binding(tx) | State::Checking { tx, .. } => Some(tx.next()),
+                State::Idle { check_at, .. } => Some(*check_at),
                 _ => None,
             })
             .min()
@@ -190,57 +206,28 @@ impl LifetimeProbe {
     /// Time passed: retransmissions, checks and verdicts that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.states.len() {
-            match self.states[i] {
-                State::Binding {
-                    tid,
-                    retransmit_at,
-                    rto,
-                    deadline,
-                } => {
-                    if now >= deadline {
-                        self.states[i] = State::Failed;
-                    } else if now >= retransmit_at {
-                        self.send(i + 1, tid, None);
-                        self.states[i] = State::Binding {
-                            tid,
-                            retransmit_at: now + rto * 2,
-                            rto: rto * 2,
-                            deadline,
-                        };
-                    }
-                }
+            let (next, send) = match self.states[i] {
+                State::Binding(mut tx) => match tx.tick(now) {
+                    None => (State::Failed, None),
+                    Some(again) => (State::Binding(tx), again.then_some((i + 1, tx.tid, None))),
+                },
                 State::Idle { port, check_at } if now >= check_at => {
                     let tid = self.next_tid();
-                    self.send(0, tid, Some(port));
-                    self.states[i] = State::Checking {
-                        port,
-                        tid,
-                        retransmit_at: now + RTO,
-                        rto: RTO,
-                        deadline: now + CHECK_WAIT,
-                    };
+                    let tx = Tx::new(tid, now, CHECK_WAIT);
+                    (State::Checking { port, tx }, Some((0, tid, Some(port))))
                 }
-                State::Checking {
-                    port,
-                    tid,
-                    retransmit_at,
-                    rto,
-                    deadline,
-                } => {
-                    if now >= deadline {
-                        self.states[i] = State::Expired;
-                    } else if now >= retransmit_at {
-                        self.send(0, tid, Some(port));
-                        self.states[i] = State::Checking {
-                            port,
-                            tid,
-                            retransmit_at: now + rto * 2,
-                            rto: rto * 2,
-                            deadline,
-                        };
-                    }
-                }
-                _ => {}
+                State::Checking { port, mut tx } => match tx.tick(now) {
+                    None => (State::Expired, None),
+                    Some(again) => (
+                        State::Checking { port, tx },
+                        again.then_some((0, tx.tid, Some(port))),
+                    ),
+                },
+                other => (other, None),
+            };
+            self.states[i] = next;
+            if let Some((socket, tid, port)) = send {
+                self.send(socket, tid, port);
             }
         }
     }
@@ -258,7 +245,7 @@ impl LifetimeProbe {
             return;
         };
         match self.states[i] {
-            State::Binding { tid: t, .. } if t == tid && from == self.server => {
+            State::Binding(tx) if tx.tid == tid && from == self.server => {
                 let mapped = match msg
                     .decode(AttributeType::XOR_MAPPED_ADDRESS)
                     .or_else(|| msg.decode(AttributeType::MAPPED_ADDRESS))
@@ -272,7 +259,7 @@ impl LifetimeProbe {
                 };
             }
             // The server answers a check from its own address.
-            State::Checking { tid: t, .. } if t == tid => self.states[i] = State::Alive,
+            State::Checking { tx, .. } if tx.tid == tid => self.states[i] = State::Alive,
             _ => {}
         }
     }
@@ -400,7 +387,7 @@ mod tests {
         p.handle_input(1, mapped, &answer(&t.payload, mapped), t0);
         p.handle_input(9, server, &answer(&t.payload, mapped), t0);
         p.handle_input(1, server, b"not stun", t0);
-        assert!(matches!(p.states[0], State::Binding { .. }));
+        assert!(matches!(p.states[0], State::Binding(_)));
         // No answer at all: the mapping is unknown, not expired.
         while let Some(at) = p.poll_timeout() {
             p.handle_timeout(at);

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use natrix_model::{NatProfile, Transport};
@@ -148,18 +148,9 @@ pub(crate) fn run(args: &ProbeArgs) -> anyhow::Result<()> {
     };
     let mut profile =
         natrix_cdx::client::discover(server, bind).context("running NAT discovery")?;
-    if let Some(max) = args.lifetime
-        && profile.mapped_address.is_some()
-    {
-        let delays: Vec<Duration> = (0..16)
-            .map(|k| Duration::from_secs(1 << k))
-            .take_while(|d| *d <= max.max(Duration::from_secs(1)))
-            .collect();
-        let l = natrix_cdx::client::mapping_lifetime(server, bind.ip(), &delays)
+    if let Some(max) = args.lifetime {
+        natrix_cdx::client::add_mapping_lifetime(&mut profile, server, bind.ip(), max)
             .context("measuring the mapping lifetime")?;
-        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
-        profile.mapping_lifetime = l.at_least.map(secs);
-        profile.mapping_lifetime_below = l.below.map(secs);
     }
     profile.seconds = Some(started.elapsed().as_secs_f64());
     if profile.mapped_address.is_some() {
