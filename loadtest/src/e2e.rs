@@ -363,16 +363,9 @@ pub(crate) fn side(
         // Through our relay to where the peer listens: its relayed address
         // (relay-both) or its own (relay-one).
         let target = peer
-            .candidates
-            .iter()
-            .find(|c| c.kind == CandidateKind::Relayed)
-            .or_else(|| {
-                peer.candidates
-                    .iter()
-                    .find(|c| c.kind == CandidateKind::ServerReflexive)
-            })
-            .context("the peer sent no reachable candidate")?
-            .addr;
+            .address(CandidateKind::Relayed)
+            .or_else(|| peer.address(CandidateKind::ServerReflexive))
+            .context("the peer sent no reachable candidate")?;
         let codec = ProbeCodec::new(&invitation);
         let (first, rtt) = punch_via_turn(turn, &codec, peer_index, target, started, timeout)?;
         result.first_packet = Some(first);
@@ -383,11 +376,7 @@ pub(crate) fn side(
         let codec = ProbeCodec::new(&invitation);
         // Racing: probe through the relay to the peer's mapped address while
         // punching; the first answer on either path is the first packet.
-        let srflx = peer
-            .candidates
-            .iter()
-            .find(|c| c.kind == CandidateKind::ServerReflexive)
-            .map(|c| c.addr);
+        let srflx = peer.address(CandidateKind::ServerReflexive);
         let (direct, relayed) = std::thread::scope(|s| {
             let relayed = match (&mut race, srflx) {
                 (Some(turn), Some(target)) => Some(s.spawn(move || {

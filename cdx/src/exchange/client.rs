@@ -549,27 +549,29 @@ struct Prober {
     interval: Duration,
 }
 
+impl Prober {
+    /// Adds a target unless known, up to [`MAX_TARGETS`].
+    fn add(&mut self, to: SocketAddr) {
+        if !self.targets.contains(&to) && self.targets.len() < MAX_TARGETS {
+            self.targets.push(to);
+        }
+    }
+}
+
 /// Most targets one socket keeps (the candidates, a window and the sources
 /// of verified probes).
 const MAX_TARGETS: usize = 64;
 
-/// The peer's ports a sequential NAT will give next: `window` ports past
-/// its mapped (server-reflexive) one, `stride` apart, in order.
-fn predicted(peer: &ConnectionData, window: u16, stride: i32) -> Vec<SocketAddr> {
-    let Some(srflx) = peer
-        .candidates
-        .iter()
-        .find(|c| c.kind == CandidateKind::ServerReflexive)
-    else {
-        return Vec::new();
-    };
+/// The ports a sequential NAT will give next: `window` ports past its
+/// mapped (server-reflexive) address `srflx`, `stride` apart, in order.
+fn predicted(srflx: SocketAddr, window: u16, stride: i32) -> Vec<SocketAddr> {
     (1..=i32::from(window))
         .filter_map(|k| {
-            let port = i32::from(srflx.addr.port()) + k * stride;
+            let port = i32::from(srflx.port()) + k * stride;
             u16::try_from(port)
                 .ok()
                 .filter(|p| *p != 0)
-                .map(|p| SocketAddr::new(srflx.addr.ip(), p))
+                .map(|p| SocketAddr::new(srflx.ip(), p))
         })
         .collect()
 }
@@ -594,7 +596,9 @@ pub fn punch_with(
     let started = Instant::now();
     let timeout = Duration::from_millis(u64::from(plan.deadline_ms));
     let deadline = started + timeout;
-    let window = predicted(peer, plan.window, plan.peer_stride);
+    let srflx = peer.address(CandidateKind::ServerReflexive);
+    let announced = peer.address(CandidateKind::Predicted);
+    let window = srflx.map_or_else(Vec::new, |a| predicted(a, plan.window, plan.peer_stride));
     // A relayed candidate is a plain UDP address for us (relay-one: the
     // peer allocated, we send straight to its relayed address). The
     // predicted window goes first: behind a sequential NAT on our side too,
@@ -607,29 +611,17 @@ pub fn punch_with(
     // Then a port-preserving peer's announced socket: its first send
     // toward that address may be our first new mapping (a sequential NAT's
     // predicted one).
-    let announced = |c: &&Candidate| c.kind == CandidateKind::Predicted;
-    main.targets
-        .extend(peer.candidates.iter().filter(announced).map(|c| c.addr));
-    main.targets.extend(
-        peer.candidates
-            .iter()
-            .filter(|c| !announced(c))
-            .map(|c| c.addr),
-    );
     main.targets.truncate(MAX_TARGETS);
-    let srflx = peer
-        .candidates
-        .iter()
-        .find(|c| c.kind == CandidateKind::ServerReflexive)
-        .map(|c| c.addr);
+    for to in announced
+        .into_iter()
+        .chain(peer.candidates.iter().map(|c| c.addr))
+    {
+        main.add(to);
+    }
     let best = window
         .first()
         .copied()
-        .or(peer
-            .candidates
-            .iter()
-            .find(|c| c.kind == CandidateKind::Predicted)
-            .map(|c| c.addr))
+        .or(announced)
         .or(srflx)
         .or(peer.candidates.first().map(|c| c.addr));
     let mut extra: Vec<Prober> = fresh
@@ -675,10 +667,13 @@ pub fn punch_with(
     let mut fresh_started = 0usize;
     let mut probes: u32 = 0;
     let mut nonce: [u8; 8] = rand::random();
+    // The probe of the current round (every socket sends the same).
+    let mut p = probe(&key, 1, me, nonce);
     let mut sent: Vec<([u8; 8], Instant)> = Vec::new();
     let mut connected: Option<Punched> = None;
     let mut buf = [0u8; 2048];
     let all: Vec<&UdpSocket> = std::iter::once(socket).chain(&fresh.sockets).collect();
+    let fds: Vec<_> = all.iter().map(|s| s.as_fd()).collect();
     socket.set_nonblocking(true)?;
     let result = loop {
         let now = Instant::now();
@@ -702,7 +697,7 @@ pub fn punch_with(
                 if sent.len() > 256 {
                     sent.remove(0);
                 }
-                let p = probe(&key, 1, me, nonce);
+                p = probe(&key, 1, me, nonce);
                 for t in &main.targets {
                     // Unreachable candidates (e.g. a private host address) fail.
                     let _ = socket.send_to(&p, *t);
@@ -710,7 +705,6 @@ pub fn punch_with(
                 }
                 main.next = now + main.interval;
             }
-            let p = probe(&key, 1, me, nonce);
             // Fresh sockets start paced, then probe every interval.
             let due = ((since * FRESH_PER_MS) as usize + 1).min(extra.len());
             for e in &mut extra[fresh_started..due] {
@@ -750,7 +744,6 @@ pub fn punch_with(
             }
         }
         let wait = until.saturating_duration_since(Instant::now());
-        let fds: Vec<_> = all.iter().map(|s| s.as_fd()).collect();
         let ready = match natrix_net::wait_readable(&fds, wait.max(Duration::from_millis(1))) {
             Ok(r) => r,
             Err(e) => break Err(e.into()),
@@ -779,10 +772,7 @@ pub fn punch_with(
                                 e.next = e.next.min(Instant::now());
                                 e
                             };
-                            let targets = &mut prober.targets;
-                            if !targets.contains(&from) && targets.len() < MAX_TARGETS {
-                                targets.push(from);
-                            }
+                            prober.add(from);
                         }
                         2 if connected.is_none() => {
                             if let Some((_, at)) = sent.iter().find(|(x, _)| *x == n) {
@@ -815,9 +805,7 @@ pub fn punch_with(
                     && who == peer_index
                 {
                     for c in data.candidates {
-                        if !main.targets.contains(&c.addr) && main.targets.len() < MAX_TARGETS {
-                            main.targets.push(c.addr);
-                        }
+                        main.add(c.addr);
                     }
                 }
             }

@@ -81,6 +81,14 @@ pub struct ConnectionData {
 }
 
 impl ConnectionData {
+    /// The address of the first candidate of `kind`, if any.
+    pub fn address(&self, kind: CandidateKind) -> Option<SocketAddr> {
+        self.candidates
+            .iter()
+            .find(|c| c.kind == kind)
+            .map(|c| c.addr)
+    }
+
     /// The plaintext format above.
     pub fn encode(&self) -> Vec<u8> {
         let class = NatClass::code(self.class);
