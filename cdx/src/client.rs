@@ -30,13 +30,7 @@ pub enum DiscoveryError {
 pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, DiscoveryError> {
     let primary = UdpSocket::bind(local)?;
     // The address the tests run from, as the routing table picks it.
-    let local_ip = {
-        let probe = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
-        match probe.connect(server).and_then(|()| probe.local_addr()) {
-            Ok(a) => a.ip(),
-            Err(_) => local.ip(),
-        }
-    };
+    let local_ip = route_source(local.ip(), server).unwrap_or(local.ip());
     let from = SocketAddr::new(local_ip, primary.local_addr()?.port());
     let mut seed = [0u8; 32];
     rand::fill(&mut seed);
@@ -86,6 +80,18 @@ pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, Dis
             Err(_) => d.handle_send_error(listening, Instant::now()),
         }
     }
+}
+
+/// The local address datagrams to `server` leave from, as the routing
+/// table picks it for a socket bound to `local` (which may be unspecified):
+/// what a host candidate or a discovery profile names.
+pub fn route_source(
+    local: std::net::IpAddr,
+    server: SocketAddr,
+) -> std::io::Result<std::net::IpAddr> {
+    let probe = UdpSocket::bind(SocketAddr::new(local, 0))?;
+    probe.connect(server)?;
+    Ok(probe.local_addr()?.ip())
 }
 
 /// How long the NAT in front of `local` keeps an idle UDP mapping (RFC 5780

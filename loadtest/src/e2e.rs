@@ -459,9 +459,8 @@ fn host_address(socket: &UdpSocket, cdx: SocketAddr) -> anyhow::Result<SocketAdd
     if !local.ip().is_unspecified() {
         return Ok(local);
     }
-    let probe = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
-    probe.connect(cdx)?;
-    Ok(SocketAddr::new(probe.local_addr()?.ip(), local.port()))
+    let ip = natrix_cdx::client::route_source(local.ip(), cdx)?;
+    Ok(SocketAddr::new(ip, local.port()))
 }
 
 pub(crate) fn ms(d: Option<Duration>) -> Option<f64> {

@@ -164,14 +164,13 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
         addr: mapped,
     }];
     // The host candidate: the address the route to CDX leaves from.
-    if let Ok(probe) = UdpSocket::bind("0.0.0.0:0")
-        && probe.connect(args.cdx).is_ok()
-        && let Ok(a) = probe.local_addr()
-        && a.ip() != mapped.ip()
+    if let Ok(ip) =
+        natrix_cdx::client::route_source(std::net::Ipv4Addr::UNSPECIFIED.into(), args.cdx)
+        && ip != mapped.ip()
     {
         candidates.push(Candidate {
             kind: CandidateKind::Host,
-            addr: SocketAddr::new(a.ip(), local),
+            addr: SocketAddr::new(ip, local),
         });
     }
     let data = ConnectionData { class, candidates };
