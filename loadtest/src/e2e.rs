@@ -326,16 +326,7 @@ pub(crate) fn side(
             });
             race = Some(t);
         }
-        c.extend([
-            Candidate {
-                kind: CandidateKind::ServerReflexive,
-                addr: mapped,
-            },
-            Candidate {
-                kind: CandidateKind::Host,
-                addr: host_address(&socket, cdx)?,
-            },
-        ]);
+        c.extend(direct_candidates(&socket, cdx, mapped)?);
         c.extend(fresh.candidate());
         c
     };
@@ -449,6 +440,25 @@ pub(crate) fn side(
     }
     result.ok = true;
     Ok(result)
+}
+
+/// A direct side's candidates: its `mapped` address (as CDX saw it) and
+/// its host address.
+fn direct_candidates(
+    socket: &UdpSocket,
+    cdx: SocketAddr,
+    mapped: SocketAddr,
+) -> anyhow::Result<[Candidate; 2]> {
+    Ok([
+        Candidate {
+            kind: CandidateKind::ServerReflexive,
+            addr: mapped,
+        },
+        Candidate {
+            kind: CandidateKind::Host,
+            addr: host_address(socket, cdx)?,
+        },
+    ])
 }
 
 /// `socket`'s host candidate: its address, or where it is bound to every
@@ -612,16 +622,7 @@ impl Recovery<'_> {
             .context("no Binding answer from CDX")?;
         let data = ConnectionData {
             class: None,
-            candidates: vec![
-                Candidate {
-                    kind: CandidateKind::ServerReflexive,
-                    addr: mapped,
-                },
-                Candidate {
-                    kind: CandidateKind::Host,
-                    addr: host_address(socket, self.cdx)?,
-                },
-            ],
+            candidates: direct_candidates(socket, self.cdx, mapped)?.to_vec(),
         };
         self.seq += 1;
         // CDX answers a participant's newer post with the entries it has not
@@ -807,6 +808,18 @@ fn keep_path(
     }
 }
 
+/// The largest of the sides' `key` (milliseconds): when the slower side
+/// got there. `None` when no side reports it.
+pub(crate) fn slowest<'a>(
+    sides: impl IntoIterator<Item = &'a serde_json::Value>,
+    key: &str,
+) -> Option<f64> {
+    sides
+        .into_iter()
+        .filter_map(|s| s[key].as_f64())
+        .reduce(f64::max)
+}
+
 /// Tells lookup what happened to `plan` (its plan-accuracy metrics), from
 /// both sides' reports (`ok`, `relayed`, `first_packet_ms`): the actual
 /// path (direct, relay or failed) and whether lookup took the report.
@@ -824,10 +837,7 @@ pub(crate) fn report_outcome(
         (true, false) => "direct",
     };
     // The pair's first packet: when the later side got its own.
-    let first_packet = [a, b]
-        .iter()
-        .filter_map(|s| s["first_packet_ms"].as_f64())
-        .reduce(f64::max);
+    let first_packet = slowest([a, b], "first_packet_ms");
     let mut outcome = serde_json::json!({"report": plan["report"], "actual": actual});
     if let Some(ms) = first_packet.filter(|_| ok) {
         outcome["first_packet_ms"] = ms.into();

@@ -325,11 +325,7 @@ fn lab_profiles(cdx: SocketAddr) -> std::collections::BTreeMap<String, serde_jso
 /// the direct path is confirmed, the time to it, the time to the first
 /// packet on any path (the raced relay's included) and probes sent.
 fn hard(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
-    use std::net::ToSocketAddrs;
-    let lookup: SocketAddr = lookup
-        .to_socket_addrs()?
-        .next()
-        .context("--lookup resolves to nothing")?;
+    let lookup = resolve_lookup(lookup)?;
     let cdx = *args.cdx.first().context("--cdx is empty")?;
     let profiles = lab_profiles(cdx);
     let pairs: Vec<(&str, &str, &str)> = TYPES
@@ -363,13 +359,12 @@ fn hard(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
                             let r = match lookup_plan(args, lookup, pa, pb, false) {
                                 Ok((200, p)) => {
                                     let reports = run_plan(&p, [&na, &nb], cdx);
-                                    let slowest = |k: &str| reports.iter().filter_map(|r| r[k].as_f64()).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
                                     // Direct on both sides (a raced plan
                                     // may also connect through the relay).
                                     serde_json::json!({
                                         "ok": reports.iter().all(|r| r["direct"] == true),
-                                        "setup_ms": slowest("direct_ms"),
-                                        "first_packet_ms": slowest("first_packet_ms"),
+                                        "setup_ms": crate::e2e::slowest(&reports, "direct_ms"),
+                                        "first_packet_ms": crate::e2e::slowest(&reports, "first_packet_ms"),
                                         "probes": reports.iter().map(|r| r["probes"].as_u64().or_else(|| probes_in(&r["error"])).unwrap_or(0)).sum::<u64>(),
                                         "peers": reports,
                                     })
@@ -401,9 +396,7 @@ fn hard(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
             .filter_map(|r| r["setup_ms"].as_f64())
             .collect();
         setup.sort_by(f64::total_cmp);
-        let pct = |q: f64| {
-            (!setup.is_empty()).then(|| setup[((setup.len() - 1) as f64 * q).round() as usize])
-        };
+        let pct = |q: f64| quantile(&setup, q);
         let probes_max = runs.iter().filter_map(|r| r["probes"].as_u64()).max();
         let rate = ok as f64 / runs.len().max(1) as f64;
         // The first packet on any path, over every attempt that connected.
@@ -412,7 +405,7 @@ fn hard(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
             .filter_map(|r| r["first_packet_ms"].as_f64())
             .collect();
         first.sort_by(f64::total_cmp);
-        let first_p50 = (!first.is_empty()).then(|| first[(first.len() - 1) / 2]);
+        let first_p50 = quantile(&first, 0.5);
         println!(
             "{a:<22} {b:<22} {t:<10} {:>7.0}% {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11}",
             rate * 100.0,
@@ -458,11 +451,7 @@ fn hard(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
 /// forgets idle UDP mappings after 5 s: keepalives every 2 s hold its
 /// sessions, every 8 s do not.
 fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
-    use std::net::ToSocketAddrs;
-    let lookup: SocketAddr = lookup
-        .to_socket_addrs()?
-        .next()
-        .context("--lookup resolves to nothing")?;
+    let lookup = resolve_lookup(lookup)?;
     let cdx = *args.cdx.first().context("--cdx is empty")?;
     let [a, b] = args.pair.as_slice() else {
         anyhow::bail!("--pair takes two lab types: A,B");
@@ -536,6 +525,21 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// `--lookup`'s address (names are resolved).
+fn resolve_lookup(lookup: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    lookup
+        .to_socket_addrs()?
+        .next()
+        .context("--lookup resolves to nothing")
+}
+
+/// The `q` quantile (0–1, nearest rank) of `sorted`, `None` when empty.
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[(last as f64 * q).round() as usize])
+}
+
 /// The probe count a failed punch's error names ("… (N probes sent)").
 fn probes_in(error: &serde_json::Value) -> Option<u64> {
     let e = error.as_str()?;
@@ -545,11 +549,7 @@ fn probes_in(error: &serde_json::Value) -> Option<u64> {
 
 /// The matrix through lookup: profiles, plans, direct or relayed.
 fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
-    use std::net::ToSocketAddrs;
-    let lookup: SocketAddr = lookup
-        .to_socket_addrs()?
-        .next()
-        .context("--lookup resolves to nothing")?;
+    let lookup = resolve_lookup(lookup)?;
     let cdx = *args.cdx.first().context("--cdx is empty")?;
     let plan = |a: &serde_json::Value, b: &serde_json::Value, retry: bool| {
         lookup_plan(args, lookup, a, b, retry)
@@ -592,10 +592,7 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
                             &reports[1],
                         );
                         let mode = p["mode"].as_str().unwrap_or("?").to_owned();
-                        let setup = reports
-                            .iter()
-                            .filter_map(|r| r["first_packet_ms"].as_f64())
-                            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+                        let setup = crate::e2e::slowest(&reports, "first_packet_ms");
                         let direct_ms = reports
                             .iter()
                             .map(|r| r["direct_ms"].as_f64())
@@ -660,20 +657,21 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
             .filter_map(|r| r["time_to_first_packet_ms"].as_f64())
             .collect();
         ms.sort_by(f64::total_cmp);
-        if ms.is_empty() {
+        let (Some(p50), Some(p90), Some(max)) =
+            (quantile(&ms, 0.5), quantile(&ms, 0.9), quantile(&ms, 1.0))
+        else {
             continue;
-        }
-        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+        };
         println!(
             "  first packet, {g:<8} {:>3} pairs: p50 {:>5.0} ms, p90 {:>5.0} ms, max {:>5.0} ms",
             ms.len(),
-            at(0.5),
-            at(0.9),
-            at(1.0)
+            p50,
+            p90,
+            max
         );
         first_packet.insert(
             g.into(),
-            serde_json::json!({"pairs": ms.len(), "p50": at(0.5), "p90": at(0.9), "max": at(1.0)}),
+            serde_json::json!({"pairs": ms.len(), "p50": p50, "p90": p90, "max": max}),
         );
     }
     let mut doc = serde_json::json!({
