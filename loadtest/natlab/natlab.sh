@@ -120,11 +120,7 @@ up() {
     local r="nx-r-$type$suffix" c="nx-c-$type$suffix"
     local wan_r="198.51.100.$((4 * k + 2))"
     wan_link "$r" "$k"
-    ip netns add "$c"; ip -n "$c" link set lo up
-    ip link add lan netns "$r" type veth peer name eth0 netns "$c"
-    ip -n "$r" addr add "10.$k.0.1/24" dev lan; ip -n "$r" link set lan up
-    ip -n "$c" addr add "10.$k.0.2/24" dev eth0; ip -n "$c" link set eth0 up
-    ip -n "$c" route add default via "10.$k.0.1"
+    lan_client "$r" "$c" "$k"
     nft_nat "$r" "$type" "10.$k.0.2" "$wan_r"
     # The random-port symmetric NAT, like many mobile carriers', also
     # forgets idle UDP mappings after 5 s (keepalives must hold sessions).
@@ -165,11 +161,7 @@ up() {
     ip -n "$home" addr add "100.64.$k.2/30" dev wan; ip -n "$home" link set wan up
     ip -n "$home" route add default via "100.64.$k.1"
     nft_nat "$cgn" port-restricted-cone "100.64.$k.2" "198.51.100.$((4 * k + 2))"
-    ip netns add "$c"; ip -n "$c" link set lo up
-    ip link add lan netns "$home" type veth peer name eth0 netns "$c"
-    ip -n "$home" addr add "10.$k.0.1/24" dev lan; ip -n "$home" link set lan up
-    ip -n "$c" addr add "10.$k.0.2/24" dev eth0; ip -n "$c" link set eth0 up
-    ip -n "$c" route add default via "10.$k.0.1"
+    lan_client "$home" "$c" "$k"
     ip netns exec "$home" sysctl -qw net.ipv4.ip_forward=1
     nft_nat "$home" port-restricted-cone "10.$k.0.2" "100.64.$k.2"
   done
@@ -194,6 +186,15 @@ up() {
   # Clients with a public address and no NAT.
   open_client nx-c-open nxwo 253
   open_client nx-c-open-2 nxwo2 249
+}
+
+lan_client() { # router-ns client-ns k: the client on the router's LAN
+  local r=$1 c=$2 k=$3
+  ip netns add "$c"; ip -n "$c" link set lo up
+  ip link add lan netns "$r" type veth peer name eth0 netns "$c"
+  ip -n "$r" addr add "10.$k.0.1/24" dev lan; ip -n "$r" link set lan up
+  ip -n "$c" addr add "10.$k.0.2/24" dev eth0; ip -n "$c" link set eth0 up
+  ip -n "$c" route add default via "10.$k.0.1"
 }
 
 wan_link() { # router-ns k: the router, its WAN link to the internet
