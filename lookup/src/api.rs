@@ -332,6 +332,8 @@ pub fn plan(
         Mode::Direct([p, _]) if p.technique != Technique::Classic => Some(decide(&a, &b, true)),
         _ => None,
     };
+    // Both sides keep the path alive for the shorter-lived of their NATs.
+    let keepalive_ms = natrix_model::keepalive(&req.a.profile, &req.b.profile);
     let mut chosen: [Option<&HostRecord>; 2] = [None, None];
     for (i, (side, behaviour, peer)) in peers.iter().enumerate() {
         let racing = race.is_some_and(|m| m.relays(*side));
@@ -406,10 +408,9 @@ pub fn plan(
                     .collect(),
                 invitation: invitation.to_string(),
             },
-            punch: mode.punch(*side).map(|p| natrix_model::PunchPlan {
-                keepalive_ms: natrix_model::keepalive(&req.a.profile, &req.b.profile),
-                ..p
-            }),
+            punch: mode
+                .punch(*side)
+                .map(|p| natrix_model::PunchPlan { keepalive_ms, ..p }),
         });
     }
     let (Some(b_plan), Some(a_plan)) = (sides.pop(), sides.pop()) else {
