@@ -71,10 +71,9 @@ fn secret_json(s: &super::sealed::Secret) -> Value {
 }
 
 fn secret_from(v: &Value) -> anyhow::Result<super::sealed::Secret> {
-    let iv = unhex(str_of(v, "iv")?)?;
     Ok(super::sealed::Secret {
         key: unhex(str_of(v, "key")?)?,
-        iv: iv.try_into().ok().context("iv length")?,
+        iv: hex_array(v, "iv")?,
         seq: u64_of(v, "seq")?,
     })
 }
@@ -134,6 +133,14 @@ fn allocation_json(a: &MovedAllocation) -> Value {
     })
 }
 
+/// `v[key]` as hex of exactly `N` bytes.
+fn hex_array<const N: usize>(v: &Value, key: &str) -> anyhow::Result<[u8; N]> {
+    unhex(str_of(v, key)?)?
+        .try_into()
+        .ok()
+        .with_context(|| format!("`{key}`: {N} bytes expected"))
+}
+
 fn str_of<'a>(v: &'a Value, key: &str) -> anyhow::Result<&'a str> {
     v[key].as_str().with_context(|| format!("`{key}` missing"))
 }
@@ -149,10 +156,7 @@ fn allocation_from(v: &Value) -> anyhow::Result<MovedAllocation> {
         "tls" => Transport::Tls,
         other => anyhow::bail!("transport {other}"),
     };
-    let mut created_by = [0u8; 12];
-    let tid = unhex(str_of(v, "created_by")?)?;
-    anyhow::ensure!(tid.len() == 12, "transaction id length");
-    created_by.copy_from_slice(&tid);
+    let created_by = hex_array(v, "created_by")?;
     let permissions = v["permissions"]
         .as_array()
         .context("permissions")?
@@ -304,10 +308,7 @@ impl Handoff {
         };
         let mut loops = Vec::new();
         for l in v["loops"].as_array().context("`loops` missing")? {
-            let mut seed = [0u8; 32];
-            let raw = unhex(str_of(l, "seed")?)?;
-            anyhow::ensure!(raw.len() == 32, "seed length");
-            seed.copy_from_slice(&raw);
+            let seed = hex_array(l, "seed")?;
             let relays = l["relays"]
                 .as_array()
                 .context("`relays` missing")?
