@@ -408,18 +408,7 @@ impl Stream {
                 sealed.seal(&self.write);
                 self.write.clear();
             }
-            while !sealed.outgoing.is_empty() {
-                match self.socket.write(&sealed.outgoing) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => {
-                        sealed.outgoing.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            return Ok(true);
+            return drain_into(&mut self.socket, &mut sealed.outgoing);
         }
         if let Some(tls) = self.tls.as_mut() {
             // rustls buffers at most 64 KiB of plaintext: hand it what it
@@ -458,16 +447,8 @@ impl Stream {
             self.tls_queued = 0;
             return Ok(true);
         }
-        while !self.write.is_empty() {
-            match self.socket.write(&self.write) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.write.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        if !drain_into(&mut self.socket, &mut self.write)? {
+            return Ok(false);
         }
         if self.write.capacity() > KEPT_WRITE {
             // A burst for a slow client has drained: give the memory back.
@@ -488,4 +469,21 @@ impl Stream {
             || self.tls.as_ref().is_some_and(|t| t.wants_write())
             || self.sealed.as_ref().is_some_and(|s| !s.outgoing.is_empty())
     }
+}
+
+/// Writes `buf` to `socket` until it is empty (true) or the socket would
+/// block (false, the rest stays queued); what was written leaves `buf`.
+fn drain_into(socket: &mut impl Write, buf: &mut Vec<u8>) -> io::Result<bool> {
+    while !buf.is_empty() {
+        match socket.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
