@@ -38,13 +38,7 @@ fn run(args: &[&str]) -> serde_json::Value {
         .args(["--progress", "off"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "natrix-loadtest {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::stdout_report(&out, &format!("natrix-loadtest {args:?}"))
 }
 
 fn run_owned(args: &[String]) -> serde_json::Value {

@@ -62,13 +62,7 @@ fn relay_load(server: &str, duration: &str, transport: &str) -> std::process::Ch
 
 fn report(child: std::process::Child) -> serde_json::Value {
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "natrix-loadtest failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::stdout_report(&out, "natrix-loadtest")
 }
 
 #[test]

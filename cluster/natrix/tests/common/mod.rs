@@ -580,3 +580,16 @@ pub fn write_self_signed_cert(dir: &std::path::Path) {
         .expect("running openssl");
     assert!(out.status.success(), "openssl: {out:?}");
 }
+
+/// The JSON report a tool printed on stdout; the test fails (with the
+/// tool's output) when `what` exited non-zero.
+pub fn stdout_report(out: &std::process::Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what} printed no JSON report: {e}"))
+}
