@@ -94,6 +94,14 @@ pub struct RelayConfig {
     #[arg(long = "turn-idle-timeout", env = "NATRIX_TURN_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
+    /// TURN mobility (RFC 8016): a client that asks gets a MOBILITY-TICKET,
+    /// and when its address changes (Wi-Fi to cellular, a NAT re-mapping)
+    /// it moves its allocation, relayed address and all, to the new address
+    /// with a Refresh signed with the allocation's key. Off: such an
+    /// Allocate is answered 405 (Mobility Forbidden).
+    #[arg(long = "turn-mobility", env = "NATRIX_TURN_MOBILITY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mobility: bool,
+
     /// Realm of the long-term credentials (RFC 8489 §9.2).
     #[arg(long, env = "NATRIX_REALM", default_value = "natrix")]
     pub realm: String,
@@ -387,6 +395,7 @@ impl RelayConfig {
                 total_rate: self.unauth_rate_total,
                 total_burst: self.unauth_rate_total.max(1.0),
             },
+            mobility: self.mobility,
         }
     }
 }

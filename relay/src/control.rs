@@ -53,6 +53,18 @@ impl Control {
             .push(waker);
     }
 
+    /// Wakes loop `shard` (wakers are added in loop order).
+    pub(crate) fn wake(&self, shard: usize) {
+        if let Some(w) = self
+            .wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(shard)
+        {
+            let _ = w.wake();
+        }
+    }
+
     fn wake_all(&self) {
         for w in self.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = w.wake();

@@ -15,6 +15,7 @@ use crate::core::{
 pub struct RelayMetrics {
     allocations: IntGauge,
     created: IntCounter,
+    moved: [IntCounter; 2],
     expired: IntCounter,
     deleted: IntCounter,
     disconnected: IntCounter,
@@ -50,6 +51,10 @@ impl RelayMetrics {
         RelayMetrics {
             allocations: t.gauge(&cat::RELAY_ALLOCATIONS),
             created: t.counter(&cat::RELAY_ALLOCATIONS_CREATED_TOTAL),
+            moved: ["same_loop", "across_loops"].map(|p| {
+                t.counter_family(&cat::RELAY_ALLOCATIONS_MOVED_TOTAL)
+                    .with_label_values(&[p])
+            }),
             expired: ended.with_label_values(&["expired"]),
             deleted: ended.with_label_values(&["deleted"]),
             disconnected: ended.with_label_values(&["disconnected"]),
@@ -84,6 +89,9 @@ impl RelayMetrics {
             last.allocations_created,
             now.allocations_created,
         );
+        for (i, c) in self.moved.iter().enumerate() {
+            inc(c, last.allocations_moved[i], now.allocations_moved[i]);
+        }
         inc(
             &self.expired,
             last.allocations_expired,

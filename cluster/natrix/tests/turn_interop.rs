@@ -514,3 +514,53 @@ fn ipv6_relayed_addresses_reach_ipv6_peers() {
     );
     assert_clean(&report, 20);
 }
+
+/// TURN mobility (RFC 8016) with coturn's client: `-M` asks for a ticket,
+/// then re-opens its socket (a new source port, over TCP a new connection,
+/// often after closing the old one) and moves the allocation there with a
+/// Refresh, before relaying. Every allocation moves and nothing is lost;
+/// with the harness's two loops some new 5-tuples reach the other loop,
+/// which takes the allocation over.
+fn uclient_moves_its_allocations(transport: &[&str]) {
+    let natrix = Natrix::relay(ALLOW_LOOPBACK);
+    let (_peer, peer_port) = udp_echo_peer();
+    let p = port(&natrix);
+    let pp = peer_port.to_string();
+    let mut args = vec!["-M"];
+    args.extend_from_slice(transport);
+    args.extend([
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        "25",
+        "-m",
+        "20",
+        "-l",
+        "160",
+        "127.0.0.1",
+    ]);
+    let report = as_tester(&p, &args);
+    assert_clean(&report, 500);
+    let created = natrix.metric("relay_allocations_created_total");
+    let moved =
+        |path: &str| natrix.metric(&format!("relay_allocations_moved_total{{path=\"{path}\"}}"));
+    let (same, across) = (moved("same_loop"), moved("across_loops"));
+    assert!(created >= 20.0, "created {created}");
+    assert_eq!(same + across, created, "every allocation moved once");
+    assert!(
+        across >= 1.0,
+        "no move crossed loops: {same} same, {across} across"
+    );
+}
+
+#[test]
+fn uclient_with_mobility_moves_udp_allocations_to_its_new_address() {
+    uclient_moves_its_allocations(&[]);
+}
+
+#[test]
+fn uclient_with_mobility_moves_tcp_allocations_to_its_new_connection() {
+    uclient_moves_its_allocations(&["-t"]);
+}

@@ -230,8 +230,8 @@ pub const RELAY_METHOD: Label = Label {
 pub const RELAY_RESULT: Label = Label {
     name: "result",
     values: &[
-        "success", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "486",
-        "500", "508",
+        "success", "400", "401", "403", "405", "420", "437", "438", "440", "441", "442", "443",
+        "486", "500", "508",
     ],
 };
 
@@ -272,6 +272,8 @@ pub const RELAY_REFUSAL_REASON: Label = Label {
         "source_quota",
         "session_quota",
         "tenant_quota",
+        "mobility_forbidden",
+        "unknown_ticket",
         "draining",
         "host_capacity",
         "no_relay_port",
@@ -304,6 +306,17 @@ pub const RELAY_ALLOCATIONS_CREATED_TOTAL: MetricDef = metric(
     "TURN allocations created.",
     Kind::Counter,
     &[],
+);
+
+/// Allocations moved to a new client address (TURN mobility).
+pub const RELAY_ALLOCATIONS_MOVED_TOTAL: MetricDef = metric(
+    "relay_allocations_moved_total",
+    "TURN allocations moved to a new client 5-tuple by a mobility ticket (RFC 8016): a client whose address changed kept its relayed address; across_loops when its new address reached another of the relay's loops, which took the allocation over.",
+    Kind::Counter,
+    &[Label {
+        name: "path",
+        values: &["same_loop", "across_loops"],
+    }],
 );
 
 /// Allocations ended, by why.
@@ -906,6 +919,7 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_ALLOCATIONS,
     &RELAY_ALLOCATION_CAPACITY,
     &RELAY_ALLOCATIONS_CREATED_TOTAL,
+    &RELAY_ALLOCATIONS_MOVED_TOTAL,
     &RELAY_ALLOCATIONS_ENDED_TOTAL,
     &RELAY_FORWARDED_PACKETS_TOTAL,
     &RELAY_FORWARDED_BYTES_TOTAL,

@@ -110,6 +110,10 @@ attribute_types! {
     RESPONSE_ORIGIN = 0x802B, "RESPONSE-ORIGIN";
     /// OTHER-ADDRESS (RFC 5780 §7.4).
     OTHER_ADDRESS = 0x802C, "OTHER-ADDRESS";
+    /// MOBILITY-TICKET (RFC 8016 §3.1): empty in an Allocate that asks
+    /// for mobility, the server's opaque ticket in its answers and in the
+    /// Refresh that moves the allocation to a new 5-tuple.
+    MOBILITY_TICKET = 0x8030, "MOBILITY-TICKET";
 }
 
 impl AttributeType {
@@ -152,6 +156,8 @@ impl ErrorCode<'static> {
     pub const UNAUTHENTICATED: ErrorCode<'static> = ErrorCode::standard(401);
     /// 403 Forbidden (RFC 8656).
     pub const FORBIDDEN: ErrorCode<'static> = ErrorCode::standard(403);
+    /// 405 Mobility Forbidden (RFC 8016 §3.2).
+    pub const MOBILITY_FORBIDDEN: ErrorCode<'static> = ErrorCode::standard(405);
     /// 420 Unknown Attribute.
     pub const UNKNOWN_ATTRIBUTE: ErrorCode<'static> = ErrorCode::standard(420);
     /// 437 Allocation Mismatch (RFC 8656).
@@ -180,6 +186,7 @@ impl ErrorCode<'static> {
             400 => "Bad Request",
             401 => "Unauthenticated",
             403 => "Forbidden",
+            405 => "Mobility Forbidden",
             420 => "Unknown Attribute",
             437 => "Allocation Mismatch",
             438 => "Stale Nonce",

@@ -69,6 +69,11 @@ pub(crate) struct Allocation {
     /// Session-scoped permissions: the only peers this allocation may
     /// reach, from its session token (`None`: any the policy permits).
     pub(crate) allowed_peers: Option<Box<[IpAddr]>>,
+    /// The secret of its mobility ticket, when the client asked for one
+    /// (RFC 8016).
+    pub(crate) ticket: Option<[u8; 14]>,
+    /// Handed over by another core for a move that has not completed yet.
+    pub(crate) adopted: bool,
 }
 
 impl Allocation {

@@ -53,6 +53,7 @@ pub use refusal::Refusal;
 pub use server::{
     ClientAction, Command, Moved, MovedAllocation, PEER_HEADROOM, PEER_TAILROOM, PeerAction,
     RelayAddress, RelaySockets, SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server, ServerConfig,
+    TICKET_LEN, Ticket,
 };
 pub use stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 pub use types::{AllocationId, ClientSocket, Transport};

@@ -338,6 +338,35 @@ impl SharedPorts {
         true
     }
 
+    /// Counts a live allocation against source `to` instead of `from` (its
+    /// client moved, RFC 8016), atomically with `to`'s quota.
+    pub(crate) fn move_source(
+        &self,
+        from: IpAddr,
+        to: IpAddr,
+        quota: usize,
+    ) -> Result<(), Refusal> {
+        if from == to {
+            return Ok(());
+        }
+        let mut state = self.lock();
+        if state
+            .holders
+            .get(&Holder::Source(to))
+            .is_some_and(|n| *n >= quota)
+        {
+            return Err(Refusal::SourceQuota);
+        }
+        *state.holders.entry(Holder::Source(to)).or_insert(0) += 1;
+        if let Some(n) = state.holders.get_mut(&Holder::Source(from)) {
+            *n -= 1;
+            if *n == 0 {
+                state.holders.remove(&Holder::Source(from));
+            }
+        }
+        Ok(())
+    }
+
     /// Uncounts an ended allocation of `claim` (its quotas do not matter).
     pub(crate) fn uncount(&self, claim: &Claim<'_>) {
         let mut state = self.lock();

@@ -63,6 +63,12 @@ pub enum Refusal {
     SessionQuota,
     /// The tenant's (API key's) allocation quota is used up (486).
     TenantQuota,
+    /// An Allocate asked for a mobility ticket on a relay that does not
+    /// give them (405, RFC 8016 §3.2).
+    MobilityForbidden,
+    /// A Refresh from a new 5-tuple whose MOBILITY-TICKET names no
+    /// allocation here, or whose signature is not the allocation's (400).
+    UnknownTicket,
     /// The relay is draining: no new allocations (508).
     Draining,
     /// The host's allocation capacity is used up (508).
@@ -83,7 +89,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every cause, in index order (the metric's series).
-    pub const ALL: [Refusal; 27] = [
+    pub const ALL: [Refusal; 29] = [
         Refusal::UnknownMethod,
         Refusal::IncompleteCredentials,
         Refusal::UnknownAttribute,
@@ -104,6 +110,8 @@ impl Refusal {
         Refusal::SourceQuota,
         Refusal::SessionQuota,
         Refusal::TenantQuota,
+        Refusal::MobilityForbidden,
+        Refusal::UnknownTicket,
         Refusal::Draining,
         Refusal::HostCapacity,
         Refusal::NoRelayPort,
@@ -123,7 +131,9 @@ impl Refusal {
             | Refusal::ConflictingAttributes
             | Refusal::MissingPeer
             | Refusal::BadChannelNumber
-            | Refusal::ChannelConflict => ErrorCode::BAD_REQUEST,
+            | Refusal::ChannelConflict
+            | Refusal::UnknownTicket => ErrorCode::BAD_REQUEST,
+            Refusal::MobilityForbidden => ErrorCode::MOBILITY_FORBIDDEN,
             Refusal::UnknownAttribute => ErrorCode::UNKNOWN_ATTRIBUTE,
             Refusal::UnsupportedTransport => ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL,
             Refusal::AddressFamilyNotSupported => ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
@@ -168,6 +178,8 @@ impl Refusal {
             Refusal::SourceQuota => "source_quota",
             Refusal::SessionQuota => "session_quota",
             Refusal::TenantQuota => "tenant_quota",
+            Refusal::MobilityForbidden => "mobility_forbidden",
+            Refusal::UnknownTicket => "unknown_ticket",
             Refusal::Draining => "draining",
             Refusal::HostCapacity => "host_capacity",
             Refusal::NoRelayPort => "no_relay_port",

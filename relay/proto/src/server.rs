@@ -155,6 +155,10 @@ pub struct ServerConfig {
     pub bandwidth_per_allocation: Option<u64>,
     /// Caps on unauthenticated answers.
     pub unauth: UnauthLimits,
+    /// Give mobility tickets (RFC 8016) to clients that ask: a client whose
+    /// address changes moves its allocation to the new 5-tuple with a
+    /// Refresh. Off: such an Allocate gets 405.
+    pub mobility: bool,
 }
 
 impl Default for ServerConfig {
@@ -172,6 +176,7 @@ impl Default for ServerConfig {
             tenant_quota: usize::MAX,
             bandwidth_per_allocation: None,
             unauth: UnauthLimits::default(),
+            mobility: true,
         }
     }
 }
@@ -194,6 +199,71 @@ pub enum ClientAction {
     Consumed,
     /// Dropped and counted.
     Drop(DropReason),
+    /// A Refresh from a new 5-tuple with a mobility ticket another core
+    /// issued (loop `shard` of the host): the shell hands the packet to that
+    /// core's [`Server::take_moving`], then gives what it returns to
+    /// [`Server::adopt_moving`] here (or, when nothing came,
+    /// [`Server::refuse_move`]).
+    Move {
+        /// The core that issued the ticket.
+        shard: u16,
+    },
+}
+
+/// Bytes of a mobility ticket on the wire: ASCII (clients keep it as a C
+/// string of at most 32 bytes, coturn's among them): a version letter, the
+/// core (loop) that issued it in 3 hex digits, and its secret in hex.
+pub const TICKET_LEN: usize = 32;
+const TICKET_VERSION: u8 = b'n';
+/// Bytes of a ticket's secret.
+const SECRET_LEN: usize = 14;
+
+/// A ticket's secret.
+type Secret = [u8; SECRET_LEN];
+
+/// A MOBILITY-TICKET (RFC 8016) as this relay writes it. The secret is an
+/// HMAC of a counter under the core's seed: unguessable, and useless without
+/// the allocation's key, which signs the Refresh that redeems it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    /// The core that issued it (below 4096).
+    pub shard: u16,
+    /// What identifies the allocation.
+    pub secret: [u8; SECRET_LEN],
+}
+
+impl Ticket {
+    /// Reads a ticket; `None` for anything this relay did not write.
+    pub fn parse(value: &[u8]) -> Option<Ticket> {
+        if value.len() != TICKET_LEN || value[0] != TICKET_VERSION {
+            return None;
+        }
+        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let shard = value[1..4]
+            .iter()
+            .try_fold(0u16, |acc, &c| Some(acc << 4 | u16::from(nibble(c)?)))?;
+        let mut secret = [0u8; SECRET_LEN];
+        for (i, pair) in value[4..].chunks_exact(2).enumerate() {
+            secret[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        }
+        Some(Ticket { shard, secret })
+    }
+
+    /// The attribute's value.
+    pub fn encode(&self) -> [u8; TICKET_LEN] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut v = [0u8; TICKET_LEN];
+        v[0] = TICKET_VERSION;
+        let shard = self.shard.min(0xFFF);
+        for (i, shift) in [8u16, 4, 0].into_iter().enumerate() {
+            v[1 + i] = HEX[usize::from((shard >> shift) & 0xF)];
+        }
+        for (i, b) in self.secret.iter().enumerate() {
+            v[4 + 2 * i] = HEX[usize::from(b >> 4)];
+            v[5 + 2 * i] = HEX[usize::from(b & 0xF)];
+        }
+        v
+    }
 }
 
 /// Where a peer packet goes once framed.
@@ -280,6 +350,14 @@ pub struct Server {
     /// The seed (nonce key): a process that takes this core's allocations
     /// over (binary upgrade) starts from it, so issued nonces stay valid.
     seed: [u8; 32],
+    /// This core's loop on the host (written into its mobility tickets).
+    shard: u16,
+    /// Mobility ticket secrets → slot.
+    tickets: HashMap<Secret, u32, RandomState>,
+    /// Key of ticket secrets (from the seed).
+    ticket_key: ring::hmac::Key,
+    /// Ticket secrets made so far (the HMAC's input).
+    tickets_made: u64,
 }
 
 impl Server {
@@ -316,9 +394,40 @@ impl Server {
             rng,
             next_sweep: now + SWEEP_INTERVAL,
             parked: VecDeque::new(),
+            ticket_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed),
             seed,
             draining: false,
+            shard: 0,
+            tickets: HashMap::default(),
+            tickets_made: 0,
         }
+    }
+
+    /// Sets this core's loop index on the host, which its mobility tickets
+    /// name so that any loop can find the allocation they move.
+    pub fn set_shard(&mut self, shard: u16) {
+        self.shard = shard;
+    }
+
+    /// A fresh ticket secret.
+    fn new_ticket_secret(&mut self) -> Secret {
+        self.tickets_made += 1;
+        let mut input = [0u8; 16];
+        input[..8].copy_from_slice(b"mobility");
+        input[8..].copy_from_slice(&self.tickets_made.to_be_bytes());
+        let tag = ring::hmac::sign(&self.ticket_key, &input);
+        let mut secret = [0u8; SECRET_LEN];
+        secret.copy_from_slice(&tag.as_ref()[..SECRET_LEN]);
+        secret
+    }
+
+    /// The slot a request's mobility ticket names here, if any.
+    fn ticket_slot(&self, msg: &Message<'_>) -> Option<u32> {
+        if !self.config.mobility {
+            return None;
+        }
+        let ticket = Ticket::parse(msg.get(AttributeType::MOBILITY_TICKET)?)?;
+        self.tickets.get(&ticket.secret).copied()
     }
 
     /// Re-reads the wall clock: `unix_now` (seconds since 1970) at `now`.
@@ -510,6 +619,16 @@ impl Server {
             Method::CHANNEL_BIND => RequestMethod::ChannelBind,
             _ => RequestMethod::Other,
         };
+        if method == RequestMethod::Refresh
+            && let Some(shard) = self.moves_from(&msg, from)
+        {
+            // Handing a packet to another loop costs more than answering
+            // it: bounded like an unauthenticated answer.
+            if !self.limiter.allow(from.client.ip(), now) {
+                return self.dropped(DropReason::RateLimited);
+            }
+            return ClientAction::Move { shard };
+        }
         let (answer, result) = self.request(&msg, method, from, now, out, sockets);
         match answer {
             Some(Ok(len)) => {
@@ -521,6 +640,17 @@ impl Server {
             Some(Err(_)) => self.dropped(DropReason::Malformed),
             None => self.dropped(DropReason::RateLimited),
         }
+    }
+
+    /// The core a Refresh's mobility ticket names when the allocation is
+    /// not here (and `from` has none here).
+    fn moves_from(&self, msg: &Message<'_>, from: ClientSocket) -> Option<u16> {
+        if !self.config.mobility || self.allocation_by_client.contains_key(&from) {
+            return None;
+        }
+        let ticket = Ticket::parse(msg.get(AttributeType::MOBILITY_TICKET)?)?;
+        (ticket.shard != self.shard && !self.tickets.contains_key(&ticket.secret))
+            .then_some(ticket.shard)
     }
 
     /// Handles a request; returns the answer (None when rate-limited) and
@@ -645,10 +775,13 @@ impl Server {
             return Err(self.challenge(msg, ErrorCode::UNAUTHENTICATED, from, now, out));
         }
         let sha256 = msg.get(AttributeType::MESSAGE_INTEGRITY_SHA256).is_some();
-        let existing = self
-            .allocation_by_client
-            .get(&from)
-            .and_then(|&i| self.slots[i as usize].allocation.as_ref());
+        let mut slot = self.allocation_by_client.get(&from).copied();
+        if slot.is_none() && method == RequestMethod::Refresh {
+            // A client that moved signs with its allocation's key, which
+            // may outlive its credentials (RFC 8016 §3.3).
+            slot = self.ticket_slot(msg);
+        }
+        let existing = slot.and_then(|i| self.slots[i as usize].allocation.as_ref());
         if let Some(alloc) = existing
             && &*alloc.username == username
         {
@@ -841,6 +974,10 @@ impl Server {
         if self.draining {
             return Err(Refusal::Draining);
         }
+        let wants_ticket = msg.get(AttributeType::MOBILITY_TICKET).is_some();
+        if wants_ticket && !self.config.mobility {
+            return Err(Refusal::MobilityForbidden);
+        }
         let req = AllocateRequest::parse(msg)?;
         let claim = self.claim(req.username, from.client.ip());
         self.ports.admissible(&claim)?;
@@ -881,6 +1018,10 @@ impl Server {
             tokens: rate as f64,
             updated: now,
         });
+        let ticket = wants_ticket.then(|| self.new_ticket_secret());
+        if let Some(secret) = ticket {
+            self.tickets.insert(secret, index);
+        }
         self.slots[index as usize].allocation = Some(Allocation {
             client: from,
             relayed,
@@ -892,16 +1033,22 @@ impl Server {
             channels: Vec::new(),
             bandwidth,
             allowed_peers: super::auth::session_peers(req.username),
+            ticket,
+            adopted: false,
         });
         self.allocation_by_client.insert(from, index);
         self.stats.allocations_created += 1;
         self.stats.allocations = self.allocation_by_client.len() as u64;
+        let ticket = self.ticket_of(ticket);
 
         self.success(msg, auth, out, |enc| {
             enc.attribute(&Attribute::XorRelayedAddress(relayed))?;
             enc.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32))?;
             if let Some(t) = reserved_token {
                 enc.attribute(&Attribute::ReservationToken(t))?;
+            }
+            if let Some(t) = ticket {
+                enc.raw(AttributeType::MOBILITY_TICKET, &t)?;
             }
             enc.xor_mapped_address(from.client)
         })
@@ -947,9 +1094,13 @@ impl Server {
         }
         let relayed = alloc.relayed;
         let left = alloc.expires.saturating_duration_since(now).as_secs() as u32;
+        let ticket = self.ticket_of(alloc.ticket);
         self.success(msg, auth, out, |enc| {
             enc.attribute(&Attribute::XorRelayedAddress(relayed))?;
             enc.attribute(&Attribute::Lifetime(left))?;
+            if let Some(t) = ticket {
+                enc.raw(AttributeType::MOBILITY_TICKET, &t)?;
+            }
             enc.xor_mapped_address(from.client)
         })
     }
@@ -1041,8 +1192,15 @@ impl Server {
         now: Instant,
         out: &mut [u8],
     ) -> Result<usize, Refusal> {
-        let index = self.allocation_of(&from)?;
+        let index = match self.allocation_of(&from) {
+            Ok(index) => index,
+            Err(refusal) if msg.get(AttributeType::MOBILITY_TICKET).is_none() => {
+                return Err(refusal);
+            }
+            Err(_) => self.move_to(msg, from)?,
+        };
         let lifetime = self.granted_lifetime(msg);
+        let ticket = self.ticket_of(self.allocation_ref(index)?.ticket);
         let alloc = self.allocation_mut(index)?;
         if let Some(Ok(Attribute::RequestedAddressFamily(f))) =
             msg.decode(AttributeType::REQUESTED_ADDRESS_FAMILY)
@@ -1058,8 +1216,49 @@ impl Server {
             alloc.expires = now + lifetime;
         }
         self.success(msg, auth, out, |enc| {
-            enc.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32))
+            enc.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32))?;
+            match ticket {
+                Some(t) => enc.raw(AttributeType::MOBILITY_TICKET, &t),
+                None => Ok(()),
+            }
         })
+    }
+
+    /// The wire form of an allocation's ticket.
+    fn ticket_of(&self, secret: Option<Secret>) -> Option<[u8; TICKET_LEN]> {
+        secret.map(|secret| {
+            Ticket {
+                shard: self.shard,
+                secret,
+            }
+            .encode()
+        })
+    }
+
+    /// Moves the allocation a Refresh's (authenticated) ticket names to
+    /// `from` (RFC 8016 §3.3): the old 5-tuple loses it, the source quota
+    /// follows the client, and the ticket is replaced (each redeems once).
+    fn move_to(&mut self, msg: &Message<'_>, from: ClientSocket) -> Result<u32, Refusal> {
+        let index = self.ticket_slot(msg).ok_or(Refusal::UnknownTicket)?;
+        let quota = self.config.source_quota;
+        let alloc = self.allocation_ref(index)?;
+        let (old, old_secret) = (alloc.client, alloc.ticket);
+        self.ports
+            .move_source(old.client.ip(), from.client.ip(), quota)?;
+        let secret = self.new_ticket_secret();
+        if let Some(s) = old_secret {
+            self.tickets.remove(&s);
+        }
+        self.tickets.insert(secret, index);
+        let alloc = self.allocation_mut(index)?;
+        alloc.client = from;
+        alloc.ticket = Some(secret);
+        let across = std::mem::take(&mut alloc.adopted);
+        self.allocation_by_client.remove(&old);
+        self.allocation_by_client.insert(from, index);
+        self.stats.allocations_moved[usize::from(across)] += 1;
+        tracing::debug!(from = %old.client, to = %from.client, "allocation moved");
+        Ok(index)
     }
 
     /// The slot of `from`'s allocation; 437 when it has none.
@@ -1364,8 +1563,19 @@ impl Server {
 
     /// A TCP or TLS client's connection closed: its allocation ends with it
     /// (RFC 8656 §3.1, the allocation lives as long as its 5-tuple).
+    ///
+    /// An allocation with a mobility ticket outlives its connection (RFC
+    /// 8016 §3.3): its client may come back on a new one and move it there,
+    /// until its lifetime runs out.
     pub fn handle_client_disconnected(&mut self, client: ClientSocket) {
         if let Some(&index) = self.allocation_by_client.get(&client) {
+            if self.slots[index as usize]
+                .allocation
+                .as_ref()
+                .is_some_and(|a| a.ticket.is_some())
+            {
+                return;
+            }
             self.free(index, End::Disconnected);
         }
     }
@@ -1383,6 +1593,9 @@ impl Server {
         slot.generation = slot.generation.wrapping_add(1);
         self.free_slots.push(index);
         self.allocation_by_client.remove(&alloc.client);
+        if let Some(secret) = alloc.ticket {
+            self.tickets.remove(&secret);
+        }
         self.ports
             .uncount(&self.claim(&alloc.username, alloc.client.client.ip()));
         self.ports.put(alloc.relayed.port());
@@ -1427,6 +1640,8 @@ pub struct MovedAllocation {
     pub channels: Vec<(u16, SocketAddr, i64)>,
     /// Bandwidth tokens left, when the relay caps bandwidth.
     pub bandwidth_tokens: Option<f64>,
+    /// Its mobility ticket's secret, when it has one.
+    pub ticket: Option<[u8; SECRET_LEN]>,
 }
 
 /// What a core hands to its successor: the seed (so the nonces it issued
@@ -1464,38 +1679,77 @@ impl Server {
     /// TLS allocation moves only with its connection: the shell leaves out
     /// those whose connection it cannot hand over.
     pub fn export(&self, now: Instant) -> Moved {
-        let allocations = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, s)| {
-                let a = s.allocation.as_ref()?;
-                Some(MovedAllocation {
-                    slot: slot as u32,
-                    generation: s.generation,
-                    client: a.client,
-                    relayed: a.relayed,
-                    username: a.username.to_string(),
-                    key: a.key.raw()?.to_vec(),
-                    created_by: a.created_by.0,
-                    expires_in: a.expires.saturating_duration_since(now),
-                    permissions: a
-                        .permissions
-                        .iter()
-                        .map(|p| (p.ip, p.expires.saturating_duration_since(now)))
-                        .collect(),
-                    channels: a
-                        .channels
-                        .iter()
-                        .map(|c| (c.number, c.peer, offset_ms(c.expires, now)))
-                        .collect(),
-                    bandwidth_tokens: a.bandwidth.map(|b| b.tokens),
-                })
-            })
+        let allocations = (0..self.slots.len() as u32)
+            .filter_map(|slot| self.moved_of(slot, now))
             .collect();
         Moved {
             seed: self.seed,
             allocations,
+        }
+    }
+
+    /// The allocation in `slot` as it moves.
+    fn moved_of(&self, slot: u32, now: Instant) -> Option<MovedAllocation> {
+        let s = &self.slots[slot as usize];
+        let a = s.allocation.as_ref()?;
+        Some(MovedAllocation {
+            slot,
+            generation: s.generation,
+            client: a.client,
+            relayed: a.relayed,
+            username: a.username.to_string(),
+            key: a.key.raw()?.to_vec(),
+            created_by: a.created_by.0,
+            expires_in: a.expires.saturating_duration_since(now),
+            permissions: a
+                .permissions
+                .iter()
+                .map(|p| (p.ip, p.expires.saturating_duration_since(now)))
+                .collect(),
+            channels: a
+                .channels
+                .iter()
+                .map(|c| (c.number, c.peer, offset_ms(c.expires, now)))
+                .collect(),
+            bandwidth_tokens: a.bandwidth.map(|b| b.tokens),
+            ticket: a.ticket,
+        })
+    }
+
+    /// A moved allocation as this core holds it.
+    fn allocation_from(&self, m: &MovedAllocation, now: Instant) -> Allocation {
+        let bandwidth = self.config.bandwidth_per_allocation.map(|rate| Bandwidth {
+            tokens: m.bandwidth_tokens.unwrap_or(rate as f64),
+            updated: now,
+        });
+        Allocation {
+            client: m.client,
+            relayed: m.relayed,
+            username: m.username.as_str().into(),
+            key: IntegrityKey::new(&m.key),
+            created_by: TransactionId(m.created_by),
+            expires: now + m.expires_in,
+            permissions: m
+                .permissions
+                .iter()
+                .map(|&(ip, left)| Permission {
+                    ip,
+                    expires: now + left,
+                })
+                .collect(),
+            channels: m
+                .channels
+                .iter()
+                .map(|&(number, peer, ms)| Channel {
+                    number,
+                    peer,
+                    expires: at_offset(now, ms),
+                })
+                .collect(),
+            bandwidth,
+            allowed_peers: super::auth::session_peers(&m.username),
+            ticket: m.ticket,
+            adopted: false,
         }
     }
 
@@ -1523,40 +1777,13 @@ impl Server {
             if !self.ports.adopt(m.relayed.port(), &claim) {
                 continue;
             }
-            let bandwidth = self.config.bandwidth_per_allocation.map(|rate| Bandwidth {
-                tokens: m.bandwidth_tokens.unwrap_or(rate as f64),
-                updated: now,
-            });
             self.slots[index] = Slot {
                 generation: m.generation,
-                allocation: Some(Allocation {
-                    client: m.client,
-                    relayed: m.relayed,
-                    username: m.username.as_str().into(),
-                    key: IntegrityKey::new(&m.key),
-                    created_by: TransactionId(m.created_by),
-                    expires: now + m.expires_in,
-                    permissions: m
-                        .permissions
-                        .iter()
-                        .map(|&(ip, left)| Permission {
-                            ip,
-                            expires: now + left,
-                        })
-                        .collect(),
-                    channels: m
-                        .channels
-                        .iter()
-                        .map(|&(number, peer, ms)| Channel {
-                            number,
-                            peer,
-                            expires: at_offset(now, ms),
-                        })
-                        .collect(),
-                    bandwidth,
-                    allowed_peers: super::auth::session_peers(&m.username),
-                }),
+                allocation: Some(self.allocation_from(m, now)),
             };
+            if let Some(secret) = m.ticket {
+                self.tickets.insert(secret, m.slot);
+            }
             self.allocation_by_client.insert(m.client, m.slot);
             taken.push(self.id_of(m.slot));
         }
@@ -1567,6 +1794,126 @@ impl Server {
             .collect();
         self.stats.allocations = self.allocation_by_client.len() as u64;
         taken
+    }
+
+    // ------------------------------------------------ mobility across loops
+
+    /// Gives up the allocation a Refresh's mobility ticket names, for the
+    /// core (loop) the client's new 5-tuple reaches ([`ClientAction::Move`]).
+    /// Only a request signed with the allocation's own key takes it (a
+    /// ticket seen on the wire is not enough). Its relayed port and quotas
+    /// stay counted (the allocation lives on); the shell moves the relay
+    /// socket of the returned id along. `None`: no such ticket here, or a
+    /// bad signature (the asking core refuses the request).
+    pub fn take_moving(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+    ) -> Option<(AllocationId, MovedAllocation)> {
+        let msg = Message::parse(packet).ok()?;
+        if msg.method() != Method::REFRESH || msg.class() != Class::Request {
+            return None;
+        }
+        let index = self.ticket_slot(&msg)?;
+        let alloc = self.slots[index as usize].allocation.as_ref()?;
+        let username = match msg.decode(AttributeType::USERNAME) {
+            Some(Ok(Attribute::Username(u))) => u,
+            _ => return None,
+        };
+        if *alloc.username != *username || msg.verify_any_integrity(&alloc.key).is_err() {
+            self.stats.auth_failure(AuthFailureReason::BadIntegrity);
+            return None;
+        }
+        let moved = self.moved_of(index, now)?;
+        let id = self.id_of(index);
+        let slot = &mut self.slots[index as usize];
+        let alloc = slot.allocation.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free_slots.push(index);
+        self.allocation_by_client.remove(&alloc.client);
+        if let Some(secret) = alloc.ticket {
+            self.tickets.remove(&secret);
+        }
+        self.stats.allocations = self.allocation_by_client.len() as u64;
+        Some((id, moved))
+    }
+
+    /// Takes an allocation another core of this host gave up
+    /// ([`Server::take_moving`]) into a free slot, under its old 5-tuple
+    /// until the Refresh that asked for it (handled next, as any input)
+    /// moves it. Its port and quotas are counted already. `None` when its
+    /// 5-tuple has an allocation here (it cannot: a 5-tuple reaches one
+    /// loop); the allocation then ends.
+    pub fn adopt_moving(&mut self, m: &MovedAllocation, now: Instant) -> Option<AllocationId> {
+        if self.allocation_by_client.contains_key(&m.client) {
+            self.drop_moved(m);
+            return None;
+        }
+        let mut allocation = self.allocation_from(m, now);
+        allocation.adopted = true;
+        let index = match self.free_slots.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    allocation: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.slots[index as usize].allocation = Some(allocation);
+        if let Some(secret) = m.ticket {
+            self.tickets.insert(secret, index);
+        }
+        self.allocation_by_client.insert(m.client, index);
+        self.stats.allocations = self.allocation_by_client.len() as u64;
+        Some(self.id_of(index))
+    }
+
+    /// Ends a moved allocation no core took: its port goes back to the
+    /// pool and its quotas are uncounted.
+    pub fn drop_moved(&mut self, m: &MovedAllocation) {
+        self.ports
+            .uncount(&self.claim(&m.username, m.client.client.ip()));
+        self.ports.put(m.relayed.port());
+        self.stats.allocations_deleted += 1;
+    }
+
+    /// Ends allocation `id` now (the shell cannot serve it); its relay
+    /// socket is closed by the command that follows.
+    pub fn end(&mut self, id: AllocationId) {
+        if self
+            .slots
+            .get(id.index())
+            .is_some_and(|s| s.generation == id.generation)
+        {
+            self.free(id.index, End::Deleted);
+        }
+    }
+
+    /// Answers a Refresh whose ticket no core could redeem (400, unsigned,
+    /// rate-limited like any unauthenticated answer).
+    pub fn refuse_move(
+        &mut self,
+        packet: &[u8],
+        from: ClientSocket,
+        now: Instant,
+        out: &mut [u8],
+    ) -> ClientAction {
+        let Ok(msg) = Message::parse(packet) else {
+            return self.dropped(DropReason::Malformed);
+        };
+        self.refused(Refusal::UnknownTicket, RequestMethod::Refresh, from);
+        let code = Refusal::UnknownTicket.code();
+        match self.unauthenticated_error(&msg, code, from, now, out) {
+            (Some(Ok(len)), code) => {
+                self.stats
+                    .request(RequestMethod::Refresh, RequestResult(code));
+                ClientAction::Reply(len)
+            }
+            (Some(Err(_)), _) => self.dropped(DropReason::Malformed),
+            (None, _) => self.dropped(DropReason::RateLimited),
+        }
     }
 }
 

@@ -139,18 +139,18 @@ pub struct RequestResult(pub u16);
 
 impl RequestResult {
     /// Every result label, in index order (0 = success).
-    pub const CODES: [u16; 14] = [
-        0, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508,
+    pub const CODES: [u16; 15] = [
+        0, 400, 401, 403, 405, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508,
     ];
 
     /// Metric label values, aligned with [`RequestResult::CODES`].
-    pub const LABELS: [&'static str; 14] = [
-        "success", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "486",
-        "500", "508",
+    pub const LABELS: [&'static str; 15] = [
+        "success", "400", "401", "403", "405", "420", "437", "438", "440", "441", "442", "443",
+        "486", "500", "508",
     ];
 
     fn index(self) -> usize {
-        Self::CODES.iter().position(|c| *c == self.0).unwrap_or(12)
+        Self::CODES.iter().position(|c| *c == self.0).unwrap_or(13)
     }
 }
 
@@ -209,6 +209,10 @@ pub struct Stats {
     pub allocations_deleted: u64,
     /// Allocations whose TCP/TLS client connection closed.
     pub allocations_disconnected: u64,
+    /// Allocations moved to a new client 5-tuple by a mobility ticket
+    /// (RFC 8016), counted by the loop that serves them afterwards: [0]
+    /// within one loop, [1] taken from another loop.
+    pub allocations_moved: [u64; 2],
     /// Packets forwarded, by [`Direction`] index.
     pub forwarded_packets: [u64; 2],
     /// Payload bytes forwarded, by [`Direction`] index.
@@ -216,7 +220,7 @@ pub struct Stats {
     /// Drops by [`DropReason`] index.
     pub dropped: [u64; DropReason::ALL.len()],
     /// Requests by [`RequestMethod`] index and [`RequestResult`] index.
-    pub requests: [[u64; 14]; 6],
+    pub requests: [[u64; RequestResult::CODES.len()]; 6],
     /// Authentication failures by [`AuthFailureReason`] index.
     pub auth_failures: [u64; 6],
     /// Refused requests by [`Refusal`] index.

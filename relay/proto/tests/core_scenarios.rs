@@ -1551,3 +1551,315 @@ fn allocations_move_to_a_successor_core_and_go_on() {
     assert_eq!(ports.available(), 100);
     assert_eq!(next.stats().allocations, 0);
 }
+
+/// Allocates as `user` asking for a mobility ticket; returns the ticket.
+fn allocate_mobile(h: &mut Harness, from: ClientSocket, user: &User) -> Vec<u8> {
+    let nonce = h.nonce(from, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::MOBILITY_TICKET, &[])
+        .sign(user, &nonce);
+    let resp = h.request(&req, from, h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(msg.class(), Class::Success, "{msg:?}");
+    ticket_in(&resp)
+}
+
+/// The MOBILITY-TICKET of an answer.
+fn ticket_in(answer: &[u8]) -> Vec<u8> {
+    let msg = Message::parse(answer).unwrap();
+    let ticket = msg
+        .get(AttributeType::MOBILITY_TICKET)
+        .expect("a mobility ticket")
+        .to_vec();
+    // Clients keep it as a C string of at most 32 bytes.
+    assert!(ticket.len() <= 32 && ticket.iter().all(|b| b.is_ascii_graphic()));
+    ticket
+}
+
+/// A Refresh carrying `ticket`, signed by `user` with a nonce `from` got.
+fn mobility_refresh(h: &mut Harness, from: ClientSocket, user: &User, ticket: &[u8]) -> Vec<u8> {
+    let nonce = h.nonce(from, h.t0);
+    Req::new(Method::REFRESH)
+        .lifetime(600)
+        .raw(AttributeType::MOBILITY_TICKET, ticket)
+        .sign(user, &nonce)
+}
+
+fn channel_frame(number: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0u8; payload.len() + 8];
+    let n = ChannelData::encode(
+        &mut frame,
+        natrix_wire::ChannelNumber::new(number).unwrap(),
+        payload,
+        false,
+    )
+    .unwrap();
+    frame.truncate(n);
+    frame
+}
+
+/// RFC 8016: a client whose address changed moves its allocation (relayed
+/// address, permissions, channels) with a Refresh carrying its ticket and
+/// signed with the allocation's key; the old address loses it, the ticket
+/// is replaced, and nobody else's credentials move it.
+#[test]
+fn a_mobility_ticket_moves_the_allocation_to_the_clients_new_address() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let (old, new) = (client(1), client_at([198, 51, 100, 99], 4000));
+    let ticket = allocate_mobile(&mut h, old, &alice);
+    let id = h.last_allocation();
+    let p = peer(9, 7000);
+    let nonce = h.nonce(old, h.t0);
+    let bind = Req::new(Method::CHANNEL_BIND)
+        .channel(0x4001)
+        .peer(p)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&bind, old, h.t0)), None);
+
+    // The old address's nonce is stale at the new one (nonces are bound to
+    // the client's IP): the client retries with a fresh one.
+    let stale = Req::new(Method::REFRESH)
+        .lifetime(600)
+        .raw(AttributeType::MOBILITY_TICKET, &ticket)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&stale, new, h.t0)), Some(438));
+    let refresh = mobility_refresh(&mut h, new, &alice, &ticket);
+    let answer = h.request(&refresh, new, h.t0);
+    let msg = Message::parse(&answer).unwrap();
+    assert_eq!(msg.class(), Class::Success, "{msg:?}");
+    msg.verify_integrity(&alice.key()).unwrap();
+    let next = ticket_in(&answer);
+    assert_ne!(next, ticket, "each ticket redeems once");
+    assert_eq!(h.server.stats().allocations_moved, [1, 0]);
+    assert_eq!(h.server.stats().allocations, 1);
+
+    // Data flows from the new address on the same channel; the old one has
+    // nothing left.
+    let frame = channel_frame(0x4001, b"hello");
+    assert!(matches!(
+        h.input(&frame, new, h.t0),
+        ClientAction::ToPeer { peer, .. } if peer == p
+    ));
+    assert_eq!(
+        h.input(&frame, old, h.t0),
+        ClientAction::Drop(DropReason::NoAllocation)
+    );
+    let (mut buf, range) = peer_buffer(b"back");
+    let back = h.server.handle_peer_input(id, p, &mut buf, range, h.t0);
+    assert_eq!(back.unwrap().client, new, "peer data follows the client");
+
+    // The spent ticket moves nothing.
+    let elsewhere = client_at([198, 51, 100, 50], 5000);
+    let replay = mobility_refresh(&mut h, elsewhere, &alice, &ticket);
+    assert_eq!(code_of(&h.request(&replay, elsewhere, h.t0)), Some(400));
+    // Another user's valid credentials with the live ticket: 441.
+    let bob = User::stat("bob", "builder");
+    let theft = mobility_refresh(&mut h, elsewhere, &bob, &next);
+    assert_eq!(code_of(&h.request(&theft, elsewhere, h.t0)), Some(441));
+    // A wrong password with the live ticket: 401.
+    let forged = mobility_refresh(&mut h, elsewhere, &User::stat("alice", "guess"), &next);
+    assert_eq!(code_of(&h.request(&forged, elsewhere, h.t0)), Some(401));
+    assert_eq!(h.server.stats().allocations_moved, [1, 0]);
+    assert!(matches!(
+        h.input(&frame, new, h.t0),
+        ClientAction::ToPeer { .. }
+    ));
+}
+
+#[test]
+fn with_mobility_off_an_allocate_asking_for_a_ticket_gets_405() {
+    let mut h = Harness::new(ServerConfig {
+        mobility: false,
+        ..config()
+    });
+    let alice = User::stat("alice", "wonderland");
+    let nonce = h.nonce(client(1), h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::MOBILITY_TICKET, &[])
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(1), h.t0)), Some(405));
+    assert_eq!(
+        h.server.stats().refused[Refusal::MobilityForbidden as usize],
+        1
+    );
+    h.allocate(client(1), &alice, h.t0);
+}
+
+/// A client's new 5-tuple may reach another loop of the host (flow hash):
+/// that loop asks the issuing loop, which gives the allocation up only to a
+/// Refresh signed with its key; the port and quotas stay counted once.
+#[test]
+fn a_ticket_from_another_loop_moves_the_allocation_between_loops() {
+    let shared = SharedPorts::new(PortRange {
+        min: 50000,
+        max: 50099,
+    });
+    let t0 = Instant::now();
+    let mut loops: Vec<Harness> = (0..2u8)
+        .map(|i| {
+            let mut server = Server::new(
+                config(),
+                credentials(),
+                policy(),
+                shared.clone(),
+                t0,
+                UNIX_T0,
+                [i; 32],
+            );
+            server.set_shard(u16::from(i));
+            Harness {
+                server,
+                sockets: Sockets::default(),
+                t0,
+                out: vec![0; 1500],
+            }
+        })
+        .collect();
+    let alice = User::stat("alice", "wonderland");
+    let (old, new) = (client(1), client_at([198, 51, 100, 99], 4000));
+    let ticket = allocate_mobile(&mut loops[0], old, &alice);
+    let p = peer(9, 7000);
+    let nonce = loops[0].nonce(old, t0);
+    let permit = Req::new(Method::CREATE_PERMISSION)
+        .peer(p)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&loops[0].request(&permit, old, t0)), None);
+    assert_eq!(shared.available(), 99);
+
+    let refresh = mobility_refresh(&mut loops[1], new, &alice, &ticket);
+    assert_eq!(
+        loops[1].input(&refresh, new, t0),
+        ClientAction::Move { shard: 0 }
+    );
+    // The issuing loop checks the signature: a wrong password or another
+    // user takes nothing.
+    let forged = mobility_refresh(&mut loops[1], new, &User::stat("alice", "guess"), &ticket);
+    assert!(loops[0].server.take_moving(&forged, t0).is_none());
+    let bob = User::stat("bob", "builder");
+    let theft = mobility_refresh(&mut loops[1], new, &bob, &ticket);
+    assert!(loops[0].server.take_moving(&theft, t0).is_none());
+    assert_eq!(loops[0].server.stats().allocations, 1);
+
+    let (_, moved) = loops[0].server.take_moving(&refresh, t0).unwrap();
+    assert_eq!(loops[0].server.stats().allocations, 0);
+    assert_eq!(
+        shared.available(),
+        99,
+        "the port stays taken while it moves"
+    );
+    let id = loops[1].server.adopt_moving(&moved, t0).unwrap();
+    let answer = loops[1].request(&refresh, new, t0);
+    assert_eq!(code_of(&answer), None);
+    assert_ne!(ticket_in(&answer), ticket);
+    assert_eq!(loops[1].server.stats().allocations_moved, [0, 1]);
+
+    // The permission came along: a Send indication from the new address
+    // reaches the peer, and the peer's answer reaches the new address.
+    assert!(matches!(
+        loops[1].input(&send_indication(p, b"hi"), new, t0),
+        ClientAction::ToPeer { allocation, .. } if allocation == id
+    ));
+    let (mut buf, range) = peer_buffer(b"back");
+    let back = loops[1]
+        .server
+        .handle_peer_input(id, p, &mut buf, range, t0);
+    assert_eq!(back.unwrap().client, new);
+
+    // A ticket nobody holds is refused where the client is, not passed on.
+    let unknown = mobility_refresh(&mut loops[1], client(9), &alice, &ticket);
+    assert_eq!(
+        loops[1].input(&unknown, client(9), t0),
+        ClientAction::Move { shard: 0 }
+    );
+    assert!(loops[0].server.take_moving(&unknown, t0).is_none());
+    let mut out = vec![0u8; 1500];
+    match loops[1]
+        .server
+        .refuse_move(&unknown, client(9), t0, &mut out)
+    {
+        ClientAction::Reply(len) => assert_eq!(code_of(&out[..len]), Some(400)),
+        other => panic!("{other:?}"),
+    }
+
+    // Deleting it where it lives now frees its port for the host.
+    let nonce = loops[1].nonce(new, t0);
+    let delete = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    assert_eq!(code_of(&loops[1].request(&delete, new, t0)), None);
+    assert_eq!(shared.available(), 100);
+}
+
+/// RFC 8016 §3.3: a TCP allocation with a ticket outlives its connection
+/// (its client comes back on another); one without ends with it.
+#[test]
+fn a_stream_allocation_with_a_ticket_outlives_its_connection() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let tcp = |port| ClientSocket {
+        transport: Transport::Tcp,
+        ..client(port)
+    };
+    let ticket = allocate_mobile(&mut h, tcp(1), &alice);
+    h.allocate(tcp(2), &alice, h.t0);
+    h.server.handle_client_disconnected(tcp(1));
+    h.server.handle_client_disconnected(tcp(2));
+    assert_eq!(h.server.stats().allocations, 1);
+    let refresh = mobility_refresh(&mut h, tcp(3), &alice, &ticket);
+    assert_eq!(code_of(&h.request(&refresh, tcp(3), h.t0)), None);
+    assert_eq!(h.server.stats().allocations_moved, [1, 0]);
+    // It still expires when not refreshed.
+    h.server.handle_timeout(h.at(601));
+    assert_eq!(h.server.stats().allocations, 0);
+}
+
+/// Forged tickets naming another loop cost that loop a lookup each: they
+/// are bounded per source like unauthenticated answers, and a malformed
+/// ticket is an ordinary Refresh without an allocation.
+#[test]
+fn forged_tickets_are_bounded_per_source_and_garbage_tickets_are_ignored() {
+    let mut h = Harness::new(ServerConfig {
+        unauth: UnauthLimits {
+            per_prefix_rate: 1.0,
+            per_prefix_burst: 10.0,
+            total_rate: 1000.0,
+            total_burst: 1000.0,
+        },
+        ..config()
+    });
+    let alice = User::stat("alice", "wonderland");
+    let nonce = h.nonce(client(1), h.t0);
+    let mut moves = 0;
+    let mut limited = 0;
+    for i in 0..100u32 {
+        let forged = natrix_relay_proto::Ticket {
+            shard: 7,
+            secret: [i as u8; 14],
+        }
+        .encode();
+        let req = Req::new(Method::REFRESH)
+            .raw(AttributeType::MOBILITY_TICKET, &forged)
+            .sign(&alice, &nonce);
+        match h.input(&req, client(2), h.t0) {
+            ClientAction::Move { shard: 7 } => moves += 1,
+            ClientAction::Drop(DropReason::RateLimited) => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    // The nonce request took one token of the burst.
+    assert_eq!((moves, limited), (9, 91));
+    for garbage in [
+        &b""[..],
+        b"n",
+        &[0xFF; 32],
+        b"n00zzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+    ] {
+        assert!(natrix_relay_proto::Ticket::parse(garbage).is_none());
+    }
+    let t = natrix_relay_proto::Ticket {
+        shard: 0xABC,
+        secret: [0x5A; 14],
+    };
+    assert_eq!(natrix_relay_proto::Ticket::parse(&t.encode()), Some(t));
+}

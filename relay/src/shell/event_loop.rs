@@ -22,14 +22,15 @@ use natrix_net::{
     Answer, Arrival, ConnId, Datagram, HeadroomBatch, HostEvent, LoopContext, RecvBatch, SendBatch,
     StreamMailbox, StunService, StunServiceFactory, SyncUdp,
 };
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 use super::is_binding;
+use super::mobility::{Mobility, Transfer};
 use super::stream::{ReadOutcome, Stream};
 use crate::control::Control;
 use crate::core::{
-    AllocationId, ClientAction, ClientSocket, Command, PEER_HEADROOM, PEER_TAILROOM, RelaySockets,
-    Server, Stats, Transport,
+    AllocationId, ClientAction, ClientSocket, Command, MovedAllocation, PEER_HEADROOM,
+    PEER_TAILROOM, RelaySockets, Server, Stats, Transport,
 };
 use crate::metrics::RelayMetrics;
 
@@ -177,12 +178,35 @@ impl Relays {
     }
 
     fn close(&mut self, id: AllocationId) {
-        if let Some(slot) = self.sockets.get_mut(id.index())
-            && matches!(slot, Some((owner, _)) if *owner == id)
-            && let Some((_, socket)) = slot.take()
-        {
-            let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
+        drop(self.take(id));
+    }
+
+    /// Takes `id`'s relay socket out of this loop (it moves to another).
+    fn take(&mut self, id: AllocationId) -> Option<UdpSocket> {
+        self.flush();
+        let slot = self.sockets.get_mut(id.index())?;
+        if !matches!(slot, Some((owner, _)) if *owner == id) {
+            return None;
         }
+        let (_, socket) = slot.take()?;
+        let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
+        Some(socket)
+    }
+
+    /// Serves `socket` (which another loop or process opened) as `id`'s
+    /// relay socket.
+    fn adopt(&mut self, id: AllocationId, socket: UdpSocket) -> io::Result<()> {
+        socket.set_nonblocking(true)?;
+        self.registry.register(
+            &mut SourceFd(&socket.as_raw_fd()),
+            Token(RELAY_BASE + id.index()),
+            Interest::READABLE,
+        )?;
+        if self.sockets.len() <= id.index() {
+            self.sockets.resize_with(id.index() + 1, || None);
+        }
+        self.sockets[id.index()] = Some((id, socket));
+        Ok(())
     }
 }
 
@@ -380,6 +404,8 @@ pub(super) struct LoopSettings {
     pub(super) max_streams_per_ip: usize,
     /// Idle limit for connections without an allocation.
     pub(super) idle_timeout: Duration,
+    /// This loop's ends of the host's mobility channels.
+    pub(super) mobility: Mobility,
 }
 
 /// One data-plane loop.
@@ -420,6 +446,7 @@ pub(super) struct EventLoop {
     /// Tokens to handle on the first turn (adopted connections whose
     /// buffers may hold frames already).
     first_turn: Vec<Token>,
+    mobility: Mobility,
 }
 
 impl EventLoop {
@@ -439,6 +466,7 @@ impl EventLoop {
             max_streams,
             max_streams_per_ip,
             idle_timeout,
+            mobility,
         } = settings;
         let Listeners {
             udp,
@@ -536,6 +564,7 @@ impl EventLoop {
                 next_idle_sweep: Instant::now() + Duration::from_secs(1),
                 handshakes: Duration::ZERO,
                 first_turn: Vec::new(),
+                mobility,
             },
             waker,
         ))
@@ -575,7 +604,7 @@ impl EventLoop {
             std::mem::swap(&mut pending, &mut again);
             pending.sort_unstable();
             pending.dedup();
-            if self.deliver_mail() {
+            if self.deliver_mail() | self.take_transfers() {
                 // More mail waits: come back without sleeping.
                 pending.push(WAKER);
             }
@@ -743,17 +772,7 @@ impl EventLoop {
             let Some(&id) = ids.iter().find(|id| id.index() == slot as usize) else {
                 continue;
             };
-            let socket = UdpSocket::from(fd);
-            socket.set_nonblocking(true)?;
-            self.registry.register(
-                &mut SourceFd(&socket.as_raw_fd()),
-                Token(RELAY_BASE + id.index()),
-                Interest::READABLE,
-            )?;
-            if self.relays.sockets.len() <= id.index() {
-                self.relays.sockets.resize_with(id.index() + 1, || None);
-            }
-            self.relays.sockets[id.index()] = Some((id, socket));
+            self.relays.adopt(id, UdpSocket::from(fd))?;
         }
         Ok(())
     }
@@ -787,6 +806,91 @@ impl EventLoop {
             s.event(HostEvent::SendFailed(lost));
         }
         moved == MAIL_PER_WAKE
+    }
+
+    /// Handles what other loops sent about moving allocations (see
+    /// [`super::mobility`]); true when more may wait.
+    fn take_transfers(&mut self) -> bool {
+        let mut handled = 0;
+        while handled < MAIL_PER_WAKE
+            && let Some(transfer) = self.mobility.next()
+        {
+            handled += 1;
+            let now = Instant::now();
+            match transfer {
+                Transfer::Ask {
+                    from_shard,
+                    packet,
+                    client,
+                } => {
+                    let taken = self.core.take_moving(&packet, now).and_then(|(id, moved)| {
+                        match self.relays.take(id) {
+                            Some(socket) => Some(Box::new((moved, socket))),
+                            None => {
+                                self.core.drop_moved(&moved);
+                                None
+                            }
+                        }
+                    });
+                    let give = Transfer::Give {
+                        packet,
+                        client,
+                        taken,
+                    };
+                    if let Err(Transfer::Give {
+                        taken: Some(taken), ..
+                    }) = self.mobility.send(from_shard, give)
+                    {
+                        // The asking loop cannot take it: it stays here.
+                        let (moved, socket) = *taken;
+                        self.adopt_moved(&moved, socket, now);
+                    }
+                }
+                Transfer::Give {
+                    packet,
+                    client,
+                    taken,
+                } => {
+                    if let Some(taken) = taken {
+                        let (moved, socket) = *taken;
+                        self.adopt_moved(&moved, socket, now);
+                    }
+                    // The Refresh now finds its allocation here (or is
+                    // refused).
+                    let action = match self.core.handle_client_input(
+                        &packet,
+                        client,
+                        now,
+                        &mut self.out,
+                        &mut self.relays,
+                    ) {
+                        ClientAction::Move { .. } => {
+                            self.core.refuse_move(&packet, client, now, &mut self.out)
+                        }
+                        action => action,
+                    };
+                    if let ClientAction::Reply(len) = action {
+                        self.clients.deliver(&client, &self.out[..len]);
+                    }
+                }
+            }
+        }
+        if handled > 0 {
+            self.clients.flush(&self.registry);
+        }
+        handled == MAIL_PER_WAKE
+    }
+
+    /// Serves an allocation (and its relay socket) another loop gave up.
+    fn adopt_moved(&mut self, moved: &MovedAllocation, socket: UdpSocket, now: Instant) {
+        let Some(id) = self.core.adopt_moving(moved, now) else {
+            return;
+        };
+        if let Err(e) = self.relays.adopt(id, socket) {
+            // Without its socket it cannot relay: it ends.
+            warn!(error = %e, relayed = %moved.relayed, "a moved allocation's relay socket could not be served");
+            self.core.end(id);
+        }
     }
 
     /// Applies what the control plane changed (between batches).
@@ -904,6 +1008,17 @@ impl EventLoop {
                         peer,
                         payload,
                     } => self.relays.send(allocation, &d.payload[payload], peer),
+                    ClientAction::Move { shard } => {
+                        if !self.mobility.ask(usize::from(shard), d.payload, from)
+                            && let ClientAction::Reply(len) =
+                                self.core.refuse_move(d.payload, from, now, &mut self.out)
+                            && socket
+                                .try_send_to(&self.out[..len], d.from, d.to_ip)
+                                .is_err()
+                        {
+                            self.clients.send_errors += 1;
+                        }
+                    }
                     ClientAction::Consumed | ClientAction::Drop(_) => {}
                 }
             }
@@ -1050,6 +1165,7 @@ impl EventLoop {
         let out = &mut self.out;
         let relays = &mut self.relays;
         let service = &mut self.service;
+        let mobility = &self.mobility;
         let turn = self.turn;
         let outcome = stream.read_frames(|frame, stream| {
             // Queued, flushed right after: the answers to one read go out
@@ -1080,6 +1196,13 @@ impl EventLoop {
                     peer,
                     payload,
                 } => relays.send(allocation, &frame[payload], peer),
+                ClientAction::Move { shard } => {
+                    if !mobility.ask(usize::from(shard), frame, client)
+                        && let ClientAction::Reply(len) = core.refuse_move(frame, client, now, out)
+                    {
+                        stream.queue(&out[..len]);
+                    }
+                }
                 ClientAction::Consumed | ClientAction::Drop(_) => {}
             }
         });

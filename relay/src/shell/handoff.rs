@@ -130,6 +130,7 @@ fn allocation_json(a: &MovedAllocation) -> Value {
             .map(|(n, peer, ms)| json!([n, peer.to_string(), ms]))
             .collect::<Vec<_>>(),
         "bandwidth_tokens": a.bandwidth_tokens,
+        "ticket": a.ticket.map(|t| hex(&t)),
     })
 }
 
@@ -194,6 +195,10 @@ fn allocation_from(v: &Value) -> anyhow::Result<MovedAllocation> {
         permissions,
         channels,
         bandwidth_tokens: v["bandwidth_tokens"].as_f64(),
+        ticket: match v["ticket"] {
+            Value::Null => None,
+            _ => Some(hex_array(v, "ticket")?),
+        },
     })
 }
 
@@ -423,6 +428,7 @@ mod tests {
                 ),
             ],
             bandwidth_tokens: Some(1234.5),
+            ticket: Some([7; 14]),
         };
         let back = allocation_from(&allocation_json(&a));
         assert_eq!(back.ok(), Some(a));

@@ -12,6 +12,7 @@
 
 mod event_loop;
 mod handoff;
+mod mobility;
 mod sealed;
 mod stream;
 
@@ -222,7 +223,8 @@ impl BoundHost {
             .map_or(0, |d| d.as_secs());
         let turn_udp = if turn.is_some() { self.udp.len() } else { 0 };
         let mut handles = Vec::new();
-        for (shard, sockets) in self.shards.into_iter().enumerate() {
+        let mobility = mobility::Mobility::host(loops, &control);
+        for ((shard, sockets), mobility) in self.shards.into_iter().enumerate().zip(mobility) {
             let LoopSockets { udp, tcp, tls } = sockets;
             let handed = moved.next();
             let seed = handed.as_ref().map_or_else(rand::random, |h| h.moved.seed);
@@ -246,9 +248,13 @@ impl BoundHost {
                     max_streams: self.config.max_connections.div_ceil(loops).max(1),
                     max_streams_per_ip: self.config.max_connections_per_ip.div_ceil(loops).max(1),
                     idle_timeout: self.config.idle_timeout,
+                    mobility,
                 },
             )
             .context("setting up a relay loop")?;
+            event_loop
+                .core_mut()
+                .set_shard(u16::try_from(shard).unwrap_or(u16::MAX));
             if let Some(handoff::FrozenState {
                 moved: m,
                 relays,
