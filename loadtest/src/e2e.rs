@@ -158,7 +158,7 @@ fn punch_via_turn(
     target: SocketAddr,
     started: Instant,
     timeout: Duration,
-) -> anyhow::Result<(Duration, Duration)> {
+) -> anyhow::Result<RelayedPath> {
     let mut channels: Vec<(SocketAddr, ChannelNumber)> = Vec::new();
     let bind = |turn: &mut TurnClient,
                 to: SocketAddr,
@@ -184,7 +184,12 @@ fn punch_via_turn(
         if let Some((first, rtt, at)) = connected
             && now >= at + natrix_cdx::exchange::client::LINGER
         {
-            return Ok((first, rtt));
+            return Ok(RelayedPath {
+                first,
+                rtt,
+                peer: target,
+                channel,
+            });
         }
         if now >= deadline {
             bail!("no path through the relay within {timeout:?}");
@@ -226,6 +231,154 @@ fn punch_via_turn(
             ProbeMessage::Ack { from, nonce } if from == peer && connected.is_none() => {
                 if let Some((_, at)) = sent.iter().find(|(s, _)| *s == nonce) {
                     connected = Some((started.elapsed(), at.elapsed(), Instant::now()));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A path through our relay that answered.
+#[derive(Clone, Copy, Debug)]
+struct RelayedPath {
+    /// Time to the first answer, from the start.
+    first: Duration,
+    rtt: Duration,
+    /// The peer as the relay sees it, and the channel bound to it.
+    peer: SocketAddr,
+    channel: ChannelNumber,
+}
+
+/// The payload of what the relay sent us from the peer on `channel` (or in
+/// a Data indication from the peer's address).
+fn from_peer(packet: &[u8], channel: ChannelNumber, peer: SocketAddr) -> Option<Vec<u8>> {
+    if let Ok(cd) = ChannelData::parse(packet) {
+        return (cd.channel == channel.value()).then(|| cd.payload.to_vec());
+    }
+    let (from, data) = data_indication(packet)?;
+    (from.ip() == peer.ip()).then_some(data)
+}
+
+/// Holds a relayed path like [`keep_path`] a direct one: a probe through
+/// the allocation's channel every `hold.keepalive`, the peer's answered,
+/// one last probe to be acknowledged within a second. With `hold.recover`
+/// a path that breaks (no acknowledgement for three keepalives: the
+/// client's address changed and the relay no longer knows its 5-tuple)
+/// moves the allocation to a fresh socket on `local` with its mobility
+/// ticket (RFC 8016): the relayed address stays, so the peer needs nothing.
+fn hold_via_turn(
+    turn: &mut TurnClient,
+    codec: &ProbeCodec,
+    peer_index: u8,
+    path: RelayedPath,
+    hold: Hold,
+    local: IpAddr,
+) -> anyhow::Result<Held> {
+    let held = keep_via_turn(turn, codec, peer_index, path, hold, local)?;
+    // The peer's hold may have started a little later: answer its last
+    // keepalives a while longer.
+    let until = Instant::now() + 2 * natrix_cdx::exchange::client::LINGER;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        let Ok(Some(packet)) = turn.link.recv(left) else {
+            continue;
+        };
+        if let Some(payload) = from_peer(&packet, path.channel, path.peer)
+            && let Some(ProbeMessage::Probe { from, nonce }) = codec.parse(&payload)
+            && from == peer_index
+        {
+            let _ = turn.send_channel_data(path.channel, &codec.ack(nonce));
+        }
+    }
+    Ok(held)
+}
+
+/// [`hold_via_turn`]'s keepalives, moves and last check.
+fn keep_via_turn(
+    turn: &mut TurnClient,
+    codec: &ProbeCodec,
+    peer_index: u8,
+    path: RelayedPath,
+    hold: Hold,
+    local: IpAddr,
+) -> anyhow::Result<Held> {
+    let start = Instant::now();
+    let end = start + hold.duration;
+    let keepalive = hold.keepalive.unwrap_or(Duration::from_secs(15));
+    let broken = (3 * keepalive).max(Duration::from_millis(150));
+    let mut held = Held {
+        peer_before: Some(path.peer),
+        peer_after: Some(path.peer),
+        ..Held::default()
+    };
+    let mut next = start + keepalive.min(hold.duration);
+    let mut sent: std::collections::VecDeque<([u8; 8], Instant)> = Default::default();
+    let mut last_ack = start;
+    let mut last_move: Option<Instant> = None;
+    let mut final_probe: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if final_probe.is_some_and(|at| now >= at + Duration::from_secs(1)) {
+            return Ok(held);
+        }
+        if hold.recover
+            && turn.is_mobile()
+            && final_probe.is_none()
+            && now.duration_since(last_ack) >= broken
+            && last_move.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            match turn.rebind(SocketAddr::new(local, 0)) {
+                Ok(()) => {
+                    held.recoveries += 1;
+                    next = Instant::now();
+                }
+                Err(e) => held.error = Some(format!("{e:#}")),
+            }
+            last_move = Some(Instant::now());
+            continue;
+        }
+        if final_probe.is_none() && now >= next {
+            let nonce: [u8; 8] = rand::random();
+            // A send error (the old route gone) is a lost keepalive.
+            let _ = turn.send_channel_data(path.channel, &codec.probe(nonce));
+            held.sent += 1;
+            sent.push_back((nonce, now));
+            if sent.len() > 64 {
+                sent.pop_front();
+            }
+            if now >= end {
+                final_probe = Some(now);
+            } else {
+                next = (now + keepalive).min(end);
+            }
+        }
+        let mut until = final_probe.map_or(next, |at| at + Duration::from_secs(1));
+        if hold.recover && final_probe.is_none() {
+            until = until.min(last_ack + broken);
+        }
+        let wait = until.saturating_duration_since(Instant::now());
+        let packet = match turn.link.recv(wait) {
+            Ok(Some(p)) => p,
+            // ICMP errors for a vanished route read as errors: keep going.
+            Ok(None) | Err(_) => continue,
+        };
+        let Some(payload) = from_peer(&packet, path.channel, path.peer) else {
+            continue;
+        };
+        match codec.parse(&payload) {
+            Some(ProbeMessage::Probe { from, nonce }) if from == peer_index => {
+                let _ = turn.send_channel_data(path.channel, &codec.ack(nonce));
+            }
+            Some(ProbeMessage::Ack { from, nonce }) if from == peer_index => {
+                let Some(&(_, at)) = sent.iter().find(|(n, _)| *n == nonce) else {
+                    continue;
+                };
+                let now = Instant::now();
+                held.acked += 1;
+                held.outage = held.outage.max(now.duration_since(last_ack));
+                last_ack = now;
+                if final_probe.is_some_and(|f| at >= f) {
+                    held.held = true;
+                    return Ok(held);
                 }
             }
             _ => {}
@@ -292,6 +445,10 @@ pub(crate) fn side(
         udp_blocked = tcp && !udp_works;
         let t = if tcp {
             TurnClient::allocate_tcp(server, &creds)
+        } else if hold.is_some_and(|h| h.recover) {
+            // Its address may change while it holds: it moves the
+            // allocation then.
+            TurnClient::allocate_mobile(server, SocketAddr::new(local, 0), &creds)
         } else {
             TurnClient::allocate(server, SocketAddr::new(local, 0), &creds)
         }
@@ -358,9 +515,13 @@ pub(crate) fn side(
             .or_else(|| peer.address(CandidateKind::ServerReflexive))
             .context("the peer sent no reachable candidate")?;
         let codec = ProbeCodec::new(&invitation);
-        let (first, rtt) = punch_via_turn(turn, &codec, peer_index, target, started, timeout)?;
-        result.first_packet = Some(first);
-        result.rtt = Some(rtt);
+        let path = punch_via_turn(turn, &codec, peer_index, target, started, timeout)?;
+        result.first_packet = Some(path.first);
+        result.rtt = Some(path.rtt);
+        if let Some(hold) = hold {
+            result.keepalive = hold.keepalive;
+            result.held = Some(hold_via_turn(turn, &codec, peer_index, path, hold, local)?);
+        }
         let _ = turn.release();
     } else {
         let t0 = started.elapsed();
@@ -372,6 +533,7 @@ pub(crate) fn side(
             let relayed = match (&mut race, srflx) {
                 (Some(turn), Some(target)) => Some(s.spawn(move || {
                     punch_via_turn(turn, &codec, peer_index, target, started, timeout)
+                        .map(|p| (p.first, p.rtt))
                 })),
                 _ => None,
             };

@@ -110,6 +110,11 @@ pub(crate) struct NatlabArgs {
     /// entry through CDX, a new punch).
     #[arg(long)]
     pub(crate) recover: bool,
+    /// hold: the plan a retry gets (the more restrictive side relayed)
+    /// instead of the direct one; with --recover a relayed side whose
+    /// address changes moves its allocation (TURN mobility, RFC 8016).
+    #[arg(long)]
+    pub(crate) relayed: bool,
     /// hold with `--pair mobile,…`: move nx-c-mobile from its Wi-Fi to its
     /// cellular uplink this long into the session (and back after it).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -467,9 +472,12 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         let pb = peer_json(&nb, cdx, &profile_args, None);
         (pa.join().unwrap_or_default(), pb)
     });
-    let (status, plan) = lookup_plan(args, lookup, &pa, &pb, false)?;
-    if status != 200 || plan["mode"] != "direct" {
-        anyhow::bail!("lookup planned no direct path for {a} / {b} ({status}): {plan}");
+    let (status, plan) = lookup_plan(args, lookup, &pa, &pb, args.relayed)?;
+    if status != 200 || (plan["mode"] == "direct") == args.relayed {
+        anyhow::bail!(
+            "lookup planned no {} path for {a} / {b} ({status}): {plan}",
+            if args.relayed { "relayed" } else { "direct" }
+        );
     }
     let hold = format!("{}ms", args.hold.as_millis());
     let keepalive = args.keepalive.map(|k| format!("{}ms", k.as_millis()));
@@ -501,13 +509,10 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         .filter_map(|r| r["keepalive_ms"].as_u64())
         .max()
         .unwrap_or(0);
+    let path = if args.relayed { "relayed" } else { "direct" };
     println!(
-        "{a} / {b}: {} for {hold} with a keepalive every {keepalive_ms} ms",
-        if held {
-            "the direct path held"
-        } else {
-            "the direct path did not hold"
-        }
+        "{a} / {b}: the {path} path {} for {hold} with a keepalive every {keepalive_ms} ms",
+        if held { "held" } else { "did not hold" }
     );
     Ok(serde_json::json!({
         "scenario": "natlab-hold",
@@ -518,6 +523,8 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         "planned_keepalive_ms": plan["a"]["punch"]["keepalive_ms"],
         "profiles": [pa, pb],
         "moved": args.move_after.is_some(),
+        "mode": plan["mode"],
+        "relayed": [plan["a"]["relayed"] == true, plan["b"]["relayed"] == true],
         "held": held,
         "recoveries": reports.iter().map(|r| r["held"]["recoveries"].as_u64().unwrap_or(0)).sum::<u64>(),
         "outage_ms": reports.iter().filter_map(|r| r["held"]["outage_ms"].as_f64()).fold(0.0_f64, f64::max),

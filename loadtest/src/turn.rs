@@ -403,6 +403,8 @@ pub(crate) struct TurnClient {
     realm: String,
     nonce: String,
     key: IntegrityKey,
+    /// The relay's mobility ticket (RFC 8016), when the allocation has one.
+    ticket: Option<Vec<u8>>,
 }
 
 fn transact(link: &mut Link, req: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -428,6 +430,11 @@ fn transact(link: &mut Link, req: &[u8]) -> anyhow::Result<Vec<u8>> {
         stream: link.is_stream(),
     }
     .into())
+}
+
+/// True when `e` is the relay's refusal with `code`.
+fn is_refused(e: &anyhow::Error, code: u16) -> bool {
+    matches!(e.downcast_ref::<TurnError>(), Some(TurnError::Refused { code: c, .. }) if *c == code)
 }
 
 /// The error of a failed answer.
@@ -469,6 +476,61 @@ impl TurnClient {
             .connect(server)
             .map_err(|e| TurnError::io(server, e))?;
         Self::allocate_over(Link::Udp(socket), creds)
+    }
+
+    /// [`TurnClient::allocate`] asking for a mobility ticket (RFC 8016), so
+    /// that [`TurnClient::rebind`] can move the allocation to a new address;
+    /// a relay that gives none (405) allocates without.
+    pub(crate) fn allocate_mobile(
+        server: SocketAddr,
+        local: SocketAddr,
+        creds: &Credentials,
+    ) -> anyhow::Result<TurnClient> {
+        let socket = UdpSocket::bind(local).map_err(|e| TurnError::io(server, e))?;
+        socket
+            .connect(server)
+            .map_err(|e| TurnError::io(server, e))?;
+        match Self::allocate_with(Link::Udp(socket), creds, true) {
+            Err(e) if is_refused(&e, 405) => Self::allocate(server, local, creds),
+            other => other,
+        }
+    }
+
+    /// Moves the allocation to a fresh UDP socket bound to `local` (the
+    /// client's address changed, or its NAT forgot the mapping) with a
+    /// Refresh carrying its mobility ticket: same relayed address, same
+    /// permissions and channels.
+    pub(crate) fn rebind(&mut self, local: SocketAddr) -> anyhow::Result<()> {
+        let ticket = self
+            .ticket
+            .clone()
+            .context("the allocation has no mobility ticket")?;
+        let server = self.link.peer();
+        let socket = UdpSocket::bind(local).map_err(|e| TurnError::io(server, e))?;
+        socket
+            .connect(server)
+            .map_err(|e| TurnError::io(server, e))?;
+        let old = std::mem::replace(&mut self.link, Link::Udp(socket));
+        let resp = self.request(Method::REFRESH, |enc| {
+            enc.attribute(&Attribute::Lifetime(600))?;
+            enc.raw(AttributeType::MOBILITY_TICKET, &ticket)
+        });
+        match resp {
+            Ok(resp) => {
+                let msg = Message::parse(&resp)?;
+                self.ticket = msg.get(AttributeType::MOBILITY_TICKET).map(<[u8]>::to_vec);
+                Ok(())
+            }
+            Err(e) => {
+                self.link = old;
+                Err(e.context("moving the allocation with its mobility ticket"))
+            }
+        }
+    }
+
+    /// True when the allocation can move ([`TurnClient::rebind`]).
+    pub(crate) fn is_mobile(&self) -> bool {
+        self.ticket.is_some()
     }
 
     /// Allocates (a UDP relay) over a TCP connection to `server` (TURN over
@@ -513,7 +575,15 @@ impl TurnClient {
         }
     }
 
-    fn allocate_over(mut link: Link, creds: &Credentials) -> anyhow::Result<TurnClient> {
+    fn allocate_over(link: Link, creds: &Credentials) -> anyhow::Result<TurnClient> {
+        Self::allocate_with(link, creds, false)
+    }
+
+    fn allocate_with(
+        mut link: Link,
+        creds: &Credentials,
+        mobile: bool,
+    ) -> anyhow::Result<TurnClient> {
         let server = link.peer();
         let local: SocketAddr = ([0, 0, 0, 0], 0).into();
         let mut buf = vec![0u8; 512];
@@ -543,12 +613,17 @@ impl TurnClient {
             realm,
             nonce,
             key,
+            ticket: None,
         };
         let resp = client.request(Method::ALLOCATE, |enc| {
             enc.attribute(&Attribute::RequestedTransport(17))?;
+            if mobile {
+                enc.raw(AttributeType::MOBILITY_TICKET, &[])?;
+            }
             enc.attribute(&Attribute::Lifetime(600))
         })?;
         let msg = Message::parse(&resp)?;
+        client.ticket = msg.get(AttributeType::MOBILITY_TICKET).map(<[u8]>::to_vec);
         match msg.decode(AttributeType::XOR_RELAYED_ADDRESS) {
             Some(Ok(Attribute::XorRelayedAddress(a))) => client.relayed = a,
             _ => bail!("{server} accepted the Allocate but sent no XOR-RELAYED-ADDRESS"),
