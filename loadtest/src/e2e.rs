@@ -302,57 +302,43 @@ fn keep_via_turn(
     local: IpAddr,
 ) -> anyhow::Result<Held> {
     let start = Instant::now();
-    let end = start + hold.duration;
-    let keepalive = hold.keepalive.unwrap_or(Duration::from_secs(15));
-    let broken = (3 * keepalive).max(Duration::from_millis(150));
+    let mut keepalives = Keepalives::new(start, &hold);
+    let broken = keepalives.broken();
     let mut held = Held {
         peer_before: Some(path.peer),
         peer_after: Some(path.peer),
         ..Held::default()
     };
-    let mut next = start + keepalive.min(hold.duration);
-    let mut sent: std::collections::VecDeque<([u8; 8], Instant)> = Default::default();
     let mut last_ack = start;
     let mut last_move: Option<Instant> = None;
-    let mut final_probe: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        if final_probe.is_some_and(|at| now >= at + Duration::from_secs(1)) {
+        if keepalives.unanswered(now) {
             return Ok(held);
         }
         if hold.recover
             && turn.is_mobile()
-            && final_probe.is_none()
+            && !keepalives.finishing()
             && now.duration_since(last_ack) >= broken
             && last_move.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
             match turn.rebind(SocketAddr::new(local, 0)) {
                 Ok(()) => {
                     held.recoveries += 1;
-                    next = Instant::now();
+                    keepalives.send_now();
                 }
                 Err(e) => held.error = Some(format!("{e:#}")),
             }
             last_move = Some(Instant::now());
             continue;
         }
-        if final_probe.is_none() && now >= next {
-            let nonce: [u8; 8] = rand::random();
+        if let Some(nonce) = keepalives.due(now) {
             // A send error (the old route gone) is a lost keepalive.
             let _ = turn.send_channel_data(path.channel, &codec.probe(nonce));
             held.sent += 1;
-            sent.push_back((nonce, now));
-            if sent.len() > 64 {
-                sent.pop_front();
-            }
-            if now >= end {
-                final_probe = Some(now);
-            } else {
-                next = (now + keepalive).min(end);
-            }
         }
-        let mut until = final_probe.map_or(next, |at| at + Duration::from_secs(1));
-        if hold.recover && final_probe.is_none() {
+        let mut until = keepalives.wake_at();
+        if hold.recover && !keepalives.finishing() {
             until = until.min(last_ack + broken);
         }
         let wait = until.saturating_duration_since(Instant::now());
@@ -369,20 +355,95 @@ fn keep_via_turn(
                 let _ = turn.send_channel_data(path.channel, &codec.ack(nonce));
             }
             Some(ProbeMessage::Ack { from, nonce }) if from == peer_index => {
-                let Some(&(_, at)) = sent.iter().find(|(n, _)| *n == nonce) else {
+                let Some(last) = keepalives.answered(nonce) else {
                     continue;
                 };
                 let now = Instant::now();
                 held.acked += 1;
                 held.outage = held.outage.max(now.duration_since(last_ack));
                 last_ack = now;
-                if final_probe.is_some_and(|f| at >= f) {
+                if last {
                     held.held = true;
                     return Ok(held);
                 }
             }
             _ => {}
         }
+    }
+}
+
+/// When a held path's keepalives go out, those awaiting an answer, and the
+/// last one (sent once the hold is over, to be answered within a second).
+struct Keepalives {
+    end: Instant,
+    every: Duration,
+    next: Instant,
+    sent: std::collections::VecDeque<([u8; 8], Instant)>,
+    last: Option<Instant>,
+}
+
+impl Keepalives {
+    fn new(start: Instant, hold: &Hold) -> Keepalives {
+        let every = hold.keepalive.unwrap_or(Duration::from_secs(15));
+        Keepalives {
+            end: start + hold.duration,
+            every,
+            next: start + every.min(hold.duration),
+            sent: Default::default(),
+            last: None,
+        }
+    }
+
+    /// How long without an answer means the path broke: three keepalives.
+    fn broken(&self) -> Duration {
+        (3 * self.every).max(Duration::from_millis(150))
+    }
+
+    /// The nonce of a keepalive due at `now`, recorded as sent.
+    fn due(&mut self, now: Instant) -> Option<[u8; 8]> {
+        if self.last.is_some() || now < self.next {
+            return None;
+        }
+        let nonce: [u8; 8] = rand::random();
+        self.sent.push_back((nonce, now));
+        if self.sent.len() > 64 {
+            self.sent.pop_front();
+        }
+        if now >= self.end {
+            self.last = Some(now);
+        } else {
+            self.next = (now + self.every).min(self.end);
+        }
+        Some(nonce)
+    }
+
+    /// The next keepalive goes out at once (the path was just found again).
+    fn send_now(&mut self) {
+        self.next = Instant::now();
+    }
+
+    /// True once the hold is over and its last keepalive is out.
+    fn finishing(&self) -> bool {
+        self.last.is_some()
+    }
+
+    /// True when the last keepalive went a second without an answer.
+    fn unanswered(&self, now: Instant) -> bool {
+        self.last
+            .is_some_and(|at| now >= at + Duration::from_secs(1))
+    }
+
+    /// When to wake: the next keepalive, or the end of the last one's wait.
+    fn wake_at(&self) -> Instant {
+        self.last
+            .map_or(self.next, |at| at + Duration::from_secs(1))
+    }
+
+    /// For an answer to `nonce`: whether it answers the last keepalive
+    /// (`None`: not one of ours).
+    fn answered(&self, nonce: [u8; 8]) -> Option<bool> {
+        let &(_, at) = self.sent.iter().find(|(n, _)| *n == nonce)?;
+        Some(self.last.is_some_and(|last| at >= last))
     }
 }
 
@@ -865,28 +926,23 @@ fn keep_path(
     mut recovery: Option<Recovery<'_>>,
 ) -> anyhow::Result<Held> {
     let start = Instant::now();
-    let end = start + hold.duration;
-    let keepalive = hold.keepalive.unwrap_or(Duration::from_secs(15));
-    let broken = (3 * keepalive).max(Duration::from_millis(150));
+    let mut keepalives = Keepalives::new(start, &hold);
+    let broken = keepalives.broken();
     let mut held = Held::default();
-    let mut next = start + keepalive.min(hold.duration);
-    let mut sent: std::collections::VecDeque<([u8; 8], Instant)> = Default::default();
     let mut last_ack = start;
     let mut last_recovery: Option<Instant> = None;
-    let mut final_probe: Option<Instant> = None;
     // A newer entry of the peer arrived: recover without waiting.
     let mut newer = false;
     let mut buf = [0u8; 2048];
     socket.set_nonblocking(false)?;
     loop {
         let now = Instant::now();
-        if final_probe.is_some_and(|at| now >= at + Duration::from_secs(1)) {
-            // The last keepalive went unanswered.
+        if keepalives.unanswered(now) {
             held.peer_after = Some(peer);
             return Ok(held);
         }
         if let Some(r) = recovery.as_mut()
-            && final_probe.is_none()
+            && !keepalives.finishing()
             && (newer || now.duration_since(last_ack) >= broken)
             && last_recovery.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
@@ -905,25 +961,12 @@ fn keep_path(
             socket.set_nonblocking(false)?;
             continue;
         }
-        if final_probe.is_none() && now >= next {
-            let nonce: [u8; 8] = rand::random();
+        if let Some(nonce) = keepalives.due(now) {
             let _ = socket.send_to(&codec.probe(nonce), peer);
             held.sent += 1;
-            sent.push_back((nonce, now));
-            if sent.len() > 64 {
-                sent.pop_front();
-            }
-            if now >= end {
-                final_probe = Some(now);
-            } else {
-                next = (now + keepalive).min(end);
-            }
         }
-        let mut until = match final_probe {
-            Some(at) => at + Duration::from_secs(1),
-            None => next,
-        };
-        if recovery.is_some() && final_probe.is_none() {
+        let mut until = keepalives.wake_at();
+        if recovery.is_some() && !keepalives.finishing() {
             until = until.min(last_ack + broken);
         }
         let wait = until
@@ -939,14 +982,14 @@ fn keep_path(
                 peer = from;
             }
             Some(ProbeMessage::Ack { from: who, nonce }) if who == peer_index => {
-                let Some(&(_, at)) = sent.iter().find(|(n, _)| *n == nonce) else {
+                let Some(last) = keepalives.answered(nonce) else {
                     continue;
                 };
                 let now = Instant::now();
                 held.acked += 1;
                 held.outage = held.outage.max(now.duration_since(last_ack));
                 last_ack = now;
-                if final_probe.is_some_and(|f| at >= f) {
+                if last {
                     held.held = true;
                     held.peer_after = Some(peer);
                     return Ok(held);

@@ -432,6 +432,15 @@ fn transact(link: &mut Link, req: &[u8]) -> anyhow::Result<Vec<u8>> {
     .into())
 }
 
+/// A UDP socket bound to `local` and connected to `server`.
+fn udp_link(server: SocketAddr, local: SocketAddr) -> anyhow::Result<Link> {
+    let socket = UdpSocket::bind(local).map_err(|e| TurnError::io(server, e))?;
+    socket
+        .connect(server)
+        .map_err(|e| TurnError::io(server, e))?;
+    Ok(Link::Udp(socket))
+}
+
 /// True when `e` is the relay's refusal with `code`.
 fn is_refused(e: &anyhow::Error, code: u16) -> bool {
     matches!(e.downcast_ref::<TurnError>(), Some(TurnError::Refused { code: c, .. }) if *c == code)
@@ -471,11 +480,7 @@ impl TurnClient {
         local: SocketAddr,
         creds: &Credentials,
     ) -> anyhow::Result<TurnClient> {
-        let socket = UdpSocket::bind(local).map_err(|e| TurnError::io(server, e))?;
-        socket
-            .connect(server)
-            .map_err(|e| TurnError::io(server, e))?;
-        Self::allocate_over(Link::Udp(socket), creds)
+        Self::allocate_over(udp_link(server, local)?, creds)
     }
 
     /// [`TurnClient::allocate`] asking for a mobility ticket (RFC 8016), so
@@ -486,11 +491,7 @@ impl TurnClient {
         local: SocketAddr,
         creds: &Credentials,
     ) -> anyhow::Result<TurnClient> {
-        let socket = UdpSocket::bind(local).map_err(|e| TurnError::io(server, e))?;
-        socket
-            .connect(server)
-            .map_err(|e| TurnError::io(server, e))?;
-        match Self::allocate_with(Link::Udp(socket), creds, true) {
+        match Self::allocate_with(udp_link(server, local)?, creds, true) {
             Err(e) if is_refused(&e, 405) => Self::allocate(server, local, creds),
             other => other,
         }
@@ -505,12 +506,8 @@ impl TurnClient {
             .ticket
             .clone()
             .context("the allocation has no mobility ticket")?;
-        let server = self.link.peer();
-        let socket = UdpSocket::bind(local).map_err(|e| TurnError::io(server, e))?;
-        socket
-            .connect(server)
-            .map_err(|e| TurnError::io(server, e))?;
-        let old = std::mem::replace(&mut self.link, Link::Udp(socket));
+        let link = udp_link(self.link.peer(), local)?;
+        let old = std::mem::replace(&mut self.link, link);
         let resp = self.request(Method::REFRESH, |enc| {
             enc.attribute(&Attribute::Lifetime(600))?;
             enc.raw(AttributeType::MOBILITY_TICKET, &ticket)

@@ -128,16 +128,7 @@ impl RelaySockets for Relays {
         // Without DONT-FRAGMENT the relay lets the network fragment
         // (RFC 8656 §14); with it, DF is set.
         set_dont_fragment(&socket, addr.is_ipv6(), dont_fragment);
-        self.registry.register(
-            &mut SourceFd(&socket.as_raw_fd()),
-            Token(RELAY_BASE + id.index()),
-            Interest::READABLE,
-        )?;
-        if self.sockets.len() <= id.index() {
-            self.sockets.resize_with(id.index() + 1, || None);
-        }
-        self.sockets[id.index()] = Some((id, socket));
-        Ok(())
+        self.adopt(id, socket)
     }
 }
 
