@@ -301,15 +301,12 @@ fn keep_via_turn(
     hold: Hold,
     local: IpAddr,
 ) -> anyhow::Result<Held> {
-    let start = Instant::now();
-    let mut keepalives = Keepalives::new(start, &hold);
-    let broken = keepalives.broken();
+    let mut keepalives = Keepalives::new(Instant::now(), &hold);
     let mut held = Held {
         peer_before: Some(path.peer),
         peer_after: Some(path.peer),
         ..Held::default()
     };
-    let mut last_ack = start;
     let mut last_move: Option<Instant> = None;
     loop {
         let now = Instant::now();
@@ -318,8 +315,7 @@ fn keep_via_turn(
         }
         if hold.recover
             && turn.is_mobile()
-            && !keepalives.finishing()
-            && now.duration_since(last_ack) >= broken
+            && keepalives.silent(now)
             && last_move.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
             match turn.rebind(SocketAddr::new(local, 0)) {
@@ -337,11 +333,9 @@ fn keep_via_turn(
             let _ = turn.send_channel_data(path.channel, &codec.probe(nonce));
             held.sent += 1;
         }
-        let mut until = keepalives.wake_at();
-        if hold.recover && !keepalives.finishing() {
-            until = until.min(last_ack + broken);
-        }
-        let wait = until.saturating_duration_since(Instant::now());
+        let wait = keepalives
+            .wake_at(hold.recover)
+            .saturating_duration_since(Instant::now());
         let packet = match turn.link.recv(wait) {
             Ok(Some(p)) => p,
             // ICMP errors for a vanished route read as errors: keep going.
@@ -355,14 +349,8 @@ fn keep_via_turn(
                 let _ = turn.send_channel_data(path.channel, &codec.ack(nonce));
             }
             Some(ProbeMessage::Ack { from, nonce }) if from == peer_index => {
-                let Some(last) = keepalives.answered(nonce) else {
-                    continue;
-                };
-                let now = Instant::now();
-                held.acked += 1;
-                held.outage = held.outage.max(now.duration_since(last_ack));
-                last_ack = now;
-                if last {
+                let last = keepalives.acked(nonce, &mut held);
+                if last == Some(true) {
                     held.held = true;
                     return Ok(held);
                 }
@@ -380,6 +368,8 @@ struct Keepalives {
     next: Instant,
     sent: std::collections::VecDeque<([u8; 8], Instant)>,
     last: Option<Instant>,
+    /// The last answer (or the start, before any).
+    last_ack: Instant,
 }
 
 impl Keepalives {
@@ -391,12 +381,26 @@ impl Keepalives {
             next: start + every.min(hold.duration),
             sent: Default::default(),
             last: None,
+            last_ack: start,
         }
     }
 
     /// How long without an answer means the path broke: three keepalives.
     fn broken(&self) -> Duration {
         (3 * self.every).max(Duration::from_millis(150))
+    }
+
+    /// True when the path went silent (no answer for [`Self::broken`])
+    /// while the hold is still on: time to find it again.
+    fn silent(&self, now: Instant) -> bool {
+        !self.finishing() && now.duration_since(self.last_ack) >= self.broken()
+    }
+
+    /// The path was found again at `at`: the gap since the last answer is
+    /// an outage, and the path counts as answering from now.
+    fn found_again(&mut self, at: Instant, held: &mut Held) {
+        held.outage = held.outage.max(at.saturating_duration_since(self.last_ack));
+        self.last_ack = Instant::now();
     }
 
     /// The nonce of a keepalive due at `now`, recorded as sent.
@@ -433,16 +437,28 @@ impl Keepalives {
             .is_some_and(|at| now >= at + Duration::from_secs(1))
     }
 
-    /// When to wake: the next keepalive, or the end of the last one's wait.
-    fn wake_at(&self) -> Instant {
-        self.last
-            .map_or(self.next, |at| at + Duration::from_secs(1))
+    /// When to wake: the next keepalive, or the end of the last one's wait;
+    /// when `watching` for silence, no later than the path would be broken.
+    fn wake_at(&self, watching: bool) -> Instant {
+        let at = self
+            .last
+            .map_or(self.next, |at| at + Duration::from_secs(1));
+        if watching && !self.finishing() {
+            at.min(self.last_ack + self.broken())
+        } else {
+            at
+        }
     }
 
-    /// For an answer to `nonce`: whether it answers the last keepalive
-    /// (`None`: not one of ours).
-    fn answered(&self, nonce: [u8; 8]) -> Option<bool> {
+    /// Counts an answer to `nonce` in `held` (acknowledged, the gap since
+    /// the last answer); whether it answers the last keepalive (`None`: not
+    /// one of ours).
+    fn acked(&mut self, nonce: [u8; 8], held: &mut Held) -> Option<bool> {
         let &(_, at) = self.sent.iter().find(|(n, _)| *n == nonce)?;
+        let now = Instant::now();
+        held.acked += 1;
+        held.outage = held.outage.max(now.duration_since(self.last_ack));
+        self.last_ack = now;
         Some(self.last.is_some_and(|last| at >= last))
     }
 }
@@ -925,11 +941,8 @@ fn keep_path(
     hold: Hold,
     mut recovery: Option<Recovery<'_>>,
 ) -> anyhow::Result<Held> {
-    let start = Instant::now();
-    let mut keepalives = Keepalives::new(start, &hold);
-    let broken = keepalives.broken();
+    let mut keepalives = Keepalives::new(Instant::now(), &hold);
     let mut held = Held::default();
-    let mut last_ack = start;
     let mut last_recovery: Option<Instant> = None;
     // A newer entry of the peer arrived: recover without waiting.
     let mut newer = false;
@@ -943,17 +956,16 @@ fn keep_path(
         }
         if let Some(r) = recovery.as_mut()
             && !keepalives.finishing()
-            && (newer || now.duration_since(last_ack) >= broken)
+            && (newer || keepalives.silent(now))
             && last_recovery.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
             newer = false;
             match r.recover(socket, peer_index) {
                 Ok((at, to)) => {
                     held.recoveries += 1;
-                    held.outage = held.outage.max(at.saturating_duration_since(last_ack));
                     peer = to;
                     // The punch lingered, answering: the path is up now.
-                    last_ack = Instant::now();
+                    keepalives.found_again(at, &mut held);
                 }
                 Err(e) => held.error = Some(format!("{e:#}")),
             }
@@ -965,11 +977,8 @@ fn keep_path(
             let _ = socket.send_to(&codec.probe(nonce), peer);
             held.sent += 1;
         }
-        let mut until = keepalives.wake_at();
-        if recovery.is_some() && !keepalives.finishing() {
-            until = until.min(last_ack + broken);
-        }
-        let wait = until
+        let wait = keepalives
+            .wake_at(recovery.is_some())
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         socket.set_read_timeout(Some(wait))?;
@@ -982,14 +991,8 @@ fn keep_path(
                 peer = from;
             }
             Some(ProbeMessage::Ack { from: who, nonce }) if who == peer_index => {
-                let Some(last) = keepalives.answered(nonce) else {
-                    continue;
-                };
-                let now = Instant::now();
-                held.acked += 1;
-                held.outage = held.outage.max(now.duration_since(last_ack));
-                last_ack = now;
-                if last {
+                let last = keepalives.acked(nonce, &mut held);
+                if last == Some(true) {
                     held.held = true;
                     held.peer_after = Some(peer);
                     return Ok(held);

@@ -861,24 +861,19 @@ fn print_matrix(results: &[serde_json::Value]) {
     );
 }
 
+/// `--lookup`, which `action` plans through.
+fn planner<'a>(args: &'a NatlabArgs, action: &str) -> anyhow::Result<&'a str> {
+    args.lookup
+        .as_deref()
+        .with_context(|| format!("natlab {action} plans through lookup: give --lookup"))
+}
+
 /// `natlab <action>`.
 pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<Option<serde_json::Value>> {
     match args.action.as_str() {
         "matrix" => matrix(args).map(Some),
-        "hold" => {
-            let lookup = args
-                .lookup
-                .as_deref()
-                .context("natlab hold plans through lookup: give --lookup")?;
-            hold(args, lookup).map(Some)
-        }
-        "hard" => {
-            let lookup = args
-                .lookup
-                .as_deref()
-                .context("natlab hard plans through lookup: give --lookup")?;
-            hard(args, lookup).map(Some)
-        }
+        "hold" => hold(args, planner(args, "hold")?).map(Some),
+        "hard" => hard(args, planner(args, "hard")?).map(Some),
         "loss" => {
             script("loss", &[&args.percent.to_string()])?;
             println!(

@@ -421,13 +421,17 @@ impl Server {
         secret
     }
 
-    /// The slot a request's mobility ticket names here, if any.
-    fn ticket_slot(&self, msg: &Message<'_>) -> Option<u32> {
+    /// A request's mobility ticket, when this relay gives them.
+    fn ticket(&self, msg: &Message<'_>) -> Option<Ticket> {
         if !self.config.mobility {
             return None;
         }
-        let ticket = Ticket::parse(msg.get(AttributeType::MOBILITY_TICKET)?)?;
-        self.tickets.get(&ticket.secret).copied()
+        Ticket::parse(msg.get(AttributeType::MOBILITY_TICKET)?)
+    }
+
+    /// The slot a request's mobility ticket names here, if any.
+    fn ticket_slot(&self, msg: &Message<'_>) -> Option<u32> {
+        self.tickets.get(&self.ticket(msg)?.secret).copied()
     }
 
     /// Re-reads the wall clock: `unix_now` (seconds since 1970) at `now`.
@@ -645,10 +649,10 @@ impl Server {
     /// The core a Refresh's mobility ticket names when the allocation is
     /// not here (and `from` has none here).
     fn moves_from(&self, msg: &Message<'_>, from: ClientSocket) -> Option<u16> {
-        if !self.config.mobility || self.allocation_by_client.contains_key(&from) {
+        if self.allocation_by_client.contains_key(&from) {
             return None;
         }
-        let ticket = Ticket::parse(msg.get(AttributeType::MOBILITY_TICKET)?)?;
+        let ticket = self.ticket(msg)?;
         (ticket.shard != self.shard && !self.tickets.contains_key(&ticket.secret))
             .then_some(ticket.shard)
     }

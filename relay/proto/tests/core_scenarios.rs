@@ -1130,9 +1130,9 @@ fn requests_without_an_allocation_get_437_and_data_is_dropped() {
     );
 }
 
-#[test]
-fn unauthenticated_answers_are_capped_per_prefix() {
-    let mut h = Harness::new(ServerConfig {
+/// Unauthenticated answers capped at a burst of 10 per source prefix.
+fn capped_unauth() -> ServerConfig {
+    ServerConfig {
         unauth: UnauthLimits {
             per_prefix_rate: 1.0,
             per_prefix_burst: 10.0,
@@ -1140,7 +1140,12 @@ fn unauthenticated_answers_are_capped_per_prefix() {
             total_burst: 1000.0,
         },
         ..config()
-    });
+    }
+}
+
+#[test]
+fn unauthenticated_answers_are_capped_per_prefix() {
+    let mut h = Harness::new(capped_unauth());
     let req = Req::new(Method::ALLOCATE).transport(17).build_unsigned();
     let mut answered = 0;
     let mut limited = 0;
@@ -1321,22 +1326,7 @@ fn quota_and_capacity_hold_across_loops_sharing_a_host() {
         max_allocations: 3,
         ..config()
     };
-    let mut loops: Vec<Harness> = (0..2)
-        .map(|i| Harness {
-            server: Server::new(
-                config.clone(),
-                credentials(),
-                policy(),
-                shared.clone(),
-                t0,
-                UNIX_T0,
-                [i; 32],
-            ),
-            sockets: Sockets::default(),
-            t0,
-            out: vec![0; 1500],
-        })
-        .collect();
+    let mut loops = two_loops(&config, &shared, t0);
     let alice = User::stat("alice", "wonderland");
     loops[0].allocate(client(1), &alice, t0);
     loops[1].allocate(client(2), &alice, t0);
@@ -1359,6 +1349,31 @@ fn quota_and_capacity_hold_across_loops_sharing_a_host() {
     let delete = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
     assert_eq!(code_of(&loops[0].request(&delete, client(1), t0)), None);
     loops[1].allocate(client(6), &bob, t0);
+}
+
+/// Two cores (loops 0 and 1) of one host, sharing `shared`'s ports and
+/// counts, each with its own seed.
+fn two_loops(config: &ServerConfig, shared: &SharedPorts, t0: Instant) -> Vec<Harness> {
+    (0..2u8)
+        .map(|i| {
+            let mut server = Server::new(
+                config.clone(),
+                credentials(),
+                policy(),
+                shared.clone(),
+                t0,
+                UNIX_T0,
+                [i; 32],
+            );
+            server.set_shard(u16::from(i));
+            Harness {
+                server,
+                sockets: Sockets::default(),
+                t0,
+                out: vec![0; 1500],
+            }
+        })
+        .collect()
 }
 
 fn client_at(ip: [u8; 4], port: u16) -> ClientSocket {
@@ -1698,26 +1713,7 @@ fn a_ticket_from_another_loop_moves_the_allocation_between_loops() {
         max: 50099,
     });
     let t0 = Instant::now();
-    let mut loops: Vec<Harness> = (0..2u8)
-        .map(|i| {
-            let mut server = Server::new(
-                config(),
-                credentials(),
-                policy(),
-                shared.clone(),
-                t0,
-                UNIX_T0,
-                [i; 32],
-            );
-            server.set_shard(u16::from(i));
-            Harness {
-                server,
-                sockets: Sockets::default(),
-                t0,
-                out: vec![0; 1500],
-            }
-        })
-        .collect();
+    let mut loops = two_loops(&config(), &shared, t0);
     let alice = User::stat("alice", "wonderland");
     let (old, new) = (client(1), client_at([198, 51, 100, 99], 4000));
     let ticket = allocate_mobile(&mut loops[0], old, &alice);
@@ -1819,15 +1815,7 @@ fn a_stream_allocation_with_a_ticket_outlives_its_connection() {
 /// ticket is an ordinary Refresh without an allocation.
 #[test]
 fn forged_tickets_are_bounded_per_source_and_garbage_tickets_are_ignored() {
-    let mut h = Harness::new(ServerConfig {
-        unauth: UnauthLimits {
-            per_prefix_rate: 1.0,
-            per_prefix_burst: 10.0,
-            total_rate: 1000.0,
-            total_burst: 1000.0,
-        },
-        ..config()
-    });
+    let mut h = Harness::new(capped_unauth());
     let alice = User::stat("alice", "wonderland");
     let nonce = h.nonce(client(1), h.t0);
     let mut moves = 0;

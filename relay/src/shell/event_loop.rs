@@ -979,13 +979,24 @@ impl EventLoop {
                     client: d.from,
                     server: SocketAddr::new(d.to_ip.unwrap_or(local.ip()), local.port()),
                 };
-                match self.core.handle_client_input(
+                let action = match self.core.handle_client_input(
                     d.payload,
                     from,
                     now,
                     &mut self.out,
                     &mut self.relays,
                 ) {
+                    ClientAction::Move { shard } => self.mobility.hand_over(
+                        &mut self.core,
+                        shard,
+                        d.payload,
+                        from,
+                        now,
+                        &mut self.out,
+                    ),
+                    action => action,
+                };
+                match action {
                     ClientAction::Reply(len) => {
                         if socket
                             .try_send_to(&self.out[..len], d.from, d.to_ip)
@@ -999,18 +1010,7 @@ impl EventLoop {
                         peer,
                         payload,
                     } => self.relays.send(allocation, &d.payload[payload], peer),
-                    ClientAction::Move { shard } => {
-                        if !self.mobility.ask(usize::from(shard), d.payload, from)
-                            && let ClientAction::Reply(len) =
-                                self.core.refuse_move(d.payload, from, now, &mut self.out)
-                            && socket
-                                .try_send_to(&self.out[..len], d.from, d.to_ip)
-                                .is_err()
-                        {
-                            self.clients.send_errors += 1;
-                        }
-                    }
-                    ClientAction::Consumed | ClientAction::Drop(_) => {}
+                    ClientAction::Move { .. } | ClientAction::Consumed | ClientAction::Drop(_) => {}
                 }
             }
             self.relays.flush();
@@ -1178,7 +1178,13 @@ impl EventLoop {
             if !turn {
                 return;
             }
-            match core.handle_client_input(frame, client, now, out, relays) {
+            let action = match core.handle_client_input(frame, client, now, out, relays) {
+                ClientAction::Move { shard } => {
+                    mobility.hand_over(core, shard, frame, client, now, out)
+                }
+                action => action,
+            };
+            match action {
                 ClientAction::Reply(len) => {
                     stream.queue(&out[..len]);
                 }
@@ -1187,14 +1193,7 @@ impl EventLoop {
                     peer,
                     payload,
                 } => relays.send(allocation, &frame[payload], peer),
-                ClientAction::Move { shard } => {
-                    if !mobility.ask(usize::from(shard), frame, client)
-                        && let ClientAction::Reply(len) = core.refuse_move(frame, client, now, out)
-                    {
-                        stream.queue(&out[..len]);
-                    }
-                }
-                ClientAction::Consumed | ClientAction::Drop(_) => {}
+                ClientAction::Move { .. } | ClientAction::Consumed | ClientAction::Drop(_) => {}
             }
         });
         self.relays.flush();

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use crate::control::Control;
-use crate::core::{ClientSocket, MovedAllocation};
+use crate::core::{ClientAction, ClientSocket, MovedAllocation, Server};
 
 /// Transfers one loop's channel holds; past it a move is refused (the
 /// client retries its Refresh).
@@ -91,13 +91,32 @@ impl Mobility {
     }
 
     /// Asks loop `shard` for the allocation `packet`'s ticket names.
-    pub(super) fn ask(&self, shard: usize, packet: &[u8], client: ClientSocket) -> bool {
+    fn ask(&self, shard: usize, packet: &[u8], client: ClientSocket) -> bool {
         let ask = Transfer::Ask {
             from_shard: self.shard,
             packet: packet.to_vec(),
             client,
         };
         self.send(shard, ask).is_ok()
+    }
+
+    /// What becomes of a [`ClientAction::Move`]: the packet goes to loop
+    /// `shard` (nothing to answer yet), or, when it cannot, `core` refuses
+    /// it.
+    pub(super) fn hand_over(
+        &self,
+        core: &mut Server,
+        shard: u16,
+        packet: &[u8],
+        client: ClientSocket,
+        now: std::time::Instant,
+        out: &mut [u8],
+    ) -> ClientAction {
+        if self.ask(usize::from(shard), packet, client) {
+            ClientAction::Consumed
+        } else {
+            core.refuse_move(packet, client, now, out)
+        }
     }
 
     /// The next transfer for this loop, if any.
