@@ -521,8 +521,13 @@ fn ipv6_relayed_addresses_reach_ipv6_peers() {
 /// Refresh, before relaying. Every allocation moves and nothing is lost;
 /// with the harness's two loops some new 5-tuples reach the other loop,
 /// which takes the allocation over.
-fn uclient_moves_its_allocations(transport: &[&str]) {
-    let natrix = Natrix::relay(ALLOW_LOOPBACK);
+///
+/// `relay_ports` keeps its ~60 allocations (and uclient's EVEN-PORT
+/// reservations) out of the ports the other tests' relays and the kernel's
+/// ephemeral range hand out meanwhile: a reserved port taken by another
+/// process fails that client's next Allocate (508).
+fn uclient_moves_its_allocations(transport: &[&str], relay_ports: &str) {
+    let natrix = Natrix::relay(&[ALLOW_LOOPBACK, &["--relay-ports", relay_ports]].concat());
     let (_peer, peer_port) = udp_echo_peer();
     let p = port(&natrix);
     let pp = peer_port.to_string();
@@ -557,10 +562,10 @@ fn uclient_moves_its_allocations(transport: &[&str]) {
 
 #[test]
 fn uclient_with_mobility_moves_udp_allocations_to_its_new_address() {
-    uclient_moves_its_allocations(&[]);
+    uclient_moves_its_allocations(&[], "20000-24999");
 }
 
 #[test]
 fn uclient_with_mobility_moves_tcp_allocations_to_its_new_connection() {
-    uclient_moves_its_allocations(&["-t"]);
+    uclient_moves_its_allocations(&["-t"], "25000-29999");
 }
