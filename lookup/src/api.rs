@@ -157,6 +157,15 @@ fn behaviour(profile: &NatProfile, side: Side) -> Result<natrix_model::nat::Beha
         .map_err(|error| PlanError::Profile { side, error })
 }
 
+fn ipv6_behaviour(
+    profile: &NatProfile,
+    side: Side,
+) -> Result<Option<natrix_model::nat::Behaviour>, PlanError> {
+    profile
+        .ipv6_behaviour()
+        .map_err(|error| PlanError::Profile { side, error })
+}
+
 /// One ICE server in WebRTC `RTCIceServer` form.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IceServer {
@@ -206,6 +215,12 @@ pub struct SidePlan {
     pub ttl: u64,
     /// The connection-data exchange.
     pub exchange: ExchangeInfo,
+    /// The path is planned over IPv6 (both sides reach the servers there
+    /// and IPv6 allows the classic punch): the side opens an IPv6 socket,
+    /// offers its IPv6 candidates besides the IPv4 ones, and prefers an
+    /// IPv6 path.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub ipv6: bool,
     /// In a direct plan: how this side opens the path (the technique,
     /// sockets to open, ports to probe, and the deadline after which it asks
     /// for a relay with `retry`).
@@ -256,7 +271,8 @@ fn counterpart_ips(profile: &NatProfile, relay: Option<&HostRecord>) -> Vec<IpAd
     let own = profile
         .mapped_address
         .into_iter()
-        .chain(profile.tcp_mapped_address);
+        .chain(profile.tcp_mapped_address)
+        .chain(profile.ipv6.as_ref().and_then(|v6| v6.mapped_address));
     let relayed = relay
         .into_iter()
         .flat_map(|r| r.udp.iter().chain(&r.tcp).chain(&r.tls).copied());
@@ -307,9 +323,31 @@ pub fn plan(
     random: &mut dyn FnMut(usize) -> usize,
     fill: &mut dyn FnMut(&mut [u8]),
 ) -> Result<PlanResponse, PlanError> {
-    let a = behaviour(&req.a.profile, Side::A)?;
-    let b = behaviour(&req.b.profile, Side::B)?;
-    let mode = decide(&a, &b, req.retry);
+    let (mut a, mut b) = (
+        behaviour(&req.a.profile, Side::A)?,
+        behaviour(&req.b.profile, Side::B)?,
+    );
+    let mut mode = decide(&a, &b, req.retry);
+    // Both sides reach the servers over IPv6 too: where IPv6 allows the
+    // classic punch (no NAT there, stateful firewalls at most), both go
+    // direct over it, whatever their IPv4 NATs say.
+    let over_ipv6 = match (
+        ipv6_behaviour(&req.a.profile, Side::A)?,
+        ipv6_behaviour(&req.b.profile, Side::B)?,
+    ) {
+        (Some(a6), Some(b6)) => match decide(&a6, &b6, req.retry) {
+            m @ Mode::Direct([p, _]) if p.technique == Technique::Classic => {
+                (a, b, mode) = (a6, b6, m);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    };
+    let profiles = [&req.a.profile, &req.b.profile].map(|p| match (over_ipv6, &p.ipv6) {
+        (true, Some(v6)) => &**v6,
+        _ => p,
+    });
     let cdx: Vec<&HostRecord> = snapshot
         .cdx
         .iter()
@@ -333,7 +371,7 @@ pub fn plan(
         _ => None,
     };
     // Both sides keep the path alive for the shorter-lived of their NATs.
-    let keepalive_ms = natrix_model::keepalive(&req.a.profile, &req.b.profile);
+    let keepalive_ms = natrix_model::keepalive(profiles[0], profiles[1]);
     let mut chosen: [Option<&HostRecord>; 2] = [None, None];
     for (i, (side, behaviour, peer)) in peers.iter().enumerate() {
         let racing = race.is_some_and(|m| m.relays(*side));
@@ -396,6 +434,7 @@ pub fn plan(
             });
         }
         sides.push(SidePlan {
+            ipv6: over_ipv6,
             relayed: mode.relays(*side),
             race: !mode.relays(*side) && relay.is_some(),
             relay,
@@ -529,6 +568,56 @@ mod tests {
             (p.mode.as_str(), p.relayed_side),
             ("relay-one", Some(Side::A))
         );
+    }
+
+    #[test]
+    fn dual_stack_peers_behind_ipv6_firewalls_go_direct_over_ipv6_whatever_their_ipv4_nats() {
+        let snap = Snapshot {
+            relays: vec![host("r1", Role::Relay, false)],
+            cdx: vec![host("c1", Role::Cdx, false)],
+            taken_ms: 1,
+        };
+        // Two random-port symmetric IPv4 NATs (relayed over IPv4), each
+        // client also on IPv6 behind a stateful firewall (no NAT).
+        let side = |v6: &str, lifetime: u32| {
+            format!(
+                r#"{{"profile":{{"class":"symmetric","port_allocation":"random","mapping_lifetime":60,
+                    "ipv6":{{"local_address":"[{v6}]:5000","mapped_address":"[{v6}]:5000",
+                    "mapping":"no-nat","filtering":"address-and-port-dependent","mapping_lifetime":{lifetime}}}}}}}"#
+            )
+        };
+        let body = |retry: bool, b: &str| {
+            format!(
+                r#"{{"a":{},"b":{b},"retry":{retry}}}"#,
+                side("2001:db8:20:1::2", 30)
+            )
+        };
+        let both = body(false, &side("2001:db8:21:1::2", 20));
+        let p = run(&serde_json::from_str(&both).unwrap(), &snap).unwrap();
+        assert_eq!(p.mode, "direct");
+        assert!(p.a.ipv6 && p.b.ipv6, "{p:?}");
+        let punch = p.a.punch.unwrap();
+        assert_eq!(punch.technique, natrix_model::Technique::Classic);
+        // Kept alive for the shorter-lived IPv6 firewall, not the NATs.
+        assert!(punch.keepalive_ms < 20_000, "{punch:?}");
+        assert!(!p.a.race && p.a.relay.is_none());
+        // The retry relays over IPv4 as before.
+        let retry = body(true, &side("2001:db8:21:1::2", 20));
+        let p = run(&serde_json::from_str(&retry).unwrap(), &snap).unwrap();
+        assert!(p.mode.starts_with("relay"), "{p:?}");
+        assert!(!p.a.ipv6);
+        // Only one side on IPv6: the IPv4 NATs decide.
+        let one = body(
+            false,
+            r#"{"profile":{"class":"symmetric","port_allocation":"random"}}"#,
+        );
+        let p = run(&serde_json::from_str(&one).unwrap(), &snap).unwrap();
+        assert!(p.mode.starts_with("relay"), "{p:?}");
+        assert!(!p.a.ipv6 && !p.b.ipv6);
+        // An IPv6 profile naming IPv4 addresses is refused, naming the field.
+        let bad = both.replacen("[2001:db8:20:1::2]:5000", "203.0.113.9:5000", 2);
+        let e = run(&serde_json::from_str(&bad).unwrap(), &snap).unwrap_err();
+        assert_eq!(e.problem().field.as_deref(), Some("a.profile.ipv6"));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`invitation`]: exchange session ids, keys, tickets and invitations,
 //!   and the sealing of connection data.
 //! - [`transport`]: the client transports (UDP, TCP, TLS).
+//! - [`nat64`]: NAT64 address synthesis for IPv6-only clients (RFC 6052).
 //! - [`limiter`]: the caps on unauthenticated answers (per source prefix
 //!   and per loop) that the relay core and CDX share.
 //! - [`apikey`]: lookup's API keys, their scopes and the ring that checks
@@ -39,6 +40,7 @@ pub mod invitation;
 mod ipnet;
 pub mod limiter;
 pub mod nat;
+pub mod nat64;
 pub mod secret;
 pub mod signal;
 pub mod token;
@@ -49,6 +51,7 @@ pub use nat::{
     Behaviour, Filtering, Mapping, NatClass, NatProfile, PortAllocation, ProfileError, PunchPlan,
     Technique, direct_feasible, keepalive, punch_plans,
 };
+pub use nat64::Nat64Prefix;
 pub use secret::{ClusterSecret, Redacted, SecretError, TurnSecret};
 pub use token::SessionToken;
 pub use transport::Transport;

@@ -562,6 +562,13 @@ pub struct NatProfile {
     /// What went wrong, for humans (e.g. "UDP is blocked").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The same tests over IPv6, from a dual-stack or IPv6-only host (the
+    /// top level then describes its IPv4 side, through NAT64 on an
+    /// IPv6-only host). Behind a stateful IPv6 firewall and no NAT it reads
+    /// `no-nat` with the firewall's filtering. The planner sends both sides
+    /// over IPv6 when both have one and it allows a direct path there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Box<NatProfile>>,
 }
 
 /// How a NAT picks the public port of a new mapping (RFC 4787 §4.1's
@@ -734,6 +741,34 @@ impl NatProfile {
         Ok(b)
     }
 
+    /// The IPv6 side's behaviours, when the profile has a usable one (a
+    /// mapped IPv6 address: the host reached the server over IPv6); an error
+    /// when it contradicts itself, nests another, or names IPv4 addresses.
+    pub fn ipv6_behaviour(&self) -> Result<Option<Behaviour>, ProfileError> {
+        let Some(v6) = self.ipv6.as_deref() else {
+            return Ok(None);
+        };
+        let error = |detail: &str| ProfileError {
+            field: "ipv6",
+            detail: detail.into(),
+        };
+        if v6.ipv6.is_some() {
+            return Err(error("an IPv6 profile cannot carry another"));
+        }
+        if [v6.mapped_address, v6.local_address]
+            .iter()
+            .flatten()
+            .any(SocketAddr::is_ipv4)
+        {
+            return Err(error("the IPv6 profile names an IPv4 address"));
+        }
+        let b = v6.behaviour().map_err(|e| ProfileError {
+            field: "ipv6",
+            detail: format!("{}: {}", e.field, e.detail),
+        })?;
+        Ok((v6.mapped_address.is_some() && !b.udp_blocked).then_some(b))
+    }
+
     /// The cleartext PROFILE attribute's codes: mapping, filtering, 0, 0.
     pub const fn codes(&self) -> [u8; 4] {
         [
@@ -794,6 +829,43 @@ mod tests {
             ..NatProfile::default()
         }
         .with_derived()
+    }
+
+    #[test]
+    fn an_ipv6_profile_behind_a_stateful_firewall_reads_as_a_port_restricted_cone() {
+        let v6 = NatProfile {
+            local_address: Some("[2001:db8:20:1::2]:5000".parse().unwrap()),
+            mapped_address: Some("[2001:db8:20:1::2]:5000".parse().unwrap()),
+            mapping: Some(Mapping::NoNat),
+            filtering: Some(Filtering::AddressAndPortDependent),
+            ..NatProfile::default()
+        }
+        .with_derived();
+        assert_eq!(v6.class, Some(NatClass::PortRestrictedCone));
+        let mut p = behind(
+            Some(Mapping::AddressAndPortDependent),
+            Some(Filtering::AddressAndPortDependent),
+        );
+        assert_eq!(p.ipv6_behaviour(), Ok(None));
+        p.ipv6 = Some(Box::new(v6.clone()));
+        let b = p.ipv6_behaviour().unwrap().unwrap();
+        assert_eq!(b.class(), NatClass::PortRestrictedCone);
+        // The JSON form round-trips with the nested profile.
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<NatProfile>(&json).unwrap(), p);
+        // No IPv6 mapped address: the host did not reach the server there.
+        p.ipv6 = Some(Box::new(NatProfile {
+            mapped_address: None,
+            ..v6.clone()
+        }));
+        assert_eq!(p.ipv6_behaviour(), Ok(None));
+        // Nested twice, or IPv4 addresses in it: refused, naming the field.
+        let mut nested = v6.clone();
+        nested.ipv6 = Some(Box::new(v6.clone()));
+        p.ipv6 = Some(Box::new(nested));
+        assert_eq!(p.ipv6_behaviour().unwrap_err().field, "ipv6");
+        p.ipv6 = Some(Box::new(behind(None, None)));
+        assert_eq!(p.ipv6_behaviour().unwrap_err().field, "ipv6");
     }
 
     #[test]
