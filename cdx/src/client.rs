@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use natrix_cdx_proto::discovery::NO_ANSWER_WAIT;
 use natrix_cdx_proto::discovery::{Discovery, Socket};
-use natrix_model::NatProfile;
+use natrix_model::{Nat64Prefix, NatProfile};
 
 /// Why discovery could not run.
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +28,23 @@ pub enum DiscoveryError {
 /// (port 0 for any). Never fails for network reasons: a silent server
 /// yields a profile without a mapped address (UDP blocked, or no server).
 pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, DiscoveryError> {
+    discover_via(server, local, None)
+}
+
+/// [`discover`] from an IPv6-only host through its network's NAT64: the
+/// tests speak to the IPv4 `server` (and the IPv4 addresses it names) at
+/// their addresses in `nat64`'s prefix, from an IPv6 `local`; the profile
+/// describes the IPv4 side as the server sees it (the NAT64's mapping).
+pub fn discover_via(
+    server: SocketAddr,
+    local: SocketAddr,
+    nat64: Option<Nat64Prefix>,
+) -> Result<NatProfile, DiscoveryError> {
+    let out = |a: SocketAddr| nat64.map_or(a, |p| p.synthesize(a));
+    let back = |a: SocketAddr| nat64.map_or(a, |p| p.extract(a));
     let primary = UdpSocket::bind(local)?;
     // The address the tests run from, as the routing table picks it.
-    let local_ip = route_source(local.ip(), server).unwrap_or(local.ip());
+    let local_ip = route_source(local.ip(), out(server)).unwrap_or(local.ip());
     let from = SocketAddr::new(local_ip, primary.local_addr()?.port());
     let mut seed = [0u8; 32];
     rand::fill(&mut seed);
@@ -48,7 +62,7 @@ pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, Dis
                 },
             };
             // A send error (e.g. ICMP unreachable reported) means no answer.
-            if socket.send_to(&t.payload, t.destination).is_err() {
+            if socket.send_to(&t.payload, out(t.destination)).is_err() {
                 d.handle_send_error(t.socket, Instant::now());
             }
         }
@@ -67,7 +81,7 @@ pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, Dis
         }
         socket.set_read_timeout(Some(left))?;
         match socket.recv_from(&mut buf) {
-            Ok((n, peer)) => d.handle_input(listening, peer, &buf[..n], Instant::now()),
+            Ok((n, peer)) => d.handle_input(listening, back(peer), &buf[..n], Instant::now()),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -79,6 +93,30 @@ pub fn discover(server: SocketAddr, local: SocketAddr) -> Result<NatProfile, Dis
             // An ICMP error reported on the socket: no answer to this test.
             Err(_) => d.handle_send_error(listening, Instant::now()),
         }
+    }
+}
+
+/// Whether this host can send to `server` at all (it has a route there): an
+/// IPv6-only host cannot reach an IPv4 address except through NAT64.
+pub fn routable(server: SocketAddr) -> bool {
+    let any: std::net::IpAddr = if server.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    route_source(any, server).is_ok()
+}
+
+/// How this host reaches `server`: directly when it has a route there, else
+/// (an IPv4 server from an IPv6-only host) through NAT64 with `prefix` —
+/// `None` then, or `Some(prefix)`, with the local address to bind.
+pub fn reach(server: SocketAddr, prefix: Nat64Prefix) -> (SocketAddr, Option<Nat64Prefix>) {
+    let v4 = SocketAddr::from(([0, 0, 0, 0], 0));
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    match (server.is_ipv4(), routable(server)) {
+        (true, true) => (v4, None),
+        (true, false) => (v6, Some(prefix)),
+        (false, _) => (v6, None),
     }
 }
 

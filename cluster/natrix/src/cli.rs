@@ -345,6 +345,18 @@ pub(crate) struct ProbeArgs {
     /// interval must stay under.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) lifetime: Option<Duration>,
+
+    /// Also probe over IPv6 against this server (an IPv6 address of the
+    /// same deployment, `[addr]:port` or `addr`), the result nested as
+    /// `ipv6`: what lookup plans a direct IPv6 path from. Skipped when the
+    /// host has no IPv6 route there.
+    #[arg(long)]
+    pub(crate) ipv6: Option<String>,
+
+    /// On an IPv6-only host (no route to the IPv4 server): reach it through
+    /// the network's NAT64 at its address in this /96 prefix (RFC 6052).
+    #[arg(long, env = "NATRIX_NAT64_PREFIX", default_value = "64:ff9b::/96")]
+    pub(crate) nat64_prefix: natrix_model::Nat64Prefix,
 }
 
 #[cfg(test)]

@@ -141,16 +141,31 @@ pub(crate) fn run(args: &ProbeArgs) -> anyhow::Result<()> {
         };
         return print(args, &profile);
     }
-    let bind: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
+    // An IPv6-only host reaches an IPv4 server through NAT64.
+    let (bind, nat64) = natrix_cdx::client::reach(server, args.nat64_prefix);
     let mut profile =
-        natrix_cdx::client::discover(server, bind).context("running NAT discovery")?;
-    if let Some(max) = args.lifetime {
+        natrix_cdx::client::discover_via(server, bind, nat64).context("running NAT discovery")?;
+    if let Some(max) = args.lifetime
+        && nat64.is_none()
+    {
         natrix_cdx::client::add_mapping_lifetime(&mut profile, server, bind.ip(), max)
             .context("measuring the mapping lifetime")?;
+    }
+    if let Some(v6) = &args.ipv6 {
+        let v6 = resolve(v6)?;
+        if !v6.is_ipv6() {
+            bail!("--ipv6 takes an IPv6 address, not {v6}");
+        }
+        if natrix_cdx::client::routable(v6) {
+            let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+            let mut p =
+                natrix_cdx::client::discover(v6, any).context("running NAT discovery over IPv6")?;
+            if let Some(max) = args.lifetime {
+                natrix_cdx::client::add_mapping_lifetime(&mut p, v6, any.ip(), max)
+                    .context("measuring the IPv6 mapping lifetime")?;
+            }
+            profile.ipv6 = Some(Box::new(p));
+        }
     }
     profile.seconds = Some(started.elapsed().as_secs_f64());
     if profile.mapped_address.is_some() {
@@ -234,6 +249,10 @@ fn print(args: &ProbeArgs, p: &NatProfile) -> anyhow::Result<()> {
     }
     if let Some(s) = p.seconds {
         println!("took:           {:.1} ms", s * 1000.0);
+    }
+    if let Some(v6) = &p.ipv6 {
+        println!("-- over IPv6 --");
+        print(args, v6)?;
     }
     Ok(())
 }
