@@ -23,6 +23,17 @@
 #              carrier-grade NAT nx-r-cgn[-2] (EIM, port-dependent filtering)
 #   nx-c-mobile  two uplinks: eth0 behind nx-r-wifi, eth1 behind nx-r-cell
 #              (both port-restricted); the default route picks one
+#   nx-c-dual, nx-c-dual-2  dual-stack, like a phone on a carrier network:
+#              IPv4 through a random-port symmetric NAT, IPv6 without NAT
+#              (2001:db8:<k>:1::2/64) behind the router's stateful firewall
+#              (only replies to what the client sent come in)
+#   nx-c-nat64, nx-c-nat64-2  IPv6-only: IPv6 behind the same kind of
+#              firewall, IPv4 only through the router's NAT64 (tayga with
+#              the network-specific prefix 2001:db8:64::/96, then a
+#              port-preserving NAT44 to its WAN)
+# IPv6: nx-pub holds 2001:db8:ffff::1, ::2 (CDX) and ::3 (relay) on lo; each
+# router of the dual-stack and IPv6-only clients has a WAN link
+# 2001:db8:<k>::/64 to it.
 # Types: full-cone, restricted-cone, port-restricted-cone, symmetric,
 # symmetric-sequential, symmetric-preserving, udp-blocked.
 # Mapping: masquerade keeps the source port when it is free (endpoint-
@@ -37,13 +48,19 @@
 # client (endpoint-independent); restricted-cone admits any port of an
 # address the same internal port contacted (address-dependent, a set keyed
 # by address and port); udp-blocked drops the client's UDP.
-# Needs root, iproute2 and nftables.
+# Needs root, iproute2 and nftables; tayga for the NAT64.
 set -euo pipefail
 
 TYPES=(full-cone restricted-cone port-restricted-cone symmetric udp-blocked
   symmetric-sequential symmetric-preserving)
 
 down() {
+  local pidfile
+  for pidfile in /run/natlab-tayga-*.pid; do
+    [ -e "$pidfile" ] || continue
+    kill "$(cat "$pidfile")" 2>/dev/null || true
+    rm -f "$pidfile"
+  done
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^nx-' || true); do
     ip netns del "$ns" 2>/dev/null || true
   done
@@ -110,8 +127,10 @@ up() {
   ip -n nx-pub addr add 203.0.113.2/32 dev lo
   # A TURN relay for pairs that cannot connect directly.
   ip -n nx-pub addr add 203.0.113.3/32 dev lo
+  local i
+  for i in 1 2 3; do ip -n nx-pub addr add "2001:db8:ffff::$i/128" dev lo nodad; done
   # The "internet" routes between the routers' WAN links and open clients.
-  ip netns exec nx-pub sysctl -qw net.ipv4.ip_forward=1
+  ip netns exec nx-pub sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
 
   local k=0
   for suffix in "" "-2"; do
@@ -183,9 +202,87 @@ up() {
   done
   mobile wifi
 
+  # Dual-stack clients: IPv4 behind a carrier's random-port symmetric NAT,
+  # IPv6 behind a stateful firewall (no NAT).
+  for suffix in "" "-2"; do
+    k=$((k + 1))
+    wan_link "nx-r-dual$suffix" "$k"
+    lan_client "nx-r-dual$suffix" "nx-c-dual$suffix" "$k"
+    nft_nat "nx-r-dual$suffix" symmetric "10.$k.0.2" "198.51.100.$((4 * k + 2))"
+    ipv6_firewalled "nx-r-dual$suffix" "nx-c-dual$suffix" "$k"
+  done
+
+  # IPv6-only clients: IPv6 behind a stateful firewall, IPv4 only through
+  # NAT64 (tayga maps the client to an address of its pool, then a
+  # port-preserving NAT to the router's WAN address).
+  for suffix in "" "-2"; do
+    k=$((k + 1))
+    local r="nx-r-nat64$suffix" c="nx-c-nat64$suffix"
+    wan_link "$r" "$k"
+    ip netns add "$c"; ip -n "$c" link set lo up
+    ip link add lan netns "$r" type veth peer name eth0 netns "$c"
+    ip -n "$r" link set lan up; ip -n "$c" link set eth0 up
+    ipv6_firewalled "$r" "$c" "$k"
+    nat64 "$r" "$k"
+    nft_nat "$r" port-restricted-cone "192.168.255.2" "198.51.100.$((4 * k + 2))"
+  done
+
   # Clients with a public address and no NAT.
   open_client nx-c-open nxwo 253
   open_client nx-c-open-2 nxwo2 249
+}
+
+# IPv6 for router-ns and its LAN client (veths "wan"/"lan" and "eth0" exist):
+# a WAN link 2001:db8:<k>::/64 to the internet, the LAN 2001:db8:<k>:1::/64,
+# and a stateful firewall, as RFC 6092 asks of home routers: from the WAN
+# only replies (and their ICMPv6 errors) reach the LAN.
+ipv6_firewalled() { # router-ns client-ns k
+  local r=$1 c=$2 k=$3
+  ip -n nx-pub addr add "2001:db8:$k::1/64" dev "nxw$k" nodad
+  ip -n nx-pub route add "2001:db8:$k:1::/64" via "2001:db8:$k::2"
+  ip -n "$r" addr add "2001:db8:$k::2/64" dev wan nodad
+  ip -n "$r" route add default via "2001:db8:$k::1" dev wan
+  ip -n "$r" addr add "2001:db8:$k:1::1/64" dev lan nodad
+  ip -n "$c" addr add "2001:db8:$k:1::2/64" dev eth0 nodad
+  ip -n "$c" route add default via "2001:db8:$k:1::1" dev eth0
+  ip netns exec "$r" sysctl -qw net.ipv6.conf.all.forwarding=1
+  ip netns exec "$r" nft -f - <<NFT
+table ip6 nx6 {
+  chain nx6_forward {
+    type filter hook forward priority filter; policy accept;
+    iifname "wan" ct state established,related accept
+    iifname "wan" drop
+  }
+  chain nx6_input {
+    type filter hook input priority filter; policy accept;
+    iifname "wan" meta l4proto ipv6-icmp accept
+    iifname "wan" ct state new drop
+  }
+}
+NFT
+}
+
+# A NAT64 in router-ns: tayga translates between the client's IPv6 address
+# and an address of its pool (192.168.255.0/24), IPv4 destinations embedded
+# in the network-specific prefix 2001:db8:64::/96 (RFC 6052; tayga refuses
+# the well-known 64:ff9b::/96 for the documentation ranges the lab uses, as
+# §3.1 asks); nft_nat then maps the pool to the WAN address, so the pair
+# behaves as a stateful NAT64 (RFC 6146).
+nat64() { # router-ns k
+  local r=$1 k=$2 conf="/run/natlab-tayga-$1.conf"
+  cat >"$conf" <<CONF
+tun-device nat64
+ipv4-addr 192.168.255.1
+ipv6-addr 2001:db8:$k:2::1
+prefix 2001:db8:64::/96
+dynamic-pool 192.168.255.0/24
+CONF
+  ip netns exec "$r" tayga --config "$conf" --mktun >/dev/null
+  ip -n "$r" link set nat64 up
+  ip -n "$r" route add 192.168.255.0/24 dev nat64
+  ip -n "$r" route add 2001:db8:64::/96 dev nat64
+  ip -n "$r" route add 2001:db8:$k:2::1/128 dev nat64
+  ip netns exec "$r" tayga --config "$conf" --pidfile "/run/natlab-tayga-$r.pid"
 }
 
 lan_client() { # router-ns client-ns k: the client on the router's LAN

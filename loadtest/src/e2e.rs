@@ -17,7 +17,7 @@ use natrix_cdx::exchange::client::{
     read_delivery,
 };
 use natrix_model::invitation::Invitation;
-use natrix_model::{NatProfile, PunchPlan};
+use natrix_model::{Nat64Prefix, NatProfile, PunchPlan};
 use natrix_wire::{ChannelData, ChannelNumber};
 
 use crate::live::{Units, live};
@@ -112,6 +112,9 @@ pub(crate) struct SideResult {
     /// interval it used.
     pub(crate) held: Option<Held>,
     pub(crate) keepalive: Option<Duration>,
+    /// A direct side: the peer's address on the path it found (IPv6 when it
+    /// went over IPv6, in the NAT64 prefix when through NAT64).
+    pub(crate) path: Option<SocketAddr>,
 }
 
 /// The TURN server a side's plan names: its first UDP URL, else its first
@@ -477,7 +480,9 @@ fn data_indication(packet: &[u8]) -> Option<(SocketAddr, Vec<u8>)> {
     Some((peer, msg.get(AttributeType::DATA)?.to_vec()))
 }
 
-/// One side: exchange, then punch directly or through its relay.
+/// One side: exchange, then punch directly or through its relay. On a host
+/// without an IPv4 route to its CDX node (IPv6-only) it reaches every IPv4
+/// address through NAT64 with `nat64`'s prefix.
 pub(crate) fn side(
     plan_side: &serde_json::Value,
     local: IpAddr,
@@ -485,6 +490,7 @@ pub(crate) fn side(
     timeout: Duration,
     udp_works: bool,
     hold: Option<Hold>,
+    nat64: Option<Nat64Prefix>,
 ) -> anyhow::Result<SideResult> {
     let invitation: Invitation = plan_side["exchange"]["invitation"]
         .as_str()
@@ -498,6 +504,14 @@ pub(crate) fn side(
         .next()
         .context("the CDX address resolves to nothing")?;
     let peer_index = 1 - invitation.participant();
+    // An IPv6-only host reaches the IPv4 servers and peers through NAT64.
+    let nat64 = nat64.filter(|_| cdx.is_ipv4() && !natrix_cdx::client::routable(cdx));
+    let local = match nat64 {
+        Some(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        None => local,
+    };
+    let out = |a: SocketAddr| nat64.map_or(a, |p| p.synthesize(a));
+    let cdx = out(cdx);
     let socket = UdpSocket::bind((local, 0)).context("binding a client socket")?;
     let mut turn = None;
     // How a direct side punches (plans before punch plans: classic).
@@ -519,6 +533,7 @@ pub(crate) fn side(
     let candidates = if plan_side["relayed"] == true {
         let (server, creds, tcp) =
             turn_server(plan_side).context("a relayed side without a TURN server")?;
+        let server = out(server);
         udp_blocked = tcp && !udp_works;
         let t = if tcp {
             TurnClient::allocate_tcp(server, &creds)
@@ -544,7 +559,7 @@ pub(crate) fn side(
         let raced = (plan_side["race"] == true).then(|| -> anyhow::Result<TurnClient> {
             let (server, creds, _) =
                 turn_server(plan_side).context("a racing side without a TURN server")?;
-            TurnClient::allocate(server, SocketAddr::new(local, 0), &creds)
+            TurnClient::allocate(out(server), SocketAddr::new(local, 0), &creds)
                 .context("allocating on the relay to race")
         });
         let mapped =
@@ -560,8 +575,21 @@ pub(crate) fn side(
             });
             race = Some(t);
         }
-        c.extend(direct_candidates(&socket, cdx, mapped)?);
+        // Through NAT64 the exchange socket stands for IPv4: its IPv6 host
+        // address is not offered (paths over IPv6 are the IPv6 socket's).
+        c.extend(
+            direct_candidates(&socket, cdx, mapped)?
+                .into_iter()
+                .filter(|h| nat64.is_none() || h.kind != CandidateKind::Host),
+        );
         c.extend(fresh.candidate());
+        // Planned over IPv6: an IPv6 socket beside, its mapped address (the
+        // host's own behind a firewall) learnt from an IPv6 CDX node.
+        if plan_side["ipv6"] == true
+            && let Some(socket6) = ipv6_socket(plan_side, &mut c)?
+        {
+            fresh = fresh.with_ipv6(socket6, nat64)?;
+        }
         c
     };
     let data = ConnectionData {
@@ -606,6 +634,10 @@ pub(crate) fn side(
         // Racing: probe through the relay to the peer's mapped address while
         // punching; the first answer on either path is the first packet.
         let srflx = peer.address(CandidateKind::ServerReflexive);
+        // Through NAT64 the peer's IPv4 candidates are reached at their
+        // synthesized addresses (a relay keeps the peer's own: it sends).
+        let reachable = peer.through(nat64);
+        let peer = &reachable;
         let (direct, relayed) = std::thread::scope(|s| {
             let relayed = match (&mut race, srflx) {
                 (Some(turn), Some(target)) => Some(s.spawn(move || {
@@ -625,6 +657,7 @@ pub(crate) fn side(
         result.raced = race.is_some();
         match direct {
             Ok(p) if !p.relayed => {
+                result.path = Some(p.peer);
                 result.direct = Some(t0 + p.elapsed);
                 result.first_packet = Some(t0 + p.first);
                 result.rtt = Some(p.rtt);
@@ -679,6 +712,36 @@ pub(crate) fn side(
     }
     result.ok = true;
     Ok(result)
+}
+
+/// A side planned over IPv6: a socket on IPv6 and its mapped address from
+/// the plan's first IPv6 CDX node, added to `candidates` (the host address
+/// too where a NAT changes it); `None` when the host cannot reach that node
+/// over IPv6 (then the side stays on IPv4).
+fn ipv6_socket(
+    plan_side: &serde_json::Value,
+    candidates: &mut Vec<Candidate>,
+) -> anyhow::Result<Option<UdpSocket>> {
+    let Some(cdx6) = plan_side["exchange"]["cdx"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str()?.parse::<SocketAddr>().ok())
+        .find(|a| a.is_ipv6() && natrix_cdx::client::routable(*a))
+    else {
+        return Ok(None);
+    };
+    let socket =
+        UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).context("binding an IPv6 socket")?;
+    let Some(mapped) = mapped_address(&socket, cdx6, Duration::from_secs(2))? else {
+        return Ok(None);
+    };
+    let [srflx, host] = direct_candidates(&socket, cdx6, mapped)?;
+    candidates.push(srflx);
+    if host.addr != mapped {
+        candidates.push(host);
+    }
+    Ok(Some(socket))
 }
 
 /// A direct side's candidates: its `mapped` address (as CDX saw it) and
@@ -752,6 +815,7 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
                 args.timeout,
                 pa.mapped_address.is_some(),
                 None,
+                None,
             )
         });
         let b = s.spawn(|| {
@@ -761,6 +825,7 @@ fn pair(args: &E2eArgs, lookup: SocketAddr, cdx: SocketAddr) -> anyhow::Result<s
                 started,
                 args.timeout,
                 pb.mapped_address.is_some(),
+                None,
                 None,
             )
         });

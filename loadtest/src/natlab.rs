@@ -17,8 +17,11 @@ const SCRIPT: &str = include_str!("../natlab/natlab.sh");
 /// model, named as the model names it, with the symmetric class in three
 /// port allocations (random, sequential, preserving), two clients on one
 /// LAN behind a port-restricted NAT that does not hairpin (their pair meets
-/// at the private addresses), and a home NAT behind a carrier-grade NAT.
-pub(crate) const TYPES: [&str; 10] = {
+/// at the private addresses), a home NAT behind a carrier-grade NAT, and
+/// two IPv6 clients: dual-stack (IPv4 behind a random-port symmetric NAT,
+/// IPv6 behind a stateful firewall) and IPv6-only (the same firewall, IPv4
+/// through NAT64).
+pub(crate) const TYPES: [&str; 12] = {
     let c = NatClass::ALL;
     [
         c[0].name(),
@@ -30,9 +33,24 @@ pub(crate) const TYPES: [&str; 10] = {
         PRESERVING,
         SHARED,
         CGNAT,
+        DUAL,
+        NAT64,
         c[5].name(),
     ]
 };
+
+/// IPv4 behind a random-port symmetric NAT, IPv6 behind a stateful firewall.
+const DUAL: &str = "dual";
+/// IPv6 behind a stateful firewall, IPv4 only through NAT64.
+const NAT64: &str = "nat64";
+/// The lab NAT64's prefix (network-specific: see natlab.sh).
+pub(crate) const LAB_NAT64_PREFIX: &str = "2001:db8:64::/96";
+
+/// Whether a lab type reaches the servers over IPv6 behind a stateful
+/// firewall (its IPv6 side behaves as a port-restricted cone).
+fn on_ipv6(t: &str) -> bool {
+    t == DUAL || t == NAT64
+}
 
 /// Two clients behind one port-restricted NAT.
 const SHARED: &str = "shared";
@@ -50,7 +68,9 @@ fn behaviour(t: &str) -> Option<Behaviour> {
     let (class, allocation, stride) = match t {
         SEQUENTIAL => (NatClass::Symmetric, PortAllocation::Sequential, 1),
         PRESERVING => (NatClass::Symmetric, PortAllocation::Preserving, 0),
-        SHARED | CGNAT => (NatClass::PortRestrictedCone, PortAllocation::Preserving, 0),
+        // Through NAT64 the IPv4 side is tayga then a port-keeping NAT.
+        SHARED | CGNAT | NAT64 => (NatClass::PortRestrictedCone, PortAllocation::Preserving, 0),
+        DUAL => (NatClass::Symmetric, PortAllocation::Random, 0),
         _ => {
             let class: NatClass = t.parse().ok()?;
             let random = class == NatClass::Symmetric;
@@ -129,6 +149,10 @@ pub(crate) struct NatlabArgs {
     /// participant of each pair uses the first, the second the next.
     #[arg(long, value_delimiter = ',', default_value = "203.0.113.1:3478")]
     pub(crate) cdx: Vec<SocketAddr>,
+    /// An IPv6 address of the CDX nodes: clients with an IPv6 route also
+    /// run discovery there, and lookup plans IPv6 paths from it.
+    #[arg(long, default_value = "[2001:db8:ffff::1]:3478")]
+    pub(crate) cdx6: SocketAddr,
     /// matrix: the CDX nodes' cluster secret, to mint session tickets.
     #[arg(long, env = "NATRIX_CLUSTER_SECRET")]
     pub(crate) cluster_secret: Option<String>,
@@ -200,6 +224,10 @@ pub(crate) fn feasible(a: &str, b: &str) -> bool {
 /// The technique the model's rule plans for two lab types (lookup's
 /// verdict), `None` where they are relayed.
 pub(crate) fn technique(a: &str, b: &str) -> Option<&'static str> {
+    // Both on IPv6 behind firewalls: the classic punch there.
+    if on_ipv6(a) && on_ipv6(b) {
+        return Some("classic");
+    }
     let plans = punch_plans(&behaviour(a)?, &behaviour(b)?)?;
     Some(plans[0].technique.name())
 }
@@ -216,6 +244,7 @@ fn peer_in(
         .arg(exe)
         .args(["peer", "--cdx", &cdx.to_string()])
         .env("NATRIX_INVITATION", invitation.to_string())
+        .env("NATRIX_NAT64_PREFIX", LAB_NAT64_PREFIX)
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     if discover {
@@ -239,6 +268,7 @@ fn peer_json(
             .arg(exe)
             .args(["peer", "--cdx", &cdx.to_string()])
             .args(extra)
+            .env("NATRIX_NAT64_PREFIX", LAB_NAT64_PREFIX)
             .stderr(Stdio::null());
         if let Some((k, v)) = env {
             c.env(k, v);
@@ -309,14 +339,19 @@ fn lookup_plan(
 
 /// Every lab client's NAT profile, measured once against `cdx` (a NAT does
 /// not change between pairs), by namespace.
-fn lab_profiles(cdx: SocketAddr) -> std::collections::BTreeMap<String, serde_json::Value> {
+fn lab_profiles(
+    cdx: SocketAddr,
+    cdx6: SocketAddr,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let cdx6 = cdx6.to_string();
     std::thread::scope(|s| {
         let handles: Vec<_> = TYPES
             .iter()
             .flat_map(|t| [format!("nx-c-{t}"), format!("nx-c-{t}-2")])
             .map(|ns| {
+                let cdx6 = &cdx6;
                 s.spawn(move || {
-                    let p = peer_json(&ns, cdx, &["--profile-only"], None);
+                    let p = peer_json(&ns, cdx, &["--profile-only", "--ipv6-cdx", cdx6], None);
                     (ns, p)
                 })
             })
@@ -332,7 +367,7 @@ fn lab_profiles(cdx: SocketAddr) -> std::collections::BTreeMap<String, serde_jso
 fn hard(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
     let lookup = resolve_lookup(lookup)?;
     let cdx = *args.cdx.first().context("--cdx is empty")?;
-    let profiles = lab_profiles(cdx);
+    let profiles = lab_profiles(cdx, args.cdx6);
     let pairs: Vec<(&str, &str, &str)> = TYPES
         .iter()
         .flat_map(|a| TYPES.iter().map(move |b| (*a, *b)))
@@ -463,7 +498,8 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
     };
     let (na, nb) = (format!("nx-c-{a}"), format!("nx-c-{b}-2"));
     let lifetime = args.lifetime.map(|l| format!("{}ms", l.as_millis()));
-    let mut profile_args = vec!["--profile-only"];
+    let cdx6 = args.cdx6.to_string();
+    let mut profile_args = vec!["--profile-only", "--ipv6-cdx", &cdx6];
     if let Some(l) = &lifetime {
         profile_args.extend(["--lifetime", l]);
     }
@@ -561,7 +597,7 @@ fn matrix_with_lookup(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_j
     let plan = |a: &serde_json::Value, b: &serde_json::Value, retry: bool| {
         lookup_plan(args, lookup, a, b, retry)
     };
-    let profiles = lab_profiles(cdx);
+    let profiles = lab_profiles(cdx, args.cdx6);
     // In waves, so that each NAT carries one session at a time: pairs of
     // one wave have distinct first and distinct second clients (wave d holds
     // the pairs d types apart). Port prediction assumes no other new
@@ -763,6 +799,8 @@ fn short(t: &str) -> &'static str {
         PRESERVING => "sym-pres",
         SHARED => "shared",
         CGNAT => "cgnat",
+        DUAL => "dual",
+        NAT64 => "nat64",
         _ => "udp-blk",
     }
 }

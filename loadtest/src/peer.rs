@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use natrix_cdx::exchange::client::{
     Candidate, CandidateKind, ConnectionData, exchange, mapped_address, punch,
 };
+use natrix_model::Nat64Prefix;
 use natrix_model::invitation::Invitation;
 
 /// Options of `peer`.
@@ -56,21 +57,52 @@ pub(crate) struct PeerArgs {
     /// through CDX, a new punch), as after a change of network.
     #[arg(long)]
     pub(crate) recover: bool,
+    /// On a host without an IPv4 route (IPv6-only): reach IPv4 servers and
+    /// peers through NAT64 at their addresses in this /96 prefix.
+    #[arg(long, env = "NATRIX_NAT64_PREFIX", default_value = "64:ff9b::/96")]
+    pub(crate) nat64_prefix: Nat64Prefix,
+    /// With --profile-only: also run discovery over IPv6 against this CDX
+    /// address (nested as `ipv6` in the profile), where the host has an
+    /// IPv6 route to it.
+    #[arg(long)]
+    pub(crate) ipv6_cdx: Option<SocketAddr>,
 }
 
 /// Runs one participant and returns its JSON report (never fails: errors
 /// are part of the report).
 pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     let started = Instant::now();
+    // An IPv6-only host reaches the IPv4 CDX node through NAT64.
+    let (bind, nat64) = natrix_cdx::client::reach(args.cdx, args.nat64_prefix);
+    let cdx = nat64.map_or(args.cdx, |p| p.synthesize(args.cdx));
     if args.profile_only {
-        let any = std::net::Ipv4Addr::UNSPECIFIED.into();
-        return match natrix_cdx::client::discover(args.cdx, SocketAddr::new(any, 0)) {
+        return match natrix_cdx::client::discover_via(args.cdx, bind, nat64) {
             Ok(mut p) => {
                 if let Some(max) = args.lifetime
+                    && nat64.is_none()
                     && let Err(e) =
-                        natrix_cdx::client::add_mapping_lifetime(&mut p, args.cdx, any, max)
+                        natrix_cdx::client::add_mapping_lifetime(&mut p, args.cdx, bind.ip(), max)
                 {
                     p.error = Some(format!("measuring the mapping lifetime: {e}"));
+                }
+                if let Some(cdx6) = args.ipv6_cdx.filter(|a| natrix_cdx::client::routable(*a)) {
+                    let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+                    match natrix_cdx::client::discover(cdx6, any) {
+                        Ok(mut v6) => {
+                            if let Some(max) = args.lifetime
+                                && let Err(e) = natrix_cdx::client::add_mapping_lifetime(
+                                    &mut v6,
+                                    cdx6,
+                                    any.ip(),
+                                    max,
+                                )
+                            {
+                                v6.error = Some(format!("measuring the mapping lifetime: {e}"));
+                            }
+                            p.ipv6 = Some(Box::new(v6));
+                        }
+                        Err(e) => p.error = Some(format!("discovery over IPv6: {e}")),
+                    }
                 }
                 serde_json::to_value(p).unwrap_or_default()
             }
@@ -97,6 +129,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 keepalive: args.keepalive,
                 recover: args.recover,
             }),
+            Some(args.nat64_prefix),
         ) {
             Ok(r) => serde_json::json!({
                 "ok": r.ok,
@@ -111,6 +144,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 "relayed_first": r.relayed_first,
                 "held": r.held.as_ref().map(crate::e2e::Held::json),
                 "keepalive_ms": r.keepalive.map(|k| k.as_millis() as u64),
+                "path": r.path.map(|a| a.to_string()),
             }),
             Err(e) => {
                 serde_json::json!({"ok": false, "relayed": side["relayed"], "error": format!("{e:#}")})
@@ -130,14 +164,14 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
         r["error"] = e.into();
         r
     };
-    let socket = match UdpSocket::bind("0.0.0.0:0") {
+    let socket = match UdpSocket::bind(bind) {
         Ok(s) => s,
         Err(e) => return fail(report, "socket", e.to_string()),
     };
     let mut class = None;
     let mut codes = None;
     if args.discover {
-        match natrix_cdx::client::discover(args.cdx, "0.0.0.0:0".parse().unwrap_or(args.cdx)) {
+        match natrix_cdx::client::discover_via(args.cdx, bind, nat64) {
             Ok(p) => {
                 class = p.class;
                 codes = Some(p.codes());
@@ -146,7 +180,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
             Err(e) => return fail(report, "discover", e.to_string()),
         }
     }
-    let mapped = match mapped_address(&socket, args.cdx, Duration::from_secs(1)) {
+    let mapped = match mapped_address(&socket, cdx, Duration::from_secs(1)) {
         Ok(Some(m)) => m,
         Ok(None) => {
             return fail(
@@ -164,8 +198,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
         addr: mapped,
     }];
     // The host candidate: the address the route to CDX leaves from.
-    if let Ok(ip) =
-        natrix_cdx::client::route_source(std::net::Ipv4Addr::UNSPECIFIED.into(), args.cdx)
+    if let Ok(ip) = natrix_cdx::client::route_source(bind.ip(), cdx)
         && ip != mapped.ip()
     {
         candidates.push(Candidate {
@@ -177,7 +210,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
     let t = Instant::now();
     let got = match exchange(
         &socket,
-        args.cdx,
+        cdx,
         invitation,
         &data,
         codes,
@@ -192,6 +225,9 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
         return fail(report, "exchange", "no other participant".into());
     };
     report["peer_class"] = peer.class.map(|c| c.name()).into();
+    // Through NAT64 the peer's IPv4 candidates are reached at their
+    // synthesized addresses.
+    let peer = &peer.through(nat64);
     let t = Instant::now();
     match punch(&socket, invitation, other, peer, args.punch_timeout) {
         Ok(p) => {

@@ -487,7 +487,16 @@ pub fn punch(
 pub struct PunchSockets {
     sockets: Vec<UdpSocket>,
     announce: Option<Candidate>,
+    /// The last of `sockets` is an IPv6 socket ([`PunchSockets::with_ipv6`]).
+    ipv6: bool,
+    /// The exchange socket reaches IPv4 through NAT64 with this prefix.
+    nat64: Option<natrix_model::Nat64Prefix>,
 }
+
+/// How long a side connected over IPv4 keeps trying the peer's IPv6
+/// candidates before it settles (RFC 8305's connection attempt delay):
+/// an IPv6 path that answers within it is preferred.
+pub const IPV6_GRACE: Duration = Duration::from_millis(250);
 
 /// Most fresh sockets one punch opens, whatever a plan says.
 pub const MAX_PUNCH_SOCKETS: u16 = 1024;
@@ -526,7 +535,37 @@ impl PunchSockets {
             }),
             _ => None,
         };
-        Ok(PunchSockets { sockets, announce })
+        Ok(PunchSockets {
+            sockets,
+            announce,
+            ipv6: false,
+            nat64: None,
+        })
+    }
+
+    /// Adds `socket`, bound on IPv6, for a path over IPv6 beside the IPv4
+    /// one: it probes the peer's IPv6 candidates from the start, and a path
+    /// found on it is preferred ([`IPV6_GRACE`]). When the exchange socket
+    /// reaches IPv4 through NAT64 (`nat64`), each keeps to its own: the
+    /// exchange socket probes the synthesized addresses, this one the
+    /// native IPv6 ones (both sides then hold the pair they found).
+    pub fn with_ipv6(
+        mut self,
+        socket: UdpSocket,
+        nat64: Option<natrix_model::Nat64Prefix>,
+    ) -> std::io::Result<PunchSockets> {
+        socket.set_nonblocking(true)?;
+        self.sockets.push(socket);
+        self.ipv6 = true;
+        self.nat64 = nat64;
+        Ok(self)
+    }
+
+    /// The IPv6 socket's index among the fresh ones, if there is one.
+    fn ipv6_index(&self) -> Option<usize> {
+        self.ipv6
+            .then(|| self.sockets.len().checked_sub(1))
+            .flatten()
     }
 
     /// The candidate to add to this side's connection data, if any.
@@ -596,8 +635,22 @@ pub fn punch_with(
     let started = Instant::now();
     let timeout = Duration::from_millis(u64::from(plan.deadline_ms));
     let deadline = started + timeout;
-    let srflx = peer.address(CandidateKind::ServerReflexive);
-    let announced = peer.address(CandidateKind::Predicted);
+    // The exchange socket probes the candidates of its own family; an IPv6
+    // socket beside it (a dual-stack side) the IPv6 ones.
+    let v6 = socket.local_addr()?.is_ipv6();
+    let native6 = |a: &SocketAddr| a.is_ipv6() && !fresh.nat64.is_some_and(|p| p.contains(a.ip()));
+    let same = |a: &SocketAddr| match fresh.nat64 {
+        Some(p) => p.contains(a.ip()),
+        None => a.is_ipv6() == v6,
+    };
+    let of_kind = |kind: CandidateKind| {
+        peer.candidates
+            .iter()
+            .find(|c| c.kind == kind && same(&c.addr))
+            .map(|c| c.addr)
+    };
+    let srflx = of_kind(CandidateKind::ServerReflexive);
+    let announced = of_kind(CandidateKind::Predicted);
     let window = srflx.map_or_else(Vec::new, |a| predicted(a, plan.window, plan.peer_stride));
     // A relayed candidate is a plain UDP address for us (relay-one: the
     // peer allocated, we send straight to its relayed address). The
@@ -615,29 +668,49 @@ pub fn punch_with(
     for to in announced
         .into_iter()
         .chain(peer.candidates.iter().map(|c| c.addr))
+        .filter(same)
     {
         main.add(to);
     }
-    let best = window
-        .first()
-        .copied()
-        .or(announced)
-        .or(srflx)
-        .or(peer.candidates.first().map(|c| c.addr));
+    let best = window.first().copied().or(announced).or(srflx).or(peer
+        .candidates
+        .iter()
+        .map(|c| c.addr)
+        .find(same));
+    let ipv6_socket = fresh.ipv6_index();
     let mut extra: Vec<Prober> = fresh
         .sockets
         .iter()
-        .map(|_| Prober {
-            targets: best.into_iter().collect(),
-            // Not yet: first sends are paced.
-            next: deadline,
-            interval: if fresh.announce.is_some() {
-                PROBE_INTERVAL
-            } else {
-                FRESH_INTERVAL
-            },
+        .enumerate()
+        .map(|(i, _)| {
+            if Some(i) == ipv6_socket {
+                // Every IPv6 candidate, from the start.
+                let mut p = Prober {
+                    targets: Vec::new(),
+                    next: started,
+                    interval: PROBE_INTERVAL,
+                };
+                for c in peer.candidates.iter().filter(|c| native6(&c.addr)) {
+                    p.add(c.addr);
+                }
+                return p;
+            }
+            Prober {
+                targets: best.into_iter().collect(),
+                // Not yet: first sends are paced.
+                next: deadline,
+                interval: if fresh.announce.is_some() {
+                    PROBE_INTERVAL
+                } else {
+                    FRESH_INTERVAL
+                },
+            }
         })
         .collect();
+    // Connected over IPv4 with IPv6 candidates untried: wait this long for
+    // an IPv6 path before settling.
+    let try_ipv6 = ipv6_socket.is_some_and(|i| !extra[i].targets.is_empty());
+    let mut ipv6_until: Option<Instant> = None;
     // A peer that raced its relay offers its relayed address besides direct
     // ones: an answer from there is the first path, but the direct attempt
     // goes on until it is confirmed or the deadline passes. (A peer that
@@ -677,8 +750,10 @@ pub fn punch_with(
     socket.set_nonblocking(true)?;
     let result = loop {
         let now = Instant::now();
+        let waiting_ipv6 = ipv6_until.is_some_and(|t| now < t);
         if let Some(p) = connected
             && now >= started + p.elapsed + LINGER
+            && !waiting_ipv6
         {
             break Ok(p);
         }
@@ -730,11 +805,24 @@ pub fn punch_with(
                     }
                 }
             }
+        } else if waiting_ipv6 && let Some(i) = ipv6_socket {
+            // Connected over IPv4: the IPv6 candidates still get probed.
+            let e = &mut extra[i];
+            if now >= e.next {
+                for t in &e.targets {
+                    let _ = fresh.sockets[i].send_to(&p, *t);
+                    probes += 1;
+                }
+                e.next = now + e.interval;
+            }
         }
         let mut until = match connected {
             Some(p) => (started + p.elapsed + LINGER).min(deadline),
             None => main.next.min(deadline),
         };
+        if let (true, Some(i), Some(t)) = (waiting_ipv6, ipv6_socket, ipv6_until) {
+            until = until.min(extra[i].next).min(t);
+        }
         if connected.is_none() {
             if sprayed.len() < usize::from(spray_total) || fresh_started < extra.len() {
                 until = until.min(now + Duration::from_millis(2));
@@ -774,7 +862,10 @@ pub fn punch_with(
                             };
                             prober.add(from);
                         }
-                        2 if connected.is_none() => {
+                        2 if connected.is_none()
+                            || (ipv6_until.is_some_and(|t| Instant::now() < t)
+                                && i.checked_sub(1) == ipv6_socket) =>
+                        {
                             if let Some((_, at)) = sent.iter().find(|(x, _)| *x == n) {
                                 let relayed = racing.contains(&from);
                                 let elapsed = started.elapsed();
@@ -787,10 +878,25 @@ pub fn punch_with(
                                     relayed,
                                     first: via_relay.map_or(elapsed, |r| r.first),
                                 };
-                                if !relayed {
+                                let on_ipv6 =
+                                    ipv6_socket.is_some() && i.checked_sub(1) == ipv6_socket;
+                                if relayed {
+                                    if via_relay.is_none() {
+                                        via_relay = Some(found);
+                                    }
+                                } else if let Some(over_ipv4) = connected {
+                                    // The IPv6 path answered in its grace:
+                                    // it is the path.
+                                    connected = Some(Punched {
+                                        first: over_ipv4.first.min(found.first),
+                                        ..found
+                                    });
+                                    ipv6_until = None;
+                                } else {
                                     connected = Some(found);
-                                } else if via_relay.is_none() {
-                                    via_relay = Some(found);
+                                    if try_ipv6 && !on_ipv6 {
+                                        ipv6_until = Some(Instant::now() + IPV6_GRACE);
+                                    }
                                 }
                             }
                         }

@@ -89,6 +89,23 @@ impl ConnectionData {
             .map(|c| c.addr)
     }
 
+    /// These candidates as an IPv6-only host reaches them through NAT64
+    /// (`nat64`'s prefix): IPv4 addresses synthesized, IPv6 ones unchanged;
+    /// a copy as they are without a prefix.
+    pub fn through(&self, nat64: Option<natrix_model::Nat64Prefix>) -> ConnectionData {
+        ConnectionData {
+            class: self.class,
+            candidates: self
+                .candidates
+                .iter()
+                .map(|c| Candidate {
+                    kind: c.kind,
+                    addr: nat64.map_or(c.addr, |p| p.synthesize(c.addr)),
+                })
+                .collect(),
+        }
+    }
+
     /// The plaintext format above.
     pub fn encode(&self) -> Vec<u8> {
         let class = NatClass::code(self.class);
