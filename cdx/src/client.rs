@@ -96,6 +96,24 @@ pub fn discover_via(
     }
 }
 
+/// The IPv6 side of a dual-stack or IPv6-only host: [`discover`] against
+/// the IPv6 `server` and, with `lifetime`, the mapping lifetime up to it
+/// ([`add_mapping_lifetime`]); `None` when the host has no IPv6 route there.
+pub fn discover_ipv6(
+    server: SocketAddr,
+    lifetime: Option<Duration>,
+) -> Result<Option<NatProfile>, DiscoveryError> {
+    if !server.is_ipv6() || !routable(server) {
+        return Ok(None);
+    }
+    let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let mut p = discover(server, any)?;
+    if let Some(max) = lifetime {
+        add_mapping_lifetime(&mut p, server, any.ip(), max)?;
+    }
+    Ok(Some(p))
+}
+
 /// Whether this host can send to `server` at all (it has a route there): an
 /// IPv6-only host cannot reach an IPv4 address except through NAT64.
 pub fn routable(server: SocketAddr) -> bool {

@@ -120,6 +120,10 @@ NFT
 }
 
 up() {
+  command -v tayga >/dev/null || {
+    echo "natlab: tayga is needed for the IPv6-only clients' NAT64 (Debian: apt install tayga)" >&2
+    exit 1
+  }
   down
   ip netns add nx-pub
   ip -n nx-pub link set lo up

@@ -662,7 +662,7 @@ pub(crate) fn side(
                 result.first_packet = Some(t0 + p.first);
                 result.rtt = Some(p.rtt);
                 result.probes = Some(p.probes);
-                result.relayed_first = p.first < p.elapsed;
+                result.relayed_first = p.first_via_relay;
                 if let Some(mut hold) = hold {
                     hold.keepalive = hold.keepalive.or(Some(Duration::from_millis(u64::from(
                         punch_plan.keepalive_ms,

@@ -946,17 +946,27 @@ mod tests {
                 .filter(|(a, b)| f(a, b))
                 .count()
         };
-        // The classic rule: 9 types that can send UDP → 81 ordered pairs,
-        // minus the 3 symmetric ones with each other (9) and with the 3
-        // port-restricted ones (18 orders).
-        assert_eq!(ordered(&feasible), 54);
+        // The classic rule (over IPv4): 11 types that can send UDP → 121
+        // ordered pairs, minus the 4 symmetric ones (the dual-stack client's
+        // IPv4 NAT among them) with each other (16) and with the 4
+        // port-restricted ones (the IPv6-only client's NAT64 among them; 32
+        // orders).
+        assert_eq!(ordered(&feasible), 73);
         assert!(feasible("symmetric", "restricted-cone"));
         assert!(feasible("symmetric", "open"));
         assert!(!feasible("port-restricted-cone", "symmetric"));
         assert!(!feasible("open", "udp-blocked"));
-        // With port allocation: only random ports against another symmetric
-        // NAT (5 orders) stay relayed.
-        assert_eq!(ordered(&|a, b| technique(a, b).is_some()), 76);
+        // With port allocation and IPv6, of the 121 orders of UDP types
+        // only random ports against another symmetric NAT stay relayed: 5
+        // orders, and 6 more for the dual-stack client's random-port IPv4
+        // NAT (its IPv6 meets only the IPv6 clients').
+        assert_eq!(ordered(&|a, b| technique(a, b).is_some()), 110);
+        assert_eq!(technique(DUAL, DUAL), Some("classic"));
+        assert_eq!(technique(DUAL, NAT64), Some("classic"));
+        assert_eq!(technique(DUAL, "symmetric"), None);
+        assert_eq!(technique(DUAL, "port-restricted-cone"), Some("birthday"));
+        assert_eq!(technique(NAT64, "symmetric"), Some("birthday"));
+        assert_eq!(technique(NAT64, SEQUENTIAL), Some("predicted"));
         assert_eq!(
             technique("symmetric", "port-restricted-cone"),
             Some("birthday")
@@ -970,6 +980,6 @@ mod tests {
         assert_eq!(class_of(PRESERVING), Some(NatClass::Symmetric));
         assert_eq!(technique(CGNAT, "symmetric"), Some("birthday"));
         assert_eq!(technique(SHARED, SHARED), Some("classic"));
-        assert_eq!(unordered_pairs().len(), 55);
+        assert_eq!(unordered_pairs().len(), 78);
     }
 }

@@ -85,22 +85,9 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 {
                     p.error = Some(format!("measuring the mapping lifetime: {e}"));
                 }
-                if let Some(cdx6) = args.ipv6_cdx.filter(|a| natrix_cdx::client::routable(*a)) {
-                    let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
-                    match natrix_cdx::client::discover(cdx6, any) {
-                        Ok(mut v6) => {
-                            if let Some(max) = args.lifetime
-                                && let Err(e) = natrix_cdx::client::add_mapping_lifetime(
-                                    &mut v6,
-                                    cdx6,
-                                    any.ip(),
-                                    max,
-                                )
-                            {
-                                v6.error = Some(format!("measuring the mapping lifetime: {e}"));
-                            }
-                            p.ipv6 = Some(Box::new(v6));
-                        }
+                if let Some(cdx6) = args.ipv6_cdx {
+                    match natrix_cdx::client::discover_ipv6(cdx6, args.lifetime) {
+                        Ok(v6) => p.ipv6 = v6.map(Box::new),
                         Err(e) => p.error = Some(format!("discovery over IPv6: {e}")),
                     }
                 }

@@ -356,6 +356,8 @@ pub struct Punched {
     /// Time from the start of punching to the first acknowledgement on any
     /// path (the relayed one, when it answered before the direct one).
     pub first: Duration,
+    /// That first acknowledgement came through the peer's relay.
+    pub first_via_relay: bool,
 }
 
 const PROBE_MAGIC: &[u8; 4] = b"NXP1";
@@ -877,6 +879,7 @@ pub fn punch_with(
                                     probes,
                                     relayed,
                                     first: via_relay.map_or(elapsed, |r| r.first),
+                                    first_via_relay: via_relay.is_some() || relayed,
                                 };
                                 let on_ipv6 =
                                     ipv6_socket.is_some() && i.checked_sub(1) == ipv6_socket;
@@ -888,7 +891,8 @@ pub fn punch_with(
                                     // The IPv6 path answered in its grace:
                                     // it is the path.
                                     connected = Some(Punched {
-                                        first: over_ipv4.first.min(found.first),
+                                        first: over_ipv4.first,
+                                        first_via_relay: over_ipv4.first_via_relay,
                                         ..found
                                     });
                                     ipv6_until = None;
