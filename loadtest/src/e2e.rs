@@ -505,7 +505,7 @@ pub(crate) fn side(
         .context("the CDX address resolves to nothing")?;
     let peer_index = 1 - invitation.participant();
     // An IPv6-only host reaches the IPv4 servers and peers through NAT64.
-    let nat64 = nat64.filter(|_| cdx.is_ipv4() && !natrix_cdx::client::routable(cdx));
+    let nat64 = nat64.and_then(|p| natrix_cdx::client::reach(cdx, p).1);
     let local = match nat64 {
         Some(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
         None => local,
@@ -714,10 +714,10 @@ pub(crate) fn side(
     Ok(result)
 }
 
-/// A side planned over IPv6: a socket on IPv6 and its mapped address from
-/// the plan's first IPv6 CDX node, added to `candidates` (the host address
-/// too where a NAT changes it); `None` when the host cannot reach that node
-/// over IPv6 (then the side stays on IPv4).
+/// A side planned over IPv6: a socket on IPv6, its mapped address from the
+/// plan's first IPv6 CDX node added to `candidates` (the host address too
+/// where a NAT changes it); `None` when the host cannot reach that node over
+/// IPv6 (then the side stays on IPv4).
 fn ipv6_socket(
     plan_side: &serde_json::Value,
     candidates: &mut Vec<Candidate>,

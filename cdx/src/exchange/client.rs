@@ -597,6 +597,20 @@ impl Prober {
             self.targets.push(to);
         }
     }
+
+    /// When due at `now`, sends `probe` from `socket` to every target and
+    /// schedules the next round; the probes sent.
+    fn send_due(&mut self, socket: &UdpSocket, probe: &[u8], now: Instant) -> u32 {
+        if now < self.next {
+            return 0;
+        }
+        for t in &self.targets {
+            // Unreachable candidates (e.g. a private host address) fail.
+            let _ = socket.send_to(probe, *t);
+        }
+        self.next = now + self.interval;
+        self.targets.len() as u32
+    }
 }
 
 /// Most targets one socket keeps (the candidates, a window and the sources
@@ -680,6 +694,8 @@ pub fn punch_with(
         .map(|c| c.addr)
         .find(same));
     let ipv6_socket = fresh.ipv6_index();
+    // Whether socket `i` of the punch (0: the exchange socket) is the IPv6 one.
+    let on_ipv6 = |i: usize| ipv6_socket.is_some() && i.checked_sub(1) == ipv6_socket;
     let mut extra: Vec<Prober> = fresh
         .sockets
         .iter()
@@ -775,12 +791,7 @@ pub fn punch_with(
                     sent.remove(0);
                 }
                 p = probe(&key, 1, me, nonce);
-                for t in &main.targets {
-                    // Unreachable candidates (e.g. a private host address) fail.
-                    let _ = socket.send_to(&p, *t);
-                    probes += 1;
-                }
-                main.next = now + main.interval;
+                probes += main.send_due(socket, &p, now);
             }
             // Fresh sockets start paced, then probe every interval.
             let due = ((since * FRESH_PER_MS) as usize + 1).min(extra.len());
@@ -789,13 +800,7 @@ pub fn punch_with(
             }
             fresh_started = fresh_started.max(due);
             for (e, s) in extra.iter_mut().zip(&fresh.sockets) {
-                if now >= e.next {
-                    for t in &e.targets {
-                        let _ = s.send_to(&p, *t);
-                        probes += 1;
-                    }
-                    e.next = now + e.interval;
-                }
+                probes += e.send_due(s, &p, now);
             }
             if let Some(ip) = spray_ip {
                 let due = ((since * SPRAY_PER_MS) as usize + 1).min(usize::from(spray_total));
@@ -809,14 +814,7 @@ pub fn punch_with(
             }
         } else if waiting_ipv6 && let Some(i) = ipv6_socket {
             // Connected over IPv4: the IPv6 candidates still get probed.
-            let e = &mut extra[i];
-            if now >= e.next {
-                for t in &e.targets {
-                    let _ = fresh.sockets[i].send_to(&p, *t);
-                    probes += 1;
-                }
-                e.next = now + e.interval;
-            }
+            probes += extra[i].send_due(&fresh.sockets[i], &p, now);
         }
         let mut until = match connected {
             Some(p) => (started + p.elapsed + LINGER).min(deadline),
@@ -865,8 +863,7 @@ pub fn punch_with(
                             prober.add(from);
                         }
                         2 if connected.is_none()
-                            || (ipv6_until.is_some_and(|t| Instant::now() < t)
-                                && i.checked_sub(1) == ipv6_socket) =>
+                            || (ipv6_until.is_some_and(|t| Instant::now() < t) && on_ipv6(i)) =>
                         {
                             if let Some((_, at)) = sent.iter().find(|(x, _)| *x == n) {
                                 let relayed = racing.contains(&from);
@@ -881,8 +878,6 @@ pub fn punch_with(
                                     first: via_relay.map_or(elapsed, |r| r.first),
                                     first_via_relay: via_relay.is_some() || relayed,
                                 };
-                                let on_ipv6 =
-                                    ipv6_socket.is_some() && i.checked_sub(1) == ipv6_socket;
                                 if relayed {
                                     if via_relay.is_none() {
                                         via_relay = Some(found);
@@ -898,7 +893,7 @@ pub fn punch_with(
                                     ipv6_until = None;
                                 } else {
                                     connected = Some(found);
-                                    if try_ipv6 && !on_ipv6 {
+                                    if try_ipv6 && !on_ipv6(i) {
                                         ipv6_until = Some(Instant::now() + IPV6_GRACE);
                                     }
                                 }

@@ -156,16 +156,9 @@ pub(crate) fn run(args: &ProbeArgs) -> anyhow::Result<()> {
         if !v6.is_ipv6() {
             bail!("--ipv6 takes an IPv6 address, not {v6}");
         }
-        if natrix_cdx::client::routable(v6) {
-            let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
-            let mut p =
-                natrix_cdx::client::discover(v6, any).context("running NAT discovery over IPv6")?;
-            if let Some(max) = args.lifetime {
-                natrix_cdx::client::add_mapping_lifetime(&mut p, v6, any.ip(), max)
-                    .context("measuring the IPv6 mapping lifetime")?;
-            }
-            profile.ipv6 = Some(Box::new(p));
-        }
+        profile.ipv6 = natrix_cdx::client::discover_ipv6(v6, args.lifetime)
+            .context("running NAT discovery over IPv6")?
+            .map(Box::new);
     }
     profile.seconds = Some(started.elapsed().as_secs_f64());
     if profile.mapped_address.is_some() {
