@@ -10,6 +10,7 @@ mod alloc;
 mod attack;
 mod compare;
 mod e2e;
+mod hold;
 mod live;
 mod load;
 mod natlab;

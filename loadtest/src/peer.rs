@@ -111,7 +111,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
             timeout,
             // In the lab a side planned over TCP really has no UDP.
             false,
-            args.hold.map(|duration| crate::e2e::Hold {
+            args.hold.map(|duration| crate::hold::Hold {
                 duration,
                 keepalive: args.keepalive,
                 recover: args.recover,
@@ -129,7 +129,7 @@ pub(crate) fn run(args: &PeerArgs) -> serde_json::Value {
                 "direct_ms": crate::e2e::ms(r.direct),
                 "raced": r.raced,
                 "relayed_first": r.relayed_first,
-                "held": r.held.as_ref().map(crate::e2e::Held::json),
+                "held": r.held.as_ref().map(crate::hold::Held::json),
                 "keepalive_ms": r.keepalive.map(|k| k.as_millis() as u64),
                 "path": r.path.map(|a| a.to_string()),
             }),
