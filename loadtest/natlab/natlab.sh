@@ -6,6 +6,8 @@
 #   natlab.sh status  list what exists
 #   natlab.sh loss P  drop P % of the packets crossing the internet (0: none)
 #   natlab.sh mobile wifi|cell  move nx-c-mobile's default route
+#   natlab.sh cut on|off  drop (or stop dropping) what clients send each other
+#              directly: direct paths break, CDX and the relay stay
 #
 # Topology (documentation address ranges only):
 #   nx-pub     the "internet": CDX addresses 203.0.113.1 and 203.0.113.2, a relay
@@ -335,6 +337,23 @@ table inet nx_loss {
 NFT
 }
 
+# Cuts the direct paths between the lab's clients (on) or mends them (off):
+# the internet drops what one client's public address sends to another's,
+# IPv4 and IPv6, while CDX and the relay (on nx-pub's lo) stay reachable.
+cut() {
+  ip netns exec nx-pub nft delete table inet nx_cut 2>/dev/null || true
+  [ "${1:-}" = on ] || return 0
+  ip netns exec nx-pub nft -f - <<NFT
+table inet nx_cut {
+  chain forward {
+    type filter hook forward priority -20;
+    ip saddr 198.51.100.0/24 ip daddr 198.51.100.0/24 drop
+    ip6 saddr 2001:db8::/32 ip6 daddr 2001:db8::/32 drop
+  }
+}
+NFT
+}
+
 open_client() { # namespace veth-name last-octet-of-the-pub-side
   local c=$1 veth=$2 p=$3
   ip netns add "$c"
@@ -349,7 +368,8 @@ case "${1:-}" in
   up) up ;;
   loss) loss "${2:-}" ;;
   mobile) mobile "${2:-wifi}" ;;
+  cut) cut "${2:-on}" ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status|loss PERCENT" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|loss PERCENT|mobile wifi|cell|cut on|off" >&2; exit 2 ;;
 esac

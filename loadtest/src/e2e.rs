@@ -19,7 +19,7 @@ use natrix_model::invitation::Invitation;
 use natrix_model::{Nat64Prefix, NatProfile, PunchPlan};
 use natrix_wire::{ChannelData, ChannelNumber};
 
-use crate::hold::{Held, Hold, Recovery, data_indication, hold_path, hold_via_turn};
+use crate::hold::{Held, Hold, Recovery, Standby, data_indication, hold_path, hold_via_turn};
 use crate::live::{Units, live};
 use crate::stats::Latency;
 use crate::turn::{Credentials, TurnClient};
@@ -414,17 +414,16 @@ pub(crate) fn side(
             let relayed = match (&mut race, srflx) {
                 (Some(turn), Some(target)) => Some(s.spawn(move || {
                     punch_via_turn(turn, &codec, peer_index, target, started, timeout)
-                        .map(|p| (p.first, p.rtt))
                 })),
                 _ => None,
             };
             let direct = punch_with(&socket, &fresh, &invitation, peer_index, peer, &punch_plan);
             (direct, relayed.and_then(|h| h.join().ok()))
         });
-        if let Some(turn) = &mut race {
-            let _ = turn.release();
-        }
         let via_relay = relayed.and_then(Result::ok);
+        // The peer raced its relay: its relayed address is our way there
+        // when the direct path breaks.
+        let peer_relayed = peer.address(CandidateKind::Relayed);
         result.technique = Some(punch_plan.technique.name());
         result.raced = race.is_some();
         match direct {
@@ -452,8 +451,18 @@ pub(crate) fn side(
                     });
                     let path = path.as_ref().unwrap_or(&socket);
                     let codec = ProbeCodec::new(&invitation);
-                    result.held =
-                        Some(hold_path(path, &codec, peer_index, p.peer, hold, recovery)?);
+                    // The relay path the race found stays ready.
+                    let standby = match (&mut race, via_relay, peer_relayed) {
+                        (Some(turn), Some(path), _) => Some(Standby::Own { turn, path }),
+                        (None, _, Some(relayed)) => Some(Standby::Peer {
+                            socket: &socket,
+                            relayed,
+                        }),
+                        _ => None,
+                    };
+                    result.held = Some(hold_path(
+                        path, standby, &codec, peer_index, p.peer, hold, recovery,
+                    )?);
                 }
             }
             Ok(p) => {
@@ -465,7 +474,7 @@ pub(crate) fn side(
                 result.probes = Some(p.probes);
             }
             Err(e) => {
-                let Some((first, rtt)) = via_relay else {
+                let Some(RelayedPath { first, rtt, .. }) = via_relay else {
                     return Err(e.into());
                 };
                 result.relayed = true;
@@ -474,8 +483,11 @@ pub(crate) fn side(
                 result.rtt = Some(rtt);
             }
         }
+        if let Some(turn) = &mut race {
+            let _ = turn.release();
+        }
         // Our relay answered before the direct path: the first packet.
-        if let (Some((first, _)), Some(d)) = (via_relay, result.direct)
+        if let (Some(RelayedPath { first, .. }), Some(d)) = (via_relay, result.direct)
             && first < d
         {
             result.first_packet = Some(result.first_packet.map_or(first, |f| f.min(first)));

@@ -3,6 +3,7 @@
 //! and the report of what holding showed.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -133,7 +134,8 @@ struct Keepalives {
     end: Instant,
     every: Duration,
     next: Instant,
-    sent: std::collections::VecDeque<([u8; 8], Instant)>,
+    /// Each with whether it was answered (over either path).
+    sent: std::collections::VecDeque<([u8; 8], Instant, bool)>,
     last: Option<Instant>,
     /// The last answer (or the start, before any).
     last_ack: Instant,
@@ -163,6 +165,12 @@ impl Keepalives {
         !self.finishing() && now.duration_since(self.last_ack) >= self.broken()
     }
 
+    /// Like [`Self::silent`], counting from `since` at the earliest (when
+    /// the session moved to another path).
+    fn silent_since(&self, now: Instant, since: Instant) -> bool {
+        !self.finishing() && now.duration_since(self.last_ack.max(since)) >= self.broken()
+    }
+
     /// The path was found again at `at`: the gap since the last answer is
     /// an outage, and the path counts as answering from now.
     fn found_again(&mut self, at: Instant, held: &mut Held) {
@@ -176,7 +184,7 @@ impl Keepalives {
             return None;
         }
         let nonce: [u8; 8] = rand::random();
-        self.sent.push_back((nonce, now));
+        self.sent.push_back((nonce, now, false));
         if self.sent.len() > 64 {
             self.sent.pop_front();
         }
@@ -221,12 +229,21 @@ impl Keepalives {
     /// the last answer); whether it answers the last keepalive (`None`: not
     /// one of ours).
     fn acked(&mut self, nonce: [u8; 8], held: &mut Held) -> Option<bool> {
-        let &(_, at) = self.sent.iter().find(|(n, _)| *n == nonce)?;
-        let now = Instant::now();
-        held.acked += 1;
-        held.outage = held.outage.max(now.duration_since(self.last_ack));
-        self.last_ack = now;
+        let (_, at, answered) = self.sent.iter_mut().find(|(n, ..)| *n == nonce)?;
+        let at = *at;
+        // A keepalive sent on both paths is counted once.
+        if !std::mem::replace(answered, true) {
+            let now = Instant::now();
+            held.acked += 1;
+            held.outage = held.outage.max(now.duration_since(self.last_ack));
+            self.last_ack = now;
+        }
         Some(self.last.is_some_and(|last| at >= last))
+    }
+
+    /// True for the nonce of one of our recent keepalives.
+    fn knows(&self, nonce: [u8; 8]) -> bool {
+        self.sent.iter().any(|(n, ..)| *n == nonce)
     }
 }
 
@@ -273,6 +290,12 @@ pub(crate) struct Held {
     pub(crate) outage: Duration,
     /// Why the last recovery failed, if one did.
     pub(crate) error: Option<String>,
+    /// Times the session moved to the relay when the direct path broke,
+    /// and back to the direct path when it answered again.
+    pub(crate) fallbacks: u32,
+    pub(crate) returns: u32,
+    /// The hold ended on the relay.
+    pub(crate) on_relay: bool,
     /// Where the peer was at the start and at the end of the hold.
     pub(crate) peer_before: Option<SocketAddr>,
     pub(crate) peer_after: Option<SocketAddr>,
@@ -283,6 +306,7 @@ impl Held {
         serde_json::json!({
             "sent": self.sent, "acked": self.acked, "held": self.held,
             "recoveries": self.recoveries,
+            "fallbacks": self.fallbacks, "returns": self.returns, "on_relay": self.on_relay,
             "outage_ms": self.outage.as_secs_f64() * 1000.0,
             "error": self.error,
             "peer_before": self.peer_before.map(|a| a.to_string()),
@@ -351,43 +375,202 @@ impl Recovery<'_> {
     }
 }
 
+/// The relay path a direct side keeps for when its direct path breaks: a
+/// racing side's allocation (refreshed while it holds), or, for its peer,
+/// the racing side's relayed address.
+pub(crate) enum Standby<'a> {
+    /// This side raced its relay: the allocation, and the channel its race
+    /// bound to the peer as the relay sees it.
+    Own {
+        turn: &'a mut TurnClient,
+        path: RelayedPath,
+    },
+    /// The peer raced: its relayed address, reached from the socket the
+    /// peer's relay probed (the exchange socket).
+    Peer {
+        socket: &'a UdpSocket,
+        relayed: SocketAddr,
+    },
+}
+
+/// How often a kept allocation is refreshed, with its channel and
+/// permission (both last 5 minutes or more; the allocation 10).
+const STANDBY_REFRESH: Duration = Duration::from_secs(120);
+
+/// Which path a packet came on or goes out on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Via {
+    /// The direct path, from or to this address.
+    Direct(SocketAddr),
+    /// The relay.
+    Standby,
+}
+
+/// A held path's sockets: the direct path's, and the standby's.
+struct Paths<'a> {
+    socket: &'a UdpSocket,
+    standby: Option<Standby<'a>>,
+    refreshed: Instant,
+    buf: Vec<u8>,
+}
+
+impl<'a> Paths<'a> {
+    fn new(socket: &'a UdpSocket, standby: Option<Standby<'a>>) -> anyhow::Result<Paths<'a>> {
+        socket.set_nonblocking(true)?;
+        if let Some(Standby::Peer { socket: s, .. }) = &standby {
+            s.set_nonblocking(true)?;
+        }
+        Ok(Paths {
+            socket,
+            standby,
+            refreshed: Instant::now(),
+            buf: vec![0u8; 2048],
+        })
+    }
+
+    /// The standby's socket when it is not the direct path's.
+    fn standby_socket(&self) -> Option<&UdpSocket> {
+        let same = |s: &UdpSocket| s.local_addr().ok() == self.socket.local_addr().ok();
+        match &self.standby {
+            Some(Standby::Own { turn, .. }) => turn.udp_socket(),
+            Some(Standby::Peer { socket, .. }) => (!same(socket)).then_some(*socket),
+            None => None,
+        }
+    }
+
+    /// Sends `data` on a path (a send error is a lost packet).
+    fn send(&mut self, via: Via, data: &[u8]) {
+        match (via, &mut self.standby) {
+            (Via::Direct(to), _) => {
+                let _ = self.socket.send_to(data, to);
+            }
+            (Via::Standby, Some(Standby::Own { turn, path })) => {
+                let _ = turn.send_channel_data(path.channel, data);
+            }
+            (Via::Standby, Some(Standby::Peer { socket, relayed })) => {
+                let _ = socket.send_to(data, *relayed);
+            }
+            (Via::Standby, None) => {}
+        }
+    }
+
+    /// Keeps a standby allocation, its permission and channel alive.
+    fn maintain(&mut self, now: Instant) {
+        if now < self.refreshed + STANDBY_REFRESH {
+            return;
+        }
+        self.refreshed = now;
+        if let Some(Standby::Own { turn, path }) = &mut self.standby {
+            // A failure shows when the relay stops answering.
+            let _ = turn.refresh(600);
+            let _ = turn.bind_channel(path.channel.value(), path.peer);
+        }
+    }
+
+    /// The next packet of either path within `wait`: the path, the sender
+    /// (the peer's address on the direct path) and the payload.
+    fn recv(&mut self, wait: Duration) -> anyhow::Result<Option<(Via, SocketAddr, Vec<u8>)>> {
+        let standby = self.standby_socket();
+        let mut fds = vec![self.socket.as_fd()];
+        fds.extend(standby.map(|s| s.as_fd()));
+        let ready = natrix_net::wait_readable(&fds, wait.max(Duration::from_millis(1)))?;
+        let relayed = match &self.standby {
+            Some(Standby::Peer { relayed, .. }) => Some(*relayed),
+            _ => None,
+        };
+        for i in ready {
+            if i == 0 {
+                let Ok((len, from)) = self.socket.recv_from(&mut self.buf) else {
+                    continue;
+                };
+                let via = if Some(from) == relayed {
+                    Via::Standby
+                } else {
+                    Via::Direct(from)
+                };
+                return Ok(Some((via, from, self.buf[..len].to_vec())));
+            }
+            match &mut self.standby {
+                Some(Standby::Peer { socket, relayed }) => {
+                    let Ok((len, from)) = socket.recv_from(&mut self.buf) else {
+                        continue;
+                    };
+                    if from == *relayed {
+                        return Ok(Some((Via::Standby, from, self.buf[..len].to_vec())));
+                    }
+                }
+                Some(Standby::Own { turn, path }) => {
+                    let Ok(Some(packet)) = turn.link.recv(Duration::from_millis(1)) else {
+                        continue;
+                    };
+                    if let Some(payload) = from_peer(&packet, path.channel, path.peer) {
+                        return Ok(Some((Via::Standby, path.peer, payload)));
+                    }
+                    // The peer's NAT gave it another port toward the relay
+                    // (its mapping expired): a channel to where it is now.
+                    if let Some((from, payload)) = data_indication(&packet)
+                        && from.ip() == path.peer.ip()
+                    {
+                        let next = 0x4000 + (path.channel.value() + 1 - 0x4000) % 0x1000;
+                        if turn.bind_channel(next, from).is_ok()
+                            && let Some(c) = ChannelNumber::new(next)
+                        {
+                            path.channel = c;
+                            path.peer = from;
+                        }
+                        return Ok(Some((Via::Standby, from, payload)));
+                    }
+                }
+                None => {}
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// Keeps the direct path to `peer` on `socket` for `hold.duration`: a signed
 /// probe every `hold.keepalive` (nothing else is sent), answering the peer's;
 /// then one last probe, retried for a second, must be acknowledged. Behind
 /// a NAT that forgets idle mappings sooner than the keepalive interval, the
 /// mapping changes and the peer's filter drops the last probe. With
 /// `recovery`, a broken path (or a newer entry of the peer) is found again.
+///
+/// With a `standby` relay path (the race's), a direct path that goes silent
+/// (three keepalives unanswered) moves to the relay at once, as does a side
+/// whose peer's probes start coming through the relay; keepalives then go
+/// both ways, and the first answer on the direct path moves back.
 pub(crate) fn hold_path(
     socket: &UdpSocket,
+    standby: Option<Standby<'_>>,
     codec: &ProbeCodec,
     peer_index: u8,
     peer: SocketAddr,
     hold: Hold,
     recovery: Option<Recovery<'_>>,
 ) -> anyhow::Result<Held> {
-    let mut held = keep_path(socket, codec, peer_index, peer, hold, recovery)?;
+    let mut paths = Paths::new(socket, standby)?;
+    let mut held = keep_path(&mut paths, codec, peer_index, peer, hold, recovery)?;
     held.peer_before = Some(peer);
     // The peer's hold may have started a little later (each side lingers
     // after its own punch): answer its last keepalives a while longer.
     let until = Instant::now() + 2 * natrix_cdx::exchange::client::LINGER;
-    let mut buf = [0u8; 2048];
     while let Some(left) = until.checked_duration_since(Instant::now()) {
-        socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+        let Ok(Some((via, _, packet))) = paths.recv(left) else {
             continue;
         };
-        if let Some(ProbeMessage::Probe { from: who, nonce }) = codec.parse(&buf[..len])
+        if let Some(ProbeMessage::Probe { from: who, nonce }) = codec.parse(&packet)
             && who == peer_index
         {
-            let _ = socket.send_to(&codec.ack(nonce), from);
+            paths.send(via, &codec.ack(nonce));
         }
     }
+    socket.set_nonblocking(false)?;
     Ok(held)
 }
 
-/// [`hold_path`]'s keepalives, recoveries and last check.
+/// [`hold_path`]'s keepalives, fallbacks, recoveries and last check.
 fn keep_path(
-    socket: &UdpSocket,
+    paths: &mut Paths<'_>,
     codec: &ProbeCodec,
     peer_index: u8,
     mut peer: SocketAddr,
@@ -399,64 +582,104 @@ fn keep_path(
     let mut last_recovery: Option<Instant> = None;
     // A newer entry of the peer arrived: recover without waiting.
     let mut newer = false;
-    let mut buf = [0u8; 2048];
-    socket.set_nonblocking(false)?;
+    // Since when the session runs through the relay.
+    let mut on_standby: Option<Instant> = None;
+    // The last packet of the peer on the direct path.
+    let mut last_direct = Instant::now();
+    let has_standby = paths.standby.is_some();
     loop {
         let now = Instant::now();
         if keepalives.unanswered(now) {
             held.peer_after = Some(peer);
+            held.on_relay = on_standby.is_some();
             return Ok(held);
         }
+        paths.maintain(now);
+        // The direct path went silent: to the relay at once.
+        if has_standby && on_standby.is_none() && keepalives.silent(now) {
+            on_standby = Some(now);
+            held.fallbacks += 1;
+            keepalives.send_now();
+        }
+        // Silent on every path: find the direct one again.
+        let silent = match on_standby {
+            Some(since) => keepalives.silent_since(now, since),
+            None => keepalives.silent(now),
+        };
         if let Some(r) = recovery.as_mut()
             && !keepalives.finishing()
-            && (newer || keepalives.silent(now))
+            && (newer || silent)
             && last_recovery.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
             newer = false;
-            match r.recover(socket, peer_index) {
+            paths.socket.set_nonblocking(false)?;
+            match r.recover(paths.socket, peer_index) {
                 Ok((at, to)) => {
                     held.recoveries += 1;
                     peer = to;
+                    on_standby = None;
                     // The punch lingered, answering: the path is up now.
                     keepalives.found_again(at, &mut held);
                 }
                 Err(e) => held.error = Some(format!("{e:#}")),
             }
             last_recovery = Some(Instant::now());
-            socket.set_nonblocking(false)?;
+            paths.socket.set_nonblocking(true)?;
             continue;
         }
         if let Some(nonce) = keepalives.due(now) {
-            let _ = socket.send_to(&codec.probe(nonce), peer);
+            let probe = codec.probe(nonce);
+            if on_standby.is_some() {
+                paths.send(Via::Standby, &probe);
+            }
+            // The direct path too: its first answer moves the session back.
+            paths.send(Via::Direct(peer), &probe);
             held.sent += 1;
         }
         let wait = keepalives
-            .wake_at(recovery.is_some())
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        socket.set_read_timeout(Some(wait))?;
-        let Ok((len, from)) = socket.recv_from(&mut buf) else {
+            .wake_at(recovery.is_some() || has_standby)
+            .saturating_duration_since(Instant::now());
+        let Some((via, from, packet)) = paths.recv(wait)? else {
             continue;
         };
-        match codec.parse(&buf[..len]) {
+        match codec.parse(&packet) {
             Some(ProbeMessage::Probe { from: who, nonce }) if who == peer_index => {
-                let _ = socket.send_to(&codec.ack(nonce), from);
-                peer = from;
+                paths.send(via, &codec.ack(nonce));
+                if via == Via::Standby {
+                    // The peer lost the direct path (it has not reached us
+                    // directly for a keepalive interval): follow it.
+                    if on_standby.is_none() && now.duration_since(last_direct) > keepalives.every {
+                        on_standby = Some(now);
+                        held.fallbacks += 1;
+                    }
+                } else {
+                    last_direct = now;
+                    peer = from;
+                }
             }
             Some(ProbeMessage::Ack { from: who, nonce }) if who == peer_index => {
+                if via != Via::Standby {
+                    last_direct = now;
+                    if on_standby.is_some() && keepalives.knows(nonce) {
+                        on_standby = None;
+                        held.returns += 1;
+                    }
+                }
                 let last = keepalives.acked(nonce, &mut held);
                 if last == Some(true) {
                     held.held = true;
                     held.peer_after = Some(peer);
+                    held.on_relay = on_standby.is_some();
                     return Ok(held);
                 }
             }
             Some(_) => {}
             None => {
                 // A newer entry of the peer (it moved): recover at once.
-                if let Some(r) = recovery.as_mut()
+                if via != Via::Standby
+                    && let Some(r) = recovery.as_mut()
                     && let Some((who, seq, data)) =
-                        read_delivery(socket, r.invitation, &buf[..len], from)
+                        read_delivery(paths.socket, r.invitation, &packet, from)
                     && who == peer_index
                     && seq > r.peer_seq
                 {

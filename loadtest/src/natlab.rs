@@ -106,7 +106,9 @@ pub(crate) struct NatlabArgs {
     /// probes).
     /// loss: drop --percent of the packets crossing the lab's internet.
     /// hold: one pair kept after punching, with keepalives.
-    #[arg(value_parser = ["up", "down", "status", "matrix", "hard", "loss", "hold"])]
+    /// cut / mend: drop (stop dropping) what clients send each other
+    /// directly — direct paths break, CDX and the relay stay reachable.
+    #[arg(value_parser = ["up", "down", "status", "matrix", "hard", "loss", "hold", "cut", "mend"])]
     pub(crate) action: String,
     /// hold: the two lab types (first and second participant).
     #[arg(
@@ -139,6 +141,15 @@ pub(crate) struct NatlabArgs {
     /// cellular uplink this long into the session (and back after it).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) move_after: Option<std::time::Duration>,
+    /// hold: cut the direct paths (`natlab cut`) this long into the
+    /// session: a side that raced its relay, and its peer, move to the
+    /// relay and the session goes on.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) cut_after: Option<std::time::Duration>,
+    /// hold with --cut-after: mend the cut after this long (the sides
+    /// move back to the direct path); without it the cut lasts the hold.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) cut_for: Option<std::time::Duration>,
     /// loss: the share of packets to drop, in percent (0 removes the loss).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub(crate) percent: u8,
@@ -534,10 +545,28 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
                 }
             });
         }
+        if let Some(after) = args.cut_after {
+            let cut_for = args.cut_for;
+            s.spawn(move || {
+                std::thread::sleep(after + std::time::Duration::from_millis(1500));
+                if let Err(e) = script("cut", &["on"]) {
+                    eprintln!("natlab: cutting the direct paths failed: {e:#}");
+                }
+                if let Some(d) = cut_for {
+                    std::thread::sleep(d);
+                    if let Err(e) = script("cut", &["off"]) {
+                        eprintln!("natlab: mending the direct paths failed: {e:#}");
+                    }
+                }
+            });
+        }
         run_plan_with(&plan, [&na, &nb], cdx, &extra)
     });
     if args.move_after.is_some() {
         script("mobile", &["wifi"])?;
+    }
+    if args.cut_after.is_some() {
+        script("cut", &["off"])?;
     }
     let held = reports.iter().all(|r| r["held"]["held"] == true);
     let keepalive_ms = reports
@@ -546,8 +575,21 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         .max()
         .unwrap_or(0);
     let path = if args.relayed { "relayed" } else { "direct" };
+    let fallbacks: u64 = reports
+        .iter()
+        .map(|r| r["held"]["fallbacks"].as_u64().unwrap_or(0))
+        .sum();
+    let moved = if fallbacks == 0 {
+        String::new()
+    } else {
+        let back: u64 = reports
+            .iter()
+            .map(|r| r["held"]["returns"].as_u64().unwrap_or(0))
+            .sum();
+        format!(" (the sides moved to the relay {fallbacks} times and back {back} times)")
+    };
     println!(
-        "{a} / {b}: the {path} path {} for {hold} with a keepalive every {keepalive_ms} ms",
+        "{a} / {b}: the {path} path {} for {hold} with a keepalive every {keepalive_ms} ms{moved}",
         if held { "held" } else { "did not hold" }
     );
     Ok(serde_json::json!({
@@ -563,6 +605,10 @@ fn hold(args: &NatlabArgs, lookup: &str) -> anyhow::Result<serde_json::Value> {
         "relayed": [plan["a"]["relayed"] == true, plan["b"]["relayed"] == true],
         "held": held,
         "recoveries": reports.iter().map(|r| r["held"]["recoveries"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "cut": args.cut_after.is_some(),
+        "fallbacks": reports.iter().map(|r| r["held"]["fallbacks"].as_u64().unwrap_or(0)).collect::<Vec<_>>(),
+        "returns": reports.iter().map(|r| r["held"]["returns"].as_u64().unwrap_or(0)).collect::<Vec<_>>(),
+        "on_relay": reports.iter().map(|r| r["held"]["on_relay"] == true).collect::<Vec<_>>(),
         "outage_ms": reports.iter().filter_map(|r| r["held"]["outage_ms"].as_f64()).fold(0.0_f64, f64::max),
         "peers": reports,
     }))
@@ -912,6 +958,19 @@ pub(crate) fn run(args: &NatlabArgs) -> anyhow::Result<Option<serde_json::Value>
         "matrix" => matrix(args).map(Some),
         "hold" => hold(args, planner(args, "hold")?).map(Some),
         "hard" => hard(args, planner(args, "hard")?).map(Some),
+        "cut" | "mend" => {
+            let on = args.action == "cut";
+            script("cut", &[if on { "on" } else { "off" }])?;
+            println!(
+                "NAT lab: direct paths between clients {}",
+                if on {
+                    "cut (CDX and the relay stay reachable)"
+                } else {
+                    "mended"
+                }
+            );
+            Ok(None)
+        }
         "loss" => {
             script("loss", &[&args.percent.to_string()])?;
             println!(

@@ -733,6 +733,53 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
         }
     }
 
+    // The direct paths break mid-session (the internet drops what the
+    // clients send each other; CDX and the relay stay reachable) and mend
+    // 2 s later. The birthday pair raced its relay and kept the allocation:
+    // both sides move to the relay once three keepalives go unanswered,
+    // the session goes on through it, and both move back to the direct
+    // path when it answers again. A classic pair (no race, no relay) is cut
+    // off for as long as the cut lasts.
+    let cut = |pair: &str| {
+        let args = [
+            "--api-key",
+            common::API_KEY,
+            "--pair",
+            pair,
+            "--hold",
+            "6s",
+            "--keepalive",
+            "200ms",
+            "--cut-after",
+            "1s",
+            "--cut-for",
+            "2s",
+        ];
+        lab_loadtest(&loadtest, "hold", &args)
+            .unwrap_or_else(|t| panic!("natlab hold {pair} with a cut:\n{t}"))
+            .1
+    };
+    let doc = cut("symmetric,port-restricted-cone");
+    assert_eq!(doc["technique"], "birthday", "{doc}");
+    assert_eq!(doc["held"], true, "{doc}");
+    for peer in doc["peers"].as_array().unwrap() {
+        let held = &peer["held"];
+        assert!(held["fallbacks"].as_u64().unwrap() >= 1, "{doc}");
+        assert!(held["returns"].as_u64().unwrap() >= 1, "{doc}");
+        assert_eq!(held["on_relay"], false, "back on the direct path: {doc}");
+        // Three keepalives and a round trip, not the 2 s of the cut.
+        assert!(held["outage_ms"].as_f64().unwrap() < 1200.0, "{doc}");
+        let (sent, acked) = (
+            held["sent"].as_u64().unwrap(),
+            held["acked"].as_u64().unwrap(),
+        );
+        assert!(acked + 6 >= sent, "the relay carried the keepalives: {doc}");
+    }
+    let doc = cut("port-restricted-cone,full-cone");
+    assert_eq!(doc["technique"], "classic", "{doc}");
+    assert_eq!(doc["fallbacks"], serde_json::json!([0, 0]), "{doc}");
+    assert!(doc["outage_ms"].as_f64().unwrap() >= 1800.0, "{doc}");
+
     // Without a keepalive given, the session takes the plan's: lookup
     // halves the shorter mapping lifetime the profiles measured (the 5 s
     // NAT: lives 4 s, so every 2 s), and the session holds.
