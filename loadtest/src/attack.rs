@@ -32,7 +32,7 @@ use crate::stats::Latency;
 use crate::turn::{Credentials, Tls, Transport, TurnClient, error_kind};
 
 /// Every attack, in the order `all` runs them.
-const ATTACKS: [&str; 19] = [
+const ATTACKS: [&str; 20] = [
     "plan-no-key",
     "plan-rate",
     "alloc-one-source",
@@ -52,6 +52,7 @@ const ATTACKS: [&str; 19] = [
     "auth-flood",
     "push-sockets",
     "invite-flood",
+    "turn-guessing",
 ];
 
 /// Options of `attack`.
@@ -351,6 +352,23 @@ impl AttackArgs {
 
     /// Whether the failing-credential answers were bounded: only 401 and
     /// 429, and no more 401s than the source's allowance over `took`.
+    /// Where password guessing on the relay comes from: the address after
+    /// the failing-credential one, so that its ban spares the others.
+    fn guessing_ip(&self) -> IpAddr {
+        let mut a = self.failing_ip();
+        if let IpAddr::V4(v4) = a {
+            let mut o = v4.octets();
+            o[3] = o[3].wrapping_add(1);
+            a = IpAddr::from(o);
+        } else if let IpAddr::V6(v6) = a {
+            let mut s = v6.segments();
+            // Another /64: the relay bans IPv6 sources by /64.
+            s[3] = s[3].wrapping_add(1);
+            a = IpAddr::from(s);
+        }
+        a
+    }
+
     fn refusals_bounded(&self, answers: &BTreeMap<String, u64>, took: Duration) -> bool {
         let only = answers.keys().all(|k| k == "401" || k == "429");
         let limit = f64::from(self.auth_failures_per_minute);
@@ -1456,6 +1474,57 @@ fn auth_flood(args: &AttackArgs) -> Outcome {
     o
 }
 
+/// Password guessing on the relay from one source: the legitimate user
+/// with wrong passwords, as fast as the answers come. Each is refused (401)
+/// until the relay bans the source (its `--auth-ban-after`, 10 by
+/// default), then nothing is answered — not even the right password —,
+/// while the legitimate sessions on other addresses go on.
+fn turn_guessing(args: &AttackArgs, creds: &Credentials) -> Outcome {
+    let mut o = Outcome::default();
+    let from = SocketAddr::new(args.guessing_ip(), 0);
+    let deadline = args.deadline();
+    let mut n = 0u32;
+    let mut banned = false;
+    while Instant::now() < deadline && n < 500 && !banned {
+        let guess = Credentials {
+            user: creds.user.clone(),
+            password: format!("guess-{n}-{:016x}", rand::random::<u64>()),
+        };
+        match TurnClient::allocate(args.turn, from, &guess) {
+            Ok(mut c) => {
+                let _ = c.release();
+                count(&mut o.answers, "allocated");
+            }
+            Err(e) => {
+                let kind = error_kind(&e);
+                banned = kind == "timeout";
+                count(&mut o.answers, kind);
+            }
+        }
+        n += 1;
+    }
+    // Banned: the right password from there goes unanswered too.
+    let right = TurnClient::allocate(args.turn, from, creds)
+        .map(|mut c| {
+            let _ = c.release();
+            "allocated".to_owned()
+        })
+        .unwrap_or_else(|e| error_kind(&e));
+    o.answers.insert(format!("right password then: {right}"), 1);
+    let refused = o.answers.get("401").copied().unwrap_or(0);
+    o.bounded =
+        banned && right == "timeout" && !o.answers.contains_key("allocated") && refused <= 50;
+    o.server_did = format!(
+        "{n} wrong passwords from one source: {refused} refused (401), then {}; the right password then: {right}",
+        if banned {
+            "banned (no answer)"
+        } else {
+            "NOT banned"
+        }
+    );
+    o
+}
+
 /// One device opening every socket it can, then flooding one: the
 /// device's socket cap (4) and the flood limit (1008) hold, and a device
 /// elsewhere keeps ringing.
@@ -1590,6 +1659,7 @@ fn run_one(name: &str, args: &AttackArgs, creds: &Credentials) -> Outcome {
         "auth-flood" => auth_flood(args),
         "push-sockets" => push_sockets(args),
         "invite-flood" => invite_flood(args),
+        "turn-guessing" => turn_guessing(args, creds),
         other => Outcome::skipped(&format!("no attack named {other}")),
     }
 }

@@ -12,7 +12,7 @@ use clap::Args;
 use natrix_model::{Redacted, TurnSecret};
 
 use crate::core::{
-    Credentials, IpNet, PeerPolicy, PortRange, RelayAddress, ServerConfig, UnauthLimits,
+    BanPolicy, Credentials, IpNet, PeerPolicy, PortRange, RelayAddress, ServerConfig, UnauthLimits,
 };
 
 /// The listeners of a relay host, whichever services it carries.
@@ -244,6 +244,67 @@ pub struct RelayConfig {
     )]
     pub unauth_rate_total: f64,
 
+    /// Authentication failures (wrong password, unknown user, expired or
+    /// forged credentials, another user's allocation) within --auth-ban-window that
+    /// ban their source — an IPv4 address or an IPv6 /64 — for
+    /// --auth-ban-for: its requests are dropped unanswered (a client that
+    /// already holds an allocation keeps it). 0 turns bans off. Every
+    /// failure is logged (warn: source, reason, username).
+    #[arg(
+        long = "auth-ban-after",
+        env = "NATRIX_AUTH_BAN_AFTER",
+        default_value_t = 10
+    )]
+    pub auth_ban_after: u32,
+
+    /// How far back authentication failures count toward a ban.
+    #[arg(long = "auth-ban-window", env = "NATRIX_AUTH_BAN_WINDOW", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub auth_ban_window: Duration,
+
+    /// How long a ban lasts.
+    #[arg(long = "auth-ban-for", env = "NATRIX_AUTH_BAN_FOR", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub auth_ban_for: Duration,
+
+    /// Most sources tracked for bans at once (failing or banned; about
+    /// 64 bytes each); past it new sources are not tracked until entries
+    /// expire.
+    #[arg(
+        long = "auth-ban-max-sources",
+        env = "NATRIX_AUTH_BAN_MAX_SOURCES",
+        default_value_t = 65_536
+    )]
+    pub auth_ban_max_sources: usize,
+
+    /// Networks never banned (a monitoring probe, a NAT gateway many users
+    /// share); comma separated.
+    #[arg(
+        long = "auth-ban-exempt",
+        env = "NATRIX_AUTH_BAN_EXEMPT",
+        value_delimiter = ','
+    )]
+    pub auth_ban_exempt: Vec<IpNet>,
+
+    /// Append a usage record (JSON, one line per allocation: user,
+    /// session, tenant, start and end, packets and bytes each way, peers,
+    /// transport) to this file when each allocation ends; the file is
+    /// reopened for every batch, so rotating it needs no signal.
+    #[arg(long = "usage-file", env = "NATRIX_USAGE_FILE")]
+    pub usage_file: Option<PathBuf>,
+
+    /// Also add each usage record to this stream in the coordination store
+    /// (a Redis stream with --redis-url; `natrix usage --stream` reads it).
+    #[arg(long = "usage-stream", env = "NATRIX_USAGE_STREAM")]
+    pub usage_stream: Option<String>,
+
+    /// About how many records the usage stream keeps (older ones are
+    /// trimmed: XADD MAXLEN ~).
+    #[arg(
+        long = "usage-stream-max-len",
+        env = "NATRIX_USAGE_STREAM_MAX_LEN",
+        default_value_t = 1_000_000
+    )]
+    pub usage_stream_max_len: usize,
+
     /// SOFTWARE attribute in responses; empty for none.
     #[arg(long = "turn-software", env = "NATRIX_TURN_SOFTWARE", default_value = concat!("natrix ", env!("CARGO_PKG_VERSION")))]
     pub software: String,
@@ -332,6 +393,17 @@ impl RelayConfig {
             .with_own(own, (self.ports.min, self.ports.max))
     }
 
+    /// Where usage records go.
+    pub fn usage_sinks(&self) -> crate::usage::Sinks {
+        crate::usage::Sinks {
+            file: self.usage_file.clone(),
+            stream: self
+                .usage_stream
+                .clone()
+                .map(|s| (s, self.usage_stream_max_len.max(1))),
+        }
+    }
+
     /// The advertised IPv4 address.
     pub fn external_v4(&self) -> IpAddr {
         if let Some(ip) = self.external_ip {
@@ -396,6 +468,14 @@ impl RelayConfig {
                 total_burst: self.unauth_rate_total.max(1.0),
             },
             mobility: self.mobility,
+            bans: BanPolicy {
+                after: self.auth_ban_after,
+                window: self.auth_ban_window,
+                duration: self.auth_ban_for,
+                max_sources: self.auth_ban_max_sources,
+                exempt: self.auth_ban_exempt.clone(),
+            },
+            usage: self.usage_sinks().any(),
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct Control {
     allocations: Vec<AtomicU64>,
     wakers: Mutex<Vec<Arc<mio::Waker>>>,
     ports: natrix_relay_proto::SharedPorts,
+    /// Where the loops hand usage records, when they are kept.
+    usage: Option<crate::usage::UsageQueue>,
 }
 
 impl Control {
@@ -35,15 +37,23 @@ impl Control {
         credentials: Credentials,
         loops: usize,
         ports: natrix_relay_proto::SharedPorts,
+        usage: Option<crate::usage::UsageQueue>,
     ) -> Control {
         Control {
             ports,
+            usage,
             draining: AtomicBool::new(false),
             credentials_generation: AtomicU64::new(0),
             credentials: Mutex::new(credentials),
             allocations: (0..loops).map(|_| AtomicU64::new(0)).collect(),
             wakers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Queues a usage record for the writer; false when it was dropped
+    /// (the queue is full, or records are not kept).
+    pub(crate) fn record_usage(&self, record: natrix_relay_proto::UsageRecord) -> bool {
+        self.usage.as_ref().is_some_and(|q| q.push(record))
     }
 
     pub(crate) fn add_waker(&self, waker: Arc<mio::Waker>) {

@@ -17,6 +17,7 @@ pub use natrix_relay_proto as core;
 pub mod metrics;
 pub mod shell;
 pub mod tls;
+pub mod usage;
 
 pub use config::{HostConfig, RelayConfig};
 pub use shell::{BoundHost, HostServices, RelayHost};

@@ -35,6 +35,10 @@ pub struct RelayMetrics {
     pub connections_rejected: IntCounter,
     /// Connections closed for idling without an allocation.
     pub connections_idle_closed: IntCounter,
+    banned_sources: IntGauge,
+    bans: IntCounter,
+    /// Usage records dropped at a full queue.
+    pub usage_dropped: IntCounter,
 }
 
 impl RelayMetrics {
@@ -72,6 +76,18 @@ impl RelayMetrics {
             tls_connections: conns.with_label_values(&["tls"]),
             connections_rejected: t.counter(&cat::RELAY_CONNECTIONS_REJECTED_TOTAL),
             connections_idle_closed: t.counter(&cat::RELAY_CONNECTIONS_IDLE_CLOSED_TOTAL),
+            banned_sources: t.gauge(&cat::RELAY_AUTH_BANNED_SOURCES),
+            bans: t.counter(&cat::RELAY_AUTH_BANS_TOTAL),
+            usage_dropped: t.counter(&cat::RELAY_USAGE_RECORDS_DROPPED_TOTAL),
+        }
+    }
+
+    /// The host's ban table: sources banned now, bans made so far.
+    pub fn publish_bans(&self, banned: usize, bans: u64) {
+        self.banned_sources.set(banned as i64);
+        let seen = self.bans.get();
+        if bans > seen {
+            self.bans.inc_by(bans - seen);
         }
     }
 

@@ -179,6 +179,10 @@ pub(crate) enum Command {
     /// `Authorization: Bearer <grant>` when it holds the same secret
     /// (--grant-secret).
     Grant(GrantArgs),
+    /// Sums the relays' usage records (one per allocation: who, how long,
+    /// packets and bytes each way) by tenant, user, session or relay, from
+    /// a relay's --usage-file or from its --usage-stream (--redis-url).
+    Usage(UsageArgs),
     /// The config file: `check FILE` validates one without starting
     /// anything (unknown keys name the nearest valid one), `example` prints
     /// one with every flag, its help and its default.
@@ -193,6 +197,27 @@ pub(crate) enum Command {
         /// Where the pages go.
         dir: std::path::PathBuf,
     },
+}
+
+/// Options of `natrix usage`.
+#[derive(Args, Debug)]
+pub(crate) struct UsageArgs {
+    /// A usage file (JSON lines, a relay's --usage-file).
+    #[arg(long, conflicts_with = "stream")]
+    pub(crate) file: Option<std::path::PathBuf>,
+    /// A usage stream in Redis (a relay's --usage-stream; needs --redis-url).
+    #[arg(long)]
+    pub(crate) stream: Option<String>,
+    /// Group by tenant (the API key or grant key a session token names),
+    /// user (the TURN username), session, relay, or none.
+    #[arg(long, default_value = "tenant", value_parser = ["tenant", "user", "session", "relay", "none"])]
+    pub(crate) by: String,
+    /// Only allocations that ended within this long (e.g. 24h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) since: Option<std::time::Duration>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// Options of `natrix config`.

@@ -11,6 +11,7 @@ mod config;
 mod probe;
 mod serve;
 mod upgrade;
+mod usage;
 
 use std::process::ExitCode;
 
@@ -275,6 +276,7 @@ fn main() -> ExitCode {
         Command::Secret { action } => secret(&cli.global, action),
         Command::Apikey(args) => apikey(&cli.global, args),
         Command::Grant(args) => grant(args),
+        Command::Usage(args) => usage::run(&cli.global, args),
         Command::Config(args) => config_command(args),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

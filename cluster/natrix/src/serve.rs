@@ -300,9 +300,14 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
 
     // The control plane (actix) runs on this thread.
     let system = actix_rt::System::new();
+    let mut usage = None;
     let signal = system.block_on(control_plane(
-        global, workers, &plan, &data, exchange, &telemetry,
+        global, workers, &plan, &data, exchange, &telemetry, &mut usage,
     ))?;
+    // Records of allocations that ended meanwhile reach the sinks first.
+    if let Some(w) = &usage {
+        system.block_on(w.drain());
+    }
     if signal == UPGRADE
         && let Some(host) = data.host.take()
     {
@@ -314,6 +319,18 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
         return Err(crate::upgrade::exec(&handoff));
     }
     data.stop();
+    // The loops recorded the allocations that ended with them.
+    if let Some(w) = &usage {
+        let n = system.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), w.drain())
+                .await
+                .unwrap_or(0)
+        });
+        info!(
+            records = n,
+            "usage of the allocations alive at the stop recorded"
+        );
+    }
     info!(signal, "stopped");
     Ok(())
 }
@@ -464,6 +481,7 @@ async fn control_plane(
     data: &DataPlane,
     exchange: Option<(ExchangeInbox, natrix_cdx::exchange::Limits)>,
     telemetry: &Telemetry,
+    usage: &mut Option<natrix_relay::usage::UsageWriter>,
 ) -> anyhow::Result<&'static str> {
     let mut signals = Signals::install()?;
     let (server, addr) = http::serve(global.metrics_listen, telemetry.clone())?;
@@ -499,6 +517,32 @@ async fn control_plane(
         )
         .start()
     });
+    // Usage records: written every second (and by `run` at the end).
+    if let (Some(host), Some(config)) = (data.relay(), plan.relay.as_ref())
+        && let Some(records) = host.usage_records()
+    {
+        let sinks = config.usage_sinks();
+        if sinks.stream.is_some() && global.redis_url.is_none() {
+            warn!(
+                "--usage-stream without --redis-url: the stream lives in this process's memory only"
+            );
+        }
+        let writer = natrix_relay::usage::UsageWriter::new(
+            records,
+            sinks,
+            store.clone(),
+            config.relay_id.clone().unwrap_or_default(),
+            telemetry,
+        );
+        let w = writer.clone();
+        actix_rt::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                w.drain().await;
+            }
+        });
+        *usage = Some(writer);
+    }
     // Rotated TURN secrets reach the relay within a second.
     let _secrets = reload
         .clone()

@@ -56,7 +56,7 @@ fn attack_and_check(t: &Target<'_>) {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no report:\n{stderr}"));
     assert!(out.status.success(), "not held:\n{stderr}");
     let attacks = report["attacks"].as_array().unwrap();
-    assert_eq!(attacks.len(), 19, "{stderr}");
+    assert_eq!(attacks.len(), 20, "{stderr}");
     for a in attacks {
         let name = a["attack"].as_str().unwrap();
         assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);
@@ -104,6 +104,11 @@ fn attack_and_check(t: &Target<'_>) {
     );
     assert_eq!(by("invite-flood")["answers"]["202"], 30);
     assert_eq!(by("invite-flood")["answers"]["legit call rang"], 1);
+    // Password guessing on the relay: refused until the source is banned
+    // (the relay's default, 10 failures), then unanswered.
+    let guessing = &by("turn-guessing")["answers"];
+    assert_eq!(guessing["401"], 10, "{guessing}");
+    assert_eq!(guessing["right password then: timeout"], 1, "{guessing}");
     let slow = &by("slow-tls-reader")["answers"];
     assert_eq!(slow["delivered"], slow["peer datagrams"]);
     // Memory: connection floods do not grow the server without bound.

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Natrix, PASSWORD, USER, uclient, udp_echo_peer};
 
 /// Loopback peers are denied by default; the tests relay to them.
@@ -183,26 +185,241 @@ fn uclient_with_turn_rest_credentials_and_a_rotated_secret() {
         // One client and its RTCP companion allocation: 2 x 20 messages.
         assert_clean(&report, 40);
     }
-    let report = uclient(&[
-        "-p",
-        &p,
-        "-W",
-        "guessed",
-        "-u",
-        "mallory",
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "5",
-        "127.0.0.1",
-    ]);
+    let report = common::uclient_within(
+        &[
+            "-p",
+            &p,
+            "-W",
+            "guessed",
+            "-u",
+            "mallory",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "5",
+            "127.0.0.1",
+        ],
+        Duration::from_secs(3),
+    );
     assert_eq!(report.received, 0, "{}", report.output);
     let failures = natrix.wait_metric("relay_auth_failures_total{reason=\"bad_integrity\"}", |v| {
         v >= 1.0
     });
     assert!(failures >= 1.0);
+}
+
+/// A source that keeps failing authentication is banned (what fail2ban
+/// does for coturn): coturn's client guessing passwords from 127.0.0.7 is
+/// logged once per failure (one JSON line each: source, reason, username),
+/// banned at the third, and then even the right password from that address
+/// goes unanswered until the ban ends, while 127.0.0.8 is served
+/// throughout.
+#[test]
+fn a_source_that_keeps_failing_authentication_is_banned_and_logged() {
+    let natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--auth-ban-after",
+        "3",
+        "--auth-ban-for",
+        "10s",
+    ]);
+    let (_peer, peer_port) = udp_echo_peer();
+    let p = port(&natrix);
+    let pp = peer_port.to_string();
+    let args = |from: &'static str, password: &'static str| {
+        [
+            "-p",
+            &p,
+            "-u",
+            USER,
+            "-w",
+            password,
+            "-L",
+            from,
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "10",
+            "-m",
+            "1",
+            "127.0.0.1",
+        ]
+        .map(str::to_owned)
+    };
+    let run = |from, password, limit| {
+        let a = args(from, password);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        match limit {
+            // Unanswered, uclient retries for a minute: its first seconds
+            // are enough.
+            Some(limit) => common::uclient_within(&a, limit),
+            None => uclient(&a),
+        }
+    };
+    let guess = run("127.0.0.7", "guessed-wrong", Some(Duration::from_secs(2)));
+    assert_eq!(guess.received, 0, "{}", guess.output);
+    natrix.wait_metric("relay_auth_bans_total", |v| v >= 1.0);
+    assert_eq!(natrix.metric("relay_auth_banned_sources"), 1.0);
+    let log = natrix.log();
+    let refused: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "authentication refused")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        3,
+        "one line per failure until the ban:\n{log}"
+    );
+    for line in &refused {
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["source"], "127.0.0.7", "{line}");
+        assert_eq!(line["reason"], "bad_integrity", "{line}");
+        assert_eq!(line["username"], USER, "{line}");
+        assert_eq!(line["method"], "allocate", "{line}");
+    }
+    assert!(
+        log.lines().any(
+            |l| l.contains("source banned after repeated authentication failures")
+                && l.contains("\"ban_secs\":10")
+        ),
+        "{log}"
+    );
+    // Banned: the right password from the same address gets no answer.
+    let banned = run("127.0.0.7", PASSWORD, Some(Duration::from_secs(2)));
+    assert_eq!(banned.received, 0, "{}", banned.output);
+    natrix.wait_metric("relay_packets_dropped_total{reason=\"banned\"}", |v| {
+        v >= 1.0
+    });
+    // Another address is served meanwhile, and the banned one once the ban
+    // is over (the relay sweeps it away).
+    assert_clean(&run("127.0.0.8", PASSWORD, None), 20);
+    std::thread::sleep(Duration::from_secs(6));
+    natrix.wait_metric("relay_auth_banned_sources", |v| v == 0.0);
+    assert_clean(&run("127.0.0.7", PASSWORD, None), 20);
+    assert_eq!(natrix.metric("relay_auth_bans_total"), 1.0);
+}
+
+/// Usage records (one per allocation, never metric labels): coturn's
+/// client relays through natrix, which appends each allocation's record to
+/// a JSON-lines file and to a stream in a real Redis; the packets and bytes
+/// each way match what the client counted, and `natrix usage` sums the
+/// file and the stream alike.
+#[test]
+fn usage_records_reach_a_file_and_a_redis_stream_and_natrix_usage_sums_them() {
+    let redis = natrix_store::testing::RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("natrix-usage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("usage.jsonl");
+    let path = file.display().to_string();
+    let url = redis.url();
+    let mut natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--redis-url",
+        &url,
+        "--usage-file",
+        &path,
+        "--usage-stream",
+        "natrix:usage",
+        "--drain-timeout",
+        "1s",
+    ]);
+    let (_peer, peer_port) = udp_echo_peer();
+    let p = port(&natrix);
+    let pp = peer_port.to_string();
+    let report = as_tester(
+        &p,
+        &[
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "50",
+            "-m",
+            "2",
+            "-l",
+            "120",
+            "127.0.0.1",
+        ],
+    );
+    assert!(
+        report.sent > 0 && report.received == report.sent,
+        "{}",
+        report.output
+    );
+    // The client keeps its allocations: they end when the relay stops, and
+    // their records are written before it exits.
+    assert!(
+        natrix
+            .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
+            .success()
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!records.is_empty(), "no records:\n{}", natrix.log());
+    let sum = |way: &str, what: &str| -> u64 {
+        records.iter().map(|r| r[way][what].as_u64().unwrap()).sum()
+    };
+    assert_eq!(sum("client_to_peer", "packets"), report.sent, "{text}");
+    assert_eq!(sum("peer_to_client", "packets"), report.received, "{text}");
+    assert_eq!(sum("client_to_peer", "bytes"), 120 * report.sent, "{text}");
+    assert_eq!(
+        sum("peer_to_client", "bytes"),
+        120 * report.received,
+        "{text}"
+    );
+    for r in &records {
+        assert_eq!(r["username"], USER, "{r}");
+        assert_eq!(r["transport"], "udp", "{r}");
+        assert!(
+            ["shutdown", "deleted"].contains(&r["ended"].as_str().unwrap()),
+            "{r}"
+        );
+        assert!(
+            r["start"].as_u64().unwrap() <= r["end"].as_u64().unwrap(),
+            "{r}"
+        );
+        assert!(r["relay"].as_str().is_some_and(|id| !id.is_empty()), "{r}");
+    }
+    let natrix_bin = env!("CARGO_BIN_EXE_natrix");
+    let summed = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(natrix_bin)
+            .arg("usage")
+            .args(args)
+            .args(["--json", "--by", "user"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for doc in [
+        summed(&["--file", &path]),
+        summed(&["--redis-url", &url, "--stream", "natrix:usage"]),
+    ] {
+        let tester = &doc["groups"][USER];
+        assert_eq!(tester["allocations"], records.len() as u64, "{doc}");
+        assert_eq!(
+            tester["client_to_peer"]["bytes"],
+            120 * report.sent,
+            "{doc}"
+        );
+        assert_eq!(doc["malformed"], 0, "{doc}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -465,7 +682,29 @@ fn a_rotated_secrets_file_takes_effect_without_a_restart() {
     std::fs::rename(&tmp, &file).expect("rename");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_clean(&run("new-secret-0123456789"), 10);
-    let refused = run("old-secret-0123456789");
+    // Refused, coturn's client retries for a minute (and is banned after
+    // ten failures): its first seconds are enough.
+    let refused = common::uclient_within(
+        &[
+            "-p",
+            &p,
+            "-W",
+            "old-secret-0123456789",
+            "-u",
+            "alice",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "10",
+            "-m",
+            "1",
+            "-c",
+            "127.0.0.1",
+        ],
+        Duration::from_secs(3),
+    );
     assert_eq!(
         refused.received, 0,
         "a withdrawn secret still works:\n{}",

@@ -185,6 +185,35 @@ impl Store {
         }
     }
 
+    /// Appends `payload` to stream `key` (one field, `r`), trimming the
+    /// stream to about `max_len` entries (Redis `XADD … MAXLEN ~`); the
+    /// entry's id.
+    pub async fn append(
+        &self,
+        key: &str,
+        payload: &[u8],
+        max_len: usize,
+    ) -> Result<String, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.append(key, payload, max_len)),
+            Store::Redis(r) => r.append(key, payload, max_len).await,
+        }
+    }
+
+    /// Up to `count` entries of stream `key` after id `after` (`"0"` for the
+    /// first), oldest first: each entry's id and payload.
+    pub async fn read_stream(
+        &self,
+        key: &str,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.read_stream(key, after, count)),
+            Store::Redis(r) => r.read_stream(key, after, count).await,
+        }
+    }
+
     /// Sends `payload` to every current subscriber of `channel` (at most
     /// once; none may be listening).
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), StoreError> {

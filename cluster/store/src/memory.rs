@@ -14,6 +14,8 @@ enum Value {
     Bytes(Vec<u8>),
     Counter(u64),
     Hash(Vec<(String, Vec<u8>)>),
+    /// A stream: entries with increasing sequence numbers.
+    Stream(std::collections::VecDeque<(u64, Vec<u8>)>, u64),
 }
 
 #[derive(Debug)]
@@ -212,6 +214,57 @@ impl MemoryStore {
 
     pub(crate) fn delete(&self, key: &str) {
         self.lock(Instant::now()).keys.remove(key);
+    }
+
+    /// Appends to stream `key` (kept as long as the store: streams do not
+    /// expire), trimmed to `max_len` entries; ids are `0-<seq>`.
+    pub(crate) fn append(&self, key: &str, payload: &[u8], max_len: usize) -> String {
+        let now = Instant::now();
+        let mut inner = self.lock(now);
+        let entry = inner.keys.entry(key.to_owned()).or_insert(Entry {
+            value: Value::Stream(Default::default(), 0),
+            expires: now + Duration::from_secs(100 * 365 * 24 * 3600),
+        });
+        if !matches!(entry.value, Value::Stream(..)) {
+            entry.value = Value::Stream(Default::default(), 0);
+        }
+        let Value::Stream(entries, last) = &mut entry.value else {
+            return String::new();
+        };
+        *last += 1;
+        entries.push_back((*last, payload.to_vec()));
+        while entries.len() > max_len.max(1) {
+            entries.pop_front();
+        }
+        format!("0-{last}")
+    }
+
+    /// Up to `count` entries of stream `key` after id `after`.
+    pub(crate) fn read_stream(
+        &self,
+        key: &str,
+        after: &str,
+        count: usize,
+    ) -> Vec<(String, Vec<u8>)> {
+        let after: u64 = after
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let now = Instant::now();
+        let mut inner = self.lock(now);
+        match Self::live(&mut inner, key, now) {
+            Some(Entry {
+                value: Value::Stream(entries, _),
+                ..
+            }) => entries
+                .iter()
+                .filter(|(seq, _)| *seq > after)
+                .take(count)
+                .map(|(seq, p)| (format!("0-{seq}"), p.clone()))
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     pub(crate) fn publish(&self, channel: &str, payload: &[u8]) {

@@ -409,6 +409,64 @@ impl RedisStore {
         Ok(())
     }
 
+    pub(crate) async fn append(
+        &self,
+        key: &str,
+        payload: &[u8],
+        max_len: usize,
+    ) -> Result<String, StoreError> {
+        self.call(async |c| {
+            redis::cmd("XADD")
+                .arg(key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(max_len)
+                .arg("*")
+                .arg("r")
+                .arg(payload)
+                .query_async(c)
+                .await
+        })
+        .await
+    }
+
+    pub(crate) async fn read_stream(
+        &self,
+        key: &str,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // XRANGE with an exclusive start: entries after `after`.
+        let start = if after == "0" {
+            "-".to_owned()
+        } else {
+            format!("({after}")
+        };
+        let entries: Vec<StreamEntry> = self
+            .call(async |c| {
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(c)
+                    .await
+            })
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let payload = fields
+                    .into_iter()
+                    .find(|(f, _)| f == "r")
+                    .map(|(_, v)| v)
+                    .unwrap_or_default();
+                (id, payload)
+            })
+            .collect())
+    }
+
     pub(crate) async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), StoreError> {
         let _: u64 = self
             .call(async |c| c.publish(channel, payload).await)
@@ -486,3 +544,6 @@ impl RedisStore {
         sub
     }
 }
+
+/// One stream entry as XRANGE returns it: its id and its field-value pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);

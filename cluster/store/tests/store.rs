@@ -120,12 +120,55 @@ async fn broadcast(store: &Store) {
     assert_eq!(got.as_deref(), Some(&b"after"[..]));
 }
 
+/// Streams keep the newest entries (about `max_len`: Redis trims whole
+/// nodes), in order, read page by page after an id.
+async fn streams(store: &Store) {
+    for i in 0..250u32 {
+        store
+            .append("s", i.to_string().as_bytes(), 100)
+            .await
+            .unwrap();
+    }
+    let (mut after, mut seen) = ("0".to_owned(), Vec::new());
+    loop {
+        let page = store.read_stream("s", &after, 40).await.unwrap();
+        let Some((last, _)) = page.last() else { break };
+        assert!(page.len() <= 40);
+        after = last.clone();
+        seen.extend(page.into_iter().map(|(_, p)| String::from_utf8(p).unwrap()));
+    }
+    assert!(
+        (100..250).contains(&seen.len()),
+        "{} kept ({})",
+        seen.len(),
+        store.kind()
+    );
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("249"),
+        "{}",
+        store.kind()
+    );
+    let first: u32 = seen[0].parse().unwrap();
+    let want: Vec<String> = (first..250).map(|i| i.to_string()).collect();
+    assert_eq!(seen, want, "in order, none missing ({})", store.kind());
+    assert!(
+        store
+            .read_stream("absent", "0", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.delete("s").await.unwrap();
+}
+
 #[tokio::test]
 async fn memory_store_keeps_the_contract() {
     let store = Store::memory();
     bounded_hashes(&store).await;
     everything_expires(&store).await;
     broadcast(&store).await;
+    streams(&store).await;
     let Store::Memory(m) = &store else {
         unreachable!()
     };
@@ -138,6 +181,7 @@ async fn redis_store_keeps_the_contract() {
     let server = RedisServer::start();
     let store = redis(&server).await;
     bounded_hashes(&store).await;
+    streams(&store).await;
     everything_expires(&store).await;
     broadcast(&store).await;
 }

@@ -210,6 +210,7 @@ pub const RELAY_DROP_REASON: Label = Label {
         "stale_allocation",
         "too_large",
         "own_address",
+        "banned",
     ],
 };
 
@@ -368,6 +369,47 @@ pub const RELAY_AUTH_FAILURES_TOTAL: MetricDef = metric(
     "Requests whose credentials were refused, by reason.",
     Kind::Counter,
     &[RELAY_AUTH_FAILURE_REASON],
+);
+
+/// Usage records written to each sink.
+pub const RELAY_USAGE_RECORDS_TOTAL: MetricDef = metric(
+    "relay_usage_records_total",
+    "Usage records (one per allocation) written to a sink (--usage-file, --usage-stream) or that failed to be.",
+    Kind::Counter,
+    &[
+        Label {
+            name: "sink",
+            values: &["file", "stream"],
+        },
+        Label {
+            name: "result",
+            values: &["written", "failed"],
+        },
+    ],
+);
+
+/// Usage records dropped because the writer's queue was full.
+pub const RELAY_USAGE_RECORDS_DROPPED_TOTAL: MetricDef = metric(
+    "relay_usage_records_dropped_total",
+    "Usage records dropped because the queue to the writer was full (65,536 records: the sinks fell behind).",
+    Kind::Counter,
+    &[],
+);
+
+/// Sources banned for repeated authentication failures.
+pub const RELAY_AUTH_BANS_TOTAL: MetricDef = metric(
+    "relay_auth_bans_total",
+    "Sources (an IPv4 address or an IPv6 /64) banned for repeated authentication failures (--auth-ban-after within --auth-ban-window).",
+    Kind::Counter,
+    &[],
+);
+
+/// Sources banned now.
+pub const RELAY_AUTH_BANNED_SOURCES: MetricDef = metric(
+    "relay_auth_banned_sources",
+    "Sources whose requests the relay drops unanswered now (a ban lasts --auth-ban-for); their packets count as relay_packets_dropped_total{reason=\"banned\"}.",
+    Kind::Gauge,
+    &[],
 );
 
 /// Refused requests by cause.
@@ -926,6 +968,10 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_PACKETS_DROPPED_TOTAL,
     &RELAY_REQUESTS_TOTAL,
     &RELAY_AUTH_FAILURES_TOTAL,
+    &RELAY_AUTH_BANS_TOTAL,
+    &RELAY_USAGE_RECORDS_TOTAL,
+    &RELAY_USAGE_RECORDS_DROPPED_TOTAL,
+    &RELAY_AUTH_BANNED_SOURCES,
     &RELAY_REQUESTS_REFUSED_TOTAL,
     &RELAY_SEND_ERRORS_TOTAL,
     &RELAY_CONNECTIONS,

@@ -53,6 +53,30 @@ pub(crate) struct Bandwidth {
     pub(crate) updated: Instant,
 }
 
+/// What an allocation relayed: the counters of its usage record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Packets relayed, by [`super::Direction`] index (client → peer,
+    /// peer → client).
+    pub packets: [u64; 2],
+    /// Payload bytes relayed (without TURN framing), likewise.
+    pub bytes: [u64; 2],
+    /// Peer addresses it was permitted to reach (each counted when its
+    /// permission was installed).
+    pub peers: u32,
+    /// Wall-clock second (Unix) it started.
+    pub started_unix: u64,
+}
+
+impl Usage {
+    /// Counts one relayed packet of `len` payload bytes.
+    #[inline]
+    pub(crate) fn add(&mut self, direction: super::Direction, len: usize) {
+        self.packets[direction as usize] += 1;
+        self.bytes[direction as usize] += len as u64;
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Allocation {
     pub(crate) client: ClientSocket,
@@ -74,6 +98,8 @@ pub(crate) struct Allocation {
     pub(crate) ticket: Option<[u8; 14]>,
     /// Handed over by another core for a move that has not completed yet.
     pub(crate) adopted: bool,
+    /// What it relayed so far.
+    pub(crate) usage: Usage,
 }
 
 impl Allocation {
@@ -96,6 +122,7 @@ impl Allocation {
             return false;
         }
         self.permissions.push(Permission { ip, expires });
+        self.usage.peers = self.usage.peers.saturating_add(1);
         true
     }
 

@@ -38,6 +38,7 @@
 
 mod allocation;
 mod auth;
+mod bans;
 mod policy;
 mod ports;
 mod refusal;
@@ -45,7 +46,9 @@ mod server;
 mod stats;
 mod types;
 
+pub use allocation::Usage;
 pub use auth::{AuthFailure, Credentials, NonceError, Nonces, session_peers};
+pub use bans::{BanPolicy, SharedBans, Strike, source_key};
 pub use natrix_model::limiter::UnauthLimits;
 pub use policy::{IpNet, PeerPolicy};
 pub use ports::{PortRange, SharedPorts};
@@ -53,7 +56,7 @@ pub use refusal::Refusal;
 pub use server::{
     ClientAction, Command, Moved, MovedAllocation, PEER_HEADROOM, PEER_TAILROOM, PeerAction,
     RelayAddress, RelaySockets, SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server, ServerConfig,
-    TICKET_LEN, Ticket,
+    TICKET_LEN, Ticket, UsageRecord,
 };
 pub use stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 pub use types::{AllocationId, ClientSocket, Transport};

@@ -11,8 +11,9 @@ use natrix_wire::{
     IntegrityKey, Message, MessageType, Method, TransactionId, UnknownAttributes, demux, transport,
 };
 
-use super::allocation::{Allocation, Bandwidth, BindConflict, Channel, Permission};
+use super::allocation::{Allocation, Bandwidth, BindConflict, Channel, Permission, Usage};
 use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
+use super::bans::{BanPolicy, SharedBans, Strike};
 use super::policy::PeerPolicy;
 use super::ports::{Claim, SharedPorts};
 use super::refusal::Refusal;
@@ -53,6 +54,9 @@ const PARK_FOR: Duration = Duration::from_secs(30);
 const MAX_PARKED: usize = 4096;
 /// Most unknown attributes listed in a 420.
 const MAX_UNKNOWN_LISTED: usize = 8;
+
+/// Characters of a refused username that go into the log line.
+const MAX_LOGGED_USERNAME: usize = 96;
 
 /// Where relayed transport addresses live for one address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +163,11 @@ pub struct ServerConfig {
     /// address changes moves its allocation to the new 5-tuple with a
     /// Refresh. Off: such an Allocate gets 405.
     pub mobility: bool,
+    /// Temporary bans of sources that keep failing authentication.
+    pub bans: BanPolicy,
+    /// Emit a usage record ([`Command::Usage`]) for every allocation that
+    /// ends.
+    pub usage: bool,
 }
 
 impl Default for ServerConfig {
@@ -177,6 +186,8 @@ impl Default for ServerConfig {
             bandwidth_per_allocation: None,
             unauth: UnauthLimits::default(),
             mobility: true,
+            bans: BanPolicy::default(),
+            usage: false,
         }
     }
 }
@@ -285,6 +296,27 @@ pub enum Command {
         /// Its relayed address, for logs.
         relayed: SocketAddr,
     },
+    /// What an allocation relayed, when it ended (with
+    /// [`ServerConfig::usage`]).
+    Usage(Box<UsageRecord>),
+}
+
+/// One allocation's usage: who, what it relayed, from when to when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Its relayed transport address.
+    pub relayed: SocketAddr,
+    /// Its client's 5-tuple (at the end: after a move, the new one).
+    pub client: ClientSocket,
+    /// The TURN username (for a session token: expiry, session, tenant).
+    pub username: Box<str>,
+    /// Packets, bytes and peers.
+    pub usage: Usage,
+    /// Wall-clock second (Unix) it ended, or was recorded at.
+    pub ended_unix: u64,
+    /// Why: `expired`, `deleted`, `disconnected`, or `shutdown` (still
+    /// alive when the relay stopped).
+    pub end: &'static str,
 }
 
 /// The shell's side of relay sockets, called while an Allocate is handled.
@@ -314,6 +346,16 @@ enum End {
     Disconnected,
 }
 
+impl End {
+    const fn label(self) -> &'static str {
+        match self {
+            End::Expired => "expired",
+            End::Deleted => "deleted",
+            End::Disconnected => "disconnected",
+        }
+    }
+}
+
 /// How a request was authenticated: the key its response is signed with.
 struct Auth {
     key: IntegrityKey,
@@ -335,10 +377,16 @@ pub struct Server {
     free_slots: Vec<u32>,
     allocation_by_client: HashMap<ClientSocket, u32, RandomState>,
     ports: SharedPorts,
+    /// Sources banned for repeated authentication failures (the host's
+    /// table once [`Server::set_bans`] shares it).
+    bans: SharedBans,
     limiter: UnauthLimiter,
     commands: VecDeque<Command>,
     stats: Stats,
     epoch: Instant,
+    /// The latest instant an input brought (what an allocation ended
+    /// without one, e.g. a closed connection, is dated with).
+    clock: Instant,
     epoch_unix: u64,
     rng: u64,
     next_sweep: Instant,
@@ -375,6 +423,7 @@ impl Server {
     ) -> Server {
         let nonces = Nonces::new(&seed, config.nonce_lifetime.as_secs().max(1));
         let limiter = UnauthLimiter::new(config.unauth, now);
+        let bans = SharedBans::new(config.bans.clone());
         let mut rng = u64::from_le_bytes(seed[..8].try_into().unwrap_or([7; 8]));
         rng ^= 0x9E37_79B9_7F4A_7C15;
         Server {
@@ -386,10 +435,12 @@ impl Server {
             free_slots: Vec::new(),
             allocation_by_client: HashMap::default(),
             ports,
+            bans,
             limiter,
             commands: VecDeque::new(),
             stats: Stats::default(),
             epoch: now,
+            clock: now,
             epoch_unix: unix_now,
             rng,
             next_sweep: now + SWEEP_INTERVAL,
@@ -401,6 +452,17 @@ impl Server {
             tickets: HashMap::default(),
             tickets_made: 0,
         }
+    }
+
+    /// Shares the host's ban table (every loop of a host sees the same
+    /// bans: a source's retries reach any loop).
+    pub fn set_bans(&mut self, bans: SharedBans) {
+        self.bans = bans;
+    }
+
+    /// The ban table this core uses (the host's, shared by its loops).
+    pub fn bans(&self) -> &SharedBans {
+        &self.bans
     }
 
     /// Sets this core's loop index on the host, which its mobility tickets
@@ -541,6 +603,7 @@ impl Server {
         out: &mut [u8],
         sockets: &mut dyn RelaySockets,
     ) -> ClientAction {
+        self.clock = now;
         match demux(packet) {
             Frame::ChannelData => self.client_channel_data(packet, from, now),
             Frame::Stun => self.client_stun(packet, from, now, out, sockets),
@@ -579,6 +642,7 @@ impl Server {
         if !alloc.spend(data.payload.len(), rate, now) {
             return self.dropped(DropReason::BandwidthExceeded);
         }
+        alloc.usage.add(Direction::ClientToPeer, data.payload.len());
         self.stats
             .forwarded(Direction::ClientToPeer, data.payload.len());
         ClientAction::ToPeer {
@@ -623,6 +687,13 @@ impl Server {
             Method::CHANNEL_BIND => RequestMethod::ChannelBind,
             _ => RequestMethod::Other,
         };
+        // A banned source gets no answer, unless this 5-tuple already holds
+        // an allocation (it authenticated before the ban).
+        if self.bans.is_banned(from.client.ip(), now)
+            && !self.allocation_by_client.contains_key(&from)
+        {
+            return self.dropped(DropReason::Banned);
+        }
         if method == RequestMethod::Refresh
             && let Some(shard) = self.moves_from(&msg, from)
         {
@@ -769,6 +840,10 @@ impl Server {
         match self.nonces.verify(nonce, self.secs(now), from.client.ip()) {
             Ok(()) => {}
             Err(e) => {
+                // Counted, but neither logged nor held against the source:
+                // a nonce another loop issued (a client that moved, RFC
+                // 8016) reads as invalid here, and a 438 with a fresh nonce
+                // is all a forged one gets.
                 if e == NonceError::Invalid {
                     self.stats.auth_failure(AuthFailureReason::BadNonce);
                 }
@@ -795,7 +870,7 @@ impl Server {
                     sha256,
                 });
             }
-            self.stats.auth_failure(AuthFailureReason::BadIntegrity);
+            self.auth_failed(AuthFailureReason::BadIntegrity, method, from, username, now);
             return Err(self.challenge(msg, ErrorCode::UNAUTHENTICATED, from, now, out));
         }
         let unix = self.epoch_unix + self.secs(now);
@@ -803,7 +878,8 @@ impl Server {
             Ok(key) if existing.is_some() => {
                 // Valid credentials, but not the ones that own the
                 // allocation on this 5-tuple (RFC 8656 §6.2).
-                self.stats.auth_failure(AuthFailureReason::WrongCredentials);
+                let reason = AuthFailureReason::WrongCredentials;
+                self.auth_failed(reason, method, from, username, now);
                 let auth = Auth { key, sha256 };
                 let answer =
                     self.error(msg, ErrorCode::WRONG_CREDENTIALS, Some(&auth), out, |_| {
@@ -813,14 +889,61 @@ impl Server {
             }
             Ok(key) => Ok(Auth { key, sha256 }),
             Err(failure) => {
-                self.stats.auth_failure(match failure {
+                let reason = match failure {
                     AuthFailure::UnknownUser => AuthFailureReason::UnknownUser,
                     AuthFailure::Expired => AuthFailureReason::Expired,
                     AuthFailure::WrongRelay => AuthFailureReason::WrongRelay,
                     AuthFailure::BadIntegrity => AuthFailureReason::BadIntegrity,
-                });
+                };
+                self.auth_failed(reason, method, from, username, now);
                 Err(self.challenge(msg, ErrorCode::UNAUTHENTICATED, from, now, out))
             }
+        }
+    }
+
+    /// Counts a refused authentication, logs it (one structured line per
+    /// failure: the source, the reason and the username sent — what
+    /// fail2ban-style tooling reads) and strikes the source, which past the
+    /// policy's count is banned.
+    fn auth_failed(
+        &mut self,
+        reason: AuthFailureReason,
+        method: RequestMethod,
+        from: ClientSocket,
+        username: &str,
+        now: Instant,
+    ) {
+        self.stats.auth_failure(reason);
+        let strike = self.bans.strike(from.client.ip(), now);
+        // The username is the client's text: shortened, without control
+        // characters, so that it cannot forge log lines in any format.
+        let username: String = username
+            .chars()
+            .take(MAX_LOGGED_USERNAME)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        let failures = match strike {
+            Strike::Counted(n) => n,
+            Strike::Banned => self.config.bans.after,
+            Strike::Untracked => 0,
+        };
+        tracing::warn!(
+            source = %from.client.ip(),
+            port = from.client.port(),
+            transport = from.transport.label(),
+            method = method.label(),
+            reason = reason.label(),
+            username = %username,
+            failures,
+            "authentication refused"
+        );
+        if strike == Strike::Banned {
+            tracing::warn!(
+                source = %crate::bans::source_key(from.client.ip()),
+                failures,
+                ban_secs = self.config.bans.duration.as_secs(),
+                "source banned after repeated authentication failures"
+            );
         }
     }
 
@@ -1039,6 +1162,10 @@ impl Server {
             allowed_peers: super::auth::session_peers(req.username),
             ticket,
             adopted: false,
+            usage: Usage {
+                started_unix: self.epoch_unix + self.secs(now),
+                ..Usage::default()
+            },
         });
         self.allocation_by_client.insert(from, index);
         self.stats.allocations_created += 1;
@@ -1415,6 +1542,7 @@ impl Server {
         if !alloc.spend(data.len(), rate, now) {
             return self.dropped(DropReason::BandwidthExceeded);
         }
+        alloc.usage.add(Direction::ClientToPeer, data.len());
         // DATA's value is a sub-slice of `packet`.
         let start = data.as_ptr() as usize - packet.as_ptr() as usize;
         self.stats.forwarded(Direction::ClientToPeer, data.len());
@@ -1474,6 +1602,7 @@ impl Server {
         if !alloc.spend(len, rate, now) {
             return Err(DropReason::BandwidthExceeded);
         }
+        alloc.usage.add(Direction::PeerToClient, len);
         let client = alloc.client;
         let stream = client.transport.is_stream();
         let channel = alloc.channel_to(peer, now).map(|c| c.number);
@@ -1530,6 +1659,7 @@ impl Server {
 
     /// Expires allocations, permissions, channels and reservations.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         if now < self.next_sweep {
             return;
         }
@@ -1584,6 +1714,36 @@ impl Server {
         }
     }
 
+    /// The usage record of `alloc`, ending now for `end`.
+    fn usage_record(&self, alloc: &Allocation, end: &'static str) -> UsageRecord {
+        UsageRecord {
+            relayed: alloc.relayed,
+            client: alloc.client,
+            username: alloc.username.clone(),
+            usage: alloc.usage,
+            ended_unix: self.epoch_unix + self.secs(self.clock),
+            end,
+        }
+    }
+
+    /// Usage records (`end`: `shutdown`) of every allocation alive now, as
+    /// [`Command::Usage`]: the relay is stopping and they end with it.
+    pub fn record_live_usage(&mut self, now: Instant) {
+        if !self.config.usage {
+            return;
+        }
+        self.clock = self.clock.max(now);
+        let records: Vec<UsageRecord> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.allocation.as_ref())
+            .map(|a| self.usage_record(a, "shutdown"))
+            .collect();
+        for r in records {
+            self.commands.push_back(Command::Usage(Box::new(r)));
+        }
+    }
+
     /// Ends the allocation in slot `index`.
     fn free(&mut self, index: u32, end: End) {
         let slot = &mut self.slots[index as usize];
@@ -1607,6 +1767,10 @@ impl Server {
             allocation: id,
             relayed: alloc.relayed,
         });
+        if self.config.usage {
+            let record = self.usage_record(&alloc, end.label());
+            self.commands.push_back(Command::Usage(Box::new(record)));
+        }
         match end {
             End::Expired => self.stats.allocations_expired += 1,
             End::Deleted => self.stats.allocations_deleted += 1,
@@ -1646,6 +1810,8 @@ pub struct MovedAllocation {
     pub bandwidth_tokens: Option<f64>,
     /// Its mobility ticket's secret, when it has one.
     pub ticket: Option<[u8; SECRET_LEN]>,
+    /// What it relayed so far (its usage record goes on).
+    pub usage: Usage,
 }
 
 /// What a core hands to its successor: the seed (so the nonces it issued
@@ -1717,6 +1883,7 @@ impl Server {
                 .collect(),
             bandwidth_tokens: a.bandwidth.map(|b| b.tokens),
             ticket: a.ticket,
+            usage: a.usage,
         })
     }
 
@@ -1754,6 +1921,7 @@ impl Server {
             allowed_peers: super::auth::session_peers(&m.username),
             ticket: m.ticket,
             adopted: false,
+            usage: m.usage,
         }
     }
 

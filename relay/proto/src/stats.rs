@@ -54,11 +54,14 @@ pub enum DropReason {
     /// A Send indication to one of the relay's own addresses outside its
     /// relay ports (its listeners, its metrics).
     OwnAddress,
+    /// A request from a source banned for repeated authentication
+    /// failures.
+    Banned,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NotTurn,
         DropReason::Malformed,
         DropReason::BadFingerprint,
@@ -71,6 +74,7 @@ impl DropReason {
         DropReason::StaleAllocation,
         DropReason::TooLarge,
         DropReason::OwnAddress,
+        DropReason::Banned,
     ];
 
     /// Metric label value.
@@ -88,6 +92,7 @@ impl DropReason {
             DropReason::StaleAllocation => "stale_allocation",
             DropReason::TooLarge => "too_large",
             DropReason::OwnAddress => "own_address",
+            DropReason::Banned => "banned",
         }
     }
 }

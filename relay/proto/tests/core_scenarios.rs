@@ -1851,3 +1851,98 @@ fn forged_tickets_are_bounded_per_source_and_garbage_tickets_are_ignored() {
     };
     assert_eq!(natrix_relay_proto::Ticket::parse(&t.encode()), Some(t));
 }
+
+/// Drains the core's commands, keeping the usage records.
+fn usage_records(h: &mut Harness) -> Vec<natrix_relay_proto::UsageRecord> {
+    std::iter::from_fn(|| h.server.poll_command())
+        .filter_map(|c| match c {
+            Command::Usage(r) => Some(*r),
+            Command::CloseRelay { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_ending_allocation_reports_what_it_relayed_each_way() {
+    let mut h = Harness::new(ServerConfig {
+        usage: true,
+        ..config()
+    });
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let (id, nonce) = h.allocate_permitted(c, &alice, peer(9, 1));
+    for _ in 0..3 {
+        let send = send_indication(peer(9, 5000), b"hello");
+        assert!(matches!(
+            h.input(&send, c, h.at(1)),
+            ClientAction::ToPeer { .. }
+        ));
+    }
+    let (mut buf, range) = peer_buffer(b"a reply!");
+    assert!(
+        h.server
+            .handle_peer_input(id, peer(9, 5000), &mut buf, range, h.at(2))
+            .is_ok()
+    );
+    // Dropped packets (no permission) are not counted.
+    let send = send_indication(peer(8, 5000), b"nope");
+    assert!(matches!(h.input(&send, c, h.at(2)), ClientAction::Drop(_)));
+    assert!(usage_records(&mut h).is_empty(), "nothing ended yet");
+
+    let req = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    h.request(&req, c, h.at(30));
+    let records = usage_records(&mut h);
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r.end, "deleted");
+    assert_eq!(&*r.username, "alice");
+    assert_eq!((r.usage.packets, r.usage.bytes), ([3, 1], [15, 8]));
+    assert_eq!(r.usage.peers, 1);
+    assert_eq!(
+        (r.usage.started_unix, r.ended_unix),
+        (UNIX_T0, UNIX_T0 + 30)
+    );
+
+    // One that expires says so; one alive when the relay stops is
+    // recorded as `shutdown`, and stays.
+    h.allocate(client(2), &alice, h.at(40));
+    h.server.handle_timeout(h.at(641));
+    assert_eq!(usage_records(&mut h)[0].end, "expired");
+    h.allocate(client(3), &alice, h.at(700));
+    h.server.record_live_usage(h.at(710));
+    let live = usage_records(&mut h);
+    assert_eq!((live.len(), live[0].end), (1, "shutdown"));
+    assert_eq!(h.server.allocation_count(), 1);
+
+    // Without a sink, no records.
+    let mut quiet = Harness::new(config());
+    quiet.allocate(client(4), &alice, quiet.t0);
+    quiet.server.record_live_usage(quiet.t0);
+    assert!(usage_records(&mut quiet).is_empty());
+}
+
+#[test]
+fn usage_counters_move_with_an_allocation_to_a_successor() {
+    let mut h = Harness::new(ServerConfig {
+        usage: true,
+        ..config()
+    });
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let (_, _) = h.allocate_permitted(c, &alice, peer(9, 1));
+    let send = send_indication(peer(9, 5000), b"hello");
+    assert!(matches!(
+        h.input(&send, c, h.at(1)),
+        ClientAction::ToPeer { .. }
+    ));
+    let moved = h.server.export(h.at(2));
+    assert_eq!(moved.allocations[0].usage.bytes, [5, 0]);
+    let mut next = Harness::new(ServerConfig {
+        usage: true,
+        ..config()
+    });
+    assert_eq!(next.server.import(&moved, next.t0).len(), 1);
+    next.server.record_live_usage(next.t0);
+    let r = usage_records(&mut next);
+    assert_eq!((r[0].usage.packets, r[0].usage.peers), ([1, 0], 1));
+}

@@ -612,6 +612,7 @@ impl EventLoop {
                         trace!(%relayed, "closing relay socket");
                         self.relays.close(allocation);
                     }
+                    Command::Usage(record) => self.record_usage(*record),
                 }
             }
             if now >= self.next_idle_sweep {
@@ -631,7 +632,21 @@ impl EventLoop {
         if self.freeze.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
             return Some(self.frozen());
         }
+        // Stopping: the allocations still alive end with the relay.
+        self.core.record_live_usage(Instant::now());
+        while let Some(command) = self.core.poll_command() {
+            if let Command::Usage(record) = command {
+                self.record_usage(*record);
+            }
+        }
         None
+    }
+
+    /// Hands a usage record to the writer (counted when the queue is full).
+    fn record_usage(&mut self, record: crate::core::UsageRecord) {
+        if !self.control.record_usage(record) {
+            self.metrics.usage_dropped.inc();
+        }
     }
 
     /// Everything a successor needs from this loop: duplicates of its
@@ -906,6 +921,11 @@ impl EventLoop {
         }
         let stats = self.core.stats().clone();
         self.metrics.publish(&self.published, &stats);
+        if self.shard == 0 {
+            // The host's ban table, published once (every loop shares it).
+            let (banned, bans) = self.core.bans().tick(Instant::now());
+            self.metrics.publish_bans(banned, bans);
+        }
         self.published = stats;
         let errors = self.relays.send_errors + self.clients.send_errors;
         self.metrics

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::core::{ClientSocket, Moved, MovedAllocation, Transport};
+use crate::core::{ClientSocket, Moved, MovedAllocation, Transport, Usage};
 
 /// One loop, frozen between batches.
 #[derive(Debug)]
@@ -131,6 +131,7 @@ fn allocation_json(a: &MovedAllocation) -> Value {
             .collect::<Vec<_>>(),
         "bandwidth_tokens": a.bandwidth_tokens,
         "ticket": a.ticket.map(|t| hex(&t)),
+        "usage": [a.usage.packets, a.usage.bytes, a.usage.peers, a.usage.started_unix],
     })
 }
 
@@ -148,6 +149,20 @@ fn str_of<'a>(v: &'a Value, key: &str) -> anyhow::Result<&'a str> {
 
 fn u64_of(v: &Value, key: &str) -> anyhow::Result<u64> {
     v[key].as_u64().with_context(|| format!("`{key}` missing"))
+}
+
+/// The usage counters of a handed-over allocation (zero when absent).
+fn usage_from(v: &Value) -> Usage {
+    let pair = |i: usize| [v[i][0].as_u64().unwrap_or(0), v[i][1].as_u64().unwrap_or(0)];
+    Usage {
+        packets: pair(0),
+        bytes: pair(1),
+        peers: v[2]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0),
+        started_unix: v[3].as_u64().unwrap_or(0),
+    }
 }
 
 fn allocation_from(v: &Value) -> anyhow::Result<MovedAllocation> {
@@ -199,6 +214,8 @@ fn allocation_from(v: &Value) -> anyhow::Result<MovedAllocation> {
             Value::Null => None,
             _ => Some(hex_array(v, "ticket")?),
         },
+        // A predecessor without usage counters hands over none.
+        usage: usage_from(&v["usage"]),
     })
 }
 
@@ -429,6 +446,12 @@ mod tests {
             ],
             bandwidth_tokens: Some(1234.5),
             ticket: Some([7; 14]),
+            usage: Usage {
+                packets: [10, 12],
+                bytes: [1600, 1920],
+                peers: 2,
+                started_unix: 1_800_000_000,
+            },
         };
         let back = allocation_from(&allocation_json(&a));
         assert_eq!(back.ok(), Some(a));

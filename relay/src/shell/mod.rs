@@ -96,6 +96,8 @@ pub struct RelayHost {
     udp_clones: Vec<std::net::UdpSocket>,
     /// Credentials from the command line, rebuilt around rotated secrets.
     base_credentials: crate::core::Credentials,
+    /// The receiving end of the usage records, until the writer takes it.
+    usage_records: std::sync::Mutex<Option<std::sync::mpsc::Receiver<crate::core::UsageRecord>>>,
 }
 
 /// Binds a TCP listener that several loops share (SO_REUSEPORT).
@@ -206,10 +208,21 @@ impl BoundHost {
         let parts = TurnParts::new(turn, telemetry)?;
         let loops = self.shards.len();
         let ports = SharedPorts::new(parts.ports);
+        // One ban table for the host: a source's retries reach any loop.
+        let bans = crate::core::SharedBans::new(parts.server_config.bans.clone());
+        // Usage records: a queue from the loops to the writer.
+        let (usage, usage_records) = match turn.map(|c| c.usage_sinks().any()) {
+            Some(true) => {
+                let (q, rx) = crate::usage::queue();
+                (Some(q), Some(rx))
+            }
+            _ => (None, None),
+        };
         let control = Arc::new(Control::new(
             parts.credentials.clone(),
             loops,
             ports.clone(),
+            usage,
         ));
         let secrets = turn
             .and_then(|c| c.auth_secret_file.as_ref())
@@ -229,7 +242,7 @@ impl BoundHost {
             let handed = moved.next();
             let seed = handed.as_ref().map_or_else(rand::random, |h| h.moved.seed);
             let (mut event_loop, waker) = event_loop::EventLoop::new(
-                parts.core(&ports, unix_now, seed),
+                parts.core(&ports, &bans, unix_now, seed),
                 event_loop::Listeners {
                     udp,
                     turn_udp,
@@ -311,6 +324,7 @@ impl BoundHost {
             secrets,
             udp_clones: self.udp_clones,
             base_credentials: parts.base_credentials,
+            usage_records: std::sync::Mutex::new(usage_records),
         })
     }
 }
@@ -328,8 +342,14 @@ struct TurnParts {
 
 impl TurnParts {
     /// A loop's TURN core with `seed` (random, or a predecessor's).
-    fn core(&self, ports: &SharedPorts, unix_now: u64, seed: [u8; 32]) -> Server {
-        Server::new(
+    fn core(
+        &self,
+        ports: &SharedPorts,
+        bans: &crate::core::SharedBans,
+        unix_now: u64,
+        seed: [u8; 32],
+    ) -> Server {
+        let mut core = Server::new(
             self.server_config.clone(),
             self.credentials.clone(),
             self.policy.clone(),
@@ -337,7 +357,9 @@ impl TurnParts {
             Instant::now(),
             unix_now,
             seed,
-        )
+        );
+        core.set_bans(bans.clone());
+        core
     }
 
     fn new(turn: Option<&RelayConfig>, telemetry: &Telemetry) -> anyhow::Result<TurnParts> {
@@ -519,6 +541,15 @@ impl RelayHost {
     /// The bound TLS listener addresses.
     pub fn tls_addrs(&self) -> &[SocketAddr] {
         &self.tls
+    }
+
+    /// The usage records the loops produce (once: the writer owns them),
+    /// when the relay keeps them (`--usage-file`, `--usage-stream`).
+    pub fn usage_records(&self) -> Option<std::sync::mpsc::Receiver<crate::core::UsageRecord>> {
+        self.usage_records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The control-plane handle: drain, credentials, live allocations.

@@ -456,6 +456,36 @@ pub fn uclient(args: &[&str]) -> UclientReport {
         .args(args)
         .output()
         .expect("running turnutils_uclient");
+    uclient_report(&out)
+}
+
+/// Runs `turnutils_uclient` with `args` for at most `limit` (a client that
+/// gets no answers retries for a minute): killed then, its totals so far.
+#[allow(dead_code)]
+pub fn uclient_within(args: &[&str], limit: Duration) -> UclientReport {
+    let mut child = Command::new(tool("turnutils_uclient"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running turnutils_uclient");
+    let deadline = Instant::now() + limit;
+    while child
+        .try_wait()
+        .expect("waiting for turnutils_uclient")
+        .is_none()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child
+        .wait_with_output()
+        .expect("collecting turnutils_uclient's output");
+    uclient_report(&out)
+}
+
+fn uclient_report(out: &std::process::Output) -> UclientReport {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
