@@ -32,6 +32,9 @@ pub struct HostConfig {
     pub max_connections_per_ip: usize,
     /// Idle limit for connections without an allocation.
     pub idle_timeout: Duration,
+    /// Sources (L4 load balancers) whose TCP and TLS connections start
+    /// with a PROXY protocol v2 header naming the real client.
+    pub proxy_from: Vec<IpNet>,
 }
 
 /// TURN relay settings.
@@ -93,6 +96,21 @@ pub struct RelayConfig {
     /// this long is closed (slow or idle clients cannot hold connections).
     #[arg(long = "turn-idle-timeout", env = "NATRIX_TURN_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+
+    /// L4 load balancers in front of the TCP and TLS listeners (comma
+    /// separated networks): a connection from one of them must start with
+    /// a PROXY protocol v2 header, and the client it names is the
+    /// connection's client for nonces, quotas, bans, usage records and logs
+    /// (a LOCAL header, the balancer's health check, keeps the balancer's
+    /// address). Connections from anywhere else are served as they are; a
+    /// header from them is garbage. The per-IP connection cap counts the
+    /// named clients, not the balancer.
+    #[arg(
+        long = "proxy-protocol-from",
+        env = "NATRIX_PROXY_PROTOCOL_FROM",
+        value_delimiter = ','
+    )]
+    pub proxy_protocol_from: Vec<IpNet>,
 
     /// TURN mobility (RFC 8016): a client that asks gets a MOBILITY-TICKET,
     /// and when its address changes (Wi-Fi to cellular, a NAT re-mapping)
@@ -330,6 +348,7 @@ impl RelayConfig {
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             idle_timeout: self.idle_timeout,
+            proxy_from: self.proxy_protocol_from.clone(),
         }
     }
 

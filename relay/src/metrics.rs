@@ -39,6 +39,8 @@ pub struct RelayMetrics {
     bans: IntCounter,
     /// Usage records dropped at a full queue.
     pub usage_dropped: IntCounter,
+    /// PROXY headers: proxied, local, malformed.
+    pub proxy_headers: [IntCounter; 3],
 }
 
 impl RelayMetrics {
@@ -79,6 +81,10 @@ impl RelayMetrics {
             banned_sources: t.gauge(&cat::RELAY_AUTH_BANNED_SOURCES),
             bans: t.counter(&cat::RELAY_AUTH_BANS_TOTAL),
             usage_dropped: t.counter(&cat::RELAY_USAGE_RECORDS_DROPPED_TOTAL),
+            proxy_headers: ["proxied", "local", "malformed"].map(|r| {
+                t.counter_family(&cat::RELAY_PROXY_HEADERS_TOTAL)
+                    .with_label_values(&[r])
+            }),
         }
     }
 

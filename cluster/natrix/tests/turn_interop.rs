@@ -422,6 +422,138 @@ fn usage_records_reach_a_file_and_a_redis_stream_and_natrix_usage_sums_them() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Behind an L4 load balancer the relay takes the client's address from
+/// the PROXY protocol v2 header: coturn's client relays over TCP through
+/// HAProxy (`send-proxy-v2`) without loss, and its usage records and a
+/// refused login's log line name the client's own address (127.0.0.9,
+/// 127.0.0.10), not the balancer's. From a source not listed in
+/// --proxy-protocol-from, a PROXY header is garbage: the connection is
+/// closed unanswered.
+#[test]
+fn behind_haproxy_the_proxy_header_names_the_client() {
+    let dir = std::env::temp_dir().join(format!("natrix-proxied-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let usage = dir.join("usage.jsonl");
+    let usage_path = usage.display().to_string();
+    let mut natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--proxy-protocol-from",
+        "127.0.0.1/32",
+        "--usage-file",
+        &usage_path,
+        "--drain-timeout",
+        "1s",
+    ]);
+    let (_peer, peer_port) = udp_echo_peer();
+    let pp = peer_port.to_string();
+    let (_lb, lb, lb_dir) = common::haproxy(natrix.stun.port());
+    let lb = lb.to_string();
+    let report = uclient(&[
+        "-t",
+        "-p",
+        &lb,
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-L",
+        "127.0.0.9",
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        "50",
+        "-m",
+        "2",
+        "-l",
+        "200",
+        "127.0.0.1",
+    ]);
+    assert_clean(&report, 100);
+    let refused = common::uclient_within(
+        &[
+            "-t",
+            "-p",
+            &lb,
+            "-u",
+            USER,
+            "-w",
+            "wrong",
+            "-L",
+            "127.0.0.10",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "5",
+            "127.0.0.1",
+        ],
+        Duration::from_secs(3),
+    );
+    assert_eq!(refused.received, 0, "{}", refused.output);
+    let log = natrix.log();
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "authentication refused")
+        .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    assert_eq!(line["source"], "127.0.0.10", "{line}");
+    assert_eq!(line["transport"], "tcp", "{line}");
+    assert!(natrix.metric("relay_proxy_headers_total{result=\"proxied\"}") >= 3.0);
+    assert_eq!(
+        natrix.metric("relay_proxy_headers_total{result=\"malformed\"}"),
+        0.0
+    );
+
+    // Straight to natrix from 127.0.0.11 (not a balancer): a PROXY header
+    // claiming 198.51.100.1 is garbage, answered by a close.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 11], 0)).into())
+        .unwrap();
+    socket.connect(&natrix.stun.into()).unwrap();
+    let mut direct: std::net::TcpStream = socket.into();
+    let forged = natrix_wire::proxy::encode("198.51.100.1:4000".parse().unwrap(), natrix.stun);
+    use std::io::{Read, Write};
+    direct.write_all(&forged).unwrap();
+    direct
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(direct.read(&mut buf), Ok(0) | Err(_)),
+        "a forged header was not refused"
+    );
+
+    assert!(
+        natrix
+            .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
+            .success()
+    );
+    let text = std::fs::read_to_string(&usage).unwrap();
+    let clients: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["client"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(!clients.is_empty(), "{text}");
+    for c in &clients {
+        assert!(
+            c.starts_with("127.0.0.9:"),
+            "the record names the balancer: {text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&lb_dir);
+}
+
 #[test]
 fn loopback_peers_are_refused_by_default() {
     let natrix = Natrix::relay(&[]);

@@ -458,3 +458,90 @@ fn slow_reader_burst() {
         "the connection and its allocation are still there"
     );
 }
+
+/// TURN over TLS behind HAProxy (TCP mode, `send-proxy-v2`): the PROXY
+/// header comes before the TLS handshake; coturn's client relays over TLS
+/// from 127.0.0.12 without loss, and the relay's usage record names that
+/// address, not the balancer's.
+#[test]
+fn turn_over_tls_behind_haproxy_takes_the_client_from_the_proxy_header() {
+    let dir = std::env::temp_dir().join(format!("natrix-tls-proxied-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    write_cert(&dir, "natrix-behind-haproxy");
+    let tls_port = free_port();
+    let tls_listen = format!("127.0.0.1:{tls_port}");
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
+    let usage = dir.join("usage.jsonl");
+    let usage_path = usage.display().to_string();
+    let mut natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--tls-listen",
+        &tls_listen,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--proxy-protocol-from",
+        "127.0.0.1/32",
+        "--usage-file",
+        &usage_path,
+        "--drain-timeout",
+        "1s",
+    ]);
+    let (_peer, peer_port) = udp_echo_peer();
+    let pp = peer_port.to_string();
+    let (_lb, lb, lb_dir) = common::haproxy(tls_port);
+    let lb = lb.to_string();
+    let report = uclient(&[
+        "-t",
+        "-S",
+        "-p",
+        &lb,
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-L",
+        "127.0.0.12",
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        "40",
+        "-m",
+        "1",
+        "-l",
+        "300",
+        "127.0.0.1",
+    ]);
+    // Two allocations (RTP and its RTCP companion), 40 messages each.
+    assert_eq!(
+        (report.sent, report.received, report.lost),
+        (80, 80, 0),
+        "{}",
+        report.output
+    );
+    assert!(
+        natrix
+            .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
+            .success()
+    );
+    let text = std::fs::read_to_string(&usage).expect("usage records");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!records.is_empty(), "{text}");
+    for r in &records {
+        assert_eq!(r["transport"], "tls", "{r}");
+        assert!(
+            r["client"].as_str().unwrap().starts_with("127.0.0.12:"),
+            "{text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&lb_dir);
+}

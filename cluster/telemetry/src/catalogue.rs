@@ -371,6 +371,17 @@ pub const RELAY_AUTH_FAILURES_TOTAL: MetricDef = metric(
     &[RELAY_AUTH_FAILURE_REASON],
 );
 
+/// PROXY protocol v2 headers read from load balancers.
+pub const RELAY_PROXY_HEADERS_TOTAL: MetricDef = metric(
+    "relay_proxy_headers_total",
+    "PROXY protocol v2 headers on connections from --proxy-protocol-from sources: naming a client (proxied), the balancer's own (local), or not a valid header (malformed: the connection was closed).",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["proxied", "local", "malformed"],
+    }],
+);
+
 /// Usage records written to each sink.
 pub const RELAY_USAGE_RECORDS_TOTAL: MetricDef = metric(
     "relay_usage_records_total",
@@ -970,6 +981,7 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_AUTH_FAILURES_TOTAL,
     &RELAY_AUTH_BANS_TOTAL,
     &RELAY_USAGE_RECORDS_TOTAL,
+    &RELAY_PROXY_HEADERS_TOTAL,
     &RELAY_USAGE_RECORDS_DROPPED_TOTAL,
     &RELAY_AUTH_BANNED_SOURCES,
     &RELAY_REQUESTS_REFUSED_TOTAL,

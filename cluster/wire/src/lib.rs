@@ -43,6 +43,7 @@ mod integrity;
 mod message;
 mod types;
 
+pub mod proxy;
 pub mod samples;
 
 pub use attribute::{

@@ -395,6 +395,8 @@ pub(super) struct LoopSettings {
     pub(super) max_streams_per_ip: usize,
     /// Idle limit for connections without an allocation.
     pub(super) idle_timeout: Duration,
+    /// Load balancers whose connections start with a PROXY v2 header.
+    pub(super) proxy_from: Vec<crate::core::IpNet>,
     /// This loop's ends of the host's mobility channels.
     pub(super) mobility: Mobility,
 }
@@ -430,6 +432,7 @@ pub(super) struct EventLoop {
     max_streams: usize,
     max_streams_per_ip: usize,
     idle_timeout: Duration,
+    proxy_from: Vec<crate::core::IpNet>,
     live_streams: usize,
     next_idle_sweep: Instant,
     /// Time spent on TLS handshake steps this turn.
@@ -457,6 +460,7 @@ impl EventLoop {
             max_streams,
             max_streams_per_ip,
             idle_timeout,
+            proxy_from,
             mobility,
         } = settings;
         let Listeners {
@@ -551,6 +555,7 @@ impl EventLoop {
                 max_streams,
                 max_streams_per_ip,
                 idle_timeout,
+                proxy_from,
                 live_streams: 0,
                 next_idle_sweep: Instant::now() + Duration::from_secs(1),
                 handshakes: Duration::ZERO,
@@ -761,6 +766,7 @@ impl EventLoop {
             self.clients.stream_by_client.insert(stream.client, j);
             self.clients.stream_by_conn.insert(stream.conn, j);
             *self.clients.per_ip.entry(m.client.client.ip()).or_insert(0) += 1;
+            stream.counted_ip = Some(m.client.client.ip());
             self.clients.streams[j] = Some(stream);
             self.live_streams += 1;
             self.first_turn.push(Token(STREAM_BASE + j));
@@ -1096,8 +1102,13 @@ impl EventLoop {
                     return;
                 }
             };
+            // A balancer's connections count against the clients its
+            // PROXY headers name, once they arrive.
+            let proxied = self.proxy_from.iter().any(|n| n.contains(client.ip()));
             let per_ip = self.clients.per_ip.get(&client.ip()).copied().unwrap_or(0);
-            if self.live_streams >= self.max_streams || per_ip >= self.max_streams_per_ip {
+            if self.live_streams >= self.max_streams
+                || (!proxied && per_ip >= self.max_streams_per_ip)
+            {
                 // At the limit: close at once (the client tries its next
                 // ICE server) rather than hold a descriptor.
                 self.metrics.connections_rejected.inc();
@@ -1141,6 +1152,12 @@ impl EventLoop {
             } else {
                 self.metrics.tcp_connections.inc();
             }
+            if proxied {
+                stream.expect_proxy_header();
+            } else {
+                *self.clients.per_ip.entry(client.ip()).or_insert(0) += 1;
+                stream.counted_ip = Some(client.ip());
+            }
             // A TLS client speaks first; nothing to flush yet.
             want_write(&self.registry, &mut stream, j);
             if let Some(s) = self.service.as_mut() {
@@ -1148,7 +1165,6 @@ impl EventLoop {
             }
             self.clients.stream_by_client.insert(stream.client, j);
             self.clients.stream_by_conn.insert(stream.conn, j);
-            *self.clients.per_ip.entry(client.ip()).or_insert(0) += 1;
             self.clients.streams[j] = Some(stream);
             self.live_streams += 1;
         }
@@ -1220,6 +1236,29 @@ impl EventLoop {
         if let Some(started) = handshaking {
             self.handshakes += started.elapsed();
         }
+        // A PROXY header named the client: the maps follow, and the client
+        // counts against the per-IP cap from now.
+        let awaited = stream.awaits_proxy_header();
+        if let Some(old) = stream.readdressed.take() {
+            self.metrics.proxy_headers[0].inc();
+            self.clients.stream_by_client.remove(&old);
+            self.clients.stream_by_client.insert(stream.client, j);
+            let ip = stream.client.client.ip();
+            let n = self.clients.per_ip.get(&ip).copied().unwrap_or(0);
+            if n >= self.max_streams_per_ip {
+                self.metrics.connections_rejected.inc();
+                self.close_stream(j, stream);
+                return true;
+            }
+            *self.clients.per_ip.entry(ip).or_insert(0) += 1;
+            stream.counted_ip = Some(ip);
+        } else if stream.counted_ip.is_none() && !awaited {
+            // A LOCAL header: the balancer's own address counts.
+            self.metrics.proxy_headers[1].inc();
+            let ip = stream.client.client.ip();
+            *self.clients.per_ip.entry(ip).or_insert(0) += 1;
+            stream.counted_ip = Some(ip);
+        }
         // An Allocate in this read makes the client trusted for what the
         // loop queues to it next (peer data) without waiting for its next
         // read.
@@ -1227,6 +1266,9 @@ impl EventLoop {
         match outcome {
             ReadOutcome::Close => self.close_stream(j, stream),
             ReadOutcome::Garbage(reason) => {
+                if awaited {
+                    self.metrics.proxy_headers[2].inc();
+                }
                 self.core.record_drop(reason);
                 if let Some(s) = self.service.as_mut().filter(|_| !self.turn) {
                     s.event(HostEvent::StreamGarbage);
@@ -1266,8 +1308,9 @@ impl EventLoop {
         let _ = self.registry.deregister(&mut stream.socket);
         self.clients.stream_by_client.remove(&stream.client);
         self.clients.stream_by_conn.remove(&stream.conn);
-        let ip = stream.client.client.ip();
-        if let Some(n) = self.clients.per_ip.get_mut(&ip) {
+        if let Some(ip) = stream.counted_ip
+            && let Some(n) = self.clients.per_ip.get_mut(&ip)
+        {
             *n -= 1;
             if *n == 0 {
                 self.clients.per_ip.remove(&ip);

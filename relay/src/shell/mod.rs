@@ -261,6 +261,7 @@ impl BoundHost {
                     max_streams: self.config.max_connections.div_ceil(loops).max(1),
                     max_streams_per_ip: self.config.max_connections_per_ip.div_ceil(loops).max(1),
                     idle_timeout: self.config.idle_timeout,
+                    proxy_from: self.config.proxy_from.clone(),
                     mobility,
                 },
             )

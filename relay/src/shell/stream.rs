@@ -58,6 +58,14 @@ pub(super) struct Stream {
     pub(super) last_active: std::time::Instant,
     /// The client holds an allocation: larger frames, buffers and queues.
     pub(super) trusted: bool,
+    /// From a load balancer: the PROXY v2 header read so far, until it is
+    /// complete.
+    proxy: Option<Vec<u8>>,
+    /// The header named another client: the connection's address before
+    /// (for the loop to re-key its maps).
+    pub(super) readdressed: Option<ClientSocket>,
+    /// The IP this connection counts against in the per-IP cap.
+    pub(super) counted_ip: Option<std::net::IpAddr>,
 }
 
 /// What reading produced.
@@ -106,7 +114,73 @@ impl Stream {
             conn: natrix_net::ConnId::next(),
             last_active: std::time::Instant::now(),
             trusted: false,
+            proxy: None,
+            readdressed: None,
+            counted_ip: None,
         })
+    }
+
+    /// True until the PROXY header of a balancer's connection is complete.
+    pub(super) fn awaits_proxy_header(&self) -> bool {
+        self.proxy.is_some()
+    }
+
+    /// The connection comes from a load balancer: its first bytes are a
+    /// PROXY protocol v2 header.
+    pub(super) fn expect_proxy_header(&mut self) {
+        self.proxy = Some(Vec::new());
+    }
+
+    /// [`Stream::fill`] until the PROXY header is complete: reads it, takes
+    /// the client it names, and passes what followed it on to the stream
+    /// (or to TLS).
+    fn fill_proxy(&mut self) -> Result<bool, ReadOutcome> {
+        use natrix_wire::proxy::{MAX_HEADER, ProxyHeader, parse};
+        let Some(head) = self.proxy.as_mut() else {
+            return Ok(false);
+        };
+        let mut chunk = [0u8; 512];
+        let room = (MAX_HEADER + chunk.len())
+            .saturating_sub(head.len())
+            .min(chunk.len());
+        match self.socket.read(&mut chunk[..room]) {
+            Ok(0) => return Err(ReadOutcome::Close),
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(_) => return Err(ReadOutcome::Close),
+        }
+        let (header, used) = match parse(head) {
+            Ok(Some(done)) => done,
+            Ok(None) => return Ok(true),
+            Err(_) => return Err(ReadOutcome::Garbage(DropReason::Malformed)),
+        };
+        let rest = head.split_off(used);
+        self.proxy = None;
+        if let ProxyHeader::Proxied { source, .. } = header {
+            self.readdressed = Some(self.client);
+            self.client.client = SocketAddr::new(source.ip().to_canonical(), source.port());
+        }
+        match self.tls.as_mut() {
+            None => {
+                // At most 512 bytes: within a fresh read buffer.
+                let end = (self.filled + rest.len()).min(self.read.len());
+                let n = end - self.filled;
+                self.read[self.filled..end].copy_from_slice(&rest[..n]);
+                self.filled = end;
+            }
+            Some(tls) if !rest.is_empty() => {
+                if tls.read_tls(&mut &rest[..]).is_err() || tls.process_new_packets().is_err() {
+                    let _ = tls.write_tls(&mut self.socket);
+                    return Err(ReadOutcome::Garbage(DropReason::Malformed));
+                }
+                if tls.wants_write() {
+                    let _ = self.flush();
+                }
+            }
+            Some(_) => {}
+        }
+        Ok(true)
     }
 
     /// What a successor needs of a connection: the plaintext read but not
@@ -212,6 +286,9 @@ impl Stream {
             conn: natrix_net::ConnId::next(),
             last_active: std::time::Instant::now(),
             trusted: true,
+            proxy: None,
+            readdressed: None,
+            counted_ip: None,
         })
     }
 
@@ -242,6 +319,9 @@ impl Stream {
             }
             let grown = (self.read.len() * 2).max(INITIAL_READ).min(cap);
             self.read.resize(grown, 0);
+        }
+        if self.proxy.is_some() {
+            return self.fill_proxy();
         }
         if self.sealed.is_some() {
             return self.fill_sealed();

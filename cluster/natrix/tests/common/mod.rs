@@ -623,3 +623,38 @@ pub fn stdout_report(out: &std::process::Output, what: &str) -> serde_json::Valu
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{what} printed no JSON report: {e}"))
 }
+
+/// HAProxy in front of a natrix TCP or TLS listener on `backend` (TCP
+/// mode, `send-proxy-v2`): it, its port, and its configuration directory.
+#[allow(dead_code)]
+pub fn haproxy(backend: u16) -> (Spawned, u16, std::path::PathBuf) {
+    let lb = free_port();
+    let dir = std::env::temp_dir().join(format!("natrix-haproxy-{}-{lb}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for haproxy");
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend turn\n  bind 127.0.0.1:{lb}\n  default_backend natrix\nbackend natrix\n  server n1 127.0.0.1:{backend} send-proxy-v2\n"
+        ),
+    )
+    .expect("writing haproxy's configuration");
+    let child = std::process::Command::new(tool("haproxy"))
+        .arg("-f")
+        .arg(&cfg)
+        .arg("-db")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting haproxy");
+    let spawned = Spawned(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", lb)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "haproxy never listened on {lb}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (spawned, lb, dir)
+}
