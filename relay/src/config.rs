@@ -162,9 +162,24 @@ pub struct RelayConfig {
     pub relay_ip: IpAddr,
 
     /// IPv4 address advertised as the relayed address; default: the
-    /// listener's address if specific, else this host's primary address.
+    /// listener's address if specific, else this host's primary address —
+    /// unless that is a private one (RFC 1918, 100.64.0.0/10): a relay
+    /// behind 1:1 NAT (a cloud VM) then learns its public address from the
+    /// CDX nodes (`--stun-server`, and those in the registry with
+    /// --redis-url), and refuses to start when none answers. Give the
+    /// private address here to relay for a private network.
     #[arg(long = "external-ip", env = "NATRIX_EXTERNAL_IP")]
     pub external_ip: Option<IpAddr>,
+
+    /// STUN servers (CDX nodes) that tell a relay on a private address its
+    /// public one (comma separated HOST:PORT; the registry's CDX nodes
+    /// are asked too).
+    #[arg(
+        long = "stun-server",
+        env = "NATRIX_STUN_SERVER",
+        value_delimiter = ','
+    )]
+    pub stun_servers: Vec<SocketAddr>,
 
     /// IPv6 address relay sockets bind; IPv6 relaying is off without it.
     #[arg(long = "relay-ipv6", env = "NATRIX_RELAY_IPV6")]
@@ -423,6 +438,13 @@ impl RelayConfig {
         }
     }
 
+    /// True when the advertised IPv4 address would be a private one that
+    /// clients on the internet cannot reach (no --external-ip given): the
+    /// relay must learn its public address first.
+    pub fn needs_public_address(&self) -> bool {
+        self.external_ip.is_none() && is_private(self.external_v4())
+    }
+
     /// The advertised IPv4 address.
     pub fn external_v4(&self) -> IpAddr {
         if let Some(ip) = self.external_ip {
@@ -496,6 +518,18 @@ impl RelayConfig {
             },
             usage: self.usage_sinks().any(),
         }
+    }
+}
+
+/// RFC 1918 and shared (carrier-grade NAT) IPv4 space: an address behind
+/// a NAT.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_private() || (o[0] == 100 && (o[1] & 0xC0) == 64)
+        }
+        IpAddr::V6(_) => false,
     }
 }
 

@@ -285,6 +285,16 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478)));
         relay.relay_id = Some(generated_id("relay", listen));
     }
+    // A relay on a private address (a cloud VM behind 1:1 NAT) learns its
+    // public one before it advertises anything.
+    if plan.cdx.is_none()
+        && let Some(relay) = &mut plan.relay
+        && relay.needs_public_address()
+    {
+        let ip = public_address(global, relay)?;
+        info!(%ip, private = %relay.external_v4(), "public address learnt from the CDX nodes");
+        relay.external_ip = Some(ip);
+    }
     info!(
         version = env!("CARGO_PKG_VERSION"),
         workers,
@@ -333,6 +343,67 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
     }
     info!(signal, "stopped");
     Ok(())
+}
+
+/// The public IPv4 address of a relay whose own is private: what the CDX
+/// nodes (`--stun-server`, and the registry's with --redis-url) see as the
+/// source of a Binding sent from the relay's address; the most common
+/// answer. An error — the relay must not advertise an address nobody can
+/// reach — when no node is known or none answers.
+fn public_address(global: &Global, relay: &RelayConfig) -> anyhow::Result<std::net::IpAddr> {
+    let private = relay.external_v4();
+    let mut servers = relay.stun_servers.clone();
+    if let Some(url) = &global.redis_url {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime")?;
+        let records = runtime.block_on(async {
+            let store = connect_store(url).await?;
+            natrix_registry::read_records(&store, natrix_registry::Role::Cdx)
+                .await
+                .context("reading the CDX nodes from the registry")
+        })?;
+        let now = natrix_registry::unix_ms();
+        for (_, r) in records.into_iter().filter(|(_, r)| r.alive(now)) {
+            servers.extend(r.udp.into_iter().filter(SocketAddr::is_ipv4));
+        }
+    }
+    servers.dedup();
+    servers.truncate(8);
+    if servers.is_empty() {
+        anyhow::bail!(
+            "this relay's address {private} is private and no CDX node is known to learn its public one from: give --external-ip (the address clients reach; the private one to relay for a private network), --stun-server HOST:PORT (a CDX node), or --redis-url of a cluster with CDX nodes"
+        );
+    }
+    let socket = std::net::UdpSocket::bind((relay.relay_bind_v4(), 0)).with_context(|| {
+        format!(
+            "binding a socket on {} to ask the CDX nodes",
+            relay.relay_bind_v4()
+        )
+    })?;
+    let mut seen: Vec<(std::net::IpAddr, usize)> = Vec::new();
+    for server in &servers {
+        match natrix_cdx::exchange::client::mapped_address(&socket, *server, Duration::from_secs(2))
+        {
+            Ok(Some(mapped)) => match seen.iter_mut().find(|(ip, _)| *ip == mapped.ip()) {
+                Some((_, n)) => *n += 1,
+                None => seen.push((mapped.ip(), 1)),
+            },
+            Ok(None) => warn!(%server, "a CDX node did not answer the public-address Binding"),
+            Err(e) => warn!(%server, error = %e, "asking a CDX node for the public address failed"),
+        }
+    }
+    if seen.len() > 1 {
+        warn!(answers = ?seen, "the CDX nodes disagree on this relay's public address: taking the most common");
+    }
+    seen.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    seen.first().map(|(ip, _)| *ip).with_context(|| {
+        format!(
+            "this relay's address {private} is private and no CDX node answered ({}): give --external-ip, or CDX nodes this host can reach",
+            servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 /// What serves packets: one host (TURN, CDX, or both on one listener),

@@ -1,0 +1,248 @@
+//! A relay behind 1:1 NAT (a cloud VM: a private address, a public one
+//! the provider's NAT maps to it) learns its public address from a CDX node
+//! and advertises that — in network namespaces with a real nftables NAT:
+//!
+//! ```text
+//!   pa-pub  (the internet: CDX 203.0.113.10, an echo peer 203.0.113.20,
+//!            the client)      198.51.100.1/30
+//!     │
+//!   pa-nat  (1:1 NAT: 198.51.100.77 ⇄ 10.77.0.2)
+//!     │
+//!   pa-vm   (the relay on 10.77.0.2)
+//! ```
+//!
+//! Needs root, iproute2 and nftables (the NAT lab's requirements).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{PASSWORD, USER, tool};
+
+const NAMESPACES: [&str; 3] = ["pa-pub", "pa-nat", "pa-vm"];
+
+/// Runs a shell script, failing the test when it fails.
+fn sh(script: &str) {
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .output()
+        .expect("running sh");
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The namespaces, removed when dropped.
+struct Lab;
+
+impl Lab {
+    fn up() -> Lab {
+        Lab::down();
+        sh(r#"
+ip netns add pa-pub; ip netns add pa-nat; ip netns add pa-vm
+for n in pa-pub pa-nat pa-vm; do ip -n $n link set lo up; done
+ip link add pa-wan netns pa-nat type veth peer name pa-up netns pa-pub
+ip link add pa-lan netns pa-nat type veth peer name pa-eth netns pa-vm
+ip -n pa-pub addr add 198.51.100.1/30 dev pa-up; ip -n pa-pub link set pa-up up
+for a in 203.0.113.10 203.0.113.20; do ip -n pa-pub addr add $a/32 dev lo; done
+ip -n pa-pub route add 198.51.100.77/32 via 198.51.100.2
+ip -n pa-nat addr add 198.51.100.2/30 dev pa-wan; ip -n pa-nat link set pa-wan up
+ip -n pa-nat addr add 10.77.0.1/24 dev pa-lan; ip -n pa-nat link set pa-lan up
+ip -n pa-nat route add default via 198.51.100.1
+ip netns exec pa-nat sysctl -qw net.ipv4.ip_forward=1
+ip -n pa-vm addr add 10.77.0.2/24 dev pa-eth; ip -n pa-vm link set pa-eth up
+ip -n pa-vm route add default via 10.77.0.1
+ip netns exec pa-nat nft -f - <<'NFT'
+table ip pa_nat {
+  chain pre { type nat hook prerouting priority -100; ip daddr 198.51.100.77 dnat to 10.77.0.2; }
+  chain post { type nat hook postrouting priority 100; ip saddr 10.77.0.2 oifname "pa-wan" snat to 198.51.100.77; }
+}
+NFT
+"#);
+        Lab
+    }
+
+    fn down() {
+        for ns in NAMESPACES {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        Lab::down();
+    }
+}
+
+/// A process in namespace `ns`, killed when dropped; its stderr in a file.
+struct InNs {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl InNs {
+    fn spawn(ns: &str, program: &str, args: &[&str]) -> InNs {
+        let log = std::env::temp_dir().join(format!(
+            "natrix-pa-{}-{ns}-{}.log",
+            std::process::id(),
+            args.first().unwrap_or(&"")
+        ));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        InNs { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `text` (true) or the process exits
+    /// (false); panics after 20 s.
+    fn wait_for(&mut self, text: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.log().contains(text) {
+                return true;
+            }
+            if self.child.try_wait().unwrap().is_some() {
+                return self.log().contains(text);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither {text:?} nor an exit within 20 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for InNs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn relay(extra: &[&str]) -> InNs {
+    let user = format!("{USER}:{PASSWORD}");
+    let mut args = vec![
+        "relay",
+        "--turn-listen",
+        "10.77.0.2:3478",
+        "--user",
+        &user,
+        "--realm",
+        "natrix.test",
+        "--peer-allow",
+        "203.0.113.0/24",
+        "--metrics-listen",
+        "10.77.0.2:9090",
+        "--log-format",
+        "json",
+        "--workers",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    InNs::spawn("pa-vm", env!("CARGO_BIN_EXE_natrix"), &args)
+}
+
+#[test]
+fn a_relay_behind_one_to_one_nat_learns_and_advertises_its_public_address() {
+    let _lab = Lab::up();
+    let mut cdx = InNs::spawn(
+        "pa-pub",
+        env!("CARGO_BIN_EXE_natrix"),
+        &[
+            "cdx",
+            "--stun-listen",
+            "203.0.113.10:3478",
+            "--metrics-listen",
+            "203.0.113.10:9090",
+            "--log-format",
+            "json",
+        ],
+    );
+    assert!(cdx.wait_for("CDX serving STUN"), "{}", cdx.log());
+    let _peer = InNs::spawn(
+        "pa-pub",
+        &tool("turnutils_peer"),
+        &["-p", "3480", "-L", "203.0.113.20"],
+    );
+
+    // Its own address is private: it asks the CDX node and advertises
+    // what the node saw, the NAT's public address.
+    let mut natrix = relay(&["--stun-server", "203.0.113.10:3478"]);
+    assert!(
+        natrix.wait_for("relay role serving TURN"),
+        "{}",
+        natrix.log()
+    );
+    let learnt = natrix
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "public address learnt from the CDX nodes")
+        .unwrap_or_else(|| panic!("{}", natrix.log()));
+    assert_eq!(learnt["ip"], "198.51.100.77", "{learnt}");
+    assert_eq!(learnt["private"], "10.77.0.2", "{learnt}");
+
+    // coturn's client on the internet relays through it: the peer sends to
+    // the advertised relayed address, which the NAT maps to the relay.
+    let out = Command::new("ip")
+        .args(["netns", "exec", "pa-pub", &tool("turnutils_uclient")])
+        .args(["-p", "3478", "-u", USER, "-w", PASSWORD])
+        .args(["-e", "203.0.113.20", "-r", "3480", "-n", "20", "-m", "1"])
+        .arg("198.51.100.77")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("tot_send_msgs=40, tot_recv_msgs=40"),
+        "through the public address:\n{text}"
+    );
+    drop(natrix);
+
+    // No CDX node answers: it refuses to start, saying what to give.
+    let mut lost = relay(&["--stun-server", "203.0.113.99:3478"]);
+    assert!(!lost.wait_for("relay role serving TURN"));
+    let log = lost.log();
+    assert!(
+        log.contains("is private and no CDX node answered") && log.contains("--external-ip"),
+        "{log}"
+    );
+    // None known at all: the same, at once.
+    let mut unknown = relay(&[]);
+    assert!(!unknown.wait_for("relay role serving TURN"));
+    assert!(
+        unknown.log().contains("no CDX node is known"),
+        "{}",
+        unknown.log()
+    );
+
+    // Given --external-ip, it asks nobody.
+    let mut given = relay(&["--external-ip", "10.77.0.2"]);
+    assert!(given.wait_for("relay role serving TURN"), "{}", given.log());
+    assert!(
+        !given.log().contains("public address learnt"),
+        "{}",
+        given.log()
+    );
+}
