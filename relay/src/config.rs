@@ -317,6 +317,17 @@ pub struct RelayConfig {
     )]
     pub auth_ban_exempt: Vec<IpNet>,
 
+    /// Serve the admin API here (off by default): list allocations (by
+    /// user, session, tenant, peer), kill one, drain the relay, show the
+    /// quotas in use — `natrix admin`. Needs --admin-token. Bind it to an
+    /// address only operators reach.
+    #[arg(long = "admin-listen", env = "NATRIX_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// The bearer token the admin API requires (at least 16 characters).
+    #[arg(long = "admin-token", env = "NATRIX_ADMIN_TOKEN")]
+    pub admin_token: Option<Redacted>,
+
     /// Append a usage record (JSON, one line per allocation: user,
     /// session, tenant, start and end, packets and bytes each way, peers,
     /// transport) to this file when each allocation ends; the file is

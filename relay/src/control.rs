@@ -30,6 +30,36 @@ pub struct Control {
     ports: natrix_relay_proto::SharedPorts,
     /// Where the loops hand usage records, when they are kept.
     usage: Option<crate::usage::UsageQueue>,
+    /// Operators' questions to every loop (the admin API), and the id of
+    /// the newest (the loops compare it with the last they answered).
+    admin: Mutex<Vec<AdminJob>>,
+    admin_latest: AtomicU64,
+}
+
+/// What an operator asks every loop (the admin API).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminQuery {
+    /// Its allocations.
+    List,
+    /// End the allocation with this relayed address, if it holds it.
+    Kill(std::net::SocketAddr),
+}
+
+/// A loop's answer.
+#[derive(Clone, Debug)]
+pub enum AdminAnswer {
+    /// Its allocations.
+    List(Vec<natrix_relay_proto::AllocationInfo>),
+    /// Whether it held (and ended) the allocation.
+    Killed(bool),
+}
+
+/// A question waiting for the loops' answers.
+#[derive(Debug)]
+pub(crate) struct AdminJob {
+    pub(crate) id: u64,
+    pub(crate) query: AdminQuery,
+    pub(crate) reply: std::sync::mpsc::SyncSender<AdminAnswer>,
 }
 
 impl Control {
@@ -42,12 +72,68 @@ impl Control {
         Control {
             ports,
             usage,
+            admin: Mutex::new(Vec::new()),
+            admin_latest: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             credentials_generation: AtomicU64::new(0),
             credentials: Mutex::new(credentials),
             allocations: (0..loops).map(|_| AtomicU64::new(0)).collect(),
             wakers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Asks every loop `query` and collects their answers (blocking: call
+    /// it off the async runtime); loops that do not answer within
+    /// `timeout` (one busy or stuck) are left out.
+    pub fn ask_loops(&self, query: AdminQuery, timeout: Duration) -> Vec<AdminAnswer> {
+        let loops = self.allocations.len();
+        let (reply, answers) = std::sync::mpsc::sync_channel(loops.max(1));
+        let id = {
+            let mut jobs = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            let id = self.admin_latest.load(Ordering::SeqCst) + 1;
+            jobs.push(AdminJob { id, query, reply });
+            self.admin_latest.store(id, Ordering::SeqCst);
+            id
+        };
+        self.wake_all();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut got = Vec::new();
+        while got.len() < loops {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match answers.recv_timeout(left) {
+                Ok(a) => got.push(a),
+                Err(_) => break,
+            }
+        }
+        self.admin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|j| j.id != id);
+        got
+    }
+
+    /// The newest admin question's id.
+    pub(crate) fn admin_latest(&self) -> u64 {
+        self.admin_latest.load(Ordering::SeqCst)
+    }
+
+    /// The questions newer than `seen`, with where to answer.
+    pub(crate) fn admin_jobs_after(
+        &self,
+        seen: u64,
+    ) -> Vec<(u64, AdminQuery, std::sync::mpsc::SyncSender<AdminAnswer>)> {
+        self.admin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|j| j.id > seen)
+            .map(|j| (j.id, j.query, j.reply.clone()))
+            .collect()
+    }
+
+    /// The host's allocation counts (quotas, free ports), `top` holders.
+    pub fn quota_use(&self, top: usize) -> natrix_relay_proto::QuotaUse {
+        self.ports.quota_use(top)
     }
 
     /// Queues a usage record for the writer; false when it was dropped

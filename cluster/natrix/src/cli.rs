@@ -179,6 +179,11 @@ pub(crate) enum Command {
     /// `Authorization: Bearer <grant>` when it holds the same secret
     /// (--grant-secret).
     Grant(GrantArgs),
+    /// The relay's admin API (a relay started with --admin-listen and
+    /// --admin-token): `list` its allocations (--user, --session, --tenant,
+    /// --peer, --client), `kill RELAYED` one, `drain` the relay (new
+    /// allocations refused, lookup stops picking it), `quotas` in use.
+    Admin(AdminArgs),
     /// Sums the relays' usage records (one per allocation: who, how long,
     /// packets and bytes each way) by tenant, user, session or relay, from
     /// a relay's --usage-file or from its --usage-stream (--redis-url).
@@ -197,6 +202,44 @@ pub(crate) enum Command {
         /// Where the pages go.
         dir: std::path::PathBuf,
     },
+}
+
+/// Options of `natrix admin`.
+#[derive(Args, Debug)]
+pub(crate) struct AdminArgs {
+    /// list, kill, drain or quotas.
+    #[arg(value_parser = ["list", "kill", "drain", "quotas"])]
+    pub(crate) action: String,
+    /// kill: the allocation's relayed address (IP:PORT, as `list` shows).
+    pub(crate) relayed: Option<String>,
+    /// The relay's admin API.
+    #[arg(
+        long = "admin-url",
+        env = "NATRIX_ADMIN_URL",
+        default_value = "http://127.0.0.1:9500"
+    )]
+    pub(crate) url: String,
+    /// The relay's --admin-token.
+    #[arg(long = "admin-token", env = "NATRIX_ADMIN_TOKEN")]
+    pub(crate) token: natrix_model::Redacted,
+    /// list: only this TURN username's allocations.
+    #[arg(long)]
+    pub(crate) user: Option<String>,
+    /// list: only this session's (from session tokens).
+    #[arg(long)]
+    pub(crate) session: Option<String>,
+    /// list: only this tenant's.
+    #[arg(long)]
+    pub(crate) tenant: Option<String>,
+    /// list: only those with a permission for this peer IP.
+    #[arg(long)]
+    pub(crate) peer: Option<String>,
+    /// list: only this client (IP, or IP:PORT).
+    #[arg(long)]
+    pub(crate) client: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// Options of `natrix usage`.

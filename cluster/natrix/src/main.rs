@@ -5,6 +5,7 @@
 //! each;
 //! `natrix probe` asks a STUN server where the caller is.
 
+mod admin;
 mod cli;
 mod cluster;
 mod config;
@@ -277,6 +278,7 @@ fn main() -> ExitCode {
         Command::Apikey(args) => apikey(&cli.global, args),
         Command::Grant(args) => grant(args),
         Command::Usage(args) => usage::run(&cli.global, args),
+        Command::Admin(args) => admin::run(&cli.global, args),
         Command::Config(args) => config_command(args),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

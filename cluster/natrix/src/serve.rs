@@ -620,6 +620,23 @@ async fn control_plane(
         .clone()
         .map(|r| natrix_relay::control::watch_store_secrets(&store, r));
     let publishers = publish_records(&store, plan, data, global, telemetry);
+    // The admin API, when asked for: its drain also tells the registry.
+    let admin = match (data.relay(), plan.relay.as_ref()) {
+        (Some(host), Some(config)) => {
+            let p = publishers.clone();
+            crate::admin::serve(
+                config,
+                host.control(),
+                telemetry,
+                Box::new(move || {
+                    for x in &p {
+                        x.do_send(SetState(natrix_registry::State::Draining));
+                    }
+                }),
+            )?
+        }
+        _ => None,
+    };
     let push_hub = std::sync::Arc::new(std::sync::OnceLock::<natrix_signal::push::Hub>::new());
     let lookup = match &plan.lookup {
         Some((config, secrets)) => {
@@ -682,6 +699,9 @@ async fn control_plane(
         }
         handle.stop(true).await;
         if let Some(h) = health {
+            h.stop(true).await;
+        }
+        if let Some((h, _)) = admin {
             h.stop(true).await;
         }
     };

@@ -243,6 +243,7 @@ fn values_name_every_flag_of_every_role_one_to_one() {
         "drain-timeout",
         "tls-cert",
         "tls-key",
+        "admin-token",
     ]
     .map(String::from)
     .into();

@@ -554,6 +554,200 @@ fn behind_haproxy_the_proxy_header_names_the_client() {
     let _ = std::fs::remove_dir_all(&lb_dir);
 }
 
+/// `natrix admin` against a relay's admin API.
+fn admin(url: &str, token: &str, args: &[&str]) -> (bool, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_natrix"))
+        .arg("admin")
+        .args(args)
+        .args(["--admin-url", url, "--admin-token", token, "--json"])
+        .output()
+        .expect("running natrix admin");
+    let body = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), body)
+}
+
+/// The admin API (off by default, token required), driven by `natrix
+/// admin` while coturn's client holds allocations: `list` shows them with
+/// their user and traffic, filters by user and peer, `kill` ends one (its
+/// usage record says so), `quotas` counts them, `drain` makes new
+/// Allocates fail while the rest go on; a wrong token gets 401 and nothing.
+#[test]
+fn the_admin_api_lists_kills_drains_and_shows_quotas() {
+    let dir = std::env::temp_dir().join(format!("natrix-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let usage = dir.join("usage.jsonl");
+    let usage_path = usage.display().to_string();
+    let admin_port = common::free_port();
+    let admin_listen = format!("127.0.0.1:{admin_port}");
+    let url = format!("http://{admin_listen}");
+    let token = "admin-token-0123456789";
+    let natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--admin-listen",
+        &admin_listen,
+        "--admin-token",
+        token,
+        "--usage-file",
+        &usage_path,
+    ]);
+    let (_peer, peer_port) = udp_echo_peer();
+    let p = port(&natrix);
+    let pp = peer_port.to_string();
+    // Two clients (each with its RTCP companion) relaying for a while.
+    let session = {
+        let (p, pp) = (p.clone(), pp.clone());
+        std::thread::spawn(move || {
+            as_tester(
+                &p,
+                &[
+                    "-e",
+                    "127.0.0.1",
+                    "-r",
+                    &pp,
+                    "-n",
+                    "400",
+                    "-m",
+                    "2",
+                    "-l",
+                    "100",
+                    "127.0.0.1",
+                ],
+            )
+        })
+    };
+    // uclient allocates more than it relays through (an RTCP companion
+    // it may leave idle): the active ones are those with traffic.
+    let active = |body: &serde_json::Value| -> Vec<serde_json::Value> {
+        body["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["client_to_peer"]["packets"].as_u64().unwrap_or(0) > 0)
+            .cloned()
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let (ok, body) = admin(&url, token, &["list"]);
+        assert!(ok, "{body}");
+        if active(&body).len() >= 2 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the allocations never showed: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for a in listed["allocations"].as_array().unwrap() {
+        assert_eq!(a["username"], USER, "{a}");
+        assert_eq!(a["transport"], "udp", "{a}");
+    }
+    for a in active(&listed) {
+        assert_eq!(a["peers"], serde_json::json!(["127.0.0.1"]), "{a}");
+        assert!(a["peer_to_client"]["packets"].as_u64().unwrap() > 0, "{a}");
+    }
+    let (_, by_user) = admin(&url, token, &["list", "--user", "nobody"]);
+    assert_eq!(by_user["count"], 0, "{by_user}");
+    let (_, by_peer) = admin(&url, token, &["list", "--peer", "127.0.0.1"]);
+    assert!(by_peer["count"].as_u64().unwrap() >= 2, "{by_peer}");
+    assert!(
+        by_peer["count"].as_u64().unwrap() <= listed["count"].as_u64().unwrap(),
+        "{by_peer}"
+    );
+
+    // A wrong token: 401, nothing done.
+    let victim = listed["allocations"][0]["relayed"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (ok, body) = admin(&url, "not-the-admin-token-000", &["kill", &victim]);
+    assert!(!ok, "{body}");
+    assert!(
+        natrix.metric("relay_admin_requests_total{result=\"unauthorized\",route=\"kill\"}") >= 1.0
+    );
+
+    // Kill one: it is gone from the list, and from the relay.
+    let before = natrix.metric("relay_allocations");
+    let (ok, body) = admin(&url, token, &["kill", &victim]);
+    assert!(ok && body["killed"] == true, "{body}");
+    let (_, after) = admin(&url, token, &["list"]);
+    assert!(
+        after["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["relayed"] != victim.as_str()),
+        "{after}"
+    );
+    natrix.wait_metric("relay_allocations", |v| v < before);
+    let (ok, _) = admin(&url, token, &["kill", &victim]);
+    assert!(!ok, "a second kill finds nothing");
+    // Its usage record (written within a second) says who ended it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&usage).unwrap_or_default();
+        if text.lines().any(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            r["relayed"] == victim.as_str() && r["ended"] == "killed"
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no `killed` record: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (ok, q) = admin(&url, token, &["quotas"]);
+    assert!(ok, "{q}");
+    assert_eq!(q["allocations"], after["count"], "{q}");
+    assert!(
+        q["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["kind"] == "user" && h["who"] == USER),
+        "{q}"
+    );
+
+    // Drain: a new client is refused (508), the running ones go on.
+    let (ok, body) = admin(&url, token, &["drain"]);
+    assert!(ok && body["draining"] == true, "{body}");
+    let late = common::uclient_within(
+        &[
+            "-p",
+            &p,
+            "-u",
+            USER,
+            "-w",
+            PASSWORD,
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "5",
+            "127.0.0.1",
+        ],
+        Duration::from_secs(3),
+    );
+    assert_eq!(late.received, 0, "{}", late.output);
+    natrix.wait_metric(
+        "relay_requests_total{method=\"allocate\",result=\"508\"}",
+        |v| v >= 1.0,
+    );
+    let report = session.join().unwrap();
+    assert!(report.received > 0, "{}", report.output);
+    let (_, q) = admin(&url, token, &["quotas"]);
+    assert_eq!(q["draining"], true, "{q}");
+
+    drop(natrix);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn loopback_peers_are_refused_by_default() {
     let natrix = Natrix::relay(&[]);

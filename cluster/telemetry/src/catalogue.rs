@@ -371,6 +371,23 @@ pub const RELAY_AUTH_FAILURES_TOTAL: MetricDef = metric(
     &[RELAY_AUTH_FAILURE_REASON],
 );
 
+/// Admin API requests.
+pub const RELAY_ADMIN_REQUESTS_TOTAL: MetricDef = metric(
+    "relay_admin_requests_total",
+    "Requests to the relay's admin API (--admin-listen), by route and result (unauthorized: without the admin token).",
+    Kind::Counter,
+    &[
+        Label {
+            name: "route",
+            values: &["list", "kill", "drain", "quotas"],
+        },
+        Label {
+            name: "result",
+            values: &["ok", "unauthorized", "not_found", "bad_request"],
+        },
+    ],
+);
+
 /// PROXY protocol v2 headers read from load balancers.
 pub const RELAY_PROXY_HEADERS_TOTAL: MetricDef = metric(
     "relay_proxy_headers_total",
@@ -982,6 +999,7 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_AUTH_BANS_TOTAL,
     &RELAY_USAGE_RECORDS_TOTAL,
     &RELAY_PROXY_HEADERS_TOTAL,
+    &RELAY_ADMIN_REQUESTS_TOTAL,
     &RELAY_USAGE_RECORDS_DROPPED_TOTAL,
     &RELAY_AUTH_BANNED_SOURCES,
     &RELAY_REQUESTS_REFUSED_TOTAL,

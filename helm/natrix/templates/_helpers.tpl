@@ -83,6 +83,13 @@ joined with commas, everything else rendered as --key=value. */}}
       name: {{ include "natrix.secretName" . }}
       key: api-key
       optional: true
+{{- /* The relay admin API's token (used when relay.config.admin-listen is set). */}}
+- name: NATRIX_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "natrix.secretName" . }}
+      key: admin-token
+      optional: true
 {{- /* Grant secrets shared with application backends (optional). */}}
 - name: NATRIX_GRANT_SECRETS
   valueFrom:

@@ -51,12 +51,12 @@ pub use auth::{AuthFailure, Credentials, NonceError, Nonces, session_peers};
 pub use bans::{BanPolicy, SharedBans, Strike, source_key};
 pub use natrix_model::limiter::UnauthLimits;
 pub use policy::{IpNet, PeerPolicy};
-pub use ports::{PortRange, SharedPorts};
+pub use ports::{PortRange, QuotaUse, SharedPorts};
 pub use refusal::Refusal;
 pub use server::{
-    ClientAction, Command, Moved, MovedAllocation, PEER_HEADROOM, PEER_TAILROOM, PeerAction,
-    RelayAddress, RelaySockets, SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server, ServerConfig,
-    TICKET_LEN, Ticket, UsageRecord,
+    AllocationInfo, ClientAction, Command, Moved, MovedAllocation, PEER_HEADROOM, PEER_TAILROOM,
+    PeerAction, RelayAddress, RelaySockets, SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server,
+    ServerConfig, TICKET_LEN, Ticket, UsageRecord,
 };
 pub use stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
 pub use types::{AllocationId, ClientSocket, Transport};

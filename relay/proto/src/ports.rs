@@ -170,6 +170,18 @@ struct PortState {
     allocations: usize,
 }
 
+/// The host's allocation counts as an operator sees them (the admin API).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuotaUse {
+    /// Live allocations on the host.
+    pub allocations: usize,
+    /// Relay ports free.
+    pub free_ports: usize,
+    /// The holders with the most allocations: kind (`user`, `source`,
+    /// `session`, `tenant`), who, how many; most first.
+    pub top: Vec<(&'static str, String, usize)>,
+}
+
 /// Who an allocation is counted against.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Holder {
@@ -244,6 +256,29 @@ impl SharedPorts {
         // A loop that panicked mid-update leaves port bookkeeping at worst
         // one port off; serving on is better than failing every allocation.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The host's counts: allocations, free ports, and the `top` holders
+    /// by allocations.
+    pub fn quota_use(&self, top: usize) -> QuotaUse {
+        let state = self.lock();
+        let mut holders: Vec<(&'static str, String, usize)> = state
+            .holders
+            .iter()
+            .map(|(h, n)| match h {
+                Holder::User(u) => ("user", u.to_string(), *n),
+                Holder::Source(ip) => ("source", ip.to_string(), *n),
+                Holder::Session(s) => ("session", s.to_string(), *n),
+                Holder::Tenant(t) => ("tenant", t.to_string(), *n),
+            })
+            .collect();
+        holders.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.1.cmp(&b.1)));
+        holders.truncate(top);
+        QuotaUse {
+            allocations: state.allocations,
+            free_ports: state.pool.available(),
+            top: holders,
+        }
     }
 
     /// Free ports left.

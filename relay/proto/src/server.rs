@@ -344,6 +344,8 @@ enum End {
     Expired,
     Deleted,
     Disconnected,
+    /// Ended by an operator (the admin API).
+    Killed,
 }
 
 impl End {
@@ -352,8 +354,28 @@ impl End {
             End::Expired => "expired",
             End::Deleted => "deleted",
             End::Disconnected => "disconnected",
+            End::Killed => "killed",
         }
     }
+}
+
+/// One allocation as an operator sees it (the admin API).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocationInfo {
+    /// Its relayed transport address.
+    pub relayed: SocketAddr,
+    /// Its client's 5-tuple.
+    pub client: ClientSocket,
+    /// The TURN username.
+    pub username: Box<str>,
+    /// Lifetime left.
+    pub expires_in: Duration,
+    /// Peer IPs with a live permission.
+    pub peers: Vec<IpAddr>,
+    /// Live channel bindings.
+    pub channels: usize,
+    /// What it relayed so far.
+    pub usage: Usage,
 }
 
 /// How a request was authenticated: the key its response is signed with.
@@ -535,6 +557,44 @@ impl Server {
     /// True when `client` (a 5-tuple) holds an allocation.
     pub fn has_allocation(&self, client: &ClientSocket) -> bool {
         self.allocation_by_client.contains_key(client)
+    }
+
+    /// Every live allocation of this core, as the admin API lists them.
+    pub fn allocations_info(&self, now: Instant) -> Vec<AllocationInfo> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.allocation.as_ref())
+            .map(|a| AllocationInfo {
+                relayed: a.relayed,
+                client: a.client,
+                username: a.username.clone(),
+                expires_in: a.expires.saturating_duration_since(now),
+                peers: a
+                    .permissions
+                    .iter()
+                    .filter(|p| p.expires > now)
+                    .map(|p| p.ip)
+                    .collect(),
+                channels: a.channels.iter().filter(|c| c.expires > now).count(),
+                usage: a.usage,
+            })
+            .collect()
+    }
+
+    /// Ends the allocation whose relayed address is `relayed` (an
+    /// operator's kill): its socket closes with the next commands, its
+    /// usage record says `killed`. False when this core has none there.
+    pub fn kill(&mut self, relayed: SocketAddr, now: Instant) -> bool {
+        self.clock = self.clock.max(now);
+        let Some(index) = self
+            .slots
+            .iter()
+            .position(|s| s.allocation.as_ref().is_some_and(|a| a.relayed == relayed))
+        else {
+            return false;
+        };
+        self.free(index as u32, End::Killed);
+        true
     }
 
     /// Live allocations.
@@ -1775,6 +1835,7 @@ impl Server {
             End::Expired => self.stats.allocations_expired += 1,
             End::Deleted => self.stats.allocations_deleted += 1,
             End::Disconnected => self.stats.allocations_disconnected += 1,
+            End::Killed => self.stats.allocations_deleted += 1,
         }
         self.stats.allocations = self.allocation_by_client.len() as u64;
     }

@@ -429,6 +429,8 @@ pub(super) struct EventLoop {
     shard: usize,
     draining: bool,
     credentials_generation: u64,
+    /// The newest admin question this loop answered.
+    admin_seen: u64,
     max_streams: usize,
     max_streams_per_ip: usize,
     idle_timeout: Duration,
@@ -549,6 +551,7 @@ impl EventLoop {
                 turn,
                 turn_udp,
                 credentials_generation: control.credentials_generation(),
+                admin_seen: control.admin_latest(),
                 control,
                 shard,
                 draining: false,
@@ -916,6 +919,22 @@ impl EventLoop {
         if generation != self.credentials_generation {
             self.credentials_generation = generation;
             self.core.set_credentials(self.control.credentials());
+        }
+        // An operator's question (the admin API): answered between batches.
+        if self.control.admin_latest() != self.admin_seen {
+            let now = Instant::now();
+            for (id, query, reply) in self.control.admin_jobs_after(self.admin_seen) {
+                let answer = match query {
+                    crate::control::AdminQuery::List => {
+                        crate::control::AdminAnswer::List(self.core.allocations_info(now))
+                    }
+                    crate::control::AdminQuery::Kill(relayed) => {
+                        crate::control::AdminAnswer::Killed(self.core.kill(relayed, now))
+                    }
+                };
+                let _ = reply.try_send(answer);
+                self.admin_seen = self.admin_seen.max(id);
+            }
         }
     }
 
