@@ -317,6 +317,14 @@ pub struct RelayConfig {
     )]
     pub auth_ban_exempt: Vec<IpNet>,
 
+    /// While this relay is draining or full, new Allocates get 300 Try
+    /// Alternate naming this relay (coturn's --alternate-server); without
+    /// it, with --redis-url, the relay with the most room among the
+    /// registry's active relays of the same IP family (checked every 2 s);
+    /// with neither, 508.
+    #[arg(long = "alternate-server", env = "NATRIX_ALTERNATE_SERVER")]
+    pub alternate_server: Option<SocketAddr>,
+
     /// Serve the admin API here (off by default): list allocations (by
     /// user, session, tenant, peer), kill one, drain the relay, show the
     /// quotas in use — `natrix admin`. Needs --admin-token. Bind it to an

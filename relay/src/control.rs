@@ -34,6 +34,10 @@ pub struct Control {
     /// the newest (the loops compare it with the last they answered).
     admin: Mutex<Vec<AdminJob>>,
     admin_latest: AtomicU64,
+    /// Where Allocates go while this relay is draining or full, and its
+    /// version (the loops compare it with theirs).
+    alternate: Mutex<Option<std::net::SocketAddr>>,
+    alternate_generation: AtomicU64,
 }
 
 /// What an operator asks every loop (the admin API).
@@ -74,6 +78,8 @@ impl Control {
             usage,
             admin: Mutex::new(Vec::new()),
             admin_latest: AtomicU64::new(0),
+            alternate: Mutex::new(None),
+            alternate_generation: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             credentials_generation: AtomicU64::new(0),
             credentials: Mutex::new(credentials),
@@ -110,6 +116,30 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|j| j.id != id);
         got
+    }
+
+    /// Sends new Allocates to `alternate` (300 Try Alternate) while the
+    /// relay is draining or full; `None`: 508 then. Loops follow within a
+    /// wake-up.
+    pub fn set_alternate(&self, alternate: Option<std::net::SocketAddr>) {
+        let mut a = self.alternate.lock().unwrap_or_else(|e| e.into_inner());
+        if *a != alternate {
+            *a = alternate;
+            self.alternate_generation.fetch_add(1, Ordering::SeqCst);
+            drop(a);
+            self.wake_all();
+        }
+    }
+
+    /// The alternate relay, and its version.
+    pub(crate) fn alternate(&self) -> (u64, Option<std::net::SocketAddr>) {
+        let a = self.alternate.lock().unwrap_or_else(|e| e.into_inner());
+        (self.alternate_generation.load(Ordering::SeqCst), *a)
+    }
+
+    /// The version of the alternate relay.
+    pub(crate) fn alternate_generation(&self) -> u64 {
+        self.alternate_generation.load(Ordering::SeqCst)
     }
 
     /// The newest admin question's id.

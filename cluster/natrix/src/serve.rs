@@ -345,6 +345,58 @@ pub(crate) fn run(global: &Global, mut plan: Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps the relay's alternate (300 Try Alternate while it is draining or
+/// full) set: `--alternate-server`, or with Redis the relay lookup would
+/// pick (active, alive, under lookup's default headroom, UDP, this relay's
+/// region first, the same IP family), re-read every 2 s. The task ends with
+/// the returned handle.
+fn alternates(
+    control: std::sync::Arc<natrix_relay::control::Control>,
+    config: &RelayConfig,
+    global: &Global,
+    store: &natrix_store::Store,
+) -> Option<actix_rt::task::JoinHandle<()>> {
+    if let Some(a) = config.alternate_server {
+        control.set_alternate(Some(a));
+        return None;
+    }
+    global.redis_url.as_ref()?;
+    let (store, own, region) = (
+        store.clone(),
+        config.relay_id.clone().unwrap_or_default(),
+        global.region.clone(),
+    );
+    let v4 = config.external_v4().is_ipv4();
+    Some(actix_rt::spawn(async move {
+        loop {
+            if let Ok(records) =
+                natrix_registry::read_records(&store, natrix_registry::Role::Relay).await
+            {
+                let now = natrix_registry::unix_ms();
+                let others: Vec<natrix_registry::HostRecord> = records
+                    .into_iter()
+                    .map(|(_, r)| r)
+                    .filter(|r| r.id != own && r.alive(now))
+                    .map(|mut r| {
+                        r.udp.retain(|a| a.is_ipv4() == v4);
+                        r
+                    })
+                    .collect();
+                let need = natrix_lookup::select::Need {
+                    udp: true,
+                    region: Some(region.as_str()),
+                };
+                let picked = natrix_lookup::select::select(&others, need, 0.9, &mut |n| {
+                    rand::random_range(0..n.max(1))
+                })
+                .and_then(|r| r.udp.first().copied());
+                control.set_alternate(picked);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }))
+}
+
 /// The public IPv4 address of a relay whose own is private: what the CDX
 /// nodes (`--stun-server`, and the registry's with --redis-url) see as the
 /// source of a Binding sent from the relay's address; the most common
@@ -620,6 +672,11 @@ async fn control_plane(
         .clone()
         .map(|r| natrix_relay::control::watch_store_secrets(&store, r));
     let publishers = publish_records(&store, plan, data, global, telemetry);
+    // Where Allocates go while this relay is draining or full.
+    let _alternates = match (data.relay(), plan.relay.as_ref()) {
+        (Some(host), Some(config)) => alternates(host.control(), config, global, &store),
+        _ => None,
+    };
     // The admin API, when asked for: its drain also tells the registry.
     let admin = match (data.relay(), plan.relay.as_ref()) {
         (Some(host), Some(config)) => {

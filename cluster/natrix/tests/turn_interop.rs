@@ -361,11 +361,8 @@ fn usage_records_reach_a_file_and_a_redis_stream_and_natrix_usage_sums_them() {
             .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
             .success()
     );
-    let text = std::fs::read_to_string(&file).unwrap();
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = common::usage_records(&file);
+    let text = format!("{records:#?}");
     assert!(!records.is_empty(), "no records:\n{}", natrix.log());
     let sum = |way: &str, what: &str| -> u64 {
         records.iter().map(|r| r[way][what].as_u64().unwrap()).sum()
@@ -533,15 +530,11 @@ fn behind_haproxy_the_proxy_header_names_the_client() {
             .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
             .success()
     );
-    let text = std::fs::read_to_string(&usage).unwrap();
-    let clients: Vec<String> = text
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["client"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
+    let records = common::usage_records(&usage);
+    let text = format!("{records:#?}");
+    let clients: Vec<&str> = records
+        .iter()
+        .map(|r| r["client"].as_str().unwrap())
         .collect();
     assert!(!clients.is_empty(), "{text}");
     for c in &clients {
@@ -687,16 +680,16 @@ fn the_admin_api_lists_kills_drains_and_shows_quotas() {
     // Its usage record (written within a second) says who ended it.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let text = std::fs::read_to_string(&usage).unwrap_or_default();
-        if text.lines().any(|l| {
-            let r: serde_json::Value = serde_json::from_str(l).unwrap();
-            r["relayed"] == victim.as_str() && r["ended"] == "killed"
-        }) {
+        let records = common::usage_records(&usage);
+        if records
+            .iter()
+            .any(|r| r["relayed"] == victim.as_str() && r["ended"] == "killed")
+        {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no `killed` record: {text}"
+            "no `killed` record: {records:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -746,6 +739,70 @@ fn the_admin_api_lists_kills_drains_and_shows_quotas() {
 
     drop(natrix);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// ALTERNATE-SERVER (300 Try Alternate): relay A, drained through its
+/// admin API, sends coturn's client to relay B — named by
+/// `--alternate-server`, or found in the registry (Redis) as lookup would
+/// pick it — and the client relays through B without loss; A creates
+/// nothing.
+#[test]
+fn a_drained_relay_sends_clients_to_its_alternate() {
+    let redis = natrix_store::testing::RedisServer::start();
+    let url = redis.url();
+    for from_registry in [false, true] {
+        let mut b_args = vec!["--peer-allow", "127.0.0.0/8"];
+        if from_registry {
+            b_args.extend(["--redis-url", &url, "--relay-id", "relay-b"]);
+        }
+        let b = Natrix::relay(&b_args);
+        let admin_listen = format!("127.0.0.1:{}", common::free_port());
+        let token = "admin-token-0123456789";
+        let alternate = b.stun.to_string();
+        let mut a_args = vec![
+            "--peer-allow",
+            "127.0.0.0/8",
+            "--admin-listen",
+            &admin_listen,
+            "--admin-token",
+            token,
+        ];
+        if from_registry {
+            a_args.extend(["--redis-url", &url, "--relay-id", "relay-a"]);
+        } else {
+            a_args.extend(["--alternate-server", &alternate]);
+        }
+        let a = Natrix::relay(&a_args);
+        let admin_url = format!("http://{admin_listen}");
+        let (ok, body) = admin(&admin_url, token, &["drain"]);
+        assert!(ok, "{body}");
+        // The registry's view arrives within a heartbeat and a re-read.
+        std::thread::sleep(Duration::from_secs(if from_registry { 3 } else { 1 }));
+        let (_peer, peer_port) = udp_echo_peer();
+        let pp = peer_port.to_string();
+        let report = as_tester(
+            &port(&a),
+            &[
+                "-e",
+                "127.0.0.1",
+                "-r",
+                &pp,
+                "-n",
+                "20",
+                "-m",
+                "1",
+                "127.0.0.1",
+            ],
+        );
+        assert_clean(&report, 40);
+        assert!(
+            a.metric("relay_requests_total{method=\"allocate\",result=\"300\"}") >= 1.0,
+            "registry {from_registry}: {}",
+            a.metrics_text()
+        );
+        assert_eq!(a.metric("relay_allocations_created_total"), 0.0);
+        b.wait_metric("relay_allocations_created_total", |x| x >= 2.0);
+    }
 }
 
 #[test]
@@ -980,8 +1037,8 @@ fn a_rotated_secrets_file_takes_effect_without_a_restart() {
     let (_peer, peer_port) = udp_echo_peer();
     let p = port(&natrix);
     let pp = peer_port.to_string();
-    let run = |secret: &str| {
-        uclient(&[
+    let args = |secret: &str| -> Vec<String> {
+        [
             "-p",
             &p,
             "-W",
@@ -998,7 +1055,13 @@ fn a_rotated_secrets_file_takes_effect_without_a_restart() {
             "1",
             "-c",
             "127.0.0.1",
-        ])
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let run = |secret: &str| {
+        let a = args(secret);
+        uclient(&a.iter().map(String::as_str).collect::<Vec<_>>())
     };
     assert_clean(&run("old-secret-0123456789"), 10);
 
@@ -1010,25 +1073,9 @@ fn a_rotated_secrets_file_takes_effect_without_a_restart() {
     assert_clean(&run("new-secret-0123456789"), 10);
     // Refused, coturn's client retries for a minute (and is banned after
     // ten failures): its first seconds are enough.
+    let refused_args = args("old-secret-0123456789");
     let refused = common::uclient_within(
-        &[
-            "-p",
-            &p,
-            "-W",
-            "old-secret-0123456789",
-            "-u",
-            "alice",
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &pp,
-            "-n",
-            "10",
-            "-m",
-            "1",
-            "-c",
-            "127.0.0.1",
-        ],
+        &refused_args.iter().map(String::as_str).collect::<Vec<_>>(),
         Duration::from_secs(3),
     );
     assert_eq!(

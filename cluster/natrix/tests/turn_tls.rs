@@ -529,11 +529,8 @@ fn turn_over_tls_behind_haproxy_takes_the_client_from_the_proxy_header() {
             .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
             .success()
     );
-    let text = std::fs::read_to_string(&usage).expect("usage records");
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = common::usage_records(&usage);
+    let text = format!("{records:#?}");
     assert!(!records.is_empty(), "{text}");
     for r in &records {
         assert_eq!(r["transport"], "tls", "{r}");

@@ -232,7 +232,7 @@ pub const RELAY_RESULT: Label = Label {
     name: "result",
     values: &[
         "success", "400", "401", "403", "405", "420", "437", "438", "440", "441", "442", "443",
-        "486", "500", "508",
+        "486", "500", "508", "300",
     ],
 };
 
@@ -277,6 +277,7 @@ pub const RELAY_REFUSAL_REASON: Label = Label {
         "unknown_ticket",
         "draining",
         "host_capacity",
+        "try_alternate",
         "no_relay_port",
         "unknown_reservation",
         "permissions_full",

@@ -73,6 +73,9 @@ pub enum Refusal {
     Draining,
     /// The host's allocation capacity is used up (508).
     HostCapacity,
+    /// Draining or full, with another relay that has room: 300 Try
+    /// Alternate with its ALTERNATE-SERVER (RFC 8656 §7.2, RFC 8489 §10).
+    TryAlternate,
     /// No relay port could be bound: the pool is exhausted or every
     /// attempt failed (508).
     NoRelayPort,
@@ -89,7 +92,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every cause, in index order (the metric's series).
-    pub const ALL: [Refusal; 29] = [
+    pub const ALL: [Refusal; 30] = [
         Refusal::UnknownMethod,
         Refusal::IncompleteCredentials,
         Refusal::UnknownAttribute,
@@ -114,6 +117,7 @@ impl Refusal {
         Refusal::UnknownTicket,
         Refusal::Draining,
         Refusal::HostCapacity,
+        Refusal::TryAlternate,
         Refusal::NoRelayPort,
         Refusal::UnknownReservation,
         Refusal::PermissionsFull,
@@ -151,6 +155,7 @@ impl Refusal {
             | Refusal::PermissionsFull
             | Refusal::ChannelsFull => ErrorCode::INSUFFICIENT_CAPACITY,
             Refusal::Internal => ErrorCode::SERVER_ERROR,
+            Refusal::TryAlternate => ErrorCode::TRY_ALTERNATE,
         }
     }
 
@@ -182,6 +187,7 @@ impl Refusal {
             Refusal::UnknownTicket => "unknown_ticket",
             Refusal::Draining => "draining",
             Refusal::HostCapacity => "host_capacity",
+            Refusal::TryAlternate => "try_alternate",
             Refusal::NoRelayPort => "no_relay_port",
             Refusal::UnknownReservation => "unknown_reservation",
             Refusal::PermissionsFull => "permissions_full",

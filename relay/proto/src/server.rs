@@ -402,6 +402,9 @@ pub struct Server {
     /// Sources banned for repeated authentication failures (the host's
     /// table once [`Server::set_bans`] shares it).
     bans: SharedBans,
+    /// A relay with room that Allocates go to while this one is draining
+    /// or full (300 Try Alternate).
+    alternate: Option<SocketAddr>,
     limiter: UnauthLimiter,
     commands: VecDeque<Command>,
     stats: Stats,
@@ -458,6 +461,7 @@ impl Server {
             allocation_by_client: HashMap::default(),
             ports,
             bans,
+            alternate: None,
             limiter,
             commands: VecDeque::new(),
             stats: Stats::default(),
@@ -480,6 +484,24 @@ impl Server {
     /// bans: a source's retries reach any loop).
     pub fn set_bans(&mut self, bans: SharedBans) {
         self.bans = bans;
+    }
+
+    /// The relay new Allocates are sent to (300 Try Alternate with its
+    /// ALTERNATE-SERVER) while this one is draining or full; `None`: they
+    /// get 508 then.
+    pub fn set_alternate(&mut self, alternate: Option<SocketAddr>) {
+        self.alternate = alternate;
+    }
+
+    /// `refusal`, or a redirect to the alternate relay when there is one
+    /// for the family `from` reached this relay over.
+    fn redirect_or(&self, refusal: Refusal, from: ClientSocket) -> Refusal {
+        match self.alternate {
+            Some(a) if a.is_ipv4() == from.server.ip().to_canonical().is_ipv4() => {
+                Refusal::TryAlternate
+            }
+            _ => refusal,
+        }
     }
 
     /// The ban table this core uses (the host's, shared by its loops).
@@ -849,7 +871,11 @@ impl Server {
             Err(refusal) => {
                 self.refused(refusal, method, from);
                 let code = refusal.code();
-                let answer = self.error(msg, code, Some(&auth), out, |_| Ok(()));
+                let alternate = self.alternate.filter(|_| refusal == Refusal::TryAlternate);
+                let answer = self.error(msg, code, Some(&auth), out, |enc| match alternate {
+                    Some(a) => enc.attribute(&Attribute::AlternateServer(a)),
+                    None => Ok(()),
+                });
                 (Some(answer), code.code)
             }
         }
@@ -1159,7 +1185,7 @@ impl Server {
             return self.allocate_again(index, msg, auth, from, now, out);
         }
         if self.draining {
-            return Err(Refusal::Draining);
+            return Err(self.redirect_or(Refusal::Draining, from));
         }
         let wants_ticket = msg.get(AttributeType::MOBILITY_TICKET).is_some();
         if wants_ticket && !self.config.mobility {
@@ -1167,7 +1193,12 @@ impl Server {
         }
         let req = AllocateRequest::parse(msg)?;
         let claim = self.claim(req.username, from.client.ip());
-        self.ports.admissible(&claim)?;
+        if let Err(r) = self.ports.admissible(&claim) {
+            return Err(match r {
+                Refusal::HostCapacity => self.redirect_or(r, from),
+                r => r,
+            });
+        }
         let (port, v6, reserved_token) = self.take_port(&req, now)?;
         let relay = match if v6 {
             self.config.relay_v6

@@ -144,14 +144,14 @@ pub struct RequestResult(pub u16);
 
 impl RequestResult {
     /// Every result label, in index order (0 = success).
-    pub const CODES: [u16; 15] = [
-        0, 400, 401, 403, 405, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508,
+    pub const CODES: [u16; 16] = [
+        0, 400, 401, 403, 405, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508, 300,
     ];
 
     /// Metric label values, aligned with [`RequestResult::CODES`].
-    pub const LABELS: [&'static str; 15] = [
+    pub const LABELS: [&'static str; 16] = [
         "success", "400", "401", "403", "405", "420", "437", "438", "440", "441", "442", "443",
-        "486", "500", "508",
+        "486", "500", "508", "300",
     ];
 
     fn index(self) -> usize {

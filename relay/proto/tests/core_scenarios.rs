@@ -1946,3 +1946,45 @@ fn usage_counters_move_with_an_allocation_to_a_successor() {
     let r = usage_records(&mut next);
     assert_eq!((r[0].usage.packets, r[0].usage.peers), ([1, 0], 1));
 }
+
+#[test]
+fn a_draining_or_full_relay_with_an_alternate_answers_300_try_alternate() {
+    let alternate: SocketAddr = "203.0.113.9:3478".parse().unwrap();
+    let mut h = Harness::new(ServerConfig {
+        max_allocations: 1,
+        ..config()
+    });
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let (_, nonce) = h.allocate_permitted(c, &alice, peer(1, 1));
+    let redirected = |h: &mut Harness, from: ClientSocket| {
+        let req = Req::new(Method::ALLOCATE)
+            .transport(17)
+            .sign(&alice, &nonce);
+        let resp = h.request(&req, from, h.t0);
+        let msg = Message::parse(&resp).unwrap();
+        assert_eq!(error_code(&msg), Some(300));
+        // Signed: a forged redirect cannot pass for the relay's.
+        msg.verify_integrity(&alice.key()).expect("a signed 300");
+        match msg.decode(AttributeType::ALTERNATE_SERVER) {
+            Some(Ok(Attribute::AlternateServer(a))) => a,
+            other => panic!("no ALTERNATE-SERVER: {other:?}"),
+        }
+    };
+    // Full, without an alternate: 508; with one: 300 to it.
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, client(2), h.t0)), Some(508));
+    h.server.set_alternate(Some(alternate));
+    assert_eq!(redirected(&mut h, client(3)), alternate);
+    // Draining: the same.
+    h.server.set_draining(true);
+    assert_eq!(redirected(&mut h, client(4)), alternate);
+    let s = h.server.stats();
+    assert_eq!(s.refused[Refusal::TryAlternate as usize], 2);
+    // An alternate of the other family is no use to this client: 508.
+    h.server
+        .set_alternate(Some("[2001:db8::9]:3478".parse().unwrap()));
+    assert_eq!(code_of(&h.request(&req, client(5), h.t0)), Some(508));
+}

@@ -431,6 +431,8 @@ pub(super) struct EventLoop {
     credentials_generation: u64,
     /// The newest admin question this loop answered.
     admin_seen: u64,
+    /// The version of the alternate relay this loop's core has (0: none).
+    alternate_generation: u64,
     max_streams: usize,
     max_streams_per_ip: usize,
     idle_timeout: Duration,
@@ -552,6 +554,7 @@ impl EventLoop {
                 turn_udp,
                 credentials_generation: control.credentials_generation(),
                 admin_seen: control.admin_latest(),
+                alternate_generation: 0,
                 control,
                 shard,
                 draining: false,
@@ -919,6 +922,11 @@ impl EventLoop {
         if generation != self.credentials_generation {
             self.credentials_generation = generation;
             self.core.set_credentials(self.control.credentials());
+        }
+        if self.control.alternate_generation() != self.alternate_generation {
+            let (generation, alternate) = self.control.alternate();
+            self.alternate_generation = generation;
+            self.core.set_alternate(alternate);
         }
         // An operator's question (the admin API): answered between batches.
         if self.control.admin_latest() != self.admin_seen {

@@ -658,3 +658,14 @@ pub fn haproxy(backend: u16) -> (Spawned, u16, std::path::PathBuf) {
     }
     (spawned, lb, dir)
 }
+
+/// The usage records in a relay's `--usage-file` (one JSON object a line);
+/// empty when the file does not exist yet.
+#[allow(dead_code)]
+pub fn usage_records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a usage record is one JSON object a line"))
+        .collect()
+}
