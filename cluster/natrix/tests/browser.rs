@@ -117,3 +117,177 @@ fn chromium_data_channel_over_turn_udp_only() {
 fn chromium_data_channel_over_turn_tcp_only() {
     relay_only_data_channel("tcp");
 }
+
+/// Runs `args` in network namespace `ns`, failing the test when it fails.
+fn in_ns(ns: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    out
+}
+
+/// A network namespace, deleted when dropped.
+struct Netns(&'static str);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// ALTERNATE-SERVER with a browser: relay A (drained through its admin
+/// API) names relay B (`--alternate-server`); Chromium, given only A, gets
+/// 300 Try Alternate, follows it, and its data channel runs through B.
+/// Chromium refuses redirects to loopback addresses, so the relays, the
+/// page and the browser live in a network namespace of their own, on
+/// 10.203.0.0/24.
+#[test]
+fn chromium_follows_a_draining_relays_alternate_server() {
+    const NS: &str = "alt-lab";
+    let _ = Command::new("ip")
+        .args(["netns", "del", NS])
+        .stderr(Stdio::null())
+        .status();
+    let status = Command::new("ip")
+        .args(["netns", "add", NS])
+        .status()
+        .expect("ip netns add");
+    assert!(status.success(), "creating {NS} (needs root)");
+    let _ns = Netns(NS);
+    in_ns(NS, &["ip", "link", "set", "lo", "up"]);
+    in_ns(NS, &["ip", "link", "add", "alt0", "type", "dummy"]);
+    in_ns(NS, &["ip", "link", "set", "alt0", "up"]);
+    for a in ["10.203.0.1/24", "10.203.0.2/24", "10.203.0.3/24"] {
+        in_ns(NS, &["ip", "addr", "add", a, "dev", "alt0"]);
+    }
+    let natrix = env!("CARGO_BIN_EXE_natrix");
+    let dir = std::env::temp_dir().join(format!("natrix-alt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let user = format!("{USER}:{PASSWORD}");
+    let token = "admin-token-0123456789";
+    let relay = |ip: &str, extra: &[&str]| {
+        let listen = format!("{ip}:3478");
+        let metrics = format!("{ip}:9090");
+        let log = std::fs::File::create(dir.join(format!("{ip}.log"))).expect("log");
+        Spawned(
+            Command::new("ip")
+                .args(["netns", "exec", NS, natrix, "relay", "--turn-listen", &listen])
+                .args(["--external-ip", ip, "--peer-allow", "10.203.0.0/24"])
+                .args(["--user", &user, "--realm", "natrix.test"])
+                .args(["--metrics-listen", &metrics, "--log-format", "json"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("starting a relay in the namespace"),
+        )
+    };
+    let _b = relay("10.203.0.3", &[]);
+    let _a = relay(
+        "10.203.0.2",
+        &[
+            "--alternate-server",
+            "10.203.0.3:3478",
+            "--admin-listen",
+            "10.203.0.2:9500",
+            "--admin-token",
+            token,
+        ],
+    );
+    // Drained once its admin API answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", NS, natrix, "admin", "drain"])
+            .args(["--admin-url", "http://10.203.0.2:9500", "--admin-token", token])
+            .output()
+            .expect("natrix admin drain");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay A's admin API never answered: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The page, served inside the namespace; its verdict lands in a file.
+    let page = dir.join("page.html");
+    std::fs::write(&page, PAGE).expect("page");
+    let verdict_path = dir.join("verdict.json");
+    let server = r#"
+import http.server, sys
+page = open(sys.argv[1], 'rb').read()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(s):
+        s.send_response(200); s.send_header('Content-Type', 'text/html')
+        s.send_header('Content-Length', str(len(page))); s.end_headers(); s.wfile.write(page)
+    def do_POST(s):
+        body = s.rfile.read(int(s.headers.get('Content-Length', 0)))
+        open(sys.argv[2], 'wb').write(body)
+        s.send_response(204); s.end_headers()
+    def log_message(s, *a): pass
+http.server.HTTPServer(('10.203.0.1', 8080), H).serve_forever()
+"#;
+    let _page_server = Spawned(
+        Command::new("ip")
+            .args(["netns", "exec", NS, "python3", "-c", server])
+            .arg(&page)
+            .arg(&verdict_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 page server"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let profile = dir.join("profile");
+    let url = format!(
+        "http://10.203.0.1:8080/?host=10.203.0.2&port=3478&transport=udp&user={USER}&password={PASSWORD}"
+    );
+    let _browser = Spawned(
+        Command::new("ip")
+            .args(["netns", "exec", NS, &chromium()])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(&url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chromium"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let verdict = loop {
+        if let Ok(text) = std::fs::read_to_string(&verdict_path)
+            && !text.is_empty()
+        {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page reported nothing within 60 s; relay A: {}",
+            std::fs::read_to_string(dir.join("10.203.0.2.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let v: serde_json::Value = serde_json::from_str(&verdict).expect("JSON verdict");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(v["ok"], true, "through the alternate: {verdict}");
+    assert_eq!(v["local_type"], "relay", "{verdict}");
+    assert_eq!(v["local_address"], "10.203.0.3", "relayed by B: {verdict}");
+}
