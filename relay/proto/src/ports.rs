@@ -281,6 +281,11 @@ impl SharedPorts {
         }
     }
 
+    /// True when the host holds `capacity` allocations or more.
+    pub(crate) fn at_capacity(&self, capacity: usize) -> bool {
+        self.lock().allocations >= capacity
+    }
+
     /// Free ports left.
     pub fn available(&self) -> usize {
         self.lock().pool.available()

@@ -855,6 +855,27 @@ impl Server {
             });
             return (Some(answer), 420);
         }
+        // Draining or full with a relay to send clients to: an Allocate is
+        // redirected before the credential challenge, so the client starts
+        // afresh there (a nonce of this relay means nothing to the other:
+        // browsers treat its 438 on an Allocate as a failure).
+        if method == RequestMethod::Allocate
+            && !msg.has_integrity()
+            && !self.allocation_by_client.contains_key(&from)
+            && (self.draining || self.ports.at_capacity(self.config.max_allocations))
+            && let Refusal::TryAlternate = self.redirect_or(Refusal::Draining, from)
+            && let Some(alternate) = self.alternate
+        {
+            self.refused(Refusal::TryAlternate, method, from);
+            return self.unauthenticated(
+                msg,
+                ErrorCode::TRY_ALTERNATE,
+                from,
+                now,
+                out,
+                |enc, _| enc.attribute(&Attribute::AlternateServer(alternate)),
+            );
+        }
         let auth = match self.authenticate(msg, method, from, now, out) {
             Ok(auth) => auth,
             Err(answer) => return answer,

@@ -1987,4 +1987,24 @@ fn a_draining_or_full_relay_with_an_alternate_answers_300_try_alternate() {
     h.server
         .set_alternate(Some("[2001:db8::9]:3478".parse().unwrap()));
     assert_eq!(code_of(&h.request(&req, client(5), h.t0)), Some(508));
+    // A client's first, unauthenticated Allocate is redirected before the
+    // challenge: it meets the other relay's nonce there, not this one's.
+    h.server.set_alternate(Some(alternate));
+    let unsigned = Req::new(Method::ALLOCATE).transport(17).build_unsigned();
+    let resp = h.request(&unsigned, client(6), h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(error_code(&msg), Some(300));
+    assert_eq!(
+        msg.decode(AttributeType::ALTERNATE_SERVER),
+        Some(Ok(Attribute::AlternateServer(alternate)))
+    );
+    assert!(msg.get(AttributeType::NONCE).is_none());
+    // Not draining and not full: the usual challenge.
+    h.server.set_draining(false);
+    let mut room = Harness::new(config());
+    room.server.set_alternate(Some(alternate));
+    assert_eq!(
+        code_of(&room.request(&unsigned, client(7), room.t0)),
+        Some(401)
+    );
 }
