@@ -325,6 +325,12 @@ pub struct RelayConfig {
     #[arg(long = "alternate-server", env = "NATRIX_ALTERNATE_SERVER")]
     pub alternate_server: Option<SocketAddr>,
 
+    /// With --alternate-server: where TLS clients go (coturn's
+    /// --tls-alternate-server; without it they get 508). UDP and TCP
+    /// clients go to --alternate-server.
+    #[arg(long = "tls-alternate-server", env = "NATRIX_TLS_ALTERNATE_SERVER")]
+    pub tls_alternate_server: Option<SocketAddr>,
+
     /// Serve the admin API here (off by default): list allocations (by
     /// user, session, tenant, peer), kill one, drain the relay, show the
     /// quotas in use — `natrix admin`. Needs --admin-token. Bind it to an

@@ -36,7 +36,7 @@ pub struct Control {
     admin_latest: AtomicU64,
     /// Where Allocates go while this relay is draining or full, and its
     /// version (the loops compare it with theirs).
-    alternate: Mutex<Option<std::net::SocketAddr>>,
+    alternate: Mutex<natrix_relay_proto::Alternate>,
     alternate_generation: AtomicU64,
 }
 
@@ -78,7 +78,7 @@ impl Control {
             usage,
             admin: Mutex::new(Vec::new()),
             admin_latest: AtomicU64::new(0),
-            alternate: Mutex::new(None),
+            alternate: Mutex::new(natrix_relay_proto::Alternate::default()),
             alternate_generation: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             credentials_generation: AtomicU64::new(0),
@@ -121,7 +121,7 @@ impl Control {
     /// Sends new Allocates to `alternate` (300 Try Alternate) while the
     /// relay is draining or full; `None`: 508 then. Loops follow within a
     /// wake-up.
-    pub fn set_alternate(&self, alternate: Option<std::net::SocketAddr>) {
+    pub fn set_alternate(&self, alternate: natrix_relay_proto::Alternate) {
         let mut a = self.alternate.lock().unwrap_or_else(|e| e.into_inner());
         if *a != alternate {
             *a = alternate;
@@ -132,7 +132,7 @@ impl Control {
     }
 
     /// The alternate relay, and its version.
-    pub(crate) fn alternate(&self) -> (u64, Option<std::net::SocketAddr>) {
+    pub(crate) fn alternate(&self) -> (u64, natrix_relay_proto::Alternate) {
         let a = self.alternate.lock().unwrap_or_else(|e| e.into_inner());
         (self.alternate_generation.load(Ordering::SeqCst), *a)
     }

@@ -357,7 +357,11 @@ fn alternates(
     store: &natrix_store::Store,
 ) -> Option<actix_rt::task::JoinHandle<()>> {
     if let Some(a) = config.alternate_server {
-        control.set_alternate(Some(a));
+        control.set_alternate(natrix_relay::core::Alternate {
+            udp: Some(a),
+            tcp: Some(a),
+            tls: config.tls_alternate_server,
+        });
         return None;
     }
     global.redis_url.as_ref()?;
@@ -388,9 +392,16 @@ fn alternates(
                 };
                 let picked = natrix_lookup::select::select(&others, need, 0.9, &mut |n| {
                     rand::random_range(0..n.max(1))
-                })
-                .and_then(|r| r.udp.first().copied());
-                control.set_alternate(picked);
+                });
+                let first =
+                    |addrs: &[SocketAddr]| addrs.iter().copied().find(|a| a.is_ipv4() == v4);
+                control.set_alternate(picked.map_or_else(Default::default, |r| {
+                    natrix_relay::core::Alternate {
+                        udp: first(&r.udp),
+                        tcp: first(&r.tcp),
+                        tls: first(&r.tls),
+                    }
+                }));
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }

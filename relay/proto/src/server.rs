@@ -359,6 +359,31 @@ impl End {
     }
 }
 
+/// Where a draining or full relay sends new Allocates (300 Try Alternate),
+/// per transport: a client keeps its transport when it moves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Alternate {
+    /// For UDP clients.
+    pub udp: Option<SocketAddr>,
+    /// For TCP clients.
+    pub tcp: Option<SocketAddr>,
+    /// For TLS clients.
+    pub tls: Option<SocketAddr>,
+}
+
+impl Alternate {
+    /// The alternate for `from`: its transport's, of the family it reached
+    /// this relay over.
+    pub fn for_client(&self, from: ClientSocket) -> Option<SocketAddr> {
+        let a = match from.transport {
+            super::Transport::Udp => self.udp,
+            super::Transport::Tcp => self.tcp,
+            super::Transport::Tls => self.tls,
+        }?;
+        (a.is_ipv4() == from.server.ip().to_canonical().is_ipv4()).then_some(a)
+    }
+}
+
 /// One allocation as an operator sees it (the admin API).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocationInfo {
@@ -404,7 +429,7 @@ pub struct Server {
     bans: SharedBans,
     /// A relay with room that Allocates go to while this one is draining
     /// or full (300 Try Alternate).
-    alternate: Option<SocketAddr>,
+    alternate: Alternate,
     limiter: UnauthLimiter,
     commands: VecDeque<Command>,
     stats: Stats,
@@ -461,7 +486,7 @@ impl Server {
             allocation_by_client: HashMap::default(),
             ports,
             bans,
-            alternate: None,
+            alternate: Alternate::default(),
             limiter,
             commands: VecDeque::new(),
             stats: Stats::default(),
@@ -487,20 +512,18 @@ impl Server {
     }
 
     /// The relay new Allocates are sent to (300 Try Alternate with its
-    /// ALTERNATE-SERVER) while this one is draining or full; `None`: they
-    /// get 508 then.
-    pub fn set_alternate(&mut self, alternate: Option<SocketAddr>) {
+    /// ALTERNATE-SERVER) while this one is draining or full; without one
+    /// for a client's transport and family they get 508 then.
+    pub fn set_alternate(&mut self, alternate: Alternate) {
         self.alternate = alternate;
     }
 
     /// `refusal`, or a redirect to the alternate relay when there is one
-    /// for the family `from` reached this relay over.
+    /// for `from`'s transport and the family it reached this relay over.
     fn redirect_or(&self, refusal: Refusal, from: ClientSocket) -> Refusal {
-        match self.alternate {
-            Some(a) if a.is_ipv4() == from.server.ip().to_canonical().is_ipv4() => {
-                Refusal::TryAlternate
-            }
-            _ => refusal,
+        match self.alternate.for_client(from) {
+            Some(_) => Refusal::TryAlternate,
+            None => refusal,
         }
     }
 
@@ -863,8 +886,7 @@ impl Server {
             && !msg.has_integrity()
             && !self.allocation_by_client.contains_key(&from)
             && (self.draining || self.ports.at_capacity(self.config.max_allocations))
-            && let Refusal::TryAlternate = self.redirect_or(Refusal::Draining, from)
-            && let Some(alternate) = self.alternate
+            && let Some(alternate) = self.alternate.for_client(from)
         {
             self.refused(Refusal::TryAlternate, method, from);
             return self.unauthenticated(
@@ -892,7 +914,10 @@ impl Server {
             Err(refusal) => {
                 self.refused(refusal, method, from);
                 let code = refusal.code();
-                let alternate = self.alternate.filter(|_| refusal == Refusal::TryAlternate);
+                let alternate = self
+                    .alternate
+                    .for_client(from)
+                    .filter(|_| refusal == Refusal::TryAlternate);
                 let answer = self.error(msg, code, Some(&auth), out, |enc| match alternate {
                     Some(a) => enc.attribute(&Attribute::AlternateServer(a)),
                     None => Ok(()),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use natrix_model::TurnSecret;
 use natrix_relay_proto::{
-    AllocationId, ClientAction, ClientSocket, Command, Credentials, DropReason, IpNet,
+    AllocationId, Alternate, ClientAction, ClientSocket, Command, Credentials, DropReason, IpNet,
     PEER_HEADROOM, PeerPolicy, PortRange, Refusal, RelayAddress, RelaySockets, Server,
     ServerConfig, SharedPorts, Transport, UnauthLimits,
 };
@@ -1976,7 +1976,10 @@ fn a_draining_or_full_relay_with_an_alternate_answers_300_try_alternate() {
         .transport(17)
         .sign(&alice, &nonce);
     assert_eq!(code_of(&h.request(&req, client(2), h.t0)), Some(508));
-    h.server.set_alternate(Some(alternate));
+    h.server.set_alternate(Alternate {
+        udp: Some(alternate),
+        ..Alternate::default()
+    });
     assert_eq!(redirected(&mut h, client(3)), alternate);
     // Draining: the same.
     h.server.set_draining(true);
@@ -1984,12 +1987,17 @@ fn a_draining_or_full_relay_with_an_alternate_answers_300_try_alternate() {
     let s = h.server.stats();
     assert_eq!(s.refused[Refusal::TryAlternate as usize], 2);
     // An alternate of the other family is no use to this client: 508.
-    h.server
-        .set_alternate(Some("[2001:db8::9]:3478".parse().unwrap()));
+    h.server.set_alternate(Alternate {
+        udp: Some("[2001:db8::9]:3478".parse().unwrap()),
+        ..Alternate::default()
+    });
     assert_eq!(code_of(&h.request(&req, client(5), h.t0)), Some(508));
     // A client's first, unauthenticated Allocate is redirected before the
     // challenge: it meets the other relay's nonce there, not this one's.
-    h.server.set_alternate(Some(alternate));
+    h.server.set_alternate(Alternate {
+        udp: Some(alternate),
+        ..Alternate::default()
+    });
     let unsigned = Req::new(Method::ALLOCATE).transport(17).build_unsigned();
     let resp = h.request(&unsigned, client(6), h.t0);
     let msg = Message::parse(&resp).unwrap();
@@ -1999,10 +2007,33 @@ fn a_draining_or_full_relay_with_an_alternate_answers_300_try_alternate() {
         Some(Ok(Attribute::AlternateServer(alternate)))
     );
     assert!(msg.get(AttributeType::NONCE).is_none());
+    // A TCP client goes to the alternate's TCP address, and without one
+    // gets 508 (it keeps its transport when it moves).
+    let tcp = ClientSocket {
+        transport: Transport::Tcp,
+        ..client(8)
+    };
+    assert_eq!(code_of(&h.request(&unsigned, tcp, h.t0)), Some(401));
+    let over_tcp: SocketAddr = "203.0.113.9:443".parse().unwrap();
+    h.server.set_alternate(Alternate {
+        udp: Some(alternate),
+        tcp: Some(over_tcp),
+        tls: None,
+    });
+    let resp = h.request(&unsigned, tcp, h.t0);
+    assert_eq!(
+        Message::parse(&resp)
+            .unwrap()
+            .decode(AttributeType::ALTERNATE_SERVER),
+        Some(Ok(Attribute::AlternateServer(over_tcp)))
+    );
     // Not draining and not full: the usual challenge.
     h.server.set_draining(false);
     let mut room = Harness::new(config());
-    room.server.set_alternate(Some(alternate));
+    room.server.set_alternate(Alternate {
+        udp: Some(alternate),
+        ..Alternate::default()
+    });
     assert_eq!(
         code_of(&room.request(&unsigned, client(7), room.t0)),
         Some(401)
