@@ -421,8 +421,10 @@ async fn a_redis_cluster_spreads_plans_by_load_drops_dead_relays_drains_and_surv
 
 #[test]
 fn a_relay_started_before_redis_waits_for_it_and_registers() {
-    // As when the bundled Redis pod starts next to the relays.
-    let port = common::free_port();
+    // As when the bundled Redis pod starts next to the relays. The relay
+    // retries its connection meanwhile: the port is outside the ephemeral
+    // range, where a retry could connect to itself and take it.
+    let port = common::free_port_below_ephemeral();
     let url = format!("redis://127.0.0.1:{port}");
     let mut relay = Natrix::relay(&["--redis-url", &url, "--relay-id", "relay-early"]);
     std::thread::sleep(Duration::from_secs(2));

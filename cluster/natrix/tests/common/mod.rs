@@ -38,6 +38,23 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A free loopback TCP port below the kernel's ephemeral range (32768 and
+/// up) and the test relays' port ranges, for a server started after its
+/// clients are told its address: a client retrying a connection to a port
+/// in the ephemeral range can be handed that very port as its source and
+/// connect to itself (TCP simultaneous open), and the server then finds the
+/// port taken.
+#[allow(dead_code)]
+pub fn free_port_below_ephemeral() -> u16 {
+    for _ in 0..1000 {
+        let port = rand::random_range(26_000..32_000u16);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 26000-31999");
+}
+
 impl Natrix {
     /// `natrix up` on free loopback ports, ready to answer, with the test
     /// user [`USER`]:[`PASSWORD`].
