@@ -410,6 +410,9 @@ enum Via {
 struct Paths<'a> {
     socket: &'a UdpSocket,
     standby: Option<Standby<'a>>,
+    /// The peer's relay is reached from a socket other than the direct
+    /// path's (both are fixed for the hold: decided once).
+    standby_apart: bool,
     refreshed: Instant,
     buf: Vec<u8>,
 }
@@ -417,12 +420,15 @@ struct Paths<'a> {
 impl<'a> Paths<'a> {
     fn new(socket: &'a UdpSocket, standby: Option<Standby<'a>>) -> anyhow::Result<Paths<'a>> {
         socket.set_nonblocking(true)?;
+        let mut standby_apart = false;
         if let Some(Standby::Peer { socket: s, .. }) = &standby {
             s.set_nonblocking(true)?;
+            standby_apart = s.local_addr()? != socket.local_addr()?;
         }
         Ok(Paths {
             socket,
             standby,
+            standby_apart,
             refreshed: Instant::now(),
             buf: vec![0u8; 2048],
         })
@@ -430,10 +436,9 @@ impl<'a> Paths<'a> {
 
     /// The standby's socket when it is not the direct path's.
     fn standby_socket(&self) -> Option<&UdpSocket> {
-        let same = |s: &UdpSocket| s.local_addr().ok() == self.socket.local_addr().ok();
         match &self.standby {
             Some(Standby::Own { turn, .. }) => turn.udp_socket(),
-            Some(Standby::Peer { socket, .. }) => (!same(socket)).then_some(*socket),
+            Some(Standby::Peer { socket, .. }) => self.standby_apart.then_some(*socket),
             None => None,
         }
     }

@@ -14,6 +14,20 @@ use common::{Natrix, PASSWORD, Spawned, USER, chromium};
 
 const PAGE: &str = include_str!("browser_page.html");
 
+/// Headless Chromium without a sandbox (root), GPU, QUIC or background
+/// traffic.
+const CHROMIUM_FLAGS: [&str; 9] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+];
+
 /// Serves the page and waits for the verdict it POSTs.
 fn serve_page() -> (u16, mpsc::Receiver<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind the page server");
@@ -72,17 +86,7 @@ fn relay_only_data_channel(transport: &str) {
     );
     let _browser = Spawned(
         Command::new(chromium())
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-            ])
+            .args(CHROMIUM_FLAGS)
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(&url)
             .stdout(Stdio::null())
@@ -279,17 +283,7 @@ http.server.HTTPServer(('10.203.0.1', 8080), H).serve_forever()
     let _browser = Spawned(
         Command::new("ip")
             .args(["netns", "exec", NS, &chromium()])
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-            ])
+            .args(CHROMIUM_FLAGS)
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(&url)
             .stdout(Stdio::null())
