@@ -35,6 +35,8 @@ pub struct HostConfig {
     /// Sources (L4 load balancers) whose TCP and TLS connections start
     /// with a PROXY protocol v2 header naming the real client.
     pub proxy_from: Vec<IpNet>,
+    /// The TLS listeners also carry HTTPS, passed to this backend.
+    pub https: Option<crate::https::HttpsRoute>,
 }
 
 /// TURN relay settings.
@@ -71,6 +73,28 @@ pub struct RelayConfig {
     /// TLS private key (PEM), reloaded with the certificate.
     #[arg(long = "tls-key", env = "NATRIX_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+
+    /// TURN over TLS and HTTPS on one port (443 behind firewalls that allow
+    /// nothing else): a TLS connection whose ClientHello asks for HTTP
+    /// (ALPN http/1.1, h2 or http/1.0 without stun.turn, or a server name
+    /// in --tls-http-names) is answered with the same certificate and its
+    /// requests passed to this HTTP server (host:port, the lookup API),
+    /// each with X-Forwarded-For naming the client (give lookup this
+    /// relay's address in --trusted-proxy). Every other TLS connection is
+    /// TURN. Add 443 to --tls-listen for the port.
+    #[arg(long = "tls-http-backend", env = "NATRIX_TLS_HTTP_BACKEND", value_parser = parse_backend)]
+    pub tls_http_backend: Option<String>,
+
+    /// Server names (SNI, comma separated) whose TLS connections go to
+    /// --tls-http-backend whatever their ALPN says (for HTTP clients that
+    /// send none).
+    #[arg(
+        long = "tls-http-names",
+        env = "NATRIX_TLS_HTTP_NAMES",
+        value_delimiter = ',',
+        requires = "tls_http_backend"
+    )]
+    pub tls_http_names: Vec<String>,
 
     /// Most TCP and TLS client connections (per host); more are closed at
     /// once.
@@ -389,6 +413,13 @@ impl RelayConfig {
             max_connections_per_ip: self.max_connections_per_ip,
             idle_timeout: self.idle_timeout,
             proxy_from: self.proxy_protocol_from.clone(),
+            https: self
+                .tls_http_backend
+                .clone()
+                .map(|backend| crate::https::HttpsRoute {
+                    backend,
+                    names: self.tls_http_names.clone(),
+                }),
         }
     }
 
@@ -574,4 +605,14 @@ pub fn read_secrets(path: &Path) -> anyhow::Result<Vec<TurnSecret>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the secrets file {}", path.display()))?;
     TurnSecret::parse_list(&text).with_context(|| format!("the secrets file {}", path.display()))
+}
+
+/// A `host:port` backend: a name or address and a port.
+fn parse_backend(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!("{s:?} is not host:port (for example lookup:8080)")),
+    }
 }

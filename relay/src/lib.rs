@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod control;
+pub mod https;
 pub use natrix_relay_proto as core;
 pub mod metrics;
 pub mod shell;

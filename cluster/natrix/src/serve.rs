@@ -598,6 +598,7 @@ fn host_plan(
                 max_connections_per_ip: cdx.tcp_max_connections_per_ip,
                 idle_timeout: cdx.tcp_idle_timeout,
                 proxy_from: Vec::new(),
+                https: None,
             },
             Some((cdx.stun_settings(), cdx.exchange_limits())),
         )),

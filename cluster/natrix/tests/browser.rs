@@ -73,20 +73,17 @@ fn serve_page() -> (u16, mpsc::Receiver<String>) {
     (port, rx)
 }
 
-fn relay_only_data_channel(transport: &str) {
-    let natrix = Natrix::up(&["--peer-allow", "127.0.0.0/8"]);
+/// Opens the page with `query` (the ICE server) in headless Chromium
+/// (with `extra` flags) and returns the verdict it POSTs.
+fn page_verdict(query: &str, label: &str, extra: &[&str]) -> serde_json::Value {
     let (page_port, verdicts) = serve_page();
-    let profile = std::env::temp_dir().join(format!(
-        "natrix-chromium-{}-{transport}",
-        std::process::id()
-    ));
-    let url = format!(
-        "http://127.0.0.1:{page_port}/?port={}&transport={transport}&user={USER}&password={PASSWORD}",
-        natrix.stun.port()
-    );
+    let profile =
+        std::env::temp_dir().join(format!("natrix-chromium-{}-{label}", std::process::id()));
+    let url = format!("http://127.0.0.1:{page_port}/?{query}&user={USER}&password={PASSWORD}");
     let _browser = Spawned(
         Command::new(chromium())
             .args(CHROMIUM_FLAGS)
+            .args(extra)
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(&url)
             .stdout(Stdio::null())
@@ -96,15 +93,30 @@ fn relay_only_data_channel(transport: &str) {
     );
     let verdict = verdicts
         .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("the page reported nothing within 60 s (TURN/{transport})"));
+        .unwrap_or_else(|_| panic!("the page reported nothing within 60 s ({label})"));
     let _ = std::fs::remove_dir_all(&profile);
-    let v: serde_json::Value = serde_json::from_str(&verdict).expect("JSON verdict");
-    assert_eq!(v["ok"], true, "TURN/{transport}: {verdict}");
-    assert_eq!(v["got"].as_array().map(Vec::len), Some(20), "{verdict}");
-    assert_eq!(v["got"][0], "echo:m0", "{verdict}");
-    assert_eq!(v["local_type"], "relay", "{verdict}");
-    assert_eq!(v["remote_type"], "relay", "{verdict}");
-    assert_eq!(v["local_relay_protocol"], transport, "{verdict}");
+    serde_json::from_str(&verdict).expect("JSON verdict")
+}
+
+/// Asserts a verdict of 20 echoed messages over relay candidates of
+/// `protocol`.
+fn assert_relayed(v: &serde_json::Value, protocol: &str) {
+    assert_eq!(v["ok"], true, "TURN/{protocol}: {v}");
+    assert_eq!(v["got"].as_array().map(Vec::len), Some(20), "{v}");
+    assert_eq!(v["got"][0], "echo:m0", "{v}");
+    assert_eq!(v["local_type"], "relay", "{v}");
+    assert_eq!(v["remote_type"], "relay", "{v}");
+    assert_eq!(v["local_relay_protocol"], protocol, "{v}");
+}
+
+fn relay_only_data_channel(transport: &str) {
+    let natrix = Natrix::up(&["--peer-allow", "127.0.0.0/8"]);
+    let v = page_verdict(
+        &format!("port={}&transport={transport}", natrix.stun.port()),
+        transport,
+        &[],
+    );
+    assert_relayed(&v, transport);
     let relayed = natrix.wait_metric(
         "relay_forwarded_packets_total{direction=\"peer_to_client\"}",
         |x| x > 0.0,
@@ -120,6 +132,57 @@ fn chromium_data_channel_over_turn_udp_only() {
 #[test]
 fn chromium_data_channel_over_turn_tcp_only() {
     relay_only_data_channel("tcp");
+}
+
+/// TURN over TLS on 443 beside HTTPS: Chromium's `turns:` data channel
+/// and curl's request to the lookup API share the relay's one TLS port
+/// (ALPN routes them: Chromium's TURN asks for none, curl for HTTP).
+#[test]
+fn chromium_turns_on_443_shares_the_port_with_the_lookup_api() {
+    const IP: &str = "127.0.0.32";
+    let dir = std::env::temp_dir().join(format!("natrix-turns-443-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    common::write_cert(&dir, "natrix-turns-443");
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
+    let lookup = Natrix::lookup(&[
+        "--auth-secret",
+        "k1=turn-secret-for-443",
+        "--cluster-secret",
+        "cluster-secret-for-443",
+    ]);
+    let backend = lookup.lookup.to_string();
+    let natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--tls-listen",
+        &format!("{IP}:443"),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-http-backend",
+        &backend,
+    ]);
+    let out = Command::new("curl")
+        .args(["-sk", "--max-time", "10", "-w", "\n%{http_code}"])
+        .arg(format!("https://{IP}/healthz"))
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.ends_with("\n200"), "curl over 443: {text}");
+    // A self-signed certificate: Chromium is told to accept it.
+    let v = page_verdict(
+        &format!("scheme=turns&host={IP}&port=443&transport=tcp"),
+        "turns-443",
+        &["--ignore-certificate-errors"],
+    );
+    assert_relayed(&v, "tls");
+    let routed = |to: &str| natrix.metric(&format!("relay_tls_routed_total{{to=\"{to}\"}}"));
+    assert_eq!(routed("https"), 1.0);
+    assert!(routed("turn") >= 1.0);
+    assert!(natrix.metric("relay_forwarded_packets_total{direction=\"peer_to_client\"}") > 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs `args` in network namespace `ns`, failing the test when it fails.

@@ -7,41 +7,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Natrix, PASSWORD, USER, free_port, tool, uclient, udp_echo_peer};
+use common::{Natrix, PASSWORD, USER, free_port, uclient, udp_echo_peer, write_cert};
 use natrix_wire::{
     Attribute, AttributeType, Class, Encoder, IntegrityKey, Message, MessageType, Method,
     TransactionId, long_term_key_md5,
 };
-
-/// Writes a fresh self-signed certificate with common name `cn`, replacing
-/// the files atomically (rename), as cert-manager or certbot do.
-fn write_cert(dir: &Path, cn: &str) {
-    let (cert_tmp, key_tmp) = (dir.join("cert.tmp"), dir.join("key.tmp"));
-    let status = Command::new(tool("openssl"))
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-days", "2", "-nodes", "-subj", &format!("/CN={cn}")])
-        .arg("-keyout")
-        .arg(&key_tmp)
-        .arg("-out")
-        .arg(&cert_tmp)
-        .output()
-        .expect("running openssl");
-    assert!(status.status.success(), "openssl failed: {status:?}");
-    std::fs::rename(&key_tmp, dir.join("key.pem")).expect("rename key");
-    std::fs::rename(&cert_tmp, dir.join("cert.pem")).expect("rename cert");
-}
 
 /// The common name of the certificate the server presents now.
 fn served_cn(port: u16) -> String {
@@ -541,4 +515,160 @@ fn turn_over_tls_behind_haproxy_takes_the_client_from_the_proxy_header() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&lb_dir);
+}
+
+/// `curl -sk` over the shared port: the status and body; `from` is the
+/// source address, `args` the rest.
+fn curl_443(from: &str, args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sk", "--max-time", "10", "--interface", from])
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(args)
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.to_string(), body.to_string())
+}
+
+/// TURN over TLS and the lookup API on one port, 443 (issue: clients behind
+/// firewalls that allow only 443): curl's ClientHello asks for HTTP (ALPN
+/// h2, http/1.1) and gets lookup's answers; coturn's TLS client asks for
+/// nothing and relays without loss; lookup counts each curl client by its
+/// own address (the front's X-Forwarded-For, a forged one dropped), so one
+/// source past its limit of refused logins leaves another untouched.
+#[test]
+fn one_tls_port_carries_turn_and_the_lookup_api() {
+    const IP: &str = "127.0.0.31";
+    let dir = std::env::temp_dir().join(format!("natrix-tls-443-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    write_cert(&dir, "natrix-443");
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
+    let lookup = Natrix::lookup(&[
+        "--auth-secret",
+        "k1=turn-secret-for-443",
+        "--cluster-secret",
+        "cluster-secret-for-443",
+        "--auth-failures-per-minute",
+        "2",
+        "--trusted-proxy",
+        "127.0.0.1",
+    ]);
+    let backend = lookup.lookup.to_string();
+    let natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--tls-listen",
+        &format!("{IP}:443"),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-http-backend",
+        &backend,
+    ]);
+    let api = |path: &str| format!("https://{IP}{path}");
+
+    // The API through 443, as it answers on its own port.
+    let (status, body) = curl_443("127.0.0.40", &[&api("/healthz")]);
+    assert_eq!(status, "200 1.1", "{body}");
+    let (direct, _) = common::http_get(lookup.lookup, "/healthz").unwrap();
+    assert_eq!(direct, 200);
+
+    // Refused logins: 127.0.0.41 reaches its limit (2), then 429 — even
+    // with a forged X-Forwarded-For naming someone else; 127.0.0.42 is
+    // still refused with 401, not limited.
+    let bad_login = |from: &str, forged: Option<&str>| {
+        let mut args = vec![
+            "-X".to_string(),
+            "POST".into(),
+            "-H".into(),
+            "authorization: Bearer nxk_0000000000aa_00000000000000000000000000000000".into(),
+            "-H".into(),
+            "content-type: application/json".into(),
+            "-d".into(),
+            "{}".into(),
+        ];
+        if let Some(f) = forged {
+            args.extend(["-H".into(), format!("x-forwarded-for: {f}")]);
+        }
+        args.push(api("/v1/plan"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl_443(from, &args).0
+    };
+    let first: Vec<String> = (0..2).map(|_| bad_login("127.0.0.41", None)).collect();
+    assert_eq!(first, ["401 1.1", "401 1.1"]);
+    assert_eq!(bad_login("127.0.0.41", Some("127.0.0.99")), "429 1.1");
+    assert_eq!(bad_login("127.0.0.42", None), "401 1.1");
+
+    // What a request smuggler or a memory exhauster would send: a chunked
+    // body and a 20 KiB head are refused (the connection ends, no answer);
+    // TLS garbage on the shared port is dropped; the API still answers.
+    let big = format!("x-big: {}", "a".repeat(20_000));
+    let (chunked, _) = curl_443(
+        "127.0.0.43",
+        &[
+            "-H",
+            "transfer-encoding: chunked",
+            "-d",
+            "{}",
+            &api("/v1/plan"),
+        ],
+    );
+    let (oversized, _) = curl_443("127.0.0.43", &["-H", &big, &api("/healthz")]);
+    assert_eq!((chunked.as_str(), oversized.as_str()), ("000 0", "000 0"));
+    {
+        use std::io::{Read, Write};
+        let mut garbage = std::net::TcpStream::connect((IP, 443)).unwrap();
+        garbage.write_all(&[0x16, 0x03, 0x01, 0x00, 0x10]).unwrap();
+        garbage.write_all(&[0xff; 16]).unwrap();
+        garbage
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = garbage.read_to_end(&mut rest);
+        assert!(rest.len() < 64, "an alert at most, then closed: {rest:?}");
+    }
+    let (status, _) = curl_443("127.0.0.40", &[&api("/healthz")]);
+    assert_eq!(status, "200 1.1");
+
+    // TURN over TLS on the same port: coturn's client.
+    let (_peer, peer_port) = udp_echo_peer();
+    let pp = peer_port.to_string();
+    let report = uclient(&[
+        "-t",
+        "-S",
+        "-p",
+        "443",
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        "50",
+        "-m",
+        "1",
+        "-c",
+        "-l",
+        "300",
+        IP,
+    ]);
+    assert_eq!(
+        (report.sent, report.received, report.lost),
+        (50, 50, 0),
+        "{}",
+        report.output
+    );
+    let routed = |to: &str| natrix.metric(&format!("relay_tls_routed_total{{to=\"{to}\"}}"));
+    assert_eq!(routed("https"), 8.0);
+    assert!(routed("turn") >= 1.0);
+    let requests =
+        |r: &str| natrix.metric(&format!("relay_https_requests_total{{result=\"{r}\"}}"));
+    assert_eq!((requests("forwarded"), requests("bad_request")), (6.0, 2.0));
+    let _ = std::fs::remove_dir_all(&dir);
 }

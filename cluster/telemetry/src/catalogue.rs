@@ -400,6 +400,43 @@ pub const RELAY_PROXY_HEADERS_TOTAL: MetricDef = metric(
     }],
 );
 
+/// TLS connections routed by their ClientHello (one port for TURN and HTTPS).
+pub const RELAY_TLS_ROUTED_TOTAL: MetricDef = metric(
+    "relay_tls_routed_total",
+    "TLS connections on a listener shared with HTTPS (--tls-http-backend), by where their ClientHello sent them: TURN in the relay, or the HTTPS front (ALPN http/1.1, h2 or http/1.0, or a --tls-http-names server name).",
+    Kind::Counter,
+    &[Label {
+        name: "to",
+        values: &["turn", "https"],
+    }],
+);
+
+/// Connections the HTTPS front serves now.
+pub const RELAY_HTTPS_CONNECTIONS: MetricDef = metric(
+    "relay_https_connections",
+    "HTTPS connections the relay's front passes to --tls-http-backend now (at most 1024).",
+    Kind::Gauge,
+    &[],
+);
+
+/// What the HTTPS front did with requests and connections.
+pub const RELAY_HTTPS_REQUESTS_TOTAL: MetricDef = metric(
+    "relay_https_requests_total",
+    "HTTPS on the TURN-over-TLS port: requests passed to --tls-http-backend (forwarded, upgraded to WebSocket), request heads refused (bad_request: not HTTP/1.x, over 16 KiB, chunked, two lengths; the connection ends), and connections lost before a request (handshake_failed, backend_failed, refused_full at 1024 connections).",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &[
+            "forwarded",
+            "upgraded",
+            "bad_request",
+            "handshake_failed",
+            "backend_failed",
+            "refused_full",
+        ],
+    }],
+);
+
 /// Usage records written to each sink.
 pub const RELAY_USAGE_RECORDS_TOTAL: MetricDef = metric(
     "relay_usage_records_total",
@@ -1000,6 +1037,9 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_AUTH_BANS_TOTAL,
     &RELAY_USAGE_RECORDS_TOTAL,
     &RELAY_PROXY_HEADERS_TOTAL,
+    &RELAY_TLS_ROUTED_TOTAL,
+    &RELAY_HTTPS_CONNECTIONS,
+    &RELAY_HTTPS_REQUESTS_TOTAL,
     &RELAY_ADMIN_REQUESTS_TOTAL,
     &RELAY_USAGE_RECORDS_DROPPED_TOTAL,
     &RELAY_AUTH_BANNED_SOURCES,

@@ -397,6 +397,8 @@ pub(super) struct LoopSettings {
     pub(super) idle_timeout: Duration,
     /// Load balancers whose connections start with a PROXY v2 header.
     pub(super) proxy_from: Vec<crate::core::IpNet>,
+    /// TLS listeners shared with HTTPS: where HTTP connections go.
+    pub(super) https: Option<crate::https::HttpsHandoff>,
     /// This loop's ends of the host's mobility channels.
     pub(super) mobility: Mobility,
 }
@@ -437,6 +439,7 @@ pub(super) struct EventLoop {
     max_streams_per_ip: usize,
     idle_timeout: Duration,
     proxy_from: Vec<crate::core::IpNet>,
+    https: Option<crate::https::HttpsHandoff>,
     live_streams: usize,
     next_idle_sweep: Instant,
     /// Time spent on TLS handshake steps this turn.
@@ -465,6 +468,7 @@ impl EventLoop {
             max_streams_per_ip,
             idle_timeout,
             proxy_from,
+            https,
             mobility,
         } = settings;
         let Listeners {
@@ -562,6 +566,7 @@ impl EventLoop {
                 max_streams_per_ip,
                 idle_timeout,
                 proxy_from,
+                https,
                 live_streams: 0,
                 next_idle_sweep: Instant::now() + Duration::from_secs(1),
                 handshakes: Duration::ZERO,
@@ -1166,6 +1171,7 @@ impl EventLoop {
             } else {
                 None
             };
+            let shared = config.clone().zip(self.https.clone());
             let mut stream = match Stream::new(socket, client, server, config) {
                 Ok(s) => s,
                 Err(e) => {
@@ -1178,6 +1184,9 @@ impl EventLoop {
                 self.metrics.tls_connections.inc();
             } else {
                 self.metrics.tcp_connections.inc();
+            }
+            if let Some((config, https)) = shared {
+                stream.route_by_client_hello(config, https);
             }
             if proxied {
                 stream.expect_proxy_header();
@@ -1292,6 +1301,14 @@ impl EventLoop {
         stream.trusted = self.core.has_allocation(&stream.client);
         match outcome {
             ReadOutcome::Close => self.close_stream(j, stream),
+            ReadOutcome::Https => {
+                // Its ClientHello asked for HTTP: the front answers it on
+                // a duplicate of the socket; the loop forgets it.
+                if let Some((front, conn)) = stream.take_for_https() {
+                    front.hand(conn);
+                }
+                self.close_stream(j, stream);
+            }
             ReadOutcome::Garbage(reason) => {
                 if awaited {
                     self.metrics.proxy_headers[2].inc();

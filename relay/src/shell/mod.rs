@@ -237,6 +237,14 @@ impl BoundHost {
         let turn_udp = if turn.is_some() { self.udp.len() } else { 0 };
         let mut handles = Vec::new();
         let mobility = mobility::Mobility::host(loops, &control);
+        // TLS listeners shared with HTTPS: the front that answers it.
+        let https = match (&self.config.https, &self.tls_config) {
+            (Some(route), Some(tls)) if !self.tls.is_empty() => {
+                info!(backend = %route.backend, tls = ?self.tls, "TLS listeners pass HTTPS to the backend");
+                Some(crate::https::start(route.clone(), tls.clone(), telemetry)?)
+            }
+            _ => None,
+        };
         for ((shard, sockets), mobility) in self.shards.into_iter().enumerate().zip(mobility) {
             let LoopSockets { udp, tcp, tls } = sockets;
             let handed = moved.next();
@@ -262,6 +270,7 @@ impl BoundHost {
                     max_streams_per_ip: self.config.max_connections_per_ip.div_ceil(loops).max(1),
                     idle_timeout: self.config.idle_timeout,
                     proxy_from: self.config.proxy_from.clone(),
+                    https: https.clone(),
                     mobility,
                 },
             )

@@ -66,7 +66,24 @@ pub(super) struct Stream {
     pub(super) readdressed: Option<ClientSocket>,
     /// The IP this connection counts against in the per-IP cap.
     pub(super) counted_ip: Option<std::net::IpAddr>,
+    /// On a TLS listener shared with HTTPS: the ClientHello read so far,
+    /// until it says whether the connection is TURN or HTTPS.
+    sniff: Option<Box<Sniff>>,
 }
+
+/// A TLS connection whose ClientHello has not decided between TURN and
+/// HTTPS yet.
+struct Sniff {
+    /// Every byte read, for the HTTPS front to replay.
+    raw: Vec<u8>,
+    acceptor: rustls::server::Acceptor,
+    config: Arc<rustls::ServerConfig>,
+    https: crate::https::HttpsHandoff,
+}
+
+/// The longest ClientHello a shared listener waits for (a record's
+/// largest plaintext and its header).
+const MAX_CLIENT_HELLO: usize = 16 * 1024 + 5;
 
 /// What reading produced.
 pub(super) enum ReadOutcome {
@@ -79,6 +96,9 @@ pub(super) enum ReadOutcome {
     Close,
     /// The peer sent something that cannot be framed: close and count it.
     Garbage(DropReason),
+    /// The ClientHello asked for HTTP: hand the connection to the HTTPS
+    /// front ([`Stream::take_for_https`]).
+    Https,
 }
 
 impl Stream {
@@ -117,12 +137,108 @@ impl Stream {
             proxy: None,
             readdressed: None,
             counted_ip: None,
+            sniff: None,
         })
     }
 
     /// True until the PROXY header of a balancer's connection is complete.
     pub(super) fn awaits_proxy_header(&self) -> bool {
         self.proxy.is_some()
+    }
+
+    /// The TLS listener is shared with HTTPS: the ClientHello decides
+    /// whether this connection is TURN (the handshake goes on here, with
+    /// `config`) or HTTPS (handed to the front).
+    pub(super) fn route_by_client_hello(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+        https: crate::https::HttpsHandoff,
+    ) {
+        self.tls = None;
+        self.sniff = Some(Box::new(Sniff {
+            raw: Vec::new(),
+            acceptor: rustls::server::Acceptor::default(),
+            config,
+            https,
+        }));
+    }
+
+    /// The socket (a duplicate: the loop closes its own), the bytes read
+    /// and the client of a connection [`ReadOutcome::Https`] named.
+    pub(super) fn take_for_https(
+        &mut self,
+    ) -> Option<(crate::https::HttpsHandoff, crate::https::Handed)> {
+        use std::os::fd::AsFd;
+        let sniff = self.sniff.take()?;
+        let fd = self.socket.as_fd().try_clone_to_owned().ok()?;
+        Some((
+            sniff.https,
+            crate::https::Handed {
+                socket: std::net::TcpStream::from(fd),
+                head: sniff.raw,
+                client: self.client.client,
+            },
+        ))
+    }
+
+    /// Takes `bytes` (read from the socket) into the ClientHello; once it
+    /// is complete, decides: TURN goes on with the handshake here, HTTPS
+    /// is [`ReadOutcome::Https`].
+    fn sniff_bytes(&mut self, bytes: &[u8]) -> Result<(), ReadOutcome> {
+        let Some(sniff) = self.sniff.as_mut() else {
+            return Ok(());
+        };
+        sniff.raw.extend_from_slice(bytes);
+        if sniff.raw.len() > MAX_CLIENT_HELLO {
+            return Err(ReadOutcome::Garbage(DropReason::Malformed));
+        }
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match sniff.acceptor.read_tls(&mut rest) {
+                Ok(0) | Err(_) => return Err(ReadOutcome::Garbage(DropReason::Malformed)),
+                Ok(_) => {}
+            }
+        }
+        let accepted = match sniff.acceptor.accept() {
+            Ok(None) => return Ok(()),
+            Ok(Some(accepted)) => accepted,
+            Err((_, mut alert)) => {
+                let _ = alert.write_all(&mut self.socket);
+                return Err(ReadOutcome::Garbage(DropReason::Malformed));
+            }
+        };
+        let hello = accepted.client_hello();
+        if crate::https::wants_http(hello.alpn(), hello.server_name(), sniff.https.names()) {
+            return Err(ReadOutcome::Https);
+        }
+        sniff.https.kept_for_turn();
+        let config = sniff.config.clone();
+        self.sniff = None;
+        match accepted.into_connection(config) {
+            Ok(conn) => {
+                self.tls = Some(conn);
+                let _ = self.flush();
+                Ok(())
+            }
+            Err((_, mut alert)) => {
+                let _ = alert.write_all(&mut self.socket);
+                Err(ReadOutcome::Garbage(DropReason::Malformed))
+            }
+        }
+    }
+
+    /// [`Stream::fill`] until the ClientHello of a shared listener decides.
+    fn fill_sniff(&mut self) -> Result<bool, ReadOutcome> {
+        let mut chunk = [0u8; 4096];
+        let n = match self.socket.read(&mut chunk) {
+            Ok(0) => return Err(ReadOutcome::Close),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(_) => return Err(ReadOutcome::Close),
+        };
+        self.sniff_bytes(&chunk[..n])?;
+        Ok(true)
     }
 
     /// The connection comes from a load balancer: its first bytes are a
@@ -161,6 +277,10 @@ impl Stream {
             self.readdressed = Some(self.client);
             self.client.client = SocketAddr::new(source.ip().to_canonical(), source.port());
         }
+        if self.sniff.is_some() {
+            self.sniff_bytes(&rest)?;
+            return Ok(true);
+        }
         match self.tls.as_mut() {
             None => {
                 // At most 512 bytes: within a fresh read buffer.
@@ -189,6 +309,10 @@ impl Stream {
     /// `None` when it cannot move: TLS 1.2, a handshake not done, records
     /// rustls still has to write, or secret extraction refused.
     pub(super) fn handoff_parts(&mut self) -> Option<super::handoff::StreamParts> {
+        if self.sniff.is_some() {
+            // Neither TURN nor HTTPS yet.
+            return None;
+        }
         let mut unread = self.read[..self.filled].to_vec();
         let tls = match (self.tls.take(), &self.sealed) {
             (None, None) => None,
@@ -289,6 +413,7 @@ impl Stream {
             proxy: None,
             readdressed: None,
             counted_ip: None,
+            sniff: None,
         })
     }
 
@@ -325,6 +450,9 @@ impl Stream {
         }
         if self.sealed.is_some() {
             return self.fill_sealed();
+        }
+        if self.sniff.is_some() {
+            return self.fill_sniff();
         }
         let Some(tls) = self.tls.as_mut() else {
             return match self.socket.read(&mut self.read[self.filled..]) {
@@ -540,7 +668,7 @@ impl Stream {
     /// True while a TLS handshake is under way (its steps cost key
     /// exchanges and signatures: the loop bounds them per turn).
     pub(super) fn is_handshaking(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+        self.sniff.is_some() || self.tls.as_ref().is_some_and(|t| t.is_handshaking())
     }
 
     /// True when bytes wait for the socket.

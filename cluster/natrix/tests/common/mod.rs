@@ -379,6 +379,31 @@ fn http_request(
 }
 
 /// Path of an external tool the test needs; fails loudly when missing
+/// Writes a fresh self-signed certificate with common name `cn`, replacing
+/// the files atomically (rename), as cert-manager or certbot do.
+pub fn write_cert(dir: &std::path::Path, cn: &str) {
+    let (cert_tmp, key_tmp) = (dir.join("cert.tmp"), dir.join("key.tmp"));
+    let status = Command::new(tool("openssl"))
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-days", "2", "-nodes", "-subj", &format!("/CN={cn}")])
+        .arg("-keyout")
+        .arg(&key_tmp)
+        .arg("-out")
+        .arg(&cert_tmp)
+        .output()
+        .expect("running openssl");
+    assert!(status.status.success(), "openssl failed: {status:?}");
+    std::fs::rename(&key_tmp, dir.join("key.pem")).expect("rename key");
+    std::fs::rename(&cert_tmp, dir.join("cert.pem")).expect("rename cert");
+}
+
 /// (`.ci/install-deps` installs them).
 pub fn tool(name: &str) -> String {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
