@@ -31,6 +31,9 @@ use crate::tls::TlsReloader;
 
 /// HTTPS connections served at once; more are closed.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// HTTPS connections one client address holds at once (so one source
+/// cannot take every slot with idle connections).
+pub const MAX_CONNECTIONS_PER_IP: usize = 32;
 /// The longest request head (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Connections waiting between a loop and the front.
@@ -169,8 +172,13 @@ pub fn start(
         .spawn(move || {
             runtime.block_on(async move {
                 let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+                let per_ip = Arc::new(PerIp::default());
                 while let Some(conn) = rx.recv().await {
                     let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        m.refused_full.inc();
+                        continue;
+                    };
+                    let Some(held) = per_ip.take(conn.client.ip()) else {
                         m.refused_full.inc();
                         continue;
                     };
@@ -179,7 +187,7 @@ pub fn start(
                         m.connections.inc();
                         serve(conn, &tls, &backend, &m).await;
                         m.connections.dec();
-                        drop(permit);
+                        drop((permit, held));
                     });
                 }
             });
@@ -189,6 +197,38 @@ pub fn start(
         tx,
         metrics,
     })
+}
+
+/// Connections per client address.
+#[derive(Debug, Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection counted against its address; released when dropped.
+struct Held(Arc<PerIp>, std::net::IpAddr);
+
+impl PerIp {
+    /// Counts a connection from `ip`; `None` at the cap.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Held> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(Held(self.clone(), ip))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut map = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// The socket with the bytes the loop already read in front of it.
@@ -497,6 +537,31 @@ mod tests {
         )
         .expect("an upgrade");
         assert!(ws.upgrade);
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_connections() {
+        let per_ip = Arc::new(PerIp::default());
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = (
+            "192.0.2.1".parse().expect("ip"),
+            "192.0.2.2".parse().expect("ip"),
+        );
+        let mut held: Vec<Held> = (0..MAX_CONNECTIONS_PER_IP)
+            .map(|_| per_ip.take(a).expect("under the cap"))
+            .collect();
+        assert!(per_ip.take(a).is_none(), "past the cap");
+        assert!(per_ip.take(b).is_some(), "another address is not affected");
+        held.pop();
+        assert!(
+            per_ip.take(a).is_some(),
+            "a closed connection frees its place"
+        );
+        drop(held);
+        assert_eq!(
+            per_ip.0.lock().expect("lock").len(),
+            0,
+            "nothing kept for gone clients"
+        );
     }
 
     #[test]

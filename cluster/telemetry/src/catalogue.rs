@@ -422,7 +422,7 @@ pub const RELAY_HTTPS_CONNECTIONS: MetricDef = metric(
 /// What the HTTPS front did with requests and connections.
 pub const RELAY_HTTPS_REQUESTS_TOTAL: MetricDef = metric(
     "relay_https_requests_total",
-    "HTTPS on the TURN-over-TLS port: requests passed to --tls-http-backend (forwarded, upgraded to WebSocket), request heads refused (bad_request: not HTTP/1.x, over 16 KiB, chunked, two lengths; the connection ends), and connections lost before a request (handshake_failed, backend_failed, refused_full at 1024 connections).",
+    "HTTPS on the TURN-over-TLS port: requests passed to --tls-http-backend (forwarded, upgraded to WebSocket), request heads refused (bad_request: not HTTP/1.x, over 16 KiB, chunked, two lengths; the connection ends), and connections lost before a request (handshake_failed, backend_failed, refused_full at 1024 connections or 32 from one address).",
     Kind::Counter,
     &[Label {
         name: "result",
