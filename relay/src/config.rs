@@ -191,7 +191,8 @@ pub struct RelayConfig {
     /// behind 1:1 NAT (a cloud VM) then learns its public address from the
     /// CDX nodes (`--stun-server`, and those in the registry with
     /// --redis-url), and refuses to start when none answers. Give the
-    /// private address here to relay for a private network.
+    /// private address here to relay for a private network. An IPv6
+    /// address here is the IPv6 relayed address's (--external-ipv6 wins).
     #[arg(long = "external-ip", env = "NATRIX_EXTERNAL_IP")]
     pub external_ip: Option<IpAddr>,
 
@@ -213,6 +214,18 @@ pub struct RelayConfig {
     /// address).
     #[arg(long = "external-ipv6", env = "NATRIX_EXTERNAL_IPV6")]
     pub external_ipv6: Option<IpAddr>,
+
+    /// The relayed address family of an Allocate that names none (no
+    /// REQUESTED-ADDRESS-FAMILY): ipv4 (RFC 8656), ipv6, or keep (the
+    /// family the client reached the relay over). A relay without the
+    /// chosen family (an IPv6-only host has no IPv4) gives the other.
+    #[arg(
+        long = "allocation-default-family",
+        env = "NATRIX_ALLOCATION_DEFAULT_FAMILY",
+        default_value = "ipv4",
+        value_parser = parse_family
+    )]
+    pub allocation_default_family: crate::core::DefaultFamily,
 
     /// Relay port range, MIN-MAX.
     #[arg(
@@ -503,7 +516,7 @@ impl RelayConfig {
 
     /// The advertised IPv4 address.
     pub fn external_v4(&self) -> IpAddr {
-        if let Some(ip) = self.external_ip {
+        if let Some(ip) = self.external_ip.filter(IpAddr::is_ipv4) {
             return ip;
         }
         if !self.relay_ip.is_unspecified() {
@@ -533,17 +546,36 @@ impl RelayConfig {
             .map_or(self.relay_ip, |l| l.ip())
     }
 
+    /// True when the relay has IPv4 to relay from: given (`--relay-ip`,
+    /// `--external-ip`, a specific IPv4 listener) or the host's own.
+    pub fn offers_ipv4(&self) -> bool {
+        self.external_ip.is_some_and(|ip| ip.is_ipv4())
+            || !self.relay_ip.is_unspecified()
+            || self
+                .listen
+                .iter()
+                .any(|l| l.is_ipv4() && !l.ip().is_unspecified())
+            || primary_ipv4().is_some()
+    }
+
     /// The core configuration (the same for every loop).
     pub fn server_config(&self) -> ServerConfig {
         ServerConfig {
             software: Some(self.software.clone()).filter(|s| !s.is_empty()),
-            relay_v4: Some(RelayAddress {
+            // An IPv6-only host relays IPv6 alone (no IPv4 address to bind
+            // or advertise).
+            relay_v4: self.offers_ipv4().then(|| RelayAddress {
                 bind: self.relay_bind_v4(),
                 public: self.external_v4(),
             }),
+            // An IPv6 --external-ip (the chart's node address on an
+            // IPv6-only cluster) is the IPv6 one.
             relay_v6: self.relay_ipv6.map(|bind| RelayAddress {
                 bind,
-                public: self.external_ipv6.unwrap_or(bind),
+                public: self
+                    .external_ipv6
+                    .or(self.external_ip.filter(IpAddr::is_ipv6))
+                    .unwrap_or(bind),
             }),
             default_lifetime: self.default_lifetime,
             max_lifetime: self.max_lifetime.max(self.default_lifetime),
@@ -573,6 +605,7 @@ impl RelayConfig {
                 exempt: self.auth_ban_exempt.clone(),
             },
             usage: self.usage_sinks().any(),
+            default_family: self.allocation_default_family,
         }
     }
 }
@@ -614,5 +647,16 @@ fn parse_backend(s: &str) -> Result<String, String> {
             Ok(s.to_string())
         }
         _ => Err(format!("{s:?} is not host:port (for example lookup:8080)")),
+    }
+}
+
+/// `ipv4`, `ipv6` or `keep`.
+fn parse_family(s: &str) -> Result<crate::core::DefaultFamily, String> {
+    use crate::core::DefaultFamily;
+    match s {
+        "ipv4" => Ok(DefaultFamily::Ipv4),
+        "ipv6" => Ok(DefaultFamily::Ipv6),
+        "keep" => Ok(DefaultFamily::Keep),
+        _ => Err(format!("{s:?}: give ipv4, ipv6 or keep")),
     }
 }

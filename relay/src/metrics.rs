@@ -14,6 +14,7 @@ use crate::core::{
 #[derive(Clone, Debug)]
 pub struct RelayMetrics {
     allocations: IntGauge,
+    dual_stack: IntGauge,
     created: IntCounter,
     moved: [IntCounter; 2],
     expired: IntCounter,
@@ -56,6 +57,7 @@ impl RelayMetrics {
         let conns = t.gauge_family(&cat::RELAY_CONNECTIONS);
         RelayMetrics {
             allocations: t.gauge(&cat::RELAY_ALLOCATIONS),
+            dual_stack: t.gauge(&cat::RELAY_DUAL_STACK_ALLOCATIONS),
             created: t.counter(&cat::RELAY_ALLOCATIONS_CREATED_TOTAL),
             moved: ["same_loop", "across_loops"].map(|p| {
                 t.counter_family(&cat::RELAY_ALLOCATIONS_MOVED_TOTAL)
@@ -106,6 +108,8 @@ impl RelayMetrics {
         };
         self.allocations
             .add(now.allocations as i64 - last.allocations as i64);
+        self.dual_stack
+            .add(now.dual_stack_allocations as i64 - last.dual_stack_allocations as i64);
         inc(
             &self.created,
             last.allocations_created,

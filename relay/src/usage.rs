@@ -65,6 +65,7 @@ pub fn record_json(r: &UsageRecord, relay: &str) -> serde_json::Value {
     serde_json::json!({
         "relay": relay,
         "relayed": r.relayed.to_string(),
+        "relayed_v6": r.relayed_v6.map(|r| r.to_string()),
         "client": r.client.client.to_string(),
         "transport": transport,
         "username": &*r.username,

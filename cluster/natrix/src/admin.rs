@@ -75,6 +75,7 @@ fn info_json(relay: &str, a: &natrix_relay::core::AllocationInfo) -> serde_json:
     json!({
         "relay": relay,
         "relayed": a.relayed.to_string(),
+        "relayed_v6": a.relayed_v6.map(|r| r.to_string()),
         "client": a.client.client.to_string(),
         "transport": format!("{:?}", a.client.transport).to_lowercase(),
         "username": &*a.username,

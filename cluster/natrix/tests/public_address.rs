@@ -11,6 +11,9 @@
 //!   pa-vm   (the relay on 10.77.0.2)
 //! ```
 //!
+//! And a relay on an IPv6-only host (an IPv6-only Kubernetes node): a
+//! namespace whose loopback has no IPv4 address.
+//!
 //! Needs root, iproute2 and nftables (the NAT lab's requirements).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -244,5 +247,80 @@ fn a_relay_behind_one_to_one_nat_learns_and_advertises_its_public_address() {
         !given.log().contains("public address learnt"),
         "{}",
         given.log()
+    );
+}
+
+/// A namespace deleted when dropped.
+struct Netns(&'static str);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// An IPv6-only host: the relay starts without any IPv4 address, and
+/// coturn's client — over IPv6, naming no address family — gets an IPv6
+/// relayed address (a relay without IPv4 gives IPv6 whatever
+/// --allocation-default-family says) and reaches an IPv6 peer without
+/// loss.
+#[test]
+fn an_ipv6_only_relay_serves_clients_that_name_no_family() {
+    const NS: &str = "v6-only";
+    sh("ip netns del v6-only 2>/dev/null || true
+ip netns add v6-only
+ip -n v6-only link set lo up
+ip -n v6-only addr del 127.0.0.1/8 dev lo");
+    let _ns = Netns(NS);
+    let user = format!("{USER}:{PASSWORD}");
+    let mut natrix = InNs::spawn(
+        NS,
+        env!("CARGO_BIN_EXE_natrix"),
+        &[
+            "relay",
+            "--turn-listen",
+            "[::1]:3478",
+            "--relay-ipv6",
+            "::1",
+            "--user",
+            &user,
+            "--realm",
+            "natrix.test",
+            "--peer-allow",
+            "::1",
+            "--metrics-listen",
+            "[::1]:9090",
+            "--log-format",
+            "json",
+            "--workers",
+            "1",
+        ],
+    );
+    assert!(
+        natrix.wait_for("relay role serving TURN"),
+        "{}",
+        natrix.log()
+    );
+    let _peer = InNs::spawn(NS, &tool("turnutils_peer"), &["-p", "3480", "-L", "::1"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let base = [
+        "-p", "3478", "-u", USER, "-w", PASSWORD, "-e", "::1", "-r", "3480", "-n", "20", "-m", "1",
+        "-c",
+    ];
+    // -v: the client prints the relayed address it got.
+    let report = common::uclient_in(NS, &[&base[..], &["-v", "::1"]].concat());
+    assert_eq!(
+        (report.sent, report.received, report.lost),
+        (20, 20, 0),
+        "{}",
+        report.output
+    );
+    assert!(
+        report.output.contains("IPv6. Received relay addr"),
+        "{}",
+        report.output
     );
 }

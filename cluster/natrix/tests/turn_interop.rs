@@ -1095,16 +1095,7 @@ fn ipv6_relayed_addresses_reach_ipv6_peers() {
         return;
     }
     let natrix = Natrix::relay(&["--peer-allow", "127.0.0.0/8,::1", "--relay-ipv6", "::1"]);
-    let peer_port = common::free_port();
-    let _peer = common::Spawned(
-        std::process::Command::new(common::tool("turnutils_peer"))
-            .args(["-p", &peer_port.to_string(), "-L", "::1"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("turnutils_peer"),
-    );
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (_peer, peer_port) = common::udp_echo_peer_on("::1");
     let p = port(&natrix);
     let pp = peer_port.to_string();
     // -x: request an IPv6 relayed address.
@@ -1125,6 +1116,89 @@ fn ipv6_relayed_addresses_reach_ipv6_peers() {
         ],
     );
     assert_clean(&report, 20);
+}
+
+/// Dual-stack allocations (RFC 8656 ADDITIONAL-ADDRESS-FAMILY) with
+/// coturn's client (`-Z`, at the draft's code point coturn still uses):
+/// one Allocate gives an IPv4 and an IPv6 relayed address; the client
+/// reaches an IPv4 peer and, in other runs, an IPv6 peer, each through the
+/// relayed address of its family, without loss, also while moving its
+/// allocations between the relay's loops; the usage records name both
+/// relayed addresses.
+#[test]
+fn dual_stack_allocations_reach_ipv4_and_ipv6_peers() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("natrix-dual-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let usage = dir.join("usage.jsonl");
+    let usage_path = usage.display().to_string();
+    let mut natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8,::1",
+        "--relay-ipv6",
+        "::1",
+        "--usage-file",
+        &usage_path,
+        "--drain-timeout",
+        "1s",
+    ]);
+    let p = port(&natrix);
+    // (peer, extra flags, clients, messages each): an IPv4 peer, an IPv6
+    // peer, and ten clients that move their allocations (-M, RFC 8016) —
+    // across the relay's loops too, the IPv6 socket going along.
+    let runs: [(&str, &[&str], u64, u64); 3] = [
+        ("127.0.0.1", &[], 1, 30),
+        ("::1", &[], 1, 30),
+        ("::1", &["-M"], 10, 20),
+    ];
+    for (peer_ip, extra, clients, messages) in runs {
+        let (_peer, peer_port) = common::udp_echo_peer_on(peer_ip);
+        let pp = peer_port.to_string();
+        let (m, n) = (clients.to_string(), messages.to_string());
+        // -Z: ADDITIONAL-ADDRESS-FAMILY IPv6 (dual allocation, implies -c).
+        let mut args = vec!["-Z", "-e", peer_ip, "-r", &pp, "-n", &n, "-m", &m];
+        args.extend_from_slice(extra);
+        args.push("127.0.0.1");
+        let report = as_tester(&p, &args);
+        assert_clean(&report, clients * messages);
+    }
+    assert!(natrix.metric("relay_allocations_moved_total{path=\"across_loops\"}") > 0.0);
+    assert!(
+        natrix
+            .signal_and_wait(libc::SIGTERM, std::time::Duration::from_secs(20))
+            .success()
+    );
+    let records = common::usage_records(&usage);
+    // Two allocations per client (uclient opens a second one it leaves
+    // idle), every one dual-stack; one per client carried its messages
+    // each way — all but the first run's only through the IPv6 half (their
+    // peer is ::1).
+    assert_eq!(records.len(), 24, "{records:#?}");
+    let packets = |r: &serde_json::Value, way: &str| r[way]["packets"].as_u64().unwrap_or(0);
+    let busy: Vec<_> = records
+        .iter()
+        .filter(|r| packets(r, "peer_to_client") > 0)
+        .collect();
+    assert_eq!(busy.len(), 12, "{records:#?}");
+    for way in ["client_to_peer", "peer_to_client"] {
+        let total: u64 = busy.iter().map(|r| packets(r, way)).sum();
+        assert_eq!(total, 2 * 30 + 10 * 20, "{way}");
+    }
+    for r in &records {
+        let addr = |k: &str| {
+            r[k].as_str()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .unwrap_or_else(|| panic!("no {k}: {r}"))
+        };
+        assert!(
+            addr("relayed").is_ipv4() && addr("relayed_v6").is_ipv6(),
+            "{r}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// TURN mobility (RFC 8016) with coturn's client: `-M` asks for a ticket,

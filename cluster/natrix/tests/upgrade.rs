@@ -79,7 +79,9 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
         "relay",
         &[
             "--peer-allow",
-            "127.0.0.0/8",
+            "127.0.0.0/8,::1",
+            "--relay-ipv6",
+            "::1",
             "--tls-listen",
             &tls,
             "--tls-cert",
@@ -96,6 +98,32 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
         ("tcp", relay_load(&server, "6s", "tcp")),
         ("tls", relay_load(&tls, "6s", "tls")),
     ];
+    // And coturn's client with a dual-stack allocation (-Z) talking to an
+    // IPv6 peer: the IPv6 relay socket moves with its allocation.
+    let (_peer6, peer6_port) = common::udp_echo_peer_on("::1");
+    let dual = {
+        let (port, peer) = (n.stun.port().to_string(), peer6_port.to_string());
+        std::thread::spawn(move || {
+            common::uclient(&[
+                "-Z",
+                "-u",
+                USER,
+                "-w",
+                PASSWORD,
+                "-p",
+                &port,
+                "-e",
+                "::1",
+                "-r",
+                &peer,
+                "-n",
+                "250",
+                "-m",
+                "1",
+                "127.0.0.1",
+            ])
+        })
+    };
     std::thread::sleep(Duration::from_millis(2000));
 
     // A package upgrade replaces the file; the running image is the old one.
@@ -125,14 +153,21 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
             "{transport}: more than 0.1% lost through the upgrade: {r}"
         );
     }
+    let dual = dual.join().expect("the dual-stack client");
+    assert_eq!(
+        (dual.sent, dual.received, dual.lost),
+        (250, 250, 0),
+        "the dual-stack client through the upgrade:\n{}",
+        dual.output
+    );
     // The clients are gone; their allocations went on through the hand-off
     // and ended when the clients did.
     let log = n.log();
     assert!(
         log.contains(
-            "\"message\":\"took over the allocations of the previous binary\",\"allocations\":6"
+            "\"message\":\"took over the allocations of the previous binary\",\"allocations\":8"
         ),
-        "6 handed over:\n{log}"
+        "8 handed over (the dual-stack client's two among them):\n{log}"
     );
 
     // A binary that does not run: the relay refuses to hand over and

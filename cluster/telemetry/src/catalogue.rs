@@ -294,6 +294,14 @@ pub const RELAY_ALLOCATIONS: MetricDef = metric(
     &[],
 );
 
+/// Dual-stack allocations alive.
+pub const RELAY_DUAL_STACK_ALLOCATIONS: MetricDef = metric(
+    "relay_dual_stack_allocations",
+    "Of the live TURN allocations, those with an IPv4 and an IPv6 relayed address (RFC 8656 ADDITIONAL-ADDRESS-FAMILY; each holds two relay ports).",
+    Kind::Gauge,
+    &[],
+);
+
 /// The relay's allocation limit.
 pub const RELAY_ALLOCATION_CAPACITY: MetricDef = metric(
     "relay_allocation_capacity",
@@ -1025,6 +1033,7 @@ pub const ALL: &[&MetricDef] = &[
     &CLUSTER_REGISTRY_HEARTBEATS_TOTAL,
     &CLUSTER_REGISTRY_REFRESHES_TOTAL,
     &RELAY_ALLOCATIONS,
+    &RELAY_DUAL_STACK_ALLOCATIONS,
     &RELAY_ALLOCATION_CAPACITY,
     &RELAY_ALLOCATIONS_CREATED_TOTAL,
     &RELAY_ALLOCATIONS_MOVED_TOTAL,

@@ -82,6 +82,9 @@ pub(crate) struct Allocation {
     pub(crate) client: ClientSocket,
     /// The relayed transport address given to the client.
     pub(crate) relayed: SocketAddr,
+    /// A dual-stack allocation's IPv6 relayed address and the slot of its
+    /// socket (RFC 8656 ADDITIONAL-ADDRESS-FAMILY).
+    pub(crate) relayed6: Option<(u32, SocketAddr)>,
     pub(crate) username: Box<str>,
     pub(crate) key: IntegrityKey,
     /// The Allocate that created it, to recognise retransmissions.

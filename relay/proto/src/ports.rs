@@ -363,6 +363,12 @@ impl SharedPorts {
         Ok(())
     }
 
+    /// Takes `port` alone (the IPv6 half of a dual-stack allocation that
+    /// moved here); false when it is outside the range or taken.
+    pub(crate) fn take_exact(&self, port: u16) -> bool {
+        self.lock().pool.take(port)
+    }
+
     /// Takes `port` and counts `claim` for an allocation that moved here
     /// from another process (its quotas held there: no checks). False when
     /// the port is outside the range or already taken.

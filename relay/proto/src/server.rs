@@ -58,6 +58,27 @@ const MAX_UNKNOWN_LISTED: usize = 8;
 /// Characters of a refused username that go into the log line.
 const MAX_LOGGED_USERNAME: usize = 96;
 
+/// ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE at the code points of
+/// the draft before RFC 8656, which coturn's clients still send and read.
+const DRAFT_ADDITIONAL_ADDRESS_FAMILY: AttributeType = AttributeType(0x8032);
+const DRAFT_ADDRESS_ERROR_CODE: AttributeType = AttributeType(0x8033);
+
+/// ADDRESS-ERROR-CODE for `family`, at the code point the request used.
+fn address_error(
+    enc: &mut Encoder<'_>,
+    draft: bool,
+    family: u8,
+    refusal: Refusal,
+) -> Result<(), EncodeError> {
+    let code = refusal.code();
+    if !draft {
+        return enc.attribute(&Attribute::AddressErrorCode(family, code));
+    }
+    let mut value = vec![family, 0, (code.code / 100) as u8, (code.code % 100) as u8];
+    value.extend_from_slice(code.reason.as_bytes());
+    enc.attribute(&Attribute::Other(DRAFT_ADDRESS_ERROR_CODE, &value))
+}
+
 /// Where relayed transport addresses live for one address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelayAddress {
@@ -76,6 +97,13 @@ struct AllocateRequest<'a> {
     even_port: Option<EvenPort>,
     /// An IPv6 relayed address (REQUESTED-ADDRESS-FAMILY 0x02).
     v6: bool,
+    /// REQUESTED-ADDRESS-FAMILY was given (else `v6` is the default's).
+    family_given: bool,
+    /// An IPv6 relayed address besides the IPv4 one
+    /// (ADDITIONAL-ADDRESS-FAMILY 0x02, RFC 8656 §7.2).
+    additional_v6: bool,
+    /// ... asked for at the draft's code point (coturn's clients).
+    additional_draft: bool,
 }
 
 impl<'a> AllocateRequest<'a> {
@@ -103,7 +131,21 @@ impl<'a> AllocateRequest<'a> {
             Some(_) => return Err(Refusal::MalformedAttribute),
             None => None,
         };
-        if token.is_some() && (even_port.is_some() || family.is_some()) {
+        // Only IPv6 can be additional (the first family is IPv4); not with
+        // a requested family or a reservation (RFC 8656 §7.2: 400).
+        let (additional_v6, additional_draft) =
+            match msg.decode(AttributeType::ADDITIONAL_ADDRESS_FAMILY) {
+                Some(Ok(Attribute::AdditionalAddressFamily(0x02))) => (true, false),
+                Some(_) => return Err(Refusal::MalformedAttribute),
+                None => match msg.get(DRAFT_ADDITIONAL_ADDRESS_FAMILY) {
+                    Some([0x02, ..]) => (true, true),
+                    Some(_) => return Err(Refusal::MalformedAttribute),
+                    None => (false, false),
+                },
+            };
+        if (token.is_some() && (even_port.is_some() || family.is_some() || additional_v6))
+            || (additional_v6 && family.is_some())
+        {
             return Err(Refusal::ConflictingAttributes);
         }
         let v6 = match family {
@@ -125,6 +167,9 @@ impl<'a> AllocateRequest<'a> {
             token,
             even_port,
             v6,
+            family_given: family.is_some(),
+            additional_v6,
+            additional_draft,
         })
     }
 }
@@ -168,6 +213,20 @@ pub struct ServerConfig {
     /// Emit a usage record ([`Command::Usage`]) for every allocation that
     /// ends.
     pub usage: bool,
+    /// The family of an Allocate without REQUESTED-ADDRESS-FAMILY.
+    pub default_family: DefaultFamily,
+}
+
+/// The relayed address family of an Allocate that names none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DefaultFamily {
+    /// IPv4 (RFC 8656 §7.2).
+    #[default]
+    Ipv4,
+    /// IPv6.
+    Ipv6,
+    /// The family the client reached the relay over (coturn's `keep`).
+    Keep,
 }
 
 impl Default for ServerConfig {
@@ -188,6 +247,7 @@ impl Default for ServerConfig {
             mobility: true,
             bans: BanPolicy::default(),
             usage: false,
+            default_family: DefaultFamily::Ipv4,
         }
     }
 }
@@ -306,6 +366,8 @@ pub enum Command {
 pub struct UsageRecord {
     /// Its relayed transport address.
     pub relayed: SocketAddr,
+    /// A dual-stack allocation's IPv6 relayed address.
+    pub relayed_v6: Option<SocketAddr>,
     /// Its client's 5-tuple (at the end: after a move, the new one).
     pub client: ClientSocket,
     /// The TURN username (for a session token: expiry, session, tenant).
@@ -336,6 +398,10 @@ pub trait RelaySockets {
 struct Slot {
     generation: u32,
     allocation: Option<Allocation>,
+    /// The IPv6 relay socket of a dual-stack allocation (RFC 8656
+    /// ADDITIONAL-ADDRESS-FAMILY) holds a slot of its own, so the shell
+    /// tags it with an id as any relay socket: the allocation's slot.
+    twin_of: Option<u32>,
 }
 
 /// Why an allocation ended.
@@ -389,6 +455,8 @@ impl Alternate {
 pub struct AllocationInfo {
     /// Its relayed transport address.
     pub relayed: SocketAddr,
+    /// A dual-stack allocation's IPv6 relayed address.
+    pub relayed_v6: Option<SocketAddr>,
     /// Its client's 5-tuple.
     pub client: ClientSocket,
     /// The TURN username.
@@ -611,6 +679,7 @@ impl Server {
             .filter_map(|s| s.allocation.as_ref())
             .map(|a| AllocationInfo {
                 relayed: a.relayed,
+                relayed_v6: a.relayed6.map(|(_, r)| r),
                 client: a.client,
                 username: a.username.clone(),
                 expires_in: a.expires.saturating_duration_since(now),
@@ -631,11 +700,11 @@ impl Server {
     /// usage record says `killed`. False when this core has none there.
     pub fn kill(&mut self, relayed: SocketAddr, now: Instant) -> bool {
         self.clock = self.clock.max(now);
-        let Some(index) = self
-            .slots
-            .iter()
-            .position(|s| s.allocation.as_ref().is_some_and(|a| a.relayed == relayed))
-        else {
+        let Some(index) = self.slots.iter().position(|s| {
+            s.allocation.as_ref().is_some_and(|a| {
+                a.relayed == relayed || a.relayed6.is_some_and(|(_, r)| r == relayed)
+            })
+        }) else {
             return false;
         };
         self.free(index as u32, End::Killed);
@@ -751,7 +820,7 @@ impl Server {
         self.stats
             .forwarded(Direction::ClientToPeer, data.payload.len());
         ClientAction::ToPeer {
-            allocation: self.id_of(index),
+            allocation: self.sender_for(index, peer),
             peer,
             payload: 4..4 + data.payload.len(),
         }
@@ -1237,7 +1306,10 @@ impl Server {
         if wants_ticket && !self.config.mobility {
             return Err(Refusal::MobilityForbidden);
         }
-        let req = AllocateRequest::parse(msg)?;
+        let mut req = AllocateRequest::parse(msg)?;
+        if !req.family_given {
+            req.v6 = self.default_v6(from);
+        }
         let claim = self.claim(req.username, from.client.ip());
         if let Err(r) = self.ports.admissible(&claim) {
             return Err(match r {
@@ -1257,7 +1329,9 @@ impl Server {
                 return Err(Refusal::AddressFamilyNotSupported);
             }
         };
-        let (index, port) = self.open_relay(&req, relay.bind, port, sockets, now)?;
+        let chosen = req.token.is_some() || req.even_port.is_some();
+        let (index, port) =
+            self.open_relay(chosen, req.dont_fragment, relay.bind, port, sockets, now)?;
         let id = self.id_of(index);
         let lifetime = match self.granted_lifetime(msg) {
             d if d.is_zero() => self.config.default_lifetime,
@@ -1289,6 +1363,7 @@ impl Server {
         self.slots[index as usize].allocation = Some(Allocation {
             client: from,
             relayed,
+            relayed6: None,
             username: req.username.into(),
             key: auth.key.clone(),
             created_by: msg.transaction_id(),
@@ -1308,9 +1383,26 @@ impl Server {
         self.stats.allocations_created += 1;
         self.stats.allocations = self.allocation_by_client.len() as u64;
         let ticket = self.ticket_of(ticket);
+        // The IPv6 half of a dual-stack allocation: when it cannot be had,
+        // the IPv4 one stands and ADDRESS-ERROR-CODE says why (§7.2).
+        let additional = match (req.additional_v6, relayed.is_ipv6()) {
+            (true, false) => Some(self.open_twin(index, req.dont_fragment, sockets, now)),
+            _ => None,
+        };
+        // Asked for both on a relay without IPv4: the IPv6 one stands.
+        let no_v4 = req.additional_v6 && relayed.is_ipv6();
+        let draft = req.additional_draft;
 
         self.success(msg, auth, out, |enc| {
             enc.attribute(&Attribute::XorRelayedAddress(relayed))?;
+            match additional {
+                Some(Ok(v6)) => enc.attribute(&Attribute::XorRelayedAddress(v6))?,
+                Some(Err(refusal)) => address_error(enc, draft, 0x02, refusal)?,
+                None if no_v4 => {
+                    address_error(enc, draft, 0x01, Refusal::AddressFamilyNotSupported)?;
+                }
+                None => {}
+            }
             enc.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32))?;
             if let Some(t) = reserved_token {
                 enc.attribute(&Attribute::ReservationToken(t))?;
@@ -1361,10 +1453,14 @@ impl Server {
             return Err(Refusal::AllocationExists);
         }
         let relayed = alloc.relayed;
+        let relayed6 = alloc.relayed6.map(|(_, a)| a);
         let left = alloc.expires.saturating_duration_since(now).as_secs() as u32;
         let ticket = self.ticket_of(alloc.ticket);
         self.success(msg, auth, out, |enc| {
             enc.attribute(&Attribute::XorRelayedAddress(relayed))?;
+            if let Some(v6) = relayed6 {
+                enc.attribute(&Attribute::XorRelayedAddress(v6))?;
+            }
             enc.attribute(&Attribute::Lifetime(left))?;
             if let Some(t) = ticket {
                 enc.raw(AttributeType::MOBILITY_TICKET, &t)?;
@@ -1412,7 +1508,8 @@ impl Server {
     /// failure returns the port to the pool. Returns the slot and port.
     fn open_relay(
         &mut self,
-        req: &AllocateRequest<'_>,
+        chosen: bool,
+        dont_fragment: bool,
         bind: std::net::IpAddr,
         mut port: u16,
         sockets: &mut dyn RelaySockets,
@@ -1422,13 +1519,13 @@ impl Server {
             self.slots.push(Slot {
                 generation: 0,
                 allocation: None,
+                twin_of: None,
             });
             (self.slots.len() - 1) as u32
         });
         let id = self.id_of(index);
-        let chosen = req.token.is_some() || req.even_port.is_some();
         for attempt in 0..BIND_ATTEMPTS {
-            match sockets.open(id, SocketAddr::new(bind, port), req.dont_fragment) {
+            match sockets.open(id, SocketAddr::new(bind, port), dont_fragment) {
                 Ok(()) => return Ok((index, port)),
                 Err(e) if e.kind() != std::io::ErrorKind::AddrInUse => {
                     // Out of descriptors or buffers: the port is fine and
@@ -1449,6 +1546,103 @@ impl Server {
         }
         self.free_slots.push(index);
         Err(Refusal::NoRelayPort)
+    }
+
+    /// The family of an Allocate from `from` that names none: the
+    /// configured default's when the relay offers it, else the other.
+    fn default_v6(&self, from: ClientSocket) -> bool {
+        let preferred_v6 = match self.config.default_family {
+            DefaultFamily::Ipv4 => false,
+            DefaultFamily::Ipv6 => true,
+            DefaultFamily::Keep => from.server.ip().to_canonical().is_ipv6(),
+        };
+        if preferred_v6 {
+            self.config.relay_v6.is_some() || self.config.relay_v4.is_none()
+        } else {
+            self.config.relay_v4.is_none() && self.config.relay_v6.is_some()
+        }
+    }
+
+    /// Opens the IPv6 relay socket of the dual-stack allocation in slot
+    /// `primary`, in a slot of its own; returns its relayed address.
+    fn open_twin(
+        &mut self,
+        primary: u32,
+        dont_fragment: bool,
+        sockets: &mut dyn RelaySockets,
+        now: Instant,
+    ) -> Result<SocketAddr, Refusal> {
+        let relay = self
+            .config
+            .relay_v6
+            .ok_or(Refusal::AddressFamilyNotSupported)?;
+        let random = self.next_random();
+        let port = self.ports.take_random(random).ok_or(Refusal::NoRelayPort)?;
+        let (twin, port) = self.open_relay(false, dont_fragment, relay.bind, port, sockets, now)?;
+        let relayed = SocketAddr::new(relay.public, port);
+        self.slots[twin as usize].twin_of = Some(primary);
+        if let Some(a) = self.slots[primary as usize].allocation.as_mut() {
+            a.relayed6 = Some((twin, relayed));
+        }
+        self.stats.dual_stack_allocations += 1;
+        Ok(relayed)
+    }
+
+    /// Closes the IPv6 half of a dual-stack allocation (its socket by the
+    /// command, its port back to the pool) and frees its slot.
+    fn free_twin(&mut self, twin: Option<(u32, SocketAddr)>) {
+        let Some((index, relayed)) = twin else {
+            return;
+        };
+        let slot = &mut self.slots[index as usize];
+        let id = AllocationId {
+            index,
+            generation: slot.generation,
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        slot.twin_of = None;
+        self.free_slots.push(index);
+        self.ports.put(relayed.port());
+        self.stats.dual_stack_allocations = self.stats.dual_stack_allocations.saturating_sub(1);
+        self.commands.push_back(Command::CloseRelay {
+            allocation: id,
+            relayed,
+        });
+    }
+
+    /// The id of the relay socket `allocation` sends to `peer` from: the
+    /// IPv6 half's for an IPv6 peer of a dual-stack allocation.
+    #[inline]
+    fn sender_for(&self, index: u32, peer: SocketAddr) -> AllocationId {
+        match self.slots[index as usize]
+            .allocation
+            .as_ref()
+            .and_then(|a| a.relayed6)
+        {
+            Some((twin, _)) if peer.is_ipv6() => self.id_of(twin),
+            _ => self.id_of(index),
+        }
+    }
+
+    /// The id of the live allocation or IPv6 half in `slot` (a handed-over
+    /// relay socket's owner).
+    pub fn live_id(&self, slot: u32) -> Option<AllocationId> {
+        let s = self.slots.get(slot as usize)?;
+        (s.allocation.is_some() || s.twin_of.is_some()).then(|| self.id_of(slot))
+    }
+
+    /// True when `id` is the IPv6 half of a dual-stack allocation.
+    pub fn is_twin(&self, id: AllocationId) -> bool {
+        self.slots
+            .get(id.index())
+            .is_some_and(|s| s.generation == id.generation && s.twin_of.is_some())
+    }
+
+    /// The IPv6 half of the dual-stack allocation `id`, if it has one.
+    pub fn twin_id(&self, id: AllocationId) -> Option<AllocationId> {
+        self.allocation(id)?
+            .relayed6
+            .map(|(twin, _)| self.id_of(twin))
     }
 
     /// Refresh (RFC 8656 §7.3).
@@ -1474,7 +1668,7 @@ impl Server {
             msg.decode(AttributeType::REQUESTED_ADDRESS_FAMILY)
         {
             let v6 = alloc.relayed.is_ipv6();
-            if (f == 0x02) != v6 {
+            if (f == 0x02) != v6 && !(f == 0x02 && alloc.relayed6.is_some()) {
                 return Err(Refusal::PeerAddressFamilyMismatch);
             }
         }
@@ -1558,7 +1752,9 @@ impl Server {
     /// token names them.
     fn check_peer(&self, peer: SocketAddr, index: u32) -> Result<(), Refusal> {
         let alloc = self.allocation_ref(index)?;
-        if peer.is_ipv6() != alloc.relayed.is_ipv6() {
+        if peer.is_ipv6() != alloc.relayed.is_ipv6()
+            && !(peer.is_ipv6() && alloc.relayed6.is_some())
+        {
             return Err(Refusal::PeerAddressFamilyMismatch);
         }
         if !self.policy.permits(peer.ip()) {
@@ -1684,7 +1880,7 @@ impl Server {
         let start = data.as_ptr() as usize - packet.as_ptr() as usize;
         self.stats.forwarded(Direction::ClientToPeer, data.len());
         ClientAction::ToPeer {
-            allocation: self.id_of(index),
+            allocation: self.sender_for(index, peer),
             peer,
             payload: start..start + data.len(),
         }
@@ -1722,10 +1918,12 @@ impl Server {
         let rate = self.config.bandwidth_per_allocation.unwrap_or(0) as f64;
         let slot = self
             .slots
-            .get_mut(id.index())
+            .get(id.index())
             .filter(|s| s.generation == id.generation)
             .ok_or(DropReason::StaleAllocation)?;
-        let alloc = slot
+        // A datagram on a dual-stack allocation's IPv6 socket.
+        let index = slot.twin_of.map_or(id.index(), |p| p as usize);
+        let alloc = self.slots[index]
             .allocation
             .as_mut()
             .ok_or(DropReason::StaleAllocation)?;
@@ -1855,6 +2053,7 @@ impl Server {
     fn usage_record(&self, alloc: &Allocation, end: &'static str) -> UsageRecord {
         UsageRecord {
             relayed: alloc.relayed,
+            relayed_v6: alloc.relayed6.map(|(_, r)| r),
             client: alloc.client,
             username: alloc.username.clone(),
             usage: alloc.usage,
@@ -1904,6 +2103,7 @@ impl Server {
             allocation: id,
             relayed: alloc.relayed,
         });
+        self.free_twin(alloc.relayed6);
         if self.config.usage {
             let record = self.usage_record(&alloc, end.label());
             self.commands.push_back(Command::Usage(Box::new(record)));
@@ -1931,6 +2131,9 @@ pub struct MovedAllocation {
     pub client: ClientSocket,
     /// The relayed transport address.
     pub relayed: SocketAddr,
+    /// A dual-stack allocation's IPv6 half: its slot, the slot's
+    /// generation (its socket's id) and its relayed address.
+    pub relayed6: Option<(u32, u32, SocketAddr)>,
     /// The TURN username.
     pub username: String,
     /// The long-term key its requests are signed with.
@@ -2005,6 +2208,9 @@ impl Server {
             generation: s.generation,
             client: a.client,
             relayed: a.relayed,
+            relayed6: a
+                .relayed6
+                .map(|(t, addr)| (t, self.slots[t as usize].generation, addr)),
             username: a.username.to_string(),
             key: a.key.raw()?.to_vec(),
             created_by: a.created_by.0,
@@ -2034,6 +2240,7 @@ impl Server {
         Allocation {
             client: m.client,
             relayed: m.relayed,
+            relayed6: None,
             username: m.username.as_str().into(),
             key: IntegrityKey::new(&m.key),
             created_by: TransactionId(m.created_by),
@@ -2076,6 +2283,7 @@ impl Server {
                 self.slots.resize_with(index + 1, || Slot {
                     generation: 0,
                     allocation: None,
+                    twin_of: None,
                 });
             }
             if self.slots[index].allocation.is_some()
@@ -2087,9 +2295,34 @@ impl Server {
             if !self.ports.adopt(m.relayed.port(), &claim) {
                 continue;
             }
+            let mut allocation = self.allocation_from(m, now);
+            if let Some((t, generation, addr)) = m.relayed6 {
+                let t_index = t as usize;
+                if self.slots.len() <= t_index {
+                    self.slots.resize_with(t_index + 1, || Slot {
+                        generation: 0,
+                        allocation: None,
+                        twin_of: None,
+                    });
+                }
+                let free = self.slots[t_index].allocation.is_none()
+                    && self.slots[t_index].twin_of.is_none();
+                // Without its slot or port here the IPv6 half ends (its
+                // socket is not taken); the IPv4 one goes on.
+                if t_index != index && free && self.ports.take_exact(addr.port()) {
+                    self.slots[t_index] = Slot {
+                        generation,
+                        allocation: None,
+                        twin_of: Some(m.slot),
+                    };
+                    allocation.relayed6 = Some((t, addr));
+                    self.stats.dual_stack_allocations += 1;
+                }
+            }
             self.slots[index] = Slot {
                 generation: m.generation,
-                allocation: Some(self.allocation_from(m, now)),
+                allocation: Some(allocation),
+                twin_of: None,
             };
             if let Some(secret) = m.ticket {
                 self.tickets.insert(secret, m.slot);
@@ -2100,7 +2333,10 @@ impl Server {
         let used: std::collections::HashSet<u32> = taken.iter().map(|id| id.index).collect();
         self.free_slots = (0..self.slots.len() as u32)
             .rev()
-            .filter(|i| self.slots[*i as usize].allocation.is_none() && !used.contains(i))
+            .filter(|i| {
+                let s = &self.slots[*i as usize];
+                s.allocation.is_none() && s.twin_of.is_none() && !used.contains(i)
+            })
             .collect();
         self.stats.allocations = self.allocation_by_client.len() as u64;
         taken
@@ -2119,7 +2355,7 @@ impl Server {
         &mut self,
         packet: &[u8],
         now: Instant,
-    ) -> Option<(AllocationId, MovedAllocation)> {
+    ) -> Option<(AllocationId, Option<AllocationId>, MovedAllocation)> {
         let msg = Message::parse(packet).ok()?;
         if msg.method() != Method::REFRESH || msg.class() != Class::Request {
             return None;
@@ -2144,8 +2380,19 @@ impl Server {
         if let Some(secret) = alloc.ticket {
             self.tickets.remove(&secret);
         }
+        // The IPv6 half moves too: its slot is freed here, its socket and
+        // port go along.
+        let twin = alloc.relayed6.map(|(t, _)| {
+            let twin = self.id_of(t);
+            let s = &mut self.slots[t as usize];
+            s.generation = s.generation.wrapping_add(1);
+            s.twin_of = None;
+            self.free_slots.push(t);
+            self.stats.dual_stack_allocations = self.stats.dual_stack_allocations.saturating_sub(1);
+            twin
+        });
         self.stats.allocations = self.allocation_by_client.len() as u64;
-        Some((id, moved))
+        Some((id, twin, moved))
     }
 
     /// Takes an allocation another core of this host gave up
@@ -2167,11 +2414,30 @@ impl Server {
                 self.slots.push(Slot {
                     generation: 0,
                     allocation: None,
+                    twin_of: None,
                 });
                 (self.slots.len() - 1) as u32
             }
         };
         self.slots[index as usize].allocation = Some(allocation);
+        if let Some((_, _, addr)) = m.relayed6 {
+            let twin = match self.free_slots.pop() {
+                Some(i) => i,
+                None => {
+                    self.slots.push(Slot {
+                        generation: 0,
+                        allocation: None,
+                        twin_of: None,
+                    });
+                    (self.slots.len() - 1) as u32
+                }
+            };
+            self.slots[twin as usize].twin_of = Some(index);
+            if let Some(a) = self.slots[index as usize].allocation.as_mut() {
+                a.relayed6 = Some((twin, addr));
+            }
+            self.stats.dual_stack_allocations += 1;
+        }
         if let Some(secret) = m.ticket {
             self.tickets.insert(secret, index);
         }
@@ -2186,6 +2452,9 @@ impl Server {
         self.ports
             .uncount(&self.claim(&m.username, m.client.client.ip()));
         self.ports.put(m.relayed.port());
+        if let Some((_, _, addr)) = m.relayed6 {
+            self.ports.put(addr.port());
+        }
         self.stats.allocations_deleted += 1;
     }
 

@@ -206,6 +206,8 @@ impl AuthFailureReason {
 pub struct Stats {
     /// Allocations alive now.
     pub allocations: u64,
+    /// Of them, dual-stack (an IPv4 and an IPv6 relayed address).
+    pub dual_stack_allocations: u64,
     /// Allocations created.
     pub allocations_created: u64,
     /// Allocations that ended because they were not refreshed.

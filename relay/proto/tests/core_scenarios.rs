@@ -1739,7 +1739,7 @@ fn a_ticket_from_another_loop_moves_the_allocation_between_loops() {
     assert!(loops[0].server.take_moving(&theft, t0).is_none());
     assert_eq!(loops[0].server.stats().allocations, 1);
 
-    let (_, moved) = loops[0].server.take_moving(&refresh, t0).unwrap();
+    let (_, _, moved) = loops[0].server.take_moving(&refresh, t0).unwrap();
     assert_eq!(loops[0].server.stats().allocations, 0);
     assert_eq!(
         shared.available(),
@@ -2038,4 +2038,277 @@ fn a_draining_or_full_relay_with_an_alternate_answers_300_try_alternate() {
         code_of(&room.request(&unsigned, client(7), room.t0)),
         Some(401)
     );
+}
+
+/// The relayed addresses an Allocate answer gives, in order.
+fn relayed_addresses(msg: &Message<'_>) -> Vec<SocketAddr> {
+    let tid = msg.transaction_id();
+    msg.attributes()
+        .filter(|a| a.ty == AttributeType::XOR_RELAYED_ADDRESS)
+        .filter_map(|a| match Attribute::decode(a.ty, a.value, &tid) {
+            Ok(Attribute::XorRelayedAddress(addr)) => Some(addr),
+            _ => None,
+        })
+        .collect()
+}
+
+fn dual_config() -> ServerConfig {
+    ServerConfig {
+        relay_v6: Some(RelayAddress {
+            bind: "fd00::5".parse().unwrap(),
+            public: "2001:db8::1".parse().unwrap(),
+        }),
+        ..config()
+    }
+}
+
+fn dual_policy() -> PeerPolicy {
+    PeerPolicy::new(
+        &[],
+        &[
+            "203.0.113.0/24".parse::<IpNet>().unwrap(),
+            "2001:db8:5::/48".parse::<IpNet>().unwrap(),
+        ],
+    )
+}
+
+/// RFC 8656 §7.2: ADDITIONAL-ADDRESS-FAMILY gives an IPv4 and an IPv6
+/// relayed address in one Allocate; an IPv4 peer is reached from the IPv4
+/// socket, an IPv6 peer from the IPv6 one, both answer the one client;
+/// the end closes both sockets and returns both ports.
+#[test]
+fn a_dual_stack_allocation_relays_each_family_from_its_own_socket() {
+    let mut h = Harness::with_policy(dual_config(), dual_policy());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let free = h.server.ports().available();
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
+        .sign(&alice, &nonce);
+    let resp = h.request(&req, c, h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(msg.class(), Class::Success, "{msg:?}");
+    let relayed = relayed_addresses(&msg);
+    assert_eq!(relayed.len(), 2, "{relayed:?}");
+    assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6(), "{relayed:?}");
+    assert_eq!(relayed[1].ip(), "2001:db8::1".parse::<IpAddr>().unwrap());
+    assert_eq!(h.sockets.opened.len(), 2);
+    let (id4, bind4, _) = h.sockets.opened[0];
+    let (id6, bind6, _) = h.sockets.opened[1];
+    assert_ne!(id4, id6);
+    assert_eq!(bind4.ip(), "10.0.0.5".parse::<IpAddr>().unwrap());
+    assert_eq!(bind6.ip(), "fd00::5".parse::<IpAddr>().unwrap());
+    assert_eq!(bind6.port(), relayed[1].port());
+    assert_eq!(h.server.ports().available(), free - 2);
+    assert_eq!(h.server.stats().dual_stack_allocations, 1);
+    // A retransmission names both again.
+    let again = Message::parse(&h.request(&req, c, h.t0))
+        .map(|m| relayed_addresses(&m))
+        .unwrap();
+    assert_eq!(again, relayed);
+
+    // Permissions for one peer of each family; each is sent from its own
+    // family's socket.
+    let v6_peer: SocketAddr = "[2001:db8:5::9]:6000".parse().unwrap();
+    for p in [peer(9, 5000), v6_peer] {
+        let req = Req::new(Method::CREATE_PERMISSION)
+            .peer(p)
+            .sign(&alice, &nonce);
+        let resp = h.request(&req, c, h.t0);
+        assert_eq!(
+            Message::parse(&resp).unwrap().class(),
+            Class::Success,
+            "{p}"
+        );
+    }
+    for (p, expected) in [(peer(9, 5000), id4), (v6_peer, id6)] {
+        let packet = send_indication(p, b"hello");
+        match h.input(&packet, c, h.at(1)) {
+            ClientAction::ToPeer {
+                allocation, peer, ..
+            } => {
+                assert_eq!((allocation, peer), (expected, p));
+            }
+            other => panic!("expected forwarding to {p}, got {other:?}"),
+        }
+    }
+    // A channel to the IPv6 peer: ChannelData leaves from the IPv6 socket.
+    let bind = Req::new(Method::CHANNEL_BIND)
+        .peer(v6_peer)
+        .channel(0x4001)
+        .sign(&alice, &nonce);
+    assert_eq!(
+        Message::parse(&h.request(&bind, c, h.at(1)))
+            .unwrap()
+            .class(),
+        Class::Success
+    );
+    let mut data = vec![0x40, 0x01, 0x00, 0x03];
+    data.extend_from_slice(b"abc\0");
+    match h.input(&data, c, h.at(1)) {
+        ClientAction::ToPeer {
+            allocation, peer, ..
+        } => assert_eq!((allocation, peer), (id6, v6_peer)),
+        other => panic!("expected ChannelData forwarding, got {other:?}"),
+    }
+    // The IPv6 peer answers on the IPv6 socket: the client gets it on the
+    // channel; an unpermitted IPv6 peer is dropped.
+    let (mut buf, range) = peer_buffer(b"back");
+    let action = h
+        .server
+        .handle_peer_input(id6, v6_peer, &mut buf, range, h.at(1))
+        .unwrap();
+    assert_eq!(action.client, c);
+    assert_eq!(&buf[action.frame.clone()][..4], &[0x40, 0x01, 0x00, 0x04]);
+    let (mut buf, range) = peer_buffer(b"nope");
+    assert_eq!(
+        h.server.handle_peer_input(
+            id6,
+            "[2001:db8:5::7]:6000".parse().unwrap(),
+            &mut buf,
+            range,
+            h.at(1)
+        ),
+        Err(DropReason::NoPermission)
+    );
+
+    // Refresh to 0 ends both halves: two sockets closed, both ports back.
+    let refresh = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    assert_eq!(
+        Message::parse(&h.request(&refresh, c, h.at(2)))
+            .unwrap()
+            .class(),
+        Class::Success
+    );
+    let mut closed = Vec::new();
+    while let Some(cmd) = h.server.poll_command() {
+        if let Command::CloseRelay { allocation, .. } = cmd {
+            closed.push(allocation);
+        }
+    }
+    closed.sort_by_key(|id| id.index());
+    assert_eq!(closed, vec![id4, id6]);
+    assert_eq!(h.server.ports().available(), free);
+    assert_eq!(h.server.stats().dual_stack_allocations, 0);
+    let (mut buf, range) = peer_buffer(b"late");
+    assert_eq!(
+        h.server
+            .handle_peer_input(id6, v6_peer, &mut buf, range, h.at(3)),
+        Err(DropReason::StaleAllocation)
+    );
+}
+
+/// What RFC 8656 §7.2 refuses, and a relay without IPv6: the IPv4
+/// allocation stands, ADDRESS-ERROR-CODE 440 says why there is no IPv6 one.
+#[test]
+fn additional_address_family_errors() {
+    let mut h = Harness::with_policy(dual_config(), dual_policy());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(2);
+    let nonce = h.nonce(c, h.t0);
+    for (req, why) in [
+        (
+            Req::new(Method::ALLOCATE)
+                .transport(17)
+                .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[1, 0, 0, 0]),
+            "IPv4 cannot be additional",
+        ),
+        (
+            Req::new(Method::ALLOCATE)
+                .transport(17)
+                .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
+                .raw(AttributeType::REQUESTED_ADDRESS_FAMILY, &[1, 0, 0, 0]),
+            "with REQUESTED-ADDRESS-FAMILY",
+        ),
+    ] {
+        let resp = h.request(&req.sign(&alice, &nonce), c, h.t0);
+        assert_eq!(code_of(&resp), Some(400), "{why}");
+    }
+    assert!(h.sockets.opened.is_empty());
+
+    let mut h = Harness::new(config());
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
+        .sign(&alice, &nonce);
+    let resp = h.request(&req, c, h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(msg.class(), Class::Success);
+    assert_eq!(relayed_addresses(&msg).len(), 1);
+    match msg.decode(AttributeType::ADDRESS_ERROR_CODE) {
+        Some(Ok(Attribute::AddressErrorCode(family, code))) => {
+            assert_eq!((family, code.code), (2, 440));
+        }
+        other => panic!("no ADDRESS-ERROR-CODE: {other:?}"),
+    }
+    // coturn's clients ask at the draft's code point (0x8032) and read the
+    // error at 0x8033.
+    let c2 = client(3);
+    let nonce2 = h.nonce(c2, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType(0x8032), &[2, 0, 0, 0])
+        .sign(&alice, &nonce2);
+    let resp = h.request(&req, c2, h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(msg.class(), Class::Success);
+    let draft = msg
+        .get(AttributeType(0x8033))
+        .expect("the draft's ADDRESS-ERROR-CODE");
+    assert_eq!(&draft[..4], &[2, 0, 4, 40]);
+    // An IPv6 peer is then refused (443), as for any IPv4 allocation.
+    let req = Req::new(Method::CREATE_PERMISSION)
+        .peer("[2001:db8:5::9]:6000".parse().unwrap())
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(443));
+}
+
+/// A dual-stack allocation crosses a binary upgrade whole: the successor
+/// takes both slots and both ports, and relays from the IPv6 socket.
+#[test]
+fn a_dual_stack_allocation_survives_export_and_import() {
+    let mut h = Harness::with_policy(dual_config(), dual_policy());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(3);
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
+        .sign(&alice, &nonce);
+    h.request(&req, c, h.t0);
+    let v6_peer: SocketAddr = "[2001:db8:5::9]:6000".parse().unwrap();
+    let perm = Req::new(Method::CREATE_PERMISSION)
+        .peer(v6_peer)
+        .sign(&alice, &nonce);
+    h.request(&perm, c, h.t0);
+    let (id6, addr6, _) = h.sockets.opened[1];
+    let moved = h.server.export(h.at(1));
+    assert_eq!(moved.allocations.len(), 1);
+    let m = &moved.allocations[0];
+    assert_eq!(
+        m.relayed6.map(|(slot, _, a)| (slot as usize, a.port())),
+        Some((id6.index(), addr6.port()))
+    );
+
+    let mut next = Harness::with_policy(dual_config(), dual_policy());
+    let free = next.server.ports().available();
+    let ids = next.server.import(&moved, next.t0);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(next.server.ports().available(), free - 2);
+    assert_eq!(next.server.live_id(id6.index() as u32), Some(id6));
+    assert!(next.server.is_twin(id6));
+    assert_eq!(next.server.twin_id(ids[0]), Some(id6));
+    assert_eq!(next.server.stats().dual_stack_allocations, 1);
+    let packet = send_indication(v6_peer, b"after");
+    match next.input(&packet, c, next.t0) {
+        ClientAction::ToPeer { allocation, .. } => assert_eq!(allocation, id6),
+        other => panic!("expected forwarding, got {other:?}"),
+    }
+    // A new allocation does not take the IPv6 half's slot.
+    let c2 = client(4);
+    next.allocate(c2, &alice, next.t0);
+    assert_ne!(next.last_allocation().index(), id6.index());
 }

@@ -701,12 +701,14 @@ impl EventLoop {
             });
             true
         });
+        // Each allocation's relay socket, and a dual-stack one's IPv6 socket.
         let relays = moved
             .allocations
             .iter()
-            .filter_map(|a| {
-                let (_, socket) = self.relays.sockets.get(a.slot as usize)?.as_ref()?;
-                Some((a.slot, dup(socket.as_fd()).ok()?))
+            .flat_map(|a| std::iter::once(a.slot).chain(a.relayed6.map(|(t, _, _)| t)))
+            .filter_map(|slot| {
+                let (_, socket) = self.relays.sockets.get(slot as usize)?.as_ref()?;
+                Some((slot, dup(socket.as_fd()).ok()?))
             })
             .collect();
         super::handoff::FrozenLoop {
@@ -792,7 +794,11 @@ impl EventLoop {
         sockets: Vec<(u32, std::os::fd::OwnedFd)>,
     ) -> io::Result<()> {
         for (slot, fd) in sockets {
-            let Some(&id) = ids.iter().find(|id| id.index() == slot as usize) else {
+            // An imported allocation's socket, or a dual-stack one's IPv6
+            // socket (its slot is the twin's).
+            let Some(id) = self.core.live_id(slot).filter(|id| {
+                ids.iter().any(|i| i.index() == slot as usize) || self.core.is_twin(*id)
+            }) else {
                 continue;
             };
             self.relays.adopt(id, UdpSocket::from(fd))?;
@@ -846,15 +852,19 @@ impl EventLoop {
                     packet,
                     client,
                 } => {
-                    let taken = self.core.take_moving(&packet, now).and_then(|(id, moved)| {
-                        match self.relays.take(id) {
-                            Some(socket) => Some(Box::new((moved, socket))),
-                            None => {
-                                self.core.drop_moved(&moved);
-                                None
-                            }
-                        }
-                    });
+                    let taken =
+                        self.core
+                            .take_moving(&packet, now)
+                            .and_then(|(id, twin, moved)| {
+                                let twin = twin.and_then(|t| self.relays.take(t));
+                                match self.relays.take(id) {
+                                    Some(socket) => Some(Box::new((moved, socket, twin))),
+                                    None => {
+                                        self.core.drop_moved(&moved);
+                                        None
+                                    }
+                                }
+                            });
                     let give = Transfer::Give {
                         packet,
                         client,
@@ -865,8 +875,8 @@ impl EventLoop {
                     }) = self.mobility.send(from_shard, give)
                     {
                         // The asking loop cannot take it: it stays here.
-                        let (moved, socket) = *taken;
-                        self.adopt_moved(&moved, socket, now);
+                        let (moved, socket, twin) = *taken;
+                        self.adopt_moved(&moved, socket, twin, now);
                     }
                 }
                 Transfer::Give {
@@ -875,8 +885,8 @@ impl EventLoop {
                     taken,
                 } => {
                     if let Some(taken) = taken {
-                        let (moved, socket) = *taken;
-                        self.adopt_moved(&moved, socket, now);
+                        let (moved, socket, twin) = *taken;
+                        self.adopt_moved(&moved, socket, twin, now);
                     }
                     // The Refresh now finds its allocation here (or is
                     // refused).
@@ -905,12 +915,28 @@ impl EventLoop {
     }
 
     /// Serves an allocation (and its relay socket) another loop gave up.
-    fn adopt_moved(&mut self, moved: &MovedAllocation, socket: UdpSocket, now: Instant) {
+    fn adopt_moved(
+        &mut self,
+        moved: &MovedAllocation,
+        socket: UdpSocket,
+        twin: Option<UdpSocket>,
+        now: Instant,
+    ) {
         let Some(id) = self.core.adopt_moving(moved, now) else {
             return;
         };
-        if let Err(e) = self.relays.adopt(id, socket) {
-            // Without its socket it cannot relay: it ends.
+        let served =
+            self.relays
+                .adopt(id, socket)
+                .and_then(|()| match (self.core.twin_id(id), twin) {
+                    (Some(t), Some(socket)) => self.relays.adopt(t, socket),
+                    (Some(_), None) => {
+                        Err(io::Error::other("the IPv6 relay socket did not come along"))
+                    }
+                    _ => Ok(()),
+                });
+        if let Err(e) = served {
+            // Without its sockets it cannot relay: it ends.
             warn!(error = %e, relayed = %moved.relayed, "a moved allocation's relay socket could not be served");
             self.core.end(id);
         }

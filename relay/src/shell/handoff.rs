@@ -119,6 +119,7 @@ fn allocation_json(a: &MovedAllocation) -> Value {
         "client": a.client.client.to_string(),
         "server": a.client.server.to_string(),
         "relayed": a.relayed.to_string(),
+        "relayed6": a.relayed6.map(|(slot, generation, addr)| json!([slot, generation, addr.to_string()])),
         "username": a.username,
         "key": hex(&a.key),
         "created_by": hex(&a.created_by),
@@ -203,6 +204,15 @@ fn allocation_from(v: &Value) -> anyhow::Result<MovedAllocation> {
             server: str_of(v, "server")?.parse()?,
         },
         relayed: str_of(v, "relayed")?.parse()?,
+        // A predecessor without dual-stack allocations names none.
+        relayed6: match &v["relayed6"] {
+            Value::Array(t) if t.len() == 3 => Some((
+                u32::try_from(t[0].as_u64().context("relayed6 slot")?)?,
+                u32::try_from(t[1].as_u64().context("relayed6 generation")?)?,
+                t[2].as_str().context("relayed6 address")?.parse()?,
+            )),
+            _ => None,
+        },
         username: str_of(v, "username")?.to_owned(),
         key: unhex(str_of(v, "key")?)?,
         created_by,
@@ -423,6 +433,7 @@ mod tests {
                     .unwrap_or_else(|_| unreachable!()),
             },
             relayed: "192.0.2.1:50001".parse().unwrap(),
+            relayed6: Some((8, 2, "[2001:db8::1]:50002".parse().unwrap())),
             username: "1800000000:s.t:relay-1".into(),
             key: vec![0xab; 16],
             created_by: [9; 12],

@@ -44,7 +44,8 @@ pub(super) enum Transfer {
         /// The client's new 5-tuple.
         client: ClientSocket,
         /// What moved.
-        taken: Option<Box<(MovedAllocation, UdpSocket)>>,
+        /// (A dual-stack allocation's IPv6 socket comes along.)
+        taken: Option<Box<(MovedAllocation, UdpSocket, Option<UdpSocket>)>>,
     },
 }
 

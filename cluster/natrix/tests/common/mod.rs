@@ -470,9 +470,14 @@ impl Drop for Spawned {
 
 /// Starts coturn's `turnutils_peer` (a UDP echo peer) on a free loopback port.
 pub fn udp_echo_peer() -> (Spawned, u16) {
+    udp_echo_peer_on("127.0.0.1")
+}
+
+/// [`udp_echo_peer`] on address `ip` (e.g. `::1`).
+pub fn udp_echo_peer_on(ip: &str) -> (Spawned, u16) {
     let port = free_port();
     let child = Command::new(tool("turnutils_peer"))
-        .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
+        .args(["-p", &port.to_string(), "-L", ip])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -498,6 +503,16 @@ pub fn uclient(args: &[&str]) -> UclientReport {
         .args(args)
         .output()
         .expect("running turnutils_uclient");
+    uclient_report(&out)
+}
+
+/// Runs `turnutils_uclient` with `args` in network namespace `ns`.
+pub fn uclient_in(ns: &str, args: &[&str]) -> UclientReport {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, &tool("turnutils_uclient")])
+        .args(args)
+        .output()
+        .expect("running turnutils_uclient in a namespace");
     uclient_report(&out)
 }
 
