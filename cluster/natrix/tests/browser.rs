@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Natrix, PASSWORD, Spawned, USER, chromium};
+use common::{Natrix, Netns, PASSWORD, Spawned, USER, chromium};
 
 const PAGE: &str = include_str!("browser_page.html");
 
@@ -140,30 +140,7 @@ fn chromium_data_channel_over_turn_tcp_only() {
 #[test]
 fn chromium_turns_on_443_shares_the_port_with_the_lookup_api() {
     const IP: &str = "127.0.0.32";
-    let dir = std::env::temp_dir().join(format!("natrix-turns-443-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    common::write_cert(&dir, "natrix-turns-443");
-    let cert = dir.join("cert.pem").display().to_string();
-    let key = dir.join("key.pem").display().to_string();
-    let lookup = Natrix::lookup(&[
-        "--auth-secret",
-        "k1=turn-secret-for-443",
-        "--cluster-secret",
-        "cluster-secret-for-443",
-    ]);
-    let backend = lookup.lookup.to_string();
-    let natrix = Natrix::relay(&[
-        "--peer-allow",
-        "127.0.0.0/8",
-        "--tls-listen",
-        &format!("{IP}:443"),
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--tls-http-backend",
-        &backend,
-    ]);
+    let (_lookup, natrix, dir) = common::tls_443_with_lookup(IP, &[]);
     let out = Command::new("curl")
         .args(["-sk", "--max-time", "10", "-w", "\n%{http_code}"])
         .arg(format!("https://{IP}/healthz"))
@@ -194,18 +171,6 @@ fn in_ns(ns: &str, args: &[&str]) -> std::process::Output {
         .expect("ip netns exec");
     assert!(out.status.success(), "{args:?}: {out:?}");
     out
-}
-
-/// A network namespace, deleted when dropped.
-struct Netns(&'static str);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", self.0])
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// ALTERNATE-SERVER with a browser: relay A (drained through its admin

@@ -250,18 +250,6 @@ fn a_relay_behind_one_to_one_nat_learns_and_advertises_its_public_address() {
     );
 }
 
-/// A namespace deleted when dropped.
-struct Netns(&'static str);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", self.0])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// An IPv6-only host: the relay starts without any IPv4 address, and
 /// coturn's client — over IPv6, naming no address family — gets an IPv6
 /// relayed address (a relay without IPv4 gives IPv6 whatever
@@ -274,7 +262,7 @@ fn an_ipv6_only_relay_serves_clients_that_name_no_family() {
 ip netns add v6-only
 ip -n v6-only link set lo up
 ip -n v6-only addr del 127.0.0.1/8 dev lo");
-    let _ns = Netns(NS);
+    let _ns = common::Netns(NS);
     let user = format!("{USER}:{PASSWORD}");
     let mut natrix = InNs::spawn(
         NS,

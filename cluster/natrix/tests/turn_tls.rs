@@ -540,34 +540,15 @@ fn curl_443(from: &str, args: &[&str]) -> (String, String) {
 #[test]
 fn one_tls_port_carries_turn_and_the_lookup_api() {
     const IP: &str = "127.0.0.31";
-    let dir = std::env::temp_dir().join(format!("natrix-tls-443-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    write_cert(&dir, "natrix-443");
-    let cert = dir.join("cert.pem").display().to_string();
-    let key = dir.join("key.pem").display().to_string();
-    let lookup = Natrix::lookup(&[
-        "--auth-secret",
-        "k1=turn-secret-for-443",
-        "--cluster-secret",
-        "cluster-secret-for-443",
-        "--auth-failures-per-minute",
-        "2",
-        "--trusted-proxy",
-        "127.0.0.1",
-    ]);
-    let backend = lookup.lookup.to_string();
-    let natrix = Natrix::relay(&[
-        "--peer-allow",
-        "127.0.0.0/8",
-        "--tls-listen",
-        &format!("{IP}:443"),
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--tls-http-backend",
-        &backend,
-    ]);
+    let (lookup, natrix, dir) = common::tls_443_with_lookup(
+        IP,
+        &[
+            "--auth-failures-per-minute",
+            "2",
+            "--trusted-proxy",
+            "127.0.0.1",
+        ],
+    );
     let api = |path: &str| format!("https://{IP}{path}");
 
     // The API through 443, as it answers on its own port.

@@ -71,7 +71,7 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
     std::fs::create_dir_all(&dir).unwrap();
     let bin = dir.join("natrix");
     install_binary(&bin);
-    common::write_self_signed_cert(&dir);
+    common::write_cert(&dir, "natrix-test");
     let tls = format!("127.0.0.1:{}", common::free_port());
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let n = Natrix::launch(

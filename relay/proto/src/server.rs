@@ -758,6 +758,18 @@ impl Server {
         slot.allocation.as_ref()
     }
 
+    /// A free slot: one given back, else a new one.
+    fn take_slot(&mut self) -> u32 {
+        self.free_slots.pop().unwrap_or_else(|| {
+            self.slots.push(Slot {
+                generation: 0,
+                allocation: None,
+                twin_of: None,
+            });
+            (self.slots.len() - 1) as u32
+        })
+    }
+
     fn id_of(&self, index: u32) -> AllocationId {
         AllocationId {
             index,
@@ -1515,14 +1527,7 @@ impl Server {
         sockets: &mut dyn RelaySockets,
         now: Instant,
     ) -> Result<(u32, u16), Refusal> {
-        let index = self.free_slots.pop().unwrap_or_else(|| {
-            self.slots.push(Slot {
-                generation: 0,
-                allocation: None,
-                twin_of: None,
-            });
-            (self.slots.len() - 1) as u32
-        });
+        let index = self.take_slot();
         let id = self.id_of(index);
         for attempt in 0..BIND_ATTEMPTS {
             match sockets.open(id, SocketAddr::new(bind, port), dont_fragment) {
@@ -2408,30 +2413,10 @@ impl Server {
         }
         let mut allocation = self.allocation_from(m, now);
         allocation.adopted = true;
-        let index = match self.free_slots.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    allocation: None,
-                    twin_of: None,
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
+        let index = self.take_slot();
         self.slots[index as usize].allocation = Some(allocation);
         if let Some((_, _, addr)) = m.relayed6 {
-            let twin = match self.free_slots.pop() {
-                Some(i) => i,
-                None => {
-                    self.slots.push(Slot {
-                        generation: 0,
-                        allocation: None,
-                        twin_of: None,
-                    });
-                    (self.slots.len() - 1) as u32
-                }
-            };
+            let twin = self.take_slot();
             self.slots[twin as usize].twin_of = Some(index);
             if let Some(a) = self.slots[index as usize].allocation.as_mut() {
                 a.relayed6 = Some((twin, addr));

@@ -652,22 +652,6 @@ pub fn coturn(secret: Option<&str>) -> (Spawned, u16) {
     panic!("turnserver did not answer on port {port} within 10 s");
 }
 
-/// A self-signed P-256 certificate for 127.0.0.1 in `dir`: `cert.pem` and
-/// `key.pem` (openssl).
-pub fn write_self_signed_cert(dir: &std::path::Path) {
-    let out = Command::new(tool("openssl"))
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-days", "2", "-nodes"])
-        .args(["-subj", "/CN=natrix-test"])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .output()
-        .expect("running openssl");
-    assert!(out.status.success(), "openssl: {out:?}");
-}
-
 /// The JSON report a tool printed on stdout; the test fails (with the
 /// tool's output) when `what` exited non-zero.
 pub fn stdout_report(out: &std::process::Output, what: &str) -> serde_json::Value {
@@ -725,4 +709,51 @@ pub fn usage_records(path: &std::path::Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("a usage record is one JSON object a line"))
         .collect()
+}
+
+/// A network namespace, deleted when dropped.
+pub struct Netns(pub &'static str);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// One TLS port for TURN and HTTPS: `natrix lookup` (with `lookup_extra`)
+/// and a relay whose TLS listener on `ip:443` passes HTTPS to it; the
+/// certificate's directory (remove it when done).
+pub fn tls_443_with_lookup(
+    ip: &str,
+    lookup_extra: &[&str],
+) -> (Natrix, Natrix, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("natrix-443-{}-{ip}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    write_cert(&dir, "natrix-443");
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
+    let secrets = [
+        "--auth-secret",
+        "k1=turn-secret-for-443",
+        "--cluster-secret",
+        "cluster-secret-for-443",
+    ];
+    let lookup = Natrix::lookup(&[&secrets[..], lookup_extra].concat());
+    let backend = lookup.lookup.to_string();
+    let relay = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--tls-listen",
+        &format!("{ip}:443"),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-http-backend",
+        &backend,
+    ]);
+    (lookup, relay, dir)
 }
