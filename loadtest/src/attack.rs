@@ -32,7 +32,7 @@ use crate::stats::Latency;
 use crate::turn::{Credentials, Tls, Transport, TurnClient, error_kind};
 
 /// Every attack, in the order `all` runs them.
-const ATTACKS: [&str; 20] = [
+const ATTACKS: [&str; 21] = [
     "plan-no-key",
     "plan-rate",
     "alloc-one-source",
@@ -53,6 +53,7 @@ const ATTACKS: [&str; 20] = [
     "push-sockets",
     "invite-flood",
     "turn-guessing",
+    "https-idle",
 ];
 
 /// Options of `attack`.
@@ -791,6 +792,77 @@ fn slowloris(args: &AttackArgs, tls: bool) -> Outcome {
         o.answers.get("opened").copied().unwrap_or(0),
         if tls { "ClientHello" } else { "STUN header" },
         tally(&o.answers)
+    );
+    o
+}
+
+/// `GET /healthz` over TLS (ALPN http/1.1) on `to` from `from`: the
+/// status, if an HTTP answer came.
+fn https_health(tls: &Tls, from: IpAddr, to: SocketAddr) -> Option<u16> {
+    let stream = tcp_from_within(from, to, Duration::from_secs(3)).ok()?;
+    let mut s = tls.open(stream, to).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: natrix\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") && head.len() < 64 {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    std::str::from_utf8(&head)
+        .ok()?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// HTTPS on the TURN-over-TLS port (`--tls-http-backend`): one source opens
+/// TLS connections that ask for HTTP and then send nothing, to take every
+/// place of the HTTPS front; another address must still get the API.
+fn https_idle(args: &AttackArgs) -> Outcome {
+    let Some(to) = args.tls else {
+        return Outcome::skipped("needs --tls");
+    };
+    let Ok(tls) = Tls::new(None, None, to).map(|t| t.with_alpn(&[b"http/1.1"])) else {
+        return Outcome::skipped("TLS settings");
+    };
+    let bystander = args.failing_ip();
+    if https_health(&tls, bystander, to) != Some(200) {
+        return Outcome::skipped("the TLS port passes no HTTPS (--tls-http-backend)");
+    }
+    let mut o = Outcome::default();
+    let deadline = args.deadline();
+    let mut open = Vec::new();
+    while open.len() < args.connections && Instant::now() < deadline {
+        let opened = tcp_from(args.attacker_ip, to)
+            .map_err(anyhow::Error::from)
+            .and_then(|stream| tls.open(stream, to));
+        match opened {
+            Ok(s) => open.push(s),
+            Err(_) => count(&mut o.answers, "refused at the handshake"),
+        }
+    }
+    // While they are held: the API for everyone else.
+    let served = https_health(&tls, bystander, to);
+    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+    let mut closed = 0u64;
+    for s in &mut open {
+        if closed_by_server(s.tcp(), Duration::from_millis(1)) {
+            closed += 1;
+        }
+    }
+    let held = open.len() as u64 - closed;
+    o.answers
+        .insert("handshakes completed".into(), open.len() as u64);
+    o.answers.insert("held idle".into(), held);
+    o.bounded = (held as usize) < args.connections && served == Some(200);
+    o.server_did = format!(
+        "one source opened idle HTTPS connections on the TLS port: {}; another address's GET /healthz meanwhile: {}",
+        tally(&o.answers),
+        served.map_or("no answer".to_string(), |c| c.to_string())
     );
     o
 }
@@ -1660,6 +1732,7 @@ fn run_one(name: &str, args: &AttackArgs, creds: &Credentials) -> Outcome {
         "push-sockets" => push_sockets(args),
         "invite-flood" => invite_flood(args),
         "turn-guessing" => turn_guessing(args, creds),
+        "https-idle" => https_idle(args),
         other => Outcome::skipped(&format!("no attack named {other}")),
     }
 }

@@ -282,6 +282,30 @@ impl Tls {
 }
 
 impl Tls {
+    /// The same settings, offering ALPN `protocols` (e.g. `http/1.1`).
+    pub(crate) fn with_alpn(&self, protocols: &[&[u8]]) -> Tls {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        Tls {
+            config: Arc::new(config),
+            name: self.name.clone(),
+        }
+    }
+
+    /// A TLS session with `server` over `stream`, its handshake done.
+    pub(crate) fn open(&self, stream: TcpStream, server: SocketAddr) -> anyhow::Result<TlsStream> {
+        let conn = rustls::ClientConnection::new(self.config.clone(), self.name.clone())
+            .context("starting TLS")?;
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        tls.sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+        while tls.conn.is_handshaking() {
+            tls.conn
+                .complete_io(&mut tls.sock)
+                .with_context(|| format!("TLS handshake with {server}"))?;
+        }
+        Ok(TlsStream(tls))
+    }
+
     /// One full TLS handshake with `server` over `stream`, then close (the
     /// attack suite's handshake flood).
     pub(crate) fn handshake(&self, stream: TcpStream, server: SocketAddr) -> anyhow::Result<()> {
@@ -319,6 +343,13 @@ impl Write for TlsStream {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
+    }
+}
+
+impl TlsStream {
+    /// The TCP connection under it.
+    pub(crate) fn tcp(&mut self) -> &mut TcpStream {
+        &mut self.0.sock
     }
 }
 

@@ -94,6 +94,24 @@ impl Plan {
             Some(s) => s,
             None => random_token(32).parse()?,
         };
+        // One port for TURN over TLS and the API: the TLS listener passes
+        // HTTPS to this process's own lookup API, which believes the
+        // front's X-Forwarded-For (it connects from the API's address).
+        if relay.tls_cert.is_some() && relay.tls_http_backend.is_none() {
+            let api = lookup.lookup_listen;
+            let host = match api.ip() {
+                ip if !ip.is_unspecified() => ip,
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            relay.tls_http_backend = Some(std::net::SocketAddr::new(host, api.port()).to_string());
+            let len = if host.is_ipv4() { 32 } else { 128 };
+            lookup.trusted_proxies.push(
+                format!("{host}/{len}")
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
         Ok(Plan {
             relay: Some(relay),
             cdx_on_relay: true,

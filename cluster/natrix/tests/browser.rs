@@ -158,7 +158,11 @@ fn chromium_turns_on_443_shares_the_port_with_the_lookup_api() {
     let routed = |to: &str| natrix.metric(&format!("relay_tls_routed_total{{to=\"{to}\"}}"));
     assert_eq!(routed("https"), 1.0);
     assert!(routed("turn") >= 1.0);
-    assert!(natrix.metric("relay_forwarded_packets_total{direction=\"peer_to_client\"}") > 0.0);
+    // The loops publish their counters periodically: wait for it.
+    natrix.wait_metric(
+        "relay_forwarded_packets_total{direction=\"peer_to_client\"}",
+        |x| x > 0.0,
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

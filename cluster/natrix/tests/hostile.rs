@@ -56,7 +56,7 @@ fn attack_and_check(t: &Target<'_>) {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no report:\n{stderr}"));
     assert!(out.status.success(), "not held:\n{stderr}");
     let attacks = report["attacks"].as_array().unwrap();
-    assert_eq!(attacks.len(), 20, "{stderr}");
+    assert_eq!(attacks.len(), 21, "{stderr}");
     for a in attacks {
         let name = a["attack"].as_str().unwrap();
         assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);
@@ -188,27 +188,6 @@ fn every_attack_on_the_roles_alone_is_bounded_and_no_legitimate_session_is_lost(
     let url = redis.url();
     let tls = format!("127.0.0.1:{}", free_port());
     let health = format!("127.0.0.1:{}", free_port());
-    let relay = Natrix::relay(&[
-        "--redis-url",
-        &url,
-        "--auth-secret",
-        &format!("k1={TURN_SECRET}"),
-        "--tls-listen",
-        &tls,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--max-allocations-per-ip",
-        "50",
-        "--turn-max-connections-per-ip",
-        "100",
-        "--peer-allow",
-        "127.0.0.0/8",
-        "--health-listen",
-        &health,
-    ]);
-    let cdx = Natrix::cdx(&["--redis-url", &url, "--cluster-secret", CLUSTER_SECRET]);
     let lookup = Natrix::lookup(&[
         "--redis-url",
         &url,
@@ -220,7 +199,34 @@ fn every_attack_on_the_roles_alone_is_bounded_and_no_legitimate_session_is_lost(
         GRANT_SECRET,
         "--api-key-max-sessions",
         "10",
+        // The relay's TLS port passes HTTPS here (from 127.0.0.1).
+        "--trusted-proxy",
+        "127.0.0.1",
     ]);
+    let backend = lookup.lookup.to_string();
+    let relay = Natrix::relay(&[
+        "--redis-url",
+        &url,
+        "--auth-secret",
+        &format!("k1={TURN_SECRET}"),
+        "--tls-listen",
+        &tls,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-http-backend",
+        &backend,
+        "--max-allocations-per-ip",
+        "50",
+        "--turn-max-connections-per-ip",
+        "100",
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--health-listen",
+        &health,
+    ]);
+    let cdx = Natrix::cdx(&["--redis-url", &url, "--cluster-secret", CLUSTER_SECRET]);
     // lookup plans once it sees the relay and the CDX node.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while common::http_get(lookup.lookup, "/v1/relays")
