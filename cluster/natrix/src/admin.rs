@@ -10,6 +10,11 @@
 //! | `DELETE /admin/allocations/{relayed address}` | `{"killed": true}`, or 404 |
 //! | `POST /admin/drain` | 202 `{"draining": true}` |
 //! | `GET /admin/quotas` | counts, free ports, configured caps, top holders |
+//!
+//! A source (an IPv4 address, an IPv6 /64) gets [`REFUSALS_PER_MINUTE`]
+//! refused requests (401, each logged) a minute; past them every request
+//! of its gets 429 before the token is read, without a log line, until the
+//! minute is over — guessing the token, or flooding the log, goes nowhere.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +38,58 @@ const LOOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Shortest token accepted.
 const MIN_TOKEN: usize = 16;
 
+/// Refused requests one source may make a minute.
+const REFUSALS_PER_MINUTE: u32 = 10;
+
+/// Sources whose refusals are remembered (past it, the oldest minutes go).
+const MAX_SOURCES: usize = 4096;
+
+/// Refusals per source in its current minute.
+#[derive(Default)]
+struct Refusals(
+    std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
+);
+
+impl Refusals {
+    /// Where `peer`'s refusals are counted: its IPv4 address, its IPv6 /64.
+    fn source(peer: Option<SocketAddr>) -> std::net::IpAddr {
+        match peer.map(|p| p.ip().to_canonical()) {
+            Some(std::net::IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
+            }
+            Some(ip) => ip,
+            None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    /// True when `source` used its allowance this minute.
+    fn throttled(&self, source: std::net::IpAddr, now: std::time::Instant) -> bool {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&source).is_some_and(|(start, n)| {
+            now.saturating_duration_since(*start) < Duration::from_secs(60)
+                && *n >= REFUSALS_PER_MINUTE
+        })
+    }
+
+    /// Counts a refusal of `source`.
+    fn count(&self, source: std::net::IpAddr, now: std::time::Instant) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let minute = Duration::from_secs(60);
+        if map.len() >= MAX_SOURCES && !map.contains_key(&source) {
+            map.retain(|_, (start, _)| now.saturating_duration_since(*start) < minute);
+            if map.len() >= MAX_SOURCES {
+                return;
+            }
+        }
+        let entry = map.entry(source).or_insert((now, 0));
+        if now.saturating_duration_since(entry.0) >= minute {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+    }
+}
+
 struct State {
     control: Arc<Control>,
     token: String,
@@ -41,9 +98,21 @@ struct State {
     /// Called on a drain (tells the registry this relay is draining).
     on_drain: Box<dyn Fn() + Send + Sync>,
     requests: IntCounterVec,
+    refusals: Refusals,
 }
 
 fn authorized(state: &State, req: &HttpRequest, route: &str) -> Result<(), Box<HttpResponse>> {
+    let source = Refusals::source(req.peer_addr());
+    let now = std::time::Instant::now();
+    if state.refusals.throttled(source, now) {
+        state
+            .requests
+            .with_label_values(&[route, "throttled"])
+            .inc();
+        return Err(Box::new(HttpResponse::TooManyRequests().json(
+            json!({"error": "too many refused requests from this address; wait a minute"}),
+        )));
+    }
     let given = req
         .headers()
         .get("authorization")
@@ -64,6 +133,7 @@ fn authorized(state: &State, req: &HttpRequest, route: &str) -> Result<(), Box<H
         .requests
         .with_label_values(&[route, "unauthorized"])
         .inc();
+    state.refusals.count(source, now);
     warn!(peer = ?req.peer_addr(), route, "admin API: refused a request without the admin token");
     Err(Box::new(HttpResponse::Unauthorized().json(
         json!({"error": "the admin API needs Authorization: Bearer <admin token>"}),
@@ -224,6 +294,7 @@ pub(crate) fn serve(
         caps,
         on_drain,
         requests: telemetry.counter_family(&cat::RELAY_ADMIN_REQUESTS_TOTAL),
+        refusals: Refusals::default(),
     });
     let server = HttpServer::new(move || {
         App::new()

@@ -559,6 +559,59 @@ fn admin(url: &str, token: &str, args: &[&str]) -> (bool, serde_json::Value) {
     (out.status.success(), body)
 }
 
+/// Guessing the admin token: one source gets 10 refusals a minute (401,
+/// one log line each), then 429 for everything — the right token too —
+/// without more log lines; the operator elsewhere is served all along.
+#[test]
+fn guessing_the_admin_token_is_throttled_per_source() {
+    let admin_listen = format!("127.0.0.1:{}", common::free_port());
+    let url = format!("http://{admin_listen}");
+    let token = "admin-token-0123456789";
+    let natrix = Natrix::relay(&["--admin-listen", &admin_listen, "--admin-token", token]);
+    let curl = |from: &str, with: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .args(["--interface", from, "-H"])
+            .arg(format!("authorization: Bearer {with}"))
+            .arg(format!("{url}/admin/quotas"))
+            .output()
+            .expect("running curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let codes: Vec<String> = (0..15)
+        .map(|i| curl("127.0.0.51", &format!("guess-{i:016}")))
+        .collect();
+    assert_eq!(codes[..10], ["401"; 10], "{codes:?}");
+    assert_eq!(codes[10..], ["429"; 5], "{codes:?}");
+    assert_eq!(
+        curl("127.0.0.51", token),
+        "429",
+        "a throttled source is not heard"
+    );
+    assert_eq!(curl("127.0.0.52", token), "200", "another source is");
+    let (ok, quotas) = admin(&url, token, &["quotas"]);
+    assert!(ok, "the operator: {quotas}");
+    let refused = |r: &str| {
+        natrix.metric(&format!(
+            "relay_admin_requests_total{{result=\"{r}\",route=\"quotas\"}}"
+        ))
+    };
+    assert_eq!((refused("unauthorized"), refused("throttled")), (10.0, 6.0));
+    let lines = natrix
+        .log()
+        .matches("refused a request without the admin token")
+        .count();
+    assert_eq!(lines, 10, "one log line per refusal within the allowance");
+}
+
 /// The admin API (off by default, token required), driven by `natrix
 /// admin` while coturn's client holds allocations: `list` shows them with
 /// their user and traffic, filters by user and peer, `kill` ends one (its

@@ -383,7 +383,7 @@ pub const RELAY_AUTH_FAILURES_TOTAL: MetricDef = metric(
 /// Admin API requests.
 pub const RELAY_ADMIN_REQUESTS_TOTAL: MetricDef = metric(
     "relay_admin_requests_total",
-    "Requests to the relay's admin API (--admin-listen), by route and result (unauthorized: without the admin token).",
+    "Requests to the relay's admin API (--admin-listen), by route and result (unauthorized: without the admin token; throttled: from a source past its 10 refusals a minute, answered 429 unread).",
     Kind::Counter,
     &[
         Label {
@@ -392,7 +392,13 @@ pub const RELAY_ADMIN_REQUESTS_TOTAL: MetricDef = metric(
         },
         Label {
             name: "result",
-            values: &["ok", "unauthorized", "not_found", "bad_request"],
+            values: &[
+                "ok",
+                "unauthorized",
+                "not_found",
+                "bad_request",
+                "throttled",
+            ],
         },
     ],
 );
