@@ -846,7 +846,22 @@ fn first_screen(
         );
         let tls = host.tls_addrs();
         if !tls.is_empty() {
-            let _ = writeln!(s, "  TURN TLS      {}", join(tls));
+            // With a backend (natrix up sets its own API) the port is
+            // shared: HTTPS clients reach the API there too.
+            let shared = plan
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.tls_http_backend.is_some());
+            let _ = writeln!(
+                s,
+                "  TURN TLS      {}{}",
+                join(tls),
+                if shared {
+                    "   (and the API over HTTPS)"
+                } else {
+                    ""
+                }
+            );
         }
     }
     if let Some(at) = lookup {
