@@ -309,16 +309,7 @@ impl Tls {
     /// One full TLS handshake with `server` over `stream`, then close (the
     /// attack suite's handshake flood).
     pub(crate) fn handshake(&self, stream: TcpStream, server: SocketAddr) -> anyhow::Result<()> {
-        let conn = rustls::ClientConnection::new(self.config.clone(), self.name.clone())
-            .context("starting TLS")?;
-        let mut tls = rustls::StreamOwned::new(conn, stream);
-        tls.sock.set_read_timeout(Some(Duration::from_secs(3)))?;
-        while tls.conn.is_handshaking() {
-            tls.conn
-                .complete_io(&mut tls.sock)
-                .with_context(|| format!("TLS handshake with {server}"))?;
-        }
-        Ok(())
+        self.open(stream, server).map(drop)
     }
 }
 
