@@ -273,6 +273,20 @@ impl AsyncWrite for Replayed {
     }
 }
 
+/// True at most once per 10 s (the backend-failure log line).
+fn log_backend_failure() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    now >= last.saturating_add(10)
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// One HTTPS connection: handshake, then its requests to the backend.
 async fn serve(conn: Handed, tls: &TlsReloader, backend: &str, m: &FrontMetrics) {
     let Ok(socket) = TcpStream::from_std(conn.socket) else {
@@ -307,7 +321,11 @@ async fn serve(conn: Handed, tls: &TlsReloader, backend: &str, m: &FrontMetrics)
                 Ok(Err(e)) => e.to_string(),
                 _ => "timed out".into(),
             };
-            warn!(backend, error, "the HTTPS front cannot reach its backend");
+            // Once per 10 s at most: every connection fails the same way
+            // while the backend is down (the metric counts them all).
+            if log_backend_failure() {
+                warn!(backend, error, "the HTTPS front cannot reach its backend");
+            }
             let mut client = client;
             let _ = client
                 .write_all(

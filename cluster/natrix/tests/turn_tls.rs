@@ -653,3 +653,71 @@ fn one_tls_port_carries_turn_and_the_lookup_api() {
     assert_eq!((requests("forwarded"), requests("bad_request")), (6.0, 2.0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The API behind the shared port is down: HTTPS clients get 502 (and the
+/// log one line, not one per connection); TURN over TLS goes on.
+#[test]
+fn a_down_backend_gets_https_clients_a_502() {
+    const IP: &str = "127.0.0.33";
+    let dir = std::env::temp_dir().join(format!("natrix-tls-502-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    write_cert(&dir, "natrix-502");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let down = format!("127.0.0.1:{}", free_port());
+    let natrix = Natrix::relay(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--tls-listen",
+        &format!("{IP}:443"),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-http-backend",
+        &down,
+    ]);
+    for _ in 0..3 {
+        let (status, _) = curl_443("127.0.0.40", &[&format!("https://{IP}/healthz")]);
+        assert_eq!(status, "502 1.1");
+    }
+    assert_eq!(
+        natrix.metric("relay_https_requests_total{result=\"backend_failed\"}"),
+        3.0
+    );
+    let lines = natrix
+        .log()
+        .matches("the HTTPS front cannot reach its backend")
+        .count();
+    assert_eq!(lines, 1, "one line for three failures");
+    let (_peer, peer_port) = udp_echo_peer();
+    let pp = peer_port.to_string();
+    let report = uclient(&[
+        "-t",
+        "-S",
+        "-p",
+        "443",
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        "20",
+        "-m",
+        "1",
+        "-c",
+        "-l",
+        "300",
+        IP,
+    ]);
+    assert_eq!(
+        (report.sent, report.received, report.lost),
+        (20, 20, 0),
+        "{}",
+        report.output
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
