@@ -790,15 +790,13 @@ impl EventLoop {
     /// core imported (`ids`); the others' sockets close.
     pub(super) fn adopt_relays(
         &mut self,
-        ids: &[AllocationId],
         sockets: Vec<(u32, std::os::fd::OwnedFd)>,
     ) -> io::Result<()> {
         for (slot, fd) in sockets {
             // An imported allocation's socket, or a dual-stack one's IPv6
-            // socket (its slot is the twin's).
-            let Some(id) = self.core.live_id(slot).filter(|id| {
-                ids.iter().any(|i| i.index() == slot as usize) || self.core.is_twin(*id)
-            }) else {
+            // socket (its slot is the twin's); the core was fresh, so every
+            // live slot was imported. One not taken over: its socket closes.
+            let Some(id) = self.core.live_id(slot) else {
                 continue;
             };
             self.relays.adopt(id, UdpSocket::from(fd))?;
@@ -1198,7 +1196,10 @@ impl EventLoop {
                 None
             };
             let shared = config.clone().zip(self.https.clone());
-            let mut stream = match Stream::new(socket, client, server, config) {
+            // On a listener shared with HTTPS the ClientHello picks the
+            // session: none is set up before it.
+            let session = if shared.is_some() { None } else { config };
+            let mut stream = match Stream::new(socket, client, server, session) {
                 Ok(s) => s,
                 Err(e) => {
                     debug!(error = %e, "could not set up a TLS session");

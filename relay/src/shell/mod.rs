@@ -302,7 +302,7 @@ impl BoundHost {
                     );
                 }
                 event_loop
-                    .adopt_relays(&ids, relays)
+                    .adopt_relays(relays)
                     .context("taking over relayed sockets")?;
             }
             control.add_waker(waker.clone());

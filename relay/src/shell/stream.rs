@@ -154,7 +154,7 @@ impl Stream {
         config: Arc<rustls::ServerConfig>,
         https: crate::https::HttpsHandoff,
     ) {
-        self.tls = None;
+        self.client.transport = Transport::Tls;
         self.sniff = Some(Box::new(Sniff {
             raw: Vec::new(),
             acceptor: rustls::server::Acceptor::default(),
