@@ -517,6 +517,41 @@ fn turn_over_tls_behind_haproxy_takes_the_client_from_the_proxy_header() {
     let _ = std::fs::remove_dir_all(&lb_dir);
 }
 
+/// coturn's TLS client through `ip:443` to a UDP echo peer: `messages`
+/// each way, none lost.
+fn turn_over_tls_443_loses_nothing(ip: &str, messages: u64) {
+    let (_peer, peer_port) = udp_echo_peer();
+    let (pp, n) = (peer_port.to_string(), messages.to_string());
+    let report = uclient(&[
+        "-t",
+        "-S",
+        "-p",
+        "443",
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &pp,
+        "-n",
+        &n,
+        "-m",
+        "1",
+        "-c",
+        "-l",
+        "300",
+        ip,
+    ]);
+    assert_eq!(
+        (report.sent, report.received, report.lost),
+        (messages, messages, 0),
+        "{}",
+        report.output
+    );
+}
+
 /// `curl -sk` over the shared port: the status and body; `from` is the
 /// source address, `args` the rest.
 fn curl_443(from: &str, args: &[&str]) -> (String, String) {
@@ -615,36 +650,7 @@ fn one_tls_port_carries_turn_and_the_lookup_api() {
     assert_eq!(status, "200 1.1");
 
     // TURN over TLS on the same port: coturn's client.
-    let (_peer, peer_port) = udp_echo_peer();
-    let pp = peer_port.to_string();
-    let report = uclient(&[
-        "-t",
-        "-S",
-        "-p",
-        "443",
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "50",
-        "-m",
-        "1",
-        "-c",
-        "-l",
-        "300",
-        IP,
-    ]);
-    assert_eq!(
-        (report.sent, report.received, report.lost),
-        (50, 50, 0),
-        "{}",
-        report.output
-    );
+    turn_over_tls_443_loses_nothing(IP, 50);
     let routed = |to: &str| natrix.metric(&format!("relay_tls_routed_total{{to=\"{to}\"}}"));
     assert_eq!(routed("https"), 8.0);
     assert!(routed("turn") >= 1.0);
@@ -659,23 +665,8 @@ fn one_tls_port_carries_turn_and_the_lookup_api() {
 #[test]
 fn a_down_backend_gets_https_clients_a_502() {
     const IP: &str = "127.0.0.33";
-    let dir = std::env::temp_dir().join(format!("natrix-tls-502-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    write_cert(&dir, "natrix-502");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let down = format!("127.0.0.1:{}", free_port());
-    let natrix = Natrix::relay(&[
-        "--peer-allow",
-        "127.0.0.0/8",
-        "--tls-listen",
-        &format!("{IP}:443"),
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-        "--tls-http-backend",
-        &down,
-    ]);
+    let (natrix, dir) = common::tls_443_relay(IP, &down);
     for _ in 0..3 {
         let (status, _) = curl_443("127.0.0.40", &[&format!("https://{IP}/healthz")]);
         assert_eq!(status, "502 1.1");
@@ -689,35 +680,6 @@ fn a_down_backend_gets_https_clients_a_502() {
         .matches("the HTTPS front cannot reach its backend")
         .count();
     assert_eq!(lines, 1, "one line for three failures");
-    let (_peer, peer_port) = udp_echo_peer();
-    let pp = peer_port.to_string();
-    let report = uclient(&[
-        "-t",
-        "-S",
-        "-p",
-        "443",
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &pp,
-        "-n",
-        "20",
-        "-m",
-        "1",
-        "-c",
-        "-l",
-        "300",
-        IP,
-    ]);
-    assert_eq!(
-        (report.sent, report.received, report.lost),
-        (20, 20, 0),
-        "{}",
-        report.output
-    );
+    turn_over_tls_443_loses_nothing(IP, 20);
     let _ = std::fs::remove_dir_all(&dir);
 }

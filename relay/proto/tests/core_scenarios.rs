@@ -2052,6 +2052,13 @@ fn relayed_addresses(msg: &Message<'_>) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// An Allocate asking for an IPv6 relayed address besides the IPv4 one.
+fn dual_allocate() -> Req {
+    Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
+}
+
 fn dual_config() -> ServerConfig {
     ServerConfig {
         relay_v6: Some(RelayAddress {
@@ -2083,10 +2090,7 @@ fn a_dual_stack_allocation_relays_each_family_from_its_own_socket() {
     let c = client(1);
     let free = h.server.ports().available();
     let nonce = h.nonce(c, h.t0);
-    let req = Req::new(Method::ALLOCATE)
-        .transport(17)
-        .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
-        .sign(&alice, &nonce);
+    let req = dual_allocate().sign(&alice, &nonce);
     let resp = h.request(&req, c, h.t0);
     let msg = Message::parse(&resp).unwrap();
     assert_eq!(msg.class(), Class::Success, "{msg:?}");
@@ -2216,10 +2220,7 @@ fn additional_address_family_errors() {
             "IPv4 cannot be additional",
         ),
         (
-            Req::new(Method::ALLOCATE)
-                .transport(17)
-                .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
-                .raw(AttributeType::REQUESTED_ADDRESS_FAMILY, &[1, 0, 0, 0]),
+            dual_allocate().raw(AttributeType::REQUESTED_ADDRESS_FAMILY, &[1, 0, 0, 0]),
             "with REQUESTED-ADDRESS-FAMILY",
         ),
     ] {
@@ -2230,10 +2231,7 @@ fn additional_address_family_errors() {
 
     let mut h = Harness::new(config());
     let nonce = h.nonce(c, h.t0);
-    let req = Req::new(Method::ALLOCATE)
-        .transport(17)
-        .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
-        .sign(&alice, &nonce);
+    let req = dual_allocate().sign(&alice, &nonce);
     let resp = h.request(&req, c, h.t0);
     let msg = Message::parse(&resp).unwrap();
     assert_eq!(msg.class(), Class::Success);
@@ -2274,10 +2272,7 @@ fn a_dual_stack_allocation_survives_export_and_import() {
     let alice = User::stat("alice", "wonderland");
     let c = client(3);
     let nonce = h.nonce(c, h.t0);
-    let req = Req::new(Method::ALLOCATE)
-        .transport(17)
-        .raw(AttributeType::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
-        .sign(&alice, &nonce);
+    let req = dual_allocate().sign(&alice, &nonce);
     h.request(&req, c, h.t0);
     let v6_peer: SocketAddr = "[2001:db8:5::9]:6000".parse().unwrap();
     let perm = Req::new(Method::CREATE_PERMISSION)

@@ -730,11 +730,6 @@ pub fn tls_443_with_lookup(
     ip: &str,
     lookup_extra: &[&str],
 ) -> (Natrix, Natrix, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("natrix-443-{}-{ip}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    write_cert(&dir, "natrix-443");
-    let cert = dir.join("cert.pem").display().to_string();
-    let key = dir.join("key.pem").display().to_string();
     let secrets = [
         "--auth-secret",
         "k1=turn-secret-for-443",
@@ -742,7 +737,18 @@ pub fn tls_443_with_lookup(
         "cluster-secret-for-443",
     ];
     let lookup = Natrix::lookup(&[&secrets[..], lookup_extra].concat());
-    let backend = lookup.lookup.to_string();
+    let (relay, dir) = tls_443_relay(ip, &lookup.lookup.to_string());
+    (lookup, relay, dir)
+}
+
+/// A relay whose TLS listener on `ip:443` passes HTTPS to `backend`
+/// (`host:port`); the certificate's directory (remove it when done).
+pub fn tls_443_relay(ip: &str, backend: &str) -> (Natrix, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("natrix-443-{}-{ip}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    write_cert(&dir, "natrix-443");
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
     let relay = Natrix::relay(&[
         "--peer-allow",
         "127.0.0.0/8",
@@ -753,7 +759,7 @@ pub fn tls_443_with_lookup(
         "--tls-key",
         &key,
         "--tls-http-backend",
-        &backend,
+        backend,
     ]);
-    (lookup, relay, dir)
+    (relay, dir)
 }
