@@ -77,7 +77,8 @@ impl CdxMetrics {
     /// Counters owned by one loop or connection.
     pub fn local(&self, transport: Transport) -> LoopCounters {
         let h = match transport {
-            Transport::Udp => &self.udp,
+            // DTLS is UDP under a record layer: counted as UDP.
+            Transport::Udp | Transport::Dtls => &self.udp,
             // TLS is TCP framing under a record layer: counted as TCP.
             Transport::Tcp | Transport::Tls => &self.tcp,
         };

@@ -591,6 +591,11 @@ impl TurnClient {
                 }
                 Self::allocate_over(Link::Tls(Box::new(stream), StreamFrames::default()), creds)
             }
+            Transport::Dtls => {
+                anyhow::bail!(
+                    "the load tester does not speak TURN over DTLS (coturn's turnutils_uclient -S does)"
+                )
+            }
         }
     }
 

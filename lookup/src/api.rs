@@ -495,6 +495,7 @@ mod tests {
                 vec![]
             },
             tls: vec![],
+            dtls: vec![],
             capacity: 10,
             load: Load::default(),
             state: State::Active,

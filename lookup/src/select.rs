@@ -71,6 +71,7 @@ mod tests {
                 vec![]
             },
             tls: vec![],
+            dtls: vec![],
             capacity: 100,
             load: Load {
                 allocations,

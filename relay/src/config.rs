@@ -26,6 +26,8 @@ pub struct HostConfig {
     pub tls_listen: Vec<SocketAddr>,
     /// The certificate chain and key files.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// DTLS listeners (UDP; bound only with a certificate).
+    pub dtls_listen: Vec<SocketAddr>,
     /// Most TCP and TLS connections, over all loops.
     pub max_connections: usize,
     /// Most TCP and TLS connections from one IP address, over all loops.
@@ -64,6 +66,19 @@ pub struct RelayConfig {
         default_value = "0.0.0.0:5349"
     )]
     pub tls_listen: Vec<SocketAddr>,
+
+    /// Addresses TURN over DTLS (RFC 7350, DTLS 1.2) binds on UDP (comma
+    /// separated; off by default; 5349 is its port, beside TLS's on TCP).
+    /// Uses the --tls-cert certificate, whose key must be ECDSA (P-256 or
+    /// P-384), and its reloads. DTLS sessions count against
+    /// --max-connections and --max-connections-per-ip as connections do.
+    #[arg(
+        long = "dtls-listen",
+        env = "NATRIX_DTLS_LISTEN",
+        value_delimiter = ',',
+        requires = "tls_cert"
+    )]
+    pub dtls_listen: Vec<SocketAddr>,
 
     /// TLS certificate chain (PEM). Reloaded when the file changes or on
     /// SIGHUP, without dropping sessions.
@@ -422,6 +437,7 @@ impl RelayConfig {
             tcp: self.tcp,
             tls_listen: self.tls_listen.clone(),
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            dtls_listen: self.dtls_listen.clone(),
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             idle_timeout: self.idle_timeout,
@@ -491,7 +507,8 @@ impl RelayConfig {
         .into_iter()
         .flatten()
         .chain(self.listen.iter().map(SocketAddr::ip))
-        .chain(self.tls_listen.iter().map(SocketAddr::ip));
+        .chain(self.tls_listen.iter().map(SocketAddr::ip))
+        .chain(self.dtls_listen.iter().map(SocketAddr::ip));
         PeerPolicy::new(&self.peer_deny, &self.peer_allow)
             .with_own(own, (self.ports.min, self.ports.max))
     }

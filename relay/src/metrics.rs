@@ -42,6 +42,9 @@ pub struct RelayMetrics {
     pub usage_dropped: IntCounter,
     /// PROXY headers: proxied, local, malformed.
     pub proxy_headers: [IntCounter; 3],
+    dtls_sessions: IntGauge,
+    /// completed, failed, refused, dtls1_0, no_cookie.
+    dtls_handshakes: [IntCounter; 5],
 }
 
 impl RelayMetrics {
@@ -87,6 +90,22 @@ impl RelayMetrics {
                 t.counter_family(&cat::RELAY_PROXY_HEADERS_TOTAL)
                     .with_label_values(&[r])
             }),
+            dtls_sessions: t.gauge(&cat::RELAY_DTLS_SESSIONS),
+            dtls_handshakes: ["completed", "failed", "refused", "dtls1_0", "no_cookie"].map(|r| {
+                t.counter_family(&cat::RELAY_DTLS_HANDSHAKES_TOTAL)
+                    .with_label_values(&[r])
+            }),
+        }
+    }
+
+    /// Adds what changed in one loop's DTLS sessions: the sessions now
+    /// (`live`) and the handshake outcomes, each as (before, now).
+    pub fn publish_dtls(&self, live: (u64, u64), outcomes: [(u64, u64); 5]) {
+        self.dtls_sessions.add(live.1 as i64 - live.0 as i64);
+        for (c, (a, b)) in self.dtls_handshakes.iter().zip(outcomes) {
+            if b > a {
+                c.inc_by(b - a);
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use natrix_telemetry::catalogue as cat;
 use prometheus::IntCounter;
 use tracing::warn;
 
-use crate::core::{Transport, UsageRecord};
+use crate::core::UsageRecord;
 
 /// Records waiting for the writer, at most.
 pub const QUEUE: usize = 65_536;
@@ -55,11 +55,7 @@ impl UsageQueue {
 /// `relay` names the relay that wrote it.
 pub fn record_json(r: &UsageRecord, relay: &str) -> serde_json::Value {
     let session = natrix_model::SessionToken::session_of(&r.username);
-    let transport = match r.client.transport {
-        Transport::Udp => "udp",
-        Transport::Tcp => "tcp",
-        Transport::Tls => "tls",
-    };
+    let transport = r.client.transport.label();
     let way =
         |i: usize| serde_json::json!({"packets": r.usage.packets[i], "bytes": r.usage.bytes[i]});
     serde_json::json!({

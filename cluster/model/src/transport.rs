@@ -15,16 +15,23 @@ pub enum Transport {
     Tcp,
     /// TLS over TCP (RFC 8656 §3.1): framed as TCP.
     Tls,
+    /// DTLS over UDP (RFC 7350): one message per record, as UDP.
+    Dtls,
 }
 
 impl Transport {
     /// Every transport.
-    pub const ALL: [Transport; 3] = [Transport::Udp, Transport::Tcp, Transport::Tls];
+    pub const ALL: [Transport; 4] = [
+        Transport::Udp,
+        Transport::Tcp,
+        Transport::Tls,
+        Transport::Dtls,
+    ];
 
     /// True for stream transports, which need framing and ChannelData
     /// padding.
     pub const fn is_stream(self) -> bool {
-        !matches!(self, Transport::Udp)
+        matches!(self, Transport::Tcp | Transport::Tls)
     }
 
     /// The name in JSON, on command lines and as a metric label value.
@@ -33,6 +40,7 @@ impl Transport {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
+            Transport::Dtls => "dtls",
         }
     }
 }
@@ -49,7 +57,7 @@ impl std::str::FromStr for Transport {
         Transport::ALL
             .into_iter()
             .find(|t| t.label().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown transport {s:?}: udp, tcp or tls"))
+            .ok_or_else(|| format!("unknown transport {s:?}: udp, tcp, tls or dtls"))
     }
 }
 
@@ -69,8 +77,9 @@ mod tests {
             "quic"
                 .parse::<Transport>()
                 .unwrap_err()
-                .contains("udp, tcp or tls")
+                .contains("udp, tcp, tls or dtls")
         );
         assert!(Transport::Tls.is_stream() && !Transport::Udp.is_stream());
+        assert!(!Transport::Dtls.is_stream());
     }
 }

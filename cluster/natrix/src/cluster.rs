@@ -116,6 +116,7 @@ pub(crate) fn record(
         udp,
         tcp,
         tls,
+        dtls: Vec::new(),
         capacity,
         load: Load::default(),
         state: State::Active,

@@ -379,6 +379,7 @@ fn alternates(
             udp: Some(a),
             tcp: Some(a),
             tls: config.tls_alternate_server,
+            dtls: config.tls_alternate_server,
         });
         return None;
     }
@@ -418,6 +419,7 @@ fn alternates(
                         udp: first(&r.udp),
                         tcp: first(&r.tcp),
                         tls: first(&r.tls),
+                        dtls: first(&r.dtls),
                     }
                 }));
             }
@@ -612,6 +614,7 @@ fn host_plan(
                 tcp: cdx.tcp,
                 tls_listen: Vec::new(),
                 tls: None,
+                dtls_listen: Vec::new(),
                 max_connections: cdx.tcp_max_connections,
                 max_connections_per_ip: cdx.tcp_max_connections_per_ip,
                 idle_timeout: cdx.tcp_idle_timeout,
@@ -955,7 +958,7 @@ fn publish_records(
     let mut publishers = Vec::new();
     if let (Some(config), Some(host)) = (&plan.relay, data.relay()) {
         let public = config.external_ip;
-        let rec = cluster::record(
+        let mut rec = cluster::record(
             config.relay_id.clone().unwrap_or_default(),
             Role::Relay,
             global,
@@ -964,6 +967,7 @@ fn publish_records(
             cluster::public_addrs(host.tls_addrs(), public),
             config.capacity() as u64,
         );
+        rec.dtls = cluster::public_addrs(host.dtls_addrs(), public);
         let load = cluster::relay_load(host.control(), telemetry.clone());
         publishers.push(cluster::publish(
             store,
@@ -977,6 +981,7 @@ fn publish_records(
             cdx.role = Role::Cdx;
             cdx.tcp.clear();
             cdx.tls.clear();
+            cdx.dtls.clear();
             publishers.push(cluster::publish(
                 store,
                 cdx,

@@ -107,6 +107,9 @@ pub struct HostRecord {
     /// Public TLS addresses.
     #[serde(default)]
     pub tls: Vec<SocketAddr>,
+    /// Public DTLS addresses (UDP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dtls: Vec<SocketAddr>,
     /// Most allocations it accepts.
     pub capacity: u64,
     /// Live load.
@@ -523,6 +526,7 @@ mod tests {
             udp: vec!["192.0.2.1:3478".parse().unwrap()],
             tcp: vec![],
             tls: vec![],
+            dtls: vec![],
             capacity: 100,
             load: Load::default(),
             state: State::Active,

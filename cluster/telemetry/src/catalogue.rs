@@ -425,6 +425,25 @@ pub const RELAY_TLS_ROUTED_TOTAL: MetricDef = metric(
     }],
 );
 
+/// DTLS sessions past the cookie.
+pub const RELAY_DTLS_SESSIONS: MetricDef = metric(
+    "relay_dtls_sessions",
+    "TURN-over-DTLS sessions whose client returned its HelloVerifyRequest cookie (handshaking or connected) now; capped like connections by --max-connections and --max-connections-per-ip.",
+    Kind::Gauge,
+    &[],
+);
+
+/// What became of DTLS handshakes.
+pub const RELAY_DTLS_HANDSHAKES_TOTAL: MetricDef = metric(
+    "relay_dtls_handshakes_total",
+    "TURN-over-DTLS handshakes by outcome: completed; failed (an error, no common cipher suite, the 10 s deadline); refused (the session caps, or the loop's handshake time for a turn spent: the client retransmits); dtls1_0 (a DTLS 1.0 ClientHello, answered with a protocol_version alert); no_cookie (a HelloVerifyRequest never answered: spoofed sources, or clients gone).",
+    Kind::Counter,
+    &[Label {
+        name: "result",
+        values: &["completed", "failed", "refused", "dtls1_0", "no_cookie"],
+    }],
+);
+
 /// Connections the HTTPS front serves now.
 pub const RELAY_HTTPS_CONNECTIONS: MetricDef = metric(
     "relay_https_connections",
@@ -1055,6 +1074,8 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_TLS_ROUTED_TOTAL,
     &RELAY_HTTPS_CONNECTIONS,
     &RELAY_HTTPS_REQUESTS_TOTAL,
+    &RELAY_DTLS_SESSIONS,
+    &RELAY_DTLS_HANDSHAKES_TOTAL,
     &RELAY_ADMIN_REQUESTS_TOTAL,
     &RELAY_USAGE_RECORDS_DROPPED_TOTAL,
     &RELAY_AUTH_BANNED_SOURCES,

@@ -435,6 +435,8 @@ pub struct Alternate {
     pub tcp: Option<SocketAddr>,
     /// For TLS clients.
     pub tls: Option<SocketAddr>,
+    /// For DTLS clients.
+    pub dtls: Option<SocketAddr>,
 }
 
 impl Alternate {
@@ -445,6 +447,7 @@ impl Alternate {
             super::Transport::Udp => self.udp,
             super::Transport::Tcp => self.tcp,
             super::Transport::Tls => self.tls,
+            super::Transport::Dtls => self.dtls,
         }?;
         (a.is_ipv4() == from.server.ip().to_canonical().is_ipv4()).then_some(a)
     }

@@ -2019,6 +2019,7 @@ fn a_draining_or_full_relay_with_an_alternate_answers_300_try_alternate() {
         udp: Some(alternate),
         tcp: Some(over_tcp),
         tls: None,
+        dtls: None,
     });
     let resp = h.request(&unsigned, tcp, h.t0);
     assert_eq!(
@@ -2026,6 +2027,27 @@ fn a_draining_or_full_relay_with_an_alternate_answers_300_try_alternate() {
             .unwrap()
             .decode(AttributeType::ALTERNATE_SERVER),
         Some(Ok(Attribute::AlternateServer(over_tcp)))
+    );
+    // A DTLS client goes to the alternate's DTLS address, never its plain
+    // UDP one (it would lose its encryption there); without one, 508.
+    let dtls = ClientSocket {
+        transport: Transport::Dtls,
+        ..client(9)
+    };
+    let resp = h.request(&unsigned, dtls, h.t0);
+    assert_eq!(code_of(&resp), Some(401));
+    let over_dtls: SocketAddr = "203.0.113.9:5349".parse().unwrap();
+    h.server.set_alternate(Alternate {
+        udp: Some(alternate),
+        dtls: Some(over_dtls),
+        ..Alternate::default()
+    });
+    let resp = h.request(&unsigned, dtls, h.t0);
+    assert_eq!(
+        Message::parse(&resp)
+            .unwrap()
+            .decode(AttributeType::ALTERNATE_SERVER),
+        Some(Ok(Attribute::AlternateServer(over_dtls)))
     );
     // Not draining and not full: the usual challenge.
     h.server.set_draining(false);

@@ -24,6 +24,7 @@ use natrix_net::{
 };
 use tracing::{debug, trace, warn};
 
+use super::dtls::DtlsSessions;
 use super::is_binding;
 use super::mobility::{Mobility, Transfer};
 use super::stream::{ReadOutcome, Stream};
@@ -38,6 +39,7 @@ const WAKER: Token = Token(0);
 const UDP_BASE: usize = 1;
 const TCP_BASE: usize = 1 << 10;
 const TLS_BASE: usize = TCP_BASE + 512;
+const DTLS_BASE: usize = TLS_BASE + 512;
 const STREAM_BASE: usize = 1 << 24;
 const RELAY_BASE: usize = 1 << 40;
 
@@ -216,6 +218,34 @@ struct Clients {
     /// Streams with frames queued since the last [`Clients::flush`].
     dirty_streams: Vec<usize>,
     send_errors: u64,
+    /// TURN over DTLS: the listeners, their send batches, the sessions.
+    dtls_udp: Vec<SyncUdp>,
+    dtls_out: Vec<SendBatch>,
+    dtls: Option<DtlsSessions>,
+}
+
+/// Queues a session's DTLS records on the listener it uses (answering from
+/// the address the client reached on a wildcard listener).
+fn dtls_emitter<'a>(
+    udp: &'a [SyncUdp],
+    out: &'a mut [SendBatch],
+    errors: &'a mut u64,
+) -> impl FnMut(usize, &ClientSocket, &[u8]) + 'a {
+    move |l, client, bytes| {
+        let (Some(socket), Some(batch)) = (udp.get(l), out.get_mut(l)) else {
+            *errors += 1;
+            return;
+        };
+        if batch.is_full() {
+            *errors += batch.flush(socket.socket().as_fd()) as u64;
+        }
+        let from = socket
+            .local_addr()
+            .ip()
+            .is_unspecified()
+            .then_some(client.server.ip());
+        batch.push_from(client.client, from, bytes);
+    }
 }
 
 impl Clients {
@@ -247,6 +277,19 @@ impl Clients {
                     .is_unspecified()
                     .then_some(client.server.ip());
                 self.udp_out[i].push_from(client.client, from, bytes);
+            }
+            Transport::Dtls => {
+                let Some(sessions) = self.dtls.as_mut() else {
+                    self.send_errors += 1;
+                    return;
+                };
+                let mut failed = 0;
+                let sent = sessions.send(
+                    client,
+                    bytes,
+                    &mut dtls_emitter(&self.dtls_udp, &mut self.dtls_out, &mut failed),
+                );
+                self.send_errors += failed + u64::from(!sent);
             }
             Transport::Tcp | Transport::Tls => {
                 let Some(&j) = self.stream_by_client.get(client) else {
@@ -296,7 +339,12 @@ impl Clients {
     /// Sends every queued UDP datagram and writes every stream that got
     /// frames: one send per batch, not one per frame.
     fn flush(&mut self, registry: &Registry) {
-        for (l, batch) in self.udp.iter().zip(self.udp_out.iter_mut()) {
+        for (l, batch) in self
+            .udp
+            .iter()
+            .zip(self.udp_out.iter_mut())
+            .chain(self.dtls_udp.iter().zip(self.dtls_out.iter_mut()))
+        {
             if !batch.is_empty() {
                 self.send_errors += batch.flush(l.socket().as_fd()) as u64;
             }
@@ -381,6 +429,8 @@ pub(super) struct Listeners {
     pub(super) turn: bool,
     pub(super) tcp: Vec<std::net::TcpListener>,
     pub(super) tls: Vec<std::net::TcpListener>,
+    /// TURN over DTLS (served when the certificate has DTLS material).
+    pub(super) dtls: Vec<SyncUdp>,
 }
 
 /// Per-loop settings from the host.
@@ -418,6 +468,7 @@ pub(super) struct EventLoop {
     out: Vec<u8>,
     metrics: RelayMetrics,
     published: Stats,
+    published_dtls: super::dtls::DtlsStats,
     published_send_errors: u64,
     stop: Arc<AtomicBool>,
     /// Stop between batches and hand everything over (binary upgrade).
@@ -477,6 +528,7 @@ impl EventLoop {
             turn,
             tcp,
             tls,
+            dtls,
         } = listeners;
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
@@ -508,7 +560,18 @@ impl EventLoop {
             registry.register(&mut l, Token(TLS_BASE + i), Interest::READABLE)?;
             tls_listeners.push(l);
         }
-        let client_batch = match udp.first() {
+        for (i, s) in dtls.iter().enumerate() {
+            registry.register(
+                &mut SourceFd(&s.socket().as_raw_fd()),
+                Token(DTLS_BASE + i),
+                Interest::READABLE,
+            )?;
+        }
+        let sessions = tls_config
+            .as_ref()
+            .filter(|t| !dtls.is_empty() && t.dtls().is_some())
+            .map(|t| DtlsSessions::new(t.clone(), max_streams, max_streams_per_ip));
+        let client_batch = match udp.first().or(dtls.first()) {
             Some(s) => s.batch(MAX_CLIENT_DATAGRAM),
             None => RecvBatch::new(MAX_CLIENT_DATAGRAM, 1),
         };
@@ -534,6 +597,11 @@ impl EventLoop {
                     per_ip: HashMap::default(),
                     dirty_streams: Vec::new(),
                     send_errors: 0,
+                    dtls_out: (0..dtls.len())
+                        .map(|_| SendBatch::new(SEND_BATCH))
+                        .collect(),
+                    dtls_udp: dtls,
+                    dtls: sessions,
                 },
                 tcp: listeners,
                 tls: tls_listeners,
@@ -549,6 +617,7 @@ impl EventLoop {
                 out: vec![0; 1500],
                 metrics,
                 published: Stats::default(),
+                published_dtls: Default::default(),
                 published_send_errors: 0,
                 stop,
                 freeze,
@@ -588,9 +657,15 @@ impl EventLoop {
         while !self.stop.load(Ordering::Relaxed) && !self.freeze.load(Ordering::Relaxed) {
             let now = Instant::now();
             let timeout = if pending.is_empty() {
+                let dtls = self
+                    .clients
+                    .dtls
+                    .as_ref()
+                    .and_then(DtlsSessions::next_timer);
                 self.core
                     .poll_timeout()
                     .min(next_publish)
+                    .min(dtls.unwrap_or(next_publish))
                     .saturating_duration_since(now)
             } else {
                 Duration::ZERO
@@ -619,6 +694,7 @@ impl EventLoop {
             self.apply_control();
             let now = Instant::now();
             self.core.handle_timeout(now);
+            self.dtls_timers(now);
             while let Some(command) = self.core.poll_command() {
                 match command {
                     Command::CloseRelay {
@@ -633,6 +709,7 @@ impl EventLoop {
             }
             if now >= self.next_idle_sweep {
                 self.close_idle_streams(now);
+                self.close_idle_dtls(now);
                 self.next_idle_sweep = now + Duration::from_secs(1);
             }
             if now >= next_publish {
@@ -727,6 +804,12 @@ impl EventLoop {
                 .tls
                 .iter()
                 .filter_map(|l| dup(l.as_fd()).ok())
+                .collect(),
+            dtls: self
+                .clients
+                .dtls_udp
+                .iter()
+                .filter_map(|s| dup(s.socket().as_fd()).ok())
                 .collect(),
             relays,
             streams,
@@ -989,6 +1072,20 @@ impl EventLoop {
             self.metrics.publish_bans(banned, bans);
         }
         self.published = stats;
+        if let Some(sessions) = self.clients.dtls.as_ref() {
+            let (a, b) = (&self.published_dtls, &sessions.stats);
+            self.metrics.publish_dtls(
+                (a.live, b.live),
+                [
+                    (a.completed, b.completed),
+                    (a.failed, b.failed),
+                    (a.refused, b.refused),
+                    (a.old_version, b.old_version),
+                    (a.unanswered, b.unanswered),
+                ],
+            );
+            self.published_dtls = sessions.stats;
+        }
         let errors = self.relays.send_errors + self.clients.send_errors;
         self.metrics
             .send_errors
@@ -1002,6 +1099,7 @@ impl EventLoop {
             0 => true,
             t if t >= RELAY_BASE => self.peer_ready(t - RELAY_BASE),
             t if t >= STREAM_BASE => self.stream_ready(t - STREAM_BASE),
+            t if t >= DTLS_BASE => self.dtls_ready(t - DTLS_BASE),
             t if t >= TLS_BASE => {
                 self.accept(t - TLS_BASE, true);
                 true
@@ -1357,6 +1455,141 @@ impl EventLoop {
             }
         }
         true
+    }
+
+    /// Serves a ready DTLS listener: each datagram goes to its client's
+    /// session, the plaintext it opens to the core, the core's answers back
+    /// through the session. False when the read budget ran out.
+    fn dtls_ready(&mut self, i: usize) -> bool {
+        for _ in 0..BATCHES_PER_WAKE {
+            let Some(socket) = self.clients.dtls_udp.get(i) else {
+                return true;
+            };
+            match socket.try_recv_batch(&mut self.client_batch) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => continue,
+            }
+            let local = socket.local_addr();
+            let now = Instant::now();
+            for d in self.client_batch.datagrams() {
+                let client = ClientSocket {
+                    transport: Transport::Dtls,
+                    client: d.from,
+                    server: SocketAddr::new(d.to_ip.unwrap_or(local.ip()), local.port()),
+                };
+                let budget_spent = self.handshakes >= HANDSHAKE_TIME_PER_TURN;
+                let (input, frames, plain) = {
+                    let Clients {
+                        dtls,
+                        dtls_udp,
+                        dtls_out,
+                        send_errors,
+                        ..
+                    } = &mut self.clients;
+                    let Some(sessions) = dtls.as_mut() else {
+                        continue;
+                    };
+                    let mut emit = dtls_emitter(dtls_udp, dtls_out, send_errors);
+                    let input = sessions.input(i, client, d.payload, now, budget_spent, &mut emit);
+                    let frames = std::mem::take(&mut sessions.frames);
+                    (input, frames, std::mem::take(&mut sessions.plain))
+                };
+                self.handshakes += input.handshake;
+                if input.stray {
+                    self.core.record_drop(crate::core::DropReason::Malformed);
+                }
+                for range in &frames {
+                    let message = &plain[range.clone()];
+                    let action = match self.core.handle_client_input(
+                        message,
+                        client,
+                        now,
+                        &mut self.out,
+                        &mut self.relays,
+                    ) {
+                        ClientAction::Move { shard } => self.mobility.hand_over(
+                            &mut self.core,
+                            shard,
+                            message,
+                            client,
+                            now,
+                            &mut self.out,
+                        ),
+                        action => action,
+                    };
+                    match action {
+                        ClientAction::Reply(len) => {
+                            self.clients.deliver(&client, &self.out[..len]);
+                        }
+                        ClientAction::ToPeer {
+                            allocation,
+                            peer,
+                            payload,
+                        } => self.relays.send(allocation, &message[payload], peer),
+                        ClientAction::Move { .. }
+                        | ClientAction::Consumed
+                        | ClientAction::Drop(_) => {}
+                    }
+                }
+                if let Some(sessions) = self.clients.dtls.as_mut() {
+                    sessions.frames = frames;
+                    sessions.plain = plain;
+                }
+                if input.closed {
+                    self.core.handle_client_disconnected(client);
+                }
+            }
+            self.relays.flush();
+            self.clients.flush(&self.registry);
+            self.end_closed_dtls();
+            if self.client_batch.filled() < self.client_batch.capacity() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Runs the DTLS sessions' due timers (retransmissions, deadlines).
+    fn dtls_timers(&mut self, now: Instant) {
+        {
+            let Clients {
+                dtls,
+                dtls_udp,
+                dtls_out,
+                send_errors,
+                ..
+            } = &mut self.clients;
+            let Some(sessions) = dtls.as_mut() else {
+                return;
+            };
+            if sessions.next_timer().is_none_or(|t| t > now) {
+                return;
+            }
+            sessions.tick(now, &mut dtls_emitter(dtls_udp, dtls_out, send_errors));
+        }
+        self.clients.flush(&self.registry);
+        self.end_closed_dtls();
+    }
+
+    /// Ends the allocations of DTLS sessions that failed outside a read.
+    fn end_closed_dtls(&mut self) {
+        let Some(sessions) = self.clients.dtls.as_mut() else {
+            return;
+        };
+        for client in sessions.take_closed() {
+            self.core.handle_client_disconnected(client);
+        }
+    }
+
+    /// Ends DTLS sessions that hold no allocation and stayed silent for the
+    /// idle limit, and half-open ones past their lifetime.
+    fn close_idle_dtls(&mut self, now: Instant) {
+        let core = &self.core;
+        if let Some(sessions) = self.clients.dtls.as_mut() {
+            let closed = sessions.sweep(now, self.idle_timeout, |c| core.has_allocation(c));
+            self.metrics.connections_idle_closed.inc_by(closed as u64);
+        }
     }
 
     /// Closes connections that hold no allocation and stayed silent for

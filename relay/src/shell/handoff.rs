@@ -22,6 +22,8 @@ pub(super) struct FrozenLoop {
     pub(super) udp: Vec<OwnedFd>,
     pub(super) tcp: Vec<OwnedFd>,
     pub(super) tls: Vec<OwnedFd>,
+    /// DTLS listeners (their sessions stay behind).
+    pub(super) dtls: Vec<OwnedFd>,
     /// Relayed sockets by allocation slot.
     pub(super) relays: Vec<(u32, OwnedFd)>,
     /// Plain TCP connections holding an allocation.
@@ -86,6 +88,7 @@ pub struct Handoff {
     pub(super) service_udp: Vec<SocketAddr>,
     pub(super) tcp: Vec<SocketAddr>,
     pub(super) tls: Vec<SocketAddr>,
+    pub(super) dtls: Vec<SocketAddr>,
 }
 
 /// The format's version: a successor refuses what it does not know.
@@ -104,11 +107,7 @@ fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 fn transport_name(t: Transport) -> &'static str {
-    match t {
-        Transport::Udp => "udp",
-        Transport::Tcp => "tcp",
-        Transport::Tls => "tls",
-    }
+    t.label()
 }
 
 fn allocation_json(a: &MovedAllocation) -> Value {
@@ -167,12 +166,9 @@ fn usage_from(v: &Value) -> Usage {
 }
 
 fn allocation_from(v: &Value) -> anyhow::Result<MovedAllocation> {
-    let transport = match str_of(v, "transport")? {
-        "udp" => Transport::Udp,
-        "tcp" => Transport::Tcp,
-        "tls" => Transport::Tls,
-        other => anyhow::bail!("transport {other}"),
-    };
+    let transport: Transport = str_of(v, "transport")?
+        .parse()
+        .map_err(anyhow::Error::msg)?;
     let created_by = hex_array(v, "created_by")?;
     let permissions = v["permissions"]
         .as_array()
@@ -259,6 +255,7 @@ impl Handoff {
                 .iter()
                 .chain(&l.tcp)
                 .chain(&l.tls)
+                .chain(&l.dtls)
                 .chain(l.relays.iter().map(|(_, fd)| fd))
                 .chain(l.streams.iter().map(|m| &m.fd))
                 .map(AsRawFd::as_raw_fd)
@@ -276,6 +273,7 @@ impl Handoff {
                     "udp": fds(&l.udp),
                     "tcp": fds(&l.tcp),
                     "tls": fds(&l.tls),
+                    "dtls": fds(&l.dtls),
                     "relays": l.relays.iter().map(|(slot, fd)| json!([slot, fd.as_raw_fd()])).collect::<Vec<_>>(),
                     "streams": l.streams.iter().map(|m| json!({
                         "fd": m.fd.as_raw_fd(),
@@ -303,6 +301,7 @@ impl Handoff {
             "service_udp": addrs(&self.service_udp),
             "tcp": addrs(&self.tcp),
             "tls": addrs(&self.tls),
+            "dtls": addrs(&self.dtls),
             "loops": loops,
         })
         .to_string()
@@ -390,6 +389,12 @@ impl Handoff {
                 udp: fd_list(l, "udp")?,
                 tcp: fd_list(l, "tcp")?,
                 tls: fd_list(l, "tls")?,
+                // A predecessor without DTLS wrote none.
+                dtls: if l["dtls"].is_null() {
+                    Vec::new()
+                } else {
+                    fd_list(l, "dtls")?
+                },
                 relays,
                 moved: Moved {
                     seed,
@@ -409,6 +414,11 @@ impl Handoff {
             service_udp: addr_list("service_udp")?,
             tcp: addr_list("tcp")?,
             tls: addr_list("tls")?,
+            dtls: if v["dtls"].is_null() {
+                Vec::new()
+            } else {
+                addr_list("dtls")?
+            },
         })
     }
 }

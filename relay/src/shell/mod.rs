@@ -10,6 +10,7 @@
 //! Control reaches a loop through its waker and an atomic flag, checked
 //! between batches.
 
+mod dtls;
 mod event_loop;
 mod handoff;
 mod mobility;
@@ -88,6 +89,7 @@ pub struct RelayHost {
     service_udp: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
     tls: Vec<SocketAddr>,
+    dtls: Vec<SocketAddr>,
     tls_config: Option<Arc<TlsReloader>>,
     control: Arc<Control>,
     secrets: Option<SecretSource>,
@@ -126,6 +128,7 @@ struct LoopSockets {
     udp: Vec<SyncUdp>,
     tcp: Vec<std::net::TcpListener>,
     tls: Vec<std::net::TcpListener>,
+    dtls: Vec<SyncUdp>,
 }
 
 /// A host whose listeners are bound (so a taken port fails the start
@@ -138,6 +141,7 @@ pub struct BoundHost {
     service_udp: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
     tls: Vec<SocketAddr>,
+    dtls: Vec<SocketAddr>,
     tls_config: Option<Arc<TlsReloader>>,
     udp_clones: Vec<std::net::UdpSocket>,
     /// Per shard, what a predecessor handed over: UDP allocations and their
@@ -246,7 +250,12 @@ impl BoundHost {
             _ => None,
         };
         for ((shard, sockets), mobility) in self.shards.into_iter().enumerate().zip(mobility) {
-            let LoopSockets { udp, tcp, tls } = sockets;
+            let LoopSockets {
+                udp,
+                tcp,
+                tls,
+                dtls,
+            } = sockets;
             let handed = moved.next();
             let seed = handed.as_ref().map_or_else(rand::random, |h| h.moved.seed);
             let (mut event_loop, waker) = event_loop::EventLoop::new(
@@ -257,6 +266,7 @@ impl BoundHost {
                     turn: turn.is_some(),
                     tcp,
                     tls,
+                    dtls,
                 },
                 self.tls_config.clone(),
                 parts.metrics.clone(),
@@ -313,7 +323,7 @@ impl BoundHost {
             handles.push((handle, waker));
         }
         if let Some(config) = turn {
-            info!(udp = ?self.udp, tcp = ?self.tcp, tls = ?self.tls, loops, external_ip = %config.external_v4(), ports = %config.ports, "TURN relay serving");
+            info!(udp = ?self.udp, tcp = ?self.tcp, tls = ?self.tls, dtls = ?self.dtls, loops, external_ip = %config.external_v4(), ports = %config.ports, "TURN relay serving");
         }
         if resumed > 0 {
             info!(
@@ -329,6 +339,7 @@ impl BoundHost {
             service_udp: self.service_udp,
             tcp: self.tcp,
             tls: self.tls,
+            dtls: self.dtls,
             tls_config: self.tls_config,
             control,
             secrets,
@@ -426,6 +437,25 @@ fn bind_udp_everywhere(
     Ok(addr)
 }
 
+/// Binds `requested` as a DTLS listener (UDP) on every loop.
+fn bind_dtls_everywhere(
+    shards: &mut [LoopSockets],
+    requested: SocketAddr,
+) -> anyhow::Result<SocketAddr> {
+    ensure_udp_free(requested).with_context(|| format!("binding DTLS on {requested}"))?;
+    let mut addr = requested;
+    for (shard, sockets) in shards.iter_mut().enumerate() {
+        let socket = bind_udp(addr, &UdpOptions::default())
+            .with_context(|| format!("binding DTLS on {addr}"))?;
+        let socket = SyncUdp::new(socket).with_context(|| format!("configuring UDP on {addr}"))?;
+        if shard == 0 {
+            addr = socket.local_addr();
+        }
+        sockets.dtls.push(socket);
+    }
+    Ok(addr)
+}
+
 /// Binds `requested` as a TCP listener on every loop.
 fn bind_tcp_everywhere(
     shards: &mut [LoopSockets],
@@ -457,7 +487,14 @@ fn prepare(config: &HostConfig) -> anyhow::Result<Option<Arc<TlsReloader>>> {
         warn!("could not raise the open-file limit; allocations may fail early");
     }
     Ok(match &config.tls {
-        Some((cert, key)) => Some(Arc::new(TlsReloader::load(cert, key)?)),
+        Some((cert, key)) => Some(Arc::new(TlsReloader::load(
+            cert,
+            key,
+            !config.dtls_listen.is_empty(),
+        )?)),
+        None if !config.dtls_listen.is_empty() => {
+            anyhow::bail!("DTLS (--dtls-listen) needs a certificate: give --tls-cert and --tls-key")
+        }
         None => None,
     })
 }
@@ -477,6 +514,7 @@ impl RelayHost {
             service_udp: Vec::new(),
             tcp: Vec::new(),
             tls: Vec::new(),
+            dtls: Vec::new(),
             tls_config,
             udp_clones: Vec::new(),
             moved: Vec::new(),
@@ -492,6 +530,12 @@ impl RelayHost {
             for requested in config.tls_listen.iter().filter(usable) {
                 let addr = bind_tcp_everywhere(&mut host.shards, *requested, true)?;
                 host.tls.push(addr);
+            }
+        }
+        if host.tls_config.is_some() {
+            for requested in config.dtls_listen.iter().filter(usable) {
+                let addr = bind_dtls_everywhere(&mut host.shards, *requested)?;
+                host.dtls.push(addr);
             }
         }
         for requested in config.listen.iter().filter(usable) {
@@ -553,6 +597,11 @@ impl RelayHost {
         &self.tls
     }
 
+    /// The bound DTLS listener addresses (UDP).
+    pub fn dtls_addrs(&self) -> &[SocketAddr] {
+        &self.dtls
+    }
+
     /// The usage records the loops produce (once: the writer owns them),
     /// when the relay keeps them (`--usage-file`, `--usage-stream`).
     pub fn usage_records(&self) -> Option<std::sync::mpsc::Receiver<crate::core::UsageRecord>> {
@@ -594,7 +643,18 @@ impl RelayHost {
                 .context("taking over UDP listeners")?;
             let tcp = l.tcp.into_iter().map(std::net::TcpListener::from).collect();
             let tls = l.tls.into_iter().map(std::net::TcpListener::from).collect();
-            shards.push(LoopSockets { udp, tcp, tls });
+            let dtls = l
+                .dtls
+                .into_iter()
+                .map(|fd| SyncUdp::new(std::net::UdpSocket::from(fd)))
+                .collect::<std::io::Result<Vec<_>>>()
+                .context("taking over DTLS listeners")?;
+            shards.push(LoopSockets {
+                udp,
+                tcp,
+                tls,
+                dtls,
+            });
             moved.push(handoff::FrozenState {
                 moved: l.moved,
                 relays: l.relays,
@@ -618,6 +678,7 @@ impl RelayHost {
             service_udp: handoff.service_udp,
             tcp: handoff.tcp,
             tls: handoff.tls,
+            dtls: handoff.dtls,
             tls_config,
             udp_clones,
             moved,
@@ -647,6 +708,7 @@ impl RelayHost {
             service_udp: self.service_udp,
             tcp: self.tcp,
             tls: self.tls,
+            dtls: self.dtls,
         })
     }
 
