@@ -20,6 +20,33 @@ const SCRIPT: &str = concat!(
     "/../../loadtest/natlab/natlab.sh"
 );
 
+/// The probes a birthday punch may send, both sides together: the planned
+/// extra ones (fresh sockets and the spray), and the classic probes and
+/// what a socket the peer's probes reached repeats until the path answers.
+const PROBE_BUDGET: u64 =
+    (natrix_model::nat::BIRTHDAY_SOCKETS + natrix_model::nat::BIRTHDAY_SPRAY) as u64 + 400;
+
+/// Runs a hold `run` until its punch went direct (both peers), three times
+/// at most: one birthday punch misses with a chance of about 1 in 500, and
+/// what the hold checks (keepalives, fallback and return) needs a direct
+/// path to begin with. The last run's document, direct or not.
+fn direct_run(run: impl Fn() -> serde_json::Value) -> serde_json::Value {
+    let direct = |doc: &serde_json::Value| {
+        doc["peers"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty() && p.iter().all(|r| r["direct"] == true))
+    };
+    let mut doc = run();
+    for _ in 0..2 {
+        if direct(&doc) {
+            break;
+        }
+        eprintln!("a punch missed; running the hold again: {doc}");
+        doc = run();
+    }
+    doc
+}
+
 /// The lab, torn down when dropped (also after a failed assertion). One at
 /// a time: tests in this file hold the guard while they use it.
 struct Lab(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
@@ -689,7 +716,10 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     );
     // The birthday pair stayed within its probe budget (both sides).
     let birthday = pairs.iter().find(|p| p["technique"] == "birthday").unwrap();
-    assert!(birthday["probes"].as_u64().unwrap() <= 2000, "{birthday}");
+    assert!(
+        birthday["probes"].as_u64().unwrap() <= PROBE_BUDGET,
+        "{birthday}"
+    );
 
     // The hard pairs again, direct attempts only: every ordered pair that
     // needs birthday punching or port prediction, once each (the success
@@ -710,7 +740,7 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     let succeeded: u64 = rows.iter().map(|r| r["succeeded"].as_u64().unwrap()).sum();
     assert!(succeeded >= 32, "{table}");
     for r in rows.iter().filter(|r| r["succeeded"] == 1) {
-        assert!(r["probes_max"].as_u64().unwrap() < 2000, "{r}");
+        assert!(r["probes_max"].as_u64().unwrap() <= PROBE_BUDGET, "{r}");
         assert!(r["setup_ms_max"].as_f64().unwrap() < 3000.0, "{r}");
     }
 
@@ -719,12 +749,15 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
     // with a keepalive every 2 s, and breaks with one every 8 s (the NAT
     // maps the late keepalive to a new port, which the peer's NAT drops).
     for (keepalive, holds) in [("2s", true), ("8s", false)] {
-        let (_, doc) = lab_loadtest(
-            &loadtest,
-            "hold",
-            &[&api[..], &["--keepalive", keepalive]].concat(),
-        )
-        .unwrap_or_else(|t| panic!("natlab hold:\n{t}"));
+        let doc = direct_run(|| {
+            lab_loadtest(
+                &loadtest,
+                "hold",
+                &[&api[..], &["--keepalive", keepalive]].concat(),
+            )
+            .unwrap_or_else(|t| panic!("natlab hold:\n{t}"))
+            .1
+        });
         assert_eq!(doc["technique"], "birthday", "{doc}");
         assert_eq!(doc["held"], holds, "keepalive every {keepalive}: {doc}");
         for peer in doc["peers"].as_array().unwrap() {
@@ -755,9 +788,11 @@ fn every_pair_of_nat_types_punches_where_the_behaviours_allow() {
             "--cut-for",
             "2s",
         ];
-        lab_loadtest(&loadtest, "hold", &args)
-            .unwrap_or_else(|t| panic!("natlab hold {pair} with a cut:\n{t}"))
-            .1
+        direct_run(|| {
+            lab_loadtest(&loadtest, "hold", &args)
+                .unwrap_or_else(|t| panic!("natlab hold {pair} with a cut:\n{t}"))
+                .1
+        })
     };
     let doc = cut("symmetric,port-restricted-cone");
     assert_eq!(doc["technique"], "birthday", "{doc}");
