@@ -329,11 +329,15 @@ impl DtlsSessions {
                 Output::Packet(p) => emit(session.listener, client, p),
                 Output::BufferTooSmall { needed } => self.buf.resize(needed, 0),
                 Output::Timeout(at) => {
-                    if session.timer != Some(at) {
-                        session.timer = Some(at);
-                        self.timers
-                            .push(Reverse((at, client.client, client.server)));
+                    // A connected session's engine asks for a wake-up years
+                    // away, later with every call: not a timer to keep.
+                    let at = due(at);
+                    if let Some(t) = at
+                        && session.timer != at
+                    {
+                        self.timers.push(Reverse((t, client.client, client.server)));
                     }
+                    session.timer = at;
                     break;
                 }
                 Output::Connected => {
@@ -496,13 +500,22 @@ fn drain_into(
             Output::Packet(p) => packets.push(p.to_vec()),
             Output::BufferTooSmall { needed } => buf.resize(needed, 0),
             Output::Timeout(at) => {
-                session.timer = Some(at);
+                session.timer = due(at);
                 return Ok(());
             }
             Output::Connected => session.connected = true,
             _ => {}
         }
     }
+}
+
+/// How far ahead an engine timer is worth keeping.
+const TIMER_HORIZON: Duration = Duration::from_secs(3600);
+
+/// `at`, unless it lies beyond [`TIMER_HORIZON`] (the engine's "nothing
+/// to do": ten years away).
+fn due(at: Instant) -> Option<Instant> {
+    (at.saturating_duration_since(Instant::now()) < TIMER_HORIZON).then_some(at)
 }
 
 /// True for a datagram whose first record is a handshake record carrying a
@@ -537,8 +550,140 @@ fn protocol_version_alert(hello: &[u8]) -> [u8; 15] {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Sessions with a fresh ECDSA certificate (openssl, as operators make
+    /// them).
+    fn sessions() -> DtlsSessions {
+        let dir = std::env::temp_dir().join(format!(
+            "natrix-dtls-unit-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-days", "1", "-nodes"])
+            .args(["-subj", "/CN=unit", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let reloader = crate::tls::TlsReloader::load(&cert, &key, true).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        DtlsSessions::new(Arc::new(reloader), 8, 4)
+    }
+
+    fn client_socket() -> ClientSocket {
+        ClientSocket {
+            transport: crate::core::Transport::Dtls,
+            client: "192.0.2.7:40000".parse().unwrap(),
+            server: "198.51.100.1:5349".parse().unwrap(),
+        }
+    }
+
+    /// Everything `client` wants to send.
+    fn flight(client: &mut Dtls, now: Instant) -> Vec<Vec<u8>> {
+        client.handle_timeout(now).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut out = Vec::new();
+        loop {
+            match client.poll_output(&mut buf) {
+                Output::Packet(p) => out.push(p.to_vec()),
+                Output::Timeout(_) => return out,
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_client_gets_through_the_cookie_and_messages_round_trip_without_timer_growth() {
+        let mut s = sessions();
+        let material = s.material.dtls().unwrap();
+        let now = Instant::now();
+        let mut client = Dtls::new_12(material.config.clone(), material.certificate.clone(), now);
+        client.set_active(true);
+        let who = client_socket();
+        let mut to_client: Vec<Vec<u8>> = Vec::new();
+        let mut plaintext = Vec::new();
+        // ClientHello → HelloVerifyRequest (half-open), ClientHello with
+        // the cookie → the server's flight (a session), then Finished.
+        for _ in 0..6 {
+            for p in flight(&mut client, now) {
+                let mut emit = |_: usize, _: &ClientSocket, b: &[u8]| to_client.push(b.to_vec());
+                s.input(0, who, &p, now, false, &mut emit);
+            }
+            for p in to_client.drain(..) {
+                client.handle_packet(&p).unwrap();
+            }
+        }
+        assert_eq!(s.stats.completed, 1, "{:?}", s.stats);
+        assert_eq!(s.stats.live, 1);
+        // Client → server plaintext reaches the core's side.
+        client.send_application_data(b"allocate").unwrap();
+        for p in flight(&mut client, now) {
+            let mut emit = |_: usize, _: &ClientSocket, _: &[u8]| {};
+            s.input(0, who, &p, now, false, &mut emit);
+            plaintext.extend(s.frames.iter().map(|r| s.plain[r.clone()].to_vec()));
+        }
+        assert_eq!(plaintext, vec![b"allocate".to_vec()]);
+        // A thousand messages each way, over a second: each answer a record
+        // for the client, and no timer kept per message (a connected
+        // engine's idle wake-up is years away, and moves with its clock).
+        let mut records = 0;
+        for i in 0..1000u32 {
+            let later = now + Duration::from_millis(u64::from(i));
+            client.send_application_data(&i.to_be_bytes()).unwrap();
+            for p in flight(&mut client, later) {
+                let mut emit = |_: usize, _: &ClientSocket, _: &[u8]| {};
+                s.input(0, who, &p, later, false, &mut emit);
+                assert_eq!(s.frames.len(), 1);
+            }
+            let mut emit = |_: usize, _: &ClientSocket, _: &[u8]| records += 1;
+            assert!(s.send(&who, &i.to_be_bytes(), &mut emit));
+        }
+        assert_eq!(records, 1000);
+        assert!(s.timers.len() < 8, "{} timers kept", s.timers.len());
+        // No session for another client: nothing sent.
+        let other = ClientSocket {
+            client: "192.0.2.8:40000".parse().unwrap(),
+            ..who
+        };
+        let mut emit = |_: usize, _: &ClientSocket, _: &[u8]| panic!("sent to a stranger");
+        assert!(!s.send(&other, b"x", &mut emit));
+    }
+
+    #[test]
+    fn half_open_sessions_are_capped_per_address_and_expire() {
+        let mut s = sessions();
+        let material = s.material.dtls().unwrap();
+        let now = Instant::now();
+        let mut client = Dtls::new_12(material.config.clone(), material.certificate.clone(), now);
+        client.set_active(true);
+        let hello = flight(&mut client, now).remove(0);
+        let mut verify_requests = 0;
+        for port in 0..40u16 {
+            let who = ClientSocket {
+                client: std::net::SocketAddr::new("192.0.2.9".parse().unwrap(), 1000 + port),
+                ..client_socket()
+            };
+            let mut emit = |_: usize, _: &ClientSocket, _: &[u8]| verify_requests += 1;
+            s.input(0, who, &hello, now, false, &mut emit);
+        }
+        assert_eq!(verify_requests, HALF_OPEN_PER_IP);
+        assert_eq!(s.stats.refused, 40 - HALF_OPEN_PER_IP as u64);
+        assert_eq!(s.stats.live, 0, "no session before the cookie");
+        s.sweep(now + HALF_OPEN_LIFETIME, Duration::from_secs(60), |_| false);
+        assert_eq!(s.stats.unanswered, HALF_OPEN_PER_IP as u64);
+        assert!(s.half_open.is_empty() && s.half_open_per_ip.is_empty());
+    }
 
     #[test]
     fn only_a_client_hello_opens_a_session() {
