@@ -71,7 +71,7 @@ impl std::str::FromStr for Target {
 }
 
 /// A server given as `HOST:PORT` or as an RFC 7065 URL (`turn:HOST[:PORT]
-/// [?transport=udp|tcp]`, `turns:HOST[:PORT]` for TLS; default ports 3478
+/// [?transport=udp|tcp]`, `turns:HOST[:PORT]` for TLS (with `?transport=udp`: DTLS); default ports 3478
 /// and 5349); names are resolved. The transport when the URL names one.
 fn server_url(text: &str) -> Result<(SocketAddr, Option<Transport>), String> {
     use std::net::ToSocketAddrs;
@@ -91,7 +91,10 @@ fn server_url(text: &str) -> Result<(SocketAddr, Option<Transport>), String> {
     let mut transport = tls.then_some(Transport::Tls);
     for kv in query.split('&').filter(|q| !q.is_empty()) {
         match kv.split_once('=') {
-            Some(("transport", "udp")) if !tls => transport = Some(Transport::Udp),
+            // turns: over UDP is DTLS (RFC 7065, RFC 7350).
+            Some(("transport", "udp")) => {
+                transport = Some(if tls { Transport::Dtls } else { Transport::Udp });
+            }
             Some(("transport", "tcp")) => {
                 transport = Some(if tls { Transport::Tls } else { Transport::Tcp });
             }
@@ -490,6 +493,13 @@ mod tests {
         assert_eq!(
             url("turns:127.0.0.1:443?transport=tcp").1,
             Some(Transport::Tls)
+        );
+        assert_eq!(
+            url("turns:127.0.0.1?transport=udp"),
+            (
+                "127.0.0.1:5349".parse().unwrap_or_else(|_| unreachable!()),
+                Some(Transport::Dtls)
+            )
         );
         assert_eq!(url("turn:[::1]:3480").0.port(), 3480);
         assert_eq!(url("127.0.0.1:9").1, None);

@@ -9,6 +9,7 @@
 mod alloc;
 mod attack;
 mod compare;
+mod dtls;
 mod e2e;
 mod hold;
 mod live;

@@ -191,8 +191,8 @@ fn drive(
     ))
 }
 
-/// The same over TCP or TLS: padded ChannelData frames written in one
-/// batch per refill, echoes read as frames.
+/// The same over TCP or TLS (padded ChannelData frames written in one
+/// batch per refill) or DTLS (one record each); echoes read as frames.
 fn drive_stream(
     client: &mut TurnClient,
     args: &RelayArgs,
@@ -233,14 +233,22 @@ fn drive_stream(
         };
         if room > 0 {
             batch.clear();
+            // A stream takes the frames in one write; DTLS one per record.
+            let stream = client.link.is_stream();
             for i in 0..room {
                 let t_ns = started.elapsed().as_nanos() as u64;
                 payload[..8].copy_from_slice(&t_ns.to_be_bytes());
                 payload[8..16].copy_from_slice(&(r.sent + i).to_be_bytes());
-                let n = ChannelData::encode(&mut frame, channel, &payload, true).unwrap_or(0);
-                batch.extend_from_slice(&frame[..n]);
+                let n = ChannelData::encode(&mut frame, channel, &payload, stream).unwrap_or(0);
+                if stream {
+                    batch.extend_from_slice(&frame[..n]);
+                } else {
+                    client.link.send(&frame[..n]).context("sending a record")?;
+                }
             }
-            client.link.send(&batch).context("sending on the stream")?;
+            if stream {
+                client.link.send(&batch).context("sending on the stream")?;
+            }
             r.sent += room;
             inflight += room;
             live.sent(room);
@@ -281,12 +289,24 @@ fn echo_client(client: &mut TurnClient, server: SocketAddr, stop: &AtomicBool) {
         echo(socket, stop, |_| server, |d| ChannelData::parse(d).is_ok());
         return;
     }
-    // A stream: the frames come back as they are (already padded).
+    // A stream: the frames come back as they are (already padded), in one
+    // write; DTLS: each in its own record.
+    let stream = client.link.is_stream();
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let Ok(Some(f)) = client.link.recv(Duration::from_millis(100)) else {
             continue;
         };
+        if !stream {
+            let mut next = Some(f);
+            while let Some(f) = next {
+                if client.link.send(&f).is_err() {
+                    return;
+                }
+                next = client.link.pop();
+            }
+            continue;
+        }
         out.clear();
         out.extend_from_slice(&f);
         while let Some(f) = client.link.pop() {

@@ -1,5 +1,5 @@
 //! A small blocking TURN client (long-term or REST credentials, over UDP,
-//! TCP or TLS) for load generation and the end-to-end scenarios: allocate,
+//! TCP, TLS or DTLS) for load generation and the end-to-end scenarios: allocate,
 //! refresh, bind channels, frame data.
 
 use std::io::Write;
@@ -360,6 +360,8 @@ pub(crate) enum Link {
     Tcp(TcpStream, StreamFrames),
     /// TLS over TCP, likewise.
     Tls(Box<TlsStream>, StreamFrames),
+    /// DTLS over UDP: one message per record.
+    Dtls(Box<crate::dtls::DtlsLink>),
 }
 
 impl Link {
@@ -369,6 +371,7 @@ impl Link {
             Link::Udp(s) => s.peer_addr(),
             Link::Tcp(s, _) => s.peer_addr(),
             Link::Tls(s, _) => s.0.sock.peer_addr(),
+            Link::Dtls(l) => l.peer_addr(),
         }
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
@@ -379,12 +382,13 @@ impl Link {
             Link::Udp(s) => s.send(data).map(|_| ()),
             Link::Tcp(s, _) => s.write_all(data),
             Link::Tls(s, _) => s.write_all(data),
+            Link::Dtls(l) => l.send(data),
         }
     }
 
     /// True for TCP and TLS (framed, padded ChannelData).
     pub(crate) fn is_stream(&self) -> bool {
-        !matches!(self, Link::Udp(_))
+        matches!(self, Link::Tcp(..) | Link::Tls(..))
     }
 
     /// The next datagram or frame, waiting at most `timeout`.
@@ -402,6 +406,7 @@ impl Link {
             }
             Link::Tcp(s, frames) => frames.next(s, timeout),
             Link::Tls(s, frames) => frames.next(s.as_mut(), timeout),
+            Link::Dtls(l) => l.recv(timeout),
         }
     }
 
@@ -409,6 +414,7 @@ impl Link {
     pub(crate) fn pop(&mut self) -> Option<Vec<u8>> {
         match self {
             Link::Udp(_) => None,
+            Link::Dtls(l) => l.pop(),
             Link::Tcp(_, frames) | Link::Tls(_, frames) => frames.pop(),
         }
     }
@@ -592,9 +598,8 @@ impl TurnClient {
                 Self::allocate_over(Link::Tls(Box::new(stream), StreamFrames::default()), creds)
             }
             Transport::Dtls => {
-                anyhow::bail!(
-                    "the load tester does not speak TURN over DTLS (coturn's turnutils_uclient -S does)"
-                )
+                let link = crate::dtls::DtlsLink::connect(server, local)?;
+                Self::allocate_over(Link::Dtls(Box::new(link)), creds)
             }
         }
     }
@@ -699,7 +704,7 @@ impl TurnClient {
     pub(crate) fn udp_socket(&self) -> Option<&UdpSocket> {
         match &self.link {
             Link::Udp(s) => Some(s),
-            Link::Tcp(..) | Link::Tls(..) => None,
+            Link::Tcp(..) | Link::Tls(..) | Link::Dtls(_) => None,
         }
     }
 

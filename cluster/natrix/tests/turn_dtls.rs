@@ -1,5 +1,5 @@
 //! TURN over DTLS (RFC 7350): coturn's client over DTLS 1.2 with channels
-//! and Send indications, a certificate reload that reaches new sessions
+//! and Send indications, the load tester's DTLS client, a certificate reload that reaches new sessions
 //! without dropping one, DTLS 1.0 refused with an alert, a flood of
 //! ClientHellos that never return their cookie while a real client gets
 //! through, and a key DTLS cannot use refused at start.
@@ -159,6 +159,24 @@ fn coturn_relays_over_dtls_and_a_certificate_reload_reaches_new_sessions() {
         .expect("openssl s_client");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("alert protocol version"), "{text}");
+
+    // The load tester's own DTLS client, both paths (client to peer, and
+    // client to client through two allocations).
+    let server = format!("127.0.0.1:{port}");
+    for path in ["peer", "client"] {
+        let out = Command::new(
+            std::path::Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest"),
+        )
+        .args(["relay", "--server", &server, "--transport", "dtls"])
+        .args(["--path", path, "--clients", "2", "--duration", "1s"])
+        .args(["--user", USER, "--password", PASSWORD, "--progress", "off"])
+        .output()
+        .expect("natrix-loadtest (cargo build --workspace --bins)");
+        let r = common::stdout_report(&out, &format!("natrix-loadtest relay over DTLS, {path}"));
+        assert!(r["echoed"].as_u64().unwrap() > 100, "{path}: {r}");
+        assert!(r["loss_ratio"].as_f64().unwrap() < 0.01, "{path}: {r}");
+        println!("natrix-loadtest over DTLS, {path} path: {r}");
+    }
 
     natrix.wait_metric(
         "relay_forwarded_packets_total{direction=\"peer_to_client\"}",
