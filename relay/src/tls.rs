@@ -212,6 +212,12 @@ fn build_dtls(cert: &Path, key: &Path) -> anyhow::Result<DtlsMaterial> {
     Ok(material)
 }
 
+/// Ok when DTLS can serve with `cert` and `key` (an ECDSA P-256 or P-384
+/// key matching the certificate); the reason otherwise.
+pub fn dtls_usable(cert: &Path, key: &Path) -> anyhow::Result<()> {
+    build_dtls(cert, key).map(|_| ())
+}
+
 /// Runs a DTLS client against a server built from `material`, in memory;
 /// Ok once both ends are connected.
 fn handshake_in_memory(material: &DtlsMaterial) -> Result<(), String> {

@@ -112,6 +112,16 @@ impl Plan {
                     .map_err(anyhow::Error::msg)?,
             );
         }
+        // TURN over DTLS beside TLS, on the same addresses over UDP, when
+        // the key allows it (DTLS needs ECDSA; an RSA key keeps TLS alone).
+        if let (Some(cert), Some(key)) = (&relay.tls_cert, &relay.tls_key)
+            && relay.dtls_listen.is_empty()
+        {
+            match natrix_relay::tls::dtls_usable(cert, key) {
+                Ok(()) => relay.dtls_listen = relay.tls_listen.clone(),
+                Err(e) => warn!(error = %format!("{e:#}"), "TURN over DTLS stays off"),
+            }
+        }
         Ok(Plan {
             relay: Some(relay),
             cdx_on_relay: true,
@@ -865,6 +875,10 @@ fn first_screen(
                     ""
                 }
             );
+        }
+        let dtls = host.dtls_addrs();
+        if !dtls.is_empty() {
+            let _ = writeln!(s, "  TURN DTLS     {}   (udp)", join(dtls));
         }
     }
     if let Some(at) = lookup {

@@ -11,34 +11,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Natrix, PASSWORD, USER, free_port, uclient, udp_echo_peer, write_cert};
+use common::{
+    Natrix, PASSWORD, USER, free_port, served_cn, uclient, udp_echo_peer, wait_for_cn, write_cert,
+};
 use natrix_wire::{
     Attribute, AttributeType, Class, Encoder, IntegrityKey, Message, MessageType, Method,
     TransactionId, long_term_key_md5,
 };
-
-/// The common name of the certificate the server presents now.
-fn served_cn(port: u16) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -subject"
-        ))
-        .output()
-        .expect("openssl s_client");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn wait_for_cn(port: u16, cn: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let seen = served_cn(port);
-        if seen.contains(cn) || Instant::now() > deadline {
-            return seen;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn turn_over_tls_relays_and_reloads_certificates_without_dropping_sessions() {
@@ -59,7 +38,7 @@ fn turn_over_tls_relays_and_reloads_certificates_without_dropping_sessions() {
         "--tls-key",
         &key,
     ]);
-    assert!(served_cn(tls_port).contains("natrix-one"));
+    assert!(served_cn(tls_port, false).contains("natrix-one"));
     let (_peer, peer_port) = udp_echo_peer();
     let pp = peer_port.to_string();
     let tp = tls_port.to_string();
@@ -94,7 +73,7 @@ fn turn_over_tls_relays_and_reloads_certificates_without_dropping_sessions() {
     };
     std::thread::sleep(Duration::from_millis(1000));
     write_cert(&dir, "natrix-two");
-    let seen = wait_for_cn(tls_port, "natrix-two");
+    let seen = wait_for_cn(tls_port, "natrix-two", false);
     assert!(seen.contains("natrix-two"), "after a file change: {seen}");
     let report = session.join().expect("uclient thread");
     assert_eq!(
@@ -108,14 +87,14 @@ fn turn_over_tls_relays_and_reloads_certificates_without_dropping_sessions() {
     write_cert(&dir, "natrix-three");
     // SAFETY: kill(2) on the PID of a child this test spawned.
     assert_eq!(unsafe { libc::kill(natrix.pid(), libc::SIGHUP) }, 0);
-    let seen = wait_for_cn(tls_port, "natrix-three");
+    let seen = wait_for_cn(tls_port, "natrix-three", false);
     assert!(seen.contains("natrix-three"), "after SIGHUP: {seen}");
     assert!(natrix.alive(), "SIGHUP stopped natrix: {}", natrix.log());
 
     // A broken file keeps the previous certificate in service.
     std::fs::write(dir.join("cert.pem"), b"not a certificate").expect("write");
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(served_cn(tls_port).contains("natrix-three"));
+    assert!(served_cn(tls_port, false).contains("natrix-three"));
     let report = uclient(&[
         "-t",
         "-S",

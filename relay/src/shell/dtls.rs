@@ -33,8 +33,9 @@ use crate::core::ClientSocket;
 
 /// Half-open sessions (before the cookie) a loop keeps.
 pub(super) const HALF_OPEN_PER_LOOP: usize = 1024;
-/// Half-open sessions one address may have on a loop.
-pub(super) const HALF_OPEN_PER_IP: usize = 16;
+/// Half-open sessions one address may have on a loop (a NAT's clients
+/// handshaking at once; each holds its slot for a round trip).
+pub(super) const HALF_OPEN_PER_IP: usize = 64;
 /// How long a half-open session waits for the ClientHello with its cookie.
 pub(super) const HALF_OPEN_LIFETIME: Duration = Duration::from_secs(3);
 /// The longest plaintext a session hands the core (a TURN message over UDP).
@@ -669,7 +670,8 @@ mod tests {
         client.set_active(true);
         let hello = flight(&mut client, now).remove(0);
         let mut verify_requests = 0;
-        for port in 0..40u16 {
+        let tries = HALF_OPEN_PER_IP as u16 + 24;
+        for port in 0..tries {
             let who = ClientSocket {
                 client: std::net::SocketAddr::new("192.0.2.9".parse().unwrap(), 1000 + port),
                 ..client_socket()
@@ -678,7 +680,7 @@ mod tests {
             s.input(0, who, &hello, now, false, &mut emit);
         }
         assert_eq!(verify_requests, HALF_OPEN_PER_IP);
-        assert_eq!(s.stats.refused, 40 - HALF_OPEN_PER_IP as u64);
+        assert_eq!(s.stats.refused, u64::from(tries) - HALF_OPEN_PER_IP as u64);
         assert_eq!(s.stats.live, 0, "no session before the cookie");
         s.sweep(now + HALF_OPEN_LIFETIME, Duration::from_secs(60), |_| false);
         assert_eq!(s.stats.unanswered, HALF_OPEN_PER_IP as u64);

@@ -404,6 +404,35 @@ pub fn write_cert(dir: &std::path::Path, cn: &str) {
     std::fs::rename(&cert_tmp, dir.join("cert.pem")).expect("rename cert");
 }
 
+/// The common name of the certificate a handshake with 127.0.0.1:`port`
+/// shows: TLS, or with `dtls` DTLS 1.2 (openssl's client).
+#[allow(dead_code)]
+pub fn served_cn(port: u16, dtls: bool) -> String {
+    let version = if dtls { "-dtls1_2" } else { "" };
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "timeout 5 openssl s_client {version} -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -subject"
+        ))
+        .output()
+        .expect("openssl s_client");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits (10 s at most) until a handshake with `port` shows `cn`; what it
+/// showed last.
+#[allow(dead_code)]
+pub fn wait_for_cn(port: u16, cn: &str, dtls: bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = served_cn(port, dtls);
+        if seen.contains(cn) || Instant::now() > deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// (`.ci/install-deps` installs them).
 pub fn tool(name: &str) -> String {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
