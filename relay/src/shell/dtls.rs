@@ -156,7 +156,17 @@ impl DtlsSessions {
     ) -> Input {
         self.plain.clear();
         self.frames.clear();
-        if let Some(mut session) = self.sessions.remove(&client) {
+        // A ClientHello from a 5-tuple with a connected session: the client
+        // restarted on the same port (RFC 6347 §4.2.8). It goes through the
+        // cookie as a new client would; the old session stays until the
+        // new one is verified, so a spoofed ClientHello cannot end it.
+        let hello = is_client_hello(datagram);
+        let restarting = hello && self.half_open.contains_key(&client);
+        if !restarting && let Some(mut session) = self.sessions.remove(&client) {
+            if hello && session.connected {
+                self.sessions.insert(client, session);
+                return self.open(listener, client, datagram, now, emit);
+            }
             session.last_active = now;
             let handshaking = !session.connected;
             if handshaking && budget_spent {
@@ -196,8 +206,10 @@ impl DtlsSessions {
                 return Input::default();
             }
             let ip = client.client.ip();
-            if self.sessions.len() >= self.max_sessions
-                || self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip
+            let replacing = self.sessions.contains_key(&client);
+            if !replacing
+                && (self.sessions.len() >= self.max_sessions
+                    || self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip)
             {
                 self.stats.refused += 1;
                 return Input::default();
@@ -216,6 +228,14 @@ impl DtlsSessions {
             }
             match result {
                 Ok(_) if verified => {
+                    // A restarted client's old session ends, and with it
+                    // the allocation its lost state held.
+                    if let Some(old) = self.sessions.remove(&client) {
+                        self.forget(&client);
+                        if old.connected {
+                            self.closed.push(client);
+                        }
+                    }
                     *self.per_ip.entry(ip).or_insert(0) += 1;
                     self.stats.live += 1;
                     if let Some(at) = session.timer {
@@ -236,12 +256,25 @@ impl DtlsSessions {
             };
         }
         // A new source: only a ClientHello opens a session.
-        if !is_client_hello(datagram) {
+        if !hello {
             return Input {
                 stray: true,
                 ..Input::default()
             };
         }
+        self.open(listener, client, datagram, now, emit)
+    }
+
+    /// Answers the ClientHello of a client without a session (or one
+    /// restarting): a HelloVerifyRequest from a new half-open session.
+    fn open(
+        &mut self,
+        listener: usize,
+        client: ClientSocket,
+        datagram: &[u8],
+        now: Instant,
+        emit: &mut Emit<'_>,
+    ) -> Input {
         if client_version(datagram) == Some(DTLS_1_0) {
             // DTLS 1.0 (RFC 8996 deprecates it): a protocol_version alert
             // lets a client that offers several versions retry with 1.2 at
@@ -605,7 +638,7 @@ mod tests {
     }
 
     #[test]
-    fn a_client_gets_through_the_cookie_and_messages_round_trip_without_timer_growth() {
+    fn a_client_gets_through_the_cookie_messages_round_trip_and_a_restart_replaces_its_session() {
         let mut s = sessions();
         let material = s.material.dtls().unwrap();
         let now = Instant::now();
@@ -652,6 +685,35 @@ mod tests {
         }
         assert_eq!(records, 1000);
         assert!(s.timers.len() < 8, "{} timers kept", s.timers.len());
+        // The client restarts on the same port: a new handshake through the
+        // cookie replaces the old session (whose allocation then ends).
+        let mut again = Dtls::new_12(material.config.clone(), material.certificate.clone(), now);
+        again.set_active(true);
+        let later = now + Duration::from_secs(2);
+        let hello = flight(&mut again, later).remove(0);
+        let mut answers = Vec::new();
+        let mut emit = |_: usize, _: &ClientSocket, b: &[u8]| answers.push(b.to_vec());
+        s.input(0, who, &hello, later, false, &mut emit);
+        assert_eq!(
+            s.stats.live, 1,
+            "the old session stays until the cookie comes back"
+        );
+        assert!(s.take_closed().is_empty());
+        for p in answers.drain(..) {
+            again.handle_packet(&p).unwrap();
+        }
+        for _ in 0..6 {
+            for p in flight(&mut again, later) {
+                let mut emit = |_: usize, _: &ClientSocket, b: &[u8]| answers.push(b.to_vec());
+                s.input(0, who, &p, later, false, &mut emit);
+            }
+            for p in answers.drain(..) {
+                again.handle_packet(&p).unwrap();
+            }
+        }
+        assert_eq!(s.stats.completed, 2, "{:?}", s.stats);
+        assert_eq!(s.stats.live, 1);
+        assert_eq!(s.take_closed(), vec![who]);
         // No session for another client: nothing sent.
         let other = ClientSocket {
             client: "192.0.2.8:40000".parse().unwrap(),
