@@ -32,7 +32,7 @@ use crate::stats::Latency;
 use crate::turn::{Credentials, Tls, Transport, TurnClient, error_kind};
 
 /// Every attack, in the order `all` runs them.
-const ATTACKS: [&str; 21] = [
+const ATTACKS: [&str; 22] = [
     "plan-no-key",
     "plan-rate",
     "alloc-one-source",
@@ -54,6 +54,7 @@ const ATTACKS: [&str; 21] = [
     "invite-flood",
     "turn-guessing",
     "https-idle",
+    "dtls-hellos",
 ];
 
 /// Options of `attack`.
@@ -65,6 +66,10 @@ pub(crate) struct AttackArgs {
     /// The TURN-over-TLS listener, if any.
     #[arg(long)]
     pub(crate) tls: Option<SocketAddr>,
+    /// The TURN-over-DTLS listener (UDP), if any: a legitimate DTLS
+    /// session joins every attack, and `dtls-hellos` floods it.
+    #[arg(long)]
+    pub(crate) dtls: Option<SocketAddr>,
     /// A CDX node for the exchange attacks (default: --turn, as on
     /// `natrix up`).
     #[arg(long)]
@@ -178,6 +183,7 @@ fn legit_session(
     let mut r = LegitResult::default();
     let server = match transport {
         Transport::Tls => args.tls.unwrap_or(args.turn),
+        Transport::Dtls => args.dtls.unwrap_or(args.turn),
         _ => args.turn,
     };
     let mut client = match TurnClient::connect(
@@ -261,6 +267,9 @@ impl Legit {
         if let Some(tls) = args.tls {
             kinds.push((Transport::Tls, Some(Tls::new(None, None, tls)?)));
         }
+        if args.dtls.is_some() {
+            kinds.push((Transport::Dtls, None));
+        }
         let sessions = kinds
             .into_iter()
             .map(|(transport, tls)| {
@@ -308,6 +317,7 @@ impl AttackArgs {
         AttackArgs {
             turn: self.turn,
             tls: self.tls,
+            dtls: self.dtls,
             cdx: self.cdx,
             lookup: self.lookup,
             metrics: self.metrics,
@@ -863,6 +873,70 @@ fn https_idle(args: &AttackArgs) -> Outcome {
         "one source opened idle HTTPS connections on the TLS port: {}; another address's GET /healthz meanwhile: {}",
         tally(&o.answers),
         served.map_or("no answer".to_string(), |c| c.to_string())
+    );
+    o
+}
+
+/// ClientHellos from one source, each from a new port, none returning its
+/// cookie; a sample of them reads what came back, and a new client from
+/// another address must get through meanwhile.
+fn dtls_hellos(args: &AttackArgs) -> Outcome {
+    let Some(to) = args.dtls else {
+        return Outcome::skipped("needs --dtls");
+    };
+    let Ok(hello) = crate::dtls::client_hello() else {
+        return Outcome::skipped("a DTLS ClientHello");
+    };
+    let mut o = Outcome::default();
+    let deadline = args.deadline();
+    let halfway = Instant::now() + args.duration / 2;
+    let (sent, sampled, fresh) = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            let mut sent = 0u64;
+            let mut sampled = Vec::new();
+            while Instant::now() < deadline && sent < 200_000 {
+                let Ok(socket) = UdpSocket::bind(SocketAddr::new(args.attacker_ip, 0)) else {
+                    continue;
+                };
+                if socket.send_to(&hello, to).is_ok() {
+                    sent += 1;
+                    // The first ones (within the per-address cap) and
+                    // some later ones (past it).
+                    if sampled.len() < 64 && (sent <= 32 || sent.is_multiple_of(500)) {
+                        sampled.push(socket);
+                    }
+                }
+            }
+            (sent, sampled)
+        });
+        std::thread::sleep(halfway.saturating_duration_since(Instant::now()));
+        let started = Instant::now();
+        let fresh = crate::dtls::DtlsLink::connect(to, SocketAddr::new(args.failing_ip(), 0))
+            .map(|_| started.elapsed());
+        let (sent, sampled) = flood.join().unwrap_or_default();
+        (sent, sampled, fresh)
+    });
+    for socket in &sampled {
+        let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
+        let mut b = [0u8; 2048];
+        match socket.recv(&mut b) {
+            // A handshake record carrying a HelloVerifyRequest.
+            Ok(n) if n > 13 && b[0] == 22 && b[13] == 3 => count(&mut o.answers, "cookie"),
+            Ok(_) => count(&mut o.answers, "other answer"),
+            Err(_) => count(&mut o.answers, "no answer"),
+        }
+    }
+    o.answers.insert("ClientHellos".into(), sent);
+    // No key exchange for a source that never returned a cookie, and a
+    // new client still gets through.
+    o.bounded = fresh.is_ok() && !o.answers.contains_key("other answer") && sent > 0;
+    o.server_did = format!(
+        "one source sent ClientHellos from new ports, never returning the cookie: {} (sampled answers); a new client from another address meanwhile: {}",
+        tally(&o.answers),
+        match &fresh {
+            Ok(t) => format!("handshake in {:.1} ms", t.as_secs_f64() * 1000.0),
+            Err(e) => format!("failed: {e:#}"),
+        }
     );
     o
 }
@@ -1733,6 +1807,7 @@ fn run_one(name: &str, args: &AttackArgs, creds: &Credentials) -> Outcome {
         "invite-flood" => invite_flood(args),
         "turn-guessing" => turn_guessing(args, creds),
         "https-idle" => https_idle(args),
+        "dtls-hellos" => dtls_hellos(args),
         other => Outcome::skipped(&format!("no attack named {other}")),
     }
 }

@@ -63,6 +63,25 @@ fn identity() -> anyhow::Result<(Arc<dimpl::Config>, dimpl::DtlsCertificate)> {
         .map_err(anyhow::Error::msg)
 }
 
+/// A client's first ClientHello (no cookie), as a flood would send it.
+pub(crate) fn client_hello() -> anyhow::Result<Vec<u8>> {
+    let (config, certificate) = identity()?;
+    let now = Instant::now();
+    let mut dtls = Dtls::new_12(config, certificate, now);
+    dtls.set_active(true);
+    dtls.handle_timeout(now)
+        .map_err(|e| anyhow::anyhow!("starting a DTLS client: {e}"))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match dtls.poll_output(&mut buf) {
+            Output::Packet(p) => return Ok(p.to_vec()),
+            Output::BufferTooSmall { needed } => buf.resize(needed, 0),
+            Output::Timeout(_) => anyhow::bail!("the DTLS client sent no ClientHello"),
+            _ => {}
+        }
+    }
+}
+
 impl DtlsLink {
     /// A DTLS session from `local` with `server`, handshake done.
     pub(crate) fn connect(server: SocketAddr, local: SocketAddr) -> anyhow::Result<DtlsLink> {
