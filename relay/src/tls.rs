@@ -28,7 +28,15 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn build(cert: &Path, key: &Path) -> anyhow::Result<ServerConfig> {
+/// The certificate chain and key files, read once for TLS and DTLS alike
+/// (so both serve the same pair, even when a reload meets a file being
+/// replaced).
+struct Pem {
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn read_pem(cert: &Path, key: &Path) -> anyhow::Result<Pem> {
     let certs = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("reading the TLS certificate {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -38,6 +46,35 @@ fn build(cert: &Path, key: &Path) -> anyhow::Result<ServerConfig> {
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading the TLS key {}", key.display()))?;
+    Ok(Pem { certs, key })
+}
+
+/// The TLS configuration and, with `dtls`, the DTLS material, from the
+/// files.
+fn build_all(
+    cert: &Path,
+    key: &Path,
+    dtls: bool,
+) -> anyhow::Result<(ServerConfig, Option<DtlsMaterial>)> {
+    let pem = read_pem(cert, key)?;
+    let config = build(&pem)?;
+    let material = if dtls {
+        let why = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "DTLS cannot use the certificate {} and key {}: {e} (DTLS needs an ECDSA P-256 or P-384 key that matches the certificate)",
+                cert.display(),
+                key.display()
+            )
+        };
+        Some(build_dtls(&pem).map_err(|e| why(&e))?)
+    } else {
+        None
+    };
+    Ok((config, material))
+}
+
+fn build(pem: &Pem) -> anyhow::Result<ServerConfig> {
+    let (certs, key) = (pem.certs.clone(), pem.key.clone_key());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -165,29 +202,17 @@ impl dimpl::crypto::KeyProvider for KeyCache {
 /// HelloVerifyRequest cookie (a client proves its address before any key
 /// exchange), no client certificate. Checked by a handshake in memory: the
 /// key must be ECDSA P-256 or P-384 and match the certificate.
-fn build_dtls(cert: &Path, key: &Path) -> anyhow::Result<DtlsMaterial> {
-    let leaf = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading the TLS certificate {}", cert.display()))?
-        .next()
-        .with_context(|| format!("no certificate in {}", cert.display()))?
-        .with_context(|| format!("parsing the TLS certificate {}", cert.display()))?;
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("reading the TLS key {}", key.display()))?;
+fn build_dtls(pem: &Pem) -> Result<DtlsMaterial, String> {
     let certificate = dimpl::DtlsCertificate {
-        certificate: leaf.to_vec(),
-        private_key: key_der.secret_der().to_vec(),
+        certificate: pem.certs[0].to_vec(),
+        private_key: pem.key.secret_der().to_vec(),
     };
     // The engine panics on a key it cannot load: load it first (and keep
     // it parsed for every session).
     use dimpl::crypto::KeyProvider;
     KEY_CACHE
         .load_private_key(&certificate.private_key)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "DTLS cannot use the key {}: {e} (DTLS needs an ECDSA P-256 or P-384 key that matches the certificate)",
-                key.display()
-            )
-        })?;
+        .map_err(|e| e.to_string())?;
     let mut provider = dimpl::crypto::rust_crypto::default_provider();
     provider.key_provider = &KEY_CACHE;
     let config = dimpl::Config::builder()
@@ -197,25 +222,19 @@ fn build_dtls(cert: &Path, key: &Path) -> anyhow::Result<DtlsMaterial> {
         .mtu(DTLS_MTU)
         .handshake_timeout(DTLS_HANDSHAKE_TIMEOUT)
         .build()
-        .map_err(|e| anyhow::anyhow!("DTLS settings: {e}"))?;
+        .map_err(|e| format!("DTLS settings: {e}"))?;
     let material = DtlsMaterial {
         config: Arc::new(config),
         certificate,
     };
-    handshake_in_memory(&material).map_err(|e| {
-        anyhow::anyhow!(
-            "DTLS cannot use the certificate {} and key {}: {e} (DTLS needs an ECDSA P-256 or P-384 key that matches the certificate)",
-            cert.display(),
-            key.display()
-        )
-    })?;
+    handshake_in_memory(&material)?;
     Ok(material)
 }
 
 /// Ok when DTLS can serve with `cert` and `key` (an ECDSA P-256 or P-384
 /// key matching the certificate); the reason otherwise.
 pub fn dtls_usable(cert: &Path, key: &Path) -> anyhow::Result<()> {
-    build_dtls(cert, key).map(|_| ())
+    build_all(cert, key, true).map(|_| ())
 }
 
 /// Runs a DTLS client against a server built from `material`, in memory;
@@ -261,12 +280,8 @@ impl TlsReloader {
     /// Loads `cert` and `key` (PEM); fails when they are unreadable or do
     /// not match, or (with `dtls`) when DTLS cannot use them.
     pub fn load(cert: &Path, key: &Path, dtls: bool) -> anyhow::Result<TlsReloader> {
-        let config = build(cert, key)?;
-        let dtls = if dtls {
-            Some(RwLock::new(Arc::new(build_dtls(cert, key)?)))
-        } else {
-            None
-        };
+        let (config, dtls) = build_all(cert, key, dtls)?;
+        let dtls = dtls.map(|m| RwLock::new(Arc::new(m)));
         Ok(TlsReloader {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
@@ -297,11 +312,7 @@ impl TlsReloader {
 
     /// Reloads the files now. On error the previous configuration stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let config = build(&self.cert, &self.key)?;
-        let dtls = match &self.dtls {
-            Some(_) => Some(build_dtls(&self.cert, &self.key)?),
-            None => None,
-        };
+        let (config, dtls) = build_all(&self.cert, &self.key, self.dtls.is_some())?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         if let (Some(current), Some(material)) = (&self.dtls, dtls) {
             *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(material);

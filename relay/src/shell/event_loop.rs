@@ -231,21 +231,34 @@ fn dtls_emitter<'a>(
     out: &'a mut [SendBatch],
     errors: &'a mut u64,
 ) -> impl FnMut(usize, &ClientSocket, &[u8]) + 'a {
-    move |l, client, bytes| {
-        let (Some(socket), Some(batch)) = (udp.get(l), out.get_mut(l)) else {
-            *errors += 1;
-            return;
-        };
-        if batch.is_full() {
-            *errors += batch.flush(socket.socket().as_fd()) as u64;
-        }
-        let from = socket
-            .local_addr()
-            .ip()
-            .is_unspecified()
-            .then_some(client.server.ip());
-        batch.push_from(client.client, from, bytes);
+    move |l, client, bytes| match (udp.get(l), out.get_mut(l)) {
+        (Some(socket), Some(batch)) => *errors += queue_datagram(socket, batch, client, bytes),
+        _ => *errors += 1,
     }
+}
+
+/// Queues `bytes` for `client` on `listener`'s batch (sending the batch
+/// first when full); a wildcard listener answers from the address the
+/// client reached. Returns the sends that failed.
+#[inline]
+fn queue_datagram(
+    listener: &SyncUdp,
+    batch: &mut SendBatch,
+    client: &ClientSocket,
+    bytes: &[u8],
+) -> u64 {
+    let failed = if batch.is_full() {
+        batch.flush(listener.socket().as_fd()) as u64
+    } else {
+        0
+    };
+    let from = listener
+        .local_addr()
+        .ip()
+        .is_unspecified()
+        .then_some(client.server.ip());
+    batch.push_from(client.client, from, bytes);
+    failed
 }
 
 impl Clients {
@@ -265,18 +278,8 @@ impl Clients {
                     self.send_errors += 1;
                     return;
                 };
-                let l = &self.udp[i];
-                if self.udp_out[i].is_full() {
-                    self.send_errors += self.udp_out[i].flush(l.socket().as_fd()) as u64;
-                }
-                // A wildcard listener answers from the address the client
-                // used.
-                let from = l
-                    .local_addr()
-                    .ip()
-                    .is_unspecified()
-                    .then_some(client.server.ip());
-                self.udp_out[i].push_from(client.client, from, bytes);
+                self.send_errors +=
+                    queue_datagram(&self.udp[i], &mut self.udp_out[i], client, bytes);
             }
             Transport::Dtls => {
                 let Some(sessions) = self.dtls.as_mut() else {
@@ -1159,23 +1162,14 @@ impl EventLoop {
                     client: d.from,
                     server: SocketAddr::new(d.to_ip.unwrap_or(local.ip()), local.port()),
                 };
-                let action = match self.core.handle_client_input(
+                let action = self.mobility.client_input(
+                    &mut self.core,
                     d.payload,
                     from,
                     now,
                     &mut self.out,
                     &mut self.relays,
-                ) {
-                    ClientAction::Move { shard } => self.mobility.hand_over(
-                        &mut self.core,
-                        shard,
-                        d.payload,
-                        from,
-                        now,
-                        &mut self.out,
-                    ),
-                    action => action,
-                };
+                );
                 match action {
                     ClientAction::Reply(len) => {
                         if socket
@@ -1375,12 +1369,7 @@ impl EventLoop {
             if !turn {
                 return;
             }
-            let action = match core.handle_client_input(frame, client, now, out, relays) {
-                ClientAction::Move { shard } => {
-                    mobility.hand_over(core, shard, frame, client, now, out)
-                }
-                action => action,
-            };
+            let action = mobility.client_input(core, frame, client, now, out, relays);
             match action {
                 ClientAction::Reply(len) => {
                     stream.queue(&out[..len]);
@@ -1501,23 +1490,14 @@ impl EventLoop {
                 }
                 for range in &frames {
                     let message = &plain[range.clone()];
-                    let action = match self.core.handle_client_input(
+                    let action = self.mobility.client_input(
+                        &mut self.core,
                         message,
                         client,
                         now,
                         &mut self.out,
                         &mut self.relays,
-                    ) {
-                        ClientAction::Move { shard } => self.mobility.hand_over(
-                            &mut self.core,
-                            shard,
-                            message,
-                            client,
-                            now,
-                            &mut self.out,
-                        ),
-                        action => action,
-                    };
+                    );
                     match action {
                         ClientAction::Reply(len) => {
                             self.clients.deliver(&client, &self.out[..len]);

@@ -106,15 +106,11 @@ fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
         .collect()
 }
 
-fn transport_name(t: Transport) -> &'static str {
-    t.label()
-}
-
 fn allocation_json(a: &MovedAllocation) -> Value {
     json!({
         "slot": a.slot,
         "generation": a.generation,
-        "transport": transport_name(a.client.transport),
+        "transport": a.client.transport.label(),
         "client": a.client.client.to_string(),
         "server": a.client.server.to_string(),
         "relayed": a.relayed.to_string(),
@@ -277,7 +273,7 @@ impl Handoff {
                     "relays": l.relays.iter().map(|(slot, fd)| json!([slot, fd.as_raw_fd()])).collect::<Vec<_>>(),
                     "streams": l.streams.iter().map(|m| json!({
                         "fd": m.fd.as_raw_fd(),
-                        "transport": transport_name(m.client.transport),
+                        "transport": m.client.transport.label(),
                         "client": m.client.client.to_string(),
                         "server": m.client.server.to_string(),
                         "unread": hex(&m.parts.unread),

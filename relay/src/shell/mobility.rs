@@ -104,7 +104,26 @@ impl Mobility {
     /// What becomes of a [`ClientAction::Move`]: the packet goes to loop
     /// `shard` (nothing to answer yet), or, when it cannot, `core` refuses
     /// it.
-    pub(super) fn hand_over(
+    /// Hands a client's message to `core`, as every client path does: a
+    /// Refresh whose ticket another loop issued goes there instead
+    /// ([`Self::hand_over`]).
+    #[inline]
+    pub(super) fn client_input(
+        &self,
+        core: &mut Server,
+        message: &[u8],
+        client: ClientSocket,
+        now: std::time::Instant,
+        out: &mut [u8],
+        sockets: &mut dyn crate::core::RelaySockets,
+    ) -> ClientAction {
+        match core.handle_client_input(message, client, now, out, sockets) {
+            ClientAction::Move { shard } => self.hand_over(core, shard, message, client, now, out),
+            action => action,
+        }
+    }
+
+    fn hand_over(
         &self,
         core: &mut Server,
         shard: u16,
