@@ -250,6 +250,17 @@ pub struct RelayConfig {
     )]
     pub ports: PortRange,
 
+    /// Ports of shared relay sockets, MIN-MAX, outside --relay-ports: once
+    /// the relay ports are used up, further allocations share these relayed
+    /// addresses (one socket per port and family, the ports split between
+    /// the loops, at least one each), and the peer data they receive is
+    /// told apart by its source (coturn's --multiplex-peer). Two allocations
+    /// on one shared address cannot reach the same peer IP:port (the second
+    /// gets 403, its data is dropped as `peer_claimed`). Off when not given:
+    /// past the range, Allocates get 508.
+    #[arg(long = "relay-multiplex-ports", env = "NATRIX_RELAY_MULTIPLEX_PORTS")]
+    pub multiplex_ports: Option<PortRange>,
+
     /// Lifetime granted when a client asks for less or nothing.
     #[arg(long = "default-lifetime", env = "NATRIX_DEFAULT_LIFETIME", default_value = "10m", value_parser = humantime::parse_duration)]
     pub default_lifetime: Duration,
@@ -426,8 +437,47 @@ impl RelayConfig {
     /// a port). What the registry and `relay_allocation_capacity` show, so
     /// lookup does not pick a relay that can only answer 508.
     pub fn capacity(&self) -> usize {
+        if self.multiplex_ports.is_some() {
+            return self.max_allocations;
+        }
         let ports = usize::from(self.ports.max.saturating_sub(self.ports.min)) + 1;
         self.max_allocations.min(ports)
+    }
+
+    /// The shared relay socket ports of loop `shard` of `loops`: the range
+    /// dealt out in pairs (an even and an odd port each, from an even
+    /// start: an EVEN-PORT client finds an even one on every loop), or one
+    /// by one when there are fewer pairs than loops.
+    pub fn multiplex_ports_of(&self, shard: usize, loops: usize) -> Vec<u16> {
+        let loops = loops.max(1);
+        self.multiplex_ports.map_or_else(Vec::new, |r| {
+            let n = usize::from(r.max - r.min) + 1;
+            let step = if n >= 2 * loops { 2 } else { 1 };
+            (r.min..=r.max)
+                .filter(|p| (usize::from(p - r.min) / step) % loops == shard)
+                .collect()
+        })
+    }
+
+    /// Refuses a --relay-multiplex-ports range that overlaps --relay-ports
+    /// or leaves a loop without a port.
+    pub fn check_multiplex_ports(&self, loops: usize) -> anyhow::Result<()> {
+        let Some(m) = self.multiplex_ports else {
+            return Ok(());
+        };
+        if m.min <= self.ports.max && self.ports.min <= m.max {
+            anyhow::bail!(
+                "--relay-multiplex-ports {m} overlaps --relay-ports {}: shared sockets need ports of their own",
+                self.ports
+            );
+        }
+        let n = usize::from(m.max - m.min) + 1;
+        if n < loops {
+            anyhow::bail!(
+                "--relay-multiplex-ports {m} has {n} port(s) for {loops} relay loops: give at least one per loop"
+            );
+        }
+        Ok(())
     }
 
     /// The listeners this role's host binds.
@@ -511,6 +561,7 @@ impl RelayConfig {
         .chain(self.dtls_listen.iter().map(SocketAddr::ip));
         PeerPolicy::new(&self.peer_deny, &self.peer_allow)
             .with_own(own, (self.ports.min, self.ports.max))
+            .with_shared_ports(self.multiplex_ports.map(|r| (r.min, r.max)))
     }
 
     /// Where usage records go.
@@ -623,6 +674,8 @@ impl RelayConfig {
             },
             usage: self.usage_sinks().any(),
             default_family: self.allocation_default_family,
+            // Per loop: the host sets each loop's share.
+            multiplex_ports: Vec::new(),
         }
     }
 }

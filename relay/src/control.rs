@@ -45,8 +45,10 @@ pub struct Control {
 pub enum AdminQuery {
     /// Its allocations.
     List,
-    /// End the allocation with this relayed address, if it holds it.
-    Kill(std::net::SocketAddr),
+    /// End the allocation with this relayed address (and this client's
+    /// address, when given: a shared relayed address needs it), if it holds
+    /// it.
+    Kill(std::net::SocketAddr, Option<std::net::SocketAddr>),
 }
 
 /// A loop's answer.

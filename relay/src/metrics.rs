@@ -15,6 +15,8 @@ use crate::core::{
 pub struct RelayMetrics {
     allocations: IntGauge,
     dual_stack: IntGauge,
+    multiplexed: IntGauge,
+    multiplex_sockets: IntGauge,
     created: IntCounter,
     moved: [IntCounter; 2],
     expired: IntCounter,
@@ -61,6 +63,8 @@ impl RelayMetrics {
         RelayMetrics {
             allocations: t.gauge(&cat::RELAY_ALLOCATIONS),
             dual_stack: t.gauge(&cat::RELAY_DUAL_STACK_ALLOCATIONS),
+            multiplexed: t.gauge(&cat::RELAY_MULTIPLEXED_ALLOCATIONS),
+            multiplex_sockets: t.gauge(&cat::RELAY_MULTIPLEX_SOCKETS),
             created: t.counter(&cat::RELAY_ALLOCATIONS_CREATED_TOTAL),
             moved: ["same_loop", "across_loops"].map(|p| {
                 t.counter_family(&cat::RELAY_ALLOCATIONS_MOVED_TOTAL)
@@ -129,6 +133,10 @@ impl RelayMetrics {
             .add(now.allocations as i64 - last.allocations as i64);
         self.dual_stack
             .add(now.dual_stack_allocations as i64 - last.dual_stack_allocations as i64);
+        self.multiplexed
+            .add(now.multiplexed_allocations as i64 - last.multiplexed_allocations as i64);
+        self.multiplex_sockets
+            .add(now.multiplex_sockets as i64 - last.multiplex_sockets as i64);
         inc(
             &self.created,
             last.allocations_created,

@@ -7,7 +7,7 @@
 //! | method and path | answer |
 //! |---|---|
 //! | `GET /admin/allocations?user=&session=&tenant=&peer=&client=` | `{"count", "allocations": [...]}` |
-//! | `DELETE /admin/allocations/{relayed address}` | `{"killed": true}`, or 404 |
+//! | `DELETE /admin/allocations/{relayed address}?client=IP:PORT` | `{"killed": true}`, or 404 (`client` only for a shared relayed address) |
 //! | `POST /admin/drain` | 202 `{"draining": true}` |
 //! | `GET /admin/quotas` | counts, free ports, configured caps, top holders |
 //!
@@ -154,6 +154,7 @@ fn info_json(relay: &str, a: &natrix_relay::core::AllocationInfo) -> serde_json:
         "expires_in_s": a.expires_in.as_secs(),
         "peers": a.peers.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "channels": a.channels,
+        "multiplexed": a.multiplexed,
         "client_to_peer": {"packets": a.usage.packets[0], "bytes": a.usage.bytes[0]},
         "peer_to_client": {"packets": a.usage.packets[1], "bytes": a.usage.bytes[1]},
     })
@@ -207,10 +208,27 @@ async fn list(
     HttpResponse::Ok().json(json!({"count": out.len(), "allocations": out}))
 }
 
-async fn kill(state: web::Data<State>, req: HttpRequest, path: web::Path<String>) -> HttpResponse {
+async fn kill(
+    state: web::Data<State>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    q: web::Query<std::collections::HashMap<String, String>>,
+) -> HttpResponse {
     if let Err(r) = authorized(&state, &req, "kill") {
         return *r;
     }
+    let client = match q.get("client").map(|c| c.parse::<SocketAddr>()) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => {
+            state
+                .requests
+                .with_label_values(&["kill", "bad_request"])
+                .inc();
+            return HttpResponse::BadRequest()
+                .json(json!({"error": "client: give the client's address, IP:PORT"}));
+        }
+    };
     let Ok(relayed) = path.parse::<SocketAddr>() else {
         state
             .requests
@@ -219,7 +237,7 @@ async fn kill(state: web::Data<State>, req: HttpRequest, path: web::Path<String>
         return HttpResponse::BadRequest()
             .json(json!({"error": "give the allocation's relayed address, IP:PORT"}));
     };
-    let killed = ask(&state, AdminQuery::Kill(relayed))
+    let killed = ask(&state, AdminQuery::Kill(relayed, client))
         .await
         .iter()
         .any(|a| matches!(a, AdminAnswer::Killed(true)));
@@ -232,7 +250,10 @@ async fn kill(state: web::Data<State>, req: HttpRequest, path: web::Path<String>
             .requests
             .with_label_values(&["kill", "not_found"])
             .inc();
-        HttpResponse::NotFound().json(json!({"error": format!("no allocation at {relayed}")}))
+        HttpResponse::NotFound().json(json!({"error": format!(
+            "no allocation at {relayed}{} (a shared relayed address names its allocation by client: ?client=IP:PORT)",
+            client.map_or(String::new(), |c| format!(" for client {c}"))
+        )}))
     }
 }
 
@@ -403,9 +424,13 @@ pub(crate) fn run(_global: &Global, args: &AdminArgs) -> anyhow::Result<()> {
             let relayed = args.relayed.as_deref().context(
                 "kill takes the allocation's relayed address: natrix admin kill IP:PORT",
             )?;
+            let client = args
+                .client
+                .as_deref()
+                .map_or(String::new(), |c| format!("?client={}", urlencode(c)));
             (
                 "DELETE",
-                format!("/admin/allocations/{}", urlencode(relayed)),
+                format!("/admin/allocations/{}{client}", urlencode(relayed)),
             )
         }
         "drain" => ("POST", "/admin/drain".to_owned()),

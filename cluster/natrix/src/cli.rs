@@ -234,7 +234,8 @@ pub(crate) struct AdminArgs {
     /// list: only those with a permission for this peer IP.
     #[arg(long)]
     pub(crate) peer: Option<String>,
-    /// list: only this client (IP, or IP:PORT).
+    /// list: only this client (IP, or IP:PORT); kill: the client (IP:PORT)
+    /// of an allocation on a shared relayed address.
     #[arg(long)]
     pub(crate) client: Option<String>,
     /// Print JSON.

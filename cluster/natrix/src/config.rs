@@ -479,4 +479,34 @@ mod tests {
         };
         assert_eq!(relay.relay.max_allocations_per_ip, 9);
     }
+
+    #[test]
+    fn shared_relay_ports_are_dealt_to_the_loops_in_pairs_and_checked() {
+        let relay = |extra: &[&str]| {
+            let mut args = vec!["natrix", "relay", "--relay-ports", "50000-50009"];
+            args.extend_from_slice(extra);
+            let cli = parse_with("", &args);
+            let crate::cli::Command::Relay(relay) = cli.command else {
+                panic!("relay")
+            };
+            relay.relay
+        };
+        let r = relay(&["--relay-multiplex-ports", "3480-3487"]);
+        assert_eq!(r.multiplex_ports_of(0, 2), [3480, 3481, 3484, 3485]);
+        assert_eq!(r.multiplex_ports_of(1, 2), [3482, 3483, 3486, 3487]);
+        // Fewer pairs than loops: one each.
+        assert_eq!(r.multiplex_ports_of(3, 5), [3483]);
+        assert!(r.check_multiplex_ports(8).is_ok());
+        let e = r.check_multiplex_ports(9).unwrap_err().to_string();
+        assert!(e.contains("8 port(s) for 9 relay loops"), "{e}");
+        assert_eq!(r.capacity(), 100_000, "past the range, shared sockets");
+        let e = relay(&["--relay-multiplex-ports", "50009-50010"])
+            .check_multiplex_ports(1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlaps --relay-ports"), "{e}");
+        let r = relay(&[]);
+        assert!(r.multiplex_ports_of(0, 1).is_empty());
+        assert_eq!(r.capacity(), 10, "the port range");
+    }
 }

@@ -1308,3 +1308,113 @@ fn uclient_with_mobility_moves_udp_allocations_to_its_new_address() {
 fn uclient_with_mobility_moves_tcp_allocations_to_its_new_connection() {
     uclient_moves_its_allocations(&["-t"], "25000-29999");
 }
+
+/// `n` consecutive free loopback UDP ports below the ephemeral range, as
+/// `MIN-MAX`.
+fn free_udp_range(n: u16) -> String {
+    for _ in 0..1000 {
+        // Even: the loops are dealt an even and an odd port each.
+        let base = rand::random_range(10_500..12_500u16) * 2;
+        let probes: Vec<_> = (base..base + n)
+            .map(|p| std::net::UdpSocket::bind(("127.0.0.1", p)))
+            .collect();
+        if probes.iter().all(Result::is_ok) {
+            return format!("{base}-{}", base + n - 1);
+        }
+    }
+    panic!("no {n} free UDP ports in 21000-25999");
+}
+
+/// Past the relay port range (`--relay-multiplex-ports`), coturn's clients
+/// (`-c`: no RTCP allocation, which reserves the next port) share relayed
+/// addresses and relay without loss: one relay port and two shared sockets
+/// per loop (an even and an odd port: coturn's client asks for an even
+/// port), six clients at once, each to its own peer (all on 127.0.0.1): at
+/// least five allocations on at most four sockets, so some share one and
+/// their peers' answers are told apart by source port. Then, on a relay with four shared
+/// sockets per loop, four allocations of one client to one peer each get a
+/// socket of their own (a peer address is one allocation's per socket),
+/// again without loss.
+#[test]
+fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
+    let relay = |shared: u16| {
+        let relay_port = common::free_port();
+        let relay_ports = format!("{relay_port}-{relay_port}");
+        let shared = free_udp_range(shared);
+        let mut args = ALLOW_LOOPBACK.to_vec();
+        args.extend([
+            "--relay-ports",
+            &relay_ports,
+            "--relay-multiplex-ports",
+            &shared,
+        ]);
+        Natrix::relay(&args)
+    };
+    let natrix = relay(4);
+    let p = port(&natrix);
+    let peers: Vec<_> = (0..6).map(|_| udp_echo_peer()).collect();
+    let reports: Vec<common::UclientReport> = std::thread::scope(|s| {
+        let runs: Vec<_> = peers
+            .iter()
+            .map(|(_, peer_port)| {
+                let (p, pp) = (p.clone(), peer_port.to_string());
+                s.spawn(move || {
+                    as_tester(
+                        &p,
+                        &[
+                            "-c",
+                            "-e",
+                            "127.0.0.1",
+                            "-r",
+                            &pp,
+                            "-n",
+                            "100",
+                            "-m",
+                            "1",
+                            "-l",
+                            "160",
+                            "127.0.0.1",
+                        ],
+                    )
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for report in &reports {
+        assert_clean(report, 100);
+    }
+    let sockets = natrix.wait_metric("relay_multiplex_sockets", |v| v >= 1.0);
+    assert!((1.0..=4.0).contains(&sockets), "shared sockets {sockets}");
+    assert_eq!(
+        natrix.metric("relay_packets_dropped_total{reason=\"peer_claimed\"}"),
+        0.0
+    );
+
+    let natrix = relay(8);
+    let p = port(&natrix);
+    let pp = peers[0].1.to_string();
+    let report = as_tester(
+        &p,
+        &[
+            "-c",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "100",
+            "-m",
+            "4",
+            "-l",
+            "160",
+            "127.0.0.1",
+        ],
+    );
+    assert_clean(&report, 400);
+    let sockets = natrix.wait_metric("relay_multiplex_sockets", |v| v >= 3.0);
+    assert!(
+        sockets >= 3.0,
+        "shared sockets {sockets}: one per allocation to the same peer"
+    );
+}

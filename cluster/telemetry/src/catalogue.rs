@@ -211,6 +211,7 @@ pub const RELAY_DROP_REASON: Label = Label {
         "too_large",
         "own_address",
         "banned",
+        "peer_claimed",
     ],
 };
 
@@ -269,6 +270,7 @@ pub const RELAY_REFUSAL_REASON: Label = Label {
         "channel_conflict",
         "peer_denied",
         "peer_outside_session",
+        "peer_claimed",
         "user_quota",
         "source_quota",
         "session_quota",
@@ -298,6 +300,22 @@ pub const RELAY_ALLOCATIONS: MetricDef = metric(
 pub const RELAY_DUAL_STACK_ALLOCATIONS: MetricDef = metric(
     "relay_dual_stack_allocations",
     "Of the live TURN allocations, those with an IPv4 and an IPv6 relayed address (RFC 8656 ADDITIONAL-ADDRESS-FAMILY; each holds two relay ports).",
+    Kind::Gauge,
+    &[],
+);
+
+/// Allocations on shared relayed addresses.
+pub const RELAY_MULTIPLEXED_ALLOCATIONS: MetricDef = metric(
+    "relay_multiplexed_allocations",
+    "Of the live TURN allocations, those on a shared relayed address (--relay-multiplex-ports): the relay port range was used up when they came, and their peers are told apart by source address.",
+    Kind::Gauge,
+    &[],
+);
+
+/// Shared relay sockets open.
+pub const RELAY_MULTIPLEX_SOCKETS: MetricDef = metric(
+    "relay_multiplex_sockets",
+    "Shared relay sockets open (--relay-multiplex-ports; each opens at the first allocation that needs it and stays open).",
     Kind::Gauge,
     &[],
 );
@@ -1059,6 +1077,8 @@ pub const ALL: &[&MetricDef] = &[
     &CLUSTER_REGISTRY_REFRESHES_TOTAL,
     &RELAY_ALLOCATIONS,
     &RELAY_DUAL_STACK_ALLOCATIONS,
+    &RELAY_MULTIPLEXED_ALLOCATIONS,
+    &RELAY_MULTIPLEX_SOCKETS,
     &RELAY_ALLOCATION_CAPACITY,
     &RELAY_ALLOCATIONS_CREATED_TOTAL,
     &RELAY_ALLOCATIONS_MOVED_TOTAL,

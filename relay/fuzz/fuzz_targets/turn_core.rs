@@ -47,13 +47,15 @@ fuzz_target!(|data: &[u8]| {
         }),
         user_quota: 4,
         max_allocations: 6,
+        // Two ports, then shared sockets: both kinds of relayed address.
+        multiplex_ports: vec![3480],
         ..ServerConfig::default()
     };
     let mut server = Server::new(
         config,
         Credentials::new("r", Vec::new(), users, None),
         PeerPolicy::new(&[], &["203.0.113.0/24".parse().unwrap()]),
-        SharedPorts::new(PortRange { min: 50000, max: 50015 }),
+        SharedPorts::new(PortRange { min: 50000, max: 50001 }),
         t0,
         1_800_000_000,
         [7; 32],
@@ -111,7 +113,7 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(&id) = sockets.0.get(usize::from(k) % sockets.0.len().max(1)) {
                     let mut buf = vec![0u8; PEER_HEADROOM + body.len() + 8];
                     buf[PEER_HEADROOM..PEER_HEADROOM + body.len()].copy_from_slice(body);
-                    let peer = SocketAddr::from(([203, 0, 113, k & 3], 5000));
+                    let peer = SocketAddr::from(([203, 0, 113, k & 3], 5000 + u16::from(k >> 6)));
                     let _ = server.handle_peer_input(id, peer, &mut buf, PEER_HEADROOM..PEER_HEADROOM + body.len(), now);
                 }
             }

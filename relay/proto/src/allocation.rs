@@ -20,6 +20,9 @@ pub(crate) const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 pub(crate) const MAX_PERMISSIONS: usize = 256;
 /// Most channels one allocation holds.
 pub(crate) const MAX_CHANNELS: usize = 256;
+/// Most peer transport addresses one allocation on a shared relayed
+/// address claims at once (past it, its oldest claim goes).
+pub(crate) const MAX_CLAIMS: usize = 256;
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Permission {
@@ -103,6 +106,13 @@ pub(crate) struct Allocation {
     pub(crate) adopted: bool,
     /// What it relayed so far.
     pub(crate) usage: Usage,
+    /// The shared relay socket (an index in the core's multiplexed
+    /// sockets) when its relayed address is shared: the port range was used
+    /// up when it came.
+    pub(crate) mux: Option<u32>,
+    /// The peer transport addresses it claimed on its shared socket (peer
+    /// data from them is its own), oldest first; at most [`MAX_CLAIMS`].
+    pub(crate) claims: Vec<SocketAddr>,
 }
 
 impl Allocation {

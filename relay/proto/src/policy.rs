@@ -59,6 +59,8 @@ pub struct PeerPolicy {
     /// services ("TURN inside TURN", metrics).
     own: Vec<IpAddr>,
     relay_ports: (u16, u16),
+    /// The ports of shared (multiplexed) relay sockets, peers too.
+    shared_ports: Option<(u16, u16)>,
 }
 
 impl Default for PeerPolicy {
@@ -77,6 +79,7 @@ impl PeerPolicy {
             allow: allow.to_vec(),
             own: Vec::new(),
             relay_ports: (0, u16::MAX),
+            shared_ports: None,
         }
     }
 
@@ -97,6 +100,13 @@ impl PeerPolicy {
         self
     }
 
+    /// Shared relay sockets bind these ports (`min`, `max`): at the relay's
+    /// own addresses they are peers too.
+    pub fn with_shared_ports(mut self, ports: Option<(u16, u16)>) -> PeerPolicy {
+        self.shared_ports = ports;
+        self
+    }
+
     /// True when the relay may send to `peer` (an IP it permits, and at
     /// one of its own addresses only a relay port).
     #[inline]
@@ -108,7 +118,11 @@ impl PeerPolicy {
         if !self.own.contains(&ip) || self.allow.iter().any(|n| n.contains(ip)) {
             return true;
         }
-        (self.relay_ports.0..=self.relay_ports.1).contains(&peer.port())
+        let port = peer.port();
+        (self.relay_ports.0..=self.relay_ports.1).contains(&port)
+            || self
+                .shared_ports
+                .is_some_and(|(min, max)| (min..=max).contains(&port))
     }
 
     /// True when the relay may exchange packets with `ip`.

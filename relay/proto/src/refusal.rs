@@ -54,6 +54,10 @@ pub enum Refusal {
     PeerDenied,
     /// A peer outside the session token's scope (403).
     PeerOutsideSession,
+    /// A peer transport address another allocation on the same shared
+    /// (multiplexed) relayed address already reaches (403): peer data on
+    /// a shared socket is told apart by its source.
+    PeerClaimed,
     /// The username's allocation quota is used up (486).
     UserQuota,
     /// The client IP's allocation quota is used up (486).
@@ -92,7 +96,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every cause, in index order (the metric's series).
-    pub const ALL: [Refusal; 30] = [
+    pub const ALL: [Refusal; 31] = [
         Refusal::UnknownMethod,
         Refusal::IncompleteCredentials,
         Refusal::UnknownAttribute,
@@ -109,6 +113,7 @@ impl Refusal {
         Refusal::ChannelConflict,
         Refusal::PeerDenied,
         Refusal::PeerOutsideSession,
+        Refusal::PeerClaimed,
         Refusal::UserQuota,
         Refusal::SourceQuota,
         Refusal::SessionQuota,
@@ -143,7 +148,9 @@ impl Refusal {
             Refusal::AddressFamilyNotSupported => ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
             Refusal::AllocationExists | Refusal::NoAllocation => ErrorCode::ALLOCATION_MISMATCH,
             Refusal::PeerAddressFamilyMismatch => ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
-            Refusal::PeerDenied | Refusal::PeerOutsideSession => ErrorCode::FORBIDDEN,
+            Refusal::PeerDenied | Refusal::PeerOutsideSession | Refusal::PeerClaimed => {
+                ErrorCode::FORBIDDEN
+            }
             Refusal::UserQuota
             | Refusal::SourceQuota
             | Refusal::SessionQuota
@@ -179,6 +186,7 @@ impl Refusal {
             Refusal::ChannelConflict => "channel_conflict",
             Refusal::PeerDenied => "peer_denied",
             Refusal::PeerOutsideSession => "peer_outside_session",
+            Refusal::PeerClaimed => "peer_claimed",
             Refusal::UserQuota => "user_quota",
             Refusal::SourceQuota => "source_quota",
             Refusal::SessionQuota => "session_quota",

@@ -11,7 +11,9 @@ use natrix_wire::{
     IntegrityKey, Message, MessageType, Method, TransactionId, UnknownAttributes, demux, transport,
 };
 
-use super::allocation::{Allocation, Bandwidth, BindConflict, Channel, Permission, Usage};
+use super::allocation::{
+    Allocation, Bandwidth, BindConflict, Channel, MAX_CLAIMS, Permission, Usage,
+};
 use super::auth::{AuthFailure, Credentials, NonceError, Nonces};
 use super::bans::{BanPolicy, SharedBans, Strike};
 use super::policy::PeerPolicy;
@@ -215,6 +217,12 @@ pub struct ServerConfig {
     pub usage: bool,
     /// The family of an Allocate without REQUESTED-ADDRESS-FAMILY.
     pub default_family: DefaultFamily,
+    /// Ports of this core's shared relay sockets, one per port and relayed
+    /// family, outside the relay port range: once the range is used up,
+    /// further allocations share their relayed addresses and peer data is
+    /// told apart by its source (coturn's `--multiplex-peer`). Empty: none
+    /// (508 then).
+    pub multiplex_ports: Vec<u16>,
 }
 
 /// The relayed address family of an Allocate that names none.
@@ -248,6 +256,7 @@ impl Default for ServerConfig {
             bans: BanPolicy::default(),
             usage: false,
             default_family: DefaultFamily::Ipv4,
+            multiplex_ports: Vec::new(),
         }
     }
 }
@@ -402,6 +411,32 @@ struct Slot {
     /// ADDITIONAL-ADDRESS-FAMILY) holds a slot of its own, so the shell
     /// tags it with an id as any relay socket: the allocation's slot.
     twin_of: Option<u32>,
+    /// A shared relay socket (its index in [`Server::muxes`]) holds a slot
+    /// of its own too.
+    mux: Option<u32>,
+}
+
+/// A shared (multiplexed) relay socket: allocations that came when the
+/// relay port range was used up share its relayed address, and the peer
+/// data it receives is told apart by its source: the peer transport
+/// address an allocation sent to (or bound a channel to) first is its own.
+#[derive(Debug)]
+struct Mux {
+    /// Bound on this address.
+    bind: SocketAddr,
+    /// Given to clients as their relayed address.
+    public: SocketAddr,
+    /// The slot of its socket once open (opened at the first allocation
+    /// that needs it).
+    slot: Option<u32>,
+    /// Allocations on it.
+    members: usize,
+    /// Peer transport address → the allocation (slot) it belongs to.
+    peers: HashMap<SocketAddr, u32, RandomState>,
+    /// Permission IP → the allocation that installed it last: where data
+    /// from a peer address nobody claimed goes (an ICE check from a
+    /// peer-reflexive address comes before the client ever sent there).
+    permitted: HashMap<IpAddr, u32, RandomState>,
 }
 
 /// Why an allocation ended.
@@ -472,6 +507,8 @@ pub struct AllocationInfo {
     pub channels: usize,
     /// What it relayed so far.
     pub usage: Usage,
+    /// Its relayed address is shared (multiplexed) with other allocations.
+    pub multiplexed: bool,
 }
 
 /// How a request was authenticated: the key its response is signed with.
@@ -527,6 +564,8 @@ pub struct Server {
     ticket_key: ring::hmac::Key,
     /// Ticket secrets made so far (the HMAC's input).
     tickets_made: u64,
+    /// Shared relay sockets, for allocations past the port range.
+    muxes: Vec<Mux>,
 }
 
 impl Server {
@@ -547,6 +586,23 @@ impl Server {
         let bans = SharedBans::new(config.bans.clone());
         let mut rng = u64::from_le_bytes(seed[..8].try_into().unwrap_or([7; 8]));
         rng ^= 0x9E37_79B9_7F4A_7C15;
+        let muxes = config
+            .multiplex_ports
+            .iter()
+            .flat_map(|&port| {
+                [config.relay_v4, config.relay_v6]
+                    .into_iter()
+                    .flatten()
+                    .map(move |r| Mux {
+                        bind: SocketAddr::new(r.bind, port),
+                        public: SocketAddr::new(r.public, port),
+                        slot: None,
+                        members: 0,
+                        peers: HashMap::default(),
+                        permitted: HashMap::default(),
+                    })
+            })
+            .collect();
         Server {
             config,
             credentials,
@@ -573,6 +629,7 @@ impl Server {
             shard: 0,
             tickets: HashMap::default(),
             tickets_made: 0,
+            muxes,
         }
     }
 
@@ -694,20 +751,25 @@ impl Server {
                     .collect(),
                 channels: a.channels.iter().filter(|c| c.expires > now).count(),
                 usage: a.usage,
+                multiplexed: a.mux.is_some(),
             })
             .collect()
     }
 
     /// Ends the allocation whose relayed address is `relayed` (an
-    /// operator's kill): its socket closes with the next commands, its
-    /// usage record says `killed`. False when this core has none there.
-    pub fn kill(&mut self, relayed: SocketAddr, now: Instant) -> bool {
+    /// operator's kill) and, when given, whose client is `client` (a shared
+    /// relayed address needs it): its socket closes with the next commands,
+    /// its usage record says `killed`. False when this core has no such
+    /// allocation, or more than one shares `relayed` and no client is named.
+    pub fn kill(&mut self, relayed: SocketAddr, client: Option<SocketAddr>, now: Instant) -> bool {
         self.clock = self.clock.max(now);
-        let Some(index) = self.slots.iter().position(|s| {
+        let mut found = self.slots.iter().enumerate().filter(|(_, s)| {
             s.allocation.as_ref().is_some_and(|a| {
-                a.relayed == relayed || a.relayed6.is_some_and(|(_, r)| r == relayed)
+                (a.relayed == relayed || a.relayed6.is_some_and(|(_, r)| r == relayed))
+                    && client.is_none_or(|c| a.client.client == c)
             })
-        }) else {
+        });
+        let (Some((index, _)), None) = (found.next(), found.next()) else {
             return false;
         };
         self.free(index as u32, End::Killed);
@@ -768,6 +830,7 @@ impl Server {
                 generation: 0,
                 allocation: None,
                 twin_of: None,
+                mux: None,
             });
             (self.slots.len() - 1) as u32
         })
@@ -828,6 +891,12 @@ impl Server {
         if !alloc.permits(peer.ip(), now) {
             return self.dropped(DropReason::NoPermission);
         }
+        if alloc.mux.is_some() && !self.claim_peer(index, peer, now) {
+            return self.dropped(DropReason::PeerClaimed);
+        }
+        let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
+            return self.dropped(DropReason::NoAllocation);
+        };
         if !alloc.spend(data.payload.len(), rate, now) {
             return self.dropped(DropReason::BandwidthExceeded);
         }
@@ -1332,22 +1401,40 @@ impl Server {
                 r => r,
             });
         }
-        let (port, v6, reserved_token) = self.take_port(&req, now)?;
-        let relay = match if v6 {
-            self.config.relay_v6
-        } else {
-            self.config.relay_v4
-        } {
-            Some(r) => r,
-            None => {
-                self.ports.put(port);
-                return Err(Refusal::AddressFamilyNotSupported);
+        let mut reserved_token = None;
+        let (index, relayed, mux) = match self.take_port(&req, now) {
+            Ok((port, v6, token)) => {
+                reserved_token = token;
+                let relay = match if v6 {
+                    self.config.relay_v6
+                } else {
+                    self.config.relay_v4
+                } {
+                    Some(r) => r,
+                    None => {
+                        self.ports.put(port);
+                        return Err(Refusal::AddressFamilyNotSupported);
+                    }
+                };
+                let chosen = req.token.is_some() || req.even_port.is_some();
+                let (index, port) =
+                    self.open_relay(chosen, req.dont_fragment, relay.bind, port, sockets, now)?;
+                (index, SocketAddr::new(relay.public, port), None)
             }
+            // The range is used up: a shared relayed address, unless the
+            // client asked for what only a port of its own gives (a held
+            // port, the next port reserved, DF on its datagrams alone). An
+            // even port is one of the even shared ones.
+            Err(Refusal::NoRelayPort)
+                if req.token.is_none()
+                    && req.even_port.is_none_or(|e| !e.reserve_next)
+                    && !req.dont_fragment =>
+            {
+                let (index, m) = self.join_mux(req.v6, req.even_port.is_some(), sockets)?;
+                (index, self.muxes[m as usize].public, Some(m))
+            }
+            Err(refusal) => return Err(refusal),
         };
-        let chosen = req.token.is_some() || req.even_port.is_some();
-        let (index, port) =
-            self.open_relay(chosen, req.dont_fragment, relay.bind, port, sockets, now)?;
-        let id = self.id_of(index);
         let lifetime = match self.granted_lifetime(msg) {
             d if d.is_zero() => self.config.default_lifetime,
             d => d,
@@ -1358,15 +1445,19 @@ impl Server {
             .ports
             .count(&self.claim(req.username, from.client.ip()))
         {
-            self.commands.push_back(Command::CloseRelay {
-                allocation: id,
-                relayed: SocketAddr::new(relay.public, port),
-            });
-            self.ports.put(port);
+            match mux {
+                None => {
+                    self.commands.push_back(Command::CloseRelay {
+                        allocation: self.id_of(index),
+                        relayed,
+                    });
+                    self.ports.put(relayed.port());
+                }
+                Some(m) => self.leave_mux(m, index, &[], &[]),
+            }
             self.free_slots.push(index);
             return Err(refusal);
         }
-        let relayed = SocketAddr::new(relay.public, port);
         let bandwidth = self.config.bandwidth_per_allocation.map(|rate| Bandwidth {
             tokens: rate as f64,
             updated: now,
@@ -1389,6 +1480,8 @@ impl Server {
             allowed_peers: super::auth::session_peers(req.username),
             ticket,
             adopted: false,
+            mux,
+            claims: Vec::new(),
             usage: Usage {
                 started_unix: self.epoch_unix + self.secs(now),
                 ..Usage::default()
@@ -1517,6 +1610,148 @@ impl Server {
         Ok((port, req.v6, reserved_token))
     }
 
+    /// Joins the least used shared relay socket of the family (on an even
+    /// port when `even`) that opens (each opens at its first allocation);
+    /// returns the allocation's slot and the socket's index. 508 when there
+    /// is none to share.
+    fn join_mux(
+        &mut self,
+        v6: bool,
+        even: bool,
+        sockets: &mut dyn RelaySockets,
+    ) -> Result<(u32, u32), Refusal> {
+        let mut candidates: Vec<(usize, u32)> = self
+            .muxes
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.public.is_ipv6() == v6 && (!even || m.public.port() % 2 == 0))
+            .map(|(i, m)| (m.members, i as u32))
+            .collect();
+        if candidates.is_empty() {
+            return Err(Refusal::NoRelayPort);
+        }
+        candidates.sort_unstable();
+        for (_, m) in candidates {
+            if self.muxes[m as usize].slot.is_none() {
+                let slot = self.take_slot();
+                let id = self.id_of(slot);
+                // Shared: DF stays off (an allocation that asks for it gets
+                // a port of its own or 508).
+                match sockets.open(id, self.muxes[m as usize].bind, false) {
+                    Ok(()) => {
+                        self.slots[slot as usize].mux = Some(m);
+                        self.muxes[m as usize].slot = Some(slot);
+                        self.stats.multiplex_sockets += 1;
+                    }
+                    Err(_) => {
+                        // Held by another process (the one this took over
+                        // from, for a while): tried again next time.
+                        self.free_slots.push(slot);
+                        continue;
+                    }
+                }
+            }
+            self.muxes[m as usize].members += 1;
+            self.stats.multiplexed_allocations += 1;
+            return Ok((self.take_slot(), m));
+        }
+        Err(Refusal::NoRelayPort)
+    }
+
+    /// An allocation in slot `index` leaves shared socket `m`: its claims
+    /// and permissions there go.
+    fn leave_mux(&mut self, m: u32, index: u32, claims: &[SocketAddr], permissions: &[Permission]) {
+        let mux = &mut self.muxes[m as usize];
+        mux.members = mux.members.saturating_sub(1);
+        for peer in claims {
+            if mux.peers.get(peer) == Some(&index) {
+                mux.peers.remove(peer);
+            }
+        }
+        for p in permissions {
+            if mux.permitted.get(&p.ip) == Some(&index) {
+                mux.permitted.remove(&p.ip);
+            }
+        }
+        self.stats.multiplexed_allocations = self.stats.multiplexed_allocations.saturating_sub(1);
+    }
+
+    /// True when the allocation in slot `owner` is on shared socket `m`
+    /// and may still hear from `peer` (its claim there holds).
+    fn holds(&self, owner: u32, m: u32, peer: SocketAddr, now: Instant) -> bool {
+        self.slots
+            .get(owner as usize)
+            .and_then(|s| s.allocation.as_ref())
+            .is_some_and(|a| a.mux == Some(m) && a.permits(peer.ip(), now))
+    }
+
+    /// Claims `peer` for the allocation in slot `index` on its shared
+    /// socket (always true for one with a socket of its own, or for an IPv6
+    /// peer its own IPv6 half reaches). False when another allocation there
+    /// holds it.
+    #[inline]
+    fn claim_peer(&mut self, index: u32, peer: SocketAddr, now: Instant) -> bool {
+        let Some(m) = self.slots[index as usize]
+            .allocation
+            .as_ref()
+            .and_then(|a| a.mux)
+        else {
+            return true;
+        };
+        let mux = &self.muxes[m as usize];
+        if mux.public.is_ipv6() != peer.is_ipv6() {
+            return true;
+        }
+        // Its own shared address: what came back would be nobody's (two
+        // allocations on one shared address reach each other through other
+        // candidates).
+        if peer == mux.public || peer == mux.bind {
+            return false;
+        }
+        match mux.peers.get(&peer).copied() {
+            Some(owner) if owner == index => return true,
+            Some(owner) if self.holds(owner, m, peer, now) => return false,
+            _ => {}
+        }
+        self.take_claim(m, index, peer);
+        true
+    }
+
+    /// Records `peer` as the allocation in slot `index`'s on shared socket
+    /// `m`, dropping its oldest claim past [`MAX_CLAIMS`].
+    fn take_claim(&mut self, m: u32, index: u32, peer: SocketAddr) {
+        let mux = &mut self.muxes[m as usize];
+        mux.peers.insert(peer, index);
+        let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
+            return;
+        };
+        if alloc.claims.len() >= MAX_CLAIMS {
+            let old = alloc.claims.remove(0);
+            if old != peer && mux.peers.get(&old) == Some(&index) {
+                mux.peers.remove(&old);
+            }
+        }
+        alloc.claims.push(peer);
+    }
+
+    /// The allocation peer data from `peer` on shared socket `m` goes to:
+    /// the one that claimed `peer`, else the last to permit its IP (which
+    /// then claims it).
+    fn mux_owner(&mut self, m: u32, peer: SocketAddr, now: Instant) -> Option<u32> {
+        let mux = &self.muxes[m as usize];
+        if let Some(&owner) = mux.peers.get(&peer)
+            && self.holds(owner, m, peer, now)
+        {
+            return Some(owner);
+        }
+        let owner = *mux.permitted.get(&peer.ip())?;
+        if !self.holds(owner, m, peer, now) {
+            return None;
+        }
+        self.take_claim(m, owner, peer);
+        Some(owner)
+    }
+
     /// Takes a slot and opens its relay socket on `bind:port`. A port
     /// another process holds is parked out of the pool for [`PARK_FOR`] and
     /// another is tried (unless the client asked for this one); any other
@@ -1619,15 +1854,19 @@ impl Server {
     }
 
     /// The id of the relay socket `allocation` sends to `peer` from: the
-    /// IPv6 half's for an IPv6 peer of a dual-stack allocation.
+    /// IPv6 half's for an IPv6 peer of a dual-stack allocation, the shared
+    /// socket's for one on a shared relayed address.
     #[inline]
     fn sender_for(&self, index: u32, peer: SocketAddr) -> AllocationId {
-        match self.slots[index as usize]
-            .allocation
-            .as_ref()
-            .and_then(|a| a.relayed6)
-        {
-            Some((twin, _)) if peer.is_ipv6() => self.id_of(twin),
+        let Some(a) = self.slots[index as usize].allocation.as_ref() else {
+            return self.id_of(index);
+        };
+        match (a.relayed6, a.mux) {
+            (Some((twin, _)), _) if peer.is_ipv6() => self.id_of(twin),
+            // On a shared socket (its slot is set once it opened).
+            (_, Some(m)) => self.muxes[m as usize]
+                .slot
+                .map_or_else(|| self.id_of(index), |slot| self.id_of(slot)),
             _ => self.id_of(index),
         }
     }
@@ -1802,13 +2041,23 @@ impl Server {
         if count == 0 {
             return Err(Refusal::MissingPeer);
         }
-        let alloc = self.allocation_mut(index)?;
+        let alloc = self.slots[index as usize]
+            .allocation
+            .as_mut()
+            .ok_or(Refusal::Internal)?;
+        let mux = alloc.mux;
         for raw in msg.attributes() {
             if let Ok(Attribute::XorPeerAddress(peer)) =
                 Attribute::decode(raw.ty, raw.value, &msg.transaction_id())
-                && !alloc.install_permission(peer.ip(), now)
             {
-                return Err(Refusal::PermissionsFull);
+                if !alloc.install_permission(peer.ip(), now) {
+                    return Err(Refusal::PermissionsFull);
+                }
+                // Peer data from an address of this IP that nobody on the
+                // shared socket claimed comes here.
+                if let Some(m) = mux {
+                    self.muxes[m as usize].permitted.insert(peer.ip(), index);
+                }
             }
         }
         self.success(msg, auth, out, |_| Ok(()))
@@ -1838,6 +2087,17 @@ impl Server {
         if !self.policy.permits_endpoint(peer) {
             return Err(Refusal::PeerDenied);
         }
+        let mux = self.allocation_ref(index)?.mux;
+        if let Some(m) = mux
+            && self.muxes[m as usize].public.is_ipv6() == peer.is_ipv6()
+            && (peer == self.muxes[m as usize].public
+                || self.muxes[m as usize]
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|&o| o != index && self.holds(o, m, peer, now)))
+        {
+            return Err(Refusal::PeerClaimed);
+        }
         let alloc = self.allocation_mut(index)?;
         match alloc.bind_channel(number, peer, now) {
             Ok(()) => {}
@@ -1848,6 +2108,10 @@ impl Server {
         }
         if !alloc.install_permission(peer.ip(), now) {
             return Err(Refusal::PermissionsFull);
+        }
+        if let Some(m) = mux {
+            self.muxes[m as usize].permitted.insert(peer.ip(), index);
+            self.claim_peer(index, peer, now);
         }
         self.success(msg, auth, out, |_| Ok(()))
     }
@@ -1880,6 +2144,12 @@ impl Server {
         if !alloc.permits(peer.ip(), now) {
             return self.dropped(DropReason::NoPermission);
         }
+        if alloc.mux.is_some() && !self.claim_peer(index, peer, now) {
+            return self.dropped(DropReason::PeerClaimed);
+        }
+        let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
+            return self.dropped(DropReason::NoAllocation);
+        };
         if !alloc.spend(data.len(), rate, now) {
             return self.dropped(DropReason::BandwidthExceeded);
         }
@@ -1929,15 +2199,22 @@ impl Server {
             .get(id.index())
             .filter(|s| s.generation == id.generation)
             .ok_or(DropReason::StaleAllocation)?;
-        // A datagram on a dual-stack allocation's IPv6 socket.
-        let index = slot.twin_of.map_or(id.index(), |p| p as usize);
+        // Peers reach the client only through an IPv4-mapped-normalised
+        // permission: a dual-stack socket reports v4 peers as ::ffff:a.b.c.d.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let index = match (slot.twin_of, slot.mux) {
+            // A datagram on a dual-stack allocation's IPv6 socket.
+            (Some(p), _) => p as usize,
+            // On a shared socket: whoever the peer belongs to.
+            (None, Some(m)) => self
+                .mux_owner(m, peer, now)
+                .ok_or(DropReason::NoPermission)? as usize,
+            (None, None) => id.index(),
+        };
         let alloc = self.slots[index]
             .allocation
             .as_mut()
             .ok_or(DropReason::StaleAllocation)?;
-        // Peers reach the client only through an IPv4-mapped-normalised
-        // permission: a dual-stack socket reports v4 peers as ::ffff:a.b.c.d.
-        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         if !alloc.permits(peer.ip(), now) {
             return Err(DropReason::NoPermission);
         }
@@ -2014,6 +2291,15 @@ impl Server {
             if alloc.expires <= now {
                 self.free(index as u32, End::Expired);
             } else {
+                if let Some(m) = alloc.mux {
+                    // Expiring permissions stop pointing peers here.
+                    let mux = &mut self.muxes[m as usize];
+                    for p in alloc.permissions.iter().filter(|p| p.expires <= now) {
+                        if mux.permitted.get(&p.ip) == Some(&(index as u32)) {
+                            mux.permitted.remove(&p.ip);
+                        }
+                    }
+                }
                 alloc.sweep(now);
             }
         }
@@ -2106,11 +2392,16 @@ impl Server {
         }
         self.ports
             .uncount(&self.claim(&alloc.username, alloc.client.client.ip()));
-        self.ports.put(alloc.relayed.port());
-        self.commands.push_back(Command::CloseRelay {
-            allocation: id,
-            relayed: alloc.relayed,
-        });
+        match alloc.mux {
+            None => {
+                self.ports.put(alloc.relayed.port());
+                self.commands.push_back(Command::CloseRelay {
+                    allocation: id,
+                    relayed: alloc.relayed,
+                });
+            }
+            Some(m) => self.leave_mux(m, index, &alloc.claims, &alloc.permissions),
+        }
         self.free_twin(alloc.relayed6);
         if self.config.usage {
             let record = self.usage_record(&alloc, end.label());
@@ -2210,7 +2501,8 @@ impl Server {
     /// The allocation in `slot` as it moves.
     fn moved_of(&self, slot: u32, now: Instant) -> Option<MovedAllocation> {
         let s = &self.slots[slot as usize];
-        let a = s.allocation.as_ref()?;
+        // One on a shared socket stays: the socket is this core's.
+        let a = s.allocation.as_ref().filter(|a| a.mux.is_none())?;
         Some(MovedAllocation {
             slot,
             generation: s.generation,
@@ -2275,6 +2567,8 @@ impl Server {
             ticket: m.ticket,
             adopted: false,
             usage: m.usage,
+            mux: None,
+            claims: Vec::new(),
         }
     }
 
@@ -2292,6 +2586,7 @@ impl Server {
                     generation: 0,
                     allocation: None,
                     twin_of: None,
+                    mux: None,
                 });
             }
             if self.slots[index].allocation.is_some()
@@ -2311,6 +2606,7 @@ impl Server {
                         generation: 0,
                         allocation: None,
                         twin_of: None,
+                        mux: None,
                     });
                 }
                 let free = self.slots[t_index].allocation.is_none()
@@ -2322,6 +2618,7 @@ impl Server {
                         generation,
                         allocation: None,
                         twin_of: Some(m.slot),
+                        mux: None,
                     };
                     allocation.relayed6 = Some((t, addr));
                     self.stats.dual_stack_allocations += 1;
@@ -2331,6 +2628,7 @@ impl Server {
                 generation: m.generation,
                 allocation: Some(allocation),
                 twin_of: None,
+                mux: None,
             };
             if let Some(secret) = m.ticket {
                 self.tickets.insert(secret, m.slot);

@@ -57,11 +57,15 @@ pub enum DropReason {
     /// A request from a source banned for repeated authentication
     /// failures.
     Banned,
+    /// Data for or from a peer transport address that another allocation
+    /// on the same shared (multiplexed) relayed address reaches, or from a
+    /// peer no allocation there has a permission for.
+    PeerClaimed,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NotTurn,
         DropReason::Malformed,
         DropReason::BadFingerprint,
@@ -75,6 +79,7 @@ impl DropReason {
         DropReason::TooLarge,
         DropReason::OwnAddress,
         DropReason::Banned,
+        DropReason::PeerClaimed,
     ];
 
     /// Metric label value.
@@ -93,6 +98,7 @@ impl DropReason {
             DropReason::TooLarge => "too_large",
             DropReason::OwnAddress => "own_address",
             DropReason::Banned => "banned",
+            DropReason::PeerClaimed => "peer_claimed",
         }
     }
 }
@@ -208,6 +214,11 @@ pub struct Stats {
     pub allocations: u64,
     /// Of them, dual-stack (an IPv4 and an IPv6 relayed address).
     pub dual_stack_allocations: u64,
+    /// Of them, on a shared (multiplexed) relayed address: the port range
+    /// was used up when they came.
+    pub multiplexed_allocations: u64,
+    /// Shared relay sockets open.
+    pub multiplex_sockets: u64,
     /// Allocations created.
     pub allocations_created: u64,
     /// Allocations that ended because they were not refreshed.

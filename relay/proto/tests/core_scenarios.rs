@@ -99,16 +99,24 @@ impl Harness {
     }
 
     fn with_policy(config: ServerConfig, policy: PeerPolicy) -> Harness {
+        Harness::with_ports(
+            config,
+            policy,
+            PortRange {
+                min: 50000,
+                max: 50099,
+            },
+        )
+    }
+
+    fn with_ports(config: ServerConfig, policy: PeerPolicy, ports: PortRange) -> Harness {
         let t0 = Instant::now();
         Harness {
             server: Server::new(
                 config,
                 credentials(),
                 policy,
-                SharedPorts::new(PortRange {
-                    min: 50000,
-                    max: 50099,
-                }),
+                SharedPorts::new(ports),
                 t0,
                 UNIX_T0,
                 [42; 32],
@@ -2328,4 +2336,203 @@ fn a_dual_stack_allocation_survives_export_and_import() {
     let c2 = client(4);
     next.allocate(c2, &alice, next.t0);
     assert_ne!(next.last_allocation().index(), id6.index());
+}
+
+/// Sends `packet` from `c`; the relay socket and peer it goes to.
+fn forwarded(h: &mut Harness, packet: &[u8], c: ClientSocket) -> (AllocationId, SocketAddr) {
+    match h.input(packet, c, h.t0) {
+        ClientAction::ToPeer {
+            allocation, peer, ..
+        } => (allocation, peer),
+        other => panic!("expected forwarding, got {other:?}"),
+    }
+}
+
+/// Past the relay port range (--relay-multiplex-ports), allocations share
+/// a relayed address: one socket, opened once; the peer data it receives
+/// goes to the allocation that sent to (or permitted) its source, a peer
+/// address one allocation holds is refused to the others, and an
+/// allocation that ends gives its peers back without closing the socket.
+#[test]
+fn allocations_past_the_port_range_share_a_relayed_address_told_apart_by_peer() {
+    let mut h = Harness::with_ports(
+        ServerConfig {
+            multiplex_ports: vec![3480],
+            ..config()
+        },
+        policy(),
+        PortRange {
+            min: 50000,
+            max: 50000,
+        },
+    );
+    let alice = User::stat("alice", "wonderland");
+    let (a, b, c) = (client(1), client(2), client(3));
+    let own = h.allocate(a, &alice, h.t0);
+    assert_eq!(own.port(), 50000);
+    let shared = h.allocate(b, &alice, h.t0);
+    assert_eq!(shared, "192.0.2.1:3480".parse().unwrap());
+    let mux = h.last_allocation();
+    assert_eq!(
+        h.sockets.opened.last().unwrap().1,
+        "10.0.0.5:3480".parse().unwrap()
+    );
+    assert_eq!(h.allocate(c, &alice, h.t0), shared);
+    assert_eq!(h.sockets.opened.len(), 2, "the shared socket opens once");
+    assert_eq!(h.server.stats().multiplexed_allocations, 2);
+    assert_eq!(h.server.stats().multiplex_sockets, 1);
+
+    let permit = |h: &mut Harness, from: ClientSocket, to: SocketAddr| {
+        let nonce = h.nonce(from, h.t0);
+        let req = Req::new(Method::CREATE_PERMISSION)
+            .peer(to)
+            .sign(&alice, &nonce);
+        code_of(&h.request(&req, from, h.t0))
+    };
+    assert_eq!(permit(&mut h, b, peer(9, 1)), None);
+    assert_eq!(permit(&mut h, c, peer(9, 1)), None);
+    assert_eq!(permit(&mut h, c, peer(8, 1)), None);
+
+    // B reaches 9:5000 first: it is B's on the shared socket; C may not.
+    let to_9_5000 = send_indication(peer(9, 5000), b"from b");
+    assert_eq!(forwarded(&mut h, &to_9_5000, b), (mux, peer(9, 5000)));
+    assert_eq!(
+        h.input(&send_indication(peer(9, 5000), b"from c"), c, h.t0),
+        ClientAction::Drop(DropReason::PeerClaimed)
+    );
+    let to_9_5001 = send_indication(peer(9, 5001), b"from c");
+    assert_eq!(forwarded(&mut h, &to_9_5001, c), (mux, peer(9, 5001)));
+    let back = |h: &mut Harness, from: SocketAddr| {
+        let (mut buf, range) = peer_buffer(b"answer");
+        h.server
+            .handle_peer_input(mux, from, &mut buf, range, h.t0)
+            .map(|a| a.client)
+    };
+    assert_eq!(back(&mut h, peer(9, 5000)), Ok(b));
+    assert_eq!(back(&mut h, peer(9, 5001)), Ok(c));
+    // A source nobody sent to goes to whoever permitted its IP (an ICE
+    // check from a peer-reflexive address), and is then theirs.
+    assert_eq!(back(&mut h, peer(8, 7000)), Ok(c));
+    assert_eq!(permit(&mut h, b, peer(8, 1)), None);
+    assert_eq!(back(&mut h, peer(8, 7000)), Ok(c), "claimed by C");
+    assert_eq!(back(&mut h, peer(8, 7001)), Ok(b), "B permitted 8 last");
+    assert_eq!(back(&mut h, peer(7, 1)), Err(DropReason::NoPermission));
+
+    // A channel to a peer address C holds is refused to B (403).
+    let nonce = h.nonce(b, h.t0);
+    let bind = Req::new(Method::CHANNEL_BIND)
+        .channel(0x4000)
+        .peer(peer(9, 5001))
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&bind, b, h.t0)), Some(403));
+    assert_eq!(h.server.stats().refused[Refusal::PeerClaimed as usize], 1);
+
+    // C deletes its allocation: no socket closes, its peers are free.
+    let nonce = h.nonce(c, h.t0);
+    let delete = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&delete, c, h.t0)), None);
+    assert!(h.server.poll_command().is_none(), "the shared socket stays");
+    assert_eq!(h.server.stats().multiplexed_allocations, 1);
+    assert_eq!(forwarded(&mut h, &to_9_5001, b), (mux, peer(9, 5001)));
+    assert_eq!(back(&mut h, peer(9, 5001)), Ok(b));
+
+    // What only a port of its own gives is refused past the range (508):
+    // the next port reserved, DF. An even port is an even shared one.
+    let d = client(4);
+    let nonce = h.nonce(d, h.t0);
+    let reserve = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .even_port(true)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&reserve, d, h.t0)), Some(508));
+    let df = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::DONT_FRAGMENT, &[])
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&df, d, h.t0)), Some(508));
+
+    let e = client(7);
+    let nonce = h.nonce(e, h.t0);
+    let even = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .even_port(false)
+        .sign(&alice, &nonce);
+    let answer = h.request(&even, e, h.t0);
+    let msg = Message::parse(&answer).unwrap();
+    assert_eq!(
+        msg.decode(AttributeType::XOR_RELAYED_ADDRESS),
+        Some(Ok(Attribute::XorRelayedAddress(shared))),
+        "3480 is even"
+    );
+    let nonce = h.nonce(e, h.t0);
+    let delete = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&delete, e, h.t0)), None);
+
+    // An operator names an allocation on a shared address by its client.
+    assert_eq!(h.allocate(d, &alice, h.at(1)), shared);
+    assert!(!h.server.kill(shared, None, h.at(1)), "two share it");
+    assert!(h.server.kill(shared, Some(d.client), h.at(1)));
+    assert!(h.server.poll_command().is_none());
+    let infos = h.server.allocations_info(h.at(1));
+    assert_eq!(infos.iter().filter(|i| i.multiplexed).count(), 1);
+
+    // Expiry ends them all (A's port goes back, the shared socket stays).
+    h.server.handle_timeout(h.at(700));
+    assert_eq!(h.server.stats().multiplexed_allocations, 0);
+    let commands: Vec<Command> = std::iter::from_fn(|| h.server.poll_command()).collect();
+    assert!(
+        commands.iter().all(|cmd| !matches!(
+            cmd,
+            Command::CloseRelay { relayed, .. } if *relayed == shared
+        )),
+        "{commands:?}"
+    );
+    // A free port comes first again; past it, the open shared socket.
+    assert_eq!(h.allocate(client(5), &alice, h.at(701)), own);
+    assert_eq!(h.allocate(client(6), &alice, h.at(701)), shared);
+    assert_eq!(
+        h.sockets.opened.len(),
+        3,
+        "the port's socket; the shared one was open"
+    );
+}
+
+/// A shared socket that cannot be bound (another process holds the port,
+/// e.g. the one a binary upgrade took over from) is tried again by the next
+/// Allocate; without shared ports the range's end is 508.
+#[test]
+fn a_shared_socket_that_cannot_open_is_tried_again_and_without_one_past_the_range_is_508() {
+    for multiplex in [vec![], vec![3480]] {
+        let mut h = Harness::with_ports(
+            ServerConfig {
+                multiplex_ports: multiplex.clone(),
+                ..config()
+            },
+            policy(),
+            PortRange {
+                min: 50000,
+                max: 50000,
+            },
+        );
+        let alice = User::stat("alice", "wonderland");
+        h.allocate(client(1), &alice, h.t0);
+        h.sockets.refuse = 1;
+        let c = client(2);
+        let nonce = h.nonce(c, h.t0);
+        let req = Req::new(Method::ALLOCATE)
+            .transport(17)
+            .sign(&alice, &nonce);
+        assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(508));
+        let c = client(3);
+        let nonce = h.nonce(c, h.t0);
+        let req = Req::new(Method::ALLOCATE)
+            .transport(17)
+            .sign(&alice, &nonce);
+        let expect = if multiplex.is_empty() {
+            Some(508)
+        } else {
+            None
+        };
+        assert_eq!(code_of(&h.request(&req, c, h.t0)), expect, "{multiplex:?}");
+    }
 }

@@ -1051,8 +1051,8 @@ impl EventLoop {
                     crate::control::AdminQuery::List => {
                         crate::control::AdminAnswer::List(self.core.allocations_info(now))
                     }
-                    crate::control::AdminQuery::Kill(relayed) => {
-                        crate::control::AdminAnswer::Killed(self.core.kill(relayed, now))
+                    crate::control::AdminQuery::Kill(relayed, client) => {
+                        crate::control::AdminAnswer::Killed(self.core.kill(relayed, client, now))
                     }
                 };
                 let _ = reply.try_send(answer);

@@ -211,6 +211,9 @@ impl BoundHost {
         let turn = services.turn.as_ref();
         let parts = TurnParts::new(turn, telemetry)?;
         let loops = self.shards.len();
+        if let Some(config) = turn {
+            config.check_multiplex_ports(loops)?;
+        }
         let ports = SharedPorts::new(parts.ports);
         // One ban table for the host: a source's retries reach any loop.
         let bans = crate::core::SharedBans::new(parts.server_config.bans.clone());
@@ -258,8 +261,9 @@ impl BoundHost {
             } = sockets;
             let handed = moved.next();
             let seed = handed.as_ref().map_or_else(rand::random, |h| h.moved.seed);
+            let multiplex = turn.map_or_else(Vec::new, |c| c.multiplex_ports_of(shard, loops));
             let (mut event_loop, waker) = event_loop::EventLoop::new(
-                parts.core(&ports, &bans, unix_now, seed),
+                parts.core(&ports, &bans, unix_now, seed, multiplex),
                 event_loop::Listeners {
                     udp,
                     turn_udp,
@@ -369,9 +373,12 @@ impl TurnParts {
         bans: &crate::core::SharedBans,
         unix_now: u64,
         seed: [u8; 32],
+        multiplex_ports: Vec<u16>,
     ) -> Server {
+        let mut config = self.server_config.clone();
+        config.multiplex_ports = multiplex_ports;
         let mut core = Server::new(
-            self.server_config.clone(),
+            config,
             self.credentials.clone(),
             self.policy.clone(),
             ports.clone(),
