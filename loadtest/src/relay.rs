@@ -136,6 +136,12 @@ pub(crate) struct RelayArgs {
     /// Local address for client and peer sockets.
     #[arg(long, default_value = "127.0.0.1")]
     pub(crate) local: IpAddr,
+    /// Echo peers on the peer path, each with its own port; client `i`
+    /// reaches peer `i mod N`. A relay that shares relayed sockets past its
+    /// port range (--relay-multiplex-ports) gives each peer address to one
+    /// allocation per shared socket: give as many peers as clients there.
+    #[arg(long, value_parser = crate::positive, default_value_t = 1)]
+    pub(crate) peers: usize,
 }
 
 const CHANNEL: u16 = 0x4000;
@@ -340,15 +346,16 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
     let set_up = std::time::Instant::now();
     match args.path {
         Path::Peer => {
-            let peer = Arc::new(UdpSocket::bind(local).context("binding the echo peer")?);
-            let peer_addr = peer.local_addr()?;
-            {
+            let mut peer_addrs = Vec::new();
+            for _ in 0..args.peers.max(1) {
+                let peer = Arc::new(UdpSocket::bind(local).context("binding an echo peer")?);
+                peer_addrs.push(peer.local_addr()?);
                 let stop = stop.clone();
                 helpers.push(std::thread::spawn(move || echo_peer(&peer, &stop)));
             }
-            for _ in 0..args.clients.max(1) {
+            for i in 0..args.clients.max(1) {
                 let mut c = connect()?;
-                c.bind_channel(CHANNEL, peer_addr)?;
+                c.bind_channel(CHANNEL, peer_addrs[i % peer_addrs.len()])?;
                 senders.push(c);
             }
         }
@@ -399,6 +406,7 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
         "path": args.path.name(),
         "transport": args.connect.transport.label(),
         "clients": args.clients,
+        "peers": args.peers,
         "payload_bytes": args.payload,
         "window": args.window,
         "rate": args.rate,

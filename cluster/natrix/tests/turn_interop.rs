@@ -1309,22 +1309,6 @@ fn uclient_with_mobility_moves_tcp_allocations_to_its_new_connection() {
     uclient_moves_its_allocations(&["-t"], "25000-29999");
 }
 
-/// `n` consecutive free loopback UDP ports below the ephemeral range, as
-/// `MIN-MAX`.
-fn free_udp_range(n: u16) -> String {
-    for _ in 0..1000 {
-        // Even: the loops are dealt an even and an odd port each.
-        let base = rand::random_range(10_500..12_500u16) * 2;
-        let probes: Vec<_> = (base..base + n)
-            .map(|p| std::net::UdpSocket::bind(("127.0.0.1", p)))
-            .collect();
-        if probes.iter().all(Result::is_ok) {
-            return format!("{base}-{}", base + n - 1);
-        }
-    }
-    panic!("no {n} free UDP ports in 21000-25999");
-}
-
 /// Past the relay port range (`--relay-multiplex-ports`), coturn's clients
 /// (`-c`: no RTCP allocation, which reserves the next port) share relayed
 /// addresses and relay without loss: one relay port and two shared sockets
@@ -1340,7 +1324,7 @@ fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
     let relay = |shared: u16| {
         let relay_port = common::free_port();
         let relay_ports = format!("{relay_port}-{relay_port}");
-        let shared = free_udp_range(shared);
+        let shared = common::free_udp_range(shared);
         let mut args = ALLOW_LOOPBACK.to_vec();
         args.extend([
             "--relay-ports",

@@ -189,6 +189,90 @@ fn sigusr2_hands_a_relay_to_the_new_binary_without_losing_its_allocations() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Past the relay port range, allocations on shared relayed sockets
+/// (`--relay-multiplex-ports`) move to the new binary too: their shared
+/// socket goes along in the slot it had, with who holds which peer, and
+/// the load tester's clients (one relay port, so three of four on shared
+/// sockets, each to a peer of its own) lose nothing.
+#[test]
+fn sigusr2_hands_over_allocations_on_shared_relayed_sockets() {
+    let dir = std::env::temp_dir().join(format!("natrix-upgrade-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("natrix");
+    install_binary(&bin);
+    let port = common::free_port();
+    let (ports, shared) = (format!("{port}-{port}"), common::free_udp_range(4));
+    let n = Natrix::launch(
+        &[bin.to_str().unwrap()],
+        "relay",
+        &[
+            "--peer-allow",
+            "127.0.0.0/8",
+            "--relay-ports",
+            &ports,
+            "--relay-multiplex-ports",
+            &shared,
+        ],
+    );
+    let pid = n.pid();
+    let load = Command::new(loadtest())
+        .args([
+            "--progress",
+            "off",
+            "relay",
+            "--server",
+            &n.stun.to_string(),
+        ])
+        .args(["--user", USER, "--password", PASSWORD])
+        .args([
+            "--clients",
+            "4",
+            "--peers",
+            "4",
+            "--rate",
+            "1000",
+            "--duration",
+            "5s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let before = n.wait_metric("relay_multiplexed_allocations", |v| v >= 3.0);
+    assert_eq!(before, 3.0, "one relay port: three of four shared");
+    install_binary(&bin);
+    // SAFETY: a signal to the relay this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0);
+    wait_log(
+        &n,
+        "took over the allocations of the previous binary",
+        1,
+        Duration::from_secs(10),
+    );
+    let after = n.wait_metric("relay_multiplexed_allocations", |v| v >= 3.0);
+    assert_eq!(after, 3.0, "the new binary holds them");
+    let r = report(load);
+    let (sent, echoed) = (r["sent"].as_u64().unwrap(), r["echoed"].as_u64().unwrap());
+    eprintln!(
+        "shared sockets through the upgrade: sent {sent}, echoed {echoed}, rtt p99 {} ms",
+        r["rtt_ms_p99"]
+    );
+    assert!(sent > 3_000, "{r}");
+    assert!(
+        r["loss_ratio"].as_f64().unwrap() <= 0.001,
+        "more than 0.1% lost through the upgrade: {r}"
+    );
+    assert!(
+        n.log().contains(
+            "\"message\":\"took over the allocations of the previous binary\",\"allocations\":4"
+        ),
+        "{}",
+        n.log()
+    );
+    drop(n);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `natrix up` without --auth-secret made its TURN secret up: a successor
 /// would make up another and the allocations could not go on, so SIGUSR2
 /// is refused and the process serves on.

@@ -384,6 +384,16 @@ impl SharedPorts {
         true
     }
 
+    /// Counts `claim` for an allocation on a shared relayed socket that
+    /// moved here from another process (no port of its own, no checks).
+    pub(crate) fn adopt_shared(&self, claim: &Claim<'_>) {
+        let mut state = self.lock();
+        for (holder, _, _) in claim.holders() {
+            *state.holders.entry(holder).or_insert(0) += 1;
+        }
+        state.allocations += 1;
+    }
+
     /// Counts a live allocation against source `to` instead of `from` (its
     /// client moved, RFC 8016), atomically with `to`'s quota.
     pub(crate) fn move_source(

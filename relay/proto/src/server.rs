@@ -1752,6 +1752,51 @@ impl Server {
         Some(owner)
     }
 
+    /// The shared socket at `public` for an allocation (in slot `index`)
+    /// that a predecessor handed over on it: placed in slot `socket` with
+    /// `generation` unless it is there already. None when this core has no
+    /// shared socket there (its configuration changed) or the slot is
+    /// another's.
+    fn adopt_mux(
+        &mut self,
+        public: SocketAddr,
+        socket: u32,
+        generation: u32,
+        index: usize,
+    ) -> Option<u32> {
+        let m = self.muxes.iter().position(|x| x.public == public)?;
+        match self.muxes[m].slot {
+            Some(s) if s == socket => return Some(m as u32),
+            Some(_) => return None,
+            None => {}
+        }
+        let at = socket as usize;
+        if at == index {
+            return None;
+        }
+        if self.slots.len() <= at {
+            self.slots.resize_with(at + 1, || Slot {
+                generation: 0,
+                allocation: None,
+                twin_of: None,
+                mux: None,
+            });
+        }
+        let s = &self.slots[at];
+        if s.allocation.is_some() || s.twin_of.is_some() || s.mux.is_some() {
+            return None;
+        }
+        self.slots[at] = Slot {
+            generation,
+            allocation: None,
+            twin_of: None,
+            mux: Some(m as u32),
+        };
+        self.muxes[m].slot = Some(socket);
+        self.stats.multiplex_sockets += 1;
+        Some(m as u32)
+    }
+
     /// Takes a slot and opens its relay socket on `bind:port`. A port
     /// another process holds is parked out of the pool for [`PARK_FOR`] and
     /// another is tried (unless the client asked for this one); any other
@@ -1875,7 +1920,7 @@ impl Server {
     /// relay socket's owner).
     pub fn live_id(&self, slot: u32) -> Option<AllocationId> {
         let s = self.slots.get(slot as usize)?;
-        (s.allocation.is_some() || s.twin_of.is_some()).then(|| self.id_of(slot))
+        (s.allocation.is_some() || s.twin_of.is_some() || s.mux.is_some()).then(|| self.id_of(slot))
     }
 
     /// True when `id` is the IPv6 half of a dual-stack allocation.
@@ -2452,6 +2497,11 @@ pub struct MovedAllocation {
     pub ticket: Option<[u8; SECRET_LEN]>,
     /// What it relayed so far (its usage record goes on).
     pub usage: Usage,
+    /// On a shared relayed socket: that socket's slot and the slot's
+    /// generation (its id); `relayed` is the socket's address.
+    pub shared: Option<(u32, u32)>,
+    /// The peer transport addresses it holds on its shared socket.
+    pub claims: Vec<SocketAddr>,
 }
 
 /// What a core hands to its successor: the seed (so the nonces it issued
@@ -2501,8 +2551,14 @@ impl Server {
     /// The allocation in `slot` as it moves.
     fn moved_of(&self, slot: u32, now: Instant) -> Option<MovedAllocation> {
         let s = &self.slots[slot as usize];
-        // One on a shared socket stays: the socket is this core's.
-        let a = s.allocation.as_ref().filter(|a| a.mux.is_none())?;
+        let a = s.allocation.as_ref()?;
+        let shared = match a.mux {
+            None => None,
+            Some(m) => {
+                let socket = self.muxes[m as usize].slot?;
+                Some((socket, self.slots[socket as usize].generation))
+            }
+        };
         Some(MovedAllocation {
             slot,
             generation: s.generation,
@@ -2528,6 +2584,8 @@ impl Server {
             bandwidth_tokens: a.bandwidth.map(|b| b.tokens),
             ticket: a.ticket,
             usage: a.usage,
+            shared,
+            claims: a.claims.clone(),
         })
     }
 
@@ -2590,11 +2648,45 @@ impl Server {
                 });
             }
             if self.slots[index].allocation.is_some()
+                || self.slots[index].mux.is_some()
                 || self.allocation_by_client.contains_key(&m.client)
             {
                 continue;
             }
             let claim = self.claim(&m.username, m.client.client.ip());
+            if let Some((socket, generation)) = m.shared {
+                // On a shared socket: this core's shared socket at that
+                // address, in the slot it had (its handed-over socket is
+                // tagged with it).
+                let Some(mux) = self.adopt_mux(m.relayed, socket, generation, index) else {
+                    continue;
+                };
+                self.ports.adopt_shared(&claim);
+                let mut allocation = self.allocation_from(m, now);
+                allocation.mux = Some(mux);
+                allocation.claims = m.claims.clone();
+                let x = &mut self.muxes[mux as usize];
+                x.members += 1;
+                for peer in &allocation.claims {
+                    x.peers.insert(*peer, m.slot);
+                }
+                for p in &allocation.permissions {
+                    x.permitted.insert(p.ip, m.slot);
+                }
+                self.stats.multiplexed_allocations += 1;
+                self.slots[index] = Slot {
+                    generation: m.generation,
+                    allocation: Some(allocation),
+                    twin_of: None,
+                    mux: None,
+                };
+                if let Some(secret) = m.ticket {
+                    self.tickets.insert(secret, m.slot);
+                }
+                self.allocation_by_client.insert(m.client, m.slot);
+                taken.push(self.id_of(m.slot));
+                continue;
+            }
             if !self.ports.adopt(m.relayed.port(), &claim) {
                 continue;
             }
@@ -2610,7 +2702,8 @@ impl Server {
                     });
                 }
                 let free = self.slots[t_index].allocation.is_none()
-                    && self.slots[t_index].twin_of.is_none();
+                    && self.slots[t_index].twin_of.is_none()
+                    && self.slots[t_index].mux.is_none();
                 // Without its slot or port here the IPv6 half ends (its
                 // socket is not taken); the IPv4 one goes on.
                 if t_index != index && free && self.ports.take_exact(addr.port()) {
@@ -2641,7 +2734,10 @@ impl Server {
             .rev()
             .filter(|i| {
                 let s = &self.slots[*i as usize];
-                s.allocation.is_none() && s.twin_of.is_none() && !used.contains(i)
+                s.allocation.is_none()
+                    && s.twin_of.is_none()
+                    && s.mux.is_none()
+                    && !used.contains(i)
             })
             .collect();
         self.stats.allocations = self.allocation_by_client.len() as u64;
@@ -2667,7 +2763,11 @@ impl Server {
             return None;
         }
         let index = self.ticket_slot(&msg)?;
-        let alloc = self.slots[index as usize].allocation.as_ref()?;
+        // One on a shared socket stays: the socket is this loop's.
+        let alloc = self.slots[index as usize]
+            .allocation
+            .as_ref()
+            .filter(|a| a.mux.is_none())?;
         let username = match msg.decode(AttributeType::USERNAME) {
             Some(Ok(Attribute::Username(u))) => u,
             _ => return None,

@@ -2536,3 +2536,80 @@ fn a_shared_socket_that_cannot_open_is_tried_again_and_without_one_past_the_rang
         assert_eq!(code_of(&h.request(&req, c, h.t0)), expect, "{multiplex:?}");
     }
 }
+
+/// A binary upgrade hands shared allocations over with their shared
+/// socket (in the slot it had, so the handed-over socket finds it), their
+/// claims and permissions: peers are told apart as before, the socket's
+/// slot is never given to a new allocation, and a successor without that
+/// shared port ends them.
+#[test]
+fn shared_allocations_survive_export_and_import() {
+    let shared_config = || ServerConfig {
+        multiplex_ports: vec![3480],
+        ..config()
+    };
+    let one_port = PortRange {
+        min: 50000,
+        max: 50000,
+    };
+    let mut h = Harness::with_ports(shared_config(), policy(), one_port);
+    let alice = User::stat("alice", "wonderland");
+    let (a, b, c) = (client(1), client(2), client(3));
+    h.allocate(a, &alice, h.t0);
+    let shared = h.allocate(b, &alice, h.t0);
+    let mux = h.last_allocation();
+    assert_eq!(h.allocate(c, &alice, h.t0), shared);
+    for (from, to) in [(b, peer(9, 5000)), (c, peer(9, 5001))] {
+        let nonce = h.nonce(from, h.t0);
+        let req = Req::new(Method::CREATE_PERMISSION)
+            .peer(to)
+            .sign(&alice, &nonce);
+        assert_eq!(code_of(&h.request(&req, from, h.t0)), None);
+        forwarded(&mut h, &send_indication(to, b"x"), from);
+    }
+    let moved = h.server.export(h.at(1));
+    assert_eq!(moved.allocations.len(), 3);
+    assert_eq!(
+        moved
+            .allocations
+            .iter()
+            .filter(|m| m.shared == Some((mux.index() as u32, 0)))
+            .count(),
+        2
+    );
+
+    let mut next = Harness::with_ports(shared_config(), policy(), one_port);
+    let ids = next.server.import(&moved, next.t0);
+    assert_eq!(ids.len(), 3);
+    assert_eq!(
+        next.server.live_id(mux.index() as u32),
+        Some(mux),
+        "the socket's slot"
+    );
+    assert_eq!(next.server.stats().multiplexed_allocations, 2);
+    assert_eq!(next.server.stats().multiplex_sockets, 1);
+    for (from, who) in [(peer(9, 5000), b), (peer(9, 5001), c)] {
+        let (mut buf, range) = peer_buffer(b"back");
+        let action = next
+            .server
+            .handle_peer_input(mux, from, &mut buf, range, next.t0)
+            .unwrap();
+        assert_eq!(action.client, who);
+    }
+    assert_eq!(
+        next.input(&send_indication(peer(9, 5000), b"x"), c, next.t0),
+        ClientAction::Drop(DropReason::PeerClaimed),
+        "B's claim came along"
+    );
+    // A new allocation joins the handed-over socket, in a slot of its own.
+    assert_eq!(next.allocate(client(4), &alice, next.t0), shared);
+    assert_eq!(
+        next.sockets.opened.len(),
+        0,
+        "nothing opened: the socket came along"
+    );
+
+    // Without the shared port the shared allocations end; A goes on.
+    let mut other = Harness::with_ports(config(), policy(), one_port);
+    assert_eq!(other.server.import(&moved, other.t0).len(), 1);
+}

@@ -781,11 +781,21 @@ impl EventLoop {
             });
             true
         });
-        // Each allocation's relay socket, and a dual-stack one's IPv6 socket.
+        // Each allocation's relay socket, a dual-stack one's IPv6 socket, a
+        // shared one's shared socket (once).
+        let mut shared: Vec<u32> = moved
+            .allocations
+            .iter()
+            .filter_map(|a| a.shared.map(|(slot, _)| slot))
+            .collect();
+        shared.sort_unstable();
+        shared.dedup();
         let relays = moved
             .allocations
             .iter()
+            .filter(|a| a.shared.is_none())
             .flat_map(|a| std::iter::once(a.slot).chain(a.relayed6.map(|(t, _, _)| t)))
+            .chain(shared)
             .filter_map(|slot| {
                 let (_, socket) = self.relays.sockets.get(slot as usize)?.as_ref()?;
                 Some((slot, dup(socket.as_fd()).ok()?))

@@ -128,6 +128,8 @@ fn allocation_json(a: &MovedAllocation) -> Value {
         "bandwidth_tokens": a.bandwidth_tokens,
         "ticket": a.ticket.map(|t| hex(&t)),
         "usage": [a.usage.packets, a.usage.bytes, a.usage.peers, a.usage.started_unix],
+        "shared": a.shared.map(|(slot, generation)| json!([slot, generation])),
+        "claims": a.claims.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
 }
 
@@ -218,6 +220,21 @@ fn allocation_from(v: &Value) -> anyhow::Result<MovedAllocation> {
         },
         // A predecessor without usage counters hands over none.
         usage: usage_from(&v["usage"]),
+        // Nor one without shared relayed sockets any of these.
+        shared: match &v["shared"] {
+            Value::Array(t) if t.len() == 2 => Some((
+                u32::try_from(t[0].as_u64().context("shared slot")?)?,
+                u32::try_from(t[1].as_u64().context("shared generation")?)?,
+            )),
+            _ => None,
+        },
+        claims: match &v["claims"] {
+            Value::Array(list) => list
+                .iter()
+                .map(|c| anyhow::Ok(c.as_str().context("claim")?.parse()?))
+                .collect::<anyhow::Result<_>>()?,
+            _ => Vec::new(),
+        },
     })
 }
 
@@ -469,6 +486,8 @@ mod tests {
                 peers: 2,
                 started_unix: 1_800_000_000,
             },
+            shared: Some((9, 1)),
+            claims: vec!["203.0.113.9:7000".parse().unwrap()],
         };
         let back = allocation_from(&allocation_json(&a));
         assert_eq!(back.ok(), Some(a));

@@ -55,6 +55,22 @@ pub fn free_port_below_ephemeral() -> u16 {
     panic!("no free port in 26000-31999");
 }
 
+/// `n` consecutive free loopback UDP ports below the ephemeral range, as
+/// `MIN-MAX`.
+pub fn free_udp_range(n: u16) -> String {
+    for _ in 0..1000 {
+        // Even: the loops are dealt an even and an odd port each.
+        let base = rand::random_range(10_500..12_500u16) * 2;
+        let probes: Vec<_> = (base..base + n)
+            .map(|p| UdpSocket::bind(("127.0.0.1", p)))
+            .collect();
+        if probes.iter().all(Result::is_ok) {
+            return format!("{base}-{}", base + n - 1);
+        }
+    }
+    panic!("no {n} free UDP ports in 21000-25999");
+}
+
 impl Natrix {
     /// `natrix up` on free loopback ports, ready to answer, with the test
     /// user [`USER`]:[`PASSWORD`].
