@@ -403,7 +403,7 @@ pub trait RelaySockets {
     ) -> std::io::Result<()>;
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Slot {
     generation: u32,
     allocation: Option<Allocation>,
@@ -826,12 +826,7 @@ impl Server {
     /// A free slot: one given back, else a new one.
     fn take_slot(&mut self) -> u32 {
         self.free_slots.pop().unwrap_or_else(|| {
-            self.slots.push(Slot {
-                generation: 0,
-                allocation: None,
-                twin_of: None,
-                mux: None,
-            });
+            self.slots.push(Slot::default());
             (self.slots.len() - 1) as u32
         })
     }
@@ -1775,12 +1770,7 @@ impl Server {
             return None;
         }
         if self.slots.len() <= at {
-            self.slots.resize_with(at + 1, || Slot {
-                generation: 0,
-                allocation: None,
-                twin_of: None,
-                mux: None,
-            });
+            self.slots.resize_with(at + 1, Slot::default);
         }
         let s = &self.slots[at];
         if s.allocation.is_some() || s.twin_of.is_some() || s.mux.is_some() {
@@ -2640,12 +2630,7 @@ impl Server {
         for m in &moved.allocations {
             let index = m.slot as usize;
             if self.slots.len() <= index {
-                self.slots.resize_with(index + 1, || Slot {
-                    generation: 0,
-                    allocation: None,
-                    twin_of: None,
-                    mux: None,
-                });
+                self.slots.resize_with(index + 1, Slot::default);
             }
             if self.slots[index].allocation.is_some()
                 || self.slots[index].mux.is_some()
@@ -2654,6 +2639,7 @@ impl Server {
                 continue;
             }
             let claim = self.claim(&m.username, m.client.client.ip());
+            let mut allocation = self.allocation_from(m, now);
             if let Some((socket, generation)) = m.shared {
                 // On a shared socket: this core's shared socket at that
                 // address, in the slot it had (its handed-over socket is
@@ -2662,7 +2648,6 @@ impl Server {
                     continue;
                 };
                 self.ports.adopt_shared(&claim);
-                let mut allocation = self.allocation_from(m, now);
                 allocation.mux = Some(mux);
                 allocation.claims = m.claims.clone();
                 let x = &mut self.muxes[mux as usize];
@@ -2674,32 +2659,13 @@ impl Server {
                     x.permitted.insert(p.ip, m.slot);
                 }
                 self.stats.multiplexed_allocations += 1;
-                self.slots[index] = Slot {
-                    generation: m.generation,
-                    allocation: Some(allocation),
-                    twin_of: None,
-                    mux: None,
-                };
-                if let Some(secret) = m.ticket {
-                    self.tickets.insert(secret, m.slot);
-                }
-                self.allocation_by_client.insert(m.client, m.slot);
-                taken.push(self.id_of(m.slot));
+            } else if !self.ports.adopt(m.relayed.port(), &claim) {
                 continue;
             }
-            if !self.ports.adopt(m.relayed.port(), &claim) {
-                continue;
-            }
-            let mut allocation = self.allocation_from(m, now);
-            if let Some((t, generation, addr)) = m.relayed6 {
+            if let Some((t, generation, addr)) = m.relayed6.filter(|_| m.shared.is_none()) {
                 let t_index = t as usize;
                 if self.slots.len() <= t_index {
-                    self.slots.resize_with(t_index + 1, || Slot {
-                        generation: 0,
-                        allocation: None,
-                        twin_of: None,
-                        mux: None,
-                    });
+                    self.slots.resize_with(t_index + 1, Slot::default);
                 }
                 let free = self.slots[t_index].allocation.is_none()
                     && self.slots[t_index].twin_of.is_none()
