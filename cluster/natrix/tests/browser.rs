@@ -134,6 +134,55 @@ fn chromium_data_channel_over_turn_tcp_only() {
     relay_only_data_channel("tcp");
 }
 
+/// Past the relay port range (`--relay-multiplex-ports`): the one relay
+/// port is held by another process, so both peers' allocations are on
+/// shared relayed sockets (two per loop), and their ICE checks and data
+/// reach the right allocation by peer address alone — the first check
+/// from a peer comes before the client ever sent there.
+#[test]
+fn chromium_data_channel_through_shared_relayed_sockets() {
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let (ports, shared) = (format!("{port}-{port}"), common::free_udp_range(4));
+    let natrix = Natrix::up(&[
+        "--peer-allow",
+        "127.0.0.0/8",
+        "--relay-ports",
+        &ports,
+        "--relay-multiplex-ports",
+        &shared,
+    ]);
+    let v = page_verdict(
+        &format!("port={}&transport=udp", natrix.stun.port()),
+        "shared",
+        &[],
+    );
+    if v["ok"] != true {
+        let m = natrix.metrics_text();
+        let lines: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("relay_") && !l.ends_with(" 0"))
+            .collect();
+        eprintln!(
+            "relay metrics:\n{}\nlog:\n{}",
+            lines.join("\n"),
+            natrix.log()
+        );
+    }
+    assert_relayed(&v, "udp");
+    let on_shared = natrix.metric("relay_multiplexed_allocations");
+    assert!(
+        on_shared >= 2.0,
+        "both peers on shared sockets: {on_shared}"
+    );
+    assert_eq!(
+        natrix.metric("relay_allocations"),
+        on_shared,
+        "none on a port"
+    );
+    drop(held);
+}
+
 /// TURN over TLS on 443 beside HTTPS: Chromium's `turns:` data channel
 /// and curl's request to the lookup API share the relay's one TLS port
 /// (ALPN routes them: Chromium's TURN asks for none, curl for HTTP).

@@ -1397,34 +1397,29 @@ impl Server {
             });
         }
         let mut reserved_token = None;
-        let (index, relayed, mux) = match self.take_port(&req, now) {
-            Ok((port, v6, token)) => {
+        let (index, relayed, mux) = match self.own_relay(&req, sockets, now) {
+            Ok((index, relayed, token)) => {
                 reserved_token = token;
-                let relay = match if v6 {
-                    self.config.relay_v6
-                } else {
-                    self.config.relay_v4
-                } {
-                    Some(r) => r,
-                    None => {
-                        self.ports.put(port);
-                        return Err(Refusal::AddressFamilyNotSupported);
-                    }
-                };
-                let chosen = req.token.is_some() || req.even_port.is_some();
-                let (index, port) =
-                    self.open_relay(chosen, req.dont_fragment, relay.bind, port, sockets, now)?;
-                (index, SocketAddr::new(relay.public, port), None)
+                (index, relayed, None)
             }
-            // The range is used up: a shared relayed address, unless the
-            // client asked for what only a port of its own gives (a held
-            // port, the next port reserved, DF on its datagrams alone). An
-            // even port is one of the even shared ones.
+            // The range is used up (or no port of it binds): a shared
+            // relayed address, unless the client asked for what only a port
+            // of its own gives (a held port, the next port reserved, DF on
+            // its datagrams alone). An even port is one of the even shared
+            // ones.
             Err(Refusal::NoRelayPort)
                 if req.token.is_none()
                     && req.even_port.is_none_or(|e| !e.reserve_next)
                     && !req.dont_fragment =>
             {
+                let family = if req.v6 {
+                    self.config.relay_v6
+                } else {
+                    self.config.relay_v4
+                };
+                if family.is_none() {
+                    return Err(Refusal::AddressFamilyNotSupported);
+                }
                 let (index, m) = self.join_mux(req.v6, req.even_port.is_some(), sockets)?;
                 (index, self.muxes[m as usize].public, Some(m))
             }
@@ -1603,6 +1598,33 @@ impl Server {
             None => self.ports.take_random(random).ok_or(Refusal::NoRelayPort)?,
         };
         Ok((port, req.v6, reserved_token))
+    }
+
+    /// A relay port of the allocation's own, its socket open: the slot, the
+    /// relayed address and the token of a reservation made for the next
+    /// port.
+    fn own_relay(
+        &mut self,
+        req: &AllocateRequest<'_>,
+        sockets: &mut dyn RelaySockets,
+        now: Instant,
+    ) -> Result<(u32, SocketAddr, Option<[u8; 8]>), Refusal> {
+        let (port, v6, token) = self.take_port(req, now)?;
+        let relay = match if v6 {
+            self.config.relay_v6
+        } else {
+            self.config.relay_v4
+        } {
+            Some(r) => r,
+            None => {
+                self.ports.put(port);
+                return Err(Refusal::AddressFamilyNotSupported);
+            }
+        };
+        let chosen = req.token.is_some() || req.even_port.is_some();
+        let (index, port) =
+            self.open_relay(chosen, req.dont_fragment, relay.bind, port, sockets, now)?;
+        Ok((index, SocketAddr::new(relay.public, port), token))
     }
 
     /// Joins the least used shared relay socket of the family (on an even

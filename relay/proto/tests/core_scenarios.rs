@@ -2613,3 +2613,36 @@ fn shared_allocations_survive_export_and_import() {
     let mut other = Harness::with_ports(config(), policy(), one_port);
     assert_eq!(other.server.import(&moved, other.t0).len(), 1);
 }
+
+/// A relay port another process holds is parked and, with no other port
+/// left, the Allocate gets a shared relayed address instead of 508 (a
+/// browser's first allocation met exactly this).
+#[test]
+fn a_relay_port_held_elsewhere_falls_back_to_a_shared_address() {
+    let mut h = Harness::with_ports(
+        ServerConfig {
+            multiplex_ports: vec![3480],
+            ..config()
+        },
+        policy(),
+        PortRange {
+            min: 50000,
+            max: 50000,
+        },
+    );
+    let alice = User::stat("alice", "wonderland");
+    h.sockets.refuse = 1;
+    assert_eq!(
+        h.allocate(client(1), &alice, h.t0),
+        "192.0.2.1:3480".parse().unwrap()
+    );
+    assert_eq!(h.sockets.opened.len(), 1, "the shared socket only");
+    // An IPv6 one on a relay without IPv6 is still 440, not 508.
+    let c = client(2);
+    let nonce = h.nonce(c, h.t0);
+    let v6 = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .raw(AttributeType::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0])
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&v6, c, h.t0)), Some(440));
+}
