@@ -1402,3 +1402,79 @@ fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
         "shared sockets {sockets}: one per allocation to the same peer"
     );
 }
+
+/// A flood at shared relayed ports from sources nobody there permitted
+/// costs two lookups a datagram and is a counted drop: coturn's client on a
+/// shared socket relays without loss meanwhile.
+#[test]
+fn a_flood_at_shared_relayed_ports_is_dropped_while_a_shared_client_relays() {
+    // The one relay port is held elsewhere: every allocation is shared.
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let held_port = held.local_addr().unwrap().port();
+    let ports = format!("{held_port}-{held_port}");
+    let shared = common::free_udp_range(4);
+    let mut args = ALLOW_LOOPBACK.to_vec();
+    args.extend(["--relay-ports", &ports, "--relay-multiplex-ports", &shared]);
+    let natrix = Natrix::relay(&args);
+    let (_peer, peer_port) = udp_echo_peer();
+    let (p, pp) = (port(&natrix), peer_port.to_string());
+    let base: u16 = shared.split('-').next().unwrap().parse().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let sources: Vec<_> = (0..16)
+                // Another address than the peer's: permissions are per
+                // IP, so data from any port of the peer's IP is the
+                // client's (as on a port of its own).
+                .map(|_| std::net::UdpSocket::bind("127.0.0.2:0").unwrap())
+                .collect();
+            let until = std::time::Instant::now() + Duration::from_secs(15);
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < until
+                && sent < 2_000_000
+            {
+                for s in &sources {
+                    for port in base..base + 4 {
+                        if s.send_to(&[0x55; 100], ("127.0.0.1", port)).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                }
+            }
+            sent
+        })
+    };
+    let report = as_tester(
+        &p,
+        &[
+            "-c",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &pp,
+            "-n",
+            "200",
+            "-m",
+            "1",
+            "-l",
+            "160",
+            "127.0.0.1",
+        ],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    assert_clean(&report, 200);
+    let dropped = natrix.wait_metric(
+        "relay_packets_dropped_total{reason=\"no_permission\"}",
+        |v| v >= 10_000.0,
+    );
+    eprintln!("flood: {sent} datagrams sent at the shared ports, {dropped} dropped by the relay");
+    assert!(
+        dropped >= 10_000.0,
+        "flood sent {sent}, relay dropped {dropped}"
+    );
+    assert!(natrix.metric("relay_multiplex_sockets") >= 1.0, "the client was on one");
+    drop(held);
+}
