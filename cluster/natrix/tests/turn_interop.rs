@@ -1475,6 +1475,9 @@ fn a_flood_at_shared_relayed_ports_is_dropped_while_a_shared_client_relays() {
         dropped >= 10_000.0,
         "flood sent {sent}, relay dropped {dropped}"
     );
-    assert!(natrix.metric("relay_multiplex_sockets") >= 1.0, "the client was on one");
+    assert!(
+        natrix.metric("relay_multiplex_sockets") >= 1.0,
+        "the client was on one"
+    );
     drop(held);
 }

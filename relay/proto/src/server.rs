@@ -437,6 +437,11 @@ struct Mux {
     /// from a peer address nobody claimed goes (an ICE check from a
     /// peer-reflexive address comes before the client ever sent there).
     permitted: HashMap<IpAddr, u32, RandomState>,
+    /// Sessions (of session tokens) with allocations on it, and how many:
+    /// a session's other side is placed on another shared socket when the
+    /// loop has one, since two allocations on one shared address cannot
+    /// reach each other through it.
+    sessions: HashMap<Box<str>, u32, RandomState>,
 }
 
 /// Why an allocation ended.
@@ -600,6 +605,7 @@ impl Server {
                         members: 0,
                         peers: HashMap::default(),
                         permitted: HashMap::default(),
+                        sessions: HashMap::default(),
                     })
             })
             .collect();
@@ -1420,7 +1426,9 @@ impl Server {
                 if family.is_none() {
                     return Err(Refusal::AddressFamilyNotSupported);
                 }
-                let (index, m) = self.join_mux(req.v6, req.even_port.is_some(), sockets)?;
+                let session = natrix_model::SessionToken::session_of(req.username).map(|(s, _)| s);
+                let (index, m) =
+                    self.join_mux(req.v6, req.even_port.is_some(), session, sockets)?;
                 (index, self.muxes[m as usize].public, Some(m))
             }
             Err(refusal) => return Err(refusal),
@@ -1443,7 +1451,7 @@ impl Server {
                     });
                     self.ports.put(relayed.port());
                 }
-                Some(m) => self.leave_mux(m, index, &[], &[]),
+                Some(m) => self.leave_mux(m, index, req.username, &[], &[]),
             }
             self.free_slots.push(index);
             return Err(refusal);
@@ -1628,27 +1636,32 @@ impl Server {
     }
 
     /// Joins the least used shared relay socket of the family (on an even
-    /// port when `even`) that opens (each opens at its first allocation);
-    /// returns the allocation's slot and the socket's index. 508 when there
-    /// is none to share.
+    /// port when `even`; without an allocation of `session` when one has
+    /// none) that opens (each opens at its first allocation); returns the
+    /// allocation's slot and the socket's index. 508 when there is none to
+    /// share.
     fn join_mux(
         &mut self,
         v6: bool,
         even: bool,
+        session: Option<&str>,
         sockets: &mut dyn RelaySockets,
     ) -> Result<(u32, u32), Refusal> {
-        let mut candidates: Vec<(usize, u32)> = self
+        let mut candidates: Vec<(bool, usize, u32)> = self
             .muxes
             .iter()
             .enumerate()
             .filter(|(_, m)| m.public.is_ipv6() == v6 && (!even || m.public.port() % 2 == 0))
-            .map(|(i, m)| (m.members, i as u32))
+            .map(|(i, m)| {
+                let same_session = session.is_some_and(|s| m.sessions.contains_key(s));
+                (same_session, m.members, i as u32)
+            })
             .collect();
         if candidates.is_empty() {
             return Err(Refusal::NoRelayPort);
         }
         candidates.sort_unstable();
-        for (_, m) in candidates {
+        for (_, _, m) in candidates {
             if self.muxes[m as usize].slot.is_none() {
                 let slot = self.take_slot();
                 let id = self.id_of(slot);
@@ -1668,7 +1681,11 @@ impl Server {
                     }
                 }
             }
-            self.muxes[m as usize].members += 1;
+            let mux = &mut self.muxes[m as usize];
+            mux.members += 1;
+            if let Some(s) = session {
+                *mux.sessions.entry(s.into()).or_insert(0) += 1;
+            }
             self.stats.multiplexed_allocations += 1;
             return Ok((self.take_slot(), m));
         }
@@ -1677,9 +1694,24 @@ impl Server {
 
     /// An allocation in slot `index` leaves shared socket `m`: its claims
     /// and permissions there go.
-    fn leave_mux(&mut self, m: u32, index: u32, claims: &[SocketAddr], permissions: &[Permission]) {
+    fn leave_mux(
+        &mut self,
+        m: u32,
+        index: u32,
+        username: &str,
+        claims: &[SocketAddr],
+        permissions: &[Permission],
+    ) {
         let mux = &mut self.muxes[m as usize];
         mux.members = mux.members.saturating_sub(1);
+        if let Some((session, _)) = natrix_model::SessionToken::session_of(username)
+            && let Some(n) = mux.sessions.get_mut(session)
+        {
+            *n -= 1;
+            if *n == 0 {
+                mux.sessions.remove(session);
+            }
+        }
         for peer in claims {
             if mux.peers.get(peer) == Some(&index) {
                 mux.peers.remove(peer);
@@ -2457,7 +2489,7 @@ impl Server {
                     relayed: alloc.relayed,
                 });
             }
-            Some(m) => self.leave_mux(m, index, &alloc.claims, &alloc.permissions),
+            Some(m) => self.leave_mux(m, index, &alloc.username, &alloc.claims, &alloc.permissions),
         }
         self.free_twin(alloc.relayed6);
         if self.config.usage {
@@ -2674,6 +2706,9 @@ impl Server {
                 allocation.claims = m.claims.clone();
                 let x = &mut self.muxes[mux as usize];
                 x.members += 1;
+                if let Some((session, _)) = natrix_model::SessionToken::session_of(&m.username) {
+                    *x.sessions.entry(session.into()).or_insert(0) += 1;
+                }
                 for peer in &allocation.claims {
                     x.peers.insert(*peer, m.slot);
                 }

@@ -2646,3 +2646,46 @@ fn a_relay_port_held_elsewhere_falls_back_to_a_shared_address() {
         .sign(&alice, &nonce);
     assert_eq!(code_of(&h.request(&v6, c, h.t0)), Some(440));
 }
+
+/// Two allocations on one shared address cannot reach each other through
+/// it, so a session's two sides go to different shared sockets when the
+/// loop has them, even where the least used one would be the first side's.
+#[test]
+fn a_sessions_two_sides_are_placed_on_different_shared_sockets() {
+    let mut h = Harness::with_ports(
+        ServerConfig {
+            multiplex_ports: vec![3480, 3482],
+            ..config()
+        },
+        policy(),
+        PortRange {
+            min: 50000,
+            max: 50000,
+        },
+    );
+    let alice = User::stat("alice", "wonderland");
+    h.allocate(client(1), &alice, h.t0);
+    // Unrelated allocations: two on 3480, and 3482's two end.
+    let placed: Vec<u16> = (2..6)
+        .map(|n| h.allocate(client(n), &alice, h.t0).port())
+        .collect();
+    assert_eq!(placed, [3480, 3482, 3480, 3482], "the least used, in turn");
+    let on_3482: SocketAddr = "192.0.2.1:3482".parse().unwrap();
+    for n in [3, 5] {
+        assert!(h.server.kill(on_3482, Some(client(n).client), h.t0));
+    }
+    // Both sides of one session (one token, as a plan relaying both sides
+    // on one relay hands out).
+    let token = User::rest(
+        &format!(
+            "{}:00112233445566778899aabbccddeeff:relay-1:203.0.113.7",
+            UNIX_T0 + 60
+        ),
+        SECRET,
+    );
+    let a = h.allocate(client(6), &token, h.t0);
+    assert_eq!(a.port(), 3482, "the least used");
+    // 3482 holds one now, 3480 two: the other side still goes to 3480.
+    let b = h.allocate(client(7), &token, h.t0);
+    assert_eq!(b.port(), 3480, "not its other side's, though more used");
+}
