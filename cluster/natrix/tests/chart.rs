@@ -279,6 +279,11 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     let bytes = text.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
+        // Inside a multi-byte character (the dashboard's arrows): no name.
+        if !text.is_char_boundary(i) {
+            i += 1;
+            continue;
+        }
         let start_ok = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
         if start_ok {
             for prefix in ["natrix_", "relay_", "cdx_", "lookup_", "cluster_"] {
