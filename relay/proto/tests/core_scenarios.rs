@@ -2689,3 +2689,73 @@ fn a_sessions_two_sides_are_placed_on_different_shared_sockets() {
     let b = h.allocate(client(7), &token, h.t0);
     assert_eq!(b.port(), 3480, "not its other side's, though more used");
 }
+
+/// IPv6 too (an IPv6-only cluster): past the range an IPv6 Allocate gets
+/// the IPv6 shared socket of the port, whose peers are IPv6; an IPv4 one
+/// the IPv4 socket of the same port.
+#[test]
+fn ipv6_allocations_share_the_ipv6_socket_of_a_shared_port() {
+    let mut h = Harness::with_ports(
+        ServerConfig {
+            multiplex_ports: vec![3480],
+            ..dual_config()
+        },
+        dual_policy(),
+        PortRange {
+            min: 50000,
+            max: 50000,
+        },
+    );
+    let alice = User::stat("alice", "wonderland");
+    h.allocate(client(1), &alice, h.t0);
+    let v6 = |h: &mut Harness, c: ClientSocket| {
+        let nonce = h.nonce(c, h.t0);
+        let req = Req::new(Method::ALLOCATE)
+            .transport(17)
+            .raw(AttributeType::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0])
+            .sign(&alice, &nonce);
+        let answer = h.request(&req, c, h.t0);
+        match Message::parse(&answer)
+            .unwrap()
+            .decode(AttributeType::XOR_RELAYED_ADDRESS)
+        {
+            Some(Ok(Attribute::XorRelayedAddress(a))) => a,
+            other => panic!("{other:?}"),
+        }
+    };
+    let shared6: SocketAddr = "[2001:db8::1]:3480".parse().unwrap();
+    assert_eq!(v6(&mut h, client(2)), shared6);
+    let socket6 = h.last_allocation();
+    assert_eq!(
+        h.sockets.opened.last().unwrap().1,
+        "[fd00::5]:3480".parse().unwrap()
+    );
+    assert_eq!(v6(&mut h, client(3)), shared6);
+    assert_eq!(
+        h.allocate(client(4), &alice, h.t0),
+        "192.0.2.1:3480".parse().unwrap()
+    );
+    assert_eq!(h.server.stats().multiplex_sockets, 2, "one per family");
+
+    let (p2, p3): (SocketAddr, SocketAddr) = (
+        "[2001:db8:5::9]:6000".parse().unwrap(),
+        "[2001:db8:5::9]:6001".parse().unwrap(),
+    );
+    for (c, p) in [(client(2), p2), (client(3), p3)] {
+        let nonce = h.nonce(c, h.t0);
+        let req = Req::new(Method::CHANNEL_BIND)
+            .channel(0x4000)
+            .peer(p)
+            .sign(&alice, &nonce);
+        assert_eq!(code_of(&h.request(&req, c, h.t0)), None);
+    }
+    for (p, c) in [(p2, client(2)), (p3, client(3))] {
+        let (mut buf, range) = peer_buffer(b"six");
+        let action = h
+            .server
+            .handle_peer_input(socket6, p, &mut buf, range, h.t0)
+            .unwrap();
+        assert_eq!(action.client, c);
+        assert_eq!(&buf[action.frame][..2], &[0x40, 0x00]);
+    }
+}
