@@ -1315,10 +1315,10 @@ fn uclient_with_mobility_moves_tcp_allocations_to_its_new_connection() {
 /// per loop (an even and an odd port: coturn's client asks for an even
 /// port), six clients at once, each to its own peer (all on 127.0.0.1): at
 /// least five allocations on at most four sockets, so some share one and
-/// their peers' answers are told apart by source port. Then, on a relay with four shared
-/// sockets per loop, four allocations of one client to one peer each get a
-/// socket of their own (a peer address is one allocation's per socket),
-/// again without loss.
+/// their peers' answers are told apart by source port. Then, on a relay
+/// with eight shared sockets per loop, four allocations of one client to
+/// one peer each get a socket of their own (a peer address is one
+/// allocation's per socket), again without loss.
 #[test]
 fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
     let relay = |shared: u16| {
@@ -1375,7 +1375,10 @@ fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
         0.0
     );
 
-    let natrix = relay(8);
+    // Eight shared ports per loop, four of them even (coturn's client may
+    // ask for an even port): four allocations to one peer in one loop
+    // still find a socket each.
+    let natrix = relay(16);
     let p = port(&natrix);
     let pp = peers[0].1.to_string();
     let report = as_tester(
