@@ -1484,3 +1484,95 @@ fn a_flood_at_shared_relayed_ports_is_dropped_while_a_shared_client_relays() {
     );
     drop(held);
 }
+
+/// An operator names an allocation on a shared relayed address by its
+/// client: `natrix admin list` marks shared ones, `kill RELAYED` alone is
+/// refused with the hint while two share it, `kill RELAYED --client` ends
+/// that one and leaves the others.
+#[test]
+fn the_admin_api_names_an_allocation_on_a_shared_address_by_its_client() {
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let held_port = held.local_addr().unwrap().port();
+    let ports = format!("{held_port}-{held_port}");
+    // One shared port per loop: allocations of one loop share it.
+    let shared = common::free_udp_range(2);
+    let admin_listen = format!("127.0.0.1:{}", common::free_port());
+    let url = format!("http://{admin_listen}");
+    let token = "admin-token-0123456789";
+    let natrix = Natrix::relay(&[
+        "--relay-ports",
+        &ports,
+        "--relay-multiplex-ports",
+        &shared,
+        "--admin-listen",
+        &admin_listen,
+        "--admin-token",
+        token,
+    ]);
+    let loadtest =
+        std::path::Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
+    let mut holders = std::process::Command::new(loadtest)
+        .args([
+            "--progress",
+            "off",
+            "alloc",
+            "--server",
+            &natrix.stun.to_string(),
+        ])
+        .args(["--user", USER, "--password", PASSWORD])
+        .args(["--count", "6", "--concurrency", "1", "--hold", "30s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let (ok, body) = admin(&url, token, &["list"]);
+        assert!(ok, "{body}");
+        if body["count"] == 6 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "six allocations never showed: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let all = listed["allocations"].as_array().unwrap();
+    assert!(all.iter().all(|a| a["multiplexed"] == true), "{listed}");
+    // Six on two shared addresses: one of them holds at least three.
+    let target = all
+        .iter()
+        .map(|a| a["relayed"].as_str().unwrap())
+        .max_by_key(|r| all.iter().filter(|a| a["relayed"] == *r).count())
+        .unwrap()
+        .to_owned();
+    let (ok, body) = admin(&url, token, &["kill", &target]);
+    assert!(!ok, "a shared address names no one allocation: {body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("?client=IP:PORT"),
+        "{body}"
+    );
+    let victim = all
+        .iter()
+        .find(|a| a["relayed"] == target.as_str())
+        .unwrap()["client"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (ok, body) = admin(&url, token, &["kill", &target, "--client", &victim]);
+    assert!(ok, "{body}");
+    let (_, after) = admin(&url, token, &["list"]);
+    assert_eq!(after["count"], 5, "{after}");
+    assert!(
+        after["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["client"] != victim.as_str()),
+        "{after}"
+    );
+    let _ = holders.kill();
+    let _ = holders.wait();
+    drop(held);
+}
