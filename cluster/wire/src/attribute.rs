@@ -86,6 +86,8 @@ attribute_types! {
     PADDING = 0x0026, "PADDING";
     /// RESPONSE-PORT (RFC 5780 §7.5).
     RESPONSE_PORT = 0x0027, "RESPONSE-PORT";
+    /// CONNECTION-ID: a relayed TCP connection (RFC 6062 §6.2.1).
+    CONNECTION_ID = 0x002A, "CONNECTION-ID";
     /// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11).
     ADDITIONAL_ADDRESS_FAMILY = 0x8000, "ADDITIONAL-ADDRESS-FAMILY";
     /// ADDRESS-ERROR-CODE (RFC 8656 §18.12).
@@ -170,6 +172,10 @@ impl ErrorCode<'static> {
     pub const WRONG_CREDENTIALS: ErrorCode<'static> = ErrorCode::standard(441);
     /// 442 Unsupported Transport Protocol (RFC 8656).
     pub const UNSUPPORTED_TRANSPORT_PROTOCOL: ErrorCode<'static> = ErrorCode::standard(442);
+    /// 446 Connection Already Exists (RFC 6062 §6.3).
+    pub const CONNECTION_ALREADY_EXISTS: ErrorCode<'static> = ErrorCode::standard(446);
+    /// 447 Connection Timeout or Failure (RFC 6062 §6.3).
+    pub const CONNECTION_TIMEOUT_OR_FAILURE: ErrorCode<'static> = ErrorCode::standard(447);
     /// 443 Peer Address Family Mismatch (RFC 8656).
     pub const PEER_ADDRESS_FAMILY_MISMATCH: ErrorCode<'static> = ErrorCode::standard(443);
     /// 486 Allocation Quota Reached (RFC 8656).
@@ -194,6 +200,8 @@ impl ErrorCode<'static> {
             441 => "Wrong Credentials",
             442 => "Unsupported Transport Protocol",
             443 => "Peer Address Family Mismatch",
+            446 => "Connection Already Exists",
+            447 => "Connection Timeout or Failure",
             486 => "Allocation Quota Reached",
             500 => "Server Error",
             508 => "Insufficient Capacity",
@@ -314,6 +322,8 @@ pub enum Attribute<'a> {
     ChannelNumber(u16),
     /// LIFETIME, seconds.
     Lifetime(u32),
+    /// CONNECTION-ID (RFC 6062), opaque to the client.
+    ConnectionId(u32),
     /// XOR-PEER-ADDRESS.
     XorPeerAddress(SocketAddr),
     /// DATA.
@@ -543,6 +553,7 @@ impl<'a> Attribute<'a> {
                 Attribute::ChannelNumber(be16(value, 0).ok_or(bad)?)
             }
             AttributeType::LIFETIME => Attribute::Lifetime(u32v()?),
+            AttributeType::CONNECTION_ID => Attribute::ConnectionId(u32v()?),
             AttributeType::XOR_PEER_ADDRESS => Attribute::XorPeerAddress(xaddr()?),
             AttributeType::DATA => Attribute::Data(value),
             AttributeType::XOR_RELAYED_ADDRESS => Attribute::XorRelayedAddress(xaddr()?),
@@ -623,6 +634,7 @@ impl<'a> Attribute<'a> {
             Attribute::OtherAddress(_) => AttributeType::OTHER_ADDRESS,
             Attribute::ChannelNumber(_) => AttributeType::CHANNEL_NUMBER,
             Attribute::Lifetime(_) => AttributeType::LIFETIME,
+            Attribute::ConnectionId(_) => AttributeType::CONNECTION_ID,
             Attribute::XorPeerAddress(_) => AttributeType::XOR_PEER_ADDRESS,
             Attribute::Data(_) => AttributeType::DATA,
             Attribute::XorRelayedAddress(_) => AttributeType::XOR_RELAYED_ADDRESS,
@@ -672,6 +684,7 @@ impl<'a> Attribute<'a> {
             | Attribute::ResponsePort(_)
             | Attribute::ChannelNumber(_)
             | Attribute::Lifetime(_)
+            | Attribute::ConnectionId(_)
             | Attribute::RequestedAddressFamily(_)
             | Attribute::RequestedTransport(_)
             | Attribute::AdditionalAddressFamily(_)
@@ -750,7 +763,10 @@ impl<'a> Attribute<'a> {
                 dst[2..4].copy_from_slice(&(p.parameters.len() as u16).to_be_bytes());
                 dst[4..].copy_from_slice(p.parameters);
             }
-            Attribute::Fingerprint(v) | Attribute::Lifetime(v) | Attribute::Priority(v) => {
+            Attribute::Fingerprint(v)
+            | Attribute::Lifetime(v)
+            | Attribute::ConnectionId(v)
+            | Attribute::Priority(v) => {
                 dst.copy_from_slice(&v.to_be_bytes());
             }
             Attribute::ChangeRequest(c) => {

@@ -35,6 +35,15 @@ impl Method {
     pub const CREATE_PERMISSION: Method = Method(0x008);
     /// ChannelBind (RFC 8656 §17).
     pub const CHANNEL_BIND: Method = Method(0x009);
+    /// Connect: a TCP connection from the relayed address to a peer (RFC
+    /// 6062 §6.1).
+    pub const CONNECT: Method = Method(0x00A);
+    /// ConnectionBind: a client's data connection joins a relayed TCP
+    /// connection (RFC 6062 §6.1).
+    pub const CONNECTION_BIND: Method = Method(0x00B);
+    /// ConnectionAttempt, an indication only: a peer connected to the
+    /// relayed address (RFC 6062 §6.1).
+    pub const CONNECTION_ATTEMPT: Method = Method(0x00C);
     /// natrix's connection-data exchange: a participant posts its sealed
     /// entry to CDX (see `natrix_cdx::exchange`).
     pub const EXCHANGE_POST: Method = Method(0x0E1);
@@ -67,6 +76,9 @@ impl Method {
             0x007 => "data",
             0x008 => "create_permission",
             0x009 => "channel_bind",
+            0x00A => "connect",
+            0x00B => "connection_bind",
+            0x00C => "connection_attempt",
             0x0E1 => "exchange_post",
             0x0E2 => "exchange_deliver",
             _ => "other",

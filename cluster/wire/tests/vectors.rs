@@ -277,3 +277,41 @@ fn attributes_after_message_integrity_are_ignored() {
     msg.verify_integrity(&key).unwrap();
     msg.verify_fingerprint().unwrap();
 }
+
+/// RFC 6062's methods and CONNECTION-ID: a ConnectionAttempt indication
+/// (method 0x00C, type 0x001C) carries the id big-endian after its type and
+/// length, reads back, and the new error codes carry their phrases.
+#[test]
+fn rfc6062_connection_attempt_and_connection_id_round_trip() {
+    use natrix_wire::ErrorCode;
+    let tid = TransactionId([7; 12]);
+    let mut buf = [0u8; 128];
+    let mut enc = Encoder::new(
+        &mut buf,
+        MessageType::new(Method::CONNECTION_ATTEMPT, Class::Indication),
+        &tid,
+    )
+    .unwrap();
+    enc.attribute(&Attribute::ConnectionId(0x0102_0304))
+        .unwrap();
+    let n = enc.finish();
+    assert_eq!(&buf[..2], &[0x00, 0x1C]);
+    assert_eq!(
+        &buf[20..28],
+        &[0x00, 0x2A, 0x00, 0x04, 0x01, 0x02, 0x03, 0x04]
+    );
+    let msg = Message::parse(&buf[..n]).unwrap();
+    assert_eq!(msg.method(), Method::CONNECTION_ATTEMPT);
+    assert_eq!(msg.method().name(), "connection_attempt");
+    assert_eq!(
+        msg.decode(AttributeType::CONNECTION_ID),
+        Some(Ok(Attribute::ConnectionId(0x0102_0304)))
+    );
+    assert_eq!(Method::CONNECT.name(), "connect");
+    assert_eq!(Method::CONNECTION_BIND.name(), "connection_bind");
+    assert_eq!(
+        ErrorCode::CONNECTION_ALREADY_EXISTS.reason,
+        "Connection Already Exists"
+    );
+    assert_eq!(ErrorCode::CONNECTION_TIMEOUT_OR_FAILURE.code, 447);
+}
