@@ -892,11 +892,18 @@ impl Server {
         if !alloc.permits(peer.ip(), now) {
             return self.dropped(DropReason::NoPermission);
         }
-        if alloc.mux.is_some() && !self.claim_peer(index, peer, now) {
-            return self.dropped(DropReason::PeerClaimed);
-        }
-        let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
-            return self.dropped(DropReason::NoAllocation);
+        // On a shared socket the peer must be this allocation's to send to
+        // (the claim needs the core, so the allocation is looked up again).
+        let alloc = if alloc.mux.is_some() {
+            if !self.claim_peer(index, peer, now) {
+                return self.dropped(DropReason::PeerClaimed);
+            }
+            match self.slots[index as usize].allocation.as_mut() {
+                Some(a) => a,
+                None => return self.dropped(DropReason::NoAllocation),
+            }
+        } else {
+            alloc
         };
         if !alloc.spend(data.payload.len(), rate, now) {
             return self.dropped(DropReason::BandwidthExceeded);
@@ -1418,12 +1425,7 @@ impl Server {
                     && req.even_port.is_none_or(|e| !e.reserve_next)
                     && !req.dont_fragment =>
             {
-                let family = if req.v6 {
-                    self.config.relay_v6
-                } else {
-                    self.config.relay_v4
-                };
-                if family.is_none() {
+                if self.relay_of(req.v6).is_none() {
                     return Err(Refusal::AddressFamilyNotSupported);
                 }
                 let session = natrix_model::SessionToken::session_of(req.username).map(|(s, _)| s);
@@ -1608,6 +1610,15 @@ impl Server {
         Ok((port, req.v6, reserved_token))
     }
 
+    /// Where relayed addresses of the family live, if the relay offers it.
+    fn relay_of(&self, v6: bool) -> Option<RelayAddress> {
+        if v6 {
+            self.config.relay_v6
+        } else {
+            self.config.relay_v4
+        }
+    }
+
     /// A relay port of the allocation's own, its socket open: the slot, the
     /// relayed address and the token of a reservation made for the next
     /// port.
@@ -1618,11 +1629,7 @@ impl Server {
         now: Instant,
     ) -> Result<(u32, SocketAddr, Option<[u8; 8]>), Refusal> {
         let (port, v6, token) = self.take_port(req, now)?;
-        let relay = match if v6 {
-            self.config.relay_v6
-        } else {
-            self.config.relay_v4
-        } {
+        let relay = match self.relay_of(v6) {
             Some(r) => r,
             None => {
                 self.ports.put(port);
@@ -1747,23 +1754,31 @@ impl Server {
         else {
             return true;
         };
-        let mux = &self.muxes[m as usize];
-        if mux.public.is_ipv6() != peer.is_ipv6() {
+        if self.muxes[m as usize].public.is_ipv6() != peer.is_ipv6() {
             return true;
         }
-        // Its own shared address: what came back would be nobody's (two
-        // allocations on one shared address reach each other through other
-        // candidates).
-        if peer == mux.public || peer == mux.bind {
+        if self.claim_refused(m, index, peer, now) {
             return false;
         }
-        match mux.peers.get(&peer).copied() {
-            Some(owner) if owner == index => return true,
-            Some(owner) if self.holds(owner, m, peer, now) => return false,
-            _ => {}
+        if self.muxes[m as usize].peers.get(&peer) != Some(&index) {
+            self.take_claim(m, index, peer);
         }
-        self.take_claim(m, index, peer);
         true
+    }
+
+    /// True when the allocation in slot `index` may not have `peer` on
+    /// shared socket `m`: another allocation there holds it, or it is the
+    /// shared address itself (what came back would be nobody's; two
+    /// allocations on one shared address reach each other through other
+    /// candidates).
+    fn claim_refused(&self, m: u32, index: u32, peer: SocketAddr, now: Instant) -> bool {
+        let mux = &self.muxes[m as usize];
+        peer == mux.public
+            || peer == mux.bind
+            || mux
+                .peers
+                .get(&peer)
+                .is_some_and(|&owner| owner != index && self.holds(owner, m, peer, now))
     }
 
     /// Records `peer` as the allocation in slot `index`'s on shared socket
@@ -2179,11 +2194,7 @@ impl Server {
         let mux = self.allocation_ref(index)?.mux;
         if let Some(m) = mux
             && self.muxes[m as usize].public.is_ipv6() == peer.is_ipv6()
-            && (peer == self.muxes[m as usize].public
-                || self.muxes[m as usize]
-                    .peers
-                    .get(&peer)
-                    .is_some_and(|&o| o != index && self.holds(o, m, peer, now)))
+            && self.claim_refused(m, index, peer, now)
         {
             return Err(Refusal::PeerClaimed);
         }
@@ -2233,11 +2244,18 @@ impl Server {
         if !alloc.permits(peer.ip(), now) {
             return self.dropped(DropReason::NoPermission);
         }
-        if alloc.mux.is_some() && !self.claim_peer(index, peer, now) {
-            return self.dropped(DropReason::PeerClaimed);
-        }
-        let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
-            return self.dropped(DropReason::NoAllocation);
+        // On a shared socket the peer must be this allocation's to send to
+        // (the claim needs the core, so the allocation is looked up again).
+        let alloc = if alloc.mux.is_some() {
+            if !self.claim_peer(index, peer, now) {
+                return self.dropped(DropReason::PeerClaimed);
+            }
+            match self.slots[index as usize].allocation.as_mut() {
+                Some(a) => a,
+                None => return self.dropped(DropReason::NoAllocation),
+            }
+        } else {
+            alloc
         };
         if !alloc.spend(data.len(), rate, now) {
             return self.dropped(DropReason::BandwidthExceeded);
