@@ -217,25 +217,20 @@ async fn kill(
     if let Err(r) = authorized(&state, &req, "kill") {
         return *r;
     }
-    let client = match q.get("client").map(|c| c.parse::<SocketAddr>()) {
-        None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(_)) => {
-            state
-                .requests
-                .with_label_values(&["kill", "bad_request"])
-                .inc();
-            return HttpResponse::BadRequest()
-                .json(json!({"error": "client: give the client's address, IP:PORT"}));
-        }
-    };
-    let Ok(relayed) = path.parse::<SocketAddr>() else {
+    let bad_request = |error: &str| {
         state
             .requests
             .with_label_values(&["kill", "bad_request"])
             .inc();
-        return HttpResponse::BadRequest()
-            .json(json!({"error": "give the allocation's relayed address, IP:PORT"}));
+        HttpResponse::BadRequest().json(json!({ "error": error }))
+    };
+    let client = match q.get("client").map(|c| c.parse::<SocketAddr>()) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => return bad_request("client: give the client's address, IP:PORT"),
+    };
+    let Ok(relayed) = path.parse::<SocketAddr>() else {
+        return bad_request("give the allocation's relayed address, IP:PORT");
     };
     let killed = ask(&state, AdminQuery::Kill(relayed, client))
         .await

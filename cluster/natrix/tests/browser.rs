@@ -141,17 +141,8 @@ fn chromium_data_channel_over_turn_tcp_only() {
 /// from a peer comes before the client ever sent there.
 #[test]
 fn chromium_data_channel_through_shared_relayed_sockets() {
-    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = held.local_addr().unwrap().port();
-    let (ports, shared) = (format!("{port}-{port}"), common::free_udp_range(4));
-    let natrix = Natrix::up(&[
-        "--peer-allow",
-        "127.0.0.0/8",
-        "--relay-ports",
-        &ports,
-        "--relay-multiplex-ports",
-        &shared,
-    ]);
+    let range = common::PastTheRange::held(4);
+    let natrix = Natrix::up(&range.and(&["--peer-allow", "127.0.0.0/8"]));
     let v = page_verdict(
         &format!("port={}&transport=udp", natrix.stun.port()),
         "shared",
@@ -175,7 +166,7 @@ fn chromium_data_channel_through_shared_relayed_sockets() {
     // a port of its own: the one relay port is held.
     let sockets = natrix.wait_metric("relay_multiplex_sockets", |v| v >= 1.0);
     assert!(sockets >= 1.0, "no shared socket opened: {sockets}");
-    drop(held);
+    drop(range);
 }
 
 /// TURN over TLS on 443 beside HTTPS: Chromium's `turns:` data channel

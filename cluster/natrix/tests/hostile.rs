@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::{API_KEY, Natrix, free_port};
@@ -34,12 +33,7 @@ struct Target<'a> {
 
 /// Runs the whole suite against `t` and checks every attack.
 fn attack_and_check(t: &Target<'_>) {
-    let loadtest = Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
-    assert!(
-        loadtest.exists(),
-        "build natrix-loadtest first (.ci/test does)"
-    );
-    let out = Command::new(loadtest)
+    let out = Command::new(common::loadtest())
         .args(["--progress", "off", "attack"])
         .args(["--turn", &t.turn, "--tls", t.tls, "--cdx", &t.cdx])
         // DTLS on the TLS address over UDP (natrix up with an ECDSA

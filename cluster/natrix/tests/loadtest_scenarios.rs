@@ -12,7 +12,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Natrix, PASSWORD, Spawned, USER, chromium, coturn, free_port};
+use common::{Natrix, PASSWORD, Spawned, USER, chromium, coturn, free_port, loadtest};
 
 /// Unlimited unauthenticated answers (STUN load from one address).
 const NO_UNAUTH_LIMIT: [&str; 4] = [
@@ -21,16 +21,6 @@ const NO_UNAUTH_LIMIT: [&str; 4] = [
     "--unauth-rate-total",
     "100000000",
 ];
-
-fn loadtest() -> std::path::PathBuf {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (.ci/test does)",
-        bin.display()
-    );
-    bin
-}
 
 fn run(args: &[&str]) -> serde_json::Value {
     let out = Command::new(loadtest())

@@ -146,14 +146,12 @@ fn coturn_relays_over_dtls_and_a_certificate_reload_reaches_new_sessions() {
     // client to client through two allocations).
     let server = format!("127.0.0.1:{port}");
     for path in ["peer", "client"] {
-        let out = Command::new(
-            std::path::Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest"),
-        )
-        .args(["relay", "--server", &server, "--transport", "dtls"])
-        .args(["--path", path, "--clients", "2", "--duration", "1s"])
-        .args(["--user", USER, "--password", PASSWORD, "--progress", "off"])
-        .output()
-        .expect("natrix-loadtest (cargo build --workspace --bins)");
+        let out = Command::new(common::loadtest())
+            .args(["relay", "--server", &server, "--transport", "dtls"])
+            .args(["--path", path, "--clients", "2", "--duration", "1s"])
+            .args(["--user", USER, "--password", PASSWORD, "--progress", "off"])
+            .output()
+            .expect("natrix-loadtest (cargo build --workspace --bins)");
         let r = common::stdout_report(&out, &format!("natrix-loadtest relay over DTLS, {path}"));
         assert!(r["echoed"].as_u64().unwrap() > 100, "{path}: {r}");
         assert!(r["loss_ratio"].as_f64().unwrap() < 0.01, "{path}: {r}");

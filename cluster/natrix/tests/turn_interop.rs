@@ -33,6 +33,35 @@ fn as_tester(port: &str, args: &[&str]) -> common::UclientReport {
     uclient(&all)
 }
 
+/// coturn's client as the test user through the relay on `port` to the
+/// echo peer on 127.0.0.1:`peer_port`: `clients` allocations (`-c`: without
+/// the RTCP companion, which reserves the next port) each sending
+/// `messages` of 160 bytes over a channel.
+fn channels_to_echo_peer(
+    port: &str,
+    peer_port: &str,
+    messages: &str,
+    clients: &str,
+) -> common::UclientReport {
+    as_tester(
+        port,
+        &[
+            "-c",
+            "-e",
+            "127.0.0.1",
+            "-r",
+            peer_port,
+            "-n",
+            messages,
+            "-m",
+            clients,
+            "-l",
+            "160",
+            "127.0.0.1",
+        ],
+    )
+}
+
 fn port(natrix: &Natrix) -> String {
     natrix.stun.port().to_string()
 }
@@ -1321,19 +1350,8 @@ fn uclient_with_mobility_moves_tcp_allocations_to_its_new_connection() {
 /// allocation's per socket), again without loss.
 #[test]
 fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
-    let relay = |shared: u16| {
-        let relay_port = common::free_port();
-        let relay_ports = format!("{relay_port}-{relay_port}");
-        let shared = common::free_udp_range(shared);
-        let mut args = ALLOW_LOOPBACK.to_vec();
-        args.extend([
-            "--relay-ports",
-            &relay_ports,
-            "--relay-multiplex-ports",
-            &shared,
-        ]);
-        Natrix::relay(&args)
-    };
+    let relay =
+        |shared: u16| Natrix::relay(&common::PastTheRange::free(shared).and(ALLOW_LOOPBACK));
     let natrix = relay(4);
     let p = port(&natrix);
     let peers: Vec<_> = (0..6).map(|_| udp_echo_peer()).collect();
@@ -1342,25 +1360,7 @@ fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
             .iter()
             .map(|(_, peer_port)| {
                 let (p, pp) = (p.clone(), peer_port.to_string());
-                s.spawn(move || {
-                    as_tester(
-                        &p,
-                        &[
-                            "-c",
-                            "-e",
-                            "127.0.0.1",
-                            "-r",
-                            &pp,
-                            "-n",
-                            "100",
-                            "-m",
-                            "1",
-                            "-l",
-                            "160",
-                            "127.0.0.1",
-                        ],
-                    )
-                })
+                s.spawn(move || channels_to_echo_peer(&p, &pp, "100", "1"))
             })
             .collect();
         runs.into_iter().map(|r| r.join().unwrap()).collect()
@@ -1381,23 +1381,7 @@ fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
     let natrix = relay(16);
     let p = port(&natrix);
     let pp = peers[0].1.to_string();
-    let report = as_tester(
-        &p,
-        &[
-            "-c",
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &pp,
-            "-n",
-            "100",
-            "-m",
-            "4",
-            "-l",
-            "160",
-            "127.0.0.1",
-        ],
-    );
+    let report = channels_to_echo_peer(&p, &pp, "100", "4");
     assert_clean(&report, 400);
     let sockets = natrix.wait_metric("relay_multiplex_sockets", |v| v >= 3.0);
     assert!(
@@ -1412,16 +1396,11 @@ fn past_the_port_range_coturn_clients_share_relayed_addresses_without_loss() {
 #[test]
 fn a_flood_at_shared_relayed_ports_is_dropped_while_a_shared_client_relays() {
     // The one relay port is held elsewhere: every allocation is shared.
-    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let held_port = held.local_addr().unwrap().port();
-    let ports = format!("{held_port}-{held_port}");
-    let shared = common::free_udp_range(4);
-    let mut args = ALLOW_LOOPBACK.to_vec();
-    args.extend(["--relay-ports", &ports, "--relay-multiplex-ports", &shared]);
-    let natrix = Natrix::relay(&args);
+    let range = common::PastTheRange::held(4);
+    let natrix = Natrix::relay(&range.and(ALLOW_LOOPBACK));
     let (_peer, peer_port) = udp_echo_peer();
     let (p, pp) = (port(&natrix), peer_port.to_string());
-    let base: u16 = shared.split('-').next().unwrap().parse().unwrap();
+    let base: u16 = range.flags[3].split('-').next().unwrap().parse().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = {
         let stop = stop.clone();
@@ -1449,23 +1428,7 @@ fn a_flood_at_shared_relayed_ports_is_dropped_while_a_shared_client_relays() {
             sent
         })
     };
-    let report = as_tester(
-        &p,
-        &[
-            "-c",
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &pp,
-            "-n",
-            "200",
-            "-m",
-            "1",
-            "-l",
-            "160",
-            "127.0.0.1",
-        ],
-    );
+    let report = channels_to_echo_peer(&p, &pp, "200", "1");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = flood.join().unwrap();
     assert_clean(&report, 200);
@@ -1482,7 +1445,7 @@ fn a_flood_at_shared_relayed_ports_is_dropped_while_a_shared_client_relays() {
         natrix.metric("relay_multiplex_sockets") >= 1.0,
         "the client was on one"
     );
-    drop(held);
+    drop(range);
 }
 
 /// An operator names an allocation on a shared relayed address by its
@@ -1491,27 +1454,14 @@ fn a_flood_at_shared_relayed_ports_is_dropped_while_a_shared_client_relays() {
 /// that one and leaves the others.
 #[test]
 fn the_admin_api_names_an_allocation_on_a_shared_address_by_its_client() {
-    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let held_port = held.local_addr().unwrap().port();
-    let ports = format!("{held_port}-{held_port}");
     // One shared port per loop: allocations of one loop share it.
-    let shared = common::free_udp_range(2);
+    let range = common::PastTheRange::held(2);
     let admin_listen = format!("127.0.0.1:{}", common::free_port());
     let url = format!("http://{admin_listen}");
     let token = "admin-token-0123456789";
-    let natrix = Natrix::relay(&[
-        "--relay-ports",
-        &ports,
-        "--relay-multiplex-ports",
-        &shared,
-        "--admin-listen",
-        &admin_listen,
-        "--admin-token",
-        token,
-    ]);
-    let loadtest =
-        std::path::Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
-    let mut holders = std::process::Command::new(loadtest)
+    let natrix =
+        Natrix::relay(&range.and(&["--admin-listen", &admin_listen, "--admin-token", token]));
+    let mut holders = std::process::Command::new(common::loadtest())
         .args([
             "--progress",
             "off",
@@ -1574,5 +1524,5 @@ fn the_admin_api_names_an_allocation_on_a_shared_address_by_its_client() {
     );
     let _ = holders.kill();
     let _ = holders.wait();
-    drop(held);
+    drop(range);
 }

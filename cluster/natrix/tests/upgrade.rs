@@ -9,17 +9,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Natrix, PASSWORD, USER};
-
-fn loadtest() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
-    assert!(path.exists(), "build natrix-loadtest first (.ci/test does)");
-    path
-}
+use common::{Natrix, PASSWORD, USER, loadtest};
 
 /// A new file at `path` with the test binary's content (a new inode, as a
 /// package manager writes it).
@@ -200,19 +194,11 @@ fn sigusr2_hands_over_allocations_on_shared_relayed_sockets() {
     std::fs::create_dir_all(&dir).unwrap();
     let bin = dir.join("natrix");
     install_binary(&bin);
-    let port = common::free_port();
-    let (ports, shared) = (format!("{port}-{port}"), common::free_udp_range(4));
+    let range = common::PastTheRange::free(4);
     let n = Natrix::launch(
         &[bin.to_str().unwrap()],
         "relay",
-        &[
-            "--peer-allow",
-            "127.0.0.0/8",
-            "--relay-ports",
-            &ports,
-            "--relay-multiplex-ports",
-            &shared,
-        ],
+        &range.and(&["--peer-allow", "127.0.0.0/8"]),
     );
     let pid = n.pid();
     let load = Command::new(loadtest())

@@ -109,6 +109,22 @@ impl Harness {
         )
     }
 
+    /// One relay port (50000), then the shared ports `multiplex`
+    /// (`--relay-multiplex-ports`).
+    fn one_port(config: ServerConfig, policy: PeerPolicy, multiplex: &[u16]) -> Harness {
+        Harness::with_ports(
+            ServerConfig {
+                multiplex_ports: multiplex.to_vec(),
+                ..config
+            },
+            policy,
+            PortRange {
+                min: 50000,
+                max: 50000,
+            },
+        )
+    }
+
     fn with_ports(config: ServerConfig, policy: PeerPolicy, ports: PortRange) -> Harness {
         let t0 = Instant::now();
         Harness {
@@ -2355,17 +2371,7 @@ fn forwarded(h: &mut Harness, packet: &[u8], c: ClientSocket) -> (AllocationId, 
 /// allocation that ends gives its peers back without closing the socket.
 #[test]
 fn allocations_past_the_port_range_share_a_relayed_address_told_apart_by_peer() {
-    let mut h = Harness::with_ports(
-        ServerConfig {
-            multiplex_ports: vec![3480],
-            ..config()
-        },
-        policy(),
-        PortRange {
-            min: 50000,
-            max: 50000,
-        },
-    );
+    let mut h = Harness::one_port(config(), policy(), &[3480]);
     let alice = User::stat("alice", "wonderland");
     let (a, b, c) = (client(1), client(2), client(3));
     let own = h.allocate(a, &alice, h.t0);
@@ -2503,17 +2509,7 @@ fn allocations_past_the_port_range_share_a_relayed_address_told_apart_by_peer() 
 #[test]
 fn a_shared_socket_that_cannot_open_is_tried_again_and_without_one_past_the_range_is_508() {
     for multiplex in [vec![], vec![3480]] {
-        let mut h = Harness::with_ports(
-            ServerConfig {
-                multiplex_ports: multiplex.clone(),
-                ..config()
-            },
-            policy(),
-            PortRange {
-                min: 50000,
-                max: 50000,
-            },
-        );
+        let mut h = Harness::one_port(config(), policy(), &multiplex);
         let alice = User::stat("alice", "wonderland");
         h.allocate(client(1), &alice, h.t0);
         h.sockets.refuse = 1;
@@ -2544,15 +2540,7 @@ fn a_shared_socket_that_cannot_open_is_tried_again_and_without_one_past_the_rang
 /// shared port ends them.
 #[test]
 fn shared_allocations_survive_export_and_import() {
-    let shared_config = || ServerConfig {
-        multiplex_ports: vec![3480],
-        ..config()
-    };
-    let one_port = PortRange {
-        min: 50000,
-        max: 50000,
-    };
-    let mut h = Harness::with_ports(shared_config(), policy(), one_port);
+    let mut h = Harness::one_port(config(), policy(), &[3480]);
     let alice = User::stat("alice", "wonderland");
     let (a, b, c) = (client(1), client(2), client(3));
     h.allocate(a, &alice, h.t0);
@@ -2578,7 +2566,7 @@ fn shared_allocations_survive_export_and_import() {
         2
     );
 
-    let mut next = Harness::with_ports(shared_config(), policy(), one_port);
+    let mut next = Harness::one_port(config(), policy(), &[3480]);
     let ids = next.server.import(&moved, next.t0);
     assert_eq!(ids.len(), 3);
     assert_eq!(
@@ -2610,7 +2598,7 @@ fn shared_allocations_survive_export_and_import() {
     );
 
     // Without the shared port the shared allocations end; A goes on.
-    let mut other = Harness::with_ports(config(), policy(), one_port);
+    let mut other = Harness::one_port(config(), policy(), &[]);
     assert_eq!(other.server.import(&moved, other.t0).len(), 1);
 }
 
@@ -2619,17 +2607,7 @@ fn shared_allocations_survive_export_and_import() {
 /// browser's first allocation met exactly this).
 #[test]
 fn a_relay_port_held_elsewhere_falls_back_to_a_shared_address() {
-    let mut h = Harness::with_ports(
-        ServerConfig {
-            multiplex_ports: vec![3480],
-            ..config()
-        },
-        policy(),
-        PortRange {
-            min: 50000,
-            max: 50000,
-        },
-    );
+    let mut h = Harness::one_port(config(), policy(), &[3480]);
     let alice = User::stat("alice", "wonderland");
     h.sockets.refuse = 1;
     assert_eq!(
@@ -2652,17 +2630,7 @@ fn a_relay_port_held_elsewhere_falls_back_to_a_shared_address() {
 /// loop has them, even where the least used one would be the first side's.
 #[test]
 fn a_sessions_two_sides_are_placed_on_different_shared_sockets() {
-    let mut h = Harness::with_ports(
-        ServerConfig {
-            multiplex_ports: vec![3480, 3482],
-            ..config()
-        },
-        policy(),
-        PortRange {
-            min: 50000,
-            max: 50000,
-        },
-    );
+    let mut h = Harness::one_port(config(), policy(), &[3480, 3482]);
     let alice = User::stat("alice", "wonderland");
     h.allocate(client(1), &alice, h.t0);
     // Unrelated allocations: two on 3480, and 3482's two end.
@@ -2695,17 +2663,7 @@ fn a_sessions_two_sides_are_placed_on_different_shared_sockets() {
 /// the IPv4 socket of the same port.
 #[test]
 fn ipv6_allocations_share_the_ipv6_socket_of_a_shared_port() {
-    let mut h = Harness::with_ports(
-        ServerConfig {
-            multiplex_ports: vec![3480],
-            ..dual_config()
-        },
-        dual_policy(),
-        PortRange {
-            min: 50000,
-            max: 50000,
-        },
-    );
+    let mut h = Harness::one_port(dual_config(), dual_policy(), &[3480]);
     let alice = User::stat("alice", "wonderland");
     h.allocate(client(1), &alice, h.t0);
     let v6 = |h: &mut Harness, c: ClientSocket| {

@@ -71,6 +71,61 @@ pub fn free_udp_range(n: u16) -> String {
     panic!("no {n} free UDP ports in 21000-25999");
 }
 
+/// Relay flags for allocations past the relay port range: `--relay-ports`
+/// of a single free port and `--relay-multiplex-ports` of `shared` free
+/// ports ([`free_udp_range`]).
+pub struct PastTheRange {
+    /// The flags, to pass on.
+    pub flags: Vec<String>,
+    /// With [`PastTheRange::held`]: the socket holding the relay port, so
+    /// that no allocation gets a port of its own (keep it alive).
+    pub holder: Option<UdpSocket>,
+}
+
+impl PastTheRange {
+    /// The first allocation gets the relay port, the others share.
+    pub fn free(shared: u16) -> PastTheRange {
+        PastTheRange::with(free_port(), shared, None)
+    }
+
+    /// The relay port is held here: every allocation shares.
+    pub fn held(shared: u16) -> PastTheRange {
+        let holder = UdpSocket::bind("127.0.0.1:0").expect("binding the port holder");
+        let port = holder.local_addr().expect("local addr").port();
+        PastTheRange::with(port, shared, Some(holder))
+    }
+
+    fn with(port: u16, shared: u16, holder: Option<UdpSocket>) -> PastTheRange {
+        let flags = vec![
+            "--relay-ports".to_owned(),
+            format!("{port}-{port}"),
+            "--relay-multiplex-ports".to_owned(),
+            free_udp_range(shared),
+        ];
+        PastTheRange { flags, holder }
+    }
+
+    /// The flags followed by `extra`, as a command line takes them.
+    pub fn and<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        self.flags
+            .iter()
+            .map(String::as_str)
+            .chain(extra.iter().copied())
+            .collect()
+    }
+}
+
+/// The load tester built beside the binary under test.
+pub fn loadtest() -> std::path::PathBuf {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_natrix")).with_file_name("natrix-loadtest");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (.ci/test does)",
+        bin.display()
+    );
+    bin
+}
+
 impl Natrix {
     /// `natrix up` on free loopback ports, ready to answer, with the test
     /// user [`USER`]:[`PASSWORD`].
