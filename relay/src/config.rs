@@ -159,6 +159,13 @@ pub struct RelayConfig {
     #[arg(long = "turn-mobility", env = "NATRIX_TURN_MOBILITY", default_value_t = true, action = clap::ArgAction::Set)]
     pub mobility: bool,
 
+    /// TCP allocations (RFC 6062): a client over TCP or TLS may ask for a
+    /// relayed TCP address, reach TCP peers with Connect and take their
+    /// connections with ConnectionBind (clients behind proxies that let
+    /// only TCP out). Off: such an Allocate is answered 442.
+    #[arg(long = "tcp-relay", env = "NATRIX_TCP_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcp_relay: bool,
+
     /// Realm of the long-term credentials (RFC 8489 §9.2).
     #[arg(long, env = "NATRIX_REALM", default_value = "natrix")]
     pub realm: String,
@@ -676,6 +683,7 @@ impl RelayConfig {
             default_family: self.allocation_default_family,
             // Per loop: the host sets each loop's share.
             multiplex_ports: Vec::new(),
+            tcp_relay: self.tcp_relay,
         }
     }
 }

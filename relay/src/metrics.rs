@@ -8,6 +8,7 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::core::{
     AuthFailureReason, Direction, DropReason, Refusal, RequestMethod, RequestResult, Stats,
+    TcpEvent,
 };
 
 /// Every relay metric handle.
@@ -28,6 +29,10 @@ pub struct RelayMetrics {
     requests: Vec<[IntCounter; RequestResult::CODES.len()]>,
     auth_failures: [IntCounter; AuthFailureReason::ALL.len()],
     refused: [IntCounter; Refusal::ALL.len()],
+    tcp_allocations: IntGauge,
+    tcp_peer_connections: IntGauge,
+    tcp_events: [IntCounter; TcpEvent::ALL.len()],
+    tcp_bytes: [IntCounter; 2],
     /// Failed sends.
     pub send_errors: IntCounter,
     /// Open TCP connections.
@@ -82,6 +87,16 @@ impl RelayMetrics {
                 .collect(),
             auth_failures: AuthFailureReason::ALL.map(|r| auth.with_label_values(&[r.label()])),
             refused: Refusal::ALL.map(|r| refused.with_label_values(&[r.label()])),
+            tcp_allocations: t.gauge(&cat::RELAY_TCP_ALLOCATIONS),
+            tcp_peer_connections: t.gauge(&cat::RELAY_TCP_CONNECTIONS),
+            tcp_events: TcpEvent::ALL.map(|e| {
+                t.counter_family(&cat::RELAY_TCP_CONNECTION_EVENTS_TOTAL)
+                    .with_label_values(&[e.label()])
+            }),
+            tcp_bytes: Direction::ALL.map(|d| {
+                t.counter_family(&cat::RELAY_TCP_RELAYED_BYTES_TOTAL)
+                    .with_label_values(&[d.label()])
+            }),
             send_errors: t.counter(&cat::RELAY_SEND_ERRORS_TOTAL),
             tcp_connections: conns.with_label_values(&["tcp"]),
             tls_connections: conns.with_label_values(&["tls"]),
@@ -186,6 +201,16 @@ impl RelayMetrics {
         for (i, c) in self.refused.iter().enumerate() {
             inc(c, last.refused[i], now.refused[i]);
         }
+        self.tcp_allocations
+            .add(now.tcp_allocations as i64 - last.tcp_allocations as i64);
+        self.tcp_peer_connections
+            .add(now.tcp_connections as i64 - last.tcp_connections as i64);
+        for (i, c) in self.tcp_events.iter().enumerate() {
+            inc(c, last.tcp_events[i], now.tcp_events[i]);
+        }
+        for (i, c) in self.tcp_bytes.iter().enumerate() {
+            inc(c, last.tcp_bytes[i], now.tcp_bytes[i]);
+        }
     }
 }
 
@@ -217,6 +242,10 @@ mod tests {
         assert_eq!(
             labels(&cat::RELAY_REFUSAL_REASON),
             Refusal::ALL.map(|r| r.label()).to_vec()
+        );
+        assert_eq!(
+            labels(&cat::RELAY_TCP_EVENT),
+            TcpEvent::ALL.map(|e| e.label()).to_vec()
         );
     }
 }

@@ -113,6 +113,12 @@ pub(crate) struct Allocation {
     /// The peer transport addresses it claimed on its shared socket (peer
     /// data from them is its own), oldest first; at most [`MAX_CLAIMS`].
     pub(crate) claims: Vec<SocketAddr>,
+    /// A TCP allocation (RFC 6062): a listener on its relayed address, its
+    /// peers reached over connections.
+    pub(crate) tcp: bool,
+    /// Its peer data connections (a TCP allocation's; at most
+    /// [`super::server::MAX_TCP_CONNECTIONS`]).
+    pub(crate) connections: Vec<u32>,
 }
 
 impl Allocation {

@@ -54,9 +54,12 @@ pub use policy::{IpNet, PeerPolicy};
 pub use ports::{PortRange, QuotaUse, SharedPorts};
 pub use refusal::Refusal;
 pub use server::{
-    AllocationInfo, Alternate, ClientAction, Command, DefaultFamily, Moved, MovedAllocation,
-    PEER_HEADROOM, PEER_TAILROOM, PeerAction, RelayAddress, RelaySockets, SESSION_QUOTA,
-    SESSION_TOKEN_QUOTA, Server, ServerConfig, TICKET_LEN, Ticket, UsageRecord,
+    AllocationInfo, Alternate, ClientAction, Command, ConnectionId, DefaultFamily,
+    MAX_TCP_CONNECTIONS, Moved, MovedAllocation, PEER_HEADROOM, PEER_TAILROOM, PeerAction,
+    RelayAddress, RelaySockets, SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server, ServerConfig,
+    TCP_CONNECT_TIMEOUT, TICKET_LEN, Ticket, UsageRecord,
 };
-pub use stats::{AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats};
+pub use stats::{
+    AuthFailureReason, Direction, DropReason, RequestMethod, RequestResult, Stats, TcpEvent,
+};
 pub use types::{AllocationId, ClientSocket, Transport};

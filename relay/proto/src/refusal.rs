@@ -92,11 +92,34 @@ pub enum Refusal {
     ChannelsFull,
     /// An internal inconsistency (500): a bug, never input.
     Internal,
+    /// A TCP allocation asked for over UDP or DTLS (RFC 6062 §5.1: 400).
+    TcpOverUdp,
+    /// A TCP allocation with DONT-FRAGMENT, EVEN-PORT, RESERVATION-TOKEN
+    /// or a second address family (RFC 6062 §5.1: 400).
+    TcpAllocationOptions,
+    /// ChannelBind on a TCP allocation (its peers are reached over
+    /// connections: 400).
+    NotUdpAllocation,
+    /// Connect on a UDP allocation (400).
+    NotTcpAllocation,
+    /// Connect to a peer the allocation has a connection with (446).
+    ConnectionExists,
+    /// The connection to the peer failed or timed out (447).
+    ConnectionFailed,
+    /// The allocation holds its most connections (508).
+    ConnectionsFull,
+    /// ConnectionBind naming no connection that waits for its bind (400).
+    UnknownConnection,
+    /// ConnectionBind on a connection that holds an allocation (400: a
+    /// data connection is a new one).
+    BindOnAllocation,
+    /// ConnectionBind with credentials other than the allocation's (441).
+    WrongConnectionUser,
 }
 
 impl Refusal {
     /// Every cause, in index order (the metric's series).
-    pub const ALL: [Refusal; 31] = [
+    pub const ALL: [Refusal; 41] = [
         Refusal::UnknownMethod,
         Refusal::IncompleteCredentials,
         Refusal::UnknownAttribute,
@@ -128,6 +151,16 @@ impl Refusal {
         Refusal::PermissionsFull,
         Refusal::ChannelsFull,
         Refusal::Internal,
+        Refusal::TcpOverUdp,
+        Refusal::TcpAllocationOptions,
+        Refusal::NotUdpAllocation,
+        Refusal::NotTcpAllocation,
+        Refusal::ConnectionExists,
+        Refusal::ConnectionFailed,
+        Refusal::ConnectionsFull,
+        Refusal::UnknownConnection,
+        Refusal::BindOnAllocation,
+        Refusal::WrongConnectionUser,
     ];
 
     /// The STUN error the client gets.
@@ -141,7 +174,16 @@ impl Refusal {
             | Refusal::MissingPeer
             | Refusal::BadChannelNumber
             | Refusal::ChannelConflict
-            | Refusal::UnknownTicket => ErrorCode::BAD_REQUEST,
+            | Refusal::UnknownTicket
+            | Refusal::TcpOverUdp
+            | Refusal::TcpAllocationOptions
+            | Refusal::NotUdpAllocation
+            | Refusal::NotTcpAllocation
+            | Refusal::UnknownConnection
+            | Refusal::BindOnAllocation => ErrorCode::BAD_REQUEST,
+            Refusal::ConnectionExists => ErrorCode::CONNECTION_ALREADY_EXISTS,
+            Refusal::ConnectionFailed => ErrorCode::CONNECTION_TIMEOUT_OR_FAILURE,
+            Refusal::WrongConnectionUser => ErrorCode::WRONG_CREDENTIALS,
             Refusal::MobilityForbidden => ErrorCode::MOBILITY_FORBIDDEN,
             Refusal::UnknownAttribute => ErrorCode::UNKNOWN_ATTRIBUTE,
             Refusal::UnsupportedTransport => ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL,
@@ -160,7 +202,8 @@ impl Refusal {
             | Refusal::NoRelayPort
             | Refusal::UnknownReservation
             | Refusal::PermissionsFull
-            | Refusal::ChannelsFull => ErrorCode::INSUFFICIENT_CAPACITY,
+            | Refusal::ChannelsFull
+            | Refusal::ConnectionsFull => ErrorCode::INSUFFICIENT_CAPACITY,
             Refusal::Internal => ErrorCode::SERVER_ERROR,
             Refusal::TryAlternate => ErrorCode::TRY_ALTERNATE,
         }
@@ -201,6 +244,16 @@ impl Refusal {
             Refusal::PermissionsFull => "permissions_full",
             Refusal::ChannelsFull => "channels_full",
             Refusal::Internal => "internal",
+            Refusal::TcpOverUdp => "tcp_over_udp",
+            Refusal::TcpAllocationOptions => "tcp_allocation_options",
+            Refusal::NotUdpAllocation => "not_udp_allocation",
+            Refusal::NotTcpAllocation => "not_tcp_allocation",
+            Refusal::ConnectionExists => "connection_exists",
+            Refusal::ConnectionFailed => "connection_failed",
+            Refusal::ConnectionsFull => "connections_full",
+            Refusal::UnknownConnection => "unknown_connection",
+            Refusal::BindOnAllocation => "bind_on_allocation",
+            Refusal::WrongConnectionUser => "wrong_connection_user",
         }
     }
 }
@@ -238,7 +291,8 @@ mod tests {
                 "no_relay_port",
                 "unknown_reservation",
                 "permissions_full",
-                "channels_full"
+                "channels_full",
+                "connections_full"
             ]
         );
     }

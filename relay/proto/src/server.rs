@@ -23,6 +23,10 @@ use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, Requ
 use super::types::{AllocationId, ClientSocket};
 use natrix_model::limiter::{UnauthLimiter, UnauthLimits};
 
+mod tcp;
+use tcp::TcpTable;
+pub use tcp::{ConnectionId, MAX_TCP_CONNECTIONS, TCP_CONNECT_TIMEOUT};
+
 /// Bytes [`Server::handle_peer_input`] needs free before the payload: a
 /// Data indication's header (20), XOR-PEER-ADDRESS for IPv6 (24) and the
 /// DATA attribute header (4).
@@ -94,6 +98,8 @@ pub struct RelayAddress {
 /// What an Allocate request asks for (RFC 8656 §7.1, RFC 6156).
 struct AllocateRequest<'a> {
     username: &'a str,
+    /// A TCP allocation (REQUESTED-TRANSPORT 6, RFC 6062).
+    tcp: bool,
     dont_fragment: bool,
     token: Option<[u8; 8]>,
     even_port: Option<EvenPort>,
@@ -111,13 +117,14 @@ struct AllocateRequest<'a> {
 impl<'a> AllocateRequest<'a> {
     /// Reads and checks the request's attributes.
     fn parse(msg: &Message<'a>) -> Result<AllocateRequest<'a>, Refusal> {
-        match msg.decode(AttributeType::REQUESTED_TRANSPORT) {
-            Some(Ok(Attribute::RequestedTransport(transport::UDP))) => {}
+        let tcp = match msg.decode(AttributeType::REQUESTED_TRANSPORT) {
+            Some(Ok(Attribute::RequestedTransport(transport::UDP))) => false,
+            Some(Ok(Attribute::RequestedTransport(transport::TCP))) => true,
             Some(Ok(Attribute::RequestedTransport(_))) => {
                 return Err(Refusal::UnsupportedTransport);
             }
             _ => return Err(Refusal::MissingRequestedTransport),
-        }
+        };
         let token = match msg.decode(AttributeType::RESERVATION_TOKEN) {
             Some(Ok(Attribute::ReservationToken(t))) => Some(t),
             Some(_) => return Err(Refusal::MalformedAttribute),
@@ -165,6 +172,7 @@ impl<'a> AllocateRequest<'a> {
             .ok_or(Refusal::MalformedAttribute)?;
         Ok(AllocateRequest {
             username,
+            tcp,
             dont_fragment: msg.get(AttributeType::DONT_FRAGMENT).is_some(),
             token,
             even_port,
@@ -223,6 +231,9 @@ pub struct ServerConfig {
     /// told apart by its source (coturn's `--multiplex-peer`). Empty: none
     /// (508 then).
     pub multiplex_ports: Vec<u16>,
+    /// Serve TCP allocations (RFC 6062: Connect, ConnectionBind,
+    /// ConnectionAttempt) to clients over TCP and TLS. Off: 442.
+    pub tcp_relay: bool,
 }
 
 /// The relayed address family of an Allocate that names none.
@@ -257,6 +268,7 @@ impl Default for ServerConfig {
             usage: false,
             default_family: DefaultFamily::Ipv4,
             multiplex_ports: Vec::new(),
+            tcp_relay: true,
         }
     }
 }
@@ -286,6 +298,35 @@ pub enum ClientAction {
     /// [`Server::refuse_move`]).
     Move {
         /// The core that issued the ticket.
+        shard: u16,
+    },
+    /// A Connect (RFC 6062 §5.2): open a TCP connection from the
+    /// allocation's relayed address (its listener's) to `peer`, and report
+    /// how it went to [`Server::tcp_connected`], which answers the client
+    /// ([`Command::ToClient`]).
+    Connect {
+        /// The TCP allocation.
+        allocation: AllocationId,
+        /// The peer data connection to be.
+        connection: ConnectionId,
+        /// Where to connect.
+        peer: SocketAddr,
+    },
+    /// A ConnectionBind succeeded (RFC 6062 §5.4): send the first `len`
+    /// bytes of the output buffer, then the connection it came on is the
+    /// client data connection of `connection`: every byte after the
+    /// request goes to the peer as it is, and the peer's bytes come back.
+    Bind {
+        /// The answer's length.
+        len: usize,
+        /// The peer data connection it joins.
+        connection: ConnectionId,
+    },
+    /// A ConnectionBind for a peer data connection another core (loop
+    /// `shard` of the host) holds: hand the client's connection, with the
+    /// request, to that loop.
+    BindElsewhere {
+        /// The core that holds the peer data connection.
         shard: u16,
     },
 }
@@ -368,6 +409,20 @@ pub enum Command {
     /// What an allocation relayed, when it ended (with
     /// [`ServerConfig::usage`]).
     Usage(Box<UsageRecord>),
+    /// Send `frame` (a whole STUN message) to the client on its (TCP or
+    /// TLS) control connection: a Connect's answer, a ConnectionAttempt.
+    ToClient {
+        /// The client's control connection.
+        client: ClientSocket,
+        /// The message.
+        frame: Vec<u8>,
+    },
+    /// Close a peer data connection (RFC 6062) and its client data
+    /// connection: its allocation ended, or no ConnectionBind came in time.
+    CloseTcp {
+        /// The connection.
+        connection: ConnectionId,
+    },
 }
 
 /// One allocation's usage: who, what it relayed, from when to when.
@@ -401,6 +456,15 @@ pub trait RelaySockets {
         addr: SocketAddr,
         dont_fragment: bool,
     ) -> std::io::Result<()>;
+
+    /// Opens a TCP listener on `addr` for a TCP `allocation` (RFC 6062),
+    /// whose accepted connections go to [`Server::tcp_accepted`]; the
+    /// connections a Connect opens leave from the same address. A shell
+    /// without TCP relaying keeps the default: TCP allocations get 508.
+    fn listen(&mut self, allocation: AllocationId, addr: SocketAddr) -> std::io::Result<()> {
+        let _ = (allocation, addr);
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -442,6 +506,15 @@ struct Mux {
     /// loop has one, since two allocations on one shared address cannot
     /// reach each other through it.
     sessions: HashMap<Box<str>, u32, RandomState>,
+}
+
+/// What relay socket an allocation's port gets.
+#[derive(Clone, Copy, Debug)]
+enum Open {
+    /// A UDP socket (DF set when asked).
+    Udp { dont_fragment: bool },
+    /// A TCP listener (RFC 6062).
+    Listen,
 }
 
 /// Why an allocation ended.
@@ -571,6 +644,11 @@ pub struct Server {
     tickets_made: u64,
     /// Shared relay sockets, for allocations past the port range.
     muxes: Vec<Mux>,
+    /// Peer data connections of TCP allocations (RFC 6062).
+    tcp: TcpTable,
+    /// What a request handled through [`Server::request`] asks of the
+    /// shell besides its answer (Connect, ConnectionBind).
+    pending_action: Option<ClientAction>,
 }
 
 impl Server {
@@ -636,6 +714,8 @@ impl Server {
             tickets: HashMap::default(),
             tickets_made: 0,
             muxes,
+            tcp: TcpTable::default(),
+            pending_action: None,
         }
     }
 
@@ -951,6 +1031,8 @@ impl Server {
             Method::REFRESH => RequestMethod::Refresh,
             Method::CREATE_PERMISSION => RequestMethod::CreatePermission,
             Method::CHANNEL_BIND => RequestMethod::ChannelBind,
+            Method::CONNECT if self.config.tcp_relay => RequestMethod::Connect,
+            Method::CONNECTION_BIND if self.config.tcp_relay => RequestMethod::ConnectionBind,
             _ => RequestMethod::Other,
         };
         // A banned source gets no answer, unless this 5-tuple already holds
@@ -970,7 +1052,23 @@ impl Server {
             }
             return ClientAction::Move { shard };
         }
+        if method == RequestMethod::ConnectionBind
+            && let Some(shard) = self.binds_elsewhere(&msg, from)
+        {
+            if !self.limiter.allow(from.client.ip(), now) {
+                return self.dropped(DropReason::RateLimited);
+            }
+            self.stats.tcp_events[crate::stats::TcpEvent::BindHandedOver as usize] += 1;
+            return ClientAction::BindElsewhere { shard };
+        }
         let (answer, result) = self.request(&msg, method, from, now, out, sockets);
+        if let Some(action) = self.pending_action.take() {
+            // A Connect is counted when its answer goes out.
+            if method != RequestMethod::Connect {
+                self.stats.request(method, RequestResult(result));
+            }
+            return action;
+        }
         match answer {
             Some(Ok(len)) => {
                 self.stats.request(method, RequestResult(result));
@@ -1068,6 +1166,8 @@ impl Server {
             RequestMethod::Refresh => self.refresh(msg, &auth, from, now, out),
             RequestMethod::CreatePermission => self.create_permission(msg, &auth, from, now, out),
             RequestMethod::ChannelBind => self.channel_bind(msg, &auth, from, now, out),
+            RequestMethod::Connect => self.connect(msg, &auth, from, now),
+            RequestMethod::ConnectionBind => self.connection_bind(msg, &auth, from, now, out),
             RequestMethod::Binding | RequestMethod::Other => unreachable_answer(),
         };
         match result {
@@ -1402,6 +1502,9 @@ impl Server {
         if !req.family_given {
             req.v6 = self.default_v6(from);
         }
+        if req.tcp {
+            Self::check_tcp_allocation(&req, wants_ticket, from, self.config.tcp_relay)?;
+        }
         let claim = self.claim(req.username, from.client.ip());
         if let Err(r) = self.ports.admissible(&claim) {
             return Err(match r {
@@ -1421,7 +1524,8 @@ impl Server {
             // its datagrams alone). An even port is one of the even shared
             // ones.
             Err(Refusal::NoRelayPort)
-                if req.token.is_none()
+                if !req.tcp
+                    && req.token.is_none()
                     && req.even_port.is_none_or(|e| !e.reserve_next)
                     && !req.dont_fragment =>
             {
@@ -1486,7 +1590,12 @@ impl Server {
                 started_unix: self.epoch_unix + self.secs(now),
                 ..Usage::default()
             },
+            tcp: req.tcp,
+            connections: Vec::new(),
         });
+        if req.tcp {
+            self.stats.tcp_allocations += 1;
+        }
         self.allocation_by_client.insert(from, index);
         self.stats.allocations_created += 1;
         self.stats.allocations = self.allocation_by_client.len() as u64;
@@ -1637,8 +1746,11 @@ impl Server {
             }
         };
         let chosen = req.token.is_some() || req.even_port.is_some();
-        let (index, port) =
-            self.open_relay(chosen, req.dont_fragment, relay.bind, port, sockets, now)?;
+        let how = match (req.tcp, req.dont_fragment) {
+            (true, _) => Open::Listen,
+            (false, df) => Open::Udp { dont_fragment: df },
+        };
+        let (index, port) = self.open_relay(chosen, how, relay.bind, port, sockets, now)?;
         Ok((index, SocketAddr::new(relay.public, port), token))
     }
 
@@ -1863,7 +1975,7 @@ impl Server {
     fn open_relay(
         &mut self,
         chosen: bool,
-        dont_fragment: bool,
+        how: Open,
         bind: std::net::IpAddr,
         mut port: u16,
         sockets: &mut dyn RelaySockets,
@@ -1872,7 +1984,12 @@ impl Server {
         let index = self.take_slot();
         let id = self.id_of(index);
         for attempt in 0..BIND_ATTEMPTS {
-            match sockets.open(id, SocketAddr::new(bind, port), dont_fragment) {
+            let addr = SocketAddr::new(bind, port);
+            let opened = match how {
+                Open::Udp { dont_fragment } => sockets.open(id, addr, dont_fragment),
+                Open::Listen => sockets.listen(id, addr),
+            };
+            match opened {
                 Ok(()) => return Ok((index, port)),
                 Err(e) if e.kind() != std::io::ErrorKind::AddrInUse => {
                     // Out of descriptors or buffers: the port is fine and
@@ -1925,7 +2042,8 @@ impl Server {
             .ok_or(Refusal::AddressFamilyNotSupported)?;
         let random = self.next_random();
         let port = self.ports.take_random(random).ok_or(Refusal::NoRelayPort)?;
-        let (twin, port) = self.open_relay(false, dont_fragment, relay.bind, port, sockets, now)?;
+        let how = Open::Udp { dont_fragment };
+        let (twin, port) = self.open_relay(false, how, relay.bind, port, sockets, now)?;
         let relayed = SocketAddr::new(relay.public, port);
         self.slots[twin as usize].twin_of = Some(primary);
         if let Some(a) = self.slots[primary as usize].allocation.as_mut() {
@@ -2191,6 +2309,9 @@ impl Server {
         if !self.policy.permits_endpoint(peer) {
             return Err(Refusal::PeerDenied);
         }
+        if self.allocation_ref(index)?.tcp {
+            return Err(Refusal::NotUdpAllocation);
+        }
         let mux = self.allocation_ref(index)?.mux;
         if let Some(m) = mux
             && self.muxes[m as usize].public.is_ipv6() == peer.is_ipv6()
@@ -2241,6 +2362,9 @@ impl Server {
         let Some(alloc) = self.slots[index as usize].allocation.as_mut() else {
             return self.dropped(DropReason::NoAllocation);
         };
+        if alloc.tcp {
+            return self.dropped(DropReason::TcpAllocation);
+        }
         if !alloc.permits(peer.ip(), now) {
             return self.dropped(DropReason::NoPermission);
         }
@@ -2410,6 +2534,7 @@ impl Server {
                 alloc.sweep(now);
             }
         }
+        self.sweep_tcp(now);
         self.ports.sweep(now);
         self.limiter.sweep(now);
         while let Some(&(port, until)) = self.parked.front() {
@@ -2510,6 +2635,10 @@ impl Server {
             Some(m) => self.leave_mux(m, index, &alloc.username, &alloc.claims, &alloc.permissions),
         }
         self.free_twin(alloc.relayed6);
+        if alloc.tcp {
+            self.stats.tcp_allocations -= 1;
+            self.close_connections(&alloc.connections);
+        }
         if self.config.usage {
             let record = self.usage_record(&alloc, end.label());
             self.commands.push_back(Command::Usage(Box::new(record)));
@@ -2613,7 +2742,9 @@ impl Server {
     /// The allocation in `slot` as it moves.
     fn moved_of(&self, slot: u32, now: Instant) -> Option<MovedAllocation> {
         let s = &self.slots[slot as usize];
-        let a = s.allocation.as_ref()?;
+        // A TCP allocation's connections cannot be handed over: it ends
+        // with its process.
+        let a = s.allocation.as_ref().filter(|a| !a.tcp)?;
         let shared = match a.mux {
             None => None,
             Some(m) => {
@@ -2689,6 +2820,8 @@ impl Server {
             usage: m.usage,
             mux: None,
             claims: Vec::new(),
+            tcp: false,
+            connections: Vec::new(),
         }
     }
 
@@ -2808,7 +2941,7 @@ impl Server {
         let alloc = self.slots[index as usize]
             .allocation
             .as_ref()
-            .filter(|a| a.mux.is_none())?;
+            .filter(|a| a.mux.is_none() && !a.tcp)?;
         let username = match msg.decode(AttributeType::USERNAME) {
             Some(Ok(Attribute::Username(u))) => u,
             _ => return None,
@@ -2944,6 +3077,7 @@ fn understood(ty: AttributeType) -> bool {
             | AttributeType::DATA
             | AttributeType::PRIORITY
             | AttributeType::USE_CANDIDATE
+            | AttributeType::CONNECTION_ID
     )
 }
 

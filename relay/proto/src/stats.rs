@@ -61,11 +61,14 @@ pub enum DropReason {
     /// on the same shared (multiplexed) relayed address reaches, or from a
     /// peer no allocation there has a permission for.
     PeerClaimed,
+    /// A Send indication on a TCP allocation (RFC 6062: its peers are
+    /// reached over connections).
+    TcpAllocation,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::NotTurn,
         DropReason::Malformed,
         DropReason::BadFingerprint,
@@ -80,6 +83,7 @@ impl DropReason {
         DropReason::OwnAddress,
         DropReason::Banned,
         DropReason::PeerClaimed,
+        DropReason::TcpAllocation,
     ];
 
     /// Metric label value.
@@ -99,6 +103,7 @@ impl DropReason {
             DropReason::OwnAddress => "own_address",
             DropReason::Banned => "banned",
             DropReason::PeerClaimed => "peer_claimed",
+            DropReason::TcpAllocation => "tcp_allocation",
         }
     }
 }
@@ -116,18 +121,24 @@ pub enum RequestMethod {
     CreatePermission,
     /// ChannelBind.
     ChannelBind,
+    /// Connect (RFC 6062).
+    Connect,
+    /// ConnectionBind (RFC 6062).
+    ConnectionBind,
     /// Anything else (answered 400).
     Other,
 }
 
 impl RequestMethod {
     /// Every method, in index order.
-    pub const ALL: [RequestMethod; 6] = [
+    pub const ALL: [RequestMethod; 8] = [
         RequestMethod::Binding,
         RequestMethod::Allocate,
         RequestMethod::Refresh,
         RequestMethod::CreatePermission,
         RequestMethod::ChannelBind,
+        RequestMethod::Connect,
+        RequestMethod::ConnectionBind,
         RequestMethod::Other,
     ];
 
@@ -139,6 +150,8 @@ impl RequestMethod {
             RequestMethod::Refresh => "refresh",
             RequestMethod::CreatePermission => "create_permission",
             RequestMethod::ChannelBind => "channel_bind",
+            RequestMethod::Connect => "connect",
+            RequestMethod::ConnectionBind => "connection_bind",
             RequestMethod::Other => "other",
         }
     }
@@ -150,14 +163,14 @@ pub struct RequestResult(pub u16);
 
 impl RequestResult {
     /// Every result label, in index order (0 = success).
-    pub const CODES: [u16; 16] = [
-        0, 400, 401, 403, 405, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508, 300,
+    pub const CODES: [u16; 18] = [
+        0, 400, 401, 403, 405, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508, 300, 446, 447,
     ];
 
     /// Metric label values, aligned with [`RequestResult::CODES`].
-    pub const LABELS: [&'static str; 16] = [
+    pub const LABELS: [&'static str; 18] = [
         "success", "400", "401", "403", "405", "420", "437", "438", "440", "441", "442", "443",
-        "486", "500", "508", "300",
+        "486", "500", "508", "300", "446", "447",
     ];
 
     fn index(self) -> usize {
@@ -207,8 +220,9 @@ impl AuthFailureReason {
     }
 }
 
-/// Everything the core counts. Monotonic except `allocations`.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Everything the core counts. Monotonic except the gauges (`allocations`
+/// and the others counted "now").
+#[derive(Clone, Debug, PartialEq)]
 pub struct Stats {
     /// Allocations alive now.
     pub allocations: u64,
@@ -238,11 +252,94 @@ pub struct Stats {
     /// Drops by [`DropReason`] index.
     pub dropped: [u64; DropReason::ALL.len()],
     /// Requests by [`RequestMethod`] index and [`RequestResult`] index.
-    pub requests: [[u64; RequestResult::CODES.len()]; 6],
+    pub requests: [[u64; RequestResult::CODES.len()]; RequestMethod::ALL.len()],
     /// Authentication failures by [`AuthFailureReason`] index.
     pub auth_failures: [u64; 6],
     /// Refused requests by [`Refusal`] index.
     pub refused: [u64; Refusal::ALL.len()],
+    /// Live TCP allocations (RFC 6062).
+    pub tcp_allocations: u64,
+    /// Live peer data connections of TCP allocations (connecting, waiting
+    /// for their ConnectionBind, or relaying).
+    pub tcp_connections: u64,
+    /// What happened to peer data connections, by [`TcpEvent`] index.
+    pub tcp_events: [u64; TcpEvent::ALL.len()],
+    /// Bytes relayed over peer data connections, by [`Direction`] index.
+    pub tcp_bytes: [u64; 2],
+}
+
+/// What happens to the peer data connections of TCP allocations (RFC 6062).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpEvent {
+    /// A Connect's connection to its peer was established.
+    Connected,
+    /// A Connect's connection failed or timed out (447).
+    ConnectFailed,
+    /// A peer's connection to a relayed address was accepted and offered
+    /// to the client (ConnectionAttempt).
+    Accepted,
+    /// A peer's connection was refused: no permission for its IP, the
+    /// peer deny-list, or the allocation's connection cap.
+    Refused,
+    /// A ConnectionBind joined a client data connection to its peer.
+    Bound,
+    /// No ConnectionBind came in time: the peer connection was closed.
+    BindTimeout,
+    /// A ConnectionBind reached another loop than the one holding its
+    /// peer connection and was handed to that one.
+    BindHandedOver,
+}
+
+impl TcpEvent {
+    /// Every event, in index order.
+    pub const ALL: [TcpEvent; 7] = [
+        TcpEvent::Connected,
+        TcpEvent::ConnectFailed,
+        TcpEvent::Accepted,
+        TcpEvent::Refused,
+        TcpEvent::Bound,
+        TcpEvent::BindTimeout,
+        TcpEvent::BindHandedOver,
+    ];
+
+    /// The `event` label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            TcpEvent::Connected => "connected",
+            TcpEvent::ConnectFailed => "connect_failed",
+            TcpEvent::Accepted => "accepted",
+            TcpEvent::Refused => "refused",
+            TcpEvent::Bound => "bound",
+            TcpEvent::BindTimeout => "bind_timeout",
+            TcpEvent::BindHandedOver => "bind_handed_over",
+        }
+    }
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            allocations: 0,
+            dual_stack_allocations: 0,
+            multiplexed_allocations: 0,
+            multiplex_sockets: 0,
+            allocations_created: 0,
+            allocations_expired: 0,
+            allocations_deleted: 0,
+            allocations_disconnected: 0,
+            allocations_moved: [0; 2],
+            forwarded_packets: [0; 2],
+            forwarded_bytes: [0; 2],
+            dropped: [0; DropReason::ALL.len()],
+            requests: [[0; RequestResult::CODES.len()]; RequestMethod::ALL.len()],
+            auth_failures: [0; 6],
+            refused: [0; Refusal::ALL.len()],
+            tcp_allocations: 0,
+            tcp_connections: 0,
+            tcp_events: [0; TcpEvent::ALL.len()],
+            tcp_bytes: [0; 2],
+        }
+    }
 }
 
 impl Stats {

@@ -30,6 +30,8 @@ struct Sockets {
     /// Fail this many opens with `fail_with` (address in use by default).
     refuse: usize,
     fail_with: Option<std::io::ErrorKind>,
+    /// TCP allocations' listeners (RFC 6062).
+    listened: Vec<(AllocationId, SocketAddr)>,
 }
 
 impl RelaySockets for Sockets {
@@ -40,6 +42,11 @@ impl RelaySockets for Sockets {
             return Err(std::io::Error::from(kind));
         }
         self.opened.push((id, addr, df));
+        Ok(())
+    }
+
+    fn listen(&mut self, id: AllocationId, addr: SocketAddr) -> std::io::Result<()> {
+        self.listened.push((id, addr));
         Ok(())
     }
 }
@@ -637,9 +644,14 @@ fn allocate_errors_carry_the_right_codes() {
             Refusal::MissingRequestedTransport,
         ),
         (
-            Req::new(Method::ALLOCATE).transport(6), // TCP relaying
+            Req::new(Method::ALLOCATE).transport(132), // SCTP
             442,
             Refusal::UnsupportedTransport,
+        ),
+        (
+            Req::new(Method::ALLOCATE).transport(6), // TCP over UDP
+            400,
+            Refusal::TcpOverUdp,
         ),
         (
             Req::new(Method::ALLOCATE)
@@ -1881,7 +1893,7 @@ fn usage_records(h: &mut Harness) -> Vec<natrix_relay_proto::UsageRecord> {
     std::iter::from_fn(|| h.server.poll_command())
         .filter_map(|c| match c {
             Command::Usage(r) => Some(*r),
-            Command::CloseRelay { .. } => None,
+            _ => None,
         })
         .collect()
 }
@@ -2716,4 +2728,363 @@ fn ipv6_allocations_share_the_ipv6_socket_of_a_shared_port() {
         assert_eq!(action.client, c);
         assert_eq!(&buf[action.frame][..2], &[0x40, 0x00]);
     }
+}
+
+// ------------------------------------------------------------ RFC 6062
+
+/// A client over TCP.
+fn tcp_client(port: u16) -> ClientSocket {
+    ClientSocket {
+        transport: Transport::Tcp,
+        ..client(port)
+    }
+}
+
+/// Drains the core's commands.
+fn commands(h: &mut Harness) -> Vec<Command> {
+    std::iter::from_fn(|| h.server.poll_command()).collect()
+}
+
+/// The frames the core asked to send to clients, in order.
+fn to_clients(commands: &[Command]) -> Vec<(ClientSocket, Vec<u8>)> {
+    commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::ToClient { client, frame } => Some((*client, frame.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn connection_id(msg: &Message<'_>) -> u32 {
+    match msg.decode(AttributeType::CONNECTION_ID) {
+        Some(Ok(Attribute::ConnectionId(id))) => id,
+        other => panic!("no CONNECTION-ID: {other:?}"),
+    }
+}
+
+impl Harness {
+    /// A TCP allocation of `user` from `c`: its relayed address and id.
+    fn allocate_tcp(&mut self, c: ClientSocket, user: &User) -> (SocketAddr, AllocationId) {
+        let nonce = self.nonce(c, self.t0);
+        let req = Req::new(Method::ALLOCATE).transport(6).sign(user, &nonce);
+        let resp = self.request(&req, c, self.t0);
+        let msg = Message::parse(&resp).unwrap();
+        assert_eq!(msg.class(), Class::Success, "TCP allocate failed: {msg:?}");
+        let relayed = match msg.decode(AttributeType::XOR_RELAYED_ADDRESS) {
+            Some(Ok(Attribute::XorRelayedAddress(a))) => a,
+            other => panic!("no relayed address: {other:?}"),
+        };
+        let (id, _) = *self.sockets.listened.last().expect("a listener");
+        (relayed, id)
+    }
+
+    /// Connect to `to` from TCP allocation client `c`; the connection id
+    /// the shell is to report on.
+    fn connect(&mut self, c: ClientSocket, user: &User, to: SocketAddr, now: Instant) -> u32 {
+        let nonce = self.nonce(c, now);
+        let req = Req::new(Method::CONNECT).peer(to).sign(user, &nonce);
+        match self.input(&req, c, now) {
+            ClientAction::Connect {
+                connection, peer, ..
+            } => {
+                assert_eq!(peer, to);
+                connection
+            }
+            other => panic!("expected a Connect for the shell, got {other:?}"),
+        }
+    }
+
+    /// ConnectionBind for `id` from a new connection `d` as `user`.
+    fn bind(&mut self, d: ClientSocket, user: &User, id: u32, now: Instant) -> ClientAction {
+        let nonce = self.nonce(d, now);
+        let req = Req::new(Method::CONNECTION_BIND)
+            .raw(AttributeType::CONNECTION_ID, &id.to_be_bytes())
+            .sign(user, &nonce);
+        self.input(&req, d, now)
+    }
+}
+
+#[test]
+fn a_tcp_allocation_listens_connects_and_binds_a_data_connection() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = tcp_client(40000);
+    let (relayed, id) = h.allocate_tcp(c, &alice);
+    assert!(
+        h.sockets.opened.is_empty(),
+        "no UDP socket for a TCP allocation"
+    );
+    assert_eq!(
+        h.sockets.listened,
+        [(
+            id,
+            SocketAddr::new("10.0.0.5".parse().unwrap(), relayed.port())
+        )]
+    );
+    assert_eq!(h.server.stats().tcp_allocations, 1);
+
+    // Connect: the shell connects, reports, and the answer goes out then.
+    let p = peer(9, 8080);
+    let conn = h.connect(c, &alice, p, h.t0);
+    assert!(
+        to_clients(&commands(&mut h)).is_empty(),
+        "nothing before the outcome"
+    );
+    assert!(h.server.tcp_connected(conn, true, h.at(1)));
+    let sent = to_clients(&commands(&mut h));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, c, "on the control connection");
+    let msg = Message::parse(&sent[0].1).unwrap();
+    assert_eq!(
+        (msg.method(), msg.class()),
+        (Method::CONNECT, Class::Success)
+    );
+    msg.verify_integrity(&alice.key())
+        .expect("signed with the allocation's key");
+    assert_eq!(connection_id(&msg), conn);
+
+    // A second Connect to the same peer: 446.
+    let nonce = h.nonce(c, h.at(1));
+    let again = Req::new(Method::CONNECT).peer(p).sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&again, c, h.at(1))), Some(446));
+
+    // The data connection: ConnectionBind from a new connection.
+    let d = tcp_client(40001);
+    match h.bind(d, &alice, conn, h.at(2)) {
+        ClientAction::Bind { len, connection } => {
+            assert_eq!(connection, conn);
+            let msg = Message::parse(&h.out[..len]).unwrap();
+            assert_eq!(msg.class(), Class::Success);
+            msg.verify_integrity(&alice.key()).unwrap();
+        }
+        other => panic!("expected Bind, got {other:?}"),
+    }
+    // Bound once: a second bind names nothing waiting.
+    let e = tcp_client(40002);
+    match h.bind(e, &alice, conn, h.at(2)) {
+        ClientAction::Reply(len) => assert_eq!(code_of(&h.out[..len]), Some(400)),
+        other => panic!("expected 400, got {other:?}"),
+    }
+    // Relayed bytes count in the allocation's usage; bound connections do
+    // not time out.
+    h.server
+        .tcp_relayed(conn, natrix_relay_proto::Direction::ClientToPeer, 1000);
+    h.server
+        .tcp_relayed(conn, natrix_relay_proto::Direction::PeerToClient, 3000);
+    h.server.handle_timeout(h.at(40));
+    assert!(commands(&mut h).is_empty(), "a bound connection stays");
+    assert_eq!(h.server.stats().tcp_bytes, [1000, 3000]);
+    let info = h.server.allocations_info(h.at(40));
+    assert_eq!(info[0].usage.bytes, [1000, 3000]);
+
+    // Deleting the allocation closes its connections and its listener.
+    let nonce = h.nonce(c, h.at(41));
+    let delete = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    h.request(&delete, c, h.at(41));
+    let cmds = commands(&mut h);
+    assert!(
+        cmds.contains(&Command::CloseTcp { connection: conn }),
+        "{cmds:?}"
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::CloseRelay { allocation, .. } if *allocation == id))
+    );
+    assert_eq!(h.server.stats().tcp_allocations, 0);
+    assert_eq!(h.server.stats().tcp_connections, 0);
+}
+
+#[test]
+fn tcp_allocations_follow_rfc_6062s_rules() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    // Over UDP: 400. With EVEN-PORT or DONT-FRAGMENT: 400.
+    let u = client(40010);
+    let nonce = h.nonce(u, h.t0);
+    let req = Req::new(Method::ALLOCATE).transport(6).sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, u, h.t0)), Some(400));
+    let c = tcp_client(40011);
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(6)
+        .even_port(false)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(400));
+    let req = Req::new(Method::ALLOCATE)
+        .transport(6)
+        .raw(AttributeType::DONT_FRAGMENT, &[])
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(400));
+    assert!(h.sockets.listened.is_empty());
+
+    // A TCP allocation: ChannelBind 400, Send indications dropped.
+    let (_, _) = h.allocate_tcp(c, &alice);
+    let p = peer(9, 8080);
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::CHANNEL_BIND)
+        .channel(0x4000)
+        .peer(p)
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(400));
+    assert_eq!(
+        h.input(&send_indication(p, b"x"), c, h.t0),
+        ClientAction::Drop(DropReason::TcpAllocation)
+    );
+    // Connect without a peer: 400; to a denied peer: 403.
+    let req = Req::new(Method::CONNECT).sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(400));
+    let req = Req::new(Method::CONNECT)
+        .peer(SocketAddr::from(([10, 1, 2, 3], 80)))
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.t0)), Some(403));
+
+    // Connect on a UDP allocation: 400.
+    let u2 = client(40012);
+    h.allocate(u2, &alice, h.t0);
+    let nonce = h.nonce(u2, h.t0);
+    let req = Req::new(Method::CONNECT).peer(p).sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, u2, h.t0)), Some(400));
+    // ConnectionBind on a connection that holds an allocation: 400.
+    let req = Req::new(Method::CONNECTION_BIND)
+        .raw(AttributeType::CONNECTION_ID, &1u32.to_be_bytes())
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, u2, h.t0)), Some(400));
+
+    // Switched off: 442, as any other transport.
+    let mut off = Harness::new(ServerConfig {
+        tcp_relay: false,
+        ..config()
+    });
+    let nonce = off.nonce(c, off.t0);
+    let req = Req::new(Method::ALLOCATE).transport(6).sign(&alice, &nonce);
+    assert_eq!(code_of(&off.request(&req, c, off.t0)), Some(442));
+    let refused = off.server.stats().refused;
+    assert_eq!(refused[Refusal::UnsupportedTransport as usize], 1);
+    assert_eq!(
+        h.server.stats().refused[Refusal::TcpOverUdp as usize],
+        2,
+        "an Allocate and a ConnectionBind over UDP"
+    );
+    assert_eq!(
+        h.server.stats().refused[Refusal::TcpAllocationOptions as usize],
+        2
+    );
+}
+
+#[test]
+fn a_peers_connection_needs_a_permission_and_waits_thirty_seconds_for_its_bind() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = tcp_client(40020);
+    let (_, id) = h.allocate_tcp(c, &alice);
+    let p = peer(9, 5555);
+    // No permission for its IP: closed.
+    assert_eq!(h.server.tcp_accepted(id, p, h.t0), None);
+    assert!(commands(&mut h).is_empty());
+
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::CREATE_PERMISSION)
+        .peer(p)
+        .sign(&alice, &nonce);
+    assert_eq!(
+        Message::parse(&h.request(&req, c, h.t0)).unwrap().class(),
+        Class::Success
+    );
+    let conn = h.server.tcp_accepted(id, p, h.at(1)).expect("permitted");
+    let sent = to_clients(&commands(&mut h));
+    assert_eq!(sent.len(), 1);
+    let msg = Message::parse(&sent[0].1).unwrap();
+    assert_eq!(
+        (msg.method(), msg.class()),
+        (Method::CONNECTION_ATTEMPT, Class::Indication)
+    );
+    assert_eq!(connection_id(&msg), conn);
+    assert_eq!(
+        msg.decode(AttributeType::XOR_PEER_ADDRESS),
+        Some(Ok(Attribute::XorPeerAddress(p)))
+    );
+    // Unbound for 30 s: closed, and a late bind names nothing.
+    h.server.handle_timeout(h.at(30));
+    assert!(commands(&mut h).is_empty(), "not yet");
+    h.server.handle_timeout(h.at(32));
+    assert_eq!(commands(&mut h), [Command::CloseTcp { connection: conn }]);
+    match h.bind(tcp_client(40021), &alice, conn, h.at(33)) {
+        ClientAction::Reply(len) => assert_eq!(code_of(&h.out[..len]), Some(400)),
+        other => panic!("expected 400, got {other:?}"),
+    }
+    let events = h.server.stats().tcp_events;
+    assert_eq!(events[natrix_relay_proto::TcpEvent::Refused as usize], 1);
+    assert_eq!(
+        events[natrix_relay_proto::TcpEvent::BindTimeout as usize],
+        1
+    );
+}
+
+#[test]
+fn a_connect_that_fails_or_times_out_is_answered_447() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = tcp_client(40030);
+    h.allocate_tcp(c, &alice);
+    // Refused by the peer.
+    let conn = h.connect(c, &alice, peer(9, 1), h.t0);
+    assert!(!h.server.tcp_connected(conn, false, h.at(1)));
+    let sent = to_clients(&commands(&mut h));
+    let msg = Message::parse(&sent[0].1).unwrap();
+    assert_eq!((msg.method(), msg.class()), (Method::CONNECT, Class::Error));
+    assert_eq!(error_code(&msg), Some(447));
+    msg.verify_integrity(&alice.key()).unwrap();
+    // The peer may be tried again; this time it never answers.
+    let conn = h.connect(c, &alice, peer(9, 1), h.at(2));
+    h.server.handle_timeout(h.at(33));
+    let cmds = commands(&mut h);
+    assert!(cmds.contains(&Command::CloseTcp { connection: conn }));
+    let sent = to_clients(&cmds);
+    assert_eq!(code_of(&sent[0].1), Some(447));
+    // A late report finds nothing: the shell closes its socket.
+    assert!(!h.server.tcp_connected(conn, true, h.at(34)));
+    assert_eq!(h.server.stats().tcp_connections, 0);
+}
+
+#[test]
+fn connection_binds_are_the_allocations_users_own_and_capped() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let bob = User::stat("bob", "builder");
+    let c = tcp_client(40040);
+    h.allocate_tcp(c, &alice);
+    let conn = h.connect(c, &alice, peer(9, 80), h.t0);
+    assert!(h.server.tcp_connected(conn, true, h.t0));
+    // Another user, even with valid credentials, cannot take it: 441.
+    match h.bind(tcp_client(40041), &bob, conn, h.at(1)) {
+        ClientAction::Reply(len) => assert_eq!(code_of(&h.out[..len]), Some(441)),
+        other => panic!("expected 441, got {other:?}"),
+    }
+    // Unauthenticated: challenged, never bound.
+    let req = Req::new(Method::CONNECTION_BIND)
+        .raw(AttributeType::CONNECTION_ID, &conn.to_be_bytes())
+        .build_unsigned();
+    assert_eq!(
+        code_of(&h.request(&req, tcp_client(40042), h.at(1))),
+        Some(401)
+    );
+    // A CONNECTION-ID of another loop goes there, before authentication.
+    let elsewhere = (3u32 << 20) | 7;
+    let req = Req::new(Method::CONNECTION_BIND)
+        .raw(AttributeType::CONNECTION_ID, &elsewhere.to_be_bytes())
+        .build_unsigned();
+    assert_eq!(
+        h.input(&req, tcp_client(40043), h.at(1)),
+        ClientAction::BindElsewhere { shard: 3 }
+    );
+    // At most 64 connections per allocation: the 65th Connect gets 508.
+    for i in 1..natrix_relay_proto::MAX_TCP_CONNECTIONS {
+        h.connect(c, &alice, peer(9, 1000 + i as u16), h.at(2));
+    }
+    let nonce = h.nonce(c, h.at(2));
+    let req = Req::new(Method::CONNECT)
+        .peer(peer(9, 999))
+        .sign(&alice, &nonce);
+    assert_eq!(code_of(&h.request(&req, c, h.at(2))), Some(508));
 }

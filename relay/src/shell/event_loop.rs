@@ -28,9 +28,10 @@ use super::dtls::DtlsSessions;
 use super::is_binding;
 use super::mobility::{Mobility, Transfer};
 use super::stream::{ReadOutcome, Stream};
+use super::tcp_relay::{self, TcpRelays};
 use crate::control::Control;
 use crate::core::{
-    AllocationId, ClientAction, ClientSocket, Command, MovedAllocation, PEER_HEADROOM,
+    AllocationId, ClientAction, ClientSocket, Command, Direction, MovedAllocation, PEER_HEADROOM,
     PEER_TAILROOM, RelaySockets, Server, Stats, Transport,
 };
 use crate::metrics::RelayMetrics;
@@ -41,6 +42,10 @@ const TCP_BASE: usize = 1 << 10;
 const TLS_BASE: usize = TCP_BASE + 512;
 const DTLS_BASE: usize = TLS_BASE + 512;
 const STREAM_BASE: usize = 1 << 24;
+/// TCP allocations' listeners, by allocation slot.
+const LISTEN_BASE: usize = 1 << 32;
+/// Peer data connections of TCP allocations.
+const PEER_TCP_BASE: usize = 1 << 36;
 const RELAY_BASE: usize = 1 << 40;
 
 /// Batches drained from one socket per wake-up.
@@ -76,6 +81,8 @@ struct Relays {
     /// Datagrams for peers, all from the relay socket of `out_from`.
     out: SendBatch,
     out_from: Option<AllocationId>,
+    /// TCP allocations' listeners and peer data connections (RFC 6062).
+    tcp: TcpRelays,
 }
 
 fn set_dont_fragment(socket: &UdpSocket, v6: bool, on: bool) {
@@ -132,6 +139,11 @@ impl RelaySockets for Relays {
         set_dont_fragment(&socket, addr.is_ipv6(), dont_fragment);
         self.adopt(id, socket)
     }
+
+    fn listen(&mut self, id: AllocationId, addr: SocketAddr) -> io::Result<()> {
+        let token = Token(LISTEN_BASE + id.index());
+        self.tcp.listen(&self.registry, id, addr, token)
+    }
 }
 
 impl Relays {
@@ -172,6 +184,7 @@ impl Relays {
 
     fn close(&mut self, id: AllocationId) {
         drop(self.take(id));
+        self.tcp.close_listener(&self.registry, id);
     }
 
     /// Takes `id`'s relay socket out of this loop (it moves to another).
@@ -502,6 +515,8 @@ pub(super) struct EventLoop {
     /// buffers may hold frames already).
     first_turn: Vec<Token>,
     mobility: Mobility,
+    /// What one read from a TCP peer lands in.
+    tcp_chunk: Vec<u8>,
 }
 
 impl EventLoop {
@@ -584,6 +599,7 @@ impl EventLoop {
             send_errors: 0,
             out: SendBatch::new(SEND_BATCH),
             out_from: None,
+            tcp: TcpRelays::default(),
         };
         Ok((
             EventLoop {
@@ -644,6 +660,7 @@ impl EventLoop {
                 handshakes: Duration::ZERO,
                 first_turn: Vec::new(),
                 mobility,
+                tcp_chunk: vec![0; tcp_relay::CHUNK],
             },
             waker,
         ))
@@ -708,8 +725,17 @@ impl EventLoop {
                         self.relays.close(allocation);
                     }
                     Command::Usage(record) => self.record_usage(*record),
+                    Command::ToClient { client, frame } => {
+                        self.clients.deliver(&client, &frame);
+                    }
+                    Command::CloseTcp { connection } => {
+                        if let Some(&k) = self.relays.tcp.by_connection.get(&connection) {
+                            self.close_pair(k);
+                        }
+                    }
                 }
             }
+            self.clients.flush(&self.registry);
             if now >= self.next_idle_sweep {
                 self.close_idle_streams(now);
                 self.close_idle_dtls(now);
@@ -1000,6 +1026,7 @@ impl EventLoop {
                         self.clients.deliver(&client, &self.out[..len]);
                     }
                 }
+                Transfer::Bind { stream, packet } => self.adopt_bound_stream(*stream, &packet),
             }
         }
         if handled > 0 {
@@ -1111,6 +1138,11 @@ impl EventLoop {
         match token.0 {
             0 => true,
             t if t >= RELAY_BASE => self.peer_ready(t - RELAY_BASE),
+            t if t >= PEER_TCP_BASE => self.peer_tcp_ready(t - PEER_TCP_BASE),
+            t if t >= LISTEN_BASE => {
+                self.accept_peers(t - LISTEN_BASE);
+                true
+            }
             t if t >= STREAM_BASE => self.stream_ready(t - STREAM_BASE),
             t if t >= DTLS_BASE => self.dtls_ready(t - DTLS_BASE),
             t if t >= TLS_BASE => {
@@ -1194,7 +1226,13 @@ impl EventLoop {
                         peer,
                         payload,
                     } => self.relays.send(allocation, &d.payload[payload], peer),
-                    ClientAction::Move { .. } | ClientAction::Consumed | ClientAction::Drop(_) => {}
+                    // RFC 6062 is for TCP and TLS clients only.
+                    ClientAction::Connect { .. }
+                    | ClientAction::Bind { .. }
+                    | ClientAction::BindElsewhere { .. }
+                    | ClientAction::Move { .. }
+                    | ClientAction::Consumed
+                    | ClientAction::Drop(_) => {}
                 }
             }
             self.relays.flush();
@@ -1345,6 +1383,10 @@ impl EventLoop {
             self.close_stream(j, stream);
             return true;
         }
+        if stream.pipe.is_some() {
+            self.clients.streams[j] = Some(stream);
+            return self.pipe_ready(j);
+        }
         let handshaking = stream.is_handshaking().then(Instant::now);
         if handshaking.is_some() && self.handshakes >= HANDSHAKE_TIME_PER_TURN {
             // Next turn: the handshake budget of this one is spent.
@@ -1359,6 +1401,8 @@ impl EventLoop {
         let service = &mut self.service;
         let mobility = &self.mobility;
         let turn = self.turn;
+        let max_peers = self.max_streams;
+        let mut elsewhere = None;
         let outcome = stream.read_frames(|frame, stream| {
             // Queued, flushed right after: the answers to one read go out
             // together.
@@ -1374,10 +1418,10 @@ impl EventLoop {
                 ) {
                     stream.queue(&out[..len]);
                 }
-                return;
+                return true;
             }
             if !turn {
-                return;
+                return true;
             }
             let action = mobility.client_input(core, frame, client, now, out, relays);
             match action {
@@ -1389,8 +1433,35 @@ impl EventLoop {
                     peer,
                     payload,
                 } => relays.send(allocation, &frame[payload], peer),
+                ClientAction::Connect {
+                    allocation,
+                    connection,
+                    peer,
+                } => {
+                    let token = |k| Token(PEER_TCP_BASE + k);
+                    let started = relays.tcp.len() < max_peers
+                        && relays
+                            .tcp
+                            .connect(&relays.registry, allocation, connection, peer, token)
+                            .is_ok();
+                    if !started {
+                        core.tcp_connected(connection, false, now);
+                    }
+                }
+                ClientAction::Bind { len, connection } => {
+                    // The rest of what the client sent is the data
+                    // connection's.
+                    stream.queue(&out[..len]);
+                    stream.become_pipe(connection);
+                    return false;
+                }
+                ClientAction::BindElsewhere { shard } => {
+                    elsewhere = Some((shard, frame.to_vec()));
+                    return false;
+                }
                 ClientAction::Move { .. } | ClientAction::Consumed | ClientAction::Drop(_) => {}
             }
+            true
         });
         self.relays.flush();
         if let Some(started) = handshaking {
@@ -1422,7 +1493,17 @@ impl EventLoop {
         // An Allocate in this read makes the client trusted for what the
         // loop queues to it next (peer data) without waiting for its next
         // read.
-        stream.trusted = self.core.has_allocation(&stream.client);
+        stream.trusted = self.core.has_allocation(&stream.client) || stream.pipe.is_some();
+        if let Some((shard, packet)) = elsewhere {
+            self.bind_elsewhere(j, stream, usize::from(shard), packet);
+            return true;
+        }
+        if stream.pipe.is_some() && matches!(outcome, ReadOutcome::Open | ReadOutcome::More) {
+            // Bound just now: the splice starts.
+            self.clients.streams[j] = Some(stream);
+            self.link_pipe(j);
+            return true;
+        }
         match outcome {
             ReadOutcome::Close => self.close_stream(j, stream),
             ReadOutcome::Https => {
@@ -1517,7 +1598,10 @@ impl EventLoop {
                             peer,
                             payload,
                         } => self.relays.send(allocation, &message[payload], peer),
-                        ClientAction::Move { .. }
+                        ClientAction::Connect { .. }
+                        | ClientAction::Bind { .. }
+                        | ClientAction::BindElsewhere { .. }
+                        | ClientAction::Move { .. }
                         | ClientAction::Consumed
                         | ClientAction::Drop(_) => {}
                     }
@@ -1588,6 +1672,7 @@ impl EventLoop {
         for j in 0..self.clients.streams.len() {
             let idle = self.clients.streams[j].as_ref().is_some_and(|s| {
                 now.saturating_duration_since(s.last_active) >= self.idle_timeout
+                    && s.pipe.is_none()
                     && !self.core.has_allocation(&s.client)
             });
             if idle && let Some(stream) = self.clients.streams[j].take() {
@@ -1598,6 +1683,26 @@ impl EventLoop {
     }
 
     fn close_stream(&mut self, j: usize, mut stream: Stream) {
+        if let Some(connection) = stream.pipe.take() {
+            // A client data connection: its peer's goes with it.
+            if let Some(&k) = self.relays.tcp.by_connection.get(&connection)
+                && let Some(peer) = self.relays.tcp.remove(&self.registry, k)
+            {
+                self.core.tcp_closed(peer.connection);
+            }
+        }
+        self.forget_stream(j, &mut stream);
+        self.core.handle_client_disconnected(stream.client);
+        if stream.client.transport == Transport::Tls {
+            self.metrics.tls_connections.dec();
+        } else {
+            self.metrics.tcp_connections.dec();
+        }
+    }
+
+    /// Takes a connection out of the loop's tables (it closes, or moves to
+    /// another loop).
+    fn forget_stream(&mut self, j: usize, stream: &mut Stream) {
         self.live_streams = self.live_streams.saturating_sub(1);
         let _ = self.registry.deregister(&mut stream.socket);
         self.clients.stream_by_client.remove(&stream.client);
@@ -1617,11 +1722,344 @@ impl EventLoop {
                 stream.client.transport,
             ));
         }
-        self.core.handle_client_disconnected(stream.client);
-        if stream.client.transport == Transport::Tls {
-            self.metrics.tls_connections.dec();
-        } else {
-            self.metrics.tcp_connections.dec();
+    }
+}
+
+/// TCP allocations (RFC 6062): peers' connections, Connects, and the
+/// splice between client and peer data connections.
+impl EventLoop {
+    /// Accepts peers' connections on TCP allocation `slot`'s relayed
+    /// address; each the core admits is offered to the client.
+    fn accept_peers(&mut self, slot: usize) {
+        loop {
+            let Some(Some((id, listener, _))) = self.relays.tcp.listeners.get(slot) else {
+                return;
+            };
+            let id = *id;
+            let (socket, peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!(error = %e, "accepting a peer's connection failed");
+                    return;
+                }
+            };
+            if self.relays.tcp.len() >= self.max_streams {
+                // At the loop's cap: closed before the core hears of it.
+                continue;
+            }
+            let Some(connection) = self.core.tcp_accepted(id, peer, Instant::now()) else {
+                continue;
+            };
+            let _ = socket.set_nodelay(true);
+            let token = |k| Token(PEER_TCP_BASE + k);
+            if self
+                .relays
+                .tcp
+                .add(&self.registry, socket, connection, false, token)
+                .is_err()
+            {
+                self.core.tcp_closed(connection);
+            }
+        }
+    }
+
+    /// A peer data connection is ready: a Connect's connection finished
+    /// connecting, the peer sent something, or its socket drained.
+    fn peer_tcp_ready(&mut self, k: usize) -> bool {
+        let Some(peer) = self.relays.tcp.peers.get_mut(k).and_then(Option::as_mut) else {
+            return true;
+        };
+        if peer.connecting {
+            match peer.connect_outcome() {
+                None => return true,
+                Some(ok) => {
+                    peer.connecting = false;
+                    let connection = peer.connection;
+                    if !self.core.tcp_connected(connection, ok, Instant::now()) {
+                        if let Some(peer) = self.relays.tcp.remove(&self.registry, k) {
+                            drop(peer);
+                        }
+                        return true;
+                    }
+                }
+            }
+        }
+        let Some(peer) = self.relays.tcp.peers.get_mut(k).and_then(Option::as_mut) else {
+            return true;
+        };
+        if !peer.flush() {
+            self.close_pair(k);
+            return true;
+        }
+        if peer.closing {
+            if peer.out.is_empty() {
+                self.close_pair(k);
+            }
+            return true;
+        }
+        if peer.client_paused
+            && peer.out.len() < tcp_relay::HIGH_WATER
+            && let Some(j) = peer.data
+        {
+            peer.client_paused = false;
+            self.pipe_to_peer(j);
+        }
+        self.pipe_to_client(k)
+    }
+
+    /// A client data connection is ready: it sent bytes for its peer, or
+    /// drained what was queued for it.
+    fn pipe_ready(&mut self, j: usize) -> bool {
+        let Some(stream) = self.clients.streams.get_mut(j).and_then(Option::as_mut) else {
+            return true;
+        };
+        let flushed = stream.flush();
+        want_write(&self.registry, stream, j);
+        let pending = stream.pending_len();
+        let Some(&k) = stream
+            .pipe
+            .and_then(|c| self.relays.tcp.by_connection.get(&c))
+        else {
+            if let Some(stream) = self.clients.streams[j].take() {
+                self.close_stream(j, stream);
+            }
+            return true;
+        };
+        let Some(peer) = self.relays.tcp.peers.get_mut(k).and_then(Option::as_mut) else {
+            return true;
+        };
+        if flushed.is_err() || (peer.closing && pending == 0) {
+            self.close_pair(k);
+            return true;
+        }
+        if peer.paused && pending < tcp_relay::HIGH_WATER {
+            peer.paused = false;
+            if !self.pipe_to_client(k) {
+                return false;
+            }
+        }
+        self.pipe_to_peer(j)
+    }
+
+    /// Moves what client data connection `j` sent to its peer; false when
+    /// its read budget ran out with bytes still waiting.
+    fn pipe_to_peer(&mut self, j: usize) -> bool {
+        let Some(stream) = self.clients.streams.get_mut(j).and_then(Option::as_mut) else {
+            return true;
+        };
+        let Some((connection, k)) = stream
+            .pipe
+            .and_then(|c| Some((c, *self.relays.tcp.by_connection.get(&c)?)))
+        else {
+            return true;
+        };
+        let Some(peer) = self.relays.tcp.peers.get_mut(k).and_then(Option::as_mut) else {
+            return true;
+        };
+        if peer.closing || peer.client_paused {
+            return true;
+        }
+        let mut relayed = 0;
+        let outcome = stream.read_raw(|bytes| {
+            peer.out.extend_from_slice(bytes);
+            relayed += bytes.len();
+            peer.out.len() < tcp_relay::HIGH_WATER
+        });
+        peer.client_paused = peer.out.len() >= tcp_relay::HIGH_WATER;
+        let written = peer.flush();
+        if relayed > 0 {
+            self.core
+                .tcp_relayed(connection, Direction::ClientToPeer, relayed);
+        }
+        match outcome {
+            _ if !written => self.close_pair(k),
+            ReadOutcome::Open => {}
+            ReadOutcome::More => return false,
+            // The client hung up: what it sent still goes to the peer.
+            _ => {
+                peer.closing = true;
+                if peer.out.is_empty() {
+                    self.close_pair(k);
+                }
+            }
+        }
+        true
+    }
+
+    /// Moves what peer `k` sent to its client data connection (once
+    /// bound; before, it waits in the socket); false when the read budget
+    /// ran out with bytes still waiting.
+    fn pipe_to_client(&mut self, k: usize) -> bool {
+        let Some(peer) = self.relays.tcp.peers.get_mut(k).and_then(Option::as_mut) else {
+            return true;
+        };
+        let Some(j) = peer.data.filter(|_| !peer.connecting && !peer.closing) else {
+            return true;
+        };
+        let Some(stream) = self.clients.streams.get_mut(j).and_then(Option::as_mut) else {
+            return true;
+        };
+        let chunk = &mut self.tcp_chunk;
+        let mut relayed = 0;
+        let mut ended = false;
+        let mut budget_left = true;
+        for round in 0..tcp_relay::READS_PER_WAKE {
+            if stream.pending_len() >= tcp_relay::HIGH_WATER {
+                peer.paused = true;
+                break;
+            }
+            match peer.read(chunk) {
+                Ok(0) => {
+                    ended = true;
+                    break;
+                }
+                Ok(n) => {
+                    // Under the high-water mark plus a chunk: within the
+                    // queue's cap, so never dropped.
+                    stream.queue(&chunk[..n]);
+                    relayed += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
+            }
+            if round + 1 == tcp_relay::READS_PER_WAKE {
+                budget_left = false;
+            }
+        }
+        let connection = peer.connection;
+        let flushed = stream.flush();
+        want_write(&self.registry, stream, j);
+        let drained = stream.pending_len() == 0;
+        if relayed > 0 {
+            self.core
+                .tcp_relayed(connection, Direction::PeerToClient, relayed);
+        }
+        if flushed.is_err() || (ended && drained) {
+            self.close_pair(k);
+        } else if ended {
+            // The peer hung up: what it sent still goes to the client.
+            if let Some(peer) = self.relays.tcp.peers.get_mut(k).and_then(Option::as_mut) {
+                peer.closing = true;
+            }
+        }
+        budget_left
+    }
+
+    /// Client data connection `j` was bound just now: joins it to its peer
+    /// connection and starts the splice both ways.
+    fn link_pipe(&mut self, j: usize) {
+        let connection = self
+            .clients
+            .streams
+            .get(j)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.pipe);
+        let peer = connection.and_then(|c| self.relays.tcp.by_connection.get(&c).copied());
+        let Some(k) = peer else {
+            // Its peer connection went meanwhile.
+            if let Some(stream) = self.clients.streams[j].take() {
+                self.close_stream(j, stream);
+            }
+            return;
+        };
+        if let Some(peer) = self.relays.tcp.peers[k].as_mut() {
+            peer.data = Some(j);
+        }
+        self.pipe_ready(j);
+        self.pipe_to_client(k);
+    }
+
+    /// Closes peer data connection `k` and its client data connection.
+    fn close_pair(&mut self, k: usize) {
+        let Some(peer) = self.relays.tcp.remove(&self.registry, k) else {
+            return;
+        };
+        self.core.tcp_closed(peer.connection);
+        if let Some(j) = peer.data
+            && let Some(mut stream) = self.clients.streams.get_mut(j).and_then(Option::take)
+        {
+            stream.pipe = None;
+            let _ = stream.flush();
+            self.close_stream(j, stream);
+        }
+    }
+
+    /// A ConnectionBind for a peer connection another loop holds: the
+    /// client's connection goes there with it.
+    fn bind_elsewhere(&mut self, j: usize, mut stream: Stream, shard: usize, packet: Vec<u8>) {
+        self.forget_stream(j, &mut stream);
+        let transfer = Transfer::Bind {
+            stream: Box::new(stream),
+            packet,
+        };
+        if let Err(Transfer::Bind { stream, .. }) = self.mobility.send(shard, transfer) {
+            // No such loop, or its queue is full: the client tries again.
+            if stream.client.transport == Transport::Tls {
+                self.metrics.tls_connections.dec();
+            } else {
+                self.metrics.tcp_connections.dec();
+            }
+        }
+    }
+
+    /// Serves a connection another loop handed over with its
+    /// ConnectionBind, and answers it.
+    fn adopt_bound_stream(&mut self, mut stream: Stream, packet: &[u8]) {
+        let j = self.clients.free_streams.pop().unwrap_or_else(|| {
+            self.clients.streams.push(None);
+            self.clients.streams.len() - 1
+        });
+        stream.want_write = false;
+        if self
+            .registry
+            .register(
+                &mut stream.socket,
+                Token(STREAM_BASE + j),
+                Interest::READABLE,
+            )
+            .is_err()
+        {
+            self.clients.free_streams.push(j);
+            return;
+        }
+        if let Some(ip) = stream.counted_ip {
+            *self.clients.per_ip.entry(ip).or_insert(0) += 1;
+        }
+        if let Some(s) = self.service.as_mut() {
+            s.event(HostEvent::StreamOpened(stream.client.transport));
+        }
+        self.clients.stream_by_client.insert(stream.client, j);
+        self.clients.stream_by_conn.insert(stream.conn, j);
+        self.live_streams += 1;
+        let action = self.core.handle_client_input(
+            packet,
+            stream.client,
+            Instant::now(),
+            &mut self.out,
+            &mut self.relays,
+        );
+        match action {
+            ClientAction::Reply(len) => {
+                stream.queue(&self.out[..len]);
+            }
+            ClientAction::Bind { len, connection } => {
+                stream.queue(&self.out[..len]);
+                stream.become_pipe(connection);
+            }
+            _ => {}
+        }
+        let bound = stream.pipe.is_some();
+        self.clients.streams[j] = Some(stream);
+        if bound {
+            self.link_pipe(j);
+        } else if let Some(stream) = self.clients.streams[j].as_mut() {
+            let _ = stream.flush();
+            want_write(&self.registry, stream, j);
         }
     }
 }

@@ -24,7 +24,6 @@ use crate::core::{ClientAction, ClientSocket, MovedAllocation, Server};
 const QUEUE: usize = 256;
 
 /// What one loop sends another.
-#[derive(Debug)]
 pub(super) enum Transfer {
     /// A client's Refresh with a ticket the receiving loop issued: give its
     /// allocation to loop `from_shard`.
@@ -46,6 +45,14 @@ pub(super) enum Transfer {
         /// What moved.
         /// (A dual-stack allocation's IPv6 socket comes along.)
         taken: Option<Box<(MovedAllocation, UdpSocket, Option<UdpSocket>)>>,
+    },
+    /// A client's new connection whose ConnectionBind (RFC 6062) names a
+    /// peer data connection the receiving loop holds: serve it there.
+    Bind {
+        /// The connection, with what it read after the request.
+        stream: Box<super::stream::Stream>,
+        /// The ConnectionBind.
+        packet: Vec<u8>,
     },
 }
 

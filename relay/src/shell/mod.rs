@@ -16,6 +16,7 @@ mod handoff;
 mod mobility;
 mod sealed;
 mod stream;
+mod tcp_relay;
 
 pub use handoff::Handoff;
 

@@ -33,6 +33,8 @@ const INITIAL_READ: usize = 16 * 1024;
 const READS_PER_WAKE: usize = 16;
 /// The largest read buffer: one maximal frame and some.
 const MAX_READ: usize = MAX_FRAME + 4096;
+/// The read buffer of a client data connection (RFC 6062).
+const PIPE_READ: usize = 64 * 1024;
 /// Write capacity kept once a burst has drained.
 const KEPT_WRITE: usize = 64 * 1024;
 
@@ -69,6 +71,9 @@ pub(super) struct Stream {
     /// On a TLS listener shared with HTTPS: the ClientHello read so far,
     /// until it says whether the connection is TURN or HTTPS.
     sniff: Option<Box<Sniff>>,
+    /// A client data connection (RFC 6062 ConnectionBind): its bytes go to
+    /// this peer data connection as they are, unframed.
+    pub(super) pipe: Option<crate::core::ConnectionId>,
 }
 
 /// A TLS connection whose ClientHello has not decided between TURN and
@@ -138,6 +143,7 @@ impl Stream {
             readdressed: None,
             counted_ip: None,
             sniff: None,
+            pipe: None,
         })
     }
 
@@ -414,6 +420,7 @@ impl Stream {
             readdressed: None,
             counted_ip: None,
             sniff: None,
+            pipe: None,
         })
     }
 
@@ -536,11 +543,62 @@ impl Stream {
         Ok(progress || !plain.is_empty())
     }
 
-    /// Reads what is available and hands each complete frame to `frame`.
+    /// A client data connection's bytes (RFC 6062), unframed: what the
+    /// read buffer holds, then what the socket has, each chunk handed to
+    /// `sink`, which answers whether it takes more. Stops at `WouldBlock`,
+    /// EOF, an error, a full sink (the rest waits in the socket: TCP's
+    /// window slows the client down), or after [`READS_PER_WAKE`] reads.
+    pub(super) fn read_raw(&mut self, mut sink: impl FnMut(&[u8]) -> bool) -> ReadOutcome {
+        for _ in 0..READS_PER_WAKE {
+            if self.filled > 0 {
+                let more = sink(&self.read[..self.filled]);
+                self.filled = 0;
+                if !more {
+                    return ReadOutcome::Open;
+                }
+            }
+            match self.fill() {
+                Ok(true) => self.last_active = std::time::Instant::now(),
+                Ok(false) => return ReadOutcome::Open,
+                Err(outcome) => return outcome,
+            }
+        }
+        if self.filled > 0 {
+            let more = sink(&self.read[..self.filled]);
+            self.filled = 0;
+            if !more {
+                return ReadOutcome::Open;
+            }
+        }
+        ReadOutcome::More
+    }
+
+    /// Makes this connection the client data connection of peer data
+    /// connection `connection`: unframed from now on, with a data
+    /// connection's buffers.
+    pub(super) fn become_pipe(&mut self, connection: crate::core::ConnectionId) {
+        self.pipe = Some(connection);
+        self.trusted = true;
+        if self.read.len() < PIPE_READ {
+            self.read.resize(PIPE_READ, 0);
+        }
+    }
+
+    /// Bytes queued for the client and not yet written.
+    pub(super) fn pending_len(&self) -> usize {
+        self.write.len() + self.tls_queued + self.sealed.as_ref().map_or(0, |s| s.outgoing.len())
+    }
+
+    /// Reads what is available and hands each complete frame to `frame`,
+    /// which answers whether framing goes on (after a ConnectionBind the
+    /// rest is a data connection's bytes, left in the read buffer).
     /// Stops at `WouldBlock`, EOF, an error, a frame that cannot be framed
     /// (not STUN, not ChannelData, over the cap), or after
     /// [`READS_PER_WAKE`] reads.
-    pub(super) fn read_frames(&mut self, mut frame: impl FnMut(&[u8], &mut Stream)) -> ReadOutcome {
+    pub(super) fn read_frames(
+        &mut self,
+        mut frame: impl FnMut(&[u8], &mut Stream) -> bool,
+    ) -> ReadOutcome {
         for _ in 0..READS_PER_WAKE {
             match self.fill() {
                 Ok(true) => self.last_active = std::time::Instant::now(),
@@ -565,14 +623,19 @@ impl Stream {
                 // The frame is copied out of the read buffer so `frame` may
                 // queue writes on this stream; frames are small.
                 let mut scratch = [0u8; 2048];
-                if len <= scratch.len() {
+                let more = if len <= scratch.len() {
                     scratch[..len].copy_from_slice(&self.read[at..at + len]);
-                    frame(&scratch[..len], self);
+                    frame(&scratch[..len], self)
                 } else {
                     let big = self.read[at..at + len].to_vec();
-                    frame(&big, self);
-                }
+                    frame(&big, self)
+                };
                 at += len;
+                if !more {
+                    self.read.copy_within(at..self.filled, 0);
+                    self.filled -= at;
+                    return ReadOutcome::Open;
+                }
             }
             self.read.copy_within(at..self.filled, 0);
             self.filled -= at;
