@@ -64,6 +64,7 @@ pub fn record_json(r: &UsageRecord, relay: &str) -> serde_json::Value {
         "relayed_v6": r.relayed_v6.map(|r| r.to_string()),
         "client": r.client.client.to_string(),
         "transport": transport,
+        "relayed_transport": if r.tcp { "tcp" } else { "udp" },
         "username": &*r.username,
         "session": session.map(|(s, _)| s),
         "tenant": session.and_then(|(_, t)| t),

@@ -443,6 +443,9 @@ pub struct UsageRecord {
     /// Why: `expired`, `deleted`, `disconnected`, or `shutdown` (still
     /// alive when the relay stopped).
     pub end: &'static str,
+    /// A TCP allocation (RFC 6062): its bytes went over peer data
+    /// connections (no packets are counted).
+    pub tcp: bool,
 }
 
 /// The shell's side of relay sockets, called while an Allocate is handled.
@@ -2585,6 +2588,7 @@ impl Server {
             usage: alloc.usage,
             ended_unix: self.epoch_unix + self.secs(self.clock),
             end,
+            tcp: alloc.tcp,
         }
     }
 

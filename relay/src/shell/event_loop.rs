@@ -726,7 +726,11 @@ impl EventLoop {
                     }
                     Command::Usage(record) => self.record_usage(*record),
                     Command::ToClient { client, frame } => {
+                        // Written at once, each in a TLS record of its own:
+                        // clients (coturn's among them) read one message
+                        // per record on a control connection.
                         self.clients.deliver(&client, &frame);
+                        self.clients.flush(&self.registry);
                     }
                     Command::CloseTcp { connection } => {
                         if let Some(&k) = self.relays.tcp.by_connection.get(&connection) {

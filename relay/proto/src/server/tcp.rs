@@ -281,6 +281,9 @@ impl Server {
         conn.deadline = now + TCP_CONNECT_TIMEOUT;
         let slot = conn.slot;
         if ok {
+            if let Some(a) = self.slots[slot as usize].allocation.as_mut() {
+                a.usage.peers += 1;
+            }
             self.stats.tcp_events[TcpEvent::Connected as usize] += 1;
             self.stats.request(RequestMethod::Connect, RequestResult(0));
         } else {
