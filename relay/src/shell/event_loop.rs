@@ -1143,10 +1143,7 @@ impl EventLoop {
             0 => true,
             t if t >= RELAY_BASE => self.peer_ready(t - RELAY_BASE),
             t if t >= PEER_TCP_BASE => self.peer_tcp_ready(t - PEER_TCP_BASE),
-            t if t >= LISTEN_BASE => {
-                self.accept_peers(t - LISTEN_BASE);
-                true
-            }
+            t if t >= LISTEN_BASE => self.accept_peers(t - LISTEN_BASE),
             t if t >= STREAM_BASE => self.stream_ready(t - STREAM_BASE),
             t if t >= DTLS_BASE => self.dtls_ready(t - DTLS_BASE),
             t if t >= TLS_BASE => {
@@ -1733,20 +1730,22 @@ impl EventLoop {
 /// splice between client and peer data connections.
 impl EventLoop {
     /// Accepts peers' connections on TCP allocation `slot`'s relayed
-    /// address; each the core admits is offered to the client.
-    fn accept_peers(&mut self, slot: usize) {
-        loop {
+    /// address; each the core admits is offered to the client. False when
+    /// more wait past this turn's share (a flood of connections cannot
+    /// hold the loop).
+    fn accept_peers(&mut self, slot: usize) -> bool {
+        for _ in 0..tcp_relay::ACCEPTS_PER_WAKE {
             let Some(Some((id, listener, _))) = self.relays.tcp.listeners.get(slot) else {
-                return;
+                return true;
             };
             let id = *id;
             let (socket, peer) = match listener.accept() {
                 Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     debug!(error = %e, "accepting a peer's connection failed");
-                    return;
+                    return true;
                 }
             };
             if self.relays.tcp.len() >= self.max_streams {
@@ -1767,6 +1766,7 @@ impl EventLoop {
                 self.core.tcp_closed(connection);
             }
         }
+        false
     }
 
     /// A peer data connection is ready: a Connect's connection finished

@@ -23,6 +23,8 @@ pub(super) const HIGH_WATER: usize = 256 * 1024;
 pub(super) const CHUNK: usize = 64 * 1024;
 /// Reads from one peer per wake-up.
 pub(super) const READS_PER_WAKE: usize = 16;
+/// Peers' connections accepted on one relayed address per wake-up.
+pub(super) const ACCEPTS_PER_WAKE: usize = 64;
 /// Connections a relayed address's listener queues before accepting.
 const BACKLOG: i32 = 128;
 
