@@ -136,12 +136,7 @@ fn attack_and_check(t: &Target<'_>) {
 
 /// A fresh certificate directory.
 fn cert_dir(tag: &str) -> (std::path::PathBuf, String, String) {
-    let dir = std::env::temp_dir().join(format!("natrix-hostile-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    common::write_cert(&dir, "natrix-test");
-    let cert = dir.join("cert.pem").display().to_string();
-    let key = dir.join("key.pem").display().to_string();
-    (dir, cert, key)
+    common::cert_dir(&format!("hostile-{tag}"), "natrix-test")
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::{Natrix, PASSWORD, REALM, USER, free_port, uclient, write_cert};
+use common::{Natrix, PASSWORD, REALM, USER, free_port, uclient};
 use natrix_wire::{
     Attribute, AttributeType, Class, Encoder, IntegrityKey, Message, MessageType, Method,
     TransactionId, long_term_key_md5,
@@ -74,13 +74,9 @@ fn coturn_clients_relay_over_tcp_allocations_without_loss() {
 /// The same over TLS: control and data connections are TLS sessions.
 #[test]
 fn coturn_clients_relay_over_tcp_allocations_through_tls() {
-    let dir = std::env::temp_dir().join(format!("natrix-tcp-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    write_cert(&dir, "natrix-tcp");
+    let (dir, cert, key) = common::cert_dir("tcp-tls", "natrix-tcp");
     let tls_port = free_port();
     let tls_listen = format!("127.0.0.1:{tls_port}");
-    let cert = dir.join("cert.pem").display().to_string();
-    let key = dir.join("key.pem").display().to_string();
     let natrix = Natrix::relay(
         &[
             ALLOW_LOOPBACK,
@@ -338,6 +334,9 @@ fn connect_reaches_a_tcp_server_and_the_data_connection_carries_every_byte() {
     let mut writer = data.stream.try_clone().unwrap();
     let sent = payload.clone();
     let sender = std::thread::spawn(move || writer.write_all(&sent).map(|()| sent.len()));
+    // Nothing read for a while: every buffer on the way fills, the splice
+    // pauses both ways, and must resume once the client reads.
+    std::thread::sleep(Duration::from_millis(500));
     let mut back = vec![0u8; TOTAL];
     data.stream.read_exact(&mut back).expect("every byte back");
     assert_eq!(sender.join().unwrap().unwrap(), TOTAL);

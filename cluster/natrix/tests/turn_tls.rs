@@ -21,13 +21,9 @@ use natrix_wire::{
 
 #[test]
 fn turn_over_tls_relays_and_reloads_certificates_without_dropping_sessions() {
-    let dir = std::env::temp_dir().join(format!("natrix-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    write_cert(&dir, "natrix-one");
+    let (dir, cert, key) = common::cert_dir("tls", "natrix-one");
     let tls_port = free_port();
     let tls_listen = format!("127.0.0.1:{tls_port}");
-    let cert = dir.join("cert.pem").display().to_string();
-    let key = dir.join("key.pem").display().to_string();
     let mut natrix = Natrix::relay(&[
         "--peer-allow",
         "127.0.0.0/8",

@@ -26,6 +26,13 @@ impl RelaySockets for Sockets {
         self.0.push(id);
         Ok(())
     }
+
+    // TCP allocations (RFC 6062) too: Connect and ConnectionBind reach the
+    // core's connection table.
+    fn listen(&mut self, id: AllocationId, _: SocketAddr) -> std::io::Result<()> {
+        self.0.push(id);
+        Ok(())
+    }
 }
 
 fn client(k: u8) -> ClientSocket {

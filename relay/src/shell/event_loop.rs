@@ -327,6 +327,23 @@ impl Clients {
 }
 
 impl Clients {
+    /// A free connection index with `socket` registered under it for
+    /// reading; `None` when the registration failed.
+    fn register(&mut self, registry: &Registry, socket: &mut mio::net::TcpStream) -> Option<usize> {
+        let j = self.free_streams.pop().unwrap_or_else(|| {
+            self.streams.push(None);
+            self.streams.len() - 1
+        });
+        if registry
+            .register(socket, Token(STREAM_BASE + j), Interest::READABLE)
+            .is_err()
+        {
+            self.free_streams.push(j);
+            return None;
+        }
+        Some(j)
+    }
+
     /// Queues a frame a STUN service sent a connection from outside the
     /// loop; false when the connection is gone or too slow.
     fn mail(&mut self, mail: &Mail) -> bool {
@@ -880,22 +897,9 @@ impl EventLoop {
             let Some(mut stream) = Stream::adopted(socket, m.client, m.parts) else {
                 continue;
             };
-            let j = self.clients.free_streams.pop().unwrap_or_else(|| {
-                self.clients.streams.push(None);
-                self.clients.streams.len() - 1
-            });
-            if self
-                .registry
-                .register(
-                    &mut stream.socket,
-                    Token(STREAM_BASE + j),
-                    Interest::READABLE,
-                )
-                .is_err()
-            {
-                self.clients.free_streams.push(j);
+            let Some(j) = self.clients.register(&self.registry, &mut stream.socket) else {
                 continue;
-            }
+            };
             want_write(&self.registry, &mut stream, j);
             if m.client.transport == crate::core::Transport::Tls {
                 self.metrics.tls_connections.inc();
@@ -1319,18 +1323,9 @@ impl EventLoop {
                 continue;
             };
             let _ = socket.set_nodelay(true);
-            let j = self.clients.free_streams.pop().unwrap_or_else(|| {
-                self.clients.streams.push(None);
-                self.clients.streams.len() - 1
-            });
-            if self
-                .registry
-                .register(&mut socket, Token(STREAM_BASE + j), Interest::READABLE)
-                .is_err()
-            {
-                self.clients.free_streams.push(j);
+            let Some(j) = self.clients.register(&self.registry, &mut socket) else {
                 continue;
-            }
+            };
             let config = if tls {
                 self.tls_config.as_ref().map(|t| t.config())
             } else {
@@ -1803,14 +1798,15 @@ impl EventLoop {
             }
             return true;
         }
-        if peer.client_paused
-            && peer.out.len() < tcp_relay::HIGH_WATER
-            && let Some(j) = peer.data
-        {
-            peer.client_paused = false;
-            self.pipe_to_peer(j);
-        }
-        self.pipe_to_client(k)
+        // Both ways on every event: a direction whose budget ran out is
+        // revisited through either token (a read that finds nothing costs
+        // one EAGAIN).
+        peer.client_paused = peer.out.len() >= tcp_relay::HIGH_WATER;
+        let to_peer = match peer.data {
+            Some(j) => self.pipe_to_peer(j),
+            None => true,
+        };
+        self.pipe_to_client(k) && to_peer
     }
 
     /// A client data connection is ready: it sent bytes for its peer, or
@@ -1838,13 +1834,9 @@ impl EventLoop {
             self.close_pair(k);
             return true;
         }
-        if peer.paused && pending < tcp_relay::HIGH_WATER {
-            peer.paused = false;
-            if !self.pipe_to_client(k) {
-                return false;
-            }
-        }
-        self.pipe_to_peer(j)
+        // Both ways on every event (see `peer_tcp_ready`).
+        let to_client = self.pipe_to_client(k);
+        self.pipe_to_peer(j) && to_client
     }
 
     /// Moves what client data connection `j` sent to its peer; false when
@@ -1866,19 +1858,26 @@ impl EventLoop {
             return true;
         }
         let mut relayed = 0;
+        let mut full = false;
         let outcome = stream.read_raw(|bytes| {
             peer.out.extend_from_slice(bytes);
             relayed += bytes.len();
-            peer.out.len() < tcp_relay::HIGH_WATER
+            full = peer.out.len() >= tcp_relay::HIGH_WATER;
+            !full
         });
-        peer.client_paused = peer.out.len() >= tcp_relay::HIGH_WATER;
         let written = peer.flush();
+        // Paused only while the buffer stays full: the write then met a
+        // full socket, whose WRITABLE edge resumes it. A buffer the write
+        // drained takes more now (no edge would come for it).
+        peer.client_paused = peer.out.len() >= tcp_relay::HIGH_WATER;
+        let again = full && !peer.client_paused;
         if relayed > 0 {
             self.core
                 .tcp_relayed(connection, Direction::ClientToPeer, relayed);
         }
         match outcome {
             _ if !written => self.close_pair(k),
+            ReadOutcome::Open if again => return false,
             ReadOutcome::Open => {}
             ReadOutcome::More => return false,
             // The client hung up: what it sent still goes to the peer.
@@ -1909,9 +1908,10 @@ impl EventLoop {
         let mut relayed = 0;
         let mut ended = false;
         let mut budget_left = true;
+        let mut full = false;
         for round in 0..tcp_relay::READS_PER_WAKE {
             if stream.pending_len() >= tcp_relay::HIGH_WATER {
-                peer.paused = true;
+                full = true;
                 break;
             }
             match peer.read(chunk) {
@@ -1939,6 +1939,11 @@ impl EventLoop {
         let flushed = stream.flush();
         want_write(&self.registry, stream, j);
         let drained = stream.pending_len() == 0;
+        // Paused only while the client's queue stays full: its WRITABLE
+        // edge resumes it. A queue the write drained takes more now.
+        if full && stream.pending_len() < tcp_relay::HIGH_WATER {
+            budget_left = false;
+        }
         if relayed > 0 {
             self.core
                 .tcp_relayed(connection, Direction::PeerToClient, relayed);
@@ -2014,23 +2019,10 @@ impl EventLoop {
     /// Serves a connection another loop handed over with its
     /// ConnectionBind, and answers it.
     fn adopt_bound_stream(&mut self, mut stream: Stream, packet: &[u8]) {
-        let j = self.clients.free_streams.pop().unwrap_or_else(|| {
-            self.clients.streams.push(None);
-            self.clients.streams.len() - 1
-        });
         stream.want_write = false;
-        if self
-            .registry
-            .register(
-                &mut stream.socket,
-                Token(STREAM_BASE + j),
-                Interest::READABLE,
-            )
-            .is_err()
-        {
-            self.clients.free_streams.push(j);
+        let Some(j) = self.clients.register(&self.registry, &mut stream.socket) else {
             return;
-        }
+        };
         if let Some(ip) = stream.counted_ip {
             *self.clients.per_ip.entry(ip).or_insert(0) += 1;
         }

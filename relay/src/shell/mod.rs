@@ -105,20 +105,7 @@ pub struct RelayHost {
 
 /// Binds a TCP listener that several loops share (SO_REUSEPORT).
 fn bind_shared_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
+    let s = tcp_relay::shared_tcp_socket(addr)?;
     s.listen(1024)?;
     Ok(s.into())
 }

@@ -39,8 +39,6 @@ pub(super) struct PeerConn {
     /// Bytes for the peer not written yet (at most about
     /// [`HIGH_WATER`] + one client read).
     pub(super) out: Vec<u8>,
-    /// Reading the peer paused: the client's queue is full.
-    pub(super) paused: bool,
     /// Reading the client paused: `out` is full.
     pub(super) client_paused: bool,
     /// One side hung up: close once what is queued for the other left.
@@ -57,10 +55,10 @@ pub(super) struct TcpRelays {
     pub(super) by_connection: HashMap<ConnectionId, usize, foldhash::fast::RandomState>,
 }
 
-/// A TCP socket bound to `addr` that shares the port with the relayed
-/// address's listener (a Connect's connection leaves from it, RFC 6062
-/// §5.2).
-fn relay_tcp_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
+/// A non-blocking TCP socket bound to `addr` that shares the port
+/// (SO_REUSEPORT): the loops' client listeners, a relayed address's
+/// listener and the connections a Connect makes from it (RFC 6062 §5.2).
+pub(super) fn shared_tcp_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if addr.is_ipv4() {
         Domain::IPV4
@@ -74,7 +72,6 @@ fn relay_tcp_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
-    s.set_tcp_nodelay(true)?;
     s.bind(&addr.into())?;
     Ok(s)
 }
@@ -88,7 +85,7 @@ impl TcpRelays {
         addr: SocketAddr,
         token: Token,
     ) -> io::Result<()> {
-        let s = relay_tcp_socket(addr)?;
+        let s = shared_tcp_socket(addr)?;
         s.listen(BACKLOG)?;
         let mut listener = TcpListener::from_std(s.into());
         registry.register(&mut listener, token, Interest::READABLE)?;
@@ -125,7 +122,8 @@ impl TcpRelays {
         if *owner != id {
             return Err(io::ErrorKind::NotFound.into());
         }
-        let s = relay_tcp_socket(*local)?;
+        let s = shared_tcp_socket(*local)?;
+        s.set_tcp_nodelay(true)?;
         match s.connect(&peer.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -162,7 +160,6 @@ impl TcpRelays {
             connecting,
             data: None,
             out: Vec::new(),
-            paused: false,
             client_paused: false,
             closing: false,
         });

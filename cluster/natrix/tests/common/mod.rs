@@ -475,6 +475,19 @@ pub fn write_cert(dir: &std::path::Path, cn: &str) {
     std::fs::rename(&cert_tmp, dir.join("cert.pem")).expect("rename cert");
 }
 
+/// A fresh directory (`natrix-<tag>-<pid>` under the temp dir) with a
+/// certificate for `cn` from [`write_cert`]: the directory and the paths of
+/// the certificate and key (remove the directory when done).
+#[allow(dead_code)]
+pub fn cert_dir(tag: &str, cn: &str) -> (std::path::PathBuf, String, String) {
+    let dir = std::env::temp_dir().join(format!("natrix-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    write_cert(&dir, cn);
+    let cert = dir.join("cert.pem").display().to_string();
+    let key = dir.join("key.pem").display().to_string();
+    (dir, cert, key)
+}
+
 /// The common name of the certificate a handshake with 127.0.0.1:`port`
 /// shows: TLS, or with `dtls` DTLS 1.2 (openssl's client).
 #[allow(dead_code)]
