@@ -166,6 +166,15 @@ pub struct RelayConfig {
     #[arg(long = "tcp-relay", env = "NATRIX_TCP_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
     pub tcp_relay: bool,
 
+    /// Interfaces (comma-separated) the XDP fast path runs on: ChannelData
+    /// of UDP clients with a bound channel and a live permission, and
+    /// their peers' datagrams, are relayed in the driver's hook, below the
+    /// sockets (IPv4; needs root or CAP_BPF, CAP_NET_ADMIN and
+    /// CAP_PERFMON). Where the kernel or privileges refuse, the relay says
+    /// why and relays in userspace. Off by default.
+    #[arg(long = "xdp", env = "NATRIX_XDP", value_delimiter = ',')]
+    pub xdp: Vec<String>,
+
     /// Realm of the long-term credentials (RFC 8489 §9.2).
     #[arg(long, env = "NATRIX_REALM", default_value = "natrix")]
     pub realm: String,
@@ -684,6 +693,8 @@ impl RelayConfig {
             // Per loop: the host sets each loop's share.
             multiplex_ports: Vec::new(),
             tcp_relay: self.tcp_relay,
+            // Set by the host once the XDP program is attached.
+            fast_path: false,
         }
     }
 }

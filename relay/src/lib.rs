@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod shell;
 pub mod tls;
 pub mod usage;
+pub mod xdp;
 
 pub use config::{HostConfig, RelayConfig};
 pub use shell::{BoundHost, HostServices, RelayHost};

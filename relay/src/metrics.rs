@@ -33,6 +33,9 @@ pub struct RelayMetrics {
     tcp_peer_connections: IntGauge,
     tcp_events: [IntCounter; TcpEvent::ALL.len()],
     tcp_bytes: [IntCounter; 2],
+    /// Channel bindings on the XDP fast path.
+    pub xdp_entries: IntGauge,
+    xdp_packets: [IntCounter; 5],
     /// Failed sends.
     pub send_errors: IntCounter,
     /// Open TCP connections.
@@ -93,6 +96,11 @@ impl RelayMetrics {
                 t.counter_family(&cat::RELAY_TCP_CONNECTION_EVENTS_TOTAL)
                     .with_label_values(&[e.label()])
             }),
+            xdp_entries: t.gauge(&cat::RELAY_XDP_ENTRIES),
+            xdp_packets: ["to_peer", "to_client", "expired", "no_route", "passed"].map(|r| {
+                t.counter_family(&cat::RELAY_XDP_PACKETS_TOTAL)
+                    .with_label_values(&[r])
+            }),
             tcp_bytes: Direction::ALL.map(|d| {
                 t.counter_family(&cat::RELAY_TCP_RELAYED_BYTES_TOTAL)
                     .with_label_values(&[d.label()])
@@ -122,6 +130,25 @@ impl RelayMetrics {
     pub fn publish_dtls(&self, live: (u64, u64), outcomes: [(u64, u64); 5]) {
         self.dtls_sessions.add(live.1 as i64 - live.0 as i64);
         for (c, (a, b)) in self.dtls_handshakes.iter().zip(outcomes) {
+            if b > a {
+                c.inc_by(b - a);
+            }
+        }
+    }
+
+    /// Adds what the XDP program's per-CPU counters gained between two
+    /// readings (`crate::xdp` indexes).
+    pub fn publish_xdp(&self, last: &[u64], now: &[u64]) {
+        use crate::xdp as x;
+        let index = [
+            x::STAT_TO_PEER_PACKETS,
+            x::STAT_TO_CLIENT_PACKETS,
+            x::STAT_EXPIRED,
+            x::STAT_NO_ROUTE,
+            x::STAT_PASSED,
+        ];
+        for (c, i) in self.xdp_packets.iter().zip(index) {
+            let (a, b) = (last[i as usize], now[i as usize]);
             if b > a {
                 c.inc_by(b - a);
             }

@@ -20,26 +20,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{PASSWORD, USER, tool};
+use common::{InNs, PASSWORD, USER, sh, tool};
 
 const NAMESPACES: [&str; 3] = ["pa-pub", "pa-nat", "pa-vm"];
-
-/// Runs a shell script, failing the test when it fails.
-fn sh(script: &str) {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .output()
-        .expect("running sh");
-    assert!(
-        out.status.success(),
-        "{script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The namespaces, removed when dropped.
 struct Lab;
@@ -84,62 +70,6 @@ NFT
 impl Drop for Lab {
     fn drop(&mut self) {
         Lab::down();
-    }
-}
-
-/// A process in namespace `ns`, killed when dropped; its stderr in a file.
-struct InNs {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl InNs {
-    fn spawn(ns: &str, program: &str, args: &[&str]) -> InNs {
-        let log = std::env::temp_dir().join(format!(
-            "natrix-pa-{}-{ns}-{}.log",
-            std::process::id(),
-            args.first().unwrap_or(&"")
-        ));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, program])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        InNs { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log holds `text` (true) or the process exits
-    /// (false); panics after 20 s.
-    fn wait_for(&mut self, text: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.log().contains(text) {
-                return true;
-            }
-            if self.child.try_wait().unwrap().is_some() {
-                return self.log().contains(text);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "neither {text:?} nor an exit within 20 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for InNs {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
     }
 }
 

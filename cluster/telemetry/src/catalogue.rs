@@ -502,6 +502,28 @@ pub const RELAY_TCP_RELAYED_BYTES_TOTAL: MetricDef = metric(
     &[RELAY_DIRECTION],
 );
 
+/// Channel bindings on the XDP fast path.
+pub const RELAY_XDP_ENTRIES: MetricDef = metric(
+    "relay_xdp_entries",
+    "Channel bindings the XDP fast path relays now (--xdp): UDP clients' channels with a live permission, IPv4, on relay ports of their own, without a bandwidth cap.",
+    Kind::Gauge,
+    &[],
+);
+
+/// Outcomes of the XDP fast path.
+pub const RELAY_XDP_RESULT: Label = Label {
+    name: "result",
+    values: &["to_peer", "to_client", "expired", "no_route", "passed"],
+};
+
+/// What the XDP program did with the packets it looked at.
+pub const RELAY_XDP_PACKETS_TOTAL: MetricDef = metric(
+    "relay_xdp_packets_total",
+    "Packets the XDP fast path relayed (to_peer, to_client: also counted in relay_forwarded_packets_total) or passed to the userspace relay: an entry past its expiry, a destination without a neighbour or route yet, a UDP datagram with no entry (STUN, bindings not on the fast path).",
+    Kind::Counter,
+    &[RELAY_XDP_RESULT],
+);
+
 /// DTLS sessions past the cookie.
 pub const RELAY_DTLS_SESSIONS: MetricDef = metric(
     "relay_dtls_sessions",
@@ -1155,6 +1177,8 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_HTTPS_REQUESTS_TOTAL,
     &RELAY_DTLS_SESSIONS,
     &RELAY_DTLS_HANDSHAKES_TOTAL,
+    &RELAY_XDP_ENTRIES,
+    &RELAY_XDP_PACKETS_TOTAL,
     &RELAY_TCP_ALLOCATIONS,
     &RELAY_TCP_CONNECTIONS,
     &RELAY_TCP_CONNECTION_EVENTS_TOTAL,

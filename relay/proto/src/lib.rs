@@ -54,7 +54,7 @@ pub use policy::{IpNet, PeerPolicy};
 pub use ports::{PortRange, QuotaUse, SharedPorts};
 pub use refusal::Refusal;
 pub use server::{
-    AllocationInfo, Alternate, ClientAction, Command, ConnectionId, DefaultFamily,
+    AllocationInfo, Alternate, ClientAction, Command, ConnectionId, DefaultFamily, FastPath,
     MAX_TCP_CONNECTIONS, Moved, MovedAllocation, PEER_HEADROOM, PEER_TAILROOM, PeerAction,
     RelayAddress, RelaySockets, SESSION_QUOTA, SESSION_TOKEN_QUOTA, Server, ServerConfig,
     TCP_CONNECT_TIMEOUT, TICKET_LEN, Ticket, UsageRecord,

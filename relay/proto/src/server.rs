@@ -23,7 +23,9 @@ use super::stats::{AuthFailureReason, Direction, DropReason, RequestMethod, Requ
 use super::types::{AllocationId, ClientSocket};
 use natrix_model::limiter::{UnauthLimiter, UnauthLimits};
 
+mod fast_path;
 mod tcp;
+pub use fast_path::FastPath;
 use tcp::TcpTable;
 pub use tcp::{ConnectionId, MAX_TCP_CONNECTIONS, TCP_CONNECT_TIMEOUT};
 
@@ -234,6 +236,9 @@ pub struct ServerConfig {
     /// Serve TCP allocations (RFC 6062: Connect, ConnectionBind,
     /// ConnectionAttempt) to clients over TCP and TLS. Off: 442.
     pub tcp_relay: bool,
+    /// The shell relays channel data below userspace (XDP): the core sends
+    /// which channel bindings qualify ([`Command::FastPath`]).
+    pub fast_path: bool,
 }
 
 /// The relayed address family of an Allocate that names none.
@@ -269,6 +274,7 @@ impl Default for ServerConfig {
             default_family: DefaultFamily::Ipv4,
             multiplex_ports: Vec::new(),
             tcp_relay: true,
+            fast_path: false,
         }
     }
 }
@@ -423,6 +429,9 @@ pub enum Command {
         /// The connection.
         connection: ConnectionId,
     },
+    /// A channel binding the fast path may carry from now until a time,
+    /// or no longer ([`ServerConfig::fast_path`]).
+    FastPath(Box<FastPath>),
 }
 
 /// One allocation's usage: who, what it relayed, from when to when.
@@ -2184,6 +2193,7 @@ impl Server {
             self.tickets.remove(&s);
         }
         self.tickets.insert(secret, index);
+        self.fast_path_end(index, old);
         let alloc = self.allocation_mut(index)?;
         alloc.client = from;
         alloc.ticket = Some(secret);
@@ -2191,6 +2201,7 @@ impl Server {
         self.allocation_by_client.remove(&old);
         self.allocation_by_client.insert(from, index);
         self.stats.allocations_moved[usize::from(across)] += 1;
+        self.fast_path_sync(index, None, self.clock);
         tracing::debug!(from = %old.client, to = %from.client, "allocation moved");
         Ok(index)
     }
@@ -2285,6 +2296,21 @@ impl Server {
                 }
             }
         }
+        if self.config.fast_path {
+            // A refreshed permission carries its channels longer.
+            let ips: Vec<std::net::IpAddr> = msg
+                .attributes()
+                .filter_map(|raw| {
+                    match Attribute::decode(raw.ty, raw.value, &msg.transaction_id()) {
+                        Ok(Attribute::XorPeerAddress(p)) => Some(p.ip()),
+                        _ => None,
+                    }
+                })
+                .collect();
+            for ip in ips {
+                self.fast_path_sync(index, Some(ip), now);
+            }
+        }
         self.success(msg, auth, out, |_| Ok(()))
     }
 
@@ -2337,6 +2363,7 @@ impl Server {
             self.muxes[m as usize].permitted.insert(peer.ip(), index);
             self.claim_peer(index, peer, now);
         }
+        self.fast_path_sync(index, Some(peer.ip()), now);
         self.success(msg, auth, out, |_| Ok(()))
     }
 
@@ -2612,6 +2639,13 @@ impl Server {
 
     /// Ends the allocation in slot `index`.
     fn free(&mut self, index: u32, end: End) {
+        if let Some(client) = self.slots[index as usize]
+            .allocation
+            .as_ref()
+            .map(|a| a.client)
+        {
+            self.fast_path_end(index, client);
+        }
         let slot = &mut self.slots[index as usize];
         let Some(alloc) = slot.allocation.take() else {
             return;
@@ -2919,6 +2953,10 @@ impl Server {
             })
             .collect();
         self.stats.allocations = self.allocation_by_client.len() as u64;
+        // A successor's fast path starts empty: its channels go on it.
+        for id in &taken {
+            self.fast_path_sync(id.index, None, now);
+        }
         taken
     }
 

@@ -484,6 +484,8 @@ pub(super) struct LoopSettings {
     pub(super) https: Option<crate::https::HttpsHandoff>,
     /// This loop's ends of the host's mobility channels.
     pub(super) mobility: Mobility,
+    /// The host's XDP fast path, when attached.
+    pub(super) xdp: Option<Arc<std::sync::Mutex<crate::xdp::Xdp>>>,
 }
 
 /// One data-plane loop.
@@ -534,6 +536,19 @@ pub(super) struct EventLoop {
     mobility: Mobility,
     /// What one read from a TCP peer lands in.
     tcp_chunk: Vec<u8>,
+    /// The XDP fast path and this loop's entries in it.
+    fast: FastEntries,
+}
+
+/// This loop's channel bindings on the XDP fast path.
+struct FastEntries {
+    xdp: Option<Arc<std::sync::Mutex<crate::xdp::Xdp>>>,
+    /// Keys → the allocation, until when, and what its counters read last.
+    entries: HashMap<crate::xdp::Keys, (AllocationId, Instant, crate::xdp::EntryCounters)>,
+    next_read: Instant,
+    /// The per-CPU counters as last published (loop 0 publishes them).
+    published: [u64; crate::xdp::STATS as usize],
+    published_entries: usize,
 }
 
 impl EventLoop {
@@ -556,6 +571,7 @@ impl EventLoop {
             proxy_from,
             https,
             mobility,
+            xdp,
         } = settings;
         let Listeners {
             udp,
@@ -678,6 +694,13 @@ impl EventLoop {
                 first_turn: Vec::new(),
                 mobility,
                 tcp_chunk: vec![0; tcp_relay::CHUNK],
+                fast: FastEntries {
+                    xdp,
+                    entries: HashMap::default(),
+                    next_read: Instant::now(),
+                    published: [0; crate::xdp::STATS as usize],
+                    published_entries: 0,
+                },
             },
             waker,
         ))
@@ -754,7 +777,11 @@ impl EventLoop {
                             self.close_pair(k);
                         }
                     }
+                    Command::FastPath(f) => self.fast_path(&f),
                 }
+            }
+            if now >= self.fast.next_read {
+                self.read_fast_path(now);
             }
             self.clients.flush(&self.registry);
             if now >= self.next_idle_sweep {
@@ -2056,6 +2083,105 @@ impl EventLoop {
         } else if let Some(stream) = self.clients.streams[j].as_mut() {
             let _ = stream.flush();
             want_write(&self.registry, stream, j);
+        }
+    }
+}
+
+/// How often a loop reads its fast-path entries' counters (each read is
+/// two map lookups per entry).
+const FAST_PATH_READ: Duration = Duration::from_secs(1);
+
+/// The XDP fast path: the core's channel bindings into the maps, and what
+/// the kernel relayed back into the core's counters.
+impl EventLoop {
+    /// Applies one fast-path command of the core to the maps.
+    fn fast_path(&mut self, f: &crate::core::FastPath) {
+        let Some(xdp) = self.fast.xdp.clone() else {
+            return;
+        };
+        let Some(keys) = crate::xdp::Keys::of(&f.client, f.channel, f.peer, f.relayed) else {
+            return;
+        };
+        let Ok(mut x) = xdp.lock() else {
+            return;
+        };
+        let installed = f.until.is_some_and(|until| x.install(&keys, f, until));
+        debug!(client = %f.client.client, channel = f.channel, peer = %f.peer, installed, removed = f.until.is_none(), "fast path");
+        if let (true, Some(until)) = (installed, f.until) {
+            let seen = match self.fast.entries.get(&keys) {
+                Some(e) => e.2,
+                None => x.counters(&keys),
+            };
+            self.fast.entries.insert(keys, (f.allocation, until, seen));
+            return;
+        }
+        let last = x.remove(&keys);
+        drop(x);
+        if let Some((allocation, _, seen)) = self.fast.entries.remove(&keys) {
+            self.account_fast_path(allocation, seen, last);
+        }
+    }
+
+    /// Counts what an entry relayed between two readings.
+    fn account_fast_path(
+        &mut self,
+        allocation: AllocationId,
+        seen: crate::xdp::EntryCounters,
+        now: crate::xdp::EntryCounters,
+    ) {
+        for (direction, (a, b)) in [
+            (Direction::ClientToPeer, (seen.to_peer, now.to_peer)),
+            (Direction::PeerToClient, (seen.to_client, now.to_client)),
+        ] {
+            let packets = b.0.saturating_sub(a.0);
+            if packets > 0 {
+                self.core.fast_path_relayed(
+                    allocation,
+                    direction,
+                    packets,
+                    b.1.saturating_sub(a.1),
+                );
+            }
+        }
+    }
+
+    /// Reads the entries' counters into the core, takes expired entries
+    /// out, and publishes the fast path's metrics.
+    fn read_fast_path(&mut self, now: Instant) {
+        self.fast.next_read = now + FAST_PATH_READ;
+        let Some(xdp) = self.fast.xdp.clone() else {
+            return;
+        };
+        let Ok(mut x) = xdp.lock() else {
+            return;
+        };
+        let mut readings = Vec::with_capacity(self.fast.entries.len());
+        for (keys, &(allocation, until, seen)) in &self.fast.entries {
+            let counters = if until <= now {
+                x.remove(keys)
+            } else {
+                x.counters(keys)
+            };
+            readings.push((*keys, allocation, until <= now, seen, counters));
+        }
+        let stats = (self.shard == 0).then(|| x.stats());
+        drop(x);
+        for (keys, allocation, expired, seen, counters) in readings {
+            self.account_fast_path(allocation, seen, counters);
+            if expired {
+                self.fast.entries.remove(&keys);
+            } else if let Some(e) = self.fast.entries.get_mut(&keys) {
+                e.2 = counters;
+            }
+        }
+        let live = self.fast.entries.len();
+        self.metrics
+            .xdp_entries
+            .add(live as i64 - self.fast.published_entries as i64);
+        self.fast.published_entries = live;
+        if let Some(stats) = stats {
+            self.metrics.publish_xdp(&self.fast.published, &stats);
+            self.fast.published = stats;
         }
     }
 }

@@ -197,7 +197,21 @@ impl BoundHost {
     /// Starts one loop per shard with `services`.
     pub fn start(self, telemetry: &Telemetry, services: HostServices) -> anyhow::Result<RelayHost> {
         let turn = services.turn.as_ref();
-        let parts = TurnParts::new(turn, telemetry)?;
+        let mut parts = TurnParts::new(turn, telemetry)?;
+        let xdp = match turn.filter(|c| !c.xdp.is_empty()) {
+            Some(c) => match crate::xdp::Xdp::attach(&c.xdp) {
+                Ok(x) => {
+                    info!(interfaces = ?c.xdp, "XDP fast path attached: channel data relayed in the driver's hook");
+                    parts.server_config.fast_path = true;
+                    Some(Arc::new(std::sync::Mutex::new(x)))
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), interfaces = ?c.xdp, "XDP fast path unavailable: relaying in userspace");
+                    None
+                }
+            },
+            None => None,
+        };
         let loops = self.shards.len();
         if let Some(config) = turn {
             config.check_multiplex_ports(loops)?;
@@ -274,6 +288,7 @@ impl BoundHost {
                     proxy_from: self.config.proxy_from.clone(),
                     https: https.clone(),
                     mobility,
+                    xdp: xdp.clone(),
                 },
             )
             .context("setting up a relay loop")?;

@@ -876,3 +876,75 @@ pub fn tls_443_relay(ip: &str, backend: &str) -> (Natrix, std::path::PathBuf) {
     ]);
     (relay, dir)
 }
+
+/// Runs a shell script, failing the test when it fails.
+#[allow(dead_code)]
+pub fn sh(script: &str) {
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .output()
+        .expect("running sh");
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A process in namespace `ns`, killed when dropped; its stderr in a file.
+pub struct InNs {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+#[allow(dead_code)]
+impl InNs {
+    pub fn spawn(ns: &str, program: &str, args: &[&str]) -> InNs {
+        let log = std::env::temp_dir().join(format!(
+            "natrix-ns-{}-{ns}-{}.log",
+            std::process::id(),
+            args.first().unwrap_or(&"")
+        ));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("a log file"))
+            .spawn()
+            .expect("running a program in a network namespace");
+        InNs { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `text` (true) or the process exits
+    /// (false); panics after 20 s.
+    pub fn wait_for(&mut self, text: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.log().contains(text) {
+                return true;
+            }
+            if self.child.try_wait().expect("a child's status").is_some() {
+                return self.log().contains(text);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither {text:?} nor an exit within 20 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for InNs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

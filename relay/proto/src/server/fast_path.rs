@@ -1,0 +1,142 @@
+//! Channel bindings the shell may relay below userspace (the XDP fast path,
+//! [`ServerConfig::fast_path`]): the core says which, until when, and when
+//! they end ([`Command::FastPath`]); the shell reports what the kernel
+//! relayed for them ([`Server::fast_path_relayed`]).
+//!
+//! A binding qualifies when its allocation is a UDP client's, on a relay
+//! port of its own (not shared, not TCP), its peer and relayed address are
+//! IPv4, and no bandwidth cap applies (the kernel does not meter). It is
+//! carried until the earlier of the channel's and its permission's expiry;
+//! a ChannelBind or CreatePermission that refreshes either sends the new
+//! time, the allocation's end and a client's move take it away. The deny
+//! list is checked where the binding is made (ChannelBind), as for
+//! userspace relaying.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::{Command, Server, ServerConfig};
+use crate::stats::Direction;
+use crate::types::{AllocationId, ClientSocket, Transport};
+
+/// A channel binding the fast path may carry, or stop carrying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FastPath {
+    /// The allocation (for the usage it relays).
+    pub allocation: AllocationId,
+    /// The client's 5-tuple (UDP).
+    pub client: ClientSocket,
+    /// The channel number.
+    pub channel: u16,
+    /// The peer transport address.
+    pub peer: SocketAddr,
+    /// The relay socket's bound address: where peers' datagrams arrive,
+    /// and the source of those sent to the peer.
+    pub relayed: SocketAddr,
+    /// Carried until then; `None`: no longer.
+    pub until: Option<Instant>,
+}
+
+impl Server {
+    /// Whether allocation `index` qualifies (see the module docs).
+    fn fast_path_bind(&self, index: u32) -> Option<SocketAddr> {
+        let c: &ServerConfig = &self.config;
+        if !c.fast_path || c.bandwidth_per_allocation.is_some() {
+            return None;
+        }
+        let a = self.slots.get(index as usize)?.allocation.as_ref()?;
+        if a.client.transport != Transport::Udp || a.mux.is_some() || a.tcp || a.relayed.is_ipv6() {
+            return None;
+        }
+        let bind = self.relay_of(false)?.bind;
+        Some(SocketAddr::new(bind, a.relayed.port()))
+    }
+
+    /// Sends the fast-path state of allocation `index`'s channels to peers
+    /// of `ip` (every channel when `None`): each live one with its
+    /// deadline, each other one as removed.
+    pub(super) fn fast_path_sync(
+        &mut self,
+        index: u32,
+        ip: Option<std::net::IpAddr>,
+        now: Instant,
+    ) {
+        let Some(relayed) = self.fast_path_bind(index) else {
+            return;
+        };
+        let id = self.id_of(index);
+        let Some(a) = self.slots[index as usize].allocation.as_ref() else {
+            return;
+        };
+        for ch in a
+            .channels
+            .iter()
+            .filter(|c| ip.is_none_or(|ip| c.peer.ip() == ip))
+        {
+            if !ch.peer.is_ipv4() {
+                continue;
+            }
+            let permission = a
+                .permissions
+                .iter()
+                .find(|p| p.ip == ch.peer.ip() && p.expires > now)
+                .map(|p| p.expires);
+            let until = permission.map(|p| p.min(ch.expires)).filter(|&t| t > now);
+            self.commands
+                .push_back(Command::FastPath(Box::new(FastPath {
+                    allocation: id,
+                    client: a.client,
+                    channel: ch.number,
+                    peer: ch.peer,
+                    relayed,
+                    until,
+                })));
+        }
+    }
+
+    /// Takes allocation `index`'s channels off the fast path (it ends, or
+    /// its client moves away from `client`).
+    pub(super) fn fast_path_end(&mut self, index: u32, client: ClientSocket) {
+        let Some(relayed) = self.fast_path_bind(index) else {
+            return;
+        };
+        let id = self.id_of(index);
+        let Some(a) = self.slots[index as usize].allocation.as_ref() else {
+            return;
+        };
+        for ch in a.channels.iter().filter(|c| c.peer.is_ipv4()) {
+            self.commands
+                .push_back(Command::FastPath(Box::new(FastPath {
+                    allocation: id,
+                    client,
+                    channel: ch.number,
+                    peer: ch.peer,
+                    relayed,
+                    until: None,
+                })));
+        }
+    }
+
+    /// Counts what the fast path relayed for `allocation`: in its usage
+    /// and the relay's forwarded counters, as if relayed here.
+    pub fn fast_path_relayed(
+        &mut self,
+        allocation: AllocationId,
+        direction: Direction,
+        packets: u64,
+        bytes: u64,
+    ) {
+        self.stats.forwarded_packets[direction as usize] += packets;
+        self.stats.forwarded_bytes[direction as usize] += bytes;
+        let live = self
+            .slots
+            .get(allocation.index as usize)
+            .filter(|s| s.generation == allocation.generation)
+            .and_then(|s| s.allocation.as_ref())
+            .is_some();
+        if live && let Some(a) = self.slots[allocation.index as usize].allocation.as_mut() {
+            a.usage.packets[direction as usize] += packets;
+            a.usage.bytes[direction as usize] += bytes;
+        }
+    }
+}

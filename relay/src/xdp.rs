@@ -1,0 +1,374 @@
+//! The XDP fast path for channel data (`xdp/natrix_xdp.c`): loading it onto
+//! interfaces (`--xdp`), the maps the relay fills from its cores' channel
+//! bindings, and the counters read back.
+//!
+//! The loader is `aya` (pure Rust: it loads the object clang compiled at
+//! build time, with no C library to link, and manages its maps). One
+//! [`Xdp`] serves the host: every loop installs and removes the entries of
+//! its allocations under its lock (channel binds are rare next to packets)
+//! and reads back the per-entry counters of its own entries.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use crate::core::{ClientSocket, FastPath};
+
+/// Key of the client → peer map (network byte order, as in the C program).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ToPeerKey {
+    client_ip: u32,
+    server_ip: u32,
+    client_port: u16,
+    server_port: u16,
+    channel: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ToPeerVal {
+    relay_ip: u32,
+    peer_ip: u32,
+    relay_port: u16,
+    peer_port: u16,
+    pad: u32,
+    expires_ns: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+/// Key of the peer → client map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ToClientKey {
+    relay_ip: u32,
+    peer_ip: u32,
+    relay_port: u16,
+    peer_port: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ToClientVal {
+    server_ip: u32,
+    client_ip: u32,
+    server_port: u16,
+    client_port: u16,
+    channel: u16,
+    pad: u16,
+    expires_ns: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+// SAFETY: plain `repr(C)` structs of integers without padding holes the
+// kernel would read uninitialised (every gap is a named `pad` field).
+unsafe impl aya::Pod for ToPeerKey {}
+unsafe impl aya::Pod for ToPeerVal {}
+unsafe impl aya::Pod for ToClientKey {}
+unsafe impl aya::Pod for ToClientVal {}
+
+/// Indexes of the per-CPU counters (`enum` in the C program).
+pub const STAT_TO_PEER_PACKETS: u32 = 0;
+/// Bytes relayed client → peer.
+pub const STAT_TO_PEER_BYTES: u32 = 1;
+/// Packets relayed peer → client.
+pub const STAT_TO_CLIENT_PACKETS: u32 = 2;
+/// Bytes relayed peer → client.
+pub const STAT_TO_CLIENT_BYTES: u32 = 3;
+/// Entries found expired (passed to userspace).
+pub const STAT_EXPIRED: u32 = 4;
+/// Destinations the FIB could not resolve (passed to userspace).
+pub const STAT_NO_ROUTE: u32 = 5;
+/// ChannelData without an entry (passed to userspace).
+pub const STAT_PASSED: u32 = 6;
+/// How many counters there are.
+pub const STATS: u32 = 7;
+
+/// The two keys of one channel binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Keys {
+    /// Client → peer.
+    pub to_peer: ToPeerKey,
+    /// Peer → client.
+    pub to_client: ToClientKey,
+}
+
+fn v4(a: SocketAddr) -> Option<(u32, u16)> {
+    match a.ip().to_canonical() {
+        IpAddr::V4(ip) => Some((u32::from_ne_bytes(ip.octets()), a.port().to_be())),
+        IpAddr::V6(_) => None,
+    }
+}
+
+impl Keys {
+    /// The keys of a binding of `channel` between `client` and `peer`
+    /// through the relay socket bound on `relayed`; `None` unless all are
+    /// IPv4.
+    pub fn of(
+        client: &ClientSocket,
+        channel: u16,
+        peer: SocketAddr,
+        relayed: SocketAddr,
+    ) -> Option<Keys> {
+        let (client_ip, client_port) = v4(client.client)?;
+        let (server_ip, server_port) = v4(client.server)?;
+        let (peer_ip, peer_port) = v4(peer)?;
+        let (relay_ip, relay_port) = v4(relayed)?;
+        Some(Keys {
+            to_peer: ToPeerKey {
+                client_ip,
+                server_ip,
+                client_port,
+                server_port,
+                channel: channel.to_be(),
+                pad: 0,
+            },
+            to_client: ToClientKey {
+                relay_ip,
+                peer_ip,
+                relay_port,
+                peer_port,
+            },
+        })
+    }
+}
+
+/// Packets and bytes one entry relayed so far, each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryCounters {
+    /// Client → peer: packets, bytes.
+    pub to_peer: (u64, u64),
+    /// Peer → client: packets, bytes.
+    pub to_client: (u64, u64),
+}
+
+/// Nanoseconds of CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads) at an
+/// `Instant`: `Instant` is CLOCK_MONOTONIC on Linux, so one pair read at
+/// start converts any other.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    at: Instant,
+    ns: u64,
+}
+
+impl Clock {
+    /// Reads both clocks now.
+    pub fn now() -> Clock {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Clock {
+            // The relay's clock source: read right beside the kernel's.
+            #[allow(clippy::disallowed_methods)]
+            at: Instant::now(),
+            ns: (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64,
+        }
+    }
+
+    /// `t` in CLOCK_MONOTONIC nanoseconds.
+    pub fn ns(&self, t: Instant) -> u64 {
+        match t.checked_duration_since(self.at) {
+            Some(d) => self.ns.saturating_add(d.as_nanos() as u64),
+            None => self
+                .ns
+                .saturating_sub(self.at.duration_since(t).as_nanos() as u64),
+        }
+    }
+}
+
+#[cfg(natrix_xdp)]
+mod loaded {
+    use super::*;
+    use aya::maps::{HashMap, MapData, PerCpuArray};
+    use aya::programs::{Xdp as XdpProgram, XdpMode};
+
+    /// The program, attached, and its maps.
+    pub struct Xdp {
+        _ebpf: aya::Ebpf,
+        to_peer: HashMap<MapData, ToPeerKey, ToPeerVal>,
+        to_client: HashMap<MapData, ToClientKey, ToClientVal>,
+        stats: PerCpuArray<MapData, u64>,
+        clock: Clock,
+        /// Interfaces it runs on.
+        pub interfaces: Vec<String>,
+    }
+
+    static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/natrix_xdp.o"));
+
+    impl Xdp {
+        /// Loads the program and attaches it to `interfaces` in the
+        /// driver's native mode, else the generic one (a clear error when
+        /// the kernel or privileges refuse).
+        pub fn attach(interfaces: &[String]) -> anyhow::Result<Xdp> {
+            use anyhow::Context;
+            let mut ebpf = aya::Ebpf::load(OBJECT)
+                .context("loading the XDP object (needs root or CAP_BPF and CAP_NET_ADMIN)")?;
+            let program: &mut XdpProgram = ebpf
+                .program_mut("natrix_xdp")
+                .context("the object has no natrix_xdp program")?
+                .try_into()
+                .context("natrix_xdp is not an XDP program")?;
+            program
+                .load()
+                .context("the kernel refused the XDP program (verifier)")?;
+            for iface in interfaces {
+                if program.attach(iface, XdpMode::Driver).is_err() {
+                    program.attach(iface, XdpMode::Skb).with_context(|| {
+                        format!("attaching the XDP program to {iface} (native and generic modes refused)")
+                    })?;
+                    tracing::warn!(interface = %iface, "XDP runs in generic (skb) mode: slower than native");
+                }
+            }
+            let take = |ebpf: &mut aya::Ebpf, name: &str| {
+                ebpf.take_map(name)
+                    .with_context(|| format!("the XDP object has no {name} map"))
+            };
+            let to_peer = HashMap::try_from(take(&mut ebpf, "to_peer")?)?;
+            let to_client = HashMap::try_from(take(&mut ebpf, "to_client")?)?;
+            let stats = PerCpuArray::try_from(take(&mut ebpf, "stats")?)?;
+            Ok(Xdp {
+                _ebpf: ebpf,
+                to_peer,
+                to_client,
+                stats,
+                clock: Clock::now(),
+                interfaces: interfaces.to_vec(),
+            })
+        }
+
+        /// Installs (or updates) `f`'s entries; false when the maps refused
+        /// (full): the binding stays in userspace.
+        pub fn install(&mut self, keys: &Keys, f: &FastPath, until: Instant) -> bool {
+            let expires_ns = self.clock.ns(until);
+            let (Some((relay_ip, relay_port)), Some((peer_ip, peer_port))) =
+                (v4(f.relayed), v4(f.peer))
+            else {
+                return false;
+            };
+            let (Some((server_ip, server_port)), Some((client_ip, client_port))) =
+                (v4(f.client.server), v4(f.client.client))
+            else {
+                return false;
+            };
+            // Counters survive an update (a refresh must not reset them).
+            let kept_peer = self.to_peer.get(&keys.to_peer, 0).ok();
+            let kept_client = self.to_client.get(&keys.to_client, 0).ok();
+            let to_peer = ToPeerVal {
+                relay_ip,
+                peer_ip,
+                relay_port,
+                peer_port,
+                pad: 0,
+                expires_ns,
+                packets: kept_peer.map_or(0, |v| v.packets),
+                bytes: kept_peer.map_or(0, |v| v.bytes),
+            };
+            let to_client = ToClientVal {
+                server_ip,
+                client_ip,
+                server_port,
+                client_port,
+                channel: f.channel.to_be(),
+                pad: 0,
+                expires_ns,
+                packets: kept_client.map_or(0, |v| v.packets),
+                bytes: kept_client.map_or(0, |v| v.bytes),
+            };
+            let ok = self.to_peer.insert(keys.to_peer, to_peer, 0).is_ok()
+                && self.to_client.insert(keys.to_client, to_client, 0).is_ok();
+            if !ok {
+                self.remove(keys);
+            }
+            ok
+        }
+
+        /// Removes `keys`' entries; what they counted last.
+        pub fn remove(&mut self, keys: &Keys) -> EntryCounters {
+            let counters = self.counters(keys);
+            let _ = self.to_peer.remove(&keys.to_peer);
+            let _ = self.to_client.remove(&keys.to_client);
+            counters
+        }
+
+        /// What `keys`' entries counted so far.
+        pub fn counters(&self, keys: &Keys) -> EntryCounters {
+            let p = self.to_peer.get(&keys.to_peer, 0).ok();
+            let c = self.to_client.get(&keys.to_client, 0).ok();
+            EntryCounters {
+                to_peer: p.map_or((0, 0), |v| (v.packets, v.bytes)),
+                to_client: c.map_or((0, 0), |v| (v.packets, v.bytes)),
+            }
+        }
+
+        /// The per-CPU counters, summed.
+        pub fn stats(&self) -> [u64; STATS as usize] {
+            let mut out = [0u64; STATS as usize];
+            for (i, o) in out.iter_mut().enumerate() {
+                if let Ok(values) = self.stats.get(&(i as u32), 0) {
+                    *o = values.iter().sum();
+                }
+            }
+            out
+        }
+    }
+
+    /// Attaches the pass-through program to veth ends that receive
+    /// redirected frames (a veth takes XDP_REDIRECT only when its peer
+    /// runs XDP): the lab's far ends.
+    pub fn attach_pass(interfaces: &[String]) -> anyhow::Result<aya::Ebpf> {
+        use anyhow::Context;
+        let mut ebpf = aya::Ebpf::load(OBJECT).context("loading the XDP object")?;
+        let program: &mut XdpProgram = ebpf
+            .program_mut("natrix_xdp_pass")
+            .context("the object has no natrix_xdp_pass program")?
+            .try_into()?;
+        program.load()?;
+        for iface in interfaces {
+            program
+                .attach(iface, XdpMode::Driver)
+                .with_context(|| format!("attaching the pass program to {iface}"))?;
+        }
+        Ok(ebpf)
+    }
+}
+
+#[cfg(natrix_xdp)]
+pub use loaded::{Xdp, attach_pass};
+
+/// Without clang at build time there is no program to load.
+#[cfg(not(natrix_xdp))]
+pub struct Xdp {
+    /// Interfaces it runs on (never any).
+    pub interfaces: Vec<String>,
+}
+
+#[cfg(not(natrix_xdp))]
+impl Xdp {
+    /// Always an error: this build has no XDP program.
+    pub fn attach(_: &[String]) -> anyhow::Result<Xdp> {
+        anyhow::bail!(
+            "this natrix was built without its XDP program (clang and libbpf-dev were missing at build time)"
+        )
+    }
+    /// Never called (no [`Xdp`] exists).
+    pub fn install(&mut self, _: &Keys, _: &FastPath, _: Instant) -> bool {
+        false
+    }
+    /// Never called.
+    pub fn remove(&mut self, _: &Keys) -> EntryCounters {
+        EntryCounters::default()
+    }
+    /// Never called.
+    pub fn counters(&self, _: &Keys) -> EntryCounters {
+        EntryCounters::default()
+    }
+    /// Never called.
+    pub fn stats(&self) -> [u64; STATS as usize] {
+        [0; STATS as usize]
+    }
+}
