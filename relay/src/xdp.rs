@@ -181,6 +181,24 @@ impl Clock {
     }
 }
 
+/// The program finds each datagram's next hop with `bpf_fib_lookup`,
+/// which the kernel answers only for interfaces with IPv4 forwarding on.
+pub fn check_forwarding(iface: &str) -> anyhow::Result<()> {
+    if iface.contains('/') || iface.starts_with('.') {
+        anyhow::bail!("{iface:?} is not an interface name");
+    }
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    match std::fs::read_to_string(&path) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        Ok(_) => anyhow::bail!(
+            "IPv4 forwarding is off on {iface}: the XDP program's next-hop lookup needs it \
+             (sysctl -w net.ipv4.conf.{iface}.forwarding=1; with forwarding on, drop routed \
+             traffic in the firewall's forward chain if the host should not route)"
+        ),
+        Err(_) => anyhow::bail!("no interface {iface} (no {path})"),
+    }
+}
+
 #[cfg(natrix_xdp)]
 mod loaded {
     use super::*;
@@ -206,6 +224,9 @@ mod loaded {
         /// the kernel or privileges refuse).
         pub fn attach(interfaces: &[String]) -> anyhow::Result<Xdp> {
             use anyhow::Context;
+            for iface in interfaces {
+                super::check_forwarding(iface)?;
+            }
             let mut ebpf = aya::Ebpf::load(OBJECT)
                 .context("loading the XDP object (needs root or CAP_BPF and CAP_NET_ADMIN)")?;
             let program: &mut XdpProgram = ebpf

@@ -235,18 +235,37 @@ fn channel_data_crosses_an_xdp_relay_in_the_kernel_without_loss() {
     );
 }
 
-/// Without the privileges or kernel support, `--xdp` names the reason and
-/// the relay serves from userspace: here an interface that does not exist.
+/// Where the kernel refuses what the fast path needs, `--xdp` names the
+/// reason and the relay serves from userspace: here IPv4 forwarding is off
+/// on the interface (the program's next-hop lookup needs it), and another
+/// interface does not exist.
 #[test]
 fn a_relay_that_cannot_attach_xdp_says_why_and_relays_in_userspace() {
     let _lab = Lab::up();
-    let mut natrix = relay(&["--xdp", "no-such-if0"]);
+    sh("ip netns exec xr sysctl -qw net.ipv4.conf.xr0.forwarding=0");
+    let mut missing = relay(&["--xdp", "no-such-if0"]);
+    assert!(
+        missing.wait_for("XDP fast path unavailable"),
+        "{}",
+        missing.log()
+    );
+    assert!(
+        missing.log().contains("no interface no-such-if0"),
+        "{}",
+        missing.log()
+    );
+    drop(missing);
+    let mut natrix = relay(&["--xdp", "xr0,xr1"]);
     assert!(
         natrix.wait_for("XDP fast path unavailable"),
         "{}",
         natrix.log()
     );
-    assert!(natrix.log().contains("no-such-if0"), "{}", natrix.log());
+    assert!(
+        natrix.log().contains("IPv4 forwarding is off on xr0"),
+        "{}",
+        natrix.log()
+    );
     assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
     let _peer = InNs::spawn(
         "xp",

@@ -3088,3 +3088,116 @@ fn connection_binds_are_the_allocations_users_own_and_capped() {
         .sign(&alice, &nonce);
     assert_eq!(code_of(&h.request(&req, c, h.at(2))), Some(508));
 }
+
+// ------------------------------------------------------- the fast path
+
+/// The fast-path commands, in order.
+fn fast_paths(h: &mut Harness) -> Vec<natrix_relay_proto::FastPath> {
+    commands(h)
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::FastPath(f) => Some(*f),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fast_config() -> ServerConfig {
+    ServerConfig {
+        fast_path: true,
+        ..config()
+    }
+}
+
+impl Harness {
+    fn channel_bind(&mut self, c: ClientSocket, user: &User, n: u16, to: SocketAddr, at: Instant) {
+        let nonce = self.nonce(c, at);
+        let req = Req::new(Method::CHANNEL_BIND)
+            .channel(n)
+            .peer(to)
+            .sign(user, &nonce);
+        let resp = self.request(&req, c, at);
+        assert_eq!(Message::parse(&resp).unwrap().class(), Class::Success);
+    }
+}
+
+#[test]
+fn channel_bindings_go_on_the_fast_path_until_the_earlier_expiry_and_leave_with_their_allocation() {
+    let mut h = Harness::new(fast_config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(41000);
+    let relayed = h.allocate(c, &alice, h.t0);
+    let id = h.last_allocation();
+    let p = peer(9, 7000);
+    h.channel_bind(c, &alice, 0x4001, p, h.t0);
+    // The permission (300 s) ends before the channel (600 s).
+    let bound_at = relayed.port();
+    let f = fast_paths(&mut h);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(
+        (f[0].allocation, f[0].client, f[0].channel, f[0].peer),
+        (id, c, 0x4001, p)
+    );
+    assert_eq!(
+        f[0].relayed,
+        SocketAddr::new("10.0.0.5".parse().unwrap(), bound_at),
+        "the bound address, not the public one"
+    );
+    assert_eq!(f[0].until, Some(h.at(300)));
+    // A CreatePermission at 100 s carries it to 400 s; a ChannelBind
+    // refresh at 350 s refreshes the permission too: 650 → the channel's 950.
+    let nonce = h.nonce(c, h.at(100));
+    let req = Req::new(Method::CREATE_PERMISSION)
+        .peer(p)
+        .sign(&alice, &nonce);
+    h.request(&req, c, h.at(100));
+    assert_eq!(fast_paths(&mut h)[0].until, Some(h.at(400)));
+    h.channel_bind(c, &alice, 0x4001, p, h.at(350));
+    assert_eq!(fast_paths(&mut h)[0].until, Some(h.at(650)));
+    // What the kernel relayed counts as relayed.
+    h.server
+        .fast_path_relayed(id, natrix_relay_proto::Direction::PeerToClient, 10, 1600);
+    assert_eq!(h.server.stats().forwarded_packets[1], 10);
+    assert_eq!(h.server.allocations_info(h.at(351))[0].usage.bytes[1], 1600);
+    // Deleting the allocation takes it off.
+    let nonce = h.nonce(c, h.at(360));
+    let delete = Req::new(Method::REFRESH).lifetime(0).sign(&alice, &nonce);
+    h.request(&delete, c, h.at(360));
+    let f = fast_paths(&mut h);
+    assert_eq!(f.len(), 1);
+    assert_eq!((f[0].channel, f[0].until), (0x4001, None));
+}
+
+#[test]
+fn only_udp_ipv4_bindings_on_ports_of_their_own_without_a_cap_take_the_fast_path() {
+    let alice = User::stat("alice", "wonderland");
+    let p = peer(9, 7000);
+    // Off: nothing.
+    let mut h = Harness::new(config());
+    let c = client(41010);
+    h.allocate(c, &alice, h.t0);
+    h.channel_bind(c, &alice, 0x4001, p, h.t0);
+    assert!(fast_paths(&mut h).is_empty());
+    // A bandwidth cap: the kernel does not meter, so nothing.
+    let mut h = Harness::new(ServerConfig {
+        bandwidth_per_allocation: Some(100_000),
+        ..fast_config()
+    });
+    h.allocate(c, &alice, h.t0);
+    h.channel_bind(c, &alice, 0x4001, p, h.t0);
+    assert!(fast_paths(&mut h).is_empty());
+    // A TCP client: nothing.
+    let mut h = Harness::new(fast_config());
+    let t = tcp_client(41011);
+    h.allocate(t, &alice, h.t0);
+    h.channel_bind(t, &alice, 0x4001, p, h.t0);
+    assert!(fast_paths(&mut h).is_empty());
+    // A shared relayed address: nothing.
+    let mut h = Harness::one_port(fast_config(), policy(), &[40000, 40001]);
+    h.allocate(client(41012), &alice, h.t0);
+    let c = client(41013);
+    h.allocate(c, &alice, h.t0);
+    h.channel_bind(c, &alice, 0x4001, p, h.t0);
+    let f = fast_paths(&mut h);
+    assert!(f.is_empty(), "{f:?}");
+}
