@@ -253,6 +253,7 @@ fn run_once(args: &CompareArgs, case: Case, t: &Target) -> anyhow::Result<Run> {
             rate: None,
             duration: args.duration,
             local: args.local,
+            peer_local: None,
             peers: 1,
         })?,
         Case::Stun => crate::stun::run(&StunArgs {

@@ -136,6 +136,10 @@ pub(crate) struct RelayArgs {
     /// Local address for client and peer sockets.
     #[arg(long, default_value = "127.0.0.1")]
     pub(crate) local: IpAddr,
+    /// Local address for the echo peers' sockets (default: --local): a
+    /// lab with clients and peers on either side of the relay.
+    #[arg(long)]
+    pub(crate) peer_local: Option<IpAddr>,
     /// Echo peers on the peer path, each with its own port; client `i`
     /// reaches peer `i mod N`. A relay that shares relayed sockets past its
     /// port range (--relay-multiplex-ports) gives each peer address to one
@@ -347,8 +351,9 @@ pub(crate) fn run(args: &RelayArgs) -> anyhow::Result<serde_json::Value> {
     match args.path {
         Path::Peer => {
             let mut peer_addrs = Vec::new();
+            let peer_local = SocketAddr::new(args.peer_local.unwrap_or(args.local), 0);
             for _ in 0..args.peers.max(1) {
-                let peer = Arc::new(UdpSocket::bind(local).context("binding an echo peer")?);
+                let peer = Arc::new(UdpSocket::bind(peer_local).context("binding an echo peer")?);
                 peer_addrs.push(peer.local_addr()?);
                 let stop = stop.clone();
                 helpers.push(std::thread::spawn(move || echo_peer(&peer, &stop)));

@@ -36,6 +36,7 @@ pub struct RelayMetrics {
     /// Channel bindings on the XDP fast path.
     pub xdp_entries: IntGauge,
     xdp_packets: [IntCounter; 5],
+    xdp_program_us: IntCounter,
     /// Failed sends.
     pub send_errors: IntCounter,
     /// Open TCP connections.
@@ -97,6 +98,7 @@ impl RelayMetrics {
                     .with_label_values(&[e.label()])
             }),
             xdp_entries: t.gauge(&cat::RELAY_XDP_ENTRIES),
+            xdp_program_us: t.counter(&cat::RELAY_XDP_PROGRAM_MICROSECONDS_TOTAL),
             xdp_packets: ["to_peer", "to_client", "expired", "no_route", "passed"].map(|r| {
                 t.counter_family(&cat::RELAY_XDP_PACKETS_TOTAL)
                     .with_label_values(&[r])
@@ -138,7 +140,12 @@ impl RelayMetrics {
 
     /// Adds what the XDP program's per-CPU counters gained between two
     /// readings (`crate::xdp` indexes).
-    pub fn publish_xdp(&self, last: &[u64], now: &[u64]) {
+    pub fn publish_xdp(&self, last: &[u64], now: &[u64], program_time: std::time::Duration) {
+        let us = u64::try_from(program_time.as_micros()).unwrap_or(u64::MAX);
+        let seen = self.xdp_program_us.get();
+        if us > seen {
+            self.xdp_program_us.inc_by(us - seen);
+        }
         use crate::xdp as x;
         let index = [
             x::STAT_TO_PEER_PACKETS,

@@ -207,7 +207,10 @@ mod loaded {
 
     /// The program, attached, and its maps.
     pub struct Xdp {
-        _ebpf: aya::Ebpf,
+        ebpf: aya::Ebpf,
+        /// Keeps the kernel's per-program run-time accounting on (what
+        /// `relay_xdp_program_microseconds_total` reads).
+        _run_time: Option<std::os::fd::OwnedFd>,
         to_peer: HashMap<MapData, ToPeerKey, ToPeerVal>,
         to_client: HashMap<MapData, ToClientKey, ToClientVal>,
         stats: PerCpuArray<MapData, u64>,
@@ -252,8 +255,11 @@ mod loaded {
             let to_peer = HashMap::try_from(take(&mut ebpf, "to_peer")?)?;
             let to_client = HashMap::try_from(take(&mut ebpf, "to_client")?)?;
             let stats = PerCpuArray::try_from(take(&mut ebpf, "stats")?)?;
+            // Costs two clock reads per program run; off where refused.
+            let run_time = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
             Ok(Xdp {
-                _ebpf: ebpf,
+                ebpf,
+                _run_time: run_time,
                 to_peer,
                 to_client,
                 stats,
@@ -326,6 +332,15 @@ mod loaded {
             }
         }
 
+        /// CPU time the program has run so far (zero when the kernel does
+        /// not account it).
+        pub fn program_time(&self) -> std::time::Duration {
+            self.ebpf
+                .program("natrix_xdp")
+                .and_then(|p| p.info().ok())
+                .map_or(std::time::Duration::ZERO, |i| i.run_time())
+        }
+
         /// The per-CPU counters, summed.
         pub fn stats(&self) -> [u64; STATS as usize] {
             let mut out = [0u64; STATS as usize];
@@ -391,5 +406,9 @@ impl Xdp {
     /// Never called.
     pub fn stats(&self) -> [u64; STATS as usize] {
         [0; STATS as usize]
+    }
+    /// Never called.
+    pub fn program_time(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 }

@@ -510,6 +510,14 @@ pub const RELAY_XDP_ENTRIES: MetricDef = metric(
     &[],
 );
 
+/// CPU time in the XDP program.
+pub const RELAY_XDP_PROGRAM_MICROSECONDS_TOTAL: MetricDef = metric(
+    "relay_xdp_program_microseconds_total",
+    "CPU time the XDP fast path's program ran, in microseconds (the kernel's per-program accounting, on while the relay runs with --xdp): the relaying the relay process no longer does; the redirects' transmit work is not in it.",
+    Kind::Counter,
+    &[],
+);
+
 /// Outcomes of the XDP fast path.
 pub const RELAY_XDP_RESULT: Label = Label {
     name: "result",
@@ -1179,6 +1187,7 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_DTLS_HANDSHAKES_TOTAL,
     &RELAY_XDP_ENTRIES,
     &RELAY_XDP_PACKETS_TOTAL,
+    &RELAY_XDP_PROGRAM_MICROSECONDS_TOTAL,
     &RELAY_TCP_ALLOCATIONS,
     &RELAY_TCP_CONNECTIONS,
     &RELAY_TCP_CONNECTION_EVENTS_TOTAL,

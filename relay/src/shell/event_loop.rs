@@ -2164,7 +2164,7 @@ impl EventLoop {
             };
             readings.push((*keys, allocation, until <= now, seen, counters));
         }
-        let stats = (self.shard == 0).then(|| x.stats());
+        let stats = (self.shard == 0).then(|| (x.stats(), x.program_time()));
         drop(x);
         for (keys, allocation, expired, seen, counters) in readings {
             self.account_fast_path(allocation, seen, counters);
@@ -2179,8 +2179,8 @@ impl EventLoop {
             .xdp_entries
             .add(live as i64 - self.fast.published_entries as i64);
         self.fast.published_entries = live;
-        if let Some(stats) = stats {
-            self.metrics.publish_xdp(&self.fast.published, &stats);
+        if let Some((stats, program_time)) = stats {
+            self.metrics.publish_xdp(&self.fast.published, &stats, program_time);
             self.fast.published = stats;
         }
     }
