@@ -528,3 +528,50 @@ fn the_default_rendering_is_locked_down() {
     let redis_policy = serde_yaml::to_string(find("NetworkPolicy", "-redis")).unwrap();
     assert!(redis_policy.contains("10.0.0.0/16"), "{redis_policy}");
 }
+
+/// `relay.config.xdp` renders the flag, and the relay container as root
+/// with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON and nothing else; without
+/// hostNetwork the chart refuses (XDP attaches to the node's interfaces).
+#[test]
+fn the_xdp_fast_path_gets_the_capabilities_it_needs_and_no_more() {
+    let chart = chart();
+    let values = Some(chart.join("ci/xdp-values.yaml"));
+    let (ok, text) = helm(&["template", "t", chart.to_str().unwrap()], &values);
+    assert!(ok, "{text}");
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &serde_yaml::Value| !d.is_null())
+        .collect();
+    let relay = docs
+        .iter()
+        .find(|d| {
+            ["Deployment", "DaemonSet"].contains(&d["kind"].as_str().unwrap_or(""))
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-relay"))
+        })
+        .expect("a relay workload");
+    let pod = &relay["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    let c = &pod["containers"][0];
+    let args = serde_yaml::to_string(&c["args"]).unwrap();
+    assert!(args.contains("--xdp=eth0"), "{args}");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsUser"], 0, "{sc:?}");
+    assert_eq!(
+        serde_yaml::to_string(&sc["capabilities"]).unwrap(),
+        "drop:\n- ALL\nadd:\n- BPF\n- NET_ADMIN\n- PERFMON\n"
+    );
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    let (ok, text) = helm(
+        &[
+            "template",
+            "t",
+            chart.to_str().unwrap(),
+            "--set",
+            "relay.hostNetwork=false",
+        ],
+        &values,
+    );
+    assert!(!ok && text.contains("needs relay.hostNetwork"), "{text}");
+}

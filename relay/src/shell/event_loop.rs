@@ -2180,7 +2180,8 @@ impl EventLoop {
             .add(live as i64 - self.fast.published_entries as i64);
         self.fast.published_entries = live;
         if let Some((stats, program_time)) = stats {
-            self.metrics.publish_xdp(&self.fast.published, &stats, program_time);
+            self.metrics
+                .publish_xdp(&self.fast.published, &stats, program_time);
             self.fast.published = stats;
         }
     }
