@@ -69,14 +69,14 @@ for config in userspace xdp; do
   if [ "$config" = xdp ]; then up --xdp xb-r0,xb-r1; else up; fi
   for payload in 160 1200; do
     c0=$(cpu_of "$relay_pid"); s0=$(softirq); x0=$(metric 'relay_xdp_packets_total{result="to_peer"}'); x0=${x0:-0}
-    p0=$(metric relay_xdp_program_microseconds_total); p0=${p0:-0}
+    p0=$(metric relay_xdp_program_seconds_total); p0=${p0:-0}
     ip netns exec xb-g "$lt" --progress off relay --server 10.202.1.1:3478 \
       --local 10.202.1.2 --peer-local 10.202.2.2 --user bench --password bench \
       --clients "$clients" --payload "$payload" --duration "${secs}s" \
       --json "$out/$config-$payload.json" >/dev/null 2>"$work/lt.log" || { cat "$work/lt.log"; exit 1; }
     sleep 1.2  # the loops publish the kernel's counters every second
     c1=$(cpu_of "$relay_pid"); s1=$(softirq); x1=$(metric 'relay_xdp_packets_total{result="to_peer"}'); x1=${x1:-0}
-    p1=$(metric relay_xdp_program_microseconds_total); p1=${p1:-0}
+    p1=$(metric relay_xdp_program_seconds_total); p1=${p1:-0}
     python3 - "$out/$config-$payload.json" "$config" "$payload" "$c0" "$c1" "$s0" "$s1" "$hz" "$x0" "$x1" "$p0" "$p1" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -86,7 +86,7 @@ rate = r["relayed_packets_per_second"]
 relayed = rate * r["seconds"]  # datagrams through the relay, both ways
 loss = r.get("loss_ratio", 0)
 cpu = (c1 - c0) / hz; soft = (s1 - s0) / hz
-prog = (p1 - p0) / 1e6
+prog = p1 - p0
 per_relay = relayed / max(cpu + prog, 1e-9)
 per = relayed / max(cpu + soft, 1e-9)
 share = (x1 - x0) / max(r.get("echoed", 0), 1)  # client->peer datagrams XDP took

@@ -36,7 +36,7 @@ pub struct RelayMetrics {
     /// Channel bindings on the XDP fast path.
     pub xdp_entries: IntGauge,
     xdp_packets: [IntCounter; 5],
-    xdp_program_us: IntCounter,
+    xdp_program_seconds: prometheus::Counter,
     /// Failed sends.
     pub send_errors: IntCounter,
     /// Open TCP connections.
@@ -98,7 +98,7 @@ impl RelayMetrics {
                     .with_label_values(&[e.label()])
             }),
             xdp_entries: t.gauge(&cat::RELAY_XDP_ENTRIES),
-            xdp_program_us: t.counter(&cat::RELAY_XDP_PROGRAM_MICROSECONDS_TOTAL),
+            xdp_program_seconds: t.seconds_counter(&cat::RELAY_XDP_PROGRAM_SECONDS_TOTAL),
             xdp_packets: ["to_peer", "to_client", "expired", "no_route", "passed"].map(|r| {
                 t.counter_family(&cat::RELAY_XDP_PACKETS_TOTAL)
                     .with_label_values(&[r])
@@ -141,10 +141,10 @@ impl RelayMetrics {
     /// Adds what the XDP program's per-CPU counters gained between two
     /// readings (`crate::xdp` indexes).
     pub fn publish_xdp(&self, last: &[u64], now: &[u64], program_time: std::time::Duration) {
-        let us = u64::try_from(program_time.as_micros()).unwrap_or(u64::MAX);
-        let seen = self.xdp_program_us.get();
-        if us > seen {
-            self.xdp_program_us.inc_by(us - seen);
+        let seen = self.xdp_program_seconds.get();
+        let now_s = program_time.as_secs_f64();
+        if now_s > seen {
+            self.xdp_program_seconds.inc_by(now_s - seen);
         }
         use crate::xdp as x;
         let index = [

@@ -209,7 +209,7 @@ mod loaded {
     pub struct Xdp {
         ebpf: aya::Ebpf,
         /// Keeps the kernel's per-program run-time accounting on (what
-        /// `relay_xdp_program_microseconds_total` reads).
+        /// `relay_xdp_program_seconds_total` reads).
         _run_time: Option<std::os::fd::OwnedFd>,
         to_peer: HashMap<MapData, ToPeerKey, ToPeerVal>,
         to_client: HashMap<MapData, ToClientKey, ToClientVal>,

@@ -140,6 +140,43 @@ fn wait_metric(series: &str, pred: impl Fn(f64) -> bool) -> f64 {
     }
 }
 
+/// coturn's client in the client's namespace: `clients` allocations, each
+/// sending `messages` of 160 bytes over a channel to an echo peer in the
+/// peer's namespace (returned: it stops when dropped).
+fn channels_to_echo_peer(messages: u32, clients: u32) -> (InNs, common::UclientReport) {
+    let peer = InNs::spawn(
+        "xp",
+        &tool("turnutils_peer"),
+        &["-L", "10.201.2.2", "-p", "3480"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (n, m) = (messages.to_string(), clients.to_string());
+    let report = common::uclient_in(
+        "xg",
+        &[
+            "-u",
+            USER,
+            "-w",
+            PASSWORD,
+            "-p",
+            "3478",
+            "-e",
+            "10.201.2.2",
+            "-r",
+            "3480",
+            "-c",
+            "-n",
+            &n,
+            "-m",
+            &m,
+            "-l",
+            "160",
+            "10.201.1.1",
+        ],
+    );
+    (peer, report)
+}
+
 fn relay(extra: &[&str]) -> InNs {
     let user = format!("{USER}:{PASSWORD}");
     let mut args = vec![
@@ -183,35 +220,7 @@ fn channel_data_crosses_an_xdp_relay_in_the_kernel_without_loss() {
         natrix.log()
     );
     assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
-    let _peer = InNs::spawn(
-        "xp",
-        &tool("turnutils_peer"),
-        &["-L", "10.201.2.2", "-p", "3480"],
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let report = common::uclient_in(
-        "xg",
-        &[
-            "-u",
-            USER,
-            "-w",
-            PASSWORD,
-            "-p",
-            "3478",
-            "-e",
-            "10.201.2.2",
-            "-r",
-            "3480",
-            "-c",
-            "-n",
-            "500",
-            "-m",
-            "4",
-            "-l",
-            "160",
-            "10.201.1.1",
-        ],
-    );
+    let (_peer, report) = channels_to_echo_peer(500, 4);
     assert_eq!(
         (report.sent, report.received, report.lost),
         (2000, 2000, 0),
@@ -227,6 +236,16 @@ fn channel_data_crosses_an_xdp_relay_in_the_kernel_without_loss() {
     let to_peer = wait_metric("relay_xdp_packets_total{result=\"to_peer\"}", at_least);
     let to_client = wait_metric("relay_xdp_packets_total{result=\"to_client\"}", at_least);
     assert!(to_peer <= 2000.0 && to_client <= 2000.0, "{}", metrics());
+    // The program's own CPU time is accounted (what "relay CPU" means with
+    // XDP: the relay process has nothing left to do).
+    assert!(
+        metric("relay_xdp_program_seconds_total") > 0.0,
+        "{}",
+        metrics()
+    );
+    // The client deleted its allocations on leaving: their bindings left
+    // the maps with them.
+    wait_metric("relay_xdp_entries", |v| v == 0.0);
     // And the relay counts them as relayed (the loops read the kernel's
     // per-binding counters every second).
     wait_metric(
@@ -267,35 +286,7 @@ fn a_relay_that_cannot_attach_xdp_says_why_and_relays_in_userspace() {
         natrix.log()
     );
     assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
-    let _peer = InNs::spawn(
-        "xp",
-        &tool("turnutils_peer"),
-        &["-L", "10.201.2.2", "-p", "3480"],
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let report = common::uclient_in(
-        "xg",
-        &[
-            "-u",
-            USER,
-            "-w",
-            PASSWORD,
-            "-p",
-            "3478",
-            "-e",
-            "10.201.2.2",
-            "-r",
-            "3480",
-            "-c",
-            "-n",
-            "100",
-            "-m",
-            "1",
-            "-l",
-            "160",
-            "10.201.1.1",
-        ],
-    );
+    let (_peer, report) = channels_to_echo_peer(100, 1);
     assert_eq!(
         (report.sent, report.received, report.lost),
         (100, 100, 0),

@@ -11,6 +11,8 @@
 pub enum Kind {
     /// Monotonic counter.
     Counter,
+    /// Monotonic counter of seconds, fractional (CPU or busy time).
+    SecondsCounter,
     /// Gauge.
     Gauge,
     /// Histogram (buckets in [`MetricDef::buckets`]).
@@ -511,10 +513,10 @@ pub const RELAY_XDP_ENTRIES: MetricDef = metric(
 );
 
 /// CPU time in the XDP program.
-pub const RELAY_XDP_PROGRAM_MICROSECONDS_TOTAL: MetricDef = metric(
-    "relay_xdp_program_microseconds_total",
-    "CPU time the XDP fast path's program ran, in microseconds (the kernel's per-program accounting, on while the relay runs with --xdp): the relaying the relay process no longer does; the redirects' transmit work is not in it.",
-    Kind::Counter,
+pub const RELAY_XDP_PROGRAM_SECONDS_TOTAL: MetricDef = metric(
+    "relay_xdp_program_seconds_total",
+    "CPU time the XDP fast path's program ran (the kernel's per-program accounting, on while the relay runs with --xdp): the relaying the relay process no longer does; the redirects' transmit work is not in it.",
+    Kind::SecondsCounter,
     &[],
 );
 
@@ -1187,7 +1189,7 @@ pub const ALL: &[&MetricDef] = &[
     &RELAY_DTLS_HANDSHAKES_TOTAL,
     &RELAY_XDP_ENTRIES,
     &RELAY_XDP_PACKETS_TOTAL,
-    &RELAY_XDP_PROGRAM_MICROSECONDS_TOTAL,
+    &RELAY_XDP_PROGRAM_SECONDS_TOTAL,
     &RELAY_TCP_ALLOCATIONS,
     &RELAY_TCP_CONNECTIONS,
     &RELAY_TCP_CONNECTION_EVENTS_TOTAL,
@@ -1279,7 +1281,7 @@ mod tests {
             let is_total = m.name.ends_with("_total");
             assert_eq!(
                 is_total,
-                m.kind == Kind::Counter,
+                matches!(m.kind, Kind::Counter | Kind::SecondsCounter),
                 "{}: `_total` is for counters and every counter",
                 m.name
             );

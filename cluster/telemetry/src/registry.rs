@@ -15,6 +15,7 @@ use crate::health::Health;
 #[derive(Clone)]
 enum Family {
     Counter(IntCounterVec),
+    Seconds(prometheus::CounterVec),
     Gauge(IntGaugeVec),
     Histogram(HistogramVec),
 }
@@ -97,6 +98,9 @@ impl Telemetry {
             Kind::Gauge => {
                 Family::Gauge(IntGaugeVec::new(opts, &labels).expect("catalogue metric is valid"))
             }
+            Kind::SecondsCounter => Family::Seconds(
+                prometheus::CounterVec::new(opts, &labels).expect("catalogue metric is valid"),
+            ),
             Kind::Histogram => Family::Histogram(
                 HistogramVec::new(
                     HistogramOpts::from(opts).buckets(def.buckets.to_vec()),
@@ -107,6 +111,7 @@ impl Telemetry {
         };
         let collector: Box<dyn Collector> = match &family {
             Family::Counter(c) => Box::new(c.clone()),
+            Family::Seconds(c) => Box::new(c.clone()),
             Family::Gauge(g) => Box::new(g.clone()),
             Family::Histogram(h) => Box::new(h.clone()),
         };
@@ -117,6 +122,9 @@ impl Telemetry {
         for values in combinations(def) {
             match &family {
                 Family::Counter(c) => {
+                    c.with_label_values(&values);
+                }
+                Family::Seconds(c) => {
                     c.with_label_values(&values);
                 }
                 Family::Gauge(g) => {
@@ -168,6 +176,17 @@ impl Telemetry {
     /// An unlabelled counter.
     pub fn counter(&self, def: &'static MetricDef) -> IntCounter {
         self.counter_family(def).with_label_values(&[] as &[&str])
+    }
+
+    /// An unlabelled counter of seconds (fractional).
+    ///
+    /// # Panics
+    /// When `def` is not a seconds counter.
+    pub fn seconds_counter(&self, def: &'static MetricDef) -> prometheus::Counter {
+        match self.family(def) {
+            Family::Seconds(c) => c.with_label_values(&[] as &[&str]),
+            _ => panic!("{} is not a seconds counter", def.name),
+        }
     }
 
     /// An unlabelled gauge.
