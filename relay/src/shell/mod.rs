@@ -199,7 +199,16 @@ impl BoundHost {
         let turn = services.turn.as_ref();
         let mut parts = TurnParts::new(turn, telemetry)?;
         let xdp = match turn.filter(|c| !c.xdp.is_empty()) {
-            Some(c) => match crate::xdp::Xdp::attach(&c.xdp) {
+            Some(c) => match (!c.relay_bind_v4().is_unspecified())
+                .then_some(())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "relayed sockets bind the wildcard address: the program matches peers' \
+                         datagrams by the relayed address they reach (give --relay-ip)"
+                    )
+                })
+                .and_then(|()| crate::xdp::Xdp::attach(&c.xdp))
+            {
                 Ok(x) => {
                     info!(interfaces = ?c.xdp, "XDP fast path attached: channel data relayed in the driver's hook");
                     parts.server_config.fast_path = true;
