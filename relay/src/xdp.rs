@@ -11,7 +11,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use crate::core::{ClientSocket, FastPath};
+use crate::core::ClientSocket;
 
 /// Key of the client → peer map (network byte order, as in the C program).
 #[repr(C)]
@@ -268,39 +268,32 @@ mod loaded {
             })
         }
 
-        /// Installs (or updates) `f`'s entries; false when the maps refused
-        /// (full): the binding stays in userspace.
-        pub fn install(&mut self, keys: &Keys, f: &FastPath, until: Instant) -> bool {
+        /// Installs (or updates) the entries of the binding `keys` name,
+        /// until `until` (each direction's key holds the other's addresses);
+        /// false when the maps refused (full): the binding stays in
+        /// userspace.
+        pub fn install(&mut self, keys: &Keys, until: Instant) -> bool {
             let expires_ns = self.clock.ns(until);
-            let (Some((relay_ip, relay_port)), Some((peer_ip, peer_port))) =
-                (v4(f.relayed), v4(f.peer))
-            else {
-                return false;
-            };
-            let (Some((server_ip, server_port)), Some((client_ip, client_port))) =
-                (v4(f.client.server), v4(f.client.client))
-            else {
-                return false;
-            };
+            let (p, c) = (keys.to_peer, keys.to_client);
             // Counters survive an update (a refresh must not reset them).
             let kept_peer = self.to_peer.get(&keys.to_peer, 0).ok();
             let kept_client = self.to_client.get(&keys.to_client, 0).ok();
             let to_peer = ToPeerVal {
-                relay_ip,
-                peer_ip,
-                relay_port,
-                peer_port,
+                relay_ip: c.relay_ip,
+                peer_ip: c.peer_ip,
+                relay_port: c.relay_port,
+                peer_port: c.peer_port,
                 pad: 0,
                 expires_ns,
                 packets: kept_peer.map_or(0, |v| v.packets),
                 bytes: kept_peer.map_or(0, |v| v.bytes),
             };
             let to_client = ToClientVal {
-                server_ip,
-                client_ip,
-                server_port,
-                client_port,
-                channel: f.channel.to_be(),
+                server_ip: p.server_ip,
+                client_ip: p.client_ip,
+                server_port: p.server_port,
+                client_port: p.client_port,
+                channel: p.channel,
                 pad: 0,
                 expires_ns,
                 packets: kept_client.map_or(0, |v| v.packets),
@@ -392,7 +385,7 @@ impl Xdp {
         )
     }
     /// Never called (no [`Xdp`] exists).
-    pub fn install(&mut self, _: &Keys, _: &FastPath, _: Instant) -> bool {
+    pub fn install(&mut self, _: &Keys, _: Instant) -> bool {
         false
     }
     /// Never called.

@@ -1804,9 +1804,7 @@ impl EventLoop {
                     peer.connecting = false;
                     let connection = peer.connection;
                     if !self.core.tcp_connected(connection, ok, Instant::now()) {
-                        if let Some(peer) = self.relays.tcp.remove(&self.registry, k) {
-                            drop(peer);
-                        }
+                        self.relays.tcp.remove(&self.registry, k);
                         return true;
                     }
                 }
@@ -2105,7 +2103,7 @@ impl EventLoop {
         let Ok(mut x) = xdp.lock() else {
             return;
         };
-        let installed = f.until.is_some_and(|until| x.install(&keys, f, until));
+        let installed = f.until.is_some_and(|until| x.install(&keys, until));
         debug!(client = %f.client.client, channel = f.channel, peer = %f.peer, installed, removed = f.until.is_none(), "fast path");
         if let (true, Some(until)) = (installed, f.until) {
             let seen = match self.fast.entries.get(&keys) {

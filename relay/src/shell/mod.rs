@@ -103,6 +103,18 @@ pub struct RelayHost {
     usage_records: std::sync::Mutex<Option<std::sync::mpsc::Receiver<crate::core::UsageRecord>>>,
 }
 
+/// The XDP fast path on `config.xdp`'s interfaces.
+fn attach_xdp(config: &RelayConfig) -> anyhow::Result<crate::xdp::Xdp> {
+    if config.relay_bind_v4().is_unspecified() {
+        // Peers' datagrams are matched by the relayed address they reach.
+        anyhow::bail!(
+            "relayed sockets bind the wildcard address: the program matches peers' datagrams \
+             by the relayed address they reach (give --relay-ip)"
+        );
+    }
+    crate::xdp::Xdp::attach(&config.xdp)
+}
+
 /// Binds a TCP listener that several loops share (SO_REUSEPORT).
 fn bind_shared_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let s = tcp_relay::shared_tcp_socket(addr)?;
@@ -199,16 +211,7 @@ impl BoundHost {
         let turn = services.turn.as_ref();
         let mut parts = TurnParts::new(turn, telemetry)?;
         let xdp = match turn.filter(|c| !c.xdp.is_empty()) {
-            Some(c) => match (!c.relay_bind_v4().is_unspecified())
-                .then_some(())
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "relayed sockets bind the wildcard address: the program matches peers' \
-                         datagrams by the relayed address they reach (give --relay-ip)"
-                    )
-                })
-                .and_then(|()| crate::xdp::Xdp::attach(&c.xdp))
-            {
+            Some(c) => match attach_xdp(c) {
                 Ok(x) => {
                     info!(interfaces = ?c.xdp, "XDP fast path attached: channel data relayed in the driver's hook");
                     parts.server_config.fast_path = true;

@@ -61,42 +61,26 @@ impl Server {
         ip: Option<std::net::IpAddr>,
         now: Instant,
     ) {
-        let Some(relayed) = self.fast_path_bind(index) else {
-            return;
-        };
-        let id = self.id_of(index);
-        let Some(a) = self.slots[index as usize].allocation.as_ref() else {
-            return;
-        };
-        for ch in a
-            .channels
-            .iter()
-            .filter(|c| ip.is_none_or(|ip| c.peer.ip() == ip))
-        {
-            if !ch.peer.is_ipv4() {
-                continue;
-            }
-            let permission = a
-                .permissions
-                .iter()
-                .find(|p| p.ip == ch.peer.ip() && p.expires > now)
-                .map(|p| p.expires);
-            let until = permission.map(|p| p.min(ch.expires)).filter(|&t| t > now);
-            self.commands
-                .push_back(Command::FastPath(Box::new(FastPath {
-                    allocation: id,
-                    client: a.client,
-                    channel: ch.number,
-                    peer: ch.peer,
-                    relayed,
-                    until,
-                })));
-        }
+        self.fast_path_commands(index, ip, None, now);
     }
 
     /// Takes allocation `index`'s channels off the fast path (it ends, or
     /// its client moves away from `client`).
     pub(super) fn fast_path_end(&mut self, index: u32, client: ClientSocket) {
+        let now = self.clock;
+        self.fast_path_commands(index, None, Some(client), now);
+    }
+
+    /// One [`Command::FastPath`] per IPv4 channel of allocation `index` to
+    /// peers of `ip` (all when `None`): removed for `ended` (the client it
+    /// was carried for), else with its deadline.
+    fn fast_path_commands(
+        &mut self,
+        index: u32,
+        ip: Option<std::net::IpAddr>,
+        ended: Option<ClientSocket>,
+        now: Instant,
+    ) {
         let Some(relayed) = self.fast_path_bind(index) else {
             return;
         };
@@ -104,15 +88,28 @@ impl Server {
         let Some(a) = self.slots[index as usize].allocation.as_ref() else {
             return;
         };
-        for ch in a.channels.iter().filter(|c| c.peer.is_ipv4()) {
+        let channels = a
+            .channels
+            .iter()
+            .filter(|c| c.peer.is_ipv4() && ip.is_none_or(|ip| c.peer.ip() == ip));
+        for ch in channels {
+            let until = match ended {
+                Some(_) => None,
+                None => a
+                    .permissions
+                    .iter()
+                    .find(|p| p.ip == ch.peer.ip() && p.expires > now)
+                    .map(|p| p.expires.min(ch.expires))
+                    .filter(|&t| t > now),
+            };
             self.commands
                 .push_back(Command::FastPath(Box::new(FastPath {
                     allocation: id,
-                    client,
+                    client: ended.unwrap_or(a.client),
                     channel: ch.number,
                     peer: ch.peer,
                     relayed,
-                    until: None,
+                    until,
                 })));
         }
     }

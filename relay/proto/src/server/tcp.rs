@@ -289,15 +289,7 @@ impl Server {
         } else {
             self.connect_failed(connection);
         }
-        let client = match self.slots[slot as usize].allocation.as_ref() {
-            Some(a) => a.client,
-            None => return false,
-        };
-        let frame = self.connect_answer(&signer, ok.then_some(connection));
-        if let Some(frame) = frame {
-            self.commands.push_back(Command::ToClient { client, frame });
-        }
-        ok
+        self.answer_connect(slot, &signer, ok.then_some(connection)) && ok
     }
 
     /// Counts a failed Connect and forgets its connection.
@@ -307,6 +299,23 @@ impl Server {
             .request(RequestMethod::Connect, RequestResult(447));
         self.stats.refused(Refusal::ConnectionFailed);
         self.forget_connection(connection);
+    }
+
+    /// Sends a Connect's answer (success with CONNECTION-ID, or 447) on
+    /// the control connection of the allocation in `slot`; false when that
+    /// allocation is gone.
+    fn answer_connect(&mut self, slot: u32, signer: &Signer, id: Option<ConnectionId>) -> bool {
+        let Some(client) = self.slots[slot as usize]
+            .allocation
+            .as_ref()
+            .map(|a| a.client)
+        else {
+            return false;
+        };
+        if let Some(frame) = self.connect_answer(signer, id) {
+            self.commands.push_back(Command::ToClient { client, frame });
+        }
+        true
     }
 
     /// A Connect's answer: success with CONNECTION-ID, or 447.
@@ -461,15 +470,7 @@ impl Server {
             match std::mem::replace(&mut c.state, State::Unbound) {
                 State::Connecting(signer) => {
                     self.connect_failed(id);
-                    let client = self.slots[slot as usize]
-                        .allocation
-                        .as_ref()
-                        .map(|a| a.client);
-                    if let (Some(client), Some(frame)) =
-                        (client, self.connect_answer(&signer, None))
-                    {
-                        self.commands.push_back(Command::ToClient { client, frame });
-                    }
+                    self.answer_connect(slot, &signer, None);
                 }
                 _ => {
                     self.stats.tcp_events[TcpEvent::BindTimeout as usize] += 1;
