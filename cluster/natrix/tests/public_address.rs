@@ -20,7 +20,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{InNs, PASSWORD, USER, sh, tool};
@@ -58,12 +58,7 @@ NFT
     }
 
     fn down() {
-        for ns in NAMESPACES {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
+        common::delete_netns(&NAMESPACES);
     }
 }
 
@@ -74,26 +69,13 @@ impl Drop for Lab {
 }
 
 fn relay(extra: &[&str]) -> InNs {
-    let user = format!("{USER}:{PASSWORD}");
-    let mut args = vec![
-        "relay",
-        "--turn-listen",
-        "10.77.0.2:3478",
-        "--user",
-        &user,
-        "--realm",
-        "natrix.test",
-        "--peer-allow",
+    common::relay_in_ns(
+        "pa-vm",
+        ("10.77.0.2:3478", "10.77.0.2:9090"),
         "203.0.113.0/24",
-        "--metrics-listen",
-        "10.77.0.2:9090",
-        "--log-format",
-        "json",
-        "--workers",
         "1",
-    ];
-    args.extend_from_slice(extra);
-    InNs::spawn("pa-vm", env!("CARGO_BIN_EXE_natrix"), &args)
+        extra,
+    )
 }
 
 #[test]

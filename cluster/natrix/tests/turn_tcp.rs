@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::{Natrix, PASSWORD, REALM, USER, free_port, uclient};
+use common::{Natrix, PASSWORD, REALM, USER, uclient};
 use natrix_wire::{
     Attribute, AttributeType, Class, Encoder, IntegrityKey, Message, MessageType, Method,
     TransactionId, long_term_key_md5,
@@ -74,23 +74,7 @@ fn coturn_clients_relay_over_tcp_allocations_without_loss() {
 /// The same over TLS: control and data connections are TLS sessions.
 #[test]
 fn coturn_clients_relay_over_tcp_allocations_through_tls() {
-    let (dir, cert, key) = common::cert_dir("tcp-tls", "natrix-tcp");
-    let tls_port = free_port();
-    let tls_listen = format!("127.0.0.1:{tls_port}");
-    let natrix = Natrix::relay(
-        &[
-            ALLOW_LOOPBACK,
-            &[
-                "--tls-listen",
-                &tls_listen,
-                "--tls-cert",
-                &cert,
-                "--tls-key",
-                &key,
-            ],
-        ]
-        .concat(),
-    );
+    let (natrix, tls_port, dir) = common::tls_relay("tcp-tls", "natrix-tcp", ALLOW_LOOPBACK);
     let report =
         tcp_allocation_clients(tls_port, &["-T", "-S", "-m", "4", "-n", "50", "-l", "1000"]);
     assert_clean(&report, 200);

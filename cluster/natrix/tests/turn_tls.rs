@@ -21,19 +21,8 @@ use natrix_wire::{
 
 #[test]
 fn turn_over_tls_relays_and_reloads_certificates_without_dropping_sessions() {
-    let (dir, cert, key) = common::cert_dir("tls", "natrix-one");
-    let tls_port = free_port();
-    let tls_listen = format!("127.0.0.1:{tls_port}");
-    let mut natrix = Natrix::relay(&[
-        "--peer-allow",
-        "127.0.0.0/8",
-        "--tls-listen",
-        &tls_listen,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ]);
+    let (mut natrix, tls_port, dir) =
+        common::tls_relay("tls", "natrix-one", &["--peer-allow", "127.0.0.0/8"]);
     assert!(served_cn(tls_port, false).contains("natrix-one"));
     let (_peer, peer_port) = udp_echo_peer();
     let pp = peer_port.to_string();

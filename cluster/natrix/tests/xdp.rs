@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{InNs, PASSWORD, USER, sh, tool};
@@ -87,12 +87,7 @@ ip netns exec xp ethtool -K xp0 tx off >/dev/null
     }
 
     fn down() {
-        for ns in NAMESPACES {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
+        common::delete_netns(&NAMESPACES);
     }
 }
 
@@ -178,31 +173,16 @@ fn channels_to_echo_peer(messages: u32, clients: u32) -> (InNs, common::UclientR
 }
 
 fn relay(extra: &[&str]) -> InNs {
-    let user = format!("{USER}:{PASSWORD}");
-    let mut args = vec![
-        "relay",
-        "--turn-listen",
-        "10.201.1.1:3478",
-        "--relay-ip",
-        "10.201.2.1",
-        // A private network: its private address is the one to relay on.
-        "--external-ip",
-        "10.201.2.1",
-        "--user",
-        &user,
-        "--realm",
-        "natrix.test",
-        "--peer-allow",
-        "10.201.0.0/16",
-        "--metrics-listen",
-        "10.201.1.1:9090",
-        "--log-format",
-        "json",
-        "--workers",
-        "2",
-    ];
+    // A private network: its private address is the one to relay on.
+    let mut args = vec!["--relay-ip", "10.201.2.1", "--external-ip", "10.201.2.1"];
     args.extend_from_slice(extra);
-    InNs::spawn("xr", env!("CARGO_BIN_EXE_natrix"), &args)
+    common::relay_in_ns(
+        "xr",
+        ("10.201.1.1:3478", "10.201.1.1:9090"),
+        "10.201.0.0/16",
+        "2",
+        &args,
+    )
 }
 
 /// coturn's client sends through channels to an echo peer across the

@@ -829,11 +829,72 @@ pub struct Netns(pub &'static str);
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        delete_netns(&[self.0]);
+    }
+}
+
+/// Deletes the network namespaces named (those that exist).
+#[allow(dead_code)]
+pub fn delete_netns(names: &[&str]) {
+    for ns in names {
         let _ = Command::new("ip")
-            .args(["netns", "del", self.0])
+            .args(["netns", "del", ns])
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// `natrix relay` in namespace `ns` as the harness's test user, listening
+/// for TURN on `listen` and metrics on `metrics`, relaying to `peer_allow`,
+/// with `workers` loops and `extra` flags.
+#[allow(dead_code)]
+pub fn relay_in_ns(
+    ns: &str,
+    (listen, metrics): (&str, &str),
+    peer_allow: &str,
+    workers: &str,
+    extra: &[&str],
+) -> InNs {
+    let user = format!("{USER}:{PASSWORD}");
+    let mut args = vec![
+        "relay",
+        "--turn-listen",
+        listen,
+        "--user",
+        &user,
+        "--realm",
+        REALM,
+        "--peer-allow",
+        peer_allow,
+        "--metrics-listen",
+        metrics,
+        "--log-format",
+        "json",
+        "--workers",
+        workers,
+    ];
+    args.extend_from_slice(extra);
+    InNs::spawn(ns, env!("CARGO_BIN_EXE_natrix"), &args)
+}
+
+/// A relay with TURN over TLS on a free loopback port, a certificate for
+/// `cn` (in a fresh directory tagged `tag`) and `extra` flags: the relay,
+/// its TLS port and the certificate's directory (remove it when done).
+#[allow(dead_code)]
+pub fn tls_relay(tag: &str, cn: &str, extra: &[&str]) -> (Natrix, u16, std::path::PathBuf) {
+    let (dir, cert, key) = cert_dir(tag, cn);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--tls-listen",
+        &listen,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    args.extend_from_slice(extra);
+    (Natrix::relay(&args), port, dir)
 }
 
 /// One TLS port for TURN and HTTPS: `natrix lookup` (with `lookup_extra`)
