@@ -289,6 +289,17 @@ pub struct RelayConfig {
     #[arg(long = "nonce-lifetime", env = "NATRIX_NONCE_LIFETIME", default_value = "10m", value_parser = humantime::parse_duration)]
     pub nonce_lifetime: Duration,
 
+    /// How long a permission lasts unless the client refreshes it (RFC
+    /// 8656: 5 minutes). Change it only for tests and labs: clients refresh
+    /// on the RFC's schedule.
+    #[arg(long = "permission-lifetime", env = "NATRIX_PERMISSION_LIFETIME", default_value = "5m", value_parser = at_least_a_second)]
+    pub permission_lifetime: Duration,
+
+    /// How long a channel binding lasts unless the client refreshes it (RFC
+    /// 8656: 10 minutes). Change it only for tests and labs.
+    #[arg(long = "channel-lifetime", env = "NATRIX_CHANNEL_LIFETIME", default_value = "10m", value_parser = at_least_a_second)]
+    pub channel_lifetime: Duration,
+
     /// Most allocations on this relay (508 past it).
     #[arg(
         long = "max-allocations",
@@ -664,6 +675,8 @@ impl RelayConfig {
             default_lifetime: self.default_lifetime,
             max_lifetime: self.max_lifetime.max(self.default_lifetime),
             nonce_lifetime: self.nonce_lifetime,
+            permission_lifetime: self.permission_lifetime,
+            channel_lifetime: self.channel_lifetime,
             // Both counted host-wide (SharedPorts), whatever loop serves.
             max_allocations: self.max_allocations,
             user_quota: self.user_quota,
@@ -747,5 +760,14 @@ fn parse_family(s: &str) -> Result<crate::core::DefaultFamily, String> {
         "ipv6" => Ok(DefaultFamily::Ipv6),
         "keep" => Ok(DefaultFamily::Keep),
         _ => Err(format!("{s:?}: give ipv4, ipv6 or keep")),
+    }
+}
+
+/// A duration of at least one second (permission and channel lifetimes).
+fn at_least_a_second(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(d),
+        Ok(_) => Err(format!("{s:?}: at least 1s")),
+        Err(e) => Err(format!("{s:?}: {e}")),
     }
 }

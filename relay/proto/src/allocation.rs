@@ -8,10 +8,6 @@ use natrix_wire::{IntegrityKey, TransactionId};
 
 use super::types::ClientSocket;
 
-/// Lifetime of a permission (RFC 8656 §9: 300 seconds, not configurable).
-pub(crate) const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
-/// Lifetime of a channel binding (RFC 8656 §12: 10 minutes).
-pub(crate) const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// After a binding expires, neither its number nor its peer may be bound to
 /// anything else for 5 minutes (RFC 8656 §12).
 pub(crate) const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
@@ -131,8 +127,8 @@ impl Allocation {
             .any(|p| p.ip == ip && p.expires > now)
     }
 
-    pub(crate) fn install_permission(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let expires = now + PERMISSION_LIFETIME;
+    /// Installs or refreshes the permission for `ip` until `expires`.
+    pub(crate) fn install_permission(&mut self, ip: IpAddr, expires: Instant) -> bool {
         if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == ip) {
             p.expires = expires;
             return true;
@@ -167,8 +163,8 @@ impl Allocation {
         number: u16,
         peer: SocketAddr,
         now: Instant,
+        expires: Instant,
     ) -> Result<(), BindConflict> {
-        let expires = now + CHANNEL_LIFETIME;
         // Entries stay (cooling down) until sweep removes them; a rebind of
         // the same pair revives the entry.
         self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);

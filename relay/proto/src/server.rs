@@ -201,6 +201,12 @@ pub struct ServerConfig {
     pub max_lifetime: Duration,
     /// How long a NONCE stays valid.
     pub nonce_lifetime: Duration,
+    /// How long a permission lasts unless refreshed (RFC 8656 §9: 300 s;
+    /// coturn's `--permission-lifetime`). Shorter only for tests and labs.
+    pub permission_lifetime: Duration,
+    /// How long a channel binding lasts unless refreshed (RFC 8656 §12:
+    /// 600 s; coturn's `--channel-lifetime`).
+    pub channel_lifetime: Duration,
     /// Most allocations on the host, counted across every loop sharing the
     /// same [`SharedPorts`] (508 past it).
     pub max_allocations: usize,
@@ -262,6 +268,8 @@ impl Default for ServerConfig {
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
             nonce_lifetime: Duration::from_secs(600),
+            permission_lifetime: Duration::from_secs(300),
+            channel_lifetime: Duration::from_secs(600),
             max_allocations: 100_000,
             user_quota: 100,
             source_quota: 1000,
@@ -2286,7 +2294,7 @@ impl Server {
             if let Ok(Attribute::XorPeerAddress(peer)) =
                 Attribute::decode(raw.ty, raw.value, &msg.transaction_id())
             {
-                if !alloc.install_permission(peer.ip(), now) {
+                if !alloc.install_permission(peer.ip(), now + self.config.permission_lifetime) {
                     return Err(Refusal::PermissionsFull);
                 }
                 // Peer data from an address of this IP that nobody on the
@@ -2348,15 +2356,19 @@ impl Server {
         {
             return Err(Refusal::PeerClaimed);
         }
+        let (permission, channel) = (
+            now + self.config.permission_lifetime,
+            now + self.config.channel_lifetime,
+        );
         let alloc = self.allocation_mut(index)?;
-        match alloc.bind_channel(number, peer, now) {
+        match alloc.bind_channel(number, peer, now, channel) {
             Ok(()) => {}
             Err(BindConflict::Full) => return Err(Refusal::ChannelsFull),
             Err(BindConflict::NumberInUse | BindConflict::PeerInUse) => {
                 return Err(Refusal::ChannelConflict);
             }
         }
-        if !alloc.install_permission(peer.ip(), now) {
+        if !alloc.install_permission(peer.ip(), permission) {
             return Err(Refusal::PermissionsFull);
         }
         if let Some(m) = mux {
