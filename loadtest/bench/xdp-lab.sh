@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The XDP lab: natrix relaying channel data in userspace and with --xdp, driven by
-# natrix-loadtest across network namespaces, in one run:
+# The XDP lab: the bare userspace forwarder (natrix-loadtest forwarder: recvmmsg,
+# sendmmsg with GSO, no TURN state beyond channels), natrix relaying channel data
+# in userspace and natrix with --xdp, driven by natrix-loadtest across network
+# namespaces, in one run:
 #
 #   xb-g (the load tester: clients on 10.202.1.2, echo peers on 10.202.2.2)
 #     xb-g0 ─ veth ─ xb-r0   xb-r (the relay: 10.202.1.1 for clients,
@@ -61,12 +63,27 @@ up() { # extra flags
   done
   cat "$work/relay.log"; return 1
 }
-metric() { ip netns exec xb-r curl -s http://10.202.1.1:9090/metrics | awk -v m="$1" '$1==m {print $2}'; }
+forwarder_up() { # the bare userspace forwarder, the reference
+  ip netns exec xb-r "$lt" --progress off forwarder --listen 10.202.1.1:3478 \
+    --relay-ip 10.202.2.1 --user bench:bench --realm bench --duration 10m \
+    >"$work/relay.log" 2>&1 &
+  relay_pid=$!
+  for _ in $(seq 50); do
+    grep -q listening "$work/relay.log" && return 0
+    sleep 0.1
+  done
+  cat "$work/relay.log"; return 1
+}
+metric() { [ "$config" = forwarder ] && return 0; ip netns exec xb-r curl -s http://10.202.1.1:9090/metrics | awk -v m="$1" '$1==m {print $2}'; }
 
 echo "| config | payload | relayed pkt/s | loss | relay process CPU s | XDP program CPU s | pkt per relay CPU s | host softirq CPU s | pkt per (relay + softirq) CPU s | XDP-relayed share |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
-for config in userspace xdp; do
-  if [ "$config" = xdp ]; then up --xdp xb-r0,xb-r1; else up; fi
+for config in forwarder userspace xdp; do
+  case $config in
+    forwarder) forwarder_up ;;
+    xdp) up --xdp xb-r0,xb-r1 ;;
+    *) up ;;
+  esac
   for payload in 160 1200; do
     c0=$(cpu_of "$relay_pid"); s0=$(softirq); x0=$(metric 'relay_xdp_packets_total{result="to_peer"}'); x0=${x0:-0}
     p0=$(metric relay_xdp_program_seconds_total); p0=${p0:-0}

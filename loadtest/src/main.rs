@@ -11,6 +11,7 @@ mod attack;
 mod compare;
 mod dtls;
 mod e2e;
+mod forwarder;
 mod hold;
 mod live;
 mod load;
@@ -156,6 +157,11 @@ enum Command {
     /// and accept→accepted percentiles, lost pushes; `--hold N` idle
     /// sockets for the server's memory per socket.
     Signal(signal::SignalArgs),
+    /// The bare userspace TURN channel forwarder (poll, recvmmsg, sendmmsg
+    /// with GSO, just enough TURN to bind channels): the reference a
+    /// relay's packet path is measured against in the XDP lab. A benchmark
+    /// tool, not a server.
+    Forwarder(forwarder::ForwarderArgs),
     /// One session participant end to end: mapped address, exchange through
     /// CDX, direct punch. Prints a JSON report (the lab matrix runs these).
     Peer(peer::PeerArgs),
@@ -174,6 +180,7 @@ impl Command {
             Command::Plan(_) => "plan",
             Command::E2e(_) => "e2e",
             Command::Peer(_) => "peer",
+            Command::Forwarder(_) => "forwarder",
             Command::Attack(_) => "attack",
             Command::Signal(_) => "signal",
         }
@@ -216,6 +223,7 @@ fn main() -> std::process::ExitCode {
         Command::E2e(args) => e2e::run(args).map(|r| Some((r, false))),
         Command::Attack(args) => attack::run(args).map(|r| Some((r, false))),
         Command::Signal(args) => signal::run(args).map(|r| Some((r, false))),
+        Command::Forwarder(args) => forwarder::run(args).map(|r| Some((r, false))),
         Command::Peer(args) => {
             let report = peer::run(args);
             let profiled = args.profile_only && report["error"].is_null();
