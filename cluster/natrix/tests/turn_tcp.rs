@@ -13,11 +13,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::{Natrix, PASSWORD, REALM, USER, uclient};
-use natrix_wire::{
-    Attribute, AttributeType, Class, Encoder, IntegrityKey, Message, MessageType, Method,
-    TransactionId, long_term_key_md5,
-};
+use common::{Natrix, PASSWORD, USER, uclient};
+use natrix_wire::{Attribute, AttributeType, Class, Message, Method};
 
 const ALLOW_LOOPBACK: &[&str] = &["--peer-allow", "127.0.0.0/8"];
 
@@ -123,9 +120,7 @@ fn coturn_passive_clients_take_peers_connections_as_through_coturn() {
 /// A TURN client over one TCP connection, long-term credentials.
 struct Control {
     stream: TcpStream,
-    key: IntegrityKey,
-    nonce: String,
-    next: u64,
+    requests: common::Requests,
 }
 
 fn read_frame(stream: &mut TcpStream) -> Vec<u8> {
@@ -146,48 +141,22 @@ impl Control {
             .unwrap();
         Control {
             stream,
-            key: IntegrityKey::new(&long_term_key_md5(USER, REALM, PASSWORD)),
-            nonce: String::new(),
-            next: 1,
+            requests: common::Requests::new(),
         }
     }
 
     fn encode(&mut self, method: Method, attrs: &[Attribute<'_>], signed: bool) -> Vec<u8> {
-        let mut tid = [7u8; 12];
-        tid[..8].copy_from_slice(&self.next.to_be_bytes());
-        self.next += 1;
-        let mut buf = vec![0u8; 1024];
-        let mut enc = Encoder::new(
-            &mut buf,
-            MessageType::new(method, Class::Request),
-            &TransactionId(tid),
-        )
-        .unwrap();
-        for a in attrs {
-            enc.attribute(a).unwrap();
-        }
-        if signed {
-            enc.attribute(&Attribute::Username(USER)).unwrap();
-            enc.attribute(&Attribute::Realm(REALM)).unwrap();
-            enc.attribute(&Attribute::Nonce(&self.nonce)).unwrap();
-            enc.integrity(&self.key).unwrap();
-        }
-        let n = enc.finish();
-        buf.truncate(n);
-        buf
+        self.requests.encode(method, attrs, signed)
     }
 
     /// Sends a signed request (fetching a nonce first when it has none)
     /// and returns the answer.
     fn request(&mut self, method: Method, attrs: &[Attribute<'_>]) -> Vec<u8> {
-        if self.nonce.is_empty() {
+        if self.requests.nonce.is_empty() {
             let req = self.encode(method, attrs, false);
             self.stream.write_all(&req).unwrap();
             let answer = read_frame(&mut self.stream);
-            let msg = Message::parse(&answer).unwrap();
-            self.nonce = std::str::from_utf8(msg.get(AttributeType::NONCE).expect("a nonce"))
-                .unwrap()
-                .to_string();
+            self.requests.learn_nonce(&answer);
         }
         let req = self.encode(method, attrs, true);
         self.stream.write_all(&req).unwrap();
@@ -270,7 +239,7 @@ fn connect_reaches_a_tcp_server_and_the_data_connection_carries_every_byte() {
     let answer = control.request(Method::CONNECT, &[Attribute::XorPeerAddress(echo)]);
     let msg = Message::parse(&answer).unwrap();
     assert_eq!(msg.class(), Class::Success, "{msg:?}");
-    msg.verify_integrity(&control.key).expect("signed");
+    msg.verify_integrity(&control.requests.key).expect("signed");
     let id = match msg.decode(AttributeType::CONNECTION_ID) {
         Some(Ok(Attribute::ConnectionId(id))) => id,
         other => panic!("no CONNECTION-ID: {other:?}"),
@@ -297,8 +266,8 @@ fn connect_reaches_a_tcp_server_and_the_data_connection_carries_every_byte() {
 
     // The data connection.
     let mut data = Control::connect(natrix.stun);
-    data.nonce = control.nonce.clone();
-    data.next = 1000;
+    data.requests.nonce = control.requests.nonce.clone();
+    data.requests.next = 1000;
     let req = data.encode(
         Method::CONNECTION_BIND,
         &[Attribute::ConnectionId(id)],

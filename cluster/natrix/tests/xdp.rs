@@ -13,10 +13,13 @@
 
 mod common;
 
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{InNs, PASSWORD, USER, sh, tool};
+use natrix_wire::{Attribute, AttributeType, ChannelData, ChannelNumber, Message, Method};
 
 const NAMESPACES: [&str; 3] = ["xg", "xr", "xp"];
 
@@ -274,4 +277,368 @@ fn a_relay_that_cannot_attach_xdp_says_why_and_relays_in_userspace() {
         report.output
     );
     assert_eq!(metric("relay_xdp_packets_total{result=\"to_peer\"}"), 0.0);
+}
+
+// ------------------------------------------ channel lifetimes, real packets
+
+/// A UDP socket bound to `addr` inside network namespace `ns` (a thread
+/// enters the namespace to create it; the socket stays there).
+fn udp_in(ns: &str, addr: &str) -> UdpSocket {
+    let (ns, addr) = (ns.to_owned(), addr.to_owned());
+    std::thread::spawn(move || {
+        let handle = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on this thread only, with a namespace file we opened.
+        let entered = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "entering {ns}");
+        let socket = UdpSocket::bind(&addr).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(150)))
+            .unwrap();
+        socket
+    })
+    .join()
+    .unwrap()
+}
+
+const SERVER: &str = "10.201.1.1:3478";
+const CHANNEL: u16 = 0x4000;
+
+/// A bare TURN client over UDP: every request is one the test chose.
+struct Client {
+    socket: UdpSocket,
+    requests: common::Requests,
+    relayed: SocketAddr,
+}
+
+impl Client {
+    fn allocate() -> Client {
+        let mut client = Client {
+            socket: udp_in("xg", "10.201.1.2:0"),
+            requests: common::Requests::new(),
+            relayed: "0.0.0.0:0".parse().unwrap(),
+        };
+        let udp = [Attribute::RequestedTransport(natrix_wire::transport::UDP)];
+        let answer = client.request(Method::ALLOCATE, &udp);
+        client.relayed = match Message::parse(&answer)
+            .unwrap()
+            .decode(AttributeType::XOR_RELAYED_ADDRESS)
+        {
+            Some(Ok(Attribute::XorRelayedAddress(a))) => a,
+            other => panic!("no relayed address: {other:?}"),
+        };
+        client
+    }
+
+    /// Sends a signed request (learning the nonce on 401/438) and returns
+    /// its success answer; panics on any other.
+    fn request(&mut self, method: Method, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        for _ in 0..4 {
+            let signed = !self.requests.nonce.is_empty();
+            let req = self.requests.encode(method, attrs, signed);
+            self.socket.send_to(&req, SERVER).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let answer = loop {
+                assert!(Instant::now() < deadline, "no answer to {method:?}");
+                let mut buf = [0u8; 1500];
+                let Ok(n) = self.socket.recv(&mut buf) else {
+                    continue;
+                };
+                if n >= 20 && buf[8..20] == req[8..20] {
+                    break buf[..n].to_vec();
+                }
+            };
+            let msg = Message::parse(&answer).unwrap();
+            match msg.decode(AttributeType::ERROR_CODE) {
+                None => return answer,
+                Some(Ok(Attribute::ErrorCode(e))) if matches!(e.code, 401 | 438) => {
+                    self.requests.learn_nonce(&answer);
+                }
+                other => panic!("{method:?} refused: {other:?}"),
+            }
+        }
+        panic!("{method:?}: no success after four tries")
+    }
+
+    fn bind(&mut self, peer: SocketAddr) {
+        self.request(
+            Method::CHANNEL_BIND,
+            &[
+                Attribute::ChannelNumber(CHANNEL),
+                Attribute::XorPeerAddress(peer),
+            ],
+        );
+    }
+
+    fn permit(&mut self, peer: SocketAddr) {
+        self.request(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(peer)],
+        );
+    }
+}
+
+/// What crossed the relay in one exchange.
+#[derive(Debug, Default, PartialEq)]
+struct Crossed {
+    /// Client → peer over the channel, as the peer received them.
+    at_peer: usize,
+    /// Peer → client as ChannelData on the channel.
+    channel_data: usize,
+    /// Peer → client as Data indications (no channel, a permission).
+    indications: usize,
+}
+
+/// Sends `n` datagrams each way — the client's over the channel, the
+/// peer's to the relayed address — and counts what arrived where.
+fn exchange(client: &Client, peer: &UdpSocket, n: usize) -> Crossed {
+    let peer_addr = peer.local_addr().unwrap();
+    let mut crossed = Crossed::default();
+    let mut buf = [0u8; 1500];
+    for i in 0..n {
+        let mut out = [0u8; 64];
+        let payload = format!("to peer {i}");
+        let len = ChannelData::encode(
+            &mut out,
+            ChannelNumber::new(CHANNEL).unwrap(),
+            payload.as_bytes(),
+            false,
+        )
+        .unwrap();
+        client.socket.send_to(&out[..len], SERVER).unwrap();
+        peer.send_to(format!("to client {i}").as_bytes(), client.relayed)
+            .unwrap();
+    }
+    while let Ok((len, from)) = peer.recv_from(&mut buf) {
+        if from == client.relayed && buf[..len].starts_with(b"to peer ") {
+            crossed.at_peer += 1;
+        }
+    }
+    while let Ok(len) = client.socket.recv(&mut buf) {
+        let packet = &buf[..len];
+        if let Ok(cd) = ChannelData::parse(packet) {
+            if cd.channel == CHANNEL && cd.payload.starts_with(b"to client ") {
+                crossed.channel_data += 1;
+            }
+        } else if let Ok(msg) = Message::parse(packet)
+            && msg.method() == Method::DATA
+            && matches!(
+                msg.decode(AttributeType::XOR_PEER_ADDRESS),
+                Some(Ok(Attribute::XorPeerAddress(a))) if a == peer_addr
+            )
+        {
+            crossed.indications += 1;
+        }
+    }
+    crossed
+}
+
+/// The kernel's relayed packets so far, both directions.
+fn by_kernel() -> (f64, f64) {
+    (
+        metric("relay_xdp_packets_total{result=\"to_peer\"}"),
+        metric("relay_xdp_packets_total{result=\"to_client\"}"),
+    )
+}
+
+/// Waits for the loops to publish the kernel's counters (every second)
+/// and returns how many packets each way the kernel relayed since
+/// `before`.
+fn kernel_since(before: (f64, f64)) -> (f64, f64) {
+    std::thread::sleep(Duration::from_millis(1300));
+    let now = by_kernel();
+    (now.0 - before.0, now.1 - before.1)
+}
+
+fn dropped(reason: &str) -> f64 {
+    metric(&format!(
+        "relay_packets_dropped_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+/// The core's channel behaviours with real packets through the XDP lab,
+/// on a relay whose permissions last 4 s and channels 12 s: the kernel
+/// relays a bound channel both ways; a permission refresh carries its
+/// entry on past the first expiry; an expired permission stops the kernel
+/// and the relay alike (the datagrams dropped in userspace as
+/// `no_permission`) until a new CreatePermission, which puts the channel
+/// back in the kernel; a ChannelBind refresh carries the channel on; an
+/// expired channel with a live permission leaves the kernel and the
+/// relay delivers the peer's datagrams as Data indications (userspace's
+/// rule, not a stale kernel entry); deallocation ends it all.
+#[test]
+fn channel_lifetimes_hold_in_the_kernel_with_real_packets() {
+    let _lab = Lab::up();
+    let mut natrix = relay(&[
+        "--xdp",
+        "xr0,xr1",
+        "--permission-lifetime",
+        "4s",
+        "--channel-lifetime",
+        "12s",
+    ]);
+    assert!(
+        natrix.wait_for("XDP fast path attached"),
+        "{}",
+        natrix.log()
+    );
+    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let peer = udp_in("xp", "10.201.2.2:3490");
+    let peer_addr = peer.local_addr().unwrap();
+    let mut client = Client::allocate();
+    // Warm the relay's neighbour entries: the kernel path needs them.
+    client.bind(peer_addr);
+    let t0 = Instant::now();
+    // Each step happens at its time on the lifetimes' clock (a step that
+    // comes late would test something else: it fails instead).
+    let at = |secs: f64| {
+        let due = t0 + Duration::from_secs_f64(secs);
+        match due.checked_duration_since(Instant::now()) {
+            Some(wait) => std::thread::sleep(wait),
+            None => assert!(t0.elapsed().as_secs_f64() < secs + 0.5, "late for {secs} s"),
+        }
+    };
+    let all = |n| Crossed {
+        at_peer: n,
+        channel_data: n,
+        indications: 0,
+    };
+    let _ = exchange(&client, &peer, 1);
+
+    // Bound: both ways, in the kernel.
+    let k = by_kernel();
+    assert_eq!(exchange(&client, &peer, 20), all(20));
+    assert_eq!(kernel_since(k), (20.0, 20.0), "{}", metrics());
+
+    // t = 2.5: CreatePermission → the permission lasts to 6.5 s; at 5 s
+    // (past the first expiry) the kernel still relays.
+    at(2.5);
+    client.permit(peer_addr);
+    at(5.0);
+    let k = by_kernel();
+    assert_eq!(exchange(&client, &peer, 20), all(20));
+    assert_eq!(kernel_since(k), (20.0, 20.0), "{}", metrics());
+
+    // t = 8: the permission expired (6.5 s), the channel (12 s) did not:
+    // nothing crosses, the kernel passed them up and userspace dropped.
+    at(8.0);
+    let (k, refused) = (by_kernel(), dropped("no_permission"));
+    assert_eq!(exchange(&client, &peer, 20), Crossed::default());
+    assert_eq!(kernel_since(k), (0.0, 0.0), "{}", metrics());
+    assert!(dropped("no_permission") - refused >= 40.0, "{}", metrics());
+
+    // A new permission puts the channel back in the kernel.
+    client.permit(peer_addr);
+    let k = by_kernel();
+    assert_eq!(exchange(&client, &peer, 20), all(20));
+    assert_eq!(kernel_since(k), (20.0, 20.0), "{}", metrics());
+
+    // ChannelBind again before the channel's 12 s: the channel lasts 12 s
+    // more. Past the first 12 s the kernel still relays.
+    assert!(
+        t0.elapsed() < Duration::from_millis(11_500),
+        "late to rebind"
+    );
+    client.bind(peer_addr);
+    let rebound = Instant::now();
+    at(13.0);
+    let k = by_kernel();
+    assert_eq!(exchange(&client, &peer, 20), all(20));
+    assert_eq!(kernel_since(k), (20.0, 20.0), "{}", metrics());
+
+    // Keep the permission alive past the channel's end: once the channel
+    // expired, the client's ChannelData is dropped as unbound and the
+    // peer's datagrams come as Data indications — from userspace.
+    let ends = rebound + Duration::from_secs(12);
+    while Instant::now() < ends + Duration::from_millis(300) {
+        client.permit(peer_addr);
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    client.permit(peer_addr);
+    let (k, unbound) = (by_kernel(), dropped("unbound_channel"));
+    assert_eq!(
+        exchange(&client, &peer, 20),
+        Crossed {
+            at_peer: 0,
+            channel_data: 0,
+            indications: 20
+        }
+    );
+    assert_eq!(kernel_since(k), (0.0, 0.0), "{}", metrics());
+    assert!(
+        dropped("unbound_channel") - unbound >= 20.0,
+        "{}",
+        metrics()
+    );
+    wait_metric("relay_xdp_entries", |v| v == 0.0);
+
+    // Bound again (the same pair revives), then deallocated: the entries
+    // go with the allocation and nothing crosses.
+    client.bind(peer_addr);
+    wait_metric("relay_xdp_entries", |v| v >= 1.0);
+    client.request(Method::REFRESH, &[Attribute::Lifetime(0)]);
+    wait_metric("relay_xdp_entries", |v| v == 0.0);
+    let k = by_kernel();
+    assert_eq!(exchange(&client, &peer, 20), Crossed::default());
+    assert_eq!(kernel_since(k), (0.0, 0.0), "{}", metrics());
+}
+
+/// True when an XDP program is attached to `iface` in the relay's
+/// namespace.
+fn xdp_attached(iface: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", "xr", "link", "show", "dev", iface])
+        .output()
+        .expect("running ip");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// A draining relay (SIGTERM) keeps relaying its live channels in the
+/// kernel until it exits; when it exits — at the drain timeout, or killed
+/// outright with SIGKILL — its program leaves the interfaces with it:
+/// no channel is relayed by a relay that is gone, and the next relay
+/// attaches afresh.
+#[test]
+fn an_exiting_relay_takes_its_xdp_program_with_it() {
+    let _lab = Lab::up();
+    let peer = udp_in("xp", "10.201.2.2:3490");
+    let peer_addr = peer.local_addr().unwrap();
+    let all = Crossed {
+        at_peer: 20,
+        channel_data: 20,
+        indications: 0,
+    };
+    for (signal, name) in [(libc::SIGTERM, "drain"), (libc::SIGKILL, "kill")] {
+        let mut natrix = relay(&["--xdp", "xr0,xr1", "--drain-timeout", "4s"]);
+        assert!(
+            natrix.wait_for("XDP fast path attached"),
+            "{name}: {}",
+            natrix.log()
+        );
+        assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+        assert!(xdp_attached("xr0") && xdp_attached("xr1"));
+        let mut client = Client::allocate();
+        client.bind(peer_addr);
+        let _ = exchange(&client, &peer, 1);
+        let k = by_kernel();
+        assert_eq!(exchange(&client, &peer, 20), all, "{name}");
+        assert_eq!(kernel_since(k), (20.0, 20.0), "{name}: {}", metrics());
+
+        natrix.signal(signal);
+        if signal == libc::SIGTERM {
+            assert!(natrix.wait_for("draining"), "{}", natrix.log());
+            // Draining: the live channel still crosses, in the kernel.
+            assert_eq!(exchange(&client, &peer, 20), all, "while draining");
+            assert!(xdp_attached("xr0"), "detached while draining");
+        }
+        natrix.wait_exit(Duration::from_secs(15));
+        assert!(
+            !xdp_attached("xr0") && !xdp_attached("xr1"),
+            "{name}: the program outlived the relay"
+        );
+        assert_eq!(
+            exchange(&client, &peer, 20),
+            Crossed::default(),
+            "{name}: relayed after the relay exited"
+        );
+    }
 }

@@ -981,6 +981,30 @@ impl InNs {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends `signal` (`ip netns exec` replaced itself with the program:
+    /// the child is the program).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let sent = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(sent, 0, "signalling {}", self.child.id());
+    }
+
+    /// Waits for the exit; panics after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("a child's status") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the log holds `text` (true) or the process exits
     /// (false); panics after 20 s.
     pub fn wait_for(&mut self, text: &str) -> bool {
@@ -1007,5 +1031,70 @@ impl Drop for InNs {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// TURN requests with the test account's long-term credentials: numbered
+/// transaction ids, the nonce the relay last gave.
+#[allow(dead_code)]
+pub struct Requests {
+    pub key: natrix_wire::IntegrityKey,
+    pub nonce: String,
+    /// The next transaction's number.
+    pub next: u64,
+}
+
+#[allow(dead_code)]
+impl Requests {
+    pub fn new() -> Requests {
+        Requests {
+            key: natrix_wire::IntegrityKey::new(&natrix_wire::long_term_key_md5(
+                USER, REALM, PASSWORD,
+            )),
+            nonce: String::new(),
+            next: 1,
+        }
+    }
+
+    /// A request with `attrs`, signed (USERNAME, REALM, NONCE,
+    /// MESSAGE-INTEGRITY) when `signed`.
+    pub fn encode(
+        &mut self,
+        method: natrix_wire::Method,
+        attrs: &[natrix_wire::Attribute<'_>],
+        signed: bool,
+    ) -> Vec<u8> {
+        use natrix_wire::{Attribute, Class, Encoder, MessageType, TransactionId};
+        let mut tid = [7u8; 12];
+        tid[..8].copy_from_slice(&self.next.to_be_bytes());
+        self.next += 1;
+        let mut buf = vec![0u8; 1024];
+        let mut enc = Encoder::new(
+            &mut buf,
+            MessageType::new(method, Class::Request),
+            &TransactionId(tid),
+        )
+        .expect("a request header");
+        for a in attrs {
+            enc.attribute(a).expect("an attribute that fits");
+        }
+        if signed {
+            enc.attribute(&Attribute::Username(USER)).expect("fits");
+            enc.attribute(&Attribute::Realm(REALM)).expect("fits");
+            enc.attribute(&Attribute::Nonce(&self.nonce)).expect("fits");
+            enc.integrity(&self.key).expect("fits");
+        }
+        let n = enc.finish();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Takes the NONCE of a 401 or 438 answer.
+    pub fn learn_nonce(&mut self, answer: &[u8]) {
+        let msg = natrix_wire::Message::parse(answer).expect("a STUN answer");
+        self.nonce =
+            std::str::from_utf8(msg.get(natrix_wire::AttributeType::NONCE).expect("a nonce"))
+                .expect("a UTF-8 nonce")
+                .to_string();
     }
 }
