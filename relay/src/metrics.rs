@@ -35,7 +35,7 @@ pub struct RelayMetrics {
     tcp_bytes: [IntCounter; 2],
     /// Channel bindings on the XDP fast path.
     pub xdp_entries: IntGauge,
-    xdp_packets: [IntCounter; 5],
+    xdp_packets: [IntCounter; 6],
     xdp_program_seconds: prometheus::Counter,
     /// Failed sends.
     pub send_errors: IntCounter,
@@ -99,7 +99,15 @@ impl RelayMetrics {
             }),
             xdp_entries: t.gauge(&cat::RELAY_XDP_ENTRIES),
             xdp_program_seconds: t.seconds_counter(&cat::RELAY_XDP_PROGRAM_SECONDS_TOTAL),
-            xdp_packets: ["to_peer", "to_client", "expired", "no_route", "passed"].map(|r| {
+            xdp_packets: [
+                "to_peer",
+                "to_client",
+                "expired",
+                "no_route",
+                "passed",
+                "capped",
+            ]
+            .map(|r| {
                 t.counter_family(&cat::RELAY_XDP_PACKETS_TOTAL)
                     .with_label_values(&[r])
             }),
@@ -153,6 +161,7 @@ impl RelayMetrics {
             x::STAT_EXPIRED,
             x::STAT_NO_ROUTE,
             x::STAT_PASSED,
+            x::STAT_CAPPED,
         ];
         for (c, i) in self.xdp_packets.iter().zip(index) {
             let (a, b) = (last[i as usize], now[i as usize]);

@@ -36,6 +36,7 @@ struct ToPeerVal {
     expires_ns: u64,
     packets: u64,
     bytes: u64,
+    cap: u64,
 }
 
 /// Key of the peer → client map.
@@ -60,6 +61,17 @@ struct ToClientVal {
     expires_ns: u64,
     packets: u64,
     bytes: u64,
+    cap: u64,
+}
+
+/// An allocation's bandwidth budget in the kernel (a GCRA meter).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct CapVal {
+    rate: u64,
+    tat_ns: u64,
+    dropped_packets: u64,
+    dropped_bytes: u64,
 }
 
 // SAFETY: plain `repr(C)` structs of integers without padding holes the
@@ -68,6 +80,17 @@ unsafe impl aya::Pod for ToPeerKey {}
 unsafe impl aya::Pod for ToPeerVal {}
 unsafe impl aya::Pod for ToClientKey {}
 unsafe impl aya::Pod for ToClientVal {}
+unsafe impl aya::Pod for CapVal {}
+
+/// An allocation's bandwidth cap on the fast path: its budget's key in the
+/// kernel (unique across the loops) and the rate, payload bytes a second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    /// Key of the budget, never 0.
+    pub key: u64,
+    /// Bytes per second, above 0.
+    pub rate: u64,
+}
 
 /// Indexes of the per-CPU counters (`enum` in the C program).
 pub const STAT_TO_PEER_PACKETS: u32 = 0;
@@ -83,8 +106,10 @@ pub const STAT_EXPIRED: u32 = 4;
 pub const STAT_NO_ROUTE: u32 = 5;
 /// ChannelData without an entry (passed to userspace).
 pub const STAT_PASSED: u32 = 6;
+/// Dropped over an allocation's bandwidth cap.
+pub const STAT_CAPPED: u32 = 7;
 /// How many counters there are.
-pub const STATS: u32 = 7;
+pub const STATS: u32 = 8;
 
 /// The two keys of one channel binding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -213,6 +238,7 @@ mod loaded {
         _run_time: Option<std::os::fd::OwnedFd>,
         to_peer: HashMap<MapData, ToPeerKey, ToPeerVal>,
         to_client: HashMap<MapData, ToClientKey, ToClientVal>,
+        caps: HashMap<MapData, u64, CapVal>,
         stats: PerCpuArray<MapData, u64>,
         clock: Clock,
         /// Interfaces it runs on.
@@ -254,6 +280,7 @@ mod loaded {
             };
             let to_peer = HashMap::try_from(take(&mut ebpf, "to_peer")?)?;
             let to_client = HashMap::try_from(take(&mut ebpf, "to_client")?)?;
+            let caps = HashMap::try_from(take(&mut ebpf, "caps")?)?;
             let stats = PerCpuArray::try_from(take(&mut ebpf, "stats")?)?;
             // Costs two clock reads per program run; off where refused.
             let run_time = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -262,6 +289,7 @@ mod loaded {
                 _run_time: run_time,
                 to_peer,
                 to_client,
+                caps,
                 stats,
                 clock: Clock::now(),
                 interfaces: interfaces.to_vec(),
@@ -269,11 +297,23 @@ mod loaded {
         }
 
         /// Installs (or updates) the entries of the binding `keys` name,
-        /// until `until` (each direction's key holds the other's addresses);
-        /// false when the maps refused (full): the binding stays in
-        /// userspace.
-        pub fn install(&mut self, keys: &Keys, until: Instant) -> bool {
+        /// until `until` (each direction's key holds the other's addresses),
+        /// metered against `cap`'s budget (made when missing); false when
+        /// the maps refused (full): the binding stays in userspace.
+        pub fn install(&mut self, keys: &Keys, until: Instant, cap: Option<Cap>) -> bool {
             let expires_ns = self.clock.ns(until);
+            if let Some(c) = cap
+                && self.caps.get(&c.key, 0).is_err()
+            {
+                let budget = CapVal {
+                    rate: c.rate,
+                    ..CapVal::default()
+                };
+                if self.caps.insert(c.key, budget, 0).is_err() {
+                    return false;
+                }
+            }
+            let cap = cap.map_or(0, |c| c.key);
             let (p, c) = (keys.to_peer, keys.to_client);
             // Counters survive an update (a refresh must not reset them).
             let kept_peer = self.to_peer.get(&keys.to_peer, 0).ok();
@@ -287,6 +327,7 @@ mod loaded {
                 expires_ns,
                 packets: kept_peer.map_or(0, |v| v.packets),
                 bytes: kept_peer.map_or(0, |v| v.bytes),
+                cap,
             };
             let to_client = ToClientVal {
                 server_ip: p.server_ip,
@@ -298,6 +339,7 @@ mod loaded {
                 expires_ns,
                 packets: kept_client.map_or(0, |v| v.packets),
                 bytes: kept_client.map_or(0, |v| v.bytes),
+                cap,
             };
             let ok = self.to_peer.insert(keys.to_peer, to_peer, 0).is_ok()
                 && self.to_client.insert(keys.to_client, to_client, 0).is_ok();
@@ -323,6 +365,19 @@ mod loaded {
                 to_peer: p.map_or((0, 0), |v| (v.packets, v.bytes)),
                 to_client: c.map_or((0, 0), |v| (v.packets, v.bytes)),
             }
+        }
+
+        /// Datagrams budget `key` dropped over its cap so far.
+        pub fn capped(&self, key: u64) -> u64 {
+            self.caps.get(&key, 0).map_or(0, |v| v.dropped_packets)
+        }
+
+        /// Removes budget `key` (its allocation has no entry left); what it
+        /// dropped last.
+        pub fn remove_cap(&mut self, key: u64) -> u64 {
+            let dropped = self.capped(key);
+            let _ = self.caps.remove(&key);
+            dropped
         }
 
         /// CPU time the program has run so far (zero when the kernel does
@@ -385,8 +440,16 @@ impl Xdp {
         )
     }
     /// Never called (no [`Xdp`] exists).
-    pub fn install(&mut self, _: &Keys, _: Instant) -> bool {
+    pub fn install(&mut self, _: &Keys, _: Instant, _: Option<Cap>) -> bool {
         false
+    }
+    /// Never called.
+    pub fn capped(&self, _: u64) -> u64 {
+        0
+    }
+    /// Never called.
+    pub fn remove_cap(&mut self, _: u64) -> u64 {
+        0
     }
     /// Never called.
     pub fn remove(&mut self, _: &Keys) -> EntryCounters {

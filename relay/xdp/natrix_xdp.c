@@ -19,6 +19,13 @@
 // a channel is bound with a live permission, with the earlier of the two
 // expiry times (CLOCK_MONOTONIC nanoseconds), and removes it when either ends.
 // Per-entry counters feed usage records; per-CPU counters feed metrics.
+//
+// Bandwidth caps: an entry of a capped allocation names its allocation's
+// budget in `caps` (shared by all its entries, both directions), a GCRA
+// meter: each datagram's payload costs len * 1e9 / rate nanoseconds of the
+// budget's "theoretical arrival time", with one second of burst; past it the
+// datagram is dropped and counted against the allocation. Lock-free: a
+// concurrent first charge of an idle budget on two CPUs may lose one.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -53,6 +60,7 @@ struct to_peer_val {
 	__u64 expires_ns;
 	__u64 packets;
 	__u64 bytes;
+	__u64 cap; // key in `caps`, 0: uncapped
 };
 
 struct to_client_key {
@@ -72,6 +80,14 @@ struct to_client_val {
 	__u64 expires_ns;
 	__u64 packets;
 	__u64 bytes;
+	__u64 cap;
+};
+
+struct cap {
+	__u64 rate; // payload bytes per second, > 0
+	__u64 tat_ns;
+	__u64 dropped_packets;
+	__u64 dropped_bytes;
 };
 
 struct {
@@ -88,6 +104,13 @@ struct {
 	__type(value, struct to_client_val);
 } to_client SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENTRIES);
+	__type(key, __u64);
+	__type(value, struct cap);
+} caps SEC(".maps");
+
 // Per-CPU counters, by index.
 enum {
 	STAT_TO_PEER_PACKETS,
@@ -97,6 +120,7 @@ enum {
 	STAT_EXPIRED,
 	STAT_NO_ROUTE,
 	STAT_PASSED,
+	STAT_CAPPED,
 	STAT_MAX,
 };
 
@@ -215,6 +239,33 @@ static __always_inline int rewrite(struct xdp_md *ctx, struct headers *h, __u32 
 	return fib.ifindex;
 }
 
+#define NSEC 1000000000ULL
+
+// Charges `len` payload bytes to budget `key`: 1 when within the cap, 0
+// over it (counted), -1 when the budget is missing (userspace decides).
+static __always_inline int spend(__u64 key, __u64 len, __u64 now)
+{
+	if (!key)
+		return 1;
+	struct cap *c = bpf_map_lookup_elem(&caps, &key);
+	if (!c || !c->rate)
+		return -1;
+	__u64 cost = len * NSEC / c->rate;
+	__u64 tat = c->tat_ns;
+	__u64 base = tat > now ? tat : now;
+	if (base + cost > now + NSEC) {
+		__sync_fetch_and_add(&c->dropped_packets, 1);
+		__sync_fetch_and_add(&c->dropped_bytes, len);
+		count(STAT_CAPPED, 1);
+		return 0;
+	}
+	if (tat > now)
+		__sync_fetch_and_add(&c->tat_ns, cost);
+	else
+		c->tat_ns = now + cost;
+	return 1;
+}
+
 static __always_inline int send(struct xdp_md *ctx, int ifindex)
 {
 	if (ifindex == (int)ctx->ingress_ifindex)
@@ -266,6 +317,11 @@ int natrix_xdp(struct xdp_md *ctx)
 			count(STAT_EXPIRED, 1);
 			return XDP_PASS;
 		}
+		int within = spend(v->cap, clen, now);
+		if (within < 0)
+			return XDP_PASS;
+		if (!within)
+			return XDP_DROP;
 		__u16 w1 = *(__u16 *)p, w2 = *(__u16 *)(p + 2);
 		struct aligned_headers copy;
 		__builtin_memcpy(&copy.h, h, HEADERS);
@@ -306,6 +362,11 @@ int natrix_xdp(struct xdp_md *ctx)
 		count(STAT_EXPIRED, 1);
 		return XDP_PASS;
 	}
+	int within = spend(cv->cap, plen, now);
+	if (within < 0)
+		return XDP_PASS;
+	if (!within)
+		return XDP_DROP;
 	__u16 w1 = cv->channel, w2 = bpf_htons(plen);
 	struct aligned_headers copy;
 	__builtin_memcpy(&copy.h, h, HEADERS);

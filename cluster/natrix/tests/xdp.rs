@@ -391,21 +391,30 @@ struct Crossed {
 /// Sends `n` datagrams each way — the client's over the channel, the
 /// peer's to the relayed address — and counts what arrived where.
 fn exchange(client: &Client, peer: &UdpSocket, n: usize) -> Crossed {
+    exchange_of(client, peer, n, 0)
+}
+
+/// [`exchange`] with payloads padded to `size` bytes.
+fn exchange_of(client: &Client, peer: &UdpSocket, n: usize, size: usize) -> Crossed {
     let peer_addr = peer.local_addr().unwrap();
     let mut crossed = Crossed::default();
     let mut buf = [0u8; 1500];
+    let padded = |text: String| {
+        let mut bytes = text.into_bytes();
+        bytes.resize(bytes.len().max(size), b'.');
+        bytes
+    };
     for i in 0..n {
-        let mut out = [0u8; 64];
-        let payload = format!("to peer {i}");
+        let mut out = [0u8; 1500];
         let len = ChannelData::encode(
             &mut out,
             ChannelNumber::new(CHANNEL).unwrap(),
-            payload.as_bytes(),
+            &padded(format!("to peer {i}")),
             false,
         )
         .unwrap();
         client.socket.send_to(&out[..len], SERVER).unwrap();
-        peer.send_to(format!("to client {i}").as_bytes(), client.relayed)
+        peer.send_to(&padded(format!("to client {i}")), client.relayed)
             .unwrap();
     }
     while let Ok((len, from)) = peer.recv_from(&mut buf) {
@@ -442,7 +451,7 @@ fn by_kernel() -> (f64, f64) {
 
 /// Waits for the loops to publish the kernel's counters (every second)
 /// and returns how many packets each way the kernel relayed since
-/// `before`.
+/// `before` (itself read when nothing was left unpublished).
 fn kernel_since(before: (f64, f64)) -> (f64, f64) {
     std::thread::sleep(Duration::from_millis(1300));
     let now = by_kernel();
@@ -485,7 +494,12 @@ fn channel_lifetimes_hold_in_the_kernel_with_real_packets() {
     let peer = udp_in("xp", "10.201.2.2:3490");
     let peer_addr = peer.local_addr().unwrap();
     let mut client = Client::allocate();
-    // Warm the relay's neighbour entries: the kernel path needs them.
+    // Warm the relay's neighbour entries (the kernel path needs them) and
+    // let the loops publish what that relayed; then the lifetimes' clock
+    // starts with a ChannelBind refresh.
+    client.bind(peer_addr);
+    let _ = exchange(&client, &peer, 1);
+    let _ = kernel_since(by_kernel());
     client.bind(peer_addr);
     let t0 = Instant::now();
     // Each step happens at its time on the lifetimes' clock (a step that
@@ -502,7 +516,6 @@ fn channel_lifetimes_hold_in_the_kernel_with_real_packets() {
         channel_data: n,
         indications: 0,
     };
-    let _ = exchange(&client, &peer, 1);
 
     // Bound: both ways, in the kernel.
     let k = by_kernel();
@@ -619,6 +632,7 @@ fn an_exiting_relay_takes_its_xdp_program_with_it() {
         let mut client = Client::allocate();
         client.bind(peer_addr);
         let _ = exchange(&client, &peer, 1);
+        let _ = kernel_since(by_kernel());
         let k = by_kernel();
         assert_eq!(exchange(&client, &peer, 20), all, "{name}");
         assert_eq!(kernel_since(k), (20.0, 20.0), "{name}: {}", metrics());
@@ -641,4 +655,51 @@ fn an_exiting_relay_takes_its_xdp_program_with_it() {
             "{name}: relayed after the relay exited"
         );
     }
+}
+
+/// A bandwidth cap holds on the kernel path: with 20 000 bytes a second
+/// per allocation, 100 datagrams of 1000 bytes each way at once cross as
+/// one second's burst (about 20 in all, both directions sharing the
+/// budget), relayed by the program; the program drops the rest and the
+/// relay counts them as `bandwidth_exceeded`, as it does its own.
+#[test]
+fn a_bandwidth_cap_is_metered_in_the_kernel() {
+    let _lab = Lab::up();
+    let mut natrix = relay(&["--xdp", "xr0,xr1", "--bandwidth-per-allocation", "20000"]);
+    assert!(
+        natrix.wait_for("XDP fast path attached"),
+        "{}",
+        natrix.log()
+    );
+    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let peer = udp_in("xp", "10.201.2.2:3490");
+    let mut client = Client::allocate();
+    client.bind(peer.local_addr().unwrap());
+    let _ = exchange(&client, &peer, 1);
+    wait_metric("relay_xdp_entries", |v| v == 1.0);
+    // Let the warm-up's charge age out of the budget and its counts be
+    // published.
+    let _ = kernel_since(by_kernel());
+    let (k, exceeded) = (by_kernel(), dropped("bandwidth_exceeded"));
+    let crossed = exchange_of(&client, &peer, 100, 1000);
+    let total = crossed.at_peer + crossed.channel_data;
+    assert!(
+        (18..=23).contains(&total),
+        "one second's burst of 20 000 bytes, not {crossed:?}"
+    );
+    assert_eq!(crossed.indications, 0);
+    let kernel = kernel_since(k);
+    assert_eq!(
+        kernel.0 + kernel.1,
+        total as f64,
+        "the kernel relayed what crossed: {}",
+        metrics()
+    );
+    let over = wait_metric("relay_xdp_packets_total{result=\"capped\"}", |v| v >= 170.0);
+    assert!(over <= 200.0 - total as f64 + 2.0, "{}", metrics());
+    assert!(
+        dropped("bandwidth_exceeded") - exceeded >= 170.0,
+        "{}",
+        metrics()
+    );
 }

@@ -507,7 +507,7 @@ pub const RELAY_TCP_RELAYED_BYTES_TOTAL: MetricDef = metric(
 /// Channel bindings on the XDP fast path.
 pub const RELAY_XDP_ENTRIES: MetricDef = metric(
     "relay_xdp_entries",
-    "Channel bindings the XDP fast path relays now (--xdp): UDP clients' channels with a live permission, IPv4, on relay ports of their own, without a bandwidth cap.",
+    "Channel bindings the XDP fast path relays now (--xdp): UDP clients' channels with a live permission, IPv4, on relay ports of their own (a bandwidth cap is metered in the kernel).",
     Kind::Gauge,
     &[],
 );
@@ -523,13 +523,20 @@ pub const RELAY_XDP_PROGRAM_SECONDS_TOTAL: MetricDef = metric(
 /// Outcomes of the XDP fast path.
 pub const RELAY_XDP_RESULT: Label = Label {
     name: "result",
-    values: &["to_peer", "to_client", "expired", "no_route", "passed"],
+    values: &[
+        "to_peer",
+        "to_client",
+        "expired",
+        "no_route",
+        "passed",
+        "capped",
+    ],
 };
 
 /// What the XDP program did with the packets it looked at.
 pub const RELAY_XDP_PACKETS_TOTAL: MetricDef = metric(
     "relay_xdp_packets_total",
-    "Packets the XDP fast path relayed (to_peer, to_client: also counted in relay_forwarded_packets_total) or passed to the userspace relay: an entry past its expiry, a destination without a neighbour or route yet, a UDP datagram with no entry (STUN, bindings not on the fast path).",
+    "Packets the XDP fast path relayed (to_peer, to_client: also counted in relay_forwarded_packets_total) or passed to the userspace relay: an entry past its expiry, a destination without a neighbour or route yet, a UDP datagram with no entry (STUN, bindings not on the fast path); or dropped over the allocation's bandwidth cap (capped: also counted in relay_packets_dropped_total{reason=\"bandwidth_exceeded\"}).",
     Kind::Counter,
     &[RELAY_XDP_RESULT],
 );

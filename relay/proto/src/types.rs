@@ -32,4 +32,9 @@ impl AllocationId {
     pub const fn index(self) -> usize {
         self.index as usize
     }
+
+    /// Which allocation of the slot it was (slots are reused).
+    pub const fn generation(self) -> u32 {
+        self.generation
+    }
 }

@@ -3169,20 +3169,51 @@ fn channel_bindings_go_on_the_fast_path_until_the_earlier_expiry_and_leave_with_
 }
 
 #[test]
-fn only_udp_ipv4_bindings_on_ports_of_their_own_without_a_cap_take_the_fast_path() {
+fn a_capped_allocation_takes_the_fast_path_with_its_cap_and_kernel_bytes_spend_its_budget() {
+    let alice = User::stat("alice", "wonderland");
+    let mut h = Harness::new(ServerConfig {
+        bandwidth_per_allocation: Some(1000),
+        ..fast_config()
+    });
+    let c = client(41020);
+    let p = peer(9, 7000);
+    h.allocate(c, &alice, h.t0);
+    let id = h.last_allocation();
+    h.channel_bind(c, &alice, 0x4001, p, h.t0);
+    let f = fast_paths(&mut h);
+    assert_eq!((f.len(), f[0].cap), (1, Some(1000)), "{f:?}");
+    // Userspace alone: 1000 bytes a second allow two 400-byte datagrams.
+    // After the kernel relayed 1000 bytes for the allocation, a Send
+    // indication in the same second finds the budget spent.
+    h.server
+        .fast_path_relayed(id, natrix_relay_proto::Direction::ClientToPeer, 2, 1000);
+    let packet = send_indication(p, &[0u8; 400]);
+    assert!(matches!(
+        h.input(&packet, c, h.t0),
+        ClientAction::Drop(natrix_relay_proto::DropReason::BandwidthExceeded)
+    ));
+    // What the kernel dropped over the cap counts as the relay's drops.
+    let before =
+        h.server.stats().dropped[natrix_relay_proto::DropReason::BandwidthExceeded as usize];
+    h.server.fast_path_capped(7);
+    assert_eq!(
+        h.server.stats().dropped[natrix_relay_proto::DropReason::BandwidthExceeded as usize],
+        before + 7
+    );
+    // Two seconds on, the budget has refilled.
+    assert!(matches!(
+        h.input(&packet, c, h.at(2)),
+        ClientAction::ToPeer { .. }
+    ));
+}
+
+#[test]
+fn only_udp_ipv4_bindings_on_ports_of_their_own_take_the_fast_path() {
     let alice = User::stat("alice", "wonderland");
     let p = peer(9, 7000);
     // Off: nothing.
     let mut h = Harness::new(config());
     let c = client(41010);
-    h.allocate(c, &alice, h.t0);
-    h.channel_bind(c, &alice, 0x4001, p, h.t0);
-    assert!(fast_paths(&mut h).is_empty());
-    // A bandwidth cap: the kernel does not meter, so nothing.
-    let mut h = Harness::new(ServerConfig {
-        bandwidth_per_allocation: Some(100_000),
-        ..fast_config()
-    });
     h.allocate(c, &alice, h.t0);
     h.channel_bind(c, &alice, 0x4001, p, h.t0);
     assert!(fast_paths(&mut h).is_empty());

@@ -546,6 +546,9 @@ struct FastEntries {
     /// Keys → the allocation, until when, and what its counters read last.
     entries: HashMap<crate::xdp::Keys, (AllocationId, Instant, crate::xdp::EntryCounters)>,
     next_read: Instant,
+    /// Allocations with a bandwidth budget in the kernel: their entries,
+    /// and what the budget had dropped at the last reading.
+    caps: HashMap<AllocationId, (usize, u64)>,
     /// The per-CPU counters as last published (loop 0 publishes them).
     published: [u64; crate::xdp::STATS as usize],
     published_entries: usize,
@@ -698,6 +701,7 @@ impl EventLoop {
                     xdp,
                     entries: HashMap::default(),
                     next_read: Instant::now(),
+                    caps: HashMap::default(),
                     published: [0; crate::xdp::STATS as usize],
                     published_entries: 0,
                 },
@@ -2089,6 +2093,14 @@ impl EventLoop {
 /// two map lookups per entry).
 const FAST_PATH_READ: Duration = Duration::from_secs(1);
 
+/// The key of `allocation`'s bandwidth budget in the kernel: unique across
+/// the loops (each `shard` has its own slots), never 0.
+fn cap_key(shard: usize, allocation: AllocationId) -> u64 {
+    ((shard as u64 + 1) << 48)
+        | ((u64::from(allocation.generation()) & 0xffff) << 32)
+        | allocation.index() as u64
+}
+
 /// The XDP fast path: the core's channel bindings into the maps, and what
 /// the kernel relayed back into the core's counters.
 impl EventLoop {
@@ -2103,12 +2115,21 @@ impl EventLoop {
         let Ok(mut x) = xdp.lock() else {
             return;
         };
-        let installed = f.until.is_some_and(|until| x.install(&keys, until));
+        let cap = f.cap.filter(|&rate| rate > 0).map(|rate| crate::xdp::Cap {
+            key: cap_key(self.shard, f.allocation),
+            rate,
+        });
+        let installed = f.until.is_some_and(|until| x.install(&keys, until, cap));
         debug!(client = %f.client.client, channel = f.channel, peer = %f.peer, installed, removed = f.until.is_none(), "fast path");
         if let (true, Some(until)) = (installed, f.until) {
             let seen = match self.fast.entries.get(&keys) {
                 Some(e) => e.2,
-                None => x.counters(&keys),
+                None => {
+                    if cap.is_some() {
+                        self.fast.caps.entry(f.allocation).or_insert((0, 0)).0 += 1;
+                    }
+                    x.counters(&keys)
+                }
             };
             self.fast.entries.insert(keys, (f.allocation, until, seen));
             return;
@@ -2117,7 +2138,32 @@ impl EventLoop {
         drop(x);
         if let Some((allocation, _, seen)) = self.fast.entries.remove(&keys) {
             self.account_fast_path(allocation, seen, last);
+            self.fast_entry_gone(allocation);
         }
+    }
+
+    /// One of `allocation`'s entries left the kernel: with the last, its
+    /// budget goes too (what it dropped since the last reading counted).
+    fn fast_entry_gone(&mut self, allocation: AllocationId) {
+        let Some(cap) = self.fast.caps.get_mut(&allocation) else {
+            return;
+        };
+        cap.0 = cap.0.saturating_sub(1);
+        if cap.0 > 0 {
+            return;
+        }
+        let seen = cap.1;
+        self.fast.caps.remove(&allocation);
+        let key = cap_key(self.shard, allocation);
+        let Some(xdp) = self.fast.xdp.clone() else {
+            return;
+        };
+        let Ok(mut x) = xdp.lock() else {
+            return;
+        };
+        let dropped = x.remove_cap(key);
+        drop(x);
+        self.core.fast_path_capped(dropped.saturating_sub(seen));
     }
 
     /// Counts what an entry relayed between two readings.
@@ -2162,12 +2208,20 @@ impl EventLoop {
             };
             readings.push((*keys, allocation, until <= now, seen, counters));
         }
+        let mut capped = 0;
+        for (&allocation, cap) in &mut self.fast.caps {
+            let dropped = x.capped(cap_key(self.shard, allocation));
+            capped += dropped.saturating_sub(cap.1);
+            cap.1 = cap.1.max(dropped);
+        }
         let stats = (self.shard == 0).then(|| (x.stats(), x.program_time()));
         drop(x);
+        self.core.fast_path_capped(capped);
         for (keys, allocation, expired, seen, counters) in readings {
             self.account_fast_path(allocation, seen, counters);
             if expired {
                 self.fast.entries.remove(&keys);
+                self.fast_entry_gone(allocation);
             } else if let Some(e) = self.fast.entries.get_mut(&keys) {
                 e.2 = counters;
             }

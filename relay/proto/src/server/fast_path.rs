@@ -5,12 +5,20 @@
 //!
 //! A binding qualifies when its allocation is a UDP client's, on a relay
 //! port of its own (not shared, not TCP), its peer and relayed address are
-//! IPv4, and no bandwidth cap applies (the kernel does not meter). It is
-//! carried until the earlier of the channel's and its permission's expiry;
+//! IPv4. It is carried until the earlier of the channel's and its
+//! permission's expiry;
 //! a ChannelBind or CreatePermission that refreshes either sends the new
 //! time, the allocation's end and a client's move take it away. The deny
 //! list is checked where the binding is made (ChannelBind), as for
 //! userspace relaying.
+//!
+//! A bandwidth cap ([`ServerConfig::bandwidth_per_allocation`]) goes with
+//! the binding: the kernel meters the allocation's channels against one
+//! budget at the cap's rate and drops past it ([`Server::fast_path_capped`]
+//! counts those as `bandwidth_exceeded`); what the kernel relayed is charged
+//! to the allocation's userspace budget too, so datagrams that still take
+//! the userspace path (indications, channels not in the kernel) share the
+//! cap instead of adding to it.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -35,13 +43,15 @@ pub struct FastPath {
     pub relayed: SocketAddr,
     /// Carried until then; `None`: no longer.
     pub until: Option<Instant>,
+    /// The allocation's bandwidth cap, payload bytes a second.
+    pub cap: Option<u64>,
 }
 
 impl Server {
     /// Whether allocation `index` qualifies (see the module docs).
     fn fast_path_bind(&self, index: u32) -> Option<SocketAddr> {
         let c: &ServerConfig = &self.config;
-        if !c.fast_path || c.bandwidth_per_allocation.is_some() {
+        if !c.fast_path {
             return None;
         }
         let a = self.slots.get(index as usize)?.allocation.as_ref()?;
@@ -110,6 +120,7 @@ impl Server {
                     peer: ch.peer,
                     relayed,
                     until,
+                    cap: self.config.bandwidth_per_allocation,
                 })));
         }
     }
@@ -134,6 +145,19 @@ impl Server {
         if live && let Some(a) = self.slots[allocation.index as usize].allocation.as_mut() {
             a.usage.packets[direction as usize] += packets;
             a.usage.bytes[direction as usize] += bytes;
+            // The kernel's bytes spend the userspace budget as well (into
+            // debt of at most a second's worth).
+            if let (Some(b), Some(rate)) = (&mut a.bandwidth, self.config.bandwidth_per_allocation)
+            {
+                let rate = rate as f64;
+                b.tokens = (b.tokens - bytes as f64).max(-rate);
+            }
         }
+    }
+
+    /// Counts `packets` the kernel dropped over an allocation's bandwidth
+    /// cap, as the userspace path counts its own.
+    pub fn fast_path_capped(&mut self, packets: u64) {
+        self.stats.dropped[crate::stats::DropReason::BandwidthExceeded as usize] += packets;
     }
 }
