@@ -703,3 +703,60 @@ fn a_bandwidth_cap_is_metered_in_the_kernel() {
         metrics()
     );
 }
+
+/// A binary upgrade (SIGUSR2: the relay executes its binary in place and
+/// the new image takes over sockets and allocations) with XDP on: the old
+/// image's program leaves with it, the new image attaches its own and puts
+/// the handed-over channels back in the kernel — the channel goes on
+/// crossing, and in the kernel again, after the upgrade.
+#[test]
+fn channels_go_back_in_the_kernel_after_a_binary_upgrade() {
+    let _lab = Lab::up();
+    let mut natrix = relay(&["--xdp", "xr0,xr1"]);
+    assert!(
+        natrix.wait_for("XDP fast path attached"),
+        "{}",
+        natrix.log()
+    );
+    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let peer = udp_in("xp", "10.201.2.2:3490");
+    let mut client = Client::allocate();
+    client.bind(peer.local_addr().unwrap());
+    let _ = exchange(&client, &peer, 1);
+    let _ = kernel_since(by_kernel());
+    let all = Crossed {
+        at_peer: 20,
+        channel_data: 20,
+        indications: 0,
+    };
+    let k = by_kernel();
+    assert_eq!(exchange(&client, &peer, 20), all);
+    assert_eq!(kernel_since(k), (20.0, 20.0), "{}", metrics());
+
+    natrix.signal(libc::SIGUSR2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while natrix.log().matches("XDP fast path attached").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the new image did not attach:\n{}",
+            natrix.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        natrix.wait_for("took over the allocations of the previous binary"),
+        "{}",
+        natrix.log()
+    );
+    wait_metric("relay_xdp_entries", |v| v == 1.0);
+    assert!(xdp_attached("xr0") && xdp_attached("xr1"));
+    let _ = kernel_since(by_kernel());
+    let k = by_kernel();
+    assert_eq!(exchange(&client, &peer, 20), all, "after the upgrade");
+    assert_eq!(
+        kernel_since(k),
+        (20.0, 20.0),
+        "in the kernel after the upgrade: {}",
+        metrics()
+    );
+}
