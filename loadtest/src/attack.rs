@@ -29,10 +29,10 @@ use natrix_wire::{ChannelData, ChannelNumber};
 use crate::process::process_rss_bytes;
 use crate::relay::Auth;
 use crate::stats::Latency;
-use crate::turn::{Credentials, Tls, Transport, TurnClient, error_kind};
+use crate::turn::{Credentials, Tls, Transport, TurnClient, channel_data, error_kind};
 
 /// Every attack, in the order `all` runs them.
-const ATTACKS: [&str; 22] = [
+const ATTACKS: [&str; 23] = [
     "plan-no-key",
     "plan-rate",
     "alloc-one-source",
@@ -55,6 +55,7 @@ const ATTACKS: [&str; 22] = [
     "turn-guessing",
     "https-idle",
     "dtls-hellos",
+    "channel-forgery",
 ];
 
 /// Options of `attack`.
@@ -1151,6 +1152,94 @@ fn garbage(args: &AttackArgs) -> Outcome {
     o
 }
 
+/// ChannelData and peer datagrams forged around a victim's allocation: the
+/// victim (a client with a channel to its own peer, both at --local)
+/// exchanges datagrams while the attacker, from --attacker-ip, floods the
+/// listener with ChannelData on the victim's channel number and every
+/// other, the victim's relayed address with datagrams (no permission for
+/// the attacker's IP), and the relayed IP's other ports. Whatever path
+/// relays (userspace or XDP), nothing forged may reach the victim or its
+/// peer, and the victim's own datagrams go on crossing.
+fn channel_forgery(args: &AttackArgs, creds: &Credentials) -> Outcome {
+    const FORGED: &[u8] = b"forged by the attacker";
+    let mut o = Outcome::default();
+    if args.attacker_ip == args.local {
+        return Outcome::skipped("the attacker needs an address of its own (--attacker-ip)");
+    }
+    let setup = (|| -> anyhow::Result<_> {
+        let peer = UdpSocket::bind(SocketAddr::new(args.local, 0))?;
+        peer.set_nonblocking(true)?;
+        let mut victim = TurnClient::allocate(args.turn, SocketAddr::new(args.local, 0), creds)?;
+        victim.bind_channel(LEGIT_CHANNEL, peer.local_addr()?)?;
+        let attacker = UdpSocket::bind(SocketAddr::new(args.attacker_ip, 0))?;
+        attacker.set_nonblocking(true)?;
+        Ok((peer, victim, attacker))
+    })();
+    let (peer, mut victim, attacker) = match setup {
+        Ok(s) => s,
+        Err(e) => return Outcome::skipped(&format!("the victim's allocation: {e:#}")),
+    };
+    let relayed = victim.relayed;
+    let Some(channel) = ChannelNumber::new(LEGIT_CHANNEL) else {
+        return Outcome::skipped("channel number");
+    };
+    let mut forged_cd = [0u8; 64];
+    let (mut sent, mut own_sent, mut own_crossed, mut forged_seen) = (0u64, 0u64, 0u64, 0u64);
+    let mut buf = [0u8; 2048];
+    let deadline = args.deadline();
+    let mut round = 0u32;
+    while Instant::now() < deadline && sent < 3_000_000 {
+        for i in 0..64u16 {
+            let number = if i % 2 == 0 {
+                LEGIT_CHANNEL
+            } else {
+                0x4000 + (i * 61) % 0x1000
+            };
+            let n =
+                ChannelNumber::new(number).map_or(0, |c| channel_data(&mut forged_cd, c, FORGED));
+            let _ = attacker.send_to(&forged_cd[..n], args.turn);
+            let _ = attacker.send_to(FORGED, relayed);
+            let port = 49152 + (rand::random::<u16>() % 16384);
+            let _ = attacker.send_to(FORGED, SocketAddr::new(relayed.ip(), port));
+            sent += 3;
+        }
+        while attacker.recv_from(&mut buf).is_ok() {}
+        // The victim's own datagram, and what arrived at either end.
+        round += 1;
+        if round.is_multiple_of(8) {
+            let own = format!("own {own_sent}");
+            if victim.send_channel_data(channel, own.as_bytes()).is_ok() {
+                own_sent += 1;
+            }
+        }
+        while let Ok((n, _)) = peer.recv_from(&mut buf) {
+            if buf[..n].starts_with(FORGED) {
+                forged_seen += 1;
+            } else if buf[..n].starts_with(b"own ") {
+                own_crossed += 1;
+            }
+        }
+        // The victim's socket costs a wait to read: every eighth round.
+        while round % 8 == 4
+            && let Ok(Some(frame)) = victim.link.recv(Duration::from_millis(1))
+        {
+            if frame.windows(FORGED.len()).any(|w| w == FORGED) {
+                forged_seen += 1;
+            }
+        }
+    }
+    let _ = victim.release();
+    o.answers.insert("datagrams forged".into(), sent);
+    o.answers.insert("forged delivered".into(), forged_seen);
+    o.answers.insert("victim's own sent".into(), own_sent);
+    o.answers.insert("victim's own crossed".into(), own_crossed);
+    o.bounded = forged_seen == 0 && own_sent > 0 && own_crossed * 10 >= own_sent * 9;
+    o.server_did = format!(
+        "{sent} forged datagrams (ChannelData on the victim's channel and others, to its relayed address, to other relay ports): {forged_seen} delivered; the victim's own {own_crossed}/{own_sent} crossed"
+    );
+    o
+}
+
 fn metrics_flood(args: &AttackArgs) -> Outcome {
     let health = args.health.unwrap_or(args.metrics);
     let stop = AtomicBool::new(false);
@@ -1808,6 +1897,7 @@ fn run_one(name: &str, args: &AttackArgs, creds: &Credentials) -> Outcome {
         "turn-guessing" => turn_guessing(args, creds),
         "https-idle" => https_idle(args),
         "dtls-hellos" => dtls_hellos(args),
+        "channel-forgery" => channel_forgery(args, creds),
         other => Outcome::skipped(&format!("no attack named {other}")),
     }
 }

@@ -53,7 +53,7 @@ fn attack_and_check(t: &Target<'_>) {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no report:\n{stderr}"));
     assert!(out.status.success(), "not held:\n{stderr}");
     let attacks = report["attacks"].as_array().unwrap();
-    assert_eq!(attacks.len(), 22, "{stderr}");
+    assert_eq!(attacks.len(), 23, "{stderr}");
     for a in attacks {
         let name = a["attack"].as_str().unwrap();
         assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);
@@ -118,6 +118,14 @@ fn attack_and_check(t: &Target<'_>) {
     assert!(hellos["ClientHellos"].as_u64().unwrap() > 1000, "{hellos}");
     assert!(hellos["cookie"].as_u64().unwrap_or(0) > 0, "{hellos}");
     assert!(hellos["other answer"].is_null(), "{hellos}");
+    // Forged ChannelData and peer datagrams around a victim's channel:
+    // none delivered, the victim's own datagrams crossing meanwhile.
+    let forged = &by("channel-forgery")["answers"];
+    assert!(
+        forged["datagrams forged"].as_u64().unwrap() > 1000,
+        "{forged}"
+    );
+    assert_eq!(forged["forged delivered"], 0, "{forged}");
     let slow = &by("slow-tls-reader")["answers"];
     assert_eq!(slow["delivered"], slow["peer datagrams"]);
     // Memory: connection floods do not grow the server without bound.

@@ -44,6 +44,7 @@ for n in xg xr xp; do ip -n $n link set lo up; done
 ip link add xg0 netns xg type veth peer name xr0 netns xr
 ip link add xp0 netns xp type veth peer name xr1 netns xr
 ip -n xg addr add 10.201.1.2/24 dev xg0; ip -n xg link set xg0 up
+ip -n xg addr add 10.201.1.66/24 dev xg0 # the attacker's
 ip -n xg route add default via 10.201.1.1
 ip -n xr addr add 10.201.1.1/24 dev xr0; ip -n xr link set xr0 up
 ip -n xr addr add 10.201.2.1/24 dev xr1; ip -n xr link set xr1 up
@@ -759,4 +760,76 @@ fn channels_go_back_in_the_kernel_after_a_binary_upgrade() {
         "in the kernel after the upgrade: {}",
         metrics()
     );
+}
+
+/// The hostile-traffic suite's attacks on the relay's UDP paths, run
+/// against an XDP relay in the lab (`natrix-loadtest attack` from the
+/// client's namespace, the attacker on an address of its own): forged
+/// ChannelData on a victim's channel number and others, datagrams to the
+/// victim's relayed address from an unpermitted source, scans of other
+/// relay ports and random garbage. The program passes every one of them
+/// up (no entry matches) and userspace drops them; none is delivered, the
+/// legitimate sessions lose nothing, and their channel data went on
+/// crossing in the kernel during the attacks.
+#[test]
+fn forged_and_garbage_floods_do_not_cross_an_xdp_relay() {
+    let _lab = Lab::up();
+    let mut natrix = relay(&["--xdp", "xr0,xr1"]);
+    assert!(
+        natrix.wait_for("XDP fast path attached"),
+        "{}",
+        natrix.log()
+    );
+    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let (passed, to_peer) = (
+        metric("relay_xdp_packets_total{result=\"passed\"}"),
+        metric("relay_xdp_packets_total{result=\"to_peer\"}"),
+    );
+    let loadtest = common::loadtest().display().to_string();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "xg",
+            &loadtest,
+            "--progress",
+            "off",
+            "attack",
+        ])
+        .args(["--attack", "channel-forgery,garbage"])
+        .args(["--turn", SERVER, "--metrics", "10.201.1.1:9090"])
+        .args(["--local", "10.201.1.2", "--attacker-ip", "10.201.1.66"])
+        .args(["--user", USER, "--password", PASSWORD])
+        .args(["--legit", "4", "--duration", "2s"])
+        .output()
+        .expect("running natrix-loadtest attack in the client's namespace");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("no report:\n{stderr}\n{}", natrix.log()));
+    assert!(out.status.success(), "not held:\n{stderr}");
+    for a in report["attacks"].as_array().unwrap() {
+        let name = a["attack"].as_str().unwrap();
+        assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);
+        assert_eq!(a["held"], true, "{name}: {}", a["server_did"]);
+        assert_eq!(
+            a["legit_sessions_lost"], 0,
+            "{name}: {}",
+            a["legit_lost_why"]
+        );
+    }
+    let forged = &report["attacks"][0]["answers"];
+    assert!(
+        forged["datagrams forged"].as_u64().unwrap() > 10_000,
+        "{forged}"
+    );
+    assert_eq!(forged["forged delivered"], 0, "{forged}");
+    // The floods met the program and went up to userspace; the legitimate
+    // channels were relayed in the kernel all along.
+    let passed = wait_metric("relay_xdp_packets_total{result=\"passed\"}", |v| {
+        v - passed > 10_000.0
+    });
+    let to_peer = wait_metric("relay_xdp_packets_total{result=\"to_peer\"}", |v| {
+        v - to_peer > 100.0
+    });
+    println!("{stderr}\npassed {passed}, to_peer {to_peer}");
 }
