@@ -6,7 +6,8 @@
 //! build time, with no C library to link, and manages its maps). One
 //! [`Xdp`] serves the host: every loop installs and removes the entries of
 //! its allocations under its lock (channel binds are rare next to packets)
-//! and reads back the per-entry counters of its own entries.
+//! and reads back the counters of its own entries — from the program's
+//! memory-mapped counter array, without a system call per entry.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -32,10 +33,8 @@ struct ToPeerVal {
     peer_ip: u32,
     relay_port: u16,
     peer_port: u16,
-    pad: u32,
+    slot: u32,
     expires_ns: u64,
-    packets: u64,
-    bytes: u64,
     cap: u64,
 }
 
@@ -58,11 +57,18 @@ struct ToClientVal {
     client_port: u16,
     channel: u16,
     pad: u16,
+    slot: u32,
+    pad2: u32,
     expires_ns: u64,
-    packets: u64,
-    bytes: u64,
     cap: u64,
 }
+
+/// Bindings the maps hold at most (`MAX_ENTRIES` in the C program).
+pub const MAX_ENTRIES: u32 = 262_144;
+
+/// One binding's counters in the program's array: packets and bytes,
+/// client → peer then peer → client (`struct counters`).
+const COUNTER_WORDS: usize = 4;
 
 /// An allocation's bandwidth budget in the kernel (a GCRA meter).
 #[repr(C)]
@@ -229,6 +235,81 @@ mod loaded {
     use super::*;
     use aya::maps::{HashMap, MapData, PerCpuArray};
     use aya::programs::{Xdp as XdpProgram, XdpMode};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The program's counter array, mapped into this process: the kernel
+    /// adds to it atomically, the relay reads it with plain loads.
+    struct Counters {
+        base: std::ptr::NonNull<AtomicU64>,
+        len: usize,
+        /// Keeps the map alive as long as the mapping.
+        _map: MapData,
+    }
+
+    // SAFETY: the mapping is shared memory the kernel updates atomically;
+    // every access goes through `AtomicU64`.
+    unsafe impl Send for Counters {}
+
+    impl Counters {
+        fn map(map: MapData) -> anyhow::Result<Counters> {
+            use std::os::fd::{AsFd as _, AsRawFd as _};
+            let len = MAX_ENTRIES as usize * COUNTER_WORDS * 8;
+            // SAFETY: a shared read-write mapping of an array map created
+            // with BPF_F_MMAPABLE, `len` bytes (its size); the kernel
+            // checks the length and flags.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    map.fd().as_fd().as_raw_fd(),
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                anyhow::bail!(
+                    "mapping the XDP counters: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            Ok(Counters {
+                base: std::ptr::NonNull::new(ptr.cast())
+                    .ok_or_else(|| anyhow::anyhow!("mmap gave null"))?,
+                len,
+                _map: map,
+            })
+        }
+
+        fn word(&self, slot: u32, i: usize) -> &AtomicU64 {
+            let at = (slot as usize % MAX_ENTRIES as usize) * COUNTER_WORDS + i;
+            // SAFETY: `at` is inside the mapping (slot reduced modulo the
+            // array's size), 8-byte aligned (page-aligned base, 8-byte
+            // words), and the mapping lives as long as `self`.
+            unsafe { &*self.base.as_ptr().add(at) }
+        }
+
+        fn read(&self, slot: u32) -> EntryCounters {
+            let w = |i| self.word(slot, i).load(Ordering::Relaxed);
+            EntryCounters {
+                to_peer: (w(0), w(2)),
+                to_client: (w(1), w(3)),
+            }
+        }
+
+        fn clear(&self, slot: u32) {
+            for i in 0..COUNTER_WORDS {
+                self.word(slot, i).store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    impl Drop for Counters {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `map`, unmapped once.
+            unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        }
+    }
 
     /// The program, attached, and its maps.
     pub struct Xdp {
@@ -239,6 +320,10 @@ mod loaded {
         to_peer: HashMap<MapData, ToPeerKey, ToPeerVal>,
         to_client: HashMap<MapData, ToClientKey, ToClientVal>,
         caps: HashMap<MapData, u64, CapVal>,
+        counters: Counters,
+        /// Each installed binding's counter slot; slots free for reuse.
+        slots: std::collections::HashMap<Keys, u32>,
+        free: Vec<u32>,
         stats: PerCpuArray<MapData, u64>,
         clock: Clock,
         /// Interfaces it runs on.
@@ -281,6 +366,10 @@ mod loaded {
             let to_peer = HashMap::try_from(take(&mut ebpf, "to_peer")?)?;
             let to_client = HashMap::try_from(take(&mut ebpf, "to_client")?)?;
             let caps = HashMap::try_from(take(&mut ebpf, "caps")?)?;
+            let counters = match take(&mut ebpf, "counters")? {
+                aya::maps::Map::Array(data) => Counters::map(data)?,
+                _ => anyhow::bail!("the XDP object's counters map is not an array"),
+            };
             let stats = PerCpuArray::try_from(take(&mut ebpf, "stats")?)?;
             // Costs two clock reads per program run; off where refused.
             let run_time = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -290,6 +379,9 @@ mod loaded {
                 to_peer,
                 to_client,
                 caps,
+                counters,
+                slots: std::collections::HashMap::new(),
+                free: (0..MAX_ENTRIES).rev().collect(),
                 stats,
                 clock: Clock::now(),
                 interfaces: interfaces.to_vec(),
@@ -315,18 +407,26 @@ mod loaded {
             }
             let cap = cap.map_or(0, |c| c.key);
             let (p, c) = (keys.to_peer, keys.to_client);
-            // Counters survive an update (a refresh must not reset them).
-            let kept_peer = self.to_peer.get(&keys.to_peer, 0).ok();
-            let kept_client = self.to_client.get(&keys.to_client, 0).ok();
+            // A refresh keeps its slot (and counts on); a new binding
+            // takes a free one, zeroed.
+            let slot = match self.slots.get(keys) {
+                Some(&slot) => slot,
+                None => {
+                    let Some(slot) = self.free.pop() else {
+                        return false;
+                    };
+                    self.counters.clear(slot);
+                    self.slots.insert(*keys, slot);
+                    slot
+                }
+            };
             let to_peer = ToPeerVal {
                 relay_ip: c.relay_ip,
                 peer_ip: c.peer_ip,
                 relay_port: c.relay_port,
                 peer_port: c.peer_port,
-                pad: 0,
+                slot,
                 expires_ns,
-                packets: kept_peer.map_or(0, |v| v.packets),
-                bytes: kept_peer.map_or(0, |v| v.bytes),
                 cap,
             };
             let to_client = ToClientVal {
@@ -336,9 +436,9 @@ mod loaded {
                 client_port: p.client_port,
                 channel: p.channel,
                 pad: 0,
+                slot,
+                pad2: 0,
                 expires_ns,
-                packets: kept_client.map_or(0, |v| v.packets),
-                bytes: kept_client.map_or(0, |v| v.bytes),
                 cap,
             };
             let ok = self.to_peer.insert(keys.to_peer, to_peer, 0).is_ok()
@@ -349,22 +449,25 @@ mod loaded {
             ok
         }
 
-        /// Removes `keys`' entries; what they counted last.
+        /// Removes `keys`' entries; what they counted last. (A program
+        /// run that found the entries just before may still count into
+        /// the slot; it is zeroed again when reused.)
         pub fn remove(&mut self, keys: &Keys) -> EntryCounters {
-            let counters = self.counters(keys);
             let _ = self.to_peer.remove(&keys.to_peer);
             let _ = self.to_client.remove(&keys.to_client);
+            let counters = self.counters(keys);
+            if let Some(slot) = self.slots.remove(keys) {
+                self.free.push(slot);
+            }
             counters
         }
 
-        /// What `keys`' entries counted so far.
+        /// What `keys`' entries counted so far (a read of shared memory,
+        /// no system call).
         pub fn counters(&self, keys: &Keys) -> EntryCounters {
-            let p = self.to_peer.get(&keys.to_peer, 0).ok();
-            let c = self.to_client.get(&keys.to_client, 0).ok();
-            EntryCounters {
-                to_peer: p.map_or((0, 0), |v| (v.packets, v.bytes)),
-                to_client: c.map_or((0, 0), |v| (v.packets, v.bytes)),
-            }
+            self.slots
+                .get(keys)
+                .map_or_else(EntryCounters::default, |&slot| self.counters.read(slot))
         }
 
         /// Datagrams budget `key` dropped over its cap so far.

@@ -48,26 +48,13 @@ fn attack_and_check(t: &Target<'_>) {
         .args(["--duration", "1500ms", "--connections", "300"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no report:\n{stderr}"));
-    assert!(out.status.success(), "not held:\n{stderr}");
-    let attacks = report["attacks"].as_array().unwrap();
-    assert_eq!(attacks.len(), 23, "{stderr}");
-    for a in attacks {
-        let name = a["attack"].as_str().unwrap();
-        assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);
-        assert_eq!(a["held"], true, "{name}: {}", a["server_did"]);
-        assert_eq!(
-            a["legit_sessions_lost"], 0,
-            "{name}: {}",
-            a["legit_lost_why"]
-        );
-        assert!(
-            a["legit_answered"].as_u64().unwrap() > 0,
-            "{name}: no legit traffic"
-        );
-    }
+    let attacks = common::attacks_held(&out);
+    assert_eq!(
+        attacks.len(),
+        23,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let by = |name: &str| {
         attacks
             .iter()

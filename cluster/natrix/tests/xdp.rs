@@ -189,6 +189,21 @@ fn relay(extra: &[&str]) -> InNs {
     )
 }
 
+/// A relay with XDP on both its interfaces (and `extra` flags), attached
+/// and serving.
+fn xdp_relay(extra: &[&str]) -> InNs {
+    let mut args = vec!["--xdp", "xr0,xr1"];
+    args.extend_from_slice(extra);
+    let mut natrix = relay(&args);
+    assert!(
+        natrix.wait_for("XDP fast path attached"),
+        "the relay did not attach its XDP program:\n{}",
+        natrix.log()
+    );
+    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    natrix
+}
+
 /// coturn's client sends through channels to an echo peer across the
 /// relay with XDP on both its interfaces: nothing lost, and the datagrams
 /// of both directions were relayed by the XDP program (its counters, and
@@ -197,13 +212,7 @@ fn relay(extra: &[&str]) -> InNs {
 #[test]
 fn channel_data_crosses_an_xdp_relay_in_the_kernel_without_loss() {
     let _lab = Lab::up();
-    let mut natrix = relay(&["--xdp", "xr0,xr1"]);
-    assert!(
-        natrix.wait_for("XDP fast path attached"),
-        "the relay did not attach its XDP program:\n{}",
-        natrix.log()
-    );
-    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let natrix = xdp_relay(&[]);
     let (_peer, report) = channels_to_echo_peer(500, 4);
     assert_eq!(
         (report.sent, report.received, report.lost),
@@ -360,6 +369,17 @@ impl Client {
         panic!("{method:?}: no success after four tries")
     }
 
+    /// A client with a channel to `peer`, warmed: the relay's neighbour
+    /// entries resolved (the kernel path needs them) and what that relayed
+    /// published by the loops.
+    fn bound_to(peer: &UdpSocket) -> Client {
+        let mut client = Client::allocate();
+        client.bind(peer.local_addr().unwrap());
+        let _ = exchange(&client, peer, 1);
+        let _ = kernel_since(by_kernel());
+        client
+    }
+
     fn bind(&mut self, peer: SocketAddr) {
         self.request(
             Method::CHANNEL_BIND,
@@ -375,6 +395,15 @@ impl Client {
             Method::CREATE_PERMISSION,
             &[Attribute::XorPeerAddress(peer)],
         );
+    }
+}
+
+/// `n` each way, over the channel both ways.
+fn all(n: usize) -> Crossed {
+    Crossed {
+        at_peer: n,
+        channel_data: n,
+        indications: 0,
     }
 }
 
@@ -478,29 +507,11 @@ fn dropped(reason: &str) -> f64 {
 #[test]
 fn channel_lifetimes_hold_in_the_kernel_with_real_packets() {
     let _lab = Lab::up();
-    let mut natrix = relay(&[
-        "--xdp",
-        "xr0,xr1",
-        "--permission-lifetime",
-        "4s",
-        "--channel-lifetime",
-        "12s",
-    ]);
-    assert!(
-        natrix.wait_for("XDP fast path attached"),
-        "{}",
-        natrix.log()
-    );
-    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let _natrix = xdp_relay(&["--permission-lifetime", "4s", "--channel-lifetime", "12s"]);
     let peer = udp_in("xp", "10.201.2.2:3490");
     let peer_addr = peer.local_addr().unwrap();
-    let mut client = Client::allocate();
-    // Warm the relay's neighbour entries (the kernel path needs them) and
-    // let the loops publish what that relayed; then the lifetimes' clock
-    // starts with a ChannelBind refresh.
-    client.bind(peer_addr);
-    let _ = exchange(&client, &peer, 1);
-    let _ = kernel_since(by_kernel());
+    // The lifetimes' clock starts with a ChannelBind refresh.
+    let mut client = Client::bound_to(&peer);
     client.bind(peer_addr);
     let t0 = Instant::now();
     // Each step happens at its time on the lifetimes' clock (a step that
@@ -511,11 +522,6 @@ fn channel_lifetimes_hold_in_the_kernel_with_real_packets() {
             Some(wait) => std::thread::sleep(wait),
             None => assert!(t0.elapsed().as_secs_f64() < secs + 0.5, "late for {secs} s"),
         }
-    };
-    let all = |n| Crossed {
-        at_peer: n,
-        channel_data: n,
-        indications: 0,
     };
 
     // Bound: both ways, in the kernel.
@@ -615,25 +621,11 @@ fn xdp_attached(iface: &str) -> bool {
 fn an_exiting_relay_takes_its_xdp_program_with_it() {
     let _lab = Lab::up();
     let peer = udp_in("xp", "10.201.2.2:3490");
-    let peer_addr = peer.local_addr().unwrap();
-    let all = Crossed {
-        at_peer: 20,
-        channel_data: 20,
-        indications: 0,
-    };
+    let all = all(20);
     for (signal, name) in [(libc::SIGTERM, "drain"), (libc::SIGKILL, "kill")] {
-        let mut natrix = relay(&["--xdp", "xr0,xr1", "--drain-timeout", "4s"]);
-        assert!(
-            natrix.wait_for("XDP fast path attached"),
-            "{name}: {}",
-            natrix.log()
-        );
-        assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+        let mut natrix = xdp_relay(&["--drain-timeout", "4s"]);
         assert!(xdp_attached("xr0") && xdp_attached("xr1"));
-        let mut client = Client::allocate();
-        client.bind(peer_addr);
-        let _ = exchange(&client, &peer, 1);
-        let _ = kernel_since(by_kernel());
+        let client = Client::bound_to(&peer);
         let k = by_kernel();
         assert_eq!(exchange(&client, &peer, 20), all, "{name}");
         assert_eq!(kernel_since(k), (20.0, 20.0), "{name}: {}", metrics());
@@ -666,21 +658,12 @@ fn an_exiting_relay_takes_its_xdp_program_with_it() {
 #[test]
 fn a_bandwidth_cap_is_metered_in_the_kernel() {
     let _lab = Lab::up();
-    let mut natrix = relay(&["--xdp", "xr0,xr1", "--bandwidth-per-allocation", "20000"]);
-    assert!(
-        natrix.wait_for("XDP fast path attached"),
-        "{}",
-        natrix.log()
-    );
-    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let _natrix = xdp_relay(&["--bandwidth-per-allocation", "20000"]);
     let peer = udp_in("xp", "10.201.2.2:3490");
-    let mut client = Client::allocate();
-    client.bind(peer.local_addr().unwrap());
-    let _ = exchange(&client, &peer, 1);
-    wait_metric("relay_xdp_entries", |v| v == 1.0);
-    // Let the warm-up's charge age out of the budget and its counts be
+    // The warm-up's charge ages out of the budget while its counts are
     // published.
-    let _ = kernel_since(by_kernel());
+    let client = Client::bound_to(&peer);
+    wait_metric("relay_xdp_entries", |v| v == 1.0);
     let (k, exceeded) = (by_kernel(), dropped("bandwidth_exceeded"));
     let crossed = exchange_of(&client, &peer, 100, 1000);
     let total = crossed.at_peer + crossed.channel_data;
@@ -713,23 +696,10 @@ fn a_bandwidth_cap_is_metered_in_the_kernel() {
 #[test]
 fn channels_go_back_in_the_kernel_after_a_binary_upgrade() {
     let _lab = Lab::up();
-    let mut natrix = relay(&["--xdp", "xr0,xr1"]);
-    assert!(
-        natrix.wait_for("XDP fast path attached"),
-        "{}",
-        natrix.log()
-    );
-    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let mut natrix = xdp_relay(&[]);
     let peer = udp_in("xp", "10.201.2.2:3490");
-    let mut client = Client::allocate();
-    client.bind(peer.local_addr().unwrap());
-    let _ = exchange(&client, &peer, 1);
-    let _ = kernel_since(by_kernel());
-    let all = Crossed {
-        at_peer: 20,
-        channel_data: 20,
-        indications: 0,
-    };
+    let client = Client::bound_to(&peer);
+    let all = all(20);
     let k = by_kernel();
     assert_eq!(exchange(&client, &peer, 20), all);
     assert_eq!(kernel_since(k), (20.0, 20.0), "{}", metrics());
@@ -774,13 +744,7 @@ fn channels_go_back_in_the_kernel_after_a_binary_upgrade() {
 #[test]
 fn forged_and_garbage_floods_do_not_cross_an_xdp_relay() {
     let _lab = Lab::up();
-    let mut natrix = relay(&["--xdp", "xr0,xr1"]);
-    assert!(
-        natrix.wait_for("XDP fast path attached"),
-        "{}",
-        natrix.log()
-    );
-    assert!(natrix.wait_for("TURN relay serving"), "{}", natrix.log());
+    let _natrix = xdp_relay(&[]);
     let (passed, to_peer) = (
         metric("relay_xdp_packets_total{result=\"passed\"}"),
         metric("relay_xdp_packets_total{result=\"to_peer\"}"),
@@ -803,21 +767,8 @@ fn forged_and_garbage_floods_do_not_cross_an_xdp_relay() {
         .args(["--legit", "4", "--duration", "2s"])
         .output()
         .expect("running natrix-loadtest attack in the client's namespace");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("no report:\n{stderr}\n{}", natrix.log()));
-    assert!(out.status.success(), "not held:\n{stderr}");
-    for a in report["attacks"].as_array().unwrap() {
-        let name = a["attack"].as_str().unwrap();
-        assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);
-        assert_eq!(a["held"], true, "{name}: {}", a["server_did"]);
-        assert_eq!(
-            a["legit_sessions_lost"], 0,
-            "{name}: {}",
-            a["legit_lost_why"]
-        );
-    }
-    let forged = &report["attacks"][0]["answers"];
+    let attacks = common::attacks_held(&out);
+    let forged = &attacks[0]["answers"];
     assert!(
         forged["datagrams forged"].as_u64().unwrap() > 10_000,
         "{forged}"
@@ -831,5 +782,8 @@ fn forged_and_garbage_floods_do_not_cross_an_xdp_relay() {
     let to_peer = wait_metric("relay_xdp_packets_total{result=\"to_peer\"}", |v| {
         v - to_peer > 100.0
     });
-    println!("{stderr}\npassed {passed}, to_peer {to_peer}");
+    println!(
+        "{}\npassed {passed}, to_peer {to_peer}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

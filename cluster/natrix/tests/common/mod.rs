@@ -1098,3 +1098,30 @@ impl Requests {
                 .to_string();
     }
 }
+
+/// The attacks of a `natrix-loadtest attack` run (its output), each checked
+/// run, held, with no legitimate session lost and legitimate traffic
+/// answered; panics with the run's stderr otherwise.
+#[allow(dead_code)]
+pub fn attacks_held(out: &std::process::Output) -> Vec<serde_json::Value> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no report:\n{stderr}"));
+    assert!(out.status.success(), "not held:\n{stderr}");
+    let attacks = report["attacks"].as_array().expect("attacks").clone();
+    for a in &attacks {
+        let name = a["attack"].as_str().expect("a name");
+        assert!(a["skipped"].is_null(), "{name} skipped: {}", a["skipped"]);
+        assert_eq!(a["held"], true, "{name}: {}", a["server_did"]);
+        assert_eq!(
+            a["legit_sessions_lost"], 0,
+            "{name}: {}",
+            a["legit_lost_why"]
+        );
+        assert!(
+            a["legit_answered"].as_u64().unwrap_or(0) > 0,
+            "{name}: no legit traffic"
+        );
+    }
+    attacks
+}
