@@ -63,6 +63,55 @@ struct ToClientVal {
     cap: u64,
 }
 
+/// The IPv6 keys and values (`to_peer6_*`, `to_client6_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ToPeer6Key {
+    client_ip: [u8; 16],
+    server_ip: [u8; 16],
+    client_port: u16,
+    server_port: u16,
+    channel: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ToPeer6Val {
+    relay_ip: [u8; 16],
+    peer_ip: [u8; 16],
+    relay_port: u16,
+    peer_port: u16,
+    slot: u32,
+    expires_ns: u64,
+    cap: u64,
+}
+
+/// Key of the IPv6 peer → client map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ToClient6Key {
+    relay_ip: [u8; 16],
+    peer_ip: [u8; 16],
+    relay_port: u16,
+    peer_port: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ToClient6Val {
+    server_ip: [u8; 16],
+    client_ip: [u8; 16],
+    server_port: u16,
+    client_port: u16,
+    channel: u16,
+    pad: u16,
+    slot: u32,
+    pad2: u32,
+    expires_ns: u64,
+    cap: u64,
+}
+
 /// Bindings the maps hold at most (`MAX_ENTRIES` in the C program).
 pub const MAX_ENTRIES: u32 = 262_144;
 
@@ -87,6 +136,10 @@ unsafe impl aya::Pod for ToPeerVal {}
 unsafe impl aya::Pod for ToClientKey {}
 unsafe impl aya::Pod for ToClientVal {}
 unsafe impl aya::Pod for CapVal {}
+unsafe impl aya::Pod for ToPeer6Key {}
+unsafe impl aya::Pod for ToPeer6Val {}
+unsafe impl aya::Pod for ToClient6Key {}
+unsafe impl aya::Pod for ToClient6Val {}
 
 /// An allocation's bandwidth cap on the fast path: its budget's key in the
 /// kernel (unique across the loops) and the rate, payload bytes a second.
@@ -117,13 +170,13 @@ pub const STAT_CAPPED: u32 = 7;
 /// How many counters there are.
 pub const STATS: u32 = 8;
 
-/// The two keys of one channel binding.
+/// The two keys of one channel binding: client → peer, peer → client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Keys {
-    /// Client → peer.
-    pub to_peer: ToPeerKey,
-    /// Peer → client.
-    pub to_client: ToClientKey,
+pub enum Keys {
+    /// Client, listener, relayed address and peer all IPv4.
+    V4(ToPeerKey, ToClientKey),
+    /// All IPv6.
+    V6(ToPeer6Key, ToClient6Key),
 }
 
 fn v4(a: SocketAddr) -> Option<(u32, u16)> {
@@ -133,36 +186,71 @@ fn v4(a: SocketAddr) -> Option<(u32, u16)> {
     }
 }
 
+fn v6(a: SocketAddr) -> Option<([u8; 16], u16)> {
+    match a.ip().to_canonical() {
+        IpAddr::V6(ip) => Some((ip.octets(), a.port().to_be())),
+        IpAddr::V4(_) => None,
+    }
+}
+
 impl Keys {
     /// The keys of a binding of `channel` between `client` and `peer`
-    /// through the relay socket bound on `relayed`; `None` unless all are
-    /// IPv4.
+    /// through the relay socket bound on `relayed`; `None` unless all four
+    /// addresses are of one family (the program does not translate).
     pub fn of(
         client: &ClientSocket,
         channel: u16,
         peer: SocketAddr,
         relayed: SocketAddr,
     ) -> Option<Keys> {
-        let (client_ip, client_port) = v4(client.client)?;
-        let (server_ip, server_port) = v4(client.server)?;
-        let (peer_ip, peer_port) = v4(peer)?;
-        let (relay_ip, relay_port) = v4(relayed)?;
-        Some(Keys {
-            to_peer: ToPeerKey {
-                client_ip,
-                server_ip,
-                client_port,
-                server_port,
-                channel: channel.to_be(),
+        let channel = channel.to_be();
+        if let (Some(c), Some(s), Some(p), Some(r)) =
+            (v4(client.client), v4(client.server), v4(peer), v4(relayed))
+        {
+            return Some(Keys::V4(
+                ToPeerKey {
+                    client_ip: c.0,
+                    server_ip: s.0,
+                    client_port: c.1,
+                    server_port: s.1,
+                    channel,
+                    pad: 0,
+                },
+                ToClientKey {
+                    relay_ip: r.0,
+                    peer_ip: p.0,
+                    relay_port: r.1,
+                    peer_port: p.1,
+                },
+            ));
+        }
+        let (c, s, p, r) = (
+            v6(client.client)?,
+            v6(client.server)?,
+            v6(peer)?,
+            v6(relayed)?,
+        );
+        Some(Keys::V6(
+            ToPeer6Key {
+                client_ip: c.0,
+                server_ip: s.0,
+                client_port: c.1,
+                server_port: s.1,
+                channel,
                 pad: 0,
             },
-            to_client: ToClientKey {
-                relay_ip,
-                peer_ip,
-                relay_port,
-                peer_port,
+            ToClient6Key {
+                relay_ip: r.0,
+                peer_ip: p.0,
+                relay_port: r.1,
+                peer_port: p.1,
             },
-        })
+        ))
+    }
+
+    /// True for IPv6 bindings.
+    pub fn is_ipv6(&self) -> bool {
+        matches!(self, Keys::V6(..))
     }
 }
 
@@ -228,6 +316,14 @@ pub fn check_forwarding(iface: &str) -> anyhow::Result<()> {
         ),
         Err(_) => anyhow::bail!("no interface {iface} (no {path})"),
     }
+}
+
+/// Whether IPv6 forwarding is on for `iface` (the program's IPv6 next-hop
+/// lookup needs it; without, IPv6 bindings stay in userspace).
+pub fn ipv6_forwarding(iface: &str) -> bool {
+    !iface.contains('/')
+        && std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{iface}/forwarding"))
+            .is_ok_and(|v| v.trim() == "1")
 }
 
 #[cfg(natrix_xdp)]
@@ -319,6 +415,8 @@ mod loaded {
         _run_time: Option<std::os::fd::OwnedFd>,
         to_peer: HashMap<MapData, ToPeerKey, ToPeerVal>,
         to_client: HashMap<MapData, ToClientKey, ToClientVal>,
+        to_peer6: HashMap<MapData, ToPeer6Key, ToPeer6Val>,
+        to_client6: HashMap<MapData, ToClient6Key, ToClient6Val>,
         caps: HashMap<MapData, u64, CapVal>,
         counters: Counters,
         /// Each installed binding's counter slot; slots free for reuse.
@@ -328,6 +426,8 @@ mod loaded {
         clock: Clock,
         /// Interfaces it runs on.
         pub interfaces: Vec<String>,
+        /// IPv6 forwarding is on for all of them: IPv6 bindings go in too.
+        pub ipv6: bool,
     }
 
     static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/natrix_xdp.o"));
@@ -365,6 +465,8 @@ mod loaded {
             };
             let to_peer = HashMap::try_from(take(&mut ebpf, "to_peer")?)?;
             let to_client = HashMap::try_from(take(&mut ebpf, "to_client")?)?;
+            let to_peer6 = HashMap::try_from(take(&mut ebpf, "to_peer6")?)?;
+            let to_client6 = HashMap::try_from(take(&mut ebpf, "to_client6")?)?;
             let caps = HashMap::try_from(take(&mut ebpf, "caps")?)?;
             let counters = match take(&mut ebpf, "counters")? {
                 aya::maps::Map::Array(data) => Counters::map(data)?,
@@ -378,6 +480,8 @@ mod loaded {
                 _run_time: run_time,
                 to_peer,
                 to_client,
+                to_peer6,
+                to_client6,
                 caps,
                 counters,
                 slots: std::collections::HashMap::new(),
@@ -385,6 +489,7 @@ mod loaded {
                 stats,
                 clock: Clock::now(),
                 interfaces: interfaces.to_vec(),
+                ipv6: interfaces.iter().all(|i| super::ipv6_forwarding(i)),
             })
         }
 
@@ -406,7 +511,6 @@ mod loaded {
                 }
             }
             let cap = cap.map_or(0, |c| c.key);
-            let (p, c) = (keys.to_peer, keys.to_client);
             // A refresh keeps its slot (and counts on); a new binding
             // takes a free one, zeroed.
             let slot = match self.slots.get(keys) {
@@ -420,29 +524,58 @@ mod loaded {
                     slot
                 }
             };
-            let to_peer = ToPeerVal {
-                relay_ip: c.relay_ip,
-                peer_ip: c.peer_ip,
-                relay_port: c.relay_port,
-                peer_port: c.peer_port,
-                slot,
-                expires_ns,
-                cap,
+            let ok = match *keys {
+                Keys::V4(p, c) => {
+                    let to_peer = ToPeerVal {
+                        relay_ip: c.relay_ip,
+                        peer_ip: c.peer_ip,
+                        relay_port: c.relay_port,
+                        peer_port: c.peer_port,
+                        slot,
+                        expires_ns,
+                        cap,
+                    };
+                    let to_client = ToClientVal {
+                        server_ip: p.server_ip,
+                        client_ip: p.client_ip,
+                        server_port: p.server_port,
+                        client_port: p.client_port,
+                        channel: p.channel,
+                        pad: 0,
+                        slot,
+                        pad2: 0,
+                        expires_ns,
+                        cap,
+                    };
+                    self.to_peer.insert(p, to_peer, 0).is_ok()
+                        && self.to_client.insert(c, to_client, 0).is_ok()
+                }
+                Keys::V6(p, c) => {
+                    let to_peer = ToPeer6Val {
+                        relay_ip: c.relay_ip,
+                        peer_ip: c.peer_ip,
+                        relay_port: c.relay_port,
+                        peer_port: c.peer_port,
+                        slot,
+                        expires_ns,
+                        cap,
+                    };
+                    let to_client = ToClient6Val {
+                        server_ip: p.server_ip,
+                        client_ip: p.client_ip,
+                        server_port: p.server_port,
+                        client_port: p.client_port,
+                        channel: p.channel,
+                        pad: 0,
+                        slot,
+                        pad2: 0,
+                        expires_ns,
+                        cap,
+                    };
+                    self.to_peer6.insert(p, to_peer, 0).is_ok()
+                        && self.to_client6.insert(c, to_client, 0).is_ok()
+                }
             };
-            let to_client = ToClientVal {
-                server_ip: p.server_ip,
-                client_ip: p.client_ip,
-                server_port: p.server_port,
-                client_port: p.client_port,
-                channel: p.channel,
-                pad: 0,
-                slot,
-                pad2: 0,
-                expires_ns,
-                cap,
-            };
-            let ok = self.to_peer.insert(keys.to_peer, to_peer, 0).is_ok()
-                && self.to_client.insert(keys.to_client, to_client, 0).is_ok();
             if !ok {
                 self.remove(keys);
             }
@@ -453,8 +586,16 @@ mod loaded {
         /// run that found the entries just before may still count into
         /// the slot; it is zeroed again when reused.)
         pub fn remove(&mut self, keys: &Keys) -> EntryCounters {
-            let _ = self.to_peer.remove(&keys.to_peer);
-            let _ = self.to_client.remove(&keys.to_client);
+            match keys {
+                Keys::V4(p, c) => {
+                    let _ = self.to_peer.remove(p);
+                    let _ = self.to_client.remove(c);
+                }
+                Keys::V6(p, c) => {
+                    let _ = self.to_peer6.remove(p);
+                    let _ = self.to_client6.remove(c);
+                }
+            }
             let counters = self.counters(keys);
             if let Some(slot) = self.slots.remove(keys) {
                 self.free.push(slot);
@@ -532,6 +673,8 @@ pub use loaded::{Xdp, attach_pass};
 pub struct Xdp {
     /// Interfaces it runs on (never any).
     pub interfaces: Vec<String>,
+    /// Never.
+    pub ipv6: bool,
 }
 
 #[cfg(not(natrix_xdp))]

@@ -45,12 +45,19 @@ ip link add xg0 netns xg type veth peer name xr0 netns xr
 ip link add xp0 netns xp type veth peer name xr1 netns xr
 ip -n xg addr add 10.201.1.2/24 dev xg0; ip -n xg link set xg0 up
 ip -n xg addr add 10.201.1.66/24 dev xg0 # the attacker's
+ip -n xg addr add fd01:201:1::2/64 dev xg0 nodad
+ip -n xg -6 route add default via fd01:201:1::1
 ip -n xg route add default via 10.201.1.1
 ip -n xr addr add 10.201.1.1/24 dev xr0; ip -n xr link set xr0 up
 ip -n xr addr add 10.201.2.1/24 dev xr1; ip -n xr link set xr1 up
+ip -n xr addr add fd01:201:1::1/64 dev xr0 nodad
+ip -n xr addr add fd01:201:2::1/64 dev xr1 nodad
 ip -n xp addr add 10.201.2.2/24 dev xp0; ip -n xp link set xp0 up
 ip -n xp route add default via 10.201.2.1
+ip -n xp addr add fd01:201:2::2/64 dev xp0 nodad
+ip -n xp -6 route add default via fd01:201:2::1
 ip netns exec xr sysctl -qw net.ipv4.conf.all.forwarding=1
+ip netns exec xr sysctl -qw net.ipv6.conf.all.forwarding=1
 # A veth hands locally sent datagrams on with their UDP checksum still
 # partial (to be completed by an offload that never comes); XDP rewrites
 # them as the complete ones a real network delivers: the client and peer
@@ -316,18 +323,32 @@ const CHANNEL: u16 = 0x4000;
 /// A bare TURN client over UDP: every request is one the test chose.
 struct Client {
     socket: UdpSocket,
+    server: SocketAddr,
     requests: common::Requests,
     relayed: SocketAddr,
 }
 
 impl Client {
+    /// An IPv4 allocation over IPv4.
     fn allocate() -> Client {
+        Client::allocate_from("10.201.1.2:0", SERVER)
+    }
+
+    /// An allocation of `server`'s family, from `local` in the client's
+    /// namespace.
+    fn allocate_from(local: &str, server: &str) -> Client {
+        let server: SocketAddr = server.parse().unwrap();
         let mut client = Client {
-            socket: udp_in("xg", "10.201.1.2:0"),
+            socket: udp_in("xg", local),
+            server,
             requests: common::Requests::new(),
             relayed: "0.0.0.0:0".parse().unwrap(),
         };
-        let udp = [Attribute::RequestedTransport(natrix_wire::transport::UDP)];
+        let family = if server.is_ipv6() { 2 } else { 1 };
+        let udp = [
+            Attribute::RequestedTransport(natrix_wire::transport::UDP),
+            Attribute::RequestedAddressFamily(family),
+        ];
         let answer = client.request(Method::ALLOCATE, &udp);
         client.relayed = match Message::parse(&answer)
             .unwrap()
@@ -345,7 +366,7 @@ impl Client {
         for _ in 0..4 {
             let signed = !self.requests.nonce.is_empty();
             let req = self.requests.encode(method, attrs, signed);
-            self.socket.send_to(&req, SERVER).unwrap();
+            self.socket.send_to(&req, self.server).unwrap();
             let deadline = Instant::now() + Duration::from_secs(2);
             let answer = loop {
                 assert!(Instant::now() < deadline, "no answer to {method:?}");
@@ -373,7 +394,11 @@ impl Client {
     /// entries resolved (the kernel path needs them) and what that relayed
     /// published by the loops.
     fn bound_to(peer: &UdpSocket) -> Client {
-        let mut client = Client::allocate();
+        Client::warmed(Client::allocate(), peer)
+    }
+
+    /// `client` with a channel to `peer`, warmed.
+    fn warmed(mut client: Client, peer: &UdpSocket) -> Client {
         client.bind(peer.local_addr().unwrap());
         let _ = exchange(&client, peer, 1);
         let _ = kernel_since(by_kernel());
@@ -443,7 +468,7 @@ fn exchange_of(client: &Client, peer: &UdpSocket, n: usize, size: usize) -> Cros
             false,
         )
         .unwrap();
-        client.socket.send_to(&out[..len], SERVER).unwrap();
+        client.socket.send_to(&out[..len], client.server).unwrap();
         peer.send_to(&padded(format!("to client {i}")), client.relayed)
             .unwrap();
     }
@@ -786,4 +811,35 @@ fn forged_and_garbage_floods_do_not_cross_an_xdp_relay() {
         "{}\npassed {passed}, to_peer {to_peer}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// IPv6 end to end (client, listener, relayed address and peer all IPv6,
+/// IPv6 forwarding on): the channel crosses both ways in the kernel, with
+/// the UDP checksum carried through the IPv6 pseudo-header (the peer and
+/// client sockets would drop a datagram with a wrong one).
+#[test]
+fn ipv6_channel_data_crosses_an_xdp_relay_in_the_kernel() {
+    let _lab = Lab::up();
+    let natrix = xdp_relay(&[
+        "--turn-listen",
+        "[fd01:201:1::1]:3478",
+        "--relay-ipv6",
+        "fd01:201:2::1",
+        "--peer-allow",
+        "fd01:201::/32",
+    ]);
+    assert!(natrix.log().contains("\"ipv6\":true"), "{}", natrix.log());
+    let peer = udp_in("xp", "[fd01:201:2::2]:3490");
+    let client = Client::allocate_from("[fd01:201:1::2]:0", "[fd01:201:1::1]:3478");
+    assert!(client.relayed.is_ipv6(), "{}", client.relayed);
+    let client = Client::warmed(client, &peer);
+    wait_metric("relay_xdp_entries", |v| v == 1.0);
+    let k = by_kernel();
+    assert_eq!(
+        exchange_of(&client, &peer, 20, 1000),
+        all(20),
+        "{}",
+        natrix.log()
+    );
+    assert_eq!(kernel_since(k), (20.0, 20.0), "{}", metrics());
 }

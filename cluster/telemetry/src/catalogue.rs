@@ -507,7 +507,7 @@ pub const RELAY_TCP_RELAYED_BYTES_TOTAL: MetricDef = metric(
 /// Channel bindings on the XDP fast path.
 pub const RELAY_XDP_ENTRIES: MetricDef = metric(
     "relay_xdp_entries",
-    "Channel bindings the XDP fast path relays now (--xdp): UDP clients' channels with a live permission, IPv4, on relay ports of their own (a bandwidth cap is metered in the kernel).",
+    "Channel bindings the XDP fast path relays now (--xdp): UDP clients' channels with a live permission, client and peer of one family (IPv6 with IPv6 forwarding on), on relay ports of their own (a bandwidth cap is metered in the kernel).",
     Kind::Gauge,
     &[],
 );

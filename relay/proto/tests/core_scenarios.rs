@@ -3207,8 +3207,46 @@ fn a_capped_allocation_takes_the_fast_path_with_its_cap_and_kernel_bytes_spend_i
     ));
 }
 
+/// A dual-stack allocation's channels go on the fast path from the socket
+/// of their peer's family: an IPv4 peer's through the IPv4 relay socket's
+/// bound address, an IPv6 peer's through the IPv6 one's (the shell checks
+/// the client is of the same family before the kernel takes it).
 #[test]
-fn only_udp_ipv4_bindings_on_ports_of_their_own_take_the_fast_path() {
+fn ipv6_channels_go_on_the_fast_path_from_the_ipv6_socket() {
+    let mut h = Harness::with_policy(
+        ServerConfig {
+            fast_path: true,
+            ..dual_config()
+        },
+        dual_policy(),
+    );
+    let alice = User::stat("alice", "wonderland");
+    let c = client(41030);
+    let nonce = h.nonce(c, h.t0);
+    let req = dual_allocate().sign(&alice, &nonce);
+    let msg_bytes = h.request(&req, c, h.t0);
+    let relayed = relayed_addresses(&Message::parse(&msg_bytes).unwrap());
+    let (p4, p6): (SocketAddr, SocketAddr) = (
+        "203.0.113.9:7000".parse().unwrap(),
+        "[2001:db8:5::9]:7000".parse().unwrap(),
+    );
+    h.channel_bind(c, &alice, 0x4001, p4, h.t0);
+    h.channel_bind(c, &alice, 0x4002, p6, h.t0);
+    let f = fast_paths(&mut h);
+    let of = |ch: u16| f.iter().rev().find(|f| f.channel == ch).unwrap();
+    assert_eq!(
+        of(0x4001).relayed,
+        SocketAddr::new("10.0.0.5".parse().unwrap(), relayed[0].port())
+    );
+    assert_eq!(
+        of(0x4002).relayed,
+        SocketAddr::new("fd00::5".parse().unwrap(), relayed[1].port())
+    );
+    assert_eq!(of(0x4002).peer, p6);
+}
+
+#[test]
+fn only_udp_bindings_on_ports_of_their_own_take_the_fast_path() {
     let alice = User::stat("alice", "wonderland");
     let p = peer(9, 7000);
     // Off: nothing.

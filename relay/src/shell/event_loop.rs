@@ -2115,6 +2115,9 @@ impl EventLoop {
         let Ok(mut x) = xdp.lock() else {
             return;
         };
+        if keys.is_ipv6() && !x.ipv6 {
+            return;
+        }
         let cap = f.cap.filter(|&rate| rate > 0).map(|rate| crate::xdp::Cap {
             key: cap_key(self.shard, f.allocation),
             rate,

@@ -213,7 +213,10 @@ impl BoundHost {
         let xdp = match turn.filter(|c| !c.xdp.is_empty()) {
             Some(c) => match attach_xdp(c) {
                 Ok(x) => {
-                    info!(interfaces = ?c.xdp, "XDP fast path attached: channel data relayed in the driver's hook");
+                    info!(interfaces = ?c.xdp, ipv6 = x.ipv6, "XDP fast path attached: channel data relayed in the driver's hook");
+                    if !x.ipv6 && c.relay_ipv6.is_some() {
+                        tracing::warn!(interfaces = ?c.xdp, "IPv6 forwarding is off on an XDP interface: IPv6 channel data stays in userspace (sysctl -w net.ipv6.conf.IFACE.forwarding=1 to relay it in the kernel too)");
+                    }
                     parts.server_config.fast_path = true;
                     Some(Arc::new(std::sync::Mutex::new(x)))
                 }

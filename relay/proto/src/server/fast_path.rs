@@ -4,8 +4,9 @@
 //! relayed for them ([`Server::fast_path_relayed`]).
 //!
 //! A binding qualifies when its allocation is a UDP client's, on a relay
-//! port of its own (not shared, not TCP), its peer and relayed address are
-//! IPv4. It is carried until the earlier of the channel's and its
+//! port of its own (not shared, not TCP); its client, peer and relayed
+//! address are of one family (IPv4 or IPv6: the shell checks, the program
+//! does not translate). It is carried until the earlier of the channel's and its
 //! permission's expiry;
 //! a ChannelBind or CreatePermission that refreshes either sends the new
 //! time, the allocation's end and a client's move take it away. The deny
@@ -48,18 +49,28 @@ pub struct FastPath {
 }
 
 impl Server {
-    /// Whether allocation `index` qualifies (see the module docs).
-    fn fast_path_bind(&self, index: u32) -> Option<SocketAddr> {
+    /// Whether allocation `index` qualifies (see the module docs): the
+    /// bound addresses of its IPv4 and IPv6 relay sockets (a dual-stack
+    /// allocation has both).
+    fn fast_path_bind(&self, index: u32) -> Option<[Option<SocketAddr>; 2]> {
         let c: &ServerConfig = &self.config;
         if !c.fast_path {
             return None;
         }
         let a = self.slots.get(index as usize)?.allocation.as_ref()?;
-        if a.client.transport != Transport::Udp || a.mux.is_some() || a.tcp || a.relayed.is_ipv6() {
+        if a.client.transport != Transport::Udp || a.mux.is_some() || a.tcp {
             return None;
         }
-        let bind = self.relay_of(false)?.bind;
-        Some(SocketAddr::new(bind, a.relayed.port()))
+        let bound = |relayed: SocketAddr| {
+            let bind = self.relay_of(relayed.is_ipv6())?.bind;
+            Some(SocketAddr::new(bind, relayed.port()))
+        };
+        let mut by_family = [None, None];
+        by_family[usize::from(a.relayed.is_ipv6())] = bound(a.relayed);
+        if let Some((_, relayed6)) = a.relayed6 {
+            by_family[1] = bound(relayed6);
+        }
+        Some(by_family)
     }
 
     /// Sends the fast-path state of allocation `index`'s channels to peers
@@ -81,7 +92,7 @@ impl Server {
         self.fast_path_commands(index, None, Some(client), now);
     }
 
-    /// One [`Command::FastPath`] per IPv4 channel of allocation `index` to
+    /// One [`Command::FastPath`] per channel of allocation `index` to
     /// peers of `ip` (all when `None`): removed for `ended` (the client it
     /// was carried for), else with its deadline.
     fn fast_path_commands(
@@ -91,7 +102,7 @@ impl Server {
         ended: Option<ClientSocket>,
         now: Instant,
     ) {
-        let Some(relayed) = self.fast_path_bind(index) else {
+        let Some(bound) = self.fast_path_bind(index) else {
             return;
         };
         let id = self.id_of(index);
@@ -101,8 +112,11 @@ impl Server {
         let channels = a
             .channels
             .iter()
-            .filter(|c| c.peer.is_ipv4() && ip.is_none_or(|ip| c.peer.ip() == ip));
+            .filter(|c| ip.is_none_or(|ip| c.peer.ip() == ip));
         for ch in channels {
+            let Some(relayed) = bound[usize::from(ch.peer.is_ipv6())] else {
+                continue;
+            };
             let until = match ended {
                 Some(_) => None,
                 None => a
