@@ -12,7 +12,9 @@
 # process's CPU seconds and the host's softirq CPU seconds (where XDP runs: in the
 # driver's receive path, on whatever CPU takes the packet, not in the relay
 # process), and relayed packets per CPU second of both together.
-# Usage: loadtest/bench/xdp-lab.sh [NATRIX] [SECONDS] [CLIENTS] [OUT_DIR]
+# Usage: [FAMILY=6] loadtest/bench/xdp-lab.sh [NATRIX] [SECONDS] [CLIENTS] [OUT_DIR]
+# (FAMILY=6: clients, relay and peers over IPv6, fd02:202:1::/64 and
+# fd02:202:2::/64, the relay allocating in the family a client came over.)
 # Needs root, iproute2, ethtool, curl, clang (for the pass-through program) and a
 # natrix built with its XDP program. Every loop is bounded by SECONDS.
 set -euo pipefail
@@ -21,6 +23,15 @@ natrix="${1:-$PWD/target/release/natrix}"
 secs="${2:-5}"; clients="${3:-4}"; out="${4:-$(mktemp -d)}"; mkdir -p "$out"
 lt="$PWD/target/release/natrix-loadtest"
 work="$(mktemp -d)"; relay_pid=""
+family="${FAMILY:-4}"
+if [ "$family" = 6 ]; then
+  client=fd02:202:1::2; peer=fd02:202:2::2; server="[fd02:202:1::1]:3478"; relay_ip=fd02:202:2::1
+  family_flags=(--turn-listen "$server" --relay-ipv6 "$relay_ip" --peer-allow fd02:202::/32
+    --allocation-default-family keep)
+else
+  client=10.202.1.2; peer=10.202.2.2; server=10.202.1.1:3478; relay_ip=10.202.2.1
+  family_flags=()
+fi
 down() {
   [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null && wait "$relay_pid" 2>/dev/null || true
   relay_pid=""
@@ -35,9 +46,12 @@ ip link add xb-g0 netns xb-g type veth peer name xb-r0 netns xb-r
 ip link add xb-g1 netns xb-g type veth peer name xb-r1 netns xb-r
 ip -n xb-g addr add 10.202.1.2/24 dev xb-g0; ip -n xb-g addr add 10.202.2.2/24 dev xb-g1
 ip -n xb-r addr add 10.202.1.1/24 dev xb-r0; ip -n xb-r addr add 10.202.2.1/24 dev xb-r1
+ip -n xb-g addr add fd02:202:1::2/64 dev xb-g0 nodad; ip -n xb-g addr add fd02:202:2::2/64 dev xb-g1 nodad
+ip -n xb-r addr add fd02:202:1::1/64 dev xb-r0 nodad; ip -n xb-r addr add fd02:202:2::1/64 dev xb-r1 nodad
 for i in xb-g0 xb-g1; do ip -n xb-g link set $i up; ip netns exec xb-g ethtool -K $i tx off >/dev/null; done
 for i in xb-r0 xb-r1; do ip -n xb-r link set $i up; done
 ip netns exec xb-r sysctl -qw net.ipv4.conf.all.forwarding=1
+ip netns exec xb-r sysctl -qw net.ipv6.conf.all.forwarding=1
 # Frames redirected into a veth need XDP on its far end: a pass-through program.
 cat >"$work/pass.c" <<'C'
 #include <linux/bpf.h>
@@ -54,7 +68,8 @@ hz=$(getconf CLK_TCK)
 up() { # extra flags
   ip netns exec xb-r "$natrix" relay --turn-listen 10.202.1.1:3478 --relay-ip 10.202.2.1 \
     --external-ip 10.202.2.1 --peer-allow 10.202.0.0/16 --user bench:bench --realm bench \
-    --metrics-listen 10.202.1.1:9090 --user-quota 100000 --log warn --log-format json "$@" \
+    --metrics-listen 10.202.1.1:9090 --user-quota 100000 --log warn --log-format json \
+    "${family_flags[@]}" "$@" \
     >"$work/relay.log" 2>&1 &
   relay_pid=$!
   for _ in $(seq 50); do
@@ -64,8 +79,8 @@ up() { # extra flags
   cat "$work/relay.log"; return 1
 }
 forwarder_up() { # the bare userspace forwarder, the reference
-  ip netns exec xb-r "$lt" --progress off forwarder --listen 10.202.1.1:3478 \
-    --relay-ip 10.202.2.1 --user bench:bench --realm bench --duration 10m \
+  ip netns exec xb-r "$lt" --progress off forwarder --listen "$server" \
+    --relay-ip "$relay_ip" --user bench:bench --realm bench --duration 10m \
     >"$work/relay.log" 2>&1 &
   relay_pid=$!
   for _ in $(seq 50); do
@@ -87,8 +102,8 @@ for config in forwarder userspace xdp; do
   for payload in 160 1200; do
     c0=$(cpu_of "$relay_pid"); s0=$(softirq); x0=$(metric 'relay_xdp_packets_total{result="to_peer"}'); x0=${x0:-0}
     p0=$(metric relay_xdp_program_seconds_total); p0=${p0:-0}
-    ip netns exec xb-g "$lt" --progress off relay --server 10.202.1.1:3478 \
-      --local 10.202.1.2 --peer-local 10.202.2.2 --user bench --password bench \
+    ip netns exec xb-g "$lt" --progress off relay --server "$server" \
+      --local "$client" --peer-local "$peer" --user bench --password bench \
       --clients "$clients" --payload "$payload" --duration "${secs}s" \
       --json "$out/$config-$payload.json" >/dev/null 2>"$work/lt.log" || { cat "$work/lt.log"; exit 1; }
     sleep 1.2  # the loops publish the kernel's counters every second

@@ -486,12 +486,17 @@ struct aligned_headers6 {
 	struct headers6 h;
 } __attribute__((packed, aligned(4)));
 
-// An IPv6 address's eight words into the checksum, replaced.
+// An IPv6 address's eight words into the checksum, replaced: summed in 32
+// bits and folded once (17 terms of at most 0xffff cannot overflow).
 static __always_inline void csum_replace16(__u16 *sum, const __u8 *old, const __u8 *new)
 {
+	__u32 c = (__u16)~*sum;
 #pragma unroll
-	for (int i = 0; i < 16; i += 2)
-		csum_replace2(sum, *(__u16 *)(old + i), *(__u16 *)(new + i));
+	for (int i = 0; i < 16; i += 2) {
+		c += (__u16)~*(__u16 *)(old + i);
+		c += *(__u16 *)(new + i);
+	}
+	*sum = ~fold(c);
 }
 
 // `rewrite` for IPv6: no header checksum; the UDP checksum (mandatory)
