@@ -211,6 +211,7 @@ static __always_inline void count(__u32 index, __u64 n)
 		*v += n;
 }
 
+// Counts a relayed datagram: in its binding's slot and the per-CPU stats.
 static __always_inline void tally(__u32 slot, int dir, __u64 len)
 {
 	struct counters *c = bpf_map_lookup_elem(&counters, &slot);
@@ -218,6 +219,8 @@ static __always_inline void tally(__u32 slot, int dir, __u64 len)
 		__sync_fetch_and_add(&c->packets[dir], 1);
 		__sync_fetch_and_add(&c->bytes[dir], len);
 	}
+	count(dir ? STAT_TO_CLIENT_PACKETS : STAT_TO_PEER_PACKETS, 1);
+	count(dir ? STAT_TO_CLIENT_BYTES : STAT_TO_PEER_BYTES, len);
 }
 
 static __always_inline __u16 fold(__u32 c)
@@ -348,6 +351,21 @@ static __always_inline int spend(__u64 key, __u64 len, __u64 now)
 	return 1;
 }
 
+// Whether an entry may relay `len` bytes now: XDP_TX (go on), XDP_PASS
+// (expired, or its budget missing: userspace decides) or XDP_DROP (over
+// its cap).
+static __always_inline int admit(__u64 expires_ns, __u64 cap, __u64 len, __u64 now)
+{
+	if (now > expires_ns) {
+		count(STAT_EXPIRED, 1);
+		return XDP_PASS;
+	}
+	int within = spend(cap, len, now);
+	if (within < 0)
+		return XDP_PASS;
+	return within ? XDP_TX : XDP_DROP;
+}
+
 static __always_inline int send(struct xdp_md *ctx, int ifindex)
 {
 	if (ifindex == (int)ctx->ingress_ifindex)
@@ -394,15 +412,9 @@ static __always_inline int relay4(struct xdp_md *ctx)
 		__u16 clen = ((__u16)p[2] << 8) | p[3];
 		if (clen + 4 != plen)
 			return XDP_PASS;
-		if (now > v->expires_ns) {
-			count(STAT_EXPIRED, 1);
-			return XDP_PASS;
-		}
-		int within = spend(v->cap, clen, now);
-		if (within < 0)
-			return XDP_PASS;
-		if (!within)
-			return XDP_DROP;
+		int verdict = admit(v->expires_ns, v->cap, clen, now);
+		if (verdict != XDP_TX)
+			return verdict;
 		__u16 w1 = *(__u16 *)p, w2 = *(__u16 *)(p + 2);
 		struct aligned_headers copy;
 		__builtin_memcpy(&copy.h, h, HEADERS);
@@ -421,8 +433,6 @@ static __always_inline int relay4(struct xdp_md *ctx)
 			return XDP_DROP;
 		__builtin_memcpy(h, &copy.h, HEADERS);
 		tally(v->slot, 0, clen);
-		count(STAT_TO_PEER_PACKETS, 1);
-		count(STAT_TO_PEER_BYTES, clen);
 		return send(ctx, ifindex);
 	}
 
@@ -438,15 +448,9 @@ static __always_inline int relay4(struct xdp_md *ctx)
 		count(STAT_PASSED, 1);
 		return XDP_PASS;
 	}
-	if (now > cv->expires_ns) {
-		count(STAT_EXPIRED, 1);
-		return XDP_PASS;
-	}
-	int within = spend(cv->cap, plen, now);
-	if (within < 0)
-		return XDP_PASS;
-	if (!within)
-		return XDP_DROP;
+	int verdict = admit(cv->expires_ns, cv->cap, plen, now);
+	if (verdict != XDP_TX)
+		return verdict;
 	__u16 w1 = cv->channel, w2 = bpf_htons(plen);
 	struct aligned_headers copy;
 	__builtin_memcpy(&copy.h, h, HEADERS);
@@ -468,8 +472,6 @@ static __always_inline int relay4(struct xdp_md *ctx)
 	ch[0] = w1;
 	ch[1] = w2;
 	tally(cv->slot, 1, plen);
-	count(STAT_TO_CLIENT_PACKETS, 1);
-	count(STAT_TO_CLIENT_BYTES, plen);
 	return send(ctx, ifindex);
 }
 
@@ -581,15 +583,9 @@ static __always_inline int relay6(struct xdp_md *ctx)
 		__u16 clen = ((__u16)p[2] << 8) | p[3];
 		if (clen + 4 != plen)
 			return XDP_PASS;
-		if (now > v->expires_ns) {
-			count(STAT_EXPIRED, 1);
-			return XDP_PASS;
-		}
-		int within = spend(v->cap, clen, now);
-		if (within < 0)
-			return XDP_PASS;
-		if (!within)
-			return XDP_DROP;
+		int verdict = admit(v->expires_ns, v->cap, clen, now);
+		if (verdict != XDP_TX)
+			return verdict;
 		__u16 w1 = *(__u16 *)p, w2 = *(__u16 *)(p + 2);
 		struct aligned_headers6 copy;
 		__builtin_memcpy(&copy.h, h, HEADERS6);
@@ -608,8 +604,6 @@ static __always_inline int relay6(struct xdp_md *ctx)
 			return XDP_DROP;
 		__builtin_memcpy(h, &copy.h, HEADERS6);
 		tally(v->slot, 0, clen);
-		count(STAT_TO_PEER_PACKETS, 1);
-		count(STAT_TO_PEER_BYTES, clen);
 		return send(ctx, ifindex);
 	}
 
@@ -624,15 +618,9 @@ static __always_inline int relay6(struct xdp_md *ctx)
 		count(STAT_PASSED, 1);
 		return XDP_PASS;
 	}
-	if (now > cv->expires_ns) {
-		count(STAT_EXPIRED, 1);
-		return XDP_PASS;
-	}
-	int within = spend(cv->cap, plen, now);
-	if (within < 0)
-		return XDP_PASS;
-	if (!within)
-		return XDP_DROP;
+	int verdict = admit(cv->expires_ns, cv->cap, plen, now);
+	if (verdict != XDP_TX)
+		return verdict;
 	__u16 w1 = cv->channel, w2 = bpf_htons(plen);
 	struct aligned_headers6 copy;
 	__builtin_memcpy(&copy.h, h, HEADERS6);
@@ -654,8 +642,6 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	ch[0] = w1;
 	ch[1] = w2;
 	tally(cv->slot, 1, plen);
-	count(STAT_TO_CLIENT_PACKETS, 1);
-	count(STAT_TO_CLIENT_BYTES, plen);
 	return send(ctx, ifindex);
 }
 
