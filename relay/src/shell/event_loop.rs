@@ -2089,8 +2089,9 @@ impl EventLoop {
     }
 }
 
-/// How often a loop reads its fast-path entries' counters (each read is
-/// two map lookups per entry).
+/// How often a loop reads its fast-path entries' counters (plain loads from
+/// the program's memory-mapped counter array; one map lookup per capped
+/// allocation's budget).
 const FAST_PATH_READ: Duration = Duration::from_secs(1);
 
 /// The key of `allocation`'s bandwidth budget in the kernel: unique across
