@@ -1185,6 +1185,7 @@ fn channel_forgery(args: &AttackArgs, creds: &Credentials) -> Outcome {
     };
     let mut forged_cd = [0u8; 64];
     let (mut sent, mut own_sent, mut own_crossed, mut forged_seen) = (0u64, 0u64, 0u64, 0u64);
+    let mut direct = 0u64;
     let mut buf = [0u8; 2048];
     let deadline = args.deadline();
     let mut round = 0u32;
@@ -1199,6 +1200,9 @@ fn channel_forgery(args: &AttackArgs, creds: &Credentials) -> Outcome {
                 ChannelNumber::new(number).map_or(0, |c| channel_data(&mut forged_cd, c, FORGED));
             let _ = attacker.send_to(&forged_cd[..n], args.turn);
             let _ = attacker.send_to(FORGED, relayed);
+            // Other relay ports (on a loopback lab the peer's own socket
+            // may sit among them: a datagram straight to it is no relaying,
+            // and only what comes from the relayed address counts below).
             let port = 49152 + (rand::random::<u16>() % 16384);
             let _ = attacker.send_to(FORGED, SocketAddr::new(relayed.ip(), port));
             sent += 3;
@@ -1212,14 +1216,19 @@ fn channel_forgery(args: &AttackArgs, creds: &Credentials) -> Outcome {
                 own_sent += 1;
             }
         }
-        while let Ok((n, _)) = peer.recv_from(&mut buf) {
+        while let Ok((n, from)) = peer.recv_from(&mut buf) {
+            if from != relayed {
+                direct += u64::from(buf[..n].starts_with(FORGED));
+                continue;
+            }
             if buf[..n].starts_with(FORGED) {
                 forged_seen += 1;
             } else if buf[..n].starts_with(b"own ") {
                 own_crossed += 1;
             }
         }
-        // The victim's socket costs a wait to read: every eighth round.
+        // The victim's socket costs a wait to read: every eighth round. It
+        // is connected to the relay: only what the relay sends arrives.
         while round % 8 == 4
             && let Ok(Some(frame)) = victim.link.recv(Duration::from_millis(1))
         {
@@ -1233,6 +1242,8 @@ fn channel_forgery(args: &AttackArgs, creds: &Credentials) -> Outcome {
     o.answers.insert("forged delivered".into(), forged_seen);
     o.answers.insert("victim's own sent".into(), own_sent);
     o.answers.insert("victim's own crossed".into(), own_crossed);
+    o.answers
+        .insert("scan hits on the peer's own port".into(), direct);
     o.bounded = forged_seen == 0 && own_sent > 0 && own_crossed * 10 >= own_sent * 9;
     o.server_did = format!(
         "{sent} forged datagrams (ChannelData on the victim's channel and others, to its relayed address, to other relay ports): {forged_seen} delivered; the victim's own {own_crossed}/{own_sent} crossed"
