@@ -532,7 +532,12 @@ fn dropped(reason: &str) -> f64 {
 #[test]
 fn channel_lifetimes_hold_in_the_kernel_with_real_packets() {
     let _lab = Lab::up();
-    let _natrix = xdp_relay(&["--permission-lifetime", "4s", "--channel-lifetime", "20s"]);
+    let natrix = xdp_relay(&["--permission-lifetime", "4s", "--channel-lifetime", "20s"]);
+    assert!(
+        natrix.log().contains("shorter than RFC 8656's"),
+        "no warning about the short lifetimes:\n{}",
+        natrix.log()
+    );
     let peer = udp_in("xp", "10.201.2.2:3490");
     let peer_addr = peer.local_addr().unwrap();
     // The lifetimes' clock starts with a ChannelBind refresh.

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use natrix_net::{
@@ -210,6 +210,16 @@ impl BoundHost {
     pub fn start(self, telemetry: &Telemetry, services: HostServices) -> anyhow::Result<RelayHost> {
         let turn = services.turn.as_ref();
         let mut parts = TurnParts::new(turn, telemetry)?;
+        if let Some(c) = turn.filter(|c| {
+            c.permission_lifetime < Duration::from_secs(300)
+                || c.channel_lifetime < Duration::from_secs(600)
+        }) {
+            tracing::warn!(
+                permission_lifetime = ?c.permission_lifetime,
+                channel_lifetime = ?c.channel_lifetime,
+                "permissions or channels shorter than RFC 8656's 5 and 10 minutes: clients refresh on the RFC's schedule and lose them in between (meant for tests and labs)"
+            );
+        }
         let xdp = match turn.filter(|c| !c.xdp.is_empty()) {
             Some(c) => match attach_xdp(c) {
                 Ok(x) => {
