@@ -1757,21 +1757,43 @@ impl Server {
         sockets: &mut dyn RelaySockets,
         now: Instant,
     ) -> Result<(u32, SocketAddr, Option<[u8; 8]>), Refusal> {
-        let (port, v6, token) = self.take_port(req, now)?;
-        let relay = match self.relay_of(v6) {
-            Some(r) => r,
-            None => {
-                self.ports.put(port);
-                return Err(Refusal::AddressFamilyNotSupported);
-            }
-        };
         let chosen = req.token.is_some() || req.even_port.is_some();
-        let how = match (req.tcp, req.dont_fragment) {
-            (true, _) => Open::Listen,
-            (false, df) => Open::Udp { dont_fragment: df },
+        // An even port another process holds: another pair (its
+        // reservation given back), up to the usual bind attempts.
+        let pairs = if req.even_port.is_some() && req.token.is_none() {
+            BIND_ATTEMPTS
+        } else {
+            1
         };
-        let (index, port) = self.open_relay(chosen, how, relay.bind, port, sockets, now)?;
-        Ok((index, SocketAddr::new(relay.public, port), token))
+        let mut refused = Refusal::NoRelayPort;
+        for _ in 0..pairs {
+            let (port, v6, token) = self.take_port(req, now)?;
+            let relay = match self.relay_of(v6) {
+                Some(r) => r,
+                None => {
+                    self.ports.put(port);
+                    return Err(Refusal::AddressFamilyNotSupported);
+                }
+            };
+            let how = match (req.tcp, req.dont_fragment) {
+                (true, _) => Open::Listen,
+                (false, df) => Open::Udp { dont_fragment: df },
+            };
+            match self.open_relay(chosen, how, relay.bind, port, sockets, now) {
+                Ok((index, port)) => {
+                    return Ok((index, SocketAddr::new(relay.public, port), token));
+                }
+                Err(e) => {
+                    if let Some(t) = token
+                        && let Some((next, _)) = self.ports.redeem(&t, now)
+                    {
+                        self.ports.put(next);
+                    }
+                    refused = e;
+                }
+            }
+        }
+        Err(refused)
     }
 
     /// Joins the least used shared relay socket of the family (on an even

@@ -1298,6 +1298,34 @@ fn only_ports_in_use_elsewhere_leave_the_pool_after_a_failed_bind() {
     assert_eq!(free(&h), 98, "seventeen parked ports are back");
 }
 
+/// EVEN-PORT with R: an even port another process holds costs a pair, not
+/// the Allocate — the next pair is tried (its reservation made afresh, the
+/// failed pair's given back), and the answer names an even port.
+#[test]
+fn an_even_port_held_elsewhere_moves_to_another_pair() {
+    let mut h = Harness::new(config());
+    let alice = User::stat("alice", "wonderland");
+    let c = client(1);
+    let free = h.server.ports().available();
+    h.sockets.refuse = 3;
+    let nonce = h.nonce(c, h.t0);
+    let req = Req::new(Method::ALLOCATE)
+        .transport(17)
+        .even_port(true)
+        .sign(&alice, &nonce);
+    let resp = h.request(&req, c, h.t0);
+    let msg = Message::parse(&resp).unwrap();
+    assert_eq!(msg.class(), Class::Success, "{msg:?}");
+    let relayed = match msg.decode(AttributeType::XOR_RELAYED_ADDRESS) {
+        Some(Ok(Attribute::XorRelayedAddress(a))) => a,
+        other => panic!("no relayed address: {other:?}"),
+    };
+    assert_eq!(relayed.port() % 2, 0);
+    assert!(msg.get(AttributeType::RESERVATION_TOKEN).is_some());
+    // Three held ports parked, one allocated, one reserved.
+    assert_eq!(h.server.ports().available(), free - 5);
+}
+
 #[test]
 fn draining_refuses_new_allocations_and_keeps_existing_ones() {
     let mut h = Harness::new(config());
