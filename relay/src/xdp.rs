@@ -14,12 +14,17 @@ use std::time::Instant;
 
 use crate::core::ClientSocket;
 
-/// Key of the client → peer map (network byte order, as in the C program).
+// The maps' keys and values, in network byte order as in the C program,
+// for either family: `A` is the address, `u32` (IPv4: `to_peer`,
+// `to_client`) or `[u8; 16]` (IPv6: `to_peer6`, `to_client6`); the fields
+// are in the same order in both.
+
+/// Key of a client → peer map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ToPeerKey {
-    client_ip: u32,
-    server_ip: u32,
+pub struct ToPeerKey<A> {
+    client_ip: A,
+    server_ip: A,
     client_port: u16,
     server_port: u16,
     channel: u16,
@@ -28,9 +33,9 @@ pub struct ToPeerKey {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct ToPeerVal {
-    relay_ip: u32,
-    peer_ip: u32,
+struct ToPeerVal<A> {
+    relay_ip: A,
+    peer_ip: A,
     relay_port: u16,
     peer_port: u16,
     slot: u32,
@@ -38,70 +43,21 @@ struct ToPeerVal {
     cap: u64,
 }
 
-/// Key of the peer → client map.
+/// Key of a peer → client map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ToClientKey {
-    relay_ip: u32,
-    peer_ip: u32,
+pub struct ToClientKey<A> {
+    relay_ip: A,
+    peer_ip: A,
     relay_port: u16,
     peer_port: u16,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct ToClientVal {
-    server_ip: u32,
-    client_ip: u32,
-    server_port: u16,
-    client_port: u16,
-    channel: u16,
-    pad: u16,
-    slot: u32,
-    pad2: u32,
-    expires_ns: u64,
-    cap: u64,
-}
-
-/// The IPv6 keys and values (`to_peer6_*`, `to_client6_*`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ToPeer6Key {
-    client_ip: [u8; 16],
-    server_ip: [u8; 16],
-    client_port: u16,
-    server_port: u16,
-    channel: u16,
-    pad: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct ToPeer6Val {
-    relay_ip: [u8; 16],
-    peer_ip: [u8; 16],
-    relay_port: u16,
-    peer_port: u16,
-    slot: u32,
-    expires_ns: u64,
-    cap: u64,
-}
-
-/// Key of the IPv6 peer → client map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ToClient6Key {
-    relay_ip: [u8; 16],
-    peer_ip: [u8; 16],
-    relay_port: u16,
-    peer_port: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct ToClient6Val {
-    server_ip: [u8; 16],
-    client_ip: [u8; 16],
+struct ToClientVal<A> {
+    server_ip: A,
+    client_ip: A,
     server_port: u16,
     client_port: u16,
     channel: u16,
@@ -110,6 +66,43 @@ struct ToClient6Val {
     pad2: u32,
     expires_ns: u64,
     cap: u64,
+}
+
+/// An IPv6 address as the maps hold it.
+type V6 = [u8; 16];
+
+/// The values of a binding with keys `p` and `c` (each direction's key
+/// holds the other's addresses).
+fn values<A: Copy>(
+    p: &ToPeerKey<A>,
+    c: &ToClientKey<A>,
+    slot: u32,
+    expires_ns: u64,
+    cap: u64,
+) -> (ToPeerVal<A>, ToClientVal<A>) {
+    (
+        ToPeerVal {
+            relay_ip: c.relay_ip,
+            peer_ip: c.peer_ip,
+            relay_port: c.relay_port,
+            peer_port: c.peer_port,
+            slot,
+            expires_ns,
+            cap,
+        },
+        ToClientVal {
+            server_ip: p.server_ip,
+            client_ip: p.client_ip,
+            server_port: p.server_port,
+            client_port: p.client_port,
+            channel: p.channel,
+            pad: 0,
+            slot,
+            pad2: 0,
+            expires_ns,
+            cap,
+        },
+    )
 }
 
 /// Bindings the maps hold at most (`MAX_ENTRIES` in the C program).
@@ -131,15 +124,16 @@ struct CapVal {
 
 // SAFETY: plain `repr(C)` structs of integers without padding holes the
 // kernel would read uninitialised (every gap is a named `pad` field).
-unsafe impl aya::Pod for ToPeerKey {}
-unsafe impl aya::Pod for ToPeerVal {}
-unsafe impl aya::Pod for ToClientKey {}
-unsafe impl aya::Pod for ToClientVal {}
+// (Both address types leave no gap: 4-byte and 1-byte aligned.)
+unsafe impl aya::Pod for ToPeerKey<u32> {}
+unsafe impl aya::Pod for ToPeerVal<u32> {}
+unsafe impl aya::Pod for ToClientKey<u32> {}
+unsafe impl aya::Pod for ToClientVal<u32> {}
+unsafe impl aya::Pod for ToPeerKey<V6> {}
+unsafe impl aya::Pod for ToPeerVal<V6> {}
+unsafe impl aya::Pod for ToClientKey<V6> {}
+unsafe impl aya::Pod for ToClientVal<V6> {}
 unsafe impl aya::Pod for CapVal {}
-unsafe impl aya::Pod for ToPeer6Key {}
-unsafe impl aya::Pod for ToPeer6Val {}
-unsafe impl aya::Pod for ToClient6Key {}
-unsafe impl aya::Pod for ToClient6Val {}
 
 /// An allocation's bandwidth cap on the fast path: its budget's key in the
 /// kernel (unique across the loops) and the rate, payload bytes a second.
@@ -174,9 +168,9 @@ pub const STATS: u32 = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Keys {
     /// Client, listener, relayed address and peer all IPv4.
-    V4(ToPeerKey, ToClientKey),
+    V4(ToPeerKey<u32>, ToClientKey<u32>),
     /// All IPv6.
-    V6(ToPeer6Key, ToClient6Key),
+    V6(ToPeerKey<V6>, ToClientKey<V6>),
 }
 
 fn v4(a: SocketAddr) -> Option<(u32, u16)> {
@@ -231,7 +225,7 @@ impl Keys {
             v6(relayed)?,
         );
         Some(Keys::V6(
-            ToPeer6Key {
+            ToPeerKey {
                 client_ip: c.0,
                 server_ip: s.0,
                 client_port: c.1,
@@ -239,7 +233,7 @@ impl Keys {
                 channel,
                 pad: 0,
             },
-            ToClient6Key {
+            ToClientKey {
                 relay_ip: r.0,
                 peer_ip: p.0,
                 relay_port: r.1,
@@ -413,10 +407,10 @@ mod loaded {
         /// Keeps the kernel's per-program run-time accounting on (what
         /// `relay_xdp_program_seconds_total` reads).
         _run_time: Option<std::os::fd::OwnedFd>,
-        to_peer: HashMap<MapData, ToPeerKey, ToPeerVal>,
-        to_client: HashMap<MapData, ToClientKey, ToClientVal>,
-        to_peer6: HashMap<MapData, ToPeer6Key, ToPeer6Val>,
-        to_client6: HashMap<MapData, ToClient6Key, ToClient6Val>,
+        to_peer: HashMap<MapData, ToPeerKey<u32>, ToPeerVal<u32>>,
+        to_client: HashMap<MapData, ToClientKey<u32>, ToClientVal<u32>>,
+        to_peer6: HashMap<MapData, ToPeerKey<V6>, ToPeerVal<V6>>,
+        to_client6: HashMap<MapData, ToClientKey<V6>, ToClientVal<V6>>,
         caps: HashMap<MapData, u64, CapVal>,
         counters: Counters,
         /// Each installed binding's counter slot; slots free for reuse.
@@ -524,54 +518,14 @@ mod loaded {
                     slot
                 }
             };
-            let ok = match *keys {
+            let ok = match keys {
                 Keys::V4(p, c) => {
-                    let to_peer = ToPeerVal {
-                        relay_ip: c.relay_ip,
-                        peer_ip: c.peer_ip,
-                        relay_port: c.relay_port,
-                        peer_port: c.peer_port,
-                        slot,
-                        expires_ns,
-                        cap,
-                    };
-                    let to_client = ToClientVal {
-                        server_ip: p.server_ip,
-                        client_ip: p.client_ip,
-                        server_port: p.server_port,
-                        client_port: p.client_port,
-                        channel: p.channel,
-                        pad: 0,
-                        slot,
-                        pad2: 0,
-                        expires_ns,
-                        cap,
-                    };
+                    let (to_peer, to_client) = values(p, c, slot, expires_ns, cap);
                     self.to_peer.insert(p, to_peer, 0).is_ok()
                         && self.to_client.insert(c, to_client, 0).is_ok()
                 }
                 Keys::V6(p, c) => {
-                    let to_peer = ToPeer6Val {
-                        relay_ip: c.relay_ip,
-                        peer_ip: c.peer_ip,
-                        relay_port: c.relay_port,
-                        peer_port: c.peer_port,
-                        slot,
-                        expires_ns,
-                        cap,
-                    };
-                    let to_client = ToClient6Val {
-                        server_ip: p.server_ip,
-                        client_ip: p.client_ip,
-                        server_port: p.server_port,
-                        client_port: p.client_port,
-                        channel: p.channel,
-                        pad: 0,
-                        slot,
-                        pad2: 0,
-                        expires_ns,
-                        cap,
-                    };
+                    let (to_peer, to_client) = values(p, c, slot, expires_ns, cap);
                     self.to_peer6.insert(p, to_peer, 0).is_ok()
                         && self.to_client6.insert(c, to_client, 0).is_ok()
                 }
